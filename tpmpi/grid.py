@@ -1,0 +1,101 @@
+"""ProcessGrid: a row-major 2D Cartesian communicator with row/column sub-communicators.
+
+``grid.row_comm`` joins the ranks of one grid row (size ``pc``, rank = grid column);
+``grid.col_comm`` joins the ranks of one grid column (size ``pr``, rank = grid row).
+1D layers use the shape ``(1, P)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from mpi4py import MPI
+
+from . import backend as _backend
+from .comm import agree
+
+
+def factorisations(size: int) -> list[tuple[int, int]]:
+    """Every ``(pr, pc)`` with ``pr * pc == size``."""
+    return [(r, size // r) for r in range(1, size + 1) if size % r == 0]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``'2x3'`` -> ``(2, 3)``."""
+    try:
+        pr, pc = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"grid={text!r}: expected RxC, e.g. 2x2") from None
+    return pr, pc
+
+
+class ProcessGrid:
+    """``pr x pc`` Cartesian grid over ``comm`` (``Create_cart(dims, reorder=False)``).
+
+    Parameters
+    ----------
+    comm : the ranks of the grid (collective over it).
+    shape : ``(pr, pc)`` or ``"RxC"``; default ``(1, size)``. ValueError naming the valid
+        shapes when ``pr * pc != size``, raised on every rank.
+    blas_threads : ``"auto"`` sets BLAS threads per rank so that the ranks of a node never
+        oversubscribe its cores (:func:`tpmpi.backend.configure_blas_threads`); an int sets it;
+        None leaves BLAS alone.
+    node_aware : order ranks by node before building the grid, so that the ranks of a grid row
+        (the inner, faster-varying dimension) share a node whenever ``pc`` divides the number of
+        ranks per node.
+    """
+
+    def __init__(self, comm: MPI.Comm, shape: Union[Sequence[int], str, None] = None, *,
+                 blas_threads: Union[str, int, None] = "auto", node_aware: bool = False):
+        size = comm.Get_size()
+        error = None
+        try:
+            if isinstance(shape, str):
+                shape = parse_shape(shape)
+            shape = (1, size) if shape is None else tuple(int(s) for s in shape)
+            if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] != size:
+                valid = ", ".join(f"{r}x{c}" for r, c in factorisations(size))
+                raise ValueError(f"grid shape={shape}: pr*pc must equal the {size} ranks; "
+                                 f"valid shapes: {valid}")
+        except (TypeError, ValueError) as exc:
+            error = str(exc)
+        agree(comm, error, shape=shape, node_aware=bool(node_aware))
+        self.shape: tuple[int, int] = shape
+        base = comm
+        if node_aware:
+            local = _backend.node_comm(comm)
+            leader = local.allreduce(comm.Get_rank(), op=MPI.MIN)
+            base = comm.Split(0, key=leader * size + local.Get_rank())
+            local.Free()
+        self.comm: MPI.Cartcomm = base.Create_cart(list(shape), periods=[False, False],
+                                                   reorder=False)
+        if base is not comm:
+            base.Free()
+        self.row_comm: MPI.Cartcomm = self.comm.Sub([False, True])
+        self.col_comm: MPI.Cartcomm = self.comm.Sub([True, False])
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = size
+        self.coords: tuple[int, int] = tuple(self.comm.Get_coords(self.rank))
+        self.threads: Optional[int] = None
+        if blas_threads is not None:
+            self.threads = _backend.configure_blas_threads(
+                self.comm, None if blas_threads == "auto" else int(blas_threads))
+
+    def __repr__(self) -> str:
+        return f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, coords={self.coords})"
+
+    @property
+    def label(self) -> str:
+        """``"RxC"``."""
+        return f"{self.shape[0]}x{self.shape[1]}"
+
+    def free(self) -> None:
+        """Free the three communicators (collective)."""
+        for c in (self.row_comm, self.col_comm, self.comm):
+            if c != MPI.COMM_NULL:
+                c.Free()
+
+    def __enter__(self) -> "ProcessGrid":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()

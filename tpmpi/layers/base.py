@@ -1,0 +1,158 @@
+"""What every parallel linear layer shares: argument agreement, parameter placement from the
+layout-invariant initialiser or from dense matrices, gradients, gather_weight."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from mpi4py import MPI
+
+from ..backend import Backend, get_backend
+from ..comm import Staging, check
+from ..dtypes import dtype_name, resolve_dtype
+from ..grid import ProcessGrid
+from ..init import init_weight
+from ..layout import gather, local_slices
+from ..timing import Profiler
+
+
+def _features(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+    return int(value)
+
+
+class ParallelLinear:
+    """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
+
+    Subclasses set ``weight_layout`` / ``bias_layout`` (see :mod:`tpmpi.layout`) and implement
+    ``forward`` / ``backward``. Construction is collective: every rank must pass the same
+    arguments (checked; a difference raises the same ValueError everywhere).
+    """
+
+    weight_layout = "replicated"
+    bias_layout = "replicated"
+
+    def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
+                 bias: bool = True, dtype="float32", seed: int = 0,
+                 backend: "str | Backend" = "auto", _dense=None, **options: Any):
+        self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
+        self.comm = self.grid.comm
+
+        def local_checks() -> None:
+            _features("in_features", in_features)
+            _features("out_features", out_features)
+            resolve_dtype(dtype)
+            if not isinstance(self.grid, ProcessGrid):
+                raise ValueError(f"grid={self.grid!r}: expected a tpmpi.ProcessGrid")
+            self._check_options(**options)
+            if _dense is not None:
+                w, b = _dense
+                if tuple(w.shape) != (in_features, out_features):
+                    raise ValueError(f"W.shape={tuple(w.shape)}: expected (in_features, "
+                                     f"out_features)")
+                if b is not None and tuple(b.shape) != (out_features,):
+                    raise ValueError(f"b.shape={tuple(b.shape)}: expected ({out_features},)")
+
+        check(self.comm, local_checks, in_features=in_features, out_features=out_features,
+              bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
+              backend=str(backend), **options)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.dtype = resolve_dtype(dtype)
+        self.seed = seed
+        self.options = dict(options)
+        self.backend = get_backend(backend, self.comm)
+        self.staging = Staging(self.backend)
+        self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
+        xp = self.backend.xp
+        w_rows, w_cols = local_slices((self.in_features, self.out_features), self.grid,
+                                      self.weight_layout)
+        (b_cols,) = local_slices((self.out_features,), self.grid, self.bias_layout)
+        self.shard: tuple[slice, slice] = (w_rows, w_cols)
+        self.bias_slice: slice = b_cols
+        if _dense is None:
+            self.weight = init_weight((self.in_features, self.out_features), seed, self.dtype,
+                                      rows=w_rows, cols=w_cols, backend=self.backend)
+            self.bias = init_weight((self.out_features,), seed, self.dtype, cols=b_cols,
+                                    backend=self.backend, stream=1,
+                                    bound=1.0 / math.sqrt(max(1, self.in_features))) \
+                if bias else None
+        else:
+            w, b = _dense
+            self.weight = xp.ascontiguousarray(xp.asarray(w[w_rows, w_cols], dtype=self.dtype))
+            self.bias = xp.ascontiguousarray(xp.asarray(b[b_cols], dtype=self.dtype)) \
+                if b is not None else None
+        self.grad_weight = xp.zeros_like(self.weight)
+        self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
+        self._x = None
+
+    def _check_options(self, **options: Any) -> None:
+        """Validate subclass options locally (raise ValueError); default: none accepted."""
+        if options:
+            raise ValueError(f"unexpected options {sorted(options)}")
+
+    @classmethod
+    def from_dense(cls, W, b=None, grid: Optional[ProcessGrid] = None, **options: Any):
+        """A layer holding this rank's slices of the global ``W`` (K, N) and ``b`` (N,), which
+        every rank passes whole. ``dtype`` defaults to ``W``'s. Collective."""
+        options.setdefault("dtype", dtype_name(W.dtype))
+        return cls(W.shape[0], W.shape[1], grid=grid, bias=b is not None, _dense=(W, b),
+                   **options)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        """Reset accumulated gradients to zero."""
+        self.grad_weight[...] = 0
+        if self.grad_bias is not None:
+            self.grad_bias[...] = 0
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """``(name, local parameter, local gradient)`` for each parameter."""
+        out = [("weight", self.weight, self.grad_weight)]
+        if self.bias is not None:
+            out.append(("bias", self.bias, self.grad_bias))
+        return out
+
+    def gather_weight(self):
+        """The global W (K, N) on every rank. Collective (tests/debugging only)."""
+        return gather(self.weight, self.grid, self.weight_layout,
+                      (self.in_features, self.out_features))
+
+    def gather_bias(self):
+        """The global b (N,) on every rank, or None. Collective."""
+        if self.bias is None:
+            return None
+        return gather(self.bias, self.grid, self.bias_layout, (self.out_features,))
+
+    # ---- input validation shared by forward/backward of all layers
+    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False) -> None:
+        """Collectively check that ``a`` is a 2D array of this backend and dtype with
+        ``want_cols`` columns and the same number of rows on every rank; for ``backward``, also
+        that forward() ran and ``a`` has the forward input's rows. One small Allreduce."""
+        def local_checks() -> None:
+            if backward and self._x is None:
+                raise ValueError("backward() called before forward(): no saved input")
+            if not self.backend.owns(a):
+                raise ValueError(f"{name} is a {type(a).__module__}.{type(a).__name__}: expected "
+                                 f"a {self.backend.name} array (the layer's backend)")
+            if a.ndim != 2:
+                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected a 2D array")
+            if a.shape[1] != want_cols:
+                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {want_cols} columns")
+            if backward and a.shape[0] != self._x.shape[0]:
+                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._x.shape[0]} "
+                                 "rows (the forward input's)")
+            if a.dtype != self.dtype:
+                raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
+                                 f"{self.dtype.name} (the layer's dtype)")
+
+        shape = getattr(a, "shape", None)
+        check(self.comm, local_checks, **{f"{name}.shape[0]": shape[0] if shape else None})

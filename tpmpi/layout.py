@@ -1,0 +1,91 @@
+"""The four layouts of a global array over a ProcessGrid, and moving between them.
+
+* ``"replicated"``: every rank holds all of it.
+* ``"cols"``: last axis block-split over all ranks of the grid, in rank order (1D layers).
+* ``"rows"``: first axis block-split over all ranks of the grid, in rank order.
+* ``"tiles"``: first axis split over grid rows, last axis over grid columns; rank ``(r, c)``
+  holds block ``(r, c)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .backend import backend_of
+from .comm import Staging, agree, allgather_blocks
+from .grid import ProcessGrid
+from .partition import block_range
+
+LAYOUTS = ("replicated", "cols", "rows", "tiles")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+
+def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tuple[int, int],
+                 layout: str) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per axis of the block held at grid ``coords`` of a ``shape`` grid."""
+    _check_layout(layout)
+    global_shape = tuple(int(n) for n in global_shape)
+    bounds = [(0, n) for n in global_shape]
+    pr, pc = shape
+    flat = coords[0] * pc + coords[1]
+    if not global_shape:
+        return ()
+    if layout == "cols":
+        bounds[-1] = block_range(global_shape[-1], pr * pc, flat)
+    elif layout == "rows":
+        bounds[0] = block_range(global_shape[0], pr * pc, flat)
+    elif layout == "tiles":
+        if len(global_shape) == 1:
+            bounds[0] = block_range(global_shape[0], pc, coords[1])
+        else:
+            bounds[0] = block_range(global_shape[0], pr, coords[0])
+            bounds[-1] = block_range(global_shape[-1], pc, coords[1])
+    return tuple(bounds)
+
+
+def local_slices(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[slice, ...]:
+    """Slices of the global array that this rank holds in ``layout``."""
+    return tuple(slice(a, b) for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
+
+
+def local_shape(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[int, ...]:
+    """Shape of this rank's block in ``layout``."""
+    return tuple(b - a for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
+
+
+def scatter(a_global, grid: ProcessGrid, layout: str):
+    """This rank's block of a replicated global array, C-contiguous. No communication."""
+    _check_layout(layout)
+    xp = backend_of(a_global).xp
+    return xp.ascontiguousarray(a_global[local_slices(a_global.shape, grid, layout)])
+
+
+def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
+    """The global array on every rank from each rank's block in ``layout``. Collective
+    (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
+    global_shape = tuple(int(n) for n in global_shape)
+    error = None
+    try:
+        _check_layout(layout)
+        want = local_shape(global_shape, grid, layout)
+        if tuple(a_local.shape) != want:
+            raise ValueError(f"a_local.shape={tuple(a_local.shape)}: expected {want} for layout "
+                             f"{layout!r} of global shape {global_shape} on grid {grid.label}")
+    except ValueError as exc:
+        error = str(exc)
+    agree(grid.comm, error, layout=layout, global_shape=global_shape,
+          dtype=str(a_local.dtype))
+    backend = backend_of(a_local)
+    if layout == "replicated":
+        return a_local
+    out = backend.xp.empty(global_shape, dtype=a_local.dtype)
+    blocks = []
+    for rank in range(grid.size):
+        bounds = block_bounds(global_shape, grid.shape, tuple(grid.comm.Get_coords(rank)), layout)
+        blocks.append((tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds)))
+    return allgather_blocks(backend.xp.ascontiguousarray(a_local), out, blocks, grid.comm,
+                            Staging(backend))
+

@@ -1,0 +1,70 @@
+"""Per-layer accounting of local GEMM time, communication time and collective bytes.
+
+Layers wrap each local product in ``prof.gemm()`` and each collective in
+``prof.comm(op, nbytes, nranks)``; the benchmark reads and resets the totals. ``nbytes`` is the
+nccl-tests size ``S`` of the operation (the full gathered/reduced array), so
+``busbw = S * factor(op, P) / t``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator, Optional
+
+# nccl-tests bus-bandwidth factors (doc/PERFORMANCE.md)
+BUS_FACTOR: dict[str, Callable[[int], float]] = {
+    "allgather": lambda p: (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+    "alltoall": lambda p: (p - 1) / p,
+    "allreduce": lambda p: 2 * (p - 1) / p,
+    "bcast": lambda p: 1.0 if p > 1 else 0.0,
+    "reduce": lambda p: 1.0 if p > 1 else 0.0,
+}
+
+
+class Profiler:
+    """Accumulates ``gemm_s``, ``comm_s``, ``bytes`` (sum of S) and ``bus_bytes`` (sum of
+    S x bus factor). ``sync`` (the backend's stream sync) runs before each clock read so that
+    device work is charged to the region that launched it."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None):
+        self.sync = sync
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero all totals."""
+        self.gemm_s = self.comm_s = 0.0
+        self.bytes = self.bus_bytes = 0.0
+        self.calls: dict[str, int] = {}
+
+    def _now(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def gemm(self) -> Iterator[None]:
+        """Charge the block to local computation."""
+        t0 = self._now()
+        yield
+        self.gemm_s += self._now() - t0
+
+    @contextlib.contextmanager
+    def comm(self, op: str, nbytes: int, nranks: int) -> Iterator[None]:
+        """Charge the block to collective ``op`` of ``nbytes`` over ``nranks``."""
+        t0 = self._now()
+        yield
+        self.comm_s += self._now() - t0
+        self.count(op, nbytes, nranks)
+
+    def count(self, op: str, nbytes: int, nranks: int) -> None:
+        """Record a collective's bytes without timing it (e.g. one overlapped with a GEMM)."""
+        if nranks > 1:
+            self.bytes += nbytes
+            self.bus_bytes += nbytes * BUS_FACTOR[op](nranks)
+            self.calls[op] = self.calls.get(op, 0) + 1
+
+    def totals(self) -> dict:
+        """A snapshot of the totals."""
+        return {"gemm_s": self.gemm_s, "comm_s": self.comm_s, "bytes": self.bytes,
+                "bus_bytes": self.bus_bytes, "calls": dict(self.calls)}
