@@ -1,0 +1,107 @@
+"""Test harness for serial and MPI runs.
+
+* ``python -m pytest``: serial tests run, tests marked ``mpi`` skip ("need --with-mpi").
+* ``mpiexec -n 4 python -m mpi4py -m pytest --with-mpi``: every test runs on all 4 ranks;
+  the ``world`` fixture splits COMM_WORLD so that one run covers world sizes 1, 2, 3 and 4.
+* A failure on any rank aborts the whole MPI job at once (no rank is left in a collective);
+  pytest-timeout's thread method (setup.cfg) ends real deadlocks inside blocking MPI calls.
+* Only rank 0 prints pytest's report.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_CONFIG: list = []
+
+def _comm():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _with_mpi(config) -> bool:
+    return bool(config.getoption("--with-mpi", default=False))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Ranks > 0 stay quiet; every rank uses 1 BLAS thread unless told otherwise."""
+    os.environ.setdefault("TPMPI_THREADS", "1")
+    _CONFIG.append(config)
+    if _with_mpi(config):
+        comm = _comm()
+        if comm.Get_size() > 1 and comm.Get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """A failure on any rank aborts the whole MPI job (no hang in the next collective)."""
+    if report.failed and _CONFIG and _with_mpi(_CONFIG[0]):
+        comm = _comm()
+        if comm.Get_size() > 1:
+            sys.__stderr__.write(f"\n[rank {comm.Get_rank()}] FAILED {report.nodeid} "
+                                 f"({report.when})\n{report.longreprtext}\n")
+            sys.__stderr__.flush()
+            comm.Abort(1)
+
+
+class World:
+    """A sub-communicator of ``size`` ranks of COMM_WORLD (``comm`` is None on the others)."""
+
+    def __init__(self, size: int):
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD
+        self.size = size
+        sub = world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
+        self.comm = None if sub == MPI.COMM_NULL else sub
+
+    @property
+    def member(self) -> bool:
+        return self.comm is not None
+
+    def free(self) -> None:
+        if self.comm is not None:
+            self.comm.Free()
+
+
+@pytest.fixture(params=[1, 2, 3, 4], ids=lambda n: f"P{n}")
+def world(request):
+    """World sizes 1-4 inside one ``mpiexec -n 4`` run. Skips sizes above COMM_WORLD's size;
+    non-members of the sub-communicator skip the test body (``if not world.member: return``
+    is not needed: the fixture yields None for them and the test should return at once)."""
+    from mpi4py import MPI
+
+    size = request.param
+    if size > MPI.COMM_WORLD.Get_size():
+        pytest.skip(f"needs {size} ranks, COMM_WORLD has {MPI.COMM_WORLD.Get_size()}")
+    w = World(size)
+    yield w
+    w.free()
+    MPI.COMM_WORLD.Barrier()
+
+
+def all_ranks_raise(comm, fn, match: str) -> str:
+    """Assert that ``fn()`` raises ValueError matching ``match`` on every rank of ``comm`` with
+    the same message; returns the message."""
+    with pytest.raises(ValueError, match=match) as info:
+        fn()
+    msgs = comm.allgather(str(info.value))
+    assert len(set(msgs)) == 1, msgs
+    return msgs[0]
+
+
+def rel_err(a, ref) -> float:
+    """max|a - ref| / max|ref| (0 for empty arrays), computed in float64 on the host."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert a.shape == ref.shape, (a.shape, ref.shape)
+    if ref.size == 0:
+        return 0.0
+    scale = max(np.abs(ref).max(), 1e-300)
+    return float(np.abs(a - ref).max() / scale)
