@@ -1,0 +1,4 @@
+"""``python -m tpmpi``: see :mod:`tpmpi.cli`."""
+from .cli import run
+
+run()

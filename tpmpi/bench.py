@@ -1,0 +1,139 @@
+"""Timed runs of a scheme and their JSON-lines result records (fields fixed by DESIGN.md).
+
+Timing: ``warmup`` untimed steps, then ``iters`` steps each bracketed by a Barrier and a stream
+sync; an iteration's time is the maximum over ranks. ``gemm_s`` / ``comm_s`` are per-iteration
+means (max over ranks) of the time spent in local products and blocked in collectives;
+``algbw = S / comm_s`` and ``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of
+each collective and the nccl-tests factors ((P-1)/P allgather and reduce-scatter, 2(P-1)/P
+allreduce). ``mem_peak_bytes`` is the peak of the backend's allocations while the case is built
+and stepped once (tracemalloc for NumPy, the memory-pool hook for CuPy), max over ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from typing import Optional, TextIO
+
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__
+from .backend import Backend, blas_info
+from .dtypes import tolerance
+from .grid import ProcessGrid
+from .schemes import Problem, build
+
+
+def _max_over_ranks(comm: MPI.Comm, values) -> np.ndarray:
+    arr = np.array(values, dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.MAX)
+    return arr
+
+
+def mpi_library() -> str:
+    """First line of ``MPI_Get_library_version``."""
+    return MPI.Get_library_version().strip().splitlines()[0].strip()
+
+
+def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
+             iters: int = 10, verify: bool = True) -> dict:
+    """Build, time and (optionally) verify ``problem`` on ``grid``; the result record on every
+    rank. Collective over ``grid.comm``."""
+    comm = grid.comm
+    with backend.memory_peak() as mem:
+        case = build(problem, grid, backend)
+        case.forward()
+        if problem.backward:
+            case.backward()
+    for _ in range(warmup):
+        case.forward()
+        if problem.backward:
+            case.backward()
+    for prof in case.profilers:
+        prof.reset()
+    fwd, bwd = [], []
+    for _ in range(iters):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        case.forward()
+        backend.synchronize()
+        t1 = time.perf_counter()
+        if problem.backward:
+            case.backward()
+            backend.synchronize()
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    totals = [p.totals() for p in case.profilers]
+    per_iter = [sum(t[key] for t in totals) / max(iters, 1)
+                for key in ("gemm_s", "comm_s", "bytes", "bus_bytes")]
+    stats = _max_over_ranks(comm, fwd + bwd + [mem["peak"]] + per_iter)
+    fwd_t, bwd_t = stats[:iters], stats[iters:2 * iters]
+    mem_peak = int(stats[2 * iters])
+    gemm_s, comm_s, nbytes, bus_bytes = stats[2 * iters + 1:]
+    total = fwd_t + bwd_t
+    median = float(np.median(total)) if iters else float("nan")
+    flops = case.flops * (3 if problem.backward else 1)
+    err = case.verify() if verify else None
+    calls: dict[str, int] = {}
+    for t in totals:
+        for op, c in t["calls"].items():
+            calls[op] = calls.get(op, 0) + c
+    return {
+        "scheme": problem.scheme, "ranks": grid.size, "grid": grid.label,
+        "m": problem.m, "k": problem.k, "n": problem.n, "hidden": problem.hidden,
+        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": backend.gpu_aware,
+        "threads_per_rank": grid.threads, "warmup": warmup, "iters": iters,
+        "backward": problem.backward, "options": problem.opts,
+        "time_s": {"median": median, "min": float(np.min(total)) if iters else None,
+                   "max": float(np.max(total)) if iters else None},
+        "fwd_s": float(np.median(fwd_t)) if iters else None,
+        "bwd_s": float(np.median(bwd_t)) if iters and problem.backward else None,
+        "gemm_s": float(gemm_s), "comm_s": float(comm_s),
+        "gflops": flops / median / 1e9 if median > 0 else None,
+        "comm_bytes": float(nbytes),
+        "collectives": {op: c // max(iters, 1) for op, c in calls.items()},
+        "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
+        "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
+        "mem_peak_bytes": mem_peak,
+        "max_rel_err": err, "tolerance": tolerance(problem.dtype),
+        "predicted_s": None,
+        "mpi_library": mpi_library(), "blas": blas_info(backend),
+        "version": __version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+COLUMNS = [("scheme", "{}"), ("ranks", "{}"), ("grid", "{}"), ("m", "{}"), ("k", "{}"),
+           ("n", "{}"), ("dtype", "{}"), ("backend", "{}"), ("threads", "{}"),
+           ("time_ms", "{:.3f}"), ("gemm_ms", "{:.3f}"), ("comm_ms", "{:.3f}"),
+           ("GFLOP/s", "{:.1f}"), ("algbw", "{:.2f}"), ("busbw", "{:.2f}"),
+           ("mem_MiB", "{:.1f}"), ("rel_err", "{:.2e}")]
+
+
+def table_row(rec: dict) -> dict:
+    """The printed columns of a record."""
+    return {"scheme": rec["scheme"], "ranks": rec["ranks"], "grid": rec["grid"], "m": rec["m"],
+            "k": rec["k"], "n": rec["n"], "dtype": rec["dtype"], "backend": rec["backend"],
+            "threads": rec["threads_per_rank"], "time_ms": rec["time_s"]["median"] * 1e3,
+            "gemm_ms": rec["gemm_s"] * 1e3, "comm_ms": rec["comm_s"] * 1e3,
+            "GFLOP/s": rec["gflops"], "algbw": rec["algbw_gbs"], "busbw": rec["busbw_gbs"],
+            "mem_MiB": rec["mem_peak_bytes"] / 2**20, "rel_err": rec["max_rel_err"]}
+
+
+def format_table(records: list[dict]) -> str:
+    """A fixed-width text table of records (algbw/busbw in GB/s)."""
+    rows = [[("-" if row[name] is None else fmt.format(row[name])) for name, fmt in COLUMNS]
+            for row in map(table_row, records)]
+    heads = [name for name, _ in COLUMNS]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def write_record(rec: dict, fh: Optional[TextIO]) -> None:
+    """Append ``rec`` as one JSON line (call on rank 0 only)."""
+    if fh is not None:
+        fh.write(json.dumps(rec, sort_keys=False) + "\n")
+        fh.flush()

@@ -1,0 +1,104 @@
+"""Runnable schemes for the CLI and the benchmarks.
+
+A scheme turns a :class:`Problem` (global sizes, dtype, options) into a :class:`Case`: its
+layer(s) on a grid, deterministic inputs in the layer's input layout, ``forward()`` /
+``backward()`` (the timed units), and ``verify()`` (max relative error against a float64
+reference). New schemes plug in with :func:`register`; nothing in the CLI or the benchmark
+changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from ..backend import Backend
+from ..grid import ProcessGrid
+from ..timing import Profiler
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One configuration: ``Y = X @ W`` with X (m, k), W (k, n); ``hidden`` for the MLP."""
+
+    scheme: str = "column"
+    m: int = 1024
+    k: int = 1024
+    n: int = 1024
+    hidden: Optional[int] = None
+    dtype: str = "float32"
+    backward: bool = False
+    options: tuple = ()  # sorted (name, value) pairs of scheme options (panel, chunks, ...)
+
+    @property
+    def opts(self) -> dict:
+        return dict(self.options)
+
+
+class Case:
+    """A built problem. Subclasses set ``flops`` (one forward), ``profilers`` and ``comm``,
+    and implement the methods below."""
+
+    flops: float = 0.0
+    profilers: Sequence[Profiler] = ()
+    comm: MPI.Comm
+
+    def forward(self) -> None:
+        """One forward pass on the case's input."""
+        raise NotImplementedError
+
+    def backward(self) -> None:
+        """One backward pass on the case's output gradient (after :meth:`forward`)."""
+        raise NotImplementedError
+
+    def verify(self) -> float:
+        """Fresh forward+backward, max relative error of every output and gradient against a
+        float64 reference; the same value on every rank. Collective."""
+        raise NotImplementedError
+
+
+SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], Case]
+REGISTRY: dict[str, SchemeBuilder] = {}
+KNOWN = ("column", "row", "mlp", "tile2d")
+
+
+def register(name: str) -> Callable[[SchemeBuilder], SchemeBuilder]:
+    """Decorator adding a scheme builder under ``name``."""
+    def deco(fn: SchemeBuilder) -> SchemeBuilder:
+        REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def available() -> list[str]:
+    """Names of the schemes that can run."""
+    return sorted(REGISTRY)
+
+
+def build(problem: Problem, grid: ProcessGrid, backend: Backend) -> Case:
+    """The :class:`Case` of ``problem``; ValueError for an unknown or unavailable scheme."""
+    if problem.scheme not in REGISTRY:
+        state = "is not yet available" if problem.scheme in KNOWN else "is unknown"
+        raise ValueError(f"scheme={problem.scheme!r} {state}; available: "
+                         f"{', '.join(available())}")
+    return REGISTRY[problem.scheme](problem, grid, backend)
+
+
+def collective_rel_err(comm: MPI.Comm, pairs: Sequence[tuple]) -> float:
+    """max over pairs of ``max|a - ref| / max|ref|``, each max taken over all ranks' parts
+    (``a`` and ``ref`` are this rank's parts, any backend; ref in float64). One Allreduce."""
+    stats = np.zeros(2 * len(pairs))
+    for i, (a, ref) in enumerate(pairs):
+        a = np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64)
+        ref = np.asarray(ref, dtype=np.float64)
+        if ref.size:
+            stats[2 * i] = np.abs(a - ref).max()
+            stats[2 * i + 1] = np.abs(ref).max()
+    comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.MAX)
+    errs = [d / r if r > 0 else d for d, r in zip(stats[::2], stats[1::2])]
+    return float(max(errs, default=0.0))
+
+
+from . import column  # noqa: E402,F401  (registers the schemes)
