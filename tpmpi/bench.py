@@ -19,7 +19,10 @@ import numpy as np
 from mpi4py import MPI
 
 from . import __version__
-from .backend import Backend, blas_info
+from threadpoolctl import threadpool_limits
+
+from .backend import Backend, blas_info, node_comm
+from .comm import polite_barrier
 from .dtypes import tolerance
 from .grid import ProcessGrid
 from .schemes import Problem, build
@@ -36,10 +39,38 @@ def mpi_library() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
+def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
+                    iters: int) -> float:
+    """Median time of the case's serial product on rank 0 using the BLAS threads of all ranks
+    of its node (the single-process reference for speedup and efficiency), while the other
+    ranks wait without busy-polling. Collective; the value on every rank."""
+    comm = grid.comm
+    node = node_comm(comm)
+    threads = (grid.threads or 1) * node.Get_size()
+    node.Free()
+    polite_barrier(comm)
+    median = 0.0
+    if comm.Get_rank() == 0:
+        with threadpool_limits(limits=threads):
+            step = case.serial(backend)
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        median = float(np.median(times))
+    polite_barrier(comm)
+    return comm.bcast(median, root=0)
+
+
 def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
-             iters: int = 10, verify: bool = True) -> dict:
-    """Build, time and (optionally) verify ``problem`` on ``grid``; the result record on every
-    rank. Collective over ``grid.comm``."""
+             iters: int = 10, verify: bool = True, baseline: bool = False) -> dict:
+    """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
+    time the serial single-process product in the same job (``baseline_s``, ``speedup`` =
+    baseline_s / time, ``efficiency`` = speedup / ranks). The record on every rank.
+    Collective over ``grid.comm``."""
     comm = grid.comm
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
@@ -75,6 +106,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     median = float(np.median(total)) if iters else float("nan")
     flops = case.flops * (3 if problem.backward else 1)
     err = case.verify() if verify else None
+    base = serial_baseline(case, grid, backend, warmup=warmup, iters=iters) if baseline else None
     calls: dict[str, int] = {}
     for t in totals:
         for op, c in t["calls"].items():
@@ -98,6 +130,9 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "mem_peak_bytes": mem_peak,
         "max_rel_err": err, "tolerance": tolerance(problem.dtype),
         "predicted_s": None,
+        "baseline_s": base,
+        "speedup": base / median if base and median > 0 else None,
+        "efficiency": base / median / grid.size if base and median > 0 else None,
         "mpi_library": mpi_library(), "blas": blas_info(backend),
         "version": __version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -74,6 +74,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true",
                      help="exit 1 if the relative error exceeds the dtype's tolerance")
     run.add_argument("--json", metavar="FILE", help="append the JSON-lines record to FILE")
+    run.add_argument("--baseline", action="store_true",
+                     help="also time one process using all the node's BLAS threads (speedup)")
     sub.add_parser("info", help="MPI library, backend, GPU-awareness, BLAS threads")
     return parser
 
@@ -91,12 +93,16 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     shape = parse_shape(args.grid) if args.grid else None
     grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
     backend = get_backend(args.backend, comm)
-    rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters)
+    rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters,
+                   baseline=args.baseline)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
         print(f"check: max_rel_err={rec['max_rel_err']:.3e} tolerance={tolerance(args.dtype):.0e}"
               f" -> {'PASS' if ok else 'FAIL'}  (vs float64 reference)")
+        if rec["baseline_s"]:
+            print(f"serial baseline (1 process, all threads): {rec['baseline_s'] * 1e3:.3f} ms; "
+                  f"throughput ratio {rec['speedup']:.3f}, efficiency {rec['efficiency']:.3f}")
         if args.json:
             with open(args.json, "a") as fh:
                 write_record(rec, fh)

@@ -81,6 +81,16 @@ def check(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> No
     agree(comm, error, **values)
 
 
+def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
+    """Barrier that sleeps between polls (``Ibarrier`` + ``Test``), so that waiting ranks leave
+    the cores to the ranks that work (MPI's blocking calls busy-poll)."""
+    import time
+
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(interval)
+
+
 # --------------------------------------------------------------------------- staging
 
 

@@ -6,7 +6,7 @@ of ``(seed, stream, i*C + j)`` alone: NumPy's Philox4x64 counter-based generator
 of counter ``e // 4``. Any block is therefore generated alone, bit-identical to the same slice
 of the whole matrix, whatever the grid, and without materialising the rest.
 Values are ``uniform(-bound, bound)`` from the top 53 bits, computed in float64 and rounded
-once to ``dtype``; the default bound is ``1/sqrt(R)`` for a matrix (fan-in, as in
+once to ``dtype`` (row by row, so temporaries stay small); the default bound is ``1/sqrt(R)`` for a matrix (fan-in, as in
 ``torch.nn.Linear``) and 1 for a vector.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def init_weight(shape: Sequence[int], seed: int, dtype="float32", rows: slice = 
     c0, c1 = _norm(cols, ncols, "cols")
     if bound is None:
         bound = 1.0 / math.sqrt(max(1, nrows)) if len(shape) == 2 else 1.0
-    out = np.empty((r1 - r0, c1 - c0), dtype=np.float64)
+    out = np.empty((r1 - r0, c1 - c0), dtype=dt)
     key = np.array([seed, stream], dtype=np.uint64)
 
     def draws(first: int, count: int) -> np.ndarray:
@@ -61,10 +61,14 @@ def init_weight(shape: Sequence[int], seed: int, dtype="float32", rows: slice = 
         return gen.random_raw(first % 4 + count)[first % 4:]
 
     if out.size:
-        if c0 == 0 and c1 == ncols:  # whole rows: one contiguous run of draws
-            out[...] = _uniform(draws(r0 * ncols, out.size), bound).reshape(out.shape)
+        if c0 == 0 and c1 == ncols:  # whole rows: contiguous runs of draws, ~2**20 at a time
+            flat = out.reshape(-1)
+            step = max(ncols, (1 << 20) // max(ncols, 1) * ncols)
+            for start in range(0, flat.size, step):
+                count = min(step, flat.size - start)
+                flat[start:start + count] = _uniform(draws(r0 * ncols + start, count), bound)
         else:
             for i in range(r0, r1):
                 out[i - r0] = _uniform(draws(i * ncols + c0, c1 - c0), bound)
-    block = out.astype(dt) if len(shape) == 2 else out[0].astype(dt)
+    block = out if len(shape) == 2 else out[0]
     return get_backend(backend or "numpy").asarray(block)

@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from ..backend import Backend
 from ..grid import ProcessGrid
+from ..init import init_weight
 from ..timing import Profiler
 
 
@@ -38,9 +39,10 @@ class Problem:
 
 
 class Case:
-    """A built problem. Subclasses set ``flops`` (one forward), ``profilers`` and ``comm``,
+    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and ``comm``,
     and implement the methods below."""
 
+    problem: Problem
     flops: float = 0.0
     profilers: Sequence[Profiler] = ()
     comm: MPI.Comm
@@ -52,6 +54,23 @@ class Case:
     def backward(self) -> None:
         """One backward pass on the case's output gradient (after :meth:`forward`)."""
         raise NotImplementedError
+
+    def serial(self, backend: Backend) -> Callable[[], None]:
+        """The same product on ONE process (the serial baseline): by default X @ W + b on the
+        full matrices, plus dX = dY W^T, dW = X^T dY and db when ``backward``. Schemes with
+        more than one GEMM override this."""
+        p, xp = self.problem, backend.xp
+        x = init_weight((p.m, p.k), 1001, p.dtype, backend=backend, bound=1.0)
+        w = init_weight((p.k, p.n), 0, p.dtype, backend=backend)
+        b = init_weight((p.n,), 0, p.dtype, backend=backend, stream=1)
+        dy = init_weight((p.m, p.n), 1002, p.dtype, backend=backend, bound=1.0)
+
+        def step() -> None:
+            xp.matmul(x, w) + b
+            if p.backward:
+                xp.matmul(dy, w.T), xp.matmul(x.T, dy), dy.sum(axis=0)
+            backend.synchronize()
+        return step
 
     def verify(self) -> float:
         """Fresh forward+backward, max relative error of every output and gradient against a

@@ -17,7 +17,7 @@ class ColumnCase(Case):
     """X (m, k) and dY (m, n) replicated, from the layout-invariant initialiser."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
-        p = problem
+        p = self.problem = problem
         self.comm = grid.comm
         self.layer = ColumnParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
                                           **p.opts)
