@@ -142,14 +142,14 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     """Entry point; returns the exit code (the same on every rank)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     try:
-        error = None
+        error, args = None, None
         try:
             args = make_parser().parse_args(argv)
         except UsageError as exc:
             error = str(exc)
         except SystemExit as exc:  # --help / --version printed by every rank
             return int(exc.code or 0)
-        agree(comm, error)
+        agree(comm, error, arguments=sorted(vars(args).items()) if args else None)
         return COMMANDS[args.command](args, comm)
     except (UsageError, ValueError) as exc:
         if comm.Get_rank() == 0:
