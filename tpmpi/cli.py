@@ -149,7 +149,9 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
             error = str(exc)
         except SystemExit as exc:  # --help / --version printed by every rank
             return int(exc.code or 0)
-        agree(comm, error, arguments=sorted(vars(args).items()) if args else None)
+        agree(comm, error)
+        agree(comm, command=args.command)  # same sub-command, hence the same set of flags
+        agree(comm, **{f"--{name}": value for name, value in sorted(vars(args).items())})
         return COMMANDS[args.command](args, comm)
     except (UsageError, ValueError) as exc:
         if comm.Get_rank() == 0:
