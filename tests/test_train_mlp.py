@@ -55,8 +55,9 @@ def test_budget_refusal_names_the_smallest_p(world):
     if world.size >= 3:
         assert train_mlp.main(argv, world.comm)["agree"]
     else:
+        need = ["1,216", "768"][world.size - 1]
         all_ranks_raise(world.comm, lambda: train_mlp.main(argv, world.comm),
-                        rf"--max-rank-bytes=544: at P={world.size} a rank needs "
-                        rf"{['1,216', '768'][world.size - 1]} bytes .*the smallest P that fits is 3")
+                        rf"--max-rank-bytes=544: at P={world.size} a rank needs {need} bytes "
+                        r".*the smallest P that fits is 3")
     all_ranks_raise(world.comm, lambda: train_mlp.main(["--mode", "2d"], world.comm),
                     "argument --mode: invalid choice")
