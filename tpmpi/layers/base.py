@@ -3,7 +3,7 @@ layout-invariant initialiser or from dense matrices, gradients, gather_weight.""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
@@ -28,6 +28,11 @@ class ParallelLinear:
     Subclasses set ``weight_layout`` / ``bias_layout`` (see :mod:`tpmpi.layout`) and implement
     ``forward`` / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
+
+    ``overlap`` (default True): backward runs its dX collective non-blocking while the dW GEMM
+    computes (Megatron's trick); False runs it blocking after the GEMM, so a benchmark can
+    time both. Fixed at construction (ranks must agree: blocking and non-blocking
+    collectives do not match each other).
     """
 
     weight_layout = "replicated"
@@ -35,7 +40,8 @@ class ParallelLinear:
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
-                 backend: "str | Backend" = "auto", _dense=None, **options: Any):
+                 backend: "str | Backend" = "auto", overlap: bool = True, _dense=None,
+                 **options: Any):
         self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
         self.comm = self.grid.comm
 
@@ -56,11 +62,12 @@ class ParallelLinear:
 
         check(self.comm, local_checks, in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
-              backend=str(backend), **options)
+              backend=str(backend), overlap=bool(overlap), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
         self.options = dict(options)
+        self.overlap = bool(overlap)
         self.backend = get_backend(backend, self.comm)
         self.staging = Staging(self.backend)
         self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
@@ -131,6 +138,29 @@ class ParallelLinear:
         if self.bias is None:
             return None
         return gather(self.bias, self.grid, self.bias_layout, (self.out_features,))
+
+    # ---- the backward collective, overlapped with the weight-gradient GEMM
+    def _collective_during(self, op: str, nbytes: int, blocking: Callable[[], Any],
+                           nonblocking: Callable[[], MPI.Request],
+                           work: Callable[[], None]) -> None:
+        """Run the local ``work`` (the dW/db GEMMs) and collective ``op`` of ``nbytes`` over
+        ``self.comm``. With ``self.overlap`` (and P > 1, no host staging) ``nonblocking()`` is
+        started first and waited for after ``work``; otherwise ``blocking()`` runs after it.
+        Profiler: ``work`` is gemm time; comm time is the wait (overlapped) or the whole call."""
+        nranks, prof = self.comm.Get_size(), self.profiler
+        overlap = self.overlap and nranks > 1 and not self.staging.staged
+        if overlap:
+            self.backend.synchronize()
+            request = nonblocking()
+            prof.count(op, nbytes, nranks)
+        with prof.gemm():
+            work()
+        if overlap:
+            with prof.comm(op, 0, 1):  # time spent waiting, bytes counted above
+                request.Wait()
+        else:
+            with prof.comm(op, nbytes, nranks):
+                blocking()
 
     # ---- input validation shared by forward/backward of all layers
     def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False) -> None:

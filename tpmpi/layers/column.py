@@ -67,27 +67,21 @@ class ColumnParallelLinear(ParallelLinear):
 
     def backward(self, dy):
         """``dy`` in the output's layout -> ``dx`` (M, K) replicated [Iallreduce overlapped with
-        the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
+        the dW GEMM, or a blocking Allreduce when ``overlap=False``]; accumulates
+        ``grad_weight`` and ``grad_bias``."""
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
         xp, prof, x = self.backend.xp, self.profiler, self._x
         dy_p = dy[:, self.shard[1]] if self.gather_output else dy  # strided view, no copy
-        nranks = self.comm.Get_size()
         with prof.gemm():
             dx = xp.matmul(dy_p, self.weight.T)
-        overlap = nranks > 1 and not self.staging.staged
-        if overlap:
-            self.backend.synchronize()
-            request = iallreduce(dx, self.comm)
-            prof.count("allreduce", dx.nbytes, nranks)
-        with prof.gemm():
+
+        def weight_grads() -> None:
             self.grad_weight += xp.matmul(x.T, dy_p)
             if self.grad_bias is not None:
                 self.grad_bias += dy_p.sum(axis=0)
-        if overlap:
-            with prof.comm("allreduce", 0, 1):  # time spent waiting, bytes counted above
-                request.Wait()
-        else:
-            with prof.comm("allreduce", dx.nbytes, nranks):
-                allreduce(dx, self.comm, self.staging)
+
+        self._collective_during("allreduce", dx.nbytes,
+                                lambda: allreduce(dx, self.comm, self.staging),
+                                lambda: iallreduce(dx, self.comm), weight_grads)
         return dx

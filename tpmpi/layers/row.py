@@ -1,0 +1,88 @@
+"""Row-parallel linear layer (Megatron's RowParallelLinear, fc2 of the FFN).
+
+``W = [W_0; ...; W_{P-1}]`` split by rows over the ``P`` ranks of ``grid.comm`` (block
+partition, uneven and empty shards allowed); rank ``p`` holds ``W_p`` (K_p, N). The bias is
+replicated and added once, after the reduction.
+
+forward  : ``Y = sum_p X_p @ W_p + b`` (Allreduce), where ``X_p`` is the input's column block
+           ``p``: given (``input_is_parallel``) or a strided view of the replicated ``X``.
+backward : ``dX_p = dY @ W_p^T``, ``dW_p = X_p^T @ dY`` and ``db = colsum(dY)`` are local
+           (``dY`` is replicated); without ``input_is_parallel`` the ``dX_p`` blocks are
+           all-gathered into the replicated (M, K) ``dX`` (Ialltoallw in flight during the dW
+           GEMM).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..comm import allgather_blocks, allreduce, iallgather_blocks
+from ..partition import block_partition
+from .base import ParallelLinear
+
+
+class RowParallelLinear(ParallelLinear):
+    """``x`` (M, K) replicated, or layout "cols" (M, K_p) when ``input_is_parallel`` -> ``y``
+    (M, N) replicated. ``backward(dy)`` takes ``dy`` (M, N) replicated and returns ``dx`` in
+    ``x``'s layout, accumulating ``grad_weight`` (K_p, N) and ``grad_bias`` (N,) (the full
+    bias gradient, identical on every rank)."""
+
+    weight_layout = "rows"
+    bias_layout = "replicated"
+
+    def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = False,
+                 **kwargs: Any):
+        super().__init__(in_features, out_features, input_is_parallel=bool(input_is_parallel),
+                         **kwargs)
+        self.input_is_parallel = bool(input_is_parallel)
+        parts = block_partition(self.in_features, self.comm.Get_size())
+        self._row_starts = [start for start, _ in parts]
+        self._row_sizes = [stop - start for start, stop in parts]
+
+    def _check_options(self, input_is_parallel: bool = False) -> None:
+        pass
+
+    def _blocks(self, m: int) -> list[tuple[tuple, tuple]]:
+        return [((0, s), (m, k)) for s, k in zip(self._row_starts, self._row_sizes)]
+
+    def forward(self, x):
+        """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce]."""
+        k_p = self.weight.shape[0]
+        self._agree_input("x", x, k_p if self.input_is_parallel else self.in_features)
+        xp, prof = self.backend.xp, self.profiler
+        x_p = x if self.input_is_parallel else x[:, self.shard[0]]  # strided view, no copy
+        y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
+        with prof.gemm():
+            xp.matmul(x_p, self.weight, out=y)
+        with prof.comm("allreduce", y.nbytes, self.comm.Get_size()):
+            allreduce(y, self.comm, self.staging)
+        if self.bias is not None:
+            y += self.bias
+        self._x = x_p
+        return y
+
+    def backward(self, dy):
+        """``dy`` (M, N) replicated -> ``dx`` (M, K_p) [no collective] with
+        ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped with the dW GEMM,
+        blocking when ``overlap=False``]; accumulates ``grad_weight`` and ``grad_bias``."""
+        self._agree_input("dy", dy, self.out_features, backward=True)
+        xp, prof, x_p = self.backend.xp, self.profiler, self._x
+        with prof.gemm():
+            dx_p = xp.matmul(dy, self.weight.T)
+
+        def weight_grads() -> None:
+            self.grad_weight += xp.matmul(x_p.T, dy)
+            if self.grad_bias is not None:
+                self.grad_bias += dy.sum(axis=0)
+
+        if self.input_is_parallel:
+            with prof.gemm():
+                weight_grads()
+            return dx_p
+        m = dy.shape[0]
+        dx = xp.empty((m, self.in_features), dtype=self.dtype)
+        blocks = self._blocks(m)
+        self._collective_during(
+            "allgather", dx.nbytes,
+            lambda: allgather_blocks(dx_p, dx, blocks, self.comm, self.staging),
+            lambda: iallgather_blocks(dx_p, dx, blocks, self.comm), weight_grads)
+        return dx
