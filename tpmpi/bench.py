@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from typing import Optional, TextIO
 
@@ -46,7 +47,7 @@ def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
     ranks wait without busy-polling. Collective; the value on every rank."""
     comm = grid.comm
     node = node_comm(comm)
-    threads = (grid.threads or 1) * node.Get_size()
+    threads = min((grid.threads or 1) * node.Get_size(), len(os.sched_getaffinity(0)))
     node.Free()
     polite_barrier(comm)
     median = 0.0

@@ -120,4 +120,18 @@ def collective_rel_err(comm: MPI.Comm, pairs: Sequence[tuple]) -> float:
     return float(max(errs, default=0.0))
 
 
-from . import column  # noqa: E402,F401  (registers the schemes)
+def host64(backend: Backend, a) -> np.ndarray:
+    """``a`` as a float64 NumPy array (None stays None)."""
+    return None if a is None else backend.to_host(a).astype(np.float64)
+
+
+def shard_pairs(layer, grads: dict) -> list[tuple]:
+    """(local gradient, reference) pairs of a layer whose global reference gradients are
+    ``grads["weight"]`` (K, N) and ``grads["bias"]`` (N,): each sliced to the rank's shard."""
+    pairs = [(layer.grad_weight, grads["weight"][layer.shard])]
+    if layer.bias is not None:
+        pairs.append((layer.grad_bias, grads["bias"][layer.bias_slice]))
+    return pairs
+
+
+from . import column, mlp, row  # noqa: E402,F401  (registers the schemes)

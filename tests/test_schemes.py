@@ -1,0 +1,32 @@
+"""Every registered scheme runs, verifies and reports through the benchmark path."""
+import pytest
+
+from tpmpi.backend import get_backend
+from tpmpi.bench import run_case
+from tpmpi.grid import ProcessGrid, factorisations
+from tpmpi.schemes import KNOWN, REGISTRY, Problem, available, build
+
+SHAPES = [(5, 6, 6, 7), (3, 4, 4, 2), (0, 3, 3, 5), (2, 1, 1, 1)]  # m, k, n, hidden
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("scheme", sorted(REGISTRY))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scheme_verifies_forward_and_backward(world, scheme, shape):
+    if not world.member:
+        return
+    m, k, n, hidden = shape
+    for dims in factorisations(world.size):
+        grid = ProcessGrid(world.comm, dims)
+        problem = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype="float64",
+                          backward=True)
+        rec = run_case(problem, grid, get_backend("numpy"), warmup=1, iters=2)
+        assert rec["max_rel_err"] <= 1e-10, (dims, rec["max_rel_err"])
+        assert rec["grid"] == f"{dims[0]}x{dims[1]}" and rec["ranks"] == world.size
+        grid.free()
+
+
+def test_unavailable_scheme_message():
+    with pytest.raises(ValueError, match="available: " + ", ".join(available())):
+        build(Problem(scheme="nope"), None, get_backend("numpy"))
+    assert set(available()) <= set(KNOWN)

@@ -1,0 +1,87 @@
+"""Scheme "mlp": the FFN sub-layer ParallelMLP (options ``mode``, ``activation``), d_model =
+``k`` (``n`` must equal ``k``), d_hidden = ``hidden`` (default 4k)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..activations import get_activation
+from ..backend import Backend
+from ..grid import ProcessGrid
+from ..init import init_weight
+from ..layers import ParallelMLP
+from . import Case, Problem, collective_rel_err, host64, register, shard_pairs
+from .column import DY_SEED, X_SEED
+
+
+def hidden_of(problem: Problem) -> int:
+    """d_hidden of an MLP problem."""
+    return problem.hidden if problem.hidden is not None else 4 * problem.k
+
+
+class MLPCase(Case):
+    """X and dY (m, d_model) replicated; ``verify`` runs the serial float64 FFN on the gathered
+    global weights and compares the output, dX and the four parameter gradients."""
+
+    def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
+        p = self.problem = problem
+        if p.n != p.k:
+            raise ValueError(f"n={p.n}: scheme 'mlp' maps d_model={p.k} to itself; pass "
+                             f"--n {p.k} (or leave --n and --k equal)")
+        self.comm, self.backend = grid.comm, backend
+        self.mlp = ParallelMLP(p.k, hidden_of(p), grid=grid, dtype=p.dtype, backend=backend,
+                               **p.opts)
+        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
+        self.dy = init_weight((p.m, p.k), DY_SEED, p.dtype, backend=backend, bound=1.0)
+        self.flops = 4.0 * p.m * p.k * hidden_of(p)
+        self.profilers = [self.mlp.fc1.profiler, self.mlp.fc2.profiler]
+
+    def forward(self) -> None:
+        self.y = self.mlp(self.x)
+
+    def backward(self) -> None:
+        self.dx = self.mlp.backward(self.dy)
+
+    def serial(self, backend: Backend) -> Callable[[], None]:
+        """Serial FFN forward (+ backward) on one process with the global weights."""
+        p, xp = self.problem, backend.xp
+        h = hidden_of(p)
+        act, act_grad = get_activation(self.mlp.activation)
+        x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
+        dy = init_weight((p.m, p.k), DY_SEED, p.dtype, backend=backend, bound=1.0)
+        w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
+                  for s, seed in (((p.k, h), 0), ((h, p.k), 1)))
+
+        def step() -> None:
+            pre = xp.matmul(x, w1)
+            a = act(pre)
+            xp.matmul(a, w2)
+            if p.backward:
+                dpre = xp.matmul(dy, w2.T) * act_grad(pre)
+                xp.matmul(a.T, dy), xp.matmul(dpre, w1.T), xp.matmul(x.T, dpre)
+            backend.synchronize()
+        return step
+
+    def verify(self) -> float:
+        mlp, be = self.mlp, self.backend
+        mlp.zero_grad()
+        self.forward()
+        self.backward()
+        act, act_grad = get_activation(mlp.activation)
+        w1, w2 = host64(be, mlp.fc1.gather_weight()), host64(be, mlp.fc2.gather_weight())
+        b1, b2 = host64(be, mlp.fc1.gather_bias()), host64(be, mlp.fc2.gather_bias())
+        x, dy = host64(be, self.x), host64(be, self.dy)
+        pre = x @ w1 + (b1 if b1 is not None else 0)
+        a = act(pre)
+        y_ref = a @ w2 + (b2 if b2 is not None else 0)
+        dpre = (dy @ w2.T) * act_grad(pre)
+        pairs = [(self.y, y_ref), (self.dx, dpre @ w1.T)]
+        pairs += shard_pairs(mlp.fc1, {"weight": x.T @ dpre, "bias": dpre.sum(axis=0)})
+        pairs += shard_pairs(mlp.fc2, {"weight": a.T @ dy, "bias": dy.sum(axis=0)})
+        return collective_rel_err(self.comm, pairs)
+
+
+@register("mlp")
+def build_mlp(problem: Problem, grid: ProcessGrid, backend: Backend) -> MLPCase:
+    return MLPCase(problem, grid, backend)
