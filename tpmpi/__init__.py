@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 from .backend import Backend, get_backend
 from .grid import ProcessGrid
 from .init import init_weight
-from .layers import ColumnParallelLinear
+from .layers import ColumnParallelLinear, TileParallelLinear
 from .layout import gather, scatter
 from .partition import block_partition
 
 __all__ = ["Backend", "ColumnParallelLinear", "ProcessGrid", "block_partition", "gather",
-           "get_backend", "init_weight", "scatter", "__version__"]
+           "get_backend", "init_weight", "scatter", "TileParallelLinear", "__version__"]

@@ -1,5 +1,6 @@
 """Parallel linear layers: forward and backward on a ProcessGrid."""
 from .base import ParallelLinear
 from .column import ColumnParallelLinear
+from .tile2d import TileParallelLinear
 
-__all__ = ["ParallelLinear", "ColumnParallelLinear"]
+__all__ = ["ParallelLinear", "ColumnParallelLinear", "TileParallelLinear"]
