@@ -80,11 +80,12 @@ def test_two_chained_layers_float32(world, panels):
 
 
 @pytest.mark.mpi
-def test_init_is_layout_invariant_and_bytes(world):
+@pytest.mark.parametrize("panel", [None, 4])
+def test_init_is_layout_invariant_and_bytes(world, panel):
     if not world.member:
         return
     for grid in grids(world):
-        layer = tpmpi.TileParallelLinear(6, 11, grid=grid, seed=42, dtype="float64", panel=4)
+        layer = tpmpi.TileParallelLinear(6, 11, grid=grid, seed=42, dtype="float64", panel=panel)
         assert np.array_equal(layer.gather_weight(), tpmpi.init_weight((6, 11), 42, "float64"))
         x = tiles(np.ones((5, 6)), grid)
         layer.profiler.reset()

@@ -35,7 +35,8 @@ Bytes per rank (b = itemsize), the nccl-tests size S each rank takes part in:
 gather form forward ``(m_r*K + K*n_c) b`` (Allgather), backward ``(m_r*K + K*n_c + n_c) b``
 (two Reduce_scatters, one Allreduce); panel form forward ``(m_r + n_c) K b`` (Bcast), backward
 ``2 (m_r + n_c) K b + n_c b`` (Bcast, Reduce, Allreduce). Received per rank in the gather
-forward: ``(m_r (K - k^c) + (K - k_r) n_c) b``. :meth:`TileParallelLinear.comm_bytes`.
+forward: ``(m_r (K - k^c) + (K - k_r) n_c) b``. Terms on a size-1 communicator are 0 (no
+collective runs); :meth:`TileParallelLinear.comm_bytes` evaluates these formulas.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class TileParallelLinear(ParallelLinear):
     def _agree_tile(self, x) -> None:
         """Collectively check that ``x`` is this rank's tile of a global (M, in_features) X,
         M being the rows held by grid column 0. One Allgather of an int64, one agreement."""
-        grid, (pr, pc) = self.grid, self.grid.shape
+        grid, pc = self.grid, self.grid.shape[1]
         ok = self.backend.owns(x) and getattr(x, "ndim", 0) == 2
         rows = np.array([x.shape[0] if ok else -1], dtype=np.int64)
         every = np.empty(grid.size, dtype=np.int64)
@@ -286,8 +287,8 @@ class TileParallelLinear(ParallelLinear):
         m_r = local_shape((m, self.in_features), self.grid, "tiles")[0]
         n_c = self.weight.shape[1]
         k, item = self.in_features, self.dtype.itemsize
-        bias = n_c if backward and self.bias is not None and pr > 1 else 0
-        if self.panel is None:
-            return item * ((m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0) + bias)
         moved = (m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0)
-        return item * ((2 * moved if backward else moved) + bias)
+        if backward and self.panel is not None:
+            moved *= 2  # broadcasts again, then reductions of the same sizes
+        bias = n_c if backward and self.bias is not None and pr > 1 else 0
+        return item * (moved + bias)
