@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 from .backend import Backend, get_backend
 from .grid import ProcessGrid
 from .init import init_weight
-from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
 from .layout import gather, scatter
 from .partition import block_partition
 
 __all__ = ["Backend", "ColumnParallelLinear", "ParallelMLP", "ProcessGrid", "RowParallelLinear",
-           "block_partition", "gather", "get_backend", "init_weight", "scatter", "__version__"]
+           "TileParallelLinear", "block_partition", "gather", "get_backend", "init_weight",
+           "scatter", "__version__"]

@@ -236,3 +236,61 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
 def iallreduce(a, comm: MPI.Comm) -> MPI.Request:
     """Non-blocking in-place sum of a host or GPU-aware buffer (``Iallreduce``)."""
     return comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+
+
+# --------------------------------------------------------------------------- 2D-grid collectives
+# Non-blocking forms for host or GPU-aware buffers; with host staging (GPU without GPU-aware
+# MPI) they run the blocking collective through the staging buffers and return a completed
+# request, so callers have a single code path.
+
+
+def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> MPI.Request:
+    """Broadcast the C-contiguous ``a`` from ``root`` in place (``Ibcast``)."""
+    if staging is None or not staging.staged:
+        if staging is not None:
+            staging.send(a)  # stream sync only
+        return comm.Ibcast(a, root=root)
+    buf = staging.send(a, "bcast") if comm.Get_rank() == root else staging.recv(a, "bcast")
+    comm.Bcast(buf, root=root)
+    staging.finish(a, buf)
+    return MPI.REQUEST_NULL
+
+
+def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None
+            ) -> MPI.Request:
+    """Sum of ``a`` over ``comm`` into ``out`` on ``root`` (``Ireduce``; ``out`` is ignored
+    elsewhere and may be None there)."""
+    recv = out if comm.Get_rank() == root else None
+    if staging is None or not staging.staged:
+        if staging is not None:
+            staging.send(a)
+        return comm.Ireduce(a, recv, op=MPI.SUM, root=root)
+    rbuf = staging.recv(recv, "reduce-recv") if recv is not None else None
+    comm.Reduce(staging.send(a, "reduce-send"), rbuf, op=MPI.SUM, root=root)
+    if recv is not None:
+        staging.finish(recv, rbuf)
+    return MPI.REQUEST_NULL
+
+
+def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
+                    staging: Optional[Staging] = None) -> MPI.Request:
+    """Sum ``a`` over ``comm`` and scatter it: rank ``q`` gets elements
+    ``[sum(counts[:q]), sum(counts[:q+1]))`` of the flattened sum in ``out``
+    (``Ireduce_scatter`` with counts: uneven and zero-size blocks work). For the leading-axis
+    blocks of a C-ordered array pass them as they are; column blocks must be packed first."""
+    counts = [int(c) for c in counts]
+    if staging is None or not staging.staged:
+        if staging is not None:
+            staging.send(a)
+        return comm.Ireduce_scatter(a, out, counts, op=MPI.SUM)
+    rbuf = staging.recv(out, "rs-recv")
+    comm.Reduce_scatter(staging.send(a, "rs-send"), rbuf, counts, op=MPI.SUM)
+    staging.finish(out, rbuf)
+    return MPI.REQUEST_NULL
+
+
+def reduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
+                   staging: Optional[Staging] = None):
+    """Blocking :func:`ireduce_scatter`. Returns ``out``."""
+    ireduce_scatter(a, out, counts, comm, staging).Wait()
+    return out

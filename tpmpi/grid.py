@@ -41,7 +41,9 @@ class ProcessGrid:
         None leaves BLAS alone.
     node_aware : order ranks by node before building the grid, so that the ranks of a grid row
         (the inner, faster-varying dimension) share a node whenever ``pc`` divides the number of
-        ranks per node.
+        ranks per node. Within a node ranks keep their order in ``comm`` and nodes are ordered
+        by their lowest rank, so on a single node (or when ``comm`` already lists ranks node by
+        node, as block placement does) the grid equals the plain one.
     """
 
     def __init__(self, comm: MPI.Comm, shape: Union[Sequence[int], str, None] = None, *,

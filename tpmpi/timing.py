@@ -4,12 +4,18 @@ Layers wrap each local product in ``prof.gemm()`` and each collective in
 ``prof.comm(op, nbytes, nranks)``; the benchmark reads and resets the totals. ``nbytes`` is the
 nccl-tests size ``S`` of the operation (the full gathered/reduced array), so
 ``busbw = S * factor(op, P) / t``.
+
+For overlap measurements (:mod:`tpmpi.overlap`) a profiler can run instrumented layers with only
+one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
+GEMMs (results are then meaningless; only the time counts).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from typing import Callable, Iterator, Optional
+
+PHASES = ("gemm", "comm")
 
 # nccl-tests bus-bandwidth factors (doc/PERFORMANCE.md)
 BUS_FACTOR: dict[str, Callable[[int], float]] = {
@@ -29,6 +35,7 @@ class Profiler:
 
     def __init__(self, sync: Optional[Callable[[], None]] = None):
         self.sync = sync
+        self.phases: frozenset = frozenset(PHASES)
         self.reset()
 
     def reset(self) -> None:
@@ -63,6 +70,22 @@ class Profiler:
             self.bytes += nbytes
             self.bus_bytes += nbytes * BUS_FACTOR[op](nranks)
             self.calls[op] = self.calls.get(op, 0) + 1
+
+    def runs(self, phase: str) -> bool:
+        """Whether layers should run their ``"gemm"`` or ``"comm"`` work now."""
+        return phase in self.phases
+
+    @contextlib.contextmanager
+    def only(self, phase: str) -> Iterator[None]:
+        """Run only ``phase`` (``"gemm"`` or ``"comm"``) of the instrumented layers inside the
+        block (timing runs for :func:`tpmpi.overlap.measure_overlap`)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: expected one of {', '.join(PHASES)}")
+        saved, self.phases = self.phases, frozenset([phase])
+        try:
+            yield
+        finally:
+            self.phases = saved
 
     def totals(self) -> dict:
         """A snapshot of the totals."""

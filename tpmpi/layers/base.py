@@ -151,7 +151,7 @@ class ParallelLinear:
         overlap = self.overlap and nranks > 1 and not self.staging.staged
         if overlap:
             self.backend.synchronize()
-            request = nonblocking()
+            request = nonblocking() if prof.runs("comm") else MPI.REQUEST_NULL
             prof.count(op, nbytes, nranks)
         with prof.gemm():
             work()
@@ -160,7 +160,8 @@ class ParallelLinear:
                 request.Wait()
         else:
             with prof.comm(op, nbytes, nranks):
-                blocking()
+                if prof.runs("comm"):
+                    blocking()
 
     # ---- input validation shared by forward/backward of all layers
     def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False) -> None:
@@ -168,21 +169,40 @@ class ParallelLinear:
         ``want_cols`` columns and the same number of rows on every rank; for ``backward``, also
         that forward() ran and ``a`` has the forward input's rows. One small Allreduce."""
         def local_checks() -> None:
-            if backward and self._x is None:
-                raise ValueError("backward() called before forward(): no saved input")
-            if not self.backend.owns(a):
-                raise ValueError(f"{name} is a {type(a).__module__}.{type(a).__name__}: expected "
-                                 f"a {self.backend.name} array (the layer's backend)")
-            if a.ndim != 2:
-                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected a 2D array")
+            self._check_array(name, a, backward=backward)
             if a.shape[1] != want_cols:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {want_cols} columns")
             if backward and a.shape[0] != self._x.shape[0]:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._x.shape[0]} "
                                  "rows (the forward input's)")
-            if a.dtype != self.dtype:
-                raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
-                                 f"{self.dtype.name} (the layer's dtype)")
 
         shape = getattr(a, "shape", None)
         check(self.comm, local_checks, **{f"{name}.shape[0]": shape[0] if shape else None})
+
+    def _check_array(self, name: str, a, *, backward: bool = False) -> None:
+        """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
+        of this layer's backend and dtype. Raises ValueError."""
+        if backward and self._x is None:
+            raise ValueError("backward() called before forward(): no saved input")
+        if not self.backend.owns(a):
+            raise ValueError(f"{name} is a {type(a).__module__}.{type(a).__name__}: expected "
+                             f"a {self.backend.name} array (the layer's backend)")
+        if a.ndim != 2:
+            raise ValueError(f"{name}.shape={tuple(a.shape)}: expected a 2D array")
+        if a.dtype != self.dtype:
+            raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
+                             f"{self.dtype.name} (the layer's dtype)")
+
+    # ---- phase switches for overlap measurements (see Profiler.only)
+    def _matmul(self, a, b, out=None):
+        """``a @ b`` (into ``out``); skipped while the profiler runs communication only (then
+        ``out``, or zeros of the product's shape, is returned)."""
+        xp = self.backend.xp
+        if self.profiler.runs("gemm"):
+            return xp.matmul(a, b, out=out)
+        return out if out is not None else xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
+
+    def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` (a collective); skipped while the profiler runs GEMMs only, returning a
+        completed request."""
+        return fn(*args) if self.profiler.runs("comm") else MPI.REQUEST_NULL

@@ -7,6 +7,14 @@ forward  : ``Y_p = X @ W_p + b_p``; with ``gather_output`` the blocks are all-ga
            into the C-ordered (M, N) result (one Alltoallw with subarray receive types: MPI
            writes every block into its strided final place, so there is neither a transposed
            staging buffer nor a (P, M, N_p) -> (M, N) copy).
+           With ``chunks=c`` (level-2 tiling) the local product is split along M into up to
+           ``c`` row chunks and each chunk's Ialltoallw gather (straight into its rows of the
+           final output) is in flight while the next chunk's GEMM runs. Chunk boundaries are
+           multiples of :data:`CHUNK_ROWS` rows (so at most M // CHUNK_ROWS chunks; one when
+           M < 2 * CHUNK_ROWS): every row is computed by the same BLAS register-block path as
+           in the whole product, and with one BLAS thread per rank the output is bitwise
+           identical to ``chunks=1`` (a multi-threaded BLAS or cuBLAS may split the whole
+           product differently, a last-bit difference).
 backward : ``dX = sum_p dY_p @ W_p^T`` (Iallreduce, in flight while ``dW_p = X^T dY_p`` and
            ``db_p`` are computed locally, Megatron's overlap).
 """
@@ -14,33 +22,56 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..comm import allgather_blocks, allreduce, iallreduce
+from mpi4py import MPI
+
+from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
 from ..partition import block_partition
 from .base import ParallelLinear
+
+CHUNK_ROWS = 48
+"""Row granule of the chunked gather: a multiple of the row blocking of common BLAS GEMM
+kernels (OpenBLAS Haswell sgemm 24 / dgemm 8, SkylakeX 4-16), so chunked and whole products
+take identical kernel paths for every row."""
+
+
+def chunk_bounds(m: int, chunks: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of up to ``chunks`` balanced row chunks of ``m`` rows whose inner
+    boundaries are multiples of :data:`CHUNK_ROWS`; the last chunk takes the remainder."""
+    granules = m // CHUNK_ROWS
+    c = max(1, min(chunks, granules))
+    cuts = [i * granules // c * CHUNK_ROWS for i in range(c)] + [m]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 class ColumnParallelLinear(ParallelLinear):
     """``x`` (M, K) replicated -> ``y`` (M, N) replicated, or layout "cols" (M, N_p) when
     ``gather_output=False``. ``backward(dy)`` takes ``dy`` in the output's layout and returns
-    ``dx`` (M, K) replicated, accumulating ``grad_weight`` (K, N_p) and ``grad_bias`` (N_p,)."""
+    ``dx`` (M, K) replicated, accumulating ``grad_weight`` (K, N_p) and ``grad_bias`` (N_p,).
+    ``chunks`` (positive int, same on every rank): pipeline the output gather with the local
+    GEMM in up to that many row chunks (see the module docstring); only with ``gather_output``.
+    """
 
     weight_layout = "cols"
     bias_layout = "cols"
 
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = True,
-                 **kwargs: Any):
-        super().__init__(in_features, out_features, gather_output=bool(gather_output), **kwargs)
+                 chunks: int = 1, **kwargs: Any):
+        super().__init__(in_features, out_features, gather_output=bool(gather_output),
+                         chunks=chunks, **kwargs)
         self.gather_output = bool(gather_output)
+        self.chunks = int(chunks)
         parts = block_partition(self.out_features, self.comm.Get_size())
         self._col_starts = [start for start, _ in parts]
         self._col_sizes = [stop - start for start, stop in parts]
         self._ybuf = None  # reused local product when it is only a send buffer
 
-    def _check_options(self, gather_output: bool = True) -> None:
-        pass
+    def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks={chunks!r}: expected a positive integer")
 
-    def _blocks(self, m: int) -> list[tuple[tuple, tuple]]:
-        return [((0, s), (m, n)) for s, n in zip(self._col_starts, self._col_sizes)]
+    def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
+        """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""
+        return [((row0, s), (m, n)) for s, n in zip(self._col_starts, self._col_sizes)]
 
     def forward(self, x):
         """``x`` (M, K) replicated -> ``y`` (M, N) replicated [Alltoallw], or (M, N_p)."""
@@ -53,16 +84,40 @@ class ColumnParallelLinear(ParallelLinear):
             y_local = self._ybuf
         else:
             y_local = xp.empty((m, n_p), dtype=self.dtype)
+        self._x = x
+        nranks = self.comm.Get_size()
+        rows = chunk_bounds(m, self.chunks)
+        if self.gather_output and len(rows) > 1 and nranks > 1 and not self.staging.staged:
+            return self._forward_chunked(x, y_local, rows)
         with prof.gemm():
-            xp.matmul(x, self.weight, out=y_local)
+            self._matmul(x, self.weight, out=y_local)
             if self.bias is not None:
                 y_local += self.bias
-        self._x = x
         if not self.gather_output:
             return y_local
         y = xp.empty((m, self.out_features), dtype=self.dtype)
-        with prof.comm("allgather", y.nbytes, self.comm.Get_size()):
-            allgather_blocks(y_local, y, self._blocks(m), self.comm, self.staging)
+        with prof.comm("allgather", y.nbytes, nranks):
+            self._collective(allgather_blocks, y_local, y, self._blocks(0, m), self.comm,
+                             self.staging)
+        return y
+
+    def _forward_chunked(self, x, y_local, rows: list[tuple[int, int]]):
+        """Level-2 pipeline: GEMM of row chunk i, then its Ialltoallw into rows of the (M, N)
+        output, in flight during the GEMM of chunk i + 1; one Waitall at the end."""
+        xp, prof, nranks = self.backend.xp, self.profiler, self.comm.Get_size()
+        y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
+        requests = []
+        for a, b in rows:
+            with prof.gemm():
+                self._matmul(x[a:b], self.weight, out=y_local[a:b])
+                if self.bias is not None:
+                    y_local[a:b] += self.bias
+            self.backend.synchronize()
+            requests.append(self._collective(iallgather_blocks, y_local[a:b], y,
+                                             self._blocks(a, b - a), self.comm))
+            prof.count("allgather", y[a:b].nbytes, nranks)
+        with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
+            MPI.Request.Waitall(requests)
         return y
 
     def backward(self, dy):
@@ -71,13 +126,13 @@ class ColumnParallelLinear(ParallelLinear):
         ``grad_weight`` and ``grad_bias``."""
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
-        xp, prof, x = self.backend.xp, self.profiler, self._x
+        prof, x = self.profiler, self._x
         dy_p = dy[:, self.shard[1]] if self.gather_output else dy  # strided view, no copy
         with prof.gemm():
-            dx = xp.matmul(dy_p, self.weight.T)
+            dx = self._matmul(dy_p, self.weight.T)
 
         def weight_grads() -> None:
-            self.grad_weight += xp.matmul(x.T, dy_p)
+            self.grad_weight += self._matmul(x.T, dy_p)
             if self.grad_bias is not None:
                 self.grad_bias += dy_p.sum(axis=0)
 

@@ -52,9 +52,9 @@ class RowParallelLinear(ParallelLinear):
         x_p = x if self.input_is_parallel else x[:, self.shard[0]]  # strided view, no copy
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
         with prof.gemm():
-            xp.matmul(x_p, self.weight, out=y)
+            self._matmul(x_p, self.weight, out=y)
         with prof.comm("allreduce", y.nbytes, self.comm.Get_size()):
-            allreduce(y, self.comm, self.staging)
+            self._collective(allreduce, y, self.comm, self.staging)
         if self.bias is not None:
             y += self.bias
         self._x = x_p
@@ -67,10 +67,10 @@ class RowParallelLinear(ParallelLinear):
         self._agree_input("dy", dy, self.out_features, backward=True)
         xp, prof, x_p = self.backend.xp, self.profiler, self._x
         with prof.gemm():
-            dx_p = xp.matmul(dy, self.weight.T)
+            dx_p = self._matmul(dy, self.weight.T)
 
         def weight_grads() -> None:
-            self.grad_weight += xp.matmul(x_p.T, dy)
+            self.grad_weight += self._matmul(x_p.T, dy)
             if self.grad_bias is not None:
                 self.grad_bias += dy.sum(axis=0)
 

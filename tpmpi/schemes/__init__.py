@@ -134,4 +134,4 @@ def shard_pairs(layer, grads: dict) -> list[tuple]:
     return pairs
 
 
-from . import column, mlp, row  # noqa: E402,F401  (registers the schemes)
+from . import column, mlp, row, tile2d  # noqa: E402,F401  (registers the schemes)

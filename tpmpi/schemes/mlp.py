@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 
 from ..activations import get_activation
 from ..backend import Backend

@@ -1,7 +1,6 @@
 """Scheme "row": RowParallelLinear, X replicated (input_is_parallel=False), Y replicated."""
 from __future__ import annotations
 
-import numpy as np
 
 from ..backend import Backend
 from ..grid import ProcessGrid

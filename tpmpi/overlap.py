@@ -1,0 +1,85 @@
+"""How much communication a layer hides behind its GEMMs (the OSU micro-benchmarks convention).
+
+``overlap % = max(0, 100 - 100 * (t_overall - t_compute) / t_comm)``: 100 when the
+communication costs nothing on top of the computation, 0 when it is fully exposed.
+:func:`measure_overlap` times one layer call three ways: as is (``t_overall``), with only its
+GEMMs (``t_compute``: ``Profiler.only("gemm")`` skips the collectives) and with only its
+collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from mpi4py import MPI
+
+from .comm import check
+
+
+def overlap_percent(overall_s: float, compute_s: float, comm_s: float) -> float:
+    """OSU overlap in percent, clamped to [0, 100]; 0 when there is no communication."""
+    if comm_s <= 0:
+        return 0.0
+    return min(100.0, max(0.0, 100.0 - 100.0 * (overall_s - compute_s) / comm_s))
+
+
+@dataclass(frozen=True)
+class OverlapTimes:
+    """Median seconds (max over ranks) of one call as is, GEMMs only, collectives only."""
+
+    overall_s: float
+    compute_s: float
+    comm_s: float
+
+    @property
+    def overlap_pct(self) -> float:
+        """:func:`overlap_percent` of the three times."""
+        return overlap_percent(self.overall_s, self.compute_s, self.comm_s)
+
+    def as_dict(self) -> dict:
+        """Record fields: ``overall_s, compute_s, comm_only_s, overlap_pct``."""
+        return {"overall_s": self.overall_s, "compute_s": self.compute_s,
+                "comm_only_s": self.comm_s, "overlap_pct": self.overlap_pct}
+
+
+def _time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
+          warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(iters):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        call()
+        if sync is not None:
+            sync()
+        samples.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return statistics.median(samples)
+
+
+def measure_overlap(layer, call: Callable[[], Any], *, warmup: int = 1,
+                    iters: int = 5) -> OverlapTimes:
+    """Time ``call()`` (one call of ``layer``, e.g. ``lambda: layer(x)`` or ``lambda:
+    layer.backward(dy)``) as is, with ``layer.profiler.only("gemm")`` and with
+    ``layer.profiler.only("comm")``. Collective over ``layer.comm`` (a Barrier before and a
+    max-Allreduce after each timed call). Gradients accumulate; the profiler totals are reset
+    at the end."""
+    prof, comm = layer.profiler, layer.comm
+
+    def local_checks() -> None:
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters={iters!r}: expected a positive integer")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup={warmup!r}: expected a non-negative integer")
+
+    check(comm, local_checks, warmup=warmup, iters=iters)
+    sync = layer.backend.synchronize if layer.backend.is_gpu else None
+    overall = _time(call, comm, sync, warmup, iters)
+    with prof.only("gemm"):
+        compute = _time(call, comm, sync, warmup, iters)
+    with prof.only("comm"):
+        comm_s = _time(call, comm, sync, warmup, iters)
+    prof.reset()
+    return OverlapTimes(overall, compute, comm_s)

@@ -1,0 +1,56 @@
+"""Scheme "tile2d": TileParallelLinear (SUMMA) on the ``--grid RxC`` grid, option ``panel``;
+X, dY and Y in layout "tiles"."""
+from __future__ import annotations
+
+from ..backend import Backend
+from ..grid import ProcessGrid
+from ..init import init_weight
+from ..layers import TileParallelLinear
+from ..layout import gather, local_slices
+from . import Case, Problem, collective_rel_err, host64, register, shard_pairs
+from .column import DY_SEED, X_SEED
+
+
+class TileCase(Case):
+    """Each rank generates only its X and dY tiles (layout-invariant initialiser); ``verify``
+    gathers Y and the global W and compares with the serial float64 product."""
+
+    def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
+        p = self.problem = problem
+        self.comm, self.backend, self.grid = grid.comm, backend, grid
+        self.layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
+                                        **p.opts)
+        rx, cx = local_slices((p.m, p.k), grid, "tiles")
+        ry, cy = local_slices((p.m, p.n), grid, "tiles")
+        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, rows=rx, cols=cx, backend=backend,
+                             bound=1.0)
+        self.dy = init_weight((p.m, p.n), DY_SEED, p.dtype, rows=ry, cols=cy, backend=backend,
+                              bound=1.0)
+        self.flops = 2.0 * p.m * p.k * p.n
+        self.profilers = [self.layer.profiler]
+
+    def forward(self) -> None:
+        self.y = self.layer(self.x)
+
+    def backward(self) -> None:
+        self.dx = self.layer.backward(self.dy)
+
+    def verify(self) -> float:
+        p, layer, be = self.problem, self.layer, self.backend
+        layer.zero_grad()
+        self.forward()
+        self.backward()
+        w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
+        x = host64(be, init_weight((p.m, p.k), X_SEED, p.dtype, bound=1.0))
+        dy = host64(be, init_weight((p.m, p.n), DY_SEED, p.dtype, bound=1.0))
+        y = gather(self.y, self.grid, "tiles", (p.m, p.n))
+        y_ref = x @ w + (b if b is not None else 0)
+        dx_ref = (dy @ w.T)[local_slices((p.m, p.k), self.grid, "tiles")]
+        pairs = [(y, y_ref), (self.dx, dx_ref)]
+        pairs += shard_pairs(layer, {"weight": x.T @ dy, "bias": dy.sum(axis=0)})
+        return collective_rel_err(self.comm, pairs)
+
+
+@register("tile2d")
+def build_tile2d(problem: Problem, grid: ProcessGrid, backend: Backend) -> TileCase:
+    return TileCase(problem, grid, backend)
