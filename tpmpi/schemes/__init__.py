@@ -60,10 +60,10 @@ class Case:
         full matrices, plus dX = dY W^T, dW = X^T dY and db when ``backward``. Schemes with
         more than one GEMM override this."""
         p, xp = self.problem, backend.xp
-        x = init_weight((p.m, p.k), 1001, p.dtype, backend=backend, bound=1.0)
+        x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
         w = init_weight((p.k, p.n), 0, p.dtype, backend=backend)
         b = init_weight((p.n,), 0, p.dtype, backend=backend, stream=1)
-        dy = init_weight((p.m, p.n), 1002, p.dtype, backend=backend, bound=1.0)
+        dy = init_weight((p.m, p.n), DY_SEED, p.dtype, backend=backend, bound=1.0)
 
         def step() -> None:
             xp.matmul(x, w) + b
@@ -76,6 +76,36 @@ class Case:
         """Fresh forward+backward, max relative error of every output and gradient against a
         float64 reference; the same value on every rank. Collective."""
         raise NotImplementedError
+
+
+X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
+
+
+class LayerCase(Case):
+    """A case around one layer object: X (m, k) and dY (m, n_out) from the layout-invariant
+    initialiser, each rank generating only its block of ``layout`` ("replicated" or "tiles")."""
+
+    def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer,
+                 *, n_out: int, flops: float, layout: str = "replicated"):
+        from ..layout import local_slices
+
+        p = self.problem = problem
+        self.comm, self.grid, self.backend, self.layer = grid.comm, grid, backend, layer
+        rx, cx = local_slices((p.m, p.k), grid, layout)
+        ry, cy = local_slices((p.m, n_out), grid, layout)
+        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, rows=rx, cols=cx, backend=backend,
+                             bound=1.0)
+        self.dy = init_weight((p.m, n_out), DY_SEED, p.dtype, rows=ry, cols=cy,
+                              backend=backend, bound=1.0)
+        self.flops = flops
+        subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
+        self.profilers = [sub.profiler for sub in (subs or [layer])]
+
+    def forward(self) -> None:
+        self.y = self.layer(self.x)
+
+    def backward(self) -> None:
+        self.dx = self.layer.backward(self.dy)
 
 
 SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], Case]

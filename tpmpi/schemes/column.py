@@ -1,4 +1,5 @@
-"""Scheme "column": ColumnParallelLinear with its output gathered (the book's scheme)."""
+"""Scheme "column": ColumnParallelLinear with its output gathered (the book's scheme); option
+``chunks`` (level-2 pipelining of the gather)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,36 +7,23 @@ import numpy as np
 from ..backend import Backend
 from ..comm import allreduce
 from ..grid import ProcessGrid
-from ..init import init_weight
 from ..layers import ColumnParallelLinear
-from . import Case, Problem, collective_rel_err, register
-
-X_SEED, DY_SEED = 1001, 1002
+from . import LayerCase, Problem, collective_rel_err, register
 
 
-class ColumnCase(Case):
-    """X (m, k) and dY (m, n) replicated, from the layout-invariant initialiser."""
+class ColumnCase(LayerCase):
+    """X (m, k) and dY (m, n) replicated."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
-        p = self.problem = problem
-        self.comm = grid.comm
-        self.layer = ColumnParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
-                                          **p.opts)
-        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
-        self.dy = init_weight((p.m, p.n), DY_SEED, p.dtype, backend=backend, bound=1.0)
-        self.flops = 2.0 * p.m * p.k * p.n
-        self.profilers = [self.layer.profiler]
-
-    def forward(self) -> None:
-        self.y = self.layer(self.x)
-
-    def backward(self) -> None:
-        self.dx = self.layer.backward(self.dy)
+        p = problem
+        layer = ColumnParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
+                                     **p.opts)
+        super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n)
 
     def verify(self) -> float:
-        """Each rank checks the columns it owns; dX's reference partial sums are reduced in
-        float64."""
-        layer, host = self.layer, self.layer.backend.to_host
+        """Each rank checks the columns it owns (nothing global is materialised); dX's
+        reference partial sums are reduced in float64."""
+        layer, host = self.layer, self.backend.to_host
         layer.zero_grad()
         self.forward()
         self.backward()

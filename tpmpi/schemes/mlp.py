@@ -10,8 +10,8 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import ParallelMLP
-from . import Case, Problem, collective_rel_err, host64, register, shard_pairs
-from .column import DY_SEED, X_SEED
+from . import DY_SEED, X_SEED, LayerCase, Problem, collective_rel_err, host64, register, \
+    shard_pairs
 
 
 def hidden_of(problem: Problem) -> int:
@@ -19,7 +19,7 @@ def hidden_of(problem: Problem) -> int:
     return problem.hidden if problem.hidden is not None else 4 * problem.k
 
 
-class MLPCase(Case):
+class MLPCase(LayerCase):
     """X and dY (m, d_model) replicated; ``verify`` runs the serial float64 FFN on the gathered
     global weights and compares the output, dX and the four parameter gradients."""
 
@@ -28,19 +28,10 @@ class MLPCase(Case):
         if p.n != p.k:
             raise ValueError(f"n={p.n}: scheme 'mlp' maps d_model={p.k} to itself; pass "
                              f"--n {p.k} (or leave --n and --k equal)")
-        self.comm, self.backend = grid.comm, backend
         self.mlp = ParallelMLP(p.k, hidden_of(p), grid=grid, dtype=p.dtype, backend=backend,
                                **p.opts)
-        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
-        self.dy = init_weight((p.m, p.k), DY_SEED, p.dtype, backend=backend, bound=1.0)
-        self.flops = 4.0 * p.m * p.k * hidden_of(p)
-        self.profilers = [self.mlp.fc1.profiler, self.mlp.fc2.profiler]
-
-    def forward(self) -> None:
-        self.y = self.mlp(self.x)
-
-    def backward(self) -> None:
-        self.dx = self.mlp.backward(self.dy)
+        super().__init__(p, grid, backend, self.mlp, n_out=p.k,
+                         flops=4.0 * p.m * p.k * hidden_of(p))
 
     def serial(self, backend: Backend) -> Callable[[], None]:
         """Serial FFN forward (+ backward) on one process with the global weights."""

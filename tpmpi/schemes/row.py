@@ -1,34 +1,20 @@
 """Scheme "row": RowParallelLinear, X replicated (input_is_parallel=False), Y replicated."""
 from __future__ import annotations
 
-
 from ..backend import Backend
 from ..grid import ProcessGrid
-from ..init import init_weight
 from ..layers import RowParallelLinear
-from . import Case, Problem, collective_rel_err, host64, register, shard_pairs
-from .column import DY_SEED, X_SEED
+from . import LayerCase, Problem, collective_rel_err, host64, register, shard_pairs
 
 
-class RowCase(Case):
+class RowCase(LayerCase):
     """X (m, k) and dY (m, n) replicated; ``verify`` compares with a serial float64 product of
     the gathered global W (verification only materialises it)."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
-        p = self.problem = problem
-        self.comm, self.backend = grid.comm, backend
-        self.layer = RowParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
-                                       **p.opts)
-        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
-        self.dy = init_weight((p.m, p.n), DY_SEED, p.dtype, backend=backend, bound=1.0)
-        self.flops = 2.0 * p.m * p.k * p.n
-        self.profilers = [self.layer.profiler]
-
-    def forward(self) -> None:
-        self.y = self.layer(self.x)
-
-    def backward(self) -> None:
-        self.dx = self.layer.backward(self.dy)
+        p = problem
+        layer = RowParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend, **p.opts)
+        super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n)
 
     def verify(self) -> float:
         layer, be = self.layer, self.backend

@@ -7,33 +7,20 @@ from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import TileParallelLinear
 from ..layout import gather, local_slices
-from . import Case, Problem, collective_rel_err, host64, register, shard_pairs
-from .column import DY_SEED, X_SEED
+from . import DY_SEED, X_SEED, LayerCase, Problem, collective_rel_err, host64, register, \
+    shard_pairs
 
 
-class TileCase(Case):
-    """Each rank generates only its X and dY tiles (layout-invariant initialiser); ``verify``
-    gathers Y and the global W and compares with the serial float64 product."""
+class TileCase(LayerCase):
+    """Each rank generates only its X and dY tiles; ``verify`` gathers Y and the global W and
+    compares with the serial float64 product."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
-        p = self.problem = problem
-        self.comm, self.backend, self.grid = grid.comm, backend, grid
-        self.layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
-                                        **p.opts)
-        rx, cx = local_slices((p.m, p.k), grid, "tiles")
-        ry, cy = local_slices((p.m, p.n), grid, "tiles")
-        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, rows=rx, cols=cx, backend=backend,
-                             bound=1.0)
-        self.dy = init_weight((p.m, p.n), DY_SEED, p.dtype, rows=ry, cols=cy, backend=backend,
-                              bound=1.0)
-        self.flops = 2.0 * p.m * p.k * p.n
-        self.profilers = [self.layer.profiler]
-
-    def forward(self) -> None:
-        self.y = self.layer(self.x)
-
-    def backward(self) -> None:
-        self.dx = self.layer.backward(self.dy)
+        p = problem
+        layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
+                                   **p.opts)
+        super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n,
+                         layout="tiles")
 
     def verify(self) -> float:
         p, layer, be = self.problem, self.layer, self.backend
