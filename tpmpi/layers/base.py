@@ -62,6 +62,7 @@ class ParallelLinear:
         self.seed = seed
         self.options = dict(options)
         self.backend = get_backend(backend, self.comm)
+        self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
         self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
         xp = self.backend.xp
