@@ -279,3 +279,48 @@ def test_gemm_peak_and_fraction():
     # 4 GFLOP in all, 1 GFLOP per rank in 0.25 s of GEMM = 4 GFLOP/s = 40 % of 10 GFLOP/s
     assert gemm_fraction(rec, 10.0) == pytest.approx(0.4)
     assert gemm_fraction({**rec, "gemm_s": 0.0}, 10.0) is None
+
+
+def test_cupy_memory_peak_hook_takes_cupys_keyword_calls(monkeypatch):
+    """CuPy calls ``hook.malloc_postprocess(device_id=, size=, mem_size=, mem_ptr=, pmem_id=)``
+    and ``hook.free_postprocess(device_id=, mem_size=, mem_ptr=, pmem_id=)``; replayed here on a
+    stand-in ``cupy.cuda.memory_hook`` module."""
+    import sys
+    import types
+
+    active = []
+
+    class MemoryHook:
+        def __enter__(self):
+            active.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            active.remove(self)
+
+    hook_mod = types.ModuleType("cupy.cuda.memory_hook")
+    hook_mod.MemoryHook = MemoryHook
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.memory_hook = hook_mod
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.memory_hook", hook_mod)
+
+    def malloc(size, ptr):
+        for h in active:
+            h.malloc_postprocess(device_id=0, size=size, mem_size=size, mem_ptr=ptr, pmem_id=ptr)
+
+    def free(size, ptr):
+        for h in active:
+            h.free_postprocess(device_id=0, mem_size=size, mem_ptr=ptr, pmem_id=ptr)
+
+    with backend_mod.CupyBackend(cupy, 0).memory_peak() as mem:
+        free(4096, 1)        # an array from before the block: usage drops below the start
+        malloc(1024, 2)
+        malloc(2048, 3)      # peak: -4096 + 3072
+        free(1024, 2)
+        malloc(8192, 4)      # peak: -4096 + 2048 + 8192 = 6144
+        malloc(10**9, 0)     # failed allocation (mem_ptr 0): not counted
+    assert not active and mem["peak"] == 6144

@@ -2,7 +2,13 @@
 GPU-aware-MPI probe and BLAS threads per rank.
 
 Everything else in tpmpi takes a :class:`Backend` and calls ``backend.xp`` for array
-operations, so one code path serves NumPy and CuPy.
+operations, so one code path serves NumPy and CuPy; what differs between host and device
+(stream sync, host copies, pinned buffers, memory accounting, dtype support) is a method of
+:class:`Backend` (host) overridden by :class:`CupyBackend` (device).
+
+Environment: ``TPMPI_BACKEND`` (what ``"auto"`` means), ``TPMPI_GPU_AWARE=0/1`` (override the
+GPU-aware-MPI probe), ``TPMPI_THREADS`` (BLAS threads per rank), ``CUDA_VISIBLE_DEVICES``
+(respected by :func:`bind_gpu`).
 """
 from __future__ import annotations
 

@@ -8,7 +8,9 @@
   ``Create_subarray`` types (the mpi4py-fft idiom). This serves all layouts ("cols", "rows",
   "tiles"), handles uneven and zero-size blocks, and needs no full-size staging copy or
   transpose: MPI unpacks each incoming block straight into its strided destination.
-* :func:`allreduce` / :func:`iallreduce` — in-place sums.
+* :func:`allreduce` / :func:`iallreduce` — in-place sums. float16 uses the MPI library's half
+  type (MPICH ``MPIX_C_FLOAT16``); bfloat16, which MPI has no type for, moves as 16-bit
+  integers and is summed in float32 (:func:`reduction_dtype`).
 * Device buffers: the producing stream is synchronised before MPI sees them; without GPU-aware
   MPI they are staged through host buffers (see :class:`Staging`).
 """
