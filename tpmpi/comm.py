@@ -120,8 +120,7 @@ class Staging:
         return buf
 
     def send(self, a, role: str = "send"):
-        """A buffer MPI may read with the contents of ``a`` (and, for in-place collectives,
-        write: pass it to :meth:`finish` then)."""
+        """A buffer MPI may read with the contents of ``a``."""
         if self.backend.is_gpu:
             self.backend.synchronize()
             if self.staged:
@@ -251,7 +250,7 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
     if wide != a.dtype:
         a[...] = allreduce(a.astype(wide), comm, staging or Staging(backend_of(a)))
         return a
-    buf = staging.send(a, "allreduce") if staging else a
+    buf = staging.recv(staging.send(a, "allreduce"), "allreduce") if staging else a
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     if staging is not None:
         staging.finish(a, buf)
