@@ -6,6 +6,10 @@
 * A failure on any rank aborts the whole MPI job at once (no rank is left in a collective);
   pytest-timeout's thread method (setup.cfg) ends real deadlocks inside blocking MPI calls.
 * Only rank 0 prints pytest's report.
+* Backends: the ``xb`` fixture runs a test once per backend ("numpy"; "cupy", marked ``gpu``,
+  skipped when CuPy or a device is missing); ``TPMPI_TEST_BACKEND=cupy`` restricts it to that
+  backend and fails instead of skipping. Layers built with ``backend="auto"`` stay on NumPy
+  (``TPMPI_BACKEND=numpy``) so that tests passing NumPy arrays also pass on a GPU machine.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def _with_mpi(config) -> bool:
 def pytest_configure(config):
     """Ranks > 0 stay quiet; every rank uses 1 BLAS thread unless told otherwise."""
     os.environ.setdefault("TPMPI_THREADS", "1")
+    os.environ.setdefault("TPMPI_BACKEND", "numpy")
     _CONFIG.append(config)
     if _with_mpi(config):
         comm = _comm()
@@ -84,6 +89,27 @@ def world(request):
     yield w
     w.free()
     MPI.COMM_WORLD.Barrier()
+
+
+def _backend_params() -> list:
+    forced = os.environ.get("TPMPI_TEST_BACKEND")
+    return [pytest.param(name, marks=pytest.mark.gpu) if name == "cupy" else name
+            for name in ([forced] if forced else ["numpy", "cupy"])]
+
+
+@pytest.fixture(scope="session", params=_backend_params())
+def xb(request):
+    """The :class:`tpmpi.Backend` under test, created collectively on COMM_WORLD (so the GPU
+    binding and the GPU-aware probe involve every rank before any ``world`` split)."""
+    from mpi4py import MPI
+
+    from tpmpi.backend import cupy_usable, get_backend
+
+    if request.param == "cupy" and not cupy_usable():
+        if os.environ.get("TPMPI_TEST_BACKEND"):
+            pytest.fail("TPMPI_TEST_BACKEND=cupy but CuPy or a CUDA device is missing")
+        pytest.skip("CuPy or a CUDA device is missing")
+    return get_backend(request.param, MPI.COMM_WORLD)
 
 
 def all_ranks_raise(comm, fn, match: str) -> str:

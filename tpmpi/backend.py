@@ -2,7 +2,13 @@
 GPU-aware-MPI probe and BLAS threads per rank.
 
 Everything else in tpmpi takes a :class:`Backend` and calls ``backend.xp`` for array
-operations, so one code path serves NumPy and CuPy.
+operations, so one code path serves NumPy and CuPy; what differs between host and device
+(stream sync, host copies, pinned buffers, memory accounting, dtype support) is a method of
+:class:`Backend` (host) overridden by :class:`CupyBackend` (device).
+
+Environment: ``TPMPI_BACKEND`` (what ``"auto"`` means), ``TPMPI_GPU_AWARE=0/1`` (override the
+GPU-aware-MPI probe), ``TPMPI_THREADS`` (BLAS threads per rank), ``CUDA_VISIBLE_DEVICES``
+(respected by :func:`bind_gpu`).
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import ctypes
 import os
 import tracemalloc
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -20,16 +26,19 @@ BACKENDS = ("auto", "numpy", "cupy")
 
 
 class Backend:
-    """One array library plus the facts MPI needs about its buffers.
+    """One array library plus the facts MPI needs about its buffers; this base class is the
+    host (NumPy) implementation, :class:`CupyBackend` the device one.
 
     ``gpu_aware`` is True only when device buffers may be handed to MPI directly (the probe
-    in :func:`probe_gpu_aware` passed); otherwise device buffers are staged through host memory.
+    in :func:`probe_gpu_aware` passed); otherwise device buffers are staged through host memory
+    with :meth:`pinned_empty`, :meth:`copy_to_host` and :meth:`copy_from_host`.
     """
+
+    is_gpu = False
 
     def __init__(self, name: str, xp: Any, device: Optional[int] = None):
         self.name = name
         self.xp = xp
-        self.is_gpu = name == "cupy"
         self.device = device
         self.gpu_aware = False
 
@@ -42,56 +51,44 @@ class Backend:
 
     def to_host(self, a) -> np.ndarray:
         """A NumPy view/copy of ``a``."""
-        if self.is_gpu and not isinstance(a, np.ndarray):
-            return self.xp.asnumpy(a)
         return np.asarray(a)
 
     def owns(self, a) -> bool:
         """True when ``a`` is an array of this backend."""
         return isinstance(a, self.xp.ndarray)
 
+    def check_dtype(self, dtype) -> None:
+        """Raise ValueError when this backend cannot hold and multiply ``dtype``."""
+
     def synchronize(self) -> None:
         """Wait for the current stream, so that MPI sees finished device buffers."""
-        if self.is_gpu:
-            self.xp.cuda.get_current_stream().synchronize()
 
     def device_name(self) -> str:
         """GPU model name, or 'cpu'."""
-        if not self.is_gpu:
-            return "cpu"
-        props = self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
-        name = props["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return "cpu"
+
+    # ---- host staging of device buffers (used by tpmpi.comm.Staging)
+    def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
+        """An uninitialised host array that device copies can use at full speed (page-locked)."""
+        return np.empty(shape, dtype=dtype)
+
+    def copy_to_host(self, a, out: np.ndarray) -> None:
+        """Copy this backend's array ``a`` into the host array ``out`` (same shape); returns
+        when the copy is complete."""
+        np.copyto(out, a)
+
+    def copy_from_host(self, host: np.ndarray, a) -> None:
+        """Copy the host array ``host`` into this backend's array ``a`` (same shape)."""
+        np.copyto(a, host)
 
     @contextlib.contextmanager
     def memory_peak(self) -> Iterator[dict]:
-        """Measure the peak bytes allocated by this backend inside the block.
+        """Measure the peak bytes allocated by this backend inside the block, above what was
+        allocated when it started. Yields a dict whose ``"peak"`` entry is filled in on exit.
 
         NumPy: tracemalloc (NumPy reports its data buffers to it); CuPy: a memory-pool hook.
-        Yields a dict whose ``"peak"`` entry is filled in on exit.
         """
         out = {"peak": 0}
-        if self.is_gpu:
-            from cupy.cuda import memory_hook
-
-            class _Peak(memory_hook.MemoryHook):
-                name = "tpmpi_peak"
-
-                def __init__(self):
-                    self.current = self.peak = 0
-
-                def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-                    self.current += mem_size
-                    self.peak = max(self.peak, self.current)
-
-                def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
-                    self.current -= mem_size
-
-            hook = _Peak()
-            with hook:
-                yield out
-            out["peak"] = hook.peak
-            return
         was_tracing = tracemalloc.is_tracing()
         if not was_tracing:
             tracemalloc.start()
@@ -105,10 +102,90 @@ class Backend:
                 tracemalloc.stop()
 
 
+class CupyBackend(Backend):
+    """CuPy arrays on the GPU this rank is bound to (see :func:`bind_gpu`)."""
+
+    is_gpu = True
+
+    def __init__(self, xp: Any, device: int):
+        super().__init__("cupy", xp, device)
+        self._dtypes: dict[str, Optional[str]] = {}
+
+    def to_host(self, a) -> np.ndarray:
+        return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
+
+    def check_dtype(self, dtype) -> None:
+        """bfloat16 needs a CuPy that supports it (CuPy >= 14 with ml_dtypes); probed once by a
+        tiny matmul, so the error names the cause instead of failing deep inside a kernel."""
+        name = np.dtype(dtype).name
+        if name not in self._dtypes:
+            try:
+                a = self.xp.ones((2, 2), dtype=dtype)
+                self.xp.matmul(a, a)
+                self._dtypes[name] = None
+            except Exception as exc:  # TypeError/ValueError/NotImplementedError/compile errors
+                self._dtypes[name] = (f"dtype={name!r} is not supported by CuPy "
+                                      f"{self.xp.__version__} on this device ({exc}); bfloat16 "
+                                      "needs CuPy >= 14 with ml_dtypes installed")
+        if self._dtypes[name]:
+            raise ValueError(self._dtypes[name])
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+    def device_name(self) -> str:
+        props = self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
+    def copy_to_host(self, a, out: np.ndarray) -> None:
+        a.get(out=out)  # blocking=True (default): done on return
+
+    def copy_from_host(self, host: np.ndarray, a) -> None:
+        # Stream-ordered; the next stream sync (every Staging call starts with one) completes
+        # it before ``host`` is reused.
+        a.set(host)
+
+    @contextlib.contextmanager
+    def memory_peak(self) -> Iterator[dict]:
+        """Peak device bytes taken from CuPy's memory pool inside the block (a ``MemoryHook``:
+        ``malloc_postprocess`` / ``free_postprocess``, called with keyword arguments), above the
+        bytes in use when it started; pinned host buffers are not counted."""
+        from cupy.cuda import memory_hook
+
+        class _Peak(memory_hook.MemoryHook):
+            name = "tpmpi_peak"
+
+            def __init__(self) -> None:
+                self.current = self.peak = 0
+
+            def malloc_postprocess(self, **kwargs: Any) -> None:
+                if kwargs.get("mem_ptr"):  # 0 when the allocation failed
+                    self.current += kwargs["mem_size"]
+                    self.peak = max(self.peak, self.current)
+
+            def free_postprocess(self, **kwargs: Any) -> None:
+                self.current -= kwargs["mem_size"]
+
+        out = {"peak": 0}
+        hook = _Peak()
+        try:
+            with hook:
+                yield out
+        finally:
+            out["peak"] = hook.peak
+
+
 _CACHE: dict[str, Backend] = {}
 
 
-def _cupy_usable() -> bool:
+def cupy_usable() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
     try:
         import cupy
 
@@ -123,7 +200,8 @@ def node_comm(comm: MPI.Comm) -> MPI.Comm:
 
 
 def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
-    """The backend called ``name`` (``auto``: CuPy when a GPU is usable, else NumPy).
+    """The backend called ``name`` (``auto``: env ``TPMPI_BACKEND`` when set, else CuPy when a
+    GPU is usable, else NumPy).
 
     The first CuPy request binds this rank to a GPU (see :func:`bind_gpu`), using ``comm``
     (default COMM_WORLD) for the node-local rank. Not collective except on first CuPy use.
@@ -133,18 +211,20 @@ def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None)
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "auto":
-        name = "cupy" if _cupy_usable() else "numpy"
+        name = os.environ.get("TPMPI_BACKEND") or ("cupy" if cupy_usable() else "numpy")
+        if name not in BACKENDS[1:]:
+            raise ValueError(f"TPMPI_BACKEND={name!r}: expected numpy or cupy")
     if name in _CACHE:
         return _CACHE[name]
     if name == "numpy":
         backend = Backend("numpy", np)
     else:
-        if not _cupy_usable():
+        if not cupy_usable():
             raise ValueError("backend='cupy': CuPy is not installed or no CUDA device is visible")
         import cupy
 
         device = bind_gpu(comm if comm is not None else MPI.COMM_WORLD)
-        backend = Backend("cupy", cupy, device)
+        backend = CupyBackend(cupy, device)
         backend.gpu_aware = probe_gpu_aware(comm if comm is not None else MPI.COMM_WORLD, backend)
     _CACHE[name] = backend
     return backend
@@ -158,25 +238,45 @@ def backend_of(a) -> Backend:
 
 
 def bind_gpu(comm: MPI.Comm) -> int:
-    """Select this rank's GPU: node-local rank modulo the visible device count.
+    """Select this rank's GPU, make it current and return its index among the visible devices.
 
-    Respects CUDA_VISIBLE_DEVICES as set by SLURM (``--gpus-per-task``) or the user: with one
-    visible device per task the index is 0. Warns when ranks of a node share a device.
+    The index is the node-local rank (a shared-memory split of ``comm``: works under Hydra,
+    Open MPI and srun alike, no launcher variable needed) modulo the number of devices this
+    process sees. ``CUDA_VISIBLE_DEVICES`` is respected, never overwritten:
+
+    * ``srun --gpus-per-task=1`` (or ``--gpu-bind=single:1``): Slurm shows each task only its
+      own device, as device 0, so every rank takes index 0, each on a different GPU;
+    * ``srun --gpus-per-node=G`` without binding, or a workstation with G GPUs: every task sees
+      all G devices and node-local rank r takes device r % G;
+    * ``CUDA_VISIBLE_DEVICES=0,1`` set by the user: the same modulo over those two.
+
+    More ranks than GPUs on a node is legal (tests run 4 ranks on one GPU): ranks that land on
+    the same physical device (compared by PCI bus id over the node) get one RuntimeWarning on
+    the node's first rank. Collective over ``comm``; call it before any CuPy allocation and
+    before creating an NCCL communicator.
     """
     import cupy
 
     local = node_comm(comm)
     try:
-        ndev = cupy.cuda.runtime.getDeviceCount()
-        device = local.Get_rank() % ndev
-        sharing = local.Get_size() > ndev
+        device = local.Get_rank() % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(device).use()
+        buses = local.allgather(cupy.cuda.runtime.deviceGetPCIBusId(device))
+        first = local.Get_rank() == 0
     finally:
         local.Free()
-    cupy.cuda.Device(device).use()
-    if sharing:
-        warnings.warn(f"{local.Get_size()} ranks share {ndev} GPU(s) on this node; fine for tests, "
-                      "not for performance", RuntimeWarning, stacklevel=2)
+    message = sharing_message(buses)
+    if message and first:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return device
+
+
+def sharing_message(buses: Sequence[str]) -> Optional[str]:
+    """The warning for the node-local ranks' PCI bus ids ``buses`` when some share a GPU."""
+    if len(set(buses)) == len(buses):
+        return None
+    return (f"{len(buses)} ranks share {len(set(buses))} GPU(s) on this node: correct, but they "
+            "share the device's memory and compute (fine for tests, not for measurements)")
 
 
 def _library_cuda_support() -> Optional[bool]:
@@ -195,27 +295,39 @@ def _library_cuda_support() -> Optional[bool]:
 def probe_gpu_aware(comm: MPI.Comm, backend: Backend) -> bool:
     """True when MPI may read and write device buffers directly. Collective.
 
-    Order: ``TPMPI_GPU_AWARE=0/1`` overrides; otherwise the library must report CUDA support
-    (``MPIX_Query_cuda_support``) AND a small Allreduce on device buffers must return the
-    expected values on every rank. Any failure means host staging.
+    ``TPMPI_GPU_AWARE=1`` forces True (no test), ``=0`` forces host staging. Otherwise the
+    library must report CUDA support (``MPIX_Query_cuda_support``; Cray MPICH needs
+    ``MPICH_GPU_SUPPORT_ENABLED=1``, MPICH ``MPIR_CVAR_ENABLE_GPU=1``, conda-forge Open MPI
+    ``OMPI_MCA_opal_cuda_support=true``) AND a small Allreduce on device buffers must return the
+    expected values. Device buffers never reach a library that does not claim support (on
+    every rank). The answer is True only if it is True on every rank; else host staging.
     """
     if not backend.is_gpu:
         return False
-    forced = os.environ.get("TPMPI_GPU_AWARE")
-    local_ok = forced != "0" and (forced == "1" or bool(_library_cuda_support()))
-    if local_ok and forced != "1":
-        xp = backend.xp
-        try:
-            send = xp.arange(4, dtype=xp.float64) + comm.Get_rank()
-            recv = xp.zeros_like(send)
-            backend.synchronize()
-            comm.Allreduce(send, recv)
-            size = comm.Get_size()
-            want = np.arange(4) * size + size * (size - 1) / 2
-            local_ok = bool(np.array_equal(xp.asnumpy(recv), want))
-        except Exception:
-            local_ok = False
-    return bool(comm.allreduce(int(local_ok), op=MPI.MIN))
+    forced = os.environ.get("TPMPI_GPU_AWARE", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"TPMPI_GPU_AWARE={forced!r}: expected 0 or 1 (or unset)")
+    if forced:
+        return bool(comm.allreduce(int(forced == "1"), op=MPI.MIN))
+    if not comm.allreduce(int(bool(_library_cuda_support())), op=MPI.MIN):
+        return False  # decided together: the device test below is collective
+    return bool(comm.allreduce(int(_device_allreduce_ok(comm, backend)), op=MPI.MIN))
+
+
+def _device_allreduce_ok(comm: MPI.Comm, backend: Backend) -> bool:
+    """One Allreduce on device buffers gives the right sums. Collective."""
+    xp = backend.xp
+    try:
+        send = xp.arange(4, dtype=xp.float64) + comm.Get_rank()
+        recv = xp.zeros_like(send)
+        backend.synchronize()
+        comm.Allreduce(send, recv)
+        backend.synchronize()
+        size = comm.Get_size()
+        return bool(np.array_equal(backend.to_host(recv),
+                                   np.arange(4) * size + size * (size - 1) / 2))
+    except Exception:  # noqa: BLE001 - any failure means staging
+        return False
 
 
 def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int:

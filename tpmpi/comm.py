@@ -8,7 +8,9 @@
   ``Create_subarray`` types (the mpi4py-fft idiom). This serves all layouts ("cols", "rows",
   "tiles"), handles uneven and zero-size blocks, and needs no full-size staging copy or
   transpose: MPI unpacks each incoming block straight into its strided destination.
-* :func:`allreduce` / :func:`iallreduce` — in-place sums.
+* :func:`allreduce` / :func:`iallreduce` — in-place sums. float16 uses the MPI library's half
+  type (MPICH ``MPIX_C_FLOAT16``); bfloat16, which MPI has no type for, moves as 16-bit
+  integers and is summed in float32 (:func:`reduction_dtype`).
 * Device buffers: the producing stream is synchronised before MPI sees them; without GPU-aware
   MPI they are staged through host buffers (see :class:`Staging`).
 """
@@ -22,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
-from .backend import Backend
+from .backend import Backend, backend_of
 
 # --------------------------------------------------------------------------- agreement
 
@@ -99,7 +101,9 @@ class Staging:
 
     NumPy arrays (and device arrays under GPU-aware MPI) go to MPI as they are, after the
     stream is synchronised. Otherwise device arrays are copied to pinned host buffers that are
-    kept (one per role and size) and reused across calls, and received data is copied back.
+    kept (one per role, shape and dtype) and reused across calls, and received data is copied
+    back. Only :class:`~tpmpi.backend.Backend` methods touch the arrays, so the staging logic
+    runs (and is tested) with any backend whose ``is_gpu`` is True.
     """
 
     def __init__(self, backend: Backend):
@@ -109,13 +113,10 @@ class Staging:
 
     def host_buffer(self, role: str, shape: tuple, dtype) -> np.ndarray:
         """A reusable pinned host array for ``role`` (device staging only)."""
-        key = (role, tuple(shape), np.dtype(dtype).str)
+        key = (role, tuple(shape), np.dtype(dtype).name)
         buf = self._pinned.get(key)
         if buf is None:
-            import cupyx
-
-            buf = cupyx.empty_pinned(shape, dtype=dtype)
-            self._pinned[key] = buf
+            buf = self._pinned[key] = self.backend.pinned_empty(tuple(shape), dtype)
         return buf
 
     def send(self, a, role: str = "send"):
@@ -124,7 +125,7 @@ class Staging:
             self.backend.synchronize()
             if self.staged:
                 host = self.host_buffer(role, a.shape, a.dtype)
-                a.get(out=host)
+                self.backend.copy_to_host(a, host)
                 return host
         return a
 
@@ -139,7 +140,7 @@ class Staging:
     def finish(self, device, host) -> None:
         """Copy received host data back into the device array (staging only)."""
         if host is not device:
-            device.set(host)
+            self.backend.copy_from_host(host, device)
 
 
 # --------------------------------------------------------------------------- datatypes
@@ -149,14 +150,32 @@ _TYPE_CACHE_SIZE = 256
 
 
 def mpi_type(dtype) -> MPI.Datatype:
-    """The predefined MPI datatype of a NumPy dtype (float16 via MPICH's/Open MPI's extension)."""
-    return dtlib.from_numpy_dtype(np.dtype(dtype))
+    """The predefined MPI datatype that moves ``dtype`` (float16: the MPI library's extension
+    type, e.g. MPICH's ``MPIX_C_FLOAT16``). A dtype MPI has no type for (bfloat16, or float16 on
+    a library without the extension) moves as the unsigned integer of its size: right for
+    copies, not for sums (see :func:`reduction_dtype`)."""
+    dt = np.dtype(dtype)
+    try:
+        return dtlib.from_numpy_dtype(dt)
+    except ValueError:
+        return dtlib.from_numpy_dtype(np.dtype(f"u{dt.itemsize}"))
+
+
+def reduction_dtype(dtype) -> np.dtype:
+    """The dtype in which MPI sums ``dtype``: itself when MPI has a type for it, else float32
+    (bfloat16 always; float16 on MPI libraries without a half-precision type)."""
+    dt = np.dtype(dtype)
+    try:
+        dtlib.from_numpy_dtype(dt)
+        return dt
+    except ValueError:
+        return np.dtype(np.float32)
 
 
 def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Datatype:
     """Committed subarray type of block ``shape`` at ``starts`` in C-ordered ``global_shape``;
     cached (types depend only on these numbers, not on a communicator)."""
-    key = (np.dtype(dtype).str, global_shape, starts, shape)
+    key = (np.dtype(dtype).name, global_shape, starts, shape)
     dt = _TYPE_CACHE.get(key)
     if dt is None:
         dt = mpi_type(dtype).Create_subarray(list(global_shape), list(shape), list(starts),
@@ -223,8 +242,13 @@ def iallgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: M
 
 
 def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
-    """In-place sum of ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE``). Returns ``a``."""
+    """In-place sum of ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE``). Returns ``a``.
+    A dtype without an MPI type (bfloat16) is summed in a float32 copy and cast back."""
     if comm.Get_size() == 1:
+        return a
+    wide = reduction_dtype(a.dtype)
+    if wide != a.dtype:
+        a[...] = allreduce(a.astype(wide), comm, staging or Staging(backend_of(a)))
         return a
     buf = staging.recv(staging.send(a, "allreduce"), "allreduce") if staging else a
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
@@ -234,7 +258,11 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
 
 
 def iallreduce(a, comm: MPI.Comm) -> MPI.Request:
-    """Non-blocking in-place sum of a host or GPU-aware buffer (``Iallreduce``)."""
+    """Non-blocking in-place sum of a host or GPU-aware buffer (``Iallreduce``). A dtype summed
+    in float32 (see :func:`allreduce`) is reduced at once and a completed request returned."""
+    if reduction_dtype(a.dtype) != a.dtype:
+        allreduce(a, comm)
+        return MPI.REQUEST_NULL
     return comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
 
 

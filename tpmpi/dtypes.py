@@ -4,6 +4,10 @@ A result passes ``--check`` when ``max|y - y_ref| / max|y_ref| <= TOLERANCE[dtyp
 reference computed serially in float64. The bounds are loose enough for any summation order
 (the grids reduce in different orders) at K up to ~10^5, tight enough that a misplaced block or
 a missing partial sum fails by orders of magnitude.
+
+bfloat16 needs the optional ``ml_dtypes`` package (it registers the dtype with NumPy); on CuPy it
+also needs a CuPy that supports it (>= 14), checked at layer construction
+(:meth:`tpmpi.backend.Backend.check_dtype`).
 """
 from __future__ import annotations
 

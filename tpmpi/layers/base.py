@@ -69,6 +69,7 @@ class ParallelLinear:
         self.options = dict(options)
         self.overlap = bool(overlap)
         self.backend = get_backend(backend, self.comm)
+        self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
         self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
         xp = self.backend.xp

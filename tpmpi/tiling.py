@@ -1,0 +1,62 @@
+"""Panel and chunk sizes that avoid tile quantisation, and the workspace they bound.
+
+GEMM libraries compute the output in fixed tiles: cuBLAS kernels use tiles of 64 to 256 rows
+or columns (Tensor-Core kernels also want dimensions that are multiples of 8 for fp16/bf16);
+CPU BLAS packs panels of a few hundred elements. A local product whose M, N or K is not a
+multiple of the tile runs a partial last tile at the cost of a whole one ("tile
+quantisation"): a K panel of 1000 costs about the same as one of 1024, a chunk of 130 rows
+almost as much as 256. The level-2 loops (tile2d's K panels, column's pipelined M chunks)
+therefore take their requested sizes through these helpers, which round them to a multiple of
+:data:`TILE` (128 on a GPU, 64 on a CPU); only the last panel or chunk of a dimension may be
+shorter. The options still bound memory: a rounded size never exceeds the request by more than
+``multiple - 1`` rows/columns, and :func:`panel_workspace_bytes` gives what a panel loop holds.
+"""
+from __future__ import annotations
+
+TILE = {"gpu": 128, "cpu": 64}
+
+
+def multiple_for(is_gpu: bool) -> int:
+    """The size multiple that panels and chunks are rounded to on this kind of device."""
+    return TILE["gpu" if is_gpu else "cpu"]
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def round_size(requested: int, total: int, multiple: int = TILE["gpu"]) -> int:
+    """A panel width or chunk length for a dimension of ``total``: ``requested`` rounded to the
+    nearest multiple of ``multiple`` (at least one multiple), or ``total`` when that is no larger
+    (one panel: no loop). Returns 0 only when ``total`` is 0."""
+    requested, multiple = _positive("requested", requested), _positive("multiple", multiple)
+    if total < 0:
+        raise ValueError(f"total={total!r}: expected an integer >= 0")
+    rounded = max(multiple, (requested + multiple // 2) // multiple * multiple)
+    return min(rounded, int(total))
+
+
+def panels(total: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` (the last one shorter) covering ``range(total)``; one
+    empty slice when ``total`` is 0."""
+    size = _positive("size", size)
+    return [slice(i, min(i + size, total)) for i in range(0, total, size)] or [slice(0, 0)]
+
+
+def chunk_slices(total: int, chunks: int, multiple: int = TILE["gpu"]) -> list[slice]:
+    """At most ``chunks`` consecutive slices covering ``range(total)`` whose boundaries are
+    multiples of ``multiple`` (the last one ends at ``total``). Fewer chunks come back when
+    ``total`` is too small to give each one a whole multiple; no chunk is longer than
+    ``ceil(total / chunks)`` rounded up to the multiple."""
+    chunks, multiple = _positive("chunks", chunks), _positive("multiple", multiple)
+    per = -(-int(total) // chunks)
+    return panels(total, max(multiple, -(-per // multiple) * multiple))
+
+
+def panel_workspace_bytes(rows: int, cols: int, panel: int, itemsize: int,
+                          buffers: int = 2) -> int:
+    """Bytes of the panel buffers of a K-panel loop: ``buffers`` (2 when double-buffered) pairs
+    of an X panel (rows, panel) and a W panel (panel, cols)."""
+    return int(buffers) * (int(rows) + int(cols)) * int(panel) * int(itemsize)
