@@ -1,5 +1,7 @@
 """Scheme "tile2d": TileParallelLinear (SUMMA) on the ``--grid RxC`` grid, option ``panel``;
-X, dY and Y in layout "tiles"."""
+X, dY and Y in layout "tiles". The requested panel width is rounded to the device's tile
+multiple (:func:`tpmpi.tiling.round_size`: 128 on a GPU, 64 on a CPU) so that no panel GEMM
+pays for a partial tile; the layer API itself takes any width."""
 from __future__ import annotations
 
 from ..backend import Backend
@@ -7,6 +9,7 @@ from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import TileParallelLinear
 from ..layout import gather, local_slices
+from ..tiling import multiple_for, round_size
 from . import DY_SEED, X_SEED, LayerCase, Problem, collective_rel_err, host64, register, \
     shard_pairs
 
@@ -16,9 +19,10 @@ class TileCase(LayerCase):
     compares with the serial float64 product."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
-        p = problem
-        layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend,
-                                   **p.opts)
+        p, opts = problem, dict(problem.opts)
+        if opts.get("panel"):
+            opts["panel"] = round_size(opts["panel"], max(p.k, 1), multiple_for(backend.is_gpu))
+        layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend, **opts)
         super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n,
                          layout="tiles")
 
