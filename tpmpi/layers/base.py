@@ -8,7 +8,7 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from ..backend import Backend, get_backend
-from ..comm import Staging, check
+from ..comm import Staging, check, max_message_bytes
 from ..dtypes import dtype_name, resolve_dtype
 from ..grid import ProcessGrid
 from ..init import init_weight
@@ -28,6 +28,8 @@ class ParallelLinear:
     Subclasses set ``weight_layout`` / ``bias_layout`` (see :mod:`tpmpi.layout`) and implement
     ``forward`` / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
+    With ``check_finite=True``, forward/backward also agree that their input is finite and
+    raise naming the argument, the count of NaN/Inf values and the ranks holding them.
     """
 
     weight_layout = "replicated"
@@ -35,7 +37,10 @@ class ParallelLinear:
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
-                 backend: "str | Backend" = "auto", _dense=None, **options: Any):
+                 backend: "str | Backend" = "auto", check_finite: bool = False, _dense=None,
+                 **options: Any):
+        if grid is not None and not isinstance(grid, ProcessGrid):
+            raise ValueError(f"grid={grid!r}: expected a tpmpi.ProcessGrid")
         self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
         self.comm = self.grid.comm
 
@@ -43,8 +48,6 @@ class ParallelLinear:
             _features("in_features", in_features)
             _features("out_features", out_features)
             resolve_dtype(dtype)
-            if not isinstance(self.grid, ProcessGrid):
-                raise ValueError(f"grid={self.grid!r}: expected a tpmpi.ProcessGrid")
             self._check_options(**options)
             if _dense is not None:
                 w, b = _dense
@@ -56,10 +59,11 @@ class ParallelLinear:
 
         check(self.comm, local_checks, in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
-              backend=str(backend), **options)
+              backend=str(backend), check_finite=bool(check_finite), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
+        self.check_finite = bool(check_finite)
         self.options = dict(options)
         self.backend = get_backend(backend, self.comm)
         self.staging = Staging(self.backend)
@@ -121,6 +125,28 @@ class ParallelLinear:
             out.append(("bias", self.bias, self.grad_bias))
         return out
 
+    def config(self) -> dict[str, Any]:
+        """Constructor keywords that rebuild this layer (less ``grid`` and ``backend``)."""
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None, dtype=self.dtype.name, seed=self.seed,
+                    check_finite=self.check_finite, **self.options)
+
+    def parameter_layouts(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``name -> (global shape, layout)`` of each parameter of :meth:`parameters`."""
+        out = {"weight": ((self.in_features, self.out_features), self.weight_layout)}
+        if self.bias is not None:
+            out["bias"] = ((self.out_features,), self.bias_layout)
+        return out
+
+    @classmethod
+    def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+        """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
+        (any shape and size); ``options`` override saved constructor options. Collective (see
+        :func:`tpmpi.checkpoint.load_checkpoint`)."""
+        from ..checkpoint import load_checkpoint
+
+        return load_checkpoint(path, grid=grid, cls=cls, **options)
+
     def gather_weight(self):
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
         return gather(self.weight, self.grid, self.weight_layout,
@@ -153,6 +179,12 @@ class ParallelLinear:
             if a.dtype != self.dtype:
                 raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
                                  f"{self.dtype.name} (the layer's dtype)")
+            if self.check_finite:
+                bad = int(a.size - int(self.backend.xp.isfinite(a).sum()))
+                if bad:
+                    raise ValueError(f"{name} has {bad} non-finite value(s) (NaN/Inf) "
+                                     "[check_finite=True]")
 
         shape = getattr(a, "shape", None)
-        check(self.comm, local_checks, **{f"{name}.shape[0]": shape[0] if shape else None})
+        check(self.comm, local_checks, max_message_bytes=max_message_bytes(),
+              **{f"{name}.shape[0]": shape[0] if shape else None})
