@@ -99,4 +99,4 @@ def test_limit_must_agree(world, monkeypatch):
         layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
         monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 64 + rank)
         all_ranks_raise(world.comm, lambda: layer(np.zeros((2, 3), np.float32)),
-                        "max_message_bytes differs across ranks")
+                        "TPMPI_MAX_MESSAGE_BYTES differs across ranks")

@@ -68,6 +68,8 @@ def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int])
     (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
     def local_checks() -> None:
         _check_layout(layout)
+        if getattr(a_local, "shape", None) is None:
+            raise ValueError(f"a_local is a {type(a_local).__name__}: expected an array")
         want = local_shape(global_shape, grid, layout)
         if tuple(a_local.shape) != want:
             raise ValueError(f"a_local.shape={tuple(a_local.shape)}: expected {want} for layout "
@@ -78,7 +80,8 @@ def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int])
     except (TypeError, ValueError):
         pass  # reported by local_checks on the ranks concerned
     check(grid.comm, local_checks, layout=layout, global_shape=global_shape,
-          dtype=str(getattr(a_local, "dtype", None)), max_message_bytes=max_message_bytes())
+          dtype=str(getattr(a_local, "dtype", None)),
+          TPMPI_MAX_MESSAGE_BYTES=max_message_bytes())
     backend = backend_of(a_local)
     if layout == "replicated":
         return a_local

@@ -22,6 +22,20 @@ def _features(name: str, value: Any) -> int:
     return int(value)
 
 
+def _check_dense(W, b, k: int, n: int) -> None:
+    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array."""
+    for name, a, want in (("W", W, (k, n)), ("b", b, (n,))):
+        if a is None and name == "b":
+            continue
+        shape = getattr(a, "shape", None)
+        if shape is None:
+            raise ValueError(f"{name} is a {type(a).__name__}: expected an array")
+        if len(shape) != len(want):
+            raise ValueError(f"{name}.shape={tuple(shape)}: expected a {len(want)}D array")
+        if tuple(shape) != want:
+            raise ValueError(f"{name}.shape={tuple(shape)}: expected {want}")
+
+
 class ParallelLinear:
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
@@ -40,22 +54,18 @@ class ParallelLinear:
                  backend: "str | Backend" = "auto", check_finite: bool = False, _dense=None,
                  **options: Any):
         if grid is not None and not isinstance(grid, ProcessGrid):
-            raise ValueError(f"grid={grid!r}: expected a tpmpi.ProcessGrid")
+            raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected "
+                             "a tpmpi.ProcessGrid")
         self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
         self.comm = self.grid.comm
 
         def local_checks() -> None:
+            if _dense is not None:
+                _check_dense(*_dense, in_features, out_features)
             _features("in_features", in_features)
             _features("out_features", out_features)
             resolve_dtype(dtype)
             self._check_options(**options)
-            if _dense is not None:
-                w, b = _dense
-                if tuple(w.shape) != (in_features, out_features):
-                    raise ValueError(f"W.shape={tuple(w.shape)}: expected (in_features, "
-                                     f"out_features)")
-                if b is not None and tuple(b.shape) != (out_features,):
-                    raise ValueError(f"b.shape={tuple(b.shape)}: expected ({out_features},)")
 
         check(self.comm, local_checks, in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
@@ -99,9 +109,10 @@ class ParallelLinear:
     def from_dense(cls, W, b=None, grid: Optional[ProcessGrid] = None, **options: Any):
         """A layer holding this rank's slices of the global ``W`` (K, N) and ``b`` (N,), which
         every rank passes whole. ``dtype`` defaults to ``W``'s. Collective."""
-        options.setdefault("dtype", dtype_name(W.dtype))
-        return cls(W.shape[0], W.shape[1], grid=grid, bias=b is not None, _dense=(W, b),
-                   **options)
+        shape = getattr(W, "shape", None)  # a bad W is reported collectively by __init__
+        k, n = shape if shape is not None and len(shape) == 2 else (0, 0)
+        options.setdefault("dtype", dtype_name(getattr(W, "dtype", "float32")))
+        return cls(k, n, grid=grid, bias=b is not None, _dense=(W, b), **options)
 
     def __call__(self, x):
         return self.forward(x)
@@ -186,5 +197,5 @@ class ParallelLinear:
                                      "[check_finite=True]")
 
         shape = getattr(a, "shape", None)
-        check(self.comm, local_checks, max_message_bytes=max_message_bytes(),
-              **{f"{name}.shape[0]": shape[0] if shape else None})
+        check(self.comm, local_checks, **{"TPMPI_MAX_MESSAGE_BYTES": max_message_bytes(),
+                                          f"{name}.shape[0]": shape[0] if shape else None})
