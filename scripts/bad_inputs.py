@@ -94,6 +94,8 @@ case("layer: option gather_output differs", 2)(
     lambda c: lambda: Col(5, 6, grid=c.grid, gather_output=c.rank != c.last))
 case("from_dense: b has the wrong shape on one rank", 2)(
     lambda c: lambda: Col.from_dense(c.W, c.b[: 6 - (c.rank == c.last)], grid=c.grid))
+case("from_dense: W is a list on one rank", 2)(
+    lambda c: lambda: Col.from_dense(c.W.tolist() if c.rank == c.last else c.W, c.b, grid=c.grid))
 case("from_dense: b is a list on one rank", 2)(
     lambda c: lambda: Col.from_dense(c.W, c.b.tolist() if c.rank == c.last else c.b, grid=c.grid))
 # ---- forward / backward
