@@ -1,5 +1,7 @@
 """Chunked collectives: with a tiny TPMPI_MAX_MESSAGE_BYTES every gather and reduction is split
 into many MPI calls, and the results are bit-identical to the unsplit ones."""
+import os
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,32 @@ def test_limit_must_agree(world, monkeypatch):
         monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 64 + rank)
         all_ranks_raise(world.comm, lambda: layer(np.zeros((2, 3), np.float32)),
                         "TPMPI_MAX_MESSAGE_BYTES differs across ranks")
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TPMPI_LARGE_TESTS"),
+                    reason="set TPMPI_LARGE_TESTS=1 (2 ranks, ~7 GB of memory)")
+@pytest.mark.parametrize("limit", [None, 2**62], ids=["chunked", "unchunked"])
+def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
+    """A gather and an allreduce of 2**31 + 1024 uint8 elements on 2 ranks."""
+    from mpi4py import MPI
+
+    if limit:
+        monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
+    world = MPI.COMM_WORLD
+    comm = world.Split(0 if world.Get_rank() < 2 else MPI.UNDEFINED, world.Get_rank())
+    if comm == MPI.COMM_NULL:
+        return
+    rank, rows, cols = comm.Get_rank(), 2**21 + 1, 1024
+    out = np.zeros((rows, cols), dtype=np.uint8)
+    local = np.full((rows, cols // 2), rank + 1, dtype=np.uint8)
+    tcomm.allgather_blocks(local, out, [((0, 0), local.shape), ((0, cols // 2), local.shape)],
+                           comm)
+    del local
+    assert (out[:, : cols // 2] == 1).all() and (out[:, cols // 2:] == 2).all()
+    flat = out.reshape(-1)
+    flat[...] = rank + 1
+    tcomm.allreduce(flat, comm)
+    assert (flat == 3).all()
+    comm.Free()
