@@ -38,7 +38,7 @@ def dense(k, n, seed, dtype="float64"):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("k,n", [(5, 7), (3, 1), (0, 4)])
+@pytest.mark.parametrize("k,n", [(5, 7), (0, 3)])  # (0, 3): empty shards at P=4
 def test_roundtrip_any_grid(world, tmp_path_factory, k, n):
     if not world.member:
         return
