@@ -33,7 +33,8 @@ class Context:
     """A grid, a column layer, inputs and a scratch directory shared by the ranks of ``comm``."""
 
     def __init__(self, comm: MPI.Comm, tmpdir: str):
-        self.comm, self.rank, self.size, self.tmpdir = comm, comm.Get_rank(), comm.Get_size(), tmpdir
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        self.tmpdir = tmpdir
         self.last = self.size - 1  # the rank that misbehaves in one-rank cases
         self.grid = tpmpi.ProcessGrid(comm)
         rng = np.random.default_rng(0)

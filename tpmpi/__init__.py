@@ -10,4 +10,5 @@ from .layout import gather, scatter
 from .partition import block_partition
 
 __all__ = ["Backend", "ColumnParallelLinear", "ProcessGrid", "block_partition", "gather",
-           "get_backend", "init_weight", "load_checkpoint", "save_checkpoint", "scatter", "__version__"]
+           "get_backend", "init_weight", "load_checkpoint", "save_checkpoint", "scatter",
+           "__version__"]
