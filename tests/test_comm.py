@@ -131,3 +131,15 @@ def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
     tcomm.allreduce(flat, comm)
     assert (flat == 3).all()
     comm.Free()
+
+
+@pytest.mark.mpi
+def test_reductions_refuse_strided_buffers(world):
+    """Regression: the chunked reductions reshape to 1D; a strided view must not be copied."""
+    if not world.member or world.size == 1:
+        return
+    a = np.ones((4, 6))[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tcomm.allreduce(a, world.comm)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tcomm.iallreduce(a, world.comm)

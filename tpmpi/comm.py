@@ -283,13 +283,20 @@ def iallgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: M
                           _row_pieces(local, out, blocks, comm.Get_rank())])
 
 
+def _flat(a):
+    """A 1D view of C-contiguous ``a`` (a reshape copy would lose the in-place result)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("in-place reductions need a C-contiguous buffer")
+    return a.reshape(-1)
+
+
 def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
     """In-place sum of C-contiguous ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE`` per flat
     chunk of at most :func:`max_message_bytes`). Returns ``a``."""
     if comm.Get_size() == 1:
         return a
     buf = staging.recv(staging.send(a, "allreduce"), "allreduce") if staging else a
-    flat = buf.reshape(-1)
+    flat = _flat(buf)
     for part in chunks(flat.size, flat.itemsize):
         comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
     if staging is not None:
@@ -300,6 +307,6 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
 def iallreduce(a, comm: MPI.Comm) -> "MPI.Request | Requests":
     """Non-blocking in-place sum of a C-contiguous host or GPU-aware buffer (``Iallreduce`` per
     flat chunk of at most :func:`max_message_bytes`)."""
-    flat = a.reshape(-1)
+    flat = _flat(a)
     return _one_or_group([comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
                           for part in chunks(flat.size, flat.itemsize)])
