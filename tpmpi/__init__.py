@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from .backend import Backend, get_backend
+from .checkpoint import load_checkpoint, save_checkpoint
 from .grid import ProcessGrid
 from .init import init_weight
 from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
@@ -10,4 +11,4 @@ from .partition import block_partition
 
 __all__ = ["Backend", "ColumnParallelLinear", "ParallelMLP", "ProcessGrid", "RowParallelLinear",
            "TileParallelLinear", "block_partition", "gather", "get_backend", "init_weight",
-           "scatter", "__version__"]
+           "load_checkpoint", "save_checkpoint", "scatter", "__version__"]

@@ -11,11 +11,17 @@
 * :func:`allreduce` / :func:`iallreduce` — in-place sums. float16 uses the MPI library's half
   type (MPICH ``MPIX_C_FLOAT16``); bfloat16, which MPI has no type for, moves as 16-bit
   integers and is summed in float32 (:func:`reduction_dtype`).
+* Large messages: no single MPI call carries more than :func:`max_message_bytes` (default
+  2**30, env ``TPMPI_MAX_MESSAGE_BYTES``): gathers are split into row chunks of the output,
+  reductions into flat chunks, so counts, displacements and subarray types stay far below
+  2**31 whatever the array size. Results are identical to the unsplit call.
 * Device buffers: the producing stream is synchronised before MPI sees them; without GPU-aware
   MPI they are staged through host buffers (see :class:`Staging`).
 """
 from __future__ import annotations
 
+import math
+import os
 import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
@@ -73,13 +79,16 @@ def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
 
 
 def check(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> None:
-    """Run ``local_checks`` (raising ValueError/TypeError on bad input) on every rank, then
-    :func:`agree` on its outcome and on ``values``. Collective."""
+    """Run ``local_checks`` on every rank, then :func:`agree` on its outcome and on ``values``.
+    Collective. Any exception of ``local_checks`` becomes the agreed ValueError (others than
+    ValueError/TypeError prefixed by their type), so no rank leaves while others wait."""
     error = None
     try:
         local_checks()
     except (ValueError, TypeError) as exc:
         error = str(exc)
+    except Exception as exc:  # e.g. AttributeError from a non-array argument on one rank
+        error = f"{type(exc).__name__}: {exc}"
     agree(comm, error, **values)
 
 
@@ -141,6 +150,47 @@ class Staging:
         """Copy received host data back into the device array (staging only)."""
         if host is not device:
             self.backend.copy_from_host(host, device)
+
+
+# --------------------------------------------------------------------------- message size
+
+MAX_MESSAGE_BYTES: int = 2**30
+"""Largest payload of one MPI call; bigger collectives are split (env TPMPI_MAX_MESSAGE_BYTES
+overrides). Every rank must use the same value: layers agree on it with their inputs."""
+
+
+def max_message_bytes() -> int:
+    """The chunk limit in bytes in force now (env ``TPMPI_MAX_MESSAGE_BYTES``, else
+    :data:`MAX_MESSAGE_BYTES`)."""
+    env = os.environ.get("TPMPI_MAX_MESSAGE_BYTES")
+    limit = int(env) if env else int(MAX_MESSAGE_BYTES)
+    if limit < 1:
+        raise ValueError(f"max message bytes={limit}: expected a positive integer")
+    return limit
+
+
+def chunks(n: int, item_bytes: int, limit: Optional[int] = None) -> list[slice]:
+    """Consecutive slices covering ``range(n)``, each of at most ``limit`` bytes (default
+    :func:`max_message_bytes`) but at least one item of ``item_bytes``; ``[0:0]`` when n == 0."""
+    step = max(1, (limit or max_message_bytes()) // max(1, item_bytes))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+class Requests:
+    """The requests of a chunked non-blocking collective, completed together."""
+
+    def __init__(self, requests: Sequence[MPI.Request]):
+        self.requests = list(requests)
+
+    def Wait(self) -> None:  # noqa: N802 (mpi4py's spelling)
+        MPI.Request.Waitall(self.requests)
+
+    def Test(self) -> bool:  # noqa: N802
+        return MPI.Request.Testall(self.requests)
+
+
+def _one_or_group(requests: list[MPI.Request]) -> "MPI.Request | Requests":
+    return requests[0] if len(requests) == 1 else Requests(requests)
 
 
 # --------------------------------------------------------------------------- datatypes
@@ -214,10 +264,31 @@ def _check_gather_args(local, out, blocks, rank: int) -> None:
         raise ValueError(f"local dtype {local.dtype} != output dtype {out.dtype}")
 
 
+def _row_pieces(local, out, blocks: Sequence[tuple[tuple, tuple]], rank: int):
+    """``(local rows, out rows, blocks within them)`` per row chunk of ``out`` of at most
+    :func:`max_message_bytes`; the whole call as one piece when it fits. Views, no copies."""
+    if out.ndim == 0 or out.nbytes <= max_message_bytes():
+        return [(local, out, blocks)]
+    row_bytes = out.itemsize * math.prod(out.shape[1:])
+    pieces = []
+    for rows in chunks(out.shape[0], row_bytes):
+        piece_blocks = []
+        for starts, shape in blocks:
+            first = max(rows.start, starts[0])
+            stop = max(first, min(rows.stop, starts[0] + shape[0]))
+            piece_blocks.append(((first - rows.start,) + tuple(starts[1:]),
+                                 (stop - first,) + tuple(shape[1:])))
+        (s0, *_), _ = blocks[rank]
+        first = piece_blocks[rank][0][0] + rows.start - s0
+        pieces.append((local[first:first + piece_blocks[rank][1][0]], out[rows], piece_blocks))
+    return pieces
+
+
 def allgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: MPI.Comm,
                      staging: Optional[Staging] = None):
     """Every rank's C-contiguous block into its place of ``out`` (C-ordered, global shape) on
-    every rank: one ``Alltoallw`` with subarray receive types. Returns ``out``. Collective.
+    every rank: one ``Alltoallw`` with subarray receive types per row chunk of at most
+    :func:`max_message_bytes` (one in all when it fits). Returns ``out``. Collective.
     Callers validate shapes with :func:`agree` first; here a mismatch is a programming error.
     """
     _check_gather_args(local, out, blocks, comm.Get_rank())
@@ -225,25 +296,33 @@ def allgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: MP
         sbuf, rbuf = staging.send(local, "gather-send"), staging.recv(out, "gather-recv")
     else:
         sbuf, rbuf = local, out
-    send, recv = _gather_specs(sbuf, rbuf, blocks)
-    comm.Alltoallw(send, recv)
+    for piece_local, piece_out, piece_blocks in _row_pieces(sbuf, rbuf, blocks, comm.Get_rank()):
+        comm.Alltoallw(*_gather_specs(piece_local, piece_out, piece_blocks))
     if staging is not None:
         staging.finish(out, rbuf)
     return out
 
 
 def iallgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: MPI.Comm
-                      ) -> MPI.Request:
-    """Non-blocking :func:`allgather_blocks` (``Ialltoallw``) on host or GPU-aware buffers;
-    ``local`` and ``out`` must stay alive and untouched until the request completes."""
+                      ) -> "MPI.Request | Requests":
+    """Non-blocking :func:`allgather_blocks` (``Ialltoallw`` per row chunk) on host or GPU-aware
+    buffers; ``local`` and ``out`` must stay alive and untouched until ``Wait()`` returns."""
     _check_gather_args(local, out, blocks, comm.Get_rank())
-    send, recv = _gather_specs(local, out, blocks)
-    return comm.Ialltoallw(send, recv)
+    return _one_or_group([comm.Ialltoallw(*_gather_specs(*piece)) for piece in
+                          _row_pieces(local, out, blocks, comm.Get_rank())])
+
+
+def _flat(a):
+    """A 1D view of C-contiguous ``a`` (a reshape copy would lose the in-place result)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("in-place reductions need a C-contiguous buffer")
+    return a.reshape(-1)
 
 
 def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
-    """In-place sum of ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE``). Returns ``a``.
-    A dtype without an MPI type (bfloat16) is summed in a float32 copy and cast back."""
+    """In-place sum of C-contiguous ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE`` per flat
+    chunk of at most :func:`max_message_bytes`). Returns ``a``. A dtype without an MPI type
+    (bfloat16) is summed in a float32 copy and cast back."""
     if comm.Get_size() == 1:
         return a
     wide = reduction_dtype(a.dtype)
@@ -251,19 +330,24 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
         a[...] = allreduce(a.astype(wide), comm, staging or Staging(backend_of(a)))
         return a
     buf = staging.recv(staging.send(a, "allreduce"), "allreduce") if staging else a
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    flat = _flat(buf)
+    for part in chunks(flat.size, flat.itemsize):
+        comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
     if staging is not None:
         staging.finish(a, buf)
     return a
 
 
-def iallreduce(a, comm: MPI.Comm) -> MPI.Request:
-    """Non-blocking in-place sum of a host or GPU-aware buffer (``Iallreduce``). A dtype summed
-    in float32 (see :func:`allreduce`) is reduced at once and a completed request returned."""
+def iallreduce(a, comm: MPI.Comm) -> "MPI.Request | Requests":
+    """Non-blocking in-place sum of a C-contiguous host or GPU-aware buffer (``Iallreduce`` per
+    flat chunk of at most :func:`max_message_bytes`). A dtype summed in float32 (see
+    :func:`allreduce`) is reduced at once and a completed request returned."""
     if reduction_dtype(a.dtype) != a.dtype:
         allreduce(a, comm)
         return MPI.REQUEST_NULL
-    return comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+    flat = _flat(a)
+    return _one_or_group([comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
+                          for part in chunks(flat.size, flat.itemsize)])
 
 
 # --------------------------------------------------------------------------- 2D-grid collectives

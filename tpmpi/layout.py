@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .backend import backend_of
-from .comm import Staging, agree, allgather_blocks
+from .comm import Staging, allgather_blocks, check, max_message_bytes
 from .grid import ProcessGrid
 from .partition import block_range
 
@@ -66,18 +66,22 @@ def scatter(a_global, grid: ProcessGrid, layout: str):
 def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
     """The global array on every rank from each rank's block in ``layout``. Collective
     (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
-    global_shape = tuple(int(n) for n in global_shape)
-    error = None
-    try:
+    def local_checks() -> None:
         _check_layout(layout)
+        if getattr(a_local, "shape", None) is None:
+            raise ValueError(f"a_local is a {type(a_local).__name__}: expected an array")
         want = local_shape(global_shape, grid, layout)
         if tuple(a_local.shape) != want:
             raise ValueError(f"a_local.shape={tuple(a_local.shape)}: expected {want} for layout "
                              f"{layout!r} of global shape {global_shape} on grid {grid.label}")
-    except ValueError as exc:
-        error = str(exc)
-    agree(grid.comm, error, layout=layout, global_shape=global_shape,
-          dtype=str(a_local.dtype))
+
+    try:
+        global_shape = tuple(int(n) for n in global_shape)
+    except (TypeError, ValueError):
+        pass  # reported by local_checks on the ranks concerned
+    check(grid.comm, local_checks, layout=layout, global_shape=global_shape,
+          dtype=str(getattr(a_local, "dtype", None)),
+          TPMPI_MAX_MESSAGE_BYTES=max_message_bytes())
     backend = backend_of(a_local)
     if layout == "replicated":
         return a_local

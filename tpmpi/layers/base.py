@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 from mpi4py import MPI
 
 from ..backend import Backend, get_backend
-from ..comm import Staging, check
+from ..comm import Staging, check, max_message_bytes
 from ..dtypes import dtype_name, resolve_dtype
 from ..grid import ProcessGrid
 from ..init import init_weight
@@ -22,6 +22,20 @@ def _features(name: str, value: Any) -> int:
     return int(value)
 
 
+def _check_dense(W, b, k: int, n: int) -> None:
+    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array."""
+    for name, a, want in (("W", W, (k, n)), ("b", b, (n,))):
+        if a is None and name == "b":
+            continue
+        shape = getattr(a, "shape", None)
+        if shape is None:
+            raise ValueError(f"{name} is a {type(a).__name__}: expected an array")
+        if len(shape) != len(want):
+            raise ValueError(f"{name}.shape={tuple(shape)}: expected a {len(want)}D array")
+        if tuple(shape) != want:
+            raise ValueError(f"{name}.shape={tuple(shape)}: expected {want}")
+
+
 class ParallelLinear:
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
@@ -33,6 +47,8 @@ class ParallelLinear:
     computes (Megatron's trick); False runs it blocking after the GEMM, so a benchmark can
     time both. Fixed at construction (ranks must agree: blocking and non-blocking
     collectives do not match each other).
+    With ``check_finite=True``, forward/backward also agree that their input is finite and
+    raise naming the argument, the count of NaN/Inf values and the ranks holding them.
     """
 
     weight_layout = "replicated"
@@ -40,32 +56,30 @@ class ParallelLinear:
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
-                 backend: "str | Backend" = "auto", overlap: bool = True, _dense=None,
-                 **options: Any):
+                 backend: "str | Backend" = "auto", overlap: bool = True,
+                 check_finite: bool = False, _dense=None, **options: Any):
+        if grid is not None and not isinstance(grid, ProcessGrid):
+            raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected "
+                             "a tpmpi.ProcessGrid")
         self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
         self.comm = self.grid.comm
 
         def local_checks() -> None:
+            if _dense is not None:
+                _check_dense(*_dense, in_features, out_features)
             _features("in_features", in_features)
             _features("out_features", out_features)
             resolve_dtype(dtype)
-            if not isinstance(self.grid, ProcessGrid):
-                raise ValueError(f"grid={self.grid!r}: expected a tpmpi.ProcessGrid")
             self._check_options(**options)
-            if _dense is not None:
-                w, b = _dense
-                if tuple(w.shape) != (in_features, out_features):
-                    raise ValueError(f"W.shape={tuple(w.shape)}: expected (in_features, "
-                                     f"out_features)")
-                if b is not None and tuple(b.shape) != (out_features,):
-                    raise ValueError(f"b.shape={tuple(b.shape)}: expected ({out_features},)")
 
         check(self.comm, local_checks, in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
-              backend=str(backend), overlap=bool(overlap), **options)
+              backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
+              **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
+        self.check_finite = bool(check_finite)
         self.options = dict(options)
         self.overlap = bool(overlap)
         self.backend = get_backend(backend, self.comm)
@@ -103,9 +117,10 @@ class ParallelLinear:
     def from_dense(cls, W, b=None, grid: Optional[ProcessGrid] = None, **options: Any):
         """A layer holding this rank's slices of the global ``W`` (K, N) and ``b`` (N,), which
         every rank passes whole. ``dtype`` defaults to ``W``'s. Collective."""
-        options.setdefault("dtype", dtype_name(W.dtype))
-        return cls(W.shape[0], W.shape[1], grid=grid, bias=b is not None, _dense=(W, b),
-                   **options)
+        shape = getattr(W, "shape", None)  # a bad W is reported collectively by __init__
+        k, n = shape if shape is not None and len(shape) == 2 else (0, 0)
+        options.setdefault("dtype", dtype_name(getattr(W, "dtype", "float32")))
+        return cls(k, n, grid=grid, bias=b is not None, _dense=(W, b), **options)
 
     def __call__(self, x):
         return self.forward(x)
@@ -128,6 +143,28 @@ class ParallelLinear:
         if self.bias is not None:
             out.append(("bias", self.bias, self.grad_bias))
         return out
+
+    def config(self) -> dict[str, Any]:
+        """Constructor keywords that rebuild this layer (less ``grid`` and ``backend``)."""
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None, dtype=self.dtype.name, seed=self.seed,
+                    check_finite=self.check_finite, **self.options)
+
+    def parameter_layouts(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``name -> (global shape, layout)`` of each parameter of :meth:`parameters`."""
+        out = {"weight": ((self.in_features, self.out_features), self.weight_layout)}
+        if self.bias is not None:
+            out["bias"] = ((self.out_features,), self.bias_layout)
+        return out
+
+    @classmethod
+    def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+        """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
+        (any shape and size); ``options`` override saved constructor options. Collective (see
+        :func:`tpmpi.checkpoint.load_checkpoint`)."""
+        from ..checkpoint import load_checkpoint
+
+        return load_checkpoint(path, grid=grid, cls=cls, **options)
 
     def gather_weight(self):
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
@@ -178,11 +215,13 @@ class ParallelLinear:
                                  "rows (the forward input's)")
 
         shape = getattr(a, "shape", None)
-        check(self.comm, local_checks, **{f"{name}.shape[0]": shape[0] if shape else None})
+        check(self.comm, local_checks, **{"TPMPI_MAX_MESSAGE_BYTES": max_message_bytes(),
+                                          f"{name}.shape[0]": shape[0] if shape else None})
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
-        of this layer's backend and dtype. Raises ValueError."""
+        of this layer's backend and dtype (and finite, with ``check_finite``). Raises
+        ValueError."""
         if backward and self._x is None:
             raise ValueError("backward() called before forward(): no saved input")
         if not self.backend.owns(a):
@@ -193,6 +232,11 @@ class ParallelLinear:
         if a.dtype != self.dtype:
             raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
                              f"{self.dtype.name} (the layer's dtype)")
+        if self.check_finite:
+            bad = int(a.size - int(self.backend.xp.isfinite(a).sum()))
+            if bad:
+                raise ValueError(f"{name} has {bad} non-finite value(s) (NaN/Inf) "
+                                 "[check_finite=True]")
 
     # ---- phase switches for overlap measurements (see Profiler.only)
     def _matmul(self, a, b, out=None):
