@@ -157,3 +157,41 @@ def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypa
     layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
     assert np.array_equal(layer.gather_weight(), W)
     grid.free()
+
+
+@pytest.mark.mpi
+def test_every_layer_class_reshards_across_world_sizes(world, tmp_path_factory):
+    """Row, tile2d and MLP layers saved on P ranks load on P-1 ranks (another grid shape)."""
+    if not world.member:
+        return
+    from mpi4py import MPI
+
+    comm = world.comm
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(7, 5, seed=3)
+    W2, b2 = dense(5, 7, seed=4)
+    makers = {
+        "row": lambda g: tpmpi.RowParallelLinear.from_dense(W, b, grid=g),
+        "tile": lambda g: tpmpi.TileParallelLinear.from_dense(W, b, grid=g, panel=2),
+        "mlp": lambda g: tpmpi.ParallelMLP.from_dense(W, b, W2, b2, grid=g, mode="book"),
+    }
+    smaller = max(1, comm.Get_size() - 1)
+    sub = comm.Split(0 if comm.Get_rank() < smaller else MPI.UNDEFINED, comm.Get_rank())
+    for name, make in makers.items():
+        with tpmpi.ProcessGrid(comm, shape=factorisations(comm.Get_size())[-1]) as grid:
+            saved = make(grid)
+            tpmpi.save_checkpoint(os.path.join(path, name), saved)
+        if sub != MPI.COMM_NULL:
+            with tpmpi.ProcessGrid(sub, shape=factorisations(smaller)[0]) as g2:
+                loaded = type(saved).load_checkpoint(os.path.join(path, name), grid=g2)
+                assert type(loaded) is type(saved)
+                layers = [loaded.fc1, loaded.fc2] if name == "mlp" else [loaded]
+                dense_of = [(W, b), (W2, b2)] if name == "mlp" else [(W, b)]
+                for layer, (Wd, bd) in zip(layers, dense_of):
+                    assert np.array_equal(layer.weight, Wd[layer.shard])
+                    assert np.array_equal(layer.bias, bd[layer.bias_slice])
+                if name == "mlp":
+                    assert loaded.mode == "book" and loaded.activation == saved.activation
+        comm.Barrier()
+    if sub != MPI.COMM_NULL:
+        sub.Free()

@@ -78,3 +78,44 @@ def _edge(size, grid, m, k, n):
 def test_column_matches_serial_reference(p):
     worst = on_subworld(p["size"], lambda comm: column_error(p, comm))
     assert worst <= 1.0, (p, worst)
+
+
+@st.composite
+def scheme_problems(draw):
+    from tpmpi.schemes import REGISTRY
+
+    size = draw(st.integers(1, WORLD.Get_size()))
+    scheme = draw(st.sampled_from(sorted(REGISTRY)))
+    k = draw(st.integers(0, 6))
+    options = {}
+    if scheme == "tile2d":
+        options["panel"] = draw(st.one_of(st.none(), st.integers(1, 7)))
+    if scheme == "column":
+        options["chunks"] = draw(st.integers(1, 3))
+    if scheme == "mlp":
+        options["mode"] = draw(st.sampled_from(["megatron", "book"]))
+        options["activation"] = draw(st.sampled_from(["gelu", "gelu_erf", "relu"]))
+    return dict(size=size, grid=draw(st.sampled_from(factorisations(size))), scheme=scheme,
+                m=draw(st.integers(0, 5)), k=k,
+                n=k if scheme == "mlp" else draw(st.integers(0, 9)),
+                hidden=draw(st.integers(0, 9)), dtype=draw(st.sampled_from(["float32", "float64"])),
+                options=tuple(sorted((a, v) for a, v in options.items() if v is not None)))
+
+
+def scheme_error(p: dict, comm) -> float:
+    """Max relative error / tolerance of every output and gradient of the scheme's layer(s)."""
+    from tpmpi.backend import get_backend
+    from tpmpi.dtypes import tolerance
+    from tpmpi.schemes import Problem, build
+
+    problem = Problem(scheme=p["scheme"], m=p["m"], k=p["k"], n=p["n"], hidden=p["hidden"],
+                      dtype=p["dtype"], backward=True, options=p["options"])
+    with tpmpi.ProcessGrid(comm, shape=p["grid"], blas_threads=None) as grid:
+        return build(problem, grid, get_backend("numpy")).verify() / tolerance(p["dtype"])
+
+
+@COLLECTIVE
+@given(scheme_problems())
+def test_every_scheme_matches_serial_reference(p):
+    worst = on_subworld(p["size"], lambda comm: scheme_error(p, comm))
+    assert worst <= 1.0, (p, worst)

@@ -60,7 +60,23 @@ class ParallelMLP:
             self.fc2 = ColumnParallelLinear(d_hidden, d_model, gather_output=True,
                                             seed=seed + 1, _dense=dense2, **common)
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
+        self.seed, self.overlap = seed, bool(overlap)
         self._pre = None
+
+    def config(self) -> dict[str, Any]:
+        """Constructor keywords that rebuild this MLP (less ``grid`` and ``backend``), as saved
+        in checkpoints."""
+        return dict(d_model=self.d_model, d_hidden=self.d_hidden, activation=self.activation,
+                    mode=self.mode, bias=self.fc1.bias is not None, dtype=self.fc1.dtype.name,
+                    seed=self.seed, overlap=self.overlap)
+
+    @classmethod
+    def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+        """An MLP from the checkpoint directory ``path`` re-sharded onto ``grid`` (any size);
+        ``options`` override saved ones. Collective (:func:`tpmpi.checkpoint.load_checkpoint`)."""
+        from ..checkpoint import load_checkpoint
+
+        return load_checkpoint(path, grid=grid, cls=cls, **options)
 
     @classmethod
     def from_dense(cls, W1, b1, W2, b2, grid: Optional[ProcessGrid] = None, **options: Any):
