@@ -8,10 +8,11 @@ collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -38,10 +39,16 @@ class OverlapTimes:
         """:func:`overlap_percent` of the three times."""
         return overlap_percent(self.overall_s, self.compute_s, self.comm_s)
 
+    @property
+    def saved_s(self) -> float:
+        """Time the overlap saved against running the two parts one after the other."""
+        return max(0.0, self.compute_s + self.comm_s - self.overall_s)
+
     def as_dict(self) -> dict:
-        """Record fields: ``overall_s, compute_s, comm_only_s, overlap_pct``."""
+        """Record fields: ``overall_s, compute_s, comm_only_s, overlap_pct, saved_s``."""
         return {"overall_s": self.overall_s, "compute_s": self.compute_s,
-                "comm_only_s": self.comm_s, "overlap_pct": self.overlap_pct}
+                "comm_only_s": self.comm_s, "overlap_pct": self.overlap_pct,
+                "saved_s": self.saved_s}
 
 
 def _time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
@@ -59,14 +66,15 @@ def _time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], N
     return statistics.median(samples)
 
 
-def measure_overlap(layer, call: Callable[[], Any], *, warmup: int = 1,
+def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, warmup: int = 1,
                     iters: int = 5) -> OverlapTimes:
-    """Time ``call()`` (one call of ``layer``, e.g. ``lambda: layer(x)`` or ``lambda:
-    layer.backward(dy)``) as is, with ``layer.profiler.only("gemm")`` and with
-    ``layer.profiler.only("comm")``. Collective over ``layer.comm`` (a Barrier before and a
-    max-Allreduce after each timed call). Gradients accumulate; the profiler totals are reset
-    at the end."""
-    prof, comm = layer.profiler, layer.comm
+    """Time ``call()`` (one call of the layer(s), e.g. ``lambda: layer(x)`` or ``lambda:
+    layer.backward(dy)``; pass ``[mlp.fc1, mlp.fc2]`` for a composite) as is, with every
+    layer's ``profiler.only("gemm")`` and with ``profiler.only("comm")``. Collective over the
+    layers' communicator (a Barrier before and a max-Allreduce after each timed call).
+    Gradients accumulate; the profiler totals are reset at the end."""
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    profs, comm, layer = [lay.profiler for lay in layers], layers[0].comm, layers[0]
 
     def local_checks() -> None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -77,9 +85,12 @@ def measure_overlap(layer, call: Callable[[], Any], *, warmup: int = 1,
     check(comm, local_checks, warmup=warmup, iters=iters)
     sync = layer.backend.synchronize if layer.backend.is_gpu else None
     overall = _time(call, comm, sync, warmup, iters)
-    with prof.only("gemm"):
-        compute = _time(call, comm, sync, warmup, iters)
-    with prof.only("comm"):
-        comm_s = _time(call, comm, sync, warmup, iters)
-    prof.reset()
-    return OverlapTimes(overall, compute, comm_s)
+    times = []
+    for phase in ("gemm", "comm"):
+        with contextlib.ExitStack() as stack:
+            for prof in profs:
+                stack.enter_context(prof.only(phase))
+            times.append(_time(call, comm, sync, warmup, iters))
+    for prof in profs:
+        prof.reset()
+    return OverlapTimes(overall, *times)
