@@ -99,7 +99,8 @@ class LayerCase(Case):
                               backend=backend, bound=1.0)
         self.flops = flops
         subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
-        self.profilers = [sub.profiler for sub in (subs or [layer])]
+        self.layers = subs or [layer]  # the ParallelLinear objects (for overlap measurements)
+        self.profilers = [sub.profiler for sub in self.layers]
 
     def forward(self) -> None:
         self.y = self.layer(self.x)
