@@ -298,11 +298,17 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
 
 
 def cmd_report(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    error = None
     if comm.Get_rank() == 0:
         from .report import report
 
-        path = report(args.files, args.out)
-        print(f"wrote {path}")
+        try:
+            print(f"wrote {report(args.files, args.out)}")
+        except (OSError, ValueError) as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise ValueError(error)
     return 0
 
 

@@ -35,6 +35,7 @@ class Config:
     problem: Problem
     ranks: int
     grid: tuple
+    sweep: tuple = ("strong", "m")  # (kind, dim), copied into the record
 
 
 def parse_size(text: str) -> int:
@@ -87,7 +88,7 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
             for values in itertools.product(*(options[o] for o in opt_names)):
                 opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v))
                 prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
-                out.extend(Config(prob, p, g) for g in grids_for(scheme, p, grids))
+                out.extend(Config(prob, p, g, (kind, dim)) for g in grids_for(scheme, p, grids))
     return out
 
 
@@ -135,6 +136,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                                        baseline=bases.get(key, baseline),
                                        baseline_threads=node_threads,
                                        calibration=calibration)
+                    rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
                         bases[key] = rec["baseline_s"]
                     if rank == 0:
