@@ -19,7 +19,8 @@ def test_default_ranks_and_grids():
     assert default_ranks("strong", 6) == [1, 2, 4, 6]
     assert default_ranks("sizes", 6) == [6]
     assert grids_for("tile2d", 4, ["auto"]) == [(2, 2)]
-    assert grids_for("column", 4, ["auto", "2x2", "1x3"]) == [(1, 4), (2, 2)]
+    assert grids_for("column", 4, ["auto", "2x2", "1x3", "1x4"]) == [(1, 4)]
+    assert grids_for("tile2d", 4, ["auto", "1x4", "4x1"]) == [(2, 2), (1, 4), (4, 1)]
 
 
 def _configs(kind, **kw):

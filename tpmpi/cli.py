@@ -73,7 +73,9 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
             return {"type": _listed(conv, choices),
                     "default": None if default is None else [default]}
         return {"type": conv, "default": default, "choices": choices}
-    p.add_argument("--scheme", help="parallel scheme", **typed(str, "column", KNOWN))
+    p.add_argument("--scheme", help="parallel scheme" + ("s ('all': every available one)"
+                                                         if many else ""),
+                   **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
     p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024))
     p.add_argument("--k", help="in features", **typed(_non_negative, 1024))
     p.add_argument("--n", help="out features", **typed(_non_negative, 1024))
@@ -248,6 +250,8 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         return 0
     if args.sweep == "sizes" and not sizes:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
+    if "all" in args.scheme:
+        args.scheme = available()
     missing = [s for s in args.scheme if s not in available()]
     if missing:
         raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "

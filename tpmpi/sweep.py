@@ -26,6 +26,7 @@ from .schemes import Problem
 SWEEPS = ("strong", "weak", "sizes")
 # scheme options the sweep varies, and the schemes that take them (0 = option unset)
 SCHEME_OPTIONS = {"panel": ("tile2d",), "chunks": ("column",)}
+GRID_2D = ("tile2d",)  # schemes that use a 2D grid; the others run on 1xP only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,13 @@ def default_ranks(kind: str, world: int) -> list[int]:
 
 
 def grids_for(scheme: str, p: int, grids: Sequence[str]) -> list[tuple]:
-    """The grids of ``grids`` ("RxC" or "auto") that have ``p`` ranks; "auto" is 1xP, or the
-    most square grid for tile2d."""
+    """The grids of ``grids`` ("RxC" or "auto") that have ``p`` ranks and suit ``scheme``;
+    "auto" is 1xP, or the most square grid for the schemes of :data:`GRID_2D`."""
+    two_d = scheme in GRID_2D
     out = []
     for g in grids:
-        shape = (square_grid(p) if scheme == "tile2d" else (1, p)) if g == "auto" else \
-            parse_shape(g)
-        if shape[0] * shape[1] == p and shape not in out:
+        shape = (square_grid(p) if two_d else (1, p)) if g == "auto" else parse_shape(g)
+        if shape[0] * shape[1] == p and (two_d or shape[0] == 1) and shape not in out:
             out.append(shape)
     return out
 
