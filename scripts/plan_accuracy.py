@@ -2,7 +2,8 @@
 """Cost-model accuracy from bench records:  python scripts/plan_accuracy.py FILE.jsonl [...]
 [--calibration calib.json]
 
-Prints (1) median and max of |predicted_s - measured| / measured over all records; (2) for
+Prints (1) median and max of |predicted_s - measured| / measured over all records (with
+``--calibration``, predicted_s is recomputed from that calibration; else the recorded one); (2) for
 every problem (m, k, n, hidden, dtype, backward, P) with several measured layouts, whether the
 layout with the lowest predicted time is the measured-fastest one; (3) whether ``plan``'s
 first choice (over all its candidates, with the given calibration) is the measured-fastest
@@ -12,16 +13,28 @@ from __future__ import annotations
 
 import argparse
 
-from tpmpi.costmodel import load_calibration, plan
+from tpmpi.costmodel import load_calibration, plan, predict
 from tpmpi.report import accuracy, layout, load, problem_key
+from tpmpi.schemes import Problem
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--calibration", default=None, help="calibration used by plan (3)")
+    ap.add_argument("--calibration", default=None,
+                    help="recompute predictions with this calibration (default: as recorded)")
     args = ap.parse_args()
-    recs = [r for r in load(args.files) if "scheme" in r and r.get("predicted_s")]
+    cal = load_calibration(args.calibration)
+    recs = [r for r in load(args.files) if "scheme" in r and "time_s" in r]
+    if args.calibration:
+        for r in recs:
+            prob = Problem(scheme=r["scheme"], m=r["m"], k=r["k"], n=r["n"], hidden=r["hidden"],
+                           dtype=r["dtype"], backward=bool(r.get("backward")),
+                           options=tuple(sorted((r.get("options") or {}).items())))
+            grid = tuple(int(g) for g in r["grid"].split("x"))
+            pred = predict(prob, r["ranks"], grid, cal, r["backend"])
+            r["predicted_s"] = pred.time_s if pred else None
+    recs = [r for r in recs if r.get("predicted_s")]
     acc = accuracy(recs)
     if not acc["records"]:
         print("no records with predicted_s")
@@ -33,7 +46,6 @@ def main() -> None:
     for p in acc["picks"]:
         print(f"    {p['problem']}: measured {p['measured_fastest']!r}, predicted "
               f"{p['predicted_fastest']!r}, {'HIT' if p['hit'] else 'miss'} ({p['loss']:.2f}x)")
-    cal = load_calibration(args.calibration)
     by_problem: dict = {}
     for r in recs:
         by_problem.setdefault(problem_key(r), []).append(r)

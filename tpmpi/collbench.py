@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from . import __version__
 from .backend import Backend, blas_info
-from .costmodel import CLASS_SHAPES, OPS, Calibration, fit_alpha_beta
+from .costmodel import CLASS_SHAPES, OPS, Calibration, fit_alpha_beta, gemm_work
 from .timing import BUS_FACTOR
 
 COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
@@ -128,8 +128,9 @@ def format_row(rec: dict, header: bool = False) -> str:
 
 def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
               reps: int = 3) -> float:
-    """flop/s of one local GEMM of ``shape`` (m, k, n) run on every rank at once (the slowest
-    rank's median), i.e. under the contention of a real run. Collective."""
+    """Rate of one local GEMM of ``shape`` (m, k, n) run on every rank at once (the slowest
+    rank's median), i.e. under the contention of a real run: flop/s, or operand bytes/s for a
+    "thin" shape (:func:`tpmpi.costmodel.gemm_work`). Collective."""
     m, k, n = shape
     xp = backend.xp
     a, b = xp.ones((m, k), dtype=dtype), xp.ones((k, n), dtype=dtype)
@@ -143,7 +144,7 @@ def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm
         backend.synchronize()
         times.append(time.perf_counter() - t0)
     t = comm.allreduce(float(np.median(times)), op=MPI.MAX)
-    return 2.0 * m * k * n / t
+    return gemm_work(m, k, n, np.dtype(dtype).itemsize) / t
 
 
 def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),

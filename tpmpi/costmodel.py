@@ -15,8 +15,10 @@ bcast              ceil(lg P)      2 (P - 1) / P  (MPICH's long-message scatter 
 ``alpha`` (s) and ``beta`` (s/byte) are fitted per collective and communicator size by
 :mod:`tpmpi.collbench`; a size without a fit uses the nearest fitted size's values (the
 formula carries the P dependence). Local GEMMs take ``2 m k n / rate`` with ``rate`` (flop/s,
-"gamma") per backend:dtype and shape class (:func:`gemm_class`). Without a calibration file the
-documented :data:`DEFAULTS` apply.
+"gamma") per backend:dtype and shape class (:func:`gemm_class`); "thin" GEMMs (a dimension
+below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with
+``rate`` in bytes/s. Without a calibration file the documented defaults (:data:`DEFAULT_ALPHA`,
+:data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`) apply.
 
 Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
 GEMMs and the collectives listed):
@@ -85,20 +87,28 @@ def gemm_class(m: int, k: int, n: int) -> str:
 # Documented defaults: a laptop-class CPU node (shared-memory MPI) and a datacenter GPU.
 DEFAULT_ALPHA = 5e-6          # s per message
 DEFAULT_BETA = 1 / 5e9        # s per byte (5 GB/s)
-DEFAULT_RATES = {             # flop/s per rank by shape class
-    "numpy:float64": {"thin": 4e9, "small": 10e9, "medium": 25e9, "large": 30e9},
-    "numpy:float32": {"thin": 8e9, "small": 20e9, "medium": 50e9, "large": 60e9},
-    "numpy:float16": {"thin": 0.2e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
-    "cupy:float64": {"thin": 1e12, "small": 5e12, "medium": 30e12, "large": 50e12},
-    "cupy:float32": {"thin": 2e12, "small": 10e12, "medium": 40e12, "large": 50e12},
-    "cupy:float16": {"thin": 5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
+DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others flop/s
+    "numpy:float64": {"thin": 10e9, "small": 10e9, "medium": 25e9, "large": 30e9},
+    "numpy:float32": {"thin": 10e9, "small": 20e9, "medium": 50e9, "large": 60e9},
+    "numpy:float16": {"thin": 0.5e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
+    "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
+    "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
+    "cupy:float16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
 }
+
+
+def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
+    """What a GEMM's rate divides: operand bytes for "thin" shapes, else flops."""
+    if gemm_class(m, k, n) == "thin":
+        return float(m * k + k * n + m * n) * itemsize
+    return 2.0 * m * k * n
 
 
 @dataclasses.dataclass
 class Calibration:
     """Fitted parameters: ``alpha[op][P]`` (s), ``beta[op][P]`` (s/byte),
-    ``rates["backend:dtype"][class]`` (flop/s), and the facts of the machine they came from."""
+    ``rates["backend:dtype"][class]`` (flop/s; bytes/s for "thin"), and the facts of the
+    machine they came from."""
 
     alpha: dict = dataclasses.field(default_factory=dict)
     beta: dict = dataclasses.field(default_factory=dict)
@@ -127,7 +137,7 @@ class Calibration:
             return 0.0
         key = f"{backend}:{dtype}"
         rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
-        return 2.0 * m * k * n / rates[gemm_class(m, k, n)]
+        return gemm_work(m, k, n, np.dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
 
     def to_json(self) -> dict:
         return {"machine": self.machine, "alpha": self.alpha, "beta": self.beta,
