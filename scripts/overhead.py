@@ -6,7 +6,8 @@
 overhead = forward time - local GEMM (+ bias) time - the bare collective's time, where the bare
 collective is the same Alltoallw (same buffers, same subarray datatypes) called directly, and
 each of the three is timed alone, back-to-back, as the best of ``--repeats`` interleaved
-blocks of ``--iters`` calls (max over ranks). Also prints the bare Allgather of the same bytes and, with
+blocks of ``--iters`` calls (max over ranks). Also prints the bare Allgather of the same bytes
+and, with
 ``--profile``, rank 0's cProfile of the forward loop. Target: overhead < 100 us. On a loaded
 machine the GEMM's run-to-run noise swamps the difference, so the overhead is also given with
 the GEMM time measured inside the same forward calls (the layer's profiler), and as forward

@@ -17,8 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 from mpi4py import MPI
 
 from . import __version__
-from .backend import BACKENDS, blas_info, get_backend, node_comm
-from .backend import configure_blas_threads
+from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import agree

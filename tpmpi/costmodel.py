@@ -116,12 +116,13 @@ class Calibration:
     machine: dict = dataclasses.field(default_factory=lambda: {"source": "defaults"})
 
     def _nearest(self, table: dict, op: str, p: int, default: float) -> float:
+        """``table[op]`` at the fitted size nearest ``p`` (keys are str(P), as in JSON)."""
         sizes = sorted(int(q) for q in table.get(op, {}))
         if not sizes:
             return default
         i = bisect.bisect_left(sizes, p)
         near = min(sizes[max(0, i - 1):i + 1], key=lambda q: abs(q - p))
-        return float(table[op][str(near)] if str(near) in table[op] else table[op][near])
+        return float(table[op][str(near)])
 
     def collective(self, op: str, p: int, nbytes: float) -> float:
         """Predicted seconds of ``op`` with nccl-tests size ``nbytes`` over ``p`` ranks."""

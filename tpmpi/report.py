@@ -251,7 +251,8 @@ def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict]
         for r in colls:
             best[(r["collective"], r["ranks"], r["dtype"])] = max(
                 best[(r["collective"], r["ranks"], r["dtype"])], r.get("busbw_gbs") or 0.0)
-        lines += ["| collective | P | dtype | peak busbw GB/s | #wrong |", "|---|---:|---|---:|---:|"]
+        lines += ["| collective | P | dtype | peak busbw GB/s | #wrong |",
+                  "|---|---:|---|---:|---:|"]
         for (op, p, dtype), bw in sorted(best.items()):
             wrong = sum(r.get("wrong") or 0 for r in colls
                         if (r["collective"], r["ranks"], r["dtype"]) == (op, p, dtype))

@@ -14,10 +14,12 @@ import itertools
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 from mpi4py import MPI
 
 from .backend import Backend, node_comm
 from .bench import run_case
+from .collbench import format_row, time_collective
 from .comm import agree, polite_barrier
 from .costmodel import Calibration, square_grid
 from .grid import ProcessGrid, parse_shape
@@ -159,10 +161,6 @@ def collective_sweep(world: MPI.Comm, ops: Iterable[str], sizes: Sequence[int],
                      out: Callable[[str], None]) -> None:
     """nccl-tests-style table (``out`` on rank 0) and records for each op, P and size in bytes.
     Collective over ``world``."""
-    import numpy as np
-
-    from .collbench import format_row, time_collective
-
     rank, item = world.Get_rank(), np.dtype(dtype).itemsize
     for p in sorted(ranks):
         sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
