@@ -82,7 +82,8 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--grid", help="process grid RxC (default 1xP)" +
                    ("; 'auto' = 1xP, square for tile2d" if many else ""),
                    **typed(str, "auto" if many else None))
-    p.add_argument("--dtype", **typed(str, "float32", SUPPORTED))
+    p.add_argument("--dtype", help=f"{'/'.join(SUPPORTED)}" + (" (comma list)" if many else ""),
+                   **typed(str, "float32", SUPPORTED))
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--warmup", type=_non_negative, default=2)
     p.add_argument("--iters", type=_positive, default=10)
@@ -131,7 +132,11 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="append the JSON-lines record to FILE")
     run.add_argument("--baseline", action="store_true",
                      help="also time one process using all the node's BLAS threads (speedup)")
-    _add_bench_flags(sub.add_parser("bench", help="scaling sweeps and collective benchmarks"))
+    _add_bench_flags(sub.add_parser(
+        "bench", help="scaling sweeps and collective benchmarks",
+        description="Sweeps: every combination of the problem flags (each takes a comma list), "
+                    "sizes -b/-e/-f of --dim, and --ranks; one JSON line per configuration. "
+                    "With --collective: nccl-tests-style collective benchmark."))
     cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma")
     cal.add_argument("--json", metavar="FILE", required=True, help="calibration file to write")
     cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=["float32", "float64"],
