@@ -10,7 +10,9 @@ and stepped once (tracemalloc for NumPy, the memory-pool hook for CuPy), max ove
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -24,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from .backend import Backend, blas_info, node_comm
 from .comm import polite_barrier
+from .costmodel import Calibration, load_calibration, predict
 from .dtypes import tolerance
 from .grid import ProcessGrid
 from .schemes import Problem, build
@@ -41,14 +44,16 @@ def mpi_library() -> str:
 
 
 def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
-                    iters: int) -> float:
-    """Median time of the case's serial product on rank 0 using the BLAS threads of all ranks
-    of its node (the single-process reference for speedup and efficiency), while the other
-    ranks wait without busy-polling. Collective; the value on every rank."""
+                    iters: int, threads: Optional[int] = None) -> float:
+    """Median time of the case's serial product on rank 0 using ``threads`` BLAS threads
+    (default: those of all ranks of its node), the single-process reference for speedup and
+    efficiency, while the other ranks wait without busy-polling. Collective; the value on
+    every rank."""
     comm = grid.comm
-    node = node_comm(comm)
-    threads = min((grid.threads or 1) * node.Get_size(), len(os.sched_getaffinity(0)))
-    node.Free()
+    if threads is None:
+        node = node_comm(comm)
+        threads = min((grid.threads or 1) * node.Get_size(), len(os.sched_getaffinity(0)))
+        node.Free()
     polite_barrier(comm)
     median = 0.0
     if comm.Get_rank() == 0:
@@ -66,12 +71,22 @@ def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
     return comm.bcast(median, root=0)
 
 
+@functools.lru_cache(maxsize=1)
+def default_calibration() -> Calibration:
+    """The calibration named by env ``TPMPI_CALIBRATION``, else the model's defaults."""
+    return load_calibration()
+
+
 def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
-             iters: int = 10, verify: bool = True, baseline: bool = False) -> dict:
+             iters: int = 10, verify: bool = True, baseline: "bool | float" = False,
+             baseline_threads: Optional[int] = None,
+             calibration: Optional[Calibration] = None) -> dict:
     """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
-    time the serial single-process product in the same job (``baseline_s``, ``speedup`` =
-    baseline_s / time, ``efficiency`` = speedup / ranks). The record on every rank.
-    Collective over ``grid.comm``."""
+    time the serial single-process product in the same job with ``baseline_threads`` threads
+    (a float is a baseline time measured earlier); ``baseline_s``, ``speedup`` =
+    baseline_s / time, ``efficiency`` = speedup / ranks. ``predicted_s`` comes from the cost
+    model with ``calibration`` (default: :func:`tpmpi.costmodel.load_calibration`). The
+    record on every rank. Collective over ``grid.comm``."""
     comm = grid.comm
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
@@ -107,7 +122,13 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     median = float(np.median(total)) if iters else float("nan")
     flops = case.flops * (3 if problem.backward else 1)
     err = case.verify() if verify else None
-    base = serial_baseline(case, grid, backend, warmup=warmup, iters=iters) if baseline else None
+    if baseline is True:
+        base = serial_baseline(case, grid, backend, warmup=warmup, iters=iters,
+                               threads=baseline_threads)
+    else:
+        base = float(baseline) if baseline else None
+    pred = predict(problem, grid.size, grid.shape, calibration or default_calibration(),
+                   backend.name)
     calls: dict[str, int] = {}
     for t in totals:
         for op, c in t["calls"].items():
@@ -130,7 +151,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
         "mem_peak_bytes": mem_peak,
         "max_rel_err": err, "tolerance": tolerance(problem.dtype),
-        "predicted_s": None,
+        "predicted_s": pred.time_s if pred else None,
+        "predicted": dataclasses.asdict(pred) if pred else None,
         "baseline_s": base,
         "speedup": base / median if base and median > 0 else None,
         "efficiency": base / median / grid.size if base and median > 0 else None,
@@ -144,7 +166,8 @@ COLUMNS = [("scheme", "{}"), ("ranks", "{}"), ("grid", "{}"), ("m", "{}"), ("k",
            ("n", "{}"), ("dtype", "{}"), ("backend", "{}"), ("threads", "{}"),
            ("time_ms", "{:.3f}"), ("gemm_ms", "{:.3f}"), ("comm_ms", "{:.3f}"),
            ("GFLOP/s", "{:.1f}"), ("algbw", "{:.2f}"), ("busbw", "{:.2f}"),
-           ("mem_MiB", "{:.1f}"), ("rel_err", "{:.2e}")]
+           ("mem_MiB", "{:.1f}"), ("rel_err", "{:.2e}"), ("pred_ms", "{:.3f}"),
+           ("eff", "{:.2f}")]
 
 
 def table_row(rec: dict) -> dict:
@@ -154,7 +177,9 @@ def table_row(rec: dict) -> dict:
             "threads": rec["threads_per_rank"], "time_ms": rec["time_s"]["median"] * 1e3,
             "gemm_ms": rec["gemm_s"] * 1e3, "comm_ms": rec["comm_s"] * 1e3,
             "GFLOP/s": rec["gflops"], "algbw": rec["algbw_gbs"], "busbw": rec["busbw_gbs"],
-            "mem_MiB": rec["mem_peak_bytes"] / 2**20, "rel_err": rec["max_rel_err"]}
+            "mem_MiB": rec["mem_peak_bytes"] / 2**20, "rel_err": rec["max_rel_err"],
+            "pred_ms": rec["predicted_s"] * 1e3 if rec.get("predicted_s") is not None else None,
+            "eff": rec.get("efficiency")}
 
 
 def format_table(records: list[dict]) -> str:
@@ -162,7 +187,7 @@ def format_table(records: list[dict]) -> str:
     rows = [[("-" if row[name] is None else fmt.format(row[name])) for name, fmt in COLUMNS]
             for row in map(table_row, records)]
     heads = [name for name, _ in COLUMNS]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Command line: ``python -m tpmpi {run,info}`` under ``mpiexec -n P`` or ``srun``.
+"""Command line: ``python -m tpmpi {run,bench,calibrate,plan,report,info}`` under ``mpiexec -n P``
+or ``srun`` (``plan`` and ``report`` need no MPI job).
 
 Exit codes: 0 success; 1 ``--check`` failed (error above the dtype's tolerance); 2 usage error
 (one line on rank 0, raised on every rank together). An unexpected exception prints its
@@ -7,20 +8,24 @@ traceback and aborts the whole job (``MPI_Abort``), so no rank is left hanging.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
 from . import __version__
-from .backend import BACKENDS, blas_info, get_backend, node_comm
+from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import format_table, mpi_library, run_case, write_record
+from .collbench import calibrate, sizes_sweep
 from .comm import agree
+from .costmodel import OPS, format_plan, load_calibration, plan
 from .dtypes import SUPPORTED, tolerance
 from .grid import ProcessGrid, parse_shape
-from .schemes import KNOWN, Problem
+from .schemes import KNOWN, Problem, available
+from .sweep import SWEEPS, collective_sweep, configs, default_ranks, parse_size, run_sweep
 
 
 class UsageError(Exception):
@@ -46,23 +51,74 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _add_problem_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheme", choices=KNOWN, default="column", help="parallel scheme")
-    p.add_argument("--m", type=_non_negative, default=1024, help="rows of X (tokens)")
-    p.add_argument("--k", type=_non_negative, default=1024, help="in features")
-    p.add_argument("--n", type=_non_negative, default=1024, help="out features")
-    p.add_argument("--hidden", type=_non_negative, default=None, help="MLP hidden size")
-    p.add_argument("--grid", default=None, help="process grid RxC (default 1xP)")
-    p.add_argument("--dtype", choices=SUPPORTED, default="float32")
+def _listed(conv: Callable[[str], Any], choices: Optional[Sequence[str]] = None
+            ) -> Callable[[str], list]:
+    """An argparse type for ``a,b,c`` whose items ``conv`` converts (and ``choices`` limits)."""
+    def parse(text: str) -> list:
+        items = [conv(v) for v in text.split(",") if v.strip()]
+        bad = [v for v in items if choices is not None and v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma list" + (f" of {', '.join(choices)}" if choices
+                                                      else ""))
+        return items
+    return parse
+
+
+def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """The problem flags of ``run``; with ``many`` (``bench``), each takes a comma list."""
+    def typed(conv, default, choices=None):
+        if many:
+            return {"type": _listed(conv, choices),
+                    "default": None if default is None else [default]}
+        return {"type": conv, "default": default, "choices": choices}
+    p.add_argument("--scheme", help="parallel scheme" + ("s ('all': every available one)"
+                                                         if many else ""),
+                   **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
+    p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024))
+    p.add_argument("--k", help="in features", **typed(_non_negative, 1024))
+    p.add_argument("--n", help="out features", **typed(_non_negative, 1024))
+    p.add_argument("--hidden", help="MLP hidden size", **typed(_non_negative, None))
+    p.add_argument("--grid", help="process grid RxC (default 1xP)" +
+                   ("; 'auto' = 1xP, square for tile2d" if many else ""),
+                   **typed(str, "auto" if many else None))
+    p.add_argument("--dtype", help=f"{'/'.join(SUPPORTED)}" + (" (comma list)" if many else ""),
+                   **typed(str, "float32", SUPPORTED))
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--warmup", type=_non_negative, default=2)
     p.add_argument("--iters", type=_positive, default=10)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
-    p.add_argument("--panel", type=_positive, default=None, help="tile2d K-panel width")
-    p.add_argument("--chunks", type=_positive, default=None, help="column: M chunks pipelined")
+    p.add_argument("--panel", help="tile2d K-panel width" + (" (0 = gather form)" if many else ""),
+                   **typed(_non_negative if many else _positive, None))
+    p.add_argument("--chunks", help="column: M chunks pipelined" + (" (0 = unset)" if many
+                                                                     else ""),
+                   **typed(_non_negative if many else _positive, None))
     p.add_argument("--threads", type=_positive, default=None,
                    help="BLAS threads per rank (default: cores / ranks sharing them; env "
                         "TPMPI_THREADS)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="cost-model calibration for predicted_s (default: env "
+                        "TPMPI_CALIBRATION, else the model's defaults)")
+
+
+def _add_bench_flags(p: argparse.ArgumentParser) -> None:
+    _add_problem_flags(p, many=True)
+    p.add_argument("--sweep", choices=SWEEPS, default="strong",
+                   help="strong: fixed problem over P; weak: --dim scaled by P; sizes: -b/-e/-f")
+    p.add_argument("-b", "--begin", type=parse_size, default=None,
+                   help="first size of --dim (or bytes with --collective); K/M/G suffixes")
+    p.add_argument("-e", "--end", type=parse_size, default=None, help="last size")
+    p.add_argument("-f", "--factor", type=float, default=2.0, help="size multiplication factor")
+    p.add_argument("--dim", choices=("m", "k", "n", "hidden"), default="m",
+                   help="the dimension -b/-e/-f sweep and weak scaling grows")
+    p.add_argument("--ranks", type=_listed(_positive), default=None,
+                   help="communicator sizes, run on the first P ranks of the job (default: "
+                        "1,2,4,...,P for strong/weak, P for sizes)")
+    p.add_argument("--collective", type=_listed(str, OPS), default=None,
+                   help="collective-only mode: time these collectives over -b/-e/-f bytes")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the serial single-process baseline (speedup, efficiency)")
+    p.add_argument("--json", metavar="FILE", help="append one JSON line per configuration")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -76,6 +132,34 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="append the JSON-lines record to FILE")
     run.add_argument("--baseline", action="store_true",
                      help="also time one process using all the node's BLAS threads (speedup)")
+    _add_bench_flags(sub.add_parser(
+        "bench", help="scaling sweeps and collective benchmarks",
+        description="Sweeps: every combination of the problem flags (each takes a comma list), "
+                    "sizes -b/-e/-f of --dim, and --ranks; one JSON line per configuration. "
+                    "With --collective: nccl-tests-style collective benchmark."))
+    cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma")
+    cal.add_argument("--json", metavar="FILE", required=True, help="calibration file to write")
+    cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=["float32", "float64"],
+                     help="dtypes whose GEMM rates are measured")
+    cal.add_argument("-b", "--begin", type=parse_size, default=64, help="smallest message (B)")
+    cal.add_argument("-e", "--end", type=parse_size, default=4 << 20, help="largest message (B)")
+    cal.add_argument("-f", "--factor", type=float, default=4.0)
+    cal.add_argument("--iters", type=_positive, default=10)
+    cal.add_argument("--backend", choices=BACKENDS, default="auto")
+    cal.add_argument("--threads", type=_positive, default=None)
+    plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)")
+    for dim in ("m", "k", "n"):
+        plan.add_argument(f"--{dim}", type=_positive, required=True)
+    plan.add_argument("--hidden", type=_positive, default=None,
+                      help="rank FFN layouts (mlp modes) instead of single-GEMM layouts")
+    plan.add_argument("--ranks", type=_positive, required=True)
+    plan.add_argument("--dtype", choices=SUPPORTED, default="float32")
+    plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    plan.add_argument("--backward", action="store_true")
+    plan.add_argument("--calibration", metavar="FILE", default=None)
+    report = sub.add_parser("report", help="PNG plots and report.md from JSON-lines records")
+    report.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    report.add_argument("--out", required=True, metavar="DIR")
     sub.add_parser("info", help="MPI library, backend, GPU-awareness, BLAS threads")
     return parser
 
@@ -94,7 +178,7 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
     backend = get_backend(args.backend, comm)
     rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters,
-                   baseline=args.baseline)
+                   baseline=args.baseline, calibration=load_calibration(args.calibration))
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
@@ -135,7 +219,109 @@ def cmd_info(args: argparse.Namespace, comm: MPI.Comm) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info}
+def _out(comm: MPI.Comm) -> Callable[[str], None]:
+    """print on rank 0 only."""
+    return (lambda line: print(line, flush=True)) if comm.Get_rank() == 0 else \
+        (lambda line: None)
+
+
+def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
+    """Append records to ``path`` as JSON lines (rank 0; the file opened per record)."""
+    def append(rec: dict) -> None:
+        if path:
+            with open(path, "a") as fh:
+                write_record(rec, fh)
+    return append if comm.Get_rank() == 0 else (lambda rec: None)
+
+
+def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    world = comm.Get_size()
+    ranks = args.ranks or default_ranks("sizes" if args.collective else args.sweep, world)
+    if max(ranks) > world:
+        raise UsageError(f"--ranks {max(ranks)} exceeds the job's {world} ranks")
+    if (args.begin is None) != (args.end is None):
+        raise UsageError("-b and -e go together")
+    sizes = sizes_sweep(args.begin, args.end, args.factor) if args.begin is not None else []
+    backend = get_backend(args.backend, comm)
+    if args.collective:
+        if not sizes:
+            raise UsageError("--collective needs a size sweep: -b BYTES -e BYTES [-f F]")
+        if len(args.dtype) > 1:
+            raise UsageError("--collective takes one --dtype")
+        collective_sweep(comm, args.collective, sizes, ranks, args.dtype[0], backend,
+                         warmup=args.warmup, iters=args.iters, on_record=_appender(args.json, comm),
+                         out=_out(comm))
+        return 0
+    if args.sweep == "sizes" and not sizes:
+        raise UsageError("--sweep sizes needs -b/-e [-f]")
+    if "all" in args.scheme:
+        args.scheme = available()
+    missing = [s for s in args.scheme if s not in available()]
+    if missing:
+        raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "
+                         f"{', '.join(available())}")
+    dims = {d: getattr(args, d) or [None] for d in ("m", "k", "n", "hidden")}
+    if args.dim == "hidden" and dims["hidden"] == [None] and not sizes:
+        raise UsageError("--dim hidden needs --hidden or -b/-e")
+    cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
+                   ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
+                   options={"panel": args.panel or [0], "chunks": args.chunks or [0]})
+    if not cfgs:
+        raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
+                         f"{','.join(map(str, ranks))} ranks")
+    threads = configure_blas_threads(comm, args.threads)
+    records: list[dict] = []
+    save = _appender(args.json, comm)
+
+    def on_record(rec: dict) -> None:
+        records.append(rec)
+        save(rec)
+    run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
+              baseline=args.baseline, calibration=load_calibration(args.calibration),
+              on_record=on_record)
+    _out(comm)(format_table(records))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    backend = get_backend(args.backend, comm)
+    threads = configure_blas_threads(comm, args.threads)
+    out = _out(comm)
+    cal = calibrate(comm, backend, dtypes=args.dtype,
+                    sizes=sizes_sweep(args.begin, args.end, args.factor), threads=threads,
+                    iters=args.iters, progress=lambda what: out(f"calibrating {what}"))
+    if comm.Get_rank() == 0:
+        with open(args.json, "w") as fh:
+            json.dump(cal.to_json(), fh, indent=1)
+        out(f"wrote {args.json}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
+                 backward=args.backward, backend=args.backend,
+                 calibration=load_calibration(args.calibration))
+    _out(comm)(format_plan(preds))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    error = None
+    if comm.Get_rank() == 0:
+        from .report import report
+
+        try:
+            print(f"wrote {report(args.files, args.out)}")
+        except (OSError, ValueError) as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise ValueError(error)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "calibrate": cmd_calibrate, "plan": cmd_plan,
+            "report": cmd_report, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:

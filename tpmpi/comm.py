@@ -52,11 +52,12 @@ def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
         if error:
             raise ValueError(error)
         return
-    codes = np.array([1 if error else 0] + [_code(v) for v in values.values()], dtype=np.int64)
-    both = np.concatenate([codes, -codes])
+    codes = [1 if error else 0] + [_code(v) for v in values.values()]
+    both = np.array(codes + [-c for c in codes], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    n = codes.size
-    if both[0] == 0 and np.array_equal(both[1:n], -both[n + 1:]):
+    n = len(codes)
+    top = both.tolist()
+    if top[0] == 0 and top[1:n] == [-c for c in top[n + 1:]]:
         return
     infos = comm.allgather((error, {k: repr(v) for k, v in values.items()}))
     errors: "OrderedDict[str, list[int]]" = OrderedDict()
@@ -238,22 +239,36 @@ def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Da
     return dt
 
 
+_SPEC_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SPEC_CACHE_SIZE = 64
+
+
+def _recv_spec(dtype, global_shape: tuple, blocks: tuple) -> tuple[list, list, list, list]:
+    """Receive counts and types, zero displacements and send types of a gather into
+    ``global_shape``, cached per gather (a repeated forward then costs one dict lookup).
+    Entries own duplicates of the subarray types, so an eviction from the per-type cache
+    cannot free them."""
+    key = (np.dtype(dtype).str, global_shape, blocks)
+    spec = _SPEC_CACHE.get(key)
+    if spec is not None:
+        _SPEC_CACHE.move_to_end(key)
+        return spec
+    base = mpi_type(dtype)
+    counts = [1 if all(s > 0 for s in shape) else 0 for _, shape in blocks]
+    types = [_subarray(dtype, global_shape, tuple(starts), tuple(shape)).Dup() if c else base
+             for c, (starts, shape) in zip(counts, blocks)]
+    spec = _SPEC_CACHE[key] = (counts, types, [0] * len(blocks), [base] * len(blocks))
+    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+        for dt in _SPEC_CACHE.popitem(last=False)[1][1]:
+            if not dt.is_predefined:
+                dt.Free()
+    return spec
+
+
 def _gather_specs(local, out, blocks: Sequence[tuple[tuple, tuple]]):
     """Alltoallw send/recv specs: ``blocks[q] = (starts, shape)`` of rank q's block in ``out``."""
-    base = mpi_type(out.dtype)
-    nlocal = int(np.prod(local.shape, dtype=np.int64))
-    p = len(blocks)
-    recv_counts, recv_types = [], []
-    for starts, shape in blocks:
-        if all(s > 0 for s in shape):
-            recv_counts.append(1)
-            recv_types.append(_subarray(out.dtype, tuple(out.shape), tuple(starts), tuple(shape)))
-        else:
-            recv_counts.append(0)
-            recv_types.append(base)
-    send = (local, [nlocal] * p, [0] * p, [base] * p)
-    recv = (out, recv_counts, [0] * p, recv_types)
-    return send, recv
+    counts, types, zeros, base = _recv_spec(out.dtype, out.shape, tuple(blocks))
+    return (local, [local.size] * len(blocks), zeros, base), (out, counts, zeros, types)
 
 
 def _check_gather_args(local, out, blocks, rank: int) -> None:

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Cost-model accuracy from bench records:  python scripts/plan_accuracy.py FILE.jsonl [...]
+[--calibration calib.json]
+
+Prints (1) median and max of |predicted_s - measured| / measured over all records (with
+``--calibration``, predicted_s is recomputed from that calibration; else the recorded one); (2) for
+every problem (m, k, n, hidden, dtype, backward, P) with several measured layouts, whether the
+layout with the lowest predicted time is the measured-fastest one; (3) whether ``plan``'s
+first choice (over all its candidates, with the given calibration) is the measured-fastest
+layout, when plan's choice was measured. Exit 0 always (a report, not a test).
+"""
+from __future__ import annotations
+
+import argparse
+
+from tpmpi.costmodel import load_calibration, plan, predict
+from tpmpi.report import accuracy, layout, load, problem_key
+from tpmpi.schemes import Problem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--calibration", default=None,
+                    help="recompute predictions with this calibration (default: as recorded)")
+    args = ap.parse_args()
+    cal = load_calibration(args.calibration)
+    recs = [r for r in load(args.files) if "scheme" in r and "time_s" in r]
+    if args.calibration:
+        for r in recs:
+            prob = Problem(scheme=r["scheme"], m=r["m"], k=r["k"], n=r["n"], hidden=r["hidden"],
+                           dtype=r["dtype"], backward=bool(r.get("backward")),
+                           options=tuple(sorted((r.get("options") or {}).items())))
+            grid = tuple(int(g) for g in r["grid"].split("x"))
+            pred = predict(prob, r["ranks"], grid, cal, r["backend"])
+            r["predicted_s"] = pred.time_s if pred else None
+    recs = [r for r in recs if r.get("predicted_s")]
+    acc = accuracy(recs)
+    if not acc["records"]:
+        print("no records with predicted_s")
+        return
+    print(f"(1) median |predicted - measured| / measured = {acc['median_rel_err']:.1%} "
+          f"over {acc['records']} records (max {acc['max_rel_err']:.1%})")
+    print(f"(2) lowest predicted = measured fastest in {acc['ranked_first']} of "
+          f"{acc['problems']} problems")
+    for p in acc["picks"]:
+        print(f"    {p['problem']}: measured {p['measured_fastest']!r}, predicted "
+              f"{p['predicted_fastest']!r}, {'HIT' if p['hit'] else 'miss'} ({p['loss']:.2f}x)")
+    by_problem: dict = {}
+    for r in recs:
+        by_problem.setdefault(problem_key(r), []).append(r)
+    hits = total = 0
+    for key, group in by_problem.items():
+        if len({layout(r) for r in group}) < 2:
+            continue
+        r0 = group[0]
+        top = plan(r0["m"], r0["k"], r0["n"], r0["ranks"], hidden=r0["hidden"] if
+                   r0["scheme"] == "mlp" else None, dtype=r0["dtype"],
+                   backward=bool(r0.get("backward")), backend=r0["backend"], calibration=cal)[0]
+        fastest = min(group, key=lambda r: r["time_s"]["median"])
+        measured = {layout(r) for r in group}
+        label = f"{top.scheme} {top.grid[0]}x{top.grid[1]}" + (
+            " " + ",".join(f"{k}={v}" for k, v in sorted(top.options.items()))
+            if top.options else "")
+        if label in measured:
+            total += 1
+            hits += label == layout(fastest)
+        print(f"    plan's first for {dict(zip(('m', 'k', 'n', 'hidden'), key[:4]))} "
+              f"P={key[-1]}: {label!r} ({'measured' if label in measured else 'not measured'})"
+              f"; measured fastest {layout(fastest)!r}")
+    print(f"(3) plan's first choice = measured fastest in {hits} of {total} problems where "
+          f"it was measured")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""bench / calibrate / plan CLI: sweeps over sub-communicators, collective mode, usage errors."""
+import json
+
+import pytest
+
+from tpmpi.cli import main
+from tpmpi.collbench import sizes_sweep
+from tpmpi.sweep import configs, default_ranks, grids_for, parse_size
+
+
+def test_parse_size_and_sweep():
+    assert parse_size("64") == 64 and parse_size("4K") == 4096 and parse_size("1M") == 1 << 20
+    assert sizes_sweep(8, 64, 2) == [8, 16, 32, 64]
+    with pytest.raises(ValueError):
+        sizes_sweep(64, 8, 2)
+
+
+def test_default_ranks_and_grids():
+    assert default_ranks("strong", 6) == [1, 2, 4, 6]
+    assert default_ranks("sizes", 6) == [6]
+    assert grids_for("tile2d", 4, ["auto"]) == [(2, 2)]
+    assert grids_for("column", 4, ["auto", "2x2", "1x3", "1x4"]) == [(1, 4)]
+    assert grids_for("tile2d", 4, ["auto", "1x4", "4x1"]) == [(2, 2), (1, 4), (4, 1)]
+
+
+def _configs(kind, **kw):
+    args = dict(schemes=["column", "tile2d"], dims={"m": [8], "k": [4], "n": [6],
+                                                    "hidden": [None]},
+                dim="m", sizes=[], ranks=[1, 2], grids=["auto"], dtypes=["float32"],
+                backward=False, options={"panel": [0, 2], "chunks": [0]})
+    args.update(kw)
+    return configs(kind, **args)
+
+
+def test_configs_strong_weak_sizes():
+    strong = _configs("strong")
+    assert [c.ranks for c in strong][0] == 2  # largest P first
+    assert {c.problem.m for c in strong} == {8}
+    # panel applies to tile2d only: column 1 + tile2d 2 per P
+    assert len(strong) == 6
+    assert {c.problem.opts.get("panel") for c in strong if c.problem.scheme == "tile2d"} \
+        == {None, 2}
+    weak = _configs("weak")
+    assert {(c.ranks, c.problem.m) for c in weak} == {(1, 8), (2, 16)}
+    sizes = _configs("sizes", sizes=[16, 32], ranks=[2], schemes=["column"])
+    assert [c.problem.m for c in sizes] == [16, 32] and sizes[0].sweep == ("sizes", "m")
+
+
+def _read(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@pytest.mark.mpi
+def test_bench_strong_sweep_records(world, tmp_path_factory):
+    if not world.member:
+        return
+    path = str(tmp_path_factory.mktemp("b", numbered=True) / "s.jsonl") \
+        if world.comm.Get_rank() == 0 else None
+    path = world.comm.bcast(path)
+    ranks = ",".join(str(p) for p in sorted({1, world.size}))
+    code = main(["bench", "--m", "8", "--k", "16", "--n", "12", "--iters", "2", "--warmup", "1",
+                 "--ranks", ranks, "--json", path], comm=world.comm)
+    assert code == 0
+    if world.comm.Get_rank() == 0:
+        recs = _read(path)
+        assert sorted(r["ranks"] for r in recs) == sorted({1, world.size})
+        for r in recs:
+            assert r["max_rel_err"] <= r["tolerance"]
+            assert r["predicted_s"] > 0 and r["baseline_s"] > 0 and r["efficiency"] > 0
+            assert r["sweep"] == {"kind": "strong", "dim": "m"}
+    world.comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_bench_collective_mode_verifies(world, tmp_path_factory, capsys):
+    if not world.member:
+        return
+    path = str(tmp_path_factory.mktemp("c", numbered=True) / "c.jsonl") \
+        if world.comm.Get_rank() == 0 else None
+    path = world.comm.bcast(path)
+    code = main(["bench", "--collective", "allgather,allreduce,reduce_scatter,bcast",
+                 "-b", "8", "-e", "4K", "-f", "8", "--iters", "2", "--json", path],
+                comm=world.comm)
+    assert code == 0
+    if world.comm.Get_rank() == 0:
+        recs = _read(path)
+        assert len(recs) == 4 * 4  # 8, 64, 512, 4096 bytes
+        assert all(r["wrong"] == 0 and r["ranks"] == world.size for r in recs)
+        out = capsys.readouterr().out
+        assert "algbw" in out and "busbw" in out and "#wrong" in out
+    world.comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv", [
+    ["bench", "--ranks", "99"],
+    ["bench", "--sweep", "sizes"],
+    ["bench", "--collective", "allgather"],
+    ["bench", "--scheme", "bogus"],
+    ["bench", "--grid", "7x7", "--ranks", "1"],
+    ["bench", "-b", "8"],
+])
+def test_bench_usage_errors_exit_2_everywhere(world, argv):
+    if not world.member:
+        return
+    codes = world.comm.allgather(main(argv, comm=world.comm))
+    assert codes == [2] * world.size
+
+
+@pytest.mark.mpi
+def test_calibrate_writes_fits(world, tmp_path_factory):
+    if not world.member:
+        return
+    path = str(tmp_path_factory.mktemp("cal", numbered=True) / "c.json") \
+        if world.comm.Get_rank() == 0 else None
+    path = world.comm.bcast(path)
+    assert main(["calibrate", "--json", path, "-b", "64", "-e", "4K", "--iters", "2",
+                 "--dtype", "float32"], comm=world.comm) == 0
+    if world.comm.Get_rank() == 0:
+        with open(path) as fh:
+            data = json.load(fh)
+        assert data["machine"]["ranks"] == world.size and "blas" in data["machine"]
+        assert set(data["rates"]["numpy:float32"]) == {"thin", "small", "medium", "large"}
+        if world.size > 1:
+            assert str(world.size) in data["alpha"]["allgather"]
+            assert data["beta"]["allreduce"][str(world.size)] >= 0
+    world.comm.Barrier()
+
+
+def test_plan_prints_ranked_layouts(capsys):
+    from mpi4py import MPI
+
+    assert main(["plan", "--m", "64", "--k", "256", "--n", "256", "--ranks", "4"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank():
+        return  # printed on rank 0
+    assert out.splitlines()[0].split()[:2] == ["rank", "layout"]
+    assert "tile2d 2x2" in out and "column 1x4" in out

@@ -1,0 +1,188 @@
+"""Collective micro-benchmarks (nccl-tests conventions) and the cost-model calibration.
+
+``size`` is the nccl-tests ``S`` in bytes: the gathered array (allgather), the per-rank input
+(reduce_scatter), the reduced array (allreduce), the broadcast buffer (bcast); ``count`` its
+elements. ``time`` is the mean over ``iters`` back-to-back calls, max over ranks;
+``algbw = S / time``, ``busbw = algbw * factor`` (tpmpi.timing.BUS_FACTOR). ``#wrong`` counts
+elements that differ from the expected pattern after one checked call, summed over ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__
+from .backend import Backend, blas_info
+from .costmodel import CLASS_SHAPES, OPS, Calibration, fit_alpha_beta, gemm_work
+from .timing import BUS_FACTOR
+
+COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
+
+
+def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
+    """``begin, begin*f, ...`` up to ``end`` (nccl-tests ``-b/-e/-f``); ValueError if empty."""
+    if begin < 1 or end < begin or factor <= 1:
+        raise ValueError(f"sizes -b {begin} -e {end} -f {factor}: need 1 <= b <= e and f > 1")
+    out, s = [], float(begin)
+    while s <= end:
+        out.append(int(s))
+        s *= factor
+    return out
+
+
+def _pattern(xp, count: int, rank: int, dtype) -> "np.ndarray":
+    """Small integers, exact in every float dtype: ((rank + 1) * (i % 13 + 1)) % 32."""
+    i = xp.arange(count, dtype=np.int64)
+    return (((rank + 1) * (i % 13 + 1)) % 32).astype(dtype)
+
+
+class _Op:
+    """Buffers and the MPI call of one collective at one size (``count`` = S in elements,
+    rounded down to a multiple of P where the op splits it)."""
+
+    def __init__(self, op: str, count: int, dtype, comm: MPI.Comm, xp):
+        p, r = comm.Get_size(), comm.Get_rank()
+        self.op, self.comm, self.xp, self.dtype = op, comm, xp, np.dtype(dtype)
+        if op in ("allgather", "reduce_scatter"):
+            count -= count % p
+        self.count = count
+        blk = count // p
+        pat = lambda c, rank: _pattern(xp, c, rank, dtype)  # noqa: E731
+        if op == "allgather":
+            self.send, self.recv = pat(blk, r), xp.empty(count, dtype)
+            self.expect = xp.concatenate([pat(blk, q) for q in range(p)]) if count else \
+                xp.empty(0, dtype)
+            self.call = lambda: comm.Allgather(self.send, self.recv)
+        elif op == "reduce_scatter":
+            self.send, self.recv = pat(count, r), xp.empty(blk, dtype)
+            total = sum(_pattern(np, count, q, np.float64) for q in range(p))
+            self.expect = xp.asarray(total[r * blk:(r + 1) * blk], dtype=dtype)
+            self.call = lambda: comm.Reduce_scatter_block(self.send, self.recv, op=MPI.SUM)
+        elif op == "allreduce":
+            self.send, self.recv = pat(count, r), xp.empty(count, dtype)
+            total = sum(_pattern(np, count, q, np.float64) for q in range(p))
+            self.expect = xp.asarray(total, dtype=dtype)
+            self.call = lambda: comm.Allreduce(self.send, self.recv, op=MPI.SUM)
+        elif op == "bcast":
+            self.recv = pat(count, 0) if r == 0 else xp.zeros(count, dtype)
+            self.expect = pat(count, 0)
+            self.call = lambda: comm.Bcast(self.recv, root=0)
+        else:
+            raise ValueError(f"collective={op!r}: expected one of {', '.join(OPS)}")
+
+    def wrong(self) -> int:
+        """Elements differing from the expected result after one fresh call (summed over
+        ranks)."""
+        self.recv[...] = 0 if self.op != "bcast" or self.comm.Get_rank() else self.expect
+        self.call()
+        return self.comm.allreduce(int((self.recv != self.expect).sum()))
+
+
+def time_collective(op: str, count: int, dtype, comm: MPI.Comm, backend: Backend, *,
+                    warmup: int = 2, iters: int = 10, check: bool = True) -> dict:
+    """One row of the collective benchmark; a record dict (same on every rank). Collective."""
+    xp = backend.xp if (not backend.is_gpu or backend.gpu_aware) else np
+    o = _Op(op, count, dtype, comm, xp)
+    for _ in range(warmup):
+        o.call()
+    backend.synchronize()
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        o.call()
+    backend.synchronize()
+    elapsed = comm.allreduce((time.perf_counter() - t0) / max(iters, 1), op=MPI.MAX)
+    p = comm.Get_size()
+    nbytes = o.count * o.dtype.itemsize
+    algbw = nbytes / elapsed / 1e9 if elapsed > 0 else None
+    return {
+        "collective": op, "ranks": p, "size": nbytes, "count": o.count,
+        "dtype": o.dtype.name, "backend": backend.name, "gpu_aware": backend.gpu_aware,
+        "buffers": "device" if xp is not np and backend.is_gpu else "host",
+        "warmup": warmup, "iters": iters, "time_s": elapsed,
+        "algbw_gbs": algbw, "busbw_gbs": algbw * BUS_FACTOR[op](p) if algbw else None,
+        "wrong": o.wrong() if check else None,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0].strip(),
+        "version": __version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_row(rec: dict, header: bool = False) -> str:
+    """nccl-tests-like line: size (B), count, type, time (us), algbw, busbw (GB/s), #wrong."""
+    widths = (12, 12, 8, 10, 8, 8, 7)
+    if header:
+        return "  ".join(h.rjust(w) for h, w in zip(COLUMNS, widths)) + \
+            "\n" + "  ".join(u.rjust(w) for u, w in
+                             zip(("(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", ""), widths))
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    cells = (str(rec["size"]), str(rec["count"]), rec["dtype"], f"{rec['time_s'] * 1e6:.2f}",
+             fmt(rec["algbw_gbs"], "{:.3f}"), fmt(rec["busbw_gbs"], "{:.3f}"),
+             fmt(rec["wrong"], "{}"))
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+
+def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
+              reps: int = 3) -> float:
+    """Rate of one local GEMM of ``shape`` (m, k, n) run on every rank at once (the slowest
+    rank's median), i.e. under the contention of a real run: flop/s, or operand bytes/s for a
+    "thin" shape (:func:`tpmpi.costmodel.gemm_work`). Collective."""
+    m, k, n = shape
+    xp = backend.xp
+    a, b = xp.ones((m, k), dtype=dtype), xp.ones((k, n), dtype=dtype)
+    c = xp.empty((m, n), dtype=dtype)
+    xp.matmul(a, b, out=c)
+    times = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        xp.matmul(a, b, out=c)
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+    t = comm.allreduce(float(np.median(times)), op=MPI.MAX)
+    return gemm_work(m, k, n, np.dtype(dtype).itemsize) / t
+
+
+def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
+              ops: Sequence[str] = OPS, sizes: Sequence[int] = (),
+              ranks: Sequence[int] = (), threads: Optional[int] = None, iters: int = 10,
+              progress: Optional[Callable[[str], None]] = None) -> Calibration:
+    """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
+    ranks of ``comm`` for each P in ``ranks``, default 2, 4, ... and the full size) over
+    ``sizes`` (bytes), and GEMM rates per dtype and shape class. Collective; the result on
+    every rank."""
+    world = comm.Get_size()
+    sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
+    ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
+                                   if 2 ** i <= world} | ({world} if world > 1 else set())))
+    cal = Calibration(machine={
+        "source": "calibrate", "ranks": world, "threads_per_rank": threads,
+        "blas": blas_info(backend), "backend": backend.name,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0].strip(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    for p in ranks:
+        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+        if sub != MPI.COMM_NULL:
+            for op in ops:
+                if progress:
+                    progress(f"{op} P={p}")
+                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                                        iters=iters, check=False) for s in sizes]
+                a, b = fit_alpha_beta(op, p, [r["size"] for r in recs],
+                                      [r["time_s"] for r in recs])
+                cal.alpha.setdefault(op, {})[str(p)] = a
+                cal.beta.setdefault(op, {})[str(p)] = b
+            sub.Free()
+        comm.Barrier()
+    cal.alpha, cal.beta = comm.bcast((cal.alpha, cal.beta), root=0)
+    for dtype in dtypes:
+        if progress:
+            progress(f"gemm {dtype}")
+        cal.rates[f"{backend.name}:{dtype}"] = {
+            cls: gemm_rate(shape, dtype, backend, comm) for cls, shape in CLASS_SHAPES.items()}
+    return cal

@@ -1,0 +1,399 @@
+"""Alpha-beta-gamma cost model: per-scheme predictions, calibration file, layout planning.
+
+Collectives (``S`` = nccl-tests size in bytes: the full gathered / reduced array) use the ring
+formulas of algorithms.md §4.1, ``T = lat(op, P) * alpha + bw(op, P) * S * beta``:
+
+=================  ==============  ===============
+op                 lat(op, P)      bw(op, P)
+=================  ==============  ===============
+allgather          P - 1           (P - 1) / P
+reduce_scatter     P - 1           (P - 1) / P
+allreduce          2 (P - 1)       2 (P - 1) / P
+bcast              ceil(lg P)      2 (P - 1) / P  (MPICH's long-message scatter + allgather)
+=================  ==============  ===============
+
+``alpha`` (s) and ``beta`` (s/byte) are fitted per collective and communicator size by
+:mod:`tpmpi.collbench`; a size without a fit uses the nearest fitted size's values (the
+formula carries the P dependence). Local GEMMs take ``2 m k n / rate`` with ``rate`` (flop/s,
+"gamma") per backend:dtype and shape class (:func:`gemm_class`); "thin" GEMMs (a dimension
+below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with
+``rate`` in bytes/s. Without a calibration file the documented defaults (:data:`DEFAULT_ALPHA`,
+:data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`) apply.
+
+Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
+GEMMs and the collectives listed):
+
+* column: GEMM (M, K, N/P) + AG(M N b); ``chunks`` c pipelines c row blocks (the gather of
+  block i overlaps the GEMM of block i+1). Backward: AR(M K b) of dX overlapped with the dW GEMM.
+* row: GEMM (M, K/P, N) + AR(M N b); backward AG(M K b) of dX.
+* mlp (megatron): column GEMM (M, K, H/P), row GEMM (M, H/P, N) + AR(M N b); backward
+  AR(M K b). ``mode="book"``: two column GEMMs with an AG after each (M H b, M N b) and two
+  ARs backward.
+* tile2d on pr x pc, gather form: AG_row(M/pr K b) + AG_col(K N/pc b) + GEMM (M/pr, K, N/pc);
+  backward (forward panels cached) RS_row(M/pr K b) + RS_col(K N/pc b). ``panel`` kb: K/kb
+  steps of Bcast_row(M/pr kb b) + Bcast_col(kb N/pc b), double-buffered, overlapped with the
+  step GEMMs; panel memory 2 (M/pr + N/pc) kb instead of (M/pr + N/pc) K.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
+CLASSES = ("thin", "small", "medium", "large")
+CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
+                "medium": (1024, 1024, 1024), "large": (1536, 1536, 1536)}
+
+
+def lat_factor(op: str, p: int) -> float:
+    """Number of alpha terms of ``op`` on ``p`` ranks (0 when p == 1)."""
+    if p <= 1:
+        return 0.0
+    return {"allgather": p - 1, "reduce_scatter": p - 1, "allreduce": 2 * (p - 1),
+            "bcast": math.ceil(math.log2(p))}[op]
+
+
+def bw_factor(op: str, p: int) -> float:
+    """Multiplier of ``S * beta`` for ``op`` on ``p`` ranks (0 when p == 1)."""
+    if p <= 1:
+        return 0.0
+    return {"allgather": (p - 1) / p, "reduce_scatter": (p - 1) / p,
+            "allreduce": 2 * (p - 1) / p, "bcast": 2 * (p - 1) / p}[op]
+
+
+def sent_bytes(op: str, p: int, nbytes: float) -> float:
+    """Bytes one rank sends in ``op`` of size ``S = nbytes`` (ring algorithms; bcast ~ tree
+    average)."""
+    if p <= 1:
+        return 0.0
+    return nbytes * (2 * (p - 1) / p if op == "allreduce" else (p - 1) / p)
+
+
+def gemm_class(m: int, k: int, n: int) -> str:
+    """Shape class of a local GEMM: "thin" (a dimension < 64), else by flops "small" (< 1e8),
+    "medium" (< 4e9), "large"."""
+    if min(m, k, n) < 64:
+        return "thin"
+    flops = 2.0 * m * k * n
+    return "small" if flops < 1e8 else "medium" if flops < 4e9 else "large"
+
+
+# Documented defaults: a laptop-class CPU node (shared-memory MPI) and a datacenter GPU.
+DEFAULT_ALPHA = 5e-6          # s per message
+DEFAULT_BETA = 1 / 5e9        # s per byte (5 GB/s)
+DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others flop/s
+    "numpy:float64": {"thin": 10e9, "small": 10e9, "medium": 25e9, "large": 30e9},
+    "numpy:float32": {"thin": 10e9, "small": 20e9, "medium": 50e9, "large": 60e9},
+    "numpy:float16": {"thin": 0.5e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
+    "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
+    "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
+    "cupy:float16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
+}
+
+
+def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
+    """What a GEMM's rate divides: operand bytes for "thin" shapes, else flops."""
+    if gemm_class(m, k, n) == "thin":
+        return float(m * k + k * n + m * n) * itemsize
+    return 2.0 * m * k * n
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Fitted parameters: ``alpha[op][P]`` (s), ``beta[op][P]`` (s/byte),
+    ``rates["backend:dtype"][class]`` (flop/s; bytes/s for "thin"), and the facts of the
+    machine they came from."""
+
+    alpha: dict = dataclasses.field(default_factory=dict)
+    beta: dict = dataclasses.field(default_factory=dict)
+    rates: dict = dataclasses.field(default_factory=lambda: json.loads(json.dumps(DEFAULT_RATES)))
+    machine: dict = dataclasses.field(default_factory=lambda: {"source": "defaults"})
+
+    def _nearest(self, table: dict, op: str, p: int, default: float) -> float:
+        """``table[op]`` at the fitted size nearest ``p`` (keys are str(P), as in JSON)."""
+        sizes = sorted(int(q) for q in table.get(op, {}))
+        if not sizes:
+            return default
+        i = bisect.bisect_left(sizes, p)
+        near = min(sizes[max(0, i - 1):i + 1], key=lambda q: abs(q - p))
+        return float(table[op][str(near)])
+
+    def collective(self, op: str, p: int, nbytes: float) -> float:
+        """Predicted seconds of ``op`` with nccl-tests size ``nbytes`` over ``p`` ranks."""
+        if p <= 1:
+            return 0.0
+        a = self._nearest(self.alpha, op, p, DEFAULT_ALPHA)
+        b = self._nearest(self.beta, op, p, DEFAULT_BETA)
+        return lat_factor(op, p) * a + bw_factor(op, p) * nbytes * b
+
+    def gemm(self, m: int, k: int, n: int, dtype: str, backend: str = "numpy") -> float:
+        """Predicted seconds of one local (m, k) @ (k, n) product."""
+        if min(m, k, n) <= 0:
+            return 0.0
+        key = f"{backend}:{dtype}"
+        rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
+        return gemm_work(m, k, n, np.dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
+
+    def to_json(self) -> dict:
+        return {"machine": self.machine, "alpha": self.alpha, "beta": self.beta,
+                "rates": self.rates}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        rates = json.loads(json.dumps(DEFAULT_RATES))
+        rates.update(data.get("rates", {}))
+        return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,
+                   machine=data.get("machine", {}))
+
+
+def load_calibration(path: Optional[str] = None) -> Calibration:
+    """The calibration in ``path``, else in env ``TPMPI_CALIBRATION``, else the defaults."""
+    path = path or os.environ.get("TPMPI_CALIBRATION")
+    if not path:
+        return Calibration()
+    try:
+        with open(path) as fh:
+            return Calibration.from_json(json.load(fh))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"calibration {path!r}: {exc}") from None
+
+
+def fit_alpha_beta(op: str, p: int, sizes: Sequence[float], times: Sequence[float]
+                   ) -> tuple[float, float]:
+    """Least-squares ``(alpha, beta) >= 0`` of ``t = lat * alpha + bw * S * beta`` over the
+    measured ``(S, t)`` pairs, weighted by 1/t so small and large messages count alike."""
+    s = np.asarray(sizes, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    w = 1.0 / np.maximum(t, 1e-9)
+    design = np.stack([np.full_like(s, lat_factor(op, p)), bw_factor(op, p) * s], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(design * w[:, None], t * w, rcond=None)
+    if alpha < 0 or beta < 0:  # refit the other term alone
+        col = 1 if alpha < 0 else 0
+        x = design[:, col] * w
+        val = max(float(x @ (t * w) / (x @ x)), 0.0) if x @ x > 0 else 0.0
+        alpha, beta = (0.0, val) if col == 1 else (val, 0.0)
+    return float(alpha), float(beta)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One layout's predicted cost per rank (seconds, bytes)."""
+
+    scheme: str
+    grid: tuple
+    options: dict
+    compute_s: float
+    comm_s: float          # exposed (not overlapped) communication
+    time_s: float
+    bytes_per_rank: float  # bytes sent per rank
+    mem_bytes: float       # operands and buffers held per rank
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.scheme} {self.grid[0]}x{self.grid[1]}" + (f" {opts}" if opts else "")
+
+
+class _Tally:
+    """Accumulates GEMMs, collectives and overlap for one prediction."""
+
+    def __init__(self, cal: Calibration, dtype: str, backend: str):
+        self.cal, self.dtype, self.backend = cal, dtype, backend
+        self.b = np.dtype(dtype).itemsize
+        self.compute = self.comm = self.sent = 0.0
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        t = self.cal.gemm(m, k, n, self.dtype, self.backend)
+        self.compute += t
+        return t
+
+    def coll(self, op: str, p: int, elements: float, hidden_behind: float = 0.0) -> float:
+        """Collective of ``elements`` (nccl-tests S in elements); ``hidden_behind`` seconds of
+        concurrent local work hide that much of it."""
+        t = self.cal.collective(op, p, elements * self.b)
+        self.sent += sent_bytes(op, p, elements * self.b)
+        self.comm += max(0.0, t - hidden_behind)
+        return t
+
+
+def _split(n: int, p: int) -> int:
+    """The largest block of a block partition of n over p."""
+    return -(-n // p) if p else n
+
+
+def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
+    np_ = _split(n, p)
+    c = max(1, min(int(chunks or 1), max(m, 1)))
+    mc = _split(m, c)
+    g = t.cal.gemm(mc, k, np_, t.dtype, t.backend)
+    a = t.cal.collective("allgather", p, mc * n * t.b)
+    t.compute += c * g
+    t.sent += c * sent_bytes("allgather", p, mc * n * t.b)
+    # pipeline: first GEMM, then c-1 stages of max(gemm, gather), then the last gather
+    exposed = (c - 1) * max(0.0, a - g) + a if c > 1 else a
+    t.comm += exposed
+    if backward:
+        t.gemm(m, np_, k)
+        dw = t.gemm(k, m, np_)
+        t.coll("allreduce", p, m * k, hidden_behind=dw)
+    return (m * k + k * np_ + m * n + (m * np_ if c == 1 else 2 * mc * np_)) * t.b
+
+
+def _row(t: _Tally, m, k, n, p, backward) -> float:
+    kp = _split(k, p)
+    t.gemm(m, kp, n)
+    t.coll("allreduce", p, m * n)
+    if backward:
+        t.gemm(m, n, kp)
+        t.gemm(kp, m, n)
+        t.coll("allgather", p, m * k)
+    return (m * k + kp * n + m * n) * t.b
+
+
+def _mlp(t: _Tally, m, k, n, h, p, backward, mode) -> float:
+    hp = _split(h, p)
+    t.gemm(m, k, hp)
+    if mode == "book":
+        t.coll("allgather", p, m * h)
+        t.gemm(m, h, _split(n, p))
+        t.coll("allgather", p, m * n)
+    else:
+        t.gemm(m, hp, n)
+        t.coll("allreduce", p, m * n)
+    if backward:
+        t.gemm(m, hp, k)
+        t.gemm(k, m, hp)
+        t.gemm(m, n, hp)
+        t.gemm(hp, m, n)
+        t.coll("allreduce", p, m * k)
+        if mode == "book":
+            t.coll("allreduce", p, m * h)
+    w = (k * hp + hp * n) * t.b
+    act = (m * k + m * h + m * n) if mode == "book" else (m * k + 2 * m * hp + m * n)
+    return w + act * t.b
+
+
+def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
+    mr, nc, kr, kc = _split(m, pr), _split(n, pc), _split(k, pr), _split(k, pc)
+    own = (mr * kc + kr * nc + mr * nc) * t.b
+    if panel:
+        kb = max(1, min(int(panel), max(k, 1)))
+        steps = -(-k // kb)
+        g = t.cal.gemm(mr, kb, nc, t.dtype, t.backend)
+        bc = (t.cal.collective("bcast", pc, mr * kb * t.b)
+              + t.cal.collective("bcast", pr, kb * nc * t.b))
+        t.compute += steps * g
+        t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
+                           + sent_bytes("bcast", pr, kb * nc * t.b))
+        t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped
+        panels = 2 * (mr + nc) * kb * t.b
+    else:
+        t.coll("allgather", pc, mr * k)
+        t.coll("allgather", pr, k * nc)
+        t.gemm(mr, k, nc)
+        panels = (mr + nc) * k * t.b
+    if backward:
+        t.gemm(mr, nc, k)
+        t.gemm(k, mr, nc)
+        t.coll("reduce_scatter", pc, mr * k)
+        t.coll("reduce_scatter", pr, k * nc)
+        panels = max(panels, 2 * (mr + nc) * k * t.b)
+    return own + panels
+
+
+MODELLED = ("column", "row", "mlp", "tile2d")
+
+
+def square_grid(p: int) -> tuple[int, int]:
+    """The most nearly square ``(pr, pc)`` with ``pr <= pc`` and ``pr * pc == p``."""
+    pr = max(r for r in range(1, int(math.isqrt(p)) + 1) if p % r == 0)
+    return pr, p // pr
+
+
+def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
+            calibration: Optional[Calibration] = None, backend: str = "numpy"
+            ) -> Optional[Prediction]:
+    """Predicted time of ``problem`` (a :class:`tpmpi.schemes.Problem`: scheme, m, k, n,
+    hidden, dtype, backward, options) on ``ranks`` ranks arranged as ``grid`` (default 1xP, or
+    the most square grid for tile2d). None for a scheme the model does not know."""
+    cal = calibration or Calibration()
+    p = int(ranks)
+    scheme, opts = problem.scheme, dict(problem.options)
+    if scheme not in MODELLED:
+        return None
+    if grid is None:
+        grid = square_grid(p) if scheme == "tile2d" else (1, p)
+    pr, pc = (int(g) for g in grid)
+    t = _Tally(cal, problem.dtype, backend)
+    m, k, n, bwd = problem.m, problem.k, problem.n, problem.backward
+    if scheme == "column":
+        mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
+    elif scheme == "row":
+        mem = _row(t, m, k, n, p, bwd)
+    elif scheme == "mlp":
+        h = problem.hidden if problem.hidden is not None else 4 * k
+        mem = _mlp(t, m, k, n, h, p, bwd, opts.get("mode", "megatron"))
+    else:
+        mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
+    return Prediction(scheme=scheme, grid=(pr, pc), options=opts, compute_s=t.compute,
+                      comm_s=t.comm, time_s=t.compute + t.comm, bytes_per_rank=t.sent,
+                      mem_bytes=mem)
+
+
+def candidates(m: int, k: int, n: int, ranks: int, hidden: Optional[int] = None
+               ) -> Iterable[tuple[str, tuple[int, int], dict]]:
+    """Every layout :func:`plan` considers: (scheme, grid, options)."""
+    p = ranks
+    if hidden is not None:
+        for mode in ("megatron", "book"):
+            yield "mlp", (1, p), ({} if mode == "megatron" else {"mode": mode})
+        return
+    yield "column", (1, p), {}
+    for c in (2, 4, 8):
+        if c <= m:
+            yield "column", (1, p), {"chunks": c}
+    yield "row", (1, p), {}
+    for pr in range(1, p + 1):
+        if p % pr == 0:
+            yield "tile2d", (pr, p // pr), {}
+            for kb in (k // 4, k // 16):
+                if kb >= 1 and kb < k:
+                    yield "tile2d", (pr, p // pr), {"panel": kb}
+
+
+def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
+         dtype: str = "float32", backward: bool = False, backend: str = "numpy",
+         calibration: Optional[Calibration] = None) -> list[Prediction]:
+    """All candidate layouts ranked by predicted time (fastest first)."""
+    from .schemes import Problem
+
+    preds = []
+    for scheme, grid, opts in candidates(m, k, n, ranks, hidden):
+        prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
+                       backward=backward, options=tuple(sorted(opts.items())))
+        preds.append(predict(prob, ranks, grid, calibration, backend))
+    return sorted(preds, key=lambda pr: pr.time_s)
+
+
+def format_plan(preds: Sequence[Prediction]) -> str:
+    """A ranked text table of predictions (ms, MiB)."""
+    heads = ["rank", "layout", "time_ms", "compute_ms", "comm_ms", "sent_MiB/rank",
+             "mem_MiB/rank"]
+    rows = [[str(i + 1), p.label, f"{p.time_s * 1e3:.3f}", f"{p.compute_s * 1e3:.3f}",
+             f"{p.comm_s * 1e3:.3f}", f"{p.bytes_per_rank / 2**20:.2f}",
+             f"{p.mem_bytes / 2**20:.2f}"] for i, p in enumerate(preds)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) if i == 1 else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(heads, widths)))]
+    lines += ["  ".join(c.ljust(w) if i == 1 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)

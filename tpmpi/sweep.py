@@ -1,0 +1,184 @@
+"""Scaling sweeps: the configurations of ``python -m tpmpi bench`` and the loop that runs them.
+
+Every configuration runs on the first ``P`` ranks of the job (a sub-communicator), so one
+``mpiexec -n 4`` measures P = 1, 2, 4; ranks outside it wait without busy-polling. Rank 0 is in
+every sub-communicator and writes every record.
+
+* strong: fixed problem, P varies;  weak: ``dim`` multiplied by P;  sizes: ``dim`` swept
+  (``-b/-e/-f``) at the given P.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from .backend import Backend, node_comm
+from .bench import run_case
+from .collbench import format_row, time_collective
+from .comm import agree, polite_barrier
+from .costmodel import Calibration, square_grid
+from .grid import ProcessGrid, parse_shape
+from .schemes import Problem
+
+SWEEPS = ("strong", "weak", "sizes")
+# scheme options the sweep varies, and the schemes that take them (0 = option unset)
+SCHEME_OPTIONS = {"panel": ("tile2d",), "chunks": ("column",)}
+GRID_2D = ("tile2d",)  # schemes that use a 2D grid; the others run on 1xP only
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run: a problem on the first ``ranks`` ranks arranged as ``grid``."""
+
+    problem: Problem
+    ranks: int
+    grid: tuple
+    sweep: tuple = ("strong", "m")  # (kind, dim), copied into the record
+
+
+def parse_size(text: str) -> int:
+    """``'64'``, ``'4K'``, ``'128M'``, ``'1G'`` (binary multiples, as nccl-tests) -> int."""
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected an integer with optional K/M/G") from None
+    return value
+
+
+def default_ranks(kind: str, world: int) -> list[int]:
+    """P values of a sweep: 1, 2, 4, ... and the world size (strong/weak); the world (sizes)."""
+    if kind == "sizes":
+        return [world]
+    return sorted({2 ** i for i in range(world.bit_length()) if 2 ** i <= world} | {world})
+
+
+def grids_for(scheme: str, p: int, grids: Sequence[str]) -> list[tuple]:
+    """The grids of ``grids`` ("RxC" or "auto") that have ``p`` ranks and suit ``scheme``;
+    "auto" is 1xP, or the most square grid for the schemes of :data:`GRID_2D`."""
+    two_d = scheme in GRID_2D
+    out = []
+    for g in grids:
+        shape = (square_grid(p) if two_d else (1, p)) if g == "auto" else parse_shape(g)
+        if shape[0] * shape[1] == p and (two_d or shape[0] == 1) and shape not in out:
+            out.append(shape)
+    return out
+
+
+def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
+            sizes: Sequence[int], ranks: Sequence[int], grids: Sequence[str],
+            dtypes: Sequence[str], backward: bool, options: dict) -> list[Config]:
+    """The sweep's configurations, largest P first (a problem's serial baseline is measured at
+    its first, largest run). ``dims`` = {m, k, n, hidden: [values]}; non-empty ``sizes``
+    replace ``dims[dim]``; "weak" multiplies ``dim`` by P; ``options`` = {name: [values]}
+    (0 = unset) for the schemes of :data:`SCHEME_OPTIONS`."""
+    dims = dict(dims, **({dim: list(sizes)} if sizes else {}))
+    names = ("m", "k", "n", "hidden")
+    out = []
+    for p in sorted(ranks, reverse=True):
+        for *shape, scheme, dtype in itertools.product(*(dims[d] for d in names), schemes,
+                                                      dtypes):
+            d = dict(zip(names, shape))
+            if kind == "weak":
+                d[dim] = d[dim] * p
+            opt_names = [o for o in options if scheme in SCHEME_OPTIONS.get(o, ())]
+            for values in itertools.product(*(options[o] for o in opt_names)):
+                opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v))
+                prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
+                out.extend(Config(prob, p, g, (kind, dim)) for g in grids_for(scheme, p, grids))
+    return out
+
+
+def _progress(total: int, enabled: bool) -> Callable[[str], None]:
+    """A per-step callback: tqdm's bar on stderr when available, else one line per step."""
+    if not enabled:
+        return lambda desc: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        count = iter(range(1, total + 1))
+        return lambda desc: sys.stderr.write(f"[{next(count)}/{total}] {desc}\n")
+    bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
+
+    def step(desc: str) -> None:
+        bar.set_description(desc)
+        bar.update(1)
+        if bar.n == total:
+            bar.close()
+    return step
+
+
+def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
+              warmup: int, iters: int, baseline: bool, calibration: Optional[Calibration],
+              on_record: Callable[[dict], None]) -> None:
+    """Run every configuration on the first ``ranks`` ranks of ``world``; ``on_record`` is
+    called on rank 0 with each record. With ``baseline``, one serial baseline per distinct
+    problem (all the node's threads), reused for every P. A ValueError on any member is raised
+    on every rank of ``world``. Collective over ``world``."""
+    rank = world.Get_rank()
+    step = _progress(len(cfgs), rank == 0)
+    bases: dict = {}
+    node = node_comm(world)
+    node_threads = threads * node.Get_size()  # the baseline uses all of rank 0's node
+    node.Free()
+    for p, group in itertools.groupby(cfgs, key=lambda c: c.ranks):
+        sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
+        for cfg in group:
+            error = None
+            if sub != MPI.COMM_NULL:
+                try:
+                    with ProcessGrid(sub, cfg.grid, blas_threads=threads) as grid:
+                        key = dataclasses.replace(cfg.problem, options=())
+                        rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
+                                       baseline=bases.get(key, baseline),
+                                       baseline_threads=node_threads,
+                                       calibration=calibration)
+                    rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
+                    if baseline:
+                        bases[key] = rec["baseline_s"]
+                    if rank == 0:
+                        on_record(rec)
+                except ValueError as exc:
+                    error = str(exc)
+            polite_barrier(world)
+            agree(world, error)
+            if rank == 0:
+                step(f"{cfg.problem.scheme} P={p} {cfg.grid[0]}x{cfg.grid[1]} "
+                     f"m={cfg.problem.m}")
+        if sub != MPI.COMM_NULL:
+            sub.Free()
+
+
+def collective_sweep(world: MPI.Comm, ops: Iterable[str], sizes: Sequence[int],
+                     ranks: Sequence[int], dtype: str, backend: Backend, *, warmup: int,
+                     iters: int, on_record: Callable[[dict], None],
+                     out: Callable[[str], None]) -> None:
+    """nccl-tests-style table (``out`` on rank 0) and records for each op, P and size in bytes.
+    Collective over ``world``."""
+    rank, item = world.Get_rank(), np.dtype(dtype).itemsize
+    for p in sorted(ranks):
+        sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
+        for op in ops:
+            if rank == 0:
+                out(f"# tpmpi {op}: {p} ranks, dtype {dtype}, warmup {warmup}, iters {iters}")
+                out(format_row({}, header=True))
+            busbw = []
+            if sub != MPI.COMM_NULL:
+                for size in sizes:
+                    rec = time_collective(op, max(size // item, 1), dtype, sub, backend,
+                                          warmup=warmup, iters=iters)
+                    busbw.append(rec["busbw_gbs"] or 0.0)
+                    if rank == 0:
+                        out(format_row(rec))
+                        on_record(rec)
+            if rank == 0:
+                out(f"# Avg bus bandwidth    : {sum(busbw) / max(len(busbw), 1):.3f} GB/s\n")
+            polite_barrier(world)
+        if sub != MPI.COMM_NULL:
+            sub.Free()
