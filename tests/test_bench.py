@@ -27,7 +27,7 @@ def _configs(kind, **kw):
     args = dict(schemes=["column", "tile2d"], dims={"m": [8], "k": [4], "n": [6],
                                                     "hidden": [None]},
                 dim="m", sizes=[], ranks=[1, 2], grids=["auto"], dtypes=["float32"],
-                backward=False, options={"panel": [0, 2], "chunks": [0]})
+                backward=False, options={"panel": [None, 2], "chunks": [None]})
     args.update(kw)
     return configs(kind, **args)
 

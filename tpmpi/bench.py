@@ -29,6 +29,7 @@ from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
 from .dtypes import tolerance
 from .grid import ProcessGrid
+from .overlap import measure_overlap
 from .schemes import Problem, build
 
 
@@ -80,13 +81,16 @@ def default_calibration() -> Calibration:
 def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
              iters: int = 10, verify: bool = True, baseline: "bool | float" = False,
              baseline_threads: Optional[int] = None,
-             calibration: Optional[Calibration] = None) -> dict:
+             calibration: Optional[Calibration] = None, overlap: bool = False) -> dict:
     """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
     time the serial single-process product in the same job with ``baseline_threads`` threads
     (a float is a baseline time measured earlier); ``baseline_s``, ``speedup`` =
     baseline_s / time, ``efficiency`` = speedup / ranks. ``predicted_s`` comes from the cost
-    model with ``calibration`` (default: :func:`tpmpi.costmodel.load_calibration`). The
-    record on every rank. Collective over ``grid.comm``."""
+    model with ``calibration`` (default: :func:`tpmpi.costmodel.load_calibration`). With
+    ``overlap``, field ``overlap`` holds, per phase (forward, and backward when timed), the
+    OSU measurement of :func:`tpmpi.overlap.measure_overlap`: overall, compute-only and
+    communication-only medians, overlap % and seconds saved. The record on every rank.
+    Collective over ``grid.comm``."""
     comm = grid.comm
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
@@ -121,6 +125,12 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     total = fwd_t + bwd_t
     median = float(np.median(total)) if iters else float("nan")
     flops = case.flops * (3 if problem.backward else 1)
+    phases = {}
+    if overlap:
+        phases["forward"] = measure_overlap(case.layers, case.forward, warmup=1, iters=iters)
+        if problem.backward:
+            phases["backward"] = measure_overlap(case.layers, case.backward, warmup=1,
+                                                 iters=iters)
     err = case.verify() if verify else None
     if baseline is True:
         base = serial_baseline(case, grid, backend, warmup=warmup, iters=iters,
@@ -152,6 +162,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "mem_peak_bytes": mem_peak,
         "max_rel_err": err, "tolerance": tolerance(problem.dtype),
         "predicted_s": pred.time_s if pred else None,
+        "overlap": {phase: t.as_dict() for phase, t in phases.items()} or None,
         "predicted": dataclasses.asdict(pred) if pred else None,
         "baseline_s": base,
         "speedup": base / median if base and median > 0 else None,
@@ -163,7 +174,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
 
 
 COLUMNS = [("scheme", "{}"), ("ranks", "{}"), ("grid", "{}"), ("m", "{}"), ("k", "{}"),
-           ("n", "{}"), ("dtype", "{}"), ("backend", "{}"), ("threads", "{}"),
+           ("n", "{}"), ("options", "{}"), ("dtype", "{}"), ("backend", "{}"),
+           ("threads", "{}"),
            ("time_ms", "{:.3f}"), ("gemm_ms", "{:.3f}"), ("comm_ms", "{:.3f}"),
            ("GFLOP/s", "{:.1f}"), ("algbw", "{:.2f}"), ("busbw", "{:.2f}"),
            ("mem_MiB", "{:.1f}"), ("rel_err", "{:.2e}"), ("pred_ms", "{:.3f}"),
@@ -173,7 +185,10 @@ COLUMNS = [("scheme", "{}"), ("ranks", "{}"), ("grid", "{}"), ("m", "{}"), ("k",
 def table_row(rec: dict) -> dict:
     """The printed columns of a record."""
     return {"scheme": rec["scheme"], "ranks": rec["ranks"], "grid": rec["grid"], "m": rec["m"],
-            "k": rec["k"], "n": rec["n"], "dtype": rec["dtype"], "backend": rec["backend"],
+            "k": rec["k"], "n": rec["n"],
+            "options": ",".join(f"{k}={v}" for k, v in sorted(rec["options"].items()))
+            + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",
+            "dtype": rec["dtype"], "backend": rec["backend"],
             "threads": rec["threads_per_rank"], "time_ms": rec["time_s"]["median"] * 1e3,
             "gemm_ms": rec["gemm_s"] * 1e3, "comm_ms": rec["comm_s"] * 1e3,
             "GFLOP/s": rec["gflops"], "algbw": rec["algbw_gbs"], "busbw": rec["busbw_gbs"],

@@ -22,7 +22,9 @@ from .bench import format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import agree
 from .costmodel import OPS, format_plan, load_calibration, plan
+from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, tolerance
+from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .schemes import KNOWN, Problem, available
 from .sweep import SWEEPS, collective_sweep, configs, default_ranks, parse_size, run_sweep
@@ -93,6 +95,15 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--chunks", help="column: M chunks pipelined" + (" (0 = unset)" if many
                                                                      else ""),
                    **typed(_non_negative if many else _positive, None))
+    p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way) or book (Allgather after "
+                   "each GEMM)", **typed(str, None, MODES))
+    p.add_argument("--activation", help="mlp activation (default gelu, tanh approximation)",
+                   **typed(str, None, tuple(ACTIVATIONS)))
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="backward collectives blocking after the dW GEMM (default: overlapped)")
+    p.add_argument("--measure-overlap", action="store_true",
+                   help="also time forward/backward as is, GEMMs only and collectives only: "
+                        "record field 'overlap' (OSU overlap %%, seconds saved)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="BLAS threads per rank (default: cores / ranks sharing them; env "
                         "TPMPI_THREADS)")
@@ -166,8 +177,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """The :class:`Problem` named by the problem flags."""
-    options = {name: getattr(args, name) for name in ("panel", "chunks")
+    options = {name: getattr(args, name) for name in ("panel", "chunks", "mode", "activation")
                if getattr(args, name) is not None}
+    if not args.overlap:
+        options["overlap"] = False
     return Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.n, hidden=args.hidden,
                    dtype=args.dtype, backward=args.backward,
                    options=tuple(sorted(options.items())))
@@ -178,7 +191,8 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
     backend = get_backend(args.backend, comm)
     rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters,
-                   baseline=args.baseline, calibration=load_calibration(args.calibration))
+                   baseline=args.baseline, calibration=load_calibration(args.calibration),
+                   overlap=args.measure_overlap)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
@@ -187,6 +201,11 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         if rec["baseline_s"]:
             print(f"serial baseline (1 process, all threads): {rec['baseline_s'] * 1e3:.3f} ms; "
                   f"throughput ratio {rec['speedup']:.3f}, efficiency {rec['efficiency']:.3f}")
+        for phase, times in (rec.get("overlap") or {}).items():
+            print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
+                  f"{times['compute_s'] * 1e3:.3f} ms, communication only "
+                  f"{times['comm_only_s'] * 1e3:.3f} ms -> overlap {times['overlap_pct']:.1f}%, "
+                  f"saved {times['saved_s'] * 1e3:.3f} ms")
         if args.json:
             with open(args.json, "a") as fh:
                 write_record(rec, fh)
@@ -265,7 +284,10 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
-                   options={"panel": args.panel or [0], "chunks": args.chunks or [0]})
+                   options={"panel": [v or None for v in args.panel or [0]],
+                            "chunks": [v or None for v in args.chunks or [0]],
+                            "mode": args.mode or [None], "activation": args.activation or [None],
+                            "overlap": [None] if args.overlap else [False]})
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
@@ -278,7 +300,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
               baseline=args.baseline, calibration=load_calibration(args.calibration),
-              on_record=on_record)
+              on_record=on_record, measure_overlap=args.measure_overlap)
     _out(comm)(format_table(records))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -26,8 +27,9 @@ from .grid import ProcessGrid, parse_shape
 from .schemes import Problem
 
 SWEEPS = ("strong", "weak", "sizes")
-# scheme options the sweep varies, and the schemes that take them (0 = option unset)
-SCHEME_OPTIONS = {"panel": ("tile2d",), "chunks": ("column",)}
+# scheme options the sweep varies, and the schemes that take them (None = option unset)
+SCHEME_OPTIONS = {"panel": ("tile2d",), "chunks": ("column",), "mode": ("mlp",),
+                  "activation": ("mlp",), "overlap": ("column", "row", "mlp")}
 GRID_2D = ("tile2d",)  # schemes that use a 2D grid; the others run on 1xP only
 
 
@@ -77,7 +79,7 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
     """The sweep's configurations, largest P first (a problem's serial baseline is measured at
     its first, largest run). ``dims`` = {m, k, n, hidden: [values]}; non-empty ``sizes``
     replace ``dims[dim]``; "weak" multiplies ``dim`` by P; ``options`` = {name: [values]}
-    (0 = unset) for the schemes of :data:`SCHEME_OPTIONS`."""
+    (None = unset) for the schemes of :data:`SCHEME_OPTIONS`."""
     dims = dict(dims, **({dim: list(sizes)} if sizes else {}))
     names = ("m", "k", "n", "hidden")
     out = []
@@ -89,7 +91,7 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
                 d[dim] = d[dim] * p
             opt_names = [o for o in options if scheme in SCHEME_OPTIONS.get(o, ())]
             for values in itertools.product(*(options[o] for o in opt_names)):
-                opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v))
+                opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v is not None))
                 prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
                 out.extend(Config(prob, p, g, (kind, dim)) for g in grids_for(scheme, p, grids))
     return out
@@ -116,7 +118,7 @@ def _progress(total: int, enabled: bool) -> Callable[[str], None]:
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
               warmup: int, iters: int, baseline: bool, calibration: Optional[Calibration],
-              on_record: Callable[[dict], None]) -> None:
+              on_record: Callable[[dict], None], measure_overlap: bool = False) -> None:
     """Run every configuration on the first ``ranks`` ranks of ``world``; ``on_record`` is
     called on rank 0 with each record. With ``baseline``, one serial baseline per distinct
     problem (all the node's threads), reused for every P. A ValueError on any member is raised
@@ -125,7 +127,8 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
     step = _progress(len(cfgs), rank == 0)
     bases: dict = {}
     node = node_comm(world)
-    node_threads = threads * node.Get_size()  # the baseline uses all of rank 0's node
+    node_threads = min(threads * node.Get_size(),  # the baseline uses all of rank 0's node
+                       len(os.sched_getaffinity(0)))
     node.Free()
     for p, group in itertools.groupby(cfgs, key=lambda c: c.ranks):
         sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
@@ -138,7 +141,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                         rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
                                        baseline=bases.get(key, baseline),
                                        baseline_threads=node_threads,
-                                       calibration=calibration)
+                                       calibration=calibration, overlap=measure_overlap)
                     rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
                         bases[key] = rec["baseline_s"]

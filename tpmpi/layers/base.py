@@ -241,11 +241,14 @@ class ParallelLinear:
     # ---- phase switches for overlap measurements (see Profiler.only)
     def _matmul(self, a, b, out=None):
         """``a @ b`` (into ``out``); skipped while the profiler runs communication only (then
-        ``out``, or zeros of the product's shape, is returned)."""
+        zeros of the product's shape, in ``out`` when given, are returned)."""
         xp = self.backend.xp
         if self.profiler.runs("gemm"):
             return xp.matmul(a, b, out=out)
-        return out if out is not None else xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
+        if out is None:
+            return xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
+        out.fill(0)  # defined values for whatever follows (e.g. an activation)
+        return out
 
     def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` (a collective); skipped while the profiler runs GEMMs only, returning a
