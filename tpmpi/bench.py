@@ -44,6 +44,15 @@ def mpi_library() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
+def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int]) -> int:
+    """BLAS threads of all ranks of this node together, capped at this rank's CPU mask: the
+    threads a single process gets in the serial baseline. Collective."""
+    node = node_comm(comm)
+    total = (threads_per_rank or 1) * node.Get_size()
+    node.Free()
+    return min(total, len(os.sched_getaffinity(0)))
+
+
 def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
                     iters: int, threads: Optional[int] = None) -> float:
     """Median time of the case's serial product on rank 0 using ``threads`` BLAS threads
@@ -52,9 +61,7 @@ def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
     every rank."""
     comm = grid.comm
     if threads is None:
-        node = node_comm(comm)
-        threads = min((grid.threads or 1) * node.Get_size(), len(os.sched_getaffinity(0)))
-        node.Free()
+        threads = node_threads(comm, grid.threads)
     polite_barrier(comm)
     median = 0.0
     if comm.Get_rank() == 0:
@@ -85,7 +92,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
     time the serial single-process product in the same job with ``baseline_threads`` threads
     (a float is a baseline time measured earlier); ``baseline_s``, ``speedup`` =
-    baseline_s / time, ``efficiency`` = speedup / ranks. ``predicted_s`` comes from the cost
+    baseline_s / time, ``efficiency`` = speedup x baseline threads / (ranks x threads per
+    rank), i.e. per core. ``predicted_s`` comes from the cost
     model with ``calibration`` (default: :func:`tpmpi.costmodel.load_calibration`). With
     ``overlap``, field ``overlap`` holds, per phase (forward, and backward when timed), the
     OSU measurement of :func:`tpmpi.overlap.measure_overlap`: overall, compute-only and
@@ -132,6 +140,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
             phases["backward"] = measure_overlap(case.layers, case.backward, warmup=1,
                                                  iters=iters)
     err = case.verify() if verify else None
+    if baseline is not False and baseline_threads is None:
+        baseline_threads = node_threads(comm, grid.threads)
     if baseline is True:
         base = serial_baseline(case, grid, backend, warmup=warmup, iters=iters,
                                threads=baseline_threads)
@@ -166,7 +176,10 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "predicted": dataclasses.asdict(pred) if pred else None,
         "baseline_s": base,
         "speedup": base / median if base and median > 0 else None,
-        "efficiency": base / median / grid.size if base and median > 0 else None,
+        "baseline_threads": baseline_threads if base else None,
+        # per-core efficiency: the baseline process may use several cores
+        "efficiency": base / median * baseline_threads / (grid.size * (grid.threads or 1))
+        if base and median > 0 else None,
         "mpi_library": mpi_library(), "blas": blas_info(backend),
         "version": __version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-from .backend import Backend, node_comm
-from .bench import run_case
+from .backend import Backend
+from .bench import node_threads, run_case
 from .collbench import format_row, time_collective
 from .comm import agree, polite_barrier
 from .costmodel import Calibration, square_grid
@@ -126,10 +125,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
     rank = world.Get_rank()
     step = _progress(len(cfgs), rank == 0)
     bases: dict = {}
-    node = node_comm(world)
-    node_threads = min(threads * node.Get_size(),  # the baseline uses all of rank 0's node
-                       len(os.sched_getaffinity(0)))
-    node.Free()
+    all_threads = node_threads(world, threads)  # the baseline uses all of rank 0's node
     for p, group in itertools.groupby(cfgs, key=lambda c: c.ranks):
         sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
         for cfg in group:
@@ -140,7 +136,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                         key = dataclasses.replace(cfg.problem, options=())
                         rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
                                        baseline=bases.get(key, baseline),
-                                       baseline_threads=node_threads,
+                                       baseline_threads=all_threads,
                                        calibration=calibration, overlap=measure_overlap)
                     rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
