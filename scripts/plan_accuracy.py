@@ -21,6 +21,9 @@ from tpmpi.schemes import Problem
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
+    ap.add_argument("--noise", type=float, default=0.05,
+                    help="a pick within this fraction of the measured fastest time counts as "
+                         "fastest too (layouts closer than run-to-run noise tie; default 0.05)")
     ap.add_argument("--calibration", default=None,
                     help="recompute predictions with this calibration (default: as recorded)")
     args = ap.parse_args()
@@ -46,10 +49,13 @@ def main() -> None:
     for p in acc["picks"]:
         print(f"    {p['problem']}: measured {p['measured_fastest']!r}, predicted "
               f"{p['predicted_fastest']!r}, {'HIT' if p['hit'] else 'miss'} ({p['loss']:.2f}x)")
+    ties = sum(p["loss"] <= 1 + args.noise for p in acc["picks"])
+    print(f"(2b) lowest predicted within {args.noise:.0%} of the measured fastest in {ties} of "
+          f"{len(acc['picks'])} problems")
     by_problem: dict = {}
     for r in recs:
         by_problem.setdefault(problem_key(r), []).append(r)
-    hits = total = 0
+    hits = total = near = 0
     for key, group in by_problem.items():
         if len({layout(r) for r in group}) < 2:
             continue
@@ -65,11 +71,13 @@ def main() -> None:
         if label in measured:
             total += 1
             hits += label == layout(fastest)
+            mine = min(r["time_s"]["median"] for r in group if layout(r) == label)
+            near += mine <= (1 + args.noise) * fastest["time_s"]["median"]
         print(f"    plan's first for {dict(zip(('m', 'k', 'n', 'hidden'), key[:4]))} "
               f"P={key[-1]}: {label!r} ({'measured' if label in measured else 'not measured'})"
               f"; measured fastest {layout(fastest)!r}")
     print(f"(3) plan's first choice = measured fastest in {hits} of {total} problems where "
-          f"it was measured")
+          f"it was measured; within {args.noise:.0%} of it in {near} of {total}")
 
 
 if __name__ == "__main__":

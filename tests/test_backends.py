@@ -184,8 +184,9 @@ def test_column_layer_through_staging(world, gather_output):
         assert rel_err(layer.backward(dy), dY @ W.T) <= 1e-12
         pinned.append(dev.counts["pinned"])
     assert pinned[0] == pinned[1]  # no new pinned buffer on the second step
-    staged_calls = int(gather_output) + int(world.size > 1)  # gather; dX allreduce
-    assert pinned[0] == int(gather_output) * 2 + int(world.size > 1)
+    parallel = int(world.size > 1)  # one rank: no gather (the product is the output)
+    staged_calls = (int(gather_output) + 1) * parallel  # gather; dX allreduce
+    assert pinned[0] == (int(gather_output) * 2 + 1) * parallel
     assert dev.counts["to_host"] == dev.counts["from_host"] == 2 * staged_calls
     assert rel_err(layer.grad_weight, 2 * (X.T @ dY)[:, cols]) <= 1e-12
     grid.free()

@@ -45,6 +45,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .layers.column import chunk_bounds
+
 OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
 CLASSES = ("thin", "small", "medium", "large")
 CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
@@ -140,6 +142,12 @@ class Calibration:
         rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
         return gemm_work(m, k, n, np.dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
 
+    def memory_time(self, nbytes: float, dtype: str, backend: str = "numpy") -> float:
+        """Seconds to stream ``nbytes`` through memory (the "thin" GEMM rate, bytes/s)."""
+        key = f"{backend}:{dtype}"
+        rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
+        return nbytes / rates["thin"]
+
     def to_json(self) -> dict:
         return {"machine": self.machine, "alpha": self.alpha, "beta": self.beta,
                 "rates": self.rates}
@@ -232,7 +240,7 @@ def _split(n: int, p: int) -> int:
 
 def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
     np_ = _split(n, p)
-    c = max(1, min(int(chunks or 1), max(m, 1)))
+    c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
     mc = _split(m, c)
     g = t.cal.gemm(mc, k, np_, t.dtype, t.backend)
     a = t.cal.collective("allgather", p, mc * n * t.b)
@@ -291,7 +299,10 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         g = t.cal.gemm(mr, kb, nc, t.dtype, t.backend)
         bc = (t.cal.collective("bcast", pc, mr * kb * t.b)
               + t.cal.collective("bcast", pr, kb * nc * t.b))
-        t.compute += steps * g
+        # each panel after the first adds its (mr, nc) product into Y: one more read and
+        # write of Y and of the temporary, at the memory rate ("thin" class)
+        t.compute += steps * g + (steps - 1) * t.cal.memory_time(3 * mr * nc * t.b, t.dtype,
+                                                                   t.backend)
         t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
                            + sent_bytes("bcast", pr, kb * nc * t.b))
         t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped

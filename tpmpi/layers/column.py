@@ -78,6 +78,15 @@ class ColumnParallelLinear(ParallelLinear):
         self._agree_input("x", x, self.in_features)
         xp, prof = self.backend.xp, self.profiler
         m, n_p = x.shape[0], self.weight.shape[1]
+        nranks = self.comm.Get_size()
+        if nranks == 1:  # the local product is the whole output: no gather, no copy
+            y = xp.empty((m, n_p), dtype=self.dtype)
+            with prof.gemm():
+                self._matmul(x, self.weight, out=y)
+                if self.bias is not None:
+                    y += self.bias
+            self._x = x
+            return y
         if self.gather_output:
             if self._ybuf is None or self._ybuf.shape != (m, n_p):
                 self._ybuf = xp.empty((m, n_p), dtype=self.dtype)
@@ -85,7 +94,6 @@ class ColumnParallelLinear(ParallelLinear):
         else:
             y_local = xp.empty((m, n_p), dtype=self.dtype)
         self._x = x
-        nranks = self.comm.Get_size()
         rows = chunk_bounds(m, self.chunks)
         if self.gather_output and len(rows) > 1 and nranks > 1 and not self.staging.staged:
             return self._forward_chunked(x, y_local, rows)
