@@ -65,7 +65,7 @@ def main() -> None:
         np.matmul(x, layer.weight, out=y_local)
         np.add(y_local, layer.bias, out=y_local)
 
-    send, recv = _gather_specs(y_local, y, layer._blocks(args.m))
+    send, recv = _gather_specs(y_local, y, layer._blocks(0, args.m))
     item = y.dtype.itemsize
     ag_send = np.empty(args.m * layer._col_sizes[0], dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)
