@@ -186,10 +186,10 @@ class TileParallelLinear(ParallelLinear):
             xflat, wflat = slots[t % 2]
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
-            if col == j:
+            if col == j:  # X columns are strided: the owner packs them into the slot
                 xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
-            if row == i:
-                ws[...] = self.weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]]
+            if row == i:  # W rows are contiguous: the owner broadcasts its own rows, no copy
+                ws = self.weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]]
             requests = [self._collective(ibcast, xs, j, grid.row_comm, self.staging),
                         self._collective(ibcast, ws, i, grid.col_comm, self.staging)]
             prof.count("bcast", xs.nbytes, grid.shape[1])
