@@ -86,12 +86,13 @@ def gemm_class(m: int, k: int, n: int) -> str:
     return "small" if flops < 1e8 else "medium" if flops < 4e9 else "large"
 
 
-# Documented defaults: a laptop-class CPU node (shared-memory MPI) and a datacenter GPU.
+# Documented defaults: one core of a current x86 CPU with AVX2/FMA (OpenBLAS, measured on the
+# team's machine), shared-memory MPI, and a datacenter GPU.
 DEFAULT_ALPHA = 5e-6          # s per message
 DEFAULT_BETA = 1 / 5e9        # s per byte (5 GB/s)
 DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others flop/s
-    "numpy:float64": {"thin": 10e9, "small": 10e9, "medium": 25e9, "large": 30e9},
-    "numpy:float32": {"thin": 10e9, "small": 20e9, "medium": 50e9, "large": 60e9},
+    "numpy:float64": {"thin": 8e9, "small": 30e9, "medium": 55e9, "large": 60e9},
+    "numpy:float32": {"thin": 10e9, "small": 60e9, "medium": 110e9, "large": 120e9},
     "numpy:float16": {"thin": 0.5e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
     "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
     "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
