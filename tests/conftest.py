@@ -122,6 +122,20 @@ def all_ranks_raise(comm, fn, match: str) -> str:
     return msgs[0]
 
 
+def assert_input_errors(comm, layer, X, dY) -> None:
+    """The input checks every layer (or MLP) shares, each raised on every rank of ``comm``:
+    backward before forward, a wrong column count, a wrong dtype, a 1D input, a list."""
+    m, k = X.shape
+    other = np.dtype(np.float32 if X.dtype == np.float64 else np.float64)
+    all_ranks_raise(comm, lambda: layer.backward(dY), r"backward\(\) called before forward")
+    all_ranks_raise(comm, lambda: layer(X[:, :k - 1]),
+                    rf"x.shape=\({m}, {k - 1}\): expected {k} columns")
+    all_ranks_raise(comm, lambda: layer(X.astype(other)),
+                    f"x.dtype={other.name}: expected {X.dtype.name}")
+    all_ranks_raise(comm, lambda: layer(X[0]), rf"x.shape=\({k},\): expected a 2D array")
+    all_ranks_raise(comm, lambda: layer(X.tolist()), "expected a numpy array")
+
+
 def rel_err(a, ref) -> float:
     """max|a - ref| / max|ref| (0 for empty arrays), computed in float64 on the host."""
     a = np.asarray(a, dtype=np.float64)

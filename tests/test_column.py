@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tpmpi
-from conftest import all_ranks_raise, rel_err
+from conftest import all_ranks_raise, assert_input_errors, rel_err
 
 SHAPES = [(6, 5, 7), (9, 8, 8), (1, 3, 2), (0, 4, 5), (5, 3, 1), (4, 2, 3), (3, 0, 4)]
 
@@ -96,12 +96,7 @@ def test_errors_are_raised_on_every_rank(world):
     grid = tpmpi.ProcessGrid(comm)
     X, W, b, dY = problem(4, 5, 6, "float32")
     layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
-    all_ranks_raise(comm, lambda: layer.backward(dY), r"backward\(\) called before forward")
-    all_ranks_raise(comm, lambda: layer(X[:, :4]), r"x.shape=\(4, 4\): expected 5 columns")
-    all_ranks_raise(comm, lambda: layer(X.astype(np.float64)),
-                    r"x.dtype=float64: expected float32")
-    all_ranks_raise(comm, lambda: layer(X[0]), r"x.shape=\(5,\): expected a 2D array")
-    all_ranks_raise(comm, lambda: layer(X.tolist()), "expected a numpy array")
+    assert_input_errors(comm, layer, X, dY)
     layer(X)
     all_ranks_raise(comm, lambda: layer.backward(dY[:3]), r"expected 4 rows")
     all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(5, -1, grid=grid),

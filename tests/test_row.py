@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tpmpi
-from conftest import all_ranks_raise, rel_err
+from conftest import all_ranks_raise, assert_input_errors, rel_err
 from test_column import SHAPES, problem, tol
 
 
@@ -115,10 +115,7 @@ def test_errors_are_raised_on_every_rank(world):
     grid = tpmpi.ProcessGrid(comm)
     X, W, b, dY = problem(4, 5, 6, "float32")
     layer = tpmpi.RowParallelLinear.from_dense(W, b, grid=grid)
-    all_ranks_raise(comm, lambda: layer.backward(dY), r"backward\(\) called before forward")
-    all_ranks_raise(comm, lambda: layer(X[:, :4]), r"x.shape=\(4, 4\): expected 5 columns")
-    all_ranks_raise(comm, lambda: layer(X.astype(np.float64)),
-                    r"x.dtype=float64: expected float32")
+    assert_input_errors(comm, layer, X, dY)
     layer(X)
     all_ranks_raise(comm, lambda: layer.backward(dY[:, :5]), r"dy.shape=\(4, 5\): expected 6")
     all_ranks_raise(comm, lambda: layer.backward(dY[:3]), r"expected 4 rows")
