@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import collections
-import math
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from tpmpi.backend import Backend
 from tpmpi.comm import Staging, allgather_blocks, allreduce, iallreduce, reduction_dtype
 from tpmpi.dtypes import tolerance
 from tpmpi.peak import gemm_fraction, gemm_peak
-from tpmpi.tiling import chunk_slices, panel_workspace_bytes, panels, round_size
+from tpmpi.tiling import panel_workspace_bytes, round_size
 
 try:
     import ml_dtypes  # noqa: F401
@@ -252,20 +251,7 @@ def test_round_size(requested, total, multiple):
         assert abs(size - requested) <= multiple // 2 or size == multiple
 
 
-@given(st.integers(0, 3000), st.integers(1, 12), st.sampled_from([64, 128]))
-def test_chunk_slices(total, chunks, multiple):
-    parts = chunk_slices(total, chunks, multiple)
-    assert 1 <= len(parts) <= chunks
-    assert parts[0].start == 0 and parts[-1].stop == total
-    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
-    assert all(p.start % multiple == 0 for p in parts)
-    longest = max(multiple, math.ceil(math.ceil(total / chunks) / multiple) * multiple)
-    assert all(p.stop - p.start <= longest for p in parts)
-
-
-def test_panels_and_workspace():
-    assert panels(300, 128) == [slice(0, 128), slice(128, 256), slice(256, 300)]
-    assert panels(0, 128) == [slice(0, 0)]
+def test_round_size_and_workspace():
     assert round_size(1000, 4096) == 1024 and round_size(100, 4096) == 128
     assert round_size(5000, 4096) == 4096 and round_size(64, 50) == 50
     assert panel_workspace_bytes(1024, 2048, 256, 2) == 2 * (1024 + 2048) * 256 * 2

@@ -120,7 +120,11 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
     damage(flip)
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid),
                     "weight.npy is corrupted")
-    damage(lambda f: open(f, "r+b").write(b"JUNK"))
+    def junk_header(f):
+        with open(f, "r+b") as fh:
+            fh.write(b"JUNK")
+
+    damage(junk_header)
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid), "corrupted .npy header")
     damage(os.remove)
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid),

@@ -102,6 +102,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     comm = grid.comm
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
+        problem = case.problem  # with the options in effect (e.g. a rounded panel)
         case.forward()
         if problem.backward:
             case.backward()

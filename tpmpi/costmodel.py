@@ -46,6 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .layers.column import chunk_bounds
+from .tiling import panel_workspace_bytes
 
 OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
 CLASSES = ("thin", "small", "medium", "large")
@@ -307,7 +308,7 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
                            + sent_bytes("bcast", pr, kb * nc * t.b))
         t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped
-        panels = 2 * (mr + nc) * kb * t.b
+        panels = panel_workspace_bytes(mr, nc, kb, t.b)
     else:
         t.coll("allgather", pc, mr * k)
         t.coll("allgather", pr, k * nc)

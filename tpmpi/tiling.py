@@ -5,10 +5,10 @@ or columns (Tensor-Core kernels also want dimensions that are multiples of 8 for
 CPU BLAS packs panels of a few hundred elements. A local product whose M, N or K is not a
 multiple of the tile runs a partial last tile at the cost of a whole one ("tile
 quantisation"): a K panel of 1000 costs about the same as one of 1024, a chunk of 130 rows
-almost as much as 256. The level-2 loops (tile2d's K panels, column's pipelined M chunks)
-therefore take their requested sizes through these helpers, which round them to a multiple of
-:data:`TILE` (128 on a GPU, 64 on a CPU); only the last panel or chunk of a dimension may be
-shorter. The options still bound memory: a rounded size never exceeds the request by more than
+almost as much as 256. The tile2d scheme therefore takes its requested K-panel width through
+:func:`round_size`, which rounds it to a multiple of :data:`TILE` (128 on a GPU, 64 on a CPU);
+only the last panel of a dimension may be shorter. (The column layer's pipelined M chunks use
+whole OpenBLAS register blocks instead, see :func:`tpmpi.layers.column.chunk_bounds`.) The options still bound memory: a rounded size never exceeds the request by more than
 ``multiple - 1`` rows/columns, and :func:`panel_workspace_bytes` gives what a panel loop holds.
 """
 from __future__ import annotations
@@ -36,23 +36,6 @@ def round_size(requested: int, total: int, multiple: int = TILE["gpu"]) -> int:
         raise ValueError(f"total={total!r}: expected an integer >= 0")
     rounded = max(multiple, (requested + multiple // 2) // multiple * multiple)
     return min(rounded, int(total))
-
-
-def panels(total: int, size: int) -> list[slice]:
-    """Consecutive slices of ``size`` (the last one shorter) covering ``range(total)``; one
-    empty slice when ``total`` is 0."""
-    size = _positive("size", size)
-    return [slice(i, min(i + size, total)) for i in range(0, total, size)] or [slice(0, 0)]
-
-
-def chunk_slices(total: int, chunks: int, multiple: int = TILE["gpu"]) -> list[slice]:
-    """At most ``chunks`` consecutive slices covering ``range(total)`` whose boundaries are
-    multiples of ``multiple`` (the last one ends at ``total``). Fewer chunks come back when
-    ``total`` is too small to give each one a whole multiple; no chunk is longer than
-    ``ceil(total / chunks)`` rounded up to the multiple."""
-    chunks, multiple = _positive("chunks", chunks), _positive("multiple", multiple)
-    per = -(-int(total) // chunks)
-    return panels(total, max(multiple, -(-per // multiple) * multiple))
 
 
 def panel_workspace_bytes(rows: int, cols: int, panel: int, itemsize: int,

@@ -4,6 +4,8 @@ multiple (:func:`tpmpi.tiling.round_size`: 128 on a GPU, 64 on a CPU) so that no
 pays for a partial tile; the layer API itself takes any width."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
@@ -23,6 +25,7 @@ class TileCase(LayerCase):
         if opts.get("panel"):
             opts["panel"] = round_size(opts["panel"], max(p.k, 1), multiple_for(backend.is_gpu))
         layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend, **opts)
+        p = dataclasses.replace(p, options=tuple(sorted(opts.items())))  # the panel in effect
         super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n,
                          layout="tiles")
 
