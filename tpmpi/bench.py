@@ -44,13 +44,13 @@ def mpi_library() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
-def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int]) -> int:
-    """BLAS threads of all ranks of this node together, capped at this rank's CPU mask: the
-    threads a single process gets in the serial baseline. Collective."""
+def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = True) -> int:
+    """BLAS threads of all ranks of this node together; with ``cap``, at most this rank's CPU
+    mask (the threads a single process gets in the serial baseline). Collective."""
     node = node_comm(comm)
     total = (threads_per_rank or 1) * node.Get_size()
     node.Free()
-    return min(total, len(os.sched_getaffinity(0)))
+    return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
 def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
@@ -149,7 +149,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     else:
         base = float(baseline) if baseline else None
     pred = predict(problem, grid.size, grid.shape, calibration or default_calibration(),
-                   backend.name)
+                   backend.name, oversubscription=1.0 if backend.is_gpu else
+                   node_threads(comm, grid.threads, cap=False) / len(os.sched_getaffinity(0)))
     calls: dict[str, int] = {}
     for t in totals:
         for op, c in t["calls"].items():

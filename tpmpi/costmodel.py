@@ -333,11 +333,13 @@ def square_grid(p: int) -> tuple[int, int]:
 
 
 def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
-            calibration: Optional[Calibration] = None, backend: str = "numpy"
-            ) -> Optional[Prediction]:
+            calibration: Optional[Calibration] = None, backend: str = "numpy",
+            oversubscription: float = 1.0) -> Optional[Prediction]:
     """Predicted time of ``problem`` (a :class:`tpmpi.schemes.Problem`: scheme, m, k, n,
     hidden, dtype, backward, options) on ``ranks`` ranks arranged as ``grid`` (default 1xP, or
-    the most square grid for tile2d). None for a scheme the model does not know."""
+    the most square grid for tile2d). ``oversubscription`` (BLAS threads of a node's ranks
+    per core, when above 1) slows every local product by that factor: the GEMM rates are
+    calibrated with the cores to themselves. None for a scheme the model does not know."""
     cal = calibration or Calibration()
     p = int(ranks)
     scheme, opts = problem.scheme, dict(problem.options)
@@ -357,8 +359,9 @@ def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
         mem = _mlp(t, m, k, n, h, p, bwd, opts.get("mode", "megatron"))
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
-    return Prediction(scheme=scheme, grid=(pr, pc), options=opts, compute_s=t.compute,
-                      comm_s=t.comm, time_s=t.compute + t.comm, bytes_per_rank=t.sent,
+    compute = t.compute * max(1.0, float(oversubscription))
+    return Prediction(scheme=scheme, grid=(pr, pc), options=opts, compute_s=compute,
+                      comm_s=t.comm, time_s=compute + t.comm, bytes_per_rank=t.sent,
                       mem_bytes=mem)
 
 
