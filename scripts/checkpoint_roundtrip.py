@@ -1,8 +1,11 @@
-"""Save a column-parallel layer on one grid, load it on another, compare with numpy.load.
+"""Save a parallel layer on one grid, load it on another, compare with numpy.load.
 
-    mpiexec -n 4 python scripts/checkpoint_roundtrip.py save DIR --grid 2x2
-    mpiexec -n 3 python scripts/checkpoint_roundtrip.py load DIR --grid 1x3
+    mpiexec -n 4 python scripts/checkpoint_roundtrip.py save DIR --grid 2x2 --layer tile2d
+    mpiexec -n 3 python scripts/checkpoint_roundtrip.py load DIR --grid 1x3 --layer tile2d
     python scripts/checkpoint_roundtrip.py verify DIR          # numpy only, no MPI I/O
+
+``--layer column`` (default) or ``tile2d``: the tile layer splits W over both grid axes, so a
+2x2 save re-shards for real onto 1x3, 4x1 or 1x1.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 K, N, SEED = 37, 23, 2024
+LAYERS = {"column": "ColumnParallelLinear", "tile2d": "TileParallelLinear"}
 
 
 def dense() -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +33,7 @@ def main() -> int:
     ap.add_argument("action", choices=["save", "load", "verify"])
     ap.add_argument("path")
     ap.add_argument("--grid", default=None, help="RxC (default 1xP)")
+    ap.add_argument("--layer", choices=sorted(LAYERS), default="column")
     args = ap.parse_args()
     W, b = dense()
     if args.action == "verify":
@@ -44,17 +49,20 @@ def main() -> int:
     import tpmpi
 
     grid = tpmpi.ProcessGrid(MPI.COMM_WORLD, shape=args.grid)
+    cls = getattr(tpmpi, LAYERS[args.layer])
     if args.action == "save":
-        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+        layer = cls.from_dense(W, b, grid=grid)
         tpmpi.save_checkpoint(args.path, layer)
     else:
-        layer = tpmpi.ColumnParallelLinear.load_checkpoint(args.path, grid=grid)
+        layer = cls.load_checkpoint(args.path, grid=grid)
     ok = np.array_equal(layer.weight, W[layer.shard]) and np.array_equal(layer.bias,
                                                                          b[layer.bias_slice])
-    shards = grid.comm.gather((grid.rank, layer.shard[1].start, layer.shard[1].stop, ok))
+    rows, cols = layer.shard
+    shards = grid.comm.gather((grid.rank, rows.start, rows.stop, cols.start, cols.stop, ok))
     if grid.rank == 0:
-        print(f"{args.action} on grid {grid.label} ({grid.size} ranks): " + ", ".join(
-            f"rank {r} W[:, {a}:{z}] {'ok' if good else 'WRONG'}" for r, a, z, good in shards))
+        print(f"{args.action} {args.layer} on grid {grid.label} ({grid.size} ranks): " + ", ".join(
+            f"rank {r} W[{a}:{z}, {c}:{d}] {'ok' if good else 'WRONG'}"
+            for r, a, z, c, d, good in shards))
     return 0 if grid.comm.allreduce(ok, op=MPI.LAND) else 1
 
 
