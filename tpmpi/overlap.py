@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from .args import check_int
 from .comm import check
 
 
@@ -78,10 +79,8 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
     profs, comm, layer = [lay.profiler for lay in layers], layers[0].comm, layers[0]
 
     def local_checks() -> None:
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters={iters!r}: expected a positive integer")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup={warmup!r}: expected a non-negative integer")
+        check_int("iters", iters, 1)
+        check_int("warmup", warmup)
 
     check(comm, local_checks, warmup=warmup, iters=iters)
     sync = layer.backend.synchronize if layer.backend.is_gpu else None

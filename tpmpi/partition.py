@@ -5,12 +5,12 @@ contiguous and in rank order. Zero-size parts are legal (``p > n``).
 """
 from __future__ import annotations
 
+from .args import check_int
+
 
 def _check(n: int, parts: int) -> None:
-    if int(n) != n or n < 0:
-        raise ValueError(f"n={n!r}: expected a non-negative integer")
-    if int(parts) != parts or parts < 1:
-        raise ValueError(f"parts={parts!r}: expected a positive integer")
+    check_int("n", n)
+    check_int("parts", parts, 1)
 
 
 def block_sizes(n: int, parts: int) -> list[int]:

@@ -13,6 +13,8 @@ whole OpenBLAS register blocks instead, see :func:`tpmpi.layers.column.chunk_bou
 """
 from __future__ import annotations
 
+from .args import check_int
+
 TILE = {"gpu": 128, "cpu": 64}
 
 
@@ -21,17 +23,11 @@ def multiple_for(is_gpu: bool) -> int:
     return TILE["gpu" if is_gpu else "cpu"]
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
-    return int(value)
-
-
 def round_size(requested: int, total: int, multiple: int = TILE["gpu"]) -> int:
     """A panel width or chunk length for a dimension of ``total``: ``requested`` rounded to the
     nearest multiple of ``multiple`` (at least one multiple), or ``total`` when that is no larger
     (one panel: no loop). Returns 0 only when ``total`` is 0."""
-    requested, multiple = _positive("requested", requested), _positive("multiple", multiple)
+    requested, multiple = check_int("requested", requested, 1), check_int("multiple", multiple, 1)
     if total < 0:
         raise ValueError(f"total={total!r}: expected an integer >= 0")
     rounded = max(multiple, (requested + multiple // 2) // multiple * multiple)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
+from ..args import check_int
 from ..backend import Backend, get_backend
 from ..comm import Staging, check, max_message_bytes
 from ..dtypes import dtype_name, resolve_dtype
@@ -14,12 +15,6 @@ from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layout import gather, local_slices
 from ..timing import Profiler
-
-
-def _features(name: str, value: Any) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        raise ValueError(f"{name}={value!r}: expected a non-negative integer")
-    return int(value)
 
 
 def _check_dense(W, b, k: int, n: int) -> None:
@@ -67,8 +62,8 @@ class ParallelLinear:
         def local_checks() -> None:
             if _dense is not None:
                 _check_dense(*_dense, in_features, out_features)
-            _features("in_features", in_features)
-            _features("out_features", out_features)
+            check_int("in_features", in_features)
+            check_int("out_features", out_features)
             resolve_dtype(dtype)
             self._check_options(**options)
 

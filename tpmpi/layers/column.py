@@ -24,6 +24,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from ..args import check_int
 from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
 from ..partition import block_partition
 from .base import ParallelLinear
@@ -66,8 +67,7 @@ class ColumnParallelLinear(ParallelLinear):
         self._ybuf = None  # reused local product when it is only a send buffer
 
     def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks={chunks!r}: expected a positive integer")
+        check_int("chunks", chunks, 1)
 
     def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
         """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""

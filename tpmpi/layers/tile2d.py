@@ -45,6 +45,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from mpi4py import MPI
 
+from ..args import check_int
 from ..comm import allgather_blocks, allreduce, check, ibcast, ireduce, ireduce_scatter
 from ..layout import local_shape
 from ..partition import block_partition
@@ -88,9 +89,7 @@ class TileParallelLinear(ParallelLinear):
         self._m = 0
 
     def _check_options(self, panel: Optional[int] = None) -> None:
-        if panel is not None and (isinstance(panel, bool) or not isinstance(panel, int)
-                                  or panel < 1):
-            raise ValueError(f"panel={panel!r}: expected None or a positive integer")
+        check_int("panel", panel, 1, allow_none=True)
 
     # ---------------------------------------------------------------- validation
     def _agree_tile(self, x) -> None:
