@@ -129,6 +129,18 @@ def _legend(ax, outside: bool = False) -> None:
             ax.legend(fontsize="small", loc="best", framealpha=0.8)
 
 
+def _finish(fig, ax, out: str, name: str, files: list, *, xlabel: str, ylabel: str,
+            title: str, grid: bool = True) -> None:
+    """Labels, grid, legend, then save ``name``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(True, which="both", alpha=0.3)
+    _legend(ax)
+    _save(fig, out, name, files)
+
+
 def _scaling_plots(plt, ser: dict, out: str, files: list) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fig2, ax2 = plt.subplots(figsize=(7, 4.5))
@@ -177,10 +189,8 @@ def _breakdown(plt, recs: Sequence[dict], out: str, files: list) -> None:
     ax.bar(x, other, bottom=[g + c for g, c in zip(gemm, comm)], label="other (Python, copies)")
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize="x-small")
-    ax.set_ylabel("time per step (ms)")
-    ax.set_title("Compute / communication breakdown")
-    _legend(ax)
-    _save(fig, out, "breakdown.png", files)
+    _finish(fig, ax, out, "breakdown.png", files, xlabel="", ylabel="time per step (ms)",
+            title="Compute / communication breakdown", grid=False)
 
 
 def _predicted(plt, recs: Sequence[dict], out: str, files: list) -> None:
@@ -195,12 +205,9 @@ def _predicted(plt, recs: Sequence[dict], out: str, files: list) -> None:
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("measured time, median (ms)")
-    ax.set_ylabel("predicted time (ms)")
-    ax.set_title("Cost model: predicted vs measured")
-    ax.grid(True, which="both", alpha=0.3)
-    _legend(ax)
-    _save(fig, out, "predicted_vs_measured.png", files)
+    _finish(fig, ax, out, "predicted_vs_measured.png", files,
+            xlabel="measured time, median (ms)", ylabel="predicted time (ms)",
+            title="Cost model: predicted vs measured")
 
 
 def _busbw(plt, recs: Sequence[dict], out: str, files: list) -> None:
@@ -213,12 +220,9 @@ def _busbw(plt, recs: Sequence[dict], out: str, files: list) -> None:
         pts.sort()
         ax.plot([s for s, _ in pts], [b for _, b in pts], "o-", label=f"{op} P={p} {dtype}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size S (bytes, nccl-tests convention)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title("Collective bus bandwidth vs message size")
-    ax.grid(True, which="both", alpha=0.3)
-    _legend(ax)
-    _save(fig, out, "busbw.png", files)
+    _finish(fig, ax, out, "busbw.png", files,
+            xlabel="message size S (bytes, nccl-tests convention)",
+            ylabel="bus bandwidth (GB/s)", title="Collective bus bandwidth vs message size")
 
 
 def _fmt(v, f: str) -> str:
