@@ -46,6 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .layers.column import chunk_bounds
+from .schemes.mlp import hidden_of
 from .tiling import panel_workspace_bytes
 
 OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
@@ -355,7 +356,7 @@ def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
     elif scheme == "row":
         mem = _row(t, m, k, n, p, bwd)
     elif scheme == "mlp":
-        h = problem.hidden if problem.hidden is not None else 4 * k
+        h = hidden_of(problem)
         mem = _mlp(t, m, k, n, h, p, bwd, opts.get("mode", "megatron"))
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))

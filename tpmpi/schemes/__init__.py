@@ -38,6 +38,20 @@ class Problem:
         return dict(self.options)
 
 
+X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
+
+Block = tuple  # (rows slice, cols slice)
+WHOLE: Block = (slice(None), slice(None))
+
+
+def inputs(p: Problem, n_out: int, backend=None, x_block: Block = WHOLE,
+           dy_block: Block = WHOLE) -> tuple:
+    """Blocks of the problem's deterministic X (m, k) and dY (m, n_out), uniform(-1, 1) from the
+    layout-invariant initialiser (any rank can generate any block alone)."""
+    return (init_weight((p.m, p.k), X_SEED, p.dtype, *x_block, backend=backend, bound=1.0),
+            init_weight((p.m, n_out), DY_SEED, p.dtype, *dy_block, backend=backend, bound=1.0))
+
+
 class Case:
     """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and ``comm``,
     and implement the methods below."""
@@ -60,10 +74,9 @@ class Case:
         full matrices, plus dX = dY W^T, dW = X^T dY and db when ``backward``. Schemes with
         more than one GEMM override this."""
         p, xp = self.problem, backend.xp
-        x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
+        x, dy = inputs(p, p.n, backend)
         w = init_weight((p.k, p.n), 0, p.dtype, backend=backend)
         b = init_weight((p.n,), 0, p.dtype, backend=backend, stream=1)
-        dy = init_weight((p.m, p.n), DY_SEED, p.dtype, backend=backend, bound=1.0)
 
         def step() -> None:
             xp.matmul(x, w) + b
@@ -78,9 +91,6 @@ class Case:
         raise NotImplementedError
 
 
-X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
-
-
 class LayerCase(Case):
     """A case around one layer object: X (m, k) and dY (m, n_out) from the layout-invariant
     initialiser, each rank generating only its block of ``layout`` ("replicated" or "tiles")."""
@@ -91,12 +101,8 @@ class LayerCase(Case):
 
         p = self.problem = problem
         self.comm, self.grid, self.backend, self.layer = grid.comm, grid, backend, layer
-        rx, cx = local_slices((p.m, p.k), grid, layout)
-        ry, cy = local_slices((p.m, n_out), grid, layout)
-        self.x = init_weight((p.m, p.k), X_SEED, p.dtype, rows=rx, cols=cx, backend=backend,
-                             bound=1.0)
-        self.dy = init_weight((p.m, n_out), DY_SEED, p.dtype, rows=ry, cols=cy,
-                              backend=backend, bound=1.0)
+        self.x, self.dy = inputs(p, n_out, backend, local_slices((p.m, p.k), grid, layout),
+                                 local_slices((p.m, n_out), grid, layout))
         self.flops = flops
         subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
         self.layers = subs or [layer]  # the ParallelLinear objects (for overlap measurements)

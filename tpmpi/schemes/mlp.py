@@ -10,7 +10,7 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import ParallelMLP
-from . import DY_SEED, X_SEED, LayerCase, Problem, collective_rel_err, host64, register, \
+from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
     shard_pairs
 
 
@@ -38,8 +38,7 @@ class MLPCase(LayerCase):
         p, xp = self.problem, backend.xp
         h = hidden_of(p)
         act, act_grad = get_activation(self.mlp.activation)
-        x = init_weight((p.m, p.k), X_SEED, p.dtype, backend=backend, bound=1.0)
-        dy = init_weight((p.m, p.k), DY_SEED, p.dtype, backend=backend, bound=1.0)
+        x, dy = inputs(p, p.k, backend)
         w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
                   for s, seed in (((p.k, h), 0), ((h, p.k), 1)))
 

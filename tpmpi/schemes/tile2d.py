@@ -8,11 +8,10 @@ import dataclasses
 
 from ..backend import Backend
 from ..grid import ProcessGrid
-from ..init import init_weight
 from ..layers import TileParallelLinear
 from ..layout import gather, local_slices
 from ..tiling import multiple_for, round_size
-from . import DY_SEED, X_SEED, LayerCase, Problem, collective_rel_err, host64, register, \
+from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
     shard_pairs
 
 
@@ -35,8 +34,7 @@ class TileCase(LayerCase):
         self.forward()
         self.backward()
         w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
-        x = host64(be, init_weight((p.m, p.k), X_SEED, p.dtype, bound=1.0))
-        dy = host64(be, init_weight((p.m, p.n), DY_SEED, p.dtype, bound=1.0))
+        x, dy = (host64(be, a) for a in inputs(p, p.n))
         y = gather(self.y, self.grid, "tiles", (p.m, p.n))
         y_ref = x @ w + (b if b is not None else 0)
         dx_ref = (dy @ w.T)[local_slices((p.m, p.k), self.grid, "tiles")]
