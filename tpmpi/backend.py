@@ -340,8 +340,19 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
     """
     from threadpoolctl import threadpool_limits
 
-    if threads is None and os.environ.get("TPMPI_THREADS"):
-        threads = int(os.environ["TPMPI_THREADS"])
+    from .args import check_int
+
+    error = None
+    try:
+        if threads is None and os.environ.get("TPMPI_THREADS"):
+            env = os.environ["TPMPI_THREADS"]
+            threads = check_int("TPMPI_THREADS", int(env) if env.strip().isdigit() else env, 1)
+        threads = check_int("threads", threads, 1, allow_none=True)
+    except ValueError as exc:
+        error = f"{exc} (rank {comm.Get_rank()})"
+    errors = [e for e in comm.allgather(error) if e]  # every rank raises the same error
+    if errors:
+        raise ValueError(errors[0])
     local = node_comm(comm)
     try:
         mine = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
@@ -352,10 +363,8 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
     if threads is None:
         sharing = sum(1 for m in masks if m & mine)
         threads = max(1, len(mine) // max(1, sharing))
-    if threads < 1:
-        raise ValueError(f"threads={threads}: expected a positive integer")
-    threadpool_limits(limits=int(threads))
-    return int(threads)
+    threadpool_limits(limits=threads)
+    return threads
 
 
 def blas_info(backend: Optional[Backend] = None) -> dict:
