@@ -155,3 +155,18 @@ def test_grid_coordinates_and_subcommunicators(shape):
         assert grid.col_comm.Get_size() == shape[0] and grid.col_comm.Get_rank() == r
         assert grid.row_comm.allgather(comm.Get_rank()) == [r * shape[1] + j for j in range(shape[1])]
         assert grid.label == f"{shape[0]}x{shape[1]}"
+
+
+@pytest.mark.mpi
+def test_bad_thread_count_raises_on_every_rank(world, monkeypatch):
+    if not world.member:
+        return
+    comm = world.comm
+    all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, blas_threads=0),
+                    r"threads=0: expected None or a positive integer \(rank 0\)")
+    if comm.Get_rank() == 0:
+        monkeypatch.setenv("TPMPI_THREADS", "two")
+    else:
+        monkeypatch.delenv("TPMPI_THREADS", raising=False)
+    all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm),
+                    r"TPMPI_THREADS='two': expected a positive integer \(rank 0\)")
