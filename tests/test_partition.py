@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from tpmpi.partition import block_partition, block_range, block_sizes, block_slice
+from tpmpi.partition import block_partition, block_range, block_sizes
 
 
 @given(st.integers(0, 10_000), st.integers(1, 300))
@@ -16,7 +16,6 @@ def test_blocks_tile_range_in_order(n, p):
     assert sizes == sorted(sizes, reverse=True)  # the larger blocks come first
     for i in range(p):
         assert block_range(n, p, i) == parts[i]
-        assert block_slice(n, p, i) == slice(*parts[i])
 
 
 def test_design_formula_and_empty_parts():

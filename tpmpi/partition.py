@@ -38,7 +38,3 @@ def block_range(n: int, parts: int, index: int) -> tuple[int, int]:
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
 
-
-def block_slice(n: int, parts: int, index: int) -> slice:
-    """Block ``index`` as a slice."""
-    return slice(*block_range(n, parts, index))
