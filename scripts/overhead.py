@@ -67,7 +67,7 @@ def main() -> None:
 
     send, recv = _gather_specs(y_local, y, layer._blocks(0, args.m))
     item = y.dtype.itemsize
-    ag_send = np.empty(args.m * layer._col_sizes[0], dtype=args.dtype)
+    ag_send = np.empty(args.m * (layer._col_parts[0][1] - layer._col_parts[0][0]), dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)
     timings = per_call({"forward": lambda: layer(x), "gemm": gemm,
                         "alltoallw": lambda: comm.Alltoallw(send, recv),

@@ -56,6 +56,13 @@ def local_shape(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> 
     return tuple(b - a for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
 
 
+def column_blocks(parts: Sequence[tuple[int, int]], row0: int, m: int
+                  ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(starts, shape)`` of each rank's block of rows ``row0:row0+m`` of a 2D array whose
+    columns are block-split as ``parts`` (``(start, stop)`` per rank, layout "cols")."""
+    return [((row0, start), (m, stop - start)) for start, stop in parts]
+
+
 def scatter(a_global, grid: ProcessGrid, layout: str):
     """This rank's block of a replicated global array, C-contiguous. No communication."""
     _check_layout(layout)

@@ -26,6 +26,7 @@ from mpi4py import MPI
 
 from ..args import check_int
 from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
+from ..layout import column_blocks
 from ..partition import block_partition
 from .base import ParallelLinear
 
@@ -61,9 +62,7 @@ class ColumnParallelLinear(ParallelLinear):
                          chunks=chunks, **kwargs)
         self.gather_output = bool(gather_output)
         self.chunks = int(chunks)
-        parts = block_partition(self.out_features, self.comm.Get_size())
-        self._col_starts = [start for start, _ in parts]
-        self._col_sizes = [stop - start for start, stop in parts]
+        self._col_parts = block_partition(self.out_features, self.comm.Get_size())
         self._ybuf = None  # reused local product when it is only a send buffer
 
     def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
@@ -71,7 +70,7 @@ class ColumnParallelLinear(ParallelLinear):
 
     def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
         """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""
-        return [((row0, s), (m, n)) for s, n in zip(self._col_starts, self._col_sizes)]
+        return column_blocks(self._col_parts, row0, m)
 
     def forward(self, x):
         """``x`` (M, K) replicated -> ``y`` (M, N) replicated [Alltoallw], or (M, N_p)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..comm import allgather_blocks, allreduce, iallgather_blocks
+from ..layout import column_blocks
 from ..partition import block_partition
 from .base import ParallelLinear
 
@@ -34,15 +35,10 @@ class RowParallelLinear(ParallelLinear):
         super().__init__(in_features, out_features, input_is_parallel=bool(input_is_parallel),
                          **kwargs)
         self.input_is_parallel = bool(input_is_parallel)
-        parts = block_partition(self.in_features, self.comm.Get_size())
-        self._row_starts = [start for start, _ in parts]
-        self._row_sizes = [stop - start for start, stop in parts]
+        self._row_parts = block_partition(self.in_features, self.comm.Get_size())
 
     def _check_options(self, input_is_parallel: bool = False) -> None:
         pass
-
-    def _blocks(self, m: int) -> list[tuple[tuple, tuple]]:
-        return [((0, s), (m, k)) for s, k in zip(self._row_starts, self._row_sizes)]
 
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce]."""
@@ -80,7 +76,7 @@ class RowParallelLinear(ParallelLinear):
             return dx_p
         m = dy.shape[0]
         dx = xp.empty((m, self.in_features), dtype=self.dtype)
-        blocks = self._blocks(m)
+        blocks = column_blocks(self._row_parts, 0, m)  # dX columns follow W's row split
         self._collective_during(
             "allgather", dx.nbytes,
             lambda: allgather_blocks(dx_p, dx, blocks, self.comm, self.staging),
