@@ -129,6 +129,11 @@ class Staging:
             buf = self._pinned[key] = self.backend.pinned_empty(tuple(shape), dtype)
         return buf
 
+    def direct(self) -> bool:
+        """Synchronise the stream; True when MPI may use the arrays themselves (no staging)."""
+        self.backend.synchronize()
+        return not self.staged
+
     def send(self, a, role: str = "send"):
         """A buffer MPI may read with the contents of ``a``."""
         if self.backend.is_gpu:
@@ -373,9 +378,7 @@ def iallreduce(a, comm: MPI.Comm) -> "MPI.Request | Requests":
 
 def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> MPI.Request:
     """Broadcast the C-contiguous ``a`` from ``root`` in place (``Ibcast``)."""
-    if staging is None or not staging.staged:
-        if staging is not None:
-            staging.send(a)  # stream sync only
+    if staging is None or staging.direct():
         return comm.Ibcast(a, root=root)
     buf = staging.send(a, "bcast") if comm.Get_rank() == root else staging.recv(a, "bcast")
     comm.Bcast(buf, root=root)
@@ -388,9 +391,7 @@ def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None
     """Sum of ``a`` over ``comm`` into ``out`` on ``root`` (``Ireduce``; ``out`` is ignored
     elsewhere and may be None there)."""
     recv = out if comm.Get_rank() == root else None
-    if staging is None or not staging.staged:
-        if staging is not None:
-            staging.send(a)
+    if staging is None or staging.direct():
         return comm.Ireduce(a, recv, op=MPI.SUM, root=root)
     rbuf = staging.recv(recv, "reduce-recv") if recv is not None else None
     comm.Reduce(staging.send(a, "reduce-send"), rbuf, op=MPI.SUM, root=root)
@@ -406,9 +407,7 @@ def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
     (``Ireduce_scatter`` with counts: uneven and zero-size blocks work). For the leading-axis
     blocks of a C-ordered array pass them as they are; column blocks must be packed first."""
     counts = [int(c) for c in counts]
-    if staging is None or not staging.staged:
-        if staging is not None:
-            staging.send(a)
+    if staging is None or staging.direct():
         return comm.Ireduce_scatter(a, out, counts, op=MPI.SUM)
     rbuf = staging.recv(out, "rs-recv")
     comm.Reduce_scatter(staging.send(a, "rs-send"), rbuf, counts, op=MPI.SUM)
