@@ -102,6 +102,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     comm = grid.comm
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
+        case.attach_profilers()
         problem = case.problem  # with the options in effect (e.g. a rounded panel)
         case.forward()
         if problem.backward:
@@ -158,7 +159,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     return {
         "scheme": problem.scheme, "ranks": grid.size, "grid": grid.label,
         "m": problem.m, "k": problem.k, "n": problem.n, "hidden": problem.hidden,
-        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": backend.gpu_aware,
+        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": case.backend.gpu_aware,
         "threads_per_rank": grid.threads, "warmup": warmup, "iters": iters,
         "backward": problem.backward, "options": problem.opts,
         "time_s": {"median": median, "min": float(np.min(total)) if iters else None,

@@ -106,7 +106,14 @@ class LayerCase(Case):
         self.flops = flops
         subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
         self.layers = subs or [layer]  # the ParallelLinear objects (for overlap measurements)
+        self.backend = self.layers[0].backend  # with the grid's GPU-aware decision
         self.profilers = [sub.profiler for sub in self.layers]
+
+    def attach_profilers(self) -> list[Profiler]:
+        """Time the GEMM and communication regions of every layer from now on (the benchmark's
+        split of compute and communication; layers alone are untimed). Returns the profilers."""
+        self.profilers = [sub.attach_profiler() for sub in self.layers]
+        return self.profilers
 
     def forward(self) -> None:
         self.y = self.layer(self.x)
