@@ -9,7 +9,8 @@ forward  : ``Y = sum_p X_p @ W_p + b`` (Allreduce), where ``X_p`` is the input's
 backward : ``dX_p = dY @ W_p^T``, ``dW_p = X_p^T @ dY`` and ``db = colsum(dY)`` are local
            (``dY`` is replicated); without ``input_is_parallel`` the ``dX_p`` blocks are
            all-gathered into the replicated (M, K) ``dX`` (Ialltoallw in flight during the dW
-           GEMM).
+           GEMM). On one rank nothing is exchanged: the Allreduce returns at once and ``dX_p``
+           is ``dX`` (no gather, no copy, no host staging).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class RowParallelLinear(ParallelLinear):
     def backward(self, dy):
         """``dy`` (M, N) replicated -> ``dx`` (M, K_p) [no collective] with
         ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped with the dW GEMM,
-        blocking when ``overlap=False``]; accumulates ``grad_weight`` and ``grad_bias``."""
+        blocking when ``overlap=False``; none on one rank]; accumulates ``grad_weight`` and
+        ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True)
         xp, prof, x_p = self.backend.xp, self.profiler, self._x
         with prof.gemm():
@@ -70,7 +72,7 @@ class RowParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += dy.sum(axis=0)
 
-        if self.input_is_parallel:
+        if self.input_is_parallel or self.comm.Get_size() == 1:  # P=1: dX_p is all of dX
             with prof.gemm():
                 weight_grads()
             return dx_p

@@ -30,6 +30,9 @@ Panel form (``panel=kb``, level 2)
              ``dX`` piece ``dY @ Ws^T`` is Ireduce'd over ``row_comm`` to the X owner and the
              ``dW`` piece ``Xs^T @ dY`` over ``col_comm`` to the W owner, in flight during the
              next segment's GEMMs; ``db`` as above.
+A grid dimension of size 1 exchanges nothing: its gathers, broadcasts and reductions are
+skipped, not run on a one-rank communicator (no MPI call, no host staging, no packing); on a
+1 x 1 grid the layer is the local GEMMs alone (dX = dY @ W^T written once, dW added once).
 
 Bytes per rank (b = itemsize), the nccl-tests size S each rank takes part in:
 gather form forward ``(m_r*K + K*n_c) b`` (Allgather), backward ``(m_r*K + K*n_c + n_c) b``
@@ -98,8 +101,10 @@ class TileParallelLinear(ParallelLinear):
         grid, pc = self.grid, self.grid.shape[1]
         ok = self.backend.owns(x) and getattr(x, "ndim", 0) == 2
         rows = np.array([x.shape[0] if ok else -1], dtype=np.int64)
-        every = np.empty(grid.size, dtype=np.int64)
-        self.comm.Allgather(rows, every)
+        every = rows
+        if grid.size > 1:
+            every = np.empty(grid.size, dtype=np.int64)
+            self.comm.Allgather(rows, every)
         firsts = every[::pc]  # ranks (r, 0), row-major
         m = int(firsts.sum()) if (firsts >= 0).all() else None
 
@@ -179,20 +184,26 @@ class TileParallelLinear(ParallelLinear):
         slots = [(xp.empty(m_r * width, dtype=self.dtype), xp.empty(width * n_c, dtype=self.dtype))
                  for _ in range(2)]
         row, col = grid.coords
+        pr, pc = grid.shape
 
         def start(t: int):
             a, b, j, i = segs[t]
             xflat, wflat = slots[t % 2]
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
-            if col == j:  # X columns are strided: the owner packs them into the slot
-                xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
+            requests = []
+            if pc == 1:  # this rank owns all of K: its X columns as they are, no broadcast
+                xs = x[:, a:b]
+            else:
+                if col == j:  # X columns are strided: the owner packs them into the slot
+                    xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
+                requests.append(self._collective(ibcast, xs, j, grid.row_comm, self.staging))
+                prof.count("bcast", xs.nbytes, pc)
             if row == i:  # W rows are contiguous: the owner broadcasts its own rows, no copy
                 ws = self.weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]]
-            requests = [self._collective(ibcast, xs, j, grid.row_comm, self.staging),
-                        self._collective(ibcast, ws, i, grid.col_comm, self.staging)]
-            prof.count("bcast", xs.nbytes, grid.shape[1])
-            prof.count("bcast", ws.nbytes, grid.shape[0])
+            if pr > 1:
+                requests.append(self._collective(ibcast, ws, i, grid.col_comm, self.staging))
+                prof.count("bcast", ws.nbytes, pr)
             return requests, xs, ws
 
         pending = start(0) if segs else None
@@ -222,33 +233,48 @@ class TileParallelLinear(ParallelLinear):
         return dx
 
     def _backward_gather(self, dy):
+        """dX and dW from the cached panels; a grid dimension of size 1 has nothing to reduce:
+        its product is the result (no collective, no copy)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
         xpanel, wpanel = self._panels
         m_r, n_c = dy.shape
-        packed = xp.empty(m_r * self.in_features, dtype=self.dtype)  # dX partial, K blocks packed
-        with prof.gemm():
-            for a, b in self._k_cols:
-                self._matmul(dy, wpanel[a:b].T, out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
-        dx = xp.empty(self._x.shape, dtype=self.dtype)
-        dx_request = self._collective(ireduce_scatter, packed, dx,
-                                      [m_r * (b - a) for a, b in self._k_cols], grid.row_comm,
-                                      self.staging)
-        prof.count("reduce_scatter", packed.nbytes, grid.shape[1])
+        pr, pc = grid.shape
+        dx_request = MPI.REQUEST_NULL
+        if pc == 1:
+            with prof.gemm():
+                dx = self._matmul(dy, wpanel.T)
+        else:
+            packed = xp.empty(m_r * self.in_features, dtype=self.dtype)  # K blocks packed
+            with prof.gemm():
+                for a, b in self._k_cols:
+                    self._matmul(dy, wpanel[a:b].T,
+                                 out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
+            dx = xp.empty(self._x.shape, dtype=self.dtype)
+            dx_request = self._collective(ireduce_scatter, packed, dx,
+                                          [m_r * (b - a) for a, b in self._k_cols],
+                                          grid.row_comm, self.staging)
+            prof.count("reduce_scatter", packed.nbytes, pc)
         with prof.gemm():
             partial = self._matmul(xpanel.T, dy)  # (K, n_c): row blocks contiguous
-        gw = xp.empty(self.weight.shape, dtype=self.dtype)
-        with prof.comm("reduce_scatter", partial.nbytes, grid.shape[0]):
-            self._collective(ireduce_scatter, partial, gw,
-                             [(b - a) * n_c for a, b in self._k_rows], grid.col_comm,
-                             self.staging).Wait()
+        if pr == 1:
+            gw = partial
+        else:
+            gw = xp.empty(self.weight.shape, dtype=self.dtype)
+            with prof.comm("reduce_scatter", partial.nbytes, pr):
+                self._collective(ireduce_scatter, partial, gw,
+                                 [(b - a) * n_c for a, b in self._k_rows], grid.col_comm,
+                                 self.staging).Wait()
         self.grad_weight += gw
         with prof.comm("reduce_scatter", 0, 1):  # waiting only, bytes counted above
             dx_request.Wait()
         return dx
 
     def _backward_panels(self, dy):
+        """Per K segment: the dX and dW pieces, each reduced to its owner (kept as it is on a
+        grid dimension of size 1)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
         row, col = grid.coords
+        pr, pc = grid.shape
         dx = xp.empty(self._x.shape, dtype=self.dtype)
         inflight: list = []
 
@@ -267,12 +293,21 @@ class TileParallelLinear(ParallelLinear):
             with prof.gemm():
                 pdx = self._matmul(dy, ws.T)  # (m_r, w), summed over grid columns
                 pdw = self._matmul(xs.T, dy)  # (w, n_c), summed over grid rows
-            rx = xp.empty_like(pdx) if col == j else None
-            rw = xp.empty_like(pdw) if row == i else None
-            requests = [self._collective(ireduce, pdx, rx, j, grid.row_comm, self.staging),
-                        self._collective(ireduce, pdw, rw, i, grid.col_comm, self.staging)]
-            prof.count("reduce", pdx.nbytes, grid.shape[1])
-            prof.count("reduce", pdw.nbytes, grid.shape[0])
+            requests = []
+            if pc == 1:
+                rx = pdx
+            else:
+                rx = xp.empty_like(pdx) if col == j else None
+                requests.append(self._collective(ireduce, pdx, rx, j, grid.row_comm,
+                                                 self.staging))
+                prof.count("reduce", pdx.nbytes, pc)
+            if pr == 1:
+                rw = pdw
+            else:
+                rw = xp.empty_like(pdw) if row == i else None
+                requests.append(self._collective(ireduce, pdw, rw, i, grid.col_comm,
+                                                 self.staging))
+                prof.count("reduce", pdw.nbytes, pr)
             finish()  # the previous segment's reductions
             inflight.append((requests, seg, rx, rw, (pdx, pdw)))  # keep send buffers alive
         finish()
