@@ -24,7 +24,7 @@ from mpi4py import MPI
 from . import __version__
 from threadpoolctl import threadpool_limits
 
-from .backend import Backend, blas_info, node_comm
+from .backend import Backend, blas_info, device_facts, node_comm
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
 from .dtypes import tolerance
@@ -51,6 +51,19 @@ def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = Tr
     total = (threads_per_rank or 1) * node.Get_size()
     node.Free()
     return min(total, len(os.sched_getaffinity(0))) if cap else total
+
+
+def run_conditions(grid: ProcessGrid, backend: Backend) -> dict:
+    """The keywords of :func:`tpmpi.costmodel.predict` for runs on ``grid`` with ``backend``
+    (as a layer on ``grid.comm`` holds it): ``oversubscription``, the slowdown of local
+    products from sharing (GPU: ranks per device; CPU: BLAS threads of the node's ranks per
+    core), and ``staged`` (collectives through host memory). Collective over ``grid.comm``."""
+    if backend.is_gpu:
+        return {"oversubscription": device_facts(grid.comm, backend).ranks_per_device,
+                "staged": not backend.gpu_aware}
+    cores = len(os.sched_getaffinity(0))
+    return {"oversubscription": node_threads(grid.comm, grid.threads, cap=False) / cores,
+            "staged": False}
 
 
 def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
@@ -150,8 +163,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     else:
         base = float(baseline) if baseline else None
     pred = predict(problem, grid.size, grid.shape, calibration or default_calibration(),
-                   backend.name, oversubscription=1.0 if backend.is_gpu else
-                   node_threads(comm, grid.threads, cap=False) / len(os.sched_getaffinity(0)))
+                   backend.name, **run_conditions(grid, case.backend))
     calls: dict[str, int] = {}
     for t in totals:
         for op, c in t["calls"].items():

@@ -150,8 +150,9 @@ def make_parser() -> argparse.ArgumentParser:
                     "With --collective: nccl-tests-style collective benchmark."))
     cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma")
     cal.add_argument("--json", metavar="FILE", required=True, help="calibration file to write")
-    cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=["float32", "float64"],
-                     help="dtypes whose GEMM rates are measured")
+    cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=None,
+                     help="dtypes whose GEMM rates are measured (default float32,float64; on "
+                          "a GPU every supported dtype)")
     cal.add_argument("-b", "--begin", type=parse_size, default=64, help="smallest message (B)")
     cal.add_argument("-e", "--end", type=parse_size, default=4 << 20, help="largest message (B)")
     cal.add_argument("-f", "--factor", type=float, default=4.0)
@@ -309,7 +310,8 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
     backend = get_backend(args.backend, comm)
     threads = configure_blas_threads(comm, args.threads)
     out = _out(comm)
-    cal = calibrate(comm, backend, dtypes=args.dtype,
+    dtypes = args.dtype or (SUPPORTED if backend.is_gpu else ["float32", "float64"])
+    cal = calibrate(comm, backend, dtypes=dtypes,
                     sizes=sizes_sweep(args.begin, args.end, args.factor), threads=threads,
                     iters=args.iters, progress=lambda what: out(f"calibrating {what}"))
     if comm.Get_rank() == 0:

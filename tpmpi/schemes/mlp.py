@@ -2,7 +2,7 @@
 ``k`` (``n`` must equal ``k``), d_hidden = ``hidden`` (default 4k)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 from ..activations import get_activation
@@ -33,8 +33,9 @@ class MLPCase(LayerCase):
         super().__init__(p, grid, backend, self.mlp, n_out=p.k,
                          flops=4.0 * p.m * p.k * hidden_of(p))
 
-    def serial(self, backend: Backend) -> Callable[[], None]:
-        """Serial FFN forward (+ backward) on one process with the global weights."""
+    def serial(self, backend: Backend) -> Callable[..., None]:
+        """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
+        process with the global weights."""
         p, xp = self.problem, backend.xp
         h = hidden_of(p)
         act, act_grad = get_activation(self.mlp.activation)
@@ -42,11 +43,11 @@ class MLPCase(LayerCase):
         w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
                   for s, seed in (((p.k, h), 0), ((h, p.k), 1)))
 
-        def step() -> None:
+        def step(backward: Optional[bool] = None) -> None:
             pre = xp.matmul(x, w1)
             a = act(pre)
             xp.matmul(a, w2)
-            if p.backward:
+            if p.backward if backward is None else backward:
                 dpre = xp.matmul(dy, w2.T) * act_grad(pre)
                 xp.matmul(a.T, dy), xp.matmul(dpre, w1.T), xp.matmul(x.T, dpre)
             backend.synchronize()

@@ -1,0 +1,212 @@
+"""tpmpi's layers against the bare products they parallelise, and the cost model's prediction.
+
+``mpiexec -n P python -m tpmpi.vsbare [--schemes column,row,mlp,tile2d] [--dtypes ...]
+[--m M --k K --n N] [--calibration FILE] [--json FILE]`` times every scheme x dtype on the P
+ranks, forward and forward+backward, as users run the layers (no profiler attached; median over
+``--iters`` of the slowest rank), and the bare products of the same global sizes on one process
+and the same backend (the scheme's serial step: ``x @ w + b``, with backward ``dy @ w.T``,
+``x.T @ dy``, ``dy.sum(0)``; the FFN's two products and activation), timed on rank 0 while the
+others wait; where torch is installed, also ``torch.matmul`` on the same arrays (linear schemes).
+``ratio`` = bare time / tpmpi time: 1.0 is as fast as the bare products; at P > 1 on a shared
+device it shows what communication and staging add to the same arithmetic. ``pred_*`` is the
+cost model's prediction for the run (:func:`tpmpi.costmodel.predict` with ``--calibration``) and
+``err_*`` its relative error against the measurement.
+
+Each case prints one line on rank 0 and appends one JSON record to ``--json``;
+``python -m tpmpi.vsbare --table FILE.jsonl ...`` prints the side-by-side markdown table of
+such records (one row per scheme and dtype, one column group per P; no MPI job needed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any, Callable, Optional, Sequence
+
+from mpi4py import MPI
+
+from .backend import BACKENDS, Backend, get_backend
+from .bench import mpi_library, run_conditions, write_record
+from .comm import polite_barrier
+from .costmodel import Calibration, load_calibration, predict, square_grid
+from .dtypes import SUPPORTED
+from .grid import ProcessGrid
+from .overlap import median_time
+from .schemes import Problem, bare_products, build
+
+SCHEMES = ("column", "row", "mlp", "tile2d")
+PHASES = ("fwd", "fwdbwd")
+
+
+def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[bool], None]]:
+    """The bare products in torch on the same arrays (DLPack, no copy; through float32 for a
+    dtype DLPack cannot carry), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    def tensor(a):
+        try:
+            return torch.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError):
+            return torch.from_dlpack(a.astype("float32")).to(getattr(torch, a.dtype.name))
+
+    sync = torch.cuda.synchronize if backend.is_gpu else (lambda: None)
+    return bare_products(torch.matmul, *map(tensor, arrays), sync)
+
+
+def bare_times(case, comm: MPI.Comm, backend: Backend, *, warmup: int, iters: int,
+               with_torch: bool) -> dict:
+    """Median seconds of the case's bare products on rank 0 (``bare_fwd_s``,
+    ``bare_fwdbwd_s``; ``torch_fwd_s``, ``torch_fwdbwd_s`` for a linear scheme with torch)
+    while the other ranks wait without polling. Collective; the dict on every rank."""
+    out: dict = {}
+    polite_barrier(comm)
+    if comm.Get_rank() == 0:
+        if case.problem.scheme == "mlp":
+            steps = {"bare": case.serial(backend)}
+        else:  # one set of arrays for the backend's and torch's products
+            arrays = case.full_arrays(backend)
+            steps = {"bare": bare_products(backend.xp.matmul, *arrays, backend.synchronize)}
+            torch_step = _torch_step(arrays, backend) if with_torch else None
+            if torch_step is not None:
+                steps["torch"] = torch_step
+        for name, step in steps.items():
+            for phase, backward in zip(PHASES, (False, True)):
+                out[f"{name}_{phase}_s"] = median_time(lambda: step(backward), MPI.COMM_SELF,
+                                                       None, warmup, iters)
+    polite_barrier(comm)
+    return comm.bcast(out, root=0)
+
+
+def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int, k: int,
+            n: int, hidden: Optional[int] = None, warmup: int = 1, iters: int = 5,
+            calibration: Optional[Calibration] = None, with_torch: bool = True) -> dict:
+    """One record: ``scheme`` in ``dtype`` on the ranks of ``comm`` (1 x P; tile2d on the most
+    square grid) against its bare products, with the model's predictions. Collective."""
+    p = comm.Get_size()
+    grid = ProcessGrid(comm, square_grid(p) if scheme == "tile2d" else None)
+    problem = Problem(scheme=scheme, m=m, k=k, n=k if scheme == "mlp" else n,
+                      hidden=(hidden or k) if scheme == "mlp" else None, dtype=dtype,
+                      backward=True)
+    case = build(problem, grid, backend)
+    sync = case.backend.synchronize
+
+    def step() -> None:
+        case.forward()
+        case.backward()
+
+    rec = {"scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
+           "n": problem.n, "hidden": problem.hidden, "dtype": dtype, "backend": backend.name,
+           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters,
+           "fwd_s": median_time(case.forward, comm, sync, warmup, iters),
+           "fwdbwd_s": median_time(step, comm, sync, warmup, iters)}
+    rec.update(bare_times(case, comm, case.backend, warmup=warmup, iters=iters,
+                          with_torch=with_torch))
+    conditions = run_conditions(grid, case.backend)
+    rec.update(conditions)
+    for phase, backward in zip(PHASES, (False, True)):
+        rec[f"ratio_{phase}"] = rec[f"bare_{phase}_s"] / rec[f"{phase}_s"]
+        pred = predict(dataclasses.replace(problem, backward=backward), p, grid.shape,
+                       calibration or Calibration(), backend.name, **conditions)
+        rec[f"pred_{phase}_s"] = pred.time_s
+        rec[f"err_{phase}"] = pred.time_s / rec[f"{phase}_s"] - 1
+    rec["mpi_library"] = mpi_library()
+    rec["device"] = case.backend.device_name()
+    grid.free()
+    return rec
+
+
+def format_line(rec: dict) -> str:
+    """One case as a line of text (times in ms)."""
+    torch = "".join(f" torch {rec[f'torch_{ph}_s'] * 1e3:.2f}" for ph in PHASES
+                    if f"torch_{ph}_s" in rec)
+    return (f"{rec['scheme']:7s} {rec['dtype']:9s} P={rec['ranks']} ({rec['grid']}): "
+            + "  ".join(f"{ph} {rec[f'{ph}_s'] * 1e3:.2f} ms vs bare "
+                        f"{rec[f'bare_{ph}_s'] * 1e3:.2f} -> {rec[f'ratio_{ph}']:.3f}, "
+                        f"pred {rec[f'pred_{ph}_s'] * 1e3:.2f} ({rec[f'err_{ph}']:+.0%})"
+                        for ph in PHASES) + torch)
+
+
+def format_table(records: Sequence[dict]) -> str:
+    """Markdown: one row per (scheme, dtype), per P the forward and forward+backward ratios
+    (bare / tpmpi) and measured vs predicted ms; a last column with torch's time over the
+    bare backend's for the same products (forward+backward, P=1 records)."""
+    ranks = sorted({r["ranks"] for r in records})
+    rows: dict = {}
+    for r in records:
+        rows.setdefault((r["scheme"], r["dtype"]), {})[r["ranks"]] = r
+    head = ["scheme", "dtype"]
+    for p in ranks:
+        head += [f"P={p} fwd", f"P={p} fwd+bwd", f"P={p} fwd+bwd ms (pred)"]
+    head.append("torch/bare fwd+bwd")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (scheme, dtype), by_p in sorted(rows.items(), key=lambda kv: (SCHEMES.index(kv[0][0])
+                                                                       if kv[0][0] in SCHEMES
+                                                                       else 99, kv[0][1])):
+        cells = [scheme, dtype]
+        for p in ranks:
+            r = by_p.get(p)
+            cells += ["-"] * 3 if r is None else [
+                f"{r['ratio_fwd']:.2f}", f"{r['ratio_fwdbwd']:.2f}",
+                f"{r['fwdbwd_s'] * 1e3:.1f} ({r['pred_fwdbwd_s'] * 1e3:.1f})"]
+        first = by_p[min(by_p)]
+        cells.append(f"{first['torch_fwdbwd_s'] / first['bare_fwdbwd_s']:.2f}"
+                     if "torch_fwdbwd_s" in first else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
+    """Command line (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m tpmpi.vsbare",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
+                    help="print the markdown table of these records and exit (no MPI job)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--dtypes", default=None,
+                    help="default float32,float16,bfloat16 on a GPU, float32,float64 on a CPU")
+    for dim in ("m", "k", "n"):
+        ap.add_argument(f"--{dim}", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=None, help="mlp hidden size (default k)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--calibration", metavar="FILE", default=None)
+    ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--json", metavar="FILE", help="append one JSON record per case")
+    args = ap.parse_args(argv)
+    if args.table:
+        records = [json.loads(line) for path in args.table for line in open(path)
+                   if line.strip()]
+        print(format_table(records))
+        return 0
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    backend = get_backend(args.backend, comm)
+    dtypes = (args.dtypes.split(",") if args.dtypes else
+              ["float32", "float16", "bfloat16"] if backend.is_gpu else ["float32", "float64"])
+    bad = [v for v in dtypes if v not in SUPPORTED] + \
+        [v for v in args.schemes.split(",") if v not in SCHEMES]
+    if bad:
+        ap.error(f"unknown scheme or dtype {bad[0]!r}")
+    calibration = load_calibration(args.calibration)
+    records = []
+    for dtype in dtypes:
+        for scheme in args.schemes.split(","):
+            rec = compare(scheme, dtype, comm, backend, m=args.m, k=args.k, n=args.n,
+                          hidden=args.hidden, warmup=args.warmup, iters=args.iters,
+                          calibration=calibration, with_torch=args.torch)
+            records.append(rec)
+            if comm.Get_rank() == 0:
+                print(format_line(rec), flush=True)
+                if args.json:
+                    with open(args.json, "a") as fh:
+                        write_record(rec, fh)
+    if comm.Get_rank() == 0:
+        print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
