@@ -53,6 +53,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .dtypes import resolve_dtype
 from .layers.column import chunk_bounds
 from .schemes.mlp import hidden_of
 from .tiling import panel_workspace_bytes
@@ -181,7 +182,7 @@ class Calibration:
         if min(m, k, n) <= 0:
             return 0.0
         rates = self._rates(dtype, backend)
-        return gemm_work(m, k, n, np.dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
+        return gemm_work(m, k, n, resolve_dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
 
     def memory_time(self, nbytes: float, dtype: str, backend: str = "numpy") -> float:
         """Seconds to stream ``nbytes`` through memory (the "thin" GEMM rate, bytes/s)."""
@@ -274,7 +275,7 @@ class _Tally:
                  sharing: float = 1.0):
         self.cal, self.dtype, self.backend = cal, dtype, backend
         self.staged, self.sharing = staged, sharing
-        self.b = np.dtype(dtype).itemsize
+        self.b = resolve_dtype(dtype).itemsize
         self.compute = self.comm = self.sent = 0.0
 
     def gemm(self, m: int, k: int, n: int) -> float:
