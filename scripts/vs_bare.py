@@ -6,7 +6,7 @@ ratios per scheme and dtype, and the cost model's prediction (see tpmpi/vsbare.p
     mpiexec -n 2 python scripts/vs_bare.py --m 8192 --k 8192 --n 8192 --json vs.jsonl
     python scripts/vs_bare.py --table vs.jsonl                       # side-by-side over P
 """
-from tpmpi.vsbare import main
+from tpmpi.vsbare import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

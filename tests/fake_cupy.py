@@ -43,8 +43,16 @@ class FakeCupy(types.ModuleType):
             getDeviceCount=lambda: devices,
             deviceGetPCIBusId=lambda i: f"0000:{i + 1:02x}:00.0",
             getDeviceProperties=lambda i: {"name": b"Fake GPU"})
-        self.cuda = types.SimpleNamespace(runtime=runtime, Device=Device,
-                                          get_current_stream=lambda: Stream())
+        class MemoryHook:  # cupy.cuda.memory_hook.MemoryHook: never called here
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        self.cuda = types.SimpleNamespace(
+            runtime=runtime, Device=Device, get_current_stream=lambda: Stream(),
+            memory_hook=types.SimpleNamespace(MemoryHook=MemoryHook))
 
     def __getattr__(self, name: str):
         return getattr(np, name)
@@ -54,12 +62,19 @@ class FakeCupy(types.ModuleType):
         return np.asarray(a)
 
 
+def modules(fake: FakeCupy) -> dict:
+    """The ``sys.modules`` entries that make ``import cupy`` and ``from cupy.cuda import
+    memory_hook`` find ``fake``."""
+    return {"cupy": fake, "cupy.cuda": fake.cuda, "cupy.cuda.memory_hook": fake.cuda.memory_hook}
+
+
 def install(monkeypatch, devices: int = 1) -> FakeCupy:
     """Make ``import cupy`` return a fresh :class:`FakeCupy` for the rest of the test."""
     import sys
 
     fake = FakeCupy(devices)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
+    for name, module in modules(fake).items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(backend_mod, "_CACHE", {})
     for method in ("pinned_empty", "copy_to_host", "copy_from_host"):
         monkeypatch.setattr(backend_mod.CupyBackend, method, getattr(backend_mod.Backend, method))

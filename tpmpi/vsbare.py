@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
@@ -120,6 +121,8 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
 
 def format_line(rec: dict) -> str:
     """One case as a line of text (times in ms)."""
+    if "error" in rec:
+        return f"{rec['scheme']:7s} {rec['dtype']:9s} P={rec['ranks']}: ERROR {rec['error']}"
     torch = "".join(f" torch {rec[f'torch_{ph}_s'] * 1e3:.2f}" for ph in PHASES
                     if f"torch_{ph}_s" in rec)
     return (f"{rec['scheme']:7s} {rec['dtype']:9s} P={rec['ranks']} ({rec['grid']}): "
@@ -148,9 +151,11 @@ def format_table(records: Sequence[dict]) -> str:
         cells = [scheme, dtype]
         for p in ranks:
             r = by_p.get(p)
-            cells += ["-"] * 3 if r is None else [
-                f"{r['ratio_fwd']:.2f}", f"{r['ratio_fwdbwd']:.2f}",
-                f"{r['fwdbwd_s'] * 1e3:.1f} ({r['pred_fwdbwd_s'] * 1e3:.1f})"]
+            if r is None or "error" in r:
+                cells += ["-" if r is None else "error"] * 3
+                continue
+            cells += [f"{r['ratio_fwd']:.2f}", f"{r['ratio_fwdbwd']:.2f}",
+                      f"{r['fwdbwd_s'] * 1e3:.1f} ({r['pred_fwdbwd_s'] * 1e3:.1f})"]
         first = by_p[min(by_p)]
         cells.append(f"{first['torch_fwdbwd_s'] / first['bare_fwdbwd_s']:.2f}"
                      if "torch_fwdbwd_s" in first else "-")
@@ -194,9 +199,13 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     records = []
     for dtype in dtypes:
         for scheme in args.schemes.split(","):
-            rec = compare(scheme, dtype, comm, backend, m=args.m, k=args.k, n=args.n,
-                          hidden=args.hidden, warmup=args.warmup, iters=args.iters,
-                          calibration=calibration, with_torch=args.torch)
+            try:
+                rec = compare(scheme, dtype, comm, backend, m=args.m, k=args.k, n=args.n,
+                              hidden=args.hidden, warmup=args.warmup, iters=args.iters,
+                              calibration=calibration, with_torch=args.torch)
+            except ValueError as exc:  # raised on every rank (tpmpi agrees on errors)
+                rec = {"scheme": scheme, "dtype": dtype, "ranks": comm.Get_size(),
+                       "error": str(exc)}
             records.append(rec)
             if comm.Get_rank() == 0:
                 print(format_line(rec), flush=True)
@@ -208,5 +217,20 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     return 0
 
 
+def run() -> None:
+    """Entry point under mpiexec: an unexpected exception aborts the whole job (no rank is left
+    waiting in a collective); a case's ValueError is recorded and the next case runs."""
+    import traceback
+
+    try:
+        code = main()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+        raise
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()
