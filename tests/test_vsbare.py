@@ -35,6 +35,9 @@ def test_every_scheme_against_its_bare_products(world, tmp_path, capsys):
         for phase in vsbare.PHASES:
             assert r[f"{phase}_s"] > 0 and r[f"bare_{phase}_s"] > 0 and r[f"pred_{phase}_s"] > 0
             assert r[f"ratio_{phase}"] == pytest.approx(r[f"bare_{phase}_s"] / r[f"{phase}_s"])
+            assert 0 < r[f"{phase}_best_s"] <= r[f"{phase}_s"]
+            assert r[f"ratio_{phase}_best"] == pytest.approx(
+                r[f"bare_{phase}_best_s"] / r[f"{phase}_best_s"])
             assert r[f"err_{phase}"] == pytest.approx(r[f"pred_{phase}_s"] / r[f"{phase}_s"] - 1)
     if world.comm.Get_rank() == 0:
         out = capsys.readouterr().out
@@ -69,3 +72,9 @@ def test_table_sets_ranks_side_by_side():
     assert lines[2] == ("| column | float16 | 1.00 | 0.50 | 10.0 (12.0) | 0.50 | 0.25 | "
                         "20.0 (24.0) | 0.75 |")
     assert lines[3] == "| row | float16 | 1.00 | 0.50 | 10.0 (12.0) | - | - | - | - |"
+    best = vsbare.format_table([rec(1, ratio_fwd_best=0.9, ratio_fwdbwd_best=0.8,
+                                    fwdbwd_best_s=0.005)], best=True)
+    assert best.splitlines()[2] == "| column | float16 | 0.90 | 0.80 | 5.0 (12.0) | - |"
+    error = {"scheme": "tile2d", "dtype": "bfloat16", "ranks": 2, "error": "boom"}
+    assert "| tile2d | bfloat16 | error | error | error |" in vsbare.format_table([error])
+    assert vsbare.format_line(error) == "tile2d  bfloat16  P=2: ERROR boom"

@@ -53,10 +53,8 @@ class OverlapTimes:
                 "saved_s": self.saved_s}
 
 
-def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
-                warmup: int, iters: int) -> float:
-    """Median over ``iters`` calls (after ``warmup``) of the slowest rank's time of ``call()``
-    followed by ``sync()``. Collective (a Barrier before and a max-Allreduce after each)."""
+def _time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
+          warmup: int, iters: int) -> float:
     for _ in range(warmup):
         call()
     samples = []
@@ -86,7 +84,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
 
     check(comm, local_checks, warmup=warmup, iters=iters)
     sync = layer.backend.synchronize if layer.backend.is_gpu else None
-    overall = median_time(call, comm, sync, warmup, iters)
+    overall = _time(call, comm, sync, warmup, iters)
     times = []
     for phase in ("gemm", "comm"):
         with contextlib.ExitStack() as stack:
@@ -94,7 +92,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
             stack.enter_context(np.errstate(all="ignore"))
             for prof in profs:
                 stack.enter_context(prof.only(phase))
-            times.append(median_time(call, comm, sync, warmup, iters))
+            times.append(_time(call, comm, sync, warmup, iters))
     for prof in profs:
         prof.reset()
     return OverlapTimes(overall, *times)

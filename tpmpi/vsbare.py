@@ -7,10 +7,13 @@ ranks, forward and forward+backward, as users run the layers (no profiler attach
 and the same backend (the scheme's serial step: ``x @ w + b``, with backward ``dy @ w.T``,
 ``x.T @ dy``, ``dy.sum(0)``; the FFN's two products and activation), timed on rank 0 while the
 others wait; where torch is installed, also ``torch.matmul`` on the same arrays (linear schemes).
-``ratio`` = bare time / tpmpi time: 1.0 is as fast as the bare products; at P > 1 on a shared
-device it shows what communication and staging add to the same arithmetic. ``pred_*`` is the
-cost model's prediction for the run (:func:`tpmpi.costmodel.predict` with ``--calibration``) and
-``err_*`` its relative error against the measurement.
+Layers and bare products alternate in every round, so that load which comes and goes hits
+both alike. ``ratio`` = bare time / tpmpi time (of the medians; ``ratio_*_best`` of the best
+rounds, the steadier figure on a loaded machine: ``--best``): 1.0 is as fast as the bare
+products; at P > 1 on a shared device it shows what communication and staging add to the
+same arithmetic. ``pred_*`` is the cost model's prediction for the run
+(:func:`tpmpi.costmodel.predict` with ``--calibration``), ``err_*`` its relative error against
+the measured median.
 
 Each case prints one line on rank 0 and appends one JSON record to ``--json``;
 ``python -m tpmpi.vsbare --table FILE.jsonl ...`` prints the side-by-side markdown table of
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
@@ -32,7 +37,6 @@ from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .dtypes import SUPPORTED
 from .grid import ProcessGrid
-from .overlap import median_time
 from .schemes import Problem, bare_products, build
 
 SCHEMES = ("column", "row", "mlp", "tile2d")
@@ -57,58 +61,82 @@ def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[b
     return bare_products(torch.matmul, *map(tensor, arrays), sync)
 
 
-def bare_times(case, comm: MPI.Comm, backend: Backend, *, warmup: int, iters: int,
-               with_torch: bool) -> dict:
-    """Median seconds of the case's bare products on rank 0 (``bare_fwd_s``,
-    ``bare_fwdbwd_s``; ``torch_fwd_s``, ``torch_fwdbwd_s`` for a linear scheme with torch)
-    while the other ranks wait without polling. Collective; the dict on every rank."""
-    out: dict = {}
-    polite_barrier(comm)
-    if comm.Get_rank() == 0:
-        if case.problem.scheme == "mlp":
-            steps = {"bare": case.serial(backend)}
-        else:  # one set of arrays for the backend's and torch's products
-            arrays = case.full_arrays(backend)
-            steps = {"bare": bare_products(backend.xp.matmul, *arrays, backend.synchronize)}
-            torch_step = _torch_step(arrays, backend) if with_torch else None
-            if torch_step is not None:
-                steps["torch"] = torch_step
+def _timed(call: Callable[[], Any], comm: MPI.Comm, sync: Callable[[], None]) -> float:
+    """Seconds of ``call()`` then ``sync()`` on the slowest rank of ``comm``. Collective."""
+    comm.Barrier()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    return comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+
+
+def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
+    """``{"bare": step(backward)}`` of the case's bare products on one process, and
+    ``"torch"``'s on the same arrays for a linear scheme with torch installed."""
+    if case.problem.scheme == "mlp":
+        return {"bare": case.serial(backend)}
+    arrays = case.full_arrays(backend)  # one set for the backend's and torch's products
+    steps = {"bare": bare_products(backend.xp.matmul, *arrays, backend.synchronize)}
+    torch_step = _torch_step(arrays, backend) if with_torch else None
+    if torch_step is not None:
+        steps["torch"] = torch_step
+    return steps
+
+
+def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool) -> dict:
+    """Seconds of each of ``iters`` rounds (after ``warmup``) per measurement: ``fwd`` and
+    ``fwdbwd`` of the layers (slowest rank), ``bare_fwd``, ``bare_fwdbwd`` and (with torch)
+    ``torch_fwd``, ``torch_fwdbwd`` of the bare products on rank 0 while the other ranks wait
+    without polling. Layers and bare products alternate in every round, so that load which
+    comes and goes hits both alike. Collective; the dict on every rank."""
+    backend = case.backend
+    steps = _bare_steps(case, backend, with_torch) if comm.Get_rank() == 0 else {}
+
+    def fwdbwd() -> None:
+        case.forward()
+        case.backward()
+
+    samples: dict[str, list[float]] = {}
+    for i in range(warmup + iters):
+        times = {phase: _timed(call, comm, backend.synchronize)
+                 for phase, call in zip(PHASES, (case.forward, fwdbwd))}
+        polite_barrier(comm)
         for name, step in steps.items():
             for phase, backward in zip(PHASES, (False, True)):
-                out[f"{name}_{phase}_s"] = median_time(lambda: step(backward), MPI.COMM_SELF,
-                                                       None, warmup, iters)
-    polite_barrier(comm)
-    return comm.bcast(out, root=0)
+                t0 = time.perf_counter()
+                step(backward)
+                times[f"{name}_{phase}"] = time.perf_counter() - t0
+        polite_barrier(comm)
+        if i >= warmup:
+            for name, t in times.items():
+                samples.setdefault(name, []).append(t)
+    return comm.bcast(samples, root=0)
 
 
 def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int, k: int,
             n: int, hidden: Optional[int] = None, warmup: int = 1, iters: int = 5,
             calibration: Optional[Calibration] = None, with_torch: bool = True) -> dict:
     """One record: ``scheme`` in ``dtype`` on the ranks of ``comm`` (1 x P; tile2d on the most
-    square grid) against its bare products, with the model's predictions. Collective."""
+    square grid) against its bare products, with the model's predictions: per measurement of
+    :func:`time_case` the median (``NAME_s``) and best (``NAME_best_s``) seconds; ``ratio_*``
+    (bare / tpmpi) of the medians and ``ratio_*_best`` of the best times. Collective."""
     p = comm.Get_size()
     grid = ProcessGrid(comm, square_grid(p) if scheme == "tile2d" else None)
     problem = Problem(scheme=scheme, m=m, k=k, n=k if scheme == "mlp" else n,
                       hidden=(hidden or k) if scheme == "mlp" else None, dtype=dtype,
                       backward=True)
     case = build(problem, grid, backend)
-    sync = case.backend.synchronize
-
-    def step() -> None:
-        case.forward()
-        case.backward()
-
     rec = {"scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
            "n": problem.n, "hidden": problem.hidden, "dtype": dtype, "backend": backend.name,
-           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters,
-           "fwd_s": median_time(case.forward, comm, sync, warmup, iters),
-           "fwdbwd_s": median_time(step, comm, sync, warmup, iters)}
-    rec.update(bare_times(case, comm, case.backend, warmup=warmup, iters=iters,
-                          with_torch=with_torch))
+           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters}
+    for name, times in time_case(case, comm, warmup=warmup, iters=iters,
+                                 with_torch=with_torch).items():
+        rec[f"{name}_s"], rec[f"{name}_best_s"] = statistics.median(times), min(times)
     conditions = run_conditions(grid, case.backend)
     rec.update(conditions)
     for phase, backward in zip(PHASES, (False, True)):
         rec[f"ratio_{phase}"] = rec[f"bare_{phase}_s"] / rec[f"{phase}_s"]
+        rec[f"ratio_{phase}_best"] = rec[f"bare_{phase}_best_s"] / rec[f"{phase}_best_s"]
         pred = predict(dataclasses.replace(problem, backward=backward), p, grid.shape,
                        calibration or Calibration(), backend.name, **conditions)
         rec[f"pred_{phase}_s"] = pred.time_s
@@ -127,15 +155,17 @@ def format_line(rec: dict) -> str:
                     if f"torch_{ph}_s" in rec)
     return (f"{rec['scheme']:7s} {rec['dtype']:9s} P={rec['ranks']} ({rec['grid']}): "
             + "  ".join(f"{ph} {rec[f'{ph}_s'] * 1e3:.2f} ms vs bare "
-                        f"{rec[f'bare_{ph}_s'] * 1e3:.2f} -> {rec[f'ratio_{ph}']:.3f}, "
-                        f"pred {rec[f'pred_{ph}_s'] * 1e3:.2f} ({rec[f'err_{ph}']:+.0%})"
-                        for ph in PHASES) + torch)
+                        f"{rec[f'bare_{ph}_s'] * 1e3:.2f} -> {rec[f'ratio_{ph}']:.3f} (best "
+                        f"{rec[f'ratio_{ph}_best']:.3f}), pred {rec[f'pred_{ph}_s'] * 1e3:.2f} "
+                        f"({rec[f'err_{ph}']:+.0%})" for ph in PHASES) + torch)
 
 
-def format_table(records: Sequence[dict]) -> str:
+def format_table(records: Sequence[dict], best: bool = False) -> str:
     """Markdown: one row per (scheme, dtype), per P the forward and forward+backward ratios
-    (bare / tpmpi) and measured vs predicted ms; a last column with torch's time over the
-    bare backend's for the same products (forward+backward, P=1 records)."""
+    (bare / tpmpi; of the best times with ``best``, else of the medians) and measured vs
+    predicted ms; a last column with torch's time over the bare backend's for the same
+    products (forward+backward, lowest P)."""
+    sfx = "_best" if best else ""
     ranks = sorted({r["ranks"] for r in records})
     rows: dict = {}
     for r in records:
@@ -154,11 +184,11 @@ def format_table(records: Sequence[dict]) -> str:
             if r is None or "error" in r:
                 cells += ["-" if r is None else "error"] * 3
                 continue
-            cells += [f"{r['ratio_fwd']:.2f}", f"{r['ratio_fwdbwd']:.2f}",
-                      f"{r['fwdbwd_s'] * 1e3:.1f} ({r['pred_fwdbwd_s'] * 1e3:.1f})"]
+            cells += [f"{r['ratio_fwd' + sfx]:.2f}", f"{r['ratio_fwdbwd' + sfx]:.2f}",
+                      f"{r[f'fwdbwd{sfx}_s'] * 1e3:.1f} ({r['pred_fwdbwd_s'] * 1e3:.1f})"]
         first = by_p[min(by_p)]
-        cells.append(f"{first['torch_fwdbwd_s'] / first['bare_fwdbwd_s']:.2f}"
-                     if "torch_fwdbwd_s" in first else "-")
+        cells.append(f"{first[f'torch_fwdbwd{sfx}_s'] / first[f'bare_fwdbwd{sfx}_s']:.2f}"
+                     if f"torch_fwdbwd{sfx}_s" in first else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
                     help="print the markdown table of these records and exit (no MPI job)")
+    ap.add_argument("--best", action="store_true",
+                    help="tables of the best times instead of the medians (a loaded machine)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--dtypes", default=None,
                     help="default float32,float16,bfloat16 on a GPU, float32,float64 on a CPU")
@@ -185,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     if args.table:
         records = [json.loads(line) for path in args.table for line in open(path)
                    if line.strip()]
-        print(format_table(records))
+        print(format_table(records, args.best))
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)
@@ -213,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                     with open(args.json, "a") as fh:
                         write_record(rec, fh)
     if comm.Get_rank() == 0:
-        print(format_table(records))
+        print(format_table(records, args.best))
     return 0
 
 
