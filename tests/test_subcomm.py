@@ -245,3 +245,24 @@ def test_cupy_backend_is_created_once_per_process_without_mpi(monkeypatch):
     view = first.with_gpu_aware(True)
     assert view.gpu_aware and view.xp is first.xp and first.with_gpu_aware(True) is view
     assert view.with_gpu_aware(False) is first
+
+
+@pytest.mark.mpi
+def test_ranks_sharing_a_device_are_counted_and_warned_once(world, monkeypatch):
+    if not world.member or world.size == 1:
+        return
+    fake_cupy.install(monkeypatch, devices=1)
+    monkeypatch.setattr(backend_mod, "_SHARING_WARNED", [])
+    comm = world.comm
+    grid = tpmpi.ProcessGrid(comm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = [tpmpi.ColumnParallelLinear(4, 4, grid=grid, backend="cupy") for _ in range(2)]
+        other = comm.Dup()  # a new communicator decides afresh, but warns no more
+        facts = backend_mod.device_facts(other, layers[0].backend)
+    shared = [w for w in caught if "share 1 GPU(s)" in str(w.message)]
+    assert len(shared) == (1 if comm.Get_rank() == 0 else 0)
+    assert facts.ranks_per_device == world.size
+    assert backend_mod.device_facts(grid.comm, layers[0].backend).ranks_per_device == world.size
+    other.Free()
+    grid.free()
