@@ -273,8 +273,6 @@ class TileParallelLinear(ParallelLinear):
         """Per K segment: the dX and dW pieces, each reduced to its owner (kept as it is on a
         grid dimension of size 1)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
-        row, col = grid.coords
-        pr, pc = grid.shape
         dx = xp.empty(self._x.shape, dtype=self.dtype)
         inflight: list = []
 
@@ -289,29 +287,28 @@ class TileParallelLinear(ParallelLinear):
             inflight.clear()
 
         for seg, xs, ws in self._broadcast_segments(self._x):
-            a, b, j, i = seg
+            _, _, j, i = seg
             with prof.gemm():
                 pdx = self._matmul(dy, ws.T)  # (m_r, w), summed over grid columns
                 pdw = self._matmul(xs.T, dy)  # (w, n_c), summed over grid rows
-            requests = []
-            if pc == 1:
-                rx = pdx
-            else:
-                rx = xp.empty_like(pdx) if col == j else None
-                requests.append(self._collective(ireduce, pdx, rx, j, grid.row_comm,
-                                                 self.staging))
-                prof.count("reduce", pdx.nbytes, pc)
-            if pr == 1:
-                rw = pdw
-            else:
-                rw = xp.empty_like(pdw) if row == i else None
-                requests.append(self._collective(ireduce, pdw, rw, i, grid.col_comm,
-                                                 self.staging))
-                prof.count("reduce", pdw.nbytes, pr)
+            requests: list = []
+            rx = self._reduce_to_owner(pdx, j, grid.row_comm, requests)
+            rw = self._reduce_to_owner(pdw, i, grid.col_comm, requests)
             finish()  # the previous segment's reductions
             inflight.append((requests, seg, rx, rw, (pdx, pdw)))  # keep send buffers alive
         finish()
         return dx
+
+    def _reduce_to_owner(self, part, owner: int, comm: MPI.Comm, requests: list):
+        """The sum of ``part`` over ``comm`` on rank ``owner`` (Ireduce appended to
+        ``requests``): a new buffer there, None elsewhere; ``part`` itself on one rank."""
+        size = comm.Get_size()
+        if size == 1:
+            return part
+        out = self.backend.xp.empty_like(part) if comm.Get_rank() == owner else None
+        requests.append(self._collective(ireduce, part, out, owner, comm, self.staging))
+        self.profiler.count("reduce", part.nbytes, size)
+        return out
 
     # ---------------------------------------------------------------- accounting
     def comm_bytes(self, m: int, *, backward: bool = False) -> int:
