@@ -193,3 +193,47 @@ def test_syncs_only_where_mpi_needs_them(world, kind, gpu_aware):
     if world.size == 1:
         assert without == 0
     grid.free()
+
+
+class CublasLikeXp:
+    """NumPy, except that ``matmul`` records operands cuBLAS (through CuPy) could not take
+    without a copy: neither C- nor F-contiguous."""
+
+    def __init__(self) -> None:
+        self.strided: list = []
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    def matmul(self, a, b, out=None):
+        self.strided += [x.shape for x in (a, b)
+                         if not (x.flags.c_contiguous or x.flags.f_contiguous)]
+        return np.matmul(a, b, out=out)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_gemm_operands_are_contiguous_on_a_gpu(world, kind):
+    """On a CuPy-like backend every GEMM operand is C- or F-contiguous (CuPy would copy a
+    strided one for each product): column blocks of x and dY are made contiguous once."""
+    if not world.member:
+        return
+    from tpmpi.backend import CupyBackend
+
+    class CupyLike(FakeDevice):
+        operand = CupyBackend.operand
+
+    X, W, b, mlp = dense(40, 12, 10, seed=world.size)
+    dev = CupyLike()
+    dev.xp = CublasLikeXp()
+    tiles = kind.startswith("tile2d")
+    grid = tpmpi.ProcessGrid(world.comm, shape=(2, world.size // 2)
+                             if tiles and world.size % 2 == 0 else None)
+    layer = LAYERS[kind]((W, b) if not kind.startswith("mlp") else mlp, grid, dev)
+    x = tpmpi.scatter(X, grid, "tiles" if tiles else "replicated")
+    if kind == "row-parallel-input":
+        x = np.ascontiguousarray(X[:, layer.shard[0]])
+    y = layer(x)
+    layer.backward(np.ones_like(y))
+    assert dev.xp.strided == []
+    grid.free()

@@ -84,6 +84,11 @@ class Backend:
     def check_dtype(self, dtype) -> None:
         """Raise ValueError when this backend cannot hold and multiply ``dtype``."""
 
+    def operand(self, a):
+        """``a`` ready to be a GEMM operand in several products: itself here (the BLAS reads
+        strided rows, e.g. a column block ``x[:, j0:j1]``, in place)."""
+        return a
+
     def synchronize(self) -> None:
         """Wait for the current stream, so that MPI sees finished device buffers."""
 
@@ -158,6 +163,14 @@ class CupyBackend(Backend):
                                       "needs CuPy >= 14 with ml_dtypes installed")
         if self._dtypes[name]:
             raise ValueError(self._dtypes[name])
+
+    def operand(self, a):
+        """A C-contiguous copy of a strided ``a`` (CuPy hands cuBLAS only C- or F-contiguous
+        operands and would copy ``a`` again for each product; transposes of contiguous
+        arrays are F-contiguous and pass as they are)."""
+        if a.flags.c_contiguous or a.flags.f_contiguous:
+            return a
+        return self.xp.ascontiguousarray(a)
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()

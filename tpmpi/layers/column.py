@@ -134,7 +134,8 @@ class ColumnParallelLinear(ParallelLinear):
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
         prof, x = self.profiler, self._x
-        dy_p = dy[:, self.shard[1]] if self.gather_output else dy  # strided view, no copy
+        # this rank's columns: a strided view (one copy on a GPU, for both products)
+        dy_p = self.backend.operand(dy[:, self.shard[1]]) if self.gather_output else dy
         with prof.gemm():
             dx = self._matmul(dy_p, self.weight.T)
 

@@ -46,7 +46,8 @@ class RowParallelLinear(ParallelLinear):
         k_p = self.weight.shape[0]
         self._agree_input("x", x, k_p if self.input_is_parallel else self.in_features)
         xp, prof = self.backend.xp, self.profiler
-        x_p = x if self.input_is_parallel else x[:, self.shard[0]]  # strided view, no copy
+        # this rank's columns of x: a strided view (one copy on a GPU, kept for the dW product)
+        x_p = x if self.input_is_parallel else self.backend.operand(x[:, self.shard[0]])
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
         with prof.gemm():
             self._matmul(x_p, self.weight, out=y)

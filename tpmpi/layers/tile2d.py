@@ -192,8 +192,8 @@ class TileParallelLinear(ParallelLinear):
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
             requests = []
-            if pc == 1:  # this rank owns all of K: its X columns as they are, no broadcast
-                xs = x[:, a:b]
+            if pc == 1:  # this rank owns all of K: its X columns, no broadcast
+                xs = self.backend.operand(x[:, a:b])
             else:
                 if col == j:  # X columns are strided: the owner packs them into the slot
                     xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
