@@ -53,10 +53,10 @@ def test_gpu_code_path_with_staging(world, tmp_path, monkeypatch):
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "0")
     records = _run(world, tmp_path, ["--backend", "cupy", "--dtypes", "float32,float16",
-                                     "--schemes", "column,tile2d"])
+                                     "--schemes", "column,tile2d", "--clock", "cpu"])
     assert len(records) == 4
     for r in records:
-        assert r["backend"] == "cupy" and r["device"] == "Fake GPU"
+        assert r["backend"] == "cupy" and r["device"] == "Fake GPU" and r["clock"] == "cpu"
         assert r["staged"] and r["oversubscription"] == world.size
 
 

@@ -68,13 +68,20 @@ def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[b
     return step
 
 
-def _timed(call: Callable[[], Any], comm: MPI.Comm, sync: Callable[[], None]) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time; ``cpu``: this process's CPU time, which a loaded machine cannot
+inflate (meaningful for one rank with one BLAS thread on a CPU: MPI's busy polling and
+other threads count too)."""
+
+
+def _timed(call: Callable[[], Any], comm: MPI.Comm, sync: Callable[[], None],
+           clock: Callable[[], float]) -> float:
     """Seconds of ``call()`` then ``sync()`` on the slowest rank of ``comm``. Collective."""
     comm.Barrier()
-    t0 = time.perf_counter()
+    t0 = clock()
     call()
     sync()
-    return comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    return comm.allreduce(clock() - t0, op=MPI.MAX)
 
 
 def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
@@ -90,13 +97,15 @@ def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
     return steps
 
 
-def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool) -> dict:
+def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool,
+              clock: str = "wall") -> dict:
     """Seconds of each of ``iters`` rounds (after ``warmup``) per measurement: ``fwd`` and
     ``fwdbwd`` of the layers (slowest rank), ``bare_fwd``, ``bare_fwdbwd`` and (with torch)
     ``torch_fwd``, ``torch_fwdbwd`` of the bare products on rank 0 while the other ranks wait
     without polling. Layers and bare products alternate in every round, so that load which
-    comes and goes hits both alike. Collective; the dict on every rank."""
-    backend = case.backend
+    comes and goes hits both alike; ``clock`` one of :data:`CLOCKS`. Collective; the dict on
+    every rank."""
+    backend, now = case.backend, CLOCKS[clock]
     steps = _bare_steps(case, backend, with_torch) if comm.Get_rank() == 0 else {}
 
     def fwdbwd() -> None:
@@ -105,14 +114,14 @@ def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool
 
     samples: dict[str, list[float]] = {}
     for i in range(warmup + iters):
-        times = {phase: _timed(call, comm, backend.synchronize)
+        times = {phase: _timed(call, comm, backend.synchronize, now)
                  for phase, call in zip(PHASES, (case.forward, fwdbwd))}
         polite_barrier(comm)
         for name, step in steps.items():
             for phase, backward in zip(PHASES, (False, True)):
-                t0 = time.perf_counter()
+                t0 = now()
                 step(backward)
-                times[f"{name}_{phase}"] = time.perf_counter() - t0
+                times[f"{name}_{phase}"] = now() - t0
         polite_barrier(comm)
         if i >= warmup:
             for name, t in times.items():
@@ -122,7 +131,8 @@ def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool
 
 def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int, k: int,
             n: int, hidden: Optional[int] = None, warmup: int = 1, iters: int = 5,
-            calibration: Optional[Calibration] = None, with_torch: bool = True) -> dict:
+            calibration: Optional[Calibration] = None, with_torch: bool = True,
+            clock: str = "wall") -> dict:
     """One record: ``scheme`` in ``dtype`` on the ranks of ``comm`` (1 x P; tile2d on the most
     square grid) against its bare products, with the model's predictions: per measurement of
     :func:`time_case` the median (``NAME_s``) and best (``NAME_best_s``) seconds; ``ratio_*``
@@ -135,9 +145,10 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
     case = build(problem, grid, backend)
     rec = {"scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
            "n": problem.n, "hidden": problem.hidden, "dtype": dtype, "backend": backend.name,
-           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters}
+           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters,
+           "clock": clock}
     for name, times in time_case(case, comm, warmup=warmup, iters=iters,
-                                 with_torch=with_torch).items():
+                                 with_torch=with_torch, clock=clock).items():
         rec[f"{name}_s"], rec[f"{name}_best_s"] = statistics.median(times), min(times)
     conditions = run_conditions(grid, case.backend)
     rec.update(conditions)
@@ -219,6 +230,9 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--calibration", metavar="FILE", default=None)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: the process's CPU time (one rank and TPMPI_THREADS=1 on a loaded "
+                         "CPU machine)")
     ap.add_argument("--json", metavar="FILE", help="append one JSON record per case")
     args = ap.parse_args(argv)
     if args.table:
@@ -241,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
             try:
                 rec = compare(scheme, dtype, comm, backend, m=args.m, k=args.k, n=args.n,
                               hidden=args.hidden, warmup=args.warmup, iters=args.iters,
-                              calibration=calibration, with_torch=args.torch)
+                              calibration=calibration, with_torch=args.torch,
+                              clock=args.clock)
             except ValueError as exc:  # raised on every rank (tpmpi agrees on errors)
                 rec = {"scheme": scheme, "dtype": dtype, "ranks": comm.Get_size(),
                        "error": str(exc)}
