@@ -18,8 +18,9 @@
 #              forward and forward+backward against the bare CuPy products (and torch.matmul
 #              on the same arrays where torch is installed), predicted vs measured, for each P
 #              in RANKS -> OUTDIR/vsbare.jsonl; OUTDIR/table.md is the side-by-side table;
-#   run-*      `python -m tpmpi run --backward --check` of the column scheme in float32 and
-#              float16 at P=2 (the compute/communication split) -> OUTDIR/runs.jsonl;
+#   run-*      `python -m tpmpi run --check` of the column scheme at P=2 with its
+#              compute/communication split: float32 forward (its comm_ms is the forward's),
+#              float16 forward+backward -> OUTDIR/runs.jsonl;
 #   suite-P1/2 the GPU-facing test files at 1 and 2 ranks;
 #   peak-*     the device's GEMM peak per dtype (python -m tpmpi.peak) and the runs' fraction.
 # OUTDIR/summary.txt lists each step's verdict and time.
@@ -124,10 +125,11 @@ table() {
 for p in $ranks; do
     [ "$p" -le 2 ] && table "$p"
 done
-for dtype in float32 float16; do
-    step "run-column-$dtype-P2" 60 $mpiexec -n 2 "$py" -m tpmpi run --backend cupy \
-        --scheme column --m "$size" --k "$size" --n "$size" --dtype "$dtype" --backward --check \
-        --iters "$iters" ${cal[@]+"${cal[@]}"} --json "$out/runs.jsonl"
+for case in "float32" "float16 --backward"; do  # fp32: forward comm_ms; fp16: fwd+bwd split
+    read -r dtype backward <<< "$case"
+    step "run-column-$dtype-P2${backward:+-bwd}" 60 $mpiexec -n 2 "$py" -m tpmpi run \
+        --backend cupy --scheme column --m "$size" --k "$size" --n "$size" --dtype "$dtype" \
+        $backward --check --iters "$iters" ${cal[@]+"${cal[@]}"} --json "$out/runs.jsonl"
 done
 for p in $ranks; do
     [ "$p" -gt 2 ] && table "$p"
