@@ -198,9 +198,14 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         print(format_table([rec]))
         print(f"check: max_rel_err={rec['max_rel_err']:.3e} tolerance={tolerance(args.dtype):.0e}"
               f" -> {'PASS' if ok else 'FAIL'}  (vs float64 reference)")
-        if rec["baseline_s"]:
-            print(f"serial baseline (1 process, all threads): {rec['baseline_s'] * 1e3:.3f} ms; "
-                  f"throughput ratio {rec['speedup']:.3f}, efficiency {rec['efficiency']:.3f}")
+        base = (rec.get("spread") or {}).get("baseline_s")
+        if base:
+            print(f"serial baseline (1 process, {rec['baseline_threads']} threads): "
+                  f"{base['median'] * 1e3:.3f} ms ({base['min'] * 1e3:.3g}-"
+                  f"{base['max'] * 1e3:.3g}); speedup {rec['speedup']:.3f}, eff/core "
+                  f"{rec['efficiency']:.3f}")
+        if rec["flags"]:
+            print(f"flags: {', '.join(rec['flags'])} (see docs/statistics.md)")
         for phase, times in (rec.get("overlap") or {}).items():
             print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
                   f"{times['compute_s'] * 1e3:.3f} ms, communication only "

@@ -140,7 +140,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                                        calibration=calibration, overlap=measure_overlap)
                     rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
-                        bases[key] = rec["baseline_s"]
+                        bases[key] = rec["spread"]["baseline_s"]
                     if rank == 0:
                         on_record(rec)
                 except ValueError as exc:
