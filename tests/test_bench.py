@@ -135,7 +135,7 @@ def test_plan_prints_ranked_layouts(capsys):
     out = capsys.readouterr().out
     if MPI.COMM_WORLD.Get_rank():
         return  # printed on rank 0
-    assert out.splitlines()[0].split()[:2] == ["rank", "layout"]
+    assert out.splitlines()[0].split()[:2] == ["order", "layout"]
     assert "tile2d 2x2" in out and "column 1x4" in out
 
 
