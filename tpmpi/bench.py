@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import time
-from typing import Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 from mpi4py import MPI
@@ -34,6 +34,7 @@ from .costmodel import Calibration, load_calibration, predict
 from .dtypes import tolerance
 from .grid import ProcessGrid
 from .overlap import measure_overlap
+from .progress import Progress, announce, case_units
 from .schemes import Problem, build
 from .schemes.mlp import hidden_of
 from .stats import flags, load_per_cpu, summary
@@ -97,7 +98,8 @@ def _profiled(case) -> tuple[float, float]:
     return sum(t["gemm_s"] for t in totals), sum(t["comm_s"] for t in totals)
 
 
-def _timed_steps(case, comm: MPI.Comm, backend: Backend, iters: int) -> np.ndarray:
+def _timed_steps(case, comm: MPI.Comm, backend: Backend, iters: int,
+                 progress: Callable[[str], None]) -> np.ndarray:
     """Run ``iters`` timed steps; rows forward, backward, GEMM and communication seconds of
     each iteration (columns), each the maximum over ranks. Collective."""
     backward = case.problem.backward
@@ -115,21 +117,47 @@ def _timed_steps(case, comm: MPI.Comm, backend: Backend, iters: int) -> np.ndarr
         samples[:2, i] = t1 - t0, time.perf_counter() - t1
         gemm1, comm1 = _profiled(case)
         samples[2:, i] = gemm1 - gemm0, comm1 - comm0
+        progress(f"timed step {i + 1}/{iters}")
     comm.Allreduce(MPI.IN_PLACE, samples, op=MPI.MAX)
     return samples
 
 
+def oversubscription(comm: MPI.Comm, threads_per_rank: Optional[int], backend: Backend
+                     ) -> float:
+    """BLAS threads of this node's ranks of ``comm`` per CPU of this rank's mask (1 on a
+    GPU): the slow-down of local products the cost model applies. Collective."""
+    if backend.is_gpu:
+        return 1.0
+    return node_threads(comm, threads_per_rank, cap=False) / len(os.sched_getaffinity(0))
+
+
+def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
+                  calibration: Calibration, *, warmup: int, iters: int, baseline: bool,
+                  overlap: bool = False) -> Optional[Callable[[str], None]]:
+    """For a case the cost model expects to run longer than :data:`tpmpi.progress.LONG_S`:
+    the estimate printed on rank 0 and the ``progress`` callback of :func:`run_case` (a bar
+    on rank 0); None for a short one. Collective."""
+    units = case_units(problem, grid.size, grid.shape, calibration, backend.name,
+                       warmup=warmup, iters=iters, baseline=baseline, overlap=overlap,
+                       oversubscription=oversubscription(grid.comm, grid.threads, backend))
+    rank0 = grid.comm.Get_rank() == 0
+    what = f"run {problem.scheme} on {grid.size} rank{'s' if grid.size > 1 else ''}"
+    if not announce(what, sum(t for _, t in units), rank0):
+        return None
+    return Progress([t for _, t in units], rank0, unit="step").step
+
+
 def mlp_hidden(problem: Problem) -> Optional[int]:
-    """The hidden size in effect: the MLP's d_hidden (4·k unless given), else ``hidden``."""
-    if problem.scheme == "mlp":
-        return hidden_of(problem)
-    return problem.hidden
+    """The hidden size in effect: the MLP's d_hidden (4·k unless given); None for the
+    single-GEMM schemes, which have none."""
+    return hidden_of(problem) if problem.scheme == "mlp" else None
 
 
 def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
              iters: int = 10, verify: bool = True, baseline: "bool | dict" = False,
              baseline_threads: Optional[int] = None,
-             calibration: Optional[Calibration] = None, overlap: bool = False) -> dict:
+             calibration: Optional[Calibration] = None, overlap: bool = False,
+             progress: Optional[Callable[[str], None]] = None) -> dict:
     """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
     time the serial single-process product in the same job with ``baseline_threads`` threads
     (a dict is the ``{median, min, max}`` of a baseline measured earlier); ``baseline_s``
@@ -138,9 +166,11 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     model with ``calibration`` (default: :func:`tpmpi.costmodel.load_calibration`). With
     ``overlap``, field ``overlap`` holds, per phase (forward, and backward when timed), the
     OSU measurement of :func:`tpmpi.overlap.measure_overlap`: overall, compute-only and
-    communication-only medians, overlap % and seconds saved. The record on every rank.
+    communication-only medians, overlap % and seconds saved. ``progress(desc)`` is called
+    after each unit of :func:`tpmpi.progress.case_units`. The record on every rank.
     Collective over ``grid.comm``."""
     comm = grid.comm
+    progress = progress or (lambda desc: None)
     load = [load_per_cpu() or 0.0]
     with backend.memory_peak() as mem:
         case = build(problem, grid, backend)
@@ -148,13 +178,15 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         case.forward()
         if problem.backward:
             case.backward()
-    for _ in range(warmup):
+    progress("first step")
+    for i in range(warmup):
         case.forward()
         if problem.backward:
             case.backward()
+        progress(f"warmup {i + 1}/{warmup}")
     for prof in case.profilers:
         prof.reset()
-    fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters)
+    fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
     totals = [p.totals() for p in case.profilers]
     per_iter = [sum(t[key] for t in totals) / max(iters, 1) for key in ("bytes", "bus_bytes")]
@@ -172,18 +204,20 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         if problem.backward:
             phases["backward"] = measure_overlap(case.layers, case.backward, warmup=1,
                                                  iters=iters)
+        progress("overlap")
     err = case.verify() if verify else None
+    progress("verify")
     if baseline is not False and baseline_threads is None:
         baseline_threads = node_threads(comm, grid.threads)
     if baseline is True:
         spread["baseline_s"] = serial_baseline(case, grid, backend, warmup=warmup, iters=iters,
                                                threads=baseline_threads)
         load.append(load_per_cpu() or 0.0)
+        progress("baseline")
     elif baseline:
         spread["baseline_s"] = dict(baseline)
     base = spread["baseline_s"]["median"] if spread["baseline_s"] else None
-    oversub = 1.0 if backend.is_gpu else \
-        node_threads(comm, grid.threads, cap=False) / len(os.sched_getaffinity(0))
+    oversub = oversubscription(grid.comm, grid.threads, backend)
     pred = predict(problem, grid.size, grid.shape, calibration or default_calibration(),
                    backend.name, oversubscription=oversub)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])

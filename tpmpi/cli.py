@@ -18,7 +18,7 @@ from mpi4py import MPI
 
 from . import __version__
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
-from .bench import format_table, mpi_library, run_case, write_record
+from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import agree
 from .costmodel import OPS, Calibration, format_plan, load_calibration, plan
@@ -291,9 +291,11 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     shape = parse_shape(args.grid) if args.grid else None
     grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
     backend = get_backend(args.backend, comm)
-    rec = run_case(problem, grid, backend, warmup=args.warmup, iters=args.iters,
-                   baseline=args.baseline, calibration=load_calibration(args.calibration),
-                   overlap=args.measure_overlap)
+    cal = load_calibration(args.calibration)
+    timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
+              "overlap": args.measure_overlap}
+    rec = run_case(problem, grid, backend, calibration=cal,
+                   progress=case_progress(problem, grid, backend, cal, **timing), **timing)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
