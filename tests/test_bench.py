@@ -236,3 +236,8 @@ def test_record_statistics_per_iteration(world, scheme):
     assert rec["flags"] == stats.flags(rec)
     assert rec["load_per_cpu"] is None or rec["load_per_cpu"] >= 0
     assert rec["oversubscription"] > 0
+
+
+def test_short_numbers_have_no_exponent():
+    assert [stats.short(v) for v in (1440.4, 285.13, 0.011834, 3.0)] == \
+        ["1440", "285", "0.0118", "3"]

@@ -37,7 +37,7 @@ from .overlap import measure_overlap
 from .progress import Progress, announce, case_units
 from .schemes import Problem, build
 from .schemes.mlp import hidden_of
-from .stats import flags, load_per_cpu, summary
+from .stats import flags, load_per_cpu, short, summary
 
 
 def _max_over_ranks(comm: MPI.Comm, values) -> np.ndarray:
@@ -264,7 +264,7 @@ def _ms(s: Optional[dict]) -> Optional[str]:
     """``median (min-max)`` in milliseconds of a summary in seconds."""
     if not s or s.get("min") is None:
         return None
-    return f"{s['median'] * 1e3:.3f} ({s['min'] * 1e3:.3g}-{s['max'] * 1e3:.3g})"
+    return f"{s['median'] * 1e3:.3f} ({short(s['min'] * 1e3)}-{short(s['max'] * 1e3)})"
 
 
 def _num(fmt: str, value) -> Optional[str]:

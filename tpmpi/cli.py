@@ -27,6 +27,7 @@ from .dtypes import SUPPORTED, tolerance
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .schemes import KNOWN, Problem, available
+from .stats import short
 from .sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
                     parse_size, run_sweep)
 
@@ -304,8 +305,8 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         base = (rec.get("spread") or {}).get("baseline_s")
         if base:
             print(f"serial baseline (1 process, {rec['baseline_threads']} threads): "
-                  f"{base['median'] * 1e3:.3f} ms ({base['min'] * 1e3:.3g}-"
-                  f"{base['max'] * 1e3:.3g}); speedup {rec['speedup']:.3f}, eff/core "
+                  f"{base['median'] * 1e3:.3f} ms ({short(base['min'] * 1e3)}-"
+                  f"{short(base['max'] * 1e3)}); speedup {rec['speedup']:.3f}, eff/core "
                   f"{rec['efficiency']:.3f}")
         if rec["flags"]:
             print(f"flags: {', '.join(rec['flags'])} (see docs/statistics.md)")

@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
 from . import plots
-from .stats import SUPERLINEAR
+from .stats import SUPERLINEAR, short
 
 DIMS = ("m", "k", "n", "hidden")
 
@@ -240,7 +240,7 @@ def _fmt(v, f: str) -> str:
 def _range(row: dict, t: str) -> str:
     """``median (min–max)`` ms of a timed column."""
     med, lo, hi = (row[f"{t}_ms_{s}"] for s in ("median", "min", "max"))
-    return _fmt(med, "{:.3f}") + ("" if lo is None else f" ({lo:.3g}–{hi:.3g})")
+    return _fmt(med, "{:.3f}") + ("" if lo is None else f" ({short(lo)}–{short(hi)})")
 
 
 def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict],

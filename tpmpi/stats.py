@@ -38,6 +38,11 @@ def spread(s: Optional[dict]) -> Optional[float]:
     return (s["max"] - s["min"]) / s["median"]
 
 
+def short(value: float) -> str:
+    """Three significant digits without an exponent below 10^6 (``1440``, ``285``, ``0.0118``)."""
+    return f"{value:.0f}" if 1000 <= abs(value) < 1e6 else f"{value:.3g}"
+
+
 def load_per_cpu() -> Optional[float]:
     """This node's 1-minute load average divided by its CPU count (None where the OS has no
     load average)."""
