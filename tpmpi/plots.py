@@ -57,7 +57,22 @@ def value_scale(ax, values: Sequence[float], axis: str = "y") -> str:
     the scale."""
     scale = "log" if spans_decades(values) else "linear"
     (ax.set_yscale if axis == "y" else ax.set_xscale)(scale)
+    if scale == "log":  # plain numbers (0.2, 30), minor ticks labelled within a decade or two
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        target.set_major_formatter(_plain_log())
+        target.set_minor_formatter(_plain_log())
     return scale
+
+
+def _plain_log():
+    """matplotlib's LogFormatter choice of labelled ticks, printed as plain numbers."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5))
 
 
 def _entry_in(labels: Sequence[str]) -> float:
