@@ -6,18 +6,20 @@
 # collectives, writes $OUT/strong.jsonl, $OUT/collectives.jsonl, $OUT/calib.json and the report
 # (report.md, report.csv, PNGs) in $OUT/report.
 #
-# Expected time with the defaults: about 10 minutes on a quiet 2-core laptop with NP=2 (the
-# cost model estimates 6 minutes for the sweep alone; the mlp at M=2048, hidden 16384, is half
-# of it). The bench step prints the cost model's estimate for your machine as it starts and a
-# progress bar (pip install ".[progress]"). A quick look at the same plots in about a minute:
-#   M=8,256 K=1024 N=1024 scripts/sweep_laptop.sh
+# Expected time with the defaults on a 2-core laptop: about 7 minutes with NP=2 (8 with NP=4):
+# the cost model's default rates estimate 6 minutes for the bench step (7 with NP=4), the mlp at
+# M=2048 (hidden 16384) being half of it, and calibration, collectives and report took about a
+# minute here. A loaded machine takes longer. The bench step prints the cost model's estimate
+# for your machine (from the calibration just measured) as it starts, then a progress bar
+# (pip install ".[progress]"). A quick look at the same plots, 1.5 minutes measured on a
+# heavily loaded 2-core machine:  M=8,256 K=1024 N=1024 scripts/sweep_laptop.sh
 set -euo pipefail
 NP=${1:-2}
 OUT=${2:-sweep-laptop}
 MPIEXEC=${MPIEXEC:-mpiexec}
 mkdir -p "$OUT"
 echo "sweep_laptop.sh: NP=$NP, M=${M:-8,256,2048} K=${K:-4096} N=${N:-4096}; expected about" \
-     "10 min with the defaults on a quiet 2-core laptop (the bench step prints its estimate)" >&2
+     "7 min with the defaults on a 2-core laptop (the bench step prints its own estimate)" >&2
 $MPIEXEC -n "$NP" python -m tpmpi calibrate --json "$OUT/calib.json"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 $MPIEXEC -n "$NP" python -m tpmpi bench --sweep strong --scheme "${SCHEMES:-all}" \
