@@ -247,7 +247,8 @@ def make_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibration", metavar="FILE", default=None,
                       help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
                            "model's defaults)")
-    report = sub.add_parser("report", help="PNG plots and report.md from JSON-lines records")
+    report = sub.add_parser("report", help="PNG plots, report.md and report.csv from JSON-lines "
+                                           "records")
     report.add_argument("files", nargs="+", metavar="FILE.jsonl",
                         help="records written by run/bench --json")
     report.add_argument("--out", required=True, metavar="DIR",

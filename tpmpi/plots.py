@@ -16,6 +16,8 @@ import os
 import textwrap
 from typing import Sequence
 
+from .stats import short
+
 COLORS = [f"C{i}" for i in range(10)]  # matplotlib's default cycle (tab10)
 MARKERS = ("o", "s", "D", "^", "v", "<", ">", "p", "X", "h")
 PANEL_IN = (4.2, 3.2)  # inches per facet
@@ -207,7 +209,7 @@ def breakdown(pyplot, panels: dict, out: str, files: list, note: str = "") -> No
             handles[name] = ax.bar(x, vals, bottom=bottom, color=color, width=0.8)
             bottom = [b + v for b, v in zip(bottom, vals)]
         for xi, (_, t, _, _) in zip(x, bars):
-            ax.text(xi, 101, f"{t * 1e3:.3g}", ha="center", va="bottom", fontsize=6,
+            ax.text(xi, 101, short(t * 1e3), ha="center", va="bottom", fontsize=6,
                     rotation=90)
         ax.set_xticks(x)
         ax.set_xticklabels([b[0] for b in bars], rotation=90, fontsize=6)
