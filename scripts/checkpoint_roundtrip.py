@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
             layer = cls.load_checkpoint(args.path, grid=grid)
     except ValueError as exc:
         if comm.Get_rank() == 0:
-            print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+            print(f"{ap.prog}: error: {args.action} --layer {args.layer}: {exc}", file=sys.stderr)
         if grid is not None:
             grid.free()
         return 2

@@ -142,8 +142,8 @@ def test_checkpoint_script_wrong_layer_is_one_line(world, tmp_path_factory, caps
     err = capsys.readouterr().err
     if comm.Get_rank() == 0:
         assert err.splitlines() == [
-            f"checkpoint_roundtrip.py: error: checkpoint {path!r} holds a TileParallelLinear, "
-            "not a ColumnParallelLinear"]
+            f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
+            "TileParallelLinear, not a ColumnParallelLinear"]
     else:
         assert err == ""
     assert script.main(["load", path, "--layer", "tile2d"], comm) == 0
