@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from mpi4py import MPI
 
 from .backend import BACKENDS, Backend, get_backend
-from .bench import mpi_library, run_conditions, write_record
+from .bench import mpi_library, oversubscription, write_record
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .dtypes import SUPPORTED
@@ -150,7 +150,8 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
     for name, times in time_case(case, comm, warmup=warmup, iters=iters,
                                  with_torch=with_torch, clock=clock).items():
         rec[f"{name}_s"], rec[f"{name}_best_s"] = statistics.median(times), min(times)
-    conditions = run_conditions(grid, case.backend)
+    conditions = {"oversubscription": oversubscription(grid.comm, grid.threads, case.backend),
+                  "staged": case.backend.is_gpu and not case.backend.gpu_aware}
     rec.update(conditions)
     for phase, backward in zip(PHASES, (False, True)):
         rec[f"ratio_{phase}"] = rec[f"bare_{phase}_s"] / rec[f"{phase}_s"]
