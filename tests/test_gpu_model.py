@@ -112,3 +112,28 @@ def test_calibrate_on_a_gpu_measures_one_rank_per_device(world, monkeypatch):
     assert set(cal.staging) == {"d2h", "h2d"} and min(cal.staging.values()) > 0
     same = world.comm.allgather(cal.to_json())
     assert all(c == same[0] for c in same)
+
+
+@pytest.mark.mpi
+def test_run_records_on_a_gpu_predict_staged_shared_runs(world, monkeypatch):
+    """A record of the CuPy path (fake device shared by every rank, no GPU-aware MPI): its
+    prediction charges the ranks sharing the device and the staged collectives."""
+    if not world.member:
+        return
+    from tpmpi.bench import run_case
+    from tpmpi.grid import ProcessGrid
+
+    fake_cupy.install(monkeypatch)
+    monkeypatch.setenv("TPMPI_GPU_AWARE", "0")
+    grid = ProcessGrid(world.comm)
+    backend = get_backend("cupy", world.comm)
+    prob = Problem(scheme="column", m=64, k=32, n=48, backward=True)
+    cal = gpu_calibration()
+    rec = run_case(prob, grid, backend, warmup=0, iters=1, calibration=cal)
+    assert rec["backend"] == "cupy" and rec["gpu_aware"] is False
+    assert rec["oversubscription"] == world.size
+    want = predict(prob, world.size, (1, world.size), cal, "cupy",
+                   oversubscription=world.size, staged=True)
+    assert rec["predicted_s"] == pytest.approx(want.time_s)
+    assert rec["comm_s"] >= 0 and rec["gemm_s"] > 0  # the profiler the benchmark attaches
+    grid.free()
