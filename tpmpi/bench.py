@@ -172,7 +172,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
         "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
         "mem_peak_bytes": mem_peak,
-        "max_rel_err": err, "tolerance": tolerance(problem.dtype),
+        "max_rel_err": err, "tolerance": tolerance(problem.dtype, problem.longest_sum),
         "predicted_s": pred.time_s if pred else None,
         "overlap": {phase: t.as_dict() for phase, t in phases.items()} or None,
         "predicted": dataclasses.asdict(pred) if pred else None,
