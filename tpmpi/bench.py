@@ -5,8 +5,11 @@ sync; an iteration's time is the maximum over ranks. ``gemm_s`` / ``comm_s`` are
 means (max over ranks) of the time spent in local products and blocked in collectives;
 ``algbw = S / comm_s`` and ``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of
 each collective and the nccl-tests factors ((P-1)/P allgather and reduce-scatter, 2(P-1)/P
-allreduce). ``mem_peak_bytes`` is the peak of the backend's allocations while the case is built
-and stepped once (tracemalloc for NumPy, the memory-pool hook for CuPy), max over ranks.
+allreduce). ``d2h_bytes`` / ``h2d_bytes`` are the bytes a rank's layers staged device->host and
+back per iteration (GPU without GPU-aware MPI; 0 otherwise) and ``staging_s`` the seconds of it
+spent in those copies, part of ``comm_s`` (max over ranks each). ``mem_peak_bytes`` is the
+peak of the backend's allocations while the case is built and stepped once (tracemalloc for
+NumPy, the memory-pool hook for CuPy), max over ranks.
 """
 from __future__ import annotations
 
@@ -112,6 +115,9 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
             case.backward()
     for prof in case.profilers:
         prof.reset()
+    stagings = [layer.staging for layer in getattr(case, "layers", ())]
+    for staging in stagings:
+        staging.reset_stats()
     fwd, bwd = [], []
     for _ in range(iters):
         comm.Barrier()
@@ -127,10 +133,12 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     totals = [p.totals() for p in case.profilers]
     per_iter = [sum(t[key] for t in totals) / max(iters, 1)
                 for key in ("gemm_s", "comm_s", "bytes", "bus_bytes")]
-    stats = _max_over_ranks(comm, fwd + bwd + [mem["peak"]] + per_iter)
+    staged = [sum(st.stats[key] for st in stagings) / max(iters, 1)
+              for key in ("d2h_bytes", "h2d_bytes", "staging_s")]
+    stats = _max_over_ranks(comm, fwd + bwd + [mem["peak"]] + per_iter + staged)
     fwd_t, bwd_t = stats[:iters], stats[iters:2 * iters]
     mem_peak = int(stats[2 * iters])
-    gemm_s, comm_s, nbytes, bus_bytes = stats[2 * iters + 1:]
+    gemm_s, comm_s, nbytes, bus_bytes, d2h, h2d, staging_s = stats[2 * iters + 1:]
     total = fwd_t + bwd_t
     median = float(np.median(total)) if iters else float("nan")
     flops = case.flops * (3 if problem.backward else 1)
@@ -168,6 +176,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "gemm_s": float(gemm_s), "comm_s": float(comm_s),
         "gflops": flops / median / 1e9 if median > 0 else None,
         "comm_bytes": float(nbytes),
+        "d2h_bytes": int(d2h), "h2d_bytes": int(h2d), "staging_s": float(staging_s),
         "collectives": {op: c // max(iters, 1) for op, c in calls.items()},
         "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
         "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
