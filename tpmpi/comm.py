@@ -39,6 +39,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections import OrderedDict
@@ -304,7 +305,7 @@ def _gather_pieces(shape: tuple, itemsize: int, size: int, limit: int
     exceeds ``limit``."""
     rows = shape[0]
     ncols = shape[-1] if len(shape) > 1 else 1
-    cell = itemsize * int(np.prod(shape[1:-1], dtype=np.int64)) if len(shape) > 2 else itemsize
+    cell = itemsize * math.prod(shape[1:-1])
     cap = max(1, limit // (size * max(cell, 1)))
     if rows * ncols <= cap:
         return [((0, rows), None)]
@@ -340,20 +341,14 @@ def _clip_cols(block: Block, cols: Optional[tuple[int, int]]) -> tuple[Block, in
     return ((*starts[:-1], first), (*shape[:-1], stop - first)), first - starts[-1]
 
 
-_SPEC_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_SPEC_CACHE_SIZE = 64
+_PLAN_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+_PLAN_CACHE_SIZE = 64
 
 
-def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: tuple, rank: int,
+def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: Sequence[Block], rank: int,
           cols: Optional[tuple[int, int]]) -> tuple:
-    """Counts, zero displacements and types of one Alltoallw call, cached per call shape (a
-    repeated forward costs one dict lookup). Entries own their types (freed on eviction);
-    zero counts carry a valid predefined type."""
-    key = (np.dtype(dtype).str, out_shape, local_shape, blocks, rank, cols)
-    spec = _SPEC_CACHE.get(key)
-    if spec is not None:
-        _SPEC_CACHE.move_to_end(key)
-        return spec
+    """Counts, zero displacements and types of one Alltoallw call (new types, owned by the
+    plan that holds them); zero counts carry a valid predefined type."""
     base, size = mpi_type(dtype), len(blocks)
     rcounts, rtypes = [], []
     for block in blocks:
@@ -366,18 +361,35 @@ def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: tuple, rank: int,
     if not all(s > 0 for s in own):
         scount, stype = 0, base
     elif tuple(own) == tuple(local_shape):
-        scount, stype = int(np.prod(own, dtype=np.int64)), base
+        scount, stype = math.prod(own), base
     else:
         scount = 1
         stype = _new_subarray(dtype, local_shape, (0,) * (len(own) - 1) + (offset,), own)
-    spec = _SPEC_CACHE[key] = ([scount] * size, [0] * size, [stype] * size, rcounts,
-                               [0] * size, rtypes)
-    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-        old = _SPEC_CACHE.popitem(last=False)[1]
-        for dt in {id(t): t for t in old[2] + old[5]}.values():  # the send type repeats
-            if not dt.is_predefined:
-                dt.Free()
-    return spec
+    return [scount] * size, [0] * size, [stype] * size, rcounts, [0] * size, rtypes
+
+
+def _plan(local, out, blocks: tuple, rank: int, limit: int) -> list:
+    """``(local rows, out rows, spec)`` of each Alltoallw of a gather, cached per gather shape
+    (a repeated forward costs one dict lookup). Entries own their datatypes (freed on
+    eviction)."""
+    key = (out.dtype.str, out.shape, local.shape, blocks, rank, limit)
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return plan
+    plan = []
+    for (r0, r1), cols in _gather_pieces(tuple(out.shape), out.itemsize, len(blocks), limit):
+        rows, clipped = _row_window(blocks, rank, r0, r1)
+        spec = _spec(out.dtype, (r1 - r0,) + tuple(out.shape[1:]),
+                     (rows.stop - rows.start,) + tuple(local.shape[1:]), clipped, rank, cols)
+        plan.append((rows, slice(r0, r1), spec))
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        for *_, spec in _PLAN_CACHE.popitem(last=False)[1]:
+            for dt in {id(t): t for t in spec[2] + spec[5]}.values():  # the send type repeats
+                if not dt.is_predefined:
+                    dt.Free()
+    return plan
 
 
 def alltoallw_args(local, out, blocks: Sequence[Block], rank: int,
@@ -385,16 +397,17 @@ def alltoallw_args(local, out, blocks: Sequence[Block], rank: int,
     """``(send, recv)`` buffer specifications of each ``Alltoallw`` of a gather of C-contiguous
     ``local`` (this rank's block) into C-ordered ``out`` (see :func:`allgather_blocks`), split
     so that no call exceeds ``limit`` (default :func:`max_message_bytes`)."""
-    blocks = [(tuple(s), tuple(sh)) for s, sh in blocks]
-    limit = limit or max_message_bytes()
-    calls = []
-    for (r0, r1), cols in _gather_pieces(tuple(out.shape), out.itemsize, len(blocks), limit):
-        rows, clipped = _row_window(blocks, rank, r0, r1)
-        lv, ov = local[rows], out[r0:r1]
-        sc, sd, st, rc, rd, rt = _spec(out.dtype, tuple(ov.shape), tuple(lv.shape),
-                                       tuple(clipped), rank, cols)
-        calls.append(([_words(lv), sc, sd, st], [_words(ov), rc, rd, rt]))
-    return calls
+    try:
+        key = tuple(blocks)
+        hash(key)
+    except TypeError:  # lists inside
+        key = tuple((tuple(s), tuple(sh)) for s, sh in blocks)
+    plan = _plan(local, out, key, rank, limit or max_message_bytes())
+    if len(plan) == 1:
+        sc, sd, st, rc, rd, rt = plan[0][2]
+        return [([_words(local), sc, sd, st], [_words(out), rc, rd, rt])]
+    return [([_words(local[rows]), sc, sd, st], [_words(out[orows]), rc, rd, rt])
+            for rows, orows, (sc, sd, st, rc, rd, rt) in plan]
 
 
 def _check_gather_args(local, out, blocks, rank: int) -> None:
@@ -432,7 +445,7 @@ def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
             comm.Alltoallw(send, recv)
         return out
     blocks = [(tuple(s), tuple(sh)) for s, sh in blocks]
-    row_bytes = out.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
+    row_bytes = out.itemsize * math.prod(out.shape[1:])
     step = max(1, staging.chunk_bytes // max(row_bytes, 1))
     pieces = []
     for r0 in range(0, out.shape[0], step):
