@@ -154,7 +154,7 @@ def test_one_rank_stages_nothing_and_calls_no_collective():
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float64", *HALFS])
 def test_staged_gather_moves_own_block_down_and_rows_back(world, dtype):
-    if not world.member or world.size == 1:
+    if not world.member:
         return
     comm, rank, size = world.comm, world.comm.Get_rank(), world.size
     dev = FakeDevice()
@@ -170,10 +170,11 @@ def test_staged_gather_moves_own_block_down_and_rows_back(world, dtype):
         out = np.zeros((5, 7), dtype=dtype)
         allgather_blocks(local, out, blocks, comm, staging)
         assert np.array_equal(out.view(np.uint8), full.view(np.uint8))
-        assert staging.stats["d2h_bytes"] == local.nbytes  # only this rank's block goes down
-        assert staging.stats["h2d_bytes"] == out.nbytes  # the assembled rows come back
+        staged = size > 1  # one rank: the block is copied on the device, nothing staged
+        assert staging.stats["d2h_bytes"] == local.nbytes * staged  # only this rank's block
+        assert staging.stats["h2d_bytes"] == out.nbytes * staged  # the assembled rows back
         delta = dev.counts - before
-        assert delta["pinned"] == (2 if call == 0 else 0)  # send + recv slots, then reused
+        assert delta["pinned"] == (2 if call == 0 and staged else 0)  # 2 slots, then reused
 
 
 @pytest.mark.mpi
@@ -212,8 +213,9 @@ def test_staged_gather_pipelines_chunks(world):
 def test_staged_reductions_sum_on_the_device(world, dtype):
     """Staged allreduce, reduce, reduce-scatter and bcast: right results (2-byte floats: the
     float32 sum rounded once, bitwise), and the bytes of a slice exchange: this rank's data
-    down, the P slices of its part back (summed on the device), then the others' parts back."""
-    if not world.member or world.size == 1:
+    down, the P slices of its part back (summed on the device), then the others' parts back;
+    nothing on one rank."""
+    if not world.member:
         return
     comm, rank, size = world.comm, world.comm.Get_rank(), world.size
     item, n = np.dtype(dtype).itemsize, 11
@@ -221,14 +223,15 @@ def test_staged_reductions_sum_on_the_device(world, dtype):
     want = _f32_sum(parts, dtype) if dtype in ("float16", "bfloat16") else \
         sum(p.astype(np.float64) for p in parts)
     counts = tpmpi.partition.block_sizes(n, size)
-    mine = counts[rank]
+    mine = counts[rank] if size > 1 else 0  # one rank: nothing staged, no collective
     staging = Staging(FakeDevice())
 
     a = parts[rank].copy()
     allreduce(a, comm, staging)
     assert rel_err(a, want) == 0.0
-    assert staging.stats["d2h_bytes"] == (n + mine) * item
-    assert staging.stats["h2d_bytes"] == (size * mine + n - mine) * item
+    staged = size > 1
+    assert staging.stats["d2h_bytes"] == (n + mine) * item * staged
+    assert staging.stats["h2d_bytes"] == (size * mine + n - mine) * item * staged
 
     staging.reset_stats()
     root = size - 1
@@ -236,8 +239,9 @@ def test_staged_reductions_sum_on_the_device(world, dtype):
     ireduce(parts[rank], red, root, comm, staging).Wait()
     if rank == root:
         assert rel_err(red, want) == 0.0
-    assert staging.stats["d2h_bytes"] == (n + mine) * item
-    assert staging.stats["h2d_bytes"] == (size * mine + (n - mine if rank == root else 0)) * item
+    assert staging.stats["d2h_bytes"] == (n + mine) * item * staged
+    assert staging.stats["h2d_bytes"] == (size * mine + (n - mine if rank == root else 0)) \
+        * item * staged
 
     staging.reset_stats()
     seg = counts[::-1]
@@ -245,15 +249,17 @@ def test_staged_reductions_sum_on_the_device(world, dtype):
     ireduce_scatter(parts[rank], out, seg, comm, staging).Wait()
     start = sum(seg[:rank])
     assert rel_err(out, want[start:start + seg[rank]]) == 0.0
-    assert staging.stats["d2h_bytes"] == n * item
-    assert staging.stats["h2d_bytes"] == size * seg[rank] * item
+    assert staging.stats["d2h_bytes"] == n * item * staged
+    assert staging.stats["h2d_bytes"] == size * seg[rank] * item * staged
 
     staging.reset_stats()
     b = parts[rank].copy()
     ibcast(b, 0, comm, staging).Wait()
     assert np.array_equal(b.view(np.uint8), parts[0].view(np.uint8))
-    assert staging.stats["d2h_bytes"] == (n * item if rank == 0 else 0)
-    assert staging.stats["h2d_bytes"] == (0 if rank == 0 else n * item)
+    assert staging.stats["d2h_bytes"] == (n * item if rank == 0 else 0) * staged
+    assert staging.stats["h2d_bytes"] == (0 if rank == 0 else n * item) * staged
+    if size == 1:
+        assert staging.backend.counts["pinned"] == 0 and not staging.backend.events
 
 
 @pytest.mark.mpi

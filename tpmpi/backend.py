@@ -127,6 +127,7 @@ class CupyBackend(Backend):
     def __init__(self, xp: Any, device: int):
         super().__init__("cupy", xp, device)
         self._dtypes: dict[str, Optional[str]] = {}
+        self._side = None  # the staging copies' stream (see _copy_stream)
 
     def to_host(self, a) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
@@ -170,7 +171,7 @@ class CupyBackend(Backend):
 
     def _copy_stream(self):
         """The side stream of the asynchronous staging copies (created at first use)."""
-        if getattr(self, "_side", None) is None:
+        if self._side is None:
             self._side = self.xp.cuda.Stream(non_blocking=True)
         return self._side
 
