@@ -16,7 +16,8 @@ SCHEMES=${SCHEMES:-column row mlp tile2d tile2d:panel}
 SIZES=${SIZES:-40,96,96,64 7,5,3,3}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-library=$($MPIEXEC -n 1 python -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])")
+library=$($MPIEXEC -n 1 python -c \
+  "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" | tr -d '\0')
 echo "MPI library: $library"
 printf '%-13s %-9s %-12s' scheme dtype "m,k,n,h"
 for p in $(seq 1 "$MAXP"); do printf ' %9s' "P=$p"; done
