@@ -39,6 +39,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import zlib
@@ -497,7 +498,8 @@ def _sync(a, staging: Optional[Staging]) -> Callable[[], None]:
 
 
 def _displs(counts: Sequence[int]) -> list[int]:
-    return [int(x) for x in np.concatenate([[0], np.cumsum(counts[:-1])])] if counts else []
+    """Start of each of the consecutive ``counts``."""
+    return list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
 
 
 def _sum_rows(rows, dest) -> None:
