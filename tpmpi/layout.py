@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .backend import backend_of
-from .comm import Staging, allgather_blocks, check, max_message_bytes
+from .comm import Staging, allgather_blocks, check
 from .grid import ProcessGrid
 from .partition import block_range
 
@@ -87,8 +87,7 @@ def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int])
     except (TypeError, ValueError):
         pass  # reported by local_checks on the ranks concerned
     check(grid.comm, local_checks, layout=layout, global_shape=global_shape,
-          dtype=str(getattr(a_local, "dtype", None)),
-          TPMPI_MAX_MESSAGE_BYTES=max_message_bytes())
+          dtype=str(getattr(a_local, "dtype", None)))
     backend = backend_of(a_local)
     if layout == "replicated":
         return a_local

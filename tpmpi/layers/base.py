@@ -9,8 +9,9 @@ from mpi4py import MPI
 
 from ..args import check_int
 from ..backend import Backend, get_backend
-from ..comm import Staging, check, max_message_bytes
+from ..comm import Staging, check
 from ..dtypes import dtype_name, resolve_dtype
+from ..gemm import matmul
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layout import gather, local_slices
@@ -210,8 +211,7 @@ class ParallelLinear:
                                  "rows (the forward input's)")
 
         shape = getattr(a, "shape", None)
-        check(self.comm, local_checks, **{"TPMPI_MAX_MESSAGE_BYTES": max_message_bytes(),
-                                          f"{name}.shape[0]": shape[0] if shape else None})
+        check(self.comm, local_checks, **{f"{name}.shape[0]": shape[0] if shape else None})
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
@@ -235,11 +235,12 @@ class ParallelLinear:
 
     # ---- phase switches for overlap measurements (see Profiler.only)
     def _matmul(self, a, b, out=None):
-        """``a @ b`` (into ``out``); skipped while the profiler runs communication only (then
+        """``a @ b`` (into ``out``; 2-byte floats on NumPy via float32, see
+        :func:`tpmpi.gemm.matmul`); skipped while the profiler runs communication only (then
         zeros of the product's shape, in ``out`` when given, are returned)."""
         xp = self.backend.xp
         if self.profiler.runs("gemm"):
-            return xp.matmul(a, b, out=out)
+            return matmul(xp, a, b, out=out)
         if out is None:
             return xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
         out.fill(0)  # defined values for whatever follows (e.g. an activation)

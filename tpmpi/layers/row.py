@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..comm import allgather_blocks, allreduce, iallgather_blocks
+from ..gemm import column_sums
 from ..layout import column_blocks
 from ..partition import block_partition
 from .base import ParallelLinear
@@ -68,7 +69,7 @@ class RowParallelLinear(ParallelLinear):
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x_p.T, dy)
             if self.grad_bias is not None:
-                self.grad_bias += dy.sum(axis=0)
+                self.grad_bias += column_sums(dy)
 
         if self.input_is_parallel:
             with prof.gemm():

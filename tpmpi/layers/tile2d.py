@@ -43,10 +43,11 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from mpi4py import MPI
 
 from ..args import check_int
-from ..comm import allgather_blocks, allreduce, check, ibcast, ireduce, ireduce_scatter
+from ..comm import (allgather_blocks, allreduce, check, ibcast, ireduce, ireduce_scatter,
+                    wait_all)
+from ..gemm import column_sums
 from ..layout import local_shape
 from ..partition import block_partition
 from .base import ParallelLinear
@@ -199,7 +200,7 @@ class TileParallelLinear(ParallelLinear):
         for t, seg in enumerate(segs):
             upcoming = start(t + 1) if t + 1 < len(segs) else None
             with prof.comm("bcast", 0, 1):  # waiting only, bytes counted at start()
-                MPI.Request.Waitall(pending[0])
+                wait_all(pending[0])
             yield seg, pending[1], pending[2]
             pending = upcoming
 
@@ -215,7 +216,7 @@ class TileParallelLinear(ParallelLinear):
         else:
             dx = self._backward_panels(dy)
         if self.grad_bias is not None:
-            db = dy.sum(axis=0)
+            db = column_sums(dy)
             with self.profiler.comm("allreduce", db.nbytes, self.grid.shape[0]):
                 self._collective(allreduce, db, self.grid.col_comm, self.staging)
             self.grad_bias += db
@@ -254,7 +255,7 @@ class TileParallelLinear(ParallelLinear):
 
         def finish() -> None:
             with prof.comm("reduce", 0, 1):  # waiting only, bytes counted when posted
-                MPI.Request.Waitall([req for reqs, *_ in inflight for req in reqs])
+                wait_all([req for reqs, *_ in inflight for req in reqs])
             for _, (a, b, j, i), rx, rw, _ in inflight:
                 if rx is not None:
                     dx[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]] = rx
