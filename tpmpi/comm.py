@@ -46,6 +46,7 @@ class Same:
 
 
 SAME_VALUE = "every rank must pass the same value"
+CALL_ORDER = "every rank must make the same tpmpi calls in the same order (each is collective)"
 
 
 def normalise(value: Any) -> Any:
