@@ -45,6 +45,13 @@ class Same:
         self.value, self.must = value, must
 
 
+class Text(str):
+    """A string :func:`agree` reports without quotes (e.g. a call's description)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 SAME_VALUE = "every rank must pass the same value"
 CALL_ORDER = "every rank must make the same tpmpi calls in the same order (each is collective)"
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 from mpi4py import MPI
 
 from . import backend as _backend
-from .comm import agree
+from .comm import Text, agree
 
 
 def factorisations(size: int) -> list[tuple[int, int]]:
@@ -74,7 +74,7 @@ class ProcessGrid:
                                  f"valid shapes: {valid}")
         except (TypeError, ValueError) as exc:
             error = str(exc)
-        agree(comm, error, call="ProcessGrid()", shape=shape, node_aware=bool(node_aware))
+        agree(comm, error, call=Text("ProcessGrid()"), shape=shape, node_aware=bool(node_aware))
         self.shape: tuple[int, int] = shape
         base = comm
         if node_aware:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .args import check_plain_array, dtype_label
 from .backend import backend_of
-from .comm import CALL_ORDER, Same, Staging, allgather_blocks, check, max_message_bytes
+from .comm import CALL_ORDER, Same, Staging, Text, allgather_blocks, check, \
+    max_message_bytes
 from .grid import ProcessGrid
 from .partition import block_range
 
@@ -90,7 +91,7 @@ def check_movable(name: str, a) -> None:
 def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
     """The global array on every rank from each rank's block in ``layout``. Collective
     (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
-    return agreed_gather(a_local, grid, layout, global_shape, Same("tpmpi.gather()", CALL_ORDER))
+    return agreed_gather(a_local, grid, layout, global_shape, Same(Text("tpmpi.gather()"), CALL_ORDER))
 
 
 def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int],

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from ..args import check_int, check_plain_array, dtype_label
 from ..backend import Backend, get_backend
-from ..comm import CALL_ORDER, Same, Staging, check, max_message_bytes
+from ..comm import CALL_ORDER, Same, Staging, Text, check, max_message_bytes
 from ..dtypes import dtype_name, resolve_dtype
 from ..grid import ProcessGrid, default_grid
 from ..init import init_weight
@@ -20,10 +20,11 @@ from ..layout import agreed_gather, local_slices
 from ..timing import Profiler
 
 
-def _check_dense(W, b, k: int, n: int) -> None:
-    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array."""
-    for name, a, want in (("W", W, (k, n)), ("b", b, (n,))):
-        if a is None and name == "b":
+def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
+    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array (plain
+    arrays, not subclasses); ``names`` are the arguments' names in the message."""
+    for name, a, want in ((names[0], W, (k, n)), (names[1], b, (n,))):
+        if a is None and name == names[1]:
             continue
         shape = getattr(a, "shape", None)
         if shape is None:
@@ -105,15 +106,15 @@ class ParallelLinear:
 
         def local_checks() -> None:
             if _dense is not None:
-                _check_dense(*_dense, in_features, out_features)
+                check_dense(*_dense, in_features, out_features)
             check_int("in_features", in_features)
             check_int("out_features", out_features)
             resolve_dtype(dtype)
             self._check_options(**options)
 
         check(self.comm, local_checks,
-              call=Same(f"construction of layer #{self.layer_id} ({type(self).__name__})",
-                        CALL_ORDER),
+              call=Same(Text(f"construction of layer #{self.layer_id} "
+                             f"({type(self).__name__})"), CALL_ORDER),
               in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
               backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
@@ -232,7 +233,7 @@ class ParallelLinear:
     def _call(self, op: str) -> Same:
         """The ``call`` value agreed with operation ``op`` (counted on every rank)."""
         self._ops += 1
-        return Same(f"{op}() of {self.identity}, its operation {self._ops}", CALL_ORDER)
+        return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
 
     def _replicated(self, name: str) -> bool:
         """True when input ``name`` ("x" or "dy") must be the same on every rank."""
