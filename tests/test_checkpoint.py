@@ -1,5 +1,6 @@
 """Checkpoints: MPI-IO .npy files readable by numpy.load, re-sharded onto any grid, and every
 damage (truncation, corruption, missing file, wrong class or shape) reported on every rank."""
+import json
 import os
 
 import numpy as np
@@ -27,6 +28,12 @@ class Composite:
         self.fc2 = TileLayer.from_dense(W2, None, grid=grid)
 
 
+def npy(path, name):
+    """The committed .npy file of parameter ``name`` (the manifest names it)."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        return os.path.join(path, json.load(f)["parameters"][name]["file"])
+
+
 def shared_dir(comm, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt")) if comm.Get_rank() == 0 else None
     return comm.bcast(path)
@@ -49,8 +56,8 @@ def test_roundtrip_any_grid(world, tmp_path_factory, k, n):
         with tpmpi.ProcessGrid(world.comm, shape=save_shape) as grid:
             for cls in (tpmpi.ColumnParallelLinear, TileLayer):
                 tpmpi.save_checkpoint(path, cls.from_dense(W, b, grid=grid))
-                assert np.array_equal(np.load(os.path.join(path, "weight.npy")), W)
-                assert np.array_equal(np.load(os.path.join(path, "bias.npy")), b)
+                assert np.array_equal(np.load(npy(path, "weight")), W)
+                assert np.array_equal(np.load(npy(path, "bias")), b)
                 for load_shape in [shapes[(i + 1) % len(shapes)]]:
                     with tpmpi.ProcessGrid(world.comm, shape=load_shape) as g2:
                         layer = cls.load_checkpoint(path, grid=g2)
@@ -70,8 +77,9 @@ def test_composite_dtype_cast_and_options(world, tmp_path_factory):
     W2, _ = dense(6, 5, 2)
     grid = tpmpi.ProcessGrid(world.comm)
     tpmpi.save_checkpoint(path, Composite(W1, b1, W2, grid))
-    assert sorted(f for f in os.listdir(path)) == ["fc1.bias.npy", "fc1.weight.npy",
-                                                  "fc2.weight.npy", "manifest.json"]
+    assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
+    assert sorted(os.listdir(os.path.join(path, "v000001"))) == [
+        "fc1.bias.npy", "fc1.weight.npy", "fc2.weight.npy"]
     for shape in factorisations(world.size):
         with tpmpi.ProcessGrid(world.comm, shape=shape) as g2:
             target = Composite(0 * W1, 0 * b1, 0 * W2, g2)
@@ -101,7 +109,7 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
     def damage(fn):
         tpmpi.save_checkpoint(path, layer)
         if rank == 0:
-            fn(os.path.join(path, "weight.npy"))
+            fn(npy(path, "weight"))
         comm.Barrier()
 
     all_ranks_raise(comm, lambda: Col.load_checkpoint(os.path.join(path, "nope"), grid=grid),
@@ -128,7 +136,7 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid), "corrupted .npy header")
     damage(os.remove)
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid),
-                    "parameter weight file weight.npy is missing")
+                    r"parameter weight file v\d+/weight.npy is missing")
     tpmpi.save_checkpoint(path, layer)
     all_ranks_raise(comm, lambda: TileLayer.load_checkpoint(path, grid=grid),
                     "holds a ColumnParallelLinear, not a TileLayer")
@@ -154,12 +162,15 @@ def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypa
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(ck, "checksum", crash)
-    with pytest.raises(RuntimeError):
-        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid))
+    all_ranks_raise(world.comm, lambda: tpmpi.save_checkpoint(
+        path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid)),
+        r"save_checkpoint\(.*\) failed: RuntimeError: simulated crash")
     monkeypatch.undo()
     world.comm.Barrier()
     layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
     assert np.array_equal(layer.gather_weight(), W)
+    if world.comm.Get_rank() == 0:  # the failed version is gone, the lock released
+        assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
     grid.free()
 
 
