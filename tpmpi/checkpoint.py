@@ -126,10 +126,12 @@ def named_layers(obj) -> list[tuple[str, ParallelLinear]]:
     return found
 
 
-def identities(obj) -> list[tuple[str, str]]:
-    """``(attribute, layer identity)`` of each layer of ``obj``: the same on every rank only
-    for the same layer objects (agreed by save and by load into=)."""
-    return [(prefix, layer.identity) for prefix, layer in named_layers(obj)]
+def identities(obj) -> Text:
+    """The identities of the layers of ``obj`` (``"layer #0 (...)"``, ``"fc1=layer #0 (...),
+    fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
+    by load into=)."""
+    return Text(", ".join(f"{prefix}={layer.identity}" if prefix else layer.identity
+                          for prefix, layer in named_layers(obj)))
 
 
 def parameters(obj) -> list[Param]:
@@ -457,7 +459,7 @@ def save_checkpoint(path: str, layer) -> None:
             raise ValueError("the layers of a composite must share one grid to be saved")
 
     check(comm, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER), path=path,
-          layers=identities(layer),
+          layer=Same(identities(layer), "every rank must save the same layer object"),
           parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
     save = _Save(path) if comm.Get_rank() == 0 else None
@@ -511,7 +513,9 @@ def _load_json(path: str) -> dict:
 def _field(where: str, entry: Any, key: str, kind, what: str) -> Any:
     """``entry[key]`` if ``entry`` is a dict holding a ``kind``, else a ValueError naming the
     field, its value and ``what`` was expected."""
-    value = entry.get(key, "(missing)") if isinstance(entry, dict) else "(missing)"
+    if not isinstance(entry, dict) or key not in entry:
+        raise ValueError(f"{where}: field {key!r} is missing: expected {what}")
+    value = entry[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ValueError(f"{where}: field {key!r} is {value!r}: expected {what}")
     return value
@@ -629,15 +633,17 @@ def _layer_class(name: str):
     raise ValueError(f"checkpoint class {name!r} is not a tpmpi layer")
 
 
-def _overflow(name: str, src: np.ndarray, cast: np.ndarray) -> Optional[str]:
-    """A message when casting ``src`` to ``cast``'s dtype turned finite values into inf."""
-    bad = np.isfinite(src.astype(np.float64)) & ~np.isfinite(cast.astype(np.float64))
-    if not bad.any():
-        return None
-    top = float(np.abs(src.astype(np.float64)[bad]).max())
-    return (f"parameter {name}: {int(bad.sum())} value(s) up to {top:.6g} overflow "
-            f"dtype={cast.dtype.name} (the saved dtype is {src.dtype.name}); load with a wider "
-            "dtype")
+def _cast(name: str, src: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, Optional[str]]:
+    """``src`` cast to ``dtype``, and a message (the same on every rank) if finite values
+    became infinite."""
+    with np.errstate(over="ignore"):
+        cast = src.astype(dtype)
+    if cast.dtype == src.dtype or not (np.isfinite(src.astype(np.float64)) &
+                                       ~np.isfinite(cast.astype(np.float64))).any():
+        return cast, None
+    return cast, (f"parameter {name} holds values beyond the range of dtype={dtype.name} (the "
+                  f"saved dtype is {src.dtype.name}): the cast would give inf; load with a "
+                  "wider dtype")
 
 
 def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
@@ -680,7 +686,8 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     check(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
           cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
           if isinstance(cls, type) else repr(cls),
-          into=None if into is None else (type(into).__name__, identities(into)),
+          into=Same(None if into is None else identities(into),
+                    "every rank must pass into= the same layer object, or none"),
           verify=verify, options=options)
     path = where
     manifest = _agree_root(comm, lambda: read_manifest(path))
@@ -729,8 +736,8 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
             continue  # read in place below, after the agreement
         host = np.empty(p.local.shape, dtype)
         _read(p, filename, entry["header_bytes"], dtype, host)
-        cast = host.astype(p.local.dtype)
-        problems.append(_overflow(p.name, host, cast) if cast.dtype != dtype else None)
+        cast, problem = _cast(p.name, host, np.dtype(p.local.dtype))
+        problems.append(problem)
         casts.append((p, cast))
     errors = [f"checkpoint {path!r}: {msg}" for msg in problems if msg]
     check(params[0].grid.comm, lambda: _fail(errors[0] if errors else None))

@@ -29,7 +29,7 @@ from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
-from .comm import agree
+from .comm import Same, Text, agree
 from .costmodel import OPS, format_plan, load_calibration, plan
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, tolerance
@@ -371,8 +371,9 @@ def parse_agreed(argv: Optional[Sequence[str]], comm: MPI.Comm
         error = str(exc)
     except SystemExit as exc:  # --help / --version, printed into ``text``
         args = (int(exc.code or 0), text.getvalue())
-    asked = "--help/--version" if isinstance(args, tuple) else "a command"
-    agree(comm, error, **{"the command line (--help/--version?)": asked})
+    asked = Text("asked for" if isinstance(args, tuple) else "not asked for")
+    agree(comm, error, **{"--help/--version": Same(asked, "every rank must be given the same "
+                                                          "command line")})
     if isinstance(args, tuple):
         return args
     agree(comm, command=args.command)  # same sub-command, hence the same set of flags
