@@ -464,6 +464,7 @@ def save_checkpoint(path: str, layer) -> None:
     _step("agreed")
     save = _Save(path) if comm.Get_rank() == 0 else None
     version = _agree_root(comm, save.prepare if save else None)
+    _step("prepared")
     entries, error = {}, None
     try:
         for p in params:
