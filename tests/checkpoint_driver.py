@@ -2,17 +2,18 @@
 
     checkpoint_driver.py PATH SEED [--kib K] [--kill STEP --rank R] [--repeat N] [--steps]
 
-saves a ColumnParallelLinear (K KiB of float32 weights, initialised from SEED, the seed
-increased by one per repeat) to PATH. ``--kill``: rank R ends itself with ``os._exit(9)`` when
-the save reaches STEP (a crash there). ``--steps``: print the steps each rank reaches.
-``--repeat``: save N times, a save refused because another job holds the path's lock counted;
-prints one JSON line per rank {"saved": [...seeds], "refused": n}.
+saves a ColumnParallelLinear (K KiB of float32 weights made from SEED by :func:`dense`, the
+seed increased by one per repeat) to PATH. ``--kill``: rank R ends itself with ``os._exit(9)`` when
+the save reaches STEP (a crash there). ``--steps``: print the steps each rank reaches
+({"steps": [[rank 0's], [rank 1's], ...]}). ``--repeat``: save N times, a save refused because
+another job holds the path's lock counted; prints {"saved": [...seeds], "refused": n}.
 """
 import argparse
 import json
 import os
 import sys
 
+import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
@@ -22,9 +23,13 @@ import tpmpi.checkpoint as ck  # noqa: E402
 N_COLS = 64
 
 
-def shape(kib: int) -> tuple:
-    """(K, N) of a float32 weight of ``kib`` KiB."""
-    return (max(1, kib * 1024 // 4 // N_COLS), N_COLS)
+def dense(kib: int, seed: int):
+    """The global float32 W (``kib`` KiB, N_COLS columns) and b of ``seed``: every element
+    exact in float32 and telling both the seed and its position (a misplaced or mixed block
+    shows), cheap to make at any size."""
+    k = max(1, kib * 1024 // 4 // N_COLS)
+    W = (np.arange(k * N_COLS, dtype=np.int64) % 4096 + seed * 4096).astype(np.float32)
+    return W.reshape(k, N_COLS), np.arange(N_COLS, dtype=np.float32) - seed
 
 
 def main() -> int:
@@ -50,7 +55,7 @@ def main() -> int:
     grid = tpmpi.ProcessGrid(comm)
     saved, refused = [], 0
     for i in range(args.repeat):
-        layer = tpmpi.ColumnParallelLinear(*shape(args.kib), grid=grid, seed=args.seed + i)
+        layer = tpmpi.ColumnParallelLinear.from_dense(*dense(args.kib, args.seed + i), grid=grid)
         try:
             tpmpi.save_checkpoint(args.path, layer)
             saved.append(args.seed + i)
@@ -58,10 +63,12 @@ def main() -> int:
             if "is being saved by another job" not in str(exc):
                 raise
             refused += 1
-    if args.steps:
-        print(json.dumps({"rank": rank, "steps": reached}), flush=True)
-    if args.repeat > 1:
-        print(json.dumps({"rank": rank, "saved": saved, "refused": refused}), flush=True)
+    steps, outcomes = comm.gather(reached), comm.gather((saved, refused))
+    if rank == 0 and args.steps:
+        print(json.dumps({"steps": steps}), flush=True)
+    if rank == 0 and args.repeat > 1:
+        assert all(o == outcomes[0] for o in outcomes), outcomes  # every rank saw the same
+        print(json.dumps({"saved": saved, "refused": refused}), flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "checkpoint_driver.py")
 sys.path.insert(0, HERE)
-from checkpoint_driver import shape  # noqa: E402
+from checkpoint_driver import dense  # noqa: E402
 
 RANKS = 2
 
@@ -70,9 +70,8 @@ def saved_seed(path: str, kib: int, candidates) -> int:
     with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
         layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
         for seed in candidates:
-            want = tpmpi.ColumnParallelLinear(*shape(kib), grid=grid, seed=seed)
-            same = [np.array_equal(layer.weight, want.weight),
-                    np.array_equal(layer.bias, want.bias)]
+            W, b = dense(kib, seed)
+            same = [np.array_equal(layer.weight, W), np.array_equal(layer.bias, b)]
             if all(same):
                 return seed
             assert not any(same), f"mixed checkpoint: {same} for seed {seed}"
@@ -83,9 +82,8 @@ def kill_every_step(tmp_path, kib: int) -> list:
     path = str(tmp_path / "ckpt")
     first = job(path, 1, "--kib", kib, "--steps")
     assert first.returncode == 0, first.stderr
-    reached = [json.loads(line) for line in first.stdout.splitlines()]
-    steps = next(r["steps"] for r in reached if r["rank"] == 0)
-    others = set(next(r["steps"] for r in reached if r["rank"] == RANKS - 1))
+    reached = json.loads(first.stdout)["steps"]
+    steps, others = reached[0], set(reached[-1])
     assert len(steps) >= 14, steps
     committed_at = steps.index("switched")
     current, report = 1, []
@@ -115,6 +113,7 @@ def test_kill_a_rank_at_every_step_of_a_save(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.skipif(not os.environ.get("TPMPI_SLOW_TESTS"),
                     reason="set TPMPI_SLOW_TESTS=1 (a 128 MiB layer saved 16 times)")
 def test_kill_a_rank_at_every_step_of_a_128_mib_save(tmp_path):
@@ -136,9 +135,7 @@ def test_concurrent_saves_never_mix(tmp_path):
     for p in jobs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        lines = [json.loads(line) for line in out.splitlines()]
-        assert len({json.dumps(r["saved"]) for r in lines}) == 1  # the ranks agree
-        outcomes.append(lines[0])
+        outcomes.append(json.loads(out))
     saved = [s for o in outcomes for s in o["saved"]]
     assert saved and sum(o["refused"] for o in outcomes) + len(saved) == 2 * repeat
     got = saved_seed(path, kib, saved)
