@@ -299,8 +299,8 @@ class ParallelLinear:
         def checks() -> None:
             if failed:
                 raise ValueError(f"an earlier operation of {self.identity} failed on this rank "
-                                 f"after its collectives started ({failed}): its results differ "
-                                 "across ranks; rebuild or reload the layer")
+                                 f"after its collectives had started ({failed}), so its results "
+                                 "differ across ranks: rebuild or reload the layer")
             local_checks()
 
         call = self._call("backward" if backward else "forward")
