@@ -442,6 +442,10 @@ case("CLI: flags differ across ranks", "--m differs across ranks", 2)(
     lambda c: _cli(c, ["run", "--m", str(4 + c.rank), "--iters", "1"]))
 case("CLI: run --n 10**12 (does not fit)", r"needs at least \d+ bytes .* per rank")(
     lambda c: _cli(c, ["run", "--n", str(10**12)]))
+case("CLI: TPMPI_CALIBRATION names a missing file on one rank",
+     r"TPMPI_CALIBRATION: calibration '.*nope.json': .*No such file.*\(rank \d\)", 2)(
+    lambda c: lambda: _with_env("TPMPI_CALIBRATION", c.path("nope.json") if c.odd else None,
+                                _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4"])))
 case("CLI: run --json into a missing directory", "--json .*: directory .* does not exist")(
     lambda c: _cli(c, ["run", "--m", "4", "--json", c.path("missing/r.jsonl")]))
 

@@ -200,8 +200,9 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
     backend = get_backend(args.backend, comm)
     check_fits([(problem_from_args(args), grid.shape)], backend, comm)
+    calibration = agreed_calibration(args.calibration, comm)
     rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters,
-                   baseline=args.baseline, calibration=load_calibration(args.calibration),
+                   baseline=args.baseline, calibration=calibration,
                    overlap=args.measure_overlap)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
@@ -302,6 +303,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
     check_fits([(c.problem, c.grid) for c in cfgs], backend, comm)
+    calibration = agreed_calibration(args.calibration, comm)
     threads = configure_blas_threads(comm, args.threads)
     records: list[dict] = []
     save = _appender(args.json, comm)
@@ -310,7 +312,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         records.append(rec)
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
-              baseline=args.baseline, calibration=load_calibration(args.calibration),
+              baseline=args.baseline, calibration=calibration,
               on_record=on_record, measure_overlap=args.measure_overlap)
     _out(comm)(format_table(records))
     return 0
@@ -397,6 +399,21 @@ def check_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json")
         agree(comm, error)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def agreed_calibration(path: Optional[str], comm: MPI.Comm):
+    """:func:`load_calibration` of ``path`` (else env TPMPI_CALIBRATION) on every rank; a file
+    one rank cannot read fails on every rank, naming the flag or the variable. Collective."""
+    error, calibration = None, None
+    try:
+        calibration = load_calibration(path)
+    except ValueError as exc:
+        error = f"--calibration: {exc}" if path else f"TPMPI_CALIBRATION: {exc}"
+    try:
+        agree(comm, error)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return calibration
 
 
 def check_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
