@@ -56,7 +56,7 @@ class Checksum(int):
         return f"checksum {int(self):08x}"
 
 
-def checksum(backend: Backend, a) -> Checksum:
+def array_checksum(backend: Backend, a) -> Checksum:
     """:class:`Checksum` of ``a`` (a device array is copied to the host)."""
     host = np.ascontiguousarray(backend.to_host(a))
     return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8)))
@@ -305,7 +305,7 @@ class ParallelLinear:
 
         call = self._call("backward" if backward else "forward")
         if self.check_replicated and self._replicated(name) and self.backend.owns(a):
-            values[name] = Same(checksum(self.backend, a), REPLICATED.format(name=name))
+            values[name] = Same(array_checksum(self.backend, a), REPLICATED.format(name=name))
         check(self.comm, checks, call=call, **values)
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
