@@ -666,10 +666,14 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     if grid is not None and not isinstance(grid, ProcessGrid):
         raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected a "
                          "tpmpi.ProcessGrid")
-    target = _target(grid, into)
+    try:
+        target, into_error = _target(grid, into), None
+    except ValueError as exc:  # into= is not a layer: reported by every rank together
+        target, into_error = grid if grid is not None else default_grid(), f"into: {exc}"
     comm = target.comm
 
     def local_checks() -> None:
+        _fail(into_error)
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"path={path!r}: expected a str or os.PathLike")
         if not isinstance(verify, bool):
@@ -687,7 +691,7 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     check(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
           cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
           if isinstance(cls, type) else repr(cls),
-          into=Same(None if into is None else identities(into),
+          into=Same(None if into is None or into_error else identities(into),
                     "every rank must pass into= the same layer object, or none"),
           verify=verify, options=options)
     path = where
