@@ -1,12 +1,13 @@
 """A save job for tests/test_checkpoint_crash.py, run under ``mpiexec``:
 
-    checkpoint_driver.py PATH SEED [--kib K] [--kill STEP --rank R] [--repeat N] [--steps]
+    checkpoint_driver.py PATH SEED [--kib K] [--kill STEP --rank R] [--repeat N]
 
 saves a ColumnParallelLinear (K KiB of float32 weights made from SEED by :func:`dense`, the
 seed increased by one per repeat) to PATH. ``--kill``: rank R ends itself with ``os._exit(9)`` when
-the save reaches STEP (a crash there). ``--steps``: print the steps each rank reaches
-({"steps": [[rank 0's], [rank 1's], ...]}). ``--repeat``: save N times, a save refused because
-another job holds the path's lock counted; prints {"saved": [...seeds], "refused": n}.
+the save reaches STEP (a crash there). ``--repeat``: save N times, a save refused because
+another job holds the path's lock counted. At the end rank 0 prints one JSON line (nothing when
+a rank was killed): {"steps": [[steps rank 0 reached], [rank 1's], ...], "saved": [seeds],
+"refused": n}.
 """
 import argparse
 import json
@@ -40,7 +41,6 @@ def main() -> int:
     parser.add_argument("--kill", default=None)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--steps", action="store_true")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -64,11 +64,9 @@ def main() -> int:
                 raise
             refused += 1
     steps, outcomes = comm.gather(reached), comm.gather((saved, refused))
-    if rank == 0 and args.steps:
-        print(json.dumps({"steps": steps}), flush=True)
-    if rank == 0 and args.repeat > 1:
+    if rank == 0:  # the job's one line (none when a rank was killed)
         assert all(o == outcomes[0] for o in outcomes), outcomes  # every rank saw the same
-        print(json.dumps({"saved": saved, "refused": refused}), flush=True)
+        print(json.dumps({"steps": steps, "saved": saved, "refused": refused}), flush=True)
     return 0
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_checkpoint_crash import _serial_only, launcher
+from test_checkpoint_crash import _serial_only, job_env, launcher
 
 ARGV = ["-m", "tpmpi", "run", "--m", "192", "--k", "192", "--n", "192", "--backward",
         "--warmup", "0", "--iters", "1000000"]
@@ -49,10 +49,9 @@ def _ranks(pid: int) -> list:
                          ids=["SIGINT-rank1", "SIGTERM-rank0"])
 def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
     _serial_only()
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               TPMPI_BACKEND="numpy", TPMPI_THREADS="1")
     job = subprocess.Popen(launcher() + [sys.executable] + ARGV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                           stderr=subprocess.PIPE, text=True, env=job_env(),
+                           start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(_ranks(job.pid)) < 2 and time.monotonic() < deadline:

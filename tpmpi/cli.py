@@ -476,11 +476,15 @@ def _abort(comm: MPI.Comm, line: str, code: int) -> None:
         os._exit(code)
 
 
-def watch_signals(comm: MPI.Comm, grace: float = 1.0) -> None:
+def watch_signals(comm: MPI.Comm, delay: float = 2.0) -> None:
     """SIGINT and SIGTERM end the whole job with one line: a watcher thread wakes on the
     signal (through :func:`signal.set_wakeup_fd`, so even while the main thread waits inside an
-    MPI call) and calls ``MPI_Abort``. Ranks other than 0 wait ``grace`` seconds first, so that
-    when every rank is signalled (mpiexec and srun forward signals) rank 0 alone prints."""
+    MPI call) and calls ``MPI_Abort``.
+
+    Launchers forward a Ctrl-C or ``scancel`` to every rank, and Open MPI's abort SIGTERMs the
+    other ranks (SIGKILL 1 s later), so that one rank alone prints: rank 0 acts at once on
+    SIGINT and after ``delay`` seconds on SIGTERM, the other ranks after ``1.5 * delay``; a
+    rank that the abort of another ends meanwhile prints nothing."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -490,8 +494,7 @@ def watch_signals(comm: MPI.Comm, grace: float = 1.0) -> None:
 
     def watch() -> None:
         number = os.read(read_fd, 1)[0]
-        if rank:
-            time.sleep(grace)
+        time.sleep(1.5 * delay if rank else 0.0 if number == signal.SIGINT else delay)
         name = signal.Signals(number).name
         _abort(comm, f"tpmpi: interrupted by {name} (rank {rank}): aborting the MPI job",
                128 + number)
