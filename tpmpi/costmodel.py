@@ -403,7 +403,7 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
 
 def format_plan(preds: Sequence[Prediction]) -> str:
     """A ranked text table of predictions (ms, MiB)."""
-    heads = ["rank", "layout", "time_ms", "compute_ms", "comm_ms", "sent_MiB/rank",
+    heads = ["order", "layout", "time_ms", "compute_ms", "comm_ms", "sent_MiB/rank",
              "mem_MiB/rank"]
     rows = [[str(i + 1), p.label, f"{p.time_s * 1e3:.3f}", f"{p.compute_s * 1e3:.3f}",
              f"{p.comm_s * 1e3:.3f}", f"{p.bytes_per_rank / 2**20:.2f}",
