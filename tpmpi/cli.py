@@ -592,8 +592,9 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
 
 
 def _abort(comm: MPI.Comm, line: str, code: int) -> None:
-    """Print ``line`` and end the whole MPI job (this rank exits even if MPI_Abort returns)."""
-    sys.stderr.write(line + "\n")
+    """Print ``line`` (on a line of its own, after a progress bar too) and end the whole MPI
+    job (this rank exits even if MPI_Abort returns)."""
+    sys.stderr.write("\n" + line + "\n")
     sys.stderr.flush()
     try:
         comm.Abort(code)
