@@ -67,6 +67,9 @@ class ColumnParallelLinear(ParallelLinear):
     def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
         check_int("chunks", chunks, 1)
 
+    def _replicated(self, name: str) -> bool:
+        return name == "x" or self.gather_output
+
     def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
         """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""
         return column_blocks(self._col_parts, row0, m)

@@ -41,6 +41,9 @@ class RowParallelLinear(ParallelLinear):
     def _check_options(self, input_is_parallel: bool = False) -> None:
         pass
 
+    def _replicated(self, name: str) -> bool:
+        return name == "dy" or not self.input_is_parallel
+
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce]."""
         k_p = self.weight.shape[0]
