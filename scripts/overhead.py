@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.comm import _gather_specs
+from tpmpi.comm import alltoallw_args
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
@@ -65,7 +65,7 @@ def main() -> None:
         np.matmul(x, layer.weight, out=y_local)
         np.add(y_local, layer.bias, out=y_local)
 
-    send, recv = _gather_specs(y_local, y, layer._blocks(0, args.m))
+    (send, recv), = alltoallw_args(y_local, y, layer._blocks(0, args.m), comm.Get_rank())
     item = y.dtype.itemsize
     ag_send = np.empty(args.m * (layer._col_parts[0][1] - layer._col_parts[0][0]), dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)

@@ -62,6 +62,12 @@ class FakeCupy(types.ModuleType):
         return np.asarray(a)
 
 
+HOST_STAGING = ("pinned_empty", "copy_to_host", "copy_from_host", "copy_to_host_async",
+                "copy_from_host_async", "wait_copy")
+"""The CupyBackend methods that need real device arrays (``get``/``set`` on streams, pinned
+memory): :func:`install` gives them the host implementations."""
+
+
 def modules(fake: FakeCupy) -> dict:
     """The ``sys.modules`` entries that make ``import cupy`` and ``from cupy.cuda import
     memory_hook`` find ``fake``."""
@@ -76,6 +82,6 @@ def install(monkeypatch, devices: int = 1) -> FakeCupy:
     for name, module in modules(fake).items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(backend_mod, "_CACHE", {})
-    for method in ("pinned_empty", "copy_to_host", "copy_from_host"):
+    for method in HOST_STAGING:
         monkeypatch.setattr(backend_mod.CupyBackend, method, getattr(backend_mod.Backend, method))
     return fake

@@ -25,7 +25,7 @@ GPUs (:mod:`tpmpi.collbench` calibrates CuPy per dtype on one rank per device, a
 host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
 product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
 staged (:func:`staged_bytes` down and up, MPI on host buffers in between) through the staging
-pipeline of pieces of :data:`STAGING_CHUNK_BYTES`: ``T = max(D, M, U) + (D + M + U - max) / n``
+pipeline of pieces of :data:`tpmpi.staging.STAGING_CHUNK_BYTES`: ``T = max(D, M, U) + (D + M + U - max) / n``
 for copy-down time D, MPI time M and copy-up time U over n pieces.
 
 Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
@@ -56,6 +56,7 @@ import numpy as np
 from .dtypes import resolve_dtype
 from .layers.column import chunk_bounds
 from .schemes.mlp import hidden_of
+from .staging import STAGING_CHUNK_BYTES
 from .tiling import panel_workspace_bytes
 
 OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
@@ -98,20 +99,19 @@ def gemm_class(m: int, k: int, n: int) -> str:
 
 
 # Documented defaults: one core of a current x86 CPU with AVX2/FMA (OpenBLAS, measured on the
-# team's machine), shared-memory MPI, and a datacenter GPU.
+# team's machine), shared-memory MPI, and a datacenter GPU. NumPy float16/bfloat16 products run
+# as float32 BLAS (tpmpi.gemm): they take the float32 rates.
 DEFAULT_ALPHA = 5e-6          # s per message
 DEFAULT_BETA = 1 / 5e9        # s per byte (5 GB/s)
 DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others flop/s
     "numpy:float64": {"thin": 8e9, "small": 30e9, "medium": 55e9, "large": 60e9},
     "numpy:float32": {"thin": 10e9, "small": 60e9, "medium": 110e9, "large": 120e9},
-    "numpy:float16": {"thin": 0.5e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
     "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
     "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
     "cupy:float16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
     "cupy:bfloat16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
 }
 DEFAULT_STAGING = {"d2h": 20e9, "h2d": 20e9}  # bytes/s of pinned copies (a PCIe Gen4/5 link)
-STAGING_CHUNK_BYTES = 8 * 2**20  # one piece of the staging pipeline (tpmpi.comm's host staging)
 GPU_CLASS_SHAPES = {"thin": (16, 8192, 8192), "small": (256, 256, 256),
                     "medium": (1024, 1024, 1024), "large": (8192, 8192, 8192)}
 """Shapes at which a GPU's rates are measured: "large" at the size of real runs (a GPU reaches
@@ -192,7 +192,7 @@ class Calibration:
         """Predicted seconds of ``op`` staged through host memory: copies down and up
         (:func:`staged_bytes`, at the calibrated pinned bandwidth divided by the ``sharing``
         ranks of one device) and MPI on host buffers, pipelined over pieces of
-        :data:`STAGING_CHUNK_BYTES` (see the module docstring)."""
+        :data:`tpmpi.staging.STAGING_CHUNK_BYTES` (see the module docstring)."""
         if p <= 1:
             return 0.0
         down, up = staged_bytes(op, p, nbytes)

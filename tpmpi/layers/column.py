@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpi4py import MPI
-
 from ..args import check_int
-from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
+from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce, wait_all
+from ..gemm import column_sums
 from ..layout import column_blocks
 from ..partition import block_partition
 from .base import ParallelLinear
@@ -67,6 +66,9 @@ class ColumnParallelLinear(ParallelLinear):
 
     def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
         check_int("chunks", chunks, 1)
+
+    def _replicated(self, name: str) -> bool:
+        return name == "x" or self.gather_output
 
     def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
         """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""
@@ -124,7 +126,7 @@ class ColumnParallelLinear(ParallelLinear):
                                              self._blocks(a, b - a), self.comm))
             prof.count("allgather", y[a:b].nbytes, nranks)
         with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
-            MPI.Request.Waitall(requests)
+            wait_all(requests)
         return y
 
     def backward(self, dy):
@@ -142,7 +144,7 @@ class ColumnParallelLinear(ParallelLinear):
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x.T, dy_p)
             if self.grad_bias is not None:
-                self.grad_bias += dy_p.sum(axis=0)
+                self.grad_bias += column_sums(dy_p)
 
         self._collective_during("allreduce", dx.nbytes,
                                 lambda: allreduce(dx, self.comm, self.staging),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..comm import allgather_blocks, allreduce, iallgather_blocks
+from ..gemm import column_sums
 from ..layout import column_blocks
 from ..partition import block_partition
 from .base import ParallelLinear
@@ -40,6 +41,9 @@ class RowParallelLinear(ParallelLinear):
 
     def _check_options(self, input_is_parallel: bool = False) -> None:
         pass
+
+    def _replicated(self, name: str) -> bool:
+        return name == "dy" or not self.input_is_parallel
 
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce]."""
@@ -71,7 +75,7 @@ class RowParallelLinear(ParallelLinear):
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x_p.T, dy)
             if self.grad_bias is not None:
-                self.grad_bias += dy.sum(axis=0)
+                self.grad_bias += column_sums(dy)
 
         if self.input_is_parallel or self.comm.Get_size() == 1:  # P=1: dX_p is all of dX
             with prof.gemm():
