@@ -46,6 +46,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from mpi4py import MPI
 
 from ..args import check_int
 from ..comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
