@@ -42,7 +42,8 @@ class FakeCupy(types.ModuleType):
         runtime = types.SimpleNamespace(
             getDeviceCount=lambda: devices,
             deviceGetPCIBusId=lambda i: f"0000:{i + 1:02x}:00.0",
-            getDeviceProperties=lambda i: {"name": b"Fake GPU"})
+            getDeviceProperties=lambda i: {"name": b"Fake GPU"},
+            memGetInfo=lambda: (64 << 30, 80 << 30))
         class MemoryHook:  # cupy.cuda.memory_hook.MemoryHook: never called here
             def __enter__(self):
                 return self
@@ -60,6 +61,14 @@ class FakeCupy(types.ModuleType):
     @staticmethod
     def asnumpy(a):
         return np.asarray(a)
+
+    @staticmethod
+    def matmul(a, b, out=None):
+        """Products of 2-byte floats keep their dtype, as cuBLAS's do (NumPy's bfloat16
+        matmul returns float32)."""
+        from tpmpi.gemm import matmul
+
+        return matmul(np, a, b, out=out)
 
 
 HOST_STAGING = ("pinned_empty", "copy_to_host", "copy_from_host", "copy_to_host_async",
