@@ -50,13 +50,8 @@ from mpi4py import MPI
 from .backend import backend_of
 from .comm import Staging, allgather_blocks, allreduce, iallgather_blocks, iallreduce, \
     ireduce_scatter, reduce_scatter
+from .layout import column_blocks
 from .partition import block_partition
-
-
-def row_blocks(parts: list[tuple[int, int]], shape: tuple) -> list[tuple[tuple, tuple]]:
-    """``(starts, shape)`` of each rank's block of the rows ``parts`` of a ``shape`` array."""
-    rest = tuple(shape[1:])
-    return [((a,) + (0,) * len(rest), (b - a,) + rest) for a, b in parts]
 
 
 class Mapping:
@@ -126,31 +121,42 @@ class AllReduce(Mapping):
         return super().start(x, out)
 
 
-class GatherRows(Mapping):
-    """Allgather of row blocks (layout "rows") into all rows on every rank."""
+class _Gather(Mapping):
+    """An Allgather of blocks straight into their places of the result (``Alltoallw`` with
+    subarray types, :func:`tpmpi.comm.allgather_blocks`); subclasses say which blocks."""
 
     op = "allgather"
 
-    def _blocks(self, out) -> list:
-        return row_blocks(block_partition(out.shape[0], self.comm.Get_size()), out.shape)
-
-    def out(self, x, size: Optional[int] = None):
-        if self.comm.Get_size() == 1:
-            return x
-        return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
+    def blocks(self, out) -> list[tuple[tuple, tuple]]:  # pragma: no cover - abstract
+        """``(starts, shape)`` of every rank's block of ``out``."""
+        raise NotImplementedError
 
     def nbytes(self, x, out) -> int:
         return int(out.nbytes)
 
     def forward(self, x, out):
         if out is not x:
-            allgather_blocks(x, out, self._blocks(out), self.comm, self.staging)
+            allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
         return out
 
     def start(self, x, out):
         if out is not x and self._direct():
-            return iallgather_blocks(x, out, self._blocks(out), self.comm)
+            return iallgather_blocks(x, out, self.blocks(out), self.comm)
         return super().start(x, out)
+
+
+class GatherRows(_Gather):
+    """Allgather of row blocks (layout "rows") into all rows on every rank."""
+
+    def blocks(self, out) -> list[tuple[tuple, tuple]]:
+        rest = tuple(out.shape[1:])
+        return [((a,) + (0,) * len(rest), (b - a,) + rest)
+                for a, b in block_partition(out.shape[0], self.comm.Get_size())]
+
+    def out(self, x, size: Optional[int] = None):
+        if self.comm.Get_size() == 1:
+            return x
+        return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
 
 
 class ReduceScatterRows(Mapping):
@@ -182,34 +188,18 @@ class ReduceScatterRows(Mapping):
         return super().start(x, out)
 
 
-class GatherCols(Mapping):
+class GatherCols(_Gather):
     """Allgather of column blocks (layout "cols") into the replicated array, each block
     written straight into its strided place (no staging copy)."""
 
-    op = "allgather"
-
-    def _blocks(self, out) -> list:
-        m = out.shape[0]
-        return [((0, a), (m, b - a)) for a, b in block_partition(out.shape[1],
-                                                                 self.comm.Get_size())]
+    def blocks(self, out) -> list[tuple[tuple, tuple]]:
+        return column_blocks(block_partition(out.shape[1], self.comm.Get_size()), 0,
+                             out.shape[0])
 
     def out(self, x, size: Optional[int] = None):
         if self.comm.Get_size() == 1:
             return x
         return backend_of(x).xp.empty((x.shape[0], size), dtype=x.dtype)
-
-    def nbytes(self, x, out) -> int:
-        return int(out.nbytes)
-
-    def forward(self, x, out):
-        if out is not x:
-            allgather_blocks(x, out, self._blocks(out), self.comm, self.staging)
-        return out
-
-    def start(self, x, out):
-        if out is not x and self._direct():
-            return iallgather_blocks(x, out, self._blocks(out), self.comm)
-        return super().start(x, out)
 
 
 class SplitCols(Mapping):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+import numpy as np
 from mpi4py import MPI
 
 from ..args import check_int
@@ -14,6 +15,8 @@ from ..dtypes import dtype_name, resolve_dtype
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layout import gather, local_slices
+from ..mappings import Mapping
+from ..partition import block_range
 from ..timing import Profiler
 
 
@@ -102,6 +105,7 @@ class ParallelLinear:
         self.grad_weight = xp.zeros_like(self.weight)
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
         self._x = None
+        self._rows: Optional[int] = None  # global rows of the last forward input
 
     def _check_options(self, **options: Any) -> None:
         """Validate subclass options locally (raise ValueError); default: none accepted."""
@@ -196,22 +200,71 @@ class ParallelLinear:
                 if prof.runs("comm"):
                     blocking()
 
+    # ---- the layers' communication operators (tpmpi.mappings)
+    def _apply(self, mapping: Optional[Mapping], x, size: Optional[int] = None):
+        """``mapping`` applied to ``x`` (blocking; ``x`` itself when ``mapping`` is None),
+        charged to the profiler; skipped while it runs GEMMs only (the result is then
+        allocated but not filled). ``size``: see :meth:`tpmpi.mappings.Mapping.out`."""
+        if mapping is None:
+            return x
+        out = mapping.out(x, size)
+        if mapping.op is not None:
+            with self.profiler.comm(mapping.op, mapping.nbytes(x, out), self.comm.Get_size()):
+                if self.profiler.runs("comm"):
+                    mapping.forward(x, out)
+        return out
+
+    def _map_during(self, mapping: Mapping, x, out, work: Callable[[], None]) -> None:
+        """Run the local ``work`` while ``mapping`` fills ``out`` from ``x`` (see
+        :meth:`_collective_during`; only ``work`` when the mapping communicates nothing)."""
+        if mapping.op is None:
+            with self.profiler.gemm():
+                work()
+            return
+        self._collective_during(mapping.op, mapping.nbytes(x, out),
+                                lambda: mapping.forward(x, out), lambda: mapping.start(x, out),
+                                work)
+
     # ---- input validation shared by forward/backward of all layers
-    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False) -> None:
+    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False,
+                     split_rows: bool = False) -> int:
         """Collectively check that ``a`` is a 2D array of this backend and dtype with
-        ``want_cols`` columns and the same number of rows on every rank; for ``backward``, also
-        that forward() ran and ``a`` has the forward input's rows. One small Allreduce."""
+        ``want_cols`` columns and the same number of rows on every rank, or with
+        ``split_rows`` this rank's block of the rows (layout "rows"); for ``backward``, also
+        that forward() ran and ``a`` has the forward input's global rows. Returns the global
+        row count M and, in forward, keeps it for backward. One small Allreduce (with
+        ``split_rows`` also an Allgather of the row counts)."""
+        shape = getattr(a, "shape", None)
+        rows = None
+        if split_rows:
+            local = np.array([shape[0] if shape else -1], dtype=np.int64)
+            every = np.empty(self.comm.Get_size(), dtype=np.int64)
+            self.comm.Allgather(local, every)
+            rows = int(every.sum()) if (every >= 0).all() else None
+        elif shape:
+            rows = shape[0]
+
         def local_checks() -> None:
             self._check_array(name, a, backward=backward)
             if a.shape[1] != want_cols:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {want_cols} columns")
-            if backward and a.shape[0] != self._x.shape[0]:
-                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._x.shape[0]} "
-                                 "rows (the forward input's)")
+            if split_rows and rows is not None:
+                start, stop = block_range(rows, self.comm.Get_size(), self.comm.Get_rank())
+                if a.shape[0] != stop - start:
+                    raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {stop - start} "
+                                     f"rows, block {self.comm.Get_rank()} of the {rows} rows in "
+                                     f"layout 'rows' over {self.comm.Get_size()} ranks")
+            if backward and rows != self._rows:
+                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._rows} "
+                                 + ("rows in all" if split_rows else "rows")
+                                 + " (the forward input's)")
 
-        shape = getattr(a, "shape", None)
-        check(self.comm, local_checks, **{"TPMPI_MAX_MESSAGE_BYTES": max_message_bytes(),
-                                          f"{name}.shape[0]": shape[0] if shape else None})
+        key = f"{name} rows in all" if split_rows else f"{name}.shape[0]"
+        check(self.comm, local_checks, TPMPI_MAX_MESSAGE_BYTES=max_message_bytes(),
+              **{key: rows})
+        if not backward:
+            self._rows = rows
+        return rows
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
