@@ -93,7 +93,8 @@ class Case:
 
 class LayerCase(Case):
     """A case around one layer object: X (m, k) and dY (m, n_out) from the layout-invariant
-    initialiser, each rank generating only its block of ``layout`` ("replicated" or "tiles")."""
+    initialiser, each rank generating only its block of ``layout`` ("replicated", "rows" or
+    "tiles")."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer,
                  *, n_out: int, flops: float, layout: str = "replicated"):
