@@ -21,7 +21,8 @@ from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, n
 from .bench import format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import agree
-from .costmodel import OPS, format_plan, load_calibration, plan
+from .data_parallel import BUCKET_BYTES
+from .costmodel import OPS, explain, format_plan, load_calibration, plan
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, tolerance
 from .layers.mlp import MODES
@@ -158,12 +159,16 @@ def make_parser() -> argparse.ArgumentParser:
     cal.add_argument("--iters", type=_positive, default=10)
     cal.add_argument("--backend", choices=BACKENDS, default="auto")
     cal.add_argument("--threads", type=_positive, default=None)
-    plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)")
+    plan = sub.add_parser("plan", help="layouts (every dp x tp mesh) ranked by predicted time, "
+                          "and why the first wins (no MPI job needed)")
     for dim in ("m", "k", "n"):
         plan.add_argument(f"--{dim}", type=_positive, required=True)
     plan.add_argument("--hidden", type=_positive, default=None,
                       help="rank FFN layouts (mlp modes) instead of single-GEMM layouts")
-    plan.add_argument("--ranks", type=_positive, required=True)
+    plan.add_argument("--ranks", type=_positive, required=True,
+                      help="ranks P: every dp x tp factorisation of P is ranked")
+    plan.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES,
+                      help="DataParallel gradient bucket size (default 25 MiB)")
     plan.add_argument("--dtype", choices=SUPPORTED, default="float32")
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     plan.add_argument("--backward", action="store_true")
@@ -322,8 +327,9 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
     preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
                  backward=args.backward, backend=args.backend,
-                 calibration=load_calibration(args.calibration))
+                 calibration=load_calibration(args.calibration), bucket_bytes=args.bucket_bytes)
     _out(comm)(format_plan(preds))
+    _out(comm)(explain(preds))
     return 0
 
 

@@ -34,6 +34,9 @@ from .mesh import Mesh
 from .overlap import OverlapTimes, median_time
 from .timing import Profiler
 
+BUCKET_BYTES = 25 * 2**20
+"""Default smallest bucket (PyTorch DDP's ``bucket_cap_mb=25``)."""
+
 
 class _Bucket:
     """A flat gradient buffer and the ``(layer, attribute, view)`` gradients it holds."""
@@ -64,7 +67,7 @@ class DataParallel:
     buckets blocking after it (False). ``profiler`` counts the DP Allreduces (bytes = nccl-tests
     size) and the time blocked in them (``comm_s``)."""
 
-    def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = 25 * 2**20,
+    def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = BUCKET_BYTES,
                  overlap: bool = True):
         layers = list(getattr(module, "layers", [module]))
 
