@@ -27,6 +27,7 @@ from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, tolerance
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
+from .mesh import Mesh
 from .schemes import KNOWN, Problem, available
 from .sweep import SWEEPS, collective_sweep, configs, default_ranks, parse_size, run_sweep
 
@@ -96,8 +97,16 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--chunks", help="column: M chunks pipelined" + (" (0 = unset)" if many
                                                                      else ""),
                    **typed(_non_negative if many else _positive, None))
-    p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way) or book (Allgather after "
-                   "each GEMM)", **typed(str, None, MODES))
+    p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way), book (Allgather after "
+                   "each GEMM), sequence (sequence parallelism) or tile2d (SUMMA FFN on --grid)",
+                   **typed(str, None, MODES))
+    p.add_argument("--dp", help="data-parallel replicas D: a mesh of D x (the TP grid), each "
+                   "replica taking M/D rows, gradients averaged in backward" +
+                   (" (comma list)" if many else ""), **typed(_positive, 1))
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="mlp: Megatron sequence parallelism (= --mode sequence)")
+    p.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES,
+                   help="DP gradient bucket size in bytes (default 25 MiB)")
     p.add_argument("--activation", help="mlp activation (default gelu, tanh approximation)",
                    **typed(str, None, tuple(ACTIVATIONS)))
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
@@ -180,8 +189,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sequence_mode(args: argparse.Namespace) -> None:
+    """``--sequence-parallel`` as ``--mode sequence`` (a list for bench); UsageError when the
+    scheme or mode has none."""
+    if not args.sequence_parallel:
+        return
+    many = isinstance(args.scheme, list)
+    schemes, modes = (args.scheme, args.mode or []) if many else ([args.scheme],
+                                                                   [args.mode] if args.mode else [])
+    if any(s != "mlp" for s in schemes):
+        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) has a "
+                         "sequence-parallel mode")
+    if any(m != "sequence" for m in modes):
+        raise UsageError(f"--sequence-parallel: is --mode sequence, not --mode {modes[0]}")
+    args.mode = ["sequence"] if many else "sequence"
+
+
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """The :class:`Problem` named by the problem flags."""
+    sequence_mode(args)
     options = {name: getattr(args, name) for name in ("panel", "chunks", "mode", "activation")
                if getattr(args, name) is not None}
     if not args.overlap:
@@ -193,11 +219,14 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
 
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     shape = parse_shape(args.grid) if args.grid else None
-    grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
+    problem = problem_from_args(args)
+    threads = args.threads if args.threads else "auto"
+    grid = Mesh(comm, dp=args.dp, tp=shape, blas_threads=threads) if args.dp > 1 else \
+        ProcessGrid(comm, shape, blas_threads=threads)
     backend = get_backend(args.backend, comm)
-    rec = run_case(problem_from_args(args), grid, backend, warmup=args.warmup, iters=args.iters,
+    rec = run_case(problem, grid, backend, warmup=args.warmup, iters=args.iters,
                    baseline=args.baseline, calibration=load_calibration(args.calibration),
-                   overlap=args.measure_overlap)
+                   overlap=args.measure_overlap, bucket_bytes=args.bucket_bytes)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
@@ -206,6 +235,10 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         if rec["baseline_s"]:
             print(f"serial baseline (1 process, all threads): {rec['baseline_s'] * 1e3:.3f} ms; "
                   f"throughput ratio {rec['speedup']:.3f}, efficiency {rec['efficiency']:.3f}")
+        if rec["mesh"]["dp"] > 1:
+            print(f"data parallel: mesh {rec['mesh']['dp']}x({rec['grid']}), DP Allreduce "
+                  f"{rec['dp_bytes'] / 2**20:.3f} MiB per iteration, "
+                  f"{rec['dp_comm_s'] * 1e3:.3f} ms blocked in it")
         for phase, times in (rec.get("overlap") or {}).items():
             print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
                   f"{times['compute_s'] * 1e3:.3f} ms, communication only "
@@ -280,6 +313,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
     if "all" in args.scheme:
         args.scheme = available()
+    sequence_mode(args)
     missing = [s for s in args.scheme if s not in available()]
     if missing:
         raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "
@@ -289,6 +323,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
+                   dps=args.dp,
                    options={"panel": [v or None for v in args.panel or [0]],
                             "chunks": [v or None for v in args.chunks or [0]],
                             "mode": args.mode or [None], "activation": args.activation or [None],
@@ -305,7 +340,8 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
               baseline=args.baseline, calibration=load_calibration(args.calibration),
-              on_record=on_record, measure_overlap=args.measure_overlap)
+              on_record=on_record, measure_overlap=args.measure_overlap,
+              bucket_bytes=args.bucket_bytes)
     _out(comm)(format_table(records))
     return 0
 

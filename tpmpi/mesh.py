@@ -131,6 +131,11 @@ class Mesh:
         return (self.dp,) + self.tp.shape
 
     @property
+    def threads(self) -> "int | None":
+        """BLAS threads per rank set at construction (None: left alone)."""
+        return self.tp.threads
+
+    @property
     def label(self) -> str:
         """``"Dx(RxC)"``, e.g. ``"2x(1x2)"``."""
         return f"{self.dp}x({self.tp.label})"
