@@ -6,9 +6,8 @@
 
 For every mesh (dp replicas x a TP grid of P/dp ranks) and FFN mode (megatron, book and
 sequence on 1D grids, tile2d on every grid; one run when the TP group is a single rank) it runs
-one
-verified forward + backward benchmark (``tpmpi.bench.run_case``; each replica takes M/dp rows,
-gradients averaged by DataParallel) and prints the median time next to the cost model's
+one verified forward + backward benchmark (``tpmpi.bench.run_case``; each replica takes M/dp
+rows, gradients averaged by DataParallel) and prints the median time next to the cost model's
 prediction, the exposed TP and DP communication, the DP bytes per rank, then the layouts
 ranked by measured and by predicted time and ``plan``'s first choice. Timings on a shared or
 oversubscribed machine are noisy: rerun on a quiet one (and with a ``calibrate`` file).
