@@ -88,7 +88,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    help="DP gradient bucket size in bytes (25 MiB)")
     p.add_argument("--measure-overlap", action="store_true",
                    help="after training, measure the share of the DP Allreduce hidden under "
-                        "backward (OSU convention)")
+                        "backward (OSU convention; with --dp > 1)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu")
     p.add_argument("--dtype", choices=SUPPORTED[:3], default="float32")
     p.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
@@ -346,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
             f"blocked in DP communication {dp_comm_s * 1e3:.2f} ms in all, "
             f"{dp_comm_s / args.steps * 1e6:.1f} us per step (max over ranks)")
     overlap = None
-    if args.measure_overlap:
+    if args.measure_overlap and args.dp > 1:
         y = model(x)
         overlap = measure_dp_overlap(model, (y - t) * scale, iters=max(3, args.steps // 10))
         say(f"DP overlap (OSU): backward with DP {overlap.overall_s * 1e3:.3f} ms, backward "

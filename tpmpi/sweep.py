@@ -100,8 +100,8 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
                 opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v is not None))
                 prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
                 kind2d = "tile2d" if dict(opts).get("mode") == "tile2d" else scheme
-                out.extend(Config(prob, p, g, (kind, dim), dp) for dp in dps if p % dp == 0
-                           for g in grids_for(kind2d, p // dp, grids))
+                out.extend(Config(prob, p, g, (kind, dim), dp) for dp in sorted(set(dps))
+                           if p % dp == 0 for g in grids_for(kind2d, p // dp, grids))
     return out
 
 
