@@ -145,3 +145,14 @@ def rel_err(a, ref) -> float:
         return 0.0
     scale = max(np.abs(ref).max(), 1e-300)
     return float(np.abs(a - ref).max() / scale)
+
+
+def profiled_calls(layers) -> dict:
+    """Collectives counted by the layers' profilers since their last reset, summed by op;
+    resets them."""
+    total = {}
+    for layer in layers:
+        for op, count in layer.profiler.calls.items():
+            total[op] = total.get(op, 0) + count
+        layer.profiler.reset()
+    return total

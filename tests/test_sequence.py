@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tpmpi
-from conftest import all_ranks_raise, rel_err
+from conftest import all_ranks_raise, profiled_calls, rel_err
 from test_mlp import problem, reference
 from tpmpi.grid import factorisations
 from tpmpi.layers.mlp import LAYOUTS, MODES
@@ -79,15 +79,6 @@ def test_sequence_equals_megatron(world, m, d, h, activation):
         assert rel_err(dx_seq, dx_meg[rows]) <= 1e-13
         for (name, _, g_meg), (_, _, g_seq) in zip(meg.parameters(), seq.parameters()):
             assert rel_err(g_seq, g_meg) <= 1e-13, name
-
-
-def profiled_calls(layers):
-    total = {}
-    for layer in layers:
-        for op, count in layer.profiler.calls.items():
-            total[op] = total.get(op, 0) + count
-        layer.profiler.reset()
-    return total
 
 
 @pytest.mark.mpi

@@ -121,7 +121,26 @@ class AllReduce(Mapping):
         return super().start(x, out)
 
 
-class _Gather(Mapping):
+class _Collective(Mapping):
+    """An operator whose result is a new array filled by one collective (``_run``), skipped
+    when there is nothing to move (one rank: the result is ``x`` itself)."""
+
+    def _run(self, x, out, blocking: bool):  # pragma: no cover - abstract
+        """Start (``blocking=False``: returns the request) or run the collective."""
+        raise NotImplementedError
+
+    def forward(self, x, out):
+        if out is not x:
+            self._run(x, out, True)
+        return out
+
+    def start(self, x, out):
+        if out is not x and self._direct():
+            return self._run(x, out, False)
+        return super().start(x, out)
+
+
+class _Gather(_Collective):
     """An Allgather of blocks straight into their places of the result (``Alltoallw`` with
     subarray types, :func:`tpmpi.comm.allgather_blocks`); subclasses say which blocks."""
 
@@ -134,15 +153,10 @@ class _Gather(Mapping):
     def nbytes(self, x, out) -> int:
         return int(out.nbytes)
 
-    def forward(self, x, out):
-        if out is not x:
-            allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
-        return out
-
-    def start(self, x, out):
-        if out is not x and self._direct():
-            return iallgather_blocks(x, out, self.blocks(out), self.comm)
-        return super().start(x, out)
+    def _run(self, x, out, blocking: bool):
+        if blocking:
+            return allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
+        return iallgather_blocks(x, out, self.blocks(out), self.comm)
 
 
 class GatherRows(_Gather):
@@ -159,14 +173,10 @@ class GatherRows(_Gather):
         return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
 
 
-class ReduceScatterRows(Mapping):
+class ReduceScatterRows(_Collective):
     """Sum of per-rank (M, ...) partials, each rank keeping its row block (layout "rows")."""
 
     op = "reduce_scatter"
-
-    def _counts(self, x) -> list[int]:
-        row = x[0].size if x.shape[0] else 0
-        return [(b - a) * row for a, b in block_partition(x.shape[0], self.comm.Get_size())]
 
     def out(self, x, size: Optional[int] = None):
         if self.comm.Get_size() == 1:
@@ -177,15 +187,12 @@ class ReduceScatterRows(Mapping):
     def nbytes(self, x, out) -> int:
         return int(x.nbytes)
 
-    def forward(self, x, out):
-        if out is not x:
-            reduce_scatter(x, out, self._counts(x), self.comm, self.staging)
-        return out
-
-    def start(self, x, out):
-        if out is not x and self._direct():
-            return ireduce_scatter(x, out, self._counts(x), self.comm)
-        return super().start(x, out)
+    def _run(self, x, out, blocking: bool):
+        row = x[0].size if x.shape[0] else 0
+        counts = [(b - a) * row for a, b in block_partition(x.shape[0], self.comm.Get_size())]
+        if blocking:
+            return reduce_scatter(x, out, counts, self.comm, self.staging)
+        return ireduce_scatter(x, out, counts, self.comm)
 
 
 class GatherCols(_Gather):
