@@ -163,3 +163,27 @@ def test_sequence_input_errors(world):
         all_ranks_raise(comm, lambda: mlp.backward(dy),
                         rf"dy.shape=.*expected {m} rows in all \(the forward input's\)")
         all_ranks_raise(comm, lambda: mlp(np.zeros((b - a, 4))), r"expected 3 columns")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["sequence", "tile2d"])
+def test_new_modes_checkpoint_and_reload_on_another_grid(world, tmp_path_factory, mode):
+    if not world.member:
+        return
+    import os
+
+    comm = world.comm
+    path = comm.bcast(str(tmp_path_factory.mktemp("ckpt")) if comm.Get_rank() == 0 else None)
+    path = os.path.join(path, mode)
+    X, W1, b1, W2, b2, dY = problem(5, 3, 7, "float64", seed=2)
+    shapes = factorisations(world.size)
+    with tpmpi.ProcessGrid(comm, shapes[-1]) as grid:
+        tpmpi.save_checkpoint(path, tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid,
+                                                                 mode=mode))
+    with tpmpi.ProcessGrid(comm, shapes[0]) as grid:
+        mlp = tpmpi.ParallelMLP.load_checkpoint(path, grid=grid)
+        assert mlp.mode == mode and mlp.layout == LAYOUTS[mode]
+        for layer, (W, b) in zip(mlp.layers, [(W1, b1), (W2, b2)]):
+            assert np.array_equal(layer.weight, W[layer.shard])
+            assert np.array_equal(layer.bias, b[layer.bias_slice])
+        check_mlp(mlp, grid, X, W1, b1, W2, b2, dY, "gelu", "float64")
