@@ -11,7 +11,6 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import ParallelMLP
-from ..layers.mlp import LAYOUTS
 from ..layout import scatter
 from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
     shard_pairs
