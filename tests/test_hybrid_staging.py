@@ -16,7 +16,7 @@ from tpmpi.comm import Staging
 @pytest.mark.parametrize("cls", MAPPINGS, ids=lambda c: c.__name__)
 def test_mappings_start_falls_back_to_blocking_staged(world, cls):
     """Under staging ``start`` runs the blocking form through the pinned buffers and returns
-    a completed request; the result equals the direct path's."""
+    a completed request; the result equals the direct path's (to the last bits for sums)."""
     if not world.member:
         return
     comm, rank = world.comm, world.comm.Get_rank()
@@ -34,7 +34,8 @@ def test_mappings_start_falls_back_to_blocking_staged(world, cls):
     out_s, out_d = staged.out(xs, size), direct.out(xd, size)
     assert staged.start(xs, out_s) == MPI.REQUEST_NULL  # completed: ran blocking, staged
     direct.start(xd, out_d).Wait()
-    assert np.array_equal(out_s, out_d)
+    # blocking and non-blocking reductions may add in another order (Open MPI at 3 ranks)
+    assert np.allclose(out_s, out_d, rtol=1e-14, atol=1e-14)
     if cls.op is not None and world.size > 1:
         assert dev.counts["to_host"] >= 1 and dev.counts["from_host"] >= 1
 
