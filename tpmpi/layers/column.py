@@ -27,12 +27,12 @@ and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mpi4py import MPI
 
 from ..args import check_int
-from ..mappings import Copy, GatherCols, GatherRows
+from ..mappings import Copy, GatherCols, GatherRows, Mapping
 from .base import ParallelLinear
 
 CHUNK_ROWS = 48
@@ -69,9 +69,18 @@ class ColumnParallelLinear(ParallelLinear):
         self.gather_output = bool(gather_output)
         self.chunks = int(chunks)
         self.sequence_parallel = bool(sequence_parallel)
-        self.x_map = (GatherRows if self.sequence_parallel else Copy)(self.comm, self.staging)
-        self.y_map = GatherCols(self.comm, self.staging) if self.gather_output else None
         self._ybuf = None  # reused local product when it is only a send buffer
+
+    @property
+    def x_map(self) -> Mapping:
+        """The input's operator on the layer's communicator: GatherRows with
+        ``sequence_parallel``, else Copy."""
+        return (GatherRows if self.sequence_parallel else Copy)(self.comm, self.staging)
+
+    @property
+    def y_map(self) -> Optional[Mapping]:
+        """The output's operator: GatherCols with ``gather_output``, else None (blocks kept)."""
+        return GatherCols(self.comm, self.staging) if self.gather_output else None
 
     def _check_options(self, gather_output: bool = True, chunks: int = 1,
                        sequence_parallel: bool = False) -> None:
@@ -113,14 +122,14 @@ class ColumnParallelLinear(ParallelLinear):
         output, in flight during the GEMM of chunk i + 1; one Waitall at the end."""
         xp, prof, nranks = self.backend.xp, self.profiler, self.comm.Get_size()
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
-        requests = []
+        requests, gather = [], self.y_map
         for a, b in rows:
             with prof.gemm():
                 self._matmul(x[a:b], self.weight, out=y_local[a:b])
                 if self.bias is not None:
                     y_local[a:b] += self.bias
             self.backend.synchronize()
-            requests.append(self._collective(self.y_map.start, y_local[a:b], y[a:b]))
+            requests.append(self._collective(gather.start, y_local[a:b], y[a:b]))
             prof.count("allgather", y[a:b].nbytes, nranks)
         with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
             MPI.Request.Waitall(requests)
@@ -133,8 +142,9 @@ class ColumnParallelLinear(ParallelLinear):
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
-        dy_p = self.y_map.adjoint.out(dy) if self.y_map else dy  # own columns: a strided view
-        x = self.x_map.out(self._x, self._rows)
+        x_map, y_map = self.x_map, self.y_map
+        dy_p = y_map.adjoint.out(dy) if y_map else dy  # own columns: a strided view
+        x = x_map.out(self._x, self._rows)  # the gathered rows (sequence_parallel)
         dx = None
 
         def input_grad() -> None:
@@ -146,8 +156,8 @@ class ColumnParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += dy_p.sum(axis=0)
 
-        self._map_during(self.x_map, self._x, x, input_grad)
-        reduce = self.x_map.adjoint
+        self._map_during(x_map, self._x, x, input_grad)
+        reduce = x_map.adjoint
         dx_out = reduce.out(dx)
         self._map_during(reduce, dx, dx_out, weight_grads)
         return dx_out

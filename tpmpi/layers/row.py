@@ -20,9 +20,9 @@ AllReduce | ReduceScatterRows -> + b``, backward the adjoints (``Copy | GatherRo
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from ..mappings import AllReduce, ReduceScatterRows, SplitCols
+from ..mappings import AllReduce, Mapping, ReduceScatterRows, SplitCols
 from .base import ParallelLinear
 
 
@@ -41,9 +41,19 @@ class RowParallelLinear(ParallelLinear):
                          sequence_parallel=bool(sequence_parallel), **kwargs)
         self.input_is_parallel = bool(input_is_parallel)
         self.sequence_parallel = bool(sequence_parallel)
-        self.x_map = None if self.input_is_parallel else SplitCols(self.comm, self.staging)
-        self.y_map = (ReduceScatterRows if self.sequence_parallel else AllReduce)(self.comm,
-                                                                                  self.staging)
+
+    @property
+    def x_map(self) -> Optional[Mapping]:
+        """The input's operator on the layer's communicator: SplitCols, or None when the input
+        is parallel already."""
+        return None if self.input_is_parallel else SplitCols(self.comm, self.staging)
+
+    @property
+    def y_map(self) -> Mapping:
+        """The output's operator: ReduceScatterRows with ``sequence_parallel``, else
+        AllReduce."""
+        return (ReduceScatterRows if self.sequence_parallel else AllReduce)(self.comm,
+                                                                            self.staging)
 
     def _check_options(self, input_is_parallel: bool = False,
                        sequence_parallel: bool = False) -> None:
