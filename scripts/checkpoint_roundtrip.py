@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,13 +29,16 @@ def dense() -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((K, N)), rng.standard_normal(N)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
+    """Exit code: 0 equal, 1 a shard differs, 2 a usage or checkpoint error (one line on rank
+    0). ``comm`` defaults to COMM_WORLD."""
+    ap = argparse.ArgumentParser(prog="checkpoint_roundtrip.py",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["save", "load", "verify"])
     ap.add_argument("path")
     ap.add_argument("--grid", default=None, help="RxC (default 1xP)")
     ap.add_argument("--layer", choices=sorted(LAYERS), default="column")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     W, b = dense()
     if args.action == "verify":
         same = np.array_equal(np.load(os.path.join(args.path, "weight.npy")), W) and \
@@ -48,13 +52,22 @@ def main() -> int:
 
     import tpmpi
 
-    grid = tpmpi.ProcessGrid(MPI.COMM_WORLD, shape=args.grid)
-    cls = getattr(tpmpi, LAYERS[args.layer])
-    if args.action == "save":
-        layer = cls.from_dense(W, b, grid=grid)
-        tpmpi.save_checkpoint(args.path, layer)
-    else:
-        layer = cls.load_checkpoint(args.path, grid=grid)
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    grid = None
+    try:  # the library raises the same ValueError on every rank: one line, exit 2
+        grid = tpmpi.ProcessGrid(comm, shape=args.grid)
+        cls = getattr(tpmpi, LAYERS[args.layer])
+        if args.action == "save":
+            layer = cls.from_dense(W, b, grid=grid)
+            tpmpi.save_checkpoint(args.path, layer)
+        else:
+            layer = cls.load_checkpoint(args.path, grid=grid)
+    except ValueError as exc:
+        if comm.Get_rank() == 0:
+            print(f"{ap.prog}: error: {args.action} --layer {args.layer}: {exc}", file=sys.stderr)
+        if grid is not None:
+            grid.free()
+        return 2
     ok = np.array_equal(layer.weight, W[layer.shard]) and np.array_equal(layer.bias,
                                                                          b[layer.bias_slice])
     rows, cols = layer.shard
@@ -63,7 +76,9 @@ def main() -> int:
         print(f"{args.action} {args.layer} on grid {grid.label} ({grid.size} ranks): " + ", ".join(
             f"rank {r} W[{a}:{z}, {c}:{d}] {'ok' if good else 'WRONG'}"
             for r, a, z, c, d, good in shards))
-    return 0 if grid.comm.allreduce(ok, op=MPI.LAND) else 1
+    ok = grid.comm.allreduce(ok, op=MPI.LAND)
+    grid.free()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

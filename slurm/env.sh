@@ -1,13 +1,15 @@
 # Sourced by the tpmpi sbatch templates: site modules, Python env, threads, MPI plugin, output.
-# Edit the ADAPT lines for your cluster (see slurm/README.md).
+# Edit the ADAPT lines for your cluster (see slurm/README.md). TPMPI_ROOT is the repository root
+# (the templates set it to the job's starting directory, which submit_scaling.sh makes the root).
+: "${TPMPI_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}"
 
 # ADAPT: modules providing the MPI that mpi4py was built against (never PyPI's mpich wheel here)
 # module load openmpi/4.1 python/3.11        # Open MPI site  -> MPI_PLUGIN=pmix
 # module load cray-mpich python              # MPICH / Cray   -> MPI_PLUGIN=pmi2 (or cray_shasta)
 : "${MPI_PLUGIN:=pmix}"                      # srun --mpi=...: pmix for Open MPI, pmi2 for MPICH
-: "${VENV:=$SLURM_SUBMIT_DIR/.venv}"         # ADAPT: venv with tpmpi installed (pip install .)
+: "${VENV:=$TPMPI_ROOT/.venv}"              # ADAPT: venv with tpmpi installed (pip install .)
 [ -f "$VENV/bin/activate" ] && . "$VENV/bin/activate"
-cd "$SLURM_SUBMIT_DIR" || exit 1
+cd "$TPMPI_ROOT" || exit 1
 
 # One BLAS/OpenMP thread per CPU SLURM gives each task; tpmpi reads TPMPI_THREADS.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
@@ -15,7 +17,7 @@ export TPMPI_THREADS="$OMP_NUM_THREADS"
 export OMP_PLACES=cores OMP_PROC_BIND=close
 
 # Results: one JSON-lines file per job (array jobs: per array task), next to the job's log.
-: "${RESULTS:=$SLURM_SUBMIT_DIR/results}"
+: "${RESULTS:=$TPMPI_ROOT/results}"
 mkdir -p "$RESULTS"
 JOB_TAG="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}"
 OUT_JSON="$RESULTS/${SLURM_JOB_NAME:-tpmpi}-$JOB_TAG.jsonl"

@@ -135,5 +135,109 @@ def test_plan_prints_ranked_layouts(capsys):
     out = capsys.readouterr().out
     if MPI.COMM_WORLD.Get_rank():
         return  # printed on rank 0
-    assert out.splitlines()[0].split()[:2] == ["rank", "layout"]
+    assert out.splitlines()[0].split()[:2] == ["order", "layout"]
     assert "tile2d 2x2" in out and "column 1x4" in out
+
+
+# --------------------------------------------------------------- statistics, flags, the table
+
+from tpmpi import stats  # noqa: E402
+from tpmpi.bench import format_table  # noqa: E402
+
+
+def _rec(**kw):
+    """A clean record (no flag applies) with ``kw`` replacing its fields."""
+    t = {"median": 1e-3, "min": 0.98e-3, "max": 1.05e-3}
+    rec = {"scheme": "column", "ranks": 2, "grid": "1x2", "m": 8, "k": 4, "n": 6,
+           "hidden": None, "options": {}, "dtype": "float32", "backend": "numpy",
+           "threads_per_rank": 1, "iters": 10, "time_s": t, "gemm_s": 6e-4, "comm_s": 3e-4,
+           "spread": {"gemm_s": {"median": 6e-4, "min": 5e-4, "max": 7e-4},
+                      "comm_s": {"median": 3e-4, "min": 2e-4, "max": 4e-4},
+                      "baseline_s": {"median": 2e-3, "min": 1.99e-3, "max": 2.01e-3}},
+           "gflops": 1.0, "algbw_gbs": 1.0, "busbw_gbs": 0.5, "mem_peak_bytes": 1 << 20,
+           "max_rel_err": 1e-7, "predicted_s": 1e-3, "speedup": 2.0, "efficiency": 1.0,
+           "load_per_cpu": 0.5, "oversubscription": 1.0}
+    rec.update(kw)
+    return rec
+
+
+def test_summary_and_spread():
+    s = stats.summary([3.0, 1.0, 2.0, 10.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0}
+    assert stats.spread(s) == pytest.approx(9 / 2.5)
+    assert stats.summary([]) is None and stats.spread(None) is None
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"efficiency": 1.2}, "superlinear"),
+    ({"time_s": {"median": 1.0, "min": 0.95, "max": 1.2}}, "noisy"),
+    ({"spread": {"baseline_s": {"median": 1.0, "min": 0.9, "max": 1.11}}}, "noisy-baseline"),
+    ({"load_per_cpu": 1.6}, "oversubscribed"),
+    ({"oversubscription": 2.0}, "oversubscribed"),
+])
+def test_each_flag(change, flag):
+    assert stats.flags(_rec()) == []
+    assert stats.flags(_rec(**change)) == [flag]
+
+
+def test_flags_at_the_thresholds_stay_clear():
+    edge = _rec(efficiency=stats.SUPERLINEAR, load_per_cpu=1.0,
+                time_s={"median": 1.0, "min": 1.0, "max": 1.0 + 0.99 * stats.NOISY})
+    assert stats.flags(edge) == []
+
+
+def test_load_per_cpu(monkeypatch):
+    monkeypatch.setattr(stats.os, "getloadavg", lambda: (6.0, 1.0, 1.0))
+    monkeypatch.setattr(stats.os, "cpu_count", lambda: 4)
+    assert stats.load_per_cpu() == 1.5
+
+    def missing():
+        raise OSError("no load average")
+    monkeypatch.setattr(stats.os, "getloadavg", missing)
+    assert stats.load_per_cpu() is None
+
+
+def test_table_shows_spread_statistic_and_flags():
+    rec = _rec(flags=["noisy", "oversubscribed"], hidden=16, scheme="mlp")
+    caption, head, row = format_table([rec]).splitlines()
+    assert "median (min-max) over 10 timed iterations" in caption
+    cols = head.split()
+    assert cols[-3:] == ["speedup", "eff/core", "flags"] and "eff" not in cols
+    assert "1.000 (0.98-1.05)" in row and "0.600 (0.5-0.7)" in row
+    assert "0.300 (0.2-0.4)" in row
+    assert row.endswith("noisy,oversubscribed") and "hidden=16" in row
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("scheme", ["column", "mlp"])
+def test_record_statistics_per_iteration(world, scheme):
+    """gemm_s / comm_s are medians of per-iteration values (each <= the iteration's time),
+    with their spread; the MLP's hidden size in effect is in the record."""
+    if not world.member:
+        return
+    from tpmpi.backend import get_backend
+    from tpmpi.bench import run_case
+    from tpmpi.grid import ProcessGrid
+    from tpmpi.schemes import Problem
+
+    grid = ProcessGrid(world.comm, blas_threads=None)
+    prob = Problem(scheme=scheme, m=9, k=6, n=6, backward=True)
+    rec = run_case(prob, grid, get_backend("numpy"), warmup=1, iters=5, baseline=True)
+    grid.free()
+    t, sp = rec["time_s"], rec["spread"]
+    for key in ("gemm_s", "comm_s", "fwd_s", "bwd_s", "baseline_s"):
+        s = sp[key]
+        assert 0 <= s["min"] <= s["median"] <= s["max"], key
+    assert rec["gemm_s"] == sp["gemm_s"]["median"] and rec["comm_s"] == sp["comm_s"]["median"]
+    assert rec["baseline_s"] == sp["baseline_s"]["median"]
+    # per iteration, GEMM (and communication) time is part of the step time
+    assert rec["gemm_s"] <= t["median"] and rec["comm_s"] <= t["median"]
+    assert rec["hidden"] == (24 if scheme == "mlp" else None)
+    assert rec["flags"] == stats.flags(rec)
+    assert rec["load_per_cpu"] is None or rec["load_per_cpu"] >= 0
+    assert rec["oversubscription"] > 0
+
+
+def test_short_numbers_have_no_exponent():
+    assert [stats.short(v) for v in (1440.4, 285.13, 0.011834, 3.0)] == \
+        ["1440", "285", "0.0118", "3"]

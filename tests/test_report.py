@@ -54,3 +54,194 @@ def test_report_rejects_empty(tmp_path):
     path.write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         report([str(path)], str(tmp_path / "out"))
+
+
+# ------------------------------------------------ plots that scale, CSV, one efficiency name
+
+import csv  # noqa: E402
+
+from tpmpi import plots  # noqa: E402
+from tpmpi.report import CSV_COLUMNS, scaling_efficiency, table_rows  # noqa: E402
+
+import synthetic  # noqa: E402
+
+NO_MARKER = ("None", "", " ", "_", "|")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The report's figures by file name, drawn and kept open (plots.save replaced)."""
+    saved = {}
+    monkeypatch.setattr(plots, "save", _keeper(saved))
+    yield saved
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _keeper(saved: dict):
+    def keep(pyplot, fig, out, name, files):
+        fig.canvas.draw()
+        saved[name] = fig
+        files.append(name)
+    return keep
+
+
+def _rank0_only():
+    """Plot checks are serial: under mpiexec only rank 0 draws (the ranks share the cores)."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() > 0:
+        pytest.skip("plots are checked on rank 0")
+
+
+_RENDERED: dict = {}
+
+
+def rendered(name: str, tmp_path_factory) -> dict:
+    """The figures of the record set ``name`` of :data:`SETS`, drawn once per session."""
+    _rank0_only()
+    if name not in _RENDERED:
+        tmp = tmp_path_factory.mktemp(name)
+        saved: dict = {}
+        with pytest.MonkeyPatch.context() as mp:
+            import matplotlib
+
+            mp.setattr(plots, "save", _keeper(saved))
+            mp.setitem(matplotlib.rcParams, "figure.max_open_warning", 0)
+            report([_write(tmp, SETS[name]())], str(tmp / "out"))
+        _RENDERED[name] = saved
+    return _RENDERED[name]
+
+
+def _write(tmp_path, recs) -> str:
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return str(path)
+
+
+def _inside(inner, outer, slack=1.0) -> bool:
+    return (inner.x0 >= outer.x0 - slack and inner.y0 >= outer.y0 - slack
+            and inner.x1 <= outer.x1 + slack and inner.y1 <= outer.y1 + slack)
+
+
+def _marked_lines(ax):
+    return [ln for ln in ax.lines if ln.get_marker() not in NO_MARKER]
+
+
+SETS = {"one": lambda: synthetic.laptop(1)[:1], "laptop2": lambda: synthetic.laptop(2),
+        "laptop4": lambda: synthetic.laptop(4), "crowded20": lambda: synthetic.crowded(20),
+        "cluster64": synthetic.cluster}
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_legends_and_labels_stay_inside_the_figure(tmp_path_factory, name):
+    figures = rendered(name, tmp_path_factory)
+    assert {"time_vs_ranks.png", "efficiency.png", "breakdown.png"} <= set(figures)
+    for fname, fig in figures.items():
+        renderer = fig.canvas.get_renderer()
+        assert fig.legends, fname
+        for leg in fig.legends:
+            box = leg.get_window_extent(renderer)
+            assert _inside(box, fig.bbox), (fname, box, fig.bbox)
+            for ax in fig.axes:
+                if ax.get_visible():
+                    assert not box.overlaps(ax.get_window_extent(renderer)), fname
+        for ax in fig.axes:  # tick labels, axis labels and titles do not overrun
+            if ax.get_visible():
+                assert _inside(ax.get_tightbbox(renderer), fig.bbox), (fname, ax.get_title())
+        if fig._suptitle is not None:
+            title = fig._suptitle.get_window_extent(renderer)
+            assert _inside(title, fig.bbox) and not any(
+                title.overlaps(leg.get_window_extent(renderer)) for leg in fig.legends), fname
+
+
+@pytest.mark.parametrize("name", ["laptop2", "crowded20", "cluster64"])
+def test_every_series_has_its_own_colour_and_marker(tmp_path_factory, name):
+    figures = rendered(name, tmp_path_factory)
+    for fname in ("time_vs_ranks.png", "efficiency.png", "busbw.png"):
+        if fname not in figures:
+            continue
+        legend_labels = [t.get_text() for t in figures[fname].legends[0].get_texts()]
+        styles = {}
+        for ax in figures[fname].axes:
+            lines = _marked_lines(ax)
+            pairs = [(ln.get_color(), ln.get_marker()) for ln in lines]
+            assert len(set(pairs)) == len(pairs), (fname, ax.get_title())
+            for ln in lines:
+                styles.setdefault((ln.get_color(), ln.get_marker()), ln)
+        assert len(styles) == len(legend_labels), fname  # one style per legend entry
+    if name == "crowded20":
+        (ax,) = [a for a in figures["time_vs_ranks.png"].axes if a.get_visible()]
+        assert len(_marked_lines(ax)) == 20
+
+
+def test_styles_are_distinct_pairs_up_to_100():
+    pairs = plots.styles([f"s{i}" for i in range(100)])
+    assert len(set(pairs.values())) == 100
+    assert plots.styles(["b", "a"]) == {"a": ("C0", "o"), "b": ("C1", "s")}
+
+
+def test_log_scale_when_values_span_decades(tmp_path_factory):
+    import matplotlib.pyplot as plt
+
+    assert plots.spans_decades([1.0, 10.0]) and not plots.spans_decades([1.0, 9.9, None])
+    fig, ax = plt.subplots()
+    assert plots.value_scale(ax, [0.5, 200.0]) == "log" and ax.get_yscale() == "log"
+    assert plots.value_scale(ax, [3.0, 5.0], axis="x") == "linear"
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
+    figures = rendered("cluster64", tmp_path_factory)
+    time_axes = [a for a in figures["time_vs_ranks.png"].axes if a.get_visible()]
+    assert len(time_axes) == 4 and {a.get_yscale() for a in time_axes} == {"log"}
+    assert {a.get_yscale() for a in figures["busbw.png"].axes if a.get_visible()} == {"log"}
+    (pred,) = figures["predicted_vs_measured.png"].axes
+    assert pred.get_xscale() == pred.get_yscale() == "log"
+    bars = [a for a in figures["breakdown.png"].axes if a.get_visible()]
+    assert {a.get_yscale() for a in bars} == {"linear"}  # shares of 100 %
+
+
+def test_narrow_range_stays_linear(tmp_path, figures):
+    recs = [rec("column", p, f"1x{p}", t, t) for p, t in ((1, 2.0e-3), (2, 1.2e-3))]
+    report([_write(tmp_path, recs)], str(tmp_path / "out"))
+    (ax,) = [a for a in figures["time_vs_ranks.png"].axes if a.get_visible()]
+    assert ax.get_yscale() == "linear"
+
+
+def test_breakdown_keeps_small_problems_visible(tmp_path, figures):
+    tiny = rec("column", 2, "1x2", 1e-5, 1e-5, m=8)
+    big = rec("column", 2, "1x2", 1.0, 1.0, m=4096)
+    report([_write(tmp_path, [tiny, big])], str(tmp_path / "out"))
+    heights = [p.get_height() for ax in figures["breakdown.png"].axes for p in ax.patches]
+    assert heights and min(h for h in heights if h > 0) >= 20  # 50 %/25 %/25 % of each step
+
+
+def test_scaling_efficiency_and_its_flag():
+    recs = [rec("column", 1, "1x1", 4e-3, None), rec("column", 2, "1x2", 1.6e-3, None),
+            rec("column", 1, "1x1", 1e-3, None, m=16, sweep="weak"),
+            rec("column", 2, "1x2", 1.25e-3, None, m=32, sweep="weak")]
+    eff = scaling_efficiency(recs)
+    assert [round(eff[id(r)], 6) for r in recs] == [1.0, 1.25, 1.0, 0.8]
+    rows = table_rows(recs)
+    assert rows[1]["flags"] == ["superlinear-scaling"] and rows[0]["flags"] == []
+
+
+def test_csv_and_markdown_carry_spread_and_flags(tmp_path):
+    recs = synthetic.laptop(2)
+    recs[0]["flags"] = ["noisy", "oversubscribed"]
+    recs[0]["speedup"], recs[0]["efficiency"] = 1.9, 0.95
+    md = open(report([_write(tmp_path, recs)], str(tmp_path / "out"))).read()
+    assert "**median (min–max)**" in md and "| eff/core | scaling eff |" in md
+    assert "noisy, oversubscribed" in md and "report.csv" in md
+    with open(tmp_path / "out" / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    schemes = [r for r in recs if "scheme" in r]
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(schemes)
+    first = rows[0]
+    t = schemes[0]["time_s"]
+    assert float(first["time_ms_min"]) == pytest.approx(t["min"] * 1e3)
+    assert float(first["gemm_ms_max"]) == pytest.approx(schemes[0]["spread"]["gemm_s"]["max"] * 1e3)
+    assert first["flags"] == "noisy;oversubscribed" and first["eff_core"] == "0.95"
+    with open(tmp_path / "out" / "collectives.csv") as fh:
+        colls = list(csv.DictReader(fh))
+    assert len(colls) == len(recs) - len(schemes) and colls[0]["collective"] == "allgather"

@@ -1,5 +1,5 @@
 """Command line: ``python -m tpmpi {run,bench,calibrate,plan,report,info}`` under ``mpiexec -n P``
-or ``srun`` (``plan`` and ``report`` need no MPI job).
+or ``srun`` (``plan`` and ``report`` need no MPI job). Reference: docs/cli.md.
 
 Exit codes: 0 success; 1 ``--check`` failed (error above the dtype's tolerance); 2 usage error
 (one line on rank 0, raised on every rank together). An unexpected exception prints its
@@ -8,6 +8,7 @@ traceback and aborts the whole job (``MPI_Abort``), so no rank is left hanging.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,41 +19,82 @@ from mpi4py import MPI
 
 from . import __version__
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
-from .bench import format_table, mpi_library, run_case, write_record
+from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import agree
+from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
-from .costmodel import OPS, explain, format_plan, load_calibration, plan
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, tolerance
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
 from .schemes import KNOWN, Problem, available
-from .sweep import SWEEPS, collective_sweep, configs, default_ranks, parse_size, run_sweep
+from .stats import short
+from .sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
+                    parse_size, run_sweep)
+
+DESCRIPTION = ("Tensor-parallel matrix products over MPI: run, benchmark, model and report. "
+               "Run under mpiexec -n P or srun (plan and report need no MPI job). "
+               "Reference: docs/cli.md.")
+# the command-line flag of each scheme option (tpmpi.sweep.SCHEME_OPTIONS)
+OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
+                "activation": "--activation", "overlap": "--no-overlap"}
 
 
 class UsageError(Exception):
     """Bad command-line arguments: exit 2 with a one-line message."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with "(required)" or the flag's default appended (lists as comma
+    lists), unless the help already states it or there is none (None, switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if (not action.option_strings or default in (None, False, True, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse would print usage on every rank
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
+def _integer(minimum: int, want: str) -> Callable[[str], int]:
+    """An argparse type for integers >= ``minimum``; the message says what was expected."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {want}")
+        return value
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
-    return value
+_positive = _integer(1, "a positive integer (digits only, e.g. 1024)")
+_non_negative = _integer(0, "an integer >= 0 (digits only, e.g. 1024)")
+
+
+def _size(text: str) -> int:
+    """An argparse type for sizes with K/M/G suffixes (:func:`tpmpi.sweep.parse_size`)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listed(conv: Callable[[str], Any], choices: Optional[Sequence[str]] = None
@@ -71,50 +113,60 @@ def _listed(conv: Callable[[str], Any], choices: Optional[Sequence[str]] = None
 
 def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     """The problem flags of ``run``; with ``many`` (``bench``), each takes a comma list."""
-    def typed(conv, default, choices=None):
-        if many:
-            return {"type": _listed(conv, choices),
+    def typed(conv, default, choices=None, metavar=None):
+        if many:  # a comma list; the metavar shows the choices argparse cannot check
+            item = "{" + ",".join(choices) + "}" if choices else metavar
+            return {"type": _listed(conv, choices), "metavar": item and f"{item}[,...]",
                     "default": None if default is None else [default]}
-        return {"type": conv, "default": default, "choices": choices}
+        return {"type": conv, "default": default, "choices": choices, "metavar": metavar}
     p.add_argument("--scheme", help="parallel scheme" + ("s ('all': every available one)"
                                                          if many else ""),
                    **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
-    p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024))
-    p.add_argument("--k", help="in features", **typed(_non_negative, 1024))
-    p.add_argument("--n", help="out features", **typed(_non_negative, 1024))
-    p.add_argument("--hidden", help="MLP hidden size", **typed(_non_negative, None))
-    p.add_argument("--grid", help="process grid RxC (default 1xP)" +
-                   ("; 'auto' = 1xP, square for tile2d" if many else ""),
-                   **typed(str, "auto" if many else None))
-    p.add_argument("--dtype", help=f"{'/'.join(SUPPORTED)}" + (" (comma list)" if many else ""),
+    p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024, None, "M"))
+    p.add_argument("--k", help="in features", **typed(_non_negative, 1024, None, "K"))
+    p.add_argument("--n", help="out features", **typed(_non_negative, 1024, None, "N"))
+    p.add_argument("--hidden", help="MLP hidden size d_hidden (default: 4 times --k, e.g. "
+                   "4096 for --k 1024)", **typed(_non_negative, None, None, "H"))
+    p.add_argument("--grid", help="process grid RxC" + (
+                   "; 'auto' = 1xP, the squarest grid for tile2d" if many else
+                   " (default: 1xP)"), **typed(str, "auto" if many else None, None, "RxC"))
+    p.add_argument("--dtype", help="element type",
                    **typed(str, "float32", SUPPORTED))
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--warmup", type=_non_negative, default=2)
-    p.add_argument("--iters", type=_positive, default=10)
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="array library: auto = cupy when a CUDA device is usable (env "
+                        "TPMPI_BACKEND overrides), else numpy")
+    p.add_argument("--warmup", type=_non_negative, default=2,
+                   help="untimed steps before timing")
+    p.add_argument("--iters", type=_positive, default=10,
+                   help="timed steps; times are the median (min-max) over them")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
-    p.add_argument("--panel", help="tile2d K-panel width" + (" (0 = gather form)" if many else ""),
-                   **typed(_non_negative if many else _positive, None))
-    p.add_argument("--chunks", help="column: M chunks pipelined" + (" (0 = unset)" if many
-                                                                     else ""),
-                   **typed(_non_negative if many else _positive, None))
+    p.add_argument("--panel", help="tile2d: K-panel width of the double-buffered broadcast "
+                   "loop" + (" (0 = gather form)" if many else "") + " (default: the gather "
+                   "form, no panel loop)", **typed(_non_negative if many else _positive, None,
+                                                   None, "KB"))
+    p.add_argument("--chunks", help="column: pipeline the output gather with the GEMM in this "
+                   "many row chunks" + (" (0 = unset)" if many else "") + " (default: 1, no "
+                   "pipelining)", **typed(_non_negative if many else _positive, None, None,
+                                          "C"))
     p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way), book (Allgather after "
-                   "each GEMM), sequence (sequence parallelism) or tile2d (SUMMA FFN on --grid)",
-                   **typed(str, None, MODES))
-    p.add_argument("--dp", help="data-parallel replicas D: a mesh of D x (the TP grid), each "
-                   "replica taking M/D rows, gradients averaged in backward" +
-                   (" (comma list)" if many else ""), **typed(_positive, 1))
+                   "each GEMM), sequence (sequence parallelism: activations split by rows) or "
+                   "tile2d (SUMMA FFN on --grid) (default: megatron)", **typed(str, None, MODES))
+    p.add_argument("--dp", help="data-parallel replicas D: a mesh of D x (the --grid TP grid of "
+                   "P/D ranks), each replica taking M/D rows, gradients averaged in backward" +
+                   (" (comma list)" if many else "") + " (default: 1)",
+                   **typed(_positive, 1, None, "D"))
     p.add_argument("--sequence-parallel", action="store_true",
                    help="mlp: Megatron sequence parallelism (= --mode sequence)")
-    p.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES,
-                   help="DP gradient bucket size in bytes (default 25 MiB)")
-    p.add_argument("--activation", help="mlp activation (default gelu, tanh approximation)",
+    p.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
+                   help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
+    p.add_argument("--activation", help="mlp activation (default: gelu, the tanh approximation)",
                    **typed(str, None, tuple(ACTIVATIONS)))
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="backward collectives blocking after the dW GEMM (default: overlapped)")
     p.add_argument("--measure-overlap", action="store_true",
                    help="also time forward/backward as is, GEMMs only and collectives only: "
                         "record field 'overlap' (OSU overlap %%, seconds saved)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=_positive, default=None, metavar="T",
                    help="BLAS threads per rank (default: cores / ranks sharing them; env "
                         "TPMPI_THREADS)")
     p.add_argument("--calibration", metavar="FILE", default=None,
@@ -126,31 +178,40 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     _add_problem_flags(p, many=True)
     p.add_argument("--sweep", choices=SWEEPS, default="strong",
                    help="strong: fixed problem over P; weak: --dim scaled by P; sizes: -b/-e/-f")
-    p.add_argument("-b", "--begin", type=parse_size, default=None,
-                   help="first size of --dim (or bytes with --collective); K/M/G suffixes")
-    p.add_argument("-e", "--end", type=parse_size, default=None, help="last size")
+    p.add_argument("-b", "--begin", type=_size, default=None, metavar="SIZE",
+                   help="first size of --dim (or bytes with --collective); K/M/G suffixes "
+                        "(default: no size sweep)")
+    p.add_argument("-e", "--end", type=_size, default=None, metavar="SIZE",
+                   help="last size (with -b) (default: no size sweep)")
     p.add_argument("-f", "--factor", type=float, default=2.0, help="size multiplication factor")
     p.add_argument("--dim", choices=("m", "k", "n", "hidden"), default="m",
                    help="the dimension -b/-e/-f sweep and weak scaling grows")
-    p.add_argument("--ranks", type=_listed(_positive), default=None,
+    p.add_argument("--ranks", type=_listed(_positive), default=None, metavar="P[,...]",
                    help="communicator sizes, run on the first P ranks of the job (default: "
                         "1,2,4,...,P for strong/weak, P for sizes)")
     p.add_argument("--collective", type=_listed(str, OPS), default=None,
-                   help="collective-only mode: time these collectives over -b/-e/-f bytes")
+                   metavar="{" + ",".join(OPS) + "}[,...]",
+                   help="collective-only mode: time these collectives over -b/-e/-f bytes "
+                        "(default: off, time the schemes)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the serial single-process baseline (speedup, efficiency)")
-    p.add_argument("--json", metavar="FILE", help="append one JSON line per configuration")
+    p.add_argument("--json", metavar="FILE",
+                   help="append one JSON line per configuration (default: no file)")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m tpmpi", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"tpmpi {__version__}")
+    parser = _Parser(prog="python -m tpmpi", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"tpmpi {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="one timed, verified run; prints a table")
+    run = sub.add_parser("run", help="one timed, verified run; prints a table",
+                         description="Time one scheme on all the job's ranks, verify it "
+                                     "against a serial float64 reference, print a table.")
     _add_problem_flags(run)
     run.add_argument("--check", action="store_true",
                      help="exit 1 if the relative error exceeds the dtype's tolerance")
-    run.add_argument("--json", metavar="FILE", help="append the JSON-lines record to FILE")
+    run.add_argument("--json", metavar="FILE",
+                     help="append the JSON-lines record to FILE (default: no file)")
     run.add_argument("--baseline", action="store_true",
                      help="also time one process using all the node's BLAS threads (speedup)")
     _add_bench_flags(sub.add_parser(
@@ -158,35 +219,79 @@ def make_parser() -> argparse.ArgumentParser:
         description="Sweeps: every combination of the problem flags (each takes a comma list), "
                     "sizes -b/-e/-f of --dim, and --ranks; one JSON line per configuration. "
                     "With --collective: nccl-tests-style collective benchmark."))
-    cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma")
+    cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma",
+                         description="Time the collectives over message sizes and "
+                                     "communicator sizes 2, 4, ..., P and local GEMMs; write "
+                                     "the fitted alpha/beta per collective and P and the GEMM "
+                                     "rates. Run with the ranks and threads you will use.")
     cal.add_argument("--json", metavar="FILE", required=True, help="calibration file to write")
     cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=["float32", "float64"],
+                     metavar="{" + ",".join(SUPPORTED) + "}[,...]",
                      help="dtypes whose GEMM rates are measured")
-    cal.add_argument("-b", "--begin", type=parse_size, default=64, help="smallest message (B)")
-    cal.add_argument("-e", "--end", type=parse_size, default=4 << 20, help="largest message (B)")
-    cal.add_argument("-f", "--factor", type=float, default=4.0)
-    cal.add_argument("--iters", type=_positive, default=10)
-    cal.add_argument("--backend", choices=BACKENDS, default="auto")
-    cal.add_argument("--threads", type=_positive, default=None)
-    plan = sub.add_parser("plan", help="layouts (every dp x tp mesh) ranked by predicted time, "
-                          "and why the first wins (no MPI job needed)")
-    for dim in ("m", "k", "n"):
-        plan.add_argument(f"--{dim}", type=_positive, required=True)
+    cal.add_argument("-b", "--begin", type=_size, default="64", metavar="SIZE",
+                     help="smallest message in bytes (K/M/G suffixes)")
+    cal.add_argument("-e", "--end", type=_size, default="4M", metavar="SIZE",
+                     help="largest message in bytes (K/M/G suffixes)")
+    cal.add_argument("-f", "--factor", type=float, default=4.0,
+                     help="message size multiplication factor")
+    cal.add_argument("--iters", type=_positive, default=10,
+                     help="calls timed per message size")
+    cal.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="array library whose GEMM rates and buffers are measured")
+    cal.add_argument("--threads", type=_positive, default=None, metavar="T",
+                     help="BLAS threads per rank (default: cores / ranks sharing them; env "
+                          "TPMPI_THREADS)")
+    plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)",
+                          description="Rank the layouts of one product (or, with --hidden, "
+                                      "the FFN modes) on every dp x tp mesh of P ranks by the "
+                                      "cost model's predicted time, and say why the first "
+                                      "wins.")
+    for dim, what in (("m", "rows of X (tokens)"), ("k", "in features"), ("n", "out features")):
+        plan.add_argument(f"--{dim}", type=_positive, required=True, help=what)
     plan.add_argument("--hidden", type=_positive, default=None,
-                      help="rank FFN layouts (mlp modes) instead of single-GEMM layouts")
+                      help="rank FFN layouts (mlp modes) with this hidden size instead of "
+                           "single-GEMM layouts (default: single-GEMM layouts)")
     plan.add_argument("--ranks", type=_positive, required=True,
-                      help="ranks P: every dp x tp factorisation of P is ranked")
-    plan.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES,
-                      help="DataParallel gradient bucket size (default 25 MiB)")
-    plan.add_argument("--dtype", choices=SUPPORTED, default="float32")
-    plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    plan.add_argument("--backward", action="store_true")
-    plan.add_argument("--calibration", metavar="FILE", default=None)
-    report = sub.add_parser("report", help="PNG plots and report.md from JSON-lines records")
-    report.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    report.add_argument("--out", required=True, metavar="DIR")
+                      help="number of ranks P (every dp x tp factorisation is ranked)")
+    plan.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
+                      help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
+    plan.add_argument("--dtype", choices=SUPPORTED, default="float32", help="element type")
+    plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                      help="whose GEMM rates to use")
+    plan.add_argument("--backward", action="store_true", help="predict forward + backward")
+    plan.add_argument("--calibration", metavar="FILE", default=None,
+                      help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
+                           "model's defaults)")
+    report = sub.add_parser("report", help="PNG plots, report.md and report.csv from JSON-lines "
+                                           "records")
+    report.add_argument("files", nargs="+", metavar="FILE.jsonl",
+                        help="records written by run/bench --json")
+    report.add_argument("--out", required=True, metavar="DIR",
+                        help="directory for the PNGs, report.md and report.csv")
     sub.add_parser("info", help="MPI library, backend, GPU-awareness, BLAS threads")
     return parser
+
+
+def _given_options(args: argparse.Namespace) -> dict:
+    """The scheme options set on the command line: {option: value}."""
+    options = {name: getattr(args, name) for name in ("panel", "chunks", "mode", "activation")
+               if getattr(args, name) is not None}
+    if not args.overlap:
+        options["overlap"] = False
+    return options
+
+
+def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
+    """UsageError naming the first option flag that no scheme of ``schemes`` takes."""
+    for name, value in _given_options(args).items():
+        takers = SCHEME_OPTIONS[name]
+        if not set(schemes) & set(takers):
+            shown = "" if value is False else " " + (
+                ",".join(map(str, value)) if isinstance(value, list) else str(value))
+            which = " or ".join([", ".join(takers[:-1]), takers[-1]] if len(takers) > 1
+                                else takers)
+            raise UsageError(f"{OPTION_FLAGS[name]}{shown}: applies to --scheme {which} only, "
+                             f"not {','.join(schemes)}")
 
 
 def sequence_mode(args: argparse.Namespace) -> None:
@@ -195,8 +300,8 @@ def sequence_mode(args: argparse.Namespace) -> None:
     if not args.sequence_parallel:
         return
     many = isinstance(args.scheme, list)
-    schemes, modes = (args.scheme, args.mode or []) if many else ([args.scheme],
-                                                                   [args.mode] if args.mode else [])
+    schemes = args.scheme if many else [args.scheme]
+    modes = (args.mode or []) if many else ([args.mode] if args.mode else [])
     if any(s != "mlp" for s in schemes):
         raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) has a "
                          "sequence-parallel mode")
@@ -208,33 +313,40 @@ def sequence_mode(args: argparse.Namespace) -> None:
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """The :class:`Problem` named by the problem flags."""
     sequence_mode(args)
-    options = {name: getattr(args, name) for name in ("panel", "chunks", "mode", "activation")
-               if getattr(args, name) is not None}
-    if not args.overlap:
-        options["overlap"] = False
+    check_options(args, [args.scheme])
+    options = _given_options(args)
     return Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.n, hidden=args.hidden,
                    dtype=args.dtype, backward=args.backward,
                    options=tuple(sorted(options.items())))
 
 
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    shape = parse_shape(args.grid) if args.grid else None
     problem = problem_from_args(args)
+    shape = parse_shape(args.grid) if args.grid else None
     threads = args.threads if args.threads else "auto"
     grid = Mesh(comm, dp=args.dp, tp=shape, blas_threads=threads) if args.dp > 1 else \
         ProcessGrid(comm, shape, blas_threads=threads)
+    tp = grid.tp if args.dp > 1 else grid
     backend = get_backend(args.backend, comm)
-    rec = run_case(problem, grid, backend, warmup=args.warmup, iters=args.iters,
-                   baseline=args.baseline, calibration=load_calibration(args.calibration),
-                   overlap=args.measure_overlap, bucket_bytes=args.bucket_bytes)
+    cal = load_calibration(args.calibration)
+    timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
+              "overlap": args.measure_overlap}
+    replica = dataclasses.replace(problem, m=-(-problem.m // args.dp))  # estimate: one replica
+    rec = run_case(problem, grid, backend, calibration=cal, bucket_bytes=args.bucket_bytes,
+                   progress=case_progress(replica, tp, backend, cal, **timing), **timing)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
     if comm.Get_rank() == 0:
         print(format_table([rec]))
         print(f"check: max_rel_err={rec['max_rel_err']:.3e} tolerance={tolerance(args.dtype):.0e}"
               f" -> {'PASS' if ok else 'FAIL'}  (vs float64 reference)")
-        if rec["baseline_s"]:
-            print(f"serial baseline (1 process, all threads): {rec['baseline_s'] * 1e3:.3f} ms; "
-                  f"throughput ratio {rec['speedup']:.3f}, efficiency {rec['efficiency']:.3f}")
+        base = (rec.get("spread") or {}).get("baseline_s")
+        if base:
+            print(f"serial baseline (1 process, {rec['baseline_threads']} threads): "
+                  f"{base['median'] * 1e3:.3f} ms ({short(base['min'] * 1e3)}-"
+                  f"{short(base['max'] * 1e3)}); speedup {rec['speedup']:.3f}, eff/core "
+                  f"{rec['efficiency']:.3f}")
+        if rec["flags"]:
+            print(f"flags: {', '.join(rec['flags'])} (see docs/statistics.md)")
         if rec["mesh"]["dp"] > 1:
             print(f"data parallel: mesh {rec['mesh']['dp']}x({rec['grid']}), DP Allreduce "
                   f"{rec['dp_bytes'] / 2**20:.3f} MiB per iteration, "
@@ -318,13 +430,13 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
     if missing:
         raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "
                          f"{', '.join(available())}")
+    check_options(args, args.scheme)
     dims = {d: getattr(args, d) or [None] for d in ("m", "k", "n", "hidden")}
     if args.dim == "hidden" and dims["hidden"] == [None] and not sizes:
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
-                   dps=args.dp,
-                   options={"panel": [v or None for v in args.panel or [0]],
+                   dps=args.dp, options={"panel": [v or None for v in args.panel or [0]],
                             "chunks": [v or None for v in args.chunks or [0]],
                             "mode": args.mode or [None], "activation": args.activation or [None],
                             "overlap": [None] if args.overlap else [False]})
@@ -360,10 +472,26 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
     return 0
 
 
+def calibration_warning(cal: Calibration, ranks: int, source: Optional[str]) -> Optional[str]:
+    """A warning when the calibration's collectives were not fitted at ``ranks`` ranks."""
+    fitted = sorted({int(p) for table in cal.alpha.values() for p in table})
+    if ranks < 2 or not fitted or ranks in fitted:
+        return None
+    near = min(fitted, key=lambda q: (abs(q - ranks), q))
+    return (f"tpmpi: warning: calibration {source or '(TPMPI_CALIBRATION)'} was measured on "
+            f"{cal.machine.get('ranks', max(fitted))} ranks (collectives fitted at P = "
+            f"{', '.join(map(str, fitted))}), not {ranks}: the collective costs of P = {near} "
+            f"are used; run calibrate with {ranks} ranks for this size")
+
+
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    cal = load_calibration(args.calibration)
     preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
-                 backward=args.backward, backend=args.backend,
-                 calibration=load_calibration(args.calibration), bucket_bytes=args.bucket_bytes)
+                 backward=args.backward, backend=args.backend, calibration=cal,
+                 bucket_bytes=args.bucket_bytes)
+    warning = calibration_warning(cal, args.ranks, args.calibration)
+    if warning and comm.Get_rank() == 0:
+        sys.stderr.write(warning + "\n")
     _out(comm)(format_plan(preds))
     _out(comm)(explain(preds))
     return 0

@@ -526,7 +526,7 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
 
 def format_plan(preds: Sequence[Prediction]) -> str:
     """A ranked text table of predictions (ms, MiB): exposed TP and DP communication apart."""
-    heads = ["rank", "layout", "time_ms", "compute_ms", "tp_comm_ms", "dp_comm_ms",
+    heads = ["order", "layout", "time_ms", "compute_ms", "tp_comm_ms", "dp_comm_ms",
              "sent_MiB/rank", "mem_MiB/rank"]
     rows = [[str(i + 1), p.label, f"{p.time_s * 1e3:.3f}", f"{p.compute_s * 1e3:.3f}",
              f"{p.tp_comm_s * 1e3:.3f}", f"{p.dp_comm_s * 1e3:.3f}",

@@ -1,17 +1,23 @@
-"""Plots and a markdown table from JSON-lines records (``python -m tpmpi report``).
+"""Tables and plots from JSON-lines records (``python -m tpmpi report``).
 
-Scheme records (``bench``/``run``) give: time vs ranks with ideal scaling, parallel
-efficiency, compute/communication breakdown, predicted vs measured. Collective records
-(``bench --collective``) give busbw vs message size. Needs matplotlib (extra ``plot``); the
-Agg backend is used, so no display is needed.
+Scheme records (``bench``/``run``) give report.md and report.csv (times as median and min-max,
+speedup and per-core efficiency against the serial baseline, scaling efficiency against the
+series' smallest P, flags) and the figures of :mod:`tpmpi.plots`: time vs ranks, scaling
+efficiency, time breakdown, predicted vs measured. Collective records (``bench
+--collective``) give collectives.csv and busbw vs message size. Needs matplotlib (extra
+``plot``); the Agg backend is used, so no display is needed.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
 from collections import defaultdict
 from typing import Iterable, Optional, Sequence
+
+from . import plots
+from .stats import SUPERLINEAR, short
 
 DIMS = ("m", "k", "n", "hidden")
 
@@ -60,11 +66,32 @@ def series_key(rec: dict) -> tuple:
             sweep.get("kind", "strong")) + tuple(dims.values())
 
 
-def _series_label(key: tuple) -> str:
-    scheme, opts, dtype, bwd, two_d, kind, m, k, n, h = key
-    parts = [scheme + (" 2D" if two_d else ""), opts, dtype, "fwd+bwd" if bwd else "",
-             f"{'weak ' if kind == 'weak' else ''}m={m} k={k} n={n}" + (f" h={h}" if h else "")]
-    return " ".join(p for p in parts if p)
+def _labels(keys: Iterable[tuple]) -> tuple[dict, str]:
+    """({series key: legend label}, the parts common to all series): the label names the
+    layout (scheme, 2D, options, MLP hidden size), plus dtype and pass where they vary."""
+    keys = list(keys)
+    dtypes = {k[2] for k in keys}
+    passes = {"fwd+bwd" if k[3] else "forward" for k in keys}
+    labels = {}
+    for key in keys:
+        scheme, opts, dtype, bwd, two_d, kind, m, k, n, h = key
+        parts = [scheme + (" 2D" if two_d else ""), opts, dtype if len(dtypes) > 1 else "",
+                 ("fwd+bwd" if bwd else "forward") if len(passes) > 1 else "",
+                 f"h={h}" if h else ""]
+        labels[key] = " ".join(p for p in parts if p)
+    common = [d for d in (dtypes, passes) if len(d) == 1]
+    return labels, ", ".join(next(iter(d)) for d in common)
+
+
+def _panel_key(key: tuple) -> tuple:
+    """Panels in order: sweep kind, then m, k, n."""
+    return key[5:9]
+
+
+def _panel_title(key: tuple) -> str:
+    """The panel of a series: the sweep kind and the problem size (weak: per rank)."""
+    kind, m, k, n = key[5:9]
+    return f"{kind}: " + (f"m/P={m}" if kind == "weak" else f"m={m}") + f" k={k} n={n}"
 
 
 def series(records: Sequence[dict]) -> dict:
@@ -75,6 +102,26 @@ def series(records: Sequence[dict]) -> dict:
         if p not in best[key] or t < best[key][p][1]:
             best[key][p] = (p, t, r)
     return {k: sorted(v.values(), key=lambda x: x[0]) for k, v in best.items()}
+
+
+def scaling_efficiency(records: Sequence[dict]) -> dict:
+    """{id(record): scaling efficiency} against the fastest record at the smallest P0 of its
+    series: strong T(P0)·P0 / (P·T(P)), weak T(P0) / T(P)."""
+    out = {}
+    for key, pts in series(records).items():
+        p0, t0, _ = pts[0]
+        for r in records:
+            if series_key(r) == key:
+                t = r["time_s"]["median"]
+                out[id(r)] = t0 / t if key[5] == "weak" else t0 * p0 / (r["ranks"] * t)
+    return out
+
+
+def report_flags(rec: dict, scaling_eff: Optional[float]) -> list[str]:
+    """The record's flags plus ``superlinear-scaling`` when its scaling efficiency exceeds
+    :data:`tpmpi.stats.SUPERLINEAR`."""
+    return list(rec.get("flags") or []) + (
+        ["superlinear-scaling"] if (scaling_eff or 0.0) > SUPERLINEAR else [])
 
 
 def accuracy(records: Sequence[dict]) -> dict:
@@ -103,132 +150,99 @@ def accuracy(records: Sequence[dict]) -> dict:
             "picks": picks}
 
 
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("report needs matplotlib: pip install 'tpmpi[plot]' "
-                         "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: str, name: str, files: list) -> None:
-    fig.tight_layout()
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    files.append(name)
+def _scaling_panels(ser: dict, eff: dict) -> tuple[dict, str]:
+    """({panel title: {series label: [(P, median, min, max, scaling efficiency)]}}, the parts
+    common to every series); panels ordered by sweep kind and size."""
+    labels, common = _labels(ser)
+    panels: dict = {}
+    for key in sorted(ser, key=_panel_key):
+        panels.setdefault(_panel_title(key), {})[labels[key]] = [
+            (p, t, r["time_s"].get("min", t), r["time_s"].get("max", t), eff[id(r)])
+            for p, t, r in ser[key]]
+    return panels, common
 
 
-def _legend(ax, outside: bool = False) -> None:
-    """A readable legend; ``outside`` puts it below the axes (many long series labels)."""
-    if ax.get_legend_handles_labels()[0]:
-        if outside:
-            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.14))
-        else:
-            ax.legend(fontsize="small", loc="best", framealpha=0.8)
+def _breakdown_panels(records: Sequence[dict]) -> dict:
+    """{panel title: [(bar label, time, gemm, comm)]}, panels ordered by sweep kind and size,
+    bars by series label then P."""
+    labels, _ = _labels({series_key(r) for r in records})
+    panels: dict = {}
+    for r in sorted(records, key=lambda r: (_panel_key(series_key(r)),
+                                            labels[series_key(r)], r["ranks"])):
+        key = series_key(r)
+        panels.setdefault(_panel_title(key), []).append(
+            (f"{labels[key]} P={r['ranks']}", r["time_s"]["median"], r["gemm_s"], r["comm_s"]))
+    return panels
 
 
-def _finish(fig, ax, out: str, name: str, files: list, *, xlabel: str, ylabel: str,
-            title: str, grid: bool = True) -> None:
-    """Labels, grid, legend, then save ``name``."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if grid:
-        ax.grid(True, which="both", alpha=0.3)
-    _legend(ax)
-    _save(fig, out, name, files)
-
-
-def _scaling_plots(plt, ser: dict, out: str, files: list) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    fig2, ax2 = plt.subplots(figsize=(7, 4.5))
-    for i, (key, pts) in enumerate(sorted(ser.items(), key=lambda kv: str(kv[0]))):
-        color = f"C{i % 10}"
-        ps = [p for p, _, _ in pts]
-        ts = [t * 1e3 for _, t, _ in pts]
-        weak = key[5] == "weak"
-        ax.plot(ps, ts, "o-", color=color, label=_series_label(key))
-        p0, t0 = ps[0], ts[0]
-        ideal = [t0 if weak else t0 * p0 / p for p in ps]
-        ax.plot(ps, ideal, "--", color=color, alpha=0.6)
-        eff = [t0 / t if weak else t0 * p0 / (p * t) for p, t in zip(ps, ts)]
-        ax2.plot(ps, eff, "o-", color=color, label=_series_label(key))
-    ax.plot([], [], "k--", alpha=0.6, label="ideal (dashed)")
-    ranks = sorted({p for pts in ser.values() for p, _, _ in pts})
-    for a in (ax, ax2):
-        a.set_xscale("log", base=2)
-        a.set_xticks(ranks)
-        a.set_xticklabels([str(p) for p in ranks])
-        a.minorticks_off()
-        a.set_xlabel("ranks P")
-        a.grid(True, which="both", alpha=0.3)
-    ax.set_yscale("log")
-    ax.set_ylabel("time per step, median (ms)")
-    ax.set_title("Time vs ranks (dashed: ideal scaling)")
-    ax2.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax2.set_ylabel("parallel efficiency (strong: T1·P1/(P·TP); weak: T1/TP)")
-    ax2.set_title("Parallel efficiency")
-    ax2.set_ylim(bottom=0)
-    _legend(ax, outside=True)
-    _legend(ax2, outside=True)
-    _save(fig, out, "time_vs_ranks.png", files)
-    _save(fig2, out, "efficiency.png", files)
-
-
-def _breakdown(plt, recs: Sequence[dict], out: str, files: list) -> None:
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(recs) + 2), 4.5))
-    labels = [f"{layout(r)}\nP={r['ranks']} m={r['m']}" for r in recs]
-    gemm = [r["gemm_s"] * 1e3 for r in recs]
-    comm = [r["comm_s"] * 1e3 for r in recs]
-    other = [max(0.0, r["time_s"]["median"] * 1e3 - g - c) for r, g, c in zip(recs, gemm, comm)]
-    x = range(len(recs))
-    ax.bar(x, gemm, label="local GEMM")
-    ax.bar(x, comm, bottom=gemm, label="communication (blocked)")
-    ax.bar(x, other, bottom=[g + c for g, c in zip(gemm, comm)], label="other (Python, copies)")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize="x-small")
-    _finish(fig, ax, out, "breakdown.png", files, xlabel="", ylabel="time per step (ms)",
-            title="Compute / communication breakdown", grid=False)
-
-
-def _predicted(plt, recs: Sequence[dict], out: str, files: list) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    by_scheme = defaultdict(list)
-    for r in recs:
-        by_scheme[r["scheme"]].append((r["time_s"]["median"] * 1e3, r["predicted_s"] * 1e3))
-    for scheme, pts in sorted(by_scheme.items()):
-        ax.scatter([m for m, _ in pts], [p for _, p in pts], label=scheme)
-    vals = [v for pts in by_scheme.values() for pair in pts for v in pair if v > 0]
-    lo, hi = min(vals) / 1.5, max(vals) * 1.5
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _finish(fig, ax, out, "predicted_vs_measured.png", files,
-            xlabel="measured time, median (ms)", ylabel="predicted time (ms)",
-            title="Cost model: predicted vs measured")
-
-
-def _busbw(plt, recs: Sequence[dict], out: str, files: list) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = defaultdict(list)
-    for r in recs:
+def _busbw_panels(colls: Sequence[dict]) -> dict:
+    """{collective: {"P=.. dtype": [(size, busbw)]}}."""
+    panels: dict = defaultdict(lambda: defaultdict(list))
+    for r in colls:
         if r.get("busbw_gbs") is not None:
-            groups[(r["collective"], r["ranks"], r["dtype"])].append((r["size"], r["busbw_gbs"]))
-    for (op, p, dtype), pts in sorted(groups.items()):
-        pts.sort()
-        ax.plot([s for s, _ in pts], [b for _, b in pts], "o-", label=f"{op} P={p} {dtype}")
-    ax.set_xscale("log", base=2)
-    _finish(fig, ax, out, "busbw.png", files,
-            xlabel="message size S (bytes, nccl-tests convention)",
-            ylabel="bus bandwidth (GB/s)", title="Collective bus bandwidth vs message size")
+            panels[r["collective"]][f"P={r['ranks']} {r['dtype']}"].append(
+                (r["size"], r["busbw_gbs"]))
+    return {op: dict(series) for op, series in panels.items()}
+
+
+TIMED = ("time", "gemm", "comm")
+# report.csv columns (the markdown table shows the same values)
+CSV_COLUMNS = (["layout", "scheme", "grid", "ranks", "m", "k", "n", "hidden", "dtype", "backward",
+                "options", "iters"]
+               + [f"{t}_ms_{s}" for t in TIMED for s in ("median", "min", "max")]
+               + ["pred_ms", "gflops", "busbw_gbs", "speedup", "eff_core", "scaling_eff",
+                  "mem_mib", "max_rel_err", "flags"])
+COLL_COLUMNS = ("collective", "ranks", "dtype", "size", "count", "time_us", "algbw_gbs",
+                "busbw_gbs", "wrong")
+
+
+def _ms(summary: Optional[dict], key: str) -> Optional[float]:
+    value = (summary or {}).get(key)
+    return None if value is None else value * 1e3
+
+
+def table_rows(schemes: Sequence[dict]) -> list[dict]:
+    """One dict of :data:`CSV_COLUMNS` per scheme record (times in ms, flags a list)."""
+    eff = scaling_efficiency(schemes)
+    rows = []
+    for r in schemes:
+        spread = r.get("spread") or {}
+        timed = {"time": r["time_s"], "gemm": spread.get("gemm_s") or {"median": r["gemm_s"]},
+                 "comm": spread.get("comm_s") or {"median": r["comm_s"]}}
+        row = {"layout": layout(r), **{c: r.get(c) for c in (
+            "scheme", "grid", "ranks", "m", "k", "n", "hidden", "dtype", "backward", "iters")},
+            "options": _opts(r)}
+        for t in TIMED:
+            for stat in ("median", "min", "max"):
+                row[f"{t}_ms_{stat}"] = _ms(timed[t], stat)
+        row.update(pred_ms=_ms(r, "predicted_s"), gflops=r.get("gflops"),
+                   busbw_gbs=r.get("busbw_gbs"), speedup=r.get("speedup"),
+                   eff_core=r.get("efficiency"), scaling_eff=eff.get(id(r)),
+                   mem_mib=r["mem_peak_bytes"] / 2**20, max_rel_err=r.get("max_rel_err"),
+                   flags=report_flags(r, eff.get(id(r))))
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``rows`` as CSV with a header of ``columns`` (None empty, lists joined with ';')."""
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(columns)
+        for row in rows:
+            out.writerow(["" if row.get(c) is None else
+                          ";".join(row[c]) if isinstance(row[c], list) else row[c]
+                          for c in columns])
 
 
 def _fmt(v, f: str) -> str:
     return "–" if v is None else f.format(v)
+
+
+def _range(row: dict, t: str) -> str:
+    """``median (min–max)`` ms of a timed column."""
+    med, lo, hi = (row[f"{t}_ms_{s}"] for s in ("median", "min", "max"))
+    return _fmt(med, "{:.3f}") + ("" if lo is None else f" ({short(lo)}–{short(hi)})")
 
 
 def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict],
@@ -236,28 +250,34 @@ def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict]
     """report.md: the measured table, the collective summary, cost-model accuracy, plots."""
     lines = ["# tpmpi report", ""]
     if schemes:
-        lines += ["| layout | P | m | k | n | dtype | time ms | pred ms | GEMM ms | comm ms | "
-                  "GFLOP/s | busbw GB/s | speedup | eff | mem MiB |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in schemes:
-            pred = r.get("predicted_s")
+        lines += ["Times per step in ms: **median (min–max)** over the timed iterations, each "
+                  "iteration the slowest rank's. speedup = serial baseline / time; eff/core = "
+                  "speedup × baseline threads / (P × threads per rank), both against the serial "
+                  "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
+                  "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
+                  "efficiency.png. Flags: docs/statistics.md. Also in report.csv.", "",
+                  "| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
+                  "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  "---|"]
+        for row in table_rows(schemes):
             lines.append(
-                f"| {layout(r)} | {r['ranks']} | {r['m']} | {r['k']} | {r['n']} | {r['dtype']} "
-                f"| {r['time_s']['median'] * 1e3:.3f} | {_fmt(pred and pred * 1e3, '{:.3f}')} "
-                f"| {r['gemm_s'] * 1e3:.3f} | {r['comm_s'] * 1e3:.3f} "
-                f"| {_fmt(r.get('gflops'), '{:.1f}')} | {_fmt(r.get('busbw_gbs'), '{:.2f}')} "
-                f"| {_fmt(r.get('speedup'), '{:.2f}')} | {_fmt(r.get('efficiency'), '{:.2f}')} "
-                f"| {r['mem_peak_bytes'] / 2**20:.1f} |")
-        lines.append("")
-        lines.append("speedup / eff: against the serial single-process baseline measured in the "
-                     "same job (all of the node's BLAS threads on one process).")
+                f"| {row['layout']}" + (f" h={row['hidden']}" if row["hidden"] else "")
+                + f" | {row['ranks']} | {row['m']} | {row['k']} | {row['n']} | {row['dtype']} "
+                + "".join(f"| {_range(row, t)} " for t in TIMED)
+                + f"| {_fmt(row['pred_ms'], '{:.3f}')} | {_fmt(row['gflops'], '{:.1f}')} "
+                f"| {_fmt(row['busbw_gbs'], '{:.2f}')} | {_fmt(row['speedup'], '{:.2f}')} "
+                f"| {_fmt(row['eff_core'], '{:.2f}')} | {_fmt(row['scaling_eff'], '{:.2f}')} "
+                f"| {row['mem_mib']:.1f} | {', '.join(row['flags']) or '–'} |")
         lines.append("")
     if colls:
         best = defaultdict(float)
         for r in colls:
             best[(r["collective"], r["ranks"], r["dtype"])] = max(
                 best[(r["collective"], r["ranks"], r["dtype"])], r.get("busbw_gbs") or 0.0)
-        lines += ["| collective | P | dtype | peak busbw GB/s | #wrong |",
+        lines += ["Collectives: time is the mean of back-to-back calls (nccl-tests convention), "
+                  "per size in collectives.csv.", "",
+                  "| collective | P | dtype | peak busbw GB/s | #wrong |",
                   "|---|---:|---|---:|---:|"]
         for (op, p, dtype), bw in sorted(best.items()):
             wrong = sum(r.get("wrong") or 0 for r in colls
@@ -274,30 +294,39 @@ def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict]
             lines.append(f"- {p['problem']}: measured fastest `{p['measured_fastest']}`, "
                          f"predicted `{p['predicted_fastest']}` ({p['loss']:.2f}x)")
         lines.append("")
-    lines += [f"![{f}]({f})" for f in files]
+    lines += [f"![{f}]({f})" for f in files if f.endswith(".png")]
     return "\n".join(lines) + "\n"
 
 
 def report(paths: Sequence[str], out: str) -> str:
-    """Write the PNG plots and report.md for the records in ``paths`` into ``out``; returns
-    the report.md path. ValueError when there is nothing to plot or matplotlib is missing."""
+    """Write the PNG plots, report.md and report.csv (collectives.csv for collective records)
+    for the records in ``paths`` into ``out``; returns the report.md path. ValueError when
+    there is nothing to plot or matplotlib is missing."""
     records = load(paths)
     schemes = [r for r in records if "scheme" in r and r.get("time_s", {}).get("median")]
     colls = [r for r in records if "collective" in r]
     if not schemes and not colls:
         raise ValueError(f"no records in {', '.join(paths)}")
-    plt = _plt()
+    pyplot = plots.plt()
     os.makedirs(out, exist_ok=True)
     files: list[str] = []
     if schemes:
-        _scaling_plots(plt, series(schemes), out, files)
-        _breakdown(plt, schemes, out, files)
-        with_pred = [r for r in schemes if r.get("predicted_s")]
+        panels, common = _scaling_panels(series(schemes), scaling_efficiency(schemes))
+        plots.scaling(pyplot, panels, out, files, note=common)
+        plots.breakdown(pyplot, _breakdown_panels(schemes), out, files, note=common)
+        with_pred: dict = defaultdict(list)
+        for r in schemes:
+            if r.get("predicted_s"):
+                with_pred[r["scheme"]].append((r["time_s"]["median"], r["predicted_s"]))
         if with_pred:
-            _predicted(plt, with_pred, out, files)
+            plots.predicted(pyplot, dict(with_pred), out, files)
+        write_csv(os.path.join(out, "report.csv"), table_rows(schemes), CSV_COLUMNS)
+        files.append("report.csv")
     if colls:
-        _busbw(plt, colls, out, files)
-    plt.close("all")
+        plots.busbw(pyplot, _busbw_panels(colls), out, files)
+        write_csv(os.path.join(out, "collectives.csv"),
+                  [dict(r, time_us=r["time_s"] * 1e6) for r in colls], COLL_COLUMNS)
+        files.append("collectives.csv")
     path = os.path.join(out, "report.md")
     with open(path, "w") as fh:
         fh.write(markdown(schemes, colls, accuracy(schemes) if schemes else None, files))

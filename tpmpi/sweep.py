@@ -6,25 +6,28 @@ every sub-communicator and writes every record.
 
 * strong: fixed problem, P varies;  weak: ``dim`` multiplied by P;  sizes: ``dim`` swept
   (``-b/-e/-f``) at the given P.
+
+Progress (rank 0, stderr): the cost model's estimate of the whole sweep when it exceeds
+:data:`tpmpi.progress.LONG_S`, then a bar weighted by each configuration's estimate.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
 from .backend import Backend
-from .bench import node_threads, run_case
+from .bench import node_threads, oversubscription, run_case
 from .collbench import format_row, time_collective
 from .comm import agree, polite_barrier
 from .costmodel import Calibration, square_grid
 from .data_parallel import BUCKET_BYTES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
+from .progress import Progress, announce, case_s
 from .schemes import Problem
 
 SWEEPS = ("strong", "weak", "sizes")
@@ -105,23 +108,22 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
     return out
 
 
-def _progress(total: int, enabled: bool) -> Callable[[str], None]:
-    """A per-step callback: tqdm's bar on stderr when available, else one line per step."""
-    if not enabled:
-        return lambda desc: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        count = iter(range(1, total + 1))
-        return lambda desc: sys.stderr.write(f"[{next(count)}/{total}] {desc}\n")
-    bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
-
-    def step(desc: str) -> None:
-        bar.set_description(desc)
-        bar.update(1)
-        if bar.n == total:
-            bar.close()
-    return step
+def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibration], *,
+             warmup: int, iters: int, baseline: bool, overlap: bool,
+             oversubscription: float = 1.0, world: int = 1) -> list[float]:
+    """Predicted seconds of each configuration (:func:`tpmpi.progress.case_units`), the
+    serial baseline counted at a problem's first configuration only; ``oversubscription`` of
+    the whole job, scaled to each configuration's share of its ranks."""
+    cal = calibration or Calibration()
+    seen: set = set()
+    out = []
+    for cfg in cfgs:
+        key = dataclasses.replace(cfg.problem, options=())
+        out.append(case_s(cfg.problem, cfg.ranks, cfg.grid, cal, backend, warmup=warmup,
+                          iters=iters, baseline=baseline and key not in seen, overlap=overlap,
+                          oversubscription=oversubscription * cfg.ranks / world))
+        seen.add(key)
+    return out
 
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
@@ -133,9 +135,14 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
     problem (all the node's threads), reused for every P. A ValueError on any member is raised
     on every rank of ``world``. Collective over ``world``."""
     rank = world.Get_rank()
-    step = _progress(len(cfgs), rank == 0)
     bases: dict = {}
     all_threads = node_threads(world, threads)  # the baseline uses all of rank 0's node
+    oversub = oversubscription(world, threads, backend)
+    seconds = estimate(cfgs, backend.name, calibration, warmup=warmup, iters=iters,
+                       baseline=baseline, overlap=measure_overlap, oversubscription=oversub,
+                       world=world.Get_size())
+    announce(f"bench: {len(cfgs)} configurations", sum(seconds), rank == 0)
+    step = Progress(seconds, rank == 0).step
     for p, group in itertools.groupby(cfgs, key=lambda c: c.ranks):
         sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
         for cfg in group:
@@ -152,7 +159,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                                        bucket_bytes=bucket_bytes)
                     rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
-                        bases[key] = rec["baseline_s"]
+                        bases[key] = rec["spread"]["baseline_s"]
                     if rank == 0:
                         on_record(rec)
                 except ValueError as exc:

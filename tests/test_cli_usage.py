@@ -1,0 +1,149 @@
+"""What a user sees: --help (defaults, help for every flag, no RST markup), one-line usage
+errors that name the flag, plan's calibration warning, the MLP hidden size in table and
+record, and the checkpoint script's one-line error."""
+import argparse
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from tpmpi.cli import main, make_parser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _subparsers():
+    parser = make_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, sub.choices
+
+
+def test_help_has_text_and_default_for_every_flag():
+    parser, subs = _subparsers()
+    assert "``" not in parser.format_help() and "`" not in parser.description
+    for name, sp in subs.items():
+        text = sp.format_help()
+        assert "`" not in text, name
+        fmt = sp._get_formatter()
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.option_strings)
+            if not action.option_strings:
+                continue
+            shown = fmt._get_help_string(action)
+            switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            if not switch:
+                assert "default" in shown or action.required, (name, action.option_strings)
+                assert "(required)" in shown or not action.required
+
+
+def test_help_shows_the_size_defaults():
+    _, subs = _subparsers()
+    run = subs["run"].format_help()
+    for flag in ("--m M ", "--k K ", "--n N "):
+        line = run[run.index("  " + flag):].split("\n")[0]
+        assert "(default: 1024)" in line, line
+    run = " ".join(run.split())
+    assert "4 times --k" in run and "(default: 10)" in run and "(default: 2)" in run
+    assert "(default: 4M)" in " ".join(subs["calibrate"].format_help().split())
+
+
+def _error(capsys, argv) -> str:
+    from mpi4py import MPI
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "--scheme", "row", "--panel", "128"],
+     "--panel 128: applies to --scheme tile2d only, not row"),
+    (["run", "--scheme", "tile2d", "--no-overlap"],
+     "--no-overlap: applies to --scheme column, row or mlp only, not tile2d"),
+    (["run", "--chunks", "2", "--scheme", "mlp"], "--chunks 2: applies to --scheme column"),
+    (["bench", "--scheme", "row,tile2d", "--mode", "book"],
+     "--mode book: applies to --scheme mlp only, not row,tile2d"),
+    (["run", "--m", "1k"], "argument --m: '1k': expected an integer >= 0"),
+    (["run", "--iters", "ten"], "argument --iters: 'ten': expected a positive integer"),
+    (["bench", "--k", "8,x"], "argument --k: 'x': expected an integer >= 0"),
+    (["bench", "-b", "1x"], "argument -b/--begin: size '1X': expected an integer"),
+])
+def test_usage_errors_name_the_flag_in_one_line(capsys, argv, says):
+    from mpi4py import MPI
+
+    err = _error(capsys, argv)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        assert says in err
+        assert "_check_options" not in err and "_non_negative" not in err
+        assert "parse_size" not in err
+
+
+def test_plan_warns_about_a_calibration_of_another_size(tmp_path, capsys):
+    from mpi4py import MPI
+
+    cal = tmp_path / "c.json"  # one path per rank: each rank plans alone (COMM_SELF)
+    cal.write_text(json.dumps({"machine": {"source": "calibrate", "ranks": 2},
+                               "alpha": {"allgather": {"2": 1e-5}},
+                               "beta": {"allgather": {"2": 1e-9}}}))
+    base = ["plan", "--m", "64", "--k", "64", "--n", "64", "--calibration", str(cal)]
+    assert main(base + ["--ranks", "4"], MPI.COMM_SELF) == 0
+    err = capsys.readouterr().err
+    assert "warning: calibration" in err and "measured on 2 ranks" in err
+    assert "not 4" in err and "P = 2 are used" in err
+    assert main(base + ["--ranks", "2"], MPI.COMM_SELF) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def _shared_path(comm, tmp_path_factory, name: str) -> str:
+    """A path in rank 0's temporary directory, the same string on every rank of ``comm``."""
+    return comm.bcast(str(tmp_path_factory.mktemp("p") / name) if comm.Get_rank() == 0
+                      else None)
+
+
+@pytest.mark.mpi
+def test_mlp_hidden_in_table_and_record(world, tmp_path_factory, capsys):
+    if not world.member:
+        return
+    comm = world.comm
+    path = _shared_path(comm, tmp_path_factory, "r.jsonl")
+    argv = ["run", "--scheme", "mlp", "--m", "5", "--k", "3", "--n", "3", "--iters", "1",
+            "--warmup", "0", "--json", path]
+    assert main(argv, comm) == 0
+    if comm.Get_rank() == 0:
+        out = capsys.readouterr().out
+        assert "hidden=12" in out
+        assert json.loads(open(path).read())["hidden"] == 12
+    comm.Barrier()
+
+
+def _roundtrip_script():
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_roundtrip", ROOT / "scripts" / "checkpoint_roundtrip.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.mpi
+def test_checkpoint_script_wrong_layer_is_one_line(world, tmp_path_factory, capsys):
+    if not world.member:
+        return
+    comm = world.comm
+    path = _shared_path(comm, tmp_path_factory, "ck")
+    script = _roundtrip_script()
+    assert script.main(["save", path, "--layer", "tile2d"], comm) == 0
+    capsys.readouterr()
+    assert script.main(["load", path, "--layer", "column"], comm) == 2
+    err = capsys.readouterr().err
+    if comm.Get_rank() == 0:
+        assert err.splitlines() == [
+            f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
+            "TileParallelLinear, not a ColumnParallelLinear"]
+    else:
+        assert err == ""
+    assert script.main(["load", path, "--layer", "tile2d"], comm) == 0

@@ -1,0 +1,141 @@
+"""The documentation shipped in docs/ matches the code: record fields (parsed from the schema
+tables) against real records, CLI flags against the parser, links that resolve."""
+import argparse
+import json
+import pathlib
+import re
+
+import pytest
+
+from tpmpi.cli import main, make_parser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+ROW = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_.]*)`\s*\|(.*)$")
+
+
+def schema(section: str) -> dict:
+    """{field path: the rest of its table row} of the table under ``## <section>``."""
+    text = (DOCS / "record-schema.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in body.splitlines():
+        match = ROW.match(line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    assert rows, section
+    return rows
+
+
+def _check(rec: dict, rows: dict, *, bench: bool) -> None:
+    top = {f for f, rest in rows.items() if "." not in f and (bench or "*(bench)*" not in rest)}
+    assert set(rec) == top, (sorted(set(rec) - top), sorted(top - set(rec)))
+    children: dict = {}
+    for field in rows:
+        if "." in field:
+            parent, child = field.rsplit(".", 1)
+            children.setdefault(parent, set()).add(child)
+    for parent, documented in children.items():
+        for path, value in _resolve(rec, parent.split(".")):
+            if value is None:
+                continue
+            if parent == "blas":  # threadpoolctl's fields differ between libraries and GPUs
+                assert set(value) <= documented, (path, set(value) - documented)
+            else:
+                assert set(value) == documented, (path, set(value) ^ documented)
+
+
+def _resolve(obj, parts, path=""):
+    """(path, value) of every match of ``parts`` ("PHASE" matches any key)."""
+    if not parts:
+        yield path, obj
+        return
+    if not isinstance(obj, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    keys = list(obj) if head == "PHASE" else [head]
+    for key in keys:
+        if key in obj:
+            yield from _resolve(obj[key], rest, f"{path}.{key}")
+
+
+def _records(path) -> list:
+    return [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+
+
+def test_run_record_fields_are_documented(tmp_path):
+    from mpi4py import MPI
+
+    out = tmp_path / "run.jsonl"
+    argv = ["run", "--m", "6", "--k", "5", "--n", "4", "--iters", "2", "--warmup", "0",
+            "--json", str(out)]
+    assert main(argv + ["--backward", "--baseline", "--measure-overlap"], MPI.COMM_SELF) == 0
+    assert main(argv + ["--scheme", "mlp", "--k", "4"], MPI.COMM_SELF) == 0
+    rows = schema("Scheme record")
+    full, plain = _records(out)
+    assert full["overlap"] and full["spread"]["baseline_s"] and full["bwd_s"] is not None
+    for rec in (full, plain):
+        _check(rec, rows, bench=False)
+
+
+def test_bench_and_collective_record_fields_are_documented(tmp_path):
+    from mpi4py import MPI
+
+    out, coll = tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    assert main(["bench", "--m", "4", "--k", "4", "--n", "4", "--iters", "1", "--warmup", "0",
+                 "--json", str(out)], MPI.COMM_SELF) == 0
+    (rec,) = _records(out)
+    _check(rec, schema("Scheme record"), bench=True)
+    assert main(["bench", "--collective", "allreduce", "-b", "8", "-e", "8", "--iters", "1",
+                 "--json", str(coll)], MPI.COMM_SELF) == 0
+    (crec,) = _records(coll)
+    _check(crec, schema("Collective record"), bench=True)
+
+
+def test_schema_rows_say_unit_and_statistic():
+    for section in ("Scheme record", "Collective record"):
+        for field, rest in schema(section).items():
+            cells = [c.strip() for c in rest.split("|")]
+            assert len(cells) >= 3 and all(cells[:3]), (field, cells)
+
+
+def _flags(parser) -> set:
+    return {o for a in parser._actions for o in a.option_strings
+            if o.startswith("--") and o not in ("--help", "--version")}
+
+
+def test_cli_reference_lists_every_flag():
+    text = (DOCS / "cli.md").read_text()
+    sections = {s.split("\n", 1)[0].strip(): s for s in text.split("\n## ")[1:]}
+    (sub,) = [a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(sections)
+    for name, parser in sub.choices.items():
+        documented = set(re.findall(r"`(--[a-z-]+)`", sections[name]))
+        if name == "bench":  # "all the flags of run except --check and --baseline"
+            documented |= set(re.findall(r"`(--[a-z-]+)`", sections["run"]))
+        missing = _flags(parser) - documented
+        assert not missing, (name, missing)
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", ["README.md", "slurm/README.md"] +
+                         [f"docs/{p.name}" for p in sorted(DOCS.glob("*.md"))])
+def test_links_resolve_and_stay_in_the_repository(page):
+    path = ROOT / page
+    text = path.read_text()
+    assert "shared/DESIGN" not in text and "../shared" not in text
+    for target, _ in LINK.findall(text):
+        if "://" in target:
+            continue
+        resolved = (path.parent / target).resolve()
+        assert resolved.exists(), (page, target)
+        assert ROOT in resolved.parents or resolved == ROOT, (page, target)
+
+
+def test_readme_points_to_the_docs():
+    text = (ROOT / "README.md").read_text()
+    for page in ("docs/record-schema.md", "docs/cli.md", "docs/cluster.md",
+                 "docs/statistics.md", "docs/layouts.md"):
+        assert f"]({page}" in text, page

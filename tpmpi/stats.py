@@ -1,0 +1,66 @@
+"""Summary statistics of timing samples and the flags that mark suspicious figures.
+
+Every timed figure of a record is summarised as ``{median, min, max}`` over the timed
+iterations (each iteration's value is the maximum over ranks). The *spread* of a summary is
+``(max - min) / median``. A record's ``flags`` (docs/statistics.md) name figures that should not
+reach a paper unexplained:
+
+* ``superlinear``: per-core efficiency against the serial baseline above :data:`SUPERLINEAR`;
+* ``noisy``: spread of the step time above :data:`NOISY`;
+* ``noisy-baseline``: spread of the serial baseline above :data:`NOISY`;
+* ``oversubscribed``: a node's 1-minute load average above its CPU count during the run, or the
+  job's ranks x BLAS threads above the CPUs they may use.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+SUPERLINEAR = 1.15  # efficiency above this is suspicious (cache effects, a slow baseline...)
+NOISY = 0.10        # a spread above 10 % of the median is flagged
+FLAGS = ("superlinear", "noisy", "noisy-baseline", "oversubscribed")
+
+
+def summary(samples: Sequence[float]) -> Optional[dict]:
+    """``{"median", "min", "max"}`` of ``samples`` (None when there are none)."""
+    if len(samples) == 0:
+        return None
+    a = np.asarray(samples, dtype=np.float64)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max())}
+
+
+def spread(s: Optional[dict]) -> Optional[float]:
+    """``(max - min) / median`` of a summary (None without one or with a zero median)."""
+    if not s or not s.get("median"):
+        return None
+    return (s["max"] - s["min"]) / s["median"]
+
+
+def short(value: float) -> str:
+    """Three significant digits without an exponent below 10^6 (``1440``, ``285``, ``0.0118``)."""
+    return f"{value:.0f}" if 1000 <= abs(value) < 1e6 else f"{value:.3g}"
+
+
+def load_per_cpu() -> Optional[float]:
+    """This node's 1-minute load average divided by its CPU count (None where the OS has no
+    load average)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
+
+
+def flags(rec: dict) -> list[str]:
+    """The names of :data:`FLAGS` that apply to the record ``rec`` (see the module doc)."""
+    out = []
+    if (rec.get("efficiency") or 0.0) > SUPERLINEAR:
+        out.append("superlinear")
+    if (spread(rec.get("time_s")) or 0.0) > NOISY:
+        out.append("noisy")
+    if (spread((rec.get("spread") or {}).get("baseline_s")) or 0.0) > NOISY:
+        out.append("noisy-baseline")
+    if (rec.get("load_per_cpu") or 0.0) > 1.0 or (rec.get("oversubscription") or 0.0) > 1.0:
+        out.append("oversubscribed")
+    return out
