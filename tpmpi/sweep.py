@@ -119,7 +119,8 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     out = []
     for cfg in cfgs:
         key = dataclasses.replace(cfg.problem, options=())
-        out.append(case_s(cfg.problem, cfg.ranks, cfg.grid, cal, backend, warmup=warmup,
+        replica = dataclasses.replace(cfg.problem, m=-(-cfg.problem.m // cfg.dp))  # dp > 1
+        out.append(case_s(replica, cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
                           iters=iters, baseline=baseline and key not in seen, overlap=overlap,
                           oversubscription=oversubscription * cfg.ranks / world))
         seen.add(key)
