@@ -3,10 +3,15 @@ sees (checked to be the same on every rank) and the time to fail (max over ranks
 
     mpiexec -n 4 python scripts/bad_inputs.py        # markdown table on rank 0
 
-tests/test_bad_inputs.py runs the same cases at world sizes 1-4.
+Cases marked "on one rank" misbehave on the last rank only: the others must not hang.
+tests/test_bad_inputs.py runs the same cases at world sizes 1-4 and checks each message
+against the case's expected pattern.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
 import sys
@@ -20,9 +25,10 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 import tpmpi  # noqa: E402
+from tpmpi import cli  # noqa: E402
 from tpmpi import comm as tcomm  # noqa: E402
 
-Col = tpmpi.ColumnParallelLinear
+Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 
 
 class OtherLayer(Col):
@@ -36,21 +42,40 @@ class Context:
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
         self.tmpdir = tmpdir
         self.last = self.size - 1  # the rank that misbehaves in one-rank cases
+        self.odd = self.rank == self.last and self.size > 1
         self.grid = tpmpi.ProcessGrid(comm)
         rng = np.random.default_rng(0)
         self.X = rng.standard_normal((4, 5)).astype(np.float32)
         self.W = rng.standard_normal((5, 6)).astype(np.float32)
         self.b = rng.standard_normal(6).astype(np.float32)
+        self.dY = rng.standard_normal((4, 6)).astype(np.float32)
         self.layer = Col.from_dense(self.W, self.b, grid=self.grid)
 
-    def checkpoint(self, damage: Optional[Callable[[str], None]] = None) -> str:
-        """A fresh checkpoint of ``self.layer``; ``damage(weight file)`` runs on rank 0."""
-        path = os.path.join(self.tmpdir, "ckpt")
-        tpmpi.save_checkpoint(path, self.layer)
-        if damage is not None and self.rank == 0:
-            damage(os.path.join(path, "weight.npy"))
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmpdir, name)
+
+    def checkpoint(self, damage: Optional[Callable[[str], None]] = None,
+                   edit: Optional[Callable[[dict], None]] = None, layer=None) -> str:
+        """A fresh checkpoint of ``layer`` (default ``self.layer``); on rank 0
+        ``damage(weight file)`` runs, and ``edit(manifest)`` rewrites the manifest."""
+        path = self.path("ckpt")
+        tpmpi.save_checkpoint(path, layer if layer is not None else self.layer)
+        if self.rank == 0:
+            where = os.path.join(path, "manifest.json")
+            with open(where) as f:
+                manifest = json.load(f)
+            if damage is not None:
+                damage(os.path.join(path, manifest["parameters"]["weight"]["file"]))
+            if edit is not None:
+                edit(manifest)
+                with open(where, "w") as f:
+                    json.dump(manifest, f)
         self.comm.Barrier()
         return path
+
+    def load(self, **kwargs) -> Callable[[], object]:
+        path = kwargs.pop("path", None) or self.checkpoint()
+        return lambda: tpmpi.load_checkpoint(path, **{"grid": self.grid, **kwargs})
 
 
 @dataclass
@@ -58,14 +83,15 @@ class Case:
     label: str
     min_ranks: int
     make: Callable[[Context], Callable[[], object]]  # setup -> the call that must fail
+    expect: str  # a regular expression the message must match
 
 
 CASES: list[Case] = []
 
 
-def case(label: str, min_ranks: int = 1):
+def case(label: str, expect: str, min_ranks: int = 1):
     def register(make):
-        CASES.append(Case(label, min_ranks, make))
+        CASES.append(Case(label, min_ranks, make, expect))
         return make
     return register
 
@@ -78,35 +104,96 @@ def _flip_last_byte(filename: str) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
-# ---- grid
-case("ProcessGrid: pr*pc != ranks")(
+CALL = "call differs across ranks: .* every rank must make the same tpmpi calls"
+
+# ---- grid and communicators
+case("ProcessGrid: pr*pc != ranks", "pr\\*pc must equal")(
     lambda c: lambda: tpmpi.ProcessGrid(c.comm, shape=(c.size + 1, 1)))
-case("ProcessGrid: shape differs across ranks", 2)(
+case("ProcessGrid: shape differs across ranks", "shape differs across ranks", 2)(
     lambda c: lambda: tpmpi.ProcessGrid(c.comm, shape=(1, c.size) if c.rank else (c.size, 1)))
+case("ProcessGrid: blas_threads='abc' on one rank", r"threads='abc': expected .*\(rank \d\)", 2)(
+    lambda c: lambda: tpmpi.ProcessGrid(c.comm, blas_threads="abc" if c.odd else "auto"))
+
+
+def _freed(c: Context):
+    dup = c.comm.Dup()
+    dup.Free()
+    return lambda: tpmpi.ProcessGrid(dup)
+
+
+case("ProcessGrid: a freed communicator", "comm is MPI.COMM_NULL")(_freed)
+
+
+def _intercomm(c: Context):
+    color = c.rank % 2
+    local = c.comm.Split(color, c.rank)
+    inter = local.Create_intercomm(0, c.comm, 1 - color, tag=7)
+
+    def call():
+        try:
+            tpmpi.ProcessGrid(inter)
+        finally:
+            inter.Free()
+            local.Free()
+    return call
+
+
+case("ProcessGrid: an intercommunicator", "comm is an intercommunicator", 2)(_intercomm)
+
+
+def _freed_grid(c: Context):
+    grid = tpmpi.ProcessGrid(c.comm)
+    layer = Col(5, 6, grid=grid)
+    grid.free()
+    return lambda: layer(c.X)
+
+
+case("layer: forward after grid.free()", "communicator is MPI.COMM_NULL")(_freed_grid)
 # ---- layer construction
-case("layer: out_features < 0")(lambda c: lambda: Col(5, -1, grid=c.grid))
-case("layer: unsupported dtype")(lambda c: lambda: Col(5, 6, grid=c.grid, dtype="int8"))
-case("layer: grid is not a ProcessGrid")(lambda c: lambda: Col(5, 6, grid=c.comm))
-case("layer: out_features differs across ranks", 2)(
-    lambda c: lambda: Col(5, 6 + (c.rank == c.last), grid=c.grid))
-case("layer: dtype differs across ranks", 2)(
-    lambda c: lambda: Col(5, 6, grid=c.grid, dtype="float64" if c.rank == c.last else "float32"))
-case("layer: option gather_output differs", 2)(
-    lambda c: lambda: Col(5, 6, grid=c.grid, gather_output=c.rank != c.last))
-case("from_dense: b has the wrong shape on one rank", 2)(
-    lambda c: lambda: Col.from_dense(c.W, c.b[: 6 - (c.rank == c.last)], grid=c.grid))
-case("from_dense: W is a list on one rank", 2)(
-    lambda c: lambda: Col.from_dense(c.W.tolist() if c.rank == c.last else c.W, c.b, grid=c.grid))
-case("from_dense: b is a list on one rank", 2)(
-    lambda c: lambda: Col.from_dense(c.W, c.b.tolist() if c.rank == c.last else c.b, grid=c.grid))
+case("layer: out_features < 0", "out_features=-1: expected a non-negative integer")(
+    lambda c: lambda: Col(5, -1, grid=c.grid))
+case("layer: unsupported dtype", "dtype='int8': expected one of")(
+    lambda c: lambda: Col(5, 6, grid=c.grid, dtype="int8"))
+case("layer: grid is not a ProcessGrid", "expected a tpmpi.ProcessGrid")(
+    lambda c: lambda: Col(5, 6, grid=c.comm))
+case("layer: out_features differs across ranks", "out_features differs across ranks", 2)(
+    lambda c: lambda: Col(5, 6 + c.odd, grid=c.grid))
+case("layer: dtype differs across ranks", "dtype differs across ranks", 2)(
+    lambda c: lambda: Col(5, 6, grid=c.grid, dtype="float64" if c.odd else "float32"))
+case("layer: option gather_output differs", "gather_output differs across ranks", 2)(
+    lambda c: lambda: Col(5, 6, grid=c.grid, gather_output=not c.odd))
+case("from_dense: b has the wrong shape on one rank", r"b.shape=\(5,\): expected \(6,\)", 2)(
+    lambda c: lambda: Col.from_dense(c.W, c.b[: 6 - c.odd], grid=c.grid))
+case("from_dense: W is a list on one rank", "W is a list: expected an array", 2)(
+    lambda c: lambda: Col.from_dense(c.W.tolist() if c.odd else c.W, c.b, grid=c.grid))
+case("from_dense: b is a list on one rank", "b is a list: expected an array", 2)(
+    lambda c: lambda: Col.from_dense(c.W, c.b.tolist() if c.odd else c.b, grid=c.grid))
+case("from_dense: W is a masked array", "W is a numpy.ma.*MaskedArray: .*ignore the mask")(
+    lambda c: lambda: Col.from_dense(np.ma.masked_less(c.W, 0), c.b, grid=c.grid))
+
+
+def _mlp_list(c: Context):
+    W1, W2 = np.ones((5, 8), np.float32), np.ones((8, 5), np.float32)
+    b1, b2 = np.ones(8, np.float32), np.ones(5, np.float32)
+    return lambda: tpmpi.ParallelMLP.from_dense(W1.tolist() if c.odd else W1, b1, W2, b2,
+                                                grid=c.grid)
+
+
+case("ParallelMLP.from_dense: W1 is a list on one rank", "W1 is a list: expected an array",
+     2)(_mlp_list)
 # ---- forward / backward
-case("forward: x has wrong columns on one rank", 2)(
-    lambda c: lambda: c.layer(c.X[:, : 5 - (c.rank == c.last)]))
-case("forward: x rows differ across ranks", 2)(
-    lambda c: lambda: c.layer(c.X[: 4 - (c.rank == c.last)]))
-case("forward: x dtype float64 for a float32 layer")(
+case("forward: x has wrong columns on one rank", r"x.shape=\(4, 4\): expected 5 columns", 2)(
+    lambda c: lambda: c.layer(c.X[:, : 5 - c.odd]))
+case("forward: x rows differ across ranks", r"x.shape\[0\] differs across ranks", 2)(
+    lambda c: lambda: c.layer(c.X[: 4 - c.odd]))
+case("forward: x dtype float64 for a float32 layer", "x.dtype=float64: expected float32")(
     lambda c: lambda: c.layer(c.X.astype(np.float64)))
-case("forward: x is a list")(lambda c: lambda: c.layer(c.X.tolist()))
+case("forward: x is big-endian", r"x.dtype=>f4 \(big-endian float32\): expected float32 in "
+     "this machine's byte order")(lambda c: lambda: c.layer(c.X.astype(">f4")))
+case("forward: x is a list", "x is a builtins.list: expected a numpy array")(
+    lambda c: lambda: c.layer(c.X.tolist()))
+case("forward: x is a masked array", "x is a numpy.ma.*MaskedArray: .*ignore the mask")(
+    lambda c: lambda: c.layer(np.ma.masked_less(c.X, 0)))
 
 
 def _nan_on_last(c: Context):
@@ -118,8 +205,9 @@ def _nan_on_last(c: Context):
     return lambda: layer(x)
 
 
-case("forward: NaN/Inf in x on one rank (check_finite=True)")(_nan_on_last)
-case("backward: called before forward")(
+case("forward: NaN/Inf in x on one rank (check_finite=True)",
+     r"x has 2 non-finite value\(s\)")(_nan_on_last)
+case("backward: called before forward", r"backward\(\) called before forward")(
     lambda c: lambda: Col.from_dense(c.W, c.b, grid=c.grid).backward(c.X[:, :1]))
 
 
@@ -128,22 +216,98 @@ def _dy_rows(c: Context):
     return lambda: c.layer.backward(np.zeros((3, 6), np.float32))
 
 
-case("backward: dy rows != forward input rows")(_dy_rows)
+case("backward: dy rows != forward input rows", "expected 4 rows")(_dy_rows)
+
+
+def _matrix_dy(c: Context):
+    c.layer(c.X)
+    dy = np.asmatrix(c.dY) if c.odd else c.dY
+    return lambda: c.layer.backward(dy)
+
+
+case("backward: np.asmatrix(dy) on one rank (Iallreduce would be in flight)",
+     "dy is a numpy.matrix: expected a plain numpy.ndarray", 2)(_matrix_dy)
+# ---- call order
+def _swapped(c: Context):
+    a, b = Col(5, 6, grid=c.grid, seed=1), Col(5, 6, grid=c.grid, seed=2)
+    first = b if c.odd else a
+    return lambda: first(c.X)
+
+
+case("call order: two same-shaped layers called in swapped order", CALL, 2)(_swapped)
+
+
+def _fwd_bwd(c: Context):
+    c.layer(c.X)
+    return lambda: c.layer.backward(c.dY) if c.odd else c.layer(c.X)
+
+
+case("call order: forward on one rank, backward on the others", CALL, 2)(_fwd_bwd)
+
+
+def _tile_fwd_bwd(c: Context):
+    layer = tpmpi.TileParallelLinear(5, 6, grid=c.grid, panel=2)
+    x = tpmpi.scatter(c.X, c.grid, "tiles")
+    y = layer(x)
+    return lambda: layer.backward(y) if c.odd else layer(x)
+
+
+case("call order: tile2d forward on one rank, backward on the others", CALL, 2)(_tile_fwd_bwd)
+
+
+def _mlp_fwd_bwd(c: Context):
+    mlp = tpmpi.ParallelMLP(5, 8, grid=c.grid)
+    mlp(c.X)
+    return lambda: mlp.backward(c.X) if c.odd else mlp(c.X)
+
+
+case("call order: MLP forward on one rank, backward on the others", CALL, 2)(_mlp_fwd_bwd)
+
+
+def _replicated_dy(c: Context):
+    layer = Row.from_dense(c.W, c.b, grid=c.grid, check_replicated=True)
+    layer(c.X)
+    dy = c.dY + c.odd
+    return lambda: layer.backward(dy)
+
+
+case("check_replicated: dy differs on one rank (row layer)",
+     r"dy differs across ranks: checksum \w+ on ranks? .* dy must be replicated", 2)(
+    _replicated_dy)
+
+
+def _replicated_nan(c: Context):
+    layer = Col.from_dense(c.W, c.b, grid=c.grid, check_replicated=True)
+    x = c.X.copy()
+    x[0, 0] = np.nan if c.odd else x[0, 0]
+    return lambda: layer(x)
+
+
+case("check_replicated: NaN in x on one rank (column layer)",
+     r"x differs across ranks: checksum .* x must be replicated", 2)(_replicated_nan)
 # ---- layouts
-case("gather: local block of the wrong shape on one rank", 2)(
-    lambda c: lambda: tpmpi.gather(np.zeros((2, 3 - (c.rank == c.last))), c.grid, "cols",
+case("gather: local block of the wrong shape on one rank", r"a_local.shape=\(2, 2\): expected",
+     2)(lambda c: lambda: tpmpi.gather(np.zeros((2, 3 - c.odd)), c.grid, "cols",
+                                       (2, 3 * c.size)))
+case("gather: unknown layout", "layout='diag': expected one of")(
+    lambda c: lambda: tpmpi.gather(c.X, c.grid, "diag", c.X.shape))
+case("gather: a list instead of an array on one rank", "a_local is a list: expected an array",
+     2)(lambda c: lambda: tpmpi.gather(c.X.tolist() if c.odd else c.X, c.grid, "replicated",
+                                       c.X.shape))
+case("gather: an object-dtype array", "a_local.dtype=object: expected a numeric dtype")(
+    lambda c: lambda: tpmpi.gather(np.full((2, 3), None, dtype=object), c.grid, "cols",
                                    (2, 3 * c.size)))
-case("gather: unknown layout")(lambda c: lambda: tpmpi.gather(c.X, c.grid, "diag", c.X.shape))
-case("gather: a list instead of an array on one rank", 2)(
-    lambda c: lambda: tpmpi.gather(c.X.tolist() if c.rank == c.last else c.X, c.grid,
-                                   "replicated", c.X.shape))
-case("scatter: unknown layout (local, no communication)")(
+case("scatter: unknown layout (local, no communication)", "layout='diag'")(
     lambda c: lambda: tpmpi.scatter(c.X, c.grid, "diag"))
-case("init_weight: negative seed (local, no communication)")(
+case("init_weight: negative seed (local, no communication)", "seed=-1")(
     lambda c: lambda: tpmpi.init_weight((3, 4), -1))
-# ---- large messages
-case("TPMPI_MAX_MESSAGE_BYTES differs across ranks", 2)(
+# ---- environment
+case("TPMPI_MAX_MESSAGE_BYTES differs across ranks",
+     "TPMPI_MAX_MESSAGE_BYTES differs across ranks", 2)(
     lambda c: lambda: _with_limit(2**20 + c.rank, lambda: c.layer(c.X)))
+case("TPMPI_THREADS='two' on one rank", r"TPMPI_THREADS='two': expected .*\(rank \d\)", 2)(
+    lambda c: lambda: _with_env("TPMPI_THREADS", "two" if c.odd else None,
+                                lambda: tpmpi.ProcessGrid(c.comm)))
 
 
 def _with_limit(limit: int, fn):
@@ -154,24 +318,138 @@ def _with_limit(limit: int, fn):
         tcomm.MAX_MESSAGE_BYTES = old
 
 
-# ---- checkpoints
-case("save_checkpoint: path differs across ranks", 2)(
-    lambda c: lambda: tpmpi.save_checkpoint(os.path.join(c.tmpdir, f"r{c.rank}"), c.layer))
-case("load_checkpoint: no checkpoint at path")(
-    lambda c: lambda: Col.load_checkpoint(os.path.join(c.tmpdir, "none"), grid=c.grid))
-case("load_checkpoint: weight file missing")(
-    lambda c: (lambda p: lambda: Col.load_checkpoint(p, grid=c.grid))(c.checkpoint(os.remove)))
-case("load_checkpoint: truncated file")(
-    lambda c: (lambda p: lambda: Col.load_checkpoint(p, grid=c.grid))(
-        c.checkpoint(lambda f: os.truncate(f, os.path.getsize(f) - 8))))
-case("load_checkpoint: corrupted data byte")(
-    lambda c: (lambda p: lambda: Col.load_checkpoint(p, grid=c.grid))(
-        c.checkpoint(_flip_last_byte)))
-case("load_checkpoint: class mismatch")(
+def _with_env(name: str, value: Optional[str], fn):
+    old = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        os.environ.pop(name, None)
+        if old is not None:
+            os.environ[name] = old
+
+
+# ---- checkpoints: arguments
+case("save_checkpoint: path differs across ranks", "path differs across ranks", 2)(
+    lambda c: lambda: tpmpi.save_checkpoint(c.path(f"r{c.rank}"), c.layer))
+
+
+def _other_object(c: Context):
+    twin = Col.from_dense(c.W, c.b, grid=c.grid)
+    return lambda: tpmpi.save_checkpoint(c.path("mixed"), twin if c.odd else c.layer)
+
+
+case("save_checkpoint: a different layer object on one rank", "layer differs across ranks: "
+     r"layer #\d+ \(ColumnParallelLinear 5x6\) on ranks? .*every rank must save the same", 2)(
+    _other_object)
+
+
+def _locked(c: Context):
+    path = c.path("locked")
+    if c.rank == 0:  # a live process on this host holds the lock: this very one
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, ".lock"), "w") as f:
+            json.dump({"pid": os.getpid(), "host": os.uname().nodename, "since": "now"}, f)
+    c.comm.Barrier()
+    return lambda: tpmpi.save_checkpoint(path, c.layer)
+
+
+case("save_checkpoint: another save holds the path's lock",
+     "is being saved by another job .*concurrent saves to one path are refused")(_locked)
+case("load_checkpoint: path differs across ranks", "path differs across ranks", 2)(
+    lambda c: c.load(path=c.checkpoint() + ("-other" if c.odd else "")))
+case("load_checkpoint: class differs across ranks", "cls differs across ranks", 2)(
+    lambda c: c.load(cls=OtherLayer if c.odd else Col))
+case("load_checkpoint: verify differs across ranks", "verify differs across ranks", 2)(
+    lambda c: c.load(verify=not c.odd))
+case("load_checkpoint: verify='yes'", "verify='yes': expected True or False")(
+    lambda c: c.load(verify="yes"))
+case("load_checkpoint: into= on one rank only", "into differs across ranks", 2)(
+    lambda c: (lambda target: c.load(into=target if c.odd else None))(Col(5, 6, grid=c.grid)))
+case("load_checkpoint: into= is not a layer on one rank", "into: dict is neither a "
+     "ParallelLinear nor holds any", 2)(lambda c: c.load(into={} if c.odd else None))
+case("load_checkpoint: dtype option differs across ranks", "options differs across ranks", 2)(
+    lambda c: c.load(dtype="float64" if c.odd else "float32"))
+# ---- checkpoints: damage
+case("load_checkpoint: no checkpoint at path", "manifest.json is missing")(
+    lambda c: lambda: Col.load_checkpoint(c.path("none"), grid=c.grid))
+case("load_checkpoint: weight file missing", r"file v\d+/weight.npy is missing")(
+    lambda c: c.load(path=c.checkpoint(os.remove)))
+case("load_checkpoint: truncated file", "weight.npy is truncated")(
+    lambda c: c.load(path=c.checkpoint(lambda f: os.truncate(f, os.path.getsize(f) - 8))))
+case("load_checkpoint: corrupted data byte", "weight.npy is corrupted")(
+    lambda c: c.load(path=c.checkpoint(_flip_last_byte)))
+case("load_checkpoint: class mismatch", "holds a ColumnParallelLinear, not a OtherLayer")(
     lambda c: (lambda p: lambda: OtherLayer.load_checkpoint(p, grid=c.grid))(c.checkpoint()))
-case("load_checkpoint: shape mismatch")(
-    lambda c: (lambda p: lambda: tpmpi.load_checkpoint(p, into=Col(5, 4, grid=c.grid)))(
-        c.checkpoint()))
+case("load_checkpoint: shape mismatch", "do not match the layer's")(
+    lambda c: c.load(into=Col(5, 4, grid=c.grid)))
+
+
+def _edit(**changes):
+    """A manifest edit: ``parameters.weight.KEY=value`` for dotted keys, else top-level."""
+    def edit(manifest: dict) -> None:
+        for key, value in changes.items():
+            target = manifest["parameters"]["weight"] if key.startswith("w_") else manifest
+            key = key[2:] if key.startswith("w_") else key
+            if value is KeyError:
+                target.pop(key)
+            else:
+                target[key] = value
+    return edit
+
+
+for _label, _edits, _expect in [
+        ("'parameters': []", {"parameters": []}, "field 'parameters' is \\[\\]: expected"),
+        ("'parameters': null", {"parameters": None}, "field 'parameters' is None: expected"),
+        ("'parameters': {}", {"parameters": {}}, "field 'parameters' is \\{\\}: expected"),
+        ("'class' missing", {"class": KeyError}, "field 'class' is missing: expected"),
+        ("'checksum' missing", {"w_checksum": KeyError}, "field 'checksum' is missing"),
+        ("'shape' is a string", {"w_shape": "5x6"}, "field 'shape' is '5x6': expected a list"),
+        ("'format_version': 99", {"format_version": 99}, "format_version 99 is not one"),
+        ("'header_bytes' edited", {"w_header_bytes": 64},
+         "has a 128-byte .npy header, the manifest says header_bytes=64")]:
+    case(f"load_checkpoint: manifest {_label}", _expect)(
+        lambda c, e=_edits: c.load(path=c.checkpoint(edit=_edit(**e))))
+
+
+def _overflow(c: Context):
+    big = Col.from_dense(c.W * 1e5, c.b, grid=c.grid)
+    return c.load(path=c.checkpoint(layer=big), dtype="float16")
+
+
+case("load_checkpoint: a cast to float16 that overflows",
+     "parameter weight holds values beyond the range of dtype=float16")(_overflow)
+# ---- command line (exit code 2 on every rank; the line rank 0 prints)
+
+
+def _cli(c: Context, argv: list) -> Callable[[], object]:
+    def call():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(argv, c.comm)
+        codes = c.comm.allgather(code)
+        line = c.comm.bcast(err.getvalue().strip(), root=0)
+        if codes != [2] * c.size:
+            raise RuntimeError(f"exit codes {codes}: {line}")
+        raise ValueError(line)
+    return call
+
+
+case("CLI: run --help on one rank only", "--help/--version differs across ranks", 2)(
+    lambda c: _cli(c, ["run", "--help"] if c.odd else ["run", "--m", "4", "--iters", "1"]))
+case("CLI: --version on one rank only", "--help/--version differs across ranks", 2)(
+    lambda c: _cli(c, ["--version"] if c.odd else ["info"]))
+case("CLI: flags differ across ranks", "--m differs across ranks", 2)(
+    lambda c: _cli(c, ["run", "--m", str(4 + c.rank), "--iters", "1"]))
+case("CLI: run --n 10**12 (does not fit)", r"needs at least \d+ bytes .* per rank")(
+    lambda c: _cli(c, ["run", "--n", str(10**12)]))
+case("CLI: TPMPI_CALIBRATION names a missing file on one rank",
+     r"TPMPI_CALIBRATION: calibration '.*nope.json': .*No such file.*\(rank \d\)", 2)(
+    lambda c: lambda: _with_env("TPMPI_CALIBRATION", c.path("nope.json") if c.odd else None,
+                                _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4"])))
+case("CLI: run --json into a missing directory", "--json .*: directory .* does not exist")(
+    lambda c: _cli(c, ["run", "--m", "4", "--json", c.path("missing/r.jsonl")]))
 
 
 @dataclass
@@ -180,6 +458,7 @@ class Result:
     message: Optional[str]  # "Type: text" as rank 0 saw it; None if nothing was raised
     seconds: float  # max over ranks
     same_everywhere: bool
+    value_error: bool  # a ValueError (or subclass) on every rank
 
 
 def run_case(c: Context, item: Case) -> Result:
@@ -187,23 +466,31 @@ def run_case(c: Context, item: Case) -> Result:
     fn = item.make(c)
     c.comm.Barrier()
     start = time.perf_counter()
+    ok = False
     try:
         fn()
         message = None
     except Exception as exc:  # noqa: BLE001 - we report whatever the user would see
         message = f"{type(exc).__name__}: {exc}"
+        ok = isinstance(exc, ValueError)
     seconds = c.comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
     messages = c.comm.allgather(message)
-    return Result(item.label, messages[0], seconds, len(set(messages)) == 1)
+    return Result(item.label, messages[0], seconds, len(set(messages)) == 1,
+                  c.comm.allreduce(ok, op=MPI.LAND))
 
 
 def run_all(comm: MPI.Comm, tmpdir: str) -> list[Result]:
     """Every case that applies at ``comm``'s size. Collective."""
     c = Context(comm, tmpdir)
     try:
-        return [run_case(c, item) for item in CASES if comm.Get_size() >= item.min_ranks]
+        return [run_case(c, item) for item in applicable(comm.Get_size())]
     finally:
         c.grid.free()
+
+
+def applicable(size: int) -> list[Case]:
+    """The cases that run at world size ``size``."""
+    return [item for item in CASES if size >= item.min_ranks]
 
 
 def main() -> int:
@@ -223,7 +510,7 @@ def main() -> int:
             msg = (r.message or "NOT RAISED").replace("|", "\\|")
             flag = "" if r.same_everywhere else " **(differs across ranks)**"
             print(f"| {r.label} | {msg}{flag} | {r.seconds:.3f} |")
-    ok = all(r.message and r.same_everywhere for r in results)
+    ok = all(r.message and r.same_everywhere and r.value_error for r in results)
     return 0 if ok else 1
 
 

@@ -41,10 +41,12 @@ def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
     args = ap.parse_args(argv)
     W, b = dense()
     if args.action == "verify":
-        same = np.array_equal(np.load(os.path.join(args.path, "weight.npy")), W) and \
-            np.array_equal(np.load(os.path.join(args.path, "bias.npy")), b)
         with open(os.path.join(args.path, "manifest.json")) as f:
-            saved = json.load(f)["grid"]
+            manifest = json.load(f)  # names each parameter's file, e.g. v000001/weight.npy
+        saved, files = manifest["grid"], {k: os.path.join(args.path, e["file"])
+                                          for k, e in manifest["parameters"].items()}
+        same = np.array_equal(np.load(files["weight"]), W) and \
+            np.array_equal(np.load(files["bias"]), b)
         print(f"numpy.load: weight {W.shape} and bias {b.shape} equal to the saved arrays: "
               f"{same} (saved from grid {saved[0]}x{saved[1]})")
         return 0 if same else 1

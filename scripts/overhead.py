@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.comm import _gather_specs
+from tpmpi.comm import alltoallw_args
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
@@ -65,7 +65,7 @@ def main() -> None:
         np.matmul(x, layer.weight, out=y_local)
         np.add(y_local, layer.bias, out=y_local)
 
-    send, recv = _gather_specs(y_local, y, layer.y_map.blocks(y))
+    (send, recv), = alltoallw_args(y_local, y, layer.y_map.blocks(y), comm.Get_rank())
     item = y.dtype.itemsize
     widest = -(-args.n // comm.Get_size())  # rank 0's block of the N columns
     ag_send = np.empty(args.m * widest, dtype=args.dtype)

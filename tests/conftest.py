@@ -147,6 +147,61 @@ def rel_err(a, ref) -> float:
     return float(np.abs(a - ref).max() / scale)
 
 
+class RecordingComm:
+    """A communicator stand-in that appends ``(method, args, kwargs)`` of every call to ``log``
+    and wraps the communicators its calls return (e.g. a ``Split``), so that a test sees every
+    MPI call a layer makes on it."""
+
+    def __init__(self, comm, log: list):
+        self._comm, self._log = comm, log
+
+    def __getattr__(self, name):
+        from mpi4py import MPI
+
+        attr = getattr(self._comm, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._log.append((name, args, kwargs))
+            out = attr(*args, **kwargs)
+            return RecordingComm(out, self._log) if isinstance(out, MPI.Comm) else out
+        return call
+
+
+def message_bytes(name: str, args: tuple, kwargs: dict):
+    """``(send, receive)`` bytes of one recorded MPI call (as tpmpi.comm passes its buffers):
+    count x type size of each buffer argument, summed over peers for the vector forms (the
+    send side of an Allgatherv bounded by its largest count), or None for calls that move no
+    array data."""
+    from mpi4py import MPI
+
+    def nbytes(a):
+        return 0 if a is None or a is MPI.IN_PLACE else int(a.nbytes)
+
+    def vector(spec):  # [buf, counts, displs, type or types]
+        types = spec[3] if isinstance(spec[3], list) else [spec[3]] * len(spec[1])
+        return sum(c * t.Get_size() for c, t in zip(spec[1], types))
+
+    known = ("Alltoallw", "Alltoallv", "Allgatherv", "Gatherv", "Allreduce", "Reduce",
+             "Reduce_scatter", "Allgather", "Bcast")
+    base = name[1:].capitalize() if name[1:].capitalize() in known else name
+    if base in ("Alltoallw", "Alltoallv"):
+        return vector(args[0]), vector(args[1])
+    if base == "Allgatherv":
+        spec = args[1]
+        return max(spec[1]) * spec[3].Get_size(), vector(spec)
+    if base == "Gatherv":
+        if args[0] is MPI.IN_PLACE:
+            return 0, vector(args[1])
+        return nbytes(args[0][0]), 0
+    if base in ("Allreduce", "Reduce", "Reduce_scatter", "Allgather"):
+        return nbytes(args[0]), nbytes(args[1] if len(args) > 1 else None)
+    if base == "Bcast":
+        return nbytes(args[0]), nbytes(args[0])
+    return None
+
+
 def profiled_calls(layers) -> dict:
     """Collectives counted by the layers' profilers since their last reset, summed by op;
     resets them."""

@@ -1,6 +1,8 @@
 """Checkpoints: MPI-IO .npy files readable by numpy.load, re-sharded onto any grid, and every
 damage (truncation, corruption, missing file, wrong class or shape) reported on every rank."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +29,12 @@ class Composite:
         self.fc2 = TileLayer.from_dense(W2, None, grid=grid)
 
 
+def npy(path, name):
+    """The committed .npy file of parameter ``name`` (the manifest names it)."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        return os.path.join(path, json.load(f)["parameters"][name]["file"])
+
+
 def shared_dir(comm, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt")) if comm.Get_rank() == 0 else None
     return comm.bcast(path)
@@ -49,8 +57,8 @@ def test_roundtrip_any_grid(world, tmp_path_factory, k, n):
         with tpmpi.ProcessGrid(world.comm, shape=save_shape) as grid:
             for cls in (tpmpi.ColumnParallelLinear, TileLayer):
                 tpmpi.save_checkpoint(path, cls.from_dense(W, b, grid=grid))
-                assert np.array_equal(np.load(os.path.join(path, "weight.npy")), W)
-                assert np.array_equal(np.load(os.path.join(path, "bias.npy")), b)
+                assert np.array_equal(np.load(npy(path, "weight")), W)
+                assert np.array_equal(np.load(npy(path, "bias")), b)
                 for load_shape in [shapes[(i + 1) % len(shapes)]]:
                     with tpmpi.ProcessGrid(world.comm, shape=load_shape) as g2:
                         layer = cls.load_checkpoint(path, grid=g2)
@@ -70,8 +78,9 @@ def test_composite_dtype_cast_and_options(world, tmp_path_factory):
     W2, _ = dense(6, 5, 2)
     grid = tpmpi.ProcessGrid(world.comm)
     tpmpi.save_checkpoint(path, Composite(W1, b1, W2, grid))
-    assert sorted(f for f in os.listdir(path)) == ["fc1.bias.npy", "fc1.weight.npy",
-                                                  "fc2.weight.npy", "manifest.json"]
+    assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
+    assert sorted(os.listdir(os.path.join(path, "v000001"))) == [
+        "fc1.bias.npy", "fc1.weight.npy", "fc2.weight.npy"]
     for shape in factorisations(world.size):
         with tpmpi.ProcessGrid(world.comm, shape=shape) as g2:
             target = Composite(0 * W1, 0 * b1, 0 * W2, g2)
@@ -101,7 +110,7 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
     def damage(fn):
         tpmpi.save_checkpoint(path, layer)
         if rank == 0:
-            fn(os.path.join(path, "weight.npy"))
+            fn(npy(path, "weight"))
         comm.Barrier()
 
     all_ranks_raise(comm, lambda: Col.load_checkpoint(os.path.join(path, "nope"), grid=grid),
@@ -128,7 +137,7 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid), "corrupted .npy header")
     damage(os.remove)
     all_ranks_raise(comm, lambda: Col.load_checkpoint(path, grid=grid),
-                    "parameter weight file weight.npy is missing")
+                    r"parameter weight file v\d+/weight.npy is missing")
     tpmpi.save_checkpoint(path, layer)
     all_ranks_raise(comm, lambda: TileLayer.load_checkpoint(path, grid=grid),
                     "holds a ColumnParallelLinear, not a TileLayer")
@@ -154,12 +163,15 @@ def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypa
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(ck, "checksum", crash)
-    with pytest.raises(RuntimeError):
-        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid))
+    all_ranks_raise(world.comm, lambda: tpmpi.save_checkpoint(
+        path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid)),
+        r"save_checkpoint\(.*\) failed: RuntimeError: simulated crash")
     monkeypatch.undo()
     world.comm.Barrier()
     layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
     assert np.array_equal(layer.gather_weight(), W)
+    if world.comm.Get_rank() == 0:  # the failed version is gone, the lock released
+        assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
     grid.free()
 
 
@@ -199,3 +211,180 @@ def test_every_layer_class_reshards_across_world_sizes(world, tmp_path_factory):
         comm.Barrier()
     if sub != MPI.COMM_NULL:
         sub.Free()
+
+
+@pytest.mark.mpi
+def test_bfloat16_checkpoint_is_a_standard_npy_and_loads(world, tmp_path_factory):
+    """bfloat16 parameters are stored as their bit pattern ('<u2'), which numpy.load reads;
+    .view(ml_dtypes.bfloat16) gives the values back, and load_checkpoint restores them."""
+    if not world.member:
+        return
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    comm = world.comm
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(5, 7, seed=11, dtype="float32")
+    Wb, bb = W.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+    with tpmpi.ProcessGrid(comm) as grid:
+        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(Wb, bb, grid=grid))
+        raw = np.load(npy(path, "weight"))
+        assert raw.dtype == np.dtype("<u2")
+        assert np.array_equal(raw.view(ml_dtypes.bfloat16).astype(np.float32),
+                              Wb.astype(np.float32))
+        with open(os.path.join(path, "manifest.json")) as f:
+            entry = json.load(f)["parameters"]["weight"]
+        assert (entry["dtype"], entry["npy_dtype"]) == ("bfloat16", "<u2")
+        layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
+        assert layer.dtype.name == "bfloat16"
+        assert np.array_equal(layer.gather_weight().astype(np.float32), Wb.astype(np.float32))
+        wide = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid, dtype="float32")
+        assert np.array_equal(wide.gather_bias(), bb.astype(np.float32))
+
+
+def write_format1(path, W, b, bf16=False):
+    """A format-1 checkpoint as tpmpi 0.1.0 wrote it: files beside the manifest (bfloat16 as
+    '|V2'). Serial (rank 0)."""
+    from mpi4py import MPI
+
+    import tpmpi.checkpoint as ck
+
+    entries = {}
+    for name, a in (("weight", W), ("bias", b)):
+        filename = os.path.join(path, f"{name}.npy")
+        with open(filename, "wb") as f:
+            descr = "|V2" if bf16 else np.lib.format.dtype_to_descr(a.dtype)
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": descr, "fortran_order": False, "shape": a.shape})
+            header_bytes = f.tell()
+            f.write(np.ascontiguousarray(a).tobytes())
+        value = ck.checksum(MPI.COMM_SELF, filename, header_bytes, a.nbytes)
+        entries[name] = {"file": f"{name}.npy", "shape": list(a.shape), "dtype": a.dtype.name,
+                         "layout": "cols", "header_bytes": header_bytes,
+                         "checksum": {"algorithm": ck.CHECKSUM, "chunk_bytes": ck.CHUNK_BYTES,
+                                      "value": value}}
+    manifest = {"format": ck.FORMAT, "format_version": 1, "tpmpi_version": "0.1.0",
+                "class": "ColumnParallelLinear",
+                "config": {"in_features": W.shape[0], "out_features": W.shape[1], "bias": True,
+                           "dtype": W.dtype.name, "seed": 0, "check_finite": False,
+                           "gather_output": True, "chunks": 1},
+                "layers": {"": "ColumnParallelLinear"}, "grid": [1, 1], "world_size": 1,
+                "parameters": entries}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.mpi
+def test_format_1_checkpoints_load_and_are_replaced_whole(world, tmp_path_factory):
+    """A checkpoint written by the previous format (bfloat16 as '|V2' too) still loads; saving
+    over it commits the new format and removes the old files."""
+    if not world.member:
+        return
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    comm, rank = world.comm, world.comm.Get_rank()
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(4, 6, seed=12, dtype="float32")
+    for bf16 in (False, True):
+        Wd, bd = (W.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)) if bf16 else (W, b)
+        if rank == 0:
+            write_format1(path, Wd, bd, bf16=bf16)
+        comm.Barrier()
+        with tpmpi.ProcessGrid(comm) as grid:
+            layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
+            assert np.array_equal(layer.gather_weight().astype(np.float32),
+                                  Wd.astype(np.float32))
+            tpmpi.save_checkpoint(path, layer)
+            if rank == 0:
+                assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
+            again = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
+            assert np.array_equal(again.gather_bias().astype(np.float32), bd.astype(np.float32))
+        comm.Barrier()
+        if rank == 0:
+            shutil.rmtree(path)
+            os.mkdir(path)
+        comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_saves_keep_one_version_and_clean_what_crashes_left(world, tmp_path_factory):
+    """Each save commits a new version directory and removes the previous one; leftovers of a
+    crashed save (an uncommitted version directory, *.tmp-* files, a dead holder's lock) are
+    removed by the next save; files that are not the checkpoint's are left alone."""
+    if not world.member:
+        return
+    comm, rank = world.comm, world.comm.Get_rank()
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(3, 5, seed=13)
+    with tpmpi.ProcessGrid(comm) as grid:
+        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+        tpmpi.save_checkpoint(path, layer)
+        tpmpi.save_checkpoint(path, layer)
+        if rank == 0:
+            assert sorted(os.listdir(path)) == ["manifest.json", "v000002"]
+            os.mkdir(os.path.join(path, "v000003"))  # a crash after creating the next version
+            with open(os.path.join(path, "v000003", "weight.npy"), "wb") as f:
+                f.write(b"partial")
+            open(os.path.join(path, ".manifest.json.tmp-dead"), "w").close()
+            open(os.path.join(path, "notes.txt"), "w").close()  # the user's
+            with open(os.path.join(path, ".lock"), "w") as f:  # a dead process's lock
+                json.dump({"pid": 2**22 + 12345, "host": os.uname().nodename, "since": "-"}, f)
+        comm.Barrier()
+        assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), W)
+        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid))
+        if rank == 0:
+            assert sorted(os.listdir(path)) == ["manifest.json", "notes.txt", "v000003"]
+        assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), 2 * W)
+
+
+@pytest.mark.mpi
+def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, tmp_path_factory,
+                                                                  monkeypatch):
+    if not world.member:
+        return
+    import tpmpi.checkpoint as ck
+
+    comm, rank = world.comm, world.comm.Get_rank()
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(3, 5, seed=14)
+    lock = os.path.join(path, ".lock")
+    with tpmpi.ProcessGrid(comm) as grid:
+        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+        tpmpi.save_checkpoint(path, layer)
+        if rank == 0:  # held by a live process of another host: nothing says it is stale
+            with open(lock, "w") as f:
+                json.dump({"pid": os.getpid(), "host": "elsewhere", "since": "t0"}, f)
+        comm.Barrier()
+        all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(path, layer),
+                        r"is being saved by another job \(pid \d+ on elsewhere since t0\); "
+                        r"concurrent saves to one path are refused: wait for it, or remove "
+                        r".*\.lock if no save is running")
+        if rank == 0:
+            assert os.path.exists(lock)  # not ours to remove
+        monkeypatch.setattr(ck, "LOCK_STALE_S", 0.0)  # its heartbeat is now too old
+        tpmpi.save_checkpoint(path, layer)
+        if rank == 0:
+            assert not os.path.exists(lock)
+
+
+@pytest.mark.mpi
+def test_load_arguments_are_agreed(world, tmp_path_factory):
+    """One rank's different path/cls/verify/into/options is reported on every rank instead
+    of mixing checkpoints or crashing MPI (tested in full by scripts/bad_inputs.py)."""
+    if not world.member or world.size == 1:
+        return
+    comm, rank = world.comm, world.comm.Get_rank()
+    path = shared_dir(comm, tmp_path_factory)
+    W, b = dense(3, 5, seed=15)
+    with tpmpi.ProcessGrid(comm) as grid:
+        tpmpi.save_checkpoint(os.path.join(path, "a"), tpmpi.ColumnParallelLinear.from_dense(
+            W, b, grid=grid))
+        tpmpi.save_checkpoint(os.path.join(path, "b"), tpmpi.ColumnParallelLinear.from_dense(
+            2 * W, b, grid=grid))
+        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+            os.path.join(path, "b" if rank == 1 else "a"), grid=grid), "path differs")
+        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+            os.path.join(path, "a"), grid=grid, verify=rank != 1), "verify differs")
+        twin = tpmpi.ColumnParallelLinear(3, 5, grid=grid)
+        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+            os.path.join(path, "a"), grid=grid, into=twin if rank == 1 else None),
+            "into differs")
+        layer = tpmpi.load_checkpoint(os.path.join(path, "a"), grid=grid)  # still in step
+        assert np.array_equal(layer.gather_weight(), W)

@@ -1,14 +1,27 @@
-"""Chunked collectives: with a tiny TPMPI_MAX_MESSAGE_BYTES every gather and reduction is split
-into many MPI calls, and the results are bit-identical to the unsplit ones."""
+"""tpmpi.comm: the message-size limit (parsed, agreed, and true for every MPI call a layer makes),
+chunked collectives bit-identical to unsplit ones, float16/bfloat16 reductions summed in float32
+and rounded once, and the Open MPI 4.1 ``Ialltoallw`` workaround."""
 import os
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 import tpmpi
+from conftest import RecordingComm, all_ranks_raise, message_bytes, rel_err
 from tpmpi import comm as tcomm
 from tpmpi.grid import factorisations
+from tpmpi.dtypes import tolerance
 from tpmpi.layout import LAYOUTS
+from tpmpi.partition import block_sizes
+
+try:
+    import ml_dtypes  # noqa: F401
+    HALFS = ["float16", "bfloat16"]
+except ImportError:
+    HALFS = ["float16", pytest.param("bfloat16", marks=pytest.mark.skip(
+        reason="bfloat16 needs the ml_dtypes package (not installed)"))]
+DTYPES = ["float64", "float32", *HALFS]
 
 
 def test_chunks_cover_range_within_limit():
@@ -17,55 +30,93 @@ def test_chunks_cover_range_within_limit():
     assert tcomm.chunks(3, 100, limit=24) == [slice(0, 1), slice(1, 2), slice(2, 3)]
 
 
-def test_limit_from_environment(monkeypatch):
-    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", "64")
-    assert tcomm.max_message_bytes() == 64
-    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", "0")
-    with pytest.raises(ValueError, match="expected a positive integer"):
+@pytest.mark.parametrize("value,want", [("64", 64), (" 4096 ", 4096), ("", 2**30)])
+def test_limit_from_environment(monkeypatch, value, want):
+    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
+    assert tcomm.max_message_bytes() == want
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "abc", "1e6", "2**20", "64.0"])
+def test_bad_limit_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
+    with pytest.raises(ValueError, match=r"TPMPI_MAX_MESSAGE_BYTES=.*expected a positive "
+                                         r"integer"):
         tcomm.max_message_bytes()
 
 
-def test_row_pieces_split_blocks():
-    out = np.empty((5, 4))
-    blocks = [((0, 0), (5, 2)), ((0, 2), (5, 2))]
-    local = np.zeros((5, 2))
-    pieces = [(lo.shape, o.shape, b) for lo, o, b in _pieces(local, out, blocks, 2 * 4 * 8)]
-    assert pieces == [((2, 2), (2, 4), [((0, 0), (2, 2)), ((0, 2), (2, 2))]),
-                      ((2, 2), (2, 4), [((0, 0), (2, 2)), ((0, 2), (2, 2))]),
-                      ((1, 2), (1, 4), [((0, 0), (1, 2)), ((0, 2), (1, 2))])]
+def test_gather_pieces_split_rows_then_columns():
+    # 2 ranks, float64: a call carries at most limit // (2 * 8) elements
+    assert tcomm._gather_pieces((5, 4), 8, 2, 2 * 8 * 20) == [((0, 5), None)]
+    assert tcomm._gather_pieces((5, 4), 8, 2, 2 * 8 * 8) == [((0, 2), None), ((2, 4), None),
+                                                            ((4, 5), None)]
+    assert tcomm._gather_pieces((2, 5), 8, 2, 2 * 8 * 2) == [
+        ((0, 1), (0, 2)), ((0, 1), (2, 4)), ((0, 1), (4, 5)),
+        ((1, 2), (0, 2)), ((1, 2), (2, 4)), ((1, 2), (4, 5))]
+    assert tcomm._gather_pieces((3,), 2, 4, 16) == [((0, 2), None), ((2, 3), None)]
+    assert tcomm._gather_pieces((0, 7), 4, 3, 8) == [((0, 0), None)]
 
 
-def _pieces(local, out, blocks, limit, rank=0):
-    old, tcomm.MAX_MESSAGE_BYTES = tcomm.MAX_MESSAGE_BYTES, limit
-    try:
-        return tcomm._row_pieces(local, out, blocks, rank)
-    finally:
-        tcomm.MAX_MESSAGE_BYTES = old
+def test_half_precision_moves_as_two_byte_words():
+    assert tcomm.mpi_type("float16") == MPI.UINT16_T
+    assert tcomm.mpi_type("float32") == MPI.FLOAT and tcomm.mpi_type("float64") == MPI.DOUBLE
+    assert tcomm.mpi_type("float32").is_predefined  # not a Dup the caller would have to free
+    assert tcomm.reduction_dtype("float16") == np.float32
+    assert tcomm.reduction_dtype("float64") == np.float64
+    if "bfloat16" in HALFS:
+        assert tcomm.mpi_type("bfloat16") == MPI.UINT16_T
+        assert tcomm.reduction_dtype("bfloat16") == np.float32
+
+
+# --------------------------------------------------------------------------- chunked collectives
+
+
+def _every_collective(comm, A, dtype):
+    """Results of every tpmpi collective on ``A`` (one rank's contribution), on host buffers."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    out = {}
+    a = A.copy()
+    out["allreduce"] = tcomm.allreduce(a, comm).copy()
+    a = A.copy()
+    tcomm.iallreduce(a, comm).Wait()
+    out["iallreduce"] = a
+    counts = block_sizes(A.size, size)[::-1]  # uneven, zero-size at the end
+    rs = np.zeros(counts[rank], dtype=dtype)
+    out["reduce_scatter"] = tcomm.reduce_scatter(A, rs, counts, comm)
+    root = size - 1
+    red = np.zeros_like(A) if rank == root else None
+    tcomm.ireduce(A, red, root, comm).Wait()
+    out["reduce"] = red
+    b = A.copy() if rank == 0 else np.zeros_like(A)
+    tcomm.ibcast(b, 0, comm).Wait()
+    out["bcast"] = b
+    return out
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("limit", [8, 24, 200])
-def test_chunked_collectives_identical(world, monkeypatch, limit):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("limit", [16, 24, 200])
+def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
     if not world.member:
         return
-    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
     rng = np.random.default_rng(0)
-    A = rng.standard_normal((7, 5))
+    A = rng.standard_normal((7, 5)).astype(dtype)
+    C = (rng.standard_normal((6, 5)) * (world.comm.Get_rank() + 1)).astype(dtype)
+    whole = _every_collective(world.comm, C, dtype)
+    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
     for shape in factorisations(world.size):
         with tpmpi.ProcessGrid(world.comm, shape=shape) as grid:
             for layout in LAYOUTS:
-                assert np.array_equal(tpmpi.gather(tpmpi.scatter(A, grid, layout), grid, layout,
-                                                   A.shape), A)
-    a = rng.standard_normal((6, 5)) * (world.comm.Get_rank() + 1)
-    want = world.comm.allreduce(a)
-    b = a.copy()
-    assert np.array_equal(tcomm.allreduce(b, world.comm), want)
-    c = a.copy()
-    if world.size > 1:
-        req = tcomm.iallreduce(c, world.comm)
-        req.Wait()
-        assert np.array_equal(c, want)
-    X, W, bias, dY = (rng.standard_normal(s) for s in [(5, 4), (4, 9), (9,), (5, 9)])
+                got = tpmpi.gather(tpmpi.scatter(A, grid, layout), grid, layout, A.shape)
+                assert np.array_equal(got.view(np.uint8), A.view(np.uint8))
+    split = _every_collective(world.comm, C, dtype)
+    for name, want in whole.items():
+        if want is None:
+            assert split[name] is None
+        elif dtype in ("float16", "bfloat16") or name == "bcast":  # tpmpi's own sums
+            assert np.array_equal(split[name].view(np.uint8), want.view(np.uint8)), name
+        else:  # MPI's reduction: its summation order may depend on the message size
+            assert rel_err(split[name], want) <= tolerance(dtype, world.size), name
+    X, W, bias, dY = (rng.standard_normal(s).astype(dtype) for s in [(5, 4), (4, 9), (9,), (5, 9)])
     with tpmpi.ProcessGrid(world.comm) as grid:
         layer = tpmpi.ColumnParallelLinear.from_dense(W, bias, grid=grid)
         y, dx = layer(X), layer.backward(dY)
@@ -77,7 +128,7 @@ def test_chunked_collectives_identical(world, monkeypatch, limit):
 def test_iallgather_chunked(world, monkeypatch):
     if not world.member:
         return
-    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 16)
+    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 16 * world.size)
     comm, p = world.comm, world.size
     parts = tpmpi.block_partition(6, p)
     A = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)
@@ -90,12 +141,59 @@ def test_iallgather_chunked(world, monkeypatch):
     assert np.array_equal(out, A)
 
 
+# --------------------------------------------------------------------------- half precision
+
+
+def _float32_sum(contributions, dtype):
+    """What tpmpi must return: the float32 sum in rank order, rounded once to ``dtype``."""
+    acc = contributions[0].astype(np.float32)
+    for c in contributions[1:]:
+        acc += c
+    return acc.astype(dtype)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", HALFS)
+def test_half_sums_are_float32_sums_rounded_once(world, dtype):
+    """Rank 0 holds 1, the others 2**-9 (bfloat16) / 2**-12 (float16): a sum rounded at every
+    step stays at 1; the float32 sum rounded once moves to the next representable value."""
+    if not world.member:
+        return
+    comm, rank, size = world.comm, world.comm.Get_rank(), world.size
+    tiny = 2.0**-9 if dtype == "bfloat16" else 2.0**-12
+    rng = np.random.default_rng(7)
+    noise = [rng.standard_normal(13).astype(dtype) for _ in range(size)]
+    contributions = [np.concatenate([np.full(3, 1.0 if q == 0 else tiny), noise[q]]).astype(dtype)
+                     for q in range(size)]
+    want = _float32_sum(contributions, dtype)
+    if size == 4:
+        assert want[0] > 1.0  # the case that tells the two roundings apart
+    mine = contributions[rank]
+    for name, got in _every_collective(comm, mine, dtype).items():
+        if name == "bcast":
+            assert np.array_equal(got.view(np.uint16), contributions[0].view(np.uint16))
+        elif name == "reduce":
+            if rank == size - 1:
+                assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+        elif name == "reduce_scatter":
+            counts = block_sizes(mine.size, size)[::-1]
+            start = sum(counts[:rank])
+            assert np.array_equal(got.view(np.uint16),
+                                  want[start:start + counts[rank]].view(np.uint16))
+        else:
+            assert got.dtype == np.dtype(dtype)
+            assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), name
+            every = comm.allgather(got.view(np.uint16).tobytes())
+            assert len(set(every)) == 1  # bitwise identical on every rank
+
+
+# --------------------------------------------------------------------------- the message limit
+
+
 @pytest.mark.mpi
 def test_limit_must_agree(world, monkeypatch):
     if not world.member or world.size == 1:
         return
-    from conftest import all_ranks_raise
-
     rank = world.comm.Get_rank()
     with tpmpi.ProcessGrid(world.comm) as grid:
         layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
@@ -105,14 +203,121 @@ def test_limit_must_agree(world, monkeypatch):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("scheme", ["column", "row", "tile2d"])
+def test_bad_limit_on_one_rank_raises_everywhere(world, monkeypatch, scheme):
+    """A value that does not parse on the last rank only: the same error on every rank, no
+    hang (for tile2d too, which never agreed the limit before)."""
+    if not world.member or world.size == 1:
+        return
+    rank, size = world.comm.Get_rank(), world.size
+    with tpmpi.ProcessGrid(world.comm, shape=factorisations(size)[-1]) as grid:
+        cls = {"column": tpmpi.ColumnParallelLinear, "row": tpmpi.RowParallelLinear,
+               "tile2d": tpmpi.TileParallelLinear}[scheme]
+        layer = cls(4, 6, grid=grid)
+        x = tpmpi.scatter(np.ones((3, 4), np.float32), grid,
+                          "tiles" if scheme == "tile2d" else "replicated")
+        if rank == size - 1:
+            monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", "abc")
+        msg = all_ranks_raise(world.comm, lambda: layer(x),
+                              r"TPMPI_MAX_MESSAGE_BYTES='abc': expected a positive integer")
+        assert f"rank {size - 1}" in msg
+        monkeypatch.delenv("TPMPI_MAX_MESSAGE_BYTES", raising=False)
+        if rank == 0:
+            monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", "512")
+        all_ranks_raise(world.comm, lambda: layer(x), "TPMPI_MAX_MESSAGE_BYTES differs")
+
+
+def _layers(scheme, grid, dtype):
+    if scheme == "column":
+        return tpmpi.ColumnParallelLinear(7, 6, grid=grid, dtype=dtype), "replicated", 6
+    if scheme == "row":
+        return tpmpi.RowParallelLinear(7, 6, grid=grid, dtype=dtype), "replicated", 6
+    if scheme.startswith("mlp"):
+        mode = scheme.split("-")[1]
+        return tpmpi.ParallelMLP(7, 5, grid=grid, mode=mode, dtype=dtype), "replicated", 7
+    panel = 2 if scheme == "tile2d-panel" else None
+    return tpmpi.TileParallelLinear(7, 6, grid=grid, panel=panel, dtype=dtype), "tiles", 6
+
+
+def _record(layer, log):
+    """Route every MPI call of ``layer`` (and its sub-layers and grid) through a recorder."""
+    for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
+        if hasattr(sub, "comm"):
+            sub.comm = RecordingComm(sub.comm, log)
+    grid = layer.grid
+    grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
+                                               (grid.comm, grid.row_comm, grid.col_comm))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float64", *HALFS])
+@pytest.mark.parametrize("scheme", ["column", "row", "mlp-megatron", "mlp-book", "tile2d",
+                                    "tile2d-panel"])
+def test_no_mpi_call_exceeds_the_limit(world, monkeypatch, scheme, dtype):
+    """Every MPI call of forward and backward, on every grid, sends and receives at most
+    TPMPI_MAX_MESSAGE_BYTES (256 here), agreement's control Allreduce (op MAX) aside."""
+    if not world.member:
+        return
+    limit = 256
+    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", str(limit))
+    shapes = factorisations(world.size) if scheme.startswith("tile2d") else [(1, world.size)]
+    traffic = 0
+    for shape in shapes:
+        grid = tpmpi.ProcessGrid(world.comm, shape=shape)
+        layer, layout, n_out = _layers(scheme, grid, dtype)
+        rng = np.random.default_rng(3)
+        X = rng.standard_normal((24, 7)).astype(dtype)
+        dY = rng.standard_normal((24, n_out)).astype(dtype)
+        log = []
+        _record(layer, log)
+        y = layer(tpmpi.scatter(X, grid, layout))
+        layer.backward(tpmpi.scatter(dY, grid, layout))
+        data = [(name, message_bytes(name, args, kwargs)) for name, args, kwargs in log
+                if kwargs.get("op") not in (MPI.MAX, MPI.MIN)]
+        data = [(name, b) for name, b in data if b is not None]
+        over = [(name, b) for name, b in data if max(b) > limit]
+        assert not over, over[:5]
+        traffic += sum(max(b) for _, b in data)
+        assert y is not None
+        grid.comm, grid.row_comm, grid.col_comm = (c._comm for c in
+                                                   (grid.comm, grid.row_comm, grid.col_comm))
+        grid.free()
+    if world.size > 1:  # the recorder saw real traffic, more than a few calls could carry
+        assert traffic > 2 * limit, traffic
+
+
+# --------------------------------------------------------------------------- Open MPI 4.1
+
+
+@pytest.mark.mpi
+def test_iallgather_on_a_cartesian_grid(world):
+    """Regression (Open MPI 4.1 segfault in ompi_coll_base_retain_datatypes_w): the
+    non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed P < 4."""
+    if not world.member:
+        return
+    with tpmpi.ProcessGrid(world.comm) as grid:
+        comm = grid.comm
+        parts = tpmpi.block_partition(5, world.size)
+        lo, hi = parts[grid.rank]
+        A = np.arange(24.0).reshape(4, 6)[:, :5].copy()
+        for _ in range(2):
+            out = np.zeros_like(A)
+            tcomm.iallgather_blocks(np.ascontiguousarray(A[:, lo:hi]), out,
+                                    [((0, a), (4, b - a)) for a, b in parts], comm).Wait()
+            assert np.array_equal(out, A)
+        if world.size > 1:
+            plain = tcomm._plain(comm)
+            assert plain is tcomm._plain(comm)  # created once, kept on the communicator
+            assert plain.Get_topology() == MPI.UNDEFINED and plain.Get_size() == world.size
+
+
+@pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TPMPI_LARGE_TESTS"),
                     reason="set TPMPI_LARGE_TESTS=1 (2 ranks, ~7 GB of memory)")
 @pytest.mark.parametrize("limit", [None, 2**62], ids=["chunked", "unchunked"])
 def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
     """A gather and an allreduce of 2**31 + 1024 uint8 elements on 2 ranks."""
-    from mpi4py import MPI
-
     if limit:
         monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
     world = MPI.COMM_WORLD
@@ -138,8 +343,9 @@ def test_reductions_refuse_strided_buffers(world):
     """Regression: the chunked reductions reshape to 1D; a strided view must not be copied."""
     if not world.member or world.size == 1:
         return
-    a = np.ones((4, 6))[:, ::2]
-    with pytest.raises(ValueError, match="C-contiguous"):
-        tcomm.allreduce(a, world.comm)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        tcomm.iallreduce(a, world.comm)
+    for dtype in ("float64", "float16"):
+        a = np.ones((4, 6), dtype)[:, ::2]
+        with pytest.raises(ValueError, match="C-contiguous"):
+            tcomm.allreduce(a, world.comm)
+        with pytest.raises(ValueError, match="C-contiguous"):
+            tcomm.iallreduce(a, world.comm)

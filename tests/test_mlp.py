@@ -152,7 +152,7 @@ def test_errors_are_raised_on_every_rank(world):
     all_ranks_raise(comm, lambda: tpmpi.ParallelMLP.from_dense(W1, b1, W2, None, grid=grid),
                     "b1 and b2: pass both or neither")
     all_ranks_raise(comm, lambda: tpmpi.ParallelMLP.from_dense(W1, b1, W2[:5], b2, grid=grid),
-                    r"W.shape=\(5, 3\): expected \(6, 3\)")
+                    r"W2.shape=\(5, 3\): expected \(6, 3\)")
     mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid)
     assert_input_errors(comm, mlp, X, dY)
     if comm.Get_size() > 1:

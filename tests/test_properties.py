@@ -111,7 +111,8 @@ def scheme_error(p: dict, comm) -> float:
     problem = Problem(scheme=p["scheme"], m=p["m"], k=p["k"], n=p["n"], hidden=p["hidden"],
                       dtype=p["dtype"], backward=True, options=p["options"])
     with tpmpi.ProcessGrid(comm, shape=p["grid"], blas_threads=None) as grid:
-        return build(problem, grid, get_backend("numpy")).verify() / tolerance(p["dtype"])
+        return build(problem, grid, get_backend("numpy")).verify() / tolerance(
+            p["dtype"], problem.longest_sum)
 
 
 @COLLECTIVE

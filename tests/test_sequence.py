@@ -2,6 +2,8 @@
 ParallelMLP on every grid of 1-4 ranks against the serial float64 reference (outputs, dX and all
 four gradients), mode "sequence" equal to "megatron", the sequence-parallel linear layers alone,
 their adjoints, the collectives they run and their input errors."""
+import re
+
 import numpy as np
 import pytest
 
@@ -156,12 +158,18 @@ def test_sequence_input_errors(world):
         all_ranks_raise(comm, lambda: mlp.backward(x), r"backward\(\) called before")
         if p > 1:  # two extra rows on the last rank: not the block partition of the total
             bad = np.zeros((b - a + 2 * (rank == p - 1), 3))
-            msg = all_ranks_raise(comm, lambda: mlp(bad), "in layout 'rows' over")
-            assert f"of the {m + 2} rows" in msg
+            counts = tuple(q - o + 2 * (r == p - 1)
+                           for r, (o, q) in enumerate(tpmpi.block_partition(m, p)))
+            want = tuple(q - o for o, q in tpmpi.block_partition(m + 2, p))
+            all_ranks_raise(comm, lambda: mlp(bad),
+                            rf"x rows per rank {re.escape(str(counts))}: expected "
+                            rf"{re.escape(str(want))}, the block partition of the {m + 2} rows "
+                            rf"in layout 'rows' over {p} ranks")
         mlp(x)
         dy = np.zeros((1 if rank == 0 else 0, 3))
         all_ranks_raise(comm, lambda: mlp.backward(dy),
-                        rf"dy.shape=.*expected {m} rows in all \(the forward input's\)")
+                        rf"dy: 1 rows in all .*: expected {m} rows in all \(the forward "
+                        r"input's\)")
         all_ranks_raise(comm, lambda: mlp(np.zeros((b - a, 4))), r"expected 3 columns")
 
 

@@ -11,16 +11,20 @@
 * ``"relu"``: ``max(x, 0)``, derivative 0 at 0.
 
 Each entry of :data:`ACTIVATIONS` is ``(f, df)``; both take the pre-activation array and return
-a new array of its dtype.
+a new array of its dtype. float16 and bfloat16 inputs are evaluated in float32 and rounded once
+(:func:`in_float32`): the formulas' Python-float constants would otherwise promote bfloat16 to
+float32 (ml_dtypes' promotion rules) and float16 loses accuracy in ``tanh``/``exp``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import numpy as np
 
 from .backend import backend_of
+from .gemm import HALF
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -73,11 +77,23 @@ def relu_grad(x):
     return (x > 0).astype(x.dtype)
 
 
+def in_float32(fn: Callable) -> Callable:
+    """``fn`` evaluated in float32 for float16/bfloat16 input, the result rounded once to the
+    input's dtype; other dtypes pass through."""
+    @functools.wraps(fn)
+    def wrapped(x):
+        if x.dtype.name in HALF:
+            return fn(x.astype(np.float32)).astype(x.dtype)
+        return fn(x)
+    return wrapped
+
+
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
-    "gelu": (gelu, gelu_grad),
-    "gelu_erf": (gelu_erf, gelu_erf_grad),
-    "relu": (relu, relu_grad),
-}
+    name: (in_float32(f), in_float32(df)) for name, (f, df) in {
+        "gelu": (gelu, gelu_grad),
+        "gelu_erf": (gelu_erf, gelu_erf_grad),
+        "relu": (relu, relu_grad),
+    }.items()}
 
 
 def get_activation(name: str) -> tuple[Callable, Callable]:

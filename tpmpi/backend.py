@@ -81,6 +81,23 @@ class Backend:
         """Copy the host array ``host`` into this backend's array ``a`` (same shape)."""
         np.copyto(a, host)
 
+    def copy_to_host_async(self, a, out: np.ndarray) -> Any:
+        """Start copying the contiguous ``a`` into the pinned host array ``out``, after the work
+        already queued on the current stream; returns a fence for :meth:`wait_copy`. Here (host
+        memory) the copy is done on return and the fence is None."""
+        self.copy_to_host(a, out)
+        return None
+
+    def copy_from_host_async(self, host: np.ndarray, a) -> Any:
+        """Start copying the pinned ``host`` into the contiguous ``a``; work queued later on the
+        current stream sees the data. Returns a fence: ``host`` may be reused after
+        :meth:`wait_copy`. Here the copy is done on return."""
+        self.copy_from_host(host, a)
+        return None
+
+    def wait_copy(self, fence: Any) -> None:
+        """Block until the asynchronous copy behind ``fence`` has completed."""
+
     @contextlib.contextmanager
     def memory_peak(self) -> Iterator[dict]:
         """Measure the peak bytes allocated by this backend inside the block, above what was
@@ -110,6 +127,7 @@ class CupyBackend(Backend):
     def __init__(self, xp: Any, device: int):
         super().__init__("cupy", xp, device)
         self._dtypes: dict[str, Optional[str]] = {}
+        self._side = None  # the staging copies' stream (see _copy_stream)
 
     def to_host(self, a) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
@@ -150,6 +168,30 @@ class CupyBackend(Backend):
         # Stream-ordered; the next stream sync (every Staging call starts with one) completes
         # it before ``host`` is reused.
         a.set(host)
+
+    def _copy_stream(self):
+        """The side stream of the asynchronous staging copies (created at first use)."""
+        if self._side is None:
+            self._side = self.xp.cuda.Stream(non_blocking=True)
+        return self._side
+
+    def copy_to_host_async(self, a, out: np.ndarray) -> Any:
+        side = self._copy_stream()
+        side.wait_event(self.xp.cuda.get_current_stream().record())
+        a.get(stream=side, out=out, blocking=False)
+        return side.record()
+
+    def copy_from_host_async(self, host: np.ndarray, a) -> Any:
+        side = self._copy_stream()
+        side.wait_event(self.xp.cuda.get_current_stream().record())  # earlier readers of a
+        a.set(host, stream=side)
+        done = side.record()
+        self.xp.cuda.get_current_stream().wait_event(done)  # later kernels see the data
+        return done
+
+    def wait_copy(self, fence: Any) -> None:
+        if fence is not None:
+            fence.synchronize()
 
     @contextlib.contextmanager
     def memory_peak(self) -> Iterator[dict]:

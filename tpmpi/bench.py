@@ -7,9 +7,12 @@ over ranks per iteration), so ``gemm_s`` / ``comm_s`` are medians over the itera
 ``time_s``; ``spread`` holds their ``{median, min, max}``. ``algbw = S / comm_s`` and
 ``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of each collective and the
 nccl-tests factors ((P-1)/P allgather and reduce-scatter, 2(P-1)/P allreduce).
-``mem_peak_bytes`` is the peak of the backend's allocations while the case is built and stepped
-once (tracemalloc for NumPy, the memory-pool hook for CuPy), max over ranks. ``flags`` marks
-suspicious figures (:mod:`tpmpi.stats`).
+``d2h_bytes`` / ``h2d_bytes`` are the bytes a rank's layers staged device->host and back per
+iteration (GPU without GPU-aware MPI; 0 otherwise) and ``staging_s`` the seconds per iteration
+spent in those copies, part of the communication time (means over the iterations, max over
+ranks). ``mem_peak_bytes`` is the peak of the backend's allocations while the case is built
+and stepped once (tracemalloc for NumPy, the memory-pool hook for CuPy), max over ranks.
+``flags`` marks suspicious figures (:mod:`tpmpi.stats`).
 """
 from __future__ import annotations
 
@@ -197,14 +200,20 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     dp_prof = case.dp.profiler if mesh else None
     for prof in list(case.profilers) + ([dp_prof] if dp_prof else []):
         prof.reset()
+    stagings = [layer.staging for layer in getattr(case, "layers", ())] + (
+        [case.dp.staging] if mesh else [])
+    for staging in stagings:
+        staging.reset_stats()
     fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
     totals = [p.totals() for p in case.profilers]
     per_iter = [sum(t[key] for t in totals) / max(iters, 1) for key in ("bytes", "bus_bytes")]
     per_iter += [dp_prof.comm_s / max(iters, 1), dp_prof.bytes / max(iters, 1)] if dp_prof \
         else [0.0, 0.0]
-    mem_peak, nbytes, bus_bytes, dp_comm_s, dp_bytes = _max_over_ranks(
-        comm, [mem["peak"]] + per_iter)
+    staged = [sum(st.stats[key] for st in stagings) / max(iters, 1)
+              for key in ("d2h_bytes", "h2d_bytes", "staging_s")]
+    mem_peak, nbytes, bus_bytes, dp_comm_s, dp_bytes, d2h, h2d, staging_s = _max_over_ranks(
+        comm, [mem["peak"]] + per_iter + staged)
     mem_peak = int(mem_peak)
     time_s = summary(fwd_t + bwd_t)
     median = time_s["median"] if time_s else float("nan")
@@ -255,12 +264,13 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
         "gemm_s": float(gemm_s), "comm_s": float(comm_s), "spread": spread,
         "gflops": flops / median / 1e9 if median > 0 else None,
         "comm_bytes": float(nbytes),
+        "d2h_bytes": int(d2h), "h2d_bytes": int(h2d), "staging_s": float(staging_s),
         "collectives": {op: c // max(iters, 1) for op, c in calls.items()},
         "dp_bytes": float(dp_bytes), "dp_comm_s": float(dp_comm_s),
         "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
         "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
         "mem_peak_bytes": mem_peak,
-        "max_rel_err": err, "tolerance": tolerance(problem.dtype),
+        "max_rel_err": err, "tolerance": tolerance(problem.dtype, problem.longest_sum),
         "predicted_s": pred.time_s if pred else None,
         "overlap": {phase: t.as_dict() for phase, t in phases.items()} or None,
         "predicted": dataclasses.asdict(pred) if pred else None,

@@ -2,34 +2,43 @@
 or ``srun`` (``plan`` and ``report`` need no MPI job). Reference: docs/cli.md.
 
 Exit codes: 0 success; 1 ``--check`` failed (error above the dtype's tolerance); 2 usage error
-(one line on rank 0, raised on every rank together). An unexpected exception prints its
-traceback and aborts the whole job (``MPI_Abort``), so no rank is left hanging.
+(one line on rank 0, raised on every rank together), found before the work starts where it can
+be (a problem that cannot fit in memory, a ``--json`` file that cannot be written). An
+unexpected exception prints its traceback and aborts the whole job (``MPI_Abort``), so no rank
+is left hanging; an interruption (SIGINT/Ctrl-C, SIGTERM from ``scancel`` or a time limit)
+prints one line and aborts the job at once, even while this rank waits inside MPI.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import io
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
 from . import __version__
+from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
-from .comm import agree
+from .comm import Same, Text, agree
 from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS
-from .dtypes import SUPPORTED, tolerance
+from .dtypes import SUPPORTED
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
 from .schemes import KNOWN, Problem, available
+from .schemes.hybrid import largest_replica
 from .stats import short
 from .sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
                     parse_size, run_sweep)
@@ -42,7 +51,7 @@ OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
                 "activation": "--activation", "overlap": "--no-overlap"}
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad command-line arguments: exit 2 with a one-line message."""
 
 
@@ -327,17 +336,18 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     grid = Mesh(comm, dp=args.dp, tp=shape, blas_threads=threads) if args.dp > 1 else \
         ProcessGrid(comm, shape, blas_threads=threads)
     tp = grid.tp if args.dp > 1 else grid
+    replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
     backend = get_backend(args.backend, comm)
-    cal = load_calibration(args.calibration)
+    check_fits([(replica, tp.shape)], backend, comm)
+    cal = agreed_calibration(args.calibration, comm)
     timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
               "overlap": args.measure_overlap}
-    replica = dataclasses.replace(problem, m=-(-problem.m // args.dp))  # estimate: one replica
     rec = run_case(problem, grid, backend, calibration=cal, bucket_bytes=args.bucket_bytes,
                    progress=case_progress(replica, tp, backend, cal, **timing), **timing)
-    ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= tolerance(args.dtype)
+    ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= rec["tolerance"]
     if comm.Get_rank() == 0:
         print(format_table([rec]))
-        print(f"check: max_rel_err={rec['max_rel_err']:.3e} tolerance={tolerance(args.dtype):.0e}"
+        print(f"check: max_rel_err={rec['max_rel_err']:.3e} tolerance={rec['tolerance']:.1e}"
               f" -> {'PASS' if ok else 'FAIL'}  (vs float64 reference)")
         base = (rec.get("spread") or {}).get("baseline_s")
         if base:
@@ -443,6 +453,8 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
+    check_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
+    calibration = agreed_calibration(args.calibration, comm)
     threads = configure_blas_threads(comm, args.threads)
     records: list[dict] = []
     save = _appender(args.json, comm)
@@ -451,7 +463,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         records.append(rec)
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
-              baseline=args.baseline, calibration=load_calibration(args.calibration),
+              baseline=args.baseline, calibration=calibration,
               on_record=on_record, measure_overlap=args.measure_overlap,
               bucket_bytes=args.bucket_bytes)
     _out(comm)(format_table(records))
@@ -516,20 +528,106 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "calibrate": cmd_calibrate, "pla
             "report": cmd_report, "info": cmd_info}
 
 
+def parse_agreed(argv: Optional[Sequence[str]], comm: MPI.Comm
+                 ) -> "argparse.Namespace | tuple[int, str]":
+    """Parse ``argv`` on every rank and agree on the outcome before anything else: the same
+    sub-command and flags everywhere (else UsageError on every rank). ``--help``/``--version``
+    give ``(exit code, text)`` (to be printed by rank 0 only), and must be asked for on every
+    rank. Collective (three small agreements)."""
+    error, args, text = None, None, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            args = make_parser().parse_args(argv)
+    except UsageError as exc:
+        error = str(exc)
+    except SystemExit as exc:  # --help / --version, printed into ``text``
+        args = (int(exc.code or 0), text.getvalue())
+    asked = Text("asked for" if isinstance(args, tuple) else "not asked for")
+    agree(comm, error, **{"--help/--version": Same(asked, "every rank must be given the same "
+                                                          "command line")})
+    if isinstance(args, tuple):
+        return args
+    agree(comm, command=args.command)  # same sub-command, hence the same set of flags
+    agree(comm, **{f"--{name}": value for name, value in sorted(vars(args).items())})
+    return args
+
+
+def check_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json") -> None:
+    """UsageError on every rank unless rank 0 can write ``path`` (its directory exists and is
+    writable; an existing file is writable), before any work is done. Collective."""
+    error = None
+    if path and comm.Get_rank() == 0:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            error = f"{flag} {path}: directory {folder} does not exist"
+        elif os.path.isdir(path):
+            error = f"{flag} {path}: is a directory, expected a file"
+        elif not os.access(path if os.path.exists(path) else folder, os.W_OK):
+            error = f"{flag} {path}: not writable"
+    try:
+        agree(comm, error)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def agreed_calibration(path: Optional[str], comm: MPI.Comm):
+    """:func:`load_calibration` of ``path`` (else env TPMPI_CALIBRATION) on every rank; a file
+    one rank cannot read fails on every rank, naming the flag or the variable. Collective."""
+    error, calibration = None, None
+    try:
+        calibration = load_calibration(path)
+    except ValueError as exc:
+        error = f"--calibration: {exc}" if path else f"TPMPI_CALIBRATION: {exc}"
+    try:
+        agree(comm, error)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return calibration
+
+
+def check_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
+               comm: MPI.Comm) -> None:
+    """UsageError on every rank when one of ``runs`` (a problem on a grid shape) needs more
+    memory than this node (or this rank's GPU) has: a lower bound per rank from the layouts
+    (:mod:`tpmpi.footprint`) times the ranks of the run on this node. Before any allocation;
+    collective."""
+    local = node_comm(comm)
+    sharing = local.Get_size()
+    local.Free()
+    if backend.is_gpu:
+        free, where = backend.xp.cuda.runtime.memGetInfo()[0], "free on this rank's GPU"
+    else:
+        free, where = footprint.host_available(), "available on this node"
+    error = None
+    for p, shape in runs:
+        per_rank = footprint.bytes_per_rank(p, shape)
+        ranks = 1 if backend.is_gpu else min(sharing, shape[0] * shape[1])
+        if per_rank is None or free is None or per_rank * ranks <= free:
+            continue
+        error = (f"--m {p.m} --k {p.k} --n {p.n}{f' --hidden {p.hidden}' if p.hidden else ''} "
+                 f"--dtype {p.dtype} ({p.scheme} on {shape[0]}x{shape[1]}"
+                 f"{', backward' if p.backward else ''}) needs at least {per_rank} bytes "
+                 f"({footprint.gib(per_rank)}) per rank for its arrays, "
+                 f"{footprint.gib(per_rank * ranks)} for its {ranks} rank(s) on this node; "
+                 f"{footprint.gib(free)} {where}")
+        break
+    try:
+        agree(comm, error)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
     """Entry point; returns the exit code (the same on every rank)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     try:
-        error, args = None, None
-        try:
-            args = make_parser().parse_args(argv)
-        except UsageError as exc:
-            error = str(exc)
-        except SystemExit as exc:  # --help / --version printed by every rank
-            return int(exc.code or 0)
-        agree(comm, error)
-        agree(comm, command=args.command)  # same sub-command, hence the same set of flags
-        agree(comm, **{f"--{name}": value for name, value in sorted(vars(args).items())})
+        args = parse_agreed(argv, comm)
+        if isinstance(args, tuple):  # --help / --version on every rank
+            if comm.Get_rank() == 0:
+                sys.stdout.write(args[1])
+            return args[0]
+        if args.command in ("run", "bench", "calibrate"):
+            check_output_file(args.json, comm)
         return COMMANDS[args.command](args, comm)
     except (UsageError, ValueError) as exc:
         if comm.Get_rank() == 0:
@@ -537,13 +635,55 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         return 2
 
 
-def run() -> None:
-    """Console entry: exit with main()'s code; abort the job on an unexpected exception."""
+def _abort(comm: MPI.Comm, line: str, code: int) -> None:
+    """Print ``line`` (on a line of its own, after a progress bar too) and end the whole MPI
+    job (this rank exits even if MPI_Abort returns)."""
+    sys.stderr.write("\n" + line + "\n")
+    sys.stderr.flush()
     try:
+        comm.Abort(code)
+    finally:
+        os._exit(code)
+
+
+def watch_signals(comm: MPI.Comm, delay: float = 2.0) -> None:
+    """SIGINT and SIGTERM end the whole job with one line: a watcher thread wakes on the
+    signal (through :func:`signal.set_wakeup_fd`, so even while the main thread waits inside an
+    MPI call) and calls ``MPI_Abort``.
+
+    Launchers forward a Ctrl-C or ``scancel`` to every rank, and Open MPI's abort SIGTERMs the
+    other ranks (SIGKILL 1 s later), so that one rank alone prints: rank 0 acts at once on
+    SIGINT and after ``delay`` seconds on SIGTERM, the other ranks after ``1.5 * delay``; a
+    rank that the abort of another ends meanwhile prints nothing."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)  # the watcher acts; no KeyboardInterrupt
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    rank = comm.Get_rank()
+
+    def watch() -> None:
+        number = os.read(read_fd, 1)[0]
+        time.sleep(1.5 * delay if rank else 0.0 if number == signal.SIGINT else delay)
+        name = signal.Signals(number).name
+        _abort(comm, f"tpmpi: interrupted by {name} (rank {rank}): aborting the MPI job",
+               128 + number)
+
+    threading.Thread(target=watch, daemon=True, name="tpmpi-signals").start()
+
+
+def run() -> None:
+    """Console entry: exit with main()'s code; any interruption or crash aborts the whole job
+    (never a rank left waiting in a collective)."""
+    comm = MPI.COMM_WORLD
+    try:
+        watch_signals(comm)
         code = main()
-    except Exception:  # noqa: BLE001 - any crash must end the whole MPI job, not hang it
+    except KeyboardInterrupt:  # a SIGINT before the watcher was installed
+        _abort(comm, f"tpmpi: interrupted (rank {comm.Get_rank()}): aborting the MPI job", 130)
+    except BaseException:  # noqa: BLE001 - any crash must end the whole MPI job, not hang it
         traceback.print_exc()
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
-        raise
+        _abort(comm, f"tpmpi: rank {comm.Get_rank()} crashed (traceback above): aborting the "
+               "MPI job", 1)
     sys.exit(code)

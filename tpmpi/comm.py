@@ -1,96 +1,188 @@
 """Collectives on backend arrays, every MPI call visible.
 
-* :func:`agree` — collective argument validation: one small Allreduce decides whether any rank
-  saw an error or a differing argument; only then are details gathered, and the same
-  ValueError is raised on every rank before any collective that could block.
+* :func:`agree` / :func:`check` — collective argument validation: one small Allreduce decides
+  whether any rank saw an error or a differing argument; only then are details gathered, and the
+  same ValueError is raised on every rank before any collective that could block. :func:`check`
+  also parses and agrees ``TPMPI_MAX_MESSAGE_BYTES``.
 * :func:`allgather_blocks` / :func:`iallgather_blocks` — every rank's block lands directly in its
-  final place of a C-ordered global array: one ``Alltoallw`` whose receive types are
+  final place of a C-ordered global array: ``Alltoallw`` whose receive types are
   ``Create_subarray`` types (the mpi4py-fft idiom). This serves all layouts ("cols", "rows",
   "tiles"), handles uneven and zero-size blocks, and needs no full-size staging copy or
   transpose: MPI unpacks each incoming block straight into its strided destination.
-* :func:`allreduce` / :func:`iallreduce` — in-place sums. float16 uses the MPI library's half
-  type (MPICH ``MPIX_C_FLOAT16``); bfloat16, which MPI has no type for, moves as 16-bit
-  integers and is summed in float32 (:func:`reduction_dtype`).
-* Large messages: no single MPI call carries more than :func:`max_message_bytes` (default
-  2**30, env ``TPMPI_MAX_MESSAGE_BYTES``): gathers are split into row chunks of the output,
-  reductions into flat chunks, so counts, displacements and subarray types stay far below
-  2**31 whatever the array size. Results are identical to the unsplit call.
-* Device buffers: the producing stream is synchronised before MPI sees them; without GPU-aware
-  MPI they are staged through host buffers (see :class:`Staging`).
+* Reductions — :func:`allreduce`, :func:`iallreduce`, :func:`ireduce`, :func:`ireduce_scatter`,
+  :func:`reduce_scatter` — and :func:`ibcast`. float32/float64 on host (or GPU-aware) buffers
+  use MPI's own reduction. float16 and bfloat16 never meet an MPI datatype a library may lack
+  (MPICH's ``MPIX_C_FLOAT16``, absent from Open MPI 4.1) nor MPI's per-element reduction loop:
+  they move as 2-byte words (``MPI_UINT16_T``) and are reduced by an *exchange of slices*:
+  ``Alltoallv`` gives rank q slice q of every rank's array, rank q sums its P slices in float32
+  with ``backend.xp`` (vectorised on the host, on the device for CuPy) and rounds once, then an
+  ``Allgatherv`` (allreduce) or ``Gatherv`` (reduce) assembles the result; a reduce-scatter
+  stops after the sum. Every rank computes its slice in rank order, so replicated results are
+  bitwise identical on every rank.
+* Any collective on a one-rank communicator returns at once: no MPI call, no host copy.
+* Device buffers: the stream is synchronised before MPI sees them; without GPU-aware MPI they
+  go through :class:`~tpmpi.staging.Staging` (double-buffered pinned chunks, only this rank's
+  data down, only what it needs back, staged reductions summed on the device).
+* Message size: for every collective above, on every rank, the bytes one MPI call sends (summed
+  over peers) and the bytes it receives (summed over peers) are each at most
+  :func:`max_message_bytes` (default 2**30, env ``TPMPI_MAX_MESSAGE_BYTES``), provided that the
+  limit is at least ``P x itemsize`` bytes (``P x itemsize x`` the product of the middle axes
+  for gathers of arrays with more than two dimensions): gathers are split into row chunks, then
+  into column ranges of single rows; reductions and broadcasts into flat chunks. Counts,
+  displacements and subarray types stay far below 2**31 whatever the array size, and results
+  are identical to the unsplit call. Not split: the few-byte control messages of
+  :func:`agree` (an Allreduce of 8 bytes per agreed value; the allgather of the error texts on
+  failure only).
+* Open MPI 4.1's ``Ialltoallw`` reads its datatype arrays with the neighbour count of a
+  Cartesian communicator (2 per dimension) and crashes when that exceeds the size (a 1x2 or 1x3
+  grid): :func:`iallgather_blocks` runs on a topology-free duplicate kept on the communicator.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py.util import dtlib
 
-from .backend import Backend, backend_of
+from .backend import backend_of
+from .partition import block_sizes
+from .staging import Piece, Staging
+
+__all__ = ["agree", "check", "polite_barrier", "Staging", "max_message_bytes", "chunks",
+           "Requests", "Chain", "wait_all", "mpi_type", "reduction_dtype", "allgather_blocks",
+           "iallgather_blocks", "alltoallw_args", "allreduce", "iallreduce", "ibcast", "ireduce",
+           "ireduce_scatter", "reduce_scatter"]
 
 # --------------------------------------------------------------------------- agreement
 
 
-def _code(value: Any) -> int:
-    return zlib.crc32(repr(value).encode())
+class Same:
+    """A value for :func:`agree` with its own ending of the mismatch message, e.g.
+    ``Same(call, "every rank must call the same layers in the same order")``."""
+
+    __slots__ = ("value", "must")
+
+    def __init__(self, value: Any, must: str):
+        self.value, self.must = value, must
+
+
+class Text(str):
+    """A string :func:`agree` reports without quotes (e.g. a call's description)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+SAME_VALUE = "every rank must pass the same value"
+CALL_ORDER = "every rank must make the same tpmpi calls in the same order (each is collective)"
+
+
+_PLAIN = (int, str, float, bool, type(None), Text)
+
+
+def normalise(value: Any) -> Any:
+    """``value`` in the form :func:`agree` compares: NumPy scalars as Python numbers
+    (``np.int64(3)`` equals ``3``), dtypes by name, lists and tuples as tuples, mappings with
+    sorted keys."""
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, Same):
+        return normalise(value.value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.dtype):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return tuple(normalise(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), normalise(v)) for k, v in value.items()))
+    return value
 
 
 def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
+def _groups(pairs) -> "OrderedDict[Any, list[int]]":
+    """``value -> ranks`` in order of first appearance, from ``(rank, value)`` pairs."""
+    out: "OrderedDict[Any, list[int]]" = OrderedDict()
+    for rank, value in pairs:
+        out.setdefault(value, []).append(rank)
+    return out
+
+
+def _mismatch(infos: list) -> str:
+    """The message for the gathered ``(error, [(key, text, must), ...])`` of every rank: a
+    differing ``call`` first, then reported errors, then the first differing value.
+    Deterministic in ``infos``, hence the same on every rank."""
+    table = [{key: (text, must) for key, text, must in fields} for _, fields in infos]
+    keys = list(OrderedDict.fromkeys(k for fields in table for k in fields))
+
+    def differs(key: str) -> Optional[str]:
+        seen = _groups((r, t[key][0] if key in t else "(another call)")
+                       for r, t in enumerate(table))
+        if len(seen) == 1:
+            return None
+        must = next(t[key][1] for t in table if key in t)
+        detail = " and ".join(f"{v} on {_ranks(r)}" for v, r in seen.items())
+        return f"{key} differs across ranks: {detail}; {must}"
+
+    if "call" in keys and differs("call"):
+        return differs("call")
+    errors = _groups((r, err) for r, (err, _) in enumerate(infos) if err)
+    if errors:
+        return "; ".join(f"{msg} ({_ranks(r)})" if len(errors) > 1 or len(r) < len(infos)
+                         else msg for msg, r in errors.items())
+    found = [msg for msg in map(differs, keys) if msg]
+    return found[0] if found else "the ranks are in different calls"
+
+
 def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
     """Raise the same ValueError on every rank of ``comm`` if any rank reports ``error`` or any
-    keyword value differs between ranks. Collective (one Allreduce of 2(1+len(values)) int64;
-    an allgather of the details only on failure).
+    keyword value differs between ranks (compared after :func:`normalise`; a :class:`Same`
+    value ends the message with its own words). Collective: one Allreduce of 3 int64 whatever
+    the values, so any two agreements match each other (a rank in another tpmpi call is
+    reported, not left hanging); an allgather of the details only on failure. A ``call`` value
+    (which operation this is) is reported before the others.
     """
+    if comm == MPI.COMM_NULL:
+        raise ValueError("the communicator is MPI.COMM_NULL (freed, e.g. by grid.free(), or "
+                         "this rank is outside it): expected a live communicator")
     if comm.Get_size() == 1:
         if error:
             raise ValueError(error)
         return
-    codes = [1 if error else 0] + [_code(v) for v in values.values()]
-    both = np.array(codes + [-c for c in codes], dtype=np.int64)
+    fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
+              for key, v in values.items()]
+    text = repr([(k, t) for k, t, _ in fields]).encode()
+    code = zlib.crc32(text) << 30 | zlib.adler32(text) >> 2  # 62 bits, the same on every rank
+    both = np.array([1 if error else 0, code, -code], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    n = len(codes)
-    top = both.tolist()
-    if top[0] == 0 and top[1:n] == [-c for c in top[n + 1:]]:
+    if both[0] == 0 and both[1] == -both[2]:
         return
-    infos = comm.allgather((error, {k: repr(v) for k, v in values.items()}))
-    errors: "OrderedDict[str, list[int]]" = OrderedDict()
-    for rank, (err, _) in enumerate(infos):
-        if err:
-            errors.setdefault(err, []).append(rank)
-    if errors:
-        parts = [f"{msg} ({_ranks(r)})" if len(errors) > 1 or len(r) < len(infos) else msg
-                 for msg, r in errors.items()]
-        raise ValueError("; ".join(parts))
-    for key in values:
-        seen: "OrderedDict[str, list[int]]" = OrderedDict()
-        for rank, (_, vals) in enumerate(infos):
-            seen.setdefault(vals[key], []).append(rank)
-        if len(seen) > 1:
-            detail = " and ".join(f"{v} on {_ranks(r)}" for v, r in seen.items())
-            raise ValueError(f"{key} differs across ranks: {detail}; every rank must pass the "
-                             "same value")
-    raise AssertionError("agree: inconsistent reduction")  # pragma: no cover
+    raise ValueError(_mismatch(comm.allgather((error, fields))))
 
 
 def check(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> None:
-    """Run ``local_checks`` on every rank, then :func:`agree` on its outcome and on ``values``.
-    Collective. Any exception of ``local_checks`` becomes the agreed ValueError (others than
-    ValueError/TypeError prefixed by their type), so no rank leaves while others wait."""
-    error = None
+    """Run ``local_checks`` on every rank, then :func:`agree` on its outcome, on ``values`` and
+    on ``TPMPI_MAX_MESSAGE_BYTES`` (parsed here, so a bad value on one rank is an error on
+    every rank). Collective. Any exception of ``local_checks`` becomes the agreed ValueError
+    (others than ValueError/TypeError prefixed by their type), so no rank leaves while others
+    wait."""
+    error, limit = None, None
     try:
+        limit = max_message_bytes()
         local_checks()
     except (ValueError, TypeError) as exc:
         error = str(exc)
     except Exception as exc:  # e.g. AttributeError from a non-array argument on one rank
         error = f"{type(exc).__name__}: {exc}"
-    agree(comm, error, **values)
+    agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
 
 
 def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
@@ -103,76 +195,28 @@ def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
         time.sleep(interval)
 
 
-# --------------------------------------------------------------------------- staging
-
-
-class Staging:
-    """Hands backend arrays to MPI.
-
-    NumPy arrays (and device arrays under GPU-aware MPI) go to MPI as they are, after the
-    stream is synchronised. Otherwise device arrays are copied to pinned host buffers that are
-    kept (one per role, shape and dtype) and reused across calls, and received data is copied
-    back. Only :class:`~tpmpi.backend.Backend` methods touch the arrays, so the staging logic
-    runs (and is tested) with any backend whose ``is_gpu`` is True.
-    """
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.staged = backend.is_gpu and not backend.gpu_aware
-        self._pinned: dict[tuple, np.ndarray] = {}
-
-    def host_buffer(self, role: str, shape: tuple, dtype) -> np.ndarray:
-        """A reusable pinned host array for ``role`` (device staging only)."""
-        key = (role, tuple(shape), np.dtype(dtype).name)
-        buf = self._pinned.get(key)
-        if buf is None:
-            buf = self._pinned[key] = self.backend.pinned_empty(tuple(shape), dtype)
-        return buf
-
-    def direct(self) -> bool:
-        """Synchronise the stream; True when MPI may use the arrays themselves (no staging)."""
-        self.backend.synchronize()
-        return not self.staged
-
-    def send(self, a, role: str = "send"):
-        """A buffer MPI may read with the contents of ``a``."""
-        if self.backend.is_gpu:
-            self.backend.synchronize()
-            if self.staged:
-                host = self.host_buffer(role, a.shape, a.dtype)
-                self.backend.copy_to_host(a, host)
-                return host
-        return a
-
-    def recv(self, a, role: str = "recv"):
-        """A buffer MPI may write; call :meth:`finish` with it after the MPI call."""
-        if self.backend.is_gpu:
-            self.backend.synchronize()
-            if self.staged:
-                return self.host_buffer(role, a.shape, a.dtype)
-        return a
-
-    def finish(self, device, host) -> None:
-        """Copy received host data back into the device array (staging only)."""
-        if host is not device:
-            self.backend.copy_from_host(host, device)
-
-
 # --------------------------------------------------------------------------- message size
 
 MAX_MESSAGE_BYTES: int = 2**30
 """Largest payload of one MPI call; bigger collectives are split (env TPMPI_MAX_MESSAGE_BYTES
-overrides). Every rank must use the same value: layers agree on it with their inputs."""
+overrides). Every rank must use the same value: :func:`check` agrees on it."""
 
 
 def max_message_bytes() -> int:
-    """The chunk limit in bytes in force now (env ``TPMPI_MAX_MESSAGE_BYTES``, else
-    :data:`MAX_MESSAGE_BYTES`)."""
+    """The chunk limit in bytes in force now: env ``TPMPI_MAX_MESSAGE_BYTES`` (a positive
+    decimal integer), else :data:`MAX_MESSAGE_BYTES`. ValueError naming the variable."""
     env = os.environ.get("TPMPI_MAX_MESSAGE_BYTES")
-    limit = int(env) if env else int(MAX_MESSAGE_BYTES)
-    if limit < 1:
-        raise ValueError(f"max message bytes={limit}: expected a positive integer")
-    return limit
+    if env is None or not env.strip():
+        limit = MAX_MESSAGE_BYTES
+    elif env.strip().isdigit():
+        limit = int(env.strip())
+    else:
+        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={env!r}: expected a positive integer "
+                         "(bytes per MPI call)")
+    if int(limit) < 1:
+        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={limit!r}: expected a positive integer "
+                         "(bytes per MPI call)")
+    return int(limit)
 
 
 def chunks(n: int, item_bytes: int, limit: Optional[int] = None) -> list[slice]:
@@ -185,47 +229,91 @@ def chunks(n: int, item_bytes: int, limit: Optional[int] = None) -> list[slice]:
 class Requests:
     """The requests of a chunked non-blocking collective, completed together."""
 
-    def __init__(self, requests: Sequence[MPI.Request]):
+    def __init__(self, requests: Sequence[Any]):
         self.requests = list(requests)
 
     def Wait(self) -> None:  # noqa: N802 (mpi4py's spelling)
-        MPI.Request.Waitall(self.requests)
+        wait_all(self.requests)
 
     def Test(self) -> bool:  # noqa: N802
-        return MPI.Request.Testall(self.requests)
+        return all(r.Test() for r in self.requests)
 
 
-def _one_or_group(requests: list[MPI.Request]) -> "MPI.Request | Requests":
+class Chain:
+    """A non-blocking collective in steps: ``steps`` yields the request list of each step (the
+    first is posted now); the local work between steps (e.g. a sum) and the next step's posting
+    run when the previous step has completed, inside :meth:`Wait` or a successful
+    :meth:`Test`. Ranks must wait for (or test) chains that share a communicator in the same
+    order, as MPI requires of the calls they post."""
+
+    def __init__(self, steps: Iterator[list]):
+        self._steps = steps
+        self._pending: Optional[list] = next(steps, None)
+
+    def Wait(self) -> None:  # noqa: N802
+        while self._pending is not None:
+            wait_all(self._pending)
+            self._pending = next(self._steps, None)
+
+    def Test(self) -> bool:  # noqa: N802
+        while self._pending is not None and all(r.Test() for r in self._pending):
+            self._pending = next(self._steps, None)
+        return self._pending is None
+
+
+def wait_all(requests: Sequence[Any]) -> None:
+    """Wait for every request of a list that may mix MPI requests, :class:`Requests` and
+    :class:`Chain` s (``MPI.Request.Waitall`` takes MPI requests only)."""
+    plain = [r for r in requests if isinstance(r, MPI.Request)]
+    MPI.Request.Waitall(plain)
+    for r in requests:
+        if not isinstance(r, MPI.Request):
+            r.Wait()
+
+
+def _group(requests: list) -> Any:
     return requests[0] if len(requests) == 1 else Requests(requests)
+
+
+def _finish(steps: Iterator[list]) -> None:
+    """Run a step generator (see :class:`Chain`) to completion now."""
+    for requests in steps:
+        wait_all(requests)
 
 
 # --------------------------------------------------------------------------- datatypes
 
-_TYPE_CACHE: "OrderedDict[tuple, MPI.Datatype]" = OrderedDict()
-_TYPE_CACHE_SIZE = 256
+HALF = ("float16", "bfloat16")
 
 
 def mpi_type(dtype) -> MPI.Datatype:
-    """The predefined MPI datatype that moves ``dtype`` (float16: the MPI library's extension
-    type, e.g. MPICH's ``MPIX_C_FLOAT16``). A dtype MPI has no type for (bfloat16, or float16 on
-    a library without the extension) moves as the unsigned integer of its size: right for
-    copies, not for sums (see :func:`reduction_dtype`)."""
+    """The predefined MPI datatype that moves ``dtype``: float16 and bfloat16 as 2-byte words
+    (``MPI_UINT16_T``, so the library needs no half-precision type); other dtypes as MPI's own
+    type (``MPI_FLOAT``...), or the unsigned integer of their size. Never freed by callers."""
     dt = np.dtype(dtype)
+    if dt.name in HALF:
+        return MPI.UINT16_T
     try:
-        return dtlib.from_numpy_dtype(dt)
-    except ValueError:
-        return dtlib.from_numpy_dtype(np.dtype(f"u{dt.itemsize}"))
+        return MPI.Datatype.fromcode(dt.char)
+    except (KeyError, ValueError):
+        return MPI.Datatype.fromcode(np.dtype(f"u{dt.itemsize}").char)
 
 
 def reduction_dtype(dtype) -> np.dtype:
-    """The dtype in which MPI sums ``dtype``: itself when MPI has a type for it, else float32
-    (bfloat16 always; float16 on MPI libraries without a half-precision type)."""
+    """The dtype in which tpmpi sums ``dtype``: float32 for float16 and bfloat16 (one rounding
+    at the end), the dtype itself otherwise."""
     dt = np.dtype(dtype)
-    try:
-        dtlib.from_numpy_dtype(dt)
-        return dt
-    except ValueError:
-        return np.dtype(np.float32)
+    return np.dtype(np.float32) if dt.name in HALF else dt
+
+
+def _words(a):
+    """``a`` as MPI sees it: a uint16 view for the 2-byte floats (mpi4py cannot export
+    bfloat16, and the words match :func:`mpi_type`), ``a`` itself otherwise."""
+    return a.view(np.uint16) if a.dtype.name in HALF else a
+
+
+_TYPE_CACHE: "OrderedDict[tuple, MPI.Datatype]" = OrderedDict()
+_TYPE_CACHE_SIZE = 256
 
 
 def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Datatype:
@@ -234,8 +322,7 @@ def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Da
     key = (np.dtype(dtype).name, global_shape, starts, shape)
     dt = _TYPE_CACHE.get(key)
     if dt is None:
-        dt = mpi_type(dtype).Create_subarray(list(global_shape), list(shape), list(starts),
-                                             order=MPI.ORDER_C).Commit()
+        dt = _new_subarray(dtype, global_shape, starts, shape)
         _TYPE_CACHE[key] = dt
         if len(_TYPE_CACHE) > _TYPE_CACHE_SIZE:
             _TYPE_CACHE.popitem(last=False)[1].Free()
@@ -244,36 +331,147 @@ def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Da
     return dt
 
 
-_SPEC_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_SPEC_CACHE_SIZE = 64
+def _new_subarray(dtype, global_shape, starts, shape) -> MPI.Datatype:
+    return mpi_type(dtype).Create_subarray(list(global_shape), list(shape), list(starts),
+                                           order=MPI.ORDER_C).Commit()
 
 
-def _recv_spec(dtype, global_shape: tuple, blocks: tuple) -> tuple[list, list, list, list]:
-    """Receive counts and types, zero displacements and send types of a gather into
-    ``global_shape``, cached per gather (a repeated forward then costs one dict lookup).
-    Entries own duplicates of the subarray types, so an eviction from the per-type cache
-    cannot free them."""
-    key = (np.dtype(dtype).str, global_shape, blocks)
-    spec = _SPEC_CACHE.get(key)
-    if spec is not None:
-        _SPEC_CACHE.move_to_end(key)
-        return spec
-    base = mpi_type(dtype)
-    counts = [1 if all(s > 0 for s in shape) else 0 for _, shape in blocks]
-    types = [_subarray(dtype, global_shape, tuple(starts), tuple(shape)).Dup() if c else base
-             for c, (starts, shape) in zip(counts, blocks)]
-    spec = _SPEC_CACHE[key] = (counts, types, [0] * len(blocks), [base] * len(blocks))
-    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-        for dt in _SPEC_CACHE.popitem(last=False)[1][1]:
-            if not dt.is_predefined:
-                dt.Free()
-    return spec
+_PLAIN_KEYVAL: list = []
 
 
-def _gather_specs(local, out, blocks: Sequence[tuple[tuple, tuple]]):
-    """Alltoallw send/recv specs: ``blocks[q] = (starts, shape)`` of rank q's block in ``out``."""
-    counts, types, zeros, base = _recv_spec(out.dtype, out.shape, tuple(blocks))
-    return (local, [local.size] * len(blocks), zeros, base), (out, counts, zeros, types)
+def _plain(comm: MPI.Comm) -> MPI.Comm:
+    """``comm``, or for a communicator with a topology a duplicate without one (same ranks and
+    order), created collectively at first use and freed with ``comm`` (an MPI attribute). See
+    the module docstring (Open MPI 4.1's ``Ialltoallw``)."""
+    if comm.Get_topology() == MPI.UNDEFINED:
+        return comm
+    if not _PLAIN_KEYVAL:
+        _PLAIN_KEYVAL.append(MPI.Comm.Create_keyval(
+            delete_fn=lambda _comm, _key, plain: plain.Free()))
+    plain = comm.Get_attr(_PLAIN_KEYVAL[0])
+    if plain is None:
+        plain = comm.Split(0, comm.Get_rank())
+        comm.Set_attr(_PLAIN_KEYVAL[0], plain)
+    return plain
+
+
+# --------------------------------------------------------------------------- gathers
+
+Block = tuple  # (starts, shape) of one rank's block in the global array
+
+
+def _gather_pieces(shape: tuple, itemsize: int, size: int, limit: int
+                   ) -> list[tuple[tuple[int, int], Optional[tuple[int, int]]]]:
+    """``((row0, row1), cols)`` of each MPI call of a gather into ``shape``: ``cols`` None
+    (whole rows) or ``(col0, col1)`` of the last axis when one row is over the limit. A call
+    covers at most ``limit // (size * cell)`` cells (cell: one element times the middle axes),
+    so that neither what a rank sends (its part, to ``size`` peers) nor what it receives
+    exceeds ``limit``."""
+    rows = shape[0]
+    ncols = shape[-1] if len(shape) > 1 else 1
+    cell = itemsize * math.prod(shape[1:-1])
+    cap = max(1, limit // (size * max(cell, 1)))
+    if rows * ncols <= cap:
+        return [((0, rows), None)]
+    if ncols <= cap:
+        step = cap // ncols
+        return [((r, min(r + step, rows)), None) for r in range(0, rows, step)]
+    return [((r, r + 1), (c, min(c + cap, ncols))) for r in range(rows)
+            for c in range(0, ncols, cap)]
+
+
+def _row_window(blocks: Sequence[Block], rank: int, r0: int, r1: int
+                ) -> tuple[slice, list[Block]]:
+    """Rows ``r0:r1`` of the global array: this rank's local rows in that window and every
+    block clipped to it, with starts relative to row ``r0``."""
+    clipped = []
+    for starts, shape in blocks:
+        first = min(max(r0, starts[0]), r1)
+        stop = max(first, min(r1, starts[0] + shape[0]))
+        clipped.append(((first - r0,) + tuple(starts[1:]), (stop - first,) + tuple(shape[1:])))
+    own_start = blocks[rank][0][0]
+    first = clipped[rank][0][0] + r0 - own_start
+    return slice(first, first + clipped[rank][1][0]), clipped
+
+
+def _clip_cols(block: Block, cols: Optional[tuple[int, int]]) -> tuple[Block, int]:
+    """``block`` restricted to last-axis range ``cols`` and the offset of that range inside the
+    block's own columns."""
+    if cols is None:
+        return block, 0
+    (starts, shape), (c0, c1) = block, cols
+    first = min(max(c0, starts[-1]), c1)
+    stop = max(first, min(c1, starts[-1] + shape[-1]))
+    return ((*starts[:-1], first), (*shape[:-1], stop - first)), first - starts[-1]
+
+
+_PLAN_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: Sequence[Block], rank: int,
+          cols: Optional[tuple[int, int]]) -> tuple:
+    """Counts, zero displacements and types of one Alltoallw call (new types, owned by the
+    plan that holds them); zero counts carry a valid predefined type."""
+    base, size = mpi_type(dtype), len(blocks)
+    rcounts, rtypes = [], []
+    for block in blocks:
+        (starts, shape), _ = _clip_cols(block, cols)
+        full = all(s > 0 for s in shape)
+        rcounts.append(1 if full else 0)
+        rtypes.append(_new_subarray(dtype, out_shape, tuple(starts), tuple(shape)) if full
+                      else base)
+    (_, own), offset = _clip_cols(blocks[rank], cols)
+    if not all(s > 0 for s in own):
+        scount, stype = 0, base
+    elif tuple(own) == tuple(local_shape):
+        scount, stype = math.prod(own), base
+    else:
+        scount = 1
+        stype = _new_subarray(dtype, local_shape, (0,) * (len(own) - 1) + (offset,), own)
+    return [scount] * size, [0] * size, [stype] * size, rcounts, [0] * size, rtypes
+
+
+def _plan(local, out, blocks: tuple, rank: int, limit: int) -> list:
+    """``(local rows, out rows, spec)`` of each Alltoallw of a gather, cached per gather shape
+    (a repeated forward costs one dict lookup). Entries own their datatypes (freed on
+    eviction)."""
+    key = (out.dtype.str, out.shape, local.shape, blocks, rank, limit)
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return plan
+    plan = []
+    for (r0, r1), cols in _gather_pieces(tuple(out.shape), out.itemsize, len(blocks), limit):
+        rows, clipped = _row_window(blocks, rank, r0, r1)
+        spec = _spec(out.dtype, (r1 - r0,) + tuple(out.shape[1:]),
+                     (rows.stop - rows.start,) + tuple(local.shape[1:]), clipped, rank, cols)
+        plan.append((rows, slice(r0, r1), spec))
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        for *_, spec in _PLAN_CACHE.popitem(last=False)[1]:
+            for dt in {id(t): t for t in spec[2] + spec[5]}.values():  # the send type repeats
+                if not dt.is_predefined:
+                    dt.Free()
+    return plan
+
+
+def alltoallw_args(local, out, blocks: Sequence[Block], rank: int,
+                   limit: Optional[int] = None) -> list[tuple[list, list]]:
+    """``(send, recv)`` buffer specifications of each ``Alltoallw`` of a gather of C-contiguous
+    ``local`` (this rank's block) into C-ordered ``out`` (see :func:`allgather_blocks`), split
+    so that no call exceeds ``limit`` (default :func:`max_message_bytes`)."""
+    try:
+        key = tuple(blocks)
+        hash(key)
+    except TypeError:  # lists inside
+        key = tuple((tuple(s), tuple(sh)) for s, sh in blocks)
+    plan = _plan(local, out, key, rank, limit or max_message_bytes())
+    if len(plan) == 1:
+        sc, sd, st, rc, rd, rt = plan[0][2]
+        return [([_words(local), sc, sd, st], [_words(out), rc, rd, rt])]
+    return [([_words(local[rows]), sc, sd, st], [_words(out[orows]), rc, rd, rt])
+            for rows, orows, (sc, sd, st, rc, rd, rt) in plan]
 
 
 def _check_gather_args(local, out, blocks, rank: int) -> None:
@@ -284,52 +482,65 @@ def _check_gather_args(local, out, blocks, rank: int) -> None:
         raise ValueError(f"local dtype {local.dtype} != output dtype {out.dtype}")
 
 
-def _row_pieces(local, out, blocks: Sequence[tuple[tuple, tuple]], rank: int):
-    """``(local rows, out rows, blocks within them)`` per row chunk of ``out`` of at most
-    :func:`max_message_bytes`; the whole call as one piece when it fits. Views, no copies."""
-    if out.ndim == 0 or out.nbytes <= max_message_bytes():
-        return [(local, out, blocks)]
-    row_bytes = out.itemsize * math.prod(out.shape[1:])
-    pieces = []
-    for rows in chunks(out.shape[0], row_bytes):
-        piece_blocks = []
-        for starts, shape in blocks:
-            first = max(rows.start, starts[0])
-            stop = max(first, min(rows.stop, starts[0] + shape[0]))
-            piece_blocks.append(((first - rows.start,) + tuple(starts[1:]),
-                                 (stop - first,) + tuple(shape[1:])))
-        (s0, *_), _ = blocks[rank]
-        first = piece_blocks[rank][0][0] + rows.start - s0
-        pieces.append((local[first:first + piece_blocks[rank][1][0]], out[rows], piece_blocks))
-    return pieces
+def _own_block(local, out, blocks, rank: int) -> None:
+    """One rank: the block is copied into its place of ``out`` (no MPI, no host copy)."""
+    starts, shape = blocks[rank]
+    if out.ndim:
+        out[tuple(slice(s, s + n) for s, n in zip(starts, shape))] = local
+    else:
+        out[...] = local
 
 
-def allgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: MPI.Comm,
+def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
                      staging: Optional[Staging] = None):
     """Every rank's C-contiguous block into its place of ``out`` (C-ordered, global shape) on
-    every rank: one ``Alltoallw`` with subarray receive types per row chunk of at most
-    :func:`max_message_bytes` (one in all when it fits). Returns ``out``. Collective.
-    Callers validate shapes with :func:`agree` first; here a mismatch is a programming error.
+    every rank: ``Alltoallw`` with subarray receive types, one call when it fits the message
+    limit. Staged device buffers go in double-buffered row chunks: this rank's rows down, the
+    assembled rows back. Returns ``out``. Collective. Callers validate shapes with
+    :func:`agree` first; here a mismatch is a programming error.
     """
-    _check_gather_args(local, out, blocks, comm.Get_rank())
-    if staging is not None:
-        sbuf, rbuf = staging.send(local, "gather-send"), staging.recv(out, "gather-recv")
-    else:
-        sbuf, rbuf = local, out
-    for piece_local, piece_out, piece_blocks in _row_pieces(sbuf, rbuf, blocks, comm.Get_rank()):
-        comm.Alltoallw(*_gather_specs(piece_local, piece_out, piece_blocks))
-    if staging is not None:
-        staging.finish(out, rbuf)
+    rank = comm.Get_rank()
+    _check_gather_args(local, out, blocks, rank)
+    if comm.Get_size() == 1 or out.ndim == 0:
+        _own_block(local, out, blocks, rank)
+        return out
+    if staging is None or staging.direct():
+        for send, recv in alltoallw_args(local, out, blocks, rank):
+            comm.Alltoallw(send, recv)
+        return out
+    blocks = [(tuple(s), tuple(sh)) for s, sh in blocks]
+    row_bytes = out.itemsize * math.prod(out.shape[1:])
+    step = max(1, staging.chunk_bytes // max(row_bytes, 1))
+    pieces = []
+    for r0 in range(0, out.shape[0], step):
+        r1 = min(r0 + step, out.shape[0])
+        rows, clipped = _row_window(blocks, rank, r0, r1)
+        lv, ov = local[rows], out[r0:r1]
+
+        def call(host, clipped=clipped) -> None:
+            for send, recv in alltoallw_args(host[0], host[1], clipped, rank):
+                comm.Alltoallw(send, recv)
+
+        pieces.append(Piece(host=[(lv.shape, out.dtype), (ov.shape, out.dtype)], call=call,
+                            d2h=[(lv, 0, Ellipsis)], h2d=[(1, Ellipsis, ov)], kind="gather"))
+    staging.pipeline(pieces)
     return out
 
 
-def iallgather_blocks(local, out, blocks: Sequence[tuple[tuple, tuple]], comm: MPI.Comm
-                      ) -> "MPI.Request | Requests":
-    """Non-blocking :func:`allgather_blocks` (``Ialltoallw`` per row chunk) on host or GPU-aware
+def iallgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm) -> Any:
+    """Non-blocking :func:`allgather_blocks` (``Ialltoallw`` per call) on host or GPU-aware
     buffers; ``local`` and ``out`` must stay alive and untouched until ``Wait()`` returns."""
-    _check_gather_args(local, out, blocks, comm.Get_rank())
-    return _one_or_group([comm.Ialltoallw(*_gather_specs(*piece)) for piece in
-                          _row_pieces(local, out, blocks, comm.Get_rank())])
+    rank = comm.Get_rank()
+    _check_gather_args(local, out, blocks, rank)
+    if comm.Get_size() == 1 or out.ndim == 0:
+        _own_block(local, out, blocks, rank)
+        return MPI.REQUEST_NULL
+    plain = _plain(comm)
+    return _group([plain.Ialltoallw(send, recv)
+                   for send, recv in alltoallw_args(local, out, blocks, rank)])
+
+
+# --------------------------------------------------------------------------- reductions
 
 
 def _flat(a):
@@ -339,80 +550,190 @@ def _flat(a):
     return a.reshape(-1)
 
 
+def _native(a, staging: Optional[Staging]) -> bool:
+    """MPI reduces ``a`` itself: host or GPU-aware buffers of a dtype MPI sums exactly as
+    tpmpi would (not the 2-byte floats)."""
+    return a.dtype.name not in HALF and (staging is None or staging.direct())
+
+
+def _sync(a, staging: Optional[Staging]) -> Callable[[], None]:
+    return (staging.backend if staging is not None else backend_of(a)).synchronize
+
+
+def _displs(counts: Sequence[int]) -> list[int]:
+    """Start of each of the consecutive ``counts``."""
+    return list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
+
+
+def _sum_rows(rows, dest) -> None:
+    """``dest = rows[0] + rows[1] + ...`` accumulated in :func:`reduction_dtype` in rank order
+    and rounded once; ``rows`` and ``dest`` on one backend (vectorised: NumPy or CuPy)."""
+    if rows.shape[0] == 0 or dest.size == 0:
+        return
+    acc = rows[0].astype(reduction_dtype(dest.dtype))
+    for q in range(1, rows.shape[0]):
+        acc += rows[q]
+    dest[...] = acc
+
+
+def _exchange(send, recv, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
+    """``Alltoallv`` of slices: ``counts[q]`` consecutive elements of ``send`` go to rank q;
+    ``recv`` (P, counts[rank]) gets row p from rank p."""
+    size, mine = comm.Get_size(), recv.shape[1]
+    args = ([_words(send), list(counts), _displs(counts), mpi_type(send.dtype)],
+            [_words(recv), [mine] * size, [q * mine for q in range(size)],
+             mpi_type(recv.dtype)])
+    return comm.Alltoallv(*args) if blocking else comm.Ialltoallv(*args)
+
+
+def _spread(part, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
+    """In-place ``Allgatherv``: rank q's ``counts[q]`` elements, already at their place of
+    ``part``, reach every rank."""
+    spec = [_words(part), list(counts), _displs(counts), mpi_type(part.dtype)]
+    return comm.Allgatherv(MPI.IN_PLACE, spec) if blocking else \
+        comm.Iallgatherv(MPI.IN_PLACE, spec)
+
+
+def _collect(mine, out, counts: Sequence[int], root: int, comm: MPI.Comm, blocking: bool):
+    """``Gatherv`` of every rank's ``mine`` into ``out`` on ``root`` (in place there)."""
+    if comm.Get_rank() == root:
+        args = (MPI.IN_PLACE, [_words(out), list(counts), _displs(counts), mpi_type(out.dtype)])
+    else:
+        args = ([_words(mine), mpi_type(mine.dtype)], None)
+    return comm.Gatherv(*args, root=root) if blocking else comm.Igatherv(*args, root=root)
+
+
+def _flat_chunks(n: int, elements: int) -> list[tuple[int, int]]:
+    elements = max(1, elements)
+    return [(c, min(c + elements, n)) for c in range(0, n, elements)]
+
+
+def _balanced_step(item: int, size: int, limit: int) -> int:
+    """Elements per chunk of a balanced exchange (allreduce, reduce): a multiple of ``size``
+    whose ``size`` slices keep both sides of the ``Alltoallv`` within ``limit``."""
+    return size * max(1, limit // (size * item))
+
+
+def _exchange_steps(flat, comm: MPI.Comm, sync: Callable[[], None], *, root: Optional[int],
+                    out=None) -> Iterator[list]:
+    """Steps (see :class:`Chain`) of the sum of ``flat`` over ``comm`` by an exchange of slices
+    on host or GPU-aware buffers: into ``flat`` on every rank (``root`` None: allreduce), or into
+    ``out`` on ``root`` (reduce)."""
+    xp, size, rank = backend_of(flat).xp, comm.Get_size(), comm.Get_rank()
+    step = _balanced_step(flat.itemsize, size, max_message_bytes())
+    sync()
+    for c0, c1 in _flat_chunks(flat.size, step):
+        part, counts = flat[c0:c1], block_sizes(c1 - c0, size)
+        o, mine = _displs(counts)[rank], counts[rank]
+        rows = xp.empty((size, mine), dtype=flat.dtype)
+        yield [_exchange(part, rows, counts, comm, False)]
+        dest = part if root is None else (out[c0:c1] if rank == root else
+                                          xp.empty(c1 - c0, dtype=flat.dtype))
+        _sum_rows(rows, dest[o:o + mine])
+        sync()
+        if root is None:
+            yield [_spread(part, counts, comm, False)]
+        else:
+            yield [_collect(dest[o:o + mine], dest, counts, root, comm, False)]
+
+
+def _scatter_steps(flat, out, counts: Sequence[int], comm: MPI.Comm, sync: Callable[[], None]
+                   ) -> Iterator[list]:
+    """Steps of a reduce-scatter by an exchange of slices: rank q sums the ``counts[q]``
+    elements of its segment into ``out``."""
+    xp, size, rank = backend_of(flat).xp, comm.Get_size(), comm.Get_rank()
+    starts = _displs(counts)
+    step = max(1, max_message_bytes() // (size * flat.itemsize))
+    sync()
+    for c0, c1 in _flat_chunks(flat.size, step):
+        seg = [max(0, min(c1, s + n) - max(c0, s)) for s, n in zip(starts, counts)]
+        rows = xp.empty((size, seg[rank]), dtype=flat.dtype)
+        yield [_exchange(flat[c0:c1], rows, seg, comm, False)]
+        first = max(c0, starts[rank]) - starts[rank]
+        _sum_rows(rows, out[first:first + seg[rank]])
+        sync()
+
+
 def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
-    """In-place sum of C-contiguous ``a`` over ``comm`` (``Allreduce`` with ``IN_PLACE`` per flat
-    chunk of at most :func:`max_message_bytes`). Returns ``a``. A dtype without an MPI type
-    (bfloat16) is summed in a float32 copy and cast back."""
+    """In-place sum of C-contiguous ``a`` over ``comm``. Returns ``a``. float32/float64 on host
+    or GPU-aware buffers: ``Allreduce`` per flat chunk; float16/bfloat16 and staged device
+    buffers: exchange of slices, float32 (or the dtype's) sum, ``Allgatherv`` (see the module
+    docstring)."""
     if comm.Get_size() == 1:
         return a
-    wide = reduction_dtype(a.dtype)
-    if wide != a.dtype:
-        a[...] = allreduce(a.astype(wide), comm, staging or Staging(backend_of(a)))
-        return a
-    buf = staging.recv(staging.send(a, "allreduce"), "allreduce") if staging else a
-    flat = _flat(buf)
-    for part in chunks(flat.size, flat.itemsize):
-        comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
-    if staging is not None:
-        staging.finish(a, buf)
+    flat = _flat(a)
+    if _native(a, staging):
+        for part in chunks(flat.size, flat.itemsize):
+            comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
+    elif staging is not None and staging.staged:
+        _staged_reduce(flat, comm, staging, root=None)
+    else:
+        _finish(_exchange_steps(flat, comm, _sync(a, staging), root=None))
     return a
 
 
-def iallreduce(a, comm: MPI.Comm) -> "MPI.Request | Requests":
-    """Non-blocking in-place sum of a C-contiguous host or GPU-aware buffer (``Iallreduce`` per
-    flat chunk of at most :func:`max_message_bytes`). A dtype summed in float32 (see
-    :func:`allreduce`) is reduced at once and a completed request returned."""
-    if reduction_dtype(a.dtype) != a.dtype:
-        allreduce(a, comm)
+def iallreduce(a, comm: MPI.Comm) -> Any:
+    """Non-blocking in-place sum of a C-contiguous host or GPU-aware buffer: ``Iallreduce`` per
+    flat chunk, or for float16/bfloat16 a :class:`Chain` (the slice exchange is in flight now;
+    the sum and the ``Iallgatherv`` follow inside ``Wait()``)."""
+    if comm.Get_size() == 1:
         return MPI.REQUEST_NULL
     flat = _flat(a)
-    return _one_or_group([comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
-                          for part in chunks(flat.size, flat.itemsize)])
+    if a.dtype.name in HALF:
+        return Chain(_exchange_steps(flat, comm, _sync(a, None), root=None))
+    return _group([comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
+                   for part in chunks(flat.size, flat.itemsize)])
 
 
-# --------------------------------------------------------------------------- 2D-grid collectives
-# Non-blocking forms for host or GPU-aware buffers; with host staging (GPU without GPU-aware
-# MPI) they run the blocking collective through the staging buffers and return a completed
-# request, so callers have a single code path.
-
-
-def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> MPI.Request:
-    """Broadcast the C-contiguous ``a`` from ``root`` in place (``Ibcast``)."""
-    if staging is None or staging.direct():
-        return comm.Ibcast(a, root=root)
-    buf = staging.send(a, "bcast") if comm.Get_rank() == root else staging.recv(a, "bcast")
-    comm.Bcast(buf, root=root)
-    staging.finish(a, buf)
-    return MPI.REQUEST_NULL
-
-
-def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None
-            ) -> MPI.Request:
-    """Sum of ``a`` over ``comm`` into ``out`` on ``root`` (``Ireduce``; ``out`` is ignored
-    elsewhere and may be None there)."""
-    recv = out if comm.Get_rank() == root else None
-    if staging is None or staging.direct():
-        return comm.Ireduce(a, recv, op=MPI.SUM, root=root)
-    rbuf = staging.recv(recv, "reduce-recv") if recv is not None else None
-    comm.Reduce(staging.send(a, "reduce-send"), rbuf, op=MPI.SUM, root=root)
-    if recv is not None:
-        staging.finish(recv, rbuf)
-    return MPI.REQUEST_NULL
+def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> Any:
+    """Sum of C-contiguous ``a`` over ``comm`` into ``out`` on ``root`` (``out`` is ignored
+    elsewhere and may be None there): ``Ireduce`` per flat chunk, or the exchange of slices
+    followed by ``Gatherv`` (2-byte floats; a :class:`Chain`). Staged device buffers run it
+    blocking and return a completed request."""
+    rank = comm.Get_rank()
+    if comm.Get_size() == 1:
+        if out is not a:
+            out[...] = a
+        return MPI.REQUEST_NULL
+    flat = _flat(a)
+    out_flat = _flat(out) if rank == root else None
+    if _native(a, staging):
+        return _group([comm.Ireduce(flat[part], out_flat[part] if rank == root else None,
+                                    op=MPI.SUM, root=root)
+                       for part in chunks(flat.size, flat.itemsize)])
+    if staging is not None and staging.staged:
+        _staged_reduce(flat, comm, staging, root=root, out=out_flat)
+        return MPI.REQUEST_NULL
+    return Chain(_exchange_steps(flat, comm, _sync(a, staging), root=root, out=out_flat))
 
 
 def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
-                    staging: Optional[Staging] = None) -> MPI.Request:
+                    staging: Optional[Staging] = None) -> Any:
     """Sum ``a`` over ``comm`` and scatter it: rank ``q`` gets elements
-    ``[sum(counts[:q]), sum(counts[:q+1]))`` of the flattened sum in ``out``
-    (``Ireduce_scatter`` with counts: uneven and zero-size blocks work). For the leading-axis
-    blocks of a C-ordered array pass them as they are; column blocks must be packed first."""
+    ``[sum(counts[:q]), sum(counts[:q+1]))`` of the flattened sum in ``out`` (uneven and
+    zero-size blocks work): ``Ireduce_scatter`` per flat chunk of ``a``, or the exchange of
+    slices (2-byte floats; a :class:`Chain`). Staged device buffers run it blocking and return a
+    completed request. For the leading-axis blocks of a C-ordered array pass them as they are;
+    column blocks must be packed first."""
     counts = [int(c) for c in counts]
-    if staging is None or staging.direct():
-        return comm.Ireduce_scatter(a, out, counts, op=MPI.SUM)
-    rbuf = staging.recv(out, "rs-recv")
-    comm.Reduce_scatter(staging.send(a, "rs-send"), rbuf, counts, op=MPI.SUM)
-    staging.finish(out, rbuf)
-    return MPI.REQUEST_NULL
+    rank, size = comm.Get_rank(), comm.Get_size()
+    flat, out_flat = _flat(a), _flat(out)
+    if size == 1:
+        out_flat[...] = flat[:counts[0]]
+        return MPI.REQUEST_NULL
+    if _native(a, staging):
+        starts, requests = _displs(counts), []
+        for part in chunks(flat.size, flat.itemsize):
+            seg = [max(0, min(part.stop, s + n) - max(part.start, s))
+                   for s, n in zip(starts, counts)]
+            first = max(part.start, starts[rank]) - starts[rank]
+            requests.append(comm.Ireduce_scatter(flat[part], out_flat[first:first + seg[rank]],
+                                                 seg, op=MPI.SUM))
+        return _group(requests)
+    if staging is not None and staging.staged:
+        _staged_scatter(flat, out_flat, counts, comm, staging)
+        return MPI.REQUEST_NULL
+    return Chain(_scatter_steps(flat, out_flat, counts, comm, _sync(a, staging)))
 
 
 def reduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
@@ -420,3 +741,87 @@ def reduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
     """Blocking :func:`ireduce_scatter`. Returns ``out``."""
     ireduce_scatter(a, out, counts, comm, staging).Wait()
     return out
+
+
+def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> Any:
+    """Broadcast the C-contiguous ``a`` from ``root`` in place: ``Ibcast`` per flat chunk.
+    Staged device buffers run it blocking (chunks pipelined) and return a completed request."""
+    if comm.Get_size() == 1:
+        return MPI.REQUEST_NULL
+    flat = _flat(a)
+    if staging is None or staging.direct():
+        return _group([comm.Ibcast(_words(flat[part]), root=root)
+                       for part in chunks(flat.size, flat.itemsize)])
+    is_root = comm.Get_rank() == root
+    pieces = []
+    for part in chunks(flat.size, flat.itemsize, min(staging.chunk_bytes, max_message_bytes())):
+        view = flat[part]
+        pieces.append(Piece(host=[(view.shape, a.dtype)],
+                            call=lambda host: comm.Bcast(_words(host[0]), root=root),
+                            d2h=[(view, 0, Ellipsis)] if is_root else [],
+                            h2d=[] if is_root else [(0, Ellipsis, view)], kind="bcast"))
+    staging.pipeline(pieces)
+    return MPI.REQUEST_NULL
+
+
+# --------------------------------------------------------------------------- staged reductions
+
+
+def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int],
+                   out=None) -> None:
+    """Staged allreduce (``root`` None) or reduce of a device ``flat``: per chunk, this rank's
+    chunk goes down, the exchange runs on the host, the P slices of this rank's part come back
+    and are summed on the device; then this rank's summed part goes down, ``Allgatherv`` (or
+    ``Gatherv``) runs on the host and the other ranks' parts come back (to ``root`` only)."""
+    xp, size, rank = staging.backend.xp, comm.Get_size(), comm.Get_rank()
+    dt, item = flat.dtype, flat.itemsize
+    limit = min(staging.chunk_bytes, max_message_bytes())
+    step = _balanced_step(item, size, limit)
+    rows_dev = xp.empty((size, block_sizes(min(step, flat.size), size)[0]), dtype=dt)
+    keep = root is None or rank == root
+    pieces = []
+    for c0, c1 in _flat_chunks(flat.size, step):
+        counts = block_sizes(c1 - c0, size)
+        o, mine, n = _displs(counts)[rank], counts[rank], c1 - c0
+        part = flat[c0:c1] if root is None else (out[c0:c1] if rank == root else
+                                                 xp.empty(n, dtype=dt))
+        rows = rows_dev[:, :mine]
+
+        def exchange(host, counts=counts) -> None:
+            _exchange(host[0], host[1], counts, comm, True)
+
+        def assemble(host, counts=counts, o=o, mine=mine) -> None:
+            if root is None:
+                _spread(host[0], counts, comm, True)
+            else:
+                _collect(host[0][o:o + mine], host[0], counts, root, comm, True)
+
+        pieces.append(Piece(host=[((n,), dt), ((size, mine), dt)], call=exchange,
+                            d2h=[(flat[c0:c1], 0, Ellipsis)], h2d=[(1, Ellipsis, rows)],
+                            kind="exchange",
+                            then=lambda rows=rows, d=part[o:o + mine]: _sum_rows(rows, d)))
+        back = [(0, slice(0, o), part[:o]), (0, slice(o + mine, n), part[o + mine:])]
+        pieces.append(Piece(host=[((n,), dt)], call=assemble,
+                            d2h=[(part[o:o + mine], 0, slice(o, o + mine))],
+                            h2d=back if keep else [], kind="assemble", depends=True))
+    staging.pipeline(pieces)
+
+
+def _staged_scatter(flat, out, counts: Sequence[int], comm: MPI.Comm, staging: Staging) -> None:
+    """Staged reduce-scatter of a device ``flat``: per chunk, the chunk goes down, the exchange
+    runs on the host, the slices of this rank's segment come back and are summed on the device
+    into ``out``."""
+    xp, size, rank = staging.backend.xp, comm.Get_size(), comm.Get_rank()
+    dt, starts = flat.dtype, _displs(counts)
+    step = max(1, min(staging.chunk_bytes, max_message_bytes()) // (size * flat.itemsize))
+    pieces = []
+    for c0, c1 in _flat_chunks(flat.size, step):
+        seg = [max(0, min(c1, s + n) - max(c0, s)) for s, n in zip(starts, counts)]
+        first = max(c0, starts[rank]) - starts[rank]
+        rows = xp.empty((size, seg[rank]), dtype=dt)
+        pieces.append(Piece(
+            host=[((c1 - c0,), dt), ((size, seg[rank]), dt)],
+            call=lambda host, seg=seg: _exchange(host[0], host[1], seg, comm, True),
+            d2h=[(flat[c0:c1], 0, Ellipsis)], h2d=[(1, Ellipsis, rows)], kind="exchange",
+            then=lambda rows=rows, d=out[first:first + seg[rank]]: _sum_rows(rows, d)))
+    staging.pipeline(pieces)

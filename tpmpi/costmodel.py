@@ -103,13 +103,13 @@ def gemm_class(m: int, k: int, n: int) -> str:
 
 
 # Documented defaults: one core of a current x86 CPU with AVX2/FMA (OpenBLAS, measured on the
-# team's machine), shared-memory MPI, and a datacenter GPU.
+# team's machine), shared-memory MPI, and a datacenter GPU. NumPy float16/bfloat16 products run
+# as float32 BLAS (tpmpi.gemm): they take the float32 rates.
 DEFAULT_ALPHA = 5e-6          # s per message
 DEFAULT_BETA = 1 / 5e9        # s per byte (5 GB/s)
 DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others flop/s
     "numpy:float64": {"thin": 8e9, "small": 30e9, "medium": 55e9, "large": 60e9},
     "numpy:float32": {"thin": 10e9, "small": 60e9, "medium": 110e9, "large": 120e9},
-    "numpy:float16": {"thin": 0.5e9, "small": 0.3e9, "medium": 0.3e9, "large": 0.3e9},
     "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
     "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
     "cupy:float16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from .args import check_int
-from .comm import Staging, agree, allreduce, check, iallreduce
+from .comm import CALL_ORDER, Same, Staging, Text, agree, allreduce, check, iallreduce
 from .dtypes import dtype_name
 from .mesh import Mesh
 from .overlap import OverlapTimes, median_time
@@ -36,6 +36,11 @@ from .timing import Profiler
 
 BUCKET_BYTES = 25 * 2**20
 """Default smallest bucket (PyTorch DDP's ``bucket_cap_mb=25``)."""
+
+
+def _call(op: str) -> Same:
+    """The ``call`` value of a DataParallel agreement (which operation every rank is in)."""
+    return Same(Text(f"DataParallel {op}"), CALL_ORDER)
 
 
 class _Bucket:
@@ -82,8 +87,8 @@ class DataParallel:
                 raise ValueError(f"module is built on {grid!r}: expected the mesh's TP grid "
                                  f"(mesh.tp, {mesh.tp.label})")
 
-        check(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks, bucket_bytes=bucket_bytes,
-              overlap=bool(overlap))
+        check(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks,
+              call=_call("construction"), bucket_bytes=bucket_bytes, overlap=bool(overlap))
         self.module, self.mesh, self.layers = module, mesh, layers
         self.bucket_bytes, self.overlap = int(bucket_bytes), bool(overlap)
         self.dp, self.dp_comm = mesh.dp, mesh.dp_comm
@@ -101,7 +106,7 @@ class DataParallel:
             error = (f"DataParallel: the replicas' gradients differ (shapes or dtypes on DP "
                      f"ranks {ranks} differ from DP rank 0's); every replica must build the "
                      "same module")
-        agree(mesh.comm, error)
+        agree(mesh.comm, error, call=_call("gradient layout"))
         self.buckets: list[_Bucket] = []
         group: list = []
         for entry in grads:
@@ -131,7 +136,7 @@ class DataParallel:
             y = self.module.forward(x)
         except ValueError as exc:
             error = str(exc)
-        agree(self.mesh.comm, error)
+        agree(self.mesh.comm, error, call=_call("forward"))
         self._out = (tuple(y.shape), y.dtype)
         return y
 
@@ -149,7 +154,7 @@ class DataParallel:
                                  f"expected {self._out[0]} {dtype_name(self._out[1])} (the "
                                  "forward output's)")
 
-        check(self.mesh.comm, local_checks)
+        check(self.mesh.comm, local_checks, call=_call("backward"))
         self._active, self._ready, self._started = True, set(), 0
         try:
             dx = self.module.backward(dy)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 from mpi4py import MPI
 
 from . import backend as _backend
-from .comm import agree
+from .comm import Text, agree
 
 
 def factorisations(size: int) -> list[tuple[int, int]]:
@@ -26,6 +26,19 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"grid={text!r}: expected RxC, e.g. 2x2") from None
     return pr, pc
+
+
+def _check_comm(comm) -> None:
+    """ValueError (local, before any collective) unless ``comm`` is a live intracommunicator."""
+    if not isinstance(comm, MPI.Comm):
+        raise ValueError(f"comm is a {type(comm).__module__}.{type(comm).__name__}: expected an "
+                         "mpi4py communicator (e.g. MPI.COMM_WORLD)")
+    if comm == MPI.COMM_NULL:
+        raise ValueError("comm is MPI.COMM_NULL (freed, or this rank is outside a Split): "
+                         "expected a live communicator")
+    if comm.Is_inter():
+        raise ValueError("comm is an intercommunicator: expected an intracommunicator (e.g. "
+                         "comm.Merge())")
 
 
 class ProcessGrid:
@@ -48,6 +61,7 @@ class ProcessGrid:
 
     def __init__(self, comm: MPI.Comm, shape: Union[Sequence[int], str, None] = None, *,
                  blas_threads: Union[str, int, None] = "auto", node_aware: bool = False):
+        _check_comm(comm)
         size = comm.Get_size()
         error = None
         try:
@@ -60,7 +74,7 @@ class ProcessGrid:
                                  f"valid shapes: {valid}")
         except (TypeError, ValueError) as exc:
             error = str(exc)
-        agree(comm, error, shape=shape, node_aware=bool(node_aware))
+        agree(comm, error, call=Text("ProcessGrid()"), shape=shape, node_aware=bool(node_aware))
         self.shape: tuple[int, int] = shape
         base = comm
         if node_aware:
@@ -80,7 +94,8 @@ class ProcessGrid:
         self.threads: Optional[int] = None
         if blas_threads is not None:
             self.threads = _backend.configure_blas_threads(
-                self.comm, None if blas_threads == "auto" else int(blas_threads))
+                self.comm, None if isinstance(blas_threads, str) and blas_threads == "auto"
+                else blas_threads)  # validated there, on every rank together
 
     def __repr__(self) -> str:
         return f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, coords={self.coords})"
@@ -96,8 +111,25 @@ class ProcessGrid:
             if c != MPI.COMM_NULL:
                 c.Free()
 
+    @property
+    def freed(self) -> bool:
+        """True after :meth:`free`."""
+        return self.comm == MPI.COMM_NULL
+
     def __enter__(self) -> "ProcessGrid":
         return self
 
     def __exit__(self, *exc) -> None:
         self.free()
+
+
+_DEFAULT: list = []
+
+
+def default_grid() -> ProcessGrid:
+    """The 1D grid over COMM_WORLD that layers (and checkpoint loads) use when given no grid,
+    shared by all of them so that their calls are agreed on one communicator (created on first
+    use, again if freed). Collective over COMM_WORLD when it is created."""
+    if not _DEFAULT or _DEFAULT[0].freed:
+        _DEFAULT[:] = [ProcessGrid(MPI.COMM_WORLD)]
+    return _DEFAULT[0]

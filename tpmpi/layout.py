@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .args import check_plain_array, dtype_label
 from .backend import backend_of
-from .comm import Staging, allgather_blocks, check, max_message_bytes
+from .comm import CALL_ORDER, Same, Staging, Text, allgather_blocks, check
 from .grid import ProcessGrid
 from .partition import block_range
 
@@ -70,13 +71,34 @@ def scatter(a_global, grid: ProcessGrid, layout: str):
     return xp.ascontiguousarray(a_global[local_slices(a_global.shape, grid, layout)])
 
 
+def check_movable(name: str, a) -> None:
+    """ValueError unless ``a`` is a plain array whose dtype MPI can move: bool, integer, float
+    or complex (bfloat16 included) in this machine's byte order. An object array would send
+    pointers (a segfault on the receiver)."""
+    if getattr(a, "shape", None) is None or getattr(a, "dtype", None) is None:
+        raise ValueError(f"{name} is a {type(a).__name__}: expected an array")
+    check_plain_array(name, a)
+    dt = a.dtype
+    if not (dt.kind in "biufc" or dt.name == "bfloat16") or dt.fields is not None:
+        raise ValueError(f"{name}.dtype={dt}: expected a numeric dtype (bool, integer, float or "
+                         "complex) that MPI can move")
+    if dtype_label(dt) != dt.name:
+        raise ValueError(f"{name}.dtype={dtype_label(dt)}: expected this machine's byte order "
+                         f"({name}.astype({name}.dtype.newbyteorder('=')))")
+
+
 def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
     """The global array on every rank from each rank's block in ``layout``. Collective
     (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
+    return agreed_gather(a_local, grid, layout, global_shape, Same(Text("tpmpi.gather()"), CALL_ORDER))
+
+
+def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int],
+                  call: Same):
+    """:func:`gather` whose agreement names ``call`` (e.g. a layer's gather_weight)."""
     def local_checks() -> None:
         _check_layout(layout)
-        if getattr(a_local, "shape", None) is None:
-            raise ValueError(f"a_local is a {type(a_local).__name__}: expected an array")
+        check_movable("a_local", a_local)
         want = local_shape(global_shape, grid, layout)
         if tuple(a_local.shape) != want:
             raise ValueError(f"a_local.shape={tuple(a_local.shape)}: expected {want} for layout "
@@ -86,9 +108,8 @@ def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int])
         global_shape = tuple(int(n) for n in global_shape)
     except (TypeError, ValueError):
         pass  # reported by local_checks on the ranks concerned
-    check(grid.comm, local_checks, layout=layout, global_shape=global_shape,
-          dtype=str(getattr(a_local, "dtype", None)),
-          TPMPI_MAX_MESSAGE_BYTES=max_message_bytes())
+    check(grid.comm, local_checks, call=call, layout=layout, global_shape=global_shape,
+          dtype=str(getattr(a_local, "dtype", None)))
     backend = backend_of(a_local)
     if layout == "replicated":
         return a_local
@@ -99,4 +120,3 @@ def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int])
         blocks.append((tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds)))
     return allgather_blocks(backend.xp.ascontiguousarray(a_local), out, blocks, grid.comm,
                             Staging(backend))
-

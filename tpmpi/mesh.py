@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from .args import check_int
 from .backend import configure_blas_threads, node_comm
-from .comm import agree
+from .comm import CALL_ORDER, Same, Text, agree
 from .grid import ProcessGrid, factorisations, parse_shape
 
 TPSpec = Union[int, str, Sequence[int], None]
@@ -108,7 +108,8 @@ class Mesh:
                                  f"{describe_shapes(size)}")
         except (TypeError, ValueError) as exc:
             error = str(exc)
-        agree(comm, error, dp=dp, tp=shape)
+        agree(comm, error, call=Same(Text("construction of a Mesh"), CALL_ORDER), dp=dp,
+              tp=shape)
         self.comm = comm
         self.size, self.rank = size, comm.Get_rank()
         self.dp: int = dp

@@ -29,6 +29,7 @@ from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
 from .progress import Progress, announce, case_s
 from .schemes import Problem
+from .schemes.hybrid import largest_replica
 
 SWEEPS = ("strong", "weak", "sizes")
 # scheme options the sweep varies, and the schemes that take them (None = option unset)
@@ -119,8 +120,7 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     out = []
     for cfg in cfgs:
         key = dataclasses.replace(cfg.problem, options=())
-        replica = dataclasses.replace(cfg.problem, m=-(-cfg.problem.m // cfg.dp))  # dp > 1
-        out.append(case_s(replica, cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
+        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
                           iters=iters, baseline=baseline and key not in seen, overlap=overlap,
                           oversubscription=oversubscription * cfg.ranks / world))
         seen.add(key)

@@ -3,35 +3,66 @@ layout-invariant initialiser or from dense matrices, gradients, gather_weight.""
 from __future__ import annotations
 
 import math
+import weakref
+import zlib
 from typing import Any, Callable, Optional
 
 import numpy as np
 from mpi4py import MPI
 
-from ..args import check_int
+from ..args import check_int, check_plain_array, dtype_label
 from ..backend import Backend, get_backend
-from ..comm import Staging, check, max_message_bytes
+from ..comm import CALL_ORDER, Same, Staging, Text, check
 from ..dtypes import dtype_name, resolve_dtype
-from ..grid import ProcessGrid
+from ..gemm import matmul
+from ..grid import ProcessGrid, default_grid
 from ..init import init_weight
-from ..layout import gather, local_slices
+from ..layout import agreed_gather, local_slices
 from ..mappings import Mapping
-from ..partition import block_range
+from ..partition import block_partition
 from ..timing import Profiler
 
 
-def _check_dense(W, b, k: int, n: int) -> None:
-    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array."""
-    for name, a, want in (("W", W, (k, n)), ("b", b, (n,))):
-        if a is None and name == "b":
+def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
+    """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array (plain
+    arrays, not subclasses); ``names`` are the arguments' names in the message."""
+    for name, a, want in ((names[0], W, (k, n)), (names[1], b, (n,))):
+        if a is None and name == names[1]:
             continue
         shape = getattr(a, "shape", None)
         if shape is None:
             raise ValueError(f"{name} is a {type(a).__name__}: expected an array")
+        check_plain_array(name, a)
         if len(shape) != len(want):
             raise ValueError(f"{name}.shape={tuple(shape)}: expected a {len(want)}D array")
         if tuple(shape) != want:
             raise ValueError(f"{name}.shape={tuple(shape)}: expected {want}")
+
+
+REPLICATED = "{name} must be replicated: the same on every rank [check_replicated=True]"
+_LAYERS: "weakref.WeakKeyDictionary[ProcessGrid, int]" = weakref.WeakKeyDictionary()
+
+
+def _next_layer_id(grid: ProcessGrid) -> int:
+    """The number of layers built on ``grid`` before this one: a layer identity that every rank
+    computes alike, since construction is collective and agreed."""
+    n = _LAYERS.get(grid, 0)
+    _LAYERS[grid] = n + 1
+    return n
+
+
+class Checksum(int):
+    """crc32 of an array's bytes (C order): bitwise, so a NaN differs from any number and
+    from another NaN payload, and -0.0 from 0.0."""
+
+    def __repr__(self) -> str:
+        return f"checksum {int(self):08x}"
+
+
+def array_checksum(backend: Backend, a) -> Checksum:
+    """:class:`Checksum` of ``a`` (a device array is copied to the host)."""
+    host = np.ascontiguousarray(backend.to_host(a))
+    return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8)))
 
 
 class ParallelLinear:
@@ -46,7 +77,17 @@ class ParallelLinear:
     time both. Fixed at construction (ranks must agree: blocking and non-blocking
     collectives do not match each other).
     With ``check_finite=True``, forward/backward also agree that their input is finite and
-    raise naming the argument, the count of NaN/Inf values and the ranks holding them.
+    raise naming the argument, the count of NaN/Inf values and the ranks holding them. With
+    ``check_replicated=True`` they also agree on a checksum (:class:`Checksum`, one pass over
+    the array) of each input that must be replicated (the column layer's x, the row layer's
+    dy, ...), raising naming the argument and the ranks that differ.
+
+    Call order: every collective operation (forward, backward, gather_weight) agrees, in the
+    same Allreduce as its arguments, on *which* layer (``layer_id``: the number of layers built
+    on the grid before it) and *which* operation (kind and this layer's operation counter)
+    every rank is in, so swapped layers or forward on one rank and backward on another raise
+    the same error everywhere. If a rank fails between a backward's collectives (it still
+    completes them), the layer remembers it and its next operation raises on every rank.
     """
 
     weight_layout = "replicated"
@@ -55,29 +96,37 @@ class ParallelLinear:
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
                  backend: "str | Backend" = "auto", overlap: bool = True,
-                 check_finite: bool = False, _dense=None, **options: Any):
+                 check_finite: bool = False, check_replicated: bool = False, _dense=None,
+                 **options: Any):
         if grid is not None and not isinstance(grid, ProcessGrid):
             raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected "
                              "a tpmpi.ProcessGrid")
-        self.grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
+        self.grid = grid if grid is not None else default_grid()
         self.comm = self.grid.comm
+        self.layer_id = _next_layer_id(self.grid)
+        self._ops = 0  # operations so far (the call counter agreed with each one)
+        self._failed: Optional[str] = None  # a local failure inside an operation's collectives
 
         def local_checks() -> None:
             if _dense is not None:
-                _check_dense(*_dense, in_features, out_features)
+                check_dense(*_dense, in_features, out_features)
             check_int("in_features", in_features)
             check_int("out_features", out_features)
             resolve_dtype(dtype)
             self._check_options(**options)
 
-        check(self.comm, local_checks, in_features=in_features, out_features=out_features,
+        check(self.comm, local_checks,
+              call=Same(Text(f"construction of layer #{self.layer_id} "
+                             f"({type(self).__name__})"), CALL_ORDER),
+              in_features=in_features, out_features=out_features,
               bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
               backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
-              **options)
+              check_replicated=bool(check_replicated), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
         self.check_finite = bool(check_finite)
+        self.check_replicated = bool(check_replicated)
         self.options = dict(options)
         self.overlap = bool(overlap)
         self.backend = get_backend(backend, self.comm)
@@ -147,7 +196,8 @@ class ParallelLinear:
         """Constructor keywords that rebuild this layer (less ``grid`` and ``backend``)."""
         return dict(in_features=self.in_features, out_features=self.out_features,
                     bias=self.bias is not None, dtype=self.dtype.name, seed=self.seed,
-                    check_finite=self.check_finite, **self.options)
+                    check_finite=self.check_finite, check_replicated=self.check_replicated,
+                    **self.options)
 
     def parameter_layouts(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """``name -> (global shape, layout)`` of each parameter of :meth:`parameters`."""
@@ -167,14 +217,31 @@ class ParallelLinear:
 
     def gather_weight(self):
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
-        return gather(self.weight, self.grid, self.weight_layout,
-                      (self.in_features, self.out_features))
+        return agreed_gather(self.weight, self.grid, self.weight_layout,
+                             (self.in_features, self.out_features), self._call("gather_weight"))
 
     def gather_bias(self):
-        """The global b (N,) on every rank, or None. Collective."""
+        """The global b (N,) on every rank, or None. Collective (unless there is no bias)."""
         if self.bias is None:
             return None
-        return gather(self.bias, self.grid, self.bias_layout, (self.out_features,))
+        return agreed_gather(self.bias, self.grid, self.bias_layout, (self.out_features,),
+                             self._call("gather_bias"))
+
+    # ---- call-order agreement
+    @property
+    def identity(self) -> str:
+        """``"layer #i (Class KxN)"``: the same on every rank for the same layer."""
+        return (f"layer #{self.layer_id} ({type(self).__name__} "
+                f"{self.in_features}x{self.out_features})")
+
+    def _call(self, op: str) -> Same:
+        """The ``call`` value agreed with operation ``op`` (counted on every rank)."""
+        self._ops += 1
+        return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
+
+    def _replicated(self, name: str) -> bool:
+        """True when input ``name`` ("x" or "dy") must be the same on every rank."""
+        return False
 
     # ---- the backward collective, overlapped with the weight-gradient GEMM
     def _collective_during(self, op: str, nbytes: int, blocking: Callable[[], Any],
@@ -190,8 +257,16 @@ class ParallelLinear:
             self.backend.synchronize()
             request = nonblocking() if prof.runs("comm") else MPI.REQUEST_NULL
             prof.count(op, nbytes, nranks)
-        with prof.gemm():
-            work()
+        try:
+            with prof.gemm():
+                work()
+        except BaseException as exc:  # finish the collective the other ranks are in
+            self._failed = f"{type(exc).__name__}: {exc}"
+            if overlap:
+                request.Wait()
+            elif prof.runs("comm"):
+                blocking()
+            raise
         if overlap:
             with prof.comm(op, 0, 1):  # time spent waiting, bytes counted above
                 request.Wait()
@@ -229,42 +304,66 @@ class ParallelLinear:
     def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False,
                      split_rows: bool = False) -> int:
         """Collectively check that ``a`` is a 2D array of this backend and dtype with
-        ``want_cols`` columns and the same number of rows on every rank, or with
-        ``split_rows`` this rank's block of the rows (layout "rows"); for ``backward``, also
-        that forward() ran and ``a`` has the forward input's global rows. Returns the global
-        row count M and, in forward, keeps it for backward. One small Allreduce (with
-        ``split_rows`` also an Allgather of the row counts)."""
+        ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
+        the forward input's), or with ``split_rows`` this rank's block of the rows (layout
+        "rows", see :meth:`_agree_row_blocks`). Returns the global row count M and, in forward,
+        keeps it for backward. One small Allreduce (:meth:`_agree`; with ``split_rows`` then an
+        Allgather of the row counts)."""
         shape = getattr(a, "shape", None)
-        rows = None
-        if split_rows:
-            local = np.array([shape[0] if shape else -1], dtype=np.int64)
-            every = np.empty(self.comm.Get_size(), dtype=np.int64)
-            self.comm.Allgather(local, every)
-            rows = int(every.sum()) if (every >= 0).all() else None
-        elif shape:
-            rows = shape[0]
+        rows = shape[0] if shape else None
 
         def local_checks() -> None:
             self._check_array(name, a, backward=backward)
             if a.shape[1] != want_cols:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {want_cols} columns")
-            if split_rows and rows is not None:
-                start, stop = block_range(rows, self.comm.Get_size(), self.comm.Get_rank())
-                if a.shape[0] != stop - start:
-                    raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {stop - start} "
-                                     f"rows, block {self.comm.Get_rank()} of the {rows} rows in "
-                                     f"layout 'rows' over {self.comm.Get_size()} ranks")
-            if backward and rows != self._rows:
+            if backward and not split_rows and a.shape[0] != self._rows:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._rows} "
-                                 + ("rows in all" if split_rows else "rows")
-                                 + " (the forward input's)")
+                                 "rows (the forward input's)")
 
-        key = f"{name} rows in all" if split_rows else f"{name}.shape[0]"
-        check(self.comm, local_checks, TPMPI_MAX_MESSAGE_BYTES=max_message_bytes(),
-              **{key: rows})
+        self._agree(local_checks, name, a, backward,
+                    **({} if split_rows else {f"{name}.shape[0]": rows}))
+        if split_rows:
+            rows = self._agree_row_blocks(name, rows, backward)
         if not backward:
             self._rows = rows
         return rows
+
+    def _agree_row_blocks(self, name: str, rows: int, backward: bool) -> int:
+        """The global row count of an input in layout "rows" whose ranks hold ``rows`` rows
+        each: an Allgather of the counts, after the agreement (so all ranks are in the same
+        operation), then the same ValueError on every rank unless they are the block partition
+        of their sum (and, for ``backward``, that sum is the forward input's)."""
+        size = self.comm.Get_size()
+        every = np.empty(size, dtype=np.int64)
+        self.comm.Allgather(np.array([rows], dtype=np.int64), every)
+        counts, total = tuple(int(c) for c in every), int(every.sum())
+        want = tuple(b - a for a, b in block_partition(total, size))
+        if counts != want:
+            raise ValueError(f"{name} rows per rank {counts}: expected {want}, the block "
+                             f"partition of the {total} rows in layout 'rows' over {size} ranks")
+        if backward and total != self._rows:
+            raise ValueError(f"{name}: {total} rows in all (rows per rank {counts}): expected "
+                             f"{self._rows} rows in all (the forward input's)")
+        return total
+
+    def _agree(self, local_checks: Callable[[], None], name: str, a, backward: bool,
+               **values: Any) -> None:
+        """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
+        :func:`tpmpi.comm.check`) plus the call (layer and operation), an earlier local failure
+        and, with ``check_replicated``, the checksum of a replicated input. One Allreduce."""
+        failed, self._failed = self._failed, None
+
+        def checks() -> None:
+            if failed:
+                raise ValueError(f"an earlier operation of {self.identity} failed on this rank "
+                                 f"after its collectives had started ({failed}), so its results "
+                                 "differ across ranks: rebuild or reload the layer")
+            local_checks()
+
+        call = self._call("backward" if backward else "forward")
+        if self.check_replicated and self._replicated(name) and self.backend.owns(a):
+            values[name] = Same(array_checksum(self.backend, a), REPLICATED.format(name=name))
+        check(self.comm, checks, call=call, **values)
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
@@ -275,11 +374,13 @@ class ParallelLinear:
         if not self.backend.owns(a):
             raise ValueError(f"{name} is a {type(a).__module__}.{type(a).__name__}: expected "
                              f"a {self.backend.name} array (the layer's backend)")
+        check_plain_array(name, a)
         if a.ndim != 2:
             raise ValueError(f"{name}.shape={tuple(a.shape)}: expected a 2D array")
         if a.dtype != self.dtype:
-            raise ValueError(f"{name}.dtype={dtype_name(a.dtype)}: expected "
-                             f"{self.dtype.name} (the layer's dtype)")
+            order = " in this machine's byte order" if a.dtype.name == self.dtype.name else ""
+            raise ValueError(f"{name}.dtype={dtype_label(a.dtype)}: expected "
+                             f"{self.dtype.name}{order} (the layer's dtype)")
         if self.check_finite:
             bad = int(a.size - int(self.backend.xp.isfinite(a).sum()))
             if bad:
@@ -288,11 +389,12 @@ class ParallelLinear:
 
     # ---- phase switches for overlap measurements (see Profiler.only)
     def _matmul(self, a, b, out=None):
-        """``a @ b`` (into ``out``); skipped while the profiler runs communication only (then
+        """``a @ b`` (into ``out``; 2-byte floats on NumPy via float32, see
+        :func:`tpmpi.gemm.matmul`); skipped while the profiler runs communication only (then
         zeros of the product's shape, in ``out`` when given, are returned)."""
         xp = self.backend.xp
         if self.profiler.runs("gemm"):
-            return xp.matmul(a, b, out=out)
+            return matmul(xp, a, b, out=out)
         if out is None:
             return xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
         out.fill(0)  # defined values for whatever follows (e.g. an activation)

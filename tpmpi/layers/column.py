@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mpi4py import MPI
-
 from ..args import check_int
+from ..comm import wait_all
+from ..gemm import column_sums
 from ..mappings import Copy, GatherCols, GatherRows, Mapping
 from .base import ParallelLinear
 
@@ -86,6 +86,9 @@ class ColumnParallelLinear(ParallelLinear):
                        sequence_parallel: bool = False) -> None:
         check_int("chunks", chunks, 1)
 
+    def _replicated(self, name: str) -> bool:
+        return not self.sequence_parallel if name == "x" else self.gather_output
+
     def forward(self, x):
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
@@ -132,7 +135,7 @@ class ColumnParallelLinear(ParallelLinear):
             requests.append(self._collective(gather.start, y_local[a:b], y[a:b]))
             prof.count("allgather", y[a:b].nbytes, nranks)
         with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
-            MPI.Request.Waitall(requests)
+            wait_all(requests)
         return y
 
     def backward(self, dy):
@@ -154,7 +157,7 @@ class ColumnParallelLinear(ParallelLinear):
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x.T, dy_p)
             if self.grad_bias is not None:
-                self.grad_bias += dy_p.sum(axis=0)
+                self.grad_bias += column_sums(dy_p)
 
         self._map_during(x_map, self._x, x, input_grad)
         reduce = x_map.adjoint

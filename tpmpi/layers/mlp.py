@@ -33,12 +33,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from mpi4py import MPI
-
 from ..activations import get_activation
-from ..comm import check
-from ..grid import ProcessGrid
-from .base import ParallelLinear
+from ..comm import CALL_ORDER, Same, Text, check
+from ..dtypes import dtype_name
+from ..grid import ProcessGrid, default_grid
+from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
 from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
@@ -55,28 +54,35 @@ class ParallelMLP:
     ``fc1`` / ``fc2`` are the sub-layers (``fc2`` is a RowParallelLinear in modes "megatron"
     and "sequence", a ColumnParallelLinear in mode "book", both are TileParallelLinear in mode
     "tile2d"). Built from ``seed``, ``fc1`` uses ``seed`` and ``fc2`` ``seed + 1``.
-    Construction is collective; ``overlap`` is passed to both layers. ``layout``: the layout of
-    x and y (:data:`LAYOUTS`).
+    Construction is collective; ``overlap``, ``check_finite`` and ``check_replicated`` are
+    passed to both layers (the replicated inputs checked are x and dy, in the modes where they
+    are replicated). ``layout``: the layout of x and y (:data:`LAYOUTS`).
     """
 
     def __init__(self, d_model: int, d_hidden: int, *, grid: Optional[ProcessGrid] = None,
                  activation: str = "gelu", mode: str = "megatron", bias: bool = True,
                  dtype="float32", seed: int = 0, backend="auto", overlap: bool = True,
-                 _dense=None):
-        grid = grid if grid is not None else ProcessGrid(MPI.COMM_WORLD)
+                 check_finite: bool = False, check_replicated: bool = False, _dense=None):
+        grid = grid if grid is not None else default_grid()
 
         def local_checks() -> None:
             get_activation(activation)
             if mode not in MODES:
                 raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-            if _dense is not None and (_dense[0][1] is None) != (_dense[1][1] is None):
-                raise ValueError("b1 and b2: pass both or neither")
+            if _dense is not None:
+                (W1, b1), (W2, b2) = _dense
+                check_dense(W1, b1, d_model, d_hidden, ("W1", "b1"))
+                check_dense(W2, b2, d_hidden, d_model, ("W2", "b2"))
+                if (b1 is None) != (b2 is None):
+                    raise ValueError("b1 and b2: pass both or neither")
 
-        check(grid.comm, local_checks, activation=activation, mode=mode)
+        check(grid.comm, local_checks, call=Same(Text("construction of a ParallelMLP"),
+                                                  CALL_ORDER), activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
         self.layout = LAYOUTS[mode]
         self._act, self._act_grad = get_activation(activation)
-        common = dict(grid=grid, bias=bias, dtype=dtype, backend=backend, overlap=overlap)
+        common = dict(grid=grid, bias=bias, dtype=dtype, backend=backend, overlap=overlap,
+                      check_finite=check_finite, check_replicated=check_replicated)
         dense1, dense2 = _dense if _dense is not None else (None, None)
         one = dict(seed=seed, _dense=dense1, **common)
         two = dict(seed=seed + 1, _dense=dense2, **common)
@@ -102,7 +108,8 @@ class ParallelMLP:
         in checkpoints."""
         return dict(d_model=self.d_model, d_hidden=self.d_hidden, activation=self.activation,
                     mode=self.mode, bias=self.fc1.bias is not None, dtype=self.fc1.dtype.name,
-                    seed=self.seed, overlap=self.overlap)
+                    seed=self.seed, overlap=self.overlap, check_finite=self.fc1.check_finite,
+                    check_replicated=self.fc1.check_replicated)
 
     @classmethod
     def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
@@ -117,8 +124,10 @@ class ParallelMLP:
         """An MLP holding this rank's slices of the global ``W1`` (d_model, d_hidden), ``b1``
         (d_hidden,), ``W2`` (d_hidden, d_model), ``b2`` (d_model,), passed whole on every rank
         (biases both or neither None). ``dtype`` defaults to ``W1``'s. Collective."""
-        options.setdefault("dtype", W1.dtype)
-        return cls(W1.shape[0], W1.shape[1], grid=grid, bias=b1 is not None,
+        shape = getattr(W1, "shape", None)  # a bad W1 is reported collectively by fc1
+        d_model, d_hidden = shape if shape is not None and len(shape) == 2 else (0, 0)
+        options.setdefault("dtype", dtype_name(getattr(W1, "dtype", "float32")))
+        return cls(d_model, d_hidden, grid=grid, bias=b1 is not None,
                    _dense=((W1, b1), (W2, b2)), **options)
 
     def __call__(self, x):

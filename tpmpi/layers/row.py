@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..gemm import column_sums
 from ..mappings import AllReduce, Mapping, ReduceScatterRows, SplitCols
 from .base import ParallelLinear
 
@@ -59,6 +60,9 @@ class RowParallelLinear(ParallelLinear):
                        sequence_parallel: bool = False) -> None:
         pass
 
+    def _replicated(self, name: str) -> bool:
+        return not self.sequence_parallel if name == "dy" else not self.input_is_parallel
+
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
         (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
@@ -90,7 +94,7 @@ class RowParallelLinear(ParallelLinear):
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x_p.T, dy)
             if self.grad_bias is not None:
-                self.grad_bias += dy.sum(axis=0)
+                self.grad_bias += column_sums(dy)
 
         if self.input_is_parallel:
             with prof.gemm():

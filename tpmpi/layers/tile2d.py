@@ -43,11 +43,11 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from mpi4py import MPI
 
 from ..args import check_int
-from ..comm import allgather_blocks, allreduce, check, ibcast, ireduce, ireduce_scatter
-from ..layout import local_shape
+from ..comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
+from ..gemm import column_sums
+from ..layout import block_bounds, local_shape
 from ..partition import block_partition
 from .base import ParallelLinear
 
@@ -94,26 +94,33 @@ class TileParallelLinear(ParallelLinear):
     # ---------------------------------------------------------------- validation
     def _agree_tile(self, x) -> None:
         """Collectively check that ``x`` is this rank's tile of a global (M, in_features) X,
-        M being the rows held by grid column 0. One Allgather of an int64, one agreement."""
+        M being the rows held by grid column 0: one agreement (call, array, dtype, columns),
+        then one Allgather of the row counts, judged alike on every rank."""
         grid, pc = self.grid, self.grid.shape[1]
-        ok = self.backend.owns(x) and getattr(x, "ndim", 0) == 2
-        rows = np.array([x.shape[0] if ok else -1], dtype=np.int64)
-        every = np.empty(grid.size, dtype=np.int64)
-        self.comm.Allgather(rows, every)
-        firsts = every[::pc]  # ranks (r, 0), row-major
-        m = int(firsts.sum()) if (firsts >= 0).all() else None
+        k_c = local_shape((0, self.in_features), grid, "tiles")[1]
 
         def local_checks() -> None:
             self._check_array("x", x)
-            if m is None:
-                return  # the rank holding a non-array reports it
-            want = local_shape((m, self.in_features), grid, "tiles")
-            if tuple(x.shape) != want:
-                raise ValueError(f"x.shape={tuple(x.shape)}: expected {want}, tile {grid.coords} "
-                                 f"of the global ({m}, {self.in_features}) x in layout 'tiles' "
-                                 f"on grid {grid.label}")
+            if x.shape[1] != k_c:
+                raise ValueError(f"x.shape={tuple(x.shape)}: expected {k_c} columns, tile "
+                                 f"{grid.coords} of a global (M, {self.in_features}) x in "
+                                 f"layout 'tiles' on grid {grid.label}")
 
-        check(self.comm, local_checks)
+        self._agree(local_checks, "x", x, False)
+        every = np.empty(grid.size, dtype=np.int64)
+        self.comm.Allgather(np.array([x.shape[0]], dtype=np.int64), every)
+        m = int(every[::pc].sum())  # ranks (r, 0), row-major
+        errors = []
+        for q in range(grid.size):
+            coords = tuple(grid.comm.Get_coords(q))
+            want = tuple(b - a for a, b in block_bounds((m, self.in_features), grid.shape,
+                                                         coords, "tiles"))
+            if every[q] != want[0]:
+                errors.append(f"x.shape={(int(every[q]), want[1])}: expected {want}, tile "
+                              f"{coords} of the global ({m}, {self.in_features}) x in layout "
+                              f"'tiles' on grid {grid.label} (rank {q})")
+        if errors:
+            raise ValueError("; ".join(errors))
         self._m = m
 
     def _agree_dy(self, dy) -> None:
@@ -125,7 +132,7 @@ class TileParallelLinear(ParallelLinear):
                                  f"{self.grid.coords} of the global ({self._m}, "
                                  f"{self.out_features}) dy on grid {self.grid.label}")
 
-        check(self.comm, local_checks)
+        self._agree(local_checks, "dy", dy, True)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x):
@@ -199,7 +206,7 @@ class TileParallelLinear(ParallelLinear):
         for t, seg in enumerate(segs):
             upcoming = start(t + 1) if t + 1 < len(segs) else None
             with prof.comm("bcast", 0, 1):  # waiting only, bytes counted at start()
-                MPI.Request.Waitall(pending[0])
+                wait_all(pending[0])
             yield seg, pending[1], pending[2]
             pending = upcoming
 
@@ -215,7 +222,7 @@ class TileParallelLinear(ParallelLinear):
         else:
             dx = self._backward_panels(dy)
         if self.grad_bias is not None:
-            db = dy.sum(axis=0)
+            db = column_sums(dy)
             with self.profiler.comm("allreduce", db.nbytes, self.grid.shape[0]):
                 self._collective(allreduce, db, self.grid.col_comm, self.staging)
             self.grad_bias += db
@@ -254,7 +261,7 @@ class TileParallelLinear(ParallelLinear):
 
         def finish() -> None:
             with prof.comm("reduce", 0, 1):  # waiting only, bytes counted when posted
-                MPI.Request.Waitall([req for reqs, *_ in inflight for req in reqs])
+                wait_all([req for reqs, *_ in inflight for req in reqs])
             for _, (a, b, j, i), rx, rw, _ in inflight:
                 if rx is not None:
                     dx[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]] = rx

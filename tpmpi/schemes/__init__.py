@@ -38,6 +38,17 @@ class Problem:
     def opts(self) -> dict:
         return dict(self.options)
 
+    @property
+    def longest_sum(self) -> int:
+        """Terms of the longest dot product behind the outputs (and, with ``backward``, the
+        gradients): the ``k`` of :func:`tpmpi.dtypes.tolerance`."""
+        from .mlp import hidden_of
+
+        dims = [self.k] + ([hidden_of(self)] if self.scheme == "mlp" else [])
+        if self.backward:
+            dims += [self.m, self.n]
+        return max(dims)
+
 
 X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
 

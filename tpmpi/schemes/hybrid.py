@@ -63,6 +63,12 @@ class DataParallelCase(Case):
         return float(self.comm.allreduce(err, op=MPI.MAX))
 
 
+def largest_replica(problem: Problem, dp: int) -> Problem:
+    """``problem`` as its largest data-parallel replica runs it: ceil(M / dp) rows (cost and
+    memory estimates of one replica)."""
+    return dataclasses.replace(problem, m=-(-problem.m // dp))
+
+
 def build_case(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
                bucket_bytes: int = BUCKET_BYTES) -> Case:
     """The case of ``problem`` on a grid (:func:`tpmpi.schemes.build`) or on a mesh (a

@@ -1,0 +1,76 @@
+"""Ctrl-C and SIGTERM end a running ``python -m tpmpi run`` job promptly with one line (serial
+tests that launch their own 2-rank job and signal ONE rank of it, as a SLURM time limit or
+an impatient user would; tpmpi used to leave the other rank spinning in a collective)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_checkpoint_crash import _serial_only, job_env, launcher
+
+ARGV = ["-m", "tpmpi", "run", "--m", "192", "--k", "192", "--n", "192", "--backward",
+        "--warmup", "0", "--iters", "1000000"]
+
+
+def _children(pid: int) -> list:
+    """All descendants of ``pid`` (from /proc), depth first."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                kids += [int(entry)] + _children(int(entry))
+    return kids
+
+
+def _ranks(pid: int) -> list:
+    """The pids of the job's Python ranks (their command line runs tpmpi)."""
+    out = []
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"tpmpi" in cmd and b"run" in cmd and os.path.basename(cmd[0]).startswith(b"python"):
+            out.append(child)
+    return sorted(out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig,rank", [(signal.SIGINT, 1), (signal.SIGTERM, 0)],
+                         ids=["SIGINT-rank1", "SIGTERM-rank0"])
+def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
+    _serial_only()
+    job = subprocess.Popen(launcher() + [sys.executable] + ARGV, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=job_env(),
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_ranks(job.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = _ranks(job.pid)
+        assert len(pids) == 2, pids
+        time.sleep(3)  # imports done: the job is in its timing loop
+        assert job.poll() is None, job.communicate()
+        start = time.monotonic()
+        os.kill(pids[rank], sig)
+        out, err = job.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    ours = [line for line in re.split(r"[\r\n]", err) if line.startswith("tpmpi: interrupt")]
+    assert ours == [f"tpmpi: interrupted by {sig.name} (rank {rank}): aborting the MPI job"], err
+    assert "Traceback" not in err, err
+    assert job.returncode != 0
+    assert elapsed < 5, elapsed
