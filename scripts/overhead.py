@@ -65,9 +65,10 @@ def main() -> None:
         np.matmul(x, layer.weight, out=y_local)
         np.add(y_local, layer.bias, out=y_local)
 
-    (send, recv), = alltoallw_args(y_local, y, layer._blocks(0, args.m), comm.Get_rank())
+    (send, recv), = alltoallw_args(y_local, y, layer.y_map.blocks(y), comm.Get_rank())
     item = y.dtype.itemsize
-    ag_send = np.empty(args.m * (layer._col_parts[0][1] - layer._col_parts[0][0]), dtype=args.dtype)
+    widest = -(-args.n // comm.Get_size())  # rank 0's block of the N columns
+    ag_send = np.empty(args.m * widest, dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)
     timings = per_call({"forward": lambda: layer(x), "gemm": gemm,
                         "alltoallw": lambda: comm.Alltoallw(send, recv),

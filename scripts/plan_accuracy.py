@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from tpmpi.costmodel import load_calibration, plan, predict
+from tpmpi.data_parallel import BUCKET_BYTES
 from tpmpi.report import accuracy, layout, load, problem_key
 from tpmpi.schemes import Problem
 
@@ -35,7 +36,9 @@ def main() -> None:
                            dtype=r["dtype"], backward=bool(r.get("backward")),
                            options=tuple(sorted((r.get("options") or {}).items())))
             grid = tuple(int(g) for g in r["grid"].split("x"))
-            pred = predict(prob, r["ranks"], grid, cal, r["backend"])
+            mesh = r.get("mesh") or {}
+            pred = predict(prob, r["ranks"], grid, cal, r["backend"], dp=mesh.get("dp", 1),
+                           bucket_bytes=mesh.get("bucket_bytes") or BUCKET_BYTES)
             r["predicted_s"] = pred.time_s if pred else None
     recs = [r for r in recs if r.get("predicted_s")]
     acc = accuracy(recs)
@@ -65,9 +68,7 @@ def main() -> None:
                    backward=bool(r0.get("backward")), backend=r0["backend"], calibration=cal)[0]
         fastest = min(group, key=lambda r: r["time_s"]["median"])
         measured = {layout(r) for r in group}
-        label = f"{top.scheme} {top.grid[0]}x{top.grid[1]}" + (
-            " " + ",".join(f"{k}={v}" for k, v in sorted(top.options.items()))
-            if top.options else "")
+        label = top.label
         if label in measured:
             total += 1
             hits += label == layout(fastest)

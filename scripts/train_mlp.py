@@ -1,14 +1,27 @@
-"""Train a tensor-parallel MLP on a synthetic regression task, next to a serial reference.
+"""Train a tensor x data parallel MLP on a synthetic regression task, next to a serial reference.
 
-Run: ``mpiexec -n P python scripts/train_mlp.py [options]`` (see ``--help``). Every rank holds
-only its shards of the ParallelMLP (weights, gradients, optimizer state); the optimizer is
-purely local. Rank 0 also trains the same model serially in float64 NumPy (not counted in the
-budget) and prints both loss curves side by side. ``main(argv, comm)`` is importable (tests
-call it on sub-communicators) and returns the curves.
+Run: ``mpiexec -n P python scripts/train_mlp.py [--dp D] [--tp T | --tp RxC]
+[--sequence-parallel] [options]`` (see ``--help``). The P ranks form a :class:`tpmpi.Mesh` of D
+data-parallel replicas of a TP group (default D=1, T=P/D). Each replica trains on its block of
+the rows of the data set (full-batch steps); every rank holds only its shards of the
+ParallelMLP (weights, gradients, optimizer state), gradients are averaged over the replicas by
+:class:`tpmpi.DataParallel` during backward, and the optimizer is purely local.
+
+The TP group: ``--tp T`` runs the 1D Megatron FFN (``--mode megatron`` or ``book``; with
+``--sequence-parallel`` mode "sequence": activations outside the GEMMs split by rows);
+``--tp RxC`` runs the 2D tile FFN (mode "tile2d": both GEMMs SUMMA on an R x C grid, x and y
+in tiles). Sequence parallelism is a 1D-TP feature: the tile FFN already splits rows over its
+grid rows.
+
+Rank 0 also trains the same model serially in float64 NumPy on all rows (not counted in the
+budget) and prints both loss curves side by side, then the per-rank bytes of weights,
+gradients, optimizer state and activations and the time blocked in DP communication.
+``main(argv, comm)`` is importable (tests call it on sub-communicators) and returns the curves.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Optional, Sequence
 
@@ -18,15 +31,21 @@ from mpi4py import MPI
 import tpmpi
 from tpmpi.activations import ACTIVATIONS, get_activation
 from tpmpi.comm import check
+from tpmpi.data_parallel import measure_dp_overlap
 from tpmpi.dtypes import SUPPORTED, tolerance
+from tpmpi.grid import factorisations
 from tpmpi.layers.mlp import MODES
-from tpmpi.partition import block_sizes
+from tpmpi.mesh import tp_shape
+from tpmpi.partition import block_partition, block_sizes
 
 EPILOG = """\
 memory budget example (default model, float32, Adam: 16 bytes per parameter and rank):
   mpiexec -n 1 python scripts/train_mlp.py --max-rank-bytes 200000   # refused: needs 529,408
                                                                      # bytes; smallest P is 3
   mpiexec -n 4 python scripts/train_mlp.py --max-rank-bytes 200000   # trains: 133,120 bytes
+hybrid meshes (4 ranks):
+  mpiexec -n 4 python scripts/train_mlp.py --dp 2 --tp 2 --sequence-parallel
+  mpiexec -n 4 python scripts/train_mlp.py --dp 1 --tp 2x2            # tile2d FFN on 2x2
 """
 
 STATE_PER_PARAM = {"adam": 2, "sgd": 0}  # optimizer-state arrays per parameter
@@ -57,7 +76,19 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--print-every", type=int, default=10, help="loss print interval (10)")
     p.add_argument("--optimizer", choices=sorted(STATE_PER_PARAM), default="adam")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (3e-3)")
-    p.add_argument("--mode", choices=MODES, default="megatron")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas D (1)")
+    p.add_argument("--tp", default=None,
+                   help="TP group: T ranks (1D FFN) or RxC (2D tile FFN); default P/D, 1D")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="1D TP: activations outside the GEMMs split by rows (mode sequence)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="FFN mode (default megatron; sequence with --sequence-parallel, tile2d "
+                        "with --tp RxC)")
+    p.add_argument("--bucket-bytes", type=int, default=25 * 2**20,
+                   help="DP gradient bucket size in bytes (25 MiB)")
+    p.add_argument("--measure-overlap", action="store_true",
+                   help="after training, measure the share of the DP Allreduce hidden under "
+                        "backward (OSU convention; with --dp > 1)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu")
     p.add_argument("--dtype", choices=SUPPORTED[:3], default="float32")
     p.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
@@ -69,37 +100,70 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------- memory budget
+# ---------------------------------------------------------------- mode and memory budget
 
 
-def rank_param_counts(args, nranks: int) -> list[int]:
-    """Parameters held by each rank of a ParallelMLP over ``nranks`` (block partition)."""
+def resolve(args, nranks: int) -> tuple[str, tuple[int, int]]:
+    """``(mode, TP grid)`` of the arguments on ``nranks`` ranks; ValueError naming the flag."""
+    two_d = args.tp is not None and "x" in str(args.tp).lower()
+    shape = tp_shape(args.tp if args.tp is None or two_d else int(args.tp), nranks, args.dp)
+    mode = args.mode or ("tile2d" if two_d else "sequence" if args.sequence_parallel
+                         else "megatron")
+    if args.sequence_parallel and mode != "sequence":
+        raise ValueError(f"--sequence-parallel: needs a 1D --tp T and mode sequence, not "
+                         f"{'--tp ' + args.tp if two_d else '--mode ' + mode} (the tile2d FFN "
+                         "already splits the rows over its grid rows)")
+    if two_d and mode != "tile2d":
+        raise ValueError(f"--tp {args.tp}: a 2D TP grid runs the tile2d FFN, not --mode {mode}")
+    return mode, shape
+
+
+def rank_param_counts(args, tp: "int | tuple[int, int]", mode: str = "megatron") -> list[int]:
+    """Parameters held by each rank of a ParallelMLP in ``mode`` over a TP group of ``tp``
+    ranks (1D) or grid ``(pr, pc)`` (block partitions)."""
     d, h = args.d_model, args.d_hidden
+    pr, pc = (1, tp) if isinstance(tp, int) else tp
     counts = []
-    for h_p, d_p in zip(block_sizes(h, nranks), block_sizes(d, nranks)):
-        if args.mode == "megatron":  # fc1 cols (d, h_p) + b1_p; fc2 rows (h_p, d) + b2 whole
-            counts.append(2 * d * h_p + h_p + d)
-        else:  # fc1 cols (d, h_p) + b1_p; fc2 cols (h, d_p) + b2_p
-            counts.append(d * h_p + h_p + h * d_p + d_p)
+    for r in range(pr):
+        for c in range(pc):
+            if mode == "tile2d":  # fc1 tile (d_r, h_c) + b1_c; fc2 tile (h_r, d_c) + b2_c
+                d_r, h_r = block_sizes(d, pr)[r], block_sizes(h, pr)[r]
+                h_c, d_c = block_sizes(h, pc)[c], block_sizes(d, pc)[c]
+                counts.append(d_r * h_c + h_c + h_r * d_c + d_c)
+                continue
+            i = r * pc + c
+            h_p, d_p = block_sizes(h, pr * pc)[i], block_sizes(d, pr * pc)[i]
+            if mode == "book":  # fc1 cols (d, h_p) + b1_p; fc2 cols (h, d_p) + b2_p
+                counts.append(d * h_p + h_p + h * d_p + d_p)
+            else:  # fc1 cols (d, h_p) + b1_p; fc2 rows (h_p, d) + b2 whole
+                counts.append(2 * d * h_p + h_p + d)
     return counts
 
 
-def rank_need(args, nranks: int) -> int:
-    """Largest per-rank bytes of weights + gradients + optimizer state over ``nranks``."""
+def rank_need(args, tp: "int | tuple[int, int]", mode: str = "megatron") -> int:
+    """Largest per-rank bytes of weights + gradients + optimizer state over the TP group."""
     per_param = np.dtype(args.dtype).itemsize * (2 + STATE_PER_PARAM[args.optimizer])
-    return max(rank_param_counts(args, nranks)) * per_param
+    return max(rank_param_counts(args, tp, mode)) * per_param
 
 
-def check_budget(args, nranks: int) -> None:
-    """ValueError naming the budget, the need and the smallest P that fits, if exceeded."""
+def check_budget(args, tp: tuple[int, int], mode: str) -> None:
+    """ValueError naming the budget, the need and the smallest TP group that fits, if
+    exceeded (DP replicas hold the same shards: only the TP group divides the model)."""
     budget = args.max_rank_bytes
-    if budget is None or rank_need(args, nranks) <= budget:
+    if budget is None or rank_need(args, tp, mode) <= budget:
         return
     limit = max(args.d_model, args.d_hidden) + 1  # shards stop shrinking beyond this
-    fits = next((p for p in range(1, limit + 1) if rank_need(args, p) <= budget), None)
-    hint = f"the smallest P that fits is {fits}" if fits else "no P fits (replicated parts)"
-    raise ValueError(f"--max-rank-bytes={budget:,}: at P={nranks} a rank needs "
-                     f"{rank_need(args, nranks):,} bytes (weights + gradients + "
+    shapes = (s for t in range(1, limit + 1)
+              for s in (factorisations(t) if mode == "tile2d" else [(1, t)]))
+    fits = next((s for s in shapes if rank_need(args, s, mode) <= budget), None)
+
+    def label(shape: tuple[int, int]) -> str:
+        return f"{shape[0]}x{shape[1]}" if mode == "tile2d" else str(shape[1])
+
+    hint = f"the smallest TP group that fits is {label(fits)}" if fits else \
+        "no TP group fits (replicated parts)"
+    raise ValueError(f"--max-rank-bytes={budget:,}: at tp={label(tp)} a rank needs "
+                     f"{rank_need(args, tp, mode):,} bytes (weights + gradients + "
                      f"{args.optimizer} state, {args.dtype}); {hint}")
 
 
@@ -170,80 +234,130 @@ class SerialMLP:
 # ---------------------------------------------------------------- main
 
 
+def _owned_sum(a, layout: str, tp_rank: int) -> float:
+    """This rank's share of the global sum of ``a``: all of it for a distributed layout; for a
+    replicated one, only TP rank 0 counts it."""
+    return float(a.sum()) if layout != "replicated" or tp_rank == 0 else 0.0
+
+
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> dict:
-    """Train; returns ``{"losses", "reference", "max_rel_diff", "agree",
-    "rank_weight_bytes"}`` (``reference`` and ``rank_weight_bytes`` are None except on rank 0).
-    Collective over ``comm`` (default COMM_WORLD); bad arguments or an exceeded budget raise
-    the same ValueError on every rank."""
+    """Train; returns ``{"losses", "reference", "max_rel_diff", "agree", "rank_weight_bytes",
+    "rank_bytes", "dp_comm_s", "dp_bytes", "overlap"}`` (``reference`` and the ``rank_*`` lists
+    are None except on rank 0; ``rank_bytes`` maps weights, gradients, optimizer, activations
+    and step_peak to per-rank lists; ``overlap`` is the DP overlap measurement or None).
+    Collective over ``comm`` (default COMM_WORLD); bad arguments, a bad mesh or an exceeded
+    budget raise the same ValueError on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     rank, nranks = comm.Get_rank(), comm.Get_size()
     parser = build_parser(rank)
-    args = None
+    args, mode, shape = None, None, None
 
     def local_checks() -> None:
-        nonlocal args
+        nonlocal args, mode, shape
         args = parser.parse_args(argv)
-        for name in ("samples", "d_model", "d_hidden", "steps", "print_every"):
+        for name in ("samples", "d_model", "d_hidden", "steps", "print_every", "dp",
+                     "bucket_bytes"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected "
                                  "a positive integer")
-        check_budget(args, nranks)
+        mode, shape = resolve(args, nranks)
+        check_budget(args, shape, mode)
 
     check(comm, local_checks, argv=list(argv) if argv is not None else sys.argv[1:])
     say = (lambda *a: None) if args.quiet or rank else print
-    grid = tpmpi.ProcessGrid(comm)
-    mlp = tpmpi.ParallelMLP(args.d_model, args.d_hidden, grid=grid, mode=args.mode,
+    mesh = tpmpi.Mesh(comm, dp=args.dp, tp=shape)
+    grid = mesh.tp
+    mlp = tpmpi.ParallelMLP(args.d_model, args.d_hidden, grid=grid, mode=mode,
                             activation=args.activation, dtype=args.dtype, seed=args.seed,
                             backend=args.backend)
-    backend = mlp.fc1.backend
-    params = [(p, g) for _, p, g in mlp.parameters()]
+    model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=args.bucket_bytes)
+    model.attach_profiler()  # the DP communication time reported at the end
+    backend, lay = mlp.fc1.backend, mlp.layout
+    params = [(p, g) for _, p, g in model.parameters()]
     opt = Optimizer(args.optimizer, args.lr, params)
     X, T = make_data(args)
-    x, t = backend.asarray(X, dtype=args.dtype), backend.asarray(T, dtype=args.dtype)
+    rows = slice(*block_partition(args.samples, args.dp)[mesh.dp_rank])  # this replica's data
+    x, t = (backend.asarray(tpmpi.scatter(a[rows], grid, lay), dtype=args.dtype) for a in (X, T))
     ref = SerialMLP(args) if rank == 0 else None
     ref_opt = Optimizer(args.optimizer, args.lr, zip(ref.p, ref.g)) if ref else None
-
-    weight_bytes = sum(p.nbytes for p, _ in params)
-    per_rank = comm.gather(weight_bytes, root=0)
     n_params = sum(rank_param_counts(args, 1))
-    say(f"train_mlp: P={nranks}, mode {args.mode}, activation {args.activation}, "
-        f"{args.dtype} on {backend.name}, {args.optimizer} lr={args.lr}; data {args.samples} x "
-        f"{args.d_model}, hidden {args.d_hidden}: {n_params:,} parameters")
-    if rank == 0:
-        serial = n_params * np.dtype(args.dtype).itemsize
-        say(f"weight bytes per rank: {', '.join(f'{b:,}' for b in per_rank)} "
-            f"(serial {serial:,}; 1/P = {serial / nranks:,.0f}); weights + grads + "
-            f"{args.optimizer} state, max over ranks: {rank_need(args, nranks):,}"
-            + (f" <= budget {args.max_rank_bytes:,}" if args.max_rank_bytes else ""))
-        say(f"{'step':>5} {f'loss (P={nranks}, {args.dtype})':>24} "
-            f"{'loss (serial float64)':>22} {'rel diff':>9}")
+    # dL/dy of the global mean squared error; x dp because DataParallel averages the replicas
+    scale = 2.0 * args.dp / (args.samples * args.d_model)
+
+    say(f"train_mlp: P={nranks} as mesh dp x tp = {mesh.label}, mode {mode}, activation "
+        f"{args.activation}, {args.dtype} on {backend.name}, {args.optimizer} lr={args.lr}; "
+        f"data {args.samples} x {args.d_model} (rows per replica "
+        f"{'/'.join(map(str, block_sizes(args.samples, args.dp)))}), hidden {args.d_hidden}: "
+        f"{n_params:,} parameters")
+    say(f"{'step':>5} {f'loss ({mesh.label}, {args.dtype})':>26} "
+        f"{'loss (serial float64)':>22} {'rel diff':>9}")
     losses, reference, diffs = [], [], []
+    peak, io_bytes = 0, 0
     start = MPI.Wtime()
-    for step in range(args.steps + 1):
-        y = mlp(x)
-        r = y - t
-        losses.append(float((r * r).mean()))  # y is replicated: the same on every rank
+    for step in range(args.steps + 1):  # the allocation peak is measured in the first step
+        with backend.memory_peak() if step == 0 else contextlib.nullcontext({"peak": 0}) as mem:
+            y = model(x)
+            r = y - t
+            if step < args.steps:
+                model.zero_grad()
+                model.backward(r * scale)
+        peak, io_bytes = max(peak, mem["peak"]), max(io_bytes, x.nbytes + y.nbytes)
+        losses.append(comm.allreduce(_owned_sum(r * r, lay, grid.rank))
+                      / (args.samples * args.d_model))
         if ref is not None:
             reference.append(ref.step(X, T))
             diffs.append(abs(losses[-1] - reference[-1]) / abs(reference[-1]))
             if step % args.print_every == 0 or step == args.steps:
-                say(f"{step:5d} {losses[-1]:24.8e} {reference[-1]:22.8e} {diffs[-1]:9.1e}")
+                say(f"{step:5d} {losses[-1]:26.8e} {reference[-1]:22.8e} {diffs[-1]:9.1e}")
         if step == args.steps:
             break
-        mlp.zero_grad()
-        mlp.backward(2 * r / r.size)
         opt.step()
         if ref_opt is not None:
             ref_opt.step()
     elapsed = comm.allreduce(MPI.Wtime() - start, op=MPI.MAX)
     worst = comm.bcast(max(diffs) if diffs else None, root=0)
     agree = worst <= tolerance(args.dtype)
+    dp_comm_s = comm.allreduce(model.profiler.comm_s, op=MPI.MAX)
+    dp_bytes = model.profiler.bytes
+    mine = {"weights": sum(p.nbytes for p, _ in params),
+            "gradients": sum(g.nbytes for _, g in params),
+            "optimizer": sum(a.nbytes for state in opt.state for a in state),
+            "activations": io_bytes, "step_peak": peak}
+    every = comm.gather(mine, root=0)
+    per_rank = {key: [m[key] for m in every] for key in mine} if rank == 0 else None
     say(f"max rel diff over the curve {worst:.1e} (tolerance {tolerance(args.dtype):.0e} for "
         f"{args.dtype}): {'agree' if agree else 'DISAGREE'}; {args.steps} steps in "
         f"{elapsed:.2f} s (serial reference on rank 0 included)")
-    grid.free()
+    if rank == 0:
+        serial = n_params * np.dtype(args.dtype).itemsize
+        say(f"bytes per rank (serial weights {serial:,}; activations = this rank's block of "
+            f"the FFN input + output; step peak = most bytes allocated during the first "
+            f"forward + backward); weights + gradients + {args.optimizer} state, max over "
+            f"ranks: {rank_need(args, shape, mode):,}"
+            + (f" <= budget {args.max_rank_bytes:,}" if args.max_rank_bytes else ""))
+        say(f"{'rank':>5} {'weights':>10} {'gradients':>10} {args.optimizer + ' state':>11} "
+            f"{'activations':>12} {'step peak':>10}")
+        for i in range(nranks):
+            say(f"{i:5d} " + " ".join(f"{per_rank[k][i]:{w},d}" for k, w in (
+                ("weights", 10), ("gradients", 10), ("optimizer", 11), ("activations", 12),
+                ("step_peak", 10))))
+    if args.dp > 1:
+        say(f"DP gradient averaging over {args.dp} replicas: {dp_bytes / args.steps:,.0f} bytes "
+            f"per step in {len(model.buckets)} bucket(s) (Allreduce size on rank 0); time "
+            f"blocked in DP communication {dp_comm_s * 1e3:.2f} ms in all, "
+            f"{dp_comm_s / args.steps * 1e6:.1f} us per step (max over ranks)")
+    overlap = None
+    if args.measure_overlap and args.dp > 1:
+        y = model(x)
+        overlap = measure_dp_overlap(model, (y - t) * scale, iters=max(3, args.steps // 10))
+        say(f"DP overlap (OSU): backward with DP {overlap.overall_s * 1e3:.3f} ms, backward "
+            f"alone {overlap.compute_s * 1e3:.3f} ms, DP Allreduce alone "
+            f"{overlap.comm_s * 1e3:.3f} ms -> {overlap.overlap_pct:.1f}% hidden")
+    mesh.free()
     return {"losses": losses, "reference": reference if ref else None, "max_rel_diff": worst,
-            "agree": agree, "rank_weight_bytes": per_rank}
+            "agree": agree, "rank_weight_bytes": per_rank["weights"] if per_rank else None,
+            "rank_bytes": per_rank, "dp_comm_s": dp_comm_s, "dp_bytes": dp_bytes,
+            "overlap": overlap}
 
 
 def cli() -> int:

@@ -199,3 +199,14 @@ def message_bytes(name: str, args: tuple, kwargs: dict):
     if base == "Bcast":
         return nbytes(args[0]), nbytes(args[0])
     return None
+
+
+def profiled_calls(layers) -> dict:
+    """Collectives counted by the layers' profilers since their last reset, summed by op;
+    resets them."""
+    total = {}
+    for layer in layers:
+        for op, count in layer.profiler.calls.items():
+            total[op] = total.get(op, 0) + count
+        layer.profiler.reset()
+    return total

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tpmpi
-from conftest import all_ranks_raise, assert_input_errors, rel_err
+from conftest import all_ranks_raise, assert_input_errors, profiled_calls, rel_err
 from tpmpi.activations import ACTIVATIONS, erf, get_activation
 
 # (M, d_model, d_hidden): even, uneven, d_hidden < P (empty fc1 shards), d_model < P, M = 0
@@ -113,15 +113,8 @@ def test_collectives_per_pass(world, mode, forward, backward):
     grid = tpmpi.ProcessGrid(world.comm)
     X, W1, b1, W2, b2, dY = problem(4, 3, 8, "float64")
     mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, mode=mode)
-    layers = (mlp.fc1, mlp.fc2)
-
     def calls():
-        total = {}
-        for layer in layers:
-            for op, count in layer.profiler.calls.items():
-                total[op] = total.get(op, 0) + count
-            layer.profiler.reset()
-        return total
+        return profiled_calls((mlp.fc1, mlp.fc2))
 
     one = grid.size == 1
     mlp(X)

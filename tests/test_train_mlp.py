@@ -1,10 +1,12 @@
-"""scripts/train_mlp.py at a tiny size: the parallel loss curve matches the serial reference."""
+"""scripts/train_mlp.py at a tiny size: the parallel loss curve matches the serial reference on
+every dp x tp mesh (sequence parallelism on and off, 2D tile grids), per-rank bytes, errors."""
 import importlib.util
 import pathlib
 
 import pytest
 
 from conftest import all_ranks_raise, rel_err
+from tpmpi.mesh import mesh_shapes
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_mlp.py"
 _spec = importlib.util.spec_from_file_location("train_mlp", _PATH)
@@ -57,7 +59,68 @@ def test_budget_refusal_names_the_smallest_p(world):
     else:
         need = ["1,216", "768"][world.size - 1]
         all_ranks_raise(world.comm, lambda: train_mlp.main(argv, world.comm),
-                        rf"--max-rank-bytes=544: at P={world.size} a rank needs {need} bytes "
-                        r".*the smallest P that fits is 3")
+                        rf"--max-rank-bytes=544: at tp={world.size} a rank needs {need} bytes "
+                        r".*the smallest TP group that fits is 3")
     all_ranks_raise(world.comm, lambda: train_mlp.main(["--mode", "2d"], world.comm),
                     "argument --mode: invalid choice")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_every_mesh_trains_like_serial(world, sp):
+    """Every dp x tp of the world size, 1D (with and without --sequence-parallel) and 2D
+    (tile2d FFN): the curve matches; the activations per rank shrink by T with SP."""
+    if not world.member:
+        return
+    comm, size = world.comm, world.size
+    specs = [(dp, str(pc), False) for dp, (pr, pc) in mesh_shapes(size) if pr == 1]
+    if not sp:  # "RxC", 1xC included, is a 2D grid: the tile2d FFN
+        specs += [(dp, f"{pr}x{pc}", True) for dp, (pr, pc) in mesh_shapes(size)]
+    for dp, tp, two_d in specs:
+        pc = int(tp.split("x")[-1])
+        argv = TINY + ["--dtype", "float64", "--dp", str(dp), "--tp", tp, "--bucket-bytes", "8"]
+        out = train_mlp.main(argv + (["--sequence-parallel"] if sp else []), comm)
+        assert out["agree"], (dp, tp, out["max_rel_diff"])
+        assert len(set(comm.allgather(tuple(out["losses"])))) == 1
+        if comm.Get_rank() == 0:
+            assert rel_err(out["losses"], out["reference"]) <= 1e-10
+            sizes = out["rank_bytes"]
+            assert len(sizes["weights"]) == size and sizes["weights"] == sizes["gradients"]
+            assert sizes["optimizer"] == [2 * w for w in sizes["weights"]]  # Adam: m and v
+            assert all(p > 0 for p in sizes["step_peak"])
+            if not two_d:  # x + y of the replica's rows (12 / dp of them), 3 columns, 8 bytes
+                m = -(-12 // dp)
+                rows = -(-m // pc) if sp else m
+                assert sizes["activations"][0] == 2 * rows * 3 * 8
+        assert (out["dp_bytes"] > 0) == (dp > 1) and out["dp_comm_s"] >= 0
+
+
+@pytest.mark.mpi
+def test_mesh_and_mode_errors(world):
+    if not world.member:
+        return
+    comm, size = world.comm, world.size
+    all_ranks_raise(comm, lambda: train_mlp.main(TINY + ["--dp", str(size + 1)], comm),
+                    f"mesh dp={size + 1}: dp must divide the {size} ranks; valid meshes: dp=1")
+    all_ranks_raise(comm, lambda: train_mlp.main(TINY + ["--tp", f"1x{size}",
+                                                         "--sequence-parallel"], comm),
+                    "--sequence-parallel: needs a 1D --tp T")
+    all_ranks_raise(comm, lambda: train_mlp.main(TINY + ["--tp", f"{size}x1", "--mode",
+                                                         "book"], comm),
+                    f"--tp {size}x1: a 2D TP grid runs the tile2d FFN, not --mode book")
+    all_ranks_raise(comm, lambda: train_mlp.main(TINY + ["--bucket-bytes", "0"], comm),
+                    "--bucket-bytes=0: expected a positive integer")
+
+
+@pytest.mark.mpi
+def test_overlap_measurement_is_printed(world, capsys):
+    if not world.member or world.size % 2:
+        return
+    argv = ["--samples", "16", "--d-model", "8", "--d-hidden", "16", "--steps", "2", "--dp", "2",
+            "--measure-overlap"]
+    out = train_mlp.main(argv, world.comm)
+    assert 0 <= out["overlap"].overlap_pct <= 100
+    if world.comm.Get_rank() == 0:
+        text = capsys.readouterr().out
+        assert "hidden" in text and "time blocked in DP communication" in text
+        assert "agree" in text and " rank    weights  gradients  adam state" in text

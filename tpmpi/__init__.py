@@ -3,12 +3,15 @@ __version__ = "0.1.0"
 
 from .backend import Backend, get_backend
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data_parallel import DataParallel
 from .grid import ProcessGrid
 from .init import init_weight
 from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
 from .layout import gather, scatter
+from .mesh import Mesh
 from .partition import block_partition
 
-__all__ = ["Backend", "ColumnParallelLinear", "ParallelMLP", "ProcessGrid", "RowParallelLinear",
-           "TileParallelLinear", "block_partition", "gather", "get_backend", "init_weight",
-           "load_checkpoint", "save_checkpoint", "scatter", "__version__"]
+__all__ = ["Backend", "ColumnParallelLinear", "DataParallel", "Mesh", "ParallelMLP",
+           "ProcessGrid", "RowParallelLinear", "TileParallelLinear", "block_partition", "gather",
+           "get_backend", "init_weight", "load_checkpoint", "save_checkpoint", "scatter",
+           "__version__"]

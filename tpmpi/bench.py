@@ -34,11 +34,14 @@ from . import __version__
 from .backend import Backend, blas_info, device_facts, node_comm
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
+from .data_parallel import BUCKET_BYTES, measure_dp_overlap
 from .dtypes import tolerance
 from .grid import ProcessGrid
+from .mesh import Mesh
 from .overlap import measure_overlap
 from .progress import Progress, announce, case_units
-from .schemes import Problem, build
+from .schemes import Problem
+from .schemes.hybrid import build_case
 from .schemes.mlp import hidden_of
 from .stats import flags, load_per_cpu, short, summary
 
@@ -63,7 +66,7 @@ def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = Tr
     return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
-def serial_baseline(case, grid: ProcessGrid, backend: Backend, *, warmup: int,
+def serial_baseline(case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int,
                     iters: int, threads: Optional[int] = None) -> dict:
     """``{median, min, max}`` seconds of the case's serial product on rank 0 using ``threads``
     BLAS threads (default: those of all ranks of its node), the single-process reference for
@@ -157,12 +160,18 @@ def mlp_hidden(problem: Problem) -> Optional[int]:
     return hidden_of(problem) if problem.scheme == "mlp" else None
 
 
-def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: int = 2,
+def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int = 2,
              iters: int = 10, verify: bool = True, baseline: "bool | dict" = False,
              baseline_threads: Optional[int] = None,
              calibration: Optional[Calibration] = None, overlap: bool = False,
-             progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Build, time and (optionally) verify ``problem`` on ``grid``; with ``baseline``, also
+             progress: Optional[Callable[[str], None]] = None,
+             bucket_bytes: int = BUCKET_BYTES) -> dict:
+    """Build, time and (optionally) verify ``problem`` on ``grid``, or on a :class:`Mesh` of
+    ``dp`` replicas of a TP grid (:class:`tpmpi.schemes.hybrid.DataParallelCase`: each replica
+    takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
+    ``mesh``, ``dp_bytes`` and ``dp_comm_s``, the DP traffic and mean time blocked in it per
+    iteration, and with ``overlap`` phase ``dp``, the DP Allreduce hidden under backward;
+    ``grid`` is then the TP grid and ``comm_s`` its collectives); with ``baseline``, also
     time the serial single-process product in the same job with ``baseline_threads`` threads
     (a dict is the ``{median, min, max}`` of a baseline measured earlier); ``baseline_s``
     (median), ``speedup`` = baseline_s / time, ``efficiency`` = speedup x baseline threads /
@@ -172,12 +181,13 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     OSU measurement of :func:`tpmpi.overlap.measure_overlap`: overall, compute-only and
     communication-only medians, overlap % and seconds saved. ``progress(desc)`` is called
     after each unit of :func:`tpmpi.progress.case_units`. The record on every rank.
-    Collective over ``grid.comm``."""
-    comm = grid.comm
+    Collective over ``grid.comm`` (the mesh's)."""
+    mesh, grid = (grid, grid.tp) if isinstance(grid, Mesh) else (None, grid)
+    comm, ranks, dp = (mesh.comm, mesh.size, mesh.dp) if mesh else (grid.comm, grid.size, 1)
     progress = progress or (lambda desc: None)
     load = [load_per_cpu() or 0.0]
     with backend.memory_peak() as mem:
-        case = build(problem, grid, backend)
+        case = build_case(problem, mesh or grid, backend, bucket_bytes=bucket_bytes)
         case.attach_profilers()
         problem = case.problem  # with the options in effect (e.g. a rounded panel)
         case.forward()
@@ -189,18 +199,22 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         if problem.backward:
             case.backward()
         progress(f"warmup {i + 1}/{warmup}")
-    for prof in case.profilers:
+    dp_prof = case.dp.profiler if mesh else None
+    for prof in list(case.profilers) + ([dp_prof] if dp_prof else []):
         prof.reset()
-    stagings = [layer.staging for layer in getattr(case, "layers", ())]
+    stagings = [layer.staging for layer in getattr(case, "layers", ())] + (
+        [case.dp.staging] if mesh else [])
     for staging in stagings:
         staging.reset_stats()
     fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
     totals = [p.totals() for p in case.profilers]
     per_iter = [sum(t[key] for t in totals) / max(iters, 1) for key in ("bytes", "bus_bytes")]
+    per_iter += [dp_prof.comm_s / max(iters, 1), dp_prof.bytes / max(iters, 1)] if dp_prof \
+        else [0.0, 0.0]
     staged = [sum(st.stats[key] for st in stagings) / max(iters, 1)
               for key in ("d2h_bytes", "h2d_bytes", "staging_s")]
-    mem_peak, nbytes, bus_bytes, d2h, h2d, staging_s = _max_over_ranks(
+    mem_peak, nbytes, bus_bytes, dp_comm_s, dp_bytes, d2h, h2d, staging_s = _max_over_ranks(
         comm, [mem["peak"]] + per_iter + staged)
     mem_peak = int(mem_peak)
     time_s = summary(fwd_t + bwd_t)
@@ -211,26 +225,29 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
     flops = case.flops * (3 if problem.backward else 1)
     phases = {}
     if overlap:
-        phases["forward"] = measure_overlap(case.layers, case.forward, warmup=1, iters=iters)
+        tp_case = case.inner if mesh else case  # TP overlap without the DP Allreduce
+        phases["forward"] = measure_overlap(case.layers, tp_case.forward, warmup=1, iters=iters)
         if problem.backward:
-            phases["backward"] = measure_overlap(case.layers, case.backward, warmup=1,
+            phases["backward"] = measure_overlap(case.layers, tp_case.backward, warmup=1,
                                                  iters=iters)
+            if mesh and dp > 1:
+                phases["dp"] = measure_dp_overlap(case.dp, case.inner.dy, iters=iters)
         progress("overlap")
     err = case.verify() if verify else None
     progress("verify")
     if baseline is not False and baseline_threads is None:
         baseline_threads = node_threads(comm, grid.threads)
     if baseline is True:
-        spread["baseline_s"] = serial_baseline(case, grid, backend, warmup=warmup, iters=iters,
-                                               threads=baseline_threads)
+        spread["baseline_s"] = serial_baseline(case, mesh or grid, backend, warmup=warmup,
+                                               iters=iters, threads=baseline_threads)
         load.append(load_per_cpu() or 0.0)
         progress("baseline")
     elif baseline:
         spread["baseline_s"] = dict(baseline)
     base = spread["baseline_s"]["median"] if spread["baseline_s"] else None
-    oversub = oversubscription(grid.comm, grid.threads, backend)
-    pred = predict(problem, grid.size, grid.shape, calibration or default_calibration(),
-                   backend.name, oversubscription=oversub,
+    oversub = oversubscription(comm, grid.threads, backend)
+    pred = predict(problem, ranks, grid.shape, calibration or default_calibration(),
+                   backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
     calls: dict[str, int] = {}
@@ -238,7 +255,8 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         for op, c in t["calls"].items():
             calls[op] = calls.get(op, 0) + c
     rec = {
-        "scheme": problem.scheme, "ranks": grid.size, "grid": grid.label,
+        "scheme": problem.scheme, "ranks": ranks, "grid": grid.label,
+        "mesh": {"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
         "m": problem.m, "k": problem.k, "n": problem.n, "hidden": mlp_hidden(problem),
         "dtype": problem.dtype, "backend": backend.name, "gpu_aware": case.backend.gpu_aware,
         "threads_per_rank": grid.threads, "warmup": warmup, "iters": iters,
@@ -251,6 +269,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "comm_bytes": float(nbytes),
         "d2h_bytes": int(d2h), "h2d_bytes": int(h2d), "staging_s": float(staging_s),
         "collectives": {op: c // max(iters, 1) for op, c in calls.items()},
+        "dp_bytes": float(dp_bytes), "dp_comm_s": float(dp_comm_s),
         "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
         "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
         "mem_peak_bytes": mem_peak,
@@ -262,7 +281,7 @@ def run_case(problem: Problem, grid: ProcessGrid, backend: Backend, *, warmup: i
         "speedup": base / median if base and median > 0 else None,
         "baseline_threads": baseline_threads if base else None,
         # per-core efficiency: the baseline process may use several cores
-        "efficiency": base / median * baseline_threads / (grid.size * (grid.threads or 1))
+        "efficiency": base / median * baseline_threads / (ranks * (grid.threads or 1))
         if base and median > 0 else None,
         "load_per_cpu": float(load_max), "oversubscription": float(oversub_max),
         "mpi_library": mpi_library(), "blas": blas_info(backend),
@@ -287,7 +306,9 @@ def _num(fmt: str, value) -> Optional[str]:
 def table_row(rec: dict) -> dict:
     """The printed columns of a record: name -> text (None prints as "-")."""
     spread = rec.get("spread") or {}
-    return {"scheme": rec["scheme"], "ranks": rec["ranks"], "grid": rec["grid"], "m": rec["m"],
+    dp = (rec.get("mesh") or {}).get("dp", 1)
+    return {"scheme": rec["scheme"], "ranks": rec["ranks"],
+            "grid": rec["grid"] if dp == 1 else f"{dp}x({rec['grid']})", "m": rec["m"],
             "k": rec["k"], "n": rec["n"],
             "options": ",".join(f"{k}={v}" for k, v in sorted(rec["options"].items()))
             + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",

@@ -30,12 +30,15 @@ from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, n
 from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
 from .comm import Same, Text, agree
-from .costmodel import OPS, Calibration, format_plan, load_calibration, plan
+from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
+from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
+from .mesh import Mesh
 from .schemes import KNOWN, Problem, available
+from .schemes.hybrid import largest_replica
 from .stats import short
 from .sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
                     parse_size, run_sweep)
@@ -154,8 +157,17 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                    "many row chunks" + (" (0 = unset)" if many else "") + " (default: 1, no "
                    "pipelining)", **typed(_non_negative if many else _positive, None, None,
                                           "C"))
-    p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way) or book (Allgather after "
-                   "each GEMM) (default: megatron)", **typed(str, None, MODES))
+    p.add_argument("--mode", help="mlp: megatron (1 Allreduce each way), book (Allgather after "
+                   "each GEMM), sequence (sequence parallelism: activations split by rows) or "
+                   "tile2d (SUMMA FFN on --grid) (default: megatron)", **typed(str, None, MODES))
+    p.add_argument("--dp", help="data-parallel replicas D: a mesh of D x (the --grid TP grid of "
+                   "P/D ranks), each replica taking M/D rows, gradients averaged in backward" +
+                   (" (comma list)" if many else "") + " (default: 1)",
+                   **typed(_positive, 1, None, "D"))
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="mlp: Megatron sequence parallelism (= --mode sequence)")
+    p.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
+                   help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
     p.add_argument("--activation", help="mlp activation (default: gelu, the tanh approximation)",
                    **typed(str, None, tuple(ACTIVATIONS)))
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
@@ -241,15 +253,18 @@ def make_parser() -> argparse.ArgumentParser:
                           "TPMPI_THREADS)")
     plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)",
                           description="Rank the layouts of one product (or, with --hidden, "
-                                      "the FFN modes) on P ranks by the cost model's predicted "
-                                      "time.")
+                                      "the FFN modes) on every dp x tp mesh of P ranks by the "
+                                      "cost model's predicted time, and say why the first "
+                                      "wins.")
     for dim, what in (("m", "rows of X (tokens)"), ("k", "in features"), ("n", "out features")):
         plan.add_argument(f"--{dim}", type=_positive, required=True, help=what)
     plan.add_argument("--hidden", type=_positive, default=None,
                       help="rank FFN layouts (mlp modes) with this hidden size instead of "
                            "single-GEMM layouts (default: single-GEMM layouts)")
     plan.add_argument("--ranks", type=_positive, required=True,
-                      help="number of ranks P")
+                      help="number of ranks P (every dp x tp factorisation is ranked)")
+    plan.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
+                      help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
     plan.add_argument("--dtype", choices=SUPPORTED, default="float32", help="element type")
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="whose GEMM rates to use")
@@ -289,8 +304,25 @@ def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
                              f"not {','.join(schemes)}")
 
 
+def sequence_mode(args: argparse.Namespace) -> None:
+    """``--sequence-parallel`` as ``--mode sequence`` (a list for bench); UsageError when the
+    scheme or mode has none."""
+    if not args.sequence_parallel:
+        return
+    many = isinstance(args.scheme, list)
+    schemes = args.scheme if many else [args.scheme]
+    modes = (args.mode or []) if many else ([args.mode] if args.mode else [])
+    if any(s != "mlp" for s in schemes):
+        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) has a "
+                         "sequence-parallel mode")
+    if any(m != "sequence" for m in modes):
+        raise UsageError(f"--sequence-parallel: is --mode sequence, not --mode {modes[0]}")
+    args.mode = ["sequence"] if many else "sequence"
+
+
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """The :class:`Problem` named by the problem flags."""
+    sequence_mode(args)
     check_options(args, [args.scheme])
     options = _given_options(args)
     return Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.n, hidden=args.hidden,
@@ -301,14 +333,18 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     problem = problem_from_args(args)
     shape = parse_shape(args.grid) if args.grid else None
-    grid = ProcessGrid(comm, shape, blas_threads=args.threads if args.threads else "auto")
+    threads = args.threads if args.threads else "auto"
+    grid = Mesh(comm, dp=args.dp, tp=shape, blas_threads=threads) if args.dp > 1 else \
+        ProcessGrid(comm, shape, blas_threads=threads)
+    tp = grid.tp if args.dp > 1 else grid
+    replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
     backend = get_backend(args.backend, comm)
-    check_fits([(problem, grid.shape)], backend, comm)
+    check_fits([(replica, tp.shape)], backend, comm)
     cal = agreed_calibration(args.calibration, comm)
     timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
               "overlap": args.measure_overlap}
-    rec = run_case(problem, grid, backend, calibration=cal,
-                   progress=case_progress(problem, grid, backend, cal, **timing), **timing)
+    rec = run_case(problem, grid, backend, calibration=cal, bucket_bytes=args.bucket_bytes,
+                   progress=case_progress(replica, tp, backend, cal, **timing), **timing)
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= rec["tolerance"]
     if comm.Get_rank() == 0:
         print(format_table([rec]))
@@ -322,6 +358,10 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
                   f"{rec['efficiency']:.3f}")
         if rec["flags"]:
             print(f"flags: {', '.join(rec['flags'])} (see docs/statistics.md)")
+        if rec["mesh"]["dp"] > 1:
+            print(f"data parallel: mesh {rec['mesh']['dp']}x({rec['grid']}), DP Allreduce "
+                  f"{rec['dp_bytes'] / 2**20:.3f} MiB per iteration, "
+                  f"{rec['dp_comm_s'] * 1e3:.3f} ms blocked in it")
         for phase, times in (rec.get("overlap") or {}).items():
             print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
                   f"{times['compute_s'] * 1e3:.3f} ms, communication only "
@@ -396,6 +436,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
     if "all" in args.scheme:
         args.scheme = available()
+    sequence_mode(args)
     missing = [s for s in args.scheme if s not in available()]
     if missing:
         raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "
@@ -406,14 +447,14 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
-                   options={"panel": [v or None for v in args.panel or [0]],
+                   dps=args.dp, options={"panel": [v or None for v in args.panel or [0]],
                             "chunks": [v or None for v in args.chunks or [0]],
                             "mode": args.mode or [None], "activation": args.activation or [None],
                             "overlap": [None] if args.overlap else [False]})
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
-    check_fits([(c.problem, c.grid) for c in cfgs], backend, comm)
+    check_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
     calibration = agreed_calibration(args.calibration, comm)
     threads = configure_blas_threads(comm, args.threads)
     records: list[dict] = []
@@ -424,7 +465,8 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
               baseline=args.baseline, calibration=calibration,
-              on_record=on_record, measure_overlap=args.measure_overlap)
+              on_record=on_record, measure_overlap=args.measure_overlap,
+              bucket_bytes=args.bucket_bytes)
     _out(comm)(format_table(records))
     return 0
 
@@ -459,11 +501,13 @@ def calibration_warning(cal: Calibration, ranks: int, source: Optional[str]) -> 
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
     cal = load_calibration(args.calibration)
     preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
-                 backward=args.backward, backend=args.backend, calibration=cal)
+                 backward=args.backward, backend=args.backend, calibration=cal,
+                 bucket_bytes=args.bucket_bytes)
     warning = calibration_warning(cal, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")
     _out(comm)(format_plan(preds))
+    _out(comm)(explain(preds))
     return 0
 
 

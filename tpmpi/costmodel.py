@@ -35,8 +35,20 @@ GEMMs and the collectives listed):
   block i overlaps the GEMM of block i+1). Backward: AR(M K b) of dX overlapped with the dW GEMM.
 * row: GEMM (M, K/P, N) + AR(M N b); backward AG(M K b) of dX.
 * mlp (megatron): column GEMM (M, K, H/P), row GEMM (M, H/P, N) + AR(M N b); backward
-  AR(M K b). ``mode="book"``: two column GEMMs with an AG after each (M H b, M N b) and two
-  ARs backward.
+  AR(M K b) of dX overlapped with fc1's dW GEMM. ``mode="book"``: two column GEMMs with an AG
+  after each (M H b, M N b) and two ARs backward (each overlapped with its dW GEMM).
+  ``mode="sequence"``: AG(M K b) of the input rows before fc1 and RS(M N b) after fc2 (the AR's
+  two halves); backward AG(M N b) of dY, the re-gather AG(M K b) of X overlapped with fc1's dX
+  GEMM and RS(M K b) of dX overlapped with its dW GEMM; the block's input and output take
+  M/P rows per rank. ``mode="tile2d"``: two tile2d layers (below) on the grid.
+* data parallelism (``dp`` replicas of a TP group of P/dp ranks): every TP cost above with the
+  replica's M/dp rows; backward adds the Allreduce over the ``dp`` replicas of each rank's
+  gradient bytes, in buckets as :class:`tpmpi.DataParallel` forms them (``bucket_bytes``):
+  a bucket starts when its last layer's gradients are final and the buckets run one after
+  another, so a bucket of fc2's gradients hides behind fc1's backward; what runs past the end
+  of backward is exposed (all of it with ``overlap=False``). This assumes the MPI library
+  progresses the Iallreduce while the GEMMs run; without an asynchronous progress thread it
+  moves mostly during the other MPI calls, which ``--measure-overlap`` shows.
 * tile2d on pr x pc, gather form: AG_row(M/pr K b) + AG_col(K N/pc b) + GEMM (M/pr, K, N/pc);
   backward (forward panels cached) RS_row(M/pr K b) + RS_col(K N/pc b). ``panel`` kb: K/kb
   steps of Bcast_row(M/pr kb b) + Bcast_col(kb N/pc b), double-buffered, overlapped with the
@@ -53,7 +65,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .data_parallel import BUCKET_BYTES
 from .dtypes import resolve_dtype
+from .grid import factorisations
 from .layers.column import chunk_bounds
 from .schemes.mlp import hidden_of
 from .staging import STAGING_CHUNK_BYTES
@@ -260,11 +274,25 @@ class Prediction:
     time_s: float
     bytes_per_rank: float  # bytes sent per rank
     mem_bytes: float       # operands and buffers held per rank
+    dp: int = 1            # data-parallel replicas (grid is one replica's TP grid)
+    dp_comm_s: float = 0.0       # exposed part of the DP gradient Allreduce (in comm_s)
+    dp_allreduce_s: float = 0.0  # the DP Allreduce of all buckets, hidden or not
 
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.scheme} {self.grid[0]}x{self.grid[1]}" + (f" {opts}" if opts else "")
+        return layout_label(self.scheme, self.grid, self.dp, opts)
+
+    @property
+    def tp_comm_s(self) -> float:
+        """Exposed tensor-parallel communication."""
+        return self.comm_s - self.dp_comm_s
+
+
+def layout_label(scheme: str, grid: Sequence[int], dp: int = 1, opts: str = "") -> str:
+    """``"scheme RxC[ dp=D][ options]"``, as plan and report print layouts."""
+    return f"{scheme} {grid[0]}x{grid[1]}" + (f" dp={dp}" if dp > 1 else "") \
+        + (f" {opts}" if opts else "")
 
 
 class _Tally:
@@ -277,6 +305,12 @@ class _Tally:
         self.staged, self.sharing = staged, sharing
         self.b = resolve_dtype(dtype).itemsize
         self.compute = self.comm = self.sent = 0.0
+        self.ready: list[tuple[list[float], float, float]] = []
+
+    def grads_final(self, *elements: float) -> None:
+        """A layer's gradients (element counts, bias then weight) are final now: recorded
+        with the compute and communication time so far, for the DP model."""
+        self.ready.append(([e * self.b for e in elements], self.compute, self.comm))
 
     def gemm(self, m: int, k: int, n: int) -> float:
         t = self.cal.gemm(m, k, n, self.dtype, self.backend)
@@ -318,6 +352,7 @@ def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
         t.gemm(m, np_, k)
         dw = t.gemm(k, m, np_)
         t.coll("allreduce", p, m * k, hidden_behind=dw)
+        t.grads_final(np_, k * np_)
     return (m * k + k * np_ + m * n + (m * np_ if c == 1 else 2 * mc * np_)) * t.b
 
 
@@ -329,30 +364,75 @@ def _row(t: _Tally, m, k, n, p, backward) -> float:
         t.gemm(m, n, kp)
         t.gemm(kp, m, n)
         t.coll("allgather", p, m * k)
+        t.grads_final(n, kp * n)
     return (m * k + kp * n + m * n) * t.b
 
 
-def _mlp(t: _Tally, m, k, n, h, p, backward, mode) -> float:
-    hp = _split(h, p)
+def _mlp(t: _Tally, m, k, n, h, p, backward, mode, grid, overlap=True) -> float:
+    """The FFN in ``mode`` on ``p`` ranks (``grid`` for tile2d); gradients are final for fc2,
+    then fc1."""
+    if mode == "tile2d":
+        pr, pc = grid
+        mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
+        if backward:
+            for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
+                mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
+                t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
+        return mem
+    hp, np_ = _split(h, p), _split(n, p)
+    mr = _split(m, p)  # rows per rank of the block's input and output (sequence)
+
+    def during(op: str, elements: float, gemm: tuple) -> None:
+        """``op`` overlapped with a GEMM (when ``overlap``)."""
+        g = t.gemm(*gemm)
+        t.coll(op, p, elements, hidden_behind=g if overlap else 0.0)
+
+    if mode == "sequence":
+        t.coll("allgather", p, m * k)
     t.gemm(m, k, hp)
     if mode == "book":
         t.coll("allgather", p, m * h)
-        t.gemm(m, h, _split(n, p))
+        t.gemm(m, h, np_)
         t.coll("allgather", p, m * n)
     else:
         t.gemm(m, hp, n)
-        t.coll("allreduce", p, m * n)
+        t.coll("reduce_scatter" if mode == "sequence" else "allreduce", p, m * n)
     if backward:
-        t.gemm(m, hp, k)
-        t.gemm(k, m, hp)
-        t.gemm(m, n, hp)
-        t.gemm(hp, m, n)
-        t.coll("allreduce", p, m * k)
-        if mode == "book":
-            t.coll("allreduce", p, m * h)
-    w = (k * hp + hp * n) * t.b
-    act = (m * k + m * h + m * n) if mode == "book" else (m * k + 2 * m * hp + m * n)
+        if mode == "book":  # fc2 column-parallel: dH partial sums all-reduced during dW
+            t.gemm(m, np_, h)
+            during("allreduce", m * h, (h, m, np_))
+            t.grads_final(np_, h * np_)
+        else:  # fc2 row-parallel: local once dY is whole
+            if mode == "sequence":
+                t.coll("allgather", p, m * n)
+            t.gemm(m, n, hp)
+            t.gemm(hp, m, n)
+            t.grads_final(n, hp * n)
+        if mode == "sequence":  # X's rows gathered again during fc1's dX GEMM
+            during("allgather", m * k, (m, hp, k))
+        else:
+            t.gemm(m, hp, k)
+        during("reduce_scatter" if mode == "sequence" else "allreduce", m * k, (k, m, hp))
+        t.grads_final(hp, k * hp)
+    w = (k * hp + (h * np_ if mode == "book" else hp * n)) * t.b
+    if mode == "book":
+        act = m * k + m * h + m * n
+    elif mode == "sequence":
+        act = mr * k + 2 * m * hp + mr * n
+    else:
+        act = m * k + 2 * m * hp + m * n
     return w + act * t.b
+
+
+def _tile2d_backward(t: _Tally, m, k, n, pr, pc) -> float:
+    """tile2d backward (forward panels cached): the dX and dW GEMMs and their reduce-scatters;
+    returns the panel workspace."""
+    mr, nc = _split(m, pr), _split(n, pc)
+    t.gemm(mr, nc, k)
+    t.gemm(k, mr, nc)
+    t.coll("reduce_scatter", pc, mr * k)
+    t.coll("reduce_scatter", pr, k * nc)
+    return 2 * (mr + nc) * k * t.b
 
 
 def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
@@ -377,11 +457,8 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         t.gemm(mr, k, nc)
         panels = (mr + nc) * k * t.b
     if backward:
-        t.gemm(mr, nc, k)
-        t.gemm(k, mr, nc)
-        t.coll("reduce_scatter", pc, mr * k)
-        t.coll("reduce_scatter", pr, k * nc)
-        panels = max(panels, 2 * (mr + nc) * k * t.b)
+        panels = max(panels, _tile2d_backward(t, m, k, n, pr, pc))
+        t.grads_final(nc, kr * nc)
     return own + panels
 
 
@@ -394,87 +471,170 @@ def square_grid(p: int) -> tuple[int, int]:
     return pr, p // pr
 
 
+def _dp_allreduce(t: _Tally, dp: int, bucket_bytes: int, overlap: bool,
+                  slowdown: float) -> tuple[float, float]:
+    """``(exposed, total)`` seconds of the DP gradient Allreduce over ``dp`` replicas: the
+    gradients recorded by :meth:`_Tally.grads_final` in buckets of at least ``bucket_bytes``
+    (as :class:`tpmpi.DataParallel` forms them), each started when its gradients are final
+    (after backward without ``overlap``), one after another. ``slowdown`` scales the recorded
+    compute times (oversubscription)."""
+    end = t.compute * slowdown + t.comm
+    buckets: list[list[float]] = []  # [bytes, time its gradients are final]
+    for sizes, compute, comm in t.ready:
+        for size in sizes:
+            if not buckets or buckets[-1][0] >= bucket_bytes:
+                buckets.append([0.0, 0.0])
+            buckets[-1][0] += size
+            buckets[-1][1] = compute * slowdown + comm
+    clock = total = 0.0
+    for size, ready in buckets:
+        took = t.ctime("allreduce", dp, size)
+        clock = max(clock, ready if overlap else end) + took
+        total += took
+        t.sent += sent_bytes("allreduce", dp, size)
+    return max(0.0, clock - end), total
+
+
 def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
             calibration: Optional[Calibration] = None, backend: str = "numpy",
-            oversubscription: float = 1.0, staged: bool = False) -> Optional[Prediction]:
+            oversubscription: float = 1.0, staged: bool = False, *, dp: int = 1,
+            bucket_bytes: int = BUCKET_BYTES) -> Optional[Prediction]:
     """Predicted time of ``problem`` (a :class:`tpmpi.schemes.Problem`: scheme, m, k, n,
-    hidden, dtype, backward, options) on ``ranks`` ranks arranged as ``grid`` (default 1xP, or
-    the most square grid for tile2d). ``oversubscription`` (BLAS threads of a node's ranks
-    per core, or ranks per GPU, when above 1) slows every local product by that factor, and
-    on a GPU every staging copy: the rates are calibrated with the cores, or one rank per
-    device, to themselves. ``staged``: collectives go through host memory (a GPU without
-    GPU-aware MPI). None for a scheme the model does not know."""
+    hidden, dtype, backward, options) on ``ranks`` ranks: ``dp`` data-parallel replicas (each
+    taking M/dp rows; :func:`_dp_allreduce` in backward) of a TP group arranged as ``grid``
+    (default 1 x ranks/dp, or the most square grid for tile2d and the tile2d FFN).
+    ``oversubscription`` (BLAS threads of a node's ranks per core, or ranks per GPU, when above
+    1) slows every local product by that factor, and on a GPU every staging copy: the rates
+    are calibrated with the cores, or one rank per device, to themselves. ``staged``:
+    collectives go through host memory (a GPU without GPU-aware MPI). None for a scheme the
+    model does not know."""
     cal = calibration or Calibration()
-    p = int(ranks)
+    dp = int(dp)
+    p = int(ranks) // dp
     scheme, opts = problem.scheme, dict(problem.options)
     if scheme not in MODELLED:
         return None
+    mode = opts.get("mode", "megatron")
     if grid is None:
-        grid = square_grid(p) if scheme == "tile2d" else (1, p)
+        two_d = scheme == "tile2d" or (scheme == "mlp" and mode == "tile2d")
+        grid = square_grid(p) if two_d else (1, p)
     pr, pc = (int(g) for g in grid)
-    sharing = max(1.0, float(oversubscription))
-    t = _Tally(cal, problem.dtype, backend, staged, sharing)
-    m, k, n, bwd = problem.m, problem.k, problem.n, problem.backward
+    slowdown = max(1.0, float(oversubscription))
+    t = _Tally(cal, problem.dtype, backend, staged, slowdown)
+    m, k, n, bwd = _split(problem.m, dp), problem.k, problem.n, problem.backward
+    overlap = opts.get("overlap", True) is not False
     if scheme == "column":
         mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
     elif scheme == "row":
         mem = _row(t, m, k, n, p, bwd)
     elif scheme == "mlp":
-        h = hidden_of(problem)
-        mem = _mlp(t, m, k, n, h, p, bwd, opts.get("mode", "megatron"))
+        mem = _mlp(t, m, k, n, hidden_of(problem), p, bwd, mode, (pr, pc), overlap)
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
-    compute = t.compute * sharing
+    dp_exposed, dp_total = _dp_allreduce(t, dp, bucket_bytes, overlap, slowdown) \
+        if bwd and dp > 1 else (0.0, 0.0)
+    compute, comm = t.compute * slowdown, t.comm + dp_exposed
     return Prediction(scheme=scheme, grid=(pr, pc), options=opts, compute_s=compute,
-                      comm_s=t.comm, time_s=compute + t.comm, bytes_per_rank=t.sent,
-                      mem_bytes=mem)
+                      comm_s=comm, time_s=compute + comm, bytes_per_rank=t.sent,
+                      mem_bytes=mem, dp=dp, dp_comm_s=dp_exposed, dp_allreduce_s=dp_total)
 
 
 def candidates(m: int, k: int, n: int, ranks: int, hidden: Optional[int] = None
-               ) -> Iterable[tuple[str, tuple[int, int], dict]]:
-    """Every layout :func:`plan` considers: (scheme, grid, options)."""
-    p = ranks
-    if hidden is not None:
-        for mode in ("megatron", "book"):
-            yield "mlp", (1, p), ({} if mode == "megatron" else {"mode": mode})
-        return
-    yield "column", (1, p), {}
-    for c in (2, 4, 8):
-        if c <= m:
-            yield "column", (1, p), {"chunks": c}
-    yield "row", (1, p), {}
-    for pr in range(1, p + 1):
-        if p % pr == 0:
-            yield "tile2d", (pr, p // pr), {}
-            for kb in (k // 4, k // 16):
-                if kb >= 1 and kb < k:
-                    yield "tile2d", (pr, p // pr), {"panel": kb}
+               ) -> Iterable[tuple[str, tuple[int, int], dict, int]]:
+    """Every layout :func:`plan` considers: (scheme, TP grid, options, dp) for every ``dp``
+    dividing ``ranks``. FFN (``hidden``): modes megatron, book, sequence on 1 x ranks/dp and
+    tile2d on every grid; otherwise the single-GEMM schemes and their options. A TP group of
+    one rank has one layout (no communication to choose)."""
+    for dp in (d for d in range(1, ranks + 1) if ranks % d == 0):
+        p = ranks // dp
+        if hidden is not None:
+            yield "mlp", (1, p), {}, dp
+            if p > 1:
+                for mode in ("book", "sequence"):
+                    yield "mlp", (1, p), {"mode": mode}, dp
+                for grid in factorisations(p):
+                    yield "mlp", grid, {"mode": "tile2d"}, dp
+            continue
+        yield "column", (1, p), {}, dp
+        if p == 1 and dp > 1:
+            continue
+        for c in (2, 4, 8):
+            if c <= m:
+                yield "column", (1, p), {"chunks": c}, dp
+        yield "row", (1, p), {}, dp
+        for pr in range(1, p + 1):
+            if p % pr == 0:
+                yield "tile2d", (pr, p // pr), {}, dp
+                for kb in (k // 4, k // 16):
+                    if kb >= 1 and kb < k:
+                        yield "tile2d", (pr, p // pr), {"panel": kb}, dp
 
 
 def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
          dtype: str = "float32", backward: bool = False, backend: str = "numpy",
-         calibration: Optional[Calibration] = None) -> list[Prediction]:
-    """All candidate layouts ranked by predicted time (fastest first)."""
+         calibration: Optional[Calibration] = None,
+         bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
+    """All candidate layouts (every dp x TP factorisation of ``ranks``, see
+    :func:`candidates`) ranked by predicted time (fastest first)."""
     from .schemes import Problem
 
     preds = []
-    for scheme, grid, opts in candidates(m, k, n, ranks, hidden):
+    for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
                        backward=backward, options=tuple(sorted(opts.items())))
-        preds.append(predict(prob, ranks, grid, calibration, backend))
+        preds.append(predict(prob, ranks, grid, calibration, backend, dp=dp,
+                             bucket_bytes=bucket_bytes))
     return sorted(preds, key=lambda pr: pr.time_s)
 
 
 def format_plan(preds: Sequence[Prediction]) -> str:
-    """A ranked text table of predictions (ms, MiB)."""
-    heads = ["order", "layout", "time_ms", "compute_ms", "comm_ms", "sent_MiB/rank",
-             "mem_MiB/rank"]
+    """A ranked text table of predictions (ms, MiB): exposed TP and DP communication apart."""
+    heads = ["order", "layout", "time_ms", "compute_ms", "tp_comm_ms", "dp_comm_ms",
+             "sent_MiB/rank", "mem_MiB/rank"]
     rows = [[str(i + 1), p.label, f"{p.time_s * 1e3:.3f}", f"{p.compute_s * 1e3:.3f}",
-             f"{p.comm_s * 1e3:.3f}", f"{p.bytes_per_rank / 2**20:.2f}",
-             f"{p.mem_bytes / 2**20:.2f}"] for i, p in enumerate(preds)]
+             f"{p.tp_comm_s * 1e3:.3f}", f"{p.dp_comm_s * 1e3:.3f}",
+             f"{p.bytes_per_rank / 2**20:.2f}", f"{p.mem_bytes / 2**20:.2f}"]
+            for i, p in enumerate(preds)]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) if i == 1 else h.rjust(w)
                        for i, (h, w) in enumerate(zip(heads, widths)))]
     lines += ["  ".join(c.ljust(w) if i == 1 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)
+
+
+def _parts(p: Prediction) -> dict[str, float]:
+    return {"compute": p.compute_s, "TP communication": p.tp_comm_s,
+            "DP communication": p.dp_comm_s}
+
+
+def _versus(first: Prediction, other: Prediction) -> str:
+    """``other`` against ``first``: its time and the component it loses most on."""
+    diff = {name: v - _parts(first)[name] for name, v in _parts(other).items()}
+    worst = max(diff, key=diff.get)
+    lost = (other.time_s - first.time_s) * 1e3
+    return (f"{other.label} ({other.time_s * 1e3:.3f} ms) loses {lost:.3f} ms, most on {worst} "
+            f"(+{diff[worst] * 1e3:.3f} ms)")
+
+
+def explain(preds: Sequence[Prediction]) -> str:
+    """Why the first of ``preds`` (ranked by :func:`plan`) wins: its time split into compute,
+    exposed TP and DP communication (and how much of the DP Allreduce backward hides), then the
+    runner-up and the best layout with a different number of replicas, each with the component
+    it loses most on."""
+    if not preds:
+        return ""
+    first = preds[0]
+    text = (f"why {first.label} first: {first.time_s * 1e3:.3f} ms = compute "
+            f"{first.compute_s * 1e3:.3f} + TP communication {first.tp_comm_s * 1e3:.3f} + DP "
+            f"communication {first.dp_comm_s * 1e3:.3f} ms")
+    if first.dp > 1 and first.dp_allreduce_s > 0:
+        hidden = first.dp_allreduce_s - first.dp_comm_s
+        text += (f" ({hidden * 1e3:.3f} of the {first.dp_allreduce_s * 1e3:.3f} ms gradient "
+                 f"Allreduce hidden under backward)")
+    if len(preds) > 1:
+        text += "; runner-up " + _versus(first, preds[1])
+    other = next((p for p in preds[2:] if (p.dp > 1) != (first.dp > 1)), None)
+    if other is not None and (preds[1].dp > 1) == (first.dp > 1):
+        text += f"; best with {'dp=1' if first.dp > 1 else 'dp>1'} " + _versus(first, other)
+    return text + "."

@@ -34,13 +34,20 @@ def _arrays(p: Problem) -> Optional[list[Array]]:
     elif p.scheme == "tile2d":
         fwd = [((m, k), "tiles"), ((k, n), "tiles"), ((n,), "tiles"), ((m, n), "tiles")]
         bwd = [((m, n), "tiles"), ((m, k), "tiles"), ((k, n), "tiles"), ((n,), "tiles")]
+    elif p.scheme == "mlp" and p.opts.get("mode") == "tile2d":  # every array in tiles
+        h = p.hidden if p.hidden is not None else 4 * k
+        fwd = [((m, k), "tiles"), ((k, h), "tiles"), ((h,), "tiles"), ((m, h), "tiles"),
+               ((m, h), "tiles"), ((h, k), "tiles"), ((k,), "tiles"), ((m, k), "tiles")]
+        bwd = [((m, k), "tiles"), ((m, h), "tiles"), ((m, k), "tiles"), ((k, h), "tiles"),
+               ((h, k), "tiles")]
     elif p.scheme == "mlp":
         h = p.hidden if p.hidden is not None else 4 * k
         hidden = "replicated" if p.opts.get("mode") == "book" else "cols"
-        fwd = [((m, k), "replicated"), ((k, h), "cols"), ((h,), "cols"), ((m, h), hidden),
+        io = "rows" if p.opts.get("mode") == "sequence" else "replicated"  # x, y, dx, dy
+        fwd = [((m, k), io), ((k, h), "cols"), ((h,), "cols"), ((m, h), hidden),
                ((m, h), hidden), ((h, k), "rows" if hidden == "cols" else "cols"),
-               ((k,), "replicated"), ((m, k), "replicated")]
-        bwd = [((m, k), "replicated"), ((m, h), hidden), ((m, k), "replicated"),
+               ((k,), "replicated"), ((m, k), io)]
+        bwd = [((m, k), io), ((m, h), hidden), ((m, k), io),
                ((k, h), "cols"), ((h, k), "rows" if hidden == "cols" else "cols")]
     else:
         return None

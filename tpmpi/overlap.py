@@ -53,8 +53,11 @@ class OverlapTimes:
                 "saved_s": self.saved_s}
 
 
-def _time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
-          warmup: int, iters: int) -> float:
+def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
+                warmup: int, iters: int) -> float:
+    """Median over ``iters`` calls (after ``warmup``) of the slowest rank's time of ``call()``,
+    each call started by a Barrier and ended by ``sync`` (a device sync, or None). Collective
+    over ``comm``."""
     for _ in range(warmup):
         call()
     samples = []
@@ -84,7 +87,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
 
     check(comm, local_checks, warmup=warmup, iters=iters)
     sync = layer.backend.synchronize if layer.backend.is_gpu else None
-    overall = _time(call, comm, sync, warmup, iters)
+    overall = median_time(call, comm, sync, warmup, iters)
     times = []
     for phase in ("gemm", "comm"):
         with contextlib.ExitStack() as stack:
@@ -92,7 +95,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
             stack.enter_context(np.errstate(all="ignore"))
             for prof in profs:
                 stack.enter_context(prof.only(phase))
-            times.append(_time(call, comm, sync, warmup, iters))
+            times.append(median_time(call, comm, sync, warmup, iters))
     for prof in profs:
         prof.reset()
     return OverlapTimes(overall, *times)

@@ -41,9 +41,11 @@ def _opts(rec: dict) -> str:
 
 
 def layout(rec: dict) -> str:
-    """``scheme RxC [options]`` of a record."""
+    """``scheme RxC [dp=D] [options]`` of a record (as ``plan`` labels layouts)."""
     o = _opts(rec)
-    return f"{rec['scheme']} {rec['grid']}" + (f" {o}" if o else "")
+    dp = (rec.get("mesh") or {}).get("dp", 1)
+    return f"{rec['scheme']} {rec['grid']}" + (f" dp={dp}" if dp > 1 else "") \
+        + (f" {o}" if o else "")
 
 
 def problem_key(rec: dict) -> tuple:

@@ -24,9 +24,12 @@ from .bench import node_threads, oversubscription, run_case
 from .collbench import format_row, time_collective
 from .comm import agree, polite_barrier
 from .costmodel import Calibration, square_grid
+from .data_parallel import BUCKET_BYTES
 from .grid import ProcessGrid, parse_shape
+from .mesh import Mesh
 from .progress import Progress, announce, case_s
 from .schemes import Problem
+from .schemes.hybrid import largest_replica
 
 SWEEPS = ("strong", "weak", "sizes")
 # scheme options the sweep varies, and the schemes that take them (None = option unset)
@@ -37,12 +40,14 @@ GRID_2D = ("tile2d",)  # schemes that use a 2D grid; the others run on 1xP only
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run: a problem on the first ``ranks`` ranks arranged as ``grid``."""
+    """One run: a problem on the first ``ranks`` ranks arranged as ``dp`` replicas of the TP
+    ``grid`` (a :class:`~tpmpi.Mesh` when ``dp > 1``)."""
 
     problem: Problem
     ranks: int
     grid: tuple
     sweep: tuple = ("strong", "m")  # (kind, dim), copied into the record
+    dp: int = 1
 
 
 def parse_size(text: str) -> int:
@@ -77,11 +82,14 @@ def grids_for(scheme: str, p: int, grids: Sequence[str]) -> list[tuple]:
 
 def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
             sizes: Sequence[int], ranks: Sequence[int], grids: Sequence[str],
-            dtypes: Sequence[str], backward: bool, options: dict) -> list[Config]:
+            dtypes: Sequence[str], backward: bool, options: dict,
+            dps: Sequence[int] = (1,)) -> list[Config]:
     """The sweep's configurations, largest P first (a problem's serial baseline is measured at
     its first, largest run). ``dims`` = {m, k, n, hidden: [values]}; non-empty ``sizes``
     replace ``dims[dim]``; "weak" multiplies ``dim`` by P; ``options`` = {name: [values]}
-    (None = unset) for the schemes of :data:`SCHEME_OPTIONS`."""
+    (None = unset) for the schemes of :data:`SCHEME_OPTIONS`; ``dps``: data-parallel replicas
+    (those dividing P; ``grids`` then name the TP grid of P/dp ranks; the tile2d FFN takes 2D
+    grids like scheme tile2d)."""
     dims = dict(dims, **({dim: list(sizes)} if sizes else {}))
     names = ("m", "k", "n", "hidden")
     out = []
@@ -95,7 +103,9 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
             for values in itertools.product(*(options[o] for o in opt_names)):
                 opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v is not None))
                 prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
-                out.extend(Config(prob, p, g, (kind, dim)) for g in grids_for(scheme, p, grids))
+                kind2d = "tile2d" if dict(opts).get("mode") == "tile2d" else scheme
+                out.extend(Config(prob, p, g, (kind, dim), dp) for dp in sorted(set(dps))
+                           if p % dp == 0 for g in grids_for(kind2d, p // dp, grids))
     return out
 
 
@@ -110,7 +120,7 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     out = []
     for cfg in cfgs:
         key = dataclasses.replace(cfg.problem, options=())
-        out.append(case_s(cfg.problem, cfg.ranks, cfg.grid, cal, backend, warmup=warmup,
+        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
                           iters=iters, baseline=baseline and key not in seen, overlap=overlap,
                           oversubscription=oversubscription * cfg.ranks / world))
         seen.add(key)
@@ -119,7 +129,8 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
               warmup: int, iters: int, baseline: bool, calibration: Optional[Calibration],
-              on_record: Callable[[dict], None], measure_overlap: bool = False) -> None:
+              on_record: Callable[[dict], None], measure_overlap: bool = False,
+              bucket_bytes: int = BUCKET_BYTES) -> None:
     """Run every configuration on the first ``ranks`` ranks of ``world``; ``on_record`` is
     called on rank 0 with each record. With ``baseline``, one serial baseline per distinct
     problem (all the node's threads), reused for every P. A ValueError on any member is raised
@@ -139,12 +150,14 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
             error = None
             if sub != MPI.COMM_NULL:
                 try:
-                    with ProcessGrid(sub, cfg.grid, blas_threads=threads) as grid:
+                    with (Mesh(sub, dp=cfg.dp, tp=cfg.grid, blas_threads=threads) if cfg.dp > 1
+                          else ProcessGrid(sub, cfg.grid, blas_threads=threads)) as grid:
                         key = dataclasses.replace(cfg.problem, options=())
                         rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
                                        baseline=bases.get(key, baseline),
                                        baseline_threads=all_threads,
-                                       calibration=calibration, overlap=measure_overlap)
+                                       calibration=calibration, overlap=measure_overlap,
+                                       bucket_bytes=bucket_bytes)
                     rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
                         bases[key] = rec["spread"]["baseline_s"]
@@ -155,8 +168,8 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
             polite_barrier(world)
             agree(world, error)
             if rank == 0:
-                step(f"{cfg.problem.scheme} P={p} {cfg.grid[0]}x{cfg.grid[1]} "
-                     f"m={cfg.problem.m}")
+                step(f"{cfg.problem.scheme} P={p} " + (f"dp={cfg.dp} " if cfg.dp > 1 else "")
+                     + f"{cfg.grid[0]}x{cfg.grid[1]} m={cfg.problem.m}")
         if sub != MPI.COMM_NULL:
             sub.Free()
 

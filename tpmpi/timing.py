@@ -49,6 +49,12 @@ class Profiler:
         self.phases: frozenset = frozenset(PHASES)
         self.reset()
 
+    @classmethod
+    def for_backend(cls, backend) -> "Profiler":
+        """A timed profiler that synchronises ``backend``'s stream (on a GPU) at each region
+        boundary."""
+        return cls(backend.synchronize if backend.is_gpu else None)
+
     def reset(self) -> None:
         """Zero all totals."""
         self.gemm_s = self.comm_s = 0.0

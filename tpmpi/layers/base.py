@@ -18,6 +18,8 @@ from ..gemm import matmul
 from ..grid import ProcessGrid, default_grid
 from ..init import init_weight
 from ..layout import agreed_gather, local_slices
+from ..mappings import Mapping
+from ..partition import block_partition
 from ..timing import Profiler
 
 
@@ -152,14 +154,14 @@ class ParallelLinear:
         self.grad_weight = xp.zeros_like(self.weight)
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
         self._x = None
+        self._rows: Optional[int] = None  # global rows of the last forward input
 
     def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
         """Time this layer's GEMM and communication regions from now on (``profiler``, default a
         new timed :class:`~tpmpi.timing.Profiler` that synchronises this backend's stream at
         each region boundary) and return the profiler. Without one, layers read no clock and
         synchronise the stream only where MPI needs it."""
-        self.profiler = profiler if profiler is not None else Profiler(
-            self.backend.synchronize if self.backend.is_gpu else None)
+        self.profiler = profiler if profiler is not None else Profiler.for_backend(self.backend)
         return self.profiler
 
     def detach_profiler(self) -> None:
@@ -285,22 +287,76 @@ class ParallelLinear:
                 if prof.runs("comm"):
                     blocking()
 
+    # ---- the layers' communication operators (tpmpi.mappings)
+    def _apply(self, mapping: Optional[Mapping], x, size: Optional[int] = None):
+        """``mapping`` applied to ``x`` (blocking; ``x`` itself when ``mapping`` is None),
+        charged to the profiler; skipped while it runs GEMMs only (the result is then
+        allocated but not filled). ``size``: see :meth:`tpmpi.mappings.Mapping.out`."""
+        if mapping is None:
+            return x
+        out = mapping.out(x, size)
+        if mapping.op is not None:
+            with self.profiler.comm(mapping.op, mapping.nbytes(x, out), self.comm.Get_size()):
+                if self.profiler.runs("comm"):
+                    mapping.forward(x, out)
+        return out
+
+    def _map_during(self, mapping: Mapping, x, out, work: Callable[[], None]) -> None:
+        """Run the local ``work`` while ``mapping`` fills ``out`` from ``x`` (see
+        :meth:`_collective_during`; only ``work`` when the mapping communicates nothing)."""
+        if mapping.op is None:
+            with self.profiler.gemm():
+                work()
+            return
+        self._collective_during(mapping.op, mapping.nbytes(x, out),
+                                lambda: mapping.forward(x, out), lambda: mapping.start(x, out),
+                                work)
+
     # ---- input validation shared by forward/backward of all layers
-    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False) -> None:
+    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False,
+                     split_rows: bool = False) -> int:
         """Collectively check that ``a`` is a 2D array of this backend and dtype with
-        ``want_cols`` columns and the same number of rows on every rank; for ``backward``, also
-        that forward() ran and ``a`` has the forward input's rows. One small Allreduce."""
+        ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
+        the forward input's), or with ``split_rows`` this rank's block of the rows (layout
+        "rows", see :meth:`_agree_row_blocks`). Returns the global row count M and, in forward,
+        keeps it for backward. One small Allreduce (:meth:`_agree`; with ``split_rows`` then an
+        Allgather of the row counts)."""
+        shape = getattr(a, "shape", None)
+        rows = shape[0] if shape else None
+
         def local_checks() -> None:
             self._check_array(name, a, backward=backward)
             if a.shape[1] != want_cols:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {want_cols} columns")
-            if backward and a.shape[0] != self._x.shape[0]:
-                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._x.shape[0]} "
+            if backward and not split_rows and a.shape[0] != self._rows:
+                raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._rows} "
                                  "rows (the forward input's)")
 
-        shape = getattr(a, "shape", None)
         self._agree(local_checks, name, a, backward,
-                    **{f"{name}.shape[0]": shape[0] if shape else None})
+                    **({} if split_rows else {f"{name}.shape[0]": rows}))
+        if split_rows:
+            rows = self._agree_row_blocks(name, rows, backward)
+        if not backward:
+            self._rows = rows
+        return rows
+
+    def _agree_row_blocks(self, name: str, rows: int, backward: bool) -> int:
+        """The global row count of an input in layout "rows" whose ranks hold ``rows`` rows
+        each: an Allgather of the counts, after the agreement (so all ranks are in the same
+        operation), then the same ValueError on every rank unless they are the block partition
+        of their sum (and, for ``backward``, that sum is the forward input's)."""
+        size = self.comm.Get_size()
+        every = np.empty(size, dtype=np.int64)
+        self.comm.Allgather(np.array([rows], dtype=np.int64), every)
+        counts, total = tuple(int(c) for c in every), int(every.sum())
+        want = tuple(b - a for a, b in block_partition(total, size))
+        if counts != want:
+            raise ValueError(f"{name} rows per rank {counts}: expected {want}, the block "
+                             f"partition of the {total} rows in layout 'rows' over {size} ranks")
+        if backward and total != self._rows:
+            raise ValueError(f"{name}: {total} rows in all (rows per rank {counts}): expected "
+                             f"{self._rows} rows in all (the forward input's)")
+        return total
 
     def _agree(self, local_checks: Callable[[], None], name: str, a, backward: bool,
                **values: Any) -> None:

@@ -17,16 +17,22 @@ forward  : ``Y_p = X @ W_p + b_p``; with ``gather_output`` the blocks are all-ga
            product differently, a last-bit difference).
 backward : ``dX = sum_p dY_p @ W_p^T`` (Iallreduce, in flight while ``dW_p = X^T dY_p`` and
            ``db_p`` are computed locally, Megatron's overlap).
+sequence_parallel (Megatron's flag): ``x`` arrives in layout "rows" (rank ``p`` holds block
+           ``p`` of the M rows) and is all-gathered before the GEMM; backward gathers it again
+           (Iallgather in flight during the ``dY_p W_p^T`` GEMM, so the gathered X is not kept
+           between forward and backward) and reduce-scatters ``dX`` to row blocks instead of
+           all-reducing it (in flight during the dW GEMM).
+In terms of :mod:`tpmpi.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols (gather_output)``
+and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..args import check_int
-from ..comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce, wait_all
+from ..comm import wait_all
 from ..gemm import column_sums
-from ..layout import column_blocks
-from ..partition import block_partition
+from ..mappings import Copy, GatherCols, GatherRows, Mapping
 from .base import ParallelLinear
 
 CHUNK_ROWS = 48
@@ -50,35 +56,47 @@ class ColumnParallelLinear(ParallelLinear):
     ``dx`` (M, K) replicated, accumulating ``grad_weight`` (K, N_p) and ``grad_bias`` (N_p,).
     ``chunks`` (positive int, same on every rank): pipeline the output gather with the local
     GEMM in up to that many row chunks (see the module docstring); only with ``gather_output``.
+    ``sequence_parallel``: ``x`` and ``dx`` in layout "rows" (M_p, K) instead.
     """
 
     weight_layout = "cols"
     bias_layout = "cols"
 
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = True,
-                 chunks: int = 1, **kwargs: Any):
+                 chunks: int = 1, sequence_parallel: bool = False, **kwargs: Any):
         super().__init__(in_features, out_features, gather_output=bool(gather_output),
-                         chunks=chunks, **kwargs)
+                         chunks=chunks, sequence_parallel=bool(sequence_parallel), **kwargs)
         self.gather_output = bool(gather_output)
         self.chunks = int(chunks)
-        self._col_parts = block_partition(self.out_features, self.comm.Get_size())
+        self.sequence_parallel = bool(sequence_parallel)
         self._ybuf = None  # reused local product when it is only a send buffer
 
-    def _check_options(self, gather_output: bool = True, chunks: int = 1) -> None:
+    @property
+    def x_map(self) -> Mapping:
+        """The input's operator on the layer's communicator: GatherRows with
+        ``sequence_parallel``, else Copy."""
+        return (GatherRows if self.sequence_parallel else Copy)(self.comm, self.staging)
+
+    @property
+    def y_map(self) -> Optional[Mapping]:
+        """The output's operator: GatherCols with ``gather_output``, else None (blocks kept)."""
+        return GatherCols(self.comm, self.staging) if self.gather_output else None
+
+    def _check_options(self, gather_output: bool = True, chunks: int = 1,
+                       sequence_parallel: bool = False) -> None:
         check_int("chunks", chunks, 1)
 
     def _replicated(self, name: str) -> bool:
-        return name == "x" or self.gather_output
-
-    def _blocks(self, row0: int, m: int) -> list[tuple[tuple, tuple]]:
-        """Every rank's (rows row0:row0+m, own columns) block of the (M, N) output."""
-        return column_blocks(self._col_parts, row0, m)
+        return not self.sequence_parallel if name == "x" else self.gather_output
 
     def forward(self, x):
-        """``x`` (M, K) replicated -> ``y`` (M, N) replicated [Alltoallw], or (M, N_p)."""
-        self._agree_input("x", x, self.in_features)
+        """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
+        [Alltoallw], or (M, N_p)."""
+        m = self._agree_input("x", x, self.in_features, split_rows=self.sequence_parallel)
+        self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
+        x = self._apply(self.x_map, x, m)
         xp, prof = self.backend.xp, self.profiler
-        m, n_p = x.shape[0], self.weight.shape[1]
+        n_p = self.weight.shape[1]
         nranks = self.comm.Get_size()
         if nranks == 1:  # the local product is the whole output: no gather, no copy
             y = xp.empty((m, n_p), dtype=self.dtype)
@@ -86,7 +104,6 @@ class ColumnParallelLinear(ParallelLinear):
                 self._matmul(x, self.weight, out=y)
                 if self.bias is not None:
                     y += self.bias
-            self._x = x
             return y
         if self.gather_output:
             if self._ybuf is None or self._ybuf.shape != (m, n_p):
@@ -94,7 +111,6 @@ class ColumnParallelLinear(ParallelLinear):
             y_local = self._ybuf
         else:
             y_local = xp.empty((m, n_p), dtype=self.dtype)
-        self._x = x
         rows = chunk_bounds(m, self.chunks)
         if self.gather_output and len(rows) > 1 and nranks > 1 and not self.staging.staged:
             return self._forward_chunked(x, y_local, rows)
@@ -102,28 +118,21 @@ class ColumnParallelLinear(ParallelLinear):
             self._matmul(x, self.weight, out=y_local)
             if self.bias is not None:
                 y_local += self.bias
-        if not self.gather_output:
-            return y_local
-        y = xp.empty((m, self.out_features), dtype=self.dtype)
-        with prof.comm("allgather", y.nbytes, nranks):
-            self._collective(allgather_blocks, y_local, y, self._blocks(0, m), self.comm,
-                             self.staging)
-        return y
+        return self._apply(self.y_map, y_local, self.out_features)
 
     def _forward_chunked(self, x, y_local, rows: list[tuple[int, int]]):
         """Level-2 pipeline: GEMM of row chunk i, then its Ialltoallw into rows of the (M, N)
         output, in flight during the GEMM of chunk i + 1; one Waitall at the end."""
         xp, prof, nranks = self.backend.xp, self.profiler, self.comm.Get_size()
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
-        requests = []
+        requests, gather = [], self.y_map
         for a, b in rows:
             with prof.gemm():
                 self._matmul(x[a:b], self.weight, out=y_local[a:b])
                 if self.bias is not None:
                     y_local[a:b] += self.bias
             self.backend.synchronize()
-            requests.append(self._collective(iallgather_blocks, y_local[a:b], y,
-                                             self._blocks(a, b - a), self.comm))
+            requests.append(self._collective(gather.start, y_local[a:b], y[a:b]))
             prof.count("allgather", y[a:b].nbytes, nranks)
         with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
             wait_all(requests)
@@ -131,22 +140,28 @@ class ColumnParallelLinear(ParallelLinear):
 
     def backward(self, dy):
         """``dy`` in the output's layout -> ``dx`` (M, K) replicated [Iallreduce overlapped with
-        the dW GEMM, or a blocking Allreduce when ``overlap=False``]; accumulates
-        ``grad_weight`` and ``grad_bias``."""
+        the dW GEMM, or a blocking Allreduce when ``overlap=False``], or with
+        ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
+        Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
-        prof, x = self.profiler, self._x
-        # this rank's columns: a strided view (one copy on a GPU, for both products)
-        dy_p = self.backend.operand(dy[:, self.shard[1]]) if self.gather_output else dy
-        with prof.gemm():
-            dx = self._matmul(dy_p, self.weight.T)
+        x_map, y_map = self.x_map, self.y_map
+        # own columns: a strided view (one copy on a GPU, for both products)
+        dy_p = self.backend.operand(y_map.adjoint.out(dy)) if y_map else dy
+        x = x_map.out(self._x, self._rows)  # the gathered rows (sequence_parallel)
+        dx = None
+
+        def input_grad() -> None:
+            nonlocal dx
+            dx = self._matmul(dy_p, self.weight.T)  # partial sums over the ranks
 
         def weight_grads() -> None:
             self.grad_weight += self._matmul(x.T, dy_p)
             if self.grad_bias is not None:
                 self.grad_bias += column_sums(dy_p)
 
-        self._collective_during("allreduce", dx.nbytes,
-                                lambda: allreduce(dx, self.comm, self.staging),
-                                lambda: iallreduce(dx, self.comm), weight_grads)
-        return dx
+        self._map_during(x_map, self._x, x, input_grad)
+        reduce = x_map.adjoint
+        dx_out = reduce.out(dx)
+        self._map_during(reduce, dx, dx_out, weight_grads)
+        return dx_out

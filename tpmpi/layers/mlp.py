@@ -1,37 +1,62 @@
 """The tensor-parallel FFN sub-layer ``Y = act(X W1 + b1) W2 + b2``.
 
-``X`` (M, d_model) replicated -> ``Y`` (M, d_model) replicated; ``W1`` (d_model, d_hidden),
-``W2`` (d_hidden, d_model).
+``X`` (M, d_model) -> ``Y`` (M, d_model); ``W1`` (d_model, d_hidden), ``W2`` (d_hidden,
+d_model). Every mode holds the same global parameters (the same seeds give the same W1, b1,
+W2, b2) and computes the same function; they differ in layouts and communication, which are
+compositions of the paired operators of :mod:`tpmpi.mappings` (forward shown; backward applies
+the adjoints in reverse order):
 
-mode "megatron": ``fc1`` column-parallel without gather -> ``act`` on the local (M, h_p) block
-    -> ``fc2`` row-parallel with ``input_is_parallel``: one Allreduce forward (in fc2), one
-    backward (dX of fc1, overlapped with fc1's dW GEMM).
-mode "book": the textbook's literal scheme, both layers column-parallel with the output
+mode "megatron" (x, y replicated): ``Copy -> fc1 -> act -> fc2 -> AllReduce``. ``fc1``
+    column-parallel without gather, ``act`` on the local (M, h_p) block, ``fc2`` row-parallel
+    with ``input_is_parallel``: one Allreduce forward, one backward (dX of fc1, overlapped with
+    fc1's dW GEMM).
+mode "book" (x, y replicated): ``Copy -> fc1 -> GatherCols -> act -> Copy -> fc2 ->
+    GatherCols``, the textbook's literal scheme: both layers column-parallel with the output
     all-gathered (Alltoallw) after each GEMM; ``act`` runs on the replicated (M, d_hidden)
     hidden activation; backward needs an Allreduce of dH (fc2) and of dX (fc1).
+mode "sequence" (x, y in layout "rows": rank p holds block p of the M rows): ``GatherRows ->
+    fc1 -> act -> fc2 -> ReduceScatterRows``, Megatron's sequence parallelism. Forward:
+    Allgather of the rows, Reduce_scatter of the output; backward: Allgather of dY, then the
+    rows of X gathered again during the dX GEMM and dX reduce-scattered during the dW GEMM.
+    The same bytes as "megatron" (a ring Allreduce is a Reduce_scatter + an Allgather) plus the
+    re-gather of X, while the block's input and output take 1/P of the memory per rank.
+mode "tile2d" (x, y in layout "tiles" of a 2D grid): two :class:`TileParallelLinear` layers
+    (SUMMA; fc1's output tiles are fc2's input tiles, ``act`` on the (m_r, h_c) tile). This is
+    what a 2D TP grid means for the FFN; the other modes use ``grid.comm`` as one 1D group
+    whatever the grid's shape.
+
+``grad_ready`` holds callbacks run with each sub-layer as soon as its gradients are final
+during backward (fc2 first): :class:`tpmpi.DataParallel` starts averaging them there, under
+fc1's backward GEMMs.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..activations import get_activation
 from ..comm import CALL_ORDER, Same, Text, check
 from ..dtypes import dtype_name
 from ..grid import ProcessGrid, default_grid
-from .base import check_dense
+from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
 from .row import RowParallelLinear
+from .tile2d import TileParallelLinear
 
-MODES = ("megatron", "book")
+MODES = ("megatron", "book", "sequence", "tile2d")
+LAYOUTS = {"megatron": "replicated", "book": "replicated", "sequence": "rows",
+           "tile2d": "tiles"}
+"""Layout of x and y in each mode."""
 
 
 class ParallelMLP:
     """Two parallel linear layers around an element-wise activation (see the module docstring).
 
-    ``fc1`` / ``fc2`` are the sub-layers (``fc2`` is a RowParallelLinear in mode "megatron", a
-    ColumnParallelLinear in mode "book"). Built from ``seed``, ``fc1`` uses ``seed`` and ``fc2``
-    ``seed + 1``. Construction is collective; ``overlap``, ``check_finite`` and
-    ``check_replicated`` are passed to both layers (the replicated inputs checked are x and dy).
+    ``fc1`` / ``fc2`` are the sub-layers (``fc2`` is a RowParallelLinear in modes "megatron"
+    and "sequence", a ColumnParallelLinear in mode "book", both are TileParallelLinear in mode
+    "tile2d"). Built from ``seed``, ``fc1`` uses ``seed`` and ``fc2`` ``seed + 1``.
+    Construction is collective; ``overlap``, ``check_finite`` and ``check_replicated`` are
+    passed to both layers (the replicated inputs checked are x and dy, in the modes where they
+    are replicated). ``layout``: the layout of x and y (:data:`LAYOUTS`).
     """
 
     def __init__(self, d_model: int, d_hidden: int, *, grid: Optional[ProcessGrid] = None,
@@ -54,20 +79,28 @@ class ParallelMLP:
         check(grid.comm, local_checks, call=Same(Text("construction of a ParallelMLP"),
                                                   CALL_ORDER), activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
+        self.layout = LAYOUTS[mode]
         self._act, self._act_grad = get_activation(activation)
         common = dict(grid=grid, bias=bias, dtype=dtype, backend=backend, overlap=overlap,
                       check_finite=check_finite, check_replicated=check_replicated)
         dense1, dense2 = _dense if _dense is not None else (None, None)
-        self.fc1 = ColumnParallelLinear(d_model, d_hidden, gather_output=mode == "book",
-                                        seed=seed, _dense=dense1, **common)
-        if mode == "megatron":
-            self.fc2 = RowParallelLinear(d_hidden, d_model, input_is_parallel=True,
-                                         seed=seed + 1, _dense=dense2, **common)
+        one = dict(seed=seed, _dense=dense1, **common)
+        two = dict(seed=seed + 1, _dense=dense2, **common)
+        sp = mode == "sequence"
+        if mode == "tile2d":
+            self.fc1: ParallelLinear = TileParallelLinear(d_model, d_hidden, **one)
+            self.fc2: ParallelLinear = TileParallelLinear(d_hidden, d_model, **two)
+        elif mode == "book":
+            self.fc1 = ColumnParallelLinear(d_model, d_hidden, gather_output=True, **one)
+            self.fc2 = ColumnParallelLinear(d_hidden, d_model, gather_output=True, **two)
         else:
-            self.fc2 = ColumnParallelLinear(d_hidden, d_model, gather_output=True,
-                                            seed=seed + 1, _dense=dense2, **common)
+            self.fc1 = ColumnParallelLinear(d_model, d_hidden, gather_output=False,
+                                            sequence_parallel=sp, **one)
+            self.fc2 = RowParallelLinear(d_hidden, d_model, input_is_parallel=True,
+                                         sequence_parallel=sp, **two)
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
         self.seed, self.overlap = seed, bool(overlap)
+        self.grad_ready: list[Callable[[ParallelLinear], None]] = []
         self._pre = None
 
     def config(self) -> dict[str, Any]:
@@ -100,18 +133,30 @@ class ParallelMLP:
     def __call__(self, x):
         return self.forward(x)
 
+    @property
+    def layers(self) -> list[ParallelLinear]:
+        """The sub-layers in forward order: ``[fc1, fc2]``."""
+        return [self.fc1, self.fc2]
+
     def forward(self, x):
-        """``x`` (M, d_model) replicated -> ``y`` (M, d_model) replicated."""
+        """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layout` (replicated, the
+        rank's rows, or its tile)."""
         pre = self.fc1.forward(x)
         y = self.fc2.forward(self._act(pre) if self._computes() else pre)
         self._pre = pre
         return y
 
     def backward(self, dy):
-        """``dy`` (M, d_model) replicated -> ``dx`` (M, d_model) replicated; accumulates the
-        gradients of all four parameters."""
+        """``dy`` -> ``dx`` (M, d_model), both in :attr:`layout`; accumulates the gradients of
+        all four parameters, calling the :attr:`grad_ready` callbacks with fc2, then fc1, as
+        soon as each one's gradients are final."""
         dh = self.fc2.backward(dy)
-        return self.fc1.backward(dh * self._act_grad(self._pre) if self._computes() else dh)
+        for ready in self.grad_ready:
+            ready(self.fc2)
+        dx = self.fc1.backward(dh * self._act_grad(self._pre) if self._computes() else dh)
+        for ready in self.grad_ready:
+            ready(self.fc1)
+        return dx
 
     def _computes(self) -> bool:
         """False while an overlap measurement runs the collectives alone (then the activation

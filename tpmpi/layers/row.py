@@ -11,15 +11,20 @@ backward : ``dX_p = dY @ W_p^T``, ``dW_p = X_p^T @ dY`` and ``db = colsum(dY)`` 
            all-gathered into the replicated (M, K) ``dX`` (Ialltoallw in flight during the dW
            GEMM). On one rank nothing is exchanged: the Allreduce returns at once and ``dX_p``
            is ``dX`` (no gather, no copy, no host staging).
+sequence_parallel (Megatron's flag): the partial products are reduce-scattered instead of
+           all-reduced, so ``y`` (and ``dy``) are in layout "rows" (rank ``p`` holds block ``p``
+           of the M rows); backward first all-gathers ``dy``, after which ``db`` and ``dW_p``
+           are those of the whole dY, as without the flag.
+In terms of :mod:`tpmpi.mappings`: ``x -> SplitCols (unless input_is_parallel) -> GEMM ->
+AllReduce | ReduceScatterRows -> + b``, backward the adjoints (``Copy | GatherRows``;
+``GatherCols``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from ..comm import allgather_blocks, allreduce, iallgather_blocks
 from ..gemm import column_sums
-from ..layout import column_blocks
-from ..partition import block_partition
+from ..mappings import AllReduce, Mapping, ReduceScatterRows, SplitCols
 from .base import ParallelLinear
 
 
@@ -33,42 +38,58 @@ class RowParallelLinear(ParallelLinear):
     bias_layout = "replicated"
 
     def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = False,
-                 **kwargs: Any):
+                 sequence_parallel: bool = False, **kwargs: Any):
         super().__init__(in_features, out_features, input_is_parallel=bool(input_is_parallel),
-                         **kwargs)
+                         sequence_parallel=bool(sequence_parallel), **kwargs)
         self.input_is_parallel = bool(input_is_parallel)
-        self._row_parts = block_partition(self.in_features, self.comm.Get_size())
+        self.sequence_parallel = bool(sequence_parallel)
 
-    def _check_options(self, input_is_parallel: bool = False) -> None:
+    @property
+    def x_map(self) -> Optional[Mapping]:
+        """The input's operator on the layer's communicator: SplitCols, or None when the input
+        is parallel already."""
+        return None if self.input_is_parallel else SplitCols(self.comm, self.staging)
+
+    @property
+    def y_map(self) -> Mapping:
+        """The output's operator: ReduceScatterRows with ``sequence_parallel``, else
+        AllReduce."""
+        return (ReduceScatterRows if self.sequence_parallel else AllReduce)(self.comm,
+                                                                            self.staging)
+
+    def _check_options(self, input_is_parallel: bool = False,
+                       sequence_parallel: bool = False) -> None:
         pass
 
     def _replicated(self, name: str) -> bool:
-        return name == "dy" or not self.input_is_parallel
+        return not self.sequence_parallel if name == "dy" else not self.input_is_parallel
 
     def forward(self, x):
-        """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce]."""
+        """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
+        (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
         k_p = self.weight.shape[0]
         self._agree_input("x", x, k_p if self.input_is_parallel else self.in_features)
         xp, prof = self.backend.xp, self.profiler
-        # this rank's columns of x: a strided view (one copy on a GPU, kept for the dW product)
-        x_p = x if self.input_is_parallel else self.backend.operand(x[:, self.shard[0]])
+        # own columns: a strided view (one copy on a GPU, kept for the dW product)
+        x_p = self.backend.operand(self._apply(self.x_map, x))
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
         with prof.gemm():
             self._matmul(x_p, self.weight, out=y)
-        with prof.comm("allreduce", y.nbytes, self.comm.Get_size()):
-            self._collective(allreduce, y, self.comm, self.staging)
+        y = self._apply(self.y_map, y)
         if self.bias is not None:
             y += self.bias
         self._x = x_p
         return y
 
     def backward(self, dy):
-        """``dy`` (M, N) replicated -> ``dx`` (M, K_p) [no collective] with
-        ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped with the dW GEMM,
-        blocking when ``overlap=False``; none on one rank]; accumulates ``grad_weight`` and
-        ``grad_bias``."""
-        self._agree_input("dy", dy, self.out_features, backward=True)
-        xp, prof, x_p = self.backend.xp, self.profiler, self._x
+        """``dy`` (M, N) replicated [or (M_p, N) rows: Alltoallw] -> ``dx`` (M, K_p) [no
+        collective] with ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped
+        with the dW GEMM, blocking when ``overlap=False``; none on one rank]; accumulates
+        ``grad_weight`` and ``grad_bias``."""
+        self._agree_input("dy", dy, self.out_features, backward=True,
+                          split_rows=self.sequence_parallel)
+        dy = self._apply(self.y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
+        prof, x_p = self.profiler, self._x
         with prof.gemm():
             dx_p = self._matmul(dy, self.weight.T)
 
@@ -81,11 +102,7 @@ class RowParallelLinear(ParallelLinear):
             with prof.gemm():
                 weight_grads()
             return dx_p
-        m = dy.shape[0]
-        dx = xp.empty((m, self.in_features), dtype=self.dtype)
-        blocks = column_blocks(self._row_parts, 0, m)  # dX columns follow W's row split
-        self._collective_during(
-            "allgather", dx.nbytes,
-            lambda: allgather_blocks(dx_p, dx, blocks, self.comm, self.staging),
-            lambda: iallgather_blocks(dx_p, dx, blocks, self.comm), weight_grads)
+        gather = self.x_map.adjoint  # dX columns follow W's row split
+        dx = gather.out(dx_p, self.in_features)
+        self._map_during(gather, dx_p, dx, weight_grads)
         return dx

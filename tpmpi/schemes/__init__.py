@@ -32,6 +32,7 @@ class Problem:
     dtype: str = "float32"
     backward: bool = False
     options: tuple = ()  # sorted (name, value) pairs of scheme options (panel, chunks, ...)
+    replica: int = 0  # data-parallel replica: each draws its own X and dY (seeds offset)
 
     @property
     def opts(self) -> dict:
@@ -58,9 +59,13 @@ WHOLE: Block = (slice(None), slice(None))
 def inputs(p: Problem, n_out: int, backend=None, x_block: Block = WHOLE,
            dy_block: Block = WHOLE) -> tuple:
     """Blocks of the problem's deterministic X (m, k) and dY (m, n_out), uniform(-1, 1) from the
-    layout-invariant initialiser (any rank can generate any block alone)."""
-    return (init_weight((p.m, p.k), X_SEED, p.dtype, *x_block, backend=backend, bound=1.0),
-            init_weight((p.m, n_out), DY_SEED, p.dtype, *dy_block, backend=backend, bound=1.0))
+    layout-invariant initialiser (any rank can generate any block alone); every data-parallel
+    replica has its own."""
+    shift = 2 * p.replica
+    return (init_weight((p.m, p.k), X_SEED + shift, p.dtype, *x_block, backend=backend,
+                        bound=1.0),
+            init_weight((p.m, n_out), DY_SEED + shift, p.dtype, *dy_block, backend=backend,
+                        bound=1.0))
 
 
 def bare_products(matmul: Callable, x, w, b, dy, sync: Callable[[], None]
@@ -117,7 +122,8 @@ class Case:
 
 class LayerCase(Case):
     """A case around one layer object: X (m, k) and dY (m, n_out) from the layout-invariant
-    initialiser, each rank generating only its block of ``layout`` ("replicated" or "tiles")."""
+    initialiser, each rank generating only its block of ``layout`` ("replicated", "rows" or
+    "tiles")."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer,
                  *, n_out: int, flops: float, layout: str = "replicated"):

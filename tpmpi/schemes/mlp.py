@@ -1,5 +1,6 @@
 """Scheme "mlp": the FFN sub-layer ParallelMLP (options ``mode``, ``activation``), d_model =
-``k`` (``n`` must equal ``k``), d_hidden = ``hidden`` (default 4k)."""
+``k`` (``n`` must equal ``k``), d_hidden = ``hidden`` (default 4k). X and dY are in the mode's
+layout (replicated; rows for "sequence"; tiles for "tile2d")."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -10,6 +11,7 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import ParallelMLP
+from ..layout import scatter
 from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
     shard_pairs
 
@@ -20,8 +22,9 @@ def hidden_of(problem: Problem) -> int:
 
 
 class MLPCase(LayerCase):
-    """X and dY (m, d_model) replicated; ``verify`` runs the serial float64 FFN on the gathered
-    global weights and compares the output, dX and the four parameter gradients."""
+    """X and dY (m, d_model) in the mode's layout; ``verify`` runs the serial float64 FFN on
+    the global inputs and gathered weights and compares this rank's blocks of the output and
+    dX and its shards of the four parameter gradients."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend):
         p = self.problem = problem
@@ -31,7 +34,7 @@ class MLPCase(LayerCase):
         self.mlp = ParallelMLP(p.k, hidden_of(p), grid=grid, dtype=p.dtype, backend=backend,
                                **p.opts)
         super().__init__(p, grid, backend, self.mlp, n_out=p.k,
-                         flops=4.0 * p.m * p.k * hidden_of(p))
+                         flops=4.0 * p.m * p.k * hidden_of(p), layout=self.mlp.layout)
 
     def serial(self, backend: Backend) -> Callable[..., None]:
         """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
@@ -61,12 +64,14 @@ class MLPCase(LayerCase):
         act, act_grad = get_activation(mlp.activation)
         w1, w2 = host64(be, mlp.fc1.gather_weight()), host64(be, mlp.fc2.gather_weight())
         b1, b2 = host64(be, mlp.fc1.gather_bias()), host64(be, mlp.fc2.gather_bias())
-        x, dy = host64(be, self.x), host64(be, self.dy)
+        x, dy = (a.astype("float64") for a in inputs(self.problem, self.problem.k))
         pre = x @ w1 + (b1 if b1 is not None else 0)
         a = act(pre)
         y_ref = a @ w2 + (b2 if b2 is not None else 0)
         dpre = (dy @ w2.T) * act_grad(pre)
-        pairs = [(self.y, y_ref), (self.dx, dpre @ w1.T)]
+        lay = mlp.layout
+        pairs = [(self.y, scatter(y_ref, self.grid, lay)),
+                 (self.dx, scatter(dpre @ w1.T, self.grid, lay))]
         pairs += shard_pairs(mlp.fc1, {"weight": x.T @ dpre, "bias": dpre.sum(axis=0)})
         pairs += shard_pairs(mlp.fc2, {"weight": a.T @ dy, "bias": dy.sum(axis=0)})
         return collective_rel_err(self.comm, pairs)

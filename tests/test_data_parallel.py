@@ -1,0 +1,202 @@
+"""tpmpi.DataParallel on every mesh of 1-4 ranks: forward, dX and every gradient (TP shards
+averaged over the DP replicas) against the serial float64 reference, uneven data and shards,
+DP=1, bucketing, when the Allreduces start, errors, the overlap measurement."""
+import numpy as np
+import pytest
+
+import tpmpi
+import tpmpi.data_parallel as tdp
+from conftest import all_ranks_raise, rel_err
+from test_mlp import problem, reference
+from tpmpi.mesh import mesh_shapes
+from tpmpi.partition import block_partition
+
+# (M, d_model, d_hidden): even, uneven, M < dp (an empty replica), d_hidden < T
+SHAPES = [(8, 4, 8), (7, 3, 5), (1, 4, 6), (5, 2, 3)]
+
+
+def dp_reference(X, W1, b1, W2, b2, dY, dp, replica):
+    """The replica's rows of Y and dX, and the four gradients averaged over the replicas."""
+    parts = block_partition(X.shape[0], dp)
+    refs = [reference(X[a:b], W1, b1, W2, b2, dY[a:b], "gelu") for a, b in parts]
+    mine = refs[replica]
+    mean = [sum(r[i] for r in refs) / dp for i in range(2, 6)]
+    return (mine[0], mine[1], *mean), slice(*parts[replica])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["megatron", "sequence", "book", "tile2d"])
+@pytest.mark.parametrize("m,d,h", SHAPES)
+@pytest.mark.parametrize("bucket_bytes,overlap", [(25 * 2**20, True), (1, True), (1, False)])
+def test_mlp_on_every_mesh_matches_serial(world, mode, m, d, h, bucket_bytes, overlap):
+    if not world.member:
+        return
+    X, W1, b1, W2, b2, dY = problem(m, d, h, "float64", seed=4)
+    for dp, shape in mesh_shapes(world.size):
+        if mode != "tile2d" and shape[0] > 1:
+            continue  # the 1D modes ignore the grid's shape (tests/test_sequence.py)
+        with tpmpi.Mesh(world.comm, dp=dp, tp=shape) as mesh:
+            grid = mesh.tp
+            mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, mode=mode)
+            model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=bucket_bytes, overlap=overlap)
+            (Y, dX, dW1, db1, dW2, db2), rows = dp_reference(X, W1, b1, W2, b2, dY, dp,
+                                                             mesh.dp_rank)
+            lay = mlp.layout
+            y = model(tpmpi.scatter(X[rows], grid, lay))
+            assert rel_err(y, tpmpi.scatter(Y, grid, lay)) <= 1e-12
+            for step in (1, 2):  # gradients accumulate
+                dx = model.backward(tpmpi.scatter(dY[rows], grid, lay))
+                assert rel_err(dx, tpmpi.scatter(dX, grid, lay)) <= 1e-12
+                for layer, dW, db in ((mlp.fc1, dW1, db1), (mlp.fc2, dW2, db2)):
+                    assert rel_err(layer.grad_weight, step * dW[layer.shard]) <= 1e-12
+                    assert rel_err(layer.grad_bias, step * db[layer.bias_slice]) <= 1e-12
+            # every replica holds the same averaged gradients
+            assert len({g.tobytes() for g in mesh.dp_comm.allgather(mlp.fc1.grad_weight)}) == 1
+            calls = model.profiler.calls.get("allreduce", 0)
+            assert calls == (0 if dp == 1 else 2 * len(model.buckets))
+            model.zero_grad()
+            assert not any(g.any() for _, _, g in model.parameters())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["column", "row", "tile2d"])
+def test_single_layers(world, kind):
+    if not world.member:
+        return
+    rng = np.random.default_rng(6)
+    m, k, n = 7, 5, 3
+    X, W, b, dY = (rng.standard_normal(s) for s in [(m, k), (k, n), (n,), (m, n)])
+    for dp, shape in mesh_shapes(world.size):
+        if kind != "tile2d" and shape[0] > 1:
+            continue
+        with tpmpi.Mesh(world.comm, dp=dp, tp=shape) as mesh:
+            cls = {"column": tpmpi.ColumnParallelLinear, "row": tpmpi.RowParallelLinear,
+                   "tile2d": tpmpi.TileParallelLinear}[kind]
+            layer = cls.from_dense(W, b, grid=mesh.tp)
+            model = tpmpi.DataParallel(layer, mesh, bucket_bytes=1)
+            lay = "tiles" if kind == "tile2d" else "replicated"
+            a, z = block_partition(m, dp)[mesh.dp_rank]
+            model(tpmpi.scatter(X[a:z], mesh.tp, lay))
+            model.backward(tpmpi.scatter(dY[a:z], mesh.tp, lay))
+            grads = [sum(X[p:q].T @ dY[p:q] for p, q in block_partition(m, dp)) / dp,
+                     sum(dY[p:q].sum(0) for p, q in block_partition(m, dp)) / dp]
+            assert rel_err(layer.grad_weight, grads[0][layer.shard]) <= 1e-12
+            assert rel_err(layer.grad_bias, grads[1][layer.bias_slice]) <= 1e-12
+
+
+@pytest.mark.mpi
+def test_dp1_is_the_module_alone(world):
+    """DP=1: bitwise the module's own gradients, no DP collective."""
+    if not world.member:
+        return
+    X, W1, b1, W2, b2, dY = problem(6, 3, 7, "float32")
+    with tpmpi.Mesh(world.comm) as mesh:
+        plain = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp)
+        wrapped = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp)
+        model = tpmpi.DataParallel(wrapped, mesh)
+        assert np.array_equal(model(X), plain(X))
+        assert np.array_equal(model.backward(dY), plain.backward(dY))
+        for (_, _, g), (_, _, h) in zip(plain.parameters(), wrapped.parameters()):
+            assert np.array_equal(g, h)
+        assert model.profiler.calls == {}
+
+
+def test_buckets_are_views_in_backward_order():
+    from mpi4py import MPI
+
+    with tpmpi.Mesh(MPI.COMM_SELF) as mesh:
+        mlp = tpmpi.ParallelMLP(3, 5, grid=mesh.tp, dtype="float64")
+        mlp.fc1.grad_weight[...] = 7.0
+        model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1)
+        names = [[(layer is mlp.fc1, name) for layer, name, _ in b.entries]
+                 for b in model.buckets]
+        assert names == [[(False, "grad_bias")], [(False, "grad_weight")],
+                         [(True, "grad_bias")], [(True, "grad_weight")]]
+        assert np.all(mlp.fc1.grad_weight == 7.0)  # values kept when moved into the bucket
+        for bucket in model.buckets:
+            for layer, name, view in bucket.entries:
+                assert getattr(layer, name) is view and np.shares_memory(view, bucket.buffer)
+        # bias 24 B + weight 120 B (fc2), bias 40 B + weight 120 B (fc1): buckets of >= 32 bytes
+        model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=32)
+        assert [len(b.entries) for b in model.buckets] == [2, 1, 1]
+        assert model.grad_bytes == (15 + 5 + 15 + 3) * 8
+        assert len(tpmpi.DataParallel(mlp, mesh).buckets) == 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("overlap", [True, False])
+def test_fc2_gradients_travel_during_fc1_backward(world, monkeypatch, overlap):
+    """With overlap, fc2's buckets start after fc2's backward and before fc1's; fc1's after."""
+    if not world.member or world.size % 2:
+        return
+    events = []
+    real = tdp.iallreduce
+    monkeypatch.setattr(tdp, "iallreduce",
+                        lambda a, comm: events.append(("start", a.size)) or real(a, comm))
+    with tpmpi.Mesh(world.comm, dp=2) as mesh:
+        mlp = tpmpi.ParallelMLP(4, 6, grid=mesh.tp, dtype="float64")
+        model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1, overlap=overlap)
+        fc1_backward = mlp.fc1.backward
+
+        def traced(dh):
+            events.append("fc1 begins")
+            return fc1_backward(dh)
+        monkeypatch.setattr(mlp.fc1, "backward", traced)
+        y = model(np.ones((3, 4)))
+        model.backward(np.ones_like(y))
+        sizes = [b.buffer.size for b in model.buckets]
+        if overlap:
+            assert events == [("start", sizes[0]), ("start", sizes[1]), "fc1 begins",
+                              ("start", sizes[2]), ("start", sizes[3])]
+        else:
+            assert events == ["fc1 begins"]  # blocking Allreduces after backward
+        assert model.profiler.calls == {"allreduce": 4}
+
+
+@pytest.mark.mpi
+def test_errors_on_every_rank(world):
+    if not world.member:
+        return
+    comm, rank, size = world.comm, world.comm.Get_rank(), world.size
+    dp = size if size > 1 else 1
+    with tpmpi.Mesh(comm, dp=dp) as mesh:
+        mlp = tpmpi.ParallelMLP(3, 4, grid=mesh.tp, dtype="float64")
+        all_ranks_raise(comm, lambda: tpmpi.DataParallel(mlp, mesh, bucket_bytes=0),
+                        "bucket_bytes=0: expected a positive integer")
+        other = tpmpi.ProcessGrid(comm)
+        if size > 1:
+            wrong = tpmpi.ParallelMLP(3, 4, grid=other)
+            all_ranks_raise(comm, lambda: tpmpi.DataParallel(wrong, mesh),
+                            r"expected the mesh's TP grid \(mesh.tp, 1x1\)")
+            # replicas that built different modules
+            odd = tpmpi.ParallelMLP(3, 4 + (rank == size - 1), grid=mesh.tp)
+            all_ranks_raise(comm, lambda: tpmpi.DataParallel(odd, mesh),
+                            f"the replicas' gradients differ .*DP ranks \\[{size - 1}\\]")
+        all_ranks_raise(comm, lambda: tpmpi.DataParallel(mlp, other),
+                        "mesh is a ProcessGrid: expected a tpmpi.Mesh")
+        other.free()
+        model = tpmpi.DataParallel(mlp, mesh)
+        all_ranks_raise(comm, lambda: model.backward(np.ones((2, 3))),
+                        r"backward\(\) called before forward")
+        if size > 1:  # a bad input on one replica only: every rank of the mesh raises
+            x = np.ones((2, 3 + (rank == 0)))
+            all_ranks_raise(comm, lambda: model(x), r"x.shape=\(2, 4\): expected 3 columns")
+        model(np.ones((2, 3)))
+        dy = np.ones((2 + (rank == size - 1), 3))
+        all_ranks_raise(comm, lambda: model.backward(dy),
+                        r"dy.shape=\(3, 3\) dtype=float64: expected \(2, 3\) float64")
+
+
+@pytest.mark.mpi
+def test_overlap_measurement(world):
+    if not world.member or world.size % 2:
+        return
+    with tpmpi.Mesh(world.comm, dp=2) as mesh:
+        mlp = tpmpi.ParallelMLP(32, 64, grid=mesh.tp)
+        model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1024)
+        x = np.ones((16, 32), dtype=np.float32)
+        y = model(x)
+        times = tdp.measure_dp_overlap(model, np.ones_like(y), iters=3)
+        assert times.overall_s > 0 and times.compute_s > 0 and times.comm_s > 0
+        assert 0.0 <= times.overlap_pct <= 100.0
+        assert model.profiler.calls == {}  # reset after the measurement
