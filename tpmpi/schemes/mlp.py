@@ -38,21 +38,24 @@ class MLPCase(LayerCase):
 
     def serial(self, backend: Backend) -> Callable[..., None]:
         """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
-        process with the global weights."""
+        process with the global weights and biases (the bare products of the layer)."""
         p, xp = self.problem, backend.xp
         h = hidden_of(p)
         act, act_grad = get_activation(self.mlp.activation)
         x, dy = inputs(p, p.k, backend)
         w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
                   for s, seed in (((p.k, h), 0), ((h, p.k), 1)))
+        b1, b2 = (init_weight((n,), seed, p.dtype, backend=backend, stream=1)
+                  for n, seed in ((h, 0), (p.k, 1)))
 
         def step(backward: Optional[bool] = None) -> None:
-            pre = xp.matmul(x, w1)
+            pre = xp.matmul(x, w1) + b1
             a = act(pre)
-            xp.matmul(a, w2)
+            xp.matmul(a, w2) + b2
             if p.backward if backward is None else backward:
                 dpre = xp.matmul(dy, w2.T) * act_grad(pre)
                 xp.matmul(a.T, dy), xp.matmul(dpre, w1.T), xp.matmul(x.T, dpre)
+                dy.sum(0), dpre.sum(0)
             backend.synchronize()
         return step
 
