@@ -34,6 +34,7 @@ class DataParallelCase(Case):
         self.dp = DataParallel(self.inner.layer, mesh, bucket_bytes=bucket_bytes,
                                overlap=overlap)
         self.layers, self.profilers = self.inner.layers, self.inner.profilers
+        self.backend = self.inner.backend  # with the TP grid's GPU-aware decision
         self.flops = mesh.comm.allreduce(self.inner.flops if mesh.tp.rank == 0 else 0.0)
 
     def attach_profilers(self) -> list:
