@@ -271,6 +271,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                             activation=args.activation, dtype=args.dtype, seed=args.seed,
                             backend=args.backend)
     model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=args.bucket_bytes)
+    model.attach_profiler()  # the DP communication time reported at the end
     backend, lay = mlp.fc1.backend, mlp.layout
     params = [(p, g) for _, p, g in model.parameters()]
     opt = Optimizer(args.optimizer, args.lr, params)

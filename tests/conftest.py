@@ -99,17 +99,16 @@ def _backend_params() -> list:
 
 @pytest.fixture(scope="session", params=_backend_params())
 def xb(request):
-    """The :class:`tpmpi.Backend` under test, created collectively on COMM_WORLD (so the GPU
-    binding and the GPU-aware probe involve every rank before any ``world`` split)."""
-    from mpi4py import MPI
-
+    """This process's :class:`tpmpi.Backend` under test, as a first request makes it: no MPI
+    call (the GPU binding is per process), so tests may build layers on any sub-communicator
+    first; each layer decides GPU-awareness collectively over its own communicator."""
     from tpmpi.backend import cupy_usable, get_backend
 
     if request.param == "cupy" and not cupy_usable():
         if os.environ.get("TPMPI_TEST_BACKEND"):
             pytest.fail("TPMPI_TEST_BACKEND=cupy but CuPy or a CUDA device is missing")
         pytest.skip("CuPy or a CUDA device is missing")
-    return get_backend(request.param, MPI.COMM_WORLD)
+    return get_backend(request.param)
 
 
 def all_ranks_raise(comm, fn, match: str) -> str:

@@ -6,14 +6,26 @@ operations, so one code path serves NumPy and CuPy; what differs between host an
 (stream sync, host copies, pinned buffers, memory accounting, dtype support) is a method of
 :class:`Backend` (host) overridden by :class:`CupyBackend` (device).
 
-Environment: ``TPMPI_BACKEND`` (what ``"auto"`` means), ``TPMPI_GPU_AWARE=0/1`` (override the
-GPU-aware-MPI probe), ``TPMPI_THREADS`` (BLAS threads per rank), ``CUDA_VISIBLE_DEVICES``
-(respected by :func:`bind_gpu`).
+One backend object exists per process and array library (:func:`process_backend`): creating
+the CuPy one binds the process to a GPU with no MPI call (:func:`bind_gpu`), so layers may be
+built on any sub-communicators, in any order. What depends on the communicator (whether MPI may
+read device buffers directly, how many of its ranks share a GPU) is decided collectively, once
+per communicator, and cached on it as an MPI attribute (:func:`device_facts`); the backend a
+layer holds is the process backend seen through its communicator's decision
+(:meth:`Backend.with_gpu_aware`).
+
+Environment: ``TPMPI_BACKEND`` (what ``"auto"`` means; ranks must agree), ``TPMPI_GPU_AWARE=0/1``
+(override the GPU-aware-MPI probe), ``TPMPI_THREADS`` (BLAS threads per rank),
+``CUDA_VISIBLE_DEVICES`` and the launchers' node-local rank variables (:data:`LOCAL_RANK_VARIABLES`,
+read by :func:`bind_gpu`).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import ctypes
+import dataclasses
 import os
 import tracemalloc
 import warnings
@@ -41,6 +53,18 @@ class Backend:
         self.xp = xp
         self.device = device
         self.gpu_aware = False
+        self._views: dict[bool, "Backend"] = {}
+
+    def with_gpu_aware(self, gpu_aware: bool) -> "Backend":
+        """This backend (same arrays, device and caches) with ``gpu_aware`` set: itself when it
+        already has that value, else one shallow copy kept for reuse."""
+        if self.gpu_aware == gpu_aware:
+            return self
+        view = self._views.get(gpu_aware)
+        if view is None:
+            view = self._views[gpu_aware] = copy.copy(self)
+            view.gpu_aware, view._views = gpu_aware, {not gpu_aware: self}
+        return view
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, device={self.device}, gpu_aware={self.gpu_aware})"
@@ -60,12 +84,22 @@ class Backend:
     def check_dtype(self, dtype) -> None:
         """Raise ValueError when this backend cannot hold and multiply ``dtype``."""
 
+    def operand(self, a):
+        """``a`` ready to be a GEMM operand in several products: itself here (the BLAS reads
+        strided rows, e.g. a column block ``x[:, j0:j1]``, in place)."""
+        return a
+
     def synchronize(self) -> None:
         """Wait for the current stream, so that MPI sees finished device buffers."""
 
     def device_name(self) -> str:
         """GPU model name, or 'cpu'."""
         return "cpu"
+
+    def device_key(self) -> Optional[str]:
+        """An id of the physical device this process uses, the same in every process that
+        uses it (PCI bus id), or None for host memory."""
+        return None
 
     # ---- host staging of device buffers (used by tpmpi.comm.Staging)
     def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
@@ -148,6 +182,14 @@ class CupyBackend(Backend):
         if self._dtypes[name]:
             raise ValueError(self._dtypes[name])
 
+    def operand(self, a):
+        """A C-contiguous copy of a strided ``a`` (CuPy hands cuBLAS only C- or F-contiguous
+        operands and would copy ``a`` again for each product; transposes of contiguous
+        arrays are F-contiguous and pass as they are)."""
+        if a.flags.c_contiguous or a.flags.f_contiguous:
+            return a
+        return self.xp.ascontiguousarray(a)
+
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
 
@@ -155,6 +197,9 @@ class CupyBackend(Backend):
         props = self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
         name = props["name"]
         return name.decode() if isinstance(name, bytes) else str(name)
+
+    def device_key(self) -> Optional[str]:
+        return str(self.xp.cuda.runtime.deviceGetPCIBusId(self.device))
 
     def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
         import cupyx
@@ -225,6 +270,13 @@ class CupyBackend(Backend):
 
 _CACHE: dict[str, Backend] = {}
 
+LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                        "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID", "SLURM_LOCALID")
+"""Variables in which launchers give a process its rank among the processes of its node, in
+the order :func:`bind_gpu` reads them: Open MPI's mpirun/prterun, MPICH's Hydra and Intel MPI
+(``MPI_LOCALRANKID``; ``PMI_LOCAL_RANK``), MVAPICH2, HPE Cray PALS, Slurm's srun. Slurm's
+comes last: an mpirun inside an ``sbatch`` script inherits the batch step's ``SLURM_LOCALID=0``."""
+
 
 def cupy_usable() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
@@ -241,35 +293,59 @@ def node_comm(comm: MPI.Comm) -> MPI.Comm:
     return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
 
 
-def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
-    """The backend called ``name`` (``auto``: env ``TPMPI_BACKEND`` when set, else CuPy when a
-    GPU is usable, else NumPy).
-
-    The first CuPy request binds this rank to a GPU (see :func:`bind_gpu`), using ``comm``
-    (default COMM_WORLD) for the node-local rank. Not collective except on first CuPy use.
-    """
-    if isinstance(name, Backend):
-        return name
+def resolve_backend(name: str = "auto") -> str:
+    """``"numpy"`` or ``"cupy"`` for the request ``name`` (``auto``: env ``TPMPI_BACKEND`` when
+    set, else CuPy when a GPU is usable, else NumPy). ValueError for an unknown name or
+    ``TPMPI_BACKEND`` value, and for CuPy without a usable GPU. No MPI call."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = os.environ.get("TPMPI_BACKEND") or ("cupy" if cupy_usable() else "numpy")
         if name not in BACKENDS[1:]:
             raise ValueError(f"TPMPI_BACKEND={name!r}: expected numpy or cupy")
-    if name in _CACHE:
-        return _CACHE[name]
-    if name == "numpy":
-        backend = Backend("numpy", np)
-    else:
-        if not cupy_usable():
-            raise ValueError("backend='cupy': CuPy is not installed or no CUDA device is visible")
-        import cupy
+    if name == "cupy" and not cupy_usable():
+        raise ValueError("backend='cupy': CuPy is not installed or no CUDA device is visible")
+    return name
 
-        device = bind_gpu(comm if comm is not None else MPI.COMM_WORLD)
-        backend = CupyBackend(cupy, device)
-        backend.gpu_aware = probe_gpu_aware(comm if comm is not None else MPI.COMM_WORLD, backend)
-    _CACHE[name] = backend
-    return backend
+
+def process_backend(name: str) -> Backend:
+    """This process's backend ``name`` (``"numpy"`` or ``"cupy"``), created at its first request;
+    the CuPy one binds the process to its GPU then (:func:`bind_gpu`, no MPI call). Its
+    ``gpu_aware`` is False: layers see it through their communicator's decision
+    (:func:`get_backend` with ``comm``)."""
+    if name not in _CACHE:
+        if name == "numpy":
+            _CACHE[name] = Backend("numpy", np)
+        else:
+            import cupy
+
+            _CACHE[name] = CupyBackend(cupy, bind_gpu())
+    return _CACHE[name]
+
+
+def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
+    """The backend for ``name`` (``"auto"``, ``"numpy"``, ``"cupy"`` or a :class:`Backend`).
+
+    Without ``comm``: this process's backend (:func:`resolve_backend`, :func:`process_backend`);
+    no MPI call. With ``comm``: collective over ``comm`` and nothing else, so layers may be built
+    on any communicators in any order. The ranks agree on the backend (one rank's error, e.g.
+    ``TPMPI_BACKEND=foo`` or ``cupy`` without a GPU, or a different choice, raises the same
+    ValueError on every rank), and the backend returned carries ``comm``'s GPU-aware decision
+    (:func:`device_facts`: made once per communicator and cached on it).
+    """
+    error, backend = None, None
+    try:
+        backend = name if isinstance(name, Backend) else process_backend(resolve_backend(name))
+    except ValueError as exc:
+        if comm is None:
+            raise
+        error = str(exc)
+    if comm is None:
+        return backend
+    from .comm import agree  # tpmpi.comm imports this module
+
+    agree(comm, error, backend=None if backend is None else backend.name)
+    return backend.with_gpu_aware(device_facts(comm, backend).gpu_aware)
 
 
 def backend_of(a) -> Backend:
@@ -279,38 +355,102 @@ def backend_of(a) -> Backend:
     return get_backend("numpy")
 
 
-def bind_gpu(comm: MPI.Comm) -> int:
-    """Select this rank's GPU, make it current and return its index among the visible devices.
+def local_rank() -> Optional[tuple[str, int]]:
+    """``(variable, value)`` of the first of :data:`LOCAL_RANK_VARIABLES` set to an integer, or
+    None when no launcher variable gives the node-local rank."""
+    for var in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return var, int(value)
+    return None
 
-    The index is the node-local rank (a shared-memory split of ``comm``: works under Hydra,
-    Open MPI and srun alike, no launcher variable needed) modulo the number of devices this
-    process sees. ``CUDA_VISIBLE_DEVICES`` is respected, never overwritten:
+
+def bind_gpu() -> int:
+    """Select this process's GPU, make it current and return its index among the visible
+    devices. No MPI call: it runs once per process, whichever communicator asks first.
+
+    The index is the node-local rank the launcher gives (:func:`local_rank`) modulo the number
+    of devices this process sees. ``CUDA_VISIBLE_DEVICES`` is respected, never overwritten:
 
     * ``srun --gpus-per-task=1`` (or ``--gpu-bind=single:1``): Slurm shows each task only its
       own device, as device 0, so every rank takes index 0, each on a different GPU;
-    * ``srun --gpus-per-node=G`` without binding, or a workstation with G GPUs: every task sees
-      all G devices and node-local rank r takes device r % G;
+    * ``srun --gpus-per-node=G`` without binding, ``mpirun``/``mpiexec`` on a workstation with
+      G GPUs: every process sees all G devices and node-local rank r takes device r % G;
     * ``CUDA_VISIBLE_DEVICES=0,1`` set by the user: the same modulo over those two.
 
-    More ranks than GPUs on a node is legal (tests run 4 ranks on one GPU): ranks that land on
-    the same physical device (compared by PCI bus id over the node) get one RuntimeWarning on
-    the node's first rank. Collective over ``comm``; call it before any CuPy allocation and
-    before creating an NCCL communicator.
+    Without a launcher variable (an unknown launcher, a plain ``python`` run) the process takes
+    device 0, with a RuntimeWarning when it sees more than one: give each rank its device with
+    ``CUDA_VISIBLE_DEVICES`` then. More ranks than GPUs is legal (the tests run 4 ranks on one
+    GPU); :func:`device_facts` warns when ranks of a communicator share a device. Runs before
+    any CuPy allocation of tpmpi and before any NCCL communicator it could create.
     """
     import cupy
 
-    local = node_comm(comm)
-    try:
-        device = local.Get_rank() % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(device).use()
-        buses = local.allgather(cupy.cuda.runtime.deviceGetPCIBusId(device))
-        first = local.Get_rank() == 0
-    finally:
-        local.Free()
-    message = sharing_message(buses)
-    if message and first:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    count = cupy.cuda.runtime.getDeviceCount()
+    found = local_rank()
+    if found is None and count > 1:
+        warnings.warn(f"no launcher variable gives this process's node-local rank (none of "
+                      f"{', '.join(LOCAL_RANK_VARIABLES)} is set): using GPU 0 of the {count} "
+                      "visible; set CUDA_VISIBLE_DEVICES per rank to spread ranks over the GPUs",
+                      RuntimeWarning, stacklevel=2)
+    device = found[1] % count if found is not None else 0
+    cupy.cuda.Device(device).use()
     return device
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What the ranks of one communicator decided together about their devices."""
+
+    gpu_aware: bool        # MPI may read and write the device buffers directly
+    ranks_per_device: int  # most ranks of the communicator on one physical device
+
+
+_KEYVAL: list[int] = []  # the MPI attribute key of the per-communicator cache (created once)
+_SHARING_WARNED: list[bool] = []
+
+
+def _comm_cache(comm: MPI.Comm) -> dict:
+    """A dict cached on ``comm`` as an MPI attribute: freed with the communicator, not copied
+    to new ones (Split, Create_cart, Sub and Dup start empty). No communication."""
+    if not _KEYVAL:
+        _KEYVAL.append(MPI.Comm.Create_keyval())
+    cache = comm.Get_attr(_KEYVAL[0])
+    if cache is None:
+        cache = {}
+        comm.Set_attr(_KEYVAL[0], cache)
+    return cache
+
+
+def device_facts(comm: MPI.Comm, backend: Backend) -> DeviceFacts:
+    """``comm``'s :class:`DeviceFacts` for ``backend``.
+
+    Host backends: not GPU-aware, one rank per device, no MPI call. GPU backends: decided
+    collectively over ``comm`` the first time (:func:`probe_gpu_aware`, then one allgather of
+    the ranks' device ids, warning once per process when ranks share a device), then cached on
+    ``comm``; every rank of ``comm`` must ask at the same point, as layer construction does.
+    """
+    if not backend.is_gpu:
+        return DeviceFacts(False, 1)
+    cache = _comm_cache(comm)
+    if backend.name not in cache:
+        aware = probe_gpu_aware(comm, backend)
+        cache[backend.name] = DeviceFacts(aware, _ranks_per_device(comm, backend))
+    return cache[backend.name]
+
+
+def _ranks_per_device(comm: MPI.Comm, backend: Backend) -> int:
+    """Most ranks of ``comm`` on one physical device (host name + :meth:`Backend.device_key`).
+    Collective (one allgather)."""
+    keys = comm.allgather((MPI.Get_processor_name(), backend.device_key()))
+    host = keys[comm.Get_rank()][0]
+    first_on_host = next(r for r, (h, _) in enumerate(keys) if h == host) == comm.Get_rank()
+    message = sharing_message([dev for h, dev in keys if h == host and dev is not None])
+    if message and first_on_host and not _SHARING_WARNED:
+        _SHARING_WARNED.append(True)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    per_device = collections.Counter(key for key in keys if key[1] is not None)
+    return max(per_device.values(), default=1)
 
 
 def sharing_message(buses: Sequence[str]) -> Optional[str]:
@@ -335,24 +475,31 @@ def _library_cuda_support() -> Optional[bool]:
 
 
 def probe_gpu_aware(comm: MPI.Comm, backend: Backend) -> bool:
-    """True when MPI may read and write device buffers directly. Collective.
+    """True when MPI may read and write device buffers directly. Collective; uncached (see
+    :func:`device_facts`).
 
-    ``TPMPI_GPU_AWARE=1`` forces True (no test), ``=0`` forces host staging. Otherwise the
-    library must report CUDA support (``MPIX_Query_cuda_support``; Cray MPICH needs
-    ``MPICH_GPU_SUPPORT_ENABLED=1``, MPICH ``MPIR_CVAR_ENABLE_GPU=1``, conda-forge Open MPI
-    ``OMPI_MCA_opal_cuda_support=true``) AND a small Allreduce on device buffers must return the
-    expected values. Device buffers never reach a library that does not claim support (on
-    every rank). The answer is True only if it is True on every rank; else host staging.
+    ``TPMPI_GPU_AWARE=1`` claims support without a test, ``=0`` forces host staging (any other
+    value: the same ValueError on every rank). Otherwise the library must report CUDA support
+    (``MPIX_Query_cuda_support``; Cray MPICH needs ``MPICH_GPU_SUPPORT_ENABLED=1``, MPICH
+    ``MPIR_CVAR_ENABLE_GPU=1``, conda-forge Open MPI ``OMPI_MCA_opal_cuda_support=true``) AND a
+    small Allreduce on device buffers must return the expected values. The answer is True only
+    if every rank claims support; the device test runs (on every rank) when any rank's claim
+    comes from its library, and device buffers never reach MPI unless every rank claims it.
     """
     if not backend.is_gpu:
         return False
+    from .comm import agree  # tpmpi.comm imports this module
+
     forced = os.environ.get("TPMPI_GPU_AWARE", "")
-    if forced not in ("", "0", "1"):
-        raise ValueError(f"TPMPI_GPU_AWARE={forced!r}: expected 0 or 1 (or unset)")
-    if forced:
-        return bool(comm.allreduce(int(forced == "1"), op=MPI.MIN))
-    if not comm.allreduce(int(bool(_library_cuda_support())), op=MPI.MIN):
-        return False  # decided together: the device test below is collective
+    agree(comm, None if forced in ("", "0", "1") else
+          f"TPMPI_GPU_AWARE={forced!r}: expected 0 or 1 (or unset)")
+    claim = forced == "1" if forced else bool(_library_cuda_support())
+    votes = np.array([int(claim), -int(not forced)], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, votes, op=MPI.MIN)  # [every rank claims, -(any rank tests)]
+    if not votes[0]:
+        return False
+    if not votes[1]:
+        return True  # every rank forced it
     return bool(comm.allreduce(int(_device_allreduce_ok(comm, backend)), op=MPI.MIN))
 
 

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 
-from .backend import Backend, blas_info, node_comm
+from .backend import Backend, blas_info, device_facts, node_comm
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
 from .data_parallel import BUCKET_BYTES, measure_dp_overlap
@@ -130,10 +130,11 @@ def _timed_steps(case, comm: MPI.Comm, backend: Backend, iters: int,
 
 def oversubscription(comm: MPI.Comm, threads_per_rank: Optional[int], backend: Backend
                      ) -> float:
-    """BLAS threads of this node's ranks of ``comm`` per CPU of this rank's mask (1 on a
-    GPU): the slow-down of local products the cost model applies. Collective."""
+    """BLAS threads of this node's ranks of ``comm`` per CPU of this rank's mask (on a GPU:
+    the ranks of ``comm`` sharing one device, which time-slice it): the slow-down of local
+    products the cost model applies. Collective."""
     if backend.is_gpu:
-        return 1.0
+        return float(device_facts(comm, backend).ranks_per_device)
     return node_threads(comm, threads_per_rank, cap=False) / len(os.sched_getaffinity(0))
 
 
@@ -187,6 +188,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     load = [load_per_cpu() or 0.0]
     with backend.memory_peak() as mem:
         case = build_case(problem, mesh or grid, backend, bucket_bytes=bucket_bytes)
+        case.attach_profilers()
         problem = case.problem  # with the options in effect (e.g. a rounded panel)
         case.forward()
         if problem.backward:
@@ -245,7 +247,8 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     base = spread["baseline_s"]["median"] if spread["baseline_s"] else None
     oversub = oversubscription(comm, grid.threads, backend)
     pred = predict(problem, ranks, grid.shape, calibration or default_calibration(),
-                   backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes)
+                   backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
+                   staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
     calls: dict[str, int] = {}
     for t in totals:
@@ -255,7 +258,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
         "scheme": problem.scheme, "ranks": ranks, "grid": grid.label,
         "mesh": {"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
         "m": problem.m, "k": problem.k, "n": problem.n, "hidden": mlp_hidden(problem),
-        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": backend.gpu_aware,
+        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": case.backend.gpu_aware,
         "threads_per_rank": grid.threads, "warmup": warmup, "iters": iters,
         "backward": problem.backward, "options": problem.opts,
         "time_s": time_s or {"median": median, "min": None, "max": None},

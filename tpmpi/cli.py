@@ -234,9 +234,10 @@ def make_parser() -> argparse.ArgumentParser:
                                      "the fitted alpha/beta per collective and P and the GEMM "
                                      "rates. Run with the ranks and threads you will use.")
     cal.add_argument("--json", metavar="FILE", required=True, help="calibration file to write")
-    cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=["float32", "float64"],
+    cal.add_argument("--dtype", type=_listed(str, SUPPORTED), default=None,
                      metavar="{" + ",".join(SUPPORTED) + "}[,...]",
-                     help="dtypes whose GEMM rates are measured")
+                     help="dtypes whose GEMM rates are measured (default float32,float64; on "
+                          "a GPU every supported dtype)")
     cal.add_argument("-b", "--begin", type=_size, default="64", metavar="SIZE",
                      help="smallest message in bytes (K/M/G suffixes)")
     cal.add_argument("-e", "--end", type=_size, default="4M", metavar="SIZE",
@@ -474,7 +475,8 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
     backend = get_backend(args.backend, comm)
     threads = configure_blas_threads(comm, args.threads)
     out = _out(comm)
-    cal = calibrate(comm, backend, dtypes=args.dtype,
+    dtypes = args.dtype or (SUPPORTED if backend.is_gpu else ["float32", "float64"])
+    cal = calibrate(comm, backend, dtypes=dtypes,
                     sizes=sizes_sweep(args.begin, args.end, args.factor), threads=threads,
                     iters=args.iters, progress=lambda what: out(f"calibrating {what}"))
     if comm.Get_rank() == 0:

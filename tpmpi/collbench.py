@@ -17,7 +17,8 @@ from mpi4py import MPI
 
 from . import __version__
 from .backend import Backend, blas_info
-from .costmodel import CLASS_SHAPES, OPS, Calibration, fit_alpha_beta, gemm_work
+from .costmodel import (CLASS_SHAPES, GPU_CLASS_SHAPES, OPS, Calibration, fit_alpha_beta,
+                        gemm_work)
 from .timing import BUS_FACTOR
 
 COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
@@ -126,14 +127,21 @@ def format_row(rec: dict, header: bool = False) -> str:
     return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
 
+def _uniform(xp, shape: tuple, dtype):
+    """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
+    rate, depend on the data: constant operands would flatter it)."""
+    return (xp.random.random(shape) * 2 - 1).astype(dtype)
+
+
 def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
               reps: int = 3) -> float:
-    """Rate of one local GEMM of ``shape`` (m, k, n) run on every rank at once (the slowest
-    rank's median), i.e. under the contention of a real run: flop/s, or operand bytes/s for a
-    "thin" shape (:func:`tpmpi.costmodel.gemm_work`). Collective."""
+    """Rate of one local GEMM of ``shape`` (m, k, n) on random operands, run on every rank of
+    ``comm`` at once (the slowest rank's median), i.e. under the contention of a real run:
+    flop/s, or operand bytes/s for a "thin" shape (:func:`tpmpi.costmodel.gemm_work`).
+    Collective."""
     m, k, n = shape
     xp = backend.xp
-    a, b = xp.ones((m, k), dtype=dtype), xp.ones((k, n), dtype=dtype)
+    a, b = _uniform(xp, (m, k), dtype), _uniform(xp, (k, n), dtype)
     c = xp.empty((m, n), dtype=dtype)
     xp.matmul(a, b, out=c)
     times = []
@@ -147,14 +155,46 @@ def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm
     return gemm_work(m, k, n, np.dtype(dtype).itemsize) / t
 
 
+def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**20,
+                      reps: int = 3) -> dict:
+    """Pinned host<->device copy bandwidth (bytes/s) of the ranks of ``comm`` copying at once:
+    ``{"d2h": ..., "h2d": ...}``, each the slowest rank's best of ``reps`` copies of
+    ``nbytes``. Collective."""
+    count = nbytes // 4
+    device = _uniform(backend.xp, (count,), "float32")
+    host = backend.pinned_empty((count,), "float32")
+    best = {"d2h": float("inf"), "h2d": float("inf")}
+    for _ in range(reps + 1):  # the first round warms up
+        for way, copy in (("d2h", lambda: backend.copy_to_host(device, host)),
+                          ("h2d", lambda: backend.copy_from_host(host, device))):
+            backend.synchronize()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            copy()
+            backend.synchronize()
+            best[way] = min(best[way], time.perf_counter() - t0)
+    return {way: count * 4 / comm.allreduce(t, op=MPI.MAX) for way, t in best.items()}
+
+
+def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
+    """The ranks of ``comm`` that are the first on their device (every rank for a host
+    backend), as a new communicator (COMM_NULL on the others). Collective."""
+    key = (MPI.Get_processor_name(), backend.device_key()) if backend.is_gpu else comm.Get_rank()
+    keys = comm.allgather(key)
+    first = keys.index(key) == comm.Get_rank()
+    return comm.Split(0 if first else MPI.UNDEFINED, comm.Get_rank())
+
+
 def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
               ops: Sequence[str] = OPS, sizes: Sequence[int] = (),
               ranks: Sequence[int] = (), threads: Optional[int] = None, iters: int = 10,
               progress: Optional[Callable[[str], None]] = None) -> Calibration:
     """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
     ranks of ``comm`` for each P in ``ranks``, default 2, 4, ... and the full size) over
-    ``sizes`` (bytes), and GEMM rates per dtype and shape class. Collective; the result on
-    every rank."""
+    ``sizes`` (bytes), and GEMM rates per dtype and shape class. On a GPU backend the rates
+    (at :data:`tpmpi.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and the
+    pinned copy bandwidth are measured by one rank per device, all devices at once (the model
+    scales them by the ranks sharing a device). Collective; the result on every rank."""
     world = comm.Get_size()
     sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
     ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
@@ -180,9 +220,28 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
             sub.Free()
         comm.Barrier()
     cal.alpha, cal.beta = comm.bcast((cal.alpha, cal.beta), root=0)
-    for dtype in dtypes:
-        if progress:
-            progress(f"gemm {dtype}")
-        cal.rates[f"{backend.name}:{dtype}"] = {
-            cls: gemm_rate(shape, dtype, backend, comm) for cls, shape in CLASS_SHAPES.items()}
+    leaders = device_leaders(comm, backend)
+    rates, staging = {}, None
+    if leaders != MPI.COMM_NULL:  # rank 0 always is one
+        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+        for dtype in dtypes:
+            try:
+                backend.check_dtype(dtype)
+            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                if progress:
+                    progress(f"gemm {dtype}: skipped ({exc})")
+                continue
+            if progress:
+                progress(f"gemm {dtype}")
+            rates[f"{backend.name}:{dtype}"] = {
+                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
+        if backend.is_gpu:
+            if progress:
+                progress("pinned host<->device copies")
+            staging = staging_bandwidth(backend, leaders)
+        leaders.Free()
+    rates, staging = comm.bcast((rates, staging), root=0)
+    cal.rates.update(rates)
+    if staging:
+        cal.staging = staging
     return cal

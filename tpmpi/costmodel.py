@@ -18,7 +18,15 @@ formula carries the P dependence). Local GEMMs take ``2 m k n / rate`` with ``ra
 "gamma") per backend:dtype and shape class (:func:`gemm_class`); "thin" GEMMs (a dimension
 below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with
 ``rate`` in bytes/s. Without a calibration file the documented defaults (:data:`DEFAULT_ALPHA`,
-:data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`) apply.
+:data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`, :data:`DEFAULT_STAGING`) apply. A dtype the
+calibration lacks takes the same backend's float32 rates (never another backend's).
+
+GPUs (:mod:`tpmpi.collbench` calibrates CuPy per dtype on one rank per device, and the pinned
+host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
+product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
+staged (:func:`staged_bytes` down and up, MPI on host buffers in between) through the staging
+pipeline of pieces of :data:`tpmpi.staging.STAGING_CHUNK_BYTES`: ``T = max(D, M, U) + (D + M + U - max) / n``
+for copy-down time D, MPI time M and copy-up time U over n pieces.
 
 Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
 GEMMs and the collectives listed):
@@ -58,9 +66,11 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .data_parallel import BUCKET_BYTES
+from .dtypes import resolve_dtype
 from .grid import factorisations
 from .layers.column import chunk_bounds
 from .schemes.mlp import hidden_of
+from .staging import STAGING_CHUNK_BYTES
 from .tiling import panel_workspace_bytes
 
 OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
@@ -113,7 +123,27 @@ DEFAULT_RATES = {             # per rank: "thin" bytes/s of operands, the others
     "cupy:float64": {"thin": 1.5e12, "small": 5e12, "medium": 30e12, "large": 50e12},
     "cupy:float32": {"thin": 1.5e12, "small": 10e12, "medium": 40e12, "large": 50e12},
     "cupy:float16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
+    "cupy:bfloat16": {"thin": 1.5e12, "small": 50e12, "medium": 300e12, "large": 500e12},
 }
+DEFAULT_STAGING = {"d2h": 20e9, "h2d": 20e9}  # bytes/s of pinned copies (a PCIe Gen4/5 link)
+GPU_CLASS_SHAPES = {"thin": (16, 8192, 8192), "small": (256, 256, 256),
+                    "medium": (1024, 1024, 1024), "large": (8192, 8192, 8192)}
+"""Shapes at which a GPU's rates are measured: "large" at the size of real runs (a GPU reaches
+its rate only on big products)."""
+
+
+def staged_bytes(op: str, p: int, nbytes: float) -> tuple[float, float]:
+    """Bytes one rank copies device->host and host->device to stage ``op`` of nccl-tests size
+    ``nbytes`` over ``p`` ranks: only its own part goes down and only what it needs comes back
+    (allgather: its block down, the others' up; reduce_scatter: all down, its block up;
+    allreduce: all both ways; bcast/reduce: the root's copy and the receivers' copy follow
+    each other, so both count)."""
+    if p <= 1:
+        return 0.0, 0.0
+    return {"allgather": (nbytes / p, nbytes * (p - 1) / p),
+            "reduce_scatter": (nbytes, nbytes / p),
+            "allreduce": (nbytes, nbytes), "bcast": (nbytes, nbytes),
+            "reduce": (nbytes, nbytes)}[op]
 
 
 def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
@@ -126,13 +156,14 @@ def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
 @dataclasses.dataclass
 class Calibration:
     """Fitted parameters: ``alpha[op][P]`` (s), ``beta[op][P]`` (s/byte),
-    ``rates["backend:dtype"][class]`` (flop/s; bytes/s for "thin"), and the facts of the
-    machine they came from."""
+    ``rates["backend:dtype"][class]`` (flop/s; bytes/s for "thin"), ``staging["d2h"|"h2d"]``
+    (bytes/s of one device's pinned copies), and the facts of the machine they came from."""
 
     alpha: dict = dataclasses.field(default_factory=dict)
     beta: dict = dataclasses.field(default_factory=dict)
     rates: dict = dataclasses.field(default_factory=lambda: json.loads(json.dumps(DEFAULT_RATES)))
     machine: dict = dataclasses.field(default_factory=lambda: {"source": "defaults"})
+    staging: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_STAGING))
 
     def _nearest(self, table: dict, op: str, p: int, default: float) -> float:
         """``table[op]`` at the fitted size nearest ``p`` (keys are str(P), as in JSON)."""
@@ -151,30 +182,52 @@ class Calibration:
         b = self._nearest(self.beta, op, p, DEFAULT_BETA)
         return lat_factor(op, p) * a + bw_factor(op, p) * nbytes * b
 
+    def _rates(self, dtype: str, backend: str) -> dict:
+        """Rates of ``backend:dtype``: calibrated, else the default, else the backend's
+        float32 ones (calibrated or default)."""
+        for key in (f"{backend}:{dtype}", f"{backend}:float32"):
+            rates = self.rates.get(key) or DEFAULT_RATES.get(key)
+            if rates:
+                return rates
+        return DEFAULT_RATES["numpy:float32"]
+
     def gemm(self, m: int, k: int, n: int, dtype: str, backend: str = "numpy") -> float:
         """Predicted seconds of one local (m, k) @ (k, n) product."""
         if min(m, k, n) <= 0:
             return 0.0
-        key = f"{backend}:{dtype}"
-        rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
-        return gemm_work(m, k, n, np.dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
+        rates = self._rates(dtype, backend)
+        return gemm_work(m, k, n, resolve_dtype(dtype).itemsize) / rates[gemm_class(m, k, n)]
 
     def memory_time(self, nbytes: float, dtype: str, backend: str = "numpy") -> float:
         """Seconds to stream ``nbytes`` through memory (the "thin" GEMM rate, bytes/s)."""
-        key = f"{backend}:{dtype}"
-        rates = self.rates.get(key) or DEFAULT_RATES.get(key) or DEFAULT_RATES["numpy:float32"]
-        return nbytes / rates["thin"]
+        return nbytes / self._rates(dtype, backend)["thin"]
+
+    def staged_collective(self, op: str, p: int, nbytes: float, sharing: float = 1.0) -> float:
+        """Predicted seconds of ``op`` staged through host memory: copies down and up
+        (:func:`staged_bytes`, at the calibrated pinned bandwidth divided by the ``sharing``
+        ranks of one device) and MPI on host buffers, pipelined over pieces of
+        :data:`tpmpi.staging.STAGING_CHUNK_BYTES` (see the module docstring)."""
+        if p <= 1:
+            return 0.0
+        down, up = staged_bytes(op, p, nbytes)
+        d = down * sharing / self.staging.get("d2h", DEFAULT_STAGING["d2h"])
+        u = up * sharing / self.staging.get("h2d", DEFAULT_STAGING["h2d"])
+        m = self.collective(op, p, nbytes)
+        pieces = max(1.0, math.ceil(max(down, up) / STAGING_CHUNK_BYTES))
+        top = max(d, m, u)
+        return top + (d + m + u - top) / pieces
 
     def to_json(self) -> dict:
         return {"machine": self.machine, "alpha": self.alpha, "beta": self.beta,
-                "rates": self.rates}
+                "rates": self.rates, "staging": self.staging}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
         rates = json.loads(json.dumps(DEFAULT_RATES))
         rates.update(data.get("rates", {}))
         return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,
-                   machine=data.get("machine", {}))
+                   machine=data.get("machine", {}),
+                   staging={**DEFAULT_STAGING, **data.get("staging", {})})
 
 
 def load_calibration(path: Optional[str] = None) -> Calibration:
@@ -243,11 +296,14 @@ def layout_label(scheme: str, grid: Sequence[int], dp: int = 1, opts: str = "") 
 
 
 class _Tally:
-    """Accumulates GEMMs, collectives and overlap for one prediction."""
+    """Accumulates GEMMs, collectives and overlap for one prediction; collectives are staged
+    through the host when ``staged`` (``sharing`` ranks per device share its copy link)."""
 
-    def __init__(self, cal: Calibration, dtype: str, backend: str):
+    def __init__(self, cal: Calibration, dtype: str, backend: str, staged: bool = False,
+                 sharing: float = 1.0):
         self.cal, self.dtype, self.backend = cal, dtype, backend
-        self.b = np.dtype(dtype).itemsize
+        self.staged, self.sharing = staged, sharing
+        self.b = resolve_dtype(dtype).itemsize
         self.compute = self.comm = self.sent = 0.0
         self.ready: list[tuple[list[float], float, float]] = []
 
@@ -261,10 +317,16 @@ class _Tally:
         self.compute += t
         return t
 
+    def ctime(self, op: str, p: int, nbytes: float) -> float:
+        """Seconds of one collective of ``nbytes`` (nccl-tests S), staged or not."""
+        if self.staged:
+            return self.cal.staged_collective(op, p, nbytes, self.sharing)
+        return self.cal.collective(op, p, nbytes)
+
     def coll(self, op: str, p: int, elements: float, hidden_behind: float = 0.0) -> float:
         """Collective of ``elements`` (nccl-tests S in elements); ``hidden_behind`` seconds of
         concurrent local work hide that much of it."""
-        t = self.cal.collective(op, p, elements * self.b)
+        t = self.ctime(op, p, elements * self.b)
         self.sent += sent_bytes(op, p, elements * self.b)
         self.comm += max(0.0, t - hidden_behind)
         return t
@@ -280,7 +342,7 @@ def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
     c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
     mc = _split(m, c)
     g = t.cal.gemm(mc, k, np_, t.dtype, t.backend)
-    a = t.cal.collective("allgather", p, mc * n * t.b)
+    a = t.ctime("allgather", p, mc * n * t.b)
     t.compute += c * g
     t.sent += c * sent_bytes("allgather", p, mc * n * t.b)
     # pipeline: first GEMM, then c-1 stages of max(gemm, gather), then the last gather
@@ -380,8 +442,7 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         kb = max(1, min(int(panel), max(k, 1)))
         steps = -(-k // kb)
         g = t.cal.gemm(mr, kb, nc, t.dtype, t.backend)
-        bc = (t.cal.collective("bcast", pc, mr * kb * t.b)
-              + t.cal.collective("bcast", pr, kb * nc * t.b))
+        bc = t.ctime("bcast", pc, mr * kb * t.b) + t.ctime("bcast", pr, kb * nc * t.b)
         # each panel after the first adds its (mr, nc) product into Y: one more read and
         # write of Y and of the temporary, at the memory rate ("thin" class)
         t.compute += steps * g + (steps - 1) * t.cal.memory_time(3 * mr * nc * t.b, t.dtype,
@@ -427,7 +488,7 @@ def _dp_allreduce(t: _Tally, dp: int, bucket_bytes: int, overlap: bool,
             buckets[-1][1] = compute * slowdown + comm
     clock = total = 0.0
     for size, ready in buckets:
-        took = t.cal.collective("allreduce", dp, size)
+        took = t.ctime("allreduce", dp, size)
         clock = max(clock, ready if overlap else end) + took
         total += took
         t.sent += sent_bytes("allreduce", dp, size)
@@ -436,15 +497,17 @@ def _dp_allreduce(t: _Tally, dp: int, bucket_bytes: int, overlap: bool,
 
 def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
             calibration: Optional[Calibration] = None, backend: str = "numpy",
-            oversubscription: float = 1.0, *, dp: int = 1,
+            oversubscription: float = 1.0, staged: bool = False, *, dp: int = 1,
             bucket_bytes: int = BUCKET_BYTES) -> Optional[Prediction]:
     """Predicted time of ``problem`` (a :class:`tpmpi.schemes.Problem`: scheme, m, k, n,
     hidden, dtype, backward, options) on ``ranks`` ranks: ``dp`` data-parallel replicas (each
     taking M/dp rows; :func:`_dp_allreduce` in backward) of a TP group arranged as ``grid``
     (default 1 x ranks/dp, or the most square grid for tile2d and the tile2d FFN).
-    ``oversubscription`` (BLAS threads of a node's ranks per core, when above 1) slows every
-    local product by that factor: the GEMM rates are calibrated with the cores to themselves.
-    None for a scheme the model does not know."""
+    ``oversubscription`` (BLAS threads of a node's ranks per core, or ranks per GPU, when above
+    1) slows every local product by that factor, and on a GPU every staging copy: the rates
+    are calibrated with the cores, or one rank per device, to themselves. ``staged``:
+    collectives go through host memory (a GPU without GPU-aware MPI). None for a scheme the
+    model does not know."""
     cal = calibration or Calibration()
     dp = int(dp)
     p = int(ranks) // dp
@@ -456,7 +519,8 @@ def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
         two_d = scheme == "tile2d" or (scheme == "mlp" and mode == "tile2d")
         grid = square_grid(p) if two_d else (1, p)
     pr, pc = (int(g) for g in grid)
-    t = _Tally(cal, problem.dtype, backend)
+    slowdown = max(1.0, float(oversubscription))
+    t = _Tally(cal, problem.dtype, backend, staged, slowdown)
     m, k, n, bwd = _split(problem.m, dp), problem.k, problem.n, problem.backward
     overlap = opts.get("overlap", True) is not False
     if scheme == "column":
@@ -467,7 +531,6 @@ def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
         mem = _mlp(t, m, k, n, hidden_of(problem), p, bwd, mode, (pr, pc), overlap)
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
-    slowdown = max(1.0, float(oversubscription))
     dp_exposed, dp_total = _dp_allreduce(t, dp, bucket_bytes, overlap, slowdown) \
         if bwd and dp > 1 else (0.0, 0.0)
     compute, comm = t.compute * slowdown, t.comm + dp_exposed

@@ -94,7 +94,7 @@ class DataParallel:
         self.dp, self.dp_comm = mesh.dp, mesh.dp_comm
         self.backend = layers[0].backend
         self.staging = Staging(self.backend)
-        self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
+        self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
         grads = [(layer, name, getattr(layer, name)) for layer in reversed(layers)
                  for name in ("grad_bias", "grad_weight") if getattr(layer, name) is not None]
         signature = [(type(layer).__name__, name, tuple(g.shape), dtype_name(g.dtype))
@@ -125,7 +125,15 @@ class DataParallel:
         if hasattr(module, "grad_ready"):
             module.grad_ready.append(self._layer_ready)
 
+    def attach_profiler(self) -> Profiler:
+        """Time the gradient communication from now on (a timed
+        :class:`~tpmpi.timing.Profiler` that synchronises the GPU stream at each region, as
+        :meth:`tpmpi.layers.ParallelLinear.attach_profiler`); untimed until then."""
+        self.profiler = Profiler.for_backend(self.backend)
+        return self.profiler
+
     # ------------------------------------------------------------------ passes
+
     def __call__(self, x):
         return self.forward(x)
 

@@ -5,6 +5,12 @@ Layers wrap each local product in ``prof.gemm()`` and each collective in
 nccl-tests size ``S`` of the operation (the full gathered/reduced array), so
 ``busbw = S * factor(op, P) / t``.
 
+Timing is off the hot path unless asked for: a layer's own profiler is untimed (``timed=False``:
+it counts collectives and bytes, reads no clock and never synchronises the stream); the
+benchmark attaches a timed one (:meth:`tpmpi.layers.ParallelLinear.attach_profiler`), which
+synchronises the device stream at each region boundary so that GPU work is charged to the
+region that launched it.
+
 For overlap measurements (:mod:`tpmpi.overlap`) a profiler can run instrumented layers with only
 one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
 GEMMs (results are then meaningless; only the time counts).
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 PHASES = ("gemm", "comm")
 
@@ -28,15 +34,26 @@ BUS_FACTOR: dict[str, Callable[[int], float]] = {
 }
 
 
+_UNTIMED = contextlib.nullcontext()
+
+
 class Profiler:
     """Accumulates ``gemm_s``, ``comm_s``, ``bytes`` (sum of S) and ``bus_bytes`` (sum of
     S x bus factor). ``sync`` (the backend's stream sync) runs before each clock read so that
-    device work is charged to the region that launched it."""
+    device work is charged to the region that launched it. With ``timed=False`` the regions
+    only count collectives and bytes (``gemm_s`` and ``comm_s`` stay 0, ``sync`` never runs)."""
 
-    def __init__(self, sync: Optional[Callable[[], None]] = None):
+    def __init__(self, sync: Optional[Callable[[], None]] = None, *, timed: bool = True):
         self.sync = sync
+        self.timed = timed
         self.phases: frozenset = frozenset(PHASES)
         self.reset()
+
+    @classmethod
+    def for_backend(cls, backend) -> "Profiler":
+        """A timed profiler that synchronises ``backend``'s stream (on a GPU) at each region
+        boundary."""
+        return cls(backend.synchronize if backend.is_gpu else None)
 
     def reset(self) -> None:
         """Zero all totals."""
@@ -49,16 +66,25 @@ class Profiler:
             self.sync()
         return time.perf_counter()
 
-    @contextlib.contextmanager
-    def gemm(self) -> Iterator[None]:
+    def gemm(self) -> ContextManager[None]:
         """Charge the block to local computation."""
+        return self._timed_gemm() if self.timed else _UNTIMED
+
+    def comm(self, op: str, nbytes: int, nranks: int) -> ContextManager[None]:
+        """Charge the block to collective ``op`` of ``nbytes`` over ``nranks``."""
+        if not self.timed:
+            self.count(op, nbytes, nranks)
+            return _UNTIMED
+        return self._timed_comm(op, nbytes, nranks)
+
+    @contextlib.contextmanager
+    def _timed_gemm(self) -> Iterator[None]:
         t0 = self._now()
         yield
         self.gemm_s += self._now() - t0
 
     @contextlib.contextmanager
-    def comm(self, op: str, nbytes: int, nranks: int) -> Iterator[None]:
-        """Charge the block to collective ``op`` of ``nbytes`` over ``nranks``."""
+    def _timed_comm(self, op: str, nbytes: int, nranks: int) -> Iterator[None]:
         t0 = self._now()
         yield
         self.comm_s += self._now() - t0

@@ -132,7 +132,7 @@ class ParallelLinear:
         self.backend = get_backend(backend, self.comm)
         self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
-        self.profiler = Profiler(self.backend.synchronize if self.backend.is_gpu else None)
+        self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
         xp = self.backend.xp
         w_rows, w_cols = local_slices((self.in_features, self.out_features), self.grid,
                                       self.weight_layout)
@@ -155,6 +155,18 @@ class ParallelLinear:
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
         self._x = None
         self._rows: Optional[int] = None  # global rows of the last forward input
+
+    def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
+        """Time this layer's GEMM and communication regions from now on (``profiler``, default a
+        new timed :class:`~tpmpi.timing.Profiler` that synchronises this backend's stream at
+        each region boundary) and return the profiler. Without one, layers read no clock and
+        synchronise the stream only where MPI needs it."""
+        self.profiler = profiler if profiler is not None else Profiler.for_backend(self.backend)
+        return self.profiler
+
+    def detach_profiler(self) -> None:
+        """Stop timing (collectives and bytes are still counted)."""
+        self.profiler = Profiler(timed=False)
 
     def _check_options(self, **options: Any) -> None:
         """Validate subclass options locally (raise ValueError); default: none accepted."""

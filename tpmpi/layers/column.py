@@ -146,7 +146,8 @@ class ColumnParallelLinear(ParallelLinear):
         cols = self.out_features if self.gather_output else self.weight.shape[1]
         self._agree_input("dy", dy, cols, backward=True)
         x_map, y_map = self.x_map, self.y_map
-        dy_p = y_map.adjoint.out(dy) if y_map else dy  # own columns: a strided view
+        # own columns: a strided view (one copy on a GPU, for both products)
+        dy_p = self.backend.operand(y_map.adjoint.out(dy)) if y_map else dy
         x = x_map.out(self._x, self._rows)  # the gathered rows (sequence_parallel)
         dx = None
 

@@ -9,7 +9,8 @@ forward  : ``Y = sum_p X_p @ W_p + b`` (Allreduce), where ``X_p`` is the input's
 backward : ``dX_p = dY @ W_p^T``, ``dW_p = X_p^T @ dY`` and ``db = colsum(dY)`` are local
            (``dY`` is replicated); without ``input_is_parallel`` the ``dX_p`` blocks are
            all-gathered into the replicated (M, K) ``dX`` (Ialltoallw in flight during the dW
-           GEMM).
+           GEMM). On one rank nothing is exchanged: the Allreduce returns at once and ``dX_p``
+           is ``dX`` (no gather, no copy, no host staging).
 sequence_parallel (Megatron's flag): the partial products are reduce-scattered instead of
            all-reduced, so ``y`` (and ``dy``) are in layout "rows" (rank ``p`` holds block ``p``
            of the M rows); backward first all-gathers ``dy``, after which ``db`` and ``dW_p``
@@ -69,7 +70,8 @@ class RowParallelLinear(ParallelLinear):
         k_p = self.weight.shape[0]
         self._agree_input("x", x, k_p if self.input_is_parallel else self.in_features)
         xp, prof = self.backend.xp, self.profiler
-        x_p = self._apply(self.x_map, x)  # own columns: a strided view, no copy
+        # own columns: a strided view (one copy on a GPU, kept for the dW product)
+        x_p = self.backend.operand(self._apply(self.x_map, x))
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
         with prof.gemm():
             self._matmul(x_p, self.weight, out=y)
@@ -82,8 +84,8 @@ class RowParallelLinear(ParallelLinear):
     def backward(self, dy):
         """``dy`` (M, N) replicated [or (M_p, N) rows: Alltoallw] -> ``dx`` (M, K_p) [no
         collective] with ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped
-        with the dW GEMM, blocking when ``overlap=False``]; accumulates ``grad_weight`` and
-        ``grad_bias``."""
+        with the dW GEMM, blocking when ``overlap=False``; none on one rank]; accumulates
+        ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True,
                           split_rows=self.sequence_parallel)
         dy = self._apply(self.y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
@@ -96,7 +98,7 @@ class RowParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += column_sums(dy)
 
-        if self.input_is_parallel:
+        if self.input_is_parallel or self.comm.Get_size() == 1:  # P=1: dX_p is all of dX
             with prof.gemm():
                 weight_grads()
             return dx_p

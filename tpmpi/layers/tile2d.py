@@ -30,6 +30,9 @@ Panel form (``panel=kb``, level 2)
              ``dX`` piece ``dY @ Ws^T`` is Ireduce'd over ``row_comm`` to the X owner and the
              ``dW`` piece ``Xs^T @ dY`` over ``col_comm`` to the W owner, in flight during the
              next segment's GEMMs; ``db`` as above.
+A grid dimension of size 1 exchanges nothing: its gathers, broadcasts and reductions are
+skipped, not run on a one-rank communicator (no MPI call, no host staging, no packing); on a
+1 x 1 grid the layer is the local GEMMs alone (dX = dY @ W^T written once, dW added once).
 
 Bytes per rank (b = itemsize), the nccl-tests size S each rank takes part in:
 gather form forward ``(m_r*K + K*n_c) b`` (Allgather), backward ``(m_r*K + K*n_c + n_c) b``
@@ -43,6 +46,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from mpi4py import MPI
 
 from ..args import check_int
 from ..comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
@@ -107,8 +111,10 @@ class TileParallelLinear(ParallelLinear):
                                  f"layout 'tiles' on grid {grid.label}")
 
         self._agree(local_checks, "x", x, False)
-        every = np.empty(grid.size, dtype=np.int64)
-        self.comm.Allgather(np.array([x.shape[0]], dtype=np.int64), every)
+        every = np.array([x.shape[0]], dtype=np.int64)
+        if grid.size > 1:  # one rank: nothing to gather
+            every = np.empty(grid.size, dtype=np.int64)
+            self.comm.Allgather(np.array([x.shape[0]], dtype=np.int64), every)
         m = int(every[::pc].sum())  # ranks (r, 0), row-major
         errors = []
         for q in range(grid.size):
@@ -186,20 +192,26 @@ class TileParallelLinear(ParallelLinear):
         slots = [(xp.empty(m_r * width, dtype=self.dtype), xp.empty(width * n_c, dtype=self.dtype))
                  for _ in range(2)]
         row, col = grid.coords
+        pr, pc = grid.shape
 
         def start(t: int):
             a, b, j, i = segs[t]
             xflat, wflat = slots[t % 2]
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
-            if col == j:  # X columns are strided: the owner packs them into the slot
-                xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
+            requests = []
+            if pc == 1:  # this rank owns all of K: its X columns, no broadcast
+                xs = self.backend.operand(x[:, a:b])
+            else:
+                if col == j:  # X columns are strided: the owner packs them into the slot
+                    xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
+                requests.append(self._collective(ibcast, xs, j, grid.row_comm, self.staging))
+                prof.count("bcast", xs.nbytes, pc)
             if row == i:  # W rows are contiguous: the owner broadcasts its own rows, no copy
                 ws = self.weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]]
-            requests = [self._collective(ibcast, xs, j, grid.row_comm, self.staging),
-                        self._collective(ibcast, ws, i, grid.col_comm, self.staging)]
-            prof.count("bcast", xs.nbytes, grid.shape[1])
-            prof.count("bcast", ws.nbytes, grid.shape[0])
+            if pr > 1:
+                requests.append(self._collective(ibcast, ws, i, grid.col_comm, self.staging))
+                prof.count("bcast", ws.nbytes, pr)
             return requests, xs, ws
 
         pending = start(0) if segs else None
@@ -229,33 +241,46 @@ class TileParallelLinear(ParallelLinear):
         return dx
 
     def _backward_gather(self, dy):
+        """dX and dW from the cached panels; a grid dimension of size 1 has nothing to reduce:
+        its product is the result (no collective, no copy)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
         xpanel, wpanel = self._panels
         m_r, n_c = dy.shape
-        packed = xp.empty(m_r * self.in_features, dtype=self.dtype)  # dX partial, K blocks packed
-        with prof.gemm():
-            for a, b in self._k_cols:
-                self._matmul(dy, wpanel[a:b].T, out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
-        dx = xp.empty(self._x.shape, dtype=self.dtype)
-        dx_request = self._collective(ireduce_scatter, packed, dx,
-                                      [m_r * (b - a) for a, b in self._k_cols], grid.row_comm,
-                                      self.staging)
-        prof.count("reduce_scatter", packed.nbytes, grid.shape[1])
+        pr, pc = grid.shape
+        dx_request = MPI.REQUEST_NULL
+        if pc == 1:
+            with prof.gemm():
+                dx = self._matmul(dy, wpanel.T)
+        else:
+            packed = xp.empty(m_r * self.in_features, dtype=self.dtype)  # K blocks packed
+            with prof.gemm():
+                for a, b in self._k_cols:
+                    self._matmul(dy, wpanel[a:b].T,
+                                 out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
+            dx = xp.empty(self._x.shape, dtype=self.dtype)
+            dx_request = self._collective(ireduce_scatter, packed, dx,
+                                          [m_r * (b - a) for a, b in self._k_cols],
+                                          grid.row_comm, self.staging)
+            prof.count("reduce_scatter", packed.nbytes, pc)
         with prof.gemm():
             partial = self._matmul(xpanel.T, dy)  # (K, n_c): row blocks contiguous
-        gw = xp.empty(self.weight.shape, dtype=self.dtype)
-        with prof.comm("reduce_scatter", partial.nbytes, grid.shape[0]):
-            self._collective(ireduce_scatter, partial, gw,
-                             [(b - a) * n_c for a, b in self._k_rows], grid.col_comm,
-                             self.staging).Wait()
+        if pr == 1:
+            gw = partial
+        else:
+            gw = xp.empty(self.weight.shape, dtype=self.dtype)
+            with prof.comm("reduce_scatter", partial.nbytes, pr):
+                self._collective(ireduce_scatter, partial, gw,
+                                 [(b - a) * n_c for a, b in self._k_rows], grid.col_comm,
+                                 self.staging).Wait()
         self.grad_weight += gw
         with prof.comm("reduce_scatter", 0, 1):  # waiting only, bytes counted above
             dx_request.Wait()
         return dx
 
     def _backward_panels(self, dy):
+        """Per K segment: the dX and dW pieces, each reduced to its owner (kept as it is on a
+        grid dimension of size 1)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
-        row, col = grid.coords
         dx = xp.empty(self._x.shape, dtype=self.dtype)
         inflight: list = []
 
@@ -270,20 +295,28 @@ class TileParallelLinear(ParallelLinear):
             inflight.clear()
 
         for seg, xs, ws in self._broadcast_segments(self._x):
-            a, b, j, i = seg
+            _, _, j, i = seg
             with prof.gemm():
                 pdx = self._matmul(dy, ws.T)  # (m_r, w), summed over grid columns
                 pdw = self._matmul(xs.T, dy)  # (w, n_c), summed over grid rows
-            rx = xp.empty_like(pdx) if col == j else None
-            rw = xp.empty_like(pdw) if row == i else None
-            requests = [self._collective(ireduce, pdx, rx, j, grid.row_comm, self.staging),
-                        self._collective(ireduce, pdw, rw, i, grid.col_comm, self.staging)]
-            prof.count("reduce", pdx.nbytes, grid.shape[1])
-            prof.count("reduce", pdw.nbytes, grid.shape[0])
+            requests: list = []
+            rx = self._reduce_to_owner(pdx, j, grid.row_comm, requests)
+            rw = self._reduce_to_owner(pdw, i, grid.col_comm, requests)
             finish()  # the previous segment's reductions
             inflight.append((requests, seg, rx, rw, (pdx, pdw)))  # keep send buffers alive
         finish()
         return dx
+
+    def _reduce_to_owner(self, part, owner: int, comm: MPI.Comm, requests: list):
+        """The sum of ``part`` over ``comm`` on rank ``owner`` (Ireduce appended to
+        ``requests``): a new buffer there, None elsewhere; ``part`` itself on one rank."""
+        size = comm.Get_size()
+        if size == 1:
+            return part
+        out = self.backend.xp.empty_like(part) if comm.Get_rank() == owner else None
+        requests.append(self._collective(ireduce, part, out, owner, comm, self.staging))
+        self.profiler.count("reduce", part.nbytes, size)
+        return out
 
     # ---------------------------------------------------------------- accounting
     def comm_bytes(self, m: int, *, backward: bool = False) -> int:

@@ -68,6 +68,19 @@ def inputs(p: Problem, n_out: int, backend=None, x_block: Block = WHOLE,
                         bound=1.0))
 
 
+def bare_products(matmul: Callable, x, w, b, dy, sync: Callable[[], None]
+                  ) -> Callable[[bool], None]:
+    """``step(backward)``: ``x @ w + b`` and, with ``backward``, ``dy @ w.T``, ``x.T @ dy`` and
+    ``dy.sum(0)``, then ``sync()``; for any array library with this syntax (NumPy, CuPy,
+    torch) and its ``matmul``."""
+    def step(backward: bool) -> None:
+        matmul(x, w) + b
+        if backward:
+            matmul(dy, w.T), matmul(x.T, dy), dy.sum(0)
+        sync()
+    return step
+
+
 class Case:
     """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and ``comm``,
     and implement the methods below."""
@@ -85,21 +98,21 @@ class Case:
         """One backward pass on the case's output gradient (after :meth:`forward`)."""
         raise NotImplementedError
 
-    def serial(self, backend: Backend) -> Callable[[], None]:
-        """The same product on ONE process (the serial baseline): by default X @ W + b on the
-        full matrices, plus dX = dY W^T, dW = X^T dY and db when ``backward``. Schemes with
-        more than one GEMM override this."""
-        p, xp = self.problem, backend.xp
-        x, dy = inputs(p, p.n, backend)
-        w = init_weight((p.k, p.n), 0, p.dtype, backend=backend)
-        b = init_weight((p.n,), 0, p.dtype, backend=backend, stream=1)
+    def serial(self, backend: Backend) -> Callable[..., None]:
+        """The same product on ONE process (the serial baseline, the bare products), as
+        ``step(backward=None)``: by default :func:`bare_products` of the full matrices
+        (:meth:`full_arrays`), with backward when ``backward`` (None: the problem's). Schemes
+        with more than one GEMM override this."""
+        step = bare_products(backend.xp.matmul, *self.full_arrays(backend), backend.synchronize)
+        return lambda backward=None: step(self.problem.backward if backward is None
+                                          else backward)
 
-        def step() -> None:
-            xp.matmul(x, w) + b
-            if p.backward:
-                xp.matmul(dy, w.T), xp.matmul(x.T, dy), dy.sum(axis=0)
-            backend.synchronize()
-        return step
+    def full_arrays(self, backend: Backend) -> tuple:
+        """The global X (m, k), W (k, n), b (n,) and dY (m, n) of a one-layer problem."""
+        p = self.problem
+        x, dy = inputs(p, p.n, backend)
+        return (x, init_weight((p.k, p.n), 0, p.dtype, backend=backend),
+                init_weight((p.n,), 0, p.dtype, backend=backend, stream=1), dy)
 
     def verify(self) -> float:
         """Fresh forward+backward, max relative error of every output and gradient against a
@@ -123,7 +136,14 @@ class LayerCase(Case):
         self.flops = flops
         subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
         self.layers = subs or [layer]  # the ParallelLinear objects (for overlap measurements)
+        self.backend = self.layers[0].backend  # with the grid's GPU-aware decision
         self.profilers = [sub.profiler for sub in self.layers]
+
+    def attach_profilers(self) -> list[Profiler]:
+        """Time the GEMM and communication regions of every layer from now on (the benchmark's
+        split of compute and communication; layers alone are untimed). Returns the profilers."""
+        self.profilers = [sub.attach_profiler() for sub in self.layers]
+        return self.profilers
 
     def forward(self) -> None:
         self.y = self.layer(self.x)

@@ -34,7 +34,15 @@ class DataParallelCase(Case):
         self.dp = DataParallel(self.inner.layer, mesh, bucket_bytes=bucket_bytes,
                                overlap=overlap)
         self.layers, self.profilers = self.inner.layers, self.inner.profilers
+        self.backend = self.inner.backend  # with the TP grid's GPU-aware decision
         self.flops = mesh.comm.allreduce(self.inner.flops if mesh.tp.rank == 0 else 0.0)
+
+    def attach_profilers(self) -> list:
+        """Time the TP layers' regions and the DP gradient communication from now on (the
+        benchmark's); returns the layers' profilers."""
+        self.dp.attach_profiler()
+        self.profilers = self.inner.attach_profilers()
+        return self.profilers
 
     def forward(self) -> None:
         self.inner.y = self.dp(self.inner.x)

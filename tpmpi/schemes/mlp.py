@@ -3,7 +3,7 @@
 layout (replicated; rows for "sequence"; tiles for "tile2d")."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 from ..activations import get_activation
@@ -36,22 +36,26 @@ class MLPCase(LayerCase):
         super().__init__(p, grid, backend, self.mlp, n_out=p.k,
                          flops=4.0 * p.m * p.k * hidden_of(p), layout=self.mlp.layout)
 
-    def serial(self, backend: Backend) -> Callable[[], None]:
-        """Serial FFN forward (+ backward) on one process with the global weights."""
+    def serial(self, backend: Backend) -> Callable[..., None]:
+        """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
+        process with the global weights and biases (the bare products of the layer)."""
         p, xp = self.problem, backend.xp
         h = hidden_of(p)
         act, act_grad = get_activation(self.mlp.activation)
         x, dy = inputs(p, p.k, backend)
         w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
                   for s, seed in (((p.k, h), 0), ((h, p.k), 1)))
+        b1, b2 = (init_weight((n,), seed, p.dtype, backend=backend, stream=1)
+                  for n, seed in ((h, 0), (p.k, 1)))
 
-        def step() -> None:
-            pre = xp.matmul(x, w1)
+        def step(backward: Optional[bool] = None) -> None:
+            pre = xp.matmul(x, w1) + b1
             a = act(pre)
-            xp.matmul(a, w2)
-            if p.backward:
+            xp.matmul(a, w2) + b2
+            if p.backward if backward is None else backward:
                 dpre = xp.matmul(dy, w2.T) * act_grad(pre)
                 xp.matmul(a.T, dy), xp.matmul(dpre, w1.T), xp.matmul(x.T, dpre)
+                dy.sum(0), dpre.sum(0)
             backend.synchronize()
         return step
 
