@@ -26,7 +26,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 import tpmpi  # noqa: E402
 from tpmpi import cli  # noqa: E402
-from tpmpi import comm as tcomm  # noqa: E402
+from tpmpi import agreement  # noqa: E402
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 
@@ -311,11 +311,11 @@ case("TPMPI_THREADS='two' on one rank", r"TPMPI_THREADS='two': expected .*\(rank
 
 
 def _with_limit(limit: int, fn):
-    old, tcomm.MAX_MESSAGE_BYTES = tcomm.MAX_MESSAGE_BYTES, limit
+    old, agreement.MAX_MESSAGE_BYTES = agreement.MAX_MESSAGE_BYTES, limit
     try:
         return fn()
     finally:
-        tcomm.MAX_MESSAGE_BYTES = old
+        agreement.MAX_MESSAGE_BYTES = old
 
 
 def _with_env(name: str, value: Optional[str], fn):

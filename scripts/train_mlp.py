@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.activations import ACTIVATIONS, get_activation
-from tpmpi.comm import check
+from tpmpi.agreement import agree_checks
 from tpmpi.data_parallel import measure_dp_overlap
 from tpmpi.dtypes import SUPPORTED, tolerance
 from tpmpi.grid import factorisations
@@ -263,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         mode, shape = resolve(args, nranks)
         check_budget(args, shape, mode)
 
-    check(comm, local_checks, argv=list(argv) if argv is not None else sys.argv[1:])
+    agree_checks(comm, local_checks, argv=list(argv) if argv is not None else sys.argv[1:])
     say = (lambda *a: None) if args.quiet or rank else print
     mesh = tpmpi.Mesh(comm, dp=args.dp, tp=shape)
     grid = mesh.tp

@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 import tpmpi
 from conftest import RecordingComm, all_ranks_raise, message_bytes, rel_err
+from tpmpi import agreement
 from tpmpi import comm as tcomm
 from tpmpi.grid import factorisations
 from tpmpi.dtypes import tolerance
@@ -33,7 +34,7 @@ def test_chunks_cover_range_within_limit():
 @pytest.mark.parametrize("value,want", [("64", 64), (" 4096 ", 4096), ("", 2**30)])
 def test_limit_from_environment(monkeypatch, value, want):
     monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
-    assert tcomm.max_message_bytes() == want
+    assert agreement.max_message_bytes() == want
 
 
 @pytest.mark.parametrize("value", ["0", "-8", "abc", "1e6", "2**20", "64.0"])
@@ -41,7 +42,7 @@ def test_bad_limit_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
     with pytest.raises(ValueError, match=r"TPMPI_MAX_MESSAGE_BYTES=.*expected a positive "
                                          r"integer"):
-        tcomm.max_message_bytes()
+        agreement.max_message_bytes()
 
 
 def test_gather_pieces_split_rows_then_columns():
@@ -102,7 +103,7 @@ def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
     A = rng.standard_normal((7, 5)).astype(dtype)
     C = (rng.standard_normal((6, 5)) * (world.comm.Get_rank() + 1)).astype(dtype)
     whole = _every_collective(world.comm, C, dtype)
-    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
+    monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", limit)
     for shape in factorisations(world.size):
         with tpmpi.ProcessGrid(world.comm, shape=shape) as grid:
             for layout in LAYOUTS:
@@ -120,7 +121,7 @@ def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
     with tpmpi.ProcessGrid(world.comm) as grid:
         layer = tpmpi.ColumnParallelLinear.from_dense(W, bias, grid=grid)
         y, dx = layer(X), layer.backward(dY)
-        monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 2**30)
+        monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 2**30)
         assert np.array_equal(layer(X), y) and np.array_equal(layer.backward(dY), dx)
 
 
@@ -128,7 +129,7 @@ def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
 def test_iallgather_chunked(world, monkeypatch):
     if not world.member:
         return
-    monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 16 * world.size)
+    monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 16 * world.size)
     comm, p = world.comm, world.size
     parts = tpmpi.block_partition(6, p)
     A = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)
@@ -197,7 +198,7 @@ def test_limit_must_agree(world, monkeypatch):
     rank = world.comm.Get_rank()
     with tpmpi.ProcessGrid(world.comm) as grid:
         layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
-        monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", 64 + rank)
+        monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 64 + rank)
         all_ranks_raise(world.comm, lambda: layer(np.zeros((2, 3), np.float32)),
                         "TPMPI_MAX_MESSAGE_BYTES differs across ranks")
 
@@ -319,7 +320,7 @@ def test_iallgather_on_a_cartesian_grid(world):
 def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
     """A gather and an allreduce of 2**31 + 1024 uint8 elements on 2 ranks."""
     if limit:
-        monkeypatch.setattr(tcomm, "MAX_MESSAGE_BYTES", limit)
+        monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", limit)
     world = MPI.COMM_WORLD
     comm = world.Split(0 if world.Get_rank() < 2 else MPI.UNDEFINED, world.Get_rank())
     if comm == MPI.COMM_NULL:

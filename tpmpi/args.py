@@ -1,5 +1,5 @@
 """Local argument checks shared by the public entry points (the collective agreement on their
-outcome is :func:`tpmpi.comm.check`)."""
+outcome is :func:`tpmpi.agreement.agree_checks`)."""
 from __future__ import annotations
 
 import numbers

@@ -34,6 +34,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from .agreement import CALL_ORDER, Same, Text, agree
+from .args import check_int
+
 BACKENDS = ("auto", "numpy", "cupy")
 
 
@@ -342,8 +345,6 @@ def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None)
         error = str(exc)
     if comm is None:
         return backend
-    from .comm import agree  # tpmpi.comm imports this module
-
     agree(comm, error, backend=None if backend is None else backend.name)
     return backend.with_gpu_aware(device_facts(comm, backend).gpu_aware)
 
@@ -488,8 +489,6 @@ def probe_gpu_aware(comm: MPI.Comm, backend: Backend) -> bool:
     """
     if not backend.is_gpu:
         return False
-    from .comm import agree  # tpmpi.comm imports this module
-
     forced = os.environ.get("TPMPI_GPU_AWARE", "")
     agree(comm, None if forced in ("", "0", "1") else
           f"TPMPI_GPU_AWARE={forced!r}: expected 0 or 1 (or unset)")
@@ -529,8 +528,6 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
     """
     from threadpoolctl import threadpool_limits
 
-    from .args import check_int
-
     error = None
     try:
         if threads is None and os.environ.get("TPMPI_THREADS"):
@@ -538,10 +535,8 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
             threads = check_int("TPMPI_THREADS", int(env) if env.strip().isdigit() else env, 1)
         threads = check_int("threads", threads, 1, allow_none=True)
     except ValueError as exc:
-        error = f"{exc} (rank {comm.Get_rank()})"
-    errors = [e for e in comm.allgather(error) if e]  # every rank raises the same error
-    if errors:
-        raise ValueError(errors[0])
+        error = str(exc)
+    agree(comm, error, call=Same(Text("configure_blas_threads()"), CALL_ORDER))
     local = node_comm(comm)
     try:
         mine = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \

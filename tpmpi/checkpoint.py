@@ -66,7 +66,8 @@ from numpy.lib import format as npy
 
 from . import __version__
 from .backend import backend_of
-from .comm import CALL_ORDER, Same, Text, _subarray, allreduce, check, mpi_type
+from .agreement import CALL_ORDER, Same, Text, agree_checks
+from .comm import _subarray, allreduce, mpi_type
 from .dtypes import SUPPORTED, resolve_dtype
 from .grid import ProcessGrid, default_grid
 from .layers.base import ParallelLinear
@@ -458,7 +459,7 @@ def save_checkpoint(path: str, layer) -> None:
         if any(p.grid.comm is not comm for p in params):
             raise ValueError("the layers of a composite must share one grid to be saved")
 
-    check(comm, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER), path=path,
+    agree_checks(comm, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER), path=path,
           layer=Same(identities(layer), "every rank must save the same layer object"),
           parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
@@ -482,7 +483,7 @@ def save_checkpoint(path: str, layer) -> None:
     except Exception as exc:  # noqa: BLE001 - agreed below, the save undone on rank 0
         error = f"save_checkpoint({path!r}) failed: {type(exc).__name__}: {exc}"
     try:
-        check(comm, lambda: _fail(error))
+        agree_checks(comm, lambda: _fail(error))
     except ValueError:
         if save is not None:
             save.abort()
@@ -688,7 +689,7 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
                              "already built): drop them")
 
     where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
-    check(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
+    agree_checks(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
           cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
           if isinstance(cls, type) else repr(cls),
           into=Same(None if into is None or into_error else identities(into),
@@ -723,7 +724,7 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
             raise ValueError(f"checkpoint {path!r}: parameter shapes {saved} do not match the "
                              f"layer's {have}")
 
-    check(comm, shapes_match)
+    agree_checks(comm, shapes_match)
     _read_all(path, params, entries)
     return into
 
@@ -745,7 +746,7 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         problems.append(problem)
         casts.append((p, cast))
     errors = [f"checkpoint {path!r}: {msg}" for msg in problems if msg]
-    check(params[0].grid.comm, lambda: _fail(errors[0] if errors else None))
+    agree_checks(params[0].grid.comm, lambda: _fail(errors[0] if errors else None))
     for p in params:
         entry = entries[p.name]
         if not any(q is p for q, _ in casts):

@@ -29,7 +29,7 @@ from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
-from .comm import Same, Text, agree
+from .agreement import Same, Text, agree
 from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS

@@ -1,9 +1,7 @@
 """Collectives on backend arrays, every MPI call visible.
 
-* :func:`agree` / :func:`check` — collective argument validation: one small Allreduce decides
-  whether any rank saw an error or a differing argument; only then are details gathered, and the
-  same ValueError is raised on every rank before any collective that could block. :func:`check`
-  also parses and agrees ``TPMPI_MAX_MESSAGE_BYTES``.
+* Argument agreement before the collectives (every rank raises the same ValueError) is
+  :mod:`tpmpi.agreement`.
 * :func:`allgather_blocks` / :func:`iallgather_blocks` — every rank's block lands directly in its
   final place of a C-ordered global array: ``Alltoallw`` whose receive types are
   ``Create_subarray`` types (the mpi4py-fft idiom). This serves all layouts ("cols", "rows",
@@ -30,9 +28,9 @@
   for gathers of arrays with more than two dimensions): gathers are split into row chunks, then
   into column ranges of single rows; reductions and broadcasts into flat chunks. Counts,
   displacements and subarray types stay far below 2**31 whatever the array size, and results
-  are identical to the unsplit call. Not split: the few-byte control messages of
-  :func:`agree` (an Allreduce of 8 bytes per agreed value; the allgather of the error texts on
-  failure only).
+  are identical to the unsplit call. Not split (they carry a few bytes per rank): the
+  agreements of :mod:`tpmpi.agreement` (one Allreduce of 3 int64 whatever the values; the
+  allgather of the details on failure only).
 * Open MPI 4.1's ``Ialltoallw`` reads its datatype arrays with the neighbour count of a
   Cartesian communicator (2 per dimension) and crashes when that exceeds the size (a 1x2 or 1x3
   grid): :func:`iallgather_blocks` runs on a topology-free duplicate kept on the communicator.
@@ -41,148 +39,21 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
+from .agreement import max_message_bytes
 from .backend import backend_of
 from .partition import block_sizes
 from .staging import Piece, Staging
 
-__all__ = ["agree", "check", "polite_barrier", "Staging", "max_message_bytes", "chunks",
+__all__ = ["polite_barrier", "Staging", "chunks",
            "Requests", "Chain", "wait_all", "mpi_type", "reduction_dtype", "allgather_blocks",
            "iallgather_blocks", "alltoallw_args", "allreduce", "iallreduce", "ibcast", "ireduce",
            "ireduce_scatter", "reduce_scatter"]
-
-# --------------------------------------------------------------------------- agreement
-
-
-class Same:
-    """A value for :func:`agree` with its own ending of the mismatch message, e.g.
-    ``Same(call, "every rank must call the same layers in the same order")``."""
-
-    __slots__ = ("value", "must")
-
-    def __init__(self, value: Any, must: str):
-        self.value, self.must = value, must
-
-
-class Text(str):
-    """A string :func:`agree` reports without quotes (e.g. a call's description)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-SAME_VALUE = "every rank must pass the same value"
-CALL_ORDER = "every rank must make the same tpmpi calls in the same order (each is collective)"
-
-
-_PLAIN = (int, str, float, bool, type(None), Text)
-
-
-def normalise(value: Any) -> Any:
-    """``value`` in the form :func:`agree` compares: NumPy scalars as Python numbers
-    (``np.int64(3)`` equals ``3``), dtypes by name, lists and tuples as tuples, mappings with
-    sorted keys."""
-    if type(value) in _PLAIN:
-        return value
-    if isinstance(value, Same):
-        return normalise(value.value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.dtype):
-        return value.name
-    if isinstance(value, (list, tuple)):
-        return tuple(normalise(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), normalise(v)) for k, v in value.items()))
-    return value
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
-
-
-def _groups(pairs) -> "OrderedDict[Any, list[int]]":
-    """``value -> ranks`` in order of first appearance, from ``(rank, value)`` pairs."""
-    out: "OrderedDict[Any, list[int]]" = OrderedDict()
-    for rank, value in pairs:
-        out.setdefault(value, []).append(rank)
-    return out
-
-
-def _mismatch(infos: list) -> str:
-    """The message for the gathered ``(error, [(key, text, must), ...])`` of every rank: a
-    differing ``call`` first, then reported errors, then the first differing value.
-    Deterministic in ``infos``, hence the same on every rank."""
-    table = [{key: (text, must) for key, text, must in fields} for _, fields in infos]
-    keys = list(OrderedDict.fromkeys(k for fields in table for k in fields))
-
-    def differs(key: str) -> Optional[str]:
-        seen = _groups((r, t[key][0] if key in t else "(another call)")
-                       for r, t in enumerate(table))
-        if len(seen) == 1:
-            return None
-        must = next(t[key][1] for t in table if key in t)
-        detail = " and ".join(f"{v} on {_ranks(r)}" for v, r in seen.items())
-        return f"{key} differs across ranks: {detail}; {must}"
-
-    if "call" in keys and differs("call"):
-        return differs("call")
-    errors = _groups((r, err) for r, (err, _) in enumerate(infos) if err)
-    if errors:
-        return "; ".join(f"{msg} ({_ranks(r)})" if len(errors) > 1 or len(r) < len(infos)
-                         else msg for msg, r in errors.items())
-    found = [msg for msg in map(differs, keys) if msg]
-    return found[0] if found else "the ranks are in different calls"
-
-
-def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
-    """Raise the same ValueError on every rank of ``comm`` if any rank reports ``error`` or any
-    keyword value differs between ranks (compared after :func:`normalise`; a :class:`Same`
-    value ends the message with its own words). Collective: one Allreduce of 3 int64 whatever
-    the values, so any two agreements match each other (a rank in another tpmpi call is
-    reported, not left hanging); an allgather of the details only on failure. A ``call`` value
-    (which operation this is) is reported before the others.
-    """
-    if comm == MPI.COMM_NULL:
-        raise ValueError("the communicator is MPI.COMM_NULL (freed, e.g. by grid.free(), or "
-                         "this rank is outside it): expected a live communicator")
-    if comm.Get_size() == 1:
-        if error:
-            raise ValueError(error)
-        return
-    fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
-              for key, v in values.items()]
-    text = repr([(k, t) for k, t, _ in fields]).encode()
-    code = zlib.crc32(text) << 30 | zlib.adler32(text) >> 2  # 62 bits, the same on every rank
-    both = np.array([1 if error else 0, code, -code], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    if both[0] == 0 and both[1] == -both[2]:
-        return
-    raise ValueError(_mismatch(comm.allgather((error, fields))))
-
-
-def check(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> None:
-    """Run ``local_checks`` on every rank, then :func:`agree` on its outcome, on ``values`` and
-    on ``TPMPI_MAX_MESSAGE_BYTES`` (parsed here, so a bad value on one rank is an error on
-    every rank). Collective. Any exception of ``local_checks`` becomes the agreed ValueError
-    (others than ValueError/TypeError prefixed by their type), so no rank leaves while others
-    wait."""
-    error, limit = None, None
-    try:
-        limit = max_message_bytes()
-        local_checks()
-    except (ValueError, TypeError) as exc:
-        error = str(exc)
-    except Exception as exc:  # e.g. AttributeError from a non-array argument on one rank
-        error = f"{type(exc).__name__}: {exc}"
-    agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
 
 
 def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
@@ -196,28 +67,6 @@ def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
 
 
 # --------------------------------------------------------------------------- message size
-
-MAX_MESSAGE_BYTES: int = 2**30
-"""Largest payload of one MPI call; bigger collectives are split (env TPMPI_MAX_MESSAGE_BYTES
-overrides). Every rank must use the same value: :func:`check` agrees on it."""
-
-
-def max_message_bytes() -> int:
-    """The chunk limit in bytes in force now: env ``TPMPI_MAX_MESSAGE_BYTES`` (a positive
-    decimal integer), else :data:`MAX_MESSAGE_BYTES`. ValueError naming the variable."""
-    env = os.environ.get("TPMPI_MAX_MESSAGE_BYTES")
-    if env is None or not env.strip():
-        limit = MAX_MESSAGE_BYTES
-    elif env.strip().isdigit():
-        limit = int(env.strip())
-    else:
-        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={env!r}: expected a positive integer "
-                         "(bytes per MPI call)")
-    if int(limit) < 1:
-        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={limit!r}: expected a positive integer "
-                         "(bytes per MPI call)")
-    return int(limit)
-
 
 def chunks(n: int, item_bytes: int, limit: Optional[int] = None) -> list[slice]:
     """Consecutive slices covering ``range(n)``, each of at most ``limit`` bytes (default
@@ -497,7 +346,7 @@ def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
     every rank: ``Alltoallw`` with subarray receive types, one call when it fits the message
     limit. Staged device buffers go in double-buffered row chunks: this rank's rows down, the
     assembled rows back. Returns ``out``. Collective. Callers validate shapes with
-    :func:`agree` first; here a mismatch is a programming error.
+    :func:`tpmpi.agreement.agree` first; here a mismatch is a programming error.
     """
     rank = comm.Get_rank()
     _check_gather_args(local, out, blocks, rank)

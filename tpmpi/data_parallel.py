@@ -28,7 +28,8 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from .args import check_int
-from .comm import CALL_ORDER, Same, Staging, Text, agree, allreduce, check, iallreduce
+from .agreement import CALL_ORDER, Same, Text, agree, agree_checks
+from .comm import Staging, allreduce, iallreduce
 from .dtypes import dtype_name
 from .mesh import Mesh
 from .overlap import OverlapTimes, median_time
@@ -87,7 +88,7 @@ class DataParallel:
                 raise ValueError(f"module is built on {grid!r}: expected the mesh's TP grid "
                                  f"(mesh.tp, {mesh.tp.label})")
 
-        check(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks,
+        agree_checks(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks,
               call=_call("construction"), bucket_bytes=bucket_bytes, overlap=bool(overlap))
         self.module, self.mesh, self.layers = module, mesh, layers
         self.bucket_bytes, self.overlap = int(bucket_bytes), bool(overlap)
@@ -162,7 +163,7 @@ class DataParallel:
                                  f"expected {self._out[0]} {dtype_name(self._out[1])} (the "
                                  "forward output's)")
 
-        check(self.mesh.comm, local_checks, call=_call("backward"))
+        agree_checks(self.mesh.comm, local_checks, call=_call("backward"))
         self._active, self._ready, self._started = True, set(), 0
         try:
             dx = self.module.backward(dy)
@@ -241,7 +242,7 @@ def measure_dp_overlap(dp: DataParallel, dy, *, warmup: int = 1, iters: int = 5
         check_int("warmup", warmup)
 
     comm = dp.mesh.comm
-    check(comm, local_checks, warmup=warmup, iters=iters)
+    agree_checks(comm, local_checks, warmup=warmup, iters=iters)
     sync = dp.backend.synchronize if dp.backend.is_gpu else None
     times = [median_time(call, comm, sync, warmup, iters) for call in (
         lambda: dp.backward(dy), lambda: dp.module.backward(dy), dp.allreduce_gradients)]

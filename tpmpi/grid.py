@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 from mpi4py import MPI
 
 from . import backend as _backend
-from .comm import Text, agree
+from .agreement import Text, agree
 
 
 def factorisations(size: int) -> list[tuple[int, int]]:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .args import check_plain_array, dtype_label
 from .backend import backend_of
-from .comm import CALL_ORDER, Same, Staging, Text, allgather_blocks, check
+from .agreement import CALL_ORDER, Same, Text, agree_checks
+from .comm import Staging, allgather_blocks
 from .grid import ProcessGrid
 from .partition import block_range
 
@@ -108,7 +109,7 @@ def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequenc
         global_shape = tuple(int(n) for n in global_shape)
     except (TypeError, ValueError):
         pass  # reported by local_checks on the ranks concerned
-    check(grid.comm, local_checks, call=call, layout=layout, global_shape=global_shape,
+    agree_checks(grid.comm, local_checks, call=call, layout=layout, global_shape=global_shape,
           dtype=str(getattr(a_local, "dtype", None)))
     backend = backend_of(a_local)
     if layout == "replicated":

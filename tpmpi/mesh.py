@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from .args import check_int
 from .backend import configure_blas_threads, node_comm
-from .comm import CALL_ORDER, Same, Text, agree
+from .agreement import CALL_ORDER, Same, Text, agree
 from .grid import ProcessGrid, factorisations, parse_shape
 
 TPSpec = Union[int, str, Sequence[int], None]

@@ -18,7 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .args import check_int
-from .comm import check
+from .agreement import agree_checks
 
 
 def overlap_percent(overall_s: float, compute_s: float, comm_s: float) -> float:
@@ -85,7 +85,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
         check_int("iters", iters, 1)
         check_int("warmup", warmup)
 
-    check(comm, local_checks, warmup=warmup, iters=iters)
+    agree_checks(comm, local_checks, warmup=warmup, iters=iters)
     sync = layer.backend.synchronize if layer.backend.is_gpu else None
     overall = median_time(call, comm, sync, warmup, iters)
     times = []

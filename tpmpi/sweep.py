@@ -22,7 +22,8 @@ from mpi4py import MPI
 from .backend import Backend
 from .bench import node_threads, oversubscription, run_case
 from .collbench import format_row, time_collective
-from .comm import agree, polite_barrier
+from .agreement import agree
+from .comm import polite_barrier
 from .costmodel import Calibration, square_grid
 from .data_parallel import BUCKET_BYTES
 from .grid import ProcessGrid, parse_shape

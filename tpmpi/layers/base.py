@@ -12,7 +12,8 @@ from mpi4py import MPI
 
 from ..args import check_int, check_plain_array, dtype_label
 from ..backend import Backend, get_backend
-from ..comm import CALL_ORDER, Same, Staging, Text, check
+from ..agreement import CALL_ORDER, Same, Text, agree_checks
+from ..comm import Staging
 from ..dtypes import dtype_name, resolve_dtype
 from ..gemm import matmul
 from ..grid import ProcessGrid, default_grid
@@ -115,7 +116,7 @@ class ParallelLinear:
             resolve_dtype(dtype)
             self._check_options(**options)
 
-        check(self.comm, local_checks,
+        agree_checks(self.comm, local_checks,
               call=Same(Text(f"construction of layer #{self.layer_id} "
                              f"({type(self).__name__})"), CALL_ORDER),
               in_features=in_features, out_features=out_features,
@@ -361,7 +362,7 @@ class ParallelLinear:
     def _agree(self, local_checks: Callable[[], None], name: str, a, backward: bool,
                **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
-        :func:`tpmpi.comm.check`) plus the call (layer and operation), an earlier local failure
+        :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier local failure
         and, with ``check_replicated``, the checksum of a replicated input. One Allreduce."""
         failed, self._failed = self._failed, None
 
@@ -375,7 +376,7 @@ class ParallelLinear:
         call = self._call("backward" if backward else "forward")
         if self.check_replicated and self._replicated(name) and self.backend.owns(a):
             values[name] = Same(array_checksum(self.backend, a), REPLICATED.format(name=name))
-        check(self.comm, checks, call=call, **values)
+        agree_checks(self.comm, checks, call=call, **values)
 
     def _check_array(self, name: str, a, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from ..activations import get_activation
-from ..comm import CALL_ORDER, Same, Text, check
+from ..agreement import CALL_ORDER, Same, Text, agree_checks
 from ..dtypes import dtype_name
 from ..grid import ProcessGrid, default_grid
 from .base import ParallelLinear, check_dense
@@ -76,7 +76,7 @@ class ParallelMLP:
                 if (b1 is None) != (b2 is None):
                     raise ValueError("b1 and b2: pass both or neither")
 
-        check(grid.comm, local_checks, call=Same(Text("construction of a ParallelMLP"),
+        agree_checks(grid.comm, local_checks, call=Same(Text("construction of a ParallelMLP"),
                                                   CALL_ORDER), activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
         self.layout = LAYOUTS[mode]
