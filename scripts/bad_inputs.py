@@ -367,8 +367,8 @@ case("load_checkpoint: verify='yes'", "verify='yes': expected True or False")(
     lambda c: c.load(verify="yes"))
 case("load_checkpoint: into= on one rank only", "into differs across ranks", 2)(
     lambda c: (lambda target: c.load(into=target if c.odd else None))(Col(5, 6, grid=c.grid)))
-case("load_checkpoint: into= is not a layer on one rank", "into: dict is neither a "
-     "ParallelLinear nor holds any", 2)(lambda c: c.load(into={} if c.odd else None))
+case("load_checkpoint: into= is not a layer on one rank", "into: dict is not a tpmpi layer or "
+     "composite", 2)(lambda c: c.load(into={} if c.odd else None))
 case("load_checkpoint: dtype option differs across ranks", "options differs across ranks", 2)(
     lambda c: c.load(dtype="float64" if c.odd else "float32"))
 # ---- checkpoints: damage

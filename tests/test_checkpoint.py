@@ -20,13 +20,16 @@ class TileLayer(ParallelLinear):
     bias_layout = "replicated"
 
 
-class Composite:
+class Composite(tpmpi.layers.Composite):
     """Two sub-layers, as ParallelMLP holds fc1/fc2."""
 
     def __init__(self, W1, b1, W2, grid):
         self.grid = grid
         self.fc1 = tpmpi.ColumnParallelLinear.from_dense(W1, b1, grid=grid, gather_output=False)
         self.fc2 = TileLayer.from_dense(W2, None, grid=grid)
+
+    def children(self):
+        return [("fc1", self.fc1), ("fc2", self.fc2)]
 
 
 def npy(path, name):

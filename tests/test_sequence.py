@@ -52,7 +52,7 @@ def test_every_mode_on_every_grid_matches_serial(world, mode, m, d, h, dtype):
     for shape in grids(world.size, mode):
         with tpmpi.ProcessGrid(world.comm, shape) as grid:
             mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, mode=mode)
-            assert mlp.layout == LAYOUTS[mode] and mlp.layers == [mlp.fc1, mlp.fc2]
+            assert mlp.layout == LAYOUTS[mode] and mlp.children() == [("fc1", mlp.fc1), ("fc2", mlp.fc2)]
             check_mlp(mlp, grid, X, W1, b1, W2, b2, dY, "gelu", dtype, times=2)
             assert np.array_equal(mlp.fc1.gather_weight(), W1)
             assert np.array_equal(mlp.fc2.gather_bias(), b2)
@@ -95,10 +95,10 @@ def test_sequence_collectives_per_pass(world):
         rows = tpmpi.layout.local_slices(X.shape, grid, "rows")
         one = grid.size == 1
         mlp(np.ascontiguousarray(X[rows]))
-        assert profiled_calls(mlp.layers) == ({} if one else {"allgather": 1,
+        assert profiled_calls([mlp.fc1, mlp.fc2]) == ({} if one else {"allgather": 1,
                                                               "reduce_scatter": 1})
         mlp.backward(np.ascontiguousarray(dY[rows]))
-        assert profiled_calls(mlp.layers) == ({} if one else {"allgather": 2,
+        assert profiled_calls([mlp.fc1, mlp.fc2]) == ({} if one else {"allgather": 2,
                                                               "reduce_scatter": 1})
 
 
@@ -191,7 +191,7 @@ def test_new_modes_checkpoint_and_reload_on_another_grid(world, tmp_path_factory
     with tpmpi.ProcessGrid(comm, shapes[0]) as grid:
         mlp = tpmpi.ParallelMLP.load_checkpoint(path, grid=grid)
         assert mlp.mode == mode and mlp.layout == LAYOUTS[mode]
-        for layer, (W, b) in zip(mlp.layers, [(W1, b1), (W2, b2)]):
+        for layer, (W, b) in zip((mlp.fc1, mlp.fc2), [(W1, b1), (W2, b2)]):
             assert np.array_equal(layer.weight, W[layer.shard])
             assert np.array_equal(layer.bias, b[layer.bias_slice])
         check_mlp(mlp, grid, X, W1, b1, W2, b2, dY, "gelu", "float64")

@@ -1,6 +1,5 @@
 """tpmpi: tensor parallelism for matrix products over MPI, on NumPy or CuPy."""
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .backend import Backend, get_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data_parallel import DataParallel

@@ -29,7 +29,7 @@ from mpi4py import MPI
 
 from threadpoolctl import threadpool_limits
 
-from . import __version__
+from ._version import __version__
 
 from .backend import Backend, blas_info, device_facts, node_comm
 from .comm import polite_barrier

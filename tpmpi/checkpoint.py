@@ -7,8 +7,8 @@ A checkpoint is a directory::
                             dtype, the file's .npy dtype, layout, header bytes, checksum
     v000007/weight.npy      the parameters of the committed version: plain NumPy files of the
     v000007/bias.npy        global arrays (``numpy.load`` reads them without MPI); composites
-    v000007/fc1.weight.npy  (objects whose attributes are layers, e.g. ParallelMLP's fc1/fc2)
-                            prefix the names with the attribute
+    v000007/fc1.weight.npy  (composites, e.g. ParallelMLP, prefix the names with their
+                            children's names: :func:`tpmpi.layers.named_layers`)
     .lock                   only while a save runs (pid, host, start time; refreshed every
                             few seconds)
 
@@ -64,13 +64,14 @@ import numpy as np
 from mpi4py import MPI
 from numpy.lib import format as npy
 
-from . import __version__
+from ._version import __version__
 from .backend import backend_of
 from .agreement import CALL_ORDER, Same, Text, agree_checks
 from .comm import _subarray, allreduce, mpi_type
 from .dtypes import SUPPORTED, resolve_dtype
 from .grid import ProcessGrid, default_grid
 from .layers.base import ParallelLinear
+from .layers.module import Composite, named_layers
 from .layout import LAYOUTS, block_bounds
 
 MANIFEST = "manifest.json"
@@ -115,15 +116,14 @@ class Param:
                                     self.layout) == mine for q in range(self.grid.rank))
 
 
-def named_layers(obj) -> list[tuple[str, ParallelLinear]]:
-    """``[("", obj)]`` for a layer; for a composite, ``(attribute, layer)`` for each attribute
-    that is a ParallelLinear (e.g. ``fc1``, ``fc2``), in definition order."""
-    if isinstance(obj, ParallelLinear):
-        return [("", obj)]
-    found = [(k, v) for k, v in vars(obj).items() if isinstance(v, ParallelLinear)] \
-        if hasattr(obj, "__dict__") else []
-    if not found:
-        raise ValueError(f"{type(obj).__name__} is neither a ParallelLinear nor holds any")
+def layers_of(obj) -> list[tuple[str, ParallelLinear]]:
+    """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
+    ValueError unless every one is a ParallelLinear."""
+    found = named_layers(obj)
+    for name, layer in found:
+        if not isinstance(layer, ParallelLinear):
+            raise ValueError(f"{name or type(obj).__name__} is a {type(layer).__name__}: "
+                             "expected a ParallelLinear (or a composite of them)")
     return found
 
 
@@ -132,13 +132,13 @@ def identities(obj) -> Text:
     fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
     by load into=)."""
     return Text(", ".join(f"{prefix}={layer.identity}" if prefix else layer.identity
-                          for prefix, layer in named_layers(obj)))
+                          for prefix, layer in layers_of(obj)))
 
 
 def parameters(obj) -> list[Param]:
     """Every distributed parameter of a layer or composite, named ``weight``, ``fc1.bias``..."""
     out = []
-    for prefix, layer in named_layers(obj):
+    for prefix, layer in layers_of(obj):
         local = {name: p for name, p, _ in layer.parameters()}
         for name, (shape, layout) in layer.parameter_layouts().items():
             out.append(Param(f"{prefix}.{name}" if prefix else name, local[name], shape, layout,
@@ -460,8 +460,8 @@ def save_checkpoint(path: str, layer) -> None:
             raise ValueError("the layers of a composite must share one grid to be saved")
 
     agree_checks(comm, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER), path=path,
-          layer=Same(identities(layer), "every rank must save the same layer object"),
-          parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
+                 layer=Same(identities(layer), "every rank must save the same layer object"),
+                 parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
     save = _Save(path) if comm.Get_rank() == 0 else None
     version = _agree_root(comm, save.prepare if save else None)
@@ -492,7 +492,7 @@ def save_checkpoint(path: str, layer) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "tpmpi_version": __version__,
         "class": type(layer).__name__,
         "config": layer.config() if hasattr(layer, "config") else None,
-        "layers": {prefix: type(sub).__name__ for prefix, sub in named_layers(layer)},
+        "layers": {prefix: type(sub).__name__ for prefix, sub in layers_of(layer)},
         "grid": list(params[0].grid.shape), "world_size": comm.Get_size(),
         "parameters": entries}
     _agree_root(comm, (lambda: save.commit(manifest)) if save else None)
@@ -620,15 +620,11 @@ def read_manifest(path: str) -> dict:
 
 
 def _layer_class(name: str):
-    """The public tpmpi class, or else the ParallelLinear subclass, called ``name``."""
-    import tpmpi
-
-    found = getattr(tpmpi, name, None)
-    if isinstance(found, type):
-        return found
-    todo = [ParallelLinear]
+    """The ParallelLinear or Composite subclass called ``name`` (tpmpi's, or one defined by
+    the program that loads)."""
+    todo = [ParallelLinear, Composite]
     while todo:
-        klass = todo.pop()
+        klass = todo.pop(0)
         if klass.__name__ == name:
             return klass
         todo.extend(klass.__subclasses__())
@@ -651,7 +647,7 @@ def _cast(name: str, src: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, Opti
 def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
     """The grid a load reads onto: ``into``'s, else ``grid``, else the default grid."""
     if into is not None:
-        layers = named_layers(into)
+        layers = layers_of(into)
         return layers[0][1].grid
     return grid if grid is not None else default_grid()
 
@@ -690,15 +686,15 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
 
     where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
     agree_checks(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
-          cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
-          if isinstance(cls, type) else repr(cls),
-          into=Same(None if into is None or into_error else identities(into),
-                    "every rank must pass into= the same layer object, or none"),
-          verify=verify, options=options)
+                 cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
+                 if isinstance(cls, type) else repr(cls),
+                 into=Same(None if into is None or into_error else identities(into),
+                           "every rank must pass into= the same layer object, or none"),
+                 verify=verify, options=options)
     path = where
     manifest = _agree_root(comm, lambda: read_manifest(path))
     want = type(into) if into is not None else cls
-    if want is not None and want is not ParallelLinear and manifest["class"] != want.__name__:
+    if want not in (None, ParallelLinear, Composite) and manifest["class"] != want.__name__:
         raise ValueError(f"checkpoint {path!r} holds a {manifest['class']}, not a "
                          f"{want.__name__}")
     entries = manifest["parameters"]
@@ -754,3 +750,16 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
                   np.dtype(entry["dtype"]), p.local)
     for p, cast in casts:
         p.local[...] = backend_of(p.local).asarray(cast)
+
+
+def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+    """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
+    (any shape and size); ``options`` override saved constructor options. Collective (see
+    :func:`load_checkpoint`)."""
+    return load_checkpoint(path, grid=grid, cls=cls, **options)
+
+
+# ``Layer.load_checkpoint(path, grid=..., **options)``, the classmethod of every layer and
+# composite, attached here: checkpoints depend on the layers, the layers never on checkpoints.
+for _base in (ParallelLinear, Composite):
+    setattr(_base, "load_checkpoint", classmethod(_load_as))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
-from . import __version__
+from ._version import __version__
 from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import case_progress, format_table, mpi_library, run_case, write_record

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__
+from ._version import __version__
 from .backend import Backend, blas_info
 from .costmodel import (CLASS_SHAPES, GPU_CLASS_SHAPES, OPS, Calibration, fit_alpha_beta,
                         gemm_work)

@@ -31,6 +31,7 @@ from .args import check_int
 from .agreement import CALL_ORDER, Same, Text, agree, agree_checks
 from .comm import Staging, allreduce, iallreduce
 from .dtypes import dtype_name
+from .layers.module import named_layers
 from .mesh import Mesh
 from .overlap import OverlapTimes, median_time
 from .timing import Profiler
@@ -75,9 +76,14 @@ class DataParallel:
 
     def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = BUCKET_BYTES,
                  overlap: bool = True):
-        layers = list(getattr(module, "layers", [module]))
+        try:
+            layers, not_module = [layer for _, layer in named_layers(module)], None
+        except ValueError as exc:  # reported by every rank together
+            layers, not_module = [], f"module: {exc}"
 
         def local_checks() -> None:
+            if not_module:
+                raise ValueError(not_module)
             if not isinstance(mesh, Mesh):
                 raise ValueError(f"mesh is a {type(mesh).__name__}: expected a tpmpi.Mesh")
             check_int("bucket_bytes", bucket_bytes, 1)
@@ -89,7 +95,7 @@ class DataParallel:
                                  f"(mesh.tp, {mesh.tp.label})")
 
         agree_checks(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks,
-              call=_call("construction"), bucket_bytes=bucket_bytes, overlap=bool(overlap))
+                     call=_call("construction"), bucket_bytes=bucket_bytes, overlap=bool(overlap))
         self.module, self.mesh, self.layers = module, mesh, layers
         self.bucket_bytes, self.overlap = int(bucket_bytes), bool(overlap)
         self.dp, self.dp_comm = mesh.dp, mesh.dp_comm

@@ -110,7 +110,7 @@ def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequenc
     except (TypeError, ValueError):
         pass  # reported by local_checks on the ranks concerned
     agree_checks(grid.comm, local_checks, call=call, layout=layout, global_shape=global_shape,
-          dtype=str(getattr(a_local, "dtype", None)))
+                 dtype=str(getattr(a_local, "dtype", None)))
     backend = backend_of(a_local)
     if layout == "replicated":
         return a_local

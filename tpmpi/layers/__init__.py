@@ -24,8 +24,9 @@ Determinism and reproducibility
 from .base import ParallelLinear
 from .column import ColumnParallelLinear
 from .mlp import ParallelMLP
+from .module import Composite, Module, named_layers
 from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
 
-__all__ = ["ParallelLinear", "ColumnParallelLinear", "ParallelMLP", "RowParallelLinear",
-           "TileParallelLinear"]
+__all__ = ["ParallelLinear", "ColumnParallelLinear", "Composite", "Module", "ParallelMLP",
+           "RowParallelLinear", "TileParallelLinear", "named_layers"]

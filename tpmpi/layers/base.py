@@ -117,12 +117,12 @@ class ParallelLinear:
             self._check_options(**options)
 
         agree_checks(self.comm, local_checks,
-              call=Same(Text(f"construction of layer #{self.layer_id} "
-                             f"({type(self).__name__})"), CALL_ORDER),
-              in_features=in_features, out_features=out_features,
-              bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
-              backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
-              check_replicated=bool(check_replicated), **options)
+                     call=Same(Text(f"construction of layer #{self.layer_id} "
+                                    f"({type(self).__name__})"), CALL_ORDER),
+                     in_features=in_features, out_features=out_features,
+                     bias=bool(bias), dtype=dtype_name(dtype), seed=seed, grid=self.grid.shape,
+                     backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
+                     check_replicated=bool(check_replicated), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
@@ -198,6 +198,10 @@ class ParallelLinear:
         if self.grad_bias is not None:
             self.grad_bias[...] = 0
 
+    def children(self) -> list:
+        """No sub-modules: a layer is a leaf of the module protocol (:mod:`tpmpi.layers.module`)."""
+        return []
+
     def parameters(self) -> list[tuple[str, Any, Any]]:
         """``(name, local parameter, local gradient)`` for each parameter."""
         out = [("weight", self.weight, self.grad_weight)]
@@ -218,15 +222,6 @@ class ParallelLinear:
         if self.bias is not None:
             out["bias"] = ((self.out_features,), self.bias_layout)
         return out
-
-    @classmethod
-    def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
-        """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
-        (any shape and size); ``options`` override saved constructor options. Collective (see
-        :func:`tpmpi.checkpoint.load_checkpoint`)."""
-        from ..checkpoint import load_checkpoint
-
-        return load_checkpoint(path, grid=grid, cls=cls, **options)
 
     def gather_weight(self):
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
@@ -362,8 +357,9 @@ class ParallelLinear:
     def _agree(self, local_checks: Callable[[], None], name: str, a, backward: bool,
                **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
-        :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier local failure
-        and, with ``check_replicated``, the checksum of a replicated input. One Allreduce."""
+        :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier
+        local failure and, with ``check_replicated``, the checksum of a replicated input. One
+        Allreduce."""
         failed, self._failed = self._failed, None
 
         def checks() -> None:

@@ -39,6 +39,7 @@ from ..dtypes import dtype_name
 from ..grid import ProcessGrid, default_grid
 from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
+from .module import Composite
 from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
 
@@ -48,7 +49,7 @@ LAYOUTS = {"megatron": "replicated", "book": "replicated", "sequence": "rows",
 """Layout of x and y in each mode."""
 
 
-class ParallelMLP:
+class ParallelMLP(Composite):
     """Two parallel linear layers around an element-wise activation (see the module docstring).
 
     ``fc1`` / ``fc2`` are the sub-layers (``fc2`` is a RowParallelLinear in modes "megatron"
@@ -76,8 +77,9 @@ class ParallelMLP:
                 if (b1 is None) != (b2 is None):
                     raise ValueError("b1 and b2: pass both or neither")
 
-        agree_checks(grid.comm, local_checks, call=Same(Text("construction of a ParallelMLP"),
-                                                  CALL_ORDER), activation=activation, mode=mode)
+        agree_checks(grid.comm, local_checks,
+                     call=Same(Text("construction of a ParallelMLP"), CALL_ORDER),
+                     activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
         self.layout = LAYOUTS[mode]
         self._act, self._act_grad = get_activation(activation)
@@ -112,14 +114,6 @@ class ParallelMLP:
                     check_replicated=self.fc1.check_replicated)
 
     @classmethod
-    def load_checkpoint(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
-        """An MLP from the checkpoint directory ``path`` re-sharded onto ``grid`` (any size);
-        ``options`` override saved ones. Collective (:func:`tpmpi.checkpoint.load_checkpoint`)."""
-        from ..checkpoint import load_checkpoint
-
-        return load_checkpoint(path, grid=grid, cls=cls, **options)
-
-    @classmethod
     def from_dense(cls, W1, b1, W2, b2, grid: Optional[ProcessGrid] = None, **options: Any):
         """An MLP holding this rank's slices of the global ``W1`` (d_model, d_hidden), ``b1``
         (d_hidden,), ``W2`` (d_hidden, d_model), ``b2`` (d_model,), passed whole on every rank
@@ -133,10 +127,9 @@ class ParallelMLP:
     def __call__(self, x):
         return self.forward(x)
 
-    @property
-    def layers(self) -> list[ParallelLinear]:
-        """The sub-layers in forward order: ``[fc1, fc2]``."""
-        return [self.fc1, self.fc2]
+    def children(self) -> list[tuple[str, ParallelLinear]]:
+        """The sub-layers in forward order: ``[("fc1", fc1), ("fc2", fc2)]``."""
+        return [("fc1", self.fc1), ("fc2", self.fc2)]
 
     def forward(self, x):
         """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layout` (replicated, the
@@ -162,14 +155,3 @@ class ParallelMLP:
         """False while an overlap measurement runs the collectives alone (then the activation
         is skipped like the GEMMs; see :func:`tpmpi.overlap.measure_overlap`)."""
         return self.fc1.profiler.runs("gemm")
-
-    def zero_grad(self) -> None:
-        """Reset accumulated gradients of both layers."""
-        self.fc1.zero_grad()
-        self.fc2.zero_grad()
-
-    def parameters(self) -> list[tuple[str, Any, Any]]:
-        """``(name, local parameter, local gradient)``: ``fc1.weight``, ``fc1.bias``, ..."""
-        return [(f"{name}.{p}", value, grad) for name, layer in (("fc1", self.fc1),
-                                                                 ("fc2", self.fc2))
-                for p, value, grad in layer.parameters()]

@@ -17,6 +17,7 @@ from mpi4py import MPI
 from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
+from ..layers.module import named_layers
 from ..timing import Profiler
 
 
@@ -134,8 +135,8 @@ class LayerCase(Case):
         self.x, self.dy = inputs(p, n_out, backend, local_slices((p.m, p.k), grid, layout),
                                  local_slices((p.m, n_out), grid, layout))
         self.flops = flops
-        subs = [getattr(layer, name) for name in ("fc1", "fc2") if hasattr(layer, name)]
-        self.layers = subs or [layer]  # the ParallelLinear objects (for overlap measurements)
+        # the ParallelLinear objects (for overlap measurements)
+        self.layers = [leaf for _, leaf in named_layers(layer)]
         self.backend = self.layers[0].backend  # with the grid's GPU-aware decision
         self.profilers = [sub.profiler for sub in self.layers]
 

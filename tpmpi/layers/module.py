@@ -1,0 +1,62 @@
+"""One protocol for layers and composites of layers.
+
+A *module* is either a leaf layer (a :class:`~tpmpi.layers.base.ParallelLinear`: its
+``children()`` is empty) or a :class:`Composite` (e.g. :class:`~tpmpi.ParallelMLP`) whose
+``children()`` names its sub-modules in forward order. A composite's ``parameters()`` and
+``zero_grad()`` follow from its children, and :func:`named_layers` lists the leaf layers with
+dotted names (``"fc1"``, ``"fc2"``). Checkpoints, the benchmarks, :class:`~tpmpi.DataParallel`
+and the MLP find sub-layers this way only.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Module(Protocol):
+    """What checkpoints, benchmarks and DataParallel need of a layer or a composite."""
+
+    def children(self) -> list[tuple[str, "Module"]]:
+        """``(name, sub-module)`` in forward order; ``[]`` for a leaf layer."""
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """``(dotted name, local parameter, local gradient)`` of every parameter."""
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients."""
+
+
+class Composite:
+    """A module made of named sub-modules: subclasses implement :meth:`children`."""
+
+    def children(self) -> list[tuple[str, Module]]:  # pragma: no cover - abstract
+        """``(name, sub-module)`` in forward order."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """``(name, local parameter, local gradient)``, named ``child.parameter`` (e.g.
+        ``fc1.weight``), children in order."""
+        return [(f"{name}.{p}", value, grad) for name, child in self.children()
+                for p, value, grad in child.parameters()]
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients of every child."""
+        for _, child in self.children():
+            child.zero_grad()
+
+
+def named_layers(module: Any) -> list[tuple[str, Any]]:
+    """The leaf layers of ``module`` in forward order with their dotted names: ``[("", module)]``
+    for a leaf layer, ``[("fc1", ...), ("fc2", ...)]`` for a ParallelMLP. ValueError when
+    ``module`` has no ``children()`` or a composite holds no layer. Local."""
+    children = getattr(module, "children", None)
+    if not callable(children):
+        raise ValueError(f"{type(module).__name__} is not a tpmpi layer or composite (it has no "
+                         "children() method)")
+    kids = children()
+    if not kids and not isinstance(module, Composite):
+        return [("", module)]
+    found = [(f"{name}.{sub}" if sub else name, leaf) for name, child in kids
+             for sub, leaf in named_layers(child)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no layers (children() is empty)")
+    return found
