@@ -111,8 +111,9 @@ case("ProcessGrid: pr*pc != ranks", "pr\\*pc must equal")(
     lambda c: lambda: tpmpi.ProcessGrid(c.comm, shape=(c.size + 1, 1)))
 case("ProcessGrid: shape differs across ranks", "shape differs across ranks", 2)(
     lambda c: lambda: tpmpi.ProcessGrid(c.comm, shape=(1, c.size) if c.rank else (c.size, 1)))
-case("ProcessGrid: blas_threads='abc' on one rank", r"threads='abc': expected .*\(rank \d\)", 2)(
-    lambda c: lambda: tpmpi.ProcessGrid(c.comm, blas_threads="abc" if c.odd else "auto"))
+case("configure_blas_threads: threads='abc' on one rank",
+     r"threads='abc': expected .*\(ranks? [\d,]+\)", 2)(
+    lambda c: lambda: tpmpi.configure_blas_threads(c.comm, "abc" if c.odd else None))
 
 
 def _freed(c: Context):
@@ -305,9 +306,9 @@ case("init_weight: negative seed (local, no communication)", "seed=-1")(
 case("TPMPI_MAX_MESSAGE_BYTES differs across ranks",
      "TPMPI_MAX_MESSAGE_BYTES differs across ranks", 2)(
     lambda c: lambda: _with_limit(2**20 + c.rank, lambda: c.layer(c.X)))
-case("TPMPI_THREADS='two' on one rank", r"TPMPI_THREADS='two': expected .*\(rank \d\)", 2)(
+case("TPMPI_THREADS='two' on one rank", r"TPMPI_THREADS='two': expected .*\(ranks? [\d,]+\)", 2)(
     lambda c: lambda: _with_env("TPMPI_THREADS", "two" if c.odd else None,
-                                lambda: tpmpi.ProcessGrid(c.comm)))
+                                lambda: tpmpi.configure_blas_threads(c.comm)))
 
 
 def _with_limit(limit: int, fn):

@@ -19,7 +19,7 @@ import json
 
 from mpi4py import MPI
 
-from tpmpi.backend import get_backend
+from tpmpi.backend import configure_blas_threads, get_backend
 from tpmpi.bench import run_case
 from tpmpi.costmodel import explain, layout_label, load_calibration, plan
 from tpmpi.data_parallel import BUCKET_BYTES
@@ -55,6 +55,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, ranks = comm.Get_rank(), comm.Get_size()
     backend = get_backend("auto", comm)
+    configure_blas_threads(comm)
     cal = load_calibration(args.calibration)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"FFN m={args.m} d_model={args.k} hidden={args.hidden} {args.dtype}, forward + "

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the forward loop (rank 0)")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD
+    threads = tpmpi.configure_blas_threads(comm)
     grid = tpmpi.ProcessGrid(comm)
     layer = tpmpi.ColumnParallelLinear(args.k, args.n, grid=grid, dtype=args.dtype)
     x = tpmpi.init_weight((args.m, args.k), 1001, args.dtype, bound=1.0)
@@ -101,7 +102,7 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     if comm.Get_rank() == 0:
         print(f"ColumnParallelLinear forward, M={args.m} K={args.k} N={args.n} {args.dtype}, "
-              f"P={comm.Get_size()}, {grid.threads} BLAS thread(s)/rank, "
+              f"P={comm.Get_size()}, {threads} BLAS thread(s)/rank, "
               f"{args.m * args.n * item / 1024:.0f} KiB gathered")
         for name, t in timings.items():
             print(f"  {name:10s} {t * 1e6:10.1f} us")

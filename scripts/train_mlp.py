@@ -265,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
 
     agree_checks(comm, local_checks, argv=list(argv) if argv is not None else sys.argv[1:])
     say = (lambda *a: None) if args.quiet or rank else print
+    tpmpi.configure_blas_threads(comm)
     mesh = tpmpi.Mesh(comm, dp=args.dp, tp=shape)
     grid = mesh.tp
     mlp = tpmpi.ParallelMLP(args.d_model, args.d_hidden, grid=grid, mode=mode,
@@ -272,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                             backend=args.backend)
     model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=args.bucket_bytes)
     model.attach_profiler()  # the DP communication time reported at the end
-    backend, lay = mlp.fc1.backend, mlp.layout
+    backend, lay = mlp.fc1.backend, mlp.layouts.x  # = y's
     params = [(p, g) for _, p, g in model.parameters()]
     opt = Optimizer(args.optimizer, args.lr, params)
     X, T = make_data(args)

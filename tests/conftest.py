@@ -33,10 +33,14 @@ def _with_mpi(config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    """Ranks > 0 stay quiet; every rank uses 1 BLAS thread unless told otherwise."""
+    """Ranks > 0 stay quiet; every rank uses 1 BLAS thread unless told otherwise (set once,
+    explicitly: grids and layers leave BLAS alone)."""
     os.environ.setdefault("TPMPI_THREADS", "1")
     os.environ.setdefault("TPMPI_BACKEND", "numpy")
     _CONFIG.append(config)
+    from tpmpi.backend import configure_blas_threads
+
+    configure_blas_threads(_comm())  # collective: every rank configures pytest together
     if _with_mpi(config):
         comm = _comm()
         if comm.Get_size() > 1 and comm.Get_rank() > 0:

@@ -11,13 +11,16 @@ import tpmpi
 from conftest import all_ranks_raise
 from tpmpi.grid import factorisations
 from tpmpi.layers.base import ParallelLinear
+from tpmpi.layout import LinearLayouts
 
 
 class TileLayer(ParallelLinear):
     """Parameters only: a tile-layout weight and a replicated bias (layout coverage)."""
 
-    weight_layout = "tiles"
-    bias_layout = "replicated"
+    @classmethod
+    def layouts_for(cls, **options):
+        return LinearLayouts(x="tiles", y="tiles", weight="tiles", bias="replicated",
+                             x_local="tiles", y_local="tiles")
 
 
 class Composite(tpmpi.layers.Composite):

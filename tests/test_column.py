@@ -162,11 +162,38 @@ def test_bad_thread_count_raises_on_every_rank(world, monkeypatch):
     if not world.member:
         return
     comm = world.comm
-    all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, blas_threads=0),
-                    r"threads=0: expected None or a positive integer \(rank 0\)")
+    all_ranks_raise(comm, lambda: tpmpi.configure_blas_threads(comm, 0),
+                    r"^threads=0: expected None or a positive integer$")
     if comm.Get_rank() == 0:
         monkeypatch.setenv("TPMPI_THREADS", "two")
     else:
         monkeypatch.delenv("TPMPI_THREADS", raising=False)
-    all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm),
-                    r"TPMPI_THREADS='two': expected a positive integer \(rank 0\)")
+    all_ranks_raise(comm, lambda: tpmpi.configure_blas_threads(comm),
+                    r"TPMPI_THREADS='two': expected a positive integer" +
+                    (r" \(rank 0\)" if world.size > 1 else "$"))
+
+
+def blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return next(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+@pytest.mark.mpi
+def test_grids_meshes_and_layers_leave_blas_alone(world):
+    """BLAS threads are process-wide: only configure_blas_threads (the CLI, scripts, tests)
+    sets them; ProcessGrid's blas_threads= still applies them, deprecated."""
+    from threadpoolctl import threadpool_limits
+
+    if not world.member:
+        return
+    comm = world.comm
+    with threadpool_limits(limits=2, user_api="blas"):  # restored on exit (conftest's 1)
+        with tpmpi.ProcessGrid(comm) as grid, tpmpi.Mesh(comm):
+            tpmpi.ColumnParallelLinear(4, 4, grid=grid)
+            assert blas_threads() == 2
+            assert tpmpi.configure_blas_threads(comm, 1) == 1 and blas_threads() == 1
+            assert tpmpi.backend.configured_blas_threads() == 1
+        with pytest.warns(DeprecationWarning, match=r"tpmpi.configure_blas_threads"):
+            tpmpi.ProcessGrid(comm, blas_threads=2).free()
+        assert blas_threads() == 2

@@ -41,7 +41,7 @@ def test_mlp_on_every_mesh_matches_serial(world, mode, m, d, h, bucket_bytes, ov
             model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=bucket_bytes, overlap=overlap)
             (Y, dX, dW1, db1, dW2, db2), rows = dp_reference(X, W1, b1, W2, b2, dY, dp,
                                                              mesh.dp_rank)
-            lay = mlp.layout
+            lay = mlp.layouts.x  # = y's
             y = model(tpmpi.scatter(X[rows], grid, lay))
             assert rel_err(y, tpmpi.scatter(Y, grid, lay)) <= 1e-12
             for step in (1, 2):  # gradients accumulate

@@ -56,7 +56,7 @@ def test_sequence_mlp_and_data_parallel_through_staging(world, mode):
         refs = [reference(X[p:q], W1, b1, W2, b2, dY[p:q], "gelu")
                 for p, q in tpmpi.block_partition(7, dp)]
         Y, dX = refs[mesh.dp_rank][:2]
-        lay = mlp.layout
+        lay = mlp.layouts.x  # = y's
         y = model(tpmpi.scatter(X[a:b], mesh.tp, lay))
         dx = model.backward(tpmpi.scatter(dY[a:b], mesh.tp, lay))
         assert rel_err(y, tpmpi.scatter(Y, mesh.tp, lay)) <= 1e-12

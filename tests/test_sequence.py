@@ -11,7 +11,11 @@ import tpmpi
 from conftest import all_ranks_raise, profiled_calls, rel_err
 from test_mlp import problem, reference
 from tpmpi.grid import factorisations
-from tpmpi.layers.mlp import LAYOUTS, MODES
+from tpmpi.layers.mlp import MODES
+from tpmpi.layout import Layouts
+
+IO_LAYOUT = {"megatron": "replicated", "book": "replicated", "sequence": "rows",
+             "tile2d": "tiles"}  # of x and y, by mode
 
 # (M, d_model, d_hidden): even, uneven, M < P (empty row blocks), d_hidden < P, M = 0
 SHAPES = [(8, 4, 8), (7, 3, 5), (2, 4, 6), (5, 2, 3), (0, 3, 4)]
@@ -27,7 +31,7 @@ def grids(size, mode):
 
 def check_mlp(mlp, grid, X, W1, b1, W2, b2, dY, activation, dtype, times=1):
     """Forward/backward of ``mlp`` against the serial reference, in the mode's layout."""
-    lay = mlp.layout
+    lay = mlp.layouts.x  # the same as y's in every mode
     Y, dX, dW1, db1, dW2, db2 = reference(X, W1, b1, W2, b2, dY, activation)
     y = mlp(tpmpi.scatter(X, grid, lay))
     assert rel_err(y, tpmpi.scatter(Y, grid, lay)) <= tol(dtype)
@@ -52,7 +56,8 @@ def test_every_mode_on_every_grid_matches_serial(world, mode, m, d, h, dtype):
     for shape in grids(world.size, mode):
         with tpmpi.ProcessGrid(world.comm, shape) as grid:
             mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, mode=mode)
-            assert mlp.layout == LAYOUTS[mode] and mlp.children() == [("fc1", mlp.fc1), ("fc2", mlp.fc2)]
+            assert mlp.layouts == Layouts(IO_LAYOUT[mode], IO_LAYOUT[mode])
+            assert mlp.children() == [("fc1", mlp.fc1), ("fc2", mlp.fc2)]
             check_mlp(mlp, grid, X, W1, b1, W2, b2, dY, "gelu", dtype, times=2)
             assert np.array_equal(mlp.fc1.gather_weight(), W1)
             assert np.array_equal(mlp.fc2.gather_bias(), b2)
@@ -190,7 +195,7 @@ def test_new_modes_checkpoint_and_reload_on_another_grid(world, tmp_path_factory
                                                                  mode=mode))
     with tpmpi.ProcessGrid(comm, shapes[0]) as grid:
         mlp = tpmpi.ParallelMLP.load_checkpoint(path, grid=grid)
-        assert mlp.mode == mode and mlp.layout == LAYOUTS[mode]
+        assert mlp.mode == mode and mlp.layouts == Layouts(IO_LAYOUT[mode], IO_LAYOUT[mode])
         for layer, (W, b) in zip((mlp.fc1, mlp.fc2), [(W1, b1), (W2, b2)]):
             assert np.array_equal(layer.weight, W[layer.shard])
             assert np.array_equal(layer.bias, b[layer.bias_slice])

@@ -518,8 +518,13 @@ def _device_allreduce_ok(comm: MPI.Comm, backend: Backend) -> bool:
         return False
 
 
+_THREADS: list[int] = []  # the threads configure_blas_threads last applied
+
+
 def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int:
     """Set this rank's BLAS/OpenMP threads so that the ranks of a node never oversubscribe.
+    Process-wide, hence explicit: the CLI, the benchmarks, the scripts and the tests call it;
+    grids, meshes and layers never do.
 
     ``threads`` (or env ``TPMPI_THREADS``) wins; otherwise the CPUs in this rank's affinity mask
     are divided by the number of ranks on the node whose masks overlap it (a shared-memory
@@ -548,7 +553,14 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
         sharing = sum(1 for m in masks if m & mine)
         threads = max(1, len(mine) // max(1, sharing))
     threadpool_limits(limits=threads)
+    _THREADS[:] = [threads]
     return threads
+
+
+def configured_blas_threads() -> Optional[int]:
+    """The BLAS threads per rank that :func:`configure_blas_threads` last set in this process
+    (what records report as ``threads_per_rank``), or None if it never ran. No MPI call."""
+    return _THREADS[0] if _THREADS else None
 
 
 def blas_info(backend: Optional[Backend] = None) -> dict:

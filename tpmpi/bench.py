@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from ._version import __version__
 
-from .backend import Backend, blas_info, device_facts, node_comm
+from .backend import Backend, blas_info, configured_blas_threads, device_facts, node_comm
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
 from .data_parallel import BUCKET_BYTES, measure_dp_overlap
@@ -74,7 +74,7 @@ def serial_baseline(case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmu
     value on every rank."""
     comm = grid.comm
     if threads is None:
-        threads = node_threads(comm, grid.threads)
+        threads = node_threads(comm, configured_blas_threads())
     polite_barrier(comm)
     result = None
     if comm.Get_rank() == 0:
@@ -146,7 +146,8 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     on rank 0); None for a short one. Collective."""
     units = case_units(problem, grid.size, grid.shape, calibration, backend.name,
                        warmup=warmup, iters=iters, baseline=baseline, overlap=overlap,
-                       oversubscription=oversubscription(grid.comm, grid.threads, backend))
+                       oversubscription=oversubscription(grid.comm, configured_blas_threads(),
+                                                         backend))
     rank0 = grid.comm.Get_rank() == 0
     what = f"run {problem.scheme} on {grid.size} rank{'s' if grid.size > 1 else ''}"
     if not announce(what, sum(t for _, t in units), rank0):
@@ -235,8 +236,9 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
         progress("overlap")
     err = case.verify() if verify else None
     progress("verify")
+    threads = configured_blas_threads()
     if baseline is not False and baseline_threads is None:
-        baseline_threads = node_threads(comm, grid.threads)
+        baseline_threads = node_threads(comm, threads)
     if baseline is True:
         spread["baseline_s"] = serial_baseline(case, mesh or grid, backend, warmup=warmup,
                                                iters=iters, threads=baseline_threads)
@@ -245,7 +247,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     elif baseline:
         spread["baseline_s"] = dict(baseline)
     base = spread["baseline_s"]["median"] if spread["baseline_s"] else None
-    oversub = oversubscription(comm, grid.threads, backend)
+    oversub = oversubscription(comm, threads, backend)
     pred = predict(problem, ranks, grid.shape, calibration or default_calibration(),
                    backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
@@ -259,7 +261,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
         "mesh": {"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
         "m": problem.m, "k": problem.k, "n": problem.n, "hidden": mlp_hidden(problem),
         "dtype": problem.dtype, "backend": backend.name, "gpu_aware": case.backend.gpu_aware,
-        "threads_per_rank": grid.threads, "warmup": warmup, "iters": iters,
+        "threads_per_rank": threads, "warmup": warmup, "iters": iters,
         "backward": problem.backward, "options": problem.opts,
         "time_s": time_s or {"median": median, "min": None, "max": None},
         "fwd_s": spread["fwd_s"]["median"] if iters else None,
@@ -281,7 +283,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
         "speedup": base / median if base and median > 0 else None,
         "baseline_threads": baseline_threads if base else None,
         # per-core efficiency: the baseline process may use several cores
-        "efficiency": base / median * baseline_threads / (ranks * (grid.threads or 1))
+        "efficiency": base / median * baseline_threads / (ranks * (threads or 1))
         if base and median > 0 else None,
         "load_per_cpu": float(load_max), "oversubscription": float(oversub_max),
         "mpi_library": mpi_library(), "blas": blas_info(backend),

@@ -333,9 +333,8 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     problem = problem_from_args(args)
     shape = parse_shape(args.grid) if args.grid else None
-    threads = args.threads if args.threads else "auto"
-    grid = Mesh(comm, dp=args.dp, tp=shape, blas_threads=threads) if args.dp > 1 else \
-        ProcessGrid(comm, shape, blas_threads=threads)
+    configure_blas_threads(comm, args.threads)
+    grid = Mesh(comm, dp=args.dp, tp=shape) if args.dp > 1 else ProcessGrid(comm, shape)
     tp = grid.tp if args.dp > 1 else grid
     replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
     backend = get_backend(args.backend, comm)
@@ -375,7 +374,7 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
 
 
 def cmd_info(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    grid = ProcessGrid(comm)
+    threads = configure_blas_threads(comm)
     backend = get_backend("auto", comm)
     local = node_comm(comm)
     nodes = comm.allreduce(1 if local.Get_rank() == 0 else 0)
@@ -388,14 +387,13 @@ def cmd_info(args: argparse.Namespace, comm: MPI.Comm) -> int:
         "mpi_library": mpi_library(), "mpi_vendor": "%s %s" % (MPI.get_vendor()[0],
                                                               ".".join(map(str, MPI.get_vendor()[1]))),
         "ranks": comm.Get_size(), "nodes": nodes, "backend(auto)": backend.name,
-        "gpu_aware": backend.gpu_aware, "threads_per_rank": grid.threads,
+        "gpu_aware": backend.gpu_aware, "threads_per_rank": threads,
         "blas": blas_info(backend), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
     }
     if comm.Get_rank() == 0:
         width = max(map(len, facts))
         for key, value in facts.items():
             print(f"{key.ljust(width)}  {value}")
-    grid.free()
     return 0
 
 

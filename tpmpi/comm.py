@@ -37,7 +37,6 @@
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -47,7 +46,7 @@ from mpi4py import MPI
 
 from .agreement import max_message_bytes
 from .backend import backend_of
-from .partition import block_sizes
+from .partition import block_sizes, displacements
 from .staging import Piece, Staging
 
 __all__ = ["polite_barrier", "Staging", "chunks",
@@ -409,11 +408,6 @@ def _sync(a, staging: Optional[Staging]) -> Callable[[], None]:
     return (staging.backend if staging is not None else backend_of(a)).synchronize
 
 
-def _displs(counts: Sequence[int]) -> list[int]:
-    """Start of each of the consecutive ``counts``."""
-    return list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
-
-
 def _sum_rows(rows, dest) -> None:
     """``dest = rows[0] + rows[1] + ...`` accumulated in :func:`reduction_dtype` in rank order
     and rounded once; ``rows`` and ``dest`` on one backend (vectorised: NumPy or CuPy)."""
@@ -429,7 +423,7 @@ def _exchange(send, recv, counts: Sequence[int], comm: MPI.Comm, blocking: bool)
     """``Alltoallv`` of slices: ``counts[q]`` consecutive elements of ``send`` go to rank q;
     ``recv`` (P, counts[rank]) gets row p from rank p."""
     size, mine = comm.Get_size(), recv.shape[1]
-    args = ([_words(send), list(counts), _displs(counts), mpi_type(send.dtype)],
+    args = ([_words(send), list(counts), displacements(counts), mpi_type(send.dtype)],
             [_words(recv), [mine] * size, [q * mine for q in range(size)],
              mpi_type(recv.dtype)])
     return comm.Alltoallv(*args) if blocking else comm.Ialltoallv(*args)
@@ -438,7 +432,7 @@ def _exchange(send, recv, counts: Sequence[int], comm: MPI.Comm, blocking: bool)
 def _spread(part, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
     """In-place ``Allgatherv``: rank q's ``counts[q]`` elements, already at their place of
     ``part``, reach every rank."""
-    spec = [_words(part), list(counts), _displs(counts), mpi_type(part.dtype)]
+    spec = [_words(part), list(counts), displacements(counts), mpi_type(part.dtype)]
     return comm.Allgatherv(MPI.IN_PLACE, spec) if blocking else \
         comm.Iallgatherv(MPI.IN_PLACE, spec)
 
@@ -446,7 +440,8 @@ def _spread(part, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
 def _collect(mine, out, counts: Sequence[int], root: int, comm: MPI.Comm, blocking: bool):
     """``Gatherv`` of every rank's ``mine`` into ``out`` on ``root`` (in place there)."""
     if comm.Get_rank() == root:
-        args = (MPI.IN_PLACE, [_words(out), list(counts), _displs(counts), mpi_type(out.dtype)])
+        args = (MPI.IN_PLACE,
+                [_words(out), list(counts), displacements(counts), mpi_type(out.dtype)])
     else:
         args = ([_words(mine), mpi_type(mine.dtype)], None)
     return comm.Gatherv(*args, root=root) if blocking else comm.Igatherv(*args, root=root)
@@ -473,7 +468,7 @@ def _exchange_steps(flat, comm: MPI.Comm, sync: Callable[[], None], *, root: Opt
     sync()
     for c0, c1 in _flat_chunks(flat.size, step):
         part, counts = flat[c0:c1], block_sizes(c1 - c0, size)
-        o, mine = _displs(counts)[rank], counts[rank]
+        o, mine = displacements(counts)[rank], counts[rank]
         rows = xp.empty((size, mine), dtype=flat.dtype)
         yield [_exchange(part, rows, counts, comm, False)]
         dest = part if root is None else (out[c0:c1] if rank == root else
@@ -491,7 +486,7 @@ def _scatter_steps(flat, out, counts: Sequence[int], comm: MPI.Comm, sync: Calla
     """Steps of a reduce-scatter by an exchange of slices: rank q sums the ``counts[q]``
     elements of its segment into ``out``."""
     xp, size, rank = backend_of(flat).xp, comm.Get_size(), comm.Get_rank()
-    starts = _displs(counts)
+    starts = displacements(counts)
     step = max(1, max_message_bytes() // (size * flat.itemsize))
     sync()
     for c0, c1 in _flat_chunks(flat.size, step):
@@ -571,7 +566,7 @@ def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
         out_flat[...] = flat[:counts[0]]
         return MPI.REQUEST_NULL
     if _native(a, staging):
-        starts, requests = _displs(counts), []
+        starts, requests = displacements(counts), []
         for part in chunks(flat.size, flat.itemsize):
             seg = [max(0, min(part.stop, s + n) - max(part.start, s))
                    for s, n in zip(starts, counts)]
@@ -631,7 +626,7 @@ def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int
     pieces = []
     for c0, c1 in _flat_chunks(flat.size, step):
         counts = block_sizes(c1 - c0, size)
-        o, mine, n = _displs(counts)[rank], counts[rank], c1 - c0
+        o, mine, n = displacements(counts)[rank], counts[rank], c1 - c0
         part = flat[c0:c1] if root is None else (out[c0:c1] if rank == root else
                                                  xp.empty(n, dtype=dt))
         rows = rows_dev[:, :mine]
@@ -661,7 +656,7 @@ def _staged_scatter(flat, out, counts: Sequence[int], comm: MPI.Comm, staging: S
     runs on the host, the slices of this rank's segment come back and are summed on the device
     into ``out``."""
     xp, size, rank = staging.backend.xp, comm.Get_size(), comm.Get_rank()
-    dt, starts = flat.dtype, _displs(counts)
+    dt, starts = flat.dtype, displacements(counts)
     step = max(1, min(staging.chunk_bytes, max_message_bytes()) // (size * flat.itemsize))
     pieces = []
     for c0, c1 in _flat_chunks(flat.size, step):

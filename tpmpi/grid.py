@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import warnings
+from typing import Sequence, Union
 
 from mpi4py import MPI
 
@@ -49,9 +50,9 @@ class ProcessGrid:
     comm : the ranks of the grid (collective over it).
     shape : ``(pr, pc)`` or ``"RxC"``; default ``(1, size)``. ValueError naming the valid
         shapes when ``pr * pc != size``, raised on every rank.
-    blas_threads : ``"auto"`` sets BLAS threads per rank so that the ranks of a node never
-        oversubscribe its cores (:func:`tpmpi.backend.configure_blas_threads`); an int sets it;
-        None leaves BLAS alone.
+    blas_threads : deprecated; a grid leaves BLAS alone. Call
+        :func:`tpmpi.configure_blas_threads` (``"auto"`` here is ``threads=None`` there, an int
+        sets it), as ``python -m tpmpi`` does.
     node_aware : order ranks by node before building the grid, so that the ranks of a grid row
         (the inner, faster-varying dimension) share a node whenever ``pc`` divides the number of
         ranks per node. Within a node ranks keep their order in ``comm`` and nodes are ordered
@@ -60,7 +61,7 @@ class ProcessGrid:
     """
 
     def __init__(self, comm: MPI.Comm, shape: Union[Sequence[int], str, None] = None, *,
-                 blas_threads: Union[str, int, None] = "auto", node_aware: bool = False):
+                 blas_threads: Union[str, int, None] = None, node_aware: bool = False):
         _check_comm(comm)
         size = comm.Get_size()
         error = None
@@ -91,9 +92,11 @@ class ProcessGrid:
         self.rank: int = self.comm.Get_rank()
         self.size: int = size
         self.coords: tuple[int, int] = tuple(self.comm.Get_coords(self.rank))
-        self.threads: Optional[int] = None
         if blas_threads is not None:
-            self.threads = _backend.configure_blas_threads(
+            warnings.warn("ProcessGrid(blas_threads=...) is deprecated: a grid leaves BLAS "
+                          "alone; call tpmpi.configure_blas_threads(comm, threads)",
+                          DeprecationWarning, stacklevel=2)
+            _backend.configure_blas_threads(
                 self.comm, None if isinstance(blas_threads, str) and blas_threads == "auto"
                 else blas_threads)  # validated there, on every rank together
 

@@ -1,34 +1,69 @@
-"""The four layouts of a global array over a ProcessGrid, and moving between them.
+"""The layouts of a global array over a ProcessGrid, moving between them, and the layouts a
+module declares for its arrays.
 
 * ``"replicated"``: every rank holds all of it.
 * ``"cols"``: last axis block-split over all ranks of the grid, in rank order (1D layers).
 * ``"rows"``: first axis block-split over all ranks of the grid, in rank order.
 * ``"tiles"``: first axis split over grid rows, last axis over grid columns; rank ``(r, c)``
   holds block ``(r, c)``.
+
+A layer declares where its arrays live as data (:class:`Layouts`, :class:`LinearLayouts`,
+PyTorch's ``ColwiseParallel``/``RowwiseParallel`` idea), following from its flags in one
+place (its ``layouts_for``); the layers' communication (:func:`tpmpi.mappings.between`),
+checkpoints, the memory footprint and the benchmarks' inputs read the declaration. A local
+product before its reduction is :data:`PARTIAL`: every rank holds a whole-shape array of
+partial sums (a declaration only; arrays are stored, gathered and saved in the four layouts).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
+from .agreement import CALL_ORDER, Same, Text, agree_checks
 from .args import check_plain_array, dtype_label
 from .backend import backend_of
-from .agreement import CALL_ORDER, Same, Text, agree_checks
 from .comm import Staging, allgather_blocks
 from .grid import ProcessGrid
 from .partition import block_range
 
 LAYOUTS = ("replicated", "cols", "rows", "tiles")
+PARTIAL = "partial"
+"""Per-rank partial sums of a replicated-shape array (a GEMM output before its reduction)."""
+
+Block = tuple[tuple[int, ...], tuple[int, ...]]  # (starts, shape) of one rank's block
 
 
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """Layouts of a module's input ``x`` (and ``dx``) and output ``y`` (and ``dy``)."""
+
+    x: str
+    y: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayouts(Layouts):
+    """A linear layer's layouts: ``x`` and ``y`` as the caller sees them, the parameters, and
+    the local GEMM's operands: ``x_local`` (x as the GEMM reads it) and ``y_local`` (the GEMM's
+    output, :data:`PARTIAL` when it still has to be summed over the ranks). The layer's input
+    and output mappings are ``x -> x_local`` and ``y_local -> y``."""
+
+    weight: str
+    bias: str
+    x_local: str
+    y_local: str
+
+
+def _check_layout(layout: str, allowed: Sequence[str] = LAYOUTS) -> None:
+    if layout not in allowed:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(allowed)}")
 
 
 def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tuple[int, int],
                  layout: str) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per axis of the block held at grid ``coords`` of a ``shape`` grid."""
-    _check_layout(layout)
+    """``(start, stop)`` per axis of the block held at grid ``coords`` of a ``shape`` grid
+    (:data:`PARTIAL`: the whole array, like "replicated")."""
+    _check_layout(layout, LAYOUTS + (PARTIAL,))
     global_shape = tuple(int(n) for n in global_shape)
     bounds = [(0, n) for n in global_shape]
     pr, pc = shape
@@ -58,11 +93,15 @@ def local_shape(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> 
     return tuple(b - a for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
 
 
-def column_blocks(parts: Sequence[tuple[int, int]], row0: int, m: int
-                  ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """``(starts, shape)`` of each rank's block of rows ``row0:row0+m`` of a 2D array whose
-    columns are block-split as ``parts`` (``(start, stop)`` per rank, layout "cols")."""
-    return [((row0, start), (m, stop - start)) for start, stop in parts]
+def blocks(global_shape: Sequence[int], shape: tuple[int, int], layout: str) -> list[Block]:
+    """``(starts, shape)`` of every rank's block, in rank order (grid coordinates row-major, as
+    :class:`~tpmpi.grid.ProcessGrid` numbers them)."""
+    pc = shape[1]
+    out = []
+    for rank in range(shape[0] * pc):
+        bounds = block_bounds(global_shape, shape, divmod(rank, pc), layout)
+        out.append((tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds)))
+    return out
 
 
 def scatter(a_global, grid: ProcessGrid, layout: str):
@@ -91,7 +130,8 @@ def check_movable(name: str, a) -> None:
 def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
     """The global array on every rank from each rank's block in ``layout``. Collective
     (``Alltoallw`` into subarray types, see :func:`tpmpi.comm.allgather_blocks`)."""
-    return agreed_gather(a_local, grid, layout, global_shape, Same(Text("tpmpi.gather()"), CALL_ORDER))
+    return agreed_gather(a_local, grid, layout, global_shape,
+                         Same(Text("tpmpi.gather()"), CALL_ORDER))
 
 
 def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int],
@@ -115,9 +155,5 @@ def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequenc
     if layout == "replicated":
         return a_local
     out = backend.xp.empty(global_shape, dtype=a_local.dtype)
-    blocks = []
-    for rank in range(grid.size):
-        bounds = block_bounds(global_shape, grid.shape, tuple(grid.comm.Get_coords(rank)), layout)
-        blocks.append((tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds)))
-    return allgather_blocks(backend.xp.ascontiguousarray(a_local), out, blocks, grid.comm,
-                            Staging(backend))
+    return allgather_blocks(backend.xp.ascontiguousarray(a_local), out,
+                            blocks(global_shape, grid.shape, layout), grid.comm, Staging(backend))

@@ -10,19 +10,26 @@ applies the adjoints in reverse order. Two kinds of distributed array meet here:
   per-rank computations will consume (the inner product is the sum over ranks).
 
 =====================  ===============================  ==========================  =========
-operator               forward                          adjoint (backward)          op
+operator (layouts)     forward                          adjoint (backward)          op
 =====================  ===============================  ==========================  =========
 Copy                   identity: replicated -> per-rank AllReduce                   --
+(replicated ->
+replicated)
 AllReduce              sum of per-rank partials         Copy                        allreduce
-                       -> replicated
+(partial -> replicated) -> replicated
 GatherRows             row blocks -> all rows on every  ReduceScatterRows           allgather
-                       rank (per-rank copies)
+(rows -> replicated)   rank (per-rank copies)
 ReduceScatterRows      per-rank partial sums -> row     GatherRows                  reduce_scatter
-                       blocks of the sum
+(partial -> rows)      blocks of the sum
 GatherCols             column blocks -> replicated      SplitCols                   allgather
+(cols -> replicated)
 SplitCols              replicated -> own column block   GatherCols                  --
-                       (a view, no communication)
+(replicated -> cols)   (a view, no communication)
 =====================  ===============================  ==========================  =========
+
+Each operator is thus named by the pair of layouts (:mod:`tpmpi.layout`; ``partial`` is
+:data:`tpmpi.layout.PARTIAL`) it maps between: :func:`between` picks it, which is how a layer's
+declared layouts (:class:`tpmpi.layout.LinearLayouts`) become its communication.
 
 Blocks follow the block partition of :mod:`tpmpi.partition` in rank order (uneven and empty
 blocks allowed). The layers compose them (``ColumnParallelLinear``: Copy or GatherRows in,
@@ -43,6 +50,7 @@ collective starts. tests/test_mappings.py checks every pair with dot-product tes
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Optional
 
 from mpi4py import MPI
@@ -50,16 +58,20 @@ from mpi4py import MPI
 from .backend import backend_of
 from .comm import Staging, allgather_blocks, allreduce, iallgather_blocks, iallreduce, \
     ireduce_scatter, reduce_scatter
-from .layout import column_blocks
-from .partition import block_partition
+from .layout import PARTIAL, blocks
+from .partition import block_range
 
 
 class Mapping:
-    """A communication operator over ``comm`` (see the module docstring). ``op`` names the
-    collective of :meth:`forward` (None: no communication), as the profiler and the cost
-    model count it."""
+    """A communication operator over ``comm`` (see the module docstring) from layout ``src``
+    to layout ``dst``. ``op`` names the collective of :meth:`forward` (None: no
+    communication), as the profiler and the cost model count it; ``allocates``: the result is
+    a new array (else ``x`` itself or a view of it)."""
 
     op: ClassVar[Optional[str]] = None
+    src: ClassVar[str]
+    dst: ClassVar[str]
+    allocates: ClassVar[bool] = False
     adjoint_class: ClassVar[type]
 
     def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None):
@@ -102,11 +114,14 @@ class Mapping:
 class Copy(Mapping):
     """Identity on data: a replicated array becomes each rank's input (Megatron's ``f``)."""
 
+    src, dst = "replicated", "replicated"
+
 
 class AllReduce(Mapping):
     """In-place sum of per-rank partial sums into a replicated array (Megatron's ``g``)."""
 
     op = "allreduce"
+    src, dst = PARTIAL, "replicated"
 
     def nbytes(self, x, out) -> int:
         return int(x.nbytes)
@@ -142,13 +157,15 @@ class _Collective(Mapping):
 
 class _Gather(_Collective):
     """An Allgather of blocks straight into their places of the result (``Alltoallw`` with
-    subarray types, :func:`tpmpi.comm.allgather_blocks`); subclasses say which blocks."""
+    subarray types, :func:`tpmpi.comm.allgather_blocks`) of the blocks of layout ``src``."""
 
     op = "allgather"
+    dst = "replicated"
+    allocates = True
 
-    def blocks(self, out) -> list[tuple[tuple, tuple]]:  # pragma: no cover - abstract
-        """``(starts, shape)`` of every rank's block of ``out``."""
-        raise NotImplementedError
+    def blocks(self, out) -> list[tuple[tuple, tuple]]:
+        """``(starts, shape)`` of every rank's block of ``out`` in layout ``src``."""
+        return blocks(out.shape, (1, self.comm.Get_size()), self.src)
 
     def nbytes(self, x, out) -> int:
         return int(out.nbytes)
@@ -162,10 +179,7 @@ class _Gather(_Collective):
 class GatherRows(_Gather):
     """Allgather of row blocks (layout "rows") into all rows on every rank."""
 
-    def blocks(self, out) -> list[tuple[tuple, tuple]]:
-        rest = tuple(out.shape[1:])
-        return [((a,) + (0,) * len(rest), (b - a,) + rest)
-                for a, b in block_partition(out.shape[0], self.comm.Get_size())]
+    src = "rows"
 
     def out(self, x, size: Optional[int] = None):
         if self.comm.Get_size() == 1:
@@ -177,19 +191,21 @@ class ReduceScatterRows(_Collective):
     """Sum of per-rank (M, ...) partials, each rank keeping its row block (layout "rows")."""
 
     op = "reduce_scatter"
+    src, dst = PARTIAL, "rows"
+    allocates = True
 
     def out(self, x, size: Optional[int] = None):
         if self.comm.Get_size() == 1:
             return x
-        a, b = block_partition(x.shape[0], self.comm.Get_size())[self.comm.Get_rank()]
+        a, b = block_range(x.shape[0], self.comm.Get_size(), self.comm.Get_rank())
         return backend_of(x).xp.empty((b - a,) + tuple(x.shape[1:]), dtype=x.dtype)
 
     def nbytes(self, x, out) -> int:
         return int(x.nbytes)
 
     def _run(self, x, out, blocking: bool):
-        row = x[0].size if x.shape[0] else 0
-        counts = [(b - a) * row for a, b in block_partition(x.shape[0], self.comm.Get_size())]
+        counts = [math.prod(shape) for _, shape in blocks(x.shape, (1, self.comm.Get_size()),
+                                                          self.dst)]
         if blocking:
             return reduce_scatter(x, out, counts, self.comm, self.staging)
         return ireduce_scatter(x, out, counts, self.comm)
@@ -199,9 +215,7 @@ class GatherCols(_Gather):
     """Allgather of column blocks (layout "cols") into the replicated array, each block
     written straight into its strided place (no staging copy)."""
 
-    def blocks(self, out) -> list[tuple[tuple, tuple]]:
-        return column_blocks(block_partition(out.shape[1], self.comm.Get_size()), 0,
-                             out.shape[0])
+    src = "cols"
 
     def out(self, x, size: Optional[int] = None):
         if self.comm.Get_size() == 1:
@@ -212,8 +226,10 @@ class GatherCols(_Gather):
 class SplitCols(Mapping):
     """This rank's column block of a replicated array: a strided view, no communication."""
 
+    src, dst = "replicated", "cols"
+
     def out(self, x, size: Optional[int] = None):
-        a, b = block_partition(x.shape[1], self.comm.Get_size())[self.comm.Get_rank()]
+        a, b = block_range(x.shape[1], self.comm.Get_size(), self.comm.Get_rank())
         return x[:, a:b]
 
 
@@ -222,3 +238,23 @@ GatherRows.adjoint_class, ReduceScatterRows.adjoint_class = ReduceScatterRows, G
 GatherCols.adjoint_class, SplitCols.adjoint_class = SplitCols, GatherCols
 
 MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCols)
+
+
+def mapping_class(src: str, dst: str) -> Optional[type]:
+    """The operator class from layout ``src`` to ``dst``; None when an array keeps its blocks
+    (``src == dst``, other than replicated: no operator). ValueError for a pair that no
+    operator maps."""
+    if src == dst and src != "replicated":
+        return None
+    found = [m for m in MAPPINGS if (m.src, m.dst) == (src, dst)]
+    if not found:
+        raise ValueError(f"no operator maps layout {src!r} to {dst!r}")
+    return found[0]
+
+
+def between(src: str, dst: str, comm: MPI.Comm, staging: Optional[Staging] = None
+            ) -> Optional[Mapping]:
+    """The operator taking an array from layout ``src`` to ``dst`` on ``comm`` (see
+    :func:`mapping_class`), or None."""
+    cls = mapping_class(src, dst)
+    return None if cls is None else cls(comm, staging)

@@ -23,7 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .args import check_int
-from .backend import configure_blas_threads, node_comm
+from .backend import node_comm
 from .agreement import CALL_ORDER, Same, Text, agree
 from .grid import ProcessGrid, factorisations, parse_shape
 
@@ -91,12 +91,12 @@ class Mesh:
     tp : the TP grid: None (``comm`` size / dp ranks, 1D), T (1D, ``1 x T``) or ``(pr, pc)`` /
         ``"RxC"`` (2D). ``dp * pr * pc`` must equal the size of ``comm``: otherwise a ValueError
         naming the valid meshes, raised on every rank.
-    blas_threads : as for :class:`~tpmpi.grid.ProcessGrid`, applied over all of ``comm`` (so the
-        node's ranks are counted whatever their group); None leaves BLAS alone.
+
+    A mesh leaves BLAS alone: :func:`tpmpi.configure_blas_threads` over ``comm`` counts the
+    node's ranks whatever their group.
     """
 
-    def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, dp: int = 1, tp: TPSpec = None,
-                 blas_threads: Union[str, int, None] = "auto"):
+    def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, dp: int = 1, tp: TPSpec = None):
         size = comm.Get_size()
         error, shape = None, None
         try:
@@ -115,14 +115,9 @@ class Mesh:
         self.dp: int = dp
         t = shape[0] * shape[1]
         self.dp_rank, tp_index = divmod(self.rank, t)
-        threads = None
-        if blas_threads is not None:
-            threads = configure_blas_threads(comm, None if blas_threads == "auto"
-                                             else int(blas_threads))
         tp_comm = comm.Split(self.dp_rank, tp_index)
-        self.tp = ProcessGrid(tp_comm, shape, blas_threads=None)
+        self.tp = ProcessGrid(tp_comm, shape)
         tp_comm.Free()
-        self.tp.threads = threads
         self.dp_comm: MPI.Comm = comm.Split(tp_index, self.dp_rank)
         self._warn_if_spanning_nodes()
 
@@ -130,11 +125,6 @@ class Mesh:
     def shape(self) -> tuple[int, int, int]:
         """``(dp, pr, pc)``."""
         return (self.dp,) + self.tp.shape
-
-    @property
-    def threads(self) -> "int | None":
-        """BLAS threads per rank set at construction (None: left alone)."""
-        return self.tp.threads
 
     @property
     def label(self) -> str:

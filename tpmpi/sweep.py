@@ -151,8 +151,8 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
             error = None
             if sub != MPI.COMM_NULL:
                 try:
-                    with (Mesh(sub, dp=cfg.dp, tp=cfg.grid, blas_threads=threads) if cfg.dp > 1
-                          else ProcessGrid(sub, cfg.grid, blas_threads=threads)) as grid:
+                    with (Mesh(sub, dp=cfg.dp, tp=cfg.grid) if cfg.dp > 1
+                          else ProcessGrid(sub, cfg.grid)) as grid:
                         key = dataclasses.replace(cfg.problem, options=())
                         rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
                                        baseline=bases.get(key, baseline),

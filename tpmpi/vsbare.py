@@ -31,7 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
-from .backend import BACKENDS, Backend, get_backend
+from .backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
+    get_backend
 from .bench import mpi_library, oversubscription, write_record
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict, square_grid
@@ -150,7 +151,8 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
     for name, times in time_case(case, comm, warmup=warmup, iters=iters,
                                  with_torch=with_torch, clock=clock).items():
         rec[f"{name}_s"], rec[f"{name}_best_s"] = statistics.median(times), min(times)
-    conditions = {"oversubscription": oversubscription(grid.comm, grid.threads, case.backend),
+    conditions = {"oversubscription": oversubscription(grid.comm, configured_blas_threads(),
+                                                       case.backend),
                   "staged": case.backend.is_gpu and not case.backend.gpu_aware}
     rec.update(conditions)
     for phase, backward in zip(PHASES, (False, True)):
@@ -243,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)
+    configure_blas_threads(comm)
     dtypes = (args.dtypes.split(",") if args.dtypes else
               ["float32", "float16", "bfloat16"] if backend.is_gpu else ["float32", "float64"])
     bad = [v for v in dtypes if v not in SUPPORTED] + \

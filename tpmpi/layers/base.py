@@ -18,9 +18,9 @@ from ..dtypes import dtype_name, resolve_dtype
 from ..gemm import matmul
 from ..grid import ProcessGrid, default_grid
 from ..init import init_weight
-from ..layout import agreed_gather, local_slices
-from ..mappings import Mapping
-from ..partition import block_partition
+from ..layout import LinearLayouts, agreed_gather, local_slices
+from ..mappings import Mapping, between
+from ..partition import block_sizes
 from ..timing import Profiler
 
 
@@ -69,8 +69,10 @@ def array_checksum(backend: Backend, a) -> Checksum:
 class ParallelLinear:
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
-    Subclasses set ``weight_layout`` / ``bias_layout`` (see :mod:`tpmpi.layout`) and implement
-    ``forward`` / ``backward``. Construction is collective: every rank must pass the same
+    Subclasses declare their layouts in ``layouts_for(**options)`` (a
+    :class:`~tpmpi.layout.LinearLayouts` from their flags: ``self.layouts``; the input and
+    output operators :attr:`x_map` / :attr:`y_map` follow from it) and implement ``forward``
+    / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
 
     ``overlap`` (default True): backward runs its dX collective non-blocking while the dW GEMM
@@ -90,9 +92,6 @@ class ParallelLinear:
     the same error everywhere. If a rank fails between a backward's collectives (it still
     completes them), the layer remembers it and its next operation raises on every rank.
     """
-
-    weight_layout = "replicated"
-    bias_layout = "replicated"
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
@@ -130,14 +129,15 @@ class ParallelLinear:
         self.check_replicated = bool(check_replicated)
         self.options = dict(options)
         self.overlap = bool(overlap)
+        self.layouts: LinearLayouts = self.layouts_for(**options)
         self.backend = get_backend(backend, self.comm)
         self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
         self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
         xp = self.backend.xp
         w_rows, w_cols = local_slices((self.in_features, self.out_features), self.grid,
-                                      self.weight_layout)
-        (b_cols,) = local_slices((self.out_features,), self.grid, self.bias_layout)
+                                      self.layouts.weight)
+        (b_cols,) = local_slices((self.out_features,), self.grid, self.layouts.bias)
         self.shard: tuple[slice, slice] = (w_rows, w_cols)
         self.bias_slice: slice = b_cols
         if _dense is None:
@@ -173,6 +173,24 @@ class ParallelLinear:
         """Validate subclass options locally (raise ValueError); default: none accepted."""
         if options:
             raise ValueError(f"unexpected options {sorted(options)}")
+
+    @classmethod
+    def layouts_for(cls, **options: Any) -> LinearLayouts:  # pragma: no cover - abstract
+        """The layouts of x, y, the parameters and the local GEMM's operands for the layer's
+        ``options`` (its flags): the one place where the flags become layouts. No
+        communication."""
+        raise NotImplementedError
+
+    @property
+    def x_map(self) -> Optional[Mapping]:
+        """The input's operator on the layer's communicator, ``x`` -> ``x_local``
+        (:func:`tpmpi.mappings.between`; None when x keeps its blocks)."""
+        return between(self.layouts.x, self.layouts.x_local, self.comm, self.staging)
+
+    @property
+    def y_map(self) -> Optional[Mapping]:
+        """The output's operator, ``y_local`` -> ``y`` (None when the local product is y)."""
+        return between(self.layouts.y_local, self.layouts.y, self.comm, self.staging)
 
     @classmethod
     def from_dense(cls, W, b=None, grid: Optional[ProcessGrid] = None, **options: Any):
@@ -218,21 +236,21 @@ class ParallelLinear:
 
     def parameter_layouts(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """``name -> (global shape, layout)`` of each parameter of :meth:`parameters`."""
-        out = {"weight": ((self.in_features, self.out_features), self.weight_layout)}
+        out = {"weight": ((self.in_features, self.out_features), self.layouts.weight)}
         if self.bias is not None:
-            out["bias"] = ((self.out_features,), self.bias_layout)
+            out["bias"] = ((self.out_features,), self.layouts.bias)
         return out
 
     def gather_weight(self):
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
-        return agreed_gather(self.weight, self.grid, self.weight_layout,
+        return agreed_gather(self.weight, self.grid, self.layouts.weight,
                              (self.in_features, self.out_features), self._call("gather_weight"))
 
     def gather_bias(self):
         """The global b (N,) on every rank, or None. Collective (unless there is no bias)."""
         if self.bias is None:
             return None
-        return agreed_gather(self.bias, self.grid, self.bias_layout, (self.out_features,),
+        return agreed_gather(self.bias, self.grid, self.layouts.bias, (self.out_features,),
                              self._call("gather_bias"))
 
     # ---- call-order agreement
@@ -248,8 +266,9 @@ class ParallelLinear:
         return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
 
     def _replicated(self, name: str) -> bool:
-        """True when input ``name`` ("x" or "dy") must be the same on every rank."""
-        return False
+        """True when input ``name`` ("x" or "dy") must be the same on every rank: its declared
+        layout (x's, or y's for dy) is replicated."""
+        return (self.layouts.x if name == "x" else self.layouts.y) == "replicated"
 
     # ---- the backward collective, overlapped with the weight-gradient GEMM
     def _collective_during(self, op: str, nbytes: int, blocking: Callable[[], Any],
@@ -345,7 +364,7 @@ class ParallelLinear:
         every = np.empty(size, dtype=np.int64)
         self.comm.Allgather(np.array([rows], dtype=np.int64), every)
         counts, total = tuple(int(c) for c in every), int(every.sum())
-        want = tuple(b - a for a, b in block_partition(total, size))
+        want = tuple(block_sizes(total, size))
         if counts != want:
             raise ValueError(f"{name} rows per rank {counts}: expected {want}, the block "
                              f"partition of the {total} rows in layout 'rows' over {size} ranks")

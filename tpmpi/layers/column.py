@@ -27,12 +27,12 @@ and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..args import check_int
 from ..comm import wait_all
 from ..gemm import column_sums
-from ..mappings import Copy, GatherCols, GatherRows, Mapping
+from ..layout import LinearLayouts
 from .base import ParallelLinear
 
 CHUNK_ROWS = 48
@@ -59,9 +59,6 @@ class ColumnParallelLinear(ParallelLinear):
     ``sequence_parallel``: ``x`` and ``dx`` in layout "rows" (M_p, K) instead.
     """
 
-    weight_layout = "cols"
-    bias_layout = "cols"
-
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = True,
                  chunks: int = 1, sequence_parallel: bool = False, **kwargs: Any):
         super().__init__(in_features, out_features, gather_output=bool(gather_output),
@@ -71,28 +68,24 @@ class ColumnParallelLinear(ParallelLinear):
         self.sequence_parallel = bool(sequence_parallel)
         self._ybuf = None  # reused local product when it is only a send buffer
 
-    @property
-    def x_map(self) -> Mapping:
-        """The input's operator on the layer's communicator: GatherRows with
-        ``sequence_parallel``, else Copy."""
-        return (GatherRows if self.sequence_parallel else Copy)(self.comm, self.staging)
-
-    @property
-    def y_map(self) -> Optional[Mapping]:
-        """The output's operator: GatherCols with ``gather_output``, else None (blocks kept)."""
-        return GatherCols(self.comm, self.staging) if self.gather_output else None
+    @classmethod
+    def layouts_for(cls, gather_output: bool = True, sequence_parallel: bool = False,
+                    **_: Any) -> LinearLayouts:
+        """x replicated ("rows" with ``sequence_parallel``: GatherRows, else Copy) -> the local
+        product's "cols" block -> y "cols", or replicated with ``gather_output``
+        (GatherCols); W and b split by columns."""
+        return LinearLayouts(x="rows" if sequence_parallel else "replicated",
+                             y="replicated" if gather_output else "cols", weight="cols",
+                             bias="cols", x_local="replicated", y_local="cols")
 
     def _check_options(self, gather_output: bool = True, chunks: int = 1,
                        sequence_parallel: bool = False) -> None:
         check_int("chunks", chunks, 1)
 
-    def _replicated(self, name: str) -> bool:
-        return not self.sequence_parallel if name == "x" else self.gather_output
-
     def forward(self, x):
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
-        m = self._agree_input("x", x, self.in_features, split_rows=self.sequence_parallel)
+        m = self._agree_input("x", x, self.in_features, split_rows=self.layouts.x == "rows")
         self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
         x = self._apply(self.x_map, x, m)
         xp, prof = self.backend.xp, self.profiler

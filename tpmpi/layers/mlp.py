@@ -37,6 +37,7 @@ from ..activations import get_activation
 from ..agreement import CALL_ORDER, Same, Text, agree_checks
 from ..dtypes import dtype_name
 from ..grid import ProcessGrid, default_grid
+from ..layout import Layouts
 from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
 from .module import Composite
@@ -44,9 +45,8 @@ from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
 
 MODES = ("megatron", "book", "sequence", "tile2d")
-LAYOUTS = {"megatron": "replicated", "book": "replicated", "sequence": "rows",
-           "tile2d": "tiles"}
-"""Layout of x and y in each mode."""
+
+SubLayer = tuple[type, dict]  # (class, layout options) of fc1 or fc2
 
 
 class ParallelMLP(Composite):
@@ -57,7 +57,7 @@ class ParallelMLP(Composite):
     "tile2d"). Built from ``seed``, ``fc1`` uses ``seed`` and ``fc2`` ``seed + 1``.
     Construction is collective; ``overlap``, ``check_finite`` and ``check_replicated`` are
     passed to both layers (the replicated inputs checked are x and dy, in the modes where they
-    are replicated). ``layout``: the layout of x and y (:data:`LAYOUTS`).
+    are replicated). ``layouts``: the layouts of x and y (:meth:`layouts_for`).
     """
 
     def __init__(self, d_model: int, d_hidden: int, *, grid: Optional[ProcessGrid] = None,
@@ -81,29 +81,40 @@ class ParallelMLP(Composite):
                      call=Same(Text("construction of a ParallelMLP"), CALL_ORDER),
                      activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
-        self.layout = LAYOUTS[mode]
+        self.layouts = self.layouts_for(mode)
         self._act, self._act_grad = get_activation(activation)
         common = dict(grid=grid, bias=bias, dtype=dtype, backend=backend, overlap=overlap,
                       check_finite=check_finite, check_replicated=check_replicated)
         dense1, dense2 = _dense if _dense is not None else (None, None)
         one = dict(seed=seed, _dense=dense1, **common)
         two = dict(seed=seed + 1, _dense=dense2, **common)
-        sp = mode == "sequence"
-        if mode == "tile2d":
-            self.fc1: ParallelLinear = TileParallelLinear(d_model, d_hidden, **one)
-            self.fc2: ParallelLinear = TileParallelLinear(d_hidden, d_model, **two)
-        elif mode == "book":
-            self.fc1 = ColumnParallelLinear(d_model, d_hidden, gather_output=True, **one)
-            self.fc2 = ColumnParallelLinear(d_hidden, d_model, gather_output=True, **two)
-        else:
-            self.fc1 = ColumnParallelLinear(d_model, d_hidden, gather_output=False,
-                                            sequence_parallel=sp, **one)
-            self.fc2 = RowParallelLinear(d_hidden, d_model, input_is_parallel=True,
-                                         sequence_parallel=sp, **two)
+        (cls1, opts1), (cls2, opts2) = self.sublayers(mode)
+        self.fc1: ParallelLinear = cls1(d_model, d_hidden, **opts1, **one)
+        self.fc2: ParallelLinear = cls2(d_hidden, d_model, **opts2, **two)
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
         self.seed, self.overlap = seed, bool(overlap)
         self.grad_ready: list[Callable[[ParallelLinear], None]] = []
         self._pre = None
+
+    @staticmethod
+    def sublayers(mode: str) -> tuple[SubLayer, SubLayer]:
+        """The class and layout options of fc1 and fc2 in ``mode`` (see the module docstring):
+        what the MLP builds, and what its layouts and memory footprint follow from."""
+        if mode == "tile2d":
+            return (TileParallelLinear, {}), (TileParallelLinear, {})
+        if mode == "book":
+            return ((ColumnParallelLinear, {"gather_output": True}),
+                    (ColumnParallelLinear, {"gather_output": True}))
+        sp = mode == "sequence"
+        return ((ColumnParallelLinear, {"gather_output": False, "sequence_parallel": sp}),
+                (RowParallelLinear, {"input_is_parallel": True, "sequence_parallel": sp}))
+
+    @classmethod
+    def layouts_for(cls, mode: str = "megatron", **_: Any) -> Layouts:
+        """x in fc1's input layout, y in fc2's output layout (replicated; "rows" in mode
+        "sequence", "tiles" in mode "tile2d"). No communication."""
+        (cls1, opts1), (cls2, opts2) = cls.sublayers(mode)
+        return Layouts(x=cls1.layouts_for(**opts1).x, y=cls2.layouts_for(**opts2).y)
 
     def config(self) -> dict[str, Any]:
         """Constructor keywords that rebuild this MLP (less ``grid`` and ``backend``), as saved
@@ -132,7 +143,7 @@ class ParallelMLP(Composite):
         return [("fc1", self.fc1), ("fc2", self.fc2)]
 
     def forward(self, x):
-        """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layout` (replicated, the
+        """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layouts` (replicated, the
         rank's rows, or its tile)."""
         pre = self.fc1.forward(x)
         y = self.fc2.forward(self._act(pre) if self._computes() else pre)
@@ -140,7 +151,7 @@ class ParallelMLP(Composite):
         return y
 
     def backward(self, dy):
-        """``dy`` -> ``dx`` (M, d_model), both in :attr:`layout`; accumulates the gradients of
+        """``dy`` -> ``dx`` (M, d_model), both in :attr:`layouts`; accumulates the gradients of
         all four parameters, calling the :attr:`grad_ready` callbacks with fc2, then fc1, as
         soon as each one's gradients are final."""
         dh = self.fc2.backward(dy)

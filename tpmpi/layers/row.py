@@ -21,10 +21,10 @@ AllReduce | ReduceScatterRows -> + b``, backward the adjoints (``Copy | GatherRo
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..gemm import column_sums
-from ..mappings import AllReduce, Mapping, ReduceScatterRows, SplitCols
+from ..layout import PARTIAL, LinearLayouts
 from .base import ParallelLinear
 
 
@@ -34,9 +34,6 @@ class RowParallelLinear(ParallelLinear):
     ``x``'s layout, accumulating ``grad_weight`` (K_p, N) and ``grad_bias`` (N,) (the full
     bias gradient, identical on every rank)."""
 
-    weight_layout = "rows"
-    bias_layout = "replicated"
-
     def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = False,
                  sequence_parallel: bool = False, **kwargs: Any):
         super().__init__(in_features, out_features, input_is_parallel=bool(input_is_parallel),
@@ -44,25 +41,19 @@ class RowParallelLinear(ParallelLinear):
         self.input_is_parallel = bool(input_is_parallel)
         self.sequence_parallel = bool(sequence_parallel)
 
-    @property
-    def x_map(self) -> Optional[Mapping]:
-        """The input's operator on the layer's communicator: SplitCols, or None when the input
-        is parallel already."""
-        return None if self.input_is_parallel else SplitCols(self.comm, self.staging)
-
-    @property
-    def y_map(self) -> Mapping:
-        """The output's operator: ReduceScatterRows with ``sequence_parallel``, else
-        AllReduce."""
-        return (ReduceScatterRows if self.sequence_parallel else AllReduce)(self.comm,
-                                                                            self.staging)
+    @classmethod
+    def layouts_for(cls, input_is_parallel: bool = False, sequence_parallel: bool = False,
+                    **_: Any) -> LinearLayouts:
+        """x replicated (SplitCols), or "cols" with ``input_is_parallel`` -> the local GEMM's
+        partial sums -> y replicated (AllReduce), or "rows" with ``sequence_parallel``
+        (ReduceScatterRows); W split by rows, b replicated."""
+        return LinearLayouts(x="cols" if input_is_parallel else "replicated",
+                             y="rows" if sequence_parallel else "replicated", weight="rows",
+                             bias="replicated", x_local="cols", y_local=PARTIAL)
 
     def _check_options(self, input_is_parallel: bool = False,
                        sequence_parallel: bool = False) -> None:
         pass
-
-    def _replicated(self, name: str) -> bool:
-        return not self.sequence_parallel if name == "dy" else not self.input_is_parallel
 
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
@@ -87,7 +78,7 @@ class RowParallelLinear(ParallelLinear):
         with the dW GEMM, blocking when ``overlap=False``; none on one rank]; accumulates
         ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True,
-                          split_rows=self.sequence_parallel)
+                          split_rows=self.layouts.y == "rows")
         dy = self._apply(self.y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
         prof, x_p = self.profiler, self._x
         with prof.gemm():

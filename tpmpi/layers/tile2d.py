@@ -51,7 +51,7 @@ from mpi4py import MPI
 from ..args import check_int
 from ..comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
 from ..gemm import column_sums
-from ..layout import block_bounds, local_shape
+from ..layout import LinearLayouts, blocks, local_shape
 from ..partition import block_partition
 from .base import ParallelLinear
 
@@ -77,9 +77,6 @@ class TileParallelLinear(ParallelLinear):
     ``grad_weight`` (k_r, n_c) and ``grad_bias`` (n_c,). ``panel``: None (gather form) or the
     K panel width of the level-2 broadcast loop (positive int, same on every rank)."""
 
-    weight_layout = "tiles"
-    bias_layout = "tiles"
-
     def __init__(self, in_features: int, out_features: int, *, grid, panel: Optional[int] = None,
                  **kwargs: Any):
         super().__init__(in_features, out_features, grid=grid, panel=panel, **kwargs)
@@ -91,6 +88,13 @@ class TileParallelLinear(ParallelLinear):
             if panel is not None else []
         self._panels = None  # gather form: (X row panel, W column panel) cached for backward
         self._m = 0
+
+    @classmethod
+    def layouts_for(cls, **_: Any) -> LinearLayouts:
+        """Everything in tiles (x, y, W, b): chainable layer to layer. The panels the local
+        GEMM reads are gathered or broadcast inside the layer (SUMMA), not by a mapping."""
+        return LinearLayouts(x="tiles", y="tiles", weight="tiles", bias="tiles",
+                             x_local="tiles", y_local="tiles")
 
     def _check_options(self, panel: Optional[int] = None) -> None:
         check_int("panel", panel, 1, allow_none=True)
@@ -117,14 +121,11 @@ class TileParallelLinear(ParallelLinear):
             self.comm.Allgather(np.array([x.shape[0]], dtype=np.int64), every)
         m = int(every[::pc].sum())  # ranks (r, 0), row-major
         errors = []
-        for q in range(grid.size):
-            coords = tuple(grid.comm.Get_coords(q))
-            want = tuple(b - a for a, b in block_bounds((m, self.in_features), grid.shape,
-                                                         coords, "tiles"))
+        for q, (_, want) in enumerate(blocks((m, self.in_features), grid.shape, "tiles")):
             if every[q] != want[0]:
                 errors.append(f"x.shape={(int(every[q]), want[1])}: expected {want}, tile "
-                              f"{coords} of the global ({m}, {self.in_features}) x in layout "
-                              f"'tiles' on grid {grid.label} (rank {q})")
+                              f"{divmod(q, pc)} of the global ({m}, {self.in_features}) x in "
+                              f"layout 'tiles' on grid {grid.label} (rank {q})")
         if errors:
             raise ValueError("; ".join(errors))
         self._m = m
@@ -168,17 +169,18 @@ class TileParallelLinear(ParallelLinear):
         xp, m_r, n_c = self.backend.xp, x.shape[0], self.weight.shape[1]
         k = self.in_features
         out = []
-        for local, comm, blocks, shape in (
-                (x, self.grid.row_comm, [((0, a), (m_r, b - a)) for a, b in self._k_cols],
-                 (m_r, k)),
-                (self.weight, self.grid.col_comm,
-                 [((a, 0), (b - a, n_c)) for a, b in self._k_rows], (k, n_c))):
-            if comm.Get_size() == 1:
+        # the X row panel's K blocks are "cols" over row_comm, the W column panel's "rows"
+        # over col_comm
+        for local, comm, shape, layout in ((x, self.grid.row_comm, (m_r, k), "cols"),
+                                           (self.weight, self.grid.col_comm, (k, n_c), "rows")):
+            size = comm.Get_size()
+            if size == 1:
                 out.append(local)
                 continue
             panel = xp.empty(shape, dtype=self.dtype)
-            with self.profiler.comm("allgather", panel.nbytes, comm.Get_size()):
-                self._collective(allgather_blocks, local, panel, blocks, comm, self.staging)
+            with self.profiler.comm("allgather", panel.nbytes, size):
+                self._collective(allgather_blocks, local, panel, blocks(shape, (1, size), layout),
+                                 comm, self.staging)
             out.append(panel)
         return tuple(out)
 

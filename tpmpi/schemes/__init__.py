@@ -18,6 +18,7 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers.module import named_layers
+from ..layout import local_slices
 from ..timing import Profiler
 
 
@@ -123,17 +124,16 @@ class Case:
 
 class LayerCase(Case):
     """A case around one layer object: X (m, k) and dY (m, n_out) from the layout-invariant
-    initialiser, each rank generating only its block of ``layout`` ("replicated", "rows" or
-    "tiles")."""
+    initialiser, each rank generating only its block of the layer's declared layouts of x and
+    y (``layer.layouts``)."""
 
     def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer,
-                 *, n_out: int, flops: float, layout: str = "replicated"):
-        from ..layout import local_slices
-
+                 *, n_out: int, flops: float):
         p = self.problem = problem
         self.comm, self.grid, self.backend, self.layer = grid.comm, grid, backend, layer
-        self.x, self.dy = inputs(p, n_out, backend, local_slices((p.m, p.k), grid, layout),
-                                 local_slices((p.m, n_out), grid, layout))
+        self.x, self.dy = inputs(p, n_out, backend,
+                                 local_slices((p.m, p.k), grid, layer.layouts.x),
+                                 local_slices((p.m, n_out), grid, layer.layouts.y))
         self.flops = flops
         # the ParallelLinear objects (for overlap measurements)
         self.layers = [leaf for _, leaf in named_layers(layer)]

@@ -34,7 +34,7 @@ class MLPCase(LayerCase):
         self.mlp = ParallelMLP(p.k, hidden_of(p), grid=grid, dtype=p.dtype, backend=backend,
                                **p.opts)
         super().__init__(p, grid, backend, self.mlp, n_out=p.k,
-                         flops=4.0 * p.m * p.k * hidden_of(p), layout=self.mlp.layout)
+                         flops=4.0 * p.m * p.k * hidden_of(p))
 
     def serial(self, backend: Backend) -> Callable[..., None]:
         """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
@@ -72,9 +72,8 @@ class MLPCase(LayerCase):
         a = act(pre)
         y_ref = a @ w2 + (b2 if b2 is not None else 0)
         dpre = (dy @ w2.T) * act_grad(pre)
-        lay = mlp.layout
-        pairs = [(self.y, scatter(y_ref, self.grid, lay)),
-                 (self.dx, scatter(dpre @ w1.T, self.grid, lay))]
+        pairs = [(self.y, scatter(y_ref, self.grid, mlp.layouts.y)),
+                 (self.dx, scatter(dpre @ w1.T, self.grid, mlp.layouts.x))]
         pairs += shard_pairs(mlp.fc1, {"weight": x.T @ dpre, "bias": dpre.sum(axis=0)})
         pairs += shard_pairs(mlp.fc2, {"weight": a.T @ dy, "bias": dy.sum(axis=0)})
         return collective_rel_err(self.comm, pairs)

@@ -25,8 +25,7 @@ class TileCase(LayerCase):
             opts["panel"] = round_size(opts["panel"], max(p.k, 1), multiple_for(backend.is_gpu))
         layer = TileParallelLinear(p.k, p.n, grid=grid, dtype=p.dtype, backend=backend, **opts)
         p = dataclasses.replace(p, options=tuple(sorted(opts.items())))  # the panel in effect
-        super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n,
-                         layout="tiles")
+        super().__init__(p, grid, backend, layer, n_out=p.n, flops=2.0 * p.m * p.k * p.n)
 
     def verify(self) -> float:
         p, layer, be = self.problem, self.layer, self.backend
