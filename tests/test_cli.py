@@ -60,3 +60,69 @@ def test_info(world, capsys):
     if not world.member:
         return
     assert main(["info"], world.comm) == 0
+
+
+def _one_line_everywhere(comm, capsys, code, argv, match):
+    """main(argv) returns ``code`` on every rank; rank 0 alone prints one matching line."""
+    assert comm.allgather(main(argv, comm)) == [code] * comm.Get_size(), argv
+    err = capsys.readouterr().err
+    if comm.Get_rank() == 0:
+        assert len(err.splitlines()) == 1 and match in err, err
+    else:
+        assert err == ""
+
+
+@pytest.mark.mpi
+def test_runtime_errors_exit_3_on_every_rank(world, monkeypatch, capsys, tmp_path_factory):
+    """An error of the work itself (tpmpi raises it on every rank together) is not a usage
+    error: exit 3, one line."""
+    if not world.member:
+        return
+    from tpmpi import cli
+
+    def failing_work(*args, **kwargs):
+        raise ValueError("the verification failed on every rank\nsecond line")
+
+    monkeypatch.setattr(cli, "run_case", failing_work)
+    monkeypatch.setattr(cli, "run_sweep", failing_work)
+    small = ["--m", "4", "--k", "4", "--n", "4", "--iters", "1"]
+    for argv in (["run"] + small, ["bench"] + small + ["--no-baseline"]):
+        _one_line_everywhere(world.comm, capsys, 3, argv,
+                             "tpmpi: error: the verification failed on every rank")
+    comm = world.comm
+    folder = comm.bcast(str(tmp_path_factory.mktemp("rep")) if comm.Get_rank() == 0 else None)
+    if comm.Get_rank() == 0:
+        with open(f"{folder}/bad.jsonl", "w") as f:
+            f.write("not json\n")
+    comm.Barrier()
+    _one_line_everywhere(comm, capsys, 3, ["report", f"{folder}/bad.jsonl", "--out", folder],
+                         "bad.jsonl:1: not JSON")
+    _one_line_everywhere(comm, capsys, 2, ["report", f"{folder}/missing.jsonl", "--out",
+                                           folder], "missing.jsonl")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv,env,match", [
+    (["run", "--scheme", "mlp", "--k", "4", "--n", "5"], {}, "--n 5: scheme mlp maps d_model"),
+    (["bench", "--scheme", "mlp", "--k", "4", "--n", "4,5"], {}, "--n 5: scheme mlp"),
+    (["run"], {"TPMPI_MAX_MESSAGE_BYTES": "abc"}, "TPMPI_MAX_MESSAGE_BYTES='abc'"),
+    (["run"], {"TPMPI_THREADS": "two"}, "TPMPI_THREADS='two'"),
+    (["info"], {"TPMPI_BACKEND": "foo"}, "TPMPI_BACKEND='foo'"),
+    (["plan", "--m", "4", "--k", "4", "--n", "4", "--ranks", "2", "--calibration",
+      "/nonexistent/cal.json"], {}, "cal.json")])
+def test_setup_errors_are_usage_errors_before_the_work(world, monkeypatch, capsys, argv, env,
+                                                       match):
+    """What the flags (or environment settings) ask for and this job cannot do exits 2 before
+    any work, even when the library finds it (a ValueError in the set-up)."""
+    if not world.member:
+        return
+    from tpmpi import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the set-up was checked")
+
+    monkeypatch.setattr(cli, "run_case", no_work)
+    monkeypatch.setattr(cli, "run_sweep", no_work)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _one_line_everywhere(world.comm, capsys, 2, argv, match)

@@ -66,7 +66,7 @@ from numpy.lib import format as npy
 
 from ._version import __version__
 from .backend import backend_of
-from .agreement import CALL_ORDER, Same, Text, agree_checks
+from .agreement import CALL_ORDER, Same, Text, agree, agree_checks
 from .comm import _subarray, allreduce, mpi_type
 from .dtypes import SUPPORTED, resolve_dtype
 from .grid import ProcessGrid, default_grid
@@ -260,12 +260,6 @@ def _read_holder(filename: str) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
-
-
-def _fail(message: Optional[str]) -> None:
-    """The local check of an outcome already known: raise ``message`` if there is one."""
-    if message:
-        raise ValueError(message)
 
 
 class SaveLock:
@@ -483,7 +477,7 @@ def save_checkpoint(path: str, layer) -> None:
     except Exception as exc:  # noqa: BLE001 - agreed below, the save undone on rank 0
         error = f"save_checkpoint({path!r}) failed: {type(exc).__name__}: {exc}"
     try:
-        agree_checks(comm, lambda: _fail(error))
+        agree(comm, error)
     except ValueError:
         if save is not None:
             save.abort()
@@ -670,7 +664,8 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     comm = target.comm
 
     def local_checks() -> None:
-        _fail(into_error)
+        if into_error:
+            raise ValueError(into_error)
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"path={path!r}: expected a str or os.PathLike")
         if not isinstance(verify, bool):
@@ -742,7 +737,7 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         problems.append(problem)
         casts.append((p, cast))
     errors = [f"checkpoint {path!r}: {msg}" for msg in problems if msg]
-    agree_checks(params[0].grid.comm, lambda: _fail(errors[0] if errors else None))
+    agree(params[0].grid.comm, errors[0] if errors else None)
     for p in params:
         entry = entries[p.name]
         if not any(q is p for q, _ in casts):

@@ -1,12 +1,22 @@
 """Command line: ``python -m tpmpi {run,bench,calibrate,plan,report,info}`` under ``mpiexec -n P``
 or ``srun`` (``plan`` and ``report`` need no MPI job). Reference: docs/cli.md.
 
-Exit codes: 0 success; 1 ``--check`` failed (error above the dtype's tolerance); 2 usage error
-(one line on rank 0, raised on every rank together), found before the work starts where it can
-be (a problem that cannot fit in memory, a ``--json`` file that cannot be written). An
-unexpected exception prints its traceback and aborts the whole job (``MPI_Abort``), so no rank
-is left hanging; an interruption (SIGINT/Ctrl-C, SIGTERM from ``scancel`` or a time limit)
-prints one line and aborts the job at once, even while this rank waits inside MPI.
+Exit codes (the same on every rank; the line on rank 0's stderr):
+
+* 0 success;
+* 1 ``run --check`` failed (error above the dtype's tolerance);
+* 2 usage error: bad or inconsistent flags (or environment settings such as ``TPMPI_THREADS``),
+  a grid or mesh that does not factor the ranks, a backend or dtype this machine lacks, a
+  problem that cannot fit in memory, a ``--json`` file that cannot be written, a missing input
+  file: found before the work starts (:func:`usage`), one line ``tpmpi: error: ...``;
+* 3 runtime error: the work itself failed with an error tpmpi reports on every rank together
+  (e.g. records that do not parse, an agreement failing mid-run, a failed verification), one
+  line ``tpmpi: error: ...``.
+
+An unexpected exception prints its traceback and aborts the whole job (``MPI_Abort``), so no
+rank is left hanging; an interruption (SIGINT/Ctrl-C, SIGTERM from ``scancel`` or a time limit)
+prints one line and aborts the job at once (``MPI_Abort`` with 128 + the signal number), even
+while this rank waits inside MPI.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -29,11 +39,11 @@ from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
 from .bench import case_progress, format_table, mpi_library, run_case, write_record
 from .collbench import calibrate, sizes_sweep
-from .agreement import Same, Text, agree
+from .agreement import Same, Text, agree, agree_checks
 from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS
-from .dtypes import SUPPORTED
+from .dtypes import SUPPORTED, resolve_dtype
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
@@ -51,8 +61,24 @@ OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
                 "activation": "--activation", "overlap": "--no-overlap"}
 
 
+EXIT_CHECK, EXIT_USAGE, EXIT_RUNTIME = 1, 2, 3
+
+
 class UsageError(ValueError):
     """Bad command-line arguments: exit 2 with a one-line message."""
+
+
+@contextlib.contextmanager
+def usage() -> Iterator[None]:
+    """The checks and the set-up the flags ask for (grid or mesh, BLAS threads, backend,
+    problem, memory, calibration): a ValueError raised inside, agreed on every rank like every
+    tpmpi error, is a usage error (exit 2); after it, the work's are runtime errors (exit 3)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -330,16 +356,33 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
                    options=tuple(sorted(options.items())))
 
 
+def agree_problems(problems: Sequence[Problem], backend, comm: MPI.Comm) -> None:
+    """UsageError on every rank for a problem the flags describe but this job cannot run: an
+    mlp whose --n differs from --k, a dtype the backend lacks (also agrees
+    ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
+    def local_checks() -> None:
+        for p in problems:
+            if p.scheme == "mlp" and p.n != p.k:
+                raise ValueError(f"--n {p.n}: scheme mlp maps d_model (--k {p.k}) to itself; "
+                                 f"pass --n {p.k} (or leave --n and --k equal)")
+            backend.check_dtype(resolve_dtype(p.dtype, argument="--dtype"))
+
+    with usage():
+        agree_checks(comm, local_checks)
+
+
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    problem = problem_from_args(args)
-    shape = parse_shape(args.grid) if args.grid else None
-    configure_blas_threads(comm, args.threads)
-    grid = Mesh(comm, dp=args.dp, tp=shape) if args.dp > 1 else ProcessGrid(comm, shape)
-    tp = grid.tp if args.dp > 1 else grid
-    replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
-    backend = get_backend(args.backend, comm)
-    check_fits([(replica, tp.shape)], backend, comm)
-    cal = agreed_calibration(args.calibration, comm)
+    with usage():
+        problem = problem_from_args(args)
+        shape = parse_shape(args.grid) if args.grid else None
+        configure_blas_threads(comm, args.threads)
+        grid = Mesh(comm, dp=args.dp, tp=shape) if args.dp > 1 else ProcessGrid(comm, shape)
+        tp = grid.tp if args.dp > 1 else grid
+        replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
+        backend = get_backend(args.backend, comm)
+        agree_problems([problem], backend, comm)
+        agree_fits([(replica, tp.shape)], backend, comm)
+        cal = agree_calibration(args.calibration, comm)
     timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
               "overlap": args.measure_overlap}
     rec = run_case(problem, grid, backend, calibration=cal, bucket_bytes=args.bucket_bytes,
@@ -370,22 +413,23 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             with open(args.json, "a") as fh:
                 write_record(rec, fh)
     grid.free()
-    return 0 if ok or not args.check else 1
+    return 0 if ok or not args.check else EXIT_CHECK
 
 
 def cmd_info(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    threads = configure_blas_threads(comm)
-    backend = get_backend("auto", comm)
+    with usage():  # TPMPI_THREADS / TPMPI_BACKEND
+        threads = configure_blas_threads(comm)
+        backend = get_backend("auto", comm)
     local = node_comm(comm)
     nodes = comm.allreduce(1 if local.Get_rank() == 0 else 0)
     local.Free()
     import mpi4py
     import numpy
 
+    vendor, version = MPI.get_vendor()
     facts = {
         "tpmpi": __version__, "mpi4py": mpi4py.__version__, "numpy": numpy.__version__,
-        "mpi_library": mpi_library(), "mpi_vendor": "%s %s" % (MPI.get_vendor()[0],
-                                                              ".".join(map(str, MPI.get_vendor()[1]))),
+        "mpi_library": mpi_library(), "mpi_vendor": f"{vendor} {'.'.join(map(str, version))}",
         "ranks": comm.Get_size(), "nodes": nodes, "backend(auto)": backend.name,
         "gpu_aware": backend.gpu_aware, "threads_per_rank": threads,
         "blas": blas_info(backend), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
@@ -412,33 +456,14 @@ def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
     return append if comm.Get_rank() == 0 else (lambda rec: None)
 
 
-def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    world = comm.Get_size()
-    ranks = args.ranks or default_ranks("sizes" if args.collective else args.sweep, world)
-    if max(ranks) > world:
-        raise UsageError(f"--ranks {max(ranks)} exceeds the job's {world} ranks")
-    if (args.begin is None) != (args.end is None):
-        raise UsageError("-b and -e go together")
-    sizes = sizes_sweep(args.begin, args.end, args.factor) if args.begin is not None else []
-    backend = get_backend(args.backend, comm)
-    if args.collective:
-        if not sizes:
-            raise UsageError("--collective needs a size sweep: -b BYTES -e BYTES [-f F]")
-        if len(args.dtype) > 1:
-            raise UsageError("--collective takes one --dtype")
-        collective_sweep(comm, args.collective, sizes, ranks, args.dtype[0], backend,
-                         warmup=args.warmup, iters=args.iters, on_record=_appender(args.json, comm),
-                         out=_out(comm))
-        return 0
+def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequence[int]) -> list:
+    """The sweep's configurations (:func:`tpmpi.sweep.configs`) named by the flags; UsageError
+    for flags that name none or that contradict each other. Local (the flags are agreed)."""
     if args.sweep == "sizes" and not sizes:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
     if "all" in args.scheme:
         args.scheme = available()
     sequence_mode(args)
-    missing = [s for s in args.scheme if s not in available()]
-    if missing:
-        raise UsageError(f"scheme {missing[0]!r} is not yet available; available: "
-                         f"{', '.join(available())}")
     check_options(args, args.scheme)
     dims = {d: getattr(args, d) or [None] for d in ("m", "k", "n", "hidden")}
     if args.dim == "hidden" and dims["hidden"] == [None] and not sizes:
@@ -452,9 +477,34 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
-    check_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
-    calibration = agreed_calibration(args.calibration, comm)
-    threads = configure_blas_threads(comm, args.threads)
+    return cfgs
+
+
+def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    world = comm.Get_size()
+    with usage():
+        ranks = args.ranks or default_ranks("sizes" if args.collective else args.sweep, world)
+        if max(ranks) > world:
+            raise UsageError(f"--ranks {max(ranks)} exceeds the job's {world} ranks")
+        if (args.begin is None) != (args.end is None):
+            raise UsageError("-b and -e go together")
+        sizes = sizes_sweep(args.begin, args.end, args.factor) if args.begin is not None else []
+        backend = get_backend(args.backend, comm)
+        if args.collective and not sizes:
+            raise UsageError("--collective needs a size sweep: -b BYTES -e BYTES [-f F]")
+        if args.collective and len(args.dtype) > 1:
+            raise UsageError("--collective takes one --dtype")
+    if args.collective:
+        collective_sweep(comm, args.collective, sizes, ranks, args.dtype[0], backend,
+                         warmup=args.warmup, iters=args.iters, on_record=_appender(args.json, comm),
+                         out=_out(comm))
+        return 0
+    with usage():
+        cfgs = bench_configs(args, ranks, sizes)
+        agree_problems([c.problem for c in cfgs], backend, comm)
+        agree_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
+        calibration = agree_calibration(args.calibration, comm)
+        threads = configure_blas_threads(comm, args.threads)
     records: list[dict] = []
     save = _appender(args.json, comm)
 
@@ -470,12 +520,13 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    backend = get_backend(args.backend, comm)
-    threads = configure_blas_threads(comm, args.threads)
+    with usage():
+        backend = get_backend(args.backend, comm)
+        threads = configure_blas_threads(comm, args.threads)
+        sizes = sizes_sweep(args.begin, args.end, args.factor)
     out = _out(comm)
     dtypes = args.dtype or (SUPPORTED if backend.is_gpu else ["float32", "float64"])
-    cal = calibrate(comm, backend, dtypes=dtypes,
-                    sizes=sizes_sweep(args.begin, args.end, args.factor), threads=threads,
+    cal = calibrate(comm, backend, dtypes=dtypes, sizes=sizes, threads=threads,
                     iters=args.iters, progress=lambda what: out(f"calibrating {what}"))
     if comm.Get_rank() == 0:
         with open(args.json, "w") as fh:
@@ -497,10 +548,11 @@ def calibration_warning(cal: Calibration, ranks: int, source: Optional[str]) -> 
 
 
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
-    cal = load_calibration(args.calibration)
-    preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
-                 backward=args.backward, backend=args.backend, calibration=cal,
-                 bucket_bytes=args.bucket_bytes)
+    with usage():  # plan computes from the flags (and the calibration file) alone
+        cal = load_calibration(args.calibration)
+        preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
+                     backward=args.backward, backend=args.backend, calibration=cal,
+                     bucket_bytes=args.bucket_bytes)
     warning = calibration_warning(cal, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")
@@ -510,17 +562,21 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
 
 
 def cmd_report(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    """Rank 0 writes the report; a file it cannot open (an input missing, --out not writable)
+    is a usage error, records it cannot use a runtime error, on every rank."""
     error = None
     if comm.Get_rank() == 0:
         from .report import report
 
         try:
             print(f"wrote {report(args.files, args.out)}")
-        except (OSError, ValueError) as exc:
-            error = str(exc)
+        except OSError as exc:
+            error = (True, str(exc))
+        except ValueError as exc:
+            error = (False, str(exc))
     error = comm.bcast(error, root=0)
     if error:
-        raise ValueError(error)
+        raise (UsageError if error[0] else ValueError)(error[1])
     return 0
 
 
@@ -528,8 +584,8 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "calibrate": cmd_calibrate, "pla
             "report": cmd_report, "info": cmd_info}
 
 
-def parse_agreed(argv: Optional[Sequence[str]], comm: MPI.Comm
-                 ) -> "argparse.Namespace | tuple[int, str]":
+def agree_args(argv: Optional[Sequence[str]], comm: MPI.Comm
+               ) -> "argparse.Namespace | tuple[int, str]":
     """Parse ``argv`` on every rank and agree on the outcome before anything else: the same
     sub-command and flags everywhere (else UsageError on every rank). ``--help``/``--version``
     give ``(exit code, text)`` (to be printed by rank 0 only), and must be asked for on every
@@ -552,7 +608,7 @@ def parse_agreed(argv: Optional[Sequence[str]], comm: MPI.Comm
     return args
 
 
-def check_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json") -> None:
+def agree_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json") -> None:
     """UsageError on every rank unless rank 0 can write ``path`` (its directory exists and is
     writable; an existing file is writable), before any work is done. Collective."""
     error = None
@@ -570,7 +626,7 @@ def check_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json")
         raise UsageError(str(exc)) from None
 
 
-def agreed_calibration(path: Optional[str], comm: MPI.Comm):
+def agree_calibration(path: Optional[str], comm: MPI.Comm):
     """:func:`load_calibration` of ``path`` (else env TPMPI_CALIBRATION) on every rank; a file
     one rank cannot read fails on every rank, naming the flag or the variable. Collective."""
     error, calibration = None, None
@@ -585,7 +641,7 @@ def agreed_calibration(path: Optional[str], comm: MPI.Comm):
     return calibration
 
 
-def check_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
+def agree_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
                comm: MPI.Comm) -> None:
     """UsageError on every rank when one of ``runs`` (a problem on a grid shape) needs more
     memory than this node (or this rank's GPU) has: a lower bound per rank from the layouts
@@ -618,21 +674,22 @@ def check_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
 
 
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
-    """Entry point; returns the exit code (the same on every rank)."""
+    """Entry point; returns the exit code (the same on every rank; see the module docstring)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     try:
-        args = parse_agreed(argv, comm)
+        with usage():
+            args = agree_args(argv, comm)
         if isinstance(args, tuple):  # --help / --version on every rank
             if comm.Get_rank() == 0:
                 sys.stdout.write(args[1])
             return args[0]
         if args.command in ("run", "bench", "calibrate"):
-            check_output_file(args.json, comm)
+            agree_output_file(args.json, comm)
         return COMMANDS[args.command](args, comm)
-    except (UsageError, ValueError) as exc:
+    except ValueError as exc:  # agreed: raised on every rank together
         if comm.Get_rank() == 0:
             sys.stderr.write(f"tpmpi: error: {str(exc).splitlines()[0]}\n")
-        return 2
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_RUNTIME
 
 
 def _abort(comm: MPI.Comm, line: str, code: int) -> None:

@@ -83,16 +83,13 @@ class Requests:
     def Wait(self) -> None:  # noqa: N802 (mpi4py's spelling)
         wait_all(self.requests)
 
-    def Test(self) -> bool:  # noqa: N802
-        return all(r.Test() for r in self.requests)
-
 
 class Chain:
     """A non-blocking collective in steps: ``steps`` yields the request list of each step (the
     first is posted now); the local work between steps (e.g. a sum) and the next step's posting
-    run when the previous step has completed, inside :meth:`Wait` or a successful
-    :meth:`Test`. Ranks must wait for (or test) chains that share a communicator in the same
-    order, as MPI requires of the calls they post."""
+    run inside :meth:`Wait`, each after the previous step has completed. Ranks must wait for
+    chains that share a communicator in the same order, as MPI requires of the calls they
+    post."""
 
     def __init__(self, steps: Iterator[list]):
         self._steps = steps
@@ -102,11 +99,6 @@ class Chain:
         while self._pending is not None:
             wait_all(self._pending)
             self._pending = next(self._steps, None)
-
-    def Test(self) -> bool:  # noqa: N802
-        while self._pending is not None and all(r.Test() for r in self._pending):
-            self._pending = next(self._steps, None)
-        return self._pending is None
 
 
 def wait_all(requests: Sequence[Any]) -> None:

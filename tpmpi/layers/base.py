@@ -334,7 +334,7 @@ class ParallelLinear:
         ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
         the forward input's), or with ``split_rows`` this rank's block of the rows (layout
         "rows", see :meth:`_agree_row_blocks`). Returns the global row count M and, in forward,
-        keeps it for backward. One small Allreduce (:meth:`_agree`; with ``split_rows`` then an
+        keeps it for backward. One small Allreduce (:meth:`_agree_call`; with ``split_rows`` then an
         Allgather of the row counts)."""
         shape = getattr(a, "shape", None)
         rows = shape[0] if shape else None
@@ -347,7 +347,7 @@ class ParallelLinear:
                 raise ValueError(f"{name}.shape={tuple(a.shape)}: expected {self._rows} "
                                  "rows (the forward input's)")
 
-        self._agree(local_checks, name, a, backward,
+        self._agree_call(local_checks, name, a, backward,
                     **({} if split_rows else {f"{name}.shape[0]": rows}))
         if split_rows:
             rows = self._agree_row_blocks(name, rows, backward)
@@ -373,7 +373,7 @@ class ParallelLinear:
                              f"{self._rows} rows in all (the forward input's)")
         return total
 
-    def _agree(self, local_checks: Callable[[], None], name: str, a, backward: bool,
+    def _agree_call(self, local_checks: Callable[[], None], name: str, a, backward: bool,
                **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
         :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier

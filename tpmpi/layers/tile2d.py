@@ -114,7 +114,7 @@ class TileParallelLinear(ParallelLinear):
                                  f"{grid.coords} of a global (M, {self.in_features}) x in "
                                  f"layout 'tiles' on grid {grid.label}")
 
-        self._agree(local_checks, "x", x, False)
+        self._agree_call(local_checks, "x", x, False)
         every = np.array([x.shape[0]], dtype=np.int64)
         if grid.size > 1:  # one rank: nothing to gather
             every = np.empty(grid.size, dtype=np.int64)
@@ -139,7 +139,7 @@ class TileParallelLinear(ParallelLinear):
                                  f"{self.grid.coords} of the global ({self._m}, "
                                  f"{self.out_features}) dy on grid {self.grid.label}")
 
-        self._agree(local_checks, "dy", dy, True)
+        self._agree_call(local_checks, "dy", dy, True)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x):
