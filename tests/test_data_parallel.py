@@ -174,6 +174,9 @@ def test_errors_on_every_rank(world):
                             f"the replicas' gradients differ .*DP ranks \\[{size - 1}\\]")
         all_ranks_raise(comm, lambda: tpmpi.DataParallel(mlp, other),
                         "mesh is a ProcessGrid: expected a tpmpi.Mesh")
+        # a module found through the module protocol only (children()), on every rank
+        all_ranks_raise(comm, lambda: tpmpi.DataParallel({} if rank == size - 1 else mlp, mesh),
+                        "module: dict is not a tpmpi layer or composite")
         other.free()
         model = tpmpi.DataParallel(mlp, mesh)
         all_ranks_raise(comm, lambda: model.backward(np.ones((2, 3))),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tpmpi.layout import LAYOUTS, block_bounds
+from tpmpi.layout import LAYOUTS, PARTIAL, Layouts, LinearLayouts, block_bounds, blocks
 from tpmpi.grid import factorisations
 
 
@@ -29,3 +29,66 @@ def test_tiles_block_of_rank_rc():
 def test_unknown_layout():
     with pytest.raises(ValueError, match="layout='diag'"):
         block_bounds((2, 2), (1, 1), (0, 0), "diag")
+
+
+def test_blocks_list_every_rank_in_grid_order():
+    for shape in [(7, 5), (3,), (0, 4)]:
+        for grid in [(1, 4), (2, 3), (3, 1)]:
+            for layout in LAYOUTS:
+                got = blocks(shape, grid, layout)
+                assert len(got) == grid[0] * grid[1]
+                for rank, (starts, size) in enumerate(got):
+                    bounds = block_bounds(shape, grid, divmod(rank, grid[1]), layout)
+                    assert starts == tuple(a for a, _ in bounds)
+                    assert size == tuple(b - a for a, b in bounds)
+    assert blocks((2, 5), (1, 2), "cols") == [((0, 0), (2, 3)), ((0, 3), (2, 2))]
+
+
+def test_partial_sizes_like_replicated_but_is_no_storage_layout():
+    assert block_bounds((4, 3), (2, 2), (1, 1), PARTIAL) == ((0, 4), (0, 3))
+    from mpi4py import MPI
+
+    import tpmpi
+
+    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
+        with pytest.raises(ValueError, match="layout='partial': expected one of replicated"):
+            tpmpi.scatter(np.zeros((2, 2)), grid, PARTIAL)
+
+
+@pytest.mark.parametrize("cls,options,want", [
+    ("ColumnParallelLinear", {}, ("replicated", "replicated", "cols", "cols", "replicated",
+                                  "cols")),
+    ("ColumnParallelLinear", {"gather_output": False}, ("replicated", "cols", "cols", "cols",
+                                                        "replicated", "cols")),
+    ("ColumnParallelLinear", {"gather_output": False, "sequence_parallel": True},
+     ("rows", "cols", "cols", "cols", "replicated", "cols")),
+    ("RowParallelLinear", {}, ("replicated", "replicated", "rows", "replicated", "cols",
+                               PARTIAL)),
+    ("RowParallelLinear", {"input_is_parallel": True, "sequence_parallel": True},
+     ("cols", "rows", "rows", "replicated", "cols", PARTIAL)),
+    ("TileParallelLinear", {"panel": 4}, ("tiles",) * 6)])
+def test_layers_declare_their_layouts(cls, options, want):
+    """(x, y, weight, bias, x_local, y_local), from the flags in one place (layouts_for) and on
+    the layer built with them."""
+    from mpi4py import MPI
+
+    import tpmpi
+
+    klass = getattr(tpmpi, cls)
+    assert klass.layouts_for(**options) == LinearLayouts(*want)
+    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
+        layer = klass(4, 6, grid=grid, **options)
+        assert layer.layouts == LinearLayouts(*want)
+        assert {name: layout for name, (_, layout) in layer.parameter_layouts().items()} == \
+            {"weight": want[2], "bias": want[3]}
+
+
+@pytest.mark.parametrize("mode,io", [("megatron", "replicated"), ("book", "replicated"),
+                                     ("sequence", "rows"), ("tile2d", "tiles")])
+def test_mlp_layouts_are_its_childrens(mode, io):
+    """x is fc1's input layout, y fc2's output layout."""
+    import tpmpi
+
+    assert tpmpi.ParallelMLP.layouts_for(mode) == Layouts(io, io)
+    (c1, o1), (c2, o2) = tpmpi.ParallelMLP.sublayers(mode)
+    assert c1.layouts_for(**o1).y == c2.layouts_for(**o2).x  # fc1's output is fc2's input

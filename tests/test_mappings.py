@@ -96,3 +96,43 @@ def test_operator_names_and_no_communication_on_one_rank():
     for cls in MAPPINGS:  # on one rank every operator is the identity, without a copy
         out = cls(MPI.COMM_SELF).out(x, 2 if cls is GatherRows else 3)
         assert np.shares_memory(out, x) and np.array_equal(out, x)
+
+
+def test_operators_are_named_by_their_layouts():
+    """A layer's declared layouts pick its operators (tpmpi.mappings.between)."""
+    from mpi4py import MPI
+
+    from tpmpi.mappings import between, mapping_class
+
+    pairs = {(cls.src, cls.dst): cls for cls in MAPPINGS}
+    assert pairs == {("replicated", "replicated"): Copy, ("partial", "replicated"): AllReduce,
+                     ("rows", "replicated"): GatherRows, ("partial", "rows"): ReduceScatterRows,
+                     ("cols", "replicated"): GatherCols, ("replicated", "cols"): SplitCols}
+    for (src, dst), cls in pairs.items():
+        assert mapping_class(src, dst) is cls and type(between(src, dst, MPI.COMM_SELF)) is cls
+    for layout in ("cols", "rows", "tiles"):  # blocks kept: no operator
+        assert mapping_class(layout, layout) is None
+        assert between(layout, layout, MPI.COMM_SELF) is None
+    with pytest.raises(ValueError, match="no operator maps layout 'tiles' to 'replicated'"):
+        mapping_class("tiles", "replicated")
+    assert [c for c in MAPPINGS if c.allocates] == [GatherRows, ReduceScatterRows, GatherCols]
+
+
+@pytest.mark.parametrize("cls,options,x_map,y_map", [
+    ("ColumnParallelLinear", {}, Copy, GatherCols),
+    ("ColumnParallelLinear", {"gather_output": False}, Copy, None),
+    ("ColumnParallelLinear", {"gather_output": False, "sequence_parallel": True}, GatherRows,
+     None),
+    ("RowParallelLinear", {}, SplitCols, AllReduce),
+    ("RowParallelLinear", {"input_is_parallel": True}, None, AllReduce),
+    ("RowParallelLinear", {"input_is_parallel": True, "sequence_parallel": True}, None,
+     ReduceScatterRows)])
+def test_layers_operators_follow_their_flags(cls, options, x_map, y_map):
+    from mpi4py import MPI
+
+    import tpmpi
+
+    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
+        layer = getattr(tpmpi, cls)(3, 4, grid=grid, **options)
+        assert type(layer.x_map) is type(None) if x_map is None else type(layer.x_map) is x_map
+        assert type(layer.y_map) is type(None) if y_map is None else type(layer.y_map) is y_map

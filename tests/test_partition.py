@@ -1,7 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from tpmpi.partition import block_partition, block_range, block_sizes
+from tpmpi.partition import block_partition, block_range, block_sizes, displacements, \
+    largest_block
 
 
 @given(st.integers(0, 10_000), st.integers(1, 300))
@@ -13,6 +14,8 @@ def test_blocks_tile_range_in_order(n, p):
         assert b == c and a <= b
     sizes = block_sizes(n, p)
     assert max(sizes) - min(sizes) <= 1
+    assert largest_block(n, p) == max(sizes) == sizes[0]
+    assert displacements(sizes) == [a for a, _ in parts]
     assert sizes == sorted(sizes, reverse=True)  # the larger blocks come first
     for i in range(p):
         assert block_range(n, p, i) == parts[i]
@@ -29,3 +32,10 @@ def test_design_formula_and_empty_parts():
 def test_bad_arguments_name_themselves(n, p, i, match):
     with pytest.raises(ValueError, match=match):
         block_range(n, p, i)
+
+
+def test_displacements_of_any_counts():
+    assert displacements([3, 0, 2, 5]) == [0, 3, 3, 5]
+    assert displacements([]) == [] and displacements((4,)) == [0]
+    with pytest.raises(ValueError, match="parts=0"):
+        largest_block(5, 0)

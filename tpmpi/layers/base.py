@@ -18,7 +18,7 @@ from ..dtypes import dtype_name, resolve_dtype
 from ..gemm import matmul
 from ..grid import ProcessGrid, default_grid
 from ..init import init_weight
-from ..layout import LinearLayouts, agreed_gather, local_slices
+from ..layout import LinearLayouts, agreed_gather, local_shape, local_slices
 from ..mappings import Mapping, between
 from ..partition import block_sizes
 from ..timing import Profiler
@@ -264,6 +264,10 @@ class ParallelLinear:
         """The ``call`` value agreed with operation ``op`` (counted on every rank)."""
         self._ops += 1
         return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
+
+    def _width(self, layout: str, n: int) -> int:
+        """Columns this rank holds of an (M, n) array in ``layout``."""
+        return local_shape((0, n), self.grid, layout)[1]
 
     def _replicated(self, name: str) -> bool:
         """True when input ``name`` ("x" or "dy") must be the same on every rank: its declared

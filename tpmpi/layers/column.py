@@ -136,8 +136,7 @@ class ColumnParallelLinear(ParallelLinear):
         the dW GEMM, or a blocking Allreduce when ``overlap=False``], or with
         ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
-        cols = self.out_features if self.gather_output else self.weight.shape[1]
-        self._agree_input("dy", dy, cols, backward=True)
+        self._agree_input("dy", dy, self._width(self.layouts.y, self.out_features), backward=True)
         x_map, y_map = self.x_map, self.y_map
         # own columns: a strided view (one copy on a GPU, for both products)
         dy_p = self.backend.operand(y_map.adjoint.out(dy)) if y_map else dy

@@ -58,8 +58,7 @@ class RowParallelLinear(ParallelLinear):
     def forward(self, x):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
         (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
-        k_p = self.weight.shape[0]
-        self._agree_input("x", x, k_p if self.input_is_parallel else self.in_features)
+        self._agree_input("x", x, self._width(self.layouts.x, self.in_features))
         xp, prof = self.backend.xp, self.profiler
         # own columns: a strided view (one copy on a GPU, kept for the dW product)
         x_p = self.backend.operand(self._apply(self.x_map, x))
