@@ -62,6 +62,17 @@ def test_info(world, capsys):
     assert main(["info"], world.comm) == 0
 
 
+def _replace_work(monkeypatch, error: Exception) -> None:
+    """The CLI's work (run_case, run_sweep) raises ``error`` instead."""
+    from tpmpi import cli
+
+    def work(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "run_case", work)
+    monkeypatch.setattr(cli, "run_sweep", work)
+
+
 def _one_line_everywhere(comm, capsys, code, argv, match):
     """main(argv) returns ``code`` on every rank; rank 0 alone prints one matching line."""
     assert comm.allgather(main(argv, comm)) == [code] * comm.Get_size(), argv
@@ -78,13 +89,7 @@ def test_runtime_errors_exit_3_on_every_rank(world, monkeypatch, capsys, tmp_pat
     error: exit 3, one line."""
     if not world.member:
         return
-    from tpmpi import cli
-
-    def failing_work(*args, **kwargs):
-        raise ValueError("the verification failed on every rank\nsecond line")
-
-    monkeypatch.setattr(cli, "run_case", failing_work)
-    monkeypatch.setattr(cli, "run_sweep", failing_work)
+    _replace_work(monkeypatch, ValueError("the verification failed on every rank\nsecond line"))
     small = ["--m", "4", "--k", "4", "--n", "4", "--iters", "1"]
     for argv in (["run"] + small, ["bench"] + small + ["--no-baseline"]):
         _one_line_everywhere(world.comm, capsys, 3, argv,
@@ -116,13 +121,7 @@ def test_setup_errors_are_usage_errors_before_the_work(world, monkeypatch, capsy
     any work, even when the library finds it (a ValueError in the set-up)."""
     if not world.member:
         return
-    from tpmpi import cli
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the work started before the set-up was checked")
-
-    monkeypatch.setattr(cli, "run_case", no_work)
-    monkeypatch.setattr(cli, "run_sweep", no_work)
+    _replace_work(monkeypatch, AssertionError("the work started before the set-up was checked"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     _one_line_everywhere(world.comm, capsys, 2, argv, match)
