@@ -694,13 +694,7 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
                          f"{want.__name__}")
     entries = manifest["parameters"]
     if verify:
-        for name, entry in entries.items():
-            nbytes = math.prod(entry["shape"]) * np.dtype(entry["dtype"]).itemsize
-            got = checksum(comm, os.path.join(path, entry["file"]), entry["header_bytes"], nbytes,
-                           entry["checksum"].get("chunk_bytes", CHUNK_BYTES))
-            if got != entry["checksum"]["value"]:
-                raise ValueError(f"checkpoint {path!r}: {entry['file']} is corrupted (checksum "
-                                 f"{got} != {entry['checksum']['value']} in the manifest)")
+        _verify(comm, path, entries)
     if into is None:
         if manifest["config"] is None:
             raise ValueError(f"checkpoint {path!r}: {manifest['class']} has no saved config; "
@@ -718,6 +712,18 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     agree_checks(comm, shapes_match)
     _read_all(path, params, entries)
     return into
+
+
+def _verify(comm: MPI.Comm, path: str, entries: dict) -> None:
+    """Recompute the checksum of every parameter file of the manifest ``entries``; the same
+    ValueError on every rank for a corrupted one. Collective."""
+    for entry in entries.values():
+        nbytes = math.prod(entry["shape"]) * np.dtype(entry["dtype"]).itemsize
+        got = checksum(comm, os.path.join(path, entry["file"]), entry["header_bytes"], nbytes,
+                       entry["checksum"].get("chunk_bytes", CHUNK_BYTES))
+        if got != entry["checksum"]["value"]:
+            raise ValueError(f"checkpoint {path!r}: {entry['file']} is corrupted (checksum "
+                             f"{got} != {entry['checksum']['value']} in the manifest)")
 
 
 def _read_all(path: str, params: list[Param], entries: dict) -> None:

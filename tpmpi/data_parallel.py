@@ -104,6 +104,20 @@ class DataParallel:
         self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
         grads = [(layer, name, getattr(layer, name)) for layer in reversed(layers)
                  for name in ("grad_bias", "grad_weight") if getattr(layer, name) is not None]
+        self._agree_gradients(grads)
+        self.buckets = self._bucket(grads)
+        self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
+        self._active = False
+        self._ready: set = set()
+        self._started = 0
+        self._out = None  # (shape, dtype) of the last forward output, to check dy against
+        if hasattr(module, "grad_ready"):
+            module.grad_ready.append(self._layer_ready)
+
+    def _agree_gradients(self, grads: list) -> None:
+        """The same ValueError on every rank of the mesh unless every replica holds gradients of
+        the same shapes and dtypes, in the same order. Collective (an allgather over the DP
+        communicator, an agreement over the mesh)."""
         signature = [(type(layer).__name__, name, tuple(g.shape), dtype_name(g.dtype))
                      for layer, name, g in grads]
         others = self.dp_comm.allgather(signature)
@@ -113,24 +127,22 @@ class DataParallel:
             error = (f"DataParallel: the replicas' gradients differ (shapes or dtypes on DP "
                      f"ranks {ranks} differ from DP rank 0's); every replica must build the "
                      "same module")
-        agree(mesh.comm, error, call=_call("gradient layout"))
-        self.buckets: list[_Bucket] = []
+        agree(self.mesh.comm, error, call=_call("gradient layout"))
+
+    def _bucket(self, grads: list) -> list[_Bucket]:
+        """``grads`` ((layer, attribute, gradient) in backward order) cut into buckets of at
+        least ``bucket_bytes``, a new dtype starting a new one (module docstring)."""
+        buckets: list[_Bucket] = []
         group: list = []
         for entry in grads:
             if group and (entry[2].dtype != group[0][2].dtype
                           or sum(g.nbytes for _, _, g in group) >= self.bucket_bytes):
-                self.buckets.append(_Bucket(self.backend.xp, group))
+                buckets.append(_Bucket(self.backend.xp, group))
                 group = []
             group.append(entry)
         if group:
-            self.buckets.append(_Bucket(self.backend.xp, group))
-        self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
-        self._active = False
-        self._ready: set = set()
-        self._started = 0
-        self._out = None  # (shape, dtype) of the last forward output, to check dy against
-        if hasattr(module, "grad_ready"):
-            module.grad_ready.append(self._layer_ready)
+            buckets.append(_Bucket(self.backend.xp, group))
+        return buckets
 
     def attach_profiler(self) -> Profiler:
         """Time the gradient communication from now on (a timed

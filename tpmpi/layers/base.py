@@ -134,28 +134,34 @@ class ParallelLinear:
         self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
         self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
-        xp = self.backend.xp
         w_rows, w_cols = local_slices((self.in_features, self.out_features), self.grid,
                                       self.layouts.weight)
         (b_cols,) = local_slices((self.out_features,), self.grid, self.layouts.bias)
         self.shard: tuple[slice, slice] = (w_rows, w_cols)
         self.bias_slice: slice = b_cols
-        if _dense is None:
-            self.weight = init_weight((self.in_features, self.out_features), seed, self.dtype,
-                                      rows=w_rows, cols=w_cols, backend=self.backend)
-            self.bias = init_weight((self.out_features,), seed, self.dtype, cols=b_cols,
-                                    backend=self.backend, stream=1,
-                                    bound=1.0 / math.sqrt(max(1, self.in_features))) \
-                if bias else None
-        else:
-            w, b = _dense
-            self.weight = xp.ascontiguousarray(xp.asarray(w[w_rows, w_cols], dtype=self.dtype))
-            self.bias = xp.ascontiguousarray(xp.asarray(b[b_cols], dtype=self.dtype)) \
-                if b is not None else None
+        self.weight, self.bias = self._place_parameters(bool(bias), _dense)
+        xp = self.backend.xp
         self.grad_weight = xp.zeros_like(self.weight)
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
         self._x = None
         self._rows: Optional[int] = None  # global rows of the last forward input
+
+    def _place_parameters(self, bias: bool, dense) -> tuple[Any, Any]:
+        """This rank's blocks of W (:attr:`shard`) and b (:attr:`bias_slice`, or None): from the
+        layout-invariant initialiser (``self.seed``), or sliced from the global ``dense`` pair
+        ``(W, b)``. No communication."""
+        xp, rows_cols, cols = self.backend.xp, self.shard, self.bias_slice
+        if dense is None:
+            weight = init_weight((self.in_features, self.out_features), self.seed, self.dtype,
+                                 rows=rows_cols[0], cols=rows_cols[1], backend=self.backend)
+            b = init_weight((self.out_features,), self.seed, self.dtype, cols=cols,
+                            backend=self.backend, stream=1,
+                            bound=1.0 / math.sqrt(max(1, self.in_features))) if bias else None
+            return weight, b
+        w, b = dense
+        weight = xp.ascontiguousarray(xp.asarray(w[rows_cols], dtype=self.dtype))
+        return weight, (xp.ascontiguousarray(xp.asarray(b[cols], dtype=self.dtype))
+                        if b is not None else None)
 
     def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
         """Time this layer's GEMM and communication regions from now on (``profiler``, default a
