@@ -662,31 +662,9 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     except ValueError as exc:  # into= is not a layer: reported by every rank together
         target, into_error = grid if grid is not None else default_grid(), f"into: {exc}"
     comm = target.comm
-
-    def local_checks() -> None:
-        if into_error:
-            raise ValueError(into_error)
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"path={path!r}: expected a str or os.PathLike")
-        if not isinstance(verify, bool):
-            raise ValueError(f"verify={verify!r}: expected True or False")
-        if cls is not None and not isinstance(cls, type):
-            raise ValueError(f"cls={cls!r}: expected a layer class or None")
-        if into is not None and grid is not None and target is not grid:
-            raise ValueError("into= and grid= name different grids: pass one of them (into's "
-                             "grid is used)")
-        if into is not None and options:
-            raise ValueError(f"options {sorted(options)} are not used with into= (the layer is "
-                             "already built): drop them")
-
-    where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
-    agree_checks(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
-                 cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
-                 if isinstance(cls, type) else repr(cls),
-                 into=Same(None if into is None or into_error else identities(into),
-                           "every rank must pass into= the same layer object, or none"),
-                 verify=verify, options=options)
-    path = where
+    path = _agree_load(comm, path, cls=cls, into=into, into_error=into_error,
+                       other_grid=into is not None and grid is not None and target is not grid,
+                       verify=verify, options=options)
     manifest = _agree_root(comm, lambda: read_manifest(path))
     want = type(into) if into is not None else cls
     if want not in (None, ParallelLinear, Composite) and manifest["class"] != want.__name__:
@@ -712,6 +690,36 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     agree_checks(comm, shapes_match)
     _read_all(path, params, entries)
     return into
+
+
+def _agree_load(comm: MPI.Comm, path, *, cls, into, into_error: Optional[str], other_grid: bool,
+                verify, options: dict) -> str:
+    """The absolute ``path`` after agreeing every argument of :func:`load_checkpoint` (the same
+    ValueError on every rank for a bad or differing one). Collective."""
+    def local_checks() -> None:
+        if into_error:
+            raise ValueError(into_error)
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path={path!r}: expected a str or os.PathLike")
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify={verify!r}: expected True or False")
+        if cls is not None and not isinstance(cls, type):
+            raise ValueError(f"cls={cls!r}: expected a layer class or None")
+        if other_grid:
+            raise ValueError("into= and grid= name different grids: pass one of them (into's "
+                             "grid is used)")
+        if into is not None and options:
+            raise ValueError(f"options {sorted(options)} are not used with into= (the layer is "
+                             "already built): drop them")
+
+    where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+    agree_checks(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
+                 cls=None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
+                 if isinstance(cls, type) else repr(cls),
+                 into=Same(None if into is None or into_error else identities(into),
+                           "every rank must pass into= the same layer object, or none"),
+                 verify=verify, options=options)
+    return where
 
 
 def _verify(comm: MPI.Comm, path: str, entries: dict) -> None:
