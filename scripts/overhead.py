@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.comm import alltoallw_args
+from tpmpi.partition import largest_block
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
@@ -68,7 +69,7 @@ def main() -> None:
 
     (send, recv), = alltoallw_args(y_local, y, layer.y_map.blocks(y), comm.Get_rank())
     item = y.dtype.itemsize
-    widest = -(-args.n // comm.Get_size())  # rank 0's block of the N columns
+    widest = largest_block(args.n, comm.Get_size())  # rank 0's block of the N columns
     ag_send = np.empty(args.m * widest, dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)
     timings = per_call({"forward": lambda: layer(x), "gemm": gemm,

@@ -238,6 +238,7 @@ GatherRows.adjoint_class, ReduceScatterRows.adjoint_class = ReduceScatterRows, G
 GatherCols.adjoint_class, SplitCols.adjoint_class = SplitCols, GatherCols
 
 MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCols)
+_BY_LAYOUTS = {(m.src, m.dst): m for m in MAPPINGS}
 
 
 def mapping_class(src: str, dst: str) -> Optional[type]:
@@ -246,10 +247,10 @@ def mapping_class(src: str, dst: str) -> Optional[type]:
     operator maps."""
     if src == dst and src != "replicated":
         return None
-    found = [m for m in MAPPINGS if (m.src, m.dst) == (src, dst)]
-    if not found:
-        raise ValueError(f"no operator maps layout {src!r} to {dst!r}")
-    return found[0]
+    try:
+        return _BY_LAYOUTS[src, dst]
+    except KeyError:
+        raise ValueError(f"no operator maps layout {src!r} to {dst!r}") from None
 
 
 def between(src: str, dst: str, comm: MPI.Comm, staging: Optional[Staging] = None

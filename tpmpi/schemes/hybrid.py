@@ -13,7 +13,7 @@ from ..comm import allreduce
 from ..data_parallel import BUCKET_BYTES, DataParallel
 from ..grid import ProcessGrid
 from ..mesh import Mesh
-from ..partition import block_range
+from ..partition import block_range, largest_block
 from . import Case, Problem, build, collective_rel_err, host64
 
 
@@ -74,7 +74,7 @@ class DataParallelCase(Case):
 def largest_replica(problem: Problem, dp: int) -> Problem:
     """``problem`` as its largest data-parallel replica runs it: ceil(M / dp) rows (cost and
     memory estimates of one replica)."""
-    return dataclasses.replace(problem, m=-(-problem.m // dp))
+    return dataclasses.replace(problem, m=largest_block(problem.m, dp))
 
 
 def build_case(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
