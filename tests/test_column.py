@@ -197,3 +197,8 @@ def test_grids_meshes_and_layers_leave_blas_alone(world):
         with pytest.warns(DeprecationWarning, match=r"tpmpi.configure_blas_threads"):
             tpmpi.ProcessGrid(comm, blas_threads=2).free()
         assert blas_threads() == 2
+        if world.size > 1:  # the deprecated keyword on some ranks only: no rank is left waiting
+            given = 1 if comm.Get_rank() == 0 else None
+            all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, blas_threads=given),
+                            "blas_threads differs across ranks: given on rank 0 and not given "
+                            "on ranks? [0-9,]+")

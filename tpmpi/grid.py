@@ -75,7 +75,8 @@ class ProcessGrid:
                                  f"valid shapes: {valid}")
         except (TypeError, ValueError) as exc:
             error = str(exc)
-        agree(comm, error, call=Text("ProcessGrid()"), shape=shape, node_aware=bool(node_aware))
+        agree(comm, error, call=Text("ProcessGrid()"), shape=shape, node_aware=bool(node_aware),
+              blas_threads=Text("given" if blas_threads is not None else "not given"))
         self.shape: tuple[int, int] = shape
         base = comm
         if node_aware:
