@@ -344,8 +344,8 @@ class ParallelLinear:
         ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
         the forward input's), or with ``split_rows`` this rank's block of the rows (layout
         "rows", see :meth:`_agree_row_blocks`). Returns the global row count M and, in forward,
-        keeps it for backward. One small Allreduce (:meth:`_agree_call`; with ``split_rows`` then an
-        Allgather of the row counts)."""
+        keeps it for backward. One small Allreduce (:meth:`_agree_call`; with ``split_rows``
+        then an Allgather of the row counts)."""
         shape = getattr(a, "shape", None)
         rows = shape[0] if shape else None
 
@@ -358,7 +358,7 @@ class ParallelLinear:
                                  "rows (the forward input's)")
 
         self._agree_call(local_checks, name, a, backward,
-                    **({} if split_rows else {f"{name}.shape[0]": rows}))
+                         **({} if split_rows else {f"{name}.shape[0]": rows}))
         if split_rows:
             rows = self._agree_row_blocks(name, rows, backward)
         if not backward:
@@ -384,7 +384,7 @@ class ParallelLinear:
         return total
 
     def _agree_call(self, local_checks: Callable[[], None], name: str, a, backward: bool,
-               **values: Any) -> None:
+                    **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
         :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier
         local failure and, with ``check_replicated``, the checksum of a replicated input. One
