@@ -365,7 +365,7 @@ def _remove(where: str) -> None:
 def _committed(path: str) -> Optional[dict]:
     """The committed manifest of ``path`` if it is a valid one, else None."""
     try:
-        return validate_manifest(path, _load_json(path))
+        return check_manifest(path, _load_json(path))
     except ValueError:
         return None
 
@@ -517,7 +517,7 @@ def _field(where: str, entry: Any, key: str, kind, what: str) -> Any:
     return value
 
 
-def validate_manifest(path: str, manifest: Any) -> dict:
+def check_manifest(path: str, manifest: Any) -> dict:
     """``manifest`` after checking its schema (types of every field used by load); ValueError
     naming the first bad field, its value and what was expected. Local."""
     where = f"checkpoint manifest {os.path.join(path, MANIFEST)!r}"
@@ -578,7 +578,7 @@ def read_manifest(path: str) -> dict:
     """The manifest of checkpoint ``path`` after checking its schema and every file it lists:
     present, a .npy header matching the manifest's shape, dtype and header size, and exactly
     the expected size. Local; ValueError naming the problem."""
-    manifest = validate_manifest(path, _load_json(path))
+    manifest = check_manifest(path, _load_json(path))
     for name, entry in manifest["parameters"].items():
         resolve_dtype(entry["dtype"], argument=f"parameter {name} dtype")  # e.g. ml_dtypes
         filename = os.path.join(path, entry["file"])
