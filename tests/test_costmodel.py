@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from tpmpi.costmodel import (Calibration, bw_factor, fit_alpha_beta, gemm_class, lat_factor,
-                             load_calibration, plan, predict, square_grid)
+from tpmpi.colltable import bw_factor, lat_factor
+from tpmpi.costmodel import (Calibration, fit_alpha_beta, gemm_class, load_calibration, plan,
+                             predict, square_grid)
 from tpmpi.schemes import Problem
 
 

@@ -28,7 +28,7 @@ from .data_parallel import BUCKET_BYTES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
 from .progress import Progress, announce, case_s
-from .schemes import Problem
+from .problem import Problem
 from .schemes.hybrid import largest_replica
 
 SWEEPS = ("strong", "weak", "sizes")
@@ -120,8 +120,9 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     out = []
     for cfg in cfgs:
         key = dataclasses.replace(cfg.problem, options=())
-        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
-                          iters=iters, baseline=baseline and key not in seen, overlap=overlap,
+        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid,
+                          cal, backend, warmup=warmup, iters=iters,
+                          baseline=baseline and key not in seen, overlap=overlap,
                           oversubscription=oversubscription * cfg.ranks / world))
         seen.add(key)
     return out
@@ -158,7 +159,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
                                        baseline_threads=all_threads,
                                        calibration=calibration, overlap=measure_overlap,
                                        bucket_bytes=bucket_bytes)
-                    rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
+                    rec.sweep = dict(zip(("kind", "dim"), cfg.sweep))
                     if baseline:
                         bases[key] = rec["spread"]["baseline_s"]
                     if rank == 0:

@@ -8,7 +8,8 @@ from ..backend import Backend
 from ..comm import allreduce
 from ..grid import ProcessGrid
 from ..layers import ColumnParallelLinear
-from . import LayerCase, Problem, collective_rel_err, register
+from ..problem import Problem
+from .base import LayerCase, collective_rel_err
 
 
 class ColumnCase(LayerCase):
@@ -37,8 +38,3 @@ class ColumnCase(LayerCase):
         if layer.bias is not None:
             pairs.append((layer.grad_bias, dy_p.sum(axis=0)))
         return collective_rel_err(self.comm, pairs)
-
-
-@register("column")
-def build_column(problem: Problem, grid: ProcessGrid, backend: Backend) -> ColumnCase:
-    return ColumnCase(problem, grid, backend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..backend import Backend
 from ..grid import ProcessGrid
 from ..layers import RowParallelLinear
-from . import LayerCase, Problem, collective_rel_err, host64, register, shard_pairs
+from ..problem import Problem
+from .base import LayerCase, collective_rel_err, host64, shard_pairs
 
 
 class RowCase(LayerCase):
@@ -27,8 +28,3 @@ class RowCase(LayerCase):
         grads = {"weight": x.T @ dy, "bias": dy.sum(axis=0)}
         pairs = [(self.y, y_ref), (self.dx, dy @ w.T)] + shard_pairs(layer, grads)
         return collective_rel_err(self.comm, pairs)
-
-
-@register("row")
-def build_row(problem: Problem, grid: ProcessGrid, backend: Backend) -> RowCase:
-    return RowCase(problem, grid, backend)
