@@ -150,12 +150,18 @@ def _first_steps(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend
     return case, mem["peak"]
 
 
-def _counters(case: Case, mesh: Optional[Mesh]) -> tuple[list, list]:
-    """The case's profilers (the DP one last, with a mesh) and staging buffers."""
-    profilers = list(case.profilers) + ([case.dp.profiler] if mesh else [])
-    stagings = [layer.staging for layer in getattr(case, "layers", ())] + (
+def _stagings(case: Case, mesh: Optional[Mesh]) -> list:
+    """The staging buffers of the case's layers (and of its DataParallel, with a mesh)."""
+    return [layer.staging for layer in getattr(case, "layers", ())] + (
         [case.dp.staging] if mesh else [])
-    return profilers, stagings
+
+
+def _reset_counters(case: Case, mesh: Optional[Mesh]) -> None:
+    """Zero the profilers' and staging buffers' totals (the timed steps count from here)."""
+    for prof in list(case.profilers) + ([case.dp.profiler] if mesh else []):
+        prof.reset()
+    for staging in _stagings(case, mesh):
+        staging.reset_stats()
 
 
 def _traffic(case: Case, mesh: Optional[Mesh], iters: int, mem_peak: int, comm: MPI.Comm
@@ -167,7 +173,7 @@ def _traffic(case: Case, mesh: Optional[Mesh], iters: int, mem_peak: int, comm: 
     n = max(iters, 1)
     totals = [p.totals() for p in case.profilers]
     dp_prof = case.dp.profiler if mesh else None
-    stagings = _counters(case, mesh)[1]
+    stagings = _stagings(case, mesh)
     values = {"comm_bytes": sum(t["bytes"] for t in totals) / n,
               "bus_bytes": sum(t["bus_bytes"] for t in totals) / n,
               "dp_comm_s": dp_prof.comm_s / n if dp_prof else 0.0,
@@ -202,6 +208,37 @@ def _from_median(value: Optional[float], median: float) -> Optional[float]:
     return value / median if value is not None and median > 0 else None
 
 
+def _time_fields(samples: np.ndarray, backward: bool, base: Optional[dict]) -> dict:
+    """The record's timed fields from :func:`_timed_steps`' samples (forward, backward, GEMM
+    and communication rows) and the baseline summary: ``time_s`` (summary of forward +
+    backward), the medians ``fwd_s``, ``bwd_s``, ``gemm_s``, ``comm_s``, and ``spread``."""
+    fwd, bwd, gemm, comm = samples
+    spread = {"fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
+              "gemm_s": summary(gemm), "comm_s": summary(comm), "baseline_s": base}
+    timed = samples.shape[1] > 0
+    return {"time_s": summary(fwd + bwd) or {"median": float("nan"), "min": None, "max": None},
+            "fwd_s": spread["fwd_s"]["median"] if timed else None,
+            "bwd_s": spread["bwd_s"]["median"] if spread["bwd_s"] else None,
+            "gemm_s": float(spread["gemm_s"]["median"]) if timed else 0.0,
+            "comm_s": float(spread["comm_s"]["median"]) if timed else 0.0, "spread": spread}
+
+
+def _rate_fields(times: dict, flops: float, traffic: dict, base: Optional[dict],
+                 baseline_threads: Optional[int], ranks: int, threads: Optional[int]) -> dict:
+    """The record's figures derived from the medians: ``gflops``, ``algbw_gbs``,
+    ``busbw_gbs``, ``baseline_s``, ``baseline_threads``, ``speedup`` and the per-core
+    ``efficiency`` (the baseline process may use several cores)."""
+    median, comm_s = times["time_s"]["median"], times["comm_s"]
+    speedup = _from_median(base["median"] if base else None, median)
+    return {"gflops": _from_median(flops / 1e9, median),
+            "algbw_gbs": _from_median(traffic["comm_bytes"] / 1e9, comm_s),
+            "busbw_gbs": _from_median(traffic["bus_bytes"] / 1e9, comm_s),
+            "baseline_s": base["median"] if base else None,
+            "baseline_threads": baseline_threads if base else None, "speedup": speedup,
+            "efficiency": speedup * baseline_threads / (ranks * (threads or 1))
+            if speedup is not None else None}
+
+
 def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int = 2,
              iters: int = 10, verify: bool = True, baseline: "bool | dict" = False,
              baseline_threads: Optional[int] = None,
@@ -231,12 +268,8 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     case, mem_peak = _first_steps(problem, mesh or grid, backend, warmup=warmup,
                                   bucket_bytes=bucket_bytes, progress=progress)
     problem = case.problem  # with the options in effect (e.g. a rounded panel)
-    profilers, stagings = _counters(case, mesh)
-    for prof in profilers:
-        prof.reset()
-    for staging in stagings:
-        staging.reset_stats()
-    fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters, progress)
+    _reset_counters(case, mesh)
+    samples = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
     traffic = _traffic(case, mesh, iters, mem_peak, comm)
     phases = None
@@ -258,39 +291,23 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
                    backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
-    spread = {"fwd_s": summary(fwd_t), "bwd_s": summary(bwd_t) if problem.backward else None,
-              "gemm_s": summary(gemm_t), "comm_s": summary(comm_t), "baseline_s": base}
-    time_s = summary(fwd_t + bwd_t) or {"median": float("nan"), "min": None, "max": None}
-    median = time_s["median"]
-    gemm_s, comm_s = (spread[k]["median"] if iters else 0.0 for k in ("gemm_s", "comm_s"))
-    speedup = _from_median(base and base["median"], median)
+    times = _time_fields(samples, problem.backward, base)
     rec = RunRecord(
         scheme=problem.scheme, ranks=ranks, grid=grid.label,
         mesh={"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
         m=problem.m, k=problem.k, n=problem.n,
         hidden=problem.d_hidden if problem.scheme == "mlp" else None, dtype=problem.dtype,
-        backend=backend.name, gpu_aware=case.backend.gpu_aware,
-        threads_per_rank=grid.threads, warmup=warmup, iters=iters,
-        backward=problem.backward, options=problem.opts, time_s=time_s,
-        fwd_s=spread["fwd_s"]["median"] if iters else None,
-        bwd_s=spread["bwd_s"]["median"] if spread["bwd_s"] else None,
-        gemm_s=float(gemm_s), comm_s=float(comm_s), spread=spread,
-        gflops=_from_median(case.flops * (3 if problem.backward else 1) / 1e9, median),
-        comm_bytes=traffic["comm_bytes"], d2h_bytes=int(traffic["d2h_bytes"]),
+        backend=backend.name, gpu_aware=case.backend.gpu_aware, threads_per_rank=grid.threads,
+        warmup=warmup, iters=iters, backward=problem.backward, options=problem.opts,
+        **times, comm_bytes=traffic["comm_bytes"], d2h_bytes=int(traffic["d2h_bytes"]),
         h2d_bytes=int(traffic["h2d_bytes"]), staging_s=traffic["staging_s"],
         collectives=traffic["collectives"], dp_bytes=traffic["dp_bytes"],
-        dp_comm_s=traffic["dp_comm_s"],
-        algbw_gbs=_from_median(traffic["comm_bytes"] / 1e9, comm_s),
-        busbw_gbs=_from_median(traffic["bus_bytes"] / 1e9, comm_s),
-        mem_peak_bytes=int(traffic["mem_peak_bytes"]), max_rel_err=err,
-        tolerance=tolerance(problem.dtype, problem.longest_sum),
+        dp_comm_s=traffic["dp_comm_s"], mem_peak_bytes=int(traffic["mem_peak_bytes"]),
+        max_rel_err=err, tolerance=tolerance(problem.dtype, problem.longest_sum),
         predicted_s=pred.time_s if pred else None,
         predicted=dataclasses.asdict(pred) if pred else None, overlap=phases,
-        baseline_s=base["median"] if base else None,
-        baseline_threads=baseline_threads if base else None, speedup=speedup,
-        # per-core efficiency: the baseline process may use several cores
-        efficiency=speedup * baseline_threads / (ranks * (grid.threads or 1))
-        if speedup is not None else None,
+        **_rate_fields(times, case.flops * (3 if problem.backward else 1), traffic, base,
+                       baseline_threads, ranks, grid.threads),
         load_per_cpu=float(load_max), oversubscription=float(oversub_max),
         blas=blas_info(backend))
     rec.flags = flags(rec)

@@ -114,6 +114,54 @@ def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
     return comm.Split(0 if first else MPI.UNDEFINED, comm.Get_rank())
 
 
+def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
+                     sizes: Sequence[int], ranks: Sequence[int], iters: int,
+                     progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """``(alpha, beta)`` tables ``{op: {str(P): value}}`` fitted on the first P ranks of
+    ``comm`` for each P of ``ranks`` over messages of ``sizes`` bytes (float32). Collective;
+    the tables on every rank."""
+    alpha: dict = {}
+    beta: dict = {}
+    for p in ranks:
+        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+        if sub != MPI.COMM_NULL:
+            for op in ops:
+                progress(f"{op} P={p}")
+                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                                        iters=iters, check=False) for s in sizes]
+                a, b = fit_alpha_beta(op, p, [r.size for r in recs], [r.time_s for r in recs])
+                alpha.setdefault(op, {})[str(p)] = a
+                beta.setdefault(op, {})[str(p)] = b
+            sub.Free()
+        comm.Barrier()
+    return comm.bcast((alpha, beta), root=0)
+
+
+def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
+                  progress: Callable[[str], None]) -> tuple[dict, Optional[dict]]:
+    """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
+    classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
+    by the first rank on each device, all devices at once. Collective; on every rank."""
+    leaders = device_leaders(comm, backend)
+    rates, staging = {}, None
+    if leaders != MPI.COMM_NULL:  # rank 0 always is one
+        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+        for dtype in dtypes:
+            try:
+                backend.check_dtype(dtype)
+            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                progress(f"gemm {dtype}: skipped ({exc})")
+                continue
+            progress(f"gemm {dtype}")
+            rates[f"{backend.name}:{dtype}"] = {
+                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
+        if backend.is_gpu:
+            progress("pinned host<->device copies")
+            staging = staging_bandwidth(backend, leaders)
+        leaders.Free()
+    return comm.bcast((rates, staging), root=0)
+
+
 def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
               ops: Sequence[str] = colltable.OPS, sizes: Sequence[int] = (),
               ranks: Sequence[int] = (), threads: Optional[int] = None, iters: int = 10,
@@ -125,6 +173,7 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
     pinned copy bandwidth are measured by one rank per device, all devices at once (the model
     scales them by the ranks sharing a device). Collective; the result on every rank."""
     world = comm.Get_size()
+    say = progress or (lambda what: None)
     sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
     ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
                                    if 2 ** i <= world} | ({world} if world > 1 else set())))
@@ -133,42 +182,8 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
         "blas": blas_info(backend), "backend": backend.name,
         "mpi_library": mpi_library(), "timestamp": utc_timestamp(),
     })
-    for p in ranks:
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-        if sub != MPI.COMM_NULL:
-            for op in ops:
-                if progress:
-                    progress(f"{op} P={p}")
-                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
-                                        iters=iters, check=False) for s in sizes]
-                a, b = fit_alpha_beta(op, p, [r["size"] for r in recs],
-                                      [r["time_s"] for r in recs])
-                cal.alpha.setdefault(op, {})[str(p)] = a
-                cal.beta.setdefault(op, {})[str(p)] = b
-            sub.Free()
-        comm.Barrier()
-    cal.alpha, cal.beta = comm.bcast((cal.alpha, cal.beta), root=0)
-    leaders = device_leaders(comm, backend)
-    rates, staging = {}, None
-    if leaders != MPI.COMM_NULL:  # rank 0 always is one
-        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
-        for dtype in dtypes:
-            try:
-                backend.check_dtype(dtype)
-            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
-                if progress:
-                    progress(f"gemm {dtype}: skipped ({exc})")
-                continue
-            if progress:
-                progress(f"gemm {dtype}")
-            rates[f"{backend.name}:{dtype}"] = {
-                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
-        if backend.is_gpu:
-            if progress:
-                progress("pinned host<->device copies")
-            staging = staging_bandwidth(backend, leaders)
-        leaders.Free()
-    rates, staging = comm.bcast((rates, staging), root=0)
+    cal.alpha, cal.beta = _fit_collectives(comm, backend, ops, sizes, ranks, iters, say)
+    rates, staging = _device_rates(comm, backend, dtypes, say)
     cal.rates.update(rates)
     if staging:
         cal.staging = staging

@@ -322,17 +322,20 @@ def _row(t: _Tally, m, k, n, p, backward) -> float:
     return (m * k + kp * n + m * n) * t.b
 
 
-def _mlp(t: _Tally, m, k, n, h, p, backward, mode, grid, overlap=True) -> float:
-    """The FFN in ``mode`` on ``p`` ranks (``grid`` for tile2d); gradients are final for fc2,
+def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
+    """The tile2d FFN: two tile2d layers on the pr x pc grid; gradients are final for fc2,
     then fc1."""
-    if mode == "tile2d":
-        pr, pc = grid
-        mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
-        if backward:
-            for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
-                mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
-                t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
-        return mem
+    mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
+    if backward:
+        for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
+            mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
+            t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
+    return mem
+
+
+def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
+    """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
+    for fc2, then fc1."""
     hp, np_ = _split(h, p), _split(n, p)
     mr = _split(m, p)  # rows per rank of the block's input and output (sequence)
 
@@ -481,8 +484,10 @@ def predict(problem: Problem, ranks: int, grid: Optional[Sequence[int]] = None,
         mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
     elif scheme == "row":
         mem = _row(t, m, k, n, p, bwd)
+    elif scheme == "mlp" and mode == "tile2d":
+        mem = _mlp_tile2d(t, m, k, n, problem.d_hidden, pr, pc, bwd)
     elif scheme == "mlp":
-        mem = _mlp(t, m, k, n, problem.d_hidden, p, bwd, mode, (pr, pc), overlap)
+        mem = _mlp(t, m, k, n, problem.d_hidden, p, bwd, mode, overlap)
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
     dp_exposed, dp_total = _dp_allreduce(t, dp, bucket_bytes, overlap, slowdown) \

@@ -52,9 +52,6 @@ class _Record(Mapping):
         return len(self._keys())
 
 
-Summary = Optional[dict]  # {"median", "min", "max"} in seconds (tpmpi.stats.summary)
-
-
 @dataclasses.dataclass(eq=False)
 class RunRecord(_Record):
     """A scheme record of ``run`` and ``bench`` (docs/record-schema.md, "Scheme record")."""
@@ -77,7 +74,7 @@ class RunRecord(_Record):
     iters: int
     backward: bool
     options: dict
-    time_s: dict
+    time_s: dict  # {median, min, max} (tpmpi.stats.summary)
     fwd_s: Optional[float]
     bwd_s: Optional[float]
     gemm_s: float

@@ -39,10 +39,9 @@ from .dtypes import SUPPORTED
 from .grid import ProcessGrid
 from .problem import Problem
 from .record import mpi_library, write_record
-from .schemes import bare_products, build
+from .schemes import KNOWN as SCHEMES, bare_products, build
 from .timing import time_calls
 
-SCHEMES = ("column", "row", "mlp", "tile2d")
 PHASES = ("fwd", "fwdbwd")
 
 
@@ -206,8 +205,8 @@ def format_table(records: Sequence[dict], best: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
-    """Command line (see the module docstring)."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line of the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m tpmpi.vsbare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
@@ -229,6 +228,12 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                     help="cpu: the process's CPU time (one rank and TPMPI_THREADS=1 on a loaded "
                          "CPU machine)")
     ap.add_argument("--json", metavar="FILE", help="append one JSON record per case")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
+    """Command line (see the module docstring)."""
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
         records = [json.loads(line) for path in args.table for line in open(path)
