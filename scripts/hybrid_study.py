@@ -74,7 +74,7 @@ def main() -> None:
                            iters=args.iters, calibration=cal, overlap=args.measure_overlap,
                            bucket_bytes=args.bucket_bytes)
         pred = rec["predicted"]
-        label = layout_label("mlp", grid, dp, ",".join(f"{k}={v}" for k, v in opts))
+        label = layout_label("mlp", grid, dp, dict(opts))
         measured, predicted = rec["time_s"]["median"], rec["predicted_s"]
         rows.append((label, measured, predicted))
         hidden = (rec.get("overlap") or {}).get("dp")

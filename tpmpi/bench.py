@@ -35,7 +35,7 @@ from .dtypes import tolerance
 from .grid import ProcessGrid
 from .mesh import Mesh
 from .overlap import measure_overlap
-from .problem import Problem
+from .problem import Problem, options_label
 from .progress import Progress, announce, case_units
 from .record import RunRecord
 from .schemes.base import Case
@@ -332,7 +332,7 @@ def table_row(rec: dict) -> dict:
     return {"scheme": rec["scheme"], "ranks": rec["ranks"],
             "grid": rec["grid"] if dp == 1 else f"{dp}x({rec['grid']})", "m": rec["m"],
             "k": rec["k"], "n": rec["n"],
-            "options": ",".join(f"{k}={v}" for k, v in sorted(rec["options"].items()))
+            "options": options_label(rec["options"])
             + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",
             "dtype": rec["dtype"], "backend": rec["backend"],
             "threads": rec["threads_per_rank"], "time_ms": _ms(rec["time_s"]),

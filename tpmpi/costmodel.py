@@ -54,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ from .data_parallel import BUCKET_BYTES
 from .dtypes import resolve_dtype
 from .grid import factorisations
 from .layers.column import chunk_bounds
-from .problem import Problem
+from .problem import Problem, options_label
 from .staging import STAGING_CHUNK_BYTES
 from .tiling import panel_workspace_bytes
 
@@ -234,8 +235,8 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return layout_label(self.scheme, self.grid, self.dp, opts)
+        """The layout predicted, as :func:`layout_label` prints it."""
+        return layout_label(self.scheme, self.grid, self.dp, self.options)
 
     @property
     def tp_comm_s(self) -> float:
@@ -243,8 +244,11 @@ class Prediction:
         return self.comm_s - self.dp_comm_s
 
 
-def layout_label(scheme: str, grid: Sequence[int], dp: int = 1, opts: str = "") -> str:
-    """``"scheme RxC[ dp=D][ options]"``, as plan and report print layouts."""
+def layout_label(scheme: str, grid: Sequence, dp: int = 1,
+                 options: Optional[Mapping] = None) -> str:
+    """``"scheme RxC[ dp=D][ options]"`` (:func:`tpmpi.problem.options_label`), as plan and
+    report print layouts."""
+    opts = options_label(options or {})
     return f"{scheme} {grid[0]}x{grid[1]}" + (f" dp={dp}" if dp > 1 else "") \
         + (f" {opts}" if opts else "")
 

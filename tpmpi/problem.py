@@ -5,7 +5,14 @@ and neither depends on the other."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Optional
+
+
+def options_label(options: Mapping) -> str:
+    """Scheme options as plan, tables and reports print them: ``name=value`` pairs sorted by
+    name, comma-separated ("" without any)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
 @dataclasses.dataclass(frozen=True)

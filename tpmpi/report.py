@@ -17,6 +17,8 @@ from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
 from . import plots
+from .costmodel import layout_label
+from .problem import options_label
 from .stats import SUPERLINEAR, short
 
 DIMS = ("m", "k", "n", "hidden")
@@ -37,15 +39,14 @@ def load(paths: Iterable[str]) -> list[dict]:
 
 
 def _opts(rec: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted((rec.get("options") or {}).items()))
+    return options_label(rec.get("options") or {})
 
 
 def layout(rec: dict) -> str:
-    """``scheme RxC [dp=D] [options]`` of a record (as ``plan`` labels layouts)."""
-    o = _opts(rec)
-    dp = (rec.get("mesh") or {}).get("dp", 1)
-    return f"{rec['scheme']} {rec['grid']}" + (f" dp={dp}" if dp > 1 else "") \
-        + (f" {o}" if o else "")
+    """``scheme RxC [dp=D] [options]`` of a record (:func:`tpmpi.costmodel.layout_label`, as
+    ``plan`` labels layouts)."""
+    return layout_label(rec["scheme"], rec["grid"].split("x"),
+                        (rec.get("mesh") or {}).get("dp", 1), rec.get("options"))
 
 
 def problem_key(rec: dict) -> tuple:

@@ -48,8 +48,8 @@ def bare_products(matmul: Callable, x, w, b, dy, sync: Callable[[], None]
 
 
 class Case:
-    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and ``comm``,
-    and implement the methods below."""
+    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and
+    ``comm``, and implement the methods below."""
 
     problem: Problem
     flops: float = 0.0
