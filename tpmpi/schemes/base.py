@@ -115,6 +115,13 @@ class LayerCase(Case):
     def backward(self) -> None:
         self.dx = self.layer.backward(self.dy)
 
+    def fresh_step(self) -> None:
+        """Forward and backward from zeroed gradients: the outputs and gradients that
+        :meth:`verify` checks."""
+        self.layer.zero_grad()
+        self.forward()
+        self.backward()
+
 
 def collective_rel_err(comm: MPI.Comm, pairs: Sequence[tuple]) -> float:
     """max over pairs of ``max|a - ref| / max|ref|``, each max taken over all ranks' parts

@@ -25,9 +25,7 @@ class ColumnCase(LayerCase):
         """Each rank checks the columns it owns (nothing global is materialised); dX's
         reference partial sums are reduced in float64."""
         layer, host = self.layer, self.backend.to_host
-        layer.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         cols = layer.shard[1]
         x, w, dy = (host(a).astype(np.float64) for a in (self.x, layer.weight, self.dy))
         dy_p = dy[:, cols]

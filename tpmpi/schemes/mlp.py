@@ -55,9 +55,7 @@ class MLPCase(LayerCase):
 
     def verify(self) -> float:
         mlp, be = self.mlp, self.backend
-        mlp.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         act, act_grad = get_activation(mlp.activation)
         w1, w2 = host64(be, mlp.fc1.gather_weight()), host64(be, mlp.fc2.gather_weight())
         b1, b2 = host64(be, mlp.fc1.gather_bias()), host64(be, mlp.fc2.gather_bias())

@@ -30,9 +30,7 @@ class TileCase(LayerCase):
 
     def verify(self) -> float:
         p, layer, be = self.problem, self.layer, self.backend
-        layer.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
         x, dy = (host64(be, a) for a in inputs(p, p.n))
         y = gather(self.y, self.grid, "tiles", (p.m, p.n))
