@@ -27,16 +27,18 @@ from mpi4py import MPI
 from . import __version__
 from . import footprint
 from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
-from .bench import case_progress, format_table, mpi_library, run_case, write_record
+from .bench import case_progress, format_table, run_case
 from .collbench import calibrate, sizes_sweep
 from .comm import Same, Text, agree
-from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
+from .colltable import OPS
+from .costmodel import Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
+from .record import mpi_library, write_record
 from .schemes import KNOWN, Problem, available
 from .schemes.hybrid import largest_replica
 from .stats import short
