@@ -15,7 +15,6 @@ oversubscribed machine are noisy: rerun on a quiet one (and with a ``calibrate``
 from __future__ import annotations
 
 import argparse
-import json
 
 from mpi4py import MPI
 
@@ -24,6 +23,7 @@ from tpmpi.bench import run_case
 from tpmpi.costmodel import explain, layout_label, load_calibration, plan
 from tpmpi.data_parallel import BUCKET_BYTES
 from tpmpi.mesh import Mesh, mesh_shapes
+from tpmpi.record import write_record
 from tpmpi.schemes import Problem
 
 
@@ -75,7 +75,7 @@ def main() -> None:
                            iters=args.iters, calibration=cal, overlap=args.measure_overlap,
                            bucket_bytes=args.bucket_bytes)
         pred = rec["predicted"]
-        label = layout_label("mlp", grid, dp, ",".join(f"{k}={v}" for k, v in opts))
+        label = layout_label("mlp", grid, dp, dict(opts))
         measured, predicted = rec["time_s"]["median"], rec["predicted_s"]
         rows.append((label, measured, predicted))
         hidden = (rec.get("overlap") or {}).get("dp")
@@ -87,7 +87,7 @@ def main() -> None:
             + ("" if pred else " (no prediction)"))
         if rank == 0 and args.json:
             with open(args.json, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+                write_record(rec, fh)
     by_measured = [r[0] for r in sorted(rows, key=lambda r: r[1])]
     by_predicted = [r[0] for r in sorted(rows, key=lambda r: r[2])]
     say("ranked by measured time : " + " < ".join(by_measured))

@@ -6,16 +6,16 @@
 overhead = forward time - local GEMM (+ bias) time - the bare collective's time, where the bare
 collective is the same Alltoallw (same buffers, same subarray datatypes) called directly, and
 each is timed alone, back-to-back, as the best of ``--repeats`` interleaved blocks of
-``--iters`` calls (max over ranks). Target: under 100 us. Two more robust variants are printed:
-with the GEMM time measured inside the same forward calls (the layer's profiler), and forward
-minus a hand-written loop doing the same GEMM, bias add and Alltoallw (it suffers the same rank
-skew, so the difference is what tpmpi adds). Also the bare Allgather of the same bytes and,
+``--iters`` calls, each block the slowest rank's (``tpmpi.timing.time_calls``). Target: under
+100 us. Two more robust variants are printed: with the GEMM time measured inside the same
+forward calls (the layer's profiler), and forward minus a hand-written loop doing the same
+GEMM, bias add and Alltoallw (it suffers the same rank skew, so the difference is what tpmpi
+adds). Also the bare Allgather of the same bytes and,
 with ``--profile``, rank 0's cProfile of the forward loop.
 """
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import numpy as np
@@ -24,25 +24,16 @@ from mpi4py import MPI
 import tpmpi
 from tpmpi.comm import alltoallw_args
 from tpmpi.partition import largest_block
+from tpmpi.timing import time_calls
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
              repeats: int) -> dict[str, float]:
-    """Per function: the best over ``repeats`` blocks of the mean time of ``iters``
-    back-to-back calls (the functions' blocks interleaved, so that load from other processes
-    hits them alike), max over ranks."""
-    best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / iters)
-    return {name: comm.allreduce(t, op=MPI.MAX) for name, t in best.items()}
+    """Per function: the best over ``repeats`` samples of the mean time of ``iters``
+    back-to-back calls, each sample the slowest rank's (:func:`tpmpi.timing.time_calls`; the
+    functions' samples interleaved, so that load from other processes hits them alike)."""
+    samples = time_calls(list(fns.values()), comm, iters=repeats, warmup=3, repeat=iters)
+    return {name: float(row.min()) for name, row in zip(fns, samples)}
 
 
 def main() -> None:
@@ -80,15 +71,10 @@ def main() -> None:
     overhead = timings["forward"] - timings["gemm"] - timings["alltoallw"]
     # the same, with the GEMM time taken inside the very forward calls (layer.profiler), which
     # cancels the GEMM's run-to-run noise on a loaded machine
-    prof, inside = layer.attach_profiler(), float("inf")
-    for _ in range(args.repeats):
-        comm.Barrier()
-        prof.reset()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            layer(x)
-        inside = min(inside, (time.perf_counter() - t0 - prof.gemm_s) / args.iters)
-    inside = comm.allreduce(inside, op=MPI.MAX) - timings["alltoallw"]
+    prof = layer.attach_profiler()
+    fwd, gemm_in = time_calls([lambda: layer(x)], comm, iters=args.repeats, repeat=args.iters,
+                              readings=lambda: (prof.gemm_s,))
+    inside = float((fwd - gemm_in / args.iters).min()) - timings["alltoallw"]
     if args.profile:
         import cProfile
         import pstats

@@ -15,8 +15,8 @@ import argparse
 
 from tpmpi.costmodel import load_calibration, plan, predict
 from tpmpi.data_parallel import BUCKET_BYTES
+from tpmpi.problem import Problem
 from tpmpi.report import accuracy, layout, load, problem_key
-from tpmpi.schemes import Problem
 
 
 def main() -> None:

@@ -92,6 +92,17 @@ def test_bench_and_collective_record_fields_are_documented(tmp_path):
     _check(crec, schema("Collective record"), bench=True)
 
 
+@pytest.mark.parametrize("section,cls", [("Scheme record", "RunRecord"),
+                                         ("Collective record", "CollectiveRecord")])
+def test_record_dataclasses_have_the_documented_fields_in_order(section, cls):
+    import dataclasses
+
+    from tpmpi import record
+
+    top = [f for f in schema(section) if "." not in f]
+    assert [f.name for f in dataclasses.fields(getattr(record, cls))] == top
+
+
 def test_schema_rows_say_unit_and_statistic():
     for section in ("Scheme record", "Collective record"):
         for field, rest in schema(section).items():

@@ -2,7 +2,7 @@
 import pytest
 
 from tpmpi.footprint import bytes_per_rank
-from tpmpi.schemes import Problem
+from tpmpi.problem import Problem
 
 M, K, N, H = 8, 6, 10, 10
 

@@ -10,8 +10,8 @@ import pytest
 import fake_cupy
 from tpmpi import collbench
 from tpmpi.backend import get_backend
-from tpmpi.costmodel import (STAGING_CHUNK_BYTES, Calibration, load_calibration, predict,
-                             staged_bytes)
+from tpmpi.colltable import staged_bytes
+from tpmpi.costmodel import STAGING_CHUNK_BYTES, Calibration, load_calibration, predict
 from tpmpi.dtypes import SUPPORTED
 from tpmpi.schemes import Problem
 

@@ -1,35 +1,31 @@
-"""Timed runs of a scheme and their JSON-lines result records (fields: docs/record-schema.md).
+"""Timed runs of a scheme and their result records (:class:`tpmpi.record.RunRecord`, fields:
+docs/record-schema.md).
 
-Timing: ``warmup`` untimed steps, then ``iters`` steps each bracketed by a Barrier and a stream
-sync; an iteration's time is the maximum over ranks. The time spent in local products and
-blocked in collectives is snapshotted from the layers' profilers around every iteration (max
-over ranks per iteration), so ``gemm_s`` / ``comm_s`` are medians over the iterations like
-``time_s``; ``spread`` holds their ``{median, min, max}``. ``algbw = S / comm_s`` and
-``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of each collective and the
-nccl-tests factors ((P-1)/P allgather and reduce-scatter, 2(P-1)/P allreduce).
-``d2h_bytes`` / ``h2d_bytes`` are the bytes a rank's layers staged device->host and back per
-iteration (GPU without GPU-aware MPI; 0 otherwise) and ``staging_s`` the seconds per iteration
-spent in those copies, part of the communication time (means over the iterations, max over
-ranks). ``mem_peak_bytes`` is the peak of the backend's allocations while the case is built
-and stepped once (tracemalloc for NumPy, the memory-pool hook for CuPy), max over ranks.
-``flags`` marks suspicious figures (:mod:`tpmpi.stats`).
+Timing (:func:`tpmpi.timing.time_calls`, docs/statistics.md): ``warmup`` untimed steps, then
+``iters`` steps each started by a stream sync and a Barrier and ended by a stream sync; an
+iteration's time is the maximum over ranks. The time spent in local products and blocked in
+collectives is snapshotted from the layers' profilers around every iteration (max over ranks
+per iteration), so ``gemm_s`` / ``comm_s`` are medians over the iterations like ``time_s``;
+``spread`` holds their ``{median, min, max}``. ``algbw = S / comm_s`` and
+``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of each collective and its
+bus factor (:mod:`tpmpi.colltable`). ``d2h_bytes`` / ``h2d_bytes`` are the bytes a rank's
+layers staged device->host and back per iteration (GPU without GPU-aware MPI; 0 otherwise) and
+``staging_s`` the seconds per iteration spent in those copies, part of the communication time
+(means over the iterations, max over ranks). ``mem_peak_bytes`` is the peak of the backend's
+allocations while the case is built and stepped once (tracemalloc for NumPy, the memory-pool
+hook for CuPy), max over ranks. ``flags`` marks suspicious figures (:mod:`tpmpi.stats`).
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
-import json
 import os
-import time
-from typing import Callable, Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
 from threadpoolctl import threadpool_limits
-
-from ._version import __version__
 
 from .backend import Backend, blas_info, configured_blas_threads, device_facts, node_comm
 from .comm import polite_barrier
@@ -39,22 +35,19 @@ from .dtypes import tolerance
 from .grid import ProcessGrid
 from .mesh import Mesh
 from .overlap import measure_overlap
+from .problem import Problem, options_label
 from .progress import Progress, announce, case_units
-from .schemes import Problem
+from .record import RunRecord
+from .schemes.base import Case
 from .schemes.hybrid import build_case
-from .schemes.mlp import hidden_of
 from .stats import flags, load_per_cpu, short, summary
+from .timing import time_calls
 
 
 def _max_over_ranks(comm: MPI.Comm, values) -> np.ndarray:
     arr = np.array(values, dtype=np.float64)
     comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.MAX)
     return arr
-
-
-def mpi_library() -> str:
-    """First line of ``MPI_Get_library_version``."""
-    return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
 def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = True) -> int:
@@ -66,7 +59,7 @@ def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = Tr
     return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
-def serial_baseline(case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int,
+def serial_baseline(case: Case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int,
                     iters: int, threads: Optional[int] = None) -> dict:
     """``{median, min, max}`` seconds of the case's serial product on rank 0 using ``threads``
     BLAS threads (default: those of all ranks of its node), the single-process reference for
@@ -79,15 +72,9 @@ def serial_baseline(case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmu
     result = None
     if comm.Get_rank() == 0:
         with threadpool_limits(limits=threads):
-            step = case.serial(backend)
-            for _ in range(warmup):
-                step()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-        result = summary(times)
+            times = time_calls([case.serial(backend)], sync=backend.synchronize, warmup=warmup,
+                               iters=iters)
+        result = summary(times[0])
     polite_barrier(comm)
     return comm.bcast(result, root=0)
 
@@ -98,33 +85,22 @@ def default_calibration() -> Calibration:
     return load_calibration()
 
 
-def _profiled(case) -> tuple[float, float]:
+def _profiled(case: Case) -> tuple[float, float]:
     """Seconds in local products and in collectives so far, summed over the case's layers."""
     totals = [p.totals() for p in case.profilers]
     return sum(t["gemm_s"] for t in totals), sum(t["comm_s"] for t in totals)
 
 
-def _timed_steps(case, comm: MPI.Comm, backend: Backend, iters: int,
+def _timed_steps(case: Case, comm: MPI.Comm, backend: Backend, iters: int,
                  progress: Callable[[str], None]) -> np.ndarray:
-    """Run ``iters`` timed steps; rows forward, backward, GEMM and communication seconds of
-    each iteration (columns), each the maximum over ranks. Collective."""
-    backward = case.problem.backward
-    samples = np.zeros((4, iters))
-    for i in range(iters):
-        gemm0, comm0 = _profiled(case)
-        comm.Barrier()
-        t0 = time.perf_counter()
-        case.forward()
-        backend.synchronize()
-        t1 = time.perf_counter()
-        if backward:
-            case.backward()
-            backend.synchronize()
-        samples[:2, i] = t1 - t0, time.perf_counter() - t1
-        gemm1, comm1 = _profiled(case)
-        samples[2:, i] = gemm1 - gemm0, comm1 - comm0
-        progress(f"timed step {i + 1}/{iters}")
-    comm.Allreduce(MPI.IN_PLACE, samples, op=MPI.MAX)
+    """Run ``iters`` timed steps; rows forward, backward (0 without), GEMM and communication
+    seconds of each iteration (columns), each the maximum over ranks. Collective."""
+    steps = [case.forward] + ([case.backward] if case.problem.backward else [])
+    samples = time_calls(steps, comm, sync=backend.synchronize, iters=iters,
+                         readings=lambda: _profiled(case),
+                         after=lambda i: progress(f"timed step {i + 1}/{iters}"))
+    if not case.problem.backward:
+        samples = np.insert(samples, 1, 0.0, axis=0)
     return samples
 
 
@@ -155,10 +131,113 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     return Progress([t for _, t in units], rank0, unit="step").step
 
 
-def mlp_hidden(problem: Problem) -> Optional[int]:
-    """The hidden size in effect: the MLP's d_hidden (4·k unless given); None for the
-    single-GEMM schemes, which have none."""
-    return hidden_of(problem) if problem.scheme == "mlp" else None
+def _first_steps(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
+                 warmup: int, bucket_bytes: int, progress: Callable[[str], None]
+                 ) -> tuple[Case, int]:
+    """The case built with timed profilers, its first step (this rank's allocation peak
+    measured meanwhile) and ``warmup`` untimed steps: ``(case, peak bytes)``."""
+    with backend.memory_peak() as mem:
+        case = build_case(problem, where, backend, bucket_bytes=bucket_bytes)
+        case.attach_profilers()
+        case.forward()
+        if case.problem.backward:
+            case.backward()
+    progress("first step")
+    for i in range(warmup):
+        case.forward()
+        if case.problem.backward:
+            case.backward()
+        progress(f"warmup {i + 1}/{warmup}")
+    return case, mem["peak"]
+
+
+def _stagings(case: Case, mesh: Optional[Mesh]) -> list:
+    """The staging buffers of the case's layers (and of its DataParallel, with a mesh)."""
+    return [layer.staging for layer in getattr(case, "layers", ())] + (
+        [case.dp.staging] if mesh else [])
+
+
+def _reset_counters(case: Case, mesh: Optional[Mesh]) -> None:
+    """Zero the profilers' and staging buffers' totals (the timed steps count from here)."""
+    for prof in list(case.profilers) + ([case.dp.profiler] if mesh else []):
+        prof.reset()
+    for staging in _stagings(case, mesh):
+        staging.reset_stats()
+
+
+def _traffic(case: Case, mesh: Optional[Mesh], iters: int, mem_peak: int, comm: MPI.Comm
+             ) -> dict:
+    """Per-iteration traffic of the timed steps (counted since the counters were reset) and
+    the allocation peak, each the maximum over ranks: TP ``comm_bytes`` and ``bus_bytes``,
+    ``dp_comm_s`` and ``dp_bytes``, staged ``d2h_bytes``, ``h2d_bytes`` and ``staging_s``,
+    ``mem_peak_bytes``; and ``collectives``, the TP calls per step. Collective."""
+    n = max(iters, 1)
+    totals = [p.totals() for p in case.profilers]
+    dp_prof = case.dp.profiler if mesh else None
+    stagings = _stagings(case, mesh)
+    values = {"comm_bytes": sum(t["bytes"] for t in totals) / n,
+              "bus_bytes": sum(t["bus_bytes"] for t in totals) / n,
+              "dp_comm_s": dp_prof.comm_s / n if dp_prof else 0.0,
+              "dp_bytes": dp_prof.bytes / n if dp_prof else 0.0,
+              **{key: sum(st.stats[key] for st in stagings) / n
+                 for key in ("d2h_bytes", "h2d_bytes", "staging_s")},
+              "mem_peak_bytes": mem_peak}
+    out = dict(zip(values, _max_over_ranks(comm, list(values.values())).tolist()))
+    calls: dict[str, int] = {}
+    for t in totals:
+        for op, c in t["calls"].items():
+            calls[op] = calls.get(op, 0) + c
+    out["collectives"] = {op: c // n for op, c in calls.items()}
+    return out
+
+
+def _overlap_phases(case: Case, mesh: Optional[Mesh], iters: int) -> dict:
+    """The OSU overlap measurement of each phase: forward, backward (with backward) and the
+    DP gradient Allreduce under backward (with more than one replica). Collective."""
+    tp_case = case.inner if mesh else case  # TP overlap without the DP Allreduce
+    phases = {"forward": measure_overlap(case.layers, tp_case.forward, warmup=1, iters=iters)}
+    if case.problem.backward:
+        phases["backward"] = measure_overlap(case.layers, tp_case.backward, warmup=1,
+                                             iters=iters)
+        if mesh and mesh.dp > 1:
+            phases["dp"] = measure_dp_overlap(case.dp, case.inner.dy, iters=iters)
+    return {phase: t.as_dict() for phase, t in phases.items()}
+
+
+def _from_median(value: Optional[float], median: float) -> Optional[float]:
+    """``value / median`` (None without a value or a positive median)."""
+    return value / median if value is not None and median > 0 else None
+
+
+def _time_fields(samples: np.ndarray, backward: bool, base: Optional[dict]) -> dict:
+    """The record's timed fields from :func:`_timed_steps`' samples (forward, backward, GEMM
+    and communication rows) and the baseline summary: ``time_s`` (summary of forward +
+    backward), the medians ``fwd_s``, ``bwd_s``, ``gemm_s``, ``comm_s``, and ``spread``."""
+    fwd, bwd, gemm, comm = samples
+    spread = {"fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
+              "gemm_s": summary(gemm), "comm_s": summary(comm), "baseline_s": base}
+    timed = samples.shape[1] > 0
+    return {"time_s": summary(fwd + bwd) or {"median": float("nan"), "min": None, "max": None},
+            "fwd_s": spread["fwd_s"]["median"] if timed else None,
+            "bwd_s": spread["bwd_s"]["median"] if spread["bwd_s"] else None,
+            "gemm_s": float(spread["gemm_s"]["median"]) if timed else 0.0,
+            "comm_s": float(spread["comm_s"]["median"]) if timed else 0.0, "spread": spread}
+
+
+def _rate_fields(times: dict, flops: float, traffic: dict, base: Optional[dict],
+                 baseline_threads: Optional[int], ranks: int, threads: Optional[int]) -> dict:
+    """The record's figures derived from the medians: ``gflops``, ``algbw_gbs``,
+    ``busbw_gbs``, ``baseline_s``, ``baseline_threads``, ``speedup`` and the per-core
+    ``efficiency`` (the baseline process may use several cores)."""
+    median, comm_s = times["time_s"]["median"], times["comm_s"]
+    speedup = _from_median(base["median"] if base else None, median)
+    return {"gflops": _from_median(flops / 1e9, median),
+            "algbw_gbs": _from_median(traffic["comm_bytes"] / 1e9, comm_s),
+            "busbw_gbs": _from_median(traffic["bus_bytes"] / 1e9, comm_s),
+            "baseline_s": base["median"] if base else None,
+            "baseline_threads": baseline_threads if base else None, "speedup": speedup,
+            "efficiency": speedup * baseline_threads / (ranks * (threads or 1))
+            if speedup is not None else None}
 
 
 def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int = 2,
@@ -166,7 +245,7 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
              baseline_threads: Optional[int] = None,
              calibration: Optional[Calibration] = None, overlap: bool = False,
              progress: Optional[Callable[[str], None]] = None,
-             bucket_bytes: int = BUCKET_BYTES) -> dict:
+             bucket_bytes: int = BUCKET_BYTES) -> RunRecord:
     """Build, time and (optionally) verify ``problem`` on ``grid``, or on a :class:`Mesh` of
     ``dp`` replicas of a TP grid (:class:`tpmpi.schemes.hybrid.DataParallelCase`: each replica
     takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
@@ -187,110 +266,53 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     comm, ranks, dp = (mesh.comm, mesh.size, mesh.dp) if mesh else (grid.comm, grid.size, 1)
     progress = progress or (lambda desc: None)
     load = [load_per_cpu() or 0.0]
-    with backend.memory_peak() as mem:
-        case = build_case(problem, mesh or grid, backend, bucket_bytes=bucket_bytes)
-        case.attach_profilers()
-        problem = case.problem  # with the options in effect (e.g. a rounded panel)
-        case.forward()
-        if problem.backward:
-            case.backward()
-    progress("first step")
-    for i in range(warmup):
-        case.forward()
-        if problem.backward:
-            case.backward()
-        progress(f"warmup {i + 1}/{warmup}")
-    dp_prof = case.dp.profiler if mesh else None
-    for prof in list(case.profilers) + ([dp_prof] if dp_prof else []):
-        prof.reset()
-    stagings = [layer.staging for layer in getattr(case, "layers", ())] + (
-        [case.dp.staging] if mesh else [])
-    for staging in stagings:
-        staging.reset_stats()
-    fwd_t, bwd_t, gemm_t, comm_t = _timed_steps(case, comm, backend, iters, progress)
+    case, mem_peak = _first_steps(problem, mesh or grid, backend, warmup=warmup,
+                                  bucket_bytes=bucket_bytes, progress=progress)
+    problem = case.problem  # with the options in effect (e.g. a rounded panel)
+    _reset_counters(case, mesh)
+    samples = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
-    totals = [p.totals() for p in case.profilers]
-    per_iter = [sum(t[key] for t in totals) / max(iters, 1) for key in ("bytes", "bus_bytes")]
-    per_iter += [dp_prof.comm_s / max(iters, 1), dp_prof.bytes / max(iters, 1)] if dp_prof \
-        else [0.0, 0.0]
-    staged = [sum(st.stats[key] for st in stagings) / max(iters, 1)
-              for key in ("d2h_bytes", "h2d_bytes", "staging_s")]
-    mem_peak, nbytes, bus_bytes, dp_comm_s, dp_bytes, d2h, h2d, staging_s = _max_over_ranks(
-        comm, [mem["peak"]] + per_iter + staged)
-    mem_peak = int(mem_peak)
-    time_s = summary(fwd_t + bwd_t)
-    median = time_s["median"] if time_s else float("nan")
-    spread = {"fwd_s": summary(fwd_t), "bwd_s": summary(bwd_t) if problem.backward else None,
-              "gemm_s": summary(gemm_t), "comm_s": summary(comm_t), "baseline_s": None}
-    gemm_s, comm_s = (spread[k]["median"] if iters else 0.0 for k in ("gemm_s", "comm_s"))
-    flops = case.flops * (3 if problem.backward else 1)
-    phases = {}
+    traffic = _traffic(case, mesh, iters, mem_peak, comm)
+    phases = None
     if overlap:
-        tp_case = case.inner if mesh else case  # TP overlap without the DP Allreduce
-        phases["forward"] = measure_overlap(case.layers, tp_case.forward, warmup=1, iters=iters)
-        if problem.backward:
-            phases["backward"] = measure_overlap(case.layers, tp_case.backward, warmup=1,
-                                                 iters=iters)
-            if mesh and dp > 1:
-                phases["dp"] = measure_dp_overlap(case.dp, case.inner.dy, iters=iters)
+        phases = _overlap_phases(case, mesh, iters)
         progress("overlap")
     err = case.verify() if verify else None
     progress("verify")
     threads = configured_blas_threads()
     if baseline is not False and baseline_threads is None:
         baseline_threads = node_threads(comm, threads)
+    base = dict(baseline) if baseline and baseline is not True else None
     if baseline is True:
-        spread["baseline_s"] = serial_baseline(case, mesh or grid, backend, warmup=warmup,
-                                               iters=iters, threads=baseline_threads)
+        base = serial_baseline(case, mesh or grid, backend, warmup=warmup, iters=iters,
+                               threads=baseline_threads)
         load.append(load_per_cpu() or 0.0)
         progress("baseline")
-    elif baseline:
-        spread["baseline_s"] = dict(baseline)
-    base = spread["baseline_s"]["median"] if spread["baseline_s"] else None
     oversub = oversubscription(comm, threads, backend)
     pred = predict(problem, ranks, grid.shape, calibration or default_calibration(),
                    backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
-    calls: dict[str, int] = {}
-    for t in totals:
-        for op, c in t["calls"].items():
-            calls[op] = calls.get(op, 0) + c
-    rec = {
-        "scheme": problem.scheme, "ranks": ranks, "grid": grid.label,
-        "mesh": {"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
-        "m": problem.m, "k": problem.k, "n": problem.n, "hidden": mlp_hidden(problem),
-        "dtype": problem.dtype, "backend": backend.name, "gpu_aware": case.backend.gpu_aware,
-        "threads_per_rank": threads, "warmup": warmup, "iters": iters,
-        "backward": problem.backward, "options": problem.opts,
-        "time_s": time_s or {"median": median, "min": None, "max": None},
-        "fwd_s": spread["fwd_s"]["median"] if iters else None,
-        "bwd_s": spread["bwd_s"]["median"] if spread["bwd_s"] else None,
-        "gemm_s": float(gemm_s), "comm_s": float(comm_s), "spread": spread,
-        "gflops": flops / median / 1e9 if median > 0 else None,
-        "comm_bytes": float(nbytes),
-        "d2h_bytes": int(d2h), "h2d_bytes": int(h2d), "staging_s": float(staging_s),
-        "collectives": {op: c // max(iters, 1) for op, c in calls.items()},
-        "dp_bytes": float(dp_bytes), "dp_comm_s": float(dp_comm_s),
-        "algbw_gbs": nbytes / comm_s / 1e9 if comm_s > 0 else None,
-        "busbw_gbs": bus_bytes / comm_s / 1e9 if comm_s > 0 else None,
-        "mem_peak_bytes": mem_peak,
-        "max_rel_err": err, "tolerance": tolerance(problem.dtype, problem.longest_sum),
-        "predicted_s": pred.time_s if pred else None,
-        "overlap": {phase: t.as_dict() for phase, t in phases.items()} or None,
-        "predicted": dataclasses.asdict(pred) if pred else None,
-        "baseline_s": base,
-        "speedup": base / median if base and median > 0 else None,
-        "baseline_threads": baseline_threads if base else None,
-        # per-core efficiency: the baseline process may use several cores
-        "efficiency": base / median * baseline_threads / (ranks * (threads or 1))
-        if base and median > 0 else None,
-        "load_per_cpu": float(load_max), "oversubscription": float(oversub_max),
-        "mpi_library": mpi_library(), "blas": blas_info(backend),
-        "version": __version__,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    rec["flags"] = flags(rec)
+    times = _time_fields(samples, problem.backward, base)
+    rec = RunRecord(
+        scheme=problem.scheme, ranks=ranks, grid=grid.label,
+        mesh={"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
+        m=problem.m, k=problem.k, n=problem.n,
+        hidden=problem.d_hidden if problem.scheme == "mlp" else None, dtype=problem.dtype,
+        backend=backend.name, gpu_aware=case.backend.gpu_aware, threads_per_rank=threads,
+        warmup=warmup, iters=iters, backward=problem.backward, options=problem.opts,
+        **times, comm_bytes=traffic["comm_bytes"], d2h_bytes=int(traffic["d2h_bytes"]),
+        h2d_bytes=int(traffic["h2d_bytes"]), staging_s=traffic["staging_s"],
+        collectives=traffic["collectives"], dp_bytes=traffic["dp_bytes"],
+        dp_comm_s=traffic["dp_comm_s"], mem_peak_bytes=int(traffic["mem_peak_bytes"]),
+        max_rel_err=err, tolerance=tolerance(problem.dtype, problem.longest_sum),
+        predicted_s=pred.time_s if pred else None,
+        predicted=dataclasses.asdict(pred) if pred else None, overlap=phases,
+        **_rate_fields(times, case.flops * (3 if problem.backward else 1), traffic, base,
+                       baseline_threads, ranks, threads),
+        load_per_cpu=float(load_max), oversubscription=float(oversub_max),
+        blas=blas_info(backend))
+    rec.flags = flags(rec)
     return rec
 
 
@@ -312,7 +334,7 @@ def table_row(rec: dict) -> dict:
     return {"scheme": rec["scheme"], "ranks": rec["ranks"],
             "grid": rec["grid"] if dp == 1 else f"{dp}x({rec['grid']})", "m": rec["m"],
             "k": rec["k"], "n": rec["n"],
-            "options": ",".join(f"{k}={v}" for k, v in sorted(rec["options"].items()))
+            "options": options_label(rec["options"])
             + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",
             "dtype": rec["dtype"], "backend": rec["backend"],
             "threads": rec["threads_per_rank"], "time_ms": _ms(rec["time_s"]),
@@ -345,10 +367,3 @@ def format_table(records: list[dict]) -> str:
     lines = [table_caption(records), "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
-
-
-def write_record(rec: dict, fh: Optional[TextIO]) -> None:
-    """Append ``rec`` as one JSON line (call on rank 0 only)."""
-    if fh is not None:
-        fh.write(json.dumps(rec, sort_keys=False) + "\n")
-        fh.flush()

@@ -36,17 +36,19 @@ from mpi4py import MPI
 
 from ._version import __version__
 from . import footprint
-from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
-from .bench import case_progress, format_table, mpi_library, run_case, write_record
-from .collbench import calibrate, sizes_sweep
 from .agreement import Same, Text, agree, agree_checks
-from .costmodel import OPS, Calibration, explain, format_plan, load_calibration, plan
+from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
+from .bench import case_progress, format_table, run_case
+from .collbench import calibrate, sizes_sweep
+from .colltable import OPS
+from .costmodel import Calibration, explain, format_plan, load_calibration, plan
 from .data_parallel import BUCKET_BYTES
 from .activations import ACTIVATIONS
 from .dtypes import SUPPORTED, resolve_dtype
 from .layers.mlp import MODES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
+from .record import mpi_library, write_record
 from .schemes import KNOWN, Problem, available
 from .schemes.hybrid import largest_replica
 from .stats import short

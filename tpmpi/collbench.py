@@ -1,25 +1,24 @@
 """Collective micro-benchmarks (nccl-tests conventions) and the cost-model calibration.
 
-``size`` is the nccl-tests ``S`` in bytes: the gathered array (allgather), the per-rank input
-(reduce_scatter), the reduced array (allreduce), the broadcast buffer (bcast); ``count`` its
-elements. ``time`` is the mean over ``iters`` back-to-back calls, max over ranks;
-``algbw = S / time``, ``busbw = algbw * factor`` (tpmpi.timing.BUS_FACTOR). ``#wrong`` counts
-elements that differ from the expected pattern after one checked call, summed over ranks.
+``size`` is the nccl-tests ``S`` in bytes (:mod:`tpmpi.colltable`, which also holds each
+collective's benchmark body), ``count`` its elements. ``time`` is the mean over ``iters``
+back-to-back calls, max over ranks (one sample of :func:`tpmpi.timing.time_calls`);
+``algbw = S / time``, ``busbw = algbw * factor`` (:func:`tpmpi.colltable.bus_factor`).
+``#wrong`` counts elements that differ from the expected pattern after one checked call,
+summed over ranks.
 """
 from __future__ import annotations
 
-import datetime
-import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-from ._version import __version__
+from . import colltable
 from .backend import Backend, blas_info
-from .costmodel import (CLASS_SHAPES, GPU_CLASS_SHAPES, OPS, Calibration, fit_alpha_beta,
-                        gemm_work)
-from .timing import BUS_FACTOR
+from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
+from .record import CollectiveRecord, mpi_library, utc_timestamp
+from .timing import time_calls
 
 COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
 
@@ -35,82 +34,24 @@ def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
     return out
 
 
-def _pattern(xp, count: int, rank: int, dtype) -> "np.ndarray":
-    """Small integers, exact in every float dtype: ((rank + 1) * (i % 13 + 1)) % 32."""
-    i = xp.arange(count, dtype=np.int64)
-    return (((rank + 1) * (i % 13 + 1)) % 32).astype(dtype)
-
-
-class _Op:
-    """Buffers and the MPI call of one collective at one size (``count`` = S in elements,
-    rounded down to a multiple of P where the op splits it)."""
-
-    def __init__(self, op: str, count: int, dtype, comm: MPI.Comm, xp):
-        p, r = comm.Get_size(), comm.Get_rank()
-        self.op, self.comm, self.xp, self.dtype = op, comm, xp, np.dtype(dtype)
-        if op in ("allgather", "reduce_scatter"):
-            count -= count % p
-        self.count = count
-        blk = count // p
-        pat = lambda c, rank: _pattern(xp, c, rank, dtype)  # noqa: E731
-        if op == "allgather":
-            self.send, self.recv = pat(blk, r), xp.empty(count, dtype)
-            self.expect = xp.concatenate([pat(blk, q) for q in range(p)]) if count else \
-                xp.empty(0, dtype)
-            self.call = lambda: comm.Allgather(self.send, self.recv)
-        elif op == "reduce_scatter":
-            self.send, self.recv = pat(count, r), xp.empty(blk, dtype)
-            total = sum(_pattern(np, count, q, np.float64) for q in range(p))
-            self.expect = xp.asarray(total[r * blk:(r + 1) * blk], dtype=dtype)
-            self.call = lambda: comm.Reduce_scatter_block(self.send, self.recv, op=MPI.SUM)
-        elif op == "allreduce":
-            self.send, self.recv = pat(count, r), xp.empty(count, dtype)
-            total = sum(_pattern(np, count, q, np.float64) for q in range(p))
-            self.expect = xp.asarray(total, dtype=dtype)
-            self.call = lambda: comm.Allreduce(self.send, self.recv, op=MPI.SUM)
-        elif op == "bcast":
-            self.recv = pat(count, 0) if r == 0 else xp.zeros(count, dtype)
-            self.expect = pat(count, 0)
-            self.call = lambda: comm.Bcast(self.recv, root=0)
-        else:
-            raise ValueError(f"collective={op!r}: expected one of {', '.join(OPS)}")
-
-    def wrong(self) -> int:
-        """Elements differing from the expected result after one fresh call (summed over
-        ranks)."""
-        self.recv[...] = 0 if self.op != "bcast" or self.comm.Get_rank() else self.expect
-        self.call()
-        return self.comm.allreduce(int((self.recv != self.expect).sum()))
-
-
 def time_collective(op: str, count: int, dtype, comm: MPI.Comm, backend: Backend, *,
-                    warmup: int = 2, iters: int = 10, check: bool = True) -> dict:
-    """One row of the collective benchmark; a record dict (same on every rank). Collective."""
+                    warmup: int = 2, iters: int = 10, check: bool = True) -> CollectiveRecord:
+    """One row of the collective benchmark: ``op`` with S = ``count`` elements (rounded down to
+    a multiple of P where the op splits S). The record on every rank. Collective."""
     xp = backend.xp if (not backend.is_gpu or backend.gpu_aware) else np
-    o = _Op(op, count, dtype, comm, xp)
-    for _ in range(warmup):
-        o.call()
-    backend.synchronize()
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        o.call()
-    backend.synchronize()
-    elapsed = comm.allreduce((time.perf_counter() - t0) / max(iters, 1), op=MPI.MAX)
+    body = colltable.body(op, count, dtype, comm, xp)
+    (elapsed,), = time_calls([body.call], comm, sync=backend.synchronize, warmup=warmup,
+                             repeat=max(iters, 1))
     p = comm.Get_size()
-    nbytes = o.count * o.dtype.itemsize
+    nbytes = body.count * np.dtype(dtype).itemsize
     algbw = nbytes / elapsed / 1e9 if elapsed > 0 else None
-    return {
-        "collective": op, "ranks": p, "size": nbytes, "count": o.count,
-        "dtype": o.dtype.name, "backend": backend.name, "gpu_aware": backend.gpu_aware,
-        "buffers": "device" if xp is not np and backend.is_gpu else "host",
-        "warmup": warmup, "iters": iters, "time_s": elapsed,
-        "algbw_gbs": algbw, "busbw_gbs": algbw * BUS_FACTOR[op](p) if algbw else None,
-        "wrong": o.wrong() if check else None,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0].strip(),
-        "version": __version__,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return CollectiveRecord(
+        collective=op, ranks=p, size=nbytes, count=body.count, dtype=np.dtype(dtype).name,
+        backend=backend.name, gpu_aware=backend.gpu_aware,
+        buffers="device" if xp is not np and backend.is_gpu else "host", warmup=warmup,
+        iters=iters, time_s=float(elapsed), algbw_gbs=algbw,
+        busbw_gbs=algbw * colltable.bus_factor(op, p) if algbw else None,
+        wrong=body.wrong(comm) if check else None)
 
 
 def format_row(rec: dict, header: bool = False) -> str:
@@ -136,44 +77,32 @@ def _uniform(xp, shape: tuple, dtype):
 def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
               reps: int = 3) -> float:
     """Rate of one local GEMM of ``shape`` (m, k, n) on random operands, run on every rank of
-    ``comm`` at once (the slowest rank's median), i.e. under the contention of a real run:
+    ``comm`` at once (the median of ``reps`` products, each the slowest rank's), i.e. under
+    the contention of a real run:
     flop/s, or operand bytes/s for a "thin" shape (:func:`tpmpi.costmodel.gemm_work`).
     Collective."""
     m, k, n = shape
     xp = backend.xp
     a, b = _uniform(xp, (m, k), dtype), _uniform(xp, (k, n), dtype)
     c = xp.empty((m, n), dtype=dtype)
-    xp.matmul(a, b, out=c)
-    times = []
-    for _ in range(reps):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        xp.matmul(a, b, out=c)
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
-    t = comm.allreduce(float(np.median(times)), op=MPI.MAX)
-    return gemm_work(m, k, n, np.dtype(dtype).itemsize) / t
+    times = time_calls([lambda: xp.matmul(a, b, out=c)], comm, sync=backend.synchronize,
+                       warmup=1, iters=reps)
+    return gemm_work(m, k, n, np.dtype(dtype).itemsize) / float(np.median(times))
 
 
 def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**20,
                       reps: int = 3) -> dict:
     """Pinned host<->device copy bandwidth (bytes/s) of the ranks of ``comm`` copying at once:
-    ``{"d2h": ..., "h2d": ...}``, each the slowest rank's best of ``reps`` copies of
-    ``nbytes``. Collective."""
+    ``{"d2h": ..., "h2d": ...}``, each from the best of ``reps`` copies of ``nbytes`` (each
+    the slowest rank's). Collective."""
     count = nbytes // 4
     device = _uniform(backend.xp, (count,), "float32")
     host = backend.pinned_empty((count,), "float32")
-    best = {"d2h": float("inf"), "h2d": float("inf")}
-    for _ in range(reps + 1):  # the first round warms up
-        for way, copy in (("d2h", lambda: backend.copy_to_host(device, host)),
-                          ("h2d", lambda: backend.copy_from_host(host, device))):
-            backend.synchronize()
-            comm.Barrier()
-            t0 = time.perf_counter()
-            copy()
-            backend.synchronize()
-            best[way] = min(best[way], time.perf_counter() - t0)
-    return {way: count * 4 / comm.allreduce(t, op=MPI.MAX) for way, t in best.items()}
+    copies = {"d2h": lambda: backend.copy_to_host(device, host),
+              "h2d": lambda: backend.copy_from_host(host, device)}
+    return {way: count * 4 / float(time_calls([copy], comm, sync=backend.synchronize,
+                                                warmup=1, iters=reps).min())
+            for way, copy in copies.items()}
 
 
 def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
@@ -185,8 +114,56 @@ def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
     return comm.Split(0 if first else MPI.UNDEFINED, comm.Get_rank())
 
 
+def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
+                     sizes: Sequence[int], ranks: Sequence[int], iters: int,
+                     progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """``(alpha, beta)`` tables ``{op: {str(P): value}}`` fitted on the first P ranks of
+    ``comm`` for each P of ``ranks`` over messages of ``sizes`` bytes (float32). Collective;
+    the tables on every rank."""
+    alpha: dict = {}
+    beta: dict = {}
+    for p in ranks:
+        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+        if sub != MPI.COMM_NULL:
+            for op in ops:
+                progress(f"{op} P={p}")
+                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                                        iters=iters, check=False) for s in sizes]
+                a, b = fit_alpha_beta(op, p, [r.size for r in recs], [r.time_s for r in recs])
+                alpha.setdefault(op, {})[str(p)] = a
+                beta.setdefault(op, {})[str(p)] = b
+            sub.Free()
+        comm.Barrier()
+    return comm.bcast((alpha, beta), root=0)
+
+
+def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
+                  progress: Callable[[str], None]) -> tuple[dict, Optional[dict]]:
+    """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
+    classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
+    by the first rank on each device, all devices at once. Collective; on every rank."""
+    leaders = device_leaders(comm, backend)
+    rates, staging = {}, None
+    if leaders != MPI.COMM_NULL:  # rank 0 always is one
+        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+        for dtype in dtypes:
+            try:
+                backend.check_dtype(dtype)
+            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                progress(f"gemm {dtype}: skipped ({exc})")
+                continue
+            progress(f"gemm {dtype}")
+            rates[f"{backend.name}:{dtype}"] = {
+                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
+        if backend.is_gpu:
+            progress("pinned host<->device copies")
+            staging = staging_bandwidth(backend, leaders)
+        leaders.Free()
+    return comm.bcast((rates, staging), root=0)
+
+
 def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
-              ops: Sequence[str] = OPS, sizes: Sequence[int] = (),
+              ops: Sequence[str] = colltable.OPS, sizes: Sequence[int] = (),
               ranks: Sequence[int] = (), threads: Optional[int] = None, iters: int = 10,
               progress: Optional[Callable[[str], None]] = None) -> Calibration:
     """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
@@ -196,51 +173,17 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
     pinned copy bandwidth are measured by one rank per device, all devices at once (the model
     scales them by the ranks sharing a device). Collective; the result on every rank."""
     world = comm.Get_size()
+    say = progress or (lambda what: None)
     sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
     ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
                                    if 2 ** i <= world} | ({world} if world > 1 else set())))
     cal = Calibration(machine={
         "source": "calibrate", "ranks": world, "threads_per_rank": threads,
         "blas": blas_info(backend), "backend": backend.name,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0].strip(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mpi_library": mpi_library(), "timestamp": utc_timestamp(),
     })
-    for p in ranks:
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-        if sub != MPI.COMM_NULL:
-            for op in ops:
-                if progress:
-                    progress(f"{op} P={p}")
-                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
-                                        iters=iters, check=False) for s in sizes]
-                a, b = fit_alpha_beta(op, p, [r["size"] for r in recs],
-                                      [r["time_s"] for r in recs])
-                cal.alpha.setdefault(op, {})[str(p)] = a
-                cal.beta.setdefault(op, {})[str(p)] = b
-            sub.Free()
-        comm.Barrier()
-    cal.alpha, cal.beta = comm.bcast((cal.alpha, cal.beta), root=0)
-    leaders = device_leaders(comm, backend)
-    rates, staging = {}, None
-    if leaders != MPI.COMM_NULL:  # rank 0 always is one
-        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
-        for dtype in dtypes:
-            try:
-                backend.check_dtype(dtype)
-            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
-                if progress:
-                    progress(f"gemm {dtype}: skipped ({exc})")
-                continue
-            if progress:
-                progress(f"gemm {dtype}")
-            rates[f"{backend.name}:{dtype}"] = {
-                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
-        if backend.is_gpu:
-            if progress:
-                progress("pinned host<->device copies")
-            staging = staging_bandwidth(backend, leaders)
-        leaders.Free()
-    rates, staging = comm.bcast((rates, staging), root=0)
+    cal.alpha, cal.beta = _fit_collectives(comm, backend, ops, sizes, ranks, iters, say)
+    rates, staging = _device_rates(comm, backend, dtypes, say)
     cal.rates.update(rates)
     if staging:
         cal.staging = staging

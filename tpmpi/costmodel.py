@@ -1,16 +1,8 @@
 """Alpha-beta-gamma cost model: per-scheme predictions, calibration file, layout planning.
 
-Collectives (``S`` = nccl-tests size in bytes: the full gathered / reduced array) use the ring
-formulas of algorithms.md §4.1, ``T = lat(op, P) * alpha + bw(op, P) * S * beta``:
-
-=================  ==============  ===============
-op                 lat(op, P)      bw(op, P)
-=================  ==============  ===============
-allgather          P - 1           (P - 1) / P
-reduce_scatter     P - 1           (P - 1) / P
-allreduce          2 (P - 1)       2 (P - 1) / P
-bcast              ceil(lg P)      2 (P - 1) / P  (MPICH's long-message scatter + allgather)
-=================  ==============  ===============
+Collectives (``S`` = nccl-tests size in bytes: the full gathered / reduced array) cost
+``T = lat(op, P) * alpha + bw(op, P) * S * beta``, with the ring formulas of algorithms.md §4.1
+that the operation table :mod:`tpmpi.colltable` lists next to the collective's other facts.
 
 ``alpha`` (s) and ``beta`` (s/byte) are fitted per collective and communicator size by
 :mod:`tpmpi.collbench`; a size without a fit uses the nearest fitted size's values (the
@@ -24,9 +16,10 @@ calibration lacks takes the same backend's float32 rates (never another backend'
 GPUs (:mod:`tpmpi.collbench` calibrates CuPy per dtype on one rank per device, and the pinned
 host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
 product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
-staged (:func:`staged_bytes` down and up, MPI on host buffers in between) through the staging
-pipeline of pieces of :data:`tpmpi.staging.STAGING_CHUNK_BYTES`: ``T = max(D, M, U) + (D + M + U - max) / n``
-for copy-down time D, MPI time M and copy-up time U over n pieces.
+staged (:func:`tpmpi.colltable.staged_bytes` down and up, MPI on host buffers in between)
+through the staging pipeline of pieces of :data:`tpmpi.staging.STAGING_CHUNK_BYTES`:
+``T = max(D, M, U) + (D + M + U - max) / n`` for copy-down time D, MPI time M and copy-up
+time U over n pieces.
 
 Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
 GEMMs and the collectives listed):
@@ -61,46 +54,22 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Mapping
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .colltable import bw_factor, lat_factor, sent_bytes, staged_bytes
 from .data_parallel import BUCKET_BYTES
 from .dtypes import resolve_dtype
 from .grid import factorisations
 from .layers.column import chunk_bounds
-from .schemes.mlp import hidden_of
+from .problem import Problem, options_label
 from .staging import STAGING_CHUNK_BYTES
 from .tiling import panel_workspace_bytes
 
-OPS = ("allgather", "reduce_scatter", "allreduce", "bcast")
-CLASSES = ("thin", "small", "medium", "large")
 CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
                 "medium": (1024, 1024, 1024), "large": (1536, 1536, 1536)}
-
-
-def lat_factor(op: str, p: int) -> float:
-    """Number of alpha terms of ``op`` on ``p`` ranks (0 when p == 1)."""
-    if p <= 1:
-        return 0.0
-    return {"allgather": p - 1, "reduce_scatter": p - 1, "allreduce": 2 * (p - 1),
-            "bcast": math.ceil(math.log2(p))}[op]
-
-
-def bw_factor(op: str, p: int) -> float:
-    """Multiplier of ``S * beta`` for ``op`` on ``p`` ranks (0 when p == 1)."""
-    if p <= 1:
-        return 0.0
-    return {"allgather": (p - 1) / p, "reduce_scatter": (p - 1) / p,
-            "allreduce": 2 * (p - 1) / p, "bcast": 2 * (p - 1) / p}[op]
-
-
-def sent_bytes(op: str, p: int, nbytes: float) -> float:
-    """Bytes one rank sends in ``op`` of size ``S = nbytes`` (ring algorithms; bcast ~ tree
-    average)."""
-    if p <= 1:
-        return 0.0
-    return nbytes * (2 * (p - 1) / p if op == "allreduce" else (p - 1) / p)
 
 
 def gemm_class(m: int, k: int, n: int) -> str:
@@ -130,20 +99,6 @@ GPU_CLASS_SHAPES = {"thin": (16, 8192, 8192), "small": (256, 256, 256),
                     "medium": (1024, 1024, 1024), "large": (8192, 8192, 8192)}
 """Shapes at which a GPU's rates are measured: "large" at the size of real runs (a GPU reaches
 its rate only on big products)."""
-
-
-def staged_bytes(op: str, p: int, nbytes: float) -> tuple[float, float]:
-    """Bytes one rank copies device->host and host->device to stage ``op`` of nccl-tests size
-    ``nbytes`` over ``p`` ranks: only its own part goes down and only what it needs comes back
-    (allgather: its block down, the others' up; reduce_scatter: all down, its block up;
-    allreduce: all both ways; bcast/reduce: the root's copy and the receivers' copy follow
-    each other, so both count)."""
-    if p <= 1:
-        return 0.0, 0.0
-    return {"allgather": (nbytes / p, nbytes * (p - 1) / p),
-            "reduce_scatter": (nbytes, nbytes / p),
-            "allreduce": (nbytes, nbytes), "bcast": (nbytes, nbytes),
-            "reduce": (nbytes, nbytes)}[op]
 
 
 def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
@@ -204,8 +159,8 @@ class Calibration:
 
     def staged_collective(self, op: str, p: int, nbytes: float, sharing: float = 1.0) -> float:
         """Predicted seconds of ``op`` staged through host memory: copies down and up
-        (:func:`staged_bytes`, at the calibrated pinned bandwidth divided by the ``sharing``
-        ranks of one device) and MPI on host buffers, pipelined over pieces of
+        (:func:`tpmpi.colltable.staged_bytes`, at the calibrated pinned bandwidth divided by
+        the ``sharing`` ranks of one device) and MPI on host buffers, pipelined over pieces of
         :data:`tpmpi.staging.STAGING_CHUNK_BYTES` (see the module docstring)."""
         if p <= 1:
             return 0.0
@@ -280,8 +235,8 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return layout_label(self.scheme, self.grid, self.dp, opts)
+        """The layout predicted, as :func:`layout_label` prints it."""
+        return layout_label(self.scheme, self.grid, self.dp, self.options)
 
     @property
     def tp_comm_s(self) -> float:
@@ -289,8 +244,11 @@ class Prediction:
         return self.comm_s - self.dp_comm_s
 
 
-def layout_label(scheme: str, grid: Sequence[int], dp: int = 1, opts: str = "") -> str:
-    """``"scheme RxC[ dp=D][ options]"``, as plan and report print layouts."""
+def layout_label(scheme: str, grid: Sequence, dp: int = 1,
+                 options: Optional[Mapping] = None) -> str:
+    """``"scheme RxC[ dp=D][ options]"`` (:func:`tpmpi.problem.options_label`), as plan and
+    report print layouts."""
+    opts = options_label(options or {})
     return f"{scheme} {grid[0]}x{grid[1]}" + (f" dp={dp}" if dp > 1 else "") \
         + (f" {opts}" if opts else "")
 
@@ -368,17 +326,20 @@ def _row(t: _Tally, m, k, n, p, backward) -> float:
     return (m * k + kp * n + m * n) * t.b
 
 
-def _mlp(t: _Tally, m, k, n, h, p, backward, mode, grid, overlap=True) -> float:
-    """The FFN in ``mode`` on ``p`` ranks (``grid`` for tile2d); gradients are final for fc2,
+def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
+    """The tile2d FFN: two tile2d layers on the pr x pc grid; gradients are final for fc2,
     then fc1."""
-    if mode == "tile2d":
-        pr, pc = grid
-        mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
-        if backward:
-            for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
-                mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
-                t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
-        return mem
+    mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
+    if backward:
+        for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
+            mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
+            t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
+    return mem
+
+
+def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
+    """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
+    for fc2, then fc1."""
     hp, np_ = _split(h, p), _split(n, p)
     mr = _split(m, p)  # rows per rank of the block's input and output (sequence)
 
@@ -495,13 +456,13 @@ def _dp_allreduce(t: _Tally, dp: int, bucket_bytes: int, overlap: bool,
     return max(0.0, clock - end), total
 
 
-def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
+def predict(problem: Problem, ranks: int, grid: Optional[Sequence[int]] = None,
             calibration: Optional[Calibration] = None, backend: str = "numpy",
             oversubscription: float = 1.0, staged: bool = False, *, dp: int = 1,
             bucket_bytes: int = BUCKET_BYTES) -> Optional[Prediction]:
-    """Predicted time of ``problem`` (a :class:`tpmpi.schemes.Problem`: scheme, m, k, n,
-    hidden, dtype, backward, options) on ``ranks`` ranks: ``dp`` data-parallel replicas (each
-    taking M/dp rows; :func:`_dp_allreduce` in backward) of a TP group arranged as ``grid``
+    """Predicted time of ``problem`` (its scheme, m, k, n, hidden, dtype, backward, options)
+    on ``ranks`` ranks: ``dp`` data-parallel replicas (each taking M/dp rows;
+    :func:`_dp_allreduce` in backward) of a TP group arranged as ``grid``
     (default 1 x ranks/dp, or the most square grid for tile2d and the tile2d FFN).
     ``oversubscription`` (BLAS threads of a node's ranks per core, or ranks per GPU, when above
     1) slows every local product by that factor, and on a GPU every staging copy: the rates
@@ -527,8 +488,10 @@ def predict(problem: Any, ranks: int, grid: Optional[Sequence[int]] = None,
         mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
     elif scheme == "row":
         mem = _row(t, m, k, n, p, bwd)
+    elif scheme == "mlp" and mode == "tile2d":
+        mem = _mlp_tile2d(t, m, k, n, problem.d_hidden, pr, pc, bwd)
     elif scheme == "mlp":
-        mem = _mlp(t, m, k, n, hidden_of(problem), p, bwd, mode, (pr, pc), overlap)
+        mem = _mlp(t, m, k, n, problem.d_hidden, p, bwd, mode, overlap)
     else:
         mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
     dp_exposed, dp_total = _dp_allreduce(t, dp, bucket_bytes, overlap, slowdown) \
@@ -576,8 +539,6 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
          bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
     """All candidate layouts (every dp x TP factorisation of ``ranks``, see
     :func:`candidates`) ranked by predicted time (fastest first)."""
-    from .schemes import Problem
-
     preds = []
     for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,

@@ -69,7 +69,7 @@ def _arrays(p: Any) -> Optional[list[Array]]:
         lay = cls.layouts_for(**opts)
         fwd, bwd = linear_arrays(lay, m, k, n, p.backward)
         return [((m, k), lay.x)] + fwd + ([((m, n), lay.y)] + bwd if p.backward else [])
-    h = p.hidden if p.hidden is not None else 4 * k
+    h = p.d_hidden
     (cls1, opts1), (cls2, opts2) = ParallelMLP.sublayers(opts.get("mode", "megatron"))
     lay1, lay2 = cls1.layouts_for(**opts1), cls2.layouts_for(**opts2)
     fwd1, bwd1 = linear_arrays(lay1, m, k, h, p.backward)
@@ -80,7 +80,7 @@ def _arrays(p: Any) -> Optional[list[Array]]:
 
 
 def bytes_per_rank(p: Any, grid_shape: tuple[int, int]) -> Optional[int]:
-    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.schemes.Problem`) holds on the
+    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.problem.Problem`) holds on the
     rank with the largest blocks (grid coordinates (0, 0): block partitions give the first
     parts the remainder); None for an unknown scheme."""
     arrays = _arrays(p)

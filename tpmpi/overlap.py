@@ -9,16 +9,15 @@ collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs).
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-from .args import check_int
 from .agreement import agree_checks
+from .args import check_int
+from .timing import time_calls
 
 
 def overlap_percent(overall_s: float, compute_s: float, comm_s: float) -> float:
@@ -55,20 +54,10 @@ class OverlapTimes:
 
 def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
                 warmup: int, iters: int) -> float:
-    """Median over ``iters`` calls (after ``warmup``) of the slowest rank's time of ``call()``,
-    each call started by a Barrier and ended by ``sync`` (a device sync, or None). Collective
-    over ``comm``."""
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(iters):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        call()
-        if sync is not None:
-            sync()
-        samples.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(samples)
+    """Median over ``iters`` samples (after ``warmup`` calls) of the slowest rank's time of
+    ``call()`` (:func:`tpmpi.timing.time_calls`: each started by a Barrier, ended by ``sync``,
+    a device sync or None). Collective over ``comm``."""
+    return float(np.median(time_calls([call], comm, sync=sync, warmup=warmup, iters=iters)))
 
 
 def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, warmup: int = 1,

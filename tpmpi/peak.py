@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from typing import Optional, Sequence
 
 from .backend import BACKENDS, Backend, blas_info, get_backend
 from .dtypes import SUPPORTED
 from .init import init_weight
+from .record import write_record
+from .timing import time_calls
 
 
 def gemm_peak(backend: Backend, n: int = 8192, dtype="float32", *, warmup: int = 2,
               iters: int = 5) -> float:
     """Best GFLOP/s of ``n x n @ n x n`` over ``iters`` timed products (after ``warmup``),
-    each bracketed by stream syncs."""
+    each bracketed by stream syncs (:func:`tpmpi.timing.time_calls` on this process)."""
     a = init_weight((n, n), 1, dtype, backend=backend, bound=1.0)
     b = init_weight((n, n), 2, dtype, backend=backend, bound=1.0)
     out = backend.xp.empty((n, n), dtype=a.dtype)
-    best = float("inf")
-    for i in range(warmup + iters):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        backend.xp.matmul(a, b, out=out)
-        backend.synchronize()
-        if i >= warmup:
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
+    times = time_calls([lambda: backend.xp.matmul(a, b, out=out)], sync=backend.synchronize,
+                       warmup=warmup, iters=iters)
+    return 2.0 * n ** 3 / float(times.min()) / 1e9
 
 
 def gemm_fraction(record: dict, peak_gflops: float) -> Optional[float]:
@@ -59,15 +55,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     backend = get_backend(args.backend)
     peak = gemm_peak(backend, args.n, args.dtype, iters=args.iters)
-    print(json.dumps({"peak_gflops": peak, "n": args.n, "dtype": args.dtype,
-                      "backend": backend.name, "blas": blas_info(backend)}))
+    write_record({"peak_gflops": peak, "n": args.n, "dtype": args.dtype,
+                  "backend": backend.name, "blas": blas_info(backend)}, sys.stdout)
     if args.records:
         with open(args.records) as fh:
             for rec in map(json.loads, filter(str.strip, fh)):
                 if rec.get("dtype") == args.dtype and rec.get("backend") == backend.name:
                     row = {key: rec.get(key) for key in
                            ("scheme", "ranks", "grid", "m", "k", "n", "dtype", "gemm_s")}
-                    print(json.dumps({**row, "gemm_fraction_of_peak": gemm_fraction(rec, peak)}))
+                    write_record({**row, "gemm_fraction_of_peak": gemm_fraction(rec, peak)},
+                                 sys.stdout)
     return 0
 
 

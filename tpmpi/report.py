@@ -17,6 +17,8 @@ from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
 from . import plots
+from .costmodel import layout_label
+from .problem import options_label
 from .stats import SUPERLINEAR, short
 
 DIMS = ("m", "k", "n", "hidden")
@@ -37,15 +39,14 @@ def load(paths: Iterable[str]) -> list[dict]:
 
 
 def _opts(rec: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted((rec.get("options") or {}).items()))
+    return options_label(rec.get("options") or {})
 
 
 def layout(rec: dict) -> str:
-    """``scheme RxC [dp=D] [options]`` of a record (as ``plan`` labels layouts)."""
-    o = _opts(rec)
-    dp = (rec.get("mesh") or {}).get("dp", 1)
-    return f"{rec['scheme']} {rec['grid']}" + (f" dp={dp}" if dp > 1 else "") \
-        + (f" {o}" if o else "")
+    """``scheme RxC [dp=D] [options]`` of a record (:func:`tpmpi.costmodel.layout_label`, as
+    ``plan`` labels layouts)."""
+    return layout_label(rec["scheme"], rec["grid"].split("x"),
+                        (rec.get("mesh") or {}).get("dp", 1), rec.get("options"))
 
 
 def problem_key(rec: dict) -> tuple:
@@ -245,55 +246,71 @@ def _range(row: dict, t: str) -> str:
     return _fmt(med, "{:.3f}") + ("" if lo is None else f" ({short(lo)}–{short(hi)})")
 
 
+def _md_schemes(schemes: Sequence[dict]) -> list[str]:
+    """report.md's measured table (one row per scheme record)."""
+    lines = ["Times per step in ms: **median (min–max)** over the timed iterations, each "
+             "iteration the slowest rank's. speedup = serial baseline / time; eff/core = "
+             "speedup × baseline threads / (P × threads per rank), both against the serial "
+             "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
+             "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
+             "efficiency.png. Flags: docs/statistics.md. Also in report.csv.", "",
+             "| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
+             "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---|"]
+    for row in table_rows(schemes):
+        lines.append(
+            f"| {row['layout']}" + (f" h={row['hidden']}" if row["hidden"] else "")
+            + f" | {row['ranks']} | {row['m']} | {row['k']} | {row['n']} | {row['dtype']} "
+            + "".join(f"| {_range(row, t)} " for t in TIMED)
+            + f"| {_fmt(row['pred_ms'], '{:.3f}')} | {_fmt(row['gflops'], '{:.1f}')} "
+            f"| {_fmt(row['busbw_gbs'], '{:.2f}')} | {_fmt(row['speedup'], '{:.2f}')} "
+            f"| {_fmt(row['eff_core'], '{:.2f}')} | {_fmt(row['scaling_eff'], '{:.2f}')} "
+            f"| {row['mem_mib']:.1f} | {', '.join(row['flags']) or '–'} |")
+    return lines + [""]
+
+
+def _md_collectives(colls: Sequence[dict]) -> list[str]:
+    """report.md's collective summary: peak bus bandwidth and wrong elements per op, P and
+    dtype."""
+    best: dict = defaultdict(float)
+    for r in colls:
+        best[(r["collective"], r["ranks"], r["dtype"])] = max(
+            best[(r["collective"], r["ranks"], r["dtype"])], r.get("busbw_gbs") or 0.0)
+    lines = ["Collectives: time is the mean of back-to-back calls (nccl-tests convention), "
+             "per size in collectives.csv.", "",
+             "| collective | P | dtype | peak busbw GB/s | #wrong |",
+             "|---|---:|---|---:|---:|"]
+    for (op, p, dtype), bw in sorted(best.items()):
+        wrong = sum(r.get("wrong") or 0 for r in colls
+                    if (r["collective"], r["ranks"], r["dtype"]) == (op, p, dtype))
+        lines.append(f"| {op} | {p} | {dtype} | {bw:.3f} | {wrong} |")
+    return lines + [""]
+
+
+def _md_accuracy(acc: dict) -> list[str]:
+    """report.md's cost-model accuracy section (:func:`accuracy`)."""
+    lines = ["## Cost model accuracy", "",
+             f"median \\|predicted − measured\\| / measured: {acc['median_rel_err']:.1%} "
+             f"over {acc['records']} records (max {acc['max_rel_err']:.1%}); predicted "
+             f"fastest layout = measured fastest in {acc['ranked_first']} of "
+             f"{acc['problems']} problems.", ""]
+    for p in acc["picks"]:
+        lines.append(f"- {p['problem']}: measured fastest `{p['measured_fastest']}`, "
+                     f"predicted `{p['predicted_fastest']}` ({p['loss']:.2f}x)")
+    return lines + [""]
+
+
 def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict],
              files: Sequence[str]) -> str:
     """report.md: the measured table, the collective summary, cost-model accuracy, plots."""
     lines = ["# tpmpi report", ""]
     if schemes:
-        lines += ["Times per step in ms: **median (min–max)** over the timed iterations, each "
-                  "iteration the slowest rank's. speedup = serial baseline / time; eff/core = "
-                  "speedup × baseline threads / (P × threads per rank), both against the serial "
-                  "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
-                  "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
-                  "efficiency.png. Flags: docs/statistics.md. Also in report.csv.", "",
-                  "| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
-                  "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-                  "---|"]
-        for row in table_rows(schemes):
-            lines.append(
-                f"| {row['layout']}" + (f" h={row['hidden']}" if row["hidden"] else "")
-                + f" | {row['ranks']} | {row['m']} | {row['k']} | {row['n']} | {row['dtype']} "
-                + "".join(f"| {_range(row, t)} " for t in TIMED)
-                + f"| {_fmt(row['pred_ms'], '{:.3f}')} | {_fmt(row['gflops'], '{:.1f}')} "
-                f"| {_fmt(row['busbw_gbs'], '{:.2f}')} | {_fmt(row['speedup'], '{:.2f}')} "
-                f"| {_fmt(row['eff_core'], '{:.2f}')} | {_fmt(row['scaling_eff'], '{:.2f}')} "
-                f"| {row['mem_mib']:.1f} | {', '.join(row['flags']) or '–'} |")
-        lines.append("")
+        lines += _md_schemes(schemes)
     if colls:
-        best = defaultdict(float)
-        for r in colls:
-            best[(r["collective"], r["ranks"], r["dtype"])] = max(
-                best[(r["collective"], r["ranks"], r["dtype"])], r.get("busbw_gbs") or 0.0)
-        lines += ["Collectives: time is the mean of back-to-back calls (nccl-tests convention), "
-                  "per size in collectives.csv.", "",
-                  "| collective | P | dtype | peak busbw GB/s | #wrong |",
-                  "|---|---:|---|---:|---:|"]
-        for (op, p, dtype), bw in sorted(best.items()):
-            wrong = sum(r.get("wrong") or 0 for r in colls
-                        if (r["collective"], r["ranks"], r["dtype"]) == (op, p, dtype))
-            lines.append(f"| {op} | {p} | {dtype} | {bw:.3f} | {wrong} |")
-        lines.append("")
+        lines += _md_collectives(colls)
     if acc and acc["records"]:
-        lines += ["## Cost model accuracy", "",
-                  f"median \\|predicted − measured\\| / measured: {acc['median_rel_err']:.1%} "
-                  f"over {acc['records']} records (max {acc['max_rel_err']:.1%}); predicted "
-                  f"fastest layout = measured fastest in {acc['ranked_first']} of "
-                  f"{acc['problems']} problems.", ""]
-        for p in acc["picks"]:
-            lines.append(f"- {p['problem']}: measured fastest `{p['measured_fastest']}`, "
-                         f"predicted `{p['predicted_fastest']}` ({p['loss']:.2f}x)")
-        lines.append("")
+        lines += _md_accuracy(acc)
     lines += [f"![{f}]({f})" for f in files if f.endswith(".png")]
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ reach a paper unexplained:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import numpy as np
@@ -52,15 +53,14 @@ def load_per_cpu() -> Optional[float]:
         return None
 
 
-def flags(rec: dict) -> list[str]:
-    """The names of :data:`FLAGS` that apply to the record ``rec`` (see the module doc)."""
-    out = []
-    if (rec.get("efficiency") or 0.0) > SUPERLINEAR:
-        out.append("superlinear")
-    if (spread(rec.get("time_s")) or 0.0) > NOISY:
-        out.append("noisy")
-    if (spread((rec.get("spread") or {}).get("baseline_s")) or 0.0) > NOISY:
-        out.append("noisy-baseline")
-    if (rec.get("load_per_cpu") or 0.0) > 1.0 or (rec.get("oversubscription") or 0.0) > 1.0:
-        out.append("oversubscribed")
-    return out
+def flags(rec: Mapping) -> list[str]:
+    """The names of :data:`FLAGS` that apply to the record ``rec`` (see the module doc), in
+    that order."""
+    applies = {
+        "superlinear": (rec.get("efficiency") or 0.0) > SUPERLINEAR,
+        "noisy": (spread(rec.get("time_s")) or 0.0) > NOISY,
+        "noisy-baseline": (spread((rec.get("spread") or {}).get("baseline_s")) or 0.0) > NOISY,
+        "oversubscribed": (rec.get("load_per_cpu") or 0.0) > 1.0
+        or (rec.get("oversubscription") or 0.0) > 1.0,
+    }
+    return [name for name in FLAGS if applies[name]]

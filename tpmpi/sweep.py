@@ -19,17 +19,18 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from .agreement import agree
 from .backend import Backend
 from .bench import node_threads, oversubscription, run_case
 from .collbench import format_row, time_collective
-from .agreement import agree
 from .comm import polite_barrier
 from .costmodel import Calibration, square_grid
 from .data_parallel import BUCKET_BYTES
 from .grid import ProcessGrid, parse_shape
 from .mesh import Mesh
+from .problem import Problem
 from .progress import Progress, announce, case_s
-from .schemes import Problem
+from .record import RunRecord
 from .schemes.hybrid import largest_replica
 
 SWEEPS = ("strong", "weak", "sizes")
@@ -121,11 +122,24 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     out = []
     for cfg in cfgs:
         key = dataclasses.replace(cfg.problem, options=())
-        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid, cal, backend, warmup=warmup,
-                          iters=iters, baseline=baseline and key not in seen, overlap=overlap,
+        out.append(case_s(largest_replica(cfg.problem, cfg.dp), cfg.ranks // cfg.dp, cfg.grid,
+                          cal, backend, warmup=warmup, iters=iters,
+                          baseline=baseline and key not in seen, overlap=overlap,
                           oversubscription=oversubscription * cfg.ranks / world))
         seen.add(key)
     return out
+
+
+def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: "bool | dict",
+                **timing) -> RunRecord:
+    """The record of one configuration on the communicator ``sub`` of its ranks: a
+    :class:`~tpmpi.Mesh` of ``cfg.dp`` replicas, or a grid (BLAS threads as the caller
+    configured them). Collective over ``sub``."""
+    with (Mesh(sub, dp=cfg.dp, tp=cfg.grid) if cfg.dp > 1
+          else ProcessGrid(sub, cfg.grid)) as grid:
+        rec = run_case(cfg.problem, grid, backend, baseline=baseline, **timing)
+    rec.sweep = dict(zip(("kind", "dim"), cfg.sweep))
+    return rec
 
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
@@ -138,10 +152,12 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
     on every rank of ``world``. Collective over ``world``."""
     rank = world.Get_rank()
     bases: dict = {}
-    all_threads = node_threads(world, threads)  # the baseline uses all of rank 0's node
-    oversub = oversubscription(world, threads, backend)
+    timing = {"warmup": warmup, "iters": iters, "calibration": calibration,
+              "overlap": measure_overlap, "bucket_bytes": bucket_bytes,
+              "baseline_threads": node_threads(world, threads)}  # all of rank 0's node
     seconds = estimate(cfgs, backend.name, calibration, warmup=warmup, iters=iters,
-                       baseline=baseline, overlap=measure_overlap, oversubscription=oversub,
+                       baseline=baseline, overlap=measure_overlap,
+                       oversubscription=oversubscription(world, threads, backend),
                        world=world.Get_size())
     announce(f"bench: {len(cfgs)} configurations", sum(seconds), rank == 0)
     step = Progress(seconds, rank == 0).step
@@ -150,16 +166,10 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
         for cfg in group:
             error = None
             if sub != MPI.COMM_NULL:
+                key = dataclasses.replace(cfg.problem, options=())
                 try:
-                    with (Mesh(sub, dp=cfg.dp, tp=cfg.grid) if cfg.dp > 1
-                          else ProcessGrid(sub, cfg.grid)) as grid:
-                        key = dataclasses.replace(cfg.problem, options=())
-                        rec = run_case(cfg.problem, grid, backend, warmup=warmup, iters=iters,
-                                       baseline=bases.get(key, baseline),
-                                       baseline_threads=all_threads,
-                                       calibration=calibration, overlap=measure_overlap,
-                                       bucket_bytes=bucket_bytes)
-                    rec["sweep"] = dict(zip(("kind", "dim"), cfg.sweep))
+                    rec = _run_config(sub, cfg, backend, baseline=bases.get(key, baseline),
+                                      **timing)
                     if baseline:
                         bases[key] = rec["spread"]["baseline_s"]
                     if rank == 0:

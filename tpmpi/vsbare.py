@@ -33,14 +33,16 @@ from mpi4py import MPI
 
 from .backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
     get_backend
-from .bench import mpi_library, oversubscription, write_record
+from .bench import oversubscription
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .dtypes import SUPPORTED
 from .grid import ProcessGrid
-from .schemes import Problem, bare_products, build
+from .problem import Problem
+from .record import mpi_library, write_record
+from .schemes import KNOWN as SCHEMES, bare_products, build
+from .timing import time_calls
 
-SCHEMES = ("column", "row", "mlp", "tile2d")
 PHASES = ("fwd", "fwdbwd")
 
 
@@ -75,16 +77,6 @@ inflate (meaningful for one rank with one BLAS thread on a CPU: MPI's busy polli
 other threads count too)."""
 
 
-def _timed(call: Callable[[], Any], comm: MPI.Comm, sync: Callable[[], None],
-           clock: Callable[[], float]) -> float:
-    """Seconds of ``call()`` then ``sync()`` on the slowest rank of ``comm``. Collective."""
-    comm.Barrier()
-    t0 = clock()
-    call()
-    sync()
-    return comm.allreduce(clock() - t0, op=MPI.MAX)
-
-
 def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
     """``{"bare": step(backward)}`` of the case's bare products on one process, and
     ``"torch"``'s on the same arrays for a linear scheme with torch installed."""
@@ -113,16 +105,17 @@ def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool
         case.forward()
         case.backward()
 
+    def seconds(call: Callable[[], Any], group: Optional[MPI.Comm] = None) -> float:
+        """One sample of ``call()`` (the slowest rank's of ``group``)."""
+        return float(time_calls([call], group, sync=backend.synchronize, clock=now)[0, 0])
+
     samples: dict[str, list[float]] = {}
     for i in range(warmup + iters):
-        times = {phase: _timed(call, comm, backend.synchronize, now)
-                 for phase, call in zip(PHASES, (case.forward, fwdbwd))}
+        times = {phase: seconds(call, comm) for phase, call in zip(PHASES, (case.forward, fwdbwd))}
         polite_barrier(comm)
         for name, step in steps.items():
             for phase, backward in zip(PHASES, (False, True)):
-                t0 = now()
-                step(backward)
-                times[f"{name}_{phase}"] = now() - t0
+                times[f"{name}_{phase}"] = seconds(lambda: step(backward))
         polite_barrier(comm)
         if i >= warmup:
             for name, t in times.items():
@@ -214,8 +207,8 @@ def format_table(records: Sequence[dict], best: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
-    """Command line (see the module docstring)."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line of the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m tpmpi.vsbare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
@@ -237,6 +230,12 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                     help="cpu: the process's CPU time (one rank and TPMPI_THREADS=1 on a loaded "
                          "CPU machine)")
     ap.add_argument("--json", metavar="FILE", help="append one JSON record per case")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
+    """Command line (see the module docstring)."""
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
         records = [json.loads(line) for path in args.table for line in open(path)

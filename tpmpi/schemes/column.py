@@ -8,7 +8,8 @@ from ..backend import Backend
 from ..comm import allreduce
 from ..grid import ProcessGrid
 from ..layers import ColumnParallelLinear
-from . import LayerCase, Problem, collective_rel_err, register
+from ..problem import Problem
+from .base import LayerCase, collective_rel_err
 
 
 class ColumnCase(LayerCase):
@@ -24,9 +25,7 @@ class ColumnCase(LayerCase):
         """Each rank checks the columns it owns (nothing global is materialised); dX's
         reference partial sums are reduced in float64."""
         layer, host = self.layer, self.backend.to_host
-        layer.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         cols = layer.shard[1]
         x, w, dy = (host(a).astype(np.float64) for a in (self.x, layer.weight, self.dy))
         dy_p = dy[:, cols]
@@ -37,8 +36,3 @@ class ColumnCase(LayerCase):
         if layer.bias is not None:
             pairs.append((layer.grad_bias, dy_p.sum(axis=0)))
         return collective_rel_err(self.comm, pairs)
-
-
-@register("column")
-def build_column(problem: Problem, grid: ProcessGrid, backend: Backend) -> ColumnCase:
-    return ColumnCase(problem, grid, backend)

@@ -14,7 +14,9 @@ from ..data_parallel import BUCKET_BYTES, DataParallel
 from ..grid import ProcessGrid
 from ..mesh import Mesh
 from ..partition import block_range, largest_block
-from . import Case, Problem, build, collective_rel_err, host64
+from ..problem import Problem
+from .base import Case, collective_rel_err, host64
+from .registry import build
 
 
 class DataParallelCase(Case):

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-
 from ..activations import get_activation
 from ..backend import Backend
 from ..grid import ProcessGrid
 from ..init import init_weight
 from ..layers import ParallelMLP
 from ..layout import scatter
-from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
-    shard_pairs
-
-
-def hidden_of(problem: Problem) -> int:
-    """d_hidden of an MLP problem."""
-    return problem.hidden if problem.hidden is not None else 4 * problem.k
+from ..problem import Problem
+from .base import LayerCase, collective_rel_err, host64, inputs, shard_pairs
 
 
 class MLPCase(LayerCase):
@@ -31,16 +25,16 @@ class MLPCase(LayerCase):
         if p.n != p.k:
             raise ValueError(f"n={p.n}: scheme 'mlp' maps d_model={p.k} to itself; pass "
                              f"--n {p.k} (or leave --n and --k equal)")
-        self.mlp = ParallelMLP(p.k, hidden_of(p), grid=grid, dtype=p.dtype, backend=backend,
+        self.mlp = ParallelMLP(p.k, p.d_hidden, grid=grid, dtype=p.dtype, backend=backend,
                                **p.opts)
         super().__init__(p, grid, backend, self.mlp, n_out=p.k,
-                         flops=4.0 * p.m * p.k * hidden_of(p))
+                         flops=4.0 * p.m * p.k * p.d_hidden)
 
     def serial(self, backend: Backend) -> Callable[..., None]:
         """Serial FFN forward (+ backward with ``step(backward)``, None: the problem's) on one
         process with the global weights and biases (the bare products of the layer)."""
         p, xp = self.problem, backend.xp
-        h = hidden_of(p)
+        h = p.d_hidden
         act, act_grad = get_activation(self.mlp.activation)
         x, dy = inputs(p, p.k, backend)
         w1, w2 = (init_weight(s, seed, p.dtype, backend=backend)
@@ -61,9 +55,7 @@ class MLPCase(LayerCase):
 
     def verify(self) -> float:
         mlp, be = self.mlp, self.backend
-        mlp.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         act, act_grad = get_activation(mlp.activation)
         w1, w2 = host64(be, mlp.fc1.gather_weight()), host64(be, mlp.fc2.gather_weight())
         b1, b2 = host64(be, mlp.fc1.gather_bias()), host64(be, mlp.fc2.gather_bias())
@@ -77,8 +69,3 @@ class MLPCase(LayerCase):
         pairs += shard_pairs(mlp.fc1, {"weight": x.T @ dpre, "bias": dpre.sum(axis=0)})
         pairs += shard_pairs(mlp.fc2, {"weight": a.T @ dy, "bias": dy.sum(axis=0)})
         return collective_rel_err(self.comm, pairs)
-
-
-@register("mlp")
-def build_mlp(problem: Problem, grid: ProcessGrid, backend: Backend) -> MLPCase:
-    return MLPCase(problem, grid, backend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..backend import Backend
 from ..grid import ProcessGrid
 from ..layers import RowParallelLinear
-from . import LayerCase, Problem, collective_rel_err, host64, register, shard_pairs
+from ..problem import Problem
+from .base import LayerCase, collective_rel_err, host64, shard_pairs
 
 
 class RowCase(LayerCase):
@@ -18,17 +19,10 @@ class RowCase(LayerCase):
 
     def verify(self) -> float:
         layer, be = self.layer, self.backend
-        layer.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
         x, dy = host64(be, self.x), host64(be, self.dy)
         y_ref = x @ w + (b if b is not None else 0)
         grads = {"weight": x.T @ dy, "bias": dy.sum(axis=0)}
         pairs = [(self.y, y_ref), (self.dx, dy @ w.T)] + shard_pairs(layer, grads)
         return collective_rel_err(self.comm, pairs)
-
-
-@register("row")
-def build_row(problem: Problem, grid: ProcessGrid, backend: Backend) -> RowCase:
-    return RowCase(problem, grid, backend)

@@ -10,9 +10,9 @@ from ..backend import Backend
 from ..grid import ProcessGrid
 from ..layers import TileParallelLinear
 from ..layout import gather, local_slices
+from ..problem import Problem
 from ..tiling import multiple_for, round_size
-from . import LayerCase, Problem, collective_rel_err, host64, inputs, register, \
-    shard_pairs
+from .base import LayerCase, collective_rel_err, host64, inputs, shard_pairs
 
 
 class TileCase(LayerCase):
@@ -29,9 +29,7 @@ class TileCase(LayerCase):
 
     def verify(self) -> float:
         p, layer, be = self.problem, self.layer, self.backend
-        layer.zero_grad()
-        self.forward()
-        self.backward()
+        self.fresh_step()
         w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
         x, dy = (host64(be, a) for a in inputs(p, p.n))
         y = gather(self.y, self.grid, "tiles", (p.m, p.n))
@@ -40,8 +38,3 @@ class TileCase(LayerCase):
         pairs = [(y, y_ref), (self.dx, dx_ref)]
         pairs += shard_pairs(layer, {"weight": x.T @ dy, "bias": dy.sum(axis=0)})
         return collective_rel_err(self.comm, pairs)
-
-
-@register("tile2d")
-def build_tile2d(problem: Problem, grid: ProcessGrid, backend: Backend) -> TileCase:
-    return TileCase(problem, grid, backend)

@@ -1,0 +1,56 @@
+"""Typed records: read like their JSON objects, bench-only fields left out while unset, one
+writer, the MPI library string and the timestamp made in one place."""
+import dataclasses
+import datetime
+import io
+import json
+
+import pytest
+from mpi4py import MPI
+
+from tpmpi.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, write_record
+
+
+def collective(**change) -> CollectiveRecord:
+    fields = dict(collective="allreduce", ranks=2, size=64, count=16, dtype="float32",
+                  backend="numpy", gpu_aware=False, buffers="host", warmup=1, iters=5,
+                  time_s=1e-5, algbw_gbs=0.0064, busbw_gbs=0.0064, wrong=0)
+    return CollectiveRecord(**{**fields, **change})
+
+
+def test_provenance_is_filled_in():
+    rec = collective()
+    assert rec["mpi_library"] == mpi_library() == \
+        MPI.Get_library_version().strip().splitlines()[0].strip()
+    stamp = datetime.datetime.fromisoformat(rec["timestamp"])
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds() < 60
+    assert datetime.datetime.fromisoformat(utc_timestamp()).tzinfo is not None
+
+
+def test_a_record_reads_like_its_json_object():
+    rec = collective()
+    assert list(rec) == [f.name for f in dataclasses.fields(CollectiveRecord)]
+    assert rec["size"] == rec.size == 64 and rec.get("nope") is None and len(rec) == 17
+    with pytest.raises(KeyError):
+        rec["nope"]
+    assert rec == dict(rec)
+
+
+def test_unset_bench_only_fields_are_left_out():
+    names = [f.name for f in dataclasses.fields(RunRecord)]
+    rec = RunRecord(**{name: None for name in names[:names.index("flags")]})
+    assert "sweep" not in rec and "sweep" not in dict(rec)
+    with pytest.raises(KeyError):
+        rec["sweep"]
+    rec.sweep = {"kind": "strong", "dim": "m"}
+    assert rec["sweep"] == {"kind": "strong", "dim": "m"} and list(rec)[-1] == "sweep"
+
+
+def test_one_writer_one_json_line_per_record():
+    out = io.StringIO()
+    write_record(collective(), out)
+    write_record({"error": "x"}, out)
+    write_record(collective(), None)  # ranks without a file write nothing
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first == dict(collective(timestamp=first["timestamp"])) and second == {"error": "x"}
