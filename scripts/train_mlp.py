@@ -31,7 +31,7 @@ from mpi4py import MPI
 import tpmpi
 from tpmpi.activations import ACTIVATIONS, get_activation
 from tpmpi.agreement import agree_checks
-from tpmpi.data_parallel import measure_dp_overlap
+from tpmpi.overlap import measure_dp_overlap
 from tpmpi.dtypes import SUPPORTED, tolerance
 from tpmpi.grid import factorisations
 from tpmpi.layers.mlp import MODES

@@ -10,7 +10,7 @@ from tpmpi import colltable
 from tpmpi.colltable import (OPS, TABLE, bus_factor, bw_factor, lat_factor, sent_bytes,
                              staged_bytes)
 from tpmpi.costmodel import Calibration
-from tpmpi.timing import Profiler
+from tpmpi.profiler import Profiler
 
 COLUMNS = ("bus", "latency", "bandwidth", "sent", "staged")
 

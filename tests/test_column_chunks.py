@@ -36,7 +36,7 @@ def test_overlap_percent_osu_formula(overall, compute, comm, expected):
 
 
 def test_profiler_only_switches_phases():
-    from tpmpi.timing import Profiler
+    from tpmpi.profiler import Profiler
 
     prof = Profiler()
     assert prof.runs("gemm") and prof.runs("comm")

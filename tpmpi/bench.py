@@ -30,11 +30,11 @@ from threadpoolctl import threadpool_limits
 from .backend import Backend, blas_info, configured_blas_threads, device_facts, node_comm
 from .comm import polite_barrier
 from .costmodel import Calibration, load_calibration, predict
-from .data_parallel import BUCKET_BYTES, measure_dp_overlap
+from .data_parallel import BUCKET_BYTES
 from .dtypes import tolerance
 from .grid import ProcessGrid
 from .mesh import Mesh
-from .overlap import measure_overlap
+from .overlap import measure_dp_overlap, measure_overlap
 from .problem import Problem, options_label
 from .progress import Progress, announce, case_units
 from .record import RunRecord

@@ -14,7 +14,7 @@ then is started at once, so fc2's gradients travel while fc1's backward GEMMs ru
 backward returns, the outstanding requests are waited for and the sums scaled by ``1/dp``.
 Whether MPI moves the data while the GEMMs run depends on its progress engine (without an
 asynchronous progress thread, only during MPI calls -- here fc1's own collectives);
-:func:`measure_dp_overlap` measures what is hidden (OSU convention, :mod:`tpmpi.overlap`).
+:func:`tpmpi.overlap.measure_dp_overlap` measures what is hidden (OSU convention).
 Without GPU-aware MPI (host staging) or with ``overlap=False`` the buckets are all-reduced
 blocking after backward.
 
@@ -33,8 +33,7 @@ from .comm import Staging, allreduce, iallreduce
 from .dtypes import dtype_name
 from .layers.module import named_layers
 from .mesh import Mesh
-from .overlap import OverlapTimes, median_time
-from .timing import Profiler
+from .profiler import Profiler
 
 BUCKET_BYTES = 25 * 2**20
 """Default smallest bucket (PyTorch DDP's ``bucket_cap_mb=25``)."""
@@ -146,7 +145,7 @@ class DataParallel:
 
     def attach_profiler(self) -> Profiler:
         """Time the gradient communication from now on (a timed
-        :class:`~tpmpi.timing.Profiler` that synchronises the GPU stream at each region, as
+        :class:`~tpmpi.profiler.Profiler` that synchronises the GPU stream at each region, as
         :meth:`tpmpi.layers.ParallelLinear.attach_profiler`); untimed until then."""
         self.profiler = Profiler.for_backend(self.backend)
         return self.profiler
@@ -233,7 +232,7 @@ class DataParallel:
 
     def allreduce_gradients(self) -> None:
         """Average the current gradients over the replicas now (every bucket, blocking on
-        the same path as backward): the communication-only run of :func:`measure_dp_overlap`.
+        the same path as backward): the communication-only run of :func:`tpmpi.overlap.measure_dp_overlap`.
         Collective over ``mesh.dp_comm``."""
         self._started = 0
         self._finish()
@@ -246,23 +245,3 @@ class DataParallel:
     def parameters(self) -> list[tuple[str, Any, Any]]:
         """The module's ``(name, parameter, gradient)``; gradients are the bucket views."""
         return self.module.parameters()
-
-
-def measure_dp_overlap(dp: DataParallel, dy, *, warmup: int = 1, iters: int = 5
-                       ) -> OverlapTimes:
-    """How much of the DP gradient Allreduce the backward pass hides (OSU convention,
-    :func:`tpmpi.overlap.overlap_percent`): ``overall`` = ``dp.backward(dy)``, ``compute`` =
-    the module's backward alone (its TP collectives included), ``comm`` =
-    :meth:`DataParallel.allreduce_gradients` alone; medians of the slowest rank. Needs a
-    forward first; gradients accumulate (meaningless afterwards). Collective over the mesh."""
-    def local_checks() -> None:
-        check_int("iters", iters, 1)
-        check_int("warmup", warmup)
-
-    comm = dp.mesh.comm
-    agree_checks(comm, local_checks, warmup=warmup, iters=iters)
-    sync = dp.backend.synchronize if dp.backend.is_gpu else None
-    times = [median_time(call, comm, sync, warmup, iters) for call in (
-        lambda: dp.backward(dy), lambda: dp.module.backward(dy), dp.allreduce_gradients)]
-    dp.profiler.reset()
-    return OverlapTimes(*times)

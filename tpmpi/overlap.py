@@ -4,7 +4,8 @@
 communication costs nothing on top of the computation, 0 when it is fully exposed.
 :func:`measure_overlap` times one layer call three ways: as is (``t_overall``), with only its
 GEMMs (``t_compute``: ``Profiler.only("gemm")`` skips the collectives) and with only its
-collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs).
+collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs);
+:func:`measure_dp_overlap` does the same for the data-parallel gradient Allreduce.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mpi4py import MPI
 
 from .agreement import agree_checks
 from .args import check_int
+from .data_parallel import DataParallel
 from .timing import time_calls
 
 
@@ -88,3 +90,23 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
     for prof in profs:
         prof.reset()
     return OverlapTimes(overall, *times)
+
+
+def measure_dp_overlap(dp: DataParallel, dy, *, warmup: int = 1, iters: int = 5
+                       ) -> OverlapTimes:
+    """How much of the DP gradient Allreduce the backward pass hides (OSU convention,
+    :func:`overlap_percent`): ``overall`` = ``dp.backward(dy)``, ``compute`` =
+    the module's backward alone (its TP collectives included), ``comm`` =
+    :meth:`DataParallel.allreduce_gradients` alone; medians of the slowest rank. Needs a
+    forward first; gradients accumulate (meaningless afterwards). Collective over the mesh."""
+    def local_checks() -> None:
+        check_int("iters", iters, 1)
+        check_int("warmup", warmup)
+
+    comm = dp.mesh.comm
+    agree_checks(comm, local_checks, warmup=warmup, iters=iters)
+    sync = dp.backend.synchronize if dp.backend.is_gpu else None
+    times = [median_time(call, comm, sync, warmup, iters) for call in (
+        lambda: dp.backward(dy), lambda: dp.module.backward(dy), dp.allreduce_gradients)]
+    dp.profiler.reset()
+    return OverlapTimes(*times)

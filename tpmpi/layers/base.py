@@ -21,7 +21,7 @@ from ..init import init_weight
 from ..layout import LinearLayouts, agreed_gather, local_shape, local_slices
 from ..mappings import Mapping, between
 from ..partition import block_sizes
-from ..timing import Profiler
+from ..profiler import Profiler
 
 
 def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -165,7 +165,7 @@ class ParallelLinear:
 
     def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
         """Time this layer's GEMM and communication regions from now on (``profiler``, default a
-        new timed :class:`~tpmpi.timing.Profiler` that synchronises this backend's stream at
+        new timed :class:`~tpmpi.profiler.Profiler` that synchronises this backend's stream at
         each region boundary) and return the profiler. Without one, layers read no clock and
         synchronise the stream only where MPI needs it."""
         self.profiler = profiler if profiler is not None else Profiler.for_backend(self.backend)

@@ -14,7 +14,7 @@ from ..init import init_weight
 from ..layers.module import named_layers
 from ..layout import local_slices
 from ..problem import Problem
-from ..timing import Profiler
+from ..profiler import Profiler
 
 
 X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
