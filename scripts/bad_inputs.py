@@ -26,7 +26,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 import tpmpi  # noqa: E402
 from tpmpi import cli  # noqa: E402
-from tpmpi import agreement  # noqa: E402
+from tpmpi.core import agreement  # noqa: E402
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 import tpmpi
-import tpmpi.data_parallel as tdp
+import tpmpi.layers.data_parallel as tdp
 from conftest import all_ranks_raise, rel_err
 from test_mlp import problem, reference
-from tpmpi.mesh import mesh_shapes
-from tpmpi.overlap import measure_dp_overlap
-from tpmpi.partition import block_partition
+from tpmpi.core.mesh import mesh_shapes
+from tpmpi.studies.overlap import measure_dp_overlap
+from tpmpi.core.partition import block_partition
 
 # (M, d_model, d_hidden): even, uneven, M < dp (an empty replica), d_hidden < T
 SHAPES = [(8, 4, 8), (7, 3, 5), (1, 4, 6), (5, 2, 3)]
