@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -27,6 +29,8 @@ import pytest
 
 _CONFIG: list = []
 WORLD_SIZES = (1, 2, 3, 4)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+"""The repository."""
 
 
 def _comm():
@@ -201,6 +205,23 @@ def assert_input_errors(comm, layer, X, dY) -> None:
     all_ranks_raise(comm, lambda: layer(X.tolist()), "expected a numpy array")
 
 
+def load_script(name: str):
+    """The module of the repository's ``scripts/<name>.py`` (the scripts are no package),
+    loaded on first use and registered as ``name``."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def read_records(path) -> list:
+    """The JSON objects of a JSON-lines file (blank lines skipped)."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def rel_err(a, ref) -> float:
     """max|a - ref| / max|ref| (0 for empty arrays), computed in float64 on the host."""
     a = np.asarray(a, dtype=np.float64)
@@ -232,6 +253,24 @@ class RecordingComm:
             out = attr(*args, **kwargs)
             return RecordingComm(out, self._log) if isinstance(out, MPI.Comm) else out
         return call
+
+
+def record_mpi_calls(layer, log: list) -> None:
+    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too) and of its
+    grid's three communicators through :class:`RecordingComm` into ``log``. Undo with
+    :func:`stop_recording` before the grid is freed."""
+    for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
+        if hasattr(sub, "comm"):
+            sub.comm = RecordingComm(sub.comm, log)
+    grid = layer.grid
+    grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
+                                               (grid.comm, grid.row_comm, grid.col_comm))
+
+
+def stop_recording(grid) -> None:
+    """Give ``grid`` back the communicators :func:`record_mpi_calls` wrapped."""
+    grid.comm, grid.row_comm, grid.col_comm = (c._comm for c in
+                                               (grid.comm, grid.row_comm, grid.col_comm))
 
 
 def message_bytes(name: str, args: tuple, kwargs: dict):
