@@ -58,7 +58,7 @@ def pytest_configure(config):
     if _with_mpi(config):
         comm = _comm()
         if comm.Get_size() > 1 and comm.Get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole session)
 
 
 @pytest.hookimpl(trylast=True)

@@ -24,9 +24,9 @@ def test_values_compare_by_meaning():
 
 def test_one_rank_raises_its_own_error_only():
     agree(MPI.COMM_SELF, None, x=1)
-    with pytest.raises(ValueError, match="^n=-1: expected a positive integer$"):
+    with pytest.raises(ValueError, match=r"^n=-1: expected a positive integer$"):
         agree(MPI.COMM_SELF, "n=-1: expected a positive integer", x=1)
-    with pytest.raises(ValueError, match="communicator is MPI.COMM_NULL"):
+    with pytest.raises(ValueError, match=r"communicator is MPI\.COMM_NULL"):
         agree(MPI.COMM_NULL)
 
 
@@ -34,9 +34,9 @@ def test_local_checks_become_the_error():
     def attribute():
         return None.shape
 
-    with pytest.raises(ValueError, match="^AttributeError: 'NoneType' object has no attribute"):
+    with pytest.raises(ValueError, match=r"^AttributeError: 'NoneType' object has no attribute"):
         agree_checks(MPI.COMM_SELF, attribute)
-    with pytest.raises(ValueError, match="^bad$"):
+    with pytest.raises(ValueError, match=r"^bad$"):
         agree_checks(MPI.COMM_SELF, lambda: (_ for _ in ()).throw(TypeError("bad")))
     agree_checks(MPI.COMM_SELF, lambda: None, x=1)
 

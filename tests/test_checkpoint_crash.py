@@ -27,7 +27,8 @@ from jobs import RANKS, job_env, launcher, serial_only  # noqa: E402
 
 def job(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(launcher() + [sys.executable, DRIVER, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=job_env())
+                          capture_output=True, text=True, timeout=timeout, env=job_env(),
+                          check=False)
 
 
 def wait_for_holder(path: str, timeout: float = 30) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import load_script
+from conftest import load_script, read_records
 from tpmpi.cli import main, make_parser
 
 
@@ -106,7 +106,7 @@ def test_mlp_hidden_in_table_and_record(world, shared_tmp, capsys):
     if comm.Get_rank() == 0:
         out = capsys.readouterr().out
         assert "hidden=12" in out
-        assert json.loads(open(path).read())["hidden"] == 12
+        assert read_records(path)[0]["hidden"] == 12
     comm.Barrier()
 
 
@@ -121,8 +121,8 @@ def test_checkpoint_script_wrong_layer_is_one_line(world, shared_tmp, capsys):
     err = capsys.readouterr().err
     if comm.Get_rank() == 0:
         assert err.splitlines() == [
-            f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
-            "TileParallelLinear, not a ColumnParallelLinear"]
+            (f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
+             "TileParallelLinear, not a ColumnParallelLinear")]
     else:
         assert err == ""
     assert script.main(["load", path, "--layer", "tile2d"], comm) == 0

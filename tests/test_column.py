@@ -1,5 +1,7 @@
 """ColumnParallelLinear against a serial float64 reference at world sizes 1-4, and its
 pipelined form (``chunks=c``: bitwise equal to ``chunks=1``)."""
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -98,7 +100,8 @@ def test_chunk_bounds_tile_rows_at_granule_boundaries():
     assert chunk_bounds(0, 3) == [(0, 0)]
     assert chunk_bounds(CHUNK_ROWS - 1, 4) == [(0, CHUNK_ROWS - 1)]
     assert chunk_bounds(2 * CHUNK_ROWS + 5, 1) == [(0, 2 * CHUNK_ROWS + 5)]
-    assert chunk_bounds(2 * CHUNK_ROWS + 5, 2) == [(0, CHUNK_ROWS), (CHUNK_ROWS, 2 * CHUNK_ROWS + 5)]
+    assert chunk_bounds(2 * CHUNK_ROWS + 5, 2) == [(0, CHUNK_ROWS),
+                                                   (CHUNK_ROWS, 2 * CHUNK_ROWS + 5)]
     for m in (1, 47, 48, 95, 96, 200, 1000):
         for c in (1, 2, 3, 7, 10**6):
             rows = chunk_bounds(m, c)
@@ -131,8 +134,9 @@ def test_chunked_equals_unchunked_bitwise(grid, m, k, n, chunks, dtype):
 def test_chunks_validated_on_every_rank(world, grid):
     comm, rank = world.comm, world.comm.Get_rank()
     for bad in (0, -1, 2.0, True, None):
-        all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(4, 5, grid=grid, chunks=bad),
+        all_ranks_raise(comm, partial(tpmpi.ColumnParallelLinear, 4, 5, grid=grid, chunks=bad),
                         rf"chunks={bad!r}: expected a positive integer")
     if comm.Get_size() > 1:
-        all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(4, 5, grid=grid, chunks=1 + rank),
+        all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(4, 5, grid=grid,
+                                                                 chunks=1 + rank),
                         "chunks differs across ranks")

@@ -24,7 +24,9 @@ def gpu_calibration() -> Calibration:
     cal = Calibration(alpha={op: {"2": 5e-6} for op in ("allgather", "allreduce")},
                       beta={op: {"2": 2e-10} for op in ("allgather", "allreduce")},
                       staging={"d2h": 10e9, "h2d": 10e9})
-    flat = lambda rate: {"thin": 2e12, "small": rate, "medium": rate, "large": rate}  # noqa
+    def flat(rate):
+        return {"thin": 2e12, "small": rate, "medium": rate, "large": rate}
+
     cal.rates.update({"cupy:float32": flat(50e12), "cupy:float16": flat(600e12),
                       "cupy:bfloat16": flat(600e12)})
     return cal

@@ -1,6 +1,8 @@
 """tpmpi.ProcessGrid: shapes, coordinates and row/column sub-communicators of every
 factorisation of 1-4 ranks (node-aware order included), shape errors raised on every rank, the
 communicator checks, freeing, the shared default grid, and that a grid leaves BLAS alone."""
+from functools import partial
+
 import pytest
 from mpi4py import MPI
 
@@ -54,7 +56,8 @@ def test_grid_coordinates_and_subcommunicators(shape):
         assert grid.coords == (r, c) and grid.shape == shape
         assert grid.row_comm.Get_size() == shape[1] and grid.row_comm.Get_rank() == c
         assert grid.col_comm.Get_size() == shape[0] and grid.col_comm.Get_rank() == r
-        assert grid.row_comm.allgather(comm.Get_rank()) == [r * shape[1] + j for j in range(shape[1])]
+        assert grid.row_comm.allgather(comm.Get_rank()) == [r * shape[1] + j
+                                                            for j in range(shape[1])]
         assert grid.label == f"{shape[0]}x{shape[1]}"
 
 
@@ -65,7 +68,7 @@ def test_bad_shapes_raise_on_every_rank(world):
     all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, shape=(size + 1, 1)),
                     rf"pr\*pc must equal the {size} ranks; valid shapes: 1x{size}")
     for bad in [(size + 1, 1), (2, 2 * size), (0, size), (1, size, 1)]:
-        all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, shape=bad),
+        all_ranks_raise(comm, partial(tpmpi.ProcessGrid, comm, shape=bad),
                         f"valid shapes: {valid}$")
     all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, shape="3"), "expected RxC")
     if size > 1:  # valid on every rank, but not the same shape
@@ -75,10 +78,10 @@ def test_bad_shapes_raise_on_every_rank(world):
 
 
 def test_communicator_is_checked_before_any_collective():
-    with pytest.raises(ValueError, match="comm is a builtins.str: expected an mpi4py "
-                                         "communicator"):
+    with pytest.raises(ValueError, match=r"comm is a builtins\.str: expected an mpi4py "
+                                         r"communicator"):
         tpmpi.ProcessGrid("world")
-    with pytest.raises(ValueError, match="comm is MPI.COMM_NULL"):
+    with pytest.raises(ValueError, match=r"comm is MPI\.COMM_NULL"):
         tpmpi.ProcessGrid(MPI.COMM_NULL)
 
 

@@ -63,7 +63,7 @@ def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
         assert job.poll() is None, job.communicate()
         start = time.monotonic()
         os.kill(pids[rank], sig)
-        out, err = job.communicate(timeout=30)
+        _, err = job.communicate(timeout=30)
         elapsed = time.monotonic() - start
     finally:
         if job.poll() is None:

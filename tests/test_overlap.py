@@ -81,20 +81,25 @@ def test_measure_overlap_on_chunked_layer(grid):
     assert np.array_equal(layer(x), ref)
 
 
+def measure_panel_layer(grid) -> None:
+    """measure_overlap on a panel tile layer of ``grid``: times in range, results intact."""
+    layer = tpmpi.TileParallelLinear(16, 12, grid=grid, panel=4, dtype="float64")
+    x = tpmpi.scatter(np.ones((10, 16)), grid, "tiles")
+    times = measure_overlap(layer, lambda: layer(x), iters=2)
+    assert min(times.overall_s, times.compute_s, times.comm_s) >= 0
+    assert 0 <= times.overlap_pct <= 100
+    assert set(times.as_dict()) == {"overall_s", "compute_s", "comm_only_s", "overlap_pct",
+                                    "saved_s"}
+    want = np.ones((10, 16)) @ layer.gather_weight() + layer.gather_bias()
+    assert rel_err(layer(x), tpmpi.scatter(want, grid, "tiles")) <= 1e-12
+    all_ranks_raise(grid.comm, lambda: measure_overlap(layer, lambda: None, iters=0),
+                    "iters=0: expected a positive integer")
+
+
 @pytest.mark.mpi
 def test_measure_overlap_on_panel_layer(grids):
     for grid in grids():
-        layer = tpmpi.TileParallelLinear(16, 12, grid=grid, panel=4, dtype="float64")
-        x = tpmpi.scatter(np.ones((10, 16)), grid, "tiles")
-        times = measure_overlap(layer, lambda: layer(x), iters=2)
-        assert min(times.overall_s, times.compute_s, times.comm_s) >= 0
-        assert 0 <= times.overlap_pct <= 100
-        assert set(times.as_dict()) == {"overall_s", "compute_s", "comm_only_s", "overlap_pct",
-                                        "saved_s"}
-        want = np.ones((10, 16)) @ layer.gather_weight() + layer.gather_bias()
-        assert rel_err(layer(x), tpmpi.scatter(want, grid, "tiles")) <= 1e-12
-        all_ranks_raise(grid.comm, lambda: measure_overlap(layer, lambda: None, iters=0),
-                        "iters=0: expected a positive integer")
+        measure_panel_layer(grid)
 
 
 @pytest.mark.mpi

@@ -59,10 +59,8 @@ def test_profiler_only_switches_phases():
     with prof.only("comm"):
         assert prof.runs("comm") and not prof.runs("gemm")
     assert prof.runs("gemm")
-    with pytest.raises(ValueError, match="phase='x'"):
-        with prof.only("x"):
-            pass
-    with pytest.raises(RuntimeError):
-        with prof.only("gemm"):
-            raise RuntimeError("the block failed")
+    with pytest.raises(ValueError, match="phase='x'"), prof.only("x"):
+        pass
+    with pytest.raises(RuntimeError), prof.only("gemm"):
+        raise RuntimeError("the block failed")
     assert prof.runs("comm") and prof.runs("gemm")  # restored on the way out

@@ -96,7 +96,7 @@ def test_layers_on_nested_and_overlapping_subcomms(kind, monkeypatch):
     comms = [world.Split(0 if rank in g else MPI.UNDEFINED, rank) for g, _ in groups]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # ranks sharing a (fake) GPU
-        for (g, layer_kind), comm in zip(groups, comms):
+        for (_, layer_kind), comm in zip(groups, comms):
             if comm != MPI.COMM_NULL:
                 check_layer(layer_kind, comm)
                 comm.Free()

@@ -42,7 +42,7 @@ def _configs(kind, **kw):
 
 def test_configs_strong_weak_sizes():
     strong = _configs("strong")
-    assert [c.ranks for c in strong][0] == 2  # largest P first
+    assert strong[0].ranks == 2  # largest P first
     assert {c.problem.m for c in strong} == {8}
     # panel applies to tile2d only: column 1 + tile2d 2 per P
     assert len(strong) == 6

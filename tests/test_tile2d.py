@@ -1,5 +1,7 @@
 """TileParallelLinear (2D SUMMA, gather and panel forms) at world sizes 1-4 against a serial
 float64 reference, on every grid shape of each world size."""
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -88,32 +90,36 @@ def test_k_segments_split_at_panel_and_owner_boundaries():
     assert k_segments(4, 100, [(0, 4)], [(0, 4)]) == [(0, 4, 0, 0)]
 
 
+def assert_errors_on(grid, comm, X, W, b, dY) -> None:
+    """The panel and input errors of a tile layer on ``grid``, each raised on every rank."""
+    rank = comm.Get_rank()
+    for bad in (0, -2, 1.5, True, "4"):
+        all_ranks_raise(comm, partial(tpmpi.TileParallelLinear, 4, 6, grid=grid, panel=bad),
+                        rf"panel={bad!r}: expected None or a positive integer")
+    if comm.Get_size() > 1:
+        all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid, panel=1 + rank),
+                        "panel differs across ranks")
+    layer = tpmpi.TileParallelLinear.from_dense(W, b, grid=grid, panel=2)
+    x = tiles(X, grid)
+    all_ranks_raise(comm, lambda: layer.backward(tiles(dY, grid)),
+                    r"backward\(\) called before forward")
+    all_ranks_raise(comm, lambda: layer(x.astype(np.float32)),
+                    "x.dtype=float32: expected float64")
+    all_ranks_raise(comm, lambda: layer(x.tolist()), "expected a numpy array")
+    if grid.shape[1] > 1:  # the global X is not a tile
+        all_ranks_raise(comm, lambda: layer(X), r"x.shape=\(\d+, 4\): expected .* tile")
+    if grid.size > 1:  # the last rank (never an empty tile here) passes a row too few
+        short = x[:-1] if rank == grid.size - 1 else x
+        all_ranks_raise(comm, lambda: layer(short),
+                        rf"x.shape=.*expected .* in layout 'tiles' on grid "
+                        rf"{grid.label} \(rank {grid.size - 1}\)")
+    y = layer(x)
+    all_ranks_raise(comm, lambda: layer.backward(np.zeros((y.shape[0], y.shape[1] + 1))),
+                    r"dy.shape=.*expected")
+
+
 @pytest.mark.mpi
 def test_errors_are_raised_on_every_rank(world, grids):
-    comm, rank = world.comm, world.comm.Get_rank()
     X, W, b, dY = linear_problem(5, 4, 6)
     for grid in grids():
-        for bad in (0, -2, 1.5, True, "4"):
-            all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid, panel=bad),
-                            rf"panel={bad!r}: expected None or a positive integer")
-        if comm.Get_size() > 1:
-            all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid,
-                                                                   panel=1 + rank),
-                            "panel differs across ranks")
-        layer = tpmpi.TileParallelLinear.from_dense(W, b, grid=grid, panel=2)
-        x = tiles(X, grid)
-        all_ranks_raise(comm, lambda: layer.backward(tiles(dY, grid)),
-                        r"backward\(\) called before forward")
-        all_ranks_raise(comm, lambda: layer(x.astype(np.float32)),
-                        "x.dtype=float32: expected float64")
-        all_ranks_raise(comm, lambda: layer(x.tolist()), "expected a numpy array")
-        if grid.shape[1] > 1:  # the global X is not a tile
-            all_ranks_raise(comm, lambda: layer(X), r"x.shape=\(\d+, 4\): expected .* tile")
-        if grid.size > 1:  # the last rank (never an empty tile here) passes a row too few
-            short = x[:-1] if rank == grid.size - 1 else x
-            all_ranks_raise(comm, lambda: layer(short),
-                            rf"x.shape=.*expected .* in layout 'tiles' on grid "
-                            rf"{grid.label} \(rank {grid.size - 1}\)")
-        y = layer(x)
-        all_ranks_raise(comm, lambda: layer.backward(np.zeros((y.shape[0], y.shape[1] + 1))),
-                        r"dy.shape=.*expected")
+        assert_errors_on(grid, world.comm, X, W, b, dY)

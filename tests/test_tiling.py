@@ -32,5 +32,5 @@ def test_tile_of_each_device_kind_and_bad_arguments():
         round_size(64, -1)
     with pytest.raises(ValueError, match="multiple=0: expected a positive integer"):
         round_size(64, 100, 0)
-    with pytest.raises(ValueError, match="requested=2.5: expected a positive integer"):
+    with pytest.raises(ValueError, match=r"requested=2\.5: expected a positive integer"):
         round_size(2.5, 100)
