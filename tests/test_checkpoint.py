@@ -313,7 +313,7 @@ def test_saves_keep_one_version_and_clean_what_crashes_left(world, grid, shared_
 
 
 @pytest.mark.mpi
-def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, shared_tmp,
+def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, grid, shared_tmp,
                                                                   monkeypatch):
     import tpmpi.checkpoint.lock as ck
 
@@ -321,23 +321,22 @@ def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, shared
     path = str(shared_tmp)
     W, b = dense(3, 5, seed=14)
     lock = os.path.join(path, ".lock")
-    with tpmpi.ProcessGrid(comm) as grid:
-        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
-        tpmpi.save_checkpoint(path, layer)
-        if rank == 0:  # held by a live process of another host: nothing says it is stale
-            with open(lock, "w") as f:
-                json.dump({"pid": os.getpid(), "host": "elsewhere", "since": "t0"}, f)
-        comm.Barrier()
-        all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(path, layer),
-                        r"is being saved by another job \(pid \d+ on elsewhere since t0\); "
-                        r"concurrent saves to one path are refused: wait for it, or remove "
-                        r".*\.lock if no save is running")
-        if rank == 0:
-            assert os.path.exists(lock)  # not ours to remove
-        monkeypatch.setattr(ck, "LOCK_STALE_S", 0.0)  # its heartbeat is now too old
-        tpmpi.save_checkpoint(path, layer)
-        if rank == 0:
-            assert not os.path.exists(lock)
+    layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+    tpmpi.save_checkpoint(path, layer)
+    if rank == 0:  # held by a live process of another host: nothing says it is stale
+        with open(lock, "w") as f:
+            json.dump({"pid": os.getpid(), "host": "elsewhere", "since": "t0"}, f)
+    comm.Barrier()
+    all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(path, layer),
+                    r"is being saved by another job \(pid \d+ on elsewhere since t0\); "
+                    r"concurrent saves to one path are refused: wait for it, or remove "
+                    r".*\.lock if no save is running")
+    if rank == 0:
+        assert os.path.exists(lock)  # not ours to remove
+    monkeypatch.setattr(ck, "LOCK_STALE_S", 0.0)  # its heartbeat is now too old
+    tpmpi.save_checkpoint(path, layer)
+    if rank == 0:
+        assert not os.path.exists(lock)
 
 
 @pytest.mark.mpi
