@@ -69,9 +69,9 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
-def _groups(pairs) -> "OrderedDict[Any, list[int]]":
+def _groups(pairs) -> OrderedDict[Any, list[int]]:
     """``value -> ranks`` in order of first appearance, from ``(rank, value)`` pairs."""
-    out: "OrderedDict[Any, list[int]]" = OrderedDict()
+    out: OrderedDict[Any, list[int]] = OrderedDict()
     for rank, value in pairs:
         out.setdefault(value, []).append(rank)
     return out

@@ -56,9 +56,9 @@ class Backend:
         self.xp = xp
         self.device = device
         self.gpu_aware = False
-        self._views: dict[bool, "Backend"] = {}
+        self._views: dict[bool, Backend] = {}
 
-    def with_gpu_aware(self, gpu_aware: bool) -> "Backend":
+    def with_gpu_aware(self, gpu_aware: bool) -> Backend:
         """This backend (same arrays, device and caches) with ``gpu_aware`` set: itself when it
         already has that value, else one shallow copy kept for reuse."""
         if self.gpu_aware == gpu_aware:
@@ -326,7 +326,7 @@ def process_backend(name: str) -> Backend:
     return _CACHE[name]
 
 
-def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
+def get_backend(name: str | Backend = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
     """The backend for ``name`` (``"auto"``, ``"numpy"``, ``"cupy"`` or a :class:`Backend`).
 
     Without ``comm``: this process's backend (:func:`resolve_backend`, :func:`process_backend`);

@@ -59,7 +59,7 @@ def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = Tr
     return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
-def serial_baseline(case: Case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int,
+def serial_baseline(case: Case, grid: ProcessGrid | Mesh, backend: Backend, *, warmup: int,
                     iters: int, threads: Optional[int] = None) -> dict:
     """``{median, min, max}`` seconds of the case's serial product on rank 0 using ``threads``
     BLAS threads (default: those of all ranks of its node), the single-process reference for
@@ -131,7 +131,7 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     return Progress([t for _, t in units], rank0, unit="step").step
 
 
-def _first_steps(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
+def _first_steps(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                  warmup: int, bucket_bytes: int, progress: Callable[[str], None]
                  ) -> tuple[Case, int]:
     """The case built with timed profilers, its first step (this rank's allocation peak
@@ -240,8 +240,8 @@ def _rate_fields(times: dict, flops: float, traffic: dict, base: Optional[dict],
             if speedup is not None else None}
 
 
-def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int = 2,
-             iters: int = 10, verify: bool = True, baseline: "bool | dict" = False,
+def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, warmup: int = 2,
+             iters: int = 10, verify: bool = True, baseline: bool | dict = False,
              baseline_threads: Optional[int] = None,
              calibration: Optional[Calibration] = None, overlap: bool = False,
              progress: Optional[Callable[[str], None]] = None,

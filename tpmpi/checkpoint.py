@@ -512,7 +512,7 @@ def _field(where: str, entry: Any, key: str, kind, what: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
         raise ValueError(f"{where}: field {key!r} is missing: expected {what}")
     value = entry[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"{where}: field {key!r} is {value!r}: expected {what}")
     return value
 
@@ -771,4 +771,4 @@ def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any)
 # ``Layer.load_checkpoint(path, grid=..., **options)``, the classmethod of every layer and
 # composite, attached here: checkpoints depend on the layers, the layers never on checkpoints.
 for _base in (ParallelLinear, Composite):
-    setattr(_base, "load_checkpoint", classmethod(_load_as))
+    _base.load_checkpoint = classmethod(_load_as)

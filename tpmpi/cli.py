@@ -587,7 +587,7 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "calibrate": cmd_calibrate, "pla
 
 
 def agree_args(argv: Optional[Sequence[str]], comm: MPI.Comm
-               ) -> "argparse.Namespace | tuple[int, str]":
+               ) -> argparse.Namespace | tuple[int, str]:
     """Parse ``argv`` on every rank and agree on the outcome before anything else: the same
     sub-command and flags everywhere (else UsageError on every rank). ``--help``/``--version``
     give ``(exit code, text)`` (to be printed by rank 0 only), and must be asked for on every

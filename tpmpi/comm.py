@@ -152,7 +152,7 @@ def _words(a):
     return a.view(np.uint16) if a.dtype.name in HALF else a
 
 
-_TYPE_CACHE: "OrderedDict[tuple, MPI.Datatype]" = OrderedDict()
+_TYPE_CACHE: OrderedDict[tuple, MPI.Datatype] = OrderedDict()
 _TYPE_CACHE_SIZE = 256
 
 
@@ -245,7 +245,7 @@ def _clip_cols(block: Block, cols: Optional[tuple[int, int]]) -> tuple[Block, in
     return ((*starts[:-1], first), (*shape[:-1], stop - first)), first - starts[-1]
 
 
-_PLAN_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+_PLAN_CACHE: OrderedDict[tuple, list] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
 

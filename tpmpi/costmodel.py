@@ -177,7 +177,7 @@ class Calibration:
                 "rates": self.rates, "staging": self.staging}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Calibration":
+    def from_json(cls, data: dict) -> Calibration:
         rates = json.loads(json.dumps(DEFAULT_RATES))
         rates.update(data.get("rates", {}))
         return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,

@@ -58,7 +58,7 @@ class _Bucket:
             self.entries.append((layer, name, view))
             offset += grad.size
         self.layers = {id(layer) for layer, _, _ in entries}
-        self.request: "Optional[MPI.Request]" = None
+        self.request: Optional[MPI.Request] = None
 
 
 class DataParallel:

@@ -120,7 +120,7 @@ class ProcessGrid:
         """True after :meth:`free`."""
         return self.comm == MPI.COMM_NULL
 
-    def __enter__(self) -> "ProcessGrid":
+    def __enter__(self) -> ProcessGrid:
         return self
 
     def __exit__(self, *exc) -> None:

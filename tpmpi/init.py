@@ -35,7 +35,7 @@ def _uniform(raw: np.ndarray, bound: float) -> np.ndarray:
 
 
 def init_weight(shape: Sequence[int], seed: int, dtype="float32", rows: slice = slice(None),
-                cols: slice = slice(None), backend: "str | Backend | None" = None, *,
+                cols: slice = slice(None), backend: str | Backend | None = None, *,
                 stream: int = 0, bound: Optional[float] = None):
     """Block ``[rows, cols]`` of the global ``shape`` matrix defined by ``(seed, stream)``.
 

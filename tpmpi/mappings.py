@@ -82,7 +82,7 @@ class Mapping:
         return f"{type(self).__name__}(P={self.comm.Get_size()})"
 
     @property
-    def adjoint(self) -> "Mapping":
+    def adjoint(self) -> Mapping:
         """The adjoint operator (the backward of this one) on the same communicator."""
         return self.adjoint_class(self.comm, self.staging)
 
@@ -100,7 +100,7 @@ class Mapping:
         """Apply the operator, blocking; returns ``out``. Collective when ``op`` is set."""
         return out
 
-    def start(self, x, out) -> "MPI.Request":
+    def start(self, x, out) -> MPI.Request:
         """Non-blocking :meth:`forward`: ``out`` is final after ``Wait()`` on the returned
         request; ``x`` and ``out`` must stay untouched until then."""
         self.forward(x, out)

@@ -158,7 +158,7 @@ class Mesh:
         if self.dp_comm != MPI.COMM_NULL:
             self.dp_comm.Free()
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -60,7 +60,7 @@ def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable
     return float(np.median(time_calls([call], comm, sync=sync, warmup=warmup, iters=iters)))
 
 
-def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, warmup: int = 1,
+def measure_overlap(layers: Any | Sequence[Any], call: Callable[[], Any], *, warmup: int = 1,
                     iters: int = 5) -> OverlapTimes:
     """Time ``call()`` (one call of the layer(s), e.g. ``lambda: layer(x)`` or ``lambda:
     layer.backward(dy)``; pass ``[mlp.fc1, mlp.fc2]`` for a composite) as is, with every

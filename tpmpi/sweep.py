@@ -130,7 +130,7 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     return out
 
 
-def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: "bool | dict",
+def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: bool | dict,
                 **timing) -> RunRecord:
     """The record of one configuration on the communicator ``sub`` of its ranks: a
     :class:`~tpmpi.Mesh` of ``cfg.dp`` replicas, or a grid (BLAS threads as the caller

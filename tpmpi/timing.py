@@ -88,7 +88,7 @@ class Profiler:
         self.reset()
 
     @classmethod
-    def for_backend(cls, backend) -> "Profiler":
+    def for_backend(cls, backend) -> Profiler:
         """A timed profiler that synchronises ``backend``'s stream (on a GPU) at each region
         boundary."""
         return cls(backend.synchronize if backend.is_gpu else None)

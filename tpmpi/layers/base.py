@@ -41,7 +41,7 @@ def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> No
 
 
 REPLICATED = "{name} must be replicated: the same on every rank [check_replicated=True]"
-_LAYERS: "weakref.WeakKeyDictionary[ProcessGrid, int]" = weakref.WeakKeyDictionary()
+_LAYERS: weakref.WeakKeyDictionary[ProcessGrid, int] = weakref.WeakKeyDictionary()
 
 
 def _next_layer_id(grid: ProcessGrid) -> int:
@@ -95,7 +95,7 @@ class ParallelLinear:
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype="float32", seed: int = 0,
-                 backend: "str | Backend" = "auto", overlap: bool = True,
+                 backend: str | Backend = "auto", overlap: bool = True,
                  check_finite: bool = False, check_replicated: bool = False, _dense=None,
                  **options: Any):
         if grid is not None and not isinstance(grid, ProcessGrid):

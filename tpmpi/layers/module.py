@@ -15,7 +15,7 @@ from typing import Any, Protocol
 class Module(Protocol):
     """What checkpoints, benchmarks and DataParallel need of a layer or a composite."""
 
-    def children(self) -> list[tuple[str, "Module"]]:
+    def children(self) -> list[tuple[str, Module]]:
         """``(name, sub-module)`` in forward order; ``[]`` for a leaf layer."""
 
     def parameters(self) -> list[tuple[str, Any, Any]]:

@@ -79,7 +79,7 @@ def largest_replica(problem: Problem, dp: int) -> Problem:
     return dataclasses.replace(problem, m=largest_block(problem.m, dp))
 
 
-def build_case(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
+def build_case(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                bucket_bytes: int = BUCKET_BYTES) -> Case:
     """The case of ``problem`` on a grid (:func:`tpmpi.schemes.build`) or on a mesh (a
     :class:`DataParallelCase`)."""
