@@ -24,9 +24,9 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-import tpmpi  # noqa: E402
-from tpmpi import cli  # noqa: E402
-from tpmpi import agreement  # noqa: E402
+import tpmpi
+from tpmpi import cli
+from tpmpi import agreement
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 

@@ -141,7 +141,7 @@ def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
         local_checks()
     except (ValueError, TypeError) as exc:
         error = str(exc)
-    except Exception as exc:  # e.g. AttributeError from a non-array argument on one rank
+    except Exception as exc:  # noqa: BLE001 - e.g. AttributeError from a non-array argument
         error = f"{type(exc).__name__}: {exc}"
     agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
 

@@ -178,7 +178,7 @@ class CupyBackend(Backend):
                 a = self.xp.ones((2, 2), dtype=dtype)
                 self.xp.matmul(a, a)
                 self._dtypes[name] = None
-            except Exception as exc:  # TypeError/ValueError/NotImplementedError/compile errors
+            except Exception as exc:  # noqa: BLE001 - Type/Value/NotImplementedError, compile errors
                 self._dtypes[name] = (f"dtype={name!r} is not supported by CuPy "
                                       f"{self.xp.__version__} on this device ({exc}); bfloat16 "
                                       "needs CuPy >= 14 with ml_dtypes installed")
@@ -287,7 +287,7 @@ def cupy_usable() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+    except Exception:  # noqa: BLE001 - ImportError, CUDARuntimeError without a driver, ...
         return False
 
 

@@ -428,7 +428,7 @@ MODELLED = ("column", "row", "mlp", "tile2d")
 
 def square_grid(p: int) -> tuple[int, int]:
     """The most nearly square ``(pr, pc)`` with ``pr <= pc`` and ``pr * pc == p``."""
-    pr = max(r for r in range(1, int(math.isqrt(p)) + 1) if p % r == 0)
+    pr = max(r for r in range(1, math.isqrt(p) + 1) if p % r == 0)
     return pr, p // pr
 
 

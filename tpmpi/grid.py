@@ -102,7 +102,8 @@ class ProcessGrid:
                 else blas_threads)  # validated there, on every rank together
 
     def __repr__(self) -> str:
-        return f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, coords={self.coords})"
+        return (f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, "
+                f"coords={self.coords})")
 
     @property
     def label(self) -> str:

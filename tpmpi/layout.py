@@ -85,7 +85,8 @@ def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tu
 
 def local_slices(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[slice, ...]:
     """Slices of the global array that this rank holds in ``layout``."""
-    return tuple(slice(a, b) for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
+    bounds = block_bounds(global_shape, grid.shape, grid.coords, layout)
+    return tuple(slice(a, b) for a, b in bounds)
 
 
 def local_shape(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[int, ...]:

@@ -50,7 +50,7 @@ def case_s(*args, **kwargs) -> float:
 
 def duration(seconds: float) -> str:
     """``42 s``, ``3 min 20 s``, ``1 h 05 min``."""
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
     if s < 3600:

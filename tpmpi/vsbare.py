@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
@@ -40,6 +40,7 @@ from .dtypes import SUPPORTED
 from .grid import ProcessGrid
 from .problem import Problem
 from .record import mpi_library, write_record
+from .report import load as load_records
 from .schemes import KNOWN as SCHEMES, bare_products, build
 from .timing import time_calls
 
@@ -115,7 +116,7 @@ def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool
         polite_barrier(comm)
         for name, step in steps.items():
             for phase, backward in zip(PHASES, (False, True)):
-                times[f"{name}_{phase}"] = seconds(lambda: step(backward))
+                times[f"{name}_{phase}"] = seconds(partial(step, backward))
         polite_barrier(comm)
         if i >= warmup:
             for name, t in times.items():
@@ -238,9 +239,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
-        records = [json.loads(line) for path in args.table for line in open(path)
-                   if line.strip()]
-        print(format_table(records, args.best))
+        print(format_table(load_records(args.table), args.best))
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)
@@ -281,7 +280,7 @@ def run() -> None:
 
     try:
         code = main()
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)

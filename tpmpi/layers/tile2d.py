@@ -231,10 +231,7 @@ class TileParallelLinear(ParallelLinear):
         Ibcasts and Ireduces per K segment; bias: Allreduce over ``col_comm``."""
         self._agree_dy(dy)
         dy = self.backend.xp.ascontiguousarray(dy)
-        if self.panel is None:
-            dx = self._backward_gather(dy)
-        else:
-            dx = self._backward_panels(dy)
+        dx = self._backward_gather(dy) if self.panel is None else self._backward_panels(dy)
         if self.grad_bias is not None:
             db = column_sums(dy)
             with self.profiler.comm("allreduce", db.nbytes, self.grid.shape[0]):
