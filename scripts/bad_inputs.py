@@ -26,7 +26,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 import tpmpi
 from tpmpi import cli
-from tpmpi import agreement
+from tpmpi.core import agreement
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 

@@ -22,7 +22,7 @@
 #              compute/communication split: float32 forward (its comm_ms is the forward's),
 #              float16 forward+backward -> OUTDIR/runs.jsonl;
 #   suite-P1/2 the GPU-facing test files at 1 and 2 ranks;
-#   peak-*     the device's GEMM peak per dtype (python -m tpmpi.peak) and the runs' fraction.
+#   peak-*     the device's GEMM peak per dtype (python -m tpmpi.studies.peak) and the runs' fraction.
 # OUTDIR/summary.txt lists each step's verdict and time.
 #
 # Environment: PYTHON (python3), MPIEXEC (mpiexec), SIZE (8192), RANKS ("1 2 4"), ITERS (3),
@@ -119,7 +119,7 @@ step calibrate 90 $mpiexec -n 4 "$py" -m tpmpi calibrate --backend cupy --json "
 cal=()
 if [ -s "$out/calib.json" ]; then cal=(--calibration "$out/calib.json"); fi
 table() {
-    step "table-P$1" 200 $mpiexec -n "$1" "$py" -m tpmpi.vsbare --backend cupy --m "$size" \
+    step "table-P$1" 200 $mpiexec -n "$1" "$py" -m tpmpi.studies.vsbare --backend cupy --m "$size" \
         --k "$size" --n "$size" --iters "$iters" ${cal[@]+"${cal[@]}"} --json "$out/vsbare.jsonl"
 }
 for p in $ranks; do
@@ -140,12 +140,12 @@ for p in 1 2; do
         tests/test_vsbare.py tests/test_gpu_model.py
 done
 for dtype in float32 float16 bfloat16; do
-    step "peak-$dtype" 45 "$py" -m tpmpi.peak --backend cupy --dtype "$dtype" --n "$size" \
+    step "peak-$dtype" 45 "$py" -m tpmpi.studies.peak --backend cupy --dtype "$dtype" --n "$size" \
         --records "$out/runs.jsonl"
 done
 
 if [ -s "$out/vsbare.jsonl" ]; then
-    "$py" -m tpmpi.vsbare --table "$out/vsbare.jsonl" > "$out/table.md" && cat "$out/table.md"
+    "$py" -m tpmpi.studies.vsbare --table "$out/vsbare.jsonl" > "$out/table.md" && cat "$out/table.md"
 fi
 echo
 cat "$summary"

@@ -6,7 +6,7 @@
 
 For every mesh (dp replicas x a TP grid of P/dp ranks) and FFN mode (megatron, book and
 sequence on 1D grids, tile2d on every grid; one run when the TP group is a single rank) it runs
-one verified forward + backward benchmark (``tpmpi.bench.run_case``; each replica takes M/dp
+one verified forward + backward benchmark (``tpmpi.studies.bench.run_case``; each replica takes M/dp
 rows, gradients averaged by DataParallel) and prints the median time next to the cost model's
 prediction, the exposed TP and DP communication, the DP bytes per rank, then the layouts
 ranked by measured and by predicted time and ``plan``'s first choice. Timings on a shared or
@@ -18,13 +18,13 @@ import argparse
 
 from mpi4py import MPI
 
-from tpmpi.backend import configure_blas_threads, get_backend
-from tpmpi.bench import run_case
-from tpmpi.costmodel import explain, layout_label, load_calibration, plan
-from tpmpi.data_parallel import BUCKET_BYTES
-from tpmpi.mesh import Mesh, mesh_shapes
-from tpmpi.record import write_record
-from tpmpi.schemes import Problem
+from tpmpi.core.backend import configure_blas_threads, get_backend
+from tpmpi.studies.bench import run_case
+from tpmpi.studies.costmodel import explain, layout_label, load_calibration, plan
+from tpmpi.layers.data_parallel import BUCKET_BYTES
+from tpmpi.core.mesh import Mesh, mesh_shapes
+from tpmpi.studies.record import write_record
+from tpmpi.studies.schemes import Problem
 
 
 def layouts(ranks: int) -> list[tuple[int, tuple[int, int], str]]:

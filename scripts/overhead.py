@@ -6,7 +6,7 @@
 overhead = forward time - local GEMM (+ bias) time - the bare collective's time, where the bare
 collective is the same Alltoallw (same buffers, same subarray datatypes) called directly, and
 each is timed alone, back-to-back, as the best of ``--repeats`` interleaved blocks of
-``--iters`` calls, each block the slowest rank's (``tpmpi.timing.time_calls``). Target: under
+``--iters`` calls, each block the slowest rank's (``tpmpi.studies.timing.time_calls``). Target: under
 100 us. Two more robust variants are printed: with the GEMM time measured inside the same
 forward calls (the layer's profiler), and forward minus a hand-written loop doing the same
 GEMM, bias add and Alltoallw (it suffers the same rank skew, so the difference is what tpmpi
@@ -22,15 +22,15 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.comm import alltoallw_args
-from tpmpi.partition import largest_block
-from tpmpi.timing import time_calls
+from tpmpi.core.comm import alltoallw_args
+from tpmpi.core.partition import largest_block
+from tpmpi.studies.timing import time_calls
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
              repeats: int) -> dict[str, float]:
     """Per function: the best over ``repeats`` samples of the mean time of ``iters``
-    back-to-back calls, each sample the slowest rank's (:func:`tpmpi.timing.time_calls`; the
+    back-to-back calls, each sample the slowest rank's (:func:`tpmpi.studies.timing.time_calls`; the
     functions' samples interleaved, so that load from other processes hits them alike)."""
     samples = time_calls(list(fns.values()), comm, iters=repeats, warmup=3, repeat=iters)
     return {name: float(row.min()) for name, row in zip(fns, samples)}

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from tpmpi.costmodel import load_calibration, plan, predict
-from tpmpi.data_parallel import BUCKET_BYTES
-from tpmpi.problem import Problem
-from tpmpi.report import accuracy, layout, load, problem_key
+from tpmpi.studies.costmodel import load_calibration, plan, predict
+from tpmpi.layers.data_parallel import BUCKET_BYTES
+from tpmpi.studies.problem import Problem
+from tpmpi.studies.report import accuracy, layout, load, problem_key
 
 
 def main() -> None:

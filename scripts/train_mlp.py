@@ -29,14 +29,14 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.activations import ACTIVATIONS, get_activation
-from tpmpi.agreement import agree_checks
-from tpmpi.data_parallel import measure_dp_overlap
-from tpmpi.dtypes import SUPPORTED, tolerance
-from tpmpi.grid import factorisations
+from tpmpi.layers.activations import ACTIVATIONS, get_activation
+from tpmpi.core.agreement import agree_checks
+from tpmpi.studies.overlap import measure_dp_overlap
+from tpmpi.core.dtypes import SUPPORTED, tolerance
+from tpmpi.core.grid import factorisations
 from tpmpi.layers.mlp import MODES
-from tpmpi.mesh import tp_shape
-from tpmpi.partition import block_partition, block_sizes
+from tpmpi.core.mesh import tp_shape
+from tpmpi.core.partition import block_partition, block_sizes
 
 EPILOG = """\
 memory budget example (default model, float32, Adam: 16 bytes per parameter and rank):

@@ -38,7 +38,7 @@ def pytest_configure(config):
     os.environ.setdefault("TPMPI_THREADS", "1")
     os.environ.setdefault("TPMPI_BACKEND", "numpy")
     _CONFIG.append(config)
-    from tpmpi.backend import configure_blas_threads
+    from tpmpi.core.backend import configure_blas_threads
 
     configure_blas_threads(_comm())  # collective: every rank configures pytest together
     if _with_mpi(config):
@@ -106,7 +106,7 @@ def xb(request):
     """This process's :class:`tpmpi.Backend` under test, as a first request makes it: no MPI
     call (the GPU binding is per process), so tests may build layers on any sub-communicator
     first; each layer decides GPU-awareness collectively over its own communicator."""
-    from tpmpi.backend import cupy_usable, get_backend
+    from tpmpi.core.backend import cupy_usable, get_backend
 
     if request.param == "cupy" and not cupy_usable():
         if os.environ.get("TPMPI_TEST_BACKEND"):
@@ -173,7 +173,7 @@ class RecordingComm:
 
 
 def message_bytes(name: str, args: tuple, kwargs: dict):
-    """``(send, receive)`` bytes of one recorded MPI call (as tpmpi.comm passes its buffers):
+    """``(send, receive)`` bytes of one recorded MPI call (as tpmpi.core.comm passes its buffers):
     count x type size of each buffer argument, summed over peers for the vector forms (the
     send side of an Allgatherv bounded by its largest count), or None for calls that move no
     array data."""

@@ -1,5 +1,5 @@
-"""A stand-in ``cupy`` module made of NumPy, so the real :class:`tpmpi.backend.CupyBackend` and
-the CuPy branch of :func:`tpmpi.backend.get_backend` (GPU binding, GPU-aware decision) run on a
+"""A stand-in ``cupy`` module made of NumPy, so the real :class:`tpmpi.core.backend.CupyBackend` and
+the CuPy branch of :func:`tpmpi.core.backend.get_backend` (GPU binding, GPU-aware decision) run on a
 CPU.
 
 ``install(monkeypatch, devices=1)`` puts it in ``sys.modules`` (``import cupy`` returns it),
@@ -14,7 +14,7 @@ import types
 
 import numpy as np
 
-from tpmpi import backend as backend_mod
+from tpmpi.core import backend as backend_mod
 
 
 class FakeCupy(types.ModuleType):
@@ -66,7 +66,7 @@ class FakeCupy(types.ModuleType):
     def matmul(a, b, out=None):
         """Products of 2-byte floats keep their dtype, as cuBLAS's do (NumPy's bfloat16
         matmul returns float32)."""
-        from tpmpi.gemm import matmul
+        from tpmpi.core.gemm import matmul
 
         return matmul(np, a, b, out=out)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from tpmpi.costmodel import square_grid
+from tpmpi.studies.costmodel import square_grid
 
 OPS = ("allgather", "allreduce", "reduce_scatter", "bcast")
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import tpmpi
-from tpmpi.comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
-from tpmpi.partition import block_partition
+from tpmpi.core.comm import allgather_blocks, allreduce, iallgather_blocks, iallreduce
+from tpmpi.core.partition import block_partition
 
 M, K = 5, 7
 

@@ -3,7 +3,7 @@
 * ``xb`` (conftest): column layer forward/backward against a float64 reference on each backend
   ("numpy" always, "cupy" where CuPy and a device exist), world sizes 1-4.
 * :class:`FakeDevice`: NumPy arrays posing as device arrays of a backend that is not GPU-aware,
-  so the host-staging branch of :class:`tpmpi.comm.Staging` runs (and counts its copies and
+  so the host-staging branch of :class:`tpmpi.core.comm.Staging` runs (and counts its copies and
   pinned allocations) on a CPU.
 * staged collectives (bytes each way, chunk pipelining, nothing at P = 1), float16 and
   bfloat16 (2-byte words summed in float32; bfloat16 where ml_dtypes exists),
@@ -19,13 +19,13 @@ from hypothesis import given, strategies as st
 
 import tpmpi
 from conftest import RecordingComm, rel_err
-from tpmpi import backend as backend_mod
-from tpmpi.backend import Backend
-from tpmpi.comm import (Staging, allgather_blocks, allreduce, iallreduce, ibcast, ireduce,
-                        ireduce_scatter)
-from tpmpi.dtypes import tolerance
-from tpmpi.peak import gemm_fraction, gemm_peak
-from tpmpi.tiling import panel_workspace_bytes, round_size
+from tpmpi.core import backend as backend_mod
+from tpmpi.core.backend import Backend
+from tpmpi.core.comm import (Staging, allgather_blocks, allreduce, iallreduce, ibcast, ireduce,
+                             ireduce_scatter)
+from tpmpi.core.dtypes import tolerance
+from tpmpi.studies.peak import gemm_fraction, gemm_peak
+from tpmpi.core.tiling import panel_workspace_bytes, round_size
 
 try:
     import ml_dtypes  # noqa: F401
@@ -222,7 +222,7 @@ def test_staged_reductions_sum_on_the_device(world, dtype):
     parts = [(np.arange(n) * 0.25 + q).astype(dtype) for q in range(size)]
     want = _f32_sum(parts, dtype) if dtype in ("float16", "bfloat16") else \
         sum(p.astype(np.float64) for p in parts)
-    counts = tpmpi.partition.block_sizes(n, size)
+    counts = tpmpi.core.partition.block_sizes(n, size)
     mine = counts[rank] if size > 1 else 0  # one rank: nothing staged, no collective
     staging = Staging(FakeDevice())
 
@@ -311,7 +311,7 @@ def test_column_layer_through_staging(world, gather_output):
     else:  # forward: own block down, output back; backward: the dX allreduce
         assert forward["d2h_bytes"] == (6 * n_p * 8 if gather_output else 0)
         assert forward["h2d_bytes"] == (6 * 7 * 8 if gather_output else 0)
-        mine = tpmpi.partition.block_sizes(6 * 5, world.size)[grid.rank]
+        mine = tpmpi.core.partition.block_sizes(6 * 5, world.size)[grid.rank]
         assert layer.staging.stats["d2h_bytes"] - forward["d2h_bytes"] == (30 + mine) * 8
     assert rel_err(layer.grad_weight, 2 * (X.T @ dY)[:, cols]) <= 1e-12
     grid.free()
@@ -322,8 +322,8 @@ def test_records_report_staging(world):
     """bench records: host<->device bytes per iteration and staging seconds (0 at P = 1)."""
     if not world.member:
         return
-    from tpmpi.bench import run_case
-    from tpmpi.schemes import Problem
+    from tpmpi.studies.bench import run_case
+    from tpmpi.studies.schemes import Problem
 
     with tpmpi.ProcessGrid(world.comm, blas_threads=None) as grid:
         rec = run_case(Problem(scheme="row", m=6, k=5, n=7, dtype="float64", backward=True),

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from tpmpi.cli import main
-from tpmpi.collbench import sizes_sweep
-from tpmpi.sweep import configs, default_ranks, grids_for, parse_size
+from tpmpi.studies.collbench import sizes_sweep
+from tpmpi.studies.sweep import configs, default_ranks, grids_for, parse_size
 
 
 def test_parse_size_and_sweep():
@@ -141,8 +141,8 @@ def test_plan_prints_ranked_layouts(capsys):
 
 # --------------------------------------------------------------- statistics, flags, the table
 
-from tpmpi import stats  # noqa: E402
-from tpmpi.bench import format_table  # noqa: E402
+from tpmpi.studies import stats  # noqa: E402
+from tpmpi.studies.bench import format_table  # noqa: E402
 
 
 def _rec(**kw):
@@ -215,10 +215,10 @@ def test_record_statistics_per_iteration(world, scheme):
     with their spread; the MLP's hidden size in effect is in the record."""
     if not world.member:
         return
-    from tpmpi.backend import get_backend
-    from tpmpi.bench import run_case
-    from tpmpi.grid import ProcessGrid
-    from tpmpi.schemes import Problem
+    from tpmpi.core.backend import get_backend
+    from tpmpi.studies.bench import run_case
+    from tpmpi.core.grid import ProcessGrid
+    from tpmpi.studies.schemes import Problem
 
     grid = ProcessGrid(world.comm, blas_threads=None)
     prob = Problem(scheme=scheme, m=9, k=6, n=6, backward=True)

@@ -9,9 +9,9 @@ import pytest
 
 import tpmpi
 from conftest import all_ranks_raise
-from tpmpi.grid import factorisations
+from tpmpi.core.grid import factorisations
 from tpmpi.layers.base import ParallelLinear
-from tpmpi.layout import LinearLayouts
+from tpmpi.core.layout import LinearLayouts
 
 
 class TileLayer(ParallelLinear):

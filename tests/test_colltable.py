@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pytest
 
-from tpmpi import colltable
-from tpmpi.colltable import (OPS, TABLE, bus_factor, bw_factor, lat_factor, sent_bytes,
-                             staged_bytes)
-from tpmpi.costmodel import Calibration
-from tpmpi.timing import Profiler
+from tpmpi.core import colltable
+from tpmpi.core.colltable import (OPS, TABLE, bus_factor, bw_factor, lat_factor, sent_bytes,
+                                  staged_bytes)
+from tpmpi.studies.costmodel import Calibration
+from tpmpi.core.profiler import Profiler
 
 COLUMNS = ("bus", "latency", "bandwidth", "sent", "staged")
 

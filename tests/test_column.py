@@ -80,7 +80,7 @@ def test_ranks_beyond_columns_hold_empty_shards(world):
     X, W, b, dY = problem(3, 4, 2, "float64", seed=3)
     layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
     width = layer.shard[1].stop - layer.shard[1].start
-    assert width == tpmpi.partition.block_sizes(2, grid.size)[grid.rank]
+    assert width == tpmpi.core.partition.block_sizes(2, grid.size)[grid.rank]
     if grid.size > 2:
         assert width == (0 if grid.rank >= 2 else 1)
     assert rel_err(layer(X), X @ W + b) <= 1e-12
@@ -122,7 +122,7 @@ def test_errors_are_raised_on_every_rank(world):
 def test_scatter_gather_roundtrip_all_layouts(world):
     if not world.member:
         return
-    from tpmpi.grid import factorisations
+    from tpmpi.core.grid import factorisations
 
     A = np.arange(7 * 5, dtype=np.float64).reshape(7, 5)
     v = np.arange(5, dtype=np.float32)
@@ -193,7 +193,7 @@ def test_grids_meshes_and_layers_leave_blas_alone(world):
             tpmpi.ColumnParallelLinear(4, 4, grid=grid)
             assert blas_threads() == 2
             assert tpmpi.configure_blas_threads(comm, 1) == 1 and blas_threads() == 1
-            assert tpmpi.backend.configured_blas_threads() == 1
+            assert tpmpi.core.backend.configured_blas_threads() == 1
         with pytest.warns(DeprecationWarning, match=r"tpmpi.configure_blas_threads"):
             tpmpi.ProcessGrid(comm, blas_threads=2).free()
         assert blas_threads() == 2

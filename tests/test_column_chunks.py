@@ -5,7 +5,7 @@ import pytest
 import tpmpi
 from conftest import all_ranks_raise
 from tpmpi.layers.column import CHUNK_ROWS, chunk_bounds
-from tpmpi.overlap import OverlapTimes, overlap_percent
+from tpmpi.studies.overlap import OverlapTimes, overlap_percent
 
 
 def test_chunk_bounds_tile_rows_at_granule_boundaries():
@@ -36,7 +36,7 @@ def test_overlap_percent_osu_formula(overall, compute, comm, expected):
 
 
 def test_profiler_only_switches_phases():
-    from tpmpi.timing import Profiler
+    from tpmpi.core.profiler import Profiler
 
     prof = Profiler()
     assert prof.runs("gemm") and prof.runs("comm")
@@ -91,7 +91,7 @@ def test_chunks_validated_on_every_rank(world):
 def test_measure_overlap_on_chunked_layer(world):
     if not world.member:
         return
-    from tpmpi.overlap import measure_overlap
+    from tpmpi.studies.overlap import measure_overlap
 
     grid = tpmpi.ProcessGrid(world.comm)
     layer = tpmpi.ColumnParallelLinear(8, 6, grid=grid, chunks=3, dtype="float64")

@@ -1,4 +1,4 @@
-"""tpmpi.comm: the message-size limit (parsed, agreed, and true for every MPI call a layer makes),
+"""tpmpi.core.comm: the message-size limit (parsed, agreed, and true for every MPI call a layer makes),
 chunked collectives bit-identical to unsplit ones, float16/bfloat16 reductions summed in float32
 and rounded once, and the Open MPI 4.1 ``Ialltoallw`` workaround."""
 import os
@@ -9,12 +9,12 @@ from mpi4py import MPI
 
 import tpmpi
 from conftest import RecordingComm, all_ranks_raise, message_bytes, rel_err
-from tpmpi import agreement
-from tpmpi import comm as tcomm
-from tpmpi.grid import factorisations
-from tpmpi.dtypes import tolerance
-from tpmpi.layout import LAYOUTS
-from tpmpi.partition import block_sizes
+from tpmpi.core import agreement
+from tpmpi.core import comm as tcomm
+from tpmpi.core.grid import factorisations
+from tpmpi.core.dtypes import tolerance
+from tpmpi.core.layout import LAYOUTS
+from tpmpi.core.partition import block_sizes
 
 try:
     import ml_dtypes  # noqa: F401

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from tpmpi.colltable import bw_factor, lat_factor
-from tpmpi.costmodel import (Calibration, fit_alpha_beta, gemm_class, load_calibration, plan,
-                             predict, square_grid)
-from tpmpi.schemes import Problem
+from tpmpi.core.colltable import bw_factor, lat_factor
+from tpmpi.studies.costmodel import (Calibration, fit_alpha_beta, gemm_class, load_calibration, plan,
+                                     predict, square_grid)
+from tpmpi.studies.schemes import Problem
 
 
 def test_ring_factors_match_algorithms_md():

@@ -3,8 +3,8 @@ under backward, sequence parallelism's bytes and memory, the tile2d FFN, plan ov
 dp x tp factorisation and its explanation."""
 import pytest
 
-from tpmpi.costmodel import Calibration, candidates, explain, plan, predict
-from tpmpi.schemes import Problem
+from tpmpi.studies.costmodel import Calibration, candidates, explain, plan, predict
+from tpmpi.studies.schemes import Problem
 
 BETA = 1e-9  # s/byte, no latency: times are bytes x factor x BETA
 CAL = Calibration(alpha={op: {"2": 0.0} for op in ("allreduce", "allgather", "reduce_scatter")},

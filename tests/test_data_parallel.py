@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 import tpmpi
-import tpmpi.data_parallel as tdp
+import tpmpi.layers.data_parallel as tdp
 from conftest import all_ranks_raise, rel_err
 from test_mlp import problem, reference
-from tpmpi.mesh import mesh_shapes
-from tpmpi.partition import block_partition
+from tpmpi.core.mesh import mesh_shapes
+from tpmpi.studies.overlap import measure_dp_overlap
+from tpmpi.core.partition import block_partition
 
 # (M, d_model, d_hidden): even, uneven, M < dp (an empty replica), d_hidden < T
 SHAPES = [(8, 4, 8), (7, 3, 5), (1, 4, 6), (5, 2, 3)]
@@ -199,7 +200,7 @@ def test_overlap_measurement(world):
         model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1024)
         x = np.ones((16, 32), dtype=np.float32)
         y = model(x)
-        times = tdp.measure_dp_overlap(model, np.ones_like(y), iters=3)
+        times = measure_dp_overlap(model, np.ones_like(y), iters=3)
         assert times.overall_s > 0 and times.compute_s > 0 and times.comm_s > 0
         assert 0.0 <= times.overlap_pct <= 100.0
         assert model.profiler.calls == {}  # reset after the measurement

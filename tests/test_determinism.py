@@ -5,7 +5,7 @@ import pytest
 
 import tpmpi
 from conftest import rel_err
-from tpmpi.grid import factorisations
+from tpmpi.core.grid import factorisations
 
 
 def run(comm, shape, X, W, b, dY):

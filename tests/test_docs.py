@@ -97,7 +97,7 @@ def test_bench_and_collective_record_fields_are_documented(tmp_path):
 def test_record_dataclasses_have_the_documented_fields_in_order(section, cls):
     import dataclasses
 
-    from tpmpi import record
+    from tpmpi.studies import record
 
     top = [f for f in schema(section) if "." not in f]
     assert [f.name for f in dataclasses.fields(getattr(record, cls))] == top

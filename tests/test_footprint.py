@@ -1,8 +1,8 @@
-"""tpmpi.footprint: the arrays a run holds, from the layouts its layers declare."""
+"""tpmpi.studies.footprint: the arrays a run holds, from the layouts its layers declare."""
 import pytest
 
-from tpmpi.footprint import bytes_per_rank
-from tpmpi.problem import Problem
+from tpmpi.studies.footprint import bytes_per_rank
+from tpmpi.studies.problem import Problem
 
 M, K, N, H = 8, 6, 10, 10
 

@@ -8,12 +8,12 @@ import math
 import pytest
 
 import fake_cupy
-from tpmpi import collbench
-from tpmpi.backend import get_backend
-from tpmpi.colltable import staged_bytes
-from tpmpi.costmodel import STAGING_CHUNK_BYTES, Calibration, load_calibration, predict
-from tpmpi.dtypes import SUPPORTED
-from tpmpi.schemes import Problem
+from tpmpi.studies import collbench
+from tpmpi.core.backend import get_backend
+from tpmpi.core.colltable import staged_bytes
+from tpmpi.studies.costmodel import STAGING_CHUNK_BYTES, Calibration, load_calibration, predict
+from tpmpi.core.dtypes import SUPPORTED
+from tpmpi.studies.schemes import Problem
 
 BIG = dict(m=8192, k=8192, n=8192)
 
@@ -120,8 +120,8 @@ def test_run_records_on_a_gpu_predict_staged_shared_runs(world, monkeypatch):
     prediction charges the ranks sharing the device and the staged collectives."""
     if not world.member:
         return
-    from tpmpi.bench import run_case
-    from tpmpi.grid import ProcessGrid
+    from tpmpi.studies.bench import run_case
+    from tpmpi.core.grid import ProcessGrid
 
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "0")

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import tpmpi
-from tpmpi import gemm
-from tpmpi.activations import ACTIVATIONS
-from tpmpi.dtypes import UNIT_ROUNDOFF, tolerance
-from tpmpi.grid import factorisations
-from tpmpi.schemes import Problem, build
+from tpmpi.core import gemm
+from tpmpi.layers.activations import ACTIVATIONS
+from tpmpi.core.dtypes import UNIT_ROUNDOFF, tolerance
+from tpmpi.core.grid import factorisations
+from tpmpi.studies.schemes import Problem, build
 
 try:
     import ml_dtypes  # noqa: F401
@@ -107,7 +107,7 @@ def test_every_scheme_in_half_precision(world, scheme, dtype, m, k, n):
             p = Problem(scheme=scheme, m=m, k=k, n=n, hidden=3, dtype=dtype, backward=True,
                         options=options)
             with tpmpi.ProcessGrid(world.comm, shape=shape, blas_threads=None) as grid:
-                case = build(p, grid, tpmpi.backend.get_backend("numpy"))
+                case = build(p, grid, tpmpi.core.backend.get_backend("numpy"))
                 err = case.verify()
             assert err <= tolerance(dtype, p.longest_sum), (shape, options, err)
             assert err > 0  # really computed in half precision

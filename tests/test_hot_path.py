@@ -18,8 +18,8 @@ from mpi4py import MPI
 import tpmpi
 from conftest import rel_err
 from test_backends import FakeDevice
-from tpmpi.activations import get_activation
-from tpmpi.backend import get_backend
+from tpmpi.layers.activations import get_activation
+from tpmpi.core.backend import get_backend
 
 NOT_COLLECTIVE = ("Get_", "Is_", "Free", "py2f")
 
@@ -173,7 +173,7 @@ def test_syncs_only_where_mpi_needs_them(world, kind, gpu_aware):
         sub.staging.staged = not gpu_aware  # the decision a GPU-aware library would give
     x = tpmpi.scatter(X, grid, "tiles" if kind == "tile2d" else "replicated")
     dY = np.ones((x.shape[0], x.shape[1] if kind == "mlp" else
-                  tpmpi.layout.local_shape((X.shape[0], W.shape[1]), grid,
+                  tpmpi.core.layout.local_shape((X.shape[0], W.shape[1]), grid,
                                            "tiles" if kind == "tile2d" else "replicated")[1]))
     sites = _sync_sites(subs[0].backend)  # the layers' view of dev
 
@@ -185,7 +185,7 @@ def test_syncs_only_where_mpi_needs_them(world, kind, gpu_aware):
     profs = [sub.attach_profiler() for sub in subs]
     with_profiler = step()
     collectives = sum(sum(p.calls.values()) for p in profs)
-    assert sites["timing.py:_now"] > 0 and all(p.gemm_s > 0 for p in profs)
+    assert sites["profiler.py:_now"] > 0 and all(p.gemm_s > 0 for p in profs)
     for sub in subs:
         sub.detach_profiler()
     without = step()
@@ -219,7 +219,7 @@ def test_gemm_operands_are_contiguous_on_a_gpu(world, kind):
     strided one for each product): column blocks of x and dY are made contiguous once."""
     if not world.member:
         return
-    from tpmpi.backend import CupyBackend
+    from tpmpi.core.backend import CupyBackend
 
     class CupyLike(FakeDevice):
         operand = CupyBackend.operand

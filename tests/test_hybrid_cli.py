@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tpmpi.cli import main
-from tpmpi.mesh import mesh_shapes
-from tpmpi.sweep import configs
+from tpmpi.core.mesh import mesh_shapes
+from tpmpi.studies.sweep import configs
 
 
 def shared_path(comm, factory, name):
@@ -53,11 +53,11 @@ def test_verification_catches_a_wrong_dp_average(world, monkeypatch):
     """The DP check of DataParallelCase.verify is not vacuous: skipping the average fails."""
     if not world.member or world.size % 2:
         return
-    from tpmpi.backend import get_backend
-    from tpmpi.data_parallel import DataParallel
-    from tpmpi.mesh import Mesh
-    from tpmpi.schemes import Problem
-    from tpmpi.schemes.hybrid import build_case
+    from tpmpi.core.backend import get_backend
+    from tpmpi.layers.data_parallel import DataParallel
+    from tpmpi.core.mesh import Mesh
+    from tpmpi.studies.schemes import Problem
+    from tpmpi.studies.schemes.hybrid import build_case
 
     backend = get_backend("numpy")
     problem = Problem(scheme="mlp", m=8, k=4, n=4, hidden=6, dtype="float64", backward=True)

@@ -8,8 +8,8 @@ import tpmpi
 from conftest import rel_err
 from test_backends import FakeDevice
 from test_mlp import problem, reference
-from tpmpi.mappings import MAPPINGS
-from tpmpi.comm import Staging
+from tpmpi.core.mappings import MAPPINGS
+from tpmpi.core.comm import Staging
 
 
 @pytest.mark.mpi

@@ -1,7 +1,8 @@
 """The import graph of tpmpi (scripts/module_map.py, from the source; function-level imports
-count too): no cycle anywhere, the core's arrows one way, a cost model that knows no benchmark
-package, no module importing the package itself, and imports at the top of every studies
-module (no registration by a bottom import)."""
+count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint,
+studies <- cli), the core's own arrows one way, a cost model that knows no benchmark module, no
+module importing the package itself, and imports at the top of every studies module (no
+registration by a bottom import)."""
 import ast
 import sys
 from pathlib import Path
@@ -14,16 +15,24 @@ import module_map  # noqa: E402
 PACKAGE = Path(__file__).resolve().parent.parent / "tpmpi"
 GRAPH = module_map.import_graph(PACKAGE)
 MODULES = module_map.modules(PACKAGE)
-STUDIES = {"timing", "costmodel", "collbench", "colltable", "bench", "overlap", "peak", "sweep",
-           "stats", "vsbare", "progress", "report", "plots", "record", "problem", "schemes"}
-# what runs and reports benchmarks (overlap is not here: DataParallel measures with it)
-BENCHMARK_SIDE = {"schemes", "bench", "collbench", "sweep", "vsbare", "progress", "report",
-                  "plots", "peak", "cli"}
+# what runs and reports benchmarks
+BENCHMARK_SIDE = {"tpmpi.studies.schemes", "tpmpi.studies.bench", "tpmpi.studies.collbench",
+                  "tpmpi.studies.sweep", "tpmpi.studies.vsbare", "tpmpi.studies.progress",
+                  "tpmpi.studies.report", "tpmpi.studies.plots", "tpmpi.studies.peak",
+                  "tpmpi.cli"}
+# the subpackages each part may import (besides itself and tpmpi._version)
+MAY_IMPORT = {"core": set(), "layers": {"core"}, "checkpoint": {"core", "layers"},
+              "studies": {"core", "layers"},
+              "cli": {"core", "layers", "checkpoint", "studies"}, "__main__": {"cli"}}
 
 
 def _top(name: str) -> str:
-    """``tpmpi.schemes.mlp`` -> ``schemes``."""
+    """``tpmpi.studies.schemes.mlp`` -> ``studies``."""
     return name.split(".")[1] if "." in name else ""
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def _reaches(start: str) -> set:
@@ -61,19 +70,33 @@ def test_no_module_imports_the_package_itself():
     assert [m for m, edges in GRAPH.items() if "tpmpi" in edges] == []
 
 
+def test_every_module_has_a_part():
+    assert {_top(m) for m in MODULES} - {""} == set(MAY_IMPORT) | {"_version"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) in MAY_IMPORT))
+def test_subpackages_point_one_way(name):
+    """core <- layers <- checkpoint; core, layers <- studies; everything <- cli."""
+    allowed = MAY_IMPORT[_top(name)] | {_top(name), "_version"}
+    assert {m for m in GRAPH[name] if _top(m) not in allowed} == set()
+
+
 @pytest.mark.parametrize("low,high", [
     ("tpmpi.layers.base", "tpmpi.checkpoint"), ("tpmpi.layers.mlp", "tpmpi.checkpoint"),
-    ("tpmpi.backend", "tpmpi.comm"), ("tpmpi.staging", "tpmpi.comm"),
-    ("tpmpi.agreement", "tpmpi.backend"), ("tpmpi.partition", "tpmpi.layout"),
-    ("tpmpi.grid", "tpmpi.layers"), ("tpmpi.layers", "tpmpi.schemes"),
-    ("tpmpi.layout", "tpmpi.mappings"), ("tpmpi.comm", "tpmpi.grid")])
+    ("tpmpi.core.backend", "tpmpi.core.comm"), ("tpmpi.core.staging", "tpmpi.core.comm"),
+    ("tpmpi.core.agreement", "tpmpi.core.backend"), ("tpmpi.core.partition", "tpmpi.core.layout"),
+    ("tpmpi.core.grid", "tpmpi.layers"), ("tpmpi.layers", "tpmpi.studies"),
+    ("tpmpi.core.layout", "tpmpi.core.mappings"), ("tpmpi.core.comm", "tpmpi.core.grid"),
+    ("tpmpi.layers.base", "tpmpi.layers.data_parallel")])
 def test_one_direction(low, high):
-    """The core's arrows point one way: ``low`` never reaches ``high``, at any level."""
-    assert high not in _reaches(low)
+    """The core's arrows point one way: ``low`` never reaches ``high`` (or a module inside it),
+    at any level."""
+    assert not [m for m in _reaches(low) if _within(m, high)]
 
 
 def test_the_cost_model_knows_no_benchmark_package():
-    assert not {m for m in _reaches("tpmpi.costmodel") if _top(m) in BENCHMARK_SIDE}
+    reached = _reaches("tpmpi.studies.costmodel")
+    assert not {m for m in reached for side in BENCHMARK_SIDE if _within(m, side)}
 
 
 def test_checkpoint_attaches_load_checkpoint_to_every_module_class():
@@ -84,7 +107,7 @@ def test_checkpoint_attaches_load_checkpoint_to_every_module_class():
         assert callable(cls.load_checkpoint)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) in STUDIES))
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) == "studies"))
 def test_imports_stand_at_the_top(name):
     path = MODULES[name]
     seen_code = False

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tpmpi import init_weight
-from tpmpi.partition import block_partition
+from tpmpi.core.partition import block_partition
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tpmpi.layout import LAYOUTS, PARTIAL, Layouts, LinearLayouts, block_bounds, blocks
-from tpmpi.grid import factorisations
+from tpmpi.core.layout import LAYOUTS, PARTIAL, Layouts, LinearLayouts, block_bounds, blocks
+from tpmpi.core.grid import factorisations
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (0, 3), (3, 0), (1, 1), (2, 9)])

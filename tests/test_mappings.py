@@ -1,12 +1,12 @@
-"""The paired communication operators of tpmpi.mappings: values against their definition and
+"""The paired communication operators of tpmpi.core.mappings: values against their definition and
 dot-product (adjoint) tests ``<F x, y> = <x, F* y>`` in float64, blocking and non-blocking,
 uneven and empty blocks (the spaces are described in tests/test_adjoint.py)."""
 import numpy as np
 import pytest
 
-from tpmpi.mappings import MAPPINGS, AllReduce, Copy, GatherCols, GatherRows, \
+from tpmpi.core.mappings import MAPPINGS, AllReduce, Copy, GatherCols, GatherRows, \
     ReduceScatterRows, SplitCols
-from tpmpi.partition import block_partition
+from tpmpi.core.partition import block_partition
 
 # (domain, codomain) of each operator: "replicated" (one logical array, counted once), "full"
 # (a different global-shape array per rank), "rows" / "cols" (each rank's block)
@@ -99,10 +99,10 @@ def test_operator_names_and_no_communication_on_one_rank():
 
 
 def test_operators_are_named_by_their_layouts():
-    """A layer's declared layouts pick its operators (tpmpi.mappings.between)."""
+    """A layer's declared layouts pick its operators (tpmpi.core.mappings.between)."""
     from mpi4py import MPI
 
-    from tpmpi.mappings import between, mapping_class
+    from tpmpi.core.mappings import between, mapping_class
 
     pairs = {(cls.src, cls.dst): cls for cls in MAPPINGS}
     assert pairs == {("replicated", "replicated"): Copy, ("partial", "replicated"): AllReduce,

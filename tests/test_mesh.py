@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import tpmpi
-import tpmpi.mesh as tmesh
+import tpmpi.core.mesh as tmesh
 from conftest import all_ranks_raise
-from tpmpi.mesh import describe_shapes, mesh_shapes
+from tpmpi.core.mesh import describe_shapes, mesh_shapes
 
 
 def test_mesh_shapes_and_their_description():

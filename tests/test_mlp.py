@@ -6,7 +6,7 @@ import pytest
 
 import tpmpi
 from conftest import all_ranks_raise, assert_input_errors, profiled_calls, rel_err
-from tpmpi.activations import ACTIVATIONS, erf, get_activation
+from tpmpi.layers.activations import ACTIVATIONS, erf, get_activation
 
 # (M, d_model, d_hidden): even, uneven, d_hidden < P (empty fc1 shards), d_model < P, M = 0
 SHAPES = [(6, 4, 8), (5, 3, 7), (3, 4, 2), (4, 2, 5), (0, 3, 4)]

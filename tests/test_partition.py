@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from tpmpi.partition import block_partition, block_range, block_sizes, displacements, \
+from tpmpi.core.partition import block_partition, block_range, block_sizes, displacements, \
     largest_block
 
 

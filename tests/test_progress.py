@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from tpmpi import progress
+from tpmpi.studies import progress
 from tpmpi.cli import main
-from tpmpi.costmodel import Calibration
-from tpmpi.schemes import Problem
-from tpmpi.sweep import Config, estimate
+from tpmpi.studies.costmodel import Calibration
+from tpmpi.studies.schemes import Problem
+from tpmpi.studies.sweep import Config, estimate
 
 
 def test_duration():
@@ -76,9 +76,9 @@ def test_sweep_estimate_counts_each_baseline_once():
 def test_run_case_reports_every_unit(world):
     if not world.member:
         return
-    from tpmpi.backend import get_backend
-    from tpmpi.bench import run_case
-    from tpmpi.grid import ProcessGrid
+    from tpmpi.core.backend import get_backend
+    from tpmpi.studies.bench import run_case
+    from tpmpi.core.grid import ProcessGrid
 
     grid = ProcessGrid(world.comm, blas_threads=None)
     seen = []

@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 import tpmpi
 from conftest import rel_err
-from tpmpi.grid import factorisations
+from tpmpi.core.grid import factorisations
 
 WORLD = MPI.COMM_WORLD
 TOL = {"float32": 2e-5, "float64": 1e-12}
@@ -82,7 +82,7 @@ def test_column_matches_serial_reference(p):
 
 @st.composite
 def scheme_problems(draw):
-    from tpmpi.schemes import REGISTRY
+    from tpmpi.studies.schemes import REGISTRY
 
     size = draw(st.integers(1, WORLD.Get_size()))
     scheme = draw(st.sampled_from(sorted(REGISTRY)))
@@ -104,9 +104,9 @@ def scheme_problems(draw):
 
 def scheme_error(p: dict, comm) -> float:
     """Max relative error / tolerance of every output and gradient of the scheme's layer(s)."""
-    from tpmpi.backend import get_backend
-    from tpmpi.dtypes import tolerance
-    from tpmpi.schemes import Problem, build
+    from tpmpi.core.backend import get_backend
+    from tpmpi.core.dtypes import tolerance
+    from tpmpi.studies.schemes import Problem, build
 
     problem = Problem(scheme=p["scheme"], m=p["m"], k=p["k"], n=p["n"], hidden=p["hidden"],
                       dtype=p["dtype"], backward=True, options=p["options"])

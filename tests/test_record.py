@@ -8,7 +8,7 @@ import json
 import pytest
 from mpi4py import MPI
 
-from tpmpi.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, write_record
+from tpmpi.studies.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, write_record
 
 
 def collective(**change) -> CollectiveRecord:

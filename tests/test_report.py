@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tpmpi.report import accuracy, report, series
+from tpmpi.studies.report import accuracy, report, series
 
 pytest.importorskip("matplotlib")
 
@@ -60,8 +60,8 @@ def test_report_rejects_empty(tmp_path):
 
 import csv  # noqa: E402
 
-from tpmpi import plots  # noqa: E402
-from tpmpi.report import CSV_COLUMNS, scaling_efficiency, table_rows  # noqa: E402
+from tpmpi.studies import plots  # noqa: E402
+from tpmpi.studies.report import CSV_COLUMNS, scaling_efficiency, table_rows  # noqa: E402
 
 import synthetic  # noqa: E402
 

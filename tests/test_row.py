@@ -76,7 +76,7 @@ def test_ranks_beyond_rows_hold_empty_shards(world):
         layer = tpmpi.RowParallelLinear.from_dense(W, b, grid=grid,
                                                    input_is_parallel=input_is_parallel)
         rows = layer.shard[0]
-        assert rows.stop - rows.start == tpmpi.partition.block_sizes(2, grid.size)[grid.rank]
+        assert rows.stop - rows.start == tpmpi.core.partition.block_sizes(2, grid.size)[grid.rank]
         x = np.ascontiguousarray(X[:, rows]) if input_is_parallel else X
         assert rel_err(layer(x), X @ W + b) <= 1e-12
         dx = layer.backward(dY)

@@ -1,10 +1,10 @@
 """Every registered scheme runs, verifies and reports through the benchmark path."""
 import pytest
 
-from tpmpi.backend import get_backend
-from tpmpi.bench import run_case
-from tpmpi.grid import ProcessGrid, factorisations
-from tpmpi.schemes import KNOWN, REGISTRY, Problem, available, build
+from tpmpi.core.backend import get_backend
+from tpmpi.studies.bench import run_case
+from tpmpi.core.grid import ProcessGrid, factorisations
+from tpmpi.studies.schemes import KNOWN, REGISTRY, Problem, available, build
 
 SHAPES = [(5, 6, 6, 7), (3, 4, 4, 2), (0, 3, 3, 5), (2, 1, 1, 1)]  # m, k, n, hidden
 

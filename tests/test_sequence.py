@@ -1,4 +1,4 @@
-"""Sequence parallelism and the FFN modes as compositions of tpmpi.mappings: every mode of
+"""Sequence parallelism and the FFN modes as compositions of tpmpi.core.mappings: every mode of
 ParallelMLP on every grid of 1-4 ranks against the serial float64 reference (outputs, dX and all
 four gradients), mode "sequence" equal to "megatron", the sequence-parallel linear layers alone,
 their adjoints, the collectives they run and their input errors."""
@@ -10,9 +10,9 @@ import pytest
 import tpmpi
 from conftest import all_ranks_raise, profiled_calls, rel_err
 from test_mlp import problem, reference
-from tpmpi.grid import factorisations
+from tpmpi.core.grid import factorisations
 from tpmpi.layers.mlp import MODES
-from tpmpi.layout import Layouts
+from tpmpi.core.layout import Layouts
 
 IO_LAYOUT = {"megatron": "replicated", "book": "replicated", "sequence": "rows",
              "tile2d": "tiles"}  # of x and y, by mode
@@ -79,7 +79,7 @@ def test_sequence_equals_megatron(world, m, d, h, activation):
             assert a[0] == b[0] and np.array_equal(a[1], b[1])
         rng = np.random.default_rng(1)
         X, dY = rng.standard_normal((m, d)), rng.standard_normal((m, d))
-        rows = tpmpi.layout.local_slices((m, d), grid, "rows")
+        rows = tpmpi.core.layout.local_slices((m, d), grid, "rows")
         y_meg, y_seq = meg(X), seq(np.ascontiguousarray(X[rows]))
         assert rel_err(y_seq, y_meg[rows]) <= 1e-13
         dx_meg, dx_seq = meg.backward(dY), seq.backward(np.ascontiguousarray(dY[rows]))
@@ -97,7 +97,7 @@ def test_sequence_collectives_per_pass(world):
     with tpmpi.ProcessGrid(world.comm) as grid:
         X, W1, b1, W2, b2, dY = problem(6, 3, 8, "float64")
         mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, mode="sequence")
-        rows = tpmpi.layout.local_slices(X.shape, grid, "rows")
+        rows = tpmpi.core.layout.local_slices(X.shape, grid, "rows")
         one = grid.size == 1
         mlp(np.ascontiguousarray(X[rows]))
         assert profiled_calls([mlp.fc1, mlp.fc2]) == ({} if one else {"allgather": 1,

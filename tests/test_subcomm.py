@@ -17,8 +17,8 @@ from mpi4py import MPI
 import fake_cupy
 import tpmpi
 from conftest import all_ranks_raise, rel_err
-from tpmpi import backend as backend_mod
-from tpmpi.activations import get_activation
+from tpmpi.core import backend as backend_mod
+from tpmpi.layers.activations import get_activation
 
 # Groups of COMM_WORLD ranks in one global order; each rank builds a layer on each group it is
 # in, in this order, so the orders differ per rank (rank 0: {0}, {0,1}, all; rank 1: {0,1},

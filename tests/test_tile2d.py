@@ -5,9 +5,9 @@ import pytest
 
 import tpmpi
 from conftest import all_ranks_raise, rel_err
-from tpmpi.grid import factorisations
+from tpmpi.core.grid import factorisations
 from tpmpi.layers.tile2d import k_segments
-from tpmpi.partition import block_partition
+from tpmpi.core.partition import block_partition
 
 # even, uneven, empty tiles (m or n smaller than the grid), K = 0, M = 0
 SHAPES = [(8, 6, 4), (7, 5, 3), (1, 2, 3), (5, 0, 3), (0, 4, 5), (3, 7, 1)]
@@ -163,7 +163,7 @@ def test_every_factorisation_gives_row_major_grid(world):
 def test_measure_overlap_on_panel_layer(world):
     if not world.member:
         return
-    from tpmpi.overlap import measure_overlap
+    from tpmpi.studies.overlap import measure_overlap
 
     for grid in grids(world):
         layer = tpmpi.TileParallelLinear(16, 12, grid=grid, panel=4, dtype="float64")

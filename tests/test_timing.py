@@ -1,9 +1,9 @@
-"""The one timing loop (tpmpi.timing.time_calls): rounds, repeats, warmup, syncs, readings,
+"""The one timing loop (tpmpi.studies.timing.time_calls): rounds, repeats, warmup, syncs, readings,
 and the slowest rank's time, with a scripted clock so that every figure is exact."""
 import numpy as np
 import pytest
 
-from tpmpi.timing import time_calls
+from tpmpi.studies.timing import time_calls
 
 
 class Clock:

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from conftest import all_ranks_raise, rel_err
-from tpmpi.mesh import mesh_shapes
+from tpmpi.core.mesh import mesh_shapes
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_mlp.py"
 _spec = importlib.util.spec_from_file_location("train_mlp", _PATH)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 import fake_cupy
-from tpmpi import vsbare
+from tpmpi.studies import vsbare
 
 SMALL = ["--m", "40", "--k", "24", "--n", "16", "--warmup", "0", "--iters", "2"]
 

@@ -1,14 +1,14 @@
 """tpmpi: tensor parallelism for matrix products over MPI, on NumPy or CuPy."""
 from ._version import __version__
-from .backend import Backend, configure_blas_threads, get_backend
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data_parallel import DataParallel
-from .grid import ProcessGrid
-from .init import init_weight
+from .core.backend import Backend, configure_blas_threads, get_backend
+from .core.grid import ProcessGrid
+from .core.init import init_weight
+from .core.layout import gather, scatter
+from .core.mesh import Mesh
+from .core.partition import block_partition
 from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
-from .layout import gather, scatter
-from .mesh import Mesh
-from .partition import block_partition
+from .layers.data_parallel import DataParallel
 
 __all__ = ["Backend", "ColumnParallelLinear", "DataParallel", "Mesh", "ParallelMLP",
            "ProcessGrid", "RowParallelLinear", "TileParallelLinear", "block_partition",

@@ -65,14 +65,14 @@ from mpi4py import MPI
 from numpy.lib import format as npy
 
 from ._version import __version__
-from .backend import backend_of
-from .agreement import CALL_ORDER, Same, Text, agree, agree_checks
-from .comm import _subarray, allreduce, mpi_type
-from .dtypes import SUPPORTED, resolve_dtype
-from .grid import ProcessGrid, default_grid
+from .core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
+from .core.backend import backend_of
+from .core.comm import _subarray, allreduce, mpi_type
+from .core.dtypes import SUPPORTED, resolve_dtype
+from .core.grid import ProcessGrid, default_grid
+from .core.layout import LAYOUTS, block_bounds
 from .layers.base import ParallelLinear
 from .layers.module import Composite, named_layers
-from .layout import LAYOUTS, block_bounds
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"

@@ -35,30 +35,30 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from mpi4py import MPI
 
 from ._version import __version__
-from . import footprint
-from .agreement import Same, Text, agree, agree_checks
-from .backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
-from .bench import case_progress, format_table, run_case
-from .collbench import calibrate, sizes_sweep
-from .colltable import OPS
-from .costmodel import Calibration, explain, format_plan, load_calibration, plan
-from .data_parallel import BUCKET_BYTES
-from .activations import ACTIVATIONS
-from .dtypes import SUPPORTED, resolve_dtype
+from .core.agreement import Same, Text, agree, agree_checks
+from .core.backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
+from .core.colltable import OPS
+from .core.dtypes import SUPPORTED, resolve_dtype
+from .core.grid import ProcessGrid, parse_shape
+from .core.mesh import Mesh
+from .layers.activations import ACTIVATIONS
+from .layers.data_parallel import BUCKET_BYTES
 from .layers.mlp import MODES
-from .grid import ProcessGrid, parse_shape
-from .mesh import Mesh
-from .record import mpi_library, write_record
-from .schemes import KNOWN, Problem, available
-from .schemes.hybrid import largest_replica
-from .stats import short
-from .sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
-                    parse_size, run_sweep)
+from .studies import footprint
+from .studies.bench import case_progress, format_table, run_case
+from .studies.collbench import calibrate, sizes_sweep
+from .studies.costmodel import Calibration, explain, format_plan, load_calibration, plan
+from .studies.record import mpi_library, write_record
+from .studies.schemes import KNOWN, Problem, available
+from .studies.schemes.hybrid import largest_replica
+from .studies.stats import short
+from .studies.sweep import (SCHEME_OPTIONS, SWEEPS, collective_sweep, configs, default_ranks,
+                            parse_size, run_sweep)
 
 DESCRIPTION = ("Tensor-parallel matrix products over MPI: run, benchmark, model and report. "
                "Run under mpiexec -n P or srun (plan and report need no MPI job). "
                "Reference: docs/cli.md.")
-# the command-line flag of each scheme option (tpmpi.sweep.SCHEME_OPTIONS)
+# the command-line flag of each scheme option (tpmpi.studies.sweep.SCHEME_OPTIONS)
 OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
                 "activation": "--activation", "overlap": "--no-overlap"}
 
@@ -127,7 +127,7 @@ _non_negative = _integer(0, "an integer >= 0 (digits only, e.g. 1024)")
 
 
 def _size(text: str) -> int:
-    """An argparse type for sizes with K/M/G suffixes (:func:`tpmpi.sweep.parse_size`)."""
+    """An argparse type for sizes with K/M/G suffixes (:func:`tpmpi.studies.sweep.parse_size`)."""
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -459,7 +459,7 @@ def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
 
 
 def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequence[int]) -> list:
-    """The sweep's configurations (:func:`tpmpi.sweep.configs`) named by the flags; UsageError
+    """The sweep's configurations (:func:`tpmpi.studies.sweep.configs`) named by the flags; UsageError
     for flags that name none or that contradict each other. Local (the flags are agreed)."""
     if args.sweep == "sizes" and not sizes:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
@@ -568,7 +568,7 @@ def cmd_report(args: argparse.Namespace, comm: MPI.Comm) -> int:
     is a usage error, records it cannot use a runtime error, on every rank."""
     error = None
     if comm.Get_rank() == 0:
-        from .report import report
+        from .studies.report import report
 
         try:
             print(f"wrote {report(args.files, args.out)}")
@@ -647,7 +647,7 @@ def agree_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
                comm: MPI.Comm) -> None:
     """UsageError on every rank when one of ``runs`` (a problem on a grid shape) needs more
     memory than this node (or this rank's GPU) has: a lower bound per rank from the layouts
-    (:mod:`tpmpi.footprint`) times the ranks of the run on this node. Before any allocation;
+    (:mod:`tpmpi.studies.footprint`) times the ranks of the run on this node. Before any allocation;
     collective."""
     local = node_comm(comm)
     sharing = local.Get_size()

@@ -7,7 +7,7 @@ Determinism and reproducibility
   and MPICH/Open MPI pick their reduction algorithm from (message size, communicator size), so
   each Allreduce adds the same partial sums in the same order (tests/test_determinism.py).
 * Across grid shapes or world sizes, results agree within the dtype's tolerance
-  (:func:`tpmpi.dtypes.tolerance`) but not bit for bit, because the floating-point sums are
+  (:func:`tpmpi.core.dtypes.tolerance`) but not bit for bit, because the floating-point sums are
   grouped differently:
   - reductions over a split K (the column layer's ``dX = sum_p dY_p W_p^T``, a row layer's
     ``Y = sum_p X_p W_p``) add P partial products, each itself a BLAS sum over its own slice,

@@ -10,18 +10,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from ..args import check_int, check_plain_array, dtype_label
-from ..backend import Backend, get_backend
-from ..agreement import CALL_ORDER, Same, Text, agree_checks
-from ..comm import Staging
-from ..dtypes import dtype_name, resolve_dtype
-from ..gemm import matmul
-from ..grid import ProcessGrid, default_grid
-from ..init import init_weight
-from ..layout import LinearLayouts, agreed_gather, local_shape, local_slices
-from ..mappings import Mapping, between
-from ..partition import block_sizes
-from ..timing import Profiler
+from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
+from ..core.args import check_int, check_plain_array, dtype_label
+from ..core.backend import Backend, get_backend
+from ..core.comm import Staging
+from ..core.dtypes import dtype_name, resolve_dtype
+from ..core.gemm import matmul
+from ..core.grid import ProcessGrid, default_grid
+from ..core.init import init_weight
+from ..core.layout import LinearLayouts, agreed_gather, local_shape, local_slices
+from ..core.mappings import Mapping, between
+from ..core.partition import block_sizes
+from ..core.profiler import Profiler
 
 
 def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -70,7 +70,7 @@ class ParallelLinear:
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
     Subclasses declare their layouts in ``layouts_for(**options)`` (a
-    :class:`~tpmpi.layout.LinearLayouts` from their flags: ``self.layouts``; the input and
+    :class:`~tpmpi.core.layout.LinearLayouts` from their flags: ``self.layouts``; the input and
     output operators :attr:`x_map` / :attr:`y_map` follow from it) and implement ``forward``
     / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
@@ -165,7 +165,7 @@ class ParallelLinear:
 
     def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
         """Time this layer's GEMM and communication regions from now on (``profiler``, default a
-        new timed :class:`~tpmpi.timing.Profiler` that synchronises this backend's stream at
+        new timed :class:`~tpmpi.core.profiler.Profiler` that synchronises this backend's stream at
         each region boundary) and return the profiler. Without one, layers read no clock and
         synchronise the stream only where MPI needs it."""
         self.profiler = profiler if profiler is not None else Profiler.for_backend(self.backend)
@@ -190,7 +190,7 @@ class ParallelLinear:
     @property
     def x_map(self) -> Optional[Mapping]:
         """The input's operator on the layer's communicator, ``x`` -> ``x_local``
-        (:func:`tpmpi.mappings.between`; None when x keeps its blocks)."""
+        (:func:`tpmpi.core.mappings.between`; None when x keeps its blocks)."""
         return between(self.layouts.x, self.layouts.x_local, self.comm, self.staging)
 
     @property
@@ -312,11 +312,11 @@ class ParallelLinear:
                 if prof.runs("comm"):
                     blocking()
 
-    # ---- the layers' communication operators (tpmpi.mappings)
+    # ---- the layers' communication operators (tpmpi.core.mappings)
     def _apply(self, mapping: Optional[Mapping], x, size: Optional[int] = None):
         """``mapping`` applied to ``x`` (blocking; ``x`` itself when ``mapping`` is None),
         charged to the profiler; skipped while it runs GEMMs only (the result is then
-        allocated but not filled). ``size``: see :meth:`tpmpi.mappings.Mapping.out`."""
+        allocated but not filled). ``size``: see :meth:`tpmpi.core.mappings.Mapping.out`."""
         if mapping is None:
             return x
         out = mapping.out(x, size)
@@ -386,7 +386,7 @@ class ParallelLinear:
     def _agree_call(self, local_checks: Callable[[], None], name: str, a, backward: bool,
                     **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
-        :func:`tpmpi.agreement.agree_checks`) plus the call (layer and operation), an earlier
+        :func:`tpmpi.core.agreement.agree_checks`) plus the call (layer and operation), an earlier
         local failure and, with ``check_replicated``, the checksum of a replicated input. One
         Allreduce."""
         failed, self._failed = self._failed, None
@@ -428,7 +428,7 @@ class ParallelLinear:
     # ---- phase switches for overlap measurements (see Profiler.only)
     def _matmul(self, a, b, out=None):
         """``a @ b`` (into ``out``; 2-byte floats on NumPy via float32, see
-        :func:`tpmpi.gemm.matmul`); skipped while the profiler runs communication only (then
+        :func:`tpmpi.core.gemm.matmul`); skipped while the profiler runs communication only (then
         zeros of the product's shape, in ``out`` when given, are returned)."""
         xp = self.backend.xp
         if self.profiler.runs("gemm"):

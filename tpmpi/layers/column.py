@@ -22,17 +22,17 @@ sequence_parallel (Megatron's flag): ``x`` arrives in layout "rows" (rank ``p`` 
            (Iallgather in flight during the ``dY_p W_p^T`` GEMM, so the gathered X is not kept
            between forward and backward) and reduce-scatters ``dX`` to row blocks instead of
            all-reducing it (in flight during the dW GEMM).
-In terms of :mod:`tpmpi.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols (gather_output)``
+In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols (gather_output)``
 and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..args import check_int
-from ..comm import wait_all
-from ..gemm import column_sums
-from ..layout import LinearLayouts
+from ..core.args import check_int
+from ..core.comm import wait_all
+from ..core.gemm import column_sums
+from ..core.layout import LinearLayouts
 from .base import ParallelLinear
 
 CHUNK_ROWS = 48

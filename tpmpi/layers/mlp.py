@@ -3,7 +3,7 @@
 ``X`` (M, d_model) -> ``Y`` (M, d_model); ``W1`` (d_model, d_hidden), ``W2`` (d_hidden,
 d_model). Every mode holds the same global parameters (the same seeds give the same W1, b1,
 W2, b2) and computes the same function; they differ in layouts and communication, which are
-compositions of the paired operators of :mod:`tpmpi.mappings` (forward shown; backward applies
+compositions of the paired operators of :mod:`tpmpi.core.mappings` (forward shown; backward applies
 the adjoints in reverse order):
 
 mode "megatron" (x, y replicated): ``Copy -> fc1 -> act -> fc2 -> AllReduce``. ``fc1``
@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..activations import get_activation
-from ..agreement import CALL_ORDER, Same, Text, agree_checks
-from ..dtypes import dtype_name
-from ..grid import ProcessGrid, default_grid
-from ..layout import Layouts
+from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
+from ..core.dtypes import dtype_name
+from ..core.grid import ProcessGrid, default_grid
+from ..core.layout import Layouts
+from .activations import get_activation
 from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
 from .module import Composite
@@ -164,5 +164,5 @@ class ParallelMLP(Composite):
 
     def _computes(self) -> bool:
         """False while an overlap measurement runs the collectives alone (then the activation
-        is skipped like the GEMMs; see :func:`tpmpi.overlap.measure_overlap`)."""
+        is skipped like the GEMMs; see :func:`tpmpi.studies.overlap.measure_overlap`)."""
         return self.fc1.profiler.runs("gemm")

@@ -15,7 +15,7 @@ sequence_parallel (Megatron's flag): the partial products are reduce-scattered i
            all-reduced, so ``y`` (and ``dy``) are in layout "rows" (rank ``p`` holds block ``p``
            of the M rows); backward first all-gathers ``dy``, after which ``db`` and ``dW_p``
            are those of the whole dY, as without the flag.
-In terms of :mod:`tpmpi.mappings`: ``x -> SplitCols (unless input_is_parallel) -> GEMM ->
+In terms of :mod:`tpmpi.core.mappings`: ``x -> SplitCols (unless input_is_parallel) -> GEMM ->
 AllReduce | ReduceScatterRows -> + b``, backward the adjoints (``Copy | GatherRows``;
 ``GatherCols``).
 """
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..gemm import column_sums
-from ..layout import PARTIAL, LinearLayouts
+from ..core.gemm import column_sums
+from ..core.layout import PARTIAL, LinearLayouts
 from .base import ParallelLinear
 
 

@@ -48,11 +48,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from mpi4py import MPI
 
-from ..args import check_int
-from ..comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
-from ..gemm import column_sums
-from ..layout import LinearLayouts, blocks, local_shape
-from ..partition import block_partition
+from ..core.args import check_int
+from ..core.comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
+from ..core.gemm import column_sums
+from ..core.layout import LinearLayouts, blocks, local_shape
+from ..core.partition import block_partition
 from .base import ParallelLinear
 
 Segment = tuple[int, int, int, int]  # (k0, k1, owning grid column, owning grid row)

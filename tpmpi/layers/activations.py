@@ -1,0 +1,103 @@
+"""Element-wise activations and their derivatives, on NumPy or CuPy arrays.
+
+* ``"gelu"`` (the default of :class:`tpmpi.ParallelMLP`): the tanh approximation
+  ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2, Megatron's ``openai_gelu``);
+  pure array arithmetic, fast on every backend.
+* ``"gelu_erf"``: the exact ``x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))`` (PyTorch's default
+  GELU). ``erf`` is exact to double precision: CuPy uses ``cupyx.scipy.special.erf``; NumPy
+  (which has no vectorised erf, and SciPy is not a dependency) applies the C library's
+  ``math.erf`` element by element through ``np.frompyfunc`` -- correct, but about 0.1 us per
+  element, so prefer ``"gelu"`` for large activations on the CPU.
+* ``"relu"``: ``max(x, 0)``, derivative 0 at 0.
+
+Each entry of :data:`ACTIVATIONS` is ``(f, df)``; both take the pre-activation array and return
+a new array of its dtype. float16 and bfloat16 inputs are evaluated in float32 and rounded once
+(:func:`in_float32`): the formulas' Python-float constants would otherwise promote bfloat16 to
+float32 (ml_dtypes' promotion rules) and float16 loses accuracy in ``tanh``/``exp``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import numpy as np
+
+from ..core.backend import backend_of
+from ..core.gemm import HALF
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_C = 0.044715
+_np_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def erf(x):
+    """Element-wise error function, exact to double precision (see the module docstring)."""
+    backend = backend_of(x)
+    if backend.is_gpu:
+        from cupyx.scipy.special import erf as cupy_erf
+
+        return cupy_erf(x)
+    return _np_erf(x).astype(x.dtype)
+
+
+def gelu(x):
+    """GELU, tanh approximation."""
+    xp = backend_of(x).xp
+    return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + _C * x * x * x)))
+
+
+def gelu_grad(x):
+    """Derivative of :func:`gelu`."""
+    xp = backend_of(x).xp
+    t = xp.tanh(_SQRT_2_OVER_PI * (x + _C * x * x * x))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _C * x * x)
+
+
+def gelu_erf(x):
+    """Exact GELU ``x Phi(x)``."""
+    return 0.5 * x * (1 + erf(x * _INV_SQRT_2))
+
+
+def gelu_erf_grad(x):
+    """Derivative of :func:`gelu_erf`: ``Phi(x) + x phi(x)``."""
+    xp = backend_of(x).xp
+    return 0.5 * (1 + erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+
+
+def relu(x):
+    """``max(x, 0)``."""
+    return backend_of(x).xp.maximum(x, 0)
+
+
+def relu_grad(x):
+    """Derivative of :func:`relu` (0 at 0)."""
+    return (x > 0).astype(x.dtype)
+
+
+def in_float32(fn: Callable) -> Callable:
+    """``fn`` evaluated in float32 for float16/bfloat16 input, the result rounded once to the
+    input's dtype; other dtypes pass through."""
+    @functools.wraps(fn)
+    def wrapped(x):
+        if x.dtype.name in HALF:
+            return fn(x.astype(np.float32)).astype(x.dtype)
+        return fn(x)
+    return wrapped
+
+
+ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    name: (in_float32(f), in_float32(df)) for name, (f, df) in {
+        "gelu": (gelu, gelu_grad),
+        "gelu_erf": (gelu_erf, gelu_erf_grad),
+        "relu": (relu, relu_grad),
+    }.items()}
+
+
+def get_activation(name: str) -> tuple[Callable, Callable]:
+    """``(f, df)`` for ``name``; ValueError listing the choices otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

@@ -1,0 +1,247 @@
+"""Data parallelism over a :class:`~tpmpi.core.mesh.Mesh`: gradients averaged across the DP replicas
+with bucketed non-blocking Allreduces started during the backward pass (PyTorch DDP's scheme).
+
+Buckets: the gradients are taken in backward order (the last layer first; within a layer bias,
+then weight) and cut into buckets of at least ``bucket_bytes`` (a gradient is never split; a
+new dtype starts a new bucket). Each bucket is one flat array and the layers' ``grad_weight`` /
+``grad_bias`` become views into it, so the Allreduce works on the gradients themselves: no
+packing copy. Every replica holds the same shard shapes (same TP coordinates), hence the same
+buckets, started in the same order.
+
+Overlap: a module with ``grad_ready`` callbacks (:class:`~tpmpi.ParallelMLP`) reports each
+sub-layer as soon as its gradients are final; the ``Iallreduce`` of every bucket complete by
+then is started at once, so fc2's gradients travel while fc1's backward GEMMs run. When
+backward returns, the outstanding requests are waited for and the sums scaled by ``1/dp``.
+Whether MPI moves the data while the GEMMs run depends on its progress engine (without an
+asynchronous progress thread, only during MPI calls -- here fc1's own collectives);
+:func:`tpmpi.studies.overlap.measure_dp_overlap` measures what is hidden (OSU convention).
+Without GPU-aware MPI (host staging) or with ``overlap=False`` the buckets are all-reduced
+blocking after backward.
+
+Errors: forward and backward agree over the whole mesh (one small Allreduce each), so a bad
+input on one replica raises the same ValueError on every rank before any DP collective.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mpi4py import MPI
+
+from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
+from ..core.args import check_int
+from ..core.comm import Staging, allreduce, iallreduce
+from ..core.dtypes import dtype_name
+from ..core.mesh import Mesh
+from ..core.profiler import Profiler
+from .module import named_layers
+
+BUCKET_BYTES = 25 * 2**20
+"""Default smallest bucket (PyTorch DDP's ``bucket_cap_mb=25``)."""
+
+
+def _call(op: str) -> Same:
+    """The ``call`` value of a DataParallel agreement (which operation every rank is in)."""
+    return Same(Text(f"DataParallel {op}"), CALL_ORDER)
+
+
+class _Bucket:
+    """A flat gradient buffer and the ``(layer, attribute, view)`` gradients it holds."""
+
+    def __init__(self, xp: Any, entries: list[tuple[Any, str, Any]]):
+        self.buffer = xp.empty(sum(g.size for _, _, g in entries), dtype=entries[0][2].dtype)
+        self.entries, offset = [], 0
+        for layer, name, grad in entries:
+            view = self.buffer[offset:offset + grad.size].reshape(grad.shape)
+            view[...] = grad
+            setattr(layer, name, view)
+            self.entries.append((layer, name, view))
+            offset += grad.size
+        self.layers = {id(layer) for layer, _, _ in entries}
+        self.request: Optional[MPI.Request] = None
+
+
+class DataParallel:
+    """``module`` (a parallel layer or :class:`~tpmpi.ParallelMLP` built on ``mesh.tp``)
+    replicated over the ``mesh.dp`` replicas; forward/backward pass through, and when
+    backward returns every ``grad_weight`` / ``grad_bias`` is the mean over the replicas of
+    their local gradients. Construction is collective over ``mesh.comm``; it replaces the
+    module's gradient arrays by views into the buckets (build optimizers afterwards, from
+    :meth:`parameters`).
+
+    ``bucket_bytes``: smallest bucket (positive int, default 25 MiB as PyTorch DDP);
+    ``overlap``: start each bucket's Iallreduce during backward (True) or all-reduce the
+    buckets blocking after it (False). ``profiler`` counts the DP Allreduces (bytes = nccl-tests
+    size) and the time blocked in them (``comm_s``)."""
+
+    def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = BUCKET_BYTES,
+                 overlap: bool = True):
+        try:
+            layers, not_module = [layer for _, layer in named_layers(module)], None
+        except ValueError as exc:  # reported by every rank together
+            layers, not_module = [], f"module: {exc}"
+
+        def local_checks() -> None:
+            if not_module:
+                raise ValueError(not_module)
+            if not isinstance(mesh, Mesh):
+                raise ValueError(f"mesh is a {type(mesh).__name__}: expected a tpmpi.Mesh")
+            check_int("bucket_bytes", bucket_bytes, 1)
+            grid = getattr(module, "grid", None)
+            same = grid is not None and MPI.Comm.Compare(grid.comm, mesh.tp.comm) in (
+                MPI.IDENT, MPI.CONGRUENT)
+            if not same:
+                raise ValueError(f"module is built on {grid!r}: expected the mesh's TP grid "
+                                 f"(mesh.tp, {mesh.tp.label})")
+
+        agree_checks(getattr(mesh, "comm", MPI.COMM_WORLD), local_checks,
+                     call=_call("construction"), bucket_bytes=bucket_bytes, overlap=bool(overlap))
+        self.module, self.mesh, self.layers = module, mesh, layers
+        self.bucket_bytes, self.overlap = int(bucket_bytes), bool(overlap)
+        self.dp, self.dp_comm = mesh.dp, mesh.dp_comm
+        self.backend = layers[0].backend
+        self.staging = Staging(self.backend)
+        self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
+        grads = [(layer, name, getattr(layer, name)) for layer in reversed(layers)
+                 for name in ("grad_bias", "grad_weight") if getattr(layer, name) is not None]
+        self._agree_gradients(grads)
+        self.buckets = self._bucket(grads)
+        self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
+        self._active = False
+        self._ready: set = set()
+        self._started = 0
+        self._out = None  # (shape, dtype) of the last forward output, to check dy against
+        if hasattr(module, "grad_ready"):
+            module.grad_ready.append(self._layer_ready)
+
+    def _agree_gradients(self, grads: list) -> None:
+        """The same ValueError on every rank of the mesh unless every replica holds gradients of
+        the same shapes and dtypes, in the same order. Collective (an allgather over the DP
+        communicator, an agreement over the mesh)."""
+        signature = [(type(layer).__name__, name, tuple(g.shape), dtype_name(g.dtype))
+                     for layer, name, g in grads]
+        others = self.dp_comm.allgather(signature)
+        error = None
+        if any(s != signature for s in others):
+            ranks = [r for r, s in enumerate(others) if s != others[0]]
+            error = (f"DataParallel: the replicas' gradients differ (shapes or dtypes on DP "
+                     f"ranks {ranks} differ from DP rank 0's); every replica must build the "
+                     "same module")
+        agree(self.mesh.comm, error, call=_call("gradient layout"))
+
+    def _bucket(self, grads: list) -> list[_Bucket]:
+        """``grads`` ((layer, attribute, gradient) in backward order) cut into buckets of at
+        least ``bucket_bytes``, a new dtype starting a new one (module docstring)."""
+        buckets: list[_Bucket] = []
+        group: list = []
+        for entry in grads:
+            if group and (entry[2].dtype != group[0][2].dtype
+                          or sum(g.nbytes for _, _, g in group) >= self.bucket_bytes):
+                buckets.append(_Bucket(self.backend.xp, group))
+                group = []
+            group.append(entry)
+        if group:
+            buckets.append(_Bucket(self.backend.xp, group))
+        return buckets
+
+    def attach_profiler(self) -> Profiler:
+        """Time the gradient communication from now on (a timed
+        :class:`~tpmpi.core.profiler.Profiler` that synchronises the GPU stream at each region, as
+        :meth:`tpmpi.layers.ParallelLinear.attach_profiler`); untimed until then."""
+        self.profiler = Profiler.for_backend(self.backend)
+        return self.profiler
+
+    # ------------------------------------------------------------------ passes
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        """``module(x)``; an error on any replica is raised on every rank of the mesh."""
+        error, y = None, None
+        try:
+            y = self.module.forward(x)
+        except ValueError as exc:
+            error = str(exc)
+        agree(self.mesh.comm, error, call=_call("forward"))
+        self._out = (tuple(y.shape), y.dtype)
+        return y
+
+    def backward(self, dy):
+        """``module.backward(dy)`` with the DP gradient averaging (see the class docstring);
+        returns dx. ``dy`` must match the last forward output (checked over the mesh)."""
+        def local_checks() -> None:
+            if self._out is None:
+                raise ValueError("backward() called before forward()")
+            if not self.backend.owns(dy):
+                raise ValueError(f"dy is a {type(dy).__module__}.{type(dy).__name__}: "
+                                 f"expected a {self.backend.name} array")
+            if (tuple(dy.shape), dy.dtype) != self._out:
+                raise ValueError(f"dy.shape={tuple(dy.shape)} dtype={dtype_name(dy.dtype)}: "
+                                 f"expected {self._out[0]} {dtype_name(self._out[1])} (the "
+                                 "forward output's)")
+
+        agree_checks(self.mesh.comm, local_checks, call=_call("backward"))
+        self._active, self._ready, self._started = True, set(), 0
+        try:
+            dx = self.module.backward(dy)
+            self._layer_ready(*self.layers)  # a module without grad_ready callbacks
+        finally:
+            self._active = False
+        self._finish()
+        return dx
+
+    def _layer_ready(self, *layers: Any) -> None:
+        """``layers``' gradients are final: start every bucket complete by now, in order."""
+        if not self._active:
+            return
+        self._ready.update(id(layer) for layer in layers)
+        while (self.overlap and self._started < len(self.buckets)
+               and self.buckets[self._started].layers <= self._ready):
+            self._start(self.buckets[self._started])
+            self._started += 1
+
+    def _start(self, bucket: _Bucket) -> None:
+        for layer, name, view in bucket.entries:
+            if getattr(layer, name) is not view:
+                raise RuntimeError(f"{type(layer).__name__}.{name} was replaced: DataParallel "
+                                   "needs the layers to update their gradients in place")
+        if self.dp == 1:
+            return
+        buf, prof = bucket.buffer, self.profiler
+        if self.overlap and not self.staging.staged:
+            self.backend.synchronize()
+            bucket.request = iallreduce(buf, self.dp_comm)
+            prof.count("allreduce", buf.nbytes, self.dp)
+        else:
+            with prof.comm("allreduce", buf.nbytes, self.dp):
+                allreduce(buf, self.dp_comm, self.staging)
+
+    def _finish(self) -> None:
+        """Start what is left, wait for every bucket, scale the sums to means."""
+        for bucket in self.buckets[self._started:]:
+            self._start(bucket)
+        self._started = len(self.buckets)
+        if self.dp == 1:
+            return
+        for bucket in self.buckets:
+            if bucket.request is not None:
+                with self.profiler.comm("allreduce", 0, 1):  # waiting; bytes counted at start
+                    bucket.request.Wait()
+                bucket.request = None
+            bucket.buffer *= 1.0 / self.dp
+
+    def allreduce_gradients(self) -> None:
+        """Average the current gradients over the replicas now (every bucket, blocking on
+        the same path as backward): the communication-only run of :func:`tpmpi.studies.overlap.measure_dp_overlap`.
+        Collective over ``mesh.dp_comm``."""
+        self._started = 0
+        self._finish()
+
+    # ------------------------------------------------------------------ module pass-through
+    def zero_grad(self) -> None:
+        """Zero the module's gradients (the bucket views stay in place)."""
+        self.module.zero_grad()
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """The module's ``(name, parameter, gradient)``; gradients are the bucket views."""
+        return self.module.parameters()

@@ -1,0 +1,190 @@
+"""Collective micro-benchmarks (nccl-tests conventions) and the cost-model calibration.
+
+``size`` is the nccl-tests ``S`` in bytes (:mod:`tpmpi.core.colltable`, which also holds each
+collective's benchmark body), ``count`` its elements. ``time`` is the mean over ``iters``
+back-to-back calls, max over ranks (one sample of :func:`tpmpi.studies.timing.time_calls`);
+``algbw = S / time``, ``busbw = algbw * factor`` (:func:`tpmpi.core.colltable.bus_factor`).
+``#wrong`` counts elements that differ from the expected pattern after one checked call,
+summed over ranks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from ..core import colltable
+from ..core.backend import Backend, blas_info
+from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
+from .record import CollectiveRecord, mpi_library, utc_timestamp
+from .timing import time_calls
+
+COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
+
+
+def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
+    """``begin, begin*f, ...`` up to ``end`` (nccl-tests ``-b/-e/-f``); ValueError if empty."""
+    if begin < 1 or end < begin or factor <= 1:
+        raise ValueError(f"sizes -b {begin} -e {end} -f {factor}: need 1 <= b <= e and f > 1")
+    out, s = [], float(begin)
+    while s <= end:
+        out.append(int(s))
+        s *= factor
+    return out
+
+
+def time_collective(op: str, count: int, dtype, comm: MPI.Comm, backend: Backend, *,
+                    warmup: int = 2, iters: int = 10, check: bool = True) -> CollectiveRecord:
+    """One row of the collective benchmark: ``op`` with S = ``count`` elements (rounded down to
+    a multiple of P where the op splits S). The record on every rank. Collective."""
+    xp = backend.xp if (not backend.is_gpu or backend.gpu_aware) else np
+    body = colltable.body(op, count, dtype, comm, xp)
+    (elapsed,), = time_calls([body.call], comm, sync=backend.synchronize, warmup=warmup,
+                             repeat=max(iters, 1))
+    p = comm.Get_size()
+    nbytes = body.count * np.dtype(dtype).itemsize
+    algbw = nbytes / elapsed / 1e9 if elapsed > 0 else None
+    return CollectiveRecord(
+        collective=op, ranks=p, size=nbytes, count=body.count, dtype=np.dtype(dtype).name,
+        backend=backend.name, gpu_aware=backend.gpu_aware,
+        buffers="device" if xp is not np and backend.is_gpu else "host", warmup=warmup,
+        iters=iters, time_s=float(elapsed), algbw_gbs=algbw,
+        busbw_gbs=algbw * colltable.bus_factor(op, p) if algbw else None,
+        wrong=body.wrong(comm) if check else None)
+
+
+def format_row(rec: dict, header: bool = False) -> str:
+    """nccl-tests-like line: size (B), count, type, time (us), algbw, busbw (GB/s), #wrong."""
+    widths = (12, 12, 8, 10, 8, 8, 7)
+    if header:
+        return "  ".join(h.rjust(w) for h, w in zip(COLUMNS, widths)) + \
+            "\n" + "  ".join(u.rjust(w) for u, w in
+                             zip(("(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", ""), widths))
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    cells = (str(rec["size"]), str(rec["count"]), rec["dtype"], f"{rec['time_s'] * 1e6:.2f}",
+             fmt(rec["algbw_gbs"], "{:.3f}"), fmt(rec["busbw_gbs"], "{:.3f}"),
+             fmt(rec["wrong"], "{}"))
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+
+def _uniform(xp, shape: tuple, dtype):
+    """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
+    rate, depend on the data: constant operands would flatter it)."""
+    return (xp.random.random(shape) * 2 - 1).astype(dtype)
+
+
+def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
+              reps: int = 3) -> float:
+    """Rate of one local GEMM of ``shape`` (m, k, n) on random operands, run on every rank of
+    ``comm`` at once (the median of ``reps`` products, each the slowest rank's), i.e. under
+    the contention of a real run:
+    flop/s, or operand bytes/s for a "thin" shape (:func:`tpmpi.studies.costmodel.gemm_work`).
+    Collective."""
+    m, k, n = shape
+    xp = backend.xp
+    a, b = _uniform(xp, (m, k), dtype), _uniform(xp, (k, n), dtype)
+    c = xp.empty((m, n), dtype=dtype)
+    times = time_calls([lambda: xp.matmul(a, b, out=c)], comm, sync=backend.synchronize,
+                       warmup=1, iters=reps)
+    return gemm_work(m, k, n, np.dtype(dtype).itemsize) / float(np.median(times))
+
+
+def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**20,
+                      reps: int = 3) -> dict:
+    """Pinned host<->device copy bandwidth (bytes/s) of the ranks of ``comm`` copying at once:
+    ``{"d2h": ..., "h2d": ...}``, each from the best of ``reps`` copies of ``nbytes`` (each
+    the slowest rank's). Collective."""
+    count = nbytes // 4
+    device = _uniform(backend.xp, (count,), "float32")
+    host = backend.pinned_empty((count,), "float32")
+    copies = {"d2h": lambda: backend.copy_to_host(device, host),
+              "h2d": lambda: backend.copy_from_host(host, device)}
+    return {way: count * 4 / float(time_calls([copy], comm, sync=backend.synchronize,
+                                                warmup=1, iters=reps).min())
+            for way, copy in copies.items()}
+
+
+def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
+    """The ranks of ``comm`` that are the first on their device (every rank for a host
+    backend), as a new communicator (COMM_NULL on the others). Collective."""
+    key = (MPI.Get_processor_name(), backend.device_key()) if backend.is_gpu else comm.Get_rank()
+    keys = comm.allgather(key)
+    first = keys.index(key) == comm.Get_rank()
+    return comm.Split(0 if first else MPI.UNDEFINED, comm.Get_rank())
+
+
+def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
+                     sizes: Sequence[int], ranks: Sequence[int], iters: int,
+                     progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """``(alpha, beta)`` tables ``{op: {str(P): value}}`` fitted on the first P ranks of
+    ``comm`` for each P of ``ranks`` over messages of ``sizes`` bytes (float32). Collective;
+    the tables on every rank."""
+    alpha: dict = {}
+    beta: dict = {}
+    for p in ranks:
+        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+        if sub != MPI.COMM_NULL:
+            for op in ops:
+                progress(f"{op} P={p}")
+                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                                        iters=iters, check=False) for s in sizes]
+                a, b = fit_alpha_beta(op, p, [r.size for r in recs], [r.time_s for r in recs])
+                alpha.setdefault(op, {})[str(p)] = a
+                beta.setdefault(op, {})[str(p)] = b
+            sub.Free()
+        comm.Barrier()
+    return comm.bcast((alpha, beta), root=0)
+
+
+def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
+                  progress: Callable[[str], None]) -> tuple[dict, Optional[dict]]:
+    """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
+    classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
+    by the first rank on each device, all devices at once. Collective; on every rank."""
+    leaders = device_leaders(comm, backend)
+    rates, staging = {}, None
+    if leaders != MPI.COMM_NULL:  # rank 0 always is one
+        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+        for dtype in dtypes:
+            try:
+                backend.check_dtype(dtype)
+            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                progress(f"gemm {dtype}: skipped ({exc})")
+                continue
+            progress(f"gemm {dtype}")
+            rates[f"{backend.name}:{dtype}"] = {
+                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
+        if backend.is_gpu:
+            progress("pinned host<->device copies")
+            staging = staging_bandwidth(backend, leaders)
+        leaders.Free()
+    return comm.bcast((rates, staging), root=0)
+
+
+def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
+              ops: Sequence[str] = colltable.OPS, sizes: Sequence[int] = (),
+              ranks: Sequence[int] = (), threads: Optional[int] = None, iters: int = 10,
+              progress: Optional[Callable[[str], None]] = None) -> Calibration:
+    """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
+    ranks of ``comm`` for each P in ``ranks``, default 2, 4, ... and the full size) over
+    ``sizes`` (bytes), and GEMM rates per dtype and shape class. On a GPU backend the rates
+    (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and the
+    pinned copy bandwidth are measured by one rank per device, all devices at once (the model
+    scales them by the ranks sharing a device). Collective; the result on every rank."""
+    world = comm.Get_size()
+    say = progress or (lambda what: None)
+    sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
+    ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
+                                   if 2 ** i <= world} | ({world} if world > 1 else set())))
+    cal = Calibration(machine={
+        "source": "calibrate", "ranks": world, "threads_per_rank": threads,
+        "blas": blas_info(backend), "backend": backend.name,
+        "mpi_library": mpi_library(), "timestamp": utc_timestamp(),
+    })
+    cal.alpha, cal.beta = _fit_collectives(comm, backend, ops, sizes, ranks, iters, say)
+    rates, staging = _device_rates(comm, backend, dtypes, say)
+    cal.rates.update(rates)
+    if staging:
+        cal.staging = staging
+    return cal

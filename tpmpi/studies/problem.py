@@ -1,0 +1,49 @@
+"""The workload the benchmarks run and the cost model prices: a :class:`Problem` is plain data
+(sizes, dtype, pass, scheme options) with no layers, grids or MPI behind it, so that the model
+(:mod:`tpmpi.studies.costmodel`) and the runnable schemes (:mod:`tpmpi.studies.schemes`) share one description
+and neither depends on the other."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Optional
+
+
+def options_label(options: Mapping) -> str:
+    """Scheme options as plan, tables and reports print them: ``name=value`` pairs sorted by
+    name, comma-separated ("" without any)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One configuration: ``Y = X @ W`` with X (m, k), W (k, n); ``hidden`` for the MLP."""
+
+    scheme: str = "column"
+    m: int = 1024
+    k: int = 1024
+    n: int = 1024
+    hidden: Optional[int] = None
+    dtype: str = "float32"
+    backward: bool = False
+    options: tuple = ()  # sorted (name, value) pairs of scheme options (panel, chunks, ...)
+    replica: int = 0  # data-parallel replica: each draws its own X and dY (seeds offset)
+
+    @property
+    def opts(self) -> dict:
+        """The scheme options as a dict."""
+        return dict(self.options)
+
+    @property
+    def d_hidden(self) -> int:
+        """The FFN's hidden size in effect: ``hidden``, else 4·k (scheme "mlp")."""
+        return self.hidden if self.hidden is not None else 4 * self.k
+
+    @property
+    def longest_sum(self) -> int:
+        """Terms of the longest dot product behind the outputs (and, with ``backward``, the
+        gradients): the ``k`` of :func:`tpmpi.core.dtypes.tolerance`."""
+        dims = [self.k] + ([self.d_hidden] if self.scheme == "mlp" else [])
+        if self.backward:
+            dims += [self.m, self.n]
+        return max(dims)
