@@ -459,8 +459,9 @@ def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
 
 
 def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequence[int]) -> list:
-    """The sweep's configurations (:func:`tpmpi.studies.sweep.configs`) named by the flags; UsageError
-    for flags that name none or that contradict each other. Local (the flags are agreed)."""
+    """The sweep's configurations (:func:`tpmpi.studies.sweep.configs`) named by the flags;
+    UsageError for flags that name none or that contradict each other. Local (the flags are
+    agreed)."""
     if args.sweep == "sizes" and not sizes:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
     if "all" in args.scheme:

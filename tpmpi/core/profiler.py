@@ -12,8 +12,8 @@ benchmark attaches a timed one (:meth:`tpmpi.layers.ParallelLinear.attach_profil
 synchronises the device stream at each region boundary so that GPU work is charged to the
 region that launched it.
 
-For overlap measurements (:mod:`tpmpi.studies.overlap`) a profiler can run instrumented layers with only
-one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
+For overlap measurements (:mod:`tpmpi.studies.overlap`) a profiler can run instrumented layers with
+only one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
 GEMMs (results are then meaningless; only the time counts).
 """
 from __future__ import annotations

@@ -22,8 +22,8 @@ sequence_parallel (Megatron's flag): ``x`` arrives in layout "rows" (rank ``p`` 
            (Iallgather in flight during the ``dY_p W_p^T`` GEMM, so the gathered X is not kept
            between forward and backward) and reduce-scatters ``dX`` to row blocks instead of
            all-reducing it (in flight during the dW GEMM).
-In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols (gather_output)``
-and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
+In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols
+(gather_output)`` and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 

@@ -232,8 +232,8 @@ class DataParallel:
 
     def allreduce_gradients(self) -> None:
         """Average the current gradients over the replicas now (every bucket, blocking on
-        the same path as backward): the communication-only run of :func:`tpmpi.studies.overlap.measure_dp_overlap`.
-        Collective over ``mesh.dp_comm``."""
+        the same path as backward): the communication-only run of
+        :func:`tpmpi.studies.overlap.measure_dp_overlap`. Collective over ``mesh.dp_comm``."""
         self._started = 0
         self._finish()
 

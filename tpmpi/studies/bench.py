@@ -247,8 +247,8 @@ def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, wa
              progress: Optional[Callable[[str], None]] = None,
              bucket_bytes: int = BUCKET_BYTES) -> RunRecord:
     """Build, time and (optionally) verify ``problem`` on ``grid``, or on a :class:`Mesh` of
-    ``dp`` replicas of a TP grid (:class:`tpmpi.studies.schemes.hybrid.DataParallelCase`: each replica
-    takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
+    ``dp`` replicas of a TP grid (:class:`tpmpi.studies.schemes.hybrid.DataParallelCase`: each
+    replica takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
     ``mesh``, ``dp_bytes`` and ``dp_comm_s``, the DP traffic and mean time blocked in it per
     iteration, and with ``overlap`` phase ``dp``, the DP Allreduce hidden under backward;
     ``grid`` is then the TP grid and ``comm_s`` its collectives); with ``baseline``, also

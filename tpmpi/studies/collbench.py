@@ -169,8 +169,8 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
     """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
     ranks of ``comm`` for each P in ``ranks``, default 2, 4, ... and the full size) over
     ``sizes`` (bytes), and GEMM rates per dtype and shape class. On a GPU backend the rates
-    (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and the
-    pinned copy bandwidth are measured by one rank per device, all devices at once (the model
+    (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and
+    the pinned copy bandwidth are measured by one rank per device, all devices at once (the model
     scales them by the ranks sharing a device). Collective; the result on every rank."""
     world = comm.Get_size()
     say = progress or (lambda what: None)

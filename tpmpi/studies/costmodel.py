@@ -13,8 +13,8 @@ below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rat
 :data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`, :data:`DEFAULT_STAGING`) apply. A dtype the
 calibration lacks takes the same backend's float32 rates (never another backend's).
 
-GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and the pinned
-host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
+GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and the
+pinned host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
 product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
 staged (:func:`tpmpi.core.colltable.staged_bytes` down and up, MPI on host buffers in between)
 through the staging pipeline of pieces of :data:`tpmpi.core.staging.STAGING_CHUNK_BYTES`:

@@ -80,8 +80,8 @@ def _arrays(p: Any) -> Optional[list[Array]]:
 
 
 def bytes_per_rank(p: Any, grid_shape: tuple[int, int]) -> Optional[int]:
-    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.studies.problem.Problem`) holds on the
-    rank with the largest blocks (grid coordinates (0, 0): block partitions give the first
+    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.studies.problem.Problem`) holds on
+    the rank with the largest blocks (grid coordinates (0, 0): block partitions give the first
     parts the remainder); None for an unknown scheme."""
     arrays = _arrays(p)
     if arrays is None:

@@ -57,8 +57,8 @@ class OverlapTimes:
 def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
                 warmup: int, iters: int) -> float:
     """Median over ``iters`` samples (after ``warmup`` calls) of the slowest rank's time of
-    ``call()`` (:func:`tpmpi.studies.timing.time_calls`: each started by a Barrier, ended by ``sync``,
-    a device sync or None). Collective over ``comm``."""
+    ``call()`` (:func:`tpmpi.studies.timing.time_calls`: each started by a Barrier, ended by
+    ``sync``, a device sync or None). Collective over ``comm``."""
     return float(np.median(time_calls([call], comm, sync=sync, warmup=warmup, iters=iters)))
 
 

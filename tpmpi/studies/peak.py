@@ -1,7 +1,7 @@
 """The device's measured GEMM peak, and a run record's local GEMM throughput as a fraction of it.
 
-``python -m tpmpi.studies.peak --backend cupy --dtype float16 --n 8192 [--records runs.jsonl]`` times
-one big square GEMM alone on one process (cuBLAS on a GPU, the BLAS on a CPU) and prints its
+``python -m tpmpi.studies.peak --backend cupy --dtype float16 --n 8192 [--records runs.jsonl]``
+times one big square GEMM alone on one process (cuBLAS on a GPU, the BLAS on a CPU) and prints its
 GFLOP/s as one JSON line; with ``--records`` it also prints, for each record of that dtype and
 backend, the fraction of that peak that the record's local GEMMs reached.
 """

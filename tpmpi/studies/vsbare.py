@@ -12,8 +12,8 @@ both alike. ``ratio`` = bare time / tpmpi time (of the medians; ``ratio_*_best``
 rounds, the steadier figure on a loaded machine: ``--best``): 1.0 is as fast as the bare
 products; at P > 1 on a shared device it shows what communication and staging add to the
 same arithmetic. ``pred_*`` is the cost model's prediction for the run
-(:func:`tpmpi.studies.costmodel.predict` with ``--calibration``), ``err_*`` its relative error against
-the measured median.
+(:func:`tpmpi.studies.costmodel.predict` with ``--calibration``), ``err_*`` its relative error
+against the measured median.
 
 Each case prints one line on rank 0 and appends one JSON record to ``--json``;
 ``python -m tpmpi.studies.vsbare --table FILE.jsonl ...`` prints the side-by-side markdown table of
