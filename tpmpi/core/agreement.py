@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -69,7 +69,7 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
-def _groups(pairs) -> OrderedDict[Any, list[int]]:
+def _groups(pairs: Iterable[tuple[int, Any]]) -> OrderedDict[Any, list[int]]:
     """``value -> ranks`` in order of first appearance, from ``(rank, value)`` pairs."""
     out: OrderedDict[Any, list[int]] = OrderedDict()
     for rank, value in pairs:
@@ -93,8 +93,9 @@ def _mismatch(infos: list) -> str:
         detail = " and ".join(f"{v} on {_ranks(r)}" for v, r in seen.items())
         return f"{key} differs across ranks: {detail}; {must}"
 
-    if "call" in keys and differs("call"):
-        return differs("call")
+    call = differs("call") if "call" in keys else None
+    if call:
+        return call
     errors = _groups((r, err) for r, (err, _) in enumerate(infos) if err)
     if errors:
         return "; ".join(f"{msg} ({_ranks(r)})" if len(errors) > 1 or len(r) < len(infos)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .arrays import Array, DTypeLike
 from .backend import Backend, get_backend
 from .dtypes import resolve_dtype
 
@@ -34,9 +35,10 @@ def _uniform(raw: np.ndarray, bound: float) -> np.ndarray:
     return (2.0 * u - 1.0) * bound
 
 
-def init_weight(shape: Sequence[int], seed: int, dtype="float32", rows: slice = slice(None),
-                cols: slice = slice(None), backend: str | Backend | None = None, *,
-                stream: int = 0, bound: Optional[float] = None):
+def init_weight(shape: Sequence[int], seed: int, dtype: DTypeLike = "float32",
+                rows: slice = slice(None), cols: slice = slice(None),
+                backend: str | Backend | None = None, *, stream: int = 0,
+                bound: Optional[float] = None) -> Array:
     """Block ``[rows, cols]`` of the global ``shape`` matrix defined by ``(seed, stream)``.
 
     ``shape`` is ``(R, C)`` or ``(C,)`` (then only ``cols`` applies). Returns an array of the

@@ -98,7 +98,7 @@ class Mesh:
 
     def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, dp: int = 1, tp: TPSpec = None):
         size = comm.Get_size()
-        error, shape = None, None
+        error, shape = None, (1, size)
         try:
             dp = check_int("dp", dp, 1)
             shape = tp_shape(tp, size, dp)
@@ -161,6 +161,6 @@ class Mesh:
     def __enter__(self) -> Mesh:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.free()
 

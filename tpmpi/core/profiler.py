@@ -22,6 +22,7 @@ import contextlib
 import time
 from typing import Callable, ContextManager, Iterator, Optional
 
+from .backend import Backend
 from .colltable import bus_factor
 
 PHASES = ("gemm", "comm")
@@ -43,7 +44,7 @@ class Profiler:
         self.reset()
 
     @classmethod
-    def for_backend(cls, backend) -> Profiler:
+    def for_backend(cls, backend: Backend) -> Profiler:
         """A timed profiler that synchronises ``backend``'s stream (on a GPU) at each region
         boundary."""
         return cls(backend.synchronize if backend.is_gpu else None)
