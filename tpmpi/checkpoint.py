@@ -58,7 +58,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -66,6 +66,7 @@ from numpy.lib import format as npy
 
 from ._version import __version__
 from .core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
+from .core.arrays import DTypeLike
 from .core.backend import backend_of
 from .core.comm import _subarray, allreduce, mpi_type
 from .core.dtypes import SUPPORTED, resolve_dtype
@@ -116,7 +117,7 @@ class Param:
                                     self.layout) == mine for q in range(self.grid.rank))
 
 
-def layers_of(obj) -> list[tuple[str, ParallelLinear]]:
+def layers_of(obj: Any) -> list[tuple[str, ParallelLinear]]:
     """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
     ValueError unless every one is a ParallelLinear."""
     found = named_layers(obj)
@@ -127,7 +128,7 @@ def layers_of(obj) -> list[tuple[str, ParallelLinear]]:
     return found
 
 
-def identities(obj) -> Text:
+def identities(obj: Any) -> Text:
     """The identities of the layers of ``obj`` (``"layer #0 (...)"``, ``"fc1=layer #0 (...),
     fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
     by load into=)."""
@@ -135,7 +136,7 @@ def identities(obj) -> Text:
                           for prefix, layer in layers_of(obj)))
 
 
-def parameters(obj) -> list[Param]:
+def parameters(obj: Any) -> list[Param]:
     """Every distributed parameter of a layer or composite, named ``weight``, ``fc1.bias``..."""
     out = []
     for prefix, layer in layers_of(obj):
@@ -146,7 +147,7 @@ def parameters(obj) -> list[Param]:
     return out
 
 
-def file_dtype(dtype) -> np.dtype:
+def file_dtype(dtype: DTypeLike) -> np.dtype:
     """The .npy dtype a parameter of ``dtype`` is stored as: itself, or ``<u2`` (its bit
     pattern) for bfloat16."""
     dt = np.dtype(dtype)
@@ -197,7 +198,8 @@ def _write(p: Param, filename: str) -> int:
     return len(header)
 
 
-def _read(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into) -> None:
+def _read(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into: np.ndarray
+          ) -> None:
     """Read this rank's block of ``p`` from the file (``Read_all`` through a view) as ``dtype``
     into the host array ``into``. Collective over ``p.grid.comm``."""
     fh = MPI.File.Open(p.grid.comm, filename, MPI.MODE_RDONLY)
@@ -207,7 +209,7 @@ def _read(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into) -> 
         fh.Close()
 
 
-def checksum(comm: MPI.Comm, filename: str, offset: int, nbytes: int,
+def checksum(comm: MPI.Intracomm, filename: str, offset: int, nbytes: int,
              chunk_bytes: int = CHUNK_BYTES) -> int:
     """Grid-independent checksum of bytes ``[offset, offset + nbytes)`` of ``filename`` (see the
     module docstring). Rank q reads chunks q, q+P, ...; one Allreduce. Collective."""
@@ -219,19 +221,20 @@ def checksum(comm: MPI.Comm, filename: str, offset: int, nbytes: int,
         for i in range(comm.Get_rank(), nchunks, comm.Get_size()):
             piece = buf[:min(chunk_bytes, nbytes - i * chunk_bytes)]
             fh.Read_at(offset + i * chunk_bytes, piece)
-            crcs[i] = zlib.crc32(piece)
+            crcs[i] = zlib.crc32(piece.data)
     finally:
         fh.Close()
     allreduce(crcs, comm)
     return zlib.crc32(crcs.astype("<u4").tobytes())
 
 
-def _agree_root(comm: MPI.Comm, task: Callable[[], Any]) -> Any:
+def _agree_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:
     """Run ``task()`` on rank 0 and broadcast its result, or raise its error on every rank
-    (any exception: nothing escapes on rank 0 alone)."""
+    (any exception: nothing escapes on rank 0 alone). ``task`` may be None on other ranks."""
     result, error = None, None
     if comm.Get_rank() == 0:
         try:
+            assert task is not None, "rank 0 runs the task"
             result = task()
         except Exception as exc:  # noqa: BLE001 - reported on every rank
             error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
@@ -438,14 +441,17 @@ class _Save:
         self.lock.release()
 
 
-def save_checkpoint(path: str, layer) -> None:
+def save_checkpoint(path: Union[str, os.PathLike[str]], layer: Any) -> None:
     """Write ``layer`` (a ParallelLinear or a composite of them) to the directory ``path`` as
     one ``.npy`` per parameter plus ``manifest.json``, committed as a whole by one rename (see
     the module docstring); a concurrent save to the same path is refused. Collective over the
     layer's grid (argument agreement, MPI-IO ``Write_all``, checksum Allreduces, broadcasts)."""
     params = parameters(layer)
     comm = params[0].grid.comm
-    path = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+    try:
+        path = os.path.abspath(os.fspath(path))
+    except TypeError:
+        pass  # reported by local_checks
 
     def local_checks() -> None:
         if not isinstance(path, str):
@@ -457,6 +463,7 @@ def save_checkpoint(path: str, layer) -> None:
                  layer=Same(identities(layer), "every rank must save the same layer object"),
                  parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
+    assert isinstance(path, str)  # else local_checks raised on every rank
     save = _Save(path) if comm.Get_rank() == 0 else None
     version = _agree_root(comm, save.prepare if save else None)
     _step("prepared")
@@ -506,7 +513,8 @@ def _load_json(path: str) -> dict:
         raise ValueError(f"unreadable checkpoint manifest {where!r}: {exc}") from None
 
 
-def _field(where: str, entry: Any, key: str, kind, what: str) -> Any:
+def _field(where: str, entry: Any, key: str, kind: Union[type, tuple[type, ...]], what: str
+           ) -> Any:
     """``entry[key]`` if ``entry`` is a dict holding a ``kind``, else a ValueError naming the
     field, its value and ``what`` was expected."""
     if not isinstance(entry, dict) or key not in entry:
@@ -613,7 +621,7 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def _layer_class(name: str):
+def _layer_class(name: str) -> type:
     """The ParallelLinear or Composite subclass called ``name`` (tpmpi's, or one defined by
     the program that loads)."""
     todo = [ParallelLinear, Composite]
@@ -638,7 +646,7 @@ def _cast(name: str, src: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, Opti
                   "wider dtype")
 
 
-def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
+def _target(grid: Optional[ProcessGrid], into: Any) -> ProcessGrid:
     """The grid a load reads onto: ``into``'s, else ``grid``, else the default grid."""
     if into is not None:
         layers = layers_of(into)
@@ -646,8 +654,9 @@ def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
     return grid if grid is not None else default_grid()
 
 
-def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, into=None,
-                    verify: bool = True, **options: Any):
+def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGrid] = None, *,
+                    cls: Optional[type] = None, into: Any = None, verify: bool = True,
+                    **options: Any) -> Any:
     """The layer saved in ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD; any
     size and shape). ``cls`` requires the saved class; ``options`` override saved constructor
     options (``dtype`` casts; a cast that overflows raises). ``into``: read into an existing
@@ -692,8 +701,8 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     return into
 
 
-def _agree_load(comm: MPI.Comm, path, *, cls, into, into_error: Optional[str], other_grid: bool,
-                verify, options: dict) -> str:
+def _agree_load(comm: MPI.Comm, path: Any, *, cls: Any, into: Any, into_error: Optional[str],
+                other_grid: bool, verify: Any, options: dict) -> str:
     """The absolute ``path`` after agreeing every argument of :func:`load_checkpoint` (the same
     ValueError on every rank for a bad or differing one). Collective."""
     def local_checks() -> None:
@@ -722,7 +731,7 @@ def _agree_load(comm: MPI.Comm, path, *, cls, into, into_error: Optional[str], o
     return where
 
 
-def _verify(comm: MPI.Comm, path: str, entries: dict) -> None:
+def _verify(comm: MPI.Intracomm, path: str, entries: dict) -> None:
     """Recompute the checksum of every parameter file of the manifest ``entries``; the same
     ValueError on every rank for a corrupted one. Collective."""
     for entry in entries.values():
@@ -761,7 +770,8 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         p.local[...] = backend_of(p.local).asarray(cast)
 
 
-def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+def _load_as(cls: type, path: Union[str, os.PathLike[str]], grid: Optional[ProcessGrid] = None,
+             **options: Any) -> Any:
     """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
     (any shape and size); ``options`` override saved constructor options. Collective (see
     :func:`load_checkpoint`)."""
@@ -771,4 +781,5 @@ def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any)
 # ``Layer.load_checkpoint(path, grid=..., **options)``, the classmethod of every layer and
 # composite, attached here: checkpoints depend on the layers, the layers never on checkpoints.
 for _base in (ParallelLinear, Composite):
-    _base.load_checkpoint = classmethod(_load_as)
+    # attached at runtime: the layer classes do not declare it
+    setattr(_base, "load_checkpoint", classmethod(_load_as))  # noqa: B010

@@ -60,7 +60,7 @@ def _check_layout(layout: str, allowed: Sequence[str] = LAYOUTS) -> None:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(allowed)}")
 
 
-def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tuple[int, int],
+def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: Sequence[int],
                  layout: str) -> tuple[tuple[int, int], ...]:
     """``(start, stop)`` per axis of the block held at grid ``coords`` of a ``shape`` grid
     (:data:`PARTIAL`: the whole array, like "replicated")."""

@@ -295,7 +295,8 @@ def _split(n: int, p: int) -> int:
     return -(-n // p) if p else n
 
 
-def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
+def _column(t: _Tally, m: int, k: int, n: int, p: int, backward: bool,
+            chunks: Optional[int]) -> float:
     np_ = _split(n, p)
     c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
     mc = _split(m, c)
@@ -314,7 +315,7 @@ def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
     return (m * k + k * np_ + m * n + (m * np_ if c == 1 else 2 * mc * np_)) * t.b
 
 
-def _row(t: _Tally, m, k, n, p, backward) -> float:
+def _row(t: _Tally, m: int, k: int, n: int, p: int, backward: bool) -> float:
     kp = _split(k, p)
     t.gemm(m, kp, n)
     t.coll("allreduce", p, m * n)
@@ -326,7 +327,8 @@ def _row(t: _Tally, m, k, n, p, backward) -> float:
     return (m * k + kp * n + m * n) * t.b
 
 
-def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
+def _mlp_tile2d(t: _Tally, m: int, k: int, n: int, h: int, pr: int, pc: int, backward: bool
+                ) -> float:
     """The tile2d FFN: two tile2d layers on the pr x pc grid; gradients are final for fc2,
     then fc1."""
     mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
@@ -337,7 +339,8 @@ def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
     return mem
 
 
-def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
+def _mlp(t: _Tally, m: int, k: int, n: int, h: int, p: int, backward: bool, mode: str,
+         overlap: bool = True) -> float:
     """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
     for fc2, then fc1."""
     hp, np_ = _split(h, p), _split(n, p)
@@ -385,7 +388,7 @@ def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
     return w + act * t.b
 
 
-def _tile2d_backward(t: _Tally, m, k, n, pr, pc) -> float:
+def _tile2d_backward(t: _Tally, m: int, k: int, n: int, pr: int, pc: int) -> float:
     """tile2d backward (forward panels cached): the dX and dW GEMMs and their reduce-scatters;
     returns the panel workspace."""
     mr, nc = _split(m, pr), _split(n, pc)
@@ -396,7 +399,8 @@ def _tile2d_backward(t: _Tally, m, k, n, pr, pc) -> float:
     return 2 * (mr + nc) * k * t.b
 
 
-def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
+def _tile2d(t: _Tally, m: int, k: int, n: int, pr: int, pc: int, backward: bool,
+            panel: Optional[int]) -> float:
     mr, nc, kr, kc = _split(m, pr), _split(n, pc), _split(k, pr), _split(k, pc)
     own = (mr * kc + kr * nc + mr * nc) * t.b
     if panel:
@@ -411,7 +415,7 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
                            + sent_bytes("bcast", pr, kb * nc * t.b))
         t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped
-        panels = panel_workspace_bytes(mr, nc, kb, t.b)
+        panels: float = panel_workspace_bytes(mr, nc, kb, t.b)
     else:
         t.coll("allgather", pc, mr * k)
         t.coll("allgather", pr, k * nc)
@@ -543,8 +547,9 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
     for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
                        backward=backward, options=tuple(sorted(opts.items())))
-        preds.append(predict(prob, ranks, grid, calibration, backend, dp=dp,
-                             bucket_bytes=bucket_bytes))
+        pred = predict(prob, ranks, grid, calibration, backend, dp=dp, bucket_bytes=bucket_bytes)
+        assert pred is not None, f"the model knows every candidate scheme ({scheme})"
+        preds.append(pred)
     return sorted(preds, key=lambda pr: pr.time_s)
 
 
@@ -572,7 +577,7 @@ def _parts(p: Prediction) -> dict[str, float]:
 def _versus(first: Prediction, other: Prediction) -> str:
     """``other`` against ``first``: its time and the component it loses most on."""
     diff = {name: v - _parts(first)[name] for name, v in _parts(other).items()}
-    worst = max(diff, key=diff.get)
+    worst = max(diff, key=lambda name: diff[name])
     lost = (other.time_s - first.time_s) * 1e3
     return (f"{other.label} ({other.time_s * 1e3:.3f} ms) loses {lost:.3f} ms, most on {worst} "
             f"(+{diff[worst] * 1e3:.3f} ms)")

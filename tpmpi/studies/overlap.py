@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from ..core.agreement import agree_checks
 from ..core.args import check_int
+from ..core.arrays import Array
 from ..layers.data_parallel import DataParallel
 from .timing import time_calls
 
@@ -92,7 +93,7 @@ def measure_overlap(layers: Any | Sequence[Any], call: Callable[[], Any], *, war
     return OverlapTimes(overall, *times)
 
 
-def measure_dp_overlap(dp: DataParallel, dy, *, warmup: int = 1, iters: int = 5
+def measure_dp_overlap(dp: DataParallel, dy: Array, *, warmup: int = 1, iters: int = 5
                        ) -> OverlapTimes:
     """How much of the DP gradient Allreduce the backward pass hides (OSU convention,
     :func:`overlap_percent`): ``overall`` = ``dp.backward(dy)``, ``compute`` =

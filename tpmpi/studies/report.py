@@ -236,7 +236,7 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
                           for c in columns])
 
 
-def _fmt(v, f: str) -> str:
+def _fmt(v: object, f: str) -> str:
     return "–" if v is None else f.format(v)
 
 
