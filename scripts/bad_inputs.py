@@ -140,6 +140,8 @@ def _intercomm(c: Context):
 
 
 case("ProcessGrid: an intercommunicator", "comm is an intercommunicator", 2)(_intercomm)
+case("ProcessGrid: a plain MPI.Comm handle", "comm is a plain MPI.Comm handle")(
+    lambda c: lambda: tpmpi.ProcessGrid(MPI.Comm(c.comm)))
 
 
 def _freed_grid(c: Context):
