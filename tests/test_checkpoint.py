@@ -163,7 +163,7 @@ def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypa
     grid = tpmpi.ProcessGrid(world.comm)
     W, b = dense(3, 4, 5)
     tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid))
-    import tpmpi.checkpoint as ck
+    import tpmpi.checkpoint.save as ck
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
@@ -251,7 +251,8 @@ def write_format1(path, W, b, bf16=False):
     '|V2'). Serial (rank 0)."""
     from mpi4py import MPI
 
-    import tpmpi.checkpoint as ck
+    from tpmpi.checkpoint import manifest as ckmanifest
+    from tpmpi.checkpoint import npyfile
 
     entries = {}
     for name, a in (("weight", W), ("bias", b)):
@@ -262,12 +263,12 @@ def write_format1(path, W, b, bf16=False):
                 f, {"descr": descr, "fortran_order": False, "shape": a.shape})
             header_bytes = f.tell()
             f.write(np.ascontiguousarray(a).tobytes())
-        value = ck.checksum(MPI.COMM_SELF, filename, header_bytes, a.nbytes)
+        value = npyfile.checksum(MPI.COMM_SELF, filename, header_bytes, a.nbytes)
         entries[name] = {"file": f"{name}.npy", "shape": list(a.shape), "dtype": a.dtype.name,
                          "layout": "cols", "header_bytes": header_bytes,
-                         "checksum": {"algorithm": ck.CHECKSUM, "chunk_bytes": ck.CHUNK_BYTES,
-                                      "value": value}}
-    manifest = {"format": ck.FORMAT, "format_version": 1, "tpmpi_version": "0.1.0",
+                         "checksum": {"algorithm": npyfile.CHECKSUM,
+                                      "chunk_bytes": npyfile.CHUNK_BYTES, "value": value}}
+    manifest = {"format": ckmanifest.FORMAT, "format_version": 1, "tpmpi_version": "0.1.0",
                 "class": "ColumnParallelLinear",
                 "config": {"in_features": W.shape[0], "out_features": W.shape[1], "bias": True,
                            "dtype": W.dtype.name, "seed": 0, "check_finite": False,
@@ -345,7 +346,7 @@ def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, tmp_pa
                                                                   monkeypatch):
     if not world.member:
         return
-    import tpmpi.checkpoint as ck
+    import tpmpi.checkpoint.lock as ck
 
     comm, rank = world.comm, world.comm.Get_rank()
     path = shared_dir(comm, tmp_path_factory)

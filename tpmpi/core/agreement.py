@@ -152,6 +152,23 @@ MAX_MESSAGE_BYTES: int = 2**30
 overrides). Every rank must use the same value: :func:`agree_checks` agrees on it."""
 
 
+
+def agree_on_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:
+    """Run ``task()`` on rank 0 (other ranks pass anything, e.g. None) and broadcast its result,
+    or raise its error on every rank (any exception: nothing escapes on rank 0 alone).
+    Collective (one bcast)."""
+    result, error = None, None
+    if comm.Get_rank() == 0:
+        try:
+            assert task is not None, "rank 0 runs the task"
+            result = task()
+        except Exception as exc:  # noqa: BLE001 - reported on every rank
+            error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    result, error = comm.bcast((result, error), root=0)
+    if error:
+        raise ValueError(error)
+    return result
+
 def max_message_bytes() -> int:
     """The chunk limit in bytes in force now: env ``TPMPI_MAX_MESSAGE_BYTES`` (a positive
     decimal integer), else :data:`MAX_MESSAGE_BYTES`. ValueError naming the variable."""

@@ -62,6 +62,7 @@ import numpy as np
 from ..core.colltable import bw_factor, lat_factor, sent_bytes, staged_bytes
 from ..core.dtypes import resolve_dtype
 from ..core.grid import factorisations
+from ..core.partition import largest_block
 from ..core.staging import STAGING_CHUNK_BYTES
 from ..core.tiling import panel_workspace_bytes
 from ..layers.column import chunk_bounds
@@ -290,16 +291,11 @@ class _Tally:
         return t
 
 
-def _split(n: int, p: int) -> int:
-    """The largest block of a block partition of n over p."""
-    return -(-n // p) if p else n
-
-
 def _column(t: _Tally, m: int, k: int, n: int, p: int, backward: bool,
             chunks: Optional[int]) -> float:
-    np_ = _split(n, p)
+    np_ = largest_block(n, p)
     c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
-    mc = _split(m, c)
+    mc = largest_block(m, c)
     g = t.cal.gemm(mc, k, np_, t.dtype, t.backend)
     a = t.ctime("allgather", p, mc * n * t.b)
     t.compute += c * g
@@ -316,7 +312,7 @@ def _column(t: _Tally, m: int, k: int, n: int, p: int, backward: bool,
 
 
 def _row(t: _Tally, m: int, k: int, n: int, p: int, backward: bool) -> float:
-    kp = _split(k, p)
+    kp = largest_block(k, p)
     t.gemm(m, kp, n)
     t.coll("allreduce", p, m * n)
     if backward:
@@ -335,7 +331,7 @@ def _mlp_tile2d(t: _Tally, m: int, k: int, n: int, h: int, pr: int, pc: int, bac
     if backward:
         for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
             mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
-            t.grads_final(_split(nn, pc), _split(kk, pr) * _split(nn, pc))
+            t.grads_final(largest_block(nn, pc), largest_block(kk, pr) * largest_block(nn, pc))
     return mem
 
 
@@ -343,8 +339,8 @@ def _mlp(t: _Tally, m: int, k: int, n: int, h: int, p: int, backward: bool, mode
          overlap: bool = True) -> float:
     """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
     for fc2, then fc1."""
-    hp, np_ = _split(h, p), _split(n, p)
-    mr = _split(m, p)  # rows per rank of the block's input and output (sequence)
+    hp, np_ = largest_block(h, p), largest_block(n, p)
+    mr = largest_block(m, p)  # rows per rank of the block's input and output (sequence)
 
     def during(op: str, elements: float, gemm: tuple) -> None:
         """``op`` overlapped with a GEMM (when ``overlap``)."""
@@ -391,7 +387,7 @@ def _mlp(t: _Tally, m: int, k: int, n: int, h: int, p: int, backward: bool, mode
 def _tile2d_backward(t: _Tally, m: int, k: int, n: int, pr: int, pc: int) -> float:
     """tile2d backward (forward panels cached): the dX and dW GEMMs and their reduce-scatters;
     returns the panel workspace."""
-    mr, nc = _split(m, pr), _split(n, pc)
+    mr, nc = largest_block(m, pr), largest_block(n, pc)
     t.gemm(mr, nc, k)
     t.gemm(k, mr, nc)
     t.coll("reduce_scatter", pc, mr * k)
@@ -401,7 +397,8 @@ def _tile2d_backward(t: _Tally, m: int, k: int, n: int, pr: int, pc: int) -> flo
 
 def _tile2d(t: _Tally, m: int, k: int, n: int, pr: int, pc: int, backward: bool,
             panel: Optional[int]) -> float:
-    mr, nc, kr, kc = _split(m, pr), _split(n, pc), _split(k, pr), _split(k, pc)
+    mr, nc = largest_block(m, pr), largest_block(n, pc)
+    kr, kc = largest_block(k, pr), largest_block(k, pc)
     own = (mr * kc + kr * nc + mr * nc) * t.b
     if panel:
         kb = max(1, min(int(panel), max(k, 1)))
@@ -486,7 +483,7 @@ def predict(problem: Problem, ranks: int, grid: Optional[Sequence[int]] = None,
     pr, pc = (int(g) for g in grid)
     slowdown = max(1.0, float(oversubscription))
     t = _Tally(cal, problem.dtype, backend, staged, slowdown)
-    m, k, n, bwd = _split(problem.m, dp), problem.k, problem.n, problem.backward
+    m, k, n, bwd = largest_block(problem.m, dp), problem.k, problem.n, problem.backward
     overlap = opts.get("overlap", True) is not False
     if scheme == "column":
         mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
