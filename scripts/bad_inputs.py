@@ -24,9 +24,9 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-import tpmpi  # noqa: E402
-from tpmpi import cli  # noqa: E402
-from tpmpi.core import agreement  # noqa: E402
+import tpmpi
+from tpmpi import cli
+from tpmpi.core import agreement
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 
@@ -140,6 +140,8 @@ def _intercomm(c: Context):
 
 
 case("ProcessGrid: an intercommunicator", "comm is an intercommunicator", 2)(_intercomm)
+case("ProcessGrid: a plain MPI.Comm handle", "comm is a plain MPI.Comm handle")(
+    lambda c: lambda: tpmpi.ProcessGrid(MPI.Comm(c.comm)))
 
 
 def _freed_grid(c: Context):

@@ -114,16 +114,17 @@ def cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
 def functions(package: Path) -> list[tuple[int, str]]:
     """``(lines, "module:Class.function")`` of every function and method, largest first."""
     out = []
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.append((child.end_lineno - child.lineno + 1, f"{prefix}{child.name}"))
+                walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                walk(child, f"{prefix}{child.name}.")
+
     for name, path in modules(package).items():
-        def walk(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    out.append((child.end_lineno - child.lineno + 1,
-                                f"{name}:{prefix}{child.name}"))
-                    walk(child, f"{prefix}{child.name}.")
-                elif isinstance(child, ast.ClassDef):
-                    walk(child, f"{prefix}{child.name}.")
-        walk(ast.parse(path.read_text()), "")
+        walk(ast.parse(path.read_text()), f"{name}:")
     return sorted(out, reverse=True)
 
 

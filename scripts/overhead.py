@@ -6,8 +6,8 @@
 overhead = forward time - local GEMM (+ bias) time - the bare collective's time, where the bare
 collective is the same Alltoallw (same buffers, same subarray datatypes) called directly, and
 each is timed alone, back-to-back, as the best of ``--repeats`` interleaved blocks of
-``--iters`` calls, each block the slowest rank's (``tpmpi.studies.timing.time_calls``). Target: under
-100 us. Two more robust variants are printed: with the GEMM time measured inside the same
+``--iters`` calls, each block the slowest rank's (``tpmpi.studies.timing.time_calls``). Target:
+under 100 us. Two more robust variants are printed: with the GEMM time measured inside the same
 forward calls (the layer's profiler), and forward minus a hand-written loop doing the same
 GEMM, bias add and Alltoallw (it suffers the same rank skew, so the difference is what tpmpi
 adds). Also the bare Allgather of the same bytes and,

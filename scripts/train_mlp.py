@@ -118,7 +118,7 @@ def resolve(args, nranks: int) -> tuple[str, tuple[int, int]]:
     return mode, shape
 
 
-def rank_param_counts(args, tp: "int | tuple[int, int]", mode: str = "megatron") -> list[int]:
+def rank_param_counts(args, tp: int | tuple[int, int], mode: str = "megatron") -> list[int]:
     """Parameters held by each rank of a ParallelMLP in ``mode`` over a TP group of ``tp``
     ranks (1D) or grid ``(pr, pc)`` (block partitions)."""
     d, h = args.d_model, args.d_hidden
@@ -140,7 +140,7 @@ def rank_param_counts(args, tp: "int | tuple[int, int]", mode: str = "megatron")
     return counts
 
 
-def rank_need(args, tp: "int | tuple[int, int]", mode: str = "megatron") -> int:
+def rank_need(args, tp: int | tuple[int, int], mode: str = "megatron") -> int:
     """Largest per-rank bytes of weights + gradients + optimizer state over the TP group."""
     per_param = np.dtype(args.dtype).itemsize * (2 + STATE_PER_PARAM[args.optimizer])
     return max(rank_param_counts(args, tp, mode)) * per_param

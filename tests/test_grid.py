@@ -83,6 +83,9 @@ def test_communicator_is_checked_before_any_collective():
         tpmpi.ProcessGrid("world")
     with pytest.raises(ValueError, match=r"comm is MPI\.COMM_NULL"):
         tpmpi.ProcessGrid(MPI.COMM_NULL)
+    with pytest.raises(ValueError, match=r"comm is a plain MPI\.Comm handle: expected an "
+                                         r"intracommunicator"):
+        tpmpi.ProcessGrid(MPI.Comm(MPI.COMM_SELF))
 
 
 def test_free_and_context_manager():

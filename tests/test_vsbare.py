@@ -2,6 +2,10 @@
 CuPy code path on a NumPy-made CuPy with host staging)."""
 from __future__ import annotations
 
+import gc
+import json
+import warnings
+
 import pytest
 
 import fake_cupy
@@ -72,3 +76,20 @@ def test_table_sets_ranks_side_by_side():
     error = {"scheme": "tile2d", "dtype": "bfloat16", "ranks": 2, "error": "boom"}
     assert "| tile2d | bfloat16 | error | error | error |" in vsbare.format_table([error])
     assert vsbare.format_line(error) == "tile2d  bfloat16  P=2: ERROR boom"
+
+
+def test_table_reads_the_files_and_closes_them(tmp_path, capsys):
+    """``--table FILE...``: every record of the JSON-lines files (blank lines skipped), no MPI
+    job; each file is closed after reading (no ResourceWarning)."""
+    recs = [{"scheme": s, "dtype": "float32", "ranks": 2, "ratio_fwd": 0.5, "ratio_fwdbwd": 0.4,
+             "fwdbwd_s": 0.01, "pred_fwdbwd_s": 0.02, "bare_fwdbwd_s": 0.004}
+            for s in ("column", "row")]
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    paths[0].write_text(json.dumps(recs[0]) + "\n\n")
+    paths[1].write_text(json.dumps(recs[1]) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert vsbare.main(["--table"] + [str(p) for p in paths]) == 0
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert capsys.readouterr().out == vsbare.format_table(recs) + "\n"

@@ -30,13 +30,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence, Union
 
 from mpi4py import MPI
 
 from ._version import __version__
 from .core.agreement import Same, Text, agree, agree_checks
-from .core.backend import BACKENDS, blas_info, configure_blas_threads, get_backend, node_comm
+from .core.backend import BACKENDS, Backend, blas_info, configure_blas_threads, get_backend, \
+    node_comm
 from .core.colltable import OPS
 from .core.dtypes import SUPPORTED, resolve_dtype
 from .core.grid import ProcessGrid, parse_shape
@@ -101,11 +102,11 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # argparse would print usage on every rank
+    def error(self, message: str) -> NoReturn:  # argparse would print usage on every rank
         raise UsageError(f"{self.prog}: {message}")
 
 
@@ -150,7 +151,9 @@ def _listed(conv: Callable[[str], Any], choices: Optional[Sequence[str]] = None
 
 def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     """The problem flags of ``run``; with ``many`` (``bench``), each takes a comma list."""
-    def typed(conv, default, choices=None, metavar=None):
+    def typed(conv: Callable[[str], Any], default: Any,
+              choices: Optional[Sequence[str]] = None, metavar: Optional[str] = None
+              ) -> dict[str, Any]:
         if many:  # a comma list; the metavar shows the choices argparse cannot check
             item = "{" + ",".join(choices) + "}" if choices else metavar
             return {"type": _listed(conv, choices), "metavar": item and f"{item}[,...]",
@@ -358,7 +361,7 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
                    options=tuple(sorted(options.items())))
 
 
-def agree_problems(problems: Sequence[Problem], backend, comm: MPI.Comm) -> None:
+def agree_problems(problems: Sequence[Problem], backend: Backend, comm: MPI.Comm) -> None:
     """UsageError on every rank for a problem the flags describe but this job cannot run: an
     mlp whose --n differs from --k, a dtype the backend lacks (also agrees
     ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
@@ -378,8 +381,9 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         problem = problem_from_args(args)
         shape = parse_shape(args.grid) if args.grid else None
         configure_blas_threads(comm, args.threads)
-        grid = Mesh(comm, dp=args.dp, tp=shape) if args.dp > 1 else ProcessGrid(comm, shape)
-        tp = grid.tp if args.dp > 1 else grid
+        mesh = Mesh(comm, dp=args.dp, tp=shape) if args.dp > 1 else None
+        tp = mesh.tp if mesh is not None else ProcessGrid(comm, shape)
+        grid = mesh if mesh is not None else tp
         replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
         backend = get_backend(args.backend, comm)
         agree_problems([problem], backend, comm)
@@ -449,9 +453,9 @@ def _out(comm: MPI.Comm) -> Callable[[str], None]:
         (lambda line: None)
 
 
-def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
+def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[Mapping[str, Any]], None]:
     """Append records to ``path`` as JSON lines (rank 0; the file opened per record)."""
-    def append(rec: dict) -> None:
+    def append(rec: Mapping[str, Any]) -> None:
         if path:
             with open(path, "a") as fh:
                 write_record(rec, fh)
@@ -459,8 +463,9 @@ def _appender(path: Optional[str], comm: MPI.Comm) -> Callable[[dict], None]:
 
 
 def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequence[int]) -> list:
-    """The sweep's configurations (:func:`tpmpi.studies.sweep.configs`) named by the flags; UsageError
-    for flags that name none or that contradict each other. Local (the flags are agreed)."""
+    """The sweep's configurations (:func:`tpmpi.studies.sweep.configs`) named by the flags;
+    UsageError for flags that name none or that contradict each other. Local (the flags are
+    agreed)."""
     if args.sweep == "sizes" and not sizes:
         raise UsageError("--sweep sizes needs -b/-e [-f]")
     if "all" in args.scheme:
@@ -507,10 +512,10 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         agree_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
         calibration = agree_calibration(args.calibration, comm)
         threads = configure_blas_threads(comm, args.threads)
-    records: list[dict] = []
+    records: list[Mapping[str, Any]] = []
     save = _appender(args.json, comm)
 
-    def on_record(rec: dict) -> None:
+    def on_record(rec: Mapping[str, Any]) -> None:
         records.append(rec)
         save(rec)
     run_sweep(comm, cfgs, backend, threads=threads, warmup=args.warmup, iters=args.iters,
@@ -587,12 +592,13 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "calibrate": cmd_calibrate, "pla
 
 
 def agree_args(argv: Optional[Sequence[str]], comm: MPI.Comm
-               ) -> "argparse.Namespace | tuple[int, str]":
+               ) -> argparse.Namespace | tuple[int, str]:
     """Parse ``argv`` on every rank and agree on the outcome before anything else: the same
     sub-command and flags everywhere (else UsageError on every rank). ``--help``/``--version``
     give ``(exit code, text)`` (to be printed by rank 0 only), and must be asked for on every
     rank. Collective (three small agreements)."""
-    error, args, text = None, None, io.StringIO()
+    error, text = None, io.StringIO()
+    args: Union[argparse.Namespace, tuple[int, str], None] = None
     try:
         with contextlib.redirect_stdout(text):
             args = make_parser().parse_args(argv)
@@ -605,6 +611,7 @@ def agree_args(argv: Optional[Sequence[str]], comm: MPI.Comm
                                                           "command line")})
     if isinstance(args, tuple):
         return args
+    assert args is not None  # else agree raised
     agree(comm, command=args.command)  # same sub-command, hence the same set of flags
     agree(comm, **{f"--{name}": value for name, value in sorted(vars(args).items())})
     return args
@@ -628,7 +635,7 @@ def agree_output_file(path: Optional[str], comm: MPI.Comm, flag: str = "--json")
         raise UsageError(str(exc)) from None
 
 
-def agree_calibration(path: Optional[str], comm: MPI.Comm):
+def agree_calibration(path: Optional[str], comm: MPI.Comm) -> Calibration:
     """:func:`load_calibration` of ``path`` (else env TPMPI_CALIBRATION) on every rank; a file
     one rank cannot read fails on every rank, naming the flag or the variable. Collective."""
     error, calibration = None, None
@@ -640,10 +647,11 @@ def agree_calibration(path: Optional[str], comm: MPI.Comm):
         agree(comm, error)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    assert calibration is not None  # else agree raised
     return calibration
 
 
-def agree_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend,
+def agree_fits(runs: Sequence[tuple[Problem, tuple[int, int]]], backend: Backend,
                comm: MPI.Comm) -> None:
     """UsageError on every rank when one of ``runs`` (a problem on a grid shape) needs more
     memory than this node (or this rank's GPU) has: a lower bound per rank from the layouts
@@ -694,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_RUNTIME
 
 
-def _abort(comm: MPI.Comm, line: str, code: int) -> None:
+def _abort(comm: MPI.Comm, line: str, code: int) -> NoReturn:
     """Print ``line`` (on a line of its own, after a progress bar too) and end the whole MPI
     job (this rank exits even if MPI_Abort returns)."""
     sys.stderr.write("\n" + line + "\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -21,7 +21,7 @@ from .npyfile import CHUNK_BYTES, checksum, read_param
 from .params import Param, identities, layers_of, parameters
 
 
-def _layer_class(name: str):
+def _layer_class(name: str) -> type:
     """The ParallelLinear or Composite subclass called ``name`` (tpmpi's, or one defined by
     the program that loads)."""
     todo = [ParallelLinear, Composite]
@@ -46,7 +46,7 @@ def _cast(name: str, src: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, Opti
                   "wider dtype")
 
 
-def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
+def _target(grid: Optional[ProcessGrid], into: Any) -> ProcessGrid:
     """The grid a load reads onto: ``into``'s, else ``grid``, else the default grid."""
     if into is not None:
         layers = layers_of(into)
@@ -54,8 +54,9 @@ def _target(grid: Optional[ProcessGrid], into) -> ProcessGrid:
     return grid if grid is not None else default_grid()
 
 
-def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, into=None,
-                    verify: bool = True, **options: Any):
+def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGrid] = None, *,
+                    cls: Optional[type] = None, into: Any = None, verify: bool = True,
+                    **options: Any) -> Any:
     """The layer saved in ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD; any
     size and shape). ``cls`` requires the saved class; ``options`` override saved constructor
     options (``dtype`` casts; a cast that overflows raises). ``into``: read into an existing
@@ -100,8 +101,8 @@ def load_checkpoint(path: str, grid: Optional[ProcessGrid] = None, *, cls=None, 
     return into
 
 
-def _agree_load(comm: MPI.Comm, path, *, cls, into, into_error: Optional[str], other_grid: bool,
-                verify, options: dict) -> str:
+def _agree_load(comm: MPI.Comm, path: Any, *, cls: Any, into: Any, into_error: Optional[str],
+                other_grid: bool, verify: Any, options: dict) -> str:
     """The absolute ``path`` after agreeing every argument of :func:`load_checkpoint` (the same
     ValueError on every rank for a bad or differing one). Collective."""
     def local_checks() -> None:
@@ -130,7 +131,7 @@ def _agree_load(comm: MPI.Comm, path, *, cls, into, into_error: Optional[str], o
     return where
 
 
-def _verify(comm: MPI.Comm, path: str, entries: dict) -> None:
+def _verify(comm: MPI.Intracomm, path: str, entries: dict) -> None:
     """Recompute the checksum of every parameter file of the manifest ``entries``; the same
     ValueError on every rank for a corrupted one. Collective."""
     for entry in entries.values():
@@ -169,7 +170,8 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         p.local[...] = backend_of(p.local).asarray(cast)
 
 
-def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any):
+def _load_as(cls: type, path: Union[str, os.PathLike[str]], grid: Optional[ProcessGrid] = None,
+             **options: Any) -> Any:
     """A layer of this class from the checkpoint directory ``path``, re-sharded onto ``grid``
     (any shape and size); ``options`` override saved constructor options. Collective (see
     :func:`load_checkpoint`)."""
@@ -179,4 +181,5 @@ def _load_as(cls, path: str, grid: Optional[ProcessGrid] = None, **options: Any)
 # ``Layer.load_checkpoint(path, grid=..., **options)``, the classmethod of every layer and
 # composite, attached here: checkpoints depend on the layers, the layers never on checkpoints.
 for _base in (ParallelLinear, Composite):
-    setattr(_base, "load_checkpoint", classmethod(_load_as))
+    # attached at runtime: the layer classes do not declare it
+    setattr(_base, "load_checkpoint", classmethod(_load_as))  # noqa: B010

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from numpy.lib import format as npy
@@ -39,13 +39,14 @@ def load_json(path: str) -> dict:
         raise ValueError(f"unreadable checkpoint manifest {where!r}: {exc}") from None
 
 
-def _field(where: str, entry: Any, key: str, kind, what: str) -> Any:
+def _field(where: str, entry: Any, key: str, kind: Union[type, tuple[type, ...]], what: str
+           ) -> Any:
     """``entry[key]`` if ``entry`` is a dict holding a ``kind``, else a ValueError naming the
     field, its value and ``what`` was expected."""
     if not isinstance(entry, dict) or key not in entry:
         raise ValueError(f"{where}: field {key!r} is missing: expected {what}")
     value = entry[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"{where}: field {key!r} is {value!r}: expected {what}")
     return value
 

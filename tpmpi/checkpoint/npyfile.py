@@ -12,6 +12,7 @@ import numpy as np
 from mpi4py import MPI
 from numpy.lib import format as npy
 
+from ..core.arrays import DTypeLike
 from ..core.backend import backend_of
 from ..core.comm import _subarray, allreduce, mpi_type
 from .params import Param
@@ -22,7 +23,7 @@ CHUNK_BYTES = 1 << 20
 CHECKSUM = "crc32 of per-chunk crc32 (little-endian uint32)"
 
 
-def file_dtype(dtype) -> np.dtype:
+def file_dtype(dtype: DTypeLike) -> np.dtype:
     """The .npy dtype a parameter of ``dtype`` is stored as: itself, or ``<u2`` (its bit
     pattern) for bfloat16."""
     dt = np.dtype(dtype)
@@ -73,7 +74,8 @@ def write_param(p: Param, filename: str) -> int:
     return len(header)
 
 
-def read_param(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into) -> None:
+def read_param(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into: np.ndarray
+               ) -> None:
     """Read this rank's block of ``p`` from the file (``Read_all`` through a view) as ``dtype``
     into the host array ``into``. Collective over ``p.grid.comm``."""
     fh = MPI.File.Open(p.grid.comm, filename, MPI.MODE_RDONLY)
@@ -83,7 +85,7 @@ def read_param(p: Param, filename: str, header_bytes: int, dtype: np.dtype, into
         fh.Close()
 
 
-def checksum(comm: MPI.Comm, filename: str, offset: int, nbytes: int,
+def checksum(comm: MPI.Intracomm, filename: str, offset: int, nbytes: int,
              chunk_bytes: int = CHUNK_BYTES) -> int:
     """Grid-independent checksum of bytes ``[offset, offset + nbytes)`` of ``filename`` (see the
     module docstring). Rank q reads chunks q, q+P, ...; one Allreduce. Collective."""
@@ -95,7 +97,7 @@ def checksum(comm: MPI.Comm, filename: str, offset: int, nbytes: int,
         for i in range(comm.Get_rank(), nchunks, comm.Get_size()):
             piece = buf[:min(chunk_bytes, nbytes - i * chunk_bytes)]
             fh.Read_at(offset + i * chunk_bytes, piece)
-            crcs[i] = zlib.crc32(piece)
+            crcs[i] = zlib.crc32(piece.data)
     finally:
         fh.Close()
     allreduce(crcs, comm)

@@ -33,7 +33,7 @@ class Param:
                                     self.layout) == mine for q in range(self.grid.rank))
 
 
-def layers_of(obj) -> list[tuple[str, ParallelLinear]]:
+def layers_of(obj: Any) -> list[tuple[str, ParallelLinear]]:
     """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
     ValueError unless every one is a ParallelLinear."""
     found = named_layers(obj)
@@ -44,7 +44,7 @@ def layers_of(obj) -> list[tuple[str, ParallelLinear]]:
     return found
 
 
-def identities(obj) -> Text:
+def identities(obj: Any) -> Text:
     """The identities of the layers of ``obj`` (``"layer #0 (...)"``, ``"fc1=layer #0 (...),
     fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
     by load into=)."""
@@ -52,7 +52,7 @@ def identities(obj) -> Text:
                           for prefix, layer in layers_of(obj)))
 
 
-def parameters(obj) -> list[Param]:
+def parameters(obj: Any) -> list[Param]:
     """Every distributed parameter of a layer or composite, named ``weight``, ``fc1.bias``..."""
     out = []
     for prefix, layer in layers_of(obj):

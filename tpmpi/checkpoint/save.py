@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .._version import __version__
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks, agree_on_root
@@ -130,14 +130,17 @@ class _Save:
         self.lock.release()
 
 
-def save_checkpoint(path: str, layer) -> None:
+def save_checkpoint(path: Union[str, os.PathLike[str]], layer: Any) -> None:
     """Write ``layer`` (a ParallelLinear or a composite of them) to the directory ``path`` as
     one ``.npy`` per parameter plus ``manifest.json``, committed as a whole by one rename (see
     the module docstring); a concurrent save to the same path is refused. Collective over the
     layer's grid (argument agreement, MPI-IO ``Write_all``, checksum Allreduces, broadcasts)."""
     params = parameters(layer)
     comm = params[0].grid.comm
-    path = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+    try:
+        path = os.path.abspath(os.fspath(path))
+    except TypeError:
+        pass  # reported by local_checks
 
     def local_checks() -> None:
         if not isinstance(path, str):
@@ -149,6 +152,7 @@ def save_checkpoint(path: str, layer) -> None:
                  layer=Same(identities(layer), "every rank must save the same layer object"),
                  parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
+    assert isinstance(path, str)  # else local_checks raised on every rank
     save = _Save(path) if comm.Get_rank() == 0 else None
     version = agree_on_root(comm, save.prepare if save else None)
     _step("prepared")

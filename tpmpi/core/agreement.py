@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -69,9 +69,9 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
-def _groups(pairs) -> "OrderedDict[Any, list[int]]":
+def _groups(pairs: Iterable[tuple[int, Any]]) -> OrderedDict[Any, list[int]]:
     """``value -> ranks`` in order of first appearance, from ``(rank, value)`` pairs."""
-    out: "OrderedDict[Any, list[int]]" = OrderedDict()
+    out: OrderedDict[Any, list[int]] = OrderedDict()
     for rank, value in pairs:
         out.setdefault(value, []).append(rank)
     return out
@@ -93,8 +93,9 @@ def _mismatch(infos: list) -> str:
         detail = " and ".join(f"{v} on {_ranks(r)}" for v, r in seen.items())
         return f"{key} differs across ranks: {detail}; {must}"
 
-    if "call" in keys and differs("call"):
-        return differs("call")
+    call = differs("call") if "call" in keys else None
+    if call:
+        return call
     errors = _groups((r, err) for r, (err, _) in enumerate(infos) if err)
     if errors:
         return "; ".join(f"{msg} ({_ranks(r)})" if len(errors) > 1 or len(r) < len(infos)
@@ -141,7 +142,7 @@ def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
         local_checks()
     except (ValueError, TypeError) as exc:
         error = str(exc)
-    except Exception as exc:  # e.g. AttributeError from a non-array argument on one rank
+    except Exception as exc:  # noqa: BLE001 - e.g. AttributeError from a non-array argument
         error = f"{type(exc).__name__}: {exc}"
     agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
 
@@ -152,13 +153,14 @@ overrides). Every rank must use the same value: :func:`agree_checks` agrees on i
 
 
 
-def agree_on_root(comm: MPI.Comm, task: Callable[[], Any]) -> Any:
+def agree_on_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:
     """Run ``task()`` on rank 0 (other ranks pass anything, e.g. None) and broadcast its result,
     or raise its error on every rank (any exception: nothing escapes on rank 0 alone).
     Collective (one bcast)."""
     result, error = None, None
     if comm.Get_rank() == 0:
         try:
+            assert task is not None, "rank 0 runs the task"
             result = task()
         except Exception as exc:  # noqa: BLE001 - reported on every rank
             error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"

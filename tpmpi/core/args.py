@@ -3,7 +3,16 @@ outcome is :func:`tpmpi.core.agreement.agree_checks`)."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
+
+from .arrays import DTypeLike
+
+
+@overload
+def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: Literal[False] = False
+              ) -> int: ...
+@overload
+def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool) -> Optional[int]: ...
 
 
 def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool = False
@@ -20,7 +29,7 @@ def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool = Fal
     return int(value)
 
 
-def dtype_label(dtype) -> str:
+def dtype_label(dtype: DTypeLike) -> str:
     """A dtype's name, with its byte order when that is not the machine's (``">f4 (big-endian
     float32)"``), so that a message never reads "float32: expected float32"."""
     import numpy as np

@@ -36,6 +36,7 @@ from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
 from .args import check_int
+from .arrays import Array, DTypeLike
 
 BACKENDS = ("auto", "numpy", "cupy")
 
@@ -51,14 +52,14 @@ class Backend:
 
     is_gpu = False
 
-    def __init__(self, name: str, xp: Any, device: Optional[int] = None):
+    def __init__(self, name: str, xp: Any, device: Optional[int] = None) -> None:
         self.name = name
         self.xp = xp
         self.device = device
         self.gpu_aware = False
-        self._views: dict[bool, "Backend"] = {}
+        self._views: dict[bool, Backend] = {}
 
-    def with_gpu_aware(self, gpu_aware: bool) -> "Backend":
+    def with_gpu_aware(self, gpu_aware: bool) -> Backend:
         """This backend (same arrays, device and caches) with ``gpu_aware`` set: itself when it
         already has that value, else one shallow copy kept for reuse."""
         if self.gpu_aware == gpu_aware:
@@ -72,22 +73,22 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, device={self.device}, gpu_aware={self.gpu_aware})"
 
-    def asarray(self, a, dtype=None):
+    def asarray(self, a: Any, dtype: Optional[DTypeLike] = None) -> Array:
         """``a`` as this backend's array (copies host<->device when needed)."""
         return self.xp.asarray(a, dtype=dtype)
 
-    def to_host(self, a) -> np.ndarray:
+    def to_host(self, a: Array) -> np.ndarray:
         """A NumPy view/copy of ``a``."""
         return np.asarray(a)
 
-    def owns(self, a) -> bool:
+    def owns(self, a: object) -> bool:
         """True when ``a`` is an array of this backend."""
         return isinstance(a, self.xp.ndarray)
 
-    def check_dtype(self, dtype) -> None:
+    def check_dtype(self, dtype: DTypeLike) -> None:
         """Raise ValueError when this backend cannot hold and multiply ``dtype``."""
 
-    def operand(self, a):
+    def operand(self, a: Array) -> Array:
         """``a`` ready to be a GEMM operand in several products: itself here (the BLAS reads
         strided rows, e.g. a column block ``x[:, j0:j1]``, in place)."""
         return a
@@ -105,27 +106,27 @@ class Backend:
         return None
 
     # ---- host staging of device buffers (used by tpmpi.core.comm.Staging)
-    def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
+    def pinned_empty(self, shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
         """An uninitialised host array that device copies can use at full speed (page-locked)."""
         return np.empty(shape, dtype=dtype)
 
-    def copy_to_host(self, a, out: np.ndarray) -> None:
+    def copy_to_host(self, a: Array, out: np.ndarray) -> None:
         """Copy this backend's array ``a`` into the host array ``out`` (same shape); returns
         when the copy is complete."""
         np.copyto(out, a)
 
-    def copy_from_host(self, host: np.ndarray, a) -> None:
+    def copy_from_host(self, host: np.ndarray, a: Array) -> None:
         """Copy the host array ``host`` into this backend's array ``a`` (same shape)."""
         np.copyto(a, host)
 
-    def copy_to_host_async(self, a, out: np.ndarray) -> Any:
+    def copy_to_host_async(self, a: Array, out: np.ndarray) -> Any:
         """Start copying the contiguous ``a`` into the pinned host array ``out``, after the work
         already queued on the current stream; returns a fence for :meth:`wait_copy`. Here (host
         memory) the copy is done on return and the fence is None."""
         self.copy_to_host(a, out)
         return None
 
-    def copy_from_host_async(self, host: np.ndarray, a) -> Any:
+    def copy_from_host_async(self, host: np.ndarray, a: Array) -> Any:
         """Start copying the pinned ``host`` into the contiguous ``a``; work queued later on the
         current stream sees the data. Returns a fence: ``host`` may be reused after
         :meth:`wait_copy`. Here the copy is done on return."""
@@ -161,15 +162,15 @@ class CupyBackend(Backend):
 
     is_gpu = True
 
-    def __init__(self, xp: Any, device: int):
+    def __init__(self, xp: Any, device: int) -> None:
         super().__init__("cupy", xp, device)
         self._dtypes: dict[str, Optional[str]] = {}
-        self._side = None  # the staging copies' stream (see _copy_stream)
+        self._side: Any = None  # the staging copies' cupy.cuda.Stream (see _copy_stream)
 
-    def to_host(self, a) -> np.ndarray:
+    def to_host(self, a: Array) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
 
-    def check_dtype(self, dtype) -> None:
+    def check_dtype(self, dtype: DTypeLike) -> None:
         """bfloat16 needs a CuPy that supports it (CuPy >= 14 with ml_dtypes); probed once by a
         tiny matmul, so the error names the cause instead of failing deep inside a kernel."""
         name = np.dtype(dtype).name
@@ -178,14 +179,14 @@ class CupyBackend(Backend):
                 a = self.xp.ones((2, 2), dtype=dtype)
                 self.xp.matmul(a, a)
                 self._dtypes[name] = None
-            except Exception as exc:  # TypeError/ValueError/NotImplementedError/compile errors
+            except Exception as exc:  # noqa: BLE001 - Type/Value/NotImplementedError, compile errors
                 self._dtypes[name] = (f"dtype={name!r} is not supported by CuPy "
                                       f"{self.xp.__version__} on this device ({exc}); bfloat16 "
                                       "needs CuPy >= 14 with ml_dtypes installed")
         if self._dtypes[name]:
             raise ValueError(self._dtypes[name])
 
-    def operand(self, a):
+    def operand(self, a: Array) -> Array:
         """A C-contiguous copy of a strided ``a`` (CuPy hands cuBLAS only C- or F-contiguous
         operands and would copy ``a`` again for each product; transposes of contiguous
         arrays are F-contiguous and pass as they are)."""
@@ -204,32 +205,32 @@ class CupyBackend(Backend):
     def device_key(self) -> Optional[str]:
         return str(self.xp.cuda.runtime.deviceGetPCIBusId(self.device))
 
-    def pinned_empty(self, shape: tuple, dtype) -> np.ndarray:
+    def pinned_empty(self, shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
         import cupyx
 
         return cupyx.empty_pinned(shape, dtype=dtype)
 
-    def copy_to_host(self, a, out: np.ndarray) -> None:
+    def copy_to_host(self, a: Array, out: np.ndarray) -> None:
         a.get(out=out)  # blocking=True (default): done on return
 
-    def copy_from_host(self, host: np.ndarray, a) -> None:
+    def copy_from_host(self, host: np.ndarray, a: Array) -> None:
         # Stream-ordered; the next stream sync (every Staging call starts with one) completes
         # it before ``host`` is reused.
         a.set(host)
 
-    def _copy_stream(self):
+    def _copy_stream(self) -> Any:
         """The side stream of the asynchronous staging copies (created at first use)."""
         if self._side is None:
             self._side = self.xp.cuda.Stream(non_blocking=True)
         return self._side
 
-    def copy_to_host_async(self, a, out: np.ndarray) -> Any:
+    def copy_to_host_async(self, a: Array, out: np.ndarray) -> Any:
         side = self._copy_stream()
         side.wait_event(self.xp.cuda.get_current_stream().record())
         a.get(stream=side, out=out, blocking=False)
         return side.record()
 
-    def copy_from_host_async(self, host: np.ndarray, a) -> Any:
+    def copy_from_host_async(self, host: np.ndarray, a: Array) -> Any:
         side = self._copy_stream()
         side.wait_event(self.xp.cuda.get_current_stream().record())  # earlier readers of a
         a.set(host, stream=side)
@@ -287,7 +288,7 @@ def cupy_usable() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+    except Exception:  # noqa: BLE001 - ImportError, CUDARuntimeError without a driver, ...
         return False
 
 
@@ -326,7 +327,7 @@ def process_backend(name: str) -> Backend:
     return _CACHE[name]
 
 
-def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
+def get_backend(name: str | Backend = "auto", comm: Optional[MPI.Comm] = None) -> Backend:
     """The backend for ``name`` (``"auto"``, ``"numpy"``, ``"cupy"`` or a :class:`Backend`).
 
     Without ``comm``: this process's backend (:func:`resolve_backend`, :func:`process_backend`);
@@ -344,12 +345,14 @@ def get_backend(name: "str | Backend" = "auto", comm: Optional[MPI.Comm] = None)
             raise
         error = str(exc)
     if comm is None:
+        assert backend is not None  # else resolve_backend raised
         return backend
     agree(comm, error, backend=None if backend is None else backend.name)
+    assert backend is not None  # else agree raised on every rank
     return backend.with_gpu_aware(device_facts(comm, backend).gpu_aware)
 
 
-def backend_of(a) -> Backend:
+def backend_of(a: object) -> Backend:
     """The backend whose arrays ``a`` is (NumPy for anything that is not a CuPy array)."""
     if type(a).__module__.split(".")[0] == "cupy":
         return get_backend("cupy")
@@ -417,7 +420,7 @@ def _comm_cache(comm: MPI.Comm) -> dict:
     if not _KEYVAL:
         _KEYVAL.append(MPI.Comm.Create_keyval())
     cache = comm.Get_attr(_KEYVAL[0])
-    if cache is None:
+    if not isinstance(cache, dict):  # None: not set on this communicator yet
         cache = {}
         comm.Set_attr(_KEYVAL[0], cache)
     return cache

@@ -1,7 +1,7 @@
 """One row per collective: every fact tpmpi uses to measure or model it, in one place (the idea
 of nccl-tests' ``struct testColl``). :mod:`tpmpi.studies.timing` reads the bus factors,
-:mod:`tpmpi.studies.costmodel` the cost formulas and staged bytes, :mod:`tpmpi.studies.collbench` the
-benchmark bodies.
+:mod:`tpmpi.studies.costmodel` the cost formulas and staged bytes, :mod:`tpmpi.studies.collbench`
+the benchmark bodies.
 
 ``S`` (``nbytes``) is the nccl-tests size of an operation: the gathered array (allgather), each
 rank's input (reduce_scatter), the reduced array (allreduce, reduce), the broadcast buffer

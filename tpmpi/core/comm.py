@@ -39,18 +39,20 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from mpi4py import MPI
 
 from .agreement import max_message_bytes
+from .arrays import Array, DTypeLike
 from .backend import backend_of
 from .partition import block_sizes, displacements
 from .staging import Piece, Staging
 
-__all__ = ["polite_barrier", "Staging", "chunks",
-           "Requests", "Chain", "wait_all", "mpi_type", "reduction_dtype", "allgather_blocks",
+__all__ = ["polite_barrier", "Staging", "chunks", "Requests", "Chain", "Request",
+           "wait_all", "mpi_type", "reduction_dtype", "allgather_blocks",
            "iallgather_blocks", "alltoallw_args", "allreduce", "iallreduce", "ibcast", "ireduce",
            "ireduce_scatter", "reduce_scatter"]
 
@@ -77,7 +79,7 @@ def chunks(n: int, item_bytes: int, limit: Optional[int] = None) -> list[slice]:
 class Requests:
     """The requests of a chunked non-blocking collective, completed together."""
 
-    def __init__(self, requests: Sequence[Any]):
+    def __init__(self, requests: Sequence[Any]) -> None:
         self.requests = list(requests)
 
     def Wait(self) -> None:  # noqa: N802 (mpi4py's spelling)
@@ -91,7 +93,7 @@ class Chain:
     chains that share a communicator in the same order, as MPI requires of the calls they
     post."""
 
-    def __init__(self, steps: Iterator[list]):
+    def __init__(self, steps: Iterator[list]) -> None:
         self._steps = steps
         self._pending: Optional[list] = next(steps, None)
 
@@ -101,7 +103,11 @@ class Chain:
             self._pending = next(self._steps, None)
 
 
-def wait_all(requests: Sequence[Any]) -> None:
+Request = Union[MPI.Request, Requests, Chain]
+"""What a non-blocking collective of this module returns; ``Wait()`` completes it."""
+
+
+def wait_all(requests: Sequence[Request]) -> None:
     """Wait for every request of a list that may mix MPI requests, :class:`Requests` and
     :class:`Chain` s (``MPI.Request.Waitall`` takes MPI requests only)."""
     plain = [r for r in requests if isinstance(r, MPI.Request)]
@@ -111,7 +117,7 @@ def wait_all(requests: Sequence[Any]) -> None:
             r.Wait()
 
 
-def _group(requests: list) -> Any:
+def _group(requests: list[MPI.Request]) -> Request:
     return requests[0] if len(requests) == 1 else Requests(requests)
 
 
@@ -126,7 +132,7 @@ def _finish(steps: Iterator[list]) -> None:
 HALF = ("float16", "bfloat16")
 
 
-def mpi_type(dtype) -> MPI.Datatype:
+def mpi_type(dtype: DTypeLike) -> MPI.Datatype:
     """The predefined MPI datatype that moves ``dtype``: float16 and bfloat16 as 2-byte words
     (``MPI_UINT16_T``, so the library needs no half-precision type); other dtypes as MPI's own
     type (``MPI_FLOAT``...), or the unsigned integer of their size. Never freed by callers."""
@@ -139,24 +145,25 @@ def mpi_type(dtype) -> MPI.Datatype:
         return MPI.Datatype.fromcode(np.dtype(f"u{dt.itemsize}").char)
 
 
-def reduction_dtype(dtype) -> np.dtype:
+def reduction_dtype(dtype: DTypeLike) -> np.dtype:
     """The dtype in which tpmpi sums ``dtype``: float32 for float16 and bfloat16 (one rounding
     at the end), the dtype itself otherwise."""
     dt = np.dtype(dtype)
     return np.dtype(np.float32) if dt.name in HALF else dt
 
 
-def _words(a):
+def _words(a: Array) -> Array:
     """``a`` as MPI sees it: a uint16 view for the 2-byte floats (mpi4py cannot export
     bfloat16, and the words match :func:`mpi_type`), ``a`` itself otherwise."""
     return a.view(np.uint16) if a.dtype.name in HALF else a
 
 
-_TYPE_CACHE: "OrderedDict[tuple, MPI.Datatype]" = OrderedDict()
+_TYPE_CACHE: OrderedDict[tuple, MPI.Datatype] = OrderedDict()
 _TYPE_CACHE_SIZE = 256
 
 
-def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Datatype:
+def _subarray(dtype: DTypeLike, global_shape: tuple, starts: tuple, shape: tuple
+              ) -> MPI.Datatype:
     """Committed subarray type of block ``shape`` at ``starts`` in C-ordered ``global_shape``;
     cached (types depend only on these numbers, not on a communicator)."""
     key = (np.dtype(dtype).name, global_shape, starts, shape)
@@ -171,12 +178,13 @@ def _subarray(dtype, global_shape: tuple, starts: tuple, shape: tuple) -> MPI.Da
     return dt
 
 
-def _new_subarray(dtype, global_shape, starts, shape) -> MPI.Datatype:
+def _new_subarray(dtype: DTypeLike, global_shape: Sequence[int], starts: Sequence[int],
+                  shape: Sequence[int]) -> MPI.Datatype:
     return mpi_type(dtype).Create_subarray(list(global_shape), list(shape), list(starts),
                                            order=MPI.ORDER_C).Commit()
 
 
-_PLAIN_KEYVAL: list = []
+_PLAIN_KEYVAL: list[int] = []
 
 
 def _plain(comm: MPI.Comm) -> MPI.Comm:
@@ -189,7 +197,7 @@ def _plain(comm: MPI.Comm) -> MPI.Comm:
         _PLAIN_KEYVAL.append(MPI.Comm.Create_keyval(
             delete_fn=lambda _comm, _key, plain: plain.Free()))
     plain = comm.Get_attr(_PLAIN_KEYVAL[0])
-    if plain is None:
+    if not isinstance(plain, MPI.Comm):  # None: not created yet
         plain = comm.Split(0, comm.Get_rank())
         comm.Set_attr(_PLAIN_KEYVAL[0], plain)
     return plain
@@ -197,7 +205,7 @@ def _plain(comm: MPI.Comm) -> MPI.Comm:
 
 # --------------------------------------------------------------------------- gathers
 
-Block = tuple  # (starts, shape) of one rank's block in the global array
+Block = tuple[Sequence[int], Sequence[int]]  # (starts, shape) of one rank's block
 
 
 def _gather_pieces(shape: tuple, itemsize: int, size: int, limit: int
@@ -224,7 +232,7 @@ def _row_window(blocks: Sequence[Block], rank: int, r0: int, r1: int
                 ) -> tuple[slice, list[Block]]:
     """Rows ``r0:r1`` of the global array: this rank's local rows in that window and every
     block clipped to it, with starts relative to row ``r0``."""
-    clipped = []
+    clipped: list[Block] = []
     for starts, shape in blocks:
         first = min(max(r0, starts[0]), r1)
         stop = max(first, min(r1, starts[0] + shape[0]))
@@ -245,12 +253,12 @@ def _clip_cols(block: Block, cols: Optional[tuple[int, int]]) -> tuple[Block, in
     return ((*starts[:-1], first), (*shape[:-1], stop - first)), first - starts[-1]
 
 
-_PLAN_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+_PLAN_CACHE: OrderedDict[tuple, list] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
 
-def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: Sequence[Block], rank: int,
-          cols: Optional[tuple[int, int]]) -> tuple:
+def _spec(dtype: DTypeLike, out_shape: tuple, local_shape: tuple, blocks: Sequence[Block],
+          rank: int, cols: Optional[tuple[int, int]]) -> tuple:
     """Counts, zero displacements and types of one Alltoallw call (new types, owned by the
     plan that holds them); zero counts carry a valid predefined type."""
     base, size = mpi_type(dtype), len(blocks)
@@ -272,7 +280,7 @@ def _spec(dtype, out_shape: tuple, local_shape: tuple, blocks: Sequence[Block], 
     return [scount] * size, [0] * size, [stype] * size, rcounts, [0] * size, rtypes
 
 
-def _plan(local, out, blocks: tuple, rank: int, limit: int) -> list:
+def _plan(local: Array, out: Array, blocks: tuple, rank: int, limit: int) -> list:
     """``(local rows, out rows, spec)`` of each Alltoallw of a gather, cached per gather shape
     (a repeated forward costs one dict lookup). Entries own their datatypes (freed on
     eviction)."""
@@ -296,7 +304,7 @@ def _plan(local, out, blocks: tuple, rank: int, limit: int) -> list:
     return plan
 
 
-def alltoallw_args(local, out, blocks: Sequence[Block], rank: int,
+def alltoallw_args(local: Array, out: Array, blocks: Sequence[Block], rank: int,
                    limit: Optional[int] = None) -> list[tuple[list, list]]:
     """``(send, recv)`` buffer specifications of each ``Alltoallw`` of a gather of C-contiguous
     ``local`` (this rank's block) into C-ordered ``out`` (see :func:`allgather_blocks`), split
@@ -314,7 +322,7 @@ def alltoallw_args(local, out, blocks: Sequence[Block], rank: int,
             for rows, orows, (sc, sd, st, rc, rd, rt) in plan]
 
 
-def _check_gather_args(local, out, blocks, rank: int) -> None:
+def _check_gather_args(local: Array, out: Array, blocks: Sequence[Block], rank: int) -> None:
     if tuple(local.shape) != tuple(blocks[rank][1]):
         raise ValueError(f"local block shape {tuple(local.shape)} != expected "
                          f"{tuple(blocks[rank][1])} for rank {rank}")
@@ -322,7 +330,7 @@ def _check_gather_args(local, out, blocks, rank: int) -> None:
         raise ValueError(f"local dtype {local.dtype} != output dtype {out.dtype}")
 
 
-def _own_block(local, out, blocks, rank: int) -> None:
+def _own_block(local: Array, out: Array, blocks: Sequence[Block], rank: int) -> None:
     """One rank: the block is copied into its place of ``out`` (no MPI, no host copy)."""
     starts, shape = blocks[rank]
     if out.ndim:
@@ -331,8 +339,8 @@ def _own_block(local, out, blocks, rank: int) -> None:
         out[...] = local
 
 
-def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
-                     staging: Optional[Staging] = None):
+def allgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MPI.Comm,
+                     staging: Optional[Staging] = None) -> Array:
     """Every rank's C-contiguous block into its place of ``out`` (C-ordered, global shape) on
     every rank: ``Alltoallw`` with subarray receive types, one call when it fits the message
     limit. Staged device buffers go in double-buffered row chunks: this rank's rows down, the
@@ -357,7 +365,7 @@ def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
         rows, clipped = _row_window(blocks, rank, r0, r1)
         lv, ov = local[rows], out[r0:r1]
 
-        def call(host, clipped=clipped) -> None:
+        def call(host: list[np.ndarray], clipped: list[Block] = clipped) -> None:
             for send, recv in alltoallw_args(host[0], host[1], clipped, rank):
                 comm.Alltoallw(send, recv)
 
@@ -367,7 +375,8 @@ def allgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm,
     return out
 
 
-def iallgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm) -> Any:
+def iallgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MPI.Comm
+                      ) -> Request:
     """Non-blocking :func:`allgather_blocks` (``Ialltoallw`` per call) on host or GPU-aware
     buffers; ``local`` and ``out`` must stay alive and untouched until ``Wait()`` returns."""
     rank = comm.Get_rank()
@@ -383,24 +392,24 @@ def iallgather_blocks(local, out, blocks: Sequence[Block], comm: MPI.Comm) -> An
 # --------------------------------------------------------------------------- reductions
 
 
-def _flat(a):
+def _flat(a: Array) -> Array:
     """A 1D view of C-contiguous ``a`` (a reshape copy would lose the in-place result)."""
     if not a.flags.c_contiguous:
         raise ValueError("in-place reductions need a C-contiguous buffer")
     return a.reshape(-1)
 
 
-def _native(a, staging: Optional[Staging]) -> bool:
+def _native(a: Array, staging: Optional[Staging]) -> bool:
     """MPI reduces ``a`` itself: host or GPU-aware buffers of a dtype MPI sums exactly as
     tpmpi would (not the 2-byte floats)."""
     return a.dtype.name not in HALF and (staging is None or staging.direct())
 
 
-def _sync(a, staging: Optional[Staging]) -> Callable[[], None]:
+def _sync(a: Array, staging: Optional[Staging]) -> Callable[[], None]:
     return (staging.backend if staging is not None else backend_of(a)).synchronize
 
 
-def _sum_rows(rows, dest) -> None:
+def _sum_rows(rows: Array, dest: Array) -> None:
     """``dest = rows[0] + rows[1] + ...`` accumulated in :func:`reduction_dtype` in rank order
     and rounded once; ``rows`` and ``dest`` on one backend (vectorised: NumPy or CuPy)."""
     if rows.shape[0] == 0 or dest.size == 0:
@@ -411,32 +420,51 @@ def _sum_rows(rows, dest) -> None:
     dest[...] = acc
 
 
-def _exchange(send, recv, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
+def _exchange(send: Array, recv: Array, counts: Sequence[int], comm: MPI.Comm, blocking: bool
+              ) -> Optional[MPI.Request]:
     """``Alltoallv`` of slices: ``counts[q]`` consecutive elements of ``send`` go to rank q;
     ``recv`` (P, counts[rank]) gets row p from rank p."""
     size, mine = comm.Get_size(), recv.shape[1]
     args = ([_words(send), list(counts), displacements(counts), mpi_type(send.dtype)],
             [_words(recv), [mine] * size, [q * mine for q in range(size)],
              mpi_type(recv.dtype)])
-    return comm.Alltoallv(*args) if blocking else comm.Ialltoallv(*args)
+    if blocking:
+        comm.Alltoallv(*args)
+        return None
+    return comm.Ialltoallv(*args)
 
 
-def _spread(part, counts: Sequence[int], comm: MPI.Comm, blocking: bool):
+def _spread(part: Array, counts: Sequence[int], comm: MPI.Comm, blocking: bool
+            ) -> Optional[MPI.Request]:
     """In-place ``Allgatherv``: rank q's ``counts[q]`` elements, already at their place of
     ``part``, reach every rank."""
     spec = [_words(part), list(counts), displacements(counts), mpi_type(part.dtype)]
-    return comm.Allgatherv(MPI.IN_PLACE, spec) if blocking else \
-        comm.Iallgatherv(MPI.IN_PLACE, spec)
+    if blocking:
+        comm.Allgatherv(MPI.IN_PLACE, spec)
+        return None
+    return comm.Iallgatherv(MPI.IN_PLACE, spec)
 
 
-def _collect(mine, out, counts: Sequence[int], root: int, comm: MPI.Comm, blocking: bool):
+def _collect(mine: Array, out: Array, counts: Sequence[int], root: int, comm: MPI.Comm,
+             blocking: bool) -> Optional[MPI.Request]:
     """``Gatherv`` of every rank's ``mine`` into ``out`` on ``root`` (in place there)."""
+    send: Any
+    recv: Any
     if comm.Get_rank() == root:
-        args = (MPI.IN_PLACE,
-                [_words(out), list(counts), displacements(counts), mpi_type(out.dtype)])
+        send = MPI.IN_PLACE
+        recv = [_words(out), list(counts), displacements(counts), mpi_type(out.dtype)]
     else:
-        args = ([_words(mine), mpi_type(mine.dtype)], None)
-    return comm.Gatherv(*args, root=root) if blocking else comm.Igatherv(*args, root=root)
+        send, recv = [_words(mine), mpi_type(mine.dtype)], None
+    if blocking:
+        comm.Gatherv(send, recv, root=root)
+        return None
+    return comm.Igatherv(send, recv, root=root)
+
+
+def _root_part(out: Optional[Array], c0: int, c1: int) -> Array:
+    """Elements ``c0:c1`` of the root's flat output of a reduce (the root always has one)."""
+    assert out is not None
+    return out[c0:c1]
 
 
 def _flat_chunks(n: int, elements: int) -> list[tuple[int, int]]:
@@ -450,8 +478,8 @@ def _balanced_step(item: int, size: int, limit: int) -> int:
     return size * max(1, limit // (size * item))
 
 
-def _exchange_steps(flat, comm: MPI.Comm, sync: Callable[[], None], *, root: Optional[int],
-                    out=None) -> Iterator[list]:
+def _exchange_steps(flat: Array, comm: MPI.Comm, sync: Callable[[], None], *,
+                    root: Optional[int], out: Optional[Array] = None) -> Iterator[list]:
     """Steps (see :class:`Chain`) of the sum of ``flat`` over ``comm`` by an exchange of slices
     on host or GPU-aware buffers: into ``flat`` on every rank (``root`` None: allreduce), or into
     ``out`` on ``root`` (reduce)."""
@@ -463,7 +491,7 @@ def _exchange_steps(flat, comm: MPI.Comm, sync: Callable[[], None], *, root: Opt
         o, mine = displacements(counts)[rank], counts[rank]
         rows = xp.empty((size, mine), dtype=flat.dtype)
         yield [_exchange(part, rows, counts, comm, False)]
-        dest = part if root is None else (out[c0:c1] if rank == root else
+        dest = part if root is None else (_root_part(out, c0, c1) if rank == root else
                                           xp.empty(c1 - c0, dtype=flat.dtype))
         _sum_rows(rows, dest[o:o + mine])
         sync()
@@ -473,8 +501,8 @@ def _exchange_steps(flat, comm: MPI.Comm, sync: Callable[[], None], *, root: Opt
             yield [_collect(dest[o:o + mine], dest, counts, root, comm, False)]
 
 
-def _scatter_steps(flat, out, counts: Sequence[int], comm: MPI.Comm, sync: Callable[[], None]
-                   ) -> Iterator[list]:
+def _scatter_steps(flat: Array, out: Array, counts: Sequence[int], comm: MPI.Comm,
+                   sync: Callable[[], None]) -> Iterator[list]:
     """Steps of a reduce-scatter by an exchange of slices: rank q sums the ``counts[q]``
     elements of its segment into ``out``."""
     xp, size, rank = backend_of(flat).xp, comm.Get_size(), comm.Get_rank()
@@ -490,7 +518,7 @@ def _scatter_steps(flat, out, counts: Sequence[int], comm: MPI.Comm, sync: Calla
         sync()
 
 
-def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
+def allreduce(a: Array, comm: MPI.Comm, staging: Optional[Staging] = None) -> Array:
     """In-place sum of C-contiguous ``a`` over ``comm``. Returns ``a``. float32/float64 on host
     or GPU-aware buffers: ``Allreduce`` per flat chunk; float16/bfloat16 and staged device
     buffers: exchange of slices, float32 (or the dtype's) sum, ``Allgatherv`` (see the module
@@ -508,7 +536,7 @@ def allreduce(a, comm: MPI.Comm, staging: Optional[Staging] = None):
     return a
 
 
-def iallreduce(a, comm: MPI.Comm) -> Any:
+def iallreduce(a: Array, comm: MPI.Comm) -> Request:
     """Non-blocking in-place sum of a C-contiguous host or GPU-aware buffer: ``Iallreduce`` per
     flat chunk, or for float16/bfloat16 a :class:`Chain` (the slice exchange is in flight now;
     the sum and the ``Iallgatherv`` follow inside ``Wait()``)."""
@@ -521,20 +549,22 @@ def iallreduce(a, comm: MPI.Comm) -> Any:
                    for part in chunks(flat.size, flat.itemsize)])
 
 
-def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> Any:
+def ireduce(a: Array, out: Optional[Array], root: int, comm: MPI.Comm,
+            staging: Optional[Staging] = None) -> Request:
     """Sum of C-contiguous ``a`` over ``comm`` into ``out`` on ``root`` (``out`` is ignored
     elsewhere and may be None there): ``Ireduce`` per flat chunk, or the exchange of slices
     followed by ``Gatherv`` (2-byte floats; a :class:`Chain`). Staged device buffers run it
     blocking and return a completed request."""
     rank = comm.Get_rank()
     if comm.Get_size() == 1:
+        assert out is not None  # the one rank is the root
         if out is not a:
             out[...] = a
         return MPI.REQUEST_NULL
     flat = _flat(a)
     out_flat = _flat(out) if rank == root else None
     if _native(a, staging):
-        return _group([comm.Ireduce(flat[part], out_flat[part] if rank == root else None,
+        return _group([comm.Ireduce(flat[part], out_flat[part] if out_flat is not None else None,
                                     op=MPI.SUM, root=root)
                        for part in chunks(flat.size, flat.itemsize)])
     if staging is not None and staging.staged:
@@ -543,8 +573,8 @@ def ireduce(a, out, root: int, comm: MPI.Comm, staging: Optional[Staging] = None
     return Chain(_exchange_steps(flat, comm, _sync(a, staging), root=root, out=out_flat))
 
 
-def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
-                    staging: Optional[Staging] = None) -> Any:
+def ireduce_scatter(a: Array, out: Array, counts: Sequence[int], comm: MPI.Comm,
+                    staging: Optional[Staging] = None) -> Request:
     """Sum ``a`` over ``comm`` and scatter it: rank ``q`` gets elements
     ``[sum(counts[:q]), sum(counts[:q+1]))`` of the flattened sum in ``out`` (uneven and
     zero-size blocks work): ``Ireduce_scatter`` per flat chunk of ``a``, or the exchange of
@@ -572,14 +602,14 @@ def ireduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
     return Chain(_scatter_steps(flat, out_flat, counts, comm, _sync(a, staging)))
 
 
-def reduce_scatter(a, out, counts: Sequence[int], comm: MPI.Comm,
-                   staging: Optional[Staging] = None):
+def reduce_scatter(a: Array, out: Array, counts: Sequence[int], comm: MPI.Comm,
+                   staging: Optional[Staging] = None) -> Array:
     """Blocking :func:`ireduce_scatter`. Returns ``out``."""
     ireduce_scatter(a, out, counts, comm, staging).Wait()
     return out
 
 
-def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> Any:
+def ibcast(a: Array, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> Request:
     """Broadcast the C-contiguous ``a`` from ``root`` in place: ``Ibcast`` per flat chunk.
     Staged device buffers run it blocking (chunks pipelined) and return a completed request."""
     if comm.Get_size() == 1:
@@ -603,8 +633,8 @@ def ibcast(a, root: int, comm: MPI.Comm, staging: Optional[Staging] = None) -> A
 # --------------------------------------------------------------------------- staged reductions
 
 
-def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int],
-                   out=None) -> None:
+def _staged_reduce(flat: Array, comm: MPI.Comm, staging: Staging, *, root: Optional[int],
+                   out: Optional[Array] = None) -> None:
     """Staged allreduce (``root`` None) or reduce of a device ``flat``: per chunk, this rank's
     chunk goes down, the exchange runs on the host, the P slices of this rank's part come back
     and are summed on the device; then this rank's summed part goes down, ``Allgatherv`` (or
@@ -619,14 +649,15 @@ def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int
     for c0, c1 in _flat_chunks(flat.size, step):
         counts = block_sizes(c1 - c0, size)
         o, mine, n = displacements(counts)[rank], counts[rank], c1 - c0
-        part = flat[c0:c1] if root is None else (out[c0:c1] if rank == root else
+        part = flat[c0:c1] if root is None else (_root_part(out, c0, c1) if rank == root else
                                                  xp.empty(n, dtype=dt))
         rows = rows_dev[:, :mine]
 
-        def exchange(host, counts=counts) -> None:
+        def exchange(host: list[np.ndarray], counts: list[int] = counts) -> None:
             _exchange(host[0], host[1], counts, comm, True)
 
-        def assemble(host, counts=counts, o=o, mine=mine) -> None:
+        def assemble(host: list[np.ndarray], counts: list[int] = counts, o: int = o,
+                     mine: int = mine) -> None:
             if root is None:
                 _spread(host[0], counts, comm, True)
             else:
@@ -634,8 +665,7 @@ def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int
 
         pieces.append(Piece(host=[((n,), dt), ((size, mine), dt)], call=exchange,
                             d2h=[(flat[c0:c1], 0, Ellipsis)], h2d=[(1, Ellipsis, rows)],
-                            kind="exchange",
-                            then=lambda rows=rows, d=part[o:o + mine]: _sum_rows(rows, d)))
+                            kind="exchange", then=partial(_sum_rows, rows, part[o:o + mine])))
         back = [(0, slice(0, o), part[:o]), (0, slice(o + mine, n), part[o + mine:])]
         pieces.append(Piece(host=[((n,), dt)], call=assemble,
                             d2h=[(part[o:o + mine], 0, slice(o, o + mine))],
@@ -643,7 +673,8 @@ def _staged_reduce(flat, comm: MPI.Comm, staging: Staging, *, root: Optional[int
     staging.pipeline(pieces)
 
 
-def _staged_scatter(flat, out, counts: Sequence[int], comm: MPI.Comm, staging: Staging) -> None:
+def _staged_scatter(flat: Array, out: Array, counts: Sequence[int], comm: MPI.Comm,
+                    staging: Staging) -> None:
     """Staged reduce-scatter of a device ``flat``: per chunk, the chunk goes down, the exchange
     runs on the host, the slices of this rank's segment come back and are summed on the device
     into ``out``."""
@@ -655,9 +686,12 @@ def _staged_scatter(flat, out, counts: Sequence[int], comm: MPI.Comm, staging: S
         seg = [max(0, min(c1, s + n) - max(c0, s)) for s, n in zip(starts, counts)]
         first = max(c0, starts[rank]) - starts[rank]
         rows = xp.empty((size, seg[rank]), dtype=dt)
+
+        def exchange(host: list[np.ndarray], seg: list[int] = seg) -> None:
+            _exchange(host[0], host[1], seg, comm, True)
+
         pieces.append(Piece(
-            host=[((c1 - c0,), dt), ((size, seg[rank]), dt)],
-            call=lambda host, seg=seg: _exchange(host[0], host[1], seg, comm, True),
+            host=[((c1 - c0,), dt), ((size, seg[rank]), dt)], call=exchange,
             d2h=[(flat[c0:c1], 0, Ellipsis)], h2d=[(1, Ellipsis, rows)], kind="exchange",
-            then=lambda rows=rows, d=out[first:first + seg[rank]]: _sum_rows(rows, d)))
+            then=partial(_sum_rows, rows, out[first:first + seg[rank]])))
     staging.pipeline(pieces)

@@ -29,7 +29,11 @@ also needs a CuPy that supports it (>= 14), checked at layer construction
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from .arrays import DTypeLike
 
 UNIT_ROUNDOFF: dict[str, float] = {
     "float64": 2.0**-53,
@@ -44,7 +48,7 @@ DEFAULT_K = 1024
 SUPPORTED = tuple(UNIT_ROUNDOFF)
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: DTypeLike) -> str:
     """Canonical name of a NumPy/CuPy dtype or dtype-like (``'float32'``...)."""
     try:
         return np.dtype(dtype).name
@@ -52,7 +56,8 @@ def dtype_name(dtype) -> str:
         return str(dtype)
 
 
-def resolve_dtype(dtype, *, argument: str = "dtype", supported=SUPPORTED) -> np.dtype:
+def resolve_dtype(dtype: DTypeLike, *, argument: str = "dtype",
+                  supported: Sequence[str] = SUPPORTED) -> np.dtype:
     """``np.dtype`` for a supported float type; ValueError naming the argument otherwise."""
     name = dtype_name(dtype)
     if name not in supported:
@@ -65,7 +70,7 @@ def resolve_dtype(dtype, *, argument: str = "dtype", supported=SUPPORTED) -> np.
     return np.dtype(name)
 
 
-def tolerance(dtype, k: int = DEFAULT_K) -> float:
+def tolerance(dtype: DTypeLike, k: int = DEFAULT_K) -> float:
     """Relative tolerance of ``--check`` for this dtype when the longest sum has ``k`` terms:
     ``8 u + 2 k u_acc`` (see the module docstring)."""
     name = dtype_name(dtype)

@@ -13,9 +13,11 @@ half-precision GEMM (cuBLAS accumulates in float32), and every other dtype goes 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from .arrays import Array
 
 HALF = ("float16", "bfloat16")
 WORKSPACE_BYTES = 32 * 2**20
@@ -23,7 +25,7 @@ WORKSPACE_BYTES = 32 * 2**20
 _MIN_PANEL = 256  # columns of a B panel: keeps the float32 GEMMs efficient
 
 
-def matmul(xp: Any, a, b, out=None):
+def matmul(xp: Any, a: Array, b: Array, out: Optional[Array] = None) -> Array:
     """``a @ b`` (M, K) x (K, N) -> (M, N) of ``a``'s dtype, into ``out`` when given. NumPy
     2-byte floats: float32 products rounded once (see the module docstring); otherwise
     ``xp.matmul``."""
@@ -57,7 +59,7 @@ def matmul(xp: Any, a, b, out=None):
     return out
 
 
-def column_sums(a):
+def column_sums(a: Array) -> Array:
     """Sums over axis 0 of a 2D array (NumPy or CuPy), accumulated in float32 for 2-byte
     floats and returned in ``a``'s dtype."""
     if a.dtype.name in HALF:

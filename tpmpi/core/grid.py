@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence, Union
+from typing import Sequence, Union, cast
 
 from mpi4py import MPI
 
@@ -20,6 +20,19 @@ def factorisations(size: int) -> list[tuple[int, int]]:
     return [(r, size // r) for r in range(1, size + 1) if size % r == 0]
 
 
+def _grid_shape(shape: Union[Sequence[int], str, None], size: int) -> tuple[int, int]:
+    """The ``(pr, pc)`` that ``shape`` asks for (default ``(1, size)``); ValueError (or
+    TypeError) unless it is two positive integers whose product is ``size``."""
+    if isinstance(shape, str):
+        shape = parse_shape(shape)
+    dims = (1, size) if shape is None else tuple(int(s) for s in shape)
+    if len(dims) != 2 or min(dims) < 1 or dims[0] * dims[1] != size:
+        valid = ", ".join(f"{r}x{c}" for r, c in factorisations(size))
+        raise ValueError(f"grid shape={dims}: pr*pc must equal the {size} ranks; "
+                         f"valid shapes: {valid}")
+    return dims[0], dims[1]
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     """``'2x3'`` -> ``(2, 3)``."""
     try:
@@ -29,8 +42,9 @@ def parse_shape(text: str) -> tuple[int, int]:
     return pr, pc
 
 
-def _check_comm(comm) -> None:
-    """ValueError (local, before any collective) unless ``comm`` is a live intracommunicator."""
+def _check_comm(comm: object) -> MPI.Intracomm:
+    """``comm`` when it is a live intracommunicator; ValueError (local, before any collective)
+    otherwise."""
     if not isinstance(comm, MPI.Comm):
         raise ValueError(f"comm is a {type(comm).__module__}.{type(comm).__name__}: expected an "
                          "mpi4py communicator (e.g. MPI.COMM_WORLD)")
@@ -40,6 +54,10 @@ def _check_comm(comm) -> None:
     if comm.Is_inter():
         raise ValueError("comm is an intercommunicator: expected an intracommunicator (e.g. "
                          "comm.Merge())")
+    if not isinstance(comm, MPI.Intracomm):
+        raise ValueError("comm is a plain MPI.Comm handle: expected an intracommunicator (e.g. "
+                         "MPI.COMM_WORLD, or MPI.Intracomm(comm))")
+    return comm
 
 
 class ProcessGrid:
@@ -61,30 +79,25 @@ class ProcessGrid:
     """
 
     def __init__(self, comm: MPI.Comm, shape: Union[Sequence[int], str, None] = None, *,
-                 blas_threads: Union[str, int, None] = None, node_aware: bool = False):
-        _check_comm(comm)
+                 blas_threads: Union[str, int, None] = None, node_aware: bool = False) -> None:
+        comm = _check_comm(comm)
         size = comm.Get_size()
-        error = None
+        error, dims = None, (1, size)
         try:
-            if isinstance(shape, str):
-                shape = parse_shape(shape)
-            shape = (1, size) if shape is None else tuple(int(s) for s in shape)
-            if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] != size:
-                valid = ", ".join(f"{r}x{c}" for r, c in factorisations(size))
-                raise ValueError(f"grid shape={shape}: pr*pc must equal the {size} ranks; "
-                                 f"valid shapes: {valid}")
+            dims = _grid_shape(shape, size)
         except (TypeError, ValueError) as exc:
             error = str(exc)
-        agree(comm, error, call=Text("ProcessGrid()"), shape=shape, node_aware=bool(node_aware),
+        agree(comm, error, call=Text("ProcessGrid()"), shape=dims, node_aware=bool(node_aware),
               blas_threads=Text("given" if blas_threads is not None else "not given"))
-        self.shape: tuple[int, int] = shape
+        self.shape: tuple[int, int] = dims
         base = comm
         if node_aware:
             local = _backend.node_comm(comm)
             leader = local.allreduce(comm.Get_rank(), op=MPI.MIN)
-            base = comm.Split(0, key=leader * size + local.Get_rank())
+            # an Intracomm's Split is one (mpi4py's stubs declare Comm.Split's Comm)
+            base = cast(MPI.Intracomm, comm.Split(0, key=leader * size + local.Get_rank()))
             local.Free()
-        self.comm: MPI.Cartcomm = base.Create_cart(list(shape), periods=[False, False],
+        self.comm: MPI.Cartcomm = base.Create_cart(list(dims), periods=[False, False],
                                                    reorder=False)
         if base is not comm:
             base.Free()
@@ -92,17 +105,19 @@ class ProcessGrid:
         self.col_comm: MPI.Cartcomm = self.comm.Sub([True, False])
         self.rank: int = self.comm.Get_rank()
         self.size: int = size
-        self.coords: tuple[int, int] = tuple(self.comm.Get_coords(self.rank))
+        row, col = self.comm.Get_coords(self.rank)
+        self.coords: tuple[int, int] = (row, col)
         if blas_threads is not None:
             warnings.warn("ProcessGrid(blas_threads=...) is deprecated: a grid leaves BLAS "
                           "alone; call tpmpi.configure_blas_threads(comm, threads)",
                           DeprecationWarning, stacklevel=2)
             _backend.configure_blas_threads(
                 self.comm, None if isinstance(blas_threads, str) and blas_threads == "auto"
-                else blas_threads)  # validated there, on every rank together
+                else blas_threads)  # type: ignore[arg-type]  # any other value: ValueError there
 
     def __repr__(self) -> str:
-        return f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, coords={self.coords})"
+        return (f"ProcessGrid({self.shape[0]}x{self.shape[1]}, rank={self.rank}, "
+                f"coords={self.coords})")
 
     @property
     def label(self) -> str:
@@ -120,10 +135,10 @@ class ProcessGrid:
         """True after :meth:`free`."""
         return self.comm == MPI.COMM_NULL
 
-    def __enter__(self) -> "ProcessGrid":
+    def __enter__(self) -> ProcessGrid:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.free()
 
 

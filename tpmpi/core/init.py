@@ -6,8 +6,8 @@ of ``(seed, stream, i*C + j)`` alone: NumPy's Philox4x64 counter-based generator
 of counter ``e // 4``. Any block is therefore generated alone, bit-identical to the same slice
 of the whole matrix, whatever the grid, and without materialising the rest.
 Values are ``uniform(-bound, bound)`` from the top 53 bits, computed in float64 and rounded
-once to ``dtype`` (row by row, so temporaries stay small); the default bound is ``1/sqrt(R)`` for a matrix (fan-in, as in
-``torch.nn.Linear``) and 1 for a vector.
+once to ``dtype`` (row by row, so temporaries stay small); the default bound is ``1/sqrt(R)``
+for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .arrays import Array, DTypeLike
 from .backend import Backend, get_backend
 from .dtypes import resolve_dtype
 
@@ -34,9 +35,10 @@ def _uniform(raw: np.ndarray, bound: float) -> np.ndarray:
     return (2.0 * u - 1.0) * bound
 
 
-def init_weight(shape: Sequence[int], seed: int, dtype="float32", rows: slice = slice(None),
-                cols: slice = slice(None), backend: "str | Backend | None" = None, *,
-                stream: int = 0, bound: Optional[float] = None):
+def init_weight(shape: Sequence[int], seed: int, dtype: DTypeLike = "float32",
+                rows: slice = slice(None), cols: slice = slice(None),
+                backend: str | Backend | None = None, *, stream: int = 0,
+                bound: Optional[float] = None) -> Array:
     """Block ``[rows, cols]`` of the global ``shape`` matrix defined by ``(seed, stream)``.
 
     ``shape`` is ``(R, C)`` or ``(C,)`` (then only ``cols`` applies). Returns an array of the

@@ -17,10 +17,11 @@ partial sums (a declaration only; arrays are stored, gathered and saved in the f
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 from .agreement import CALL_ORDER, Same, Text, agree_checks
 from .args import check_plain_array, dtype_label
+from .arrays import Array
 from .backend import backend_of
 from .comm import Staging, allgather_blocks
 from .grid import ProcessGrid
@@ -59,7 +60,7 @@ def _check_layout(layout: str, allowed: Sequence[str] = LAYOUTS) -> None:
         raise ValueError(f"layout={layout!r}: expected one of {', '.join(allowed)}")
 
 
-def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tuple[int, int],
+def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: Sequence[int],
                  layout: str) -> tuple[tuple[int, int], ...]:
     """``(start, stop)`` per axis of the block held at grid ``coords`` of a ``shape`` grid
     (:data:`PARTIAL`: the whole array, like "replicated")."""
@@ -85,7 +86,8 @@ def block_bounds(global_shape: Sequence[int], shape: tuple[int, int], coords: tu
 
 def local_slices(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[slice, ...]:
     """Slices of the global array that this rank holds in ``layout``."""
-    return tuple(slice(a, b) for a, b in block_bounds(global_shape, grid.shape, grid.coords, layout))
+    bounds = block_bounds(global_shape, grid.shape, grid.coords, layout)
+    return tuple(slice(a, b) for a, b in bounds)
 
 
 def local_shape(global_shape: Sequence[int], grid: ProcessGrid, layout: str) -> tuple[int, ...]:
@@ -104,14 +106,14 @@ def blocks(global_shape: Sequence[int], shape: tuple[int, int], layout: str) -> 
     return out
 
 
-def scatter(a_global, grid: ProcessGrid, layout: str):
+def scatter(a_global: Array, grid: ProcessGrid, layout: str) -> Array:
     """This rank's block of a replicated global array, C-contiguous. No communication."""
     _check_layout(layout)
     xp = backend_of(a_global).xp
     return xp.ascontiguousarray(a_global[local_slices(a_global.shape, grid, layout)])
 
 
-def check_movable(name: str, a) -> None:
+def check_movable(name: str, a: Any) -> None:
     """ValueError unless ``a`` is a plain array whose dtype MPI can move: bool, integer, float
     or complex (bfloat16 included) in this machine's byte order. An object array would send
     pointers (a segfault on the receiver)."""
@@ -127,15 +129,16 @@ def check_movable(name: str, a) -> None:
                          f"({name}.astype({name}.dtype.newbyteorder('=')))")
 
 
-def gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int]):
+def gather(a_local: Array, grid: ProcessGrid, layout: str, global_shape: Sequence[int]
+           ) -> Array:
     """The global array on every rank from each rank's block in ``layout``. Collective
     (``Alltoallw`` into subarray types, see :func:`tpmpi.core.comm.allgather_blocks`)."""
     return agreed_gather(a_local, grid, layout, global_shape,
                          Same(Text("tpmpi.gather()"), CALL_ORDER))
 
 
-def agreed_gather(a_local, grid: ProcessGrid, layout: str, global_shape: Sequence[int],
-                  call: Same):
+def agreed_gather(a_local: Array, grid: ProcessGrid, layout: str, global_shape: Sequence[int],
+                  call: Same) -> Array:
     """:func:`gather` whose agreement names ``call`` (e.g. a layer's gather_weight)."""
     def local_checks() -> None:
         _check_layout(layout)

@@ -51,12 +51,13 @@ collective starts. tests/test_mappings.py checks every pair with dot-product tes
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from mpi4py import MPI
 
 from .backend import backend_of
-from .comm import Staging, allgather_blocks, allreduce, iallgather_blocks, iallreduce, \
+from .arrays import Array
+from .comm import Request, Staging, allgather_blocks, allreduce, iallgather_blocks, iallreduce, \
     ireduce_scatter, reduce_scatter
 from .layout import PARTIAL, blocks
 from .partition import block_range
@@ -72,9 +73,9 @@ class Mapping:
     src: ClassVar[str]
     dst: ClassVar[str]
     allocates: ClassVar[bool] = False
-    adjoint_class: ClassVar[type]
+    adjoint_class: ClassVar[type[Mapping]]
 
-    def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None):
+    def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None) -> None:
         self.comm = comm
         self.staging = staging
 
@@ -82,25 +83,25 @@ class Mapping:
         return f"{type(self).__name__}(P={self.comm.Get_size()})"
 
     @property
-    def adjoint(self) -> "Mapping":
+    def adjoint(self) -> Mapping:
         """The adjoint operator (the backward of this one) on the same communicator."""
         return self.adjoint_class(self.comm, self.staging)
 
-    def out(self, x, size: Optional[int] = None):
+    def out(self, x: Array, size: Optional[int] = None) -> Array:
         """The result array of applying this operator to ``x`` (allocated, not yet filled, for
         the operators that communicate into a new array). ``size`` is the global length of the
         gathered axis (GatherRows: rows, GatherCols: columns)."""
         return x
 
-    def nbytes(self, x, out) -> int:
+    def nbytes(self, x: Array, out: Array) -> int:
         """The nccl-tests size ``S`` of the collective (0 when there is none)."""
         return 0
 
-    def forward(self, x, out):
+    def forward(self, x: Array, out: Array) -> Array:
         """Apply the operator, blocking; returns ``out``. Collective when ``op`` is set."""
         return out
 
-    def start(self, x, out) -> "MPI.Request":
+    def start(self, x: Array, out: Array) -> Request:
         """Non-blocking :meth:`forward`: ``out`` is final after ``Wait()`` on the returned
         request; ``x`` and ``out`` must stay untouched until then."""
         self.forward(x, out)
@@ -123,14 +124,14 @@ class AllReduce(Mapping):
     op = "allreduce"
     src, dst = PARTIAL, "replicated"
 
-    def nbytes(self, x, out) -> int:
+    def nbytes(self, x: Array, out: Array) -> int:
         return int(x.nbytes)
 
-    def forward(self, x, out):
+    def forward(self, x: Array, out: Array) -> Array:
         allreduce(out, self.comm, self.staging)
         return out
 
-    def start(self, x, out):
+    def start(self, x: Array, out: Array) -> Request:
         if self._direct():
             return iallreduce(out, self.comm)
         return super().start(x, out)
@@ -140,16 +141,16 @@ class _Collective(Mapping):
     """An operator whose result is a new array filled by one collective (``_run``), skipped
     when there is nothing to move (one rank: the result is ``x`` itself)."""
 
-    def _run(self, x, out, blocking: bool):  # pragma: no cover - abstract
+    def _run(self, x: Array, out: Array, blocking: bool) -> Any:  # pragma: no cover - abstract
         """Start (``blocking=False``: returns the request) or run the collective."""
         raise NotImplementedError
 
-    def forward(self, x, out):
+    def forward(self, x: Array, out: Array) -> Array:
         if out is not x:
             self._run(x, out, True)
         return out
 
-    def start(self, x, out):
+    def start(self, x: Array, out: Array) -> Request:
         if out is not x and self._direct():
             return self._run(x, out, False)
         return super().start(x, out)
@@ -163,14 +164,14 @@ class _Gather(_Collective):
     dst = "replicated"
     allocates = True
 
-    def blocks(self, out) -> list[tuple[tuple, tuple]]:
+    def blocks(self, out: Array) -> list[tuple[tuple, tuple]]:
         """``(starts, shape)`` of every rank's block of ``out`` in layout ``src``."""
         return blocks(out.shape, (1, self.comm.Get_size()), self.src)
 
-    def nbytes(self, x, out) -> int:
+    def nbytes(self, x: Array, out: Array) -> int:
         return int(out.nbytes)
 
-    def _run(self, x, out, blocking: bool):
+    def _run(self, x: Array, out: Array, blocking: bool) -> Any:
         if blocking:
             return allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
         return iallgather_blocks(x, out, self.blocks(out), self.comm)
@@ -181,7 +182,7 @@ class GatherRows(_Gather):
 
     src = "rows"
 
-    def out(self, x, size: Optional[int] = None):
+    def out(self, x: Array, size: Optional[int] = None) -> Array:
         if self.comm.Get_size() == 1:
             return x
         return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
@@ -194,16 +195,16 @@ class ReduceScatterRows(_Collective):
     src, dst = PARTIAL, "rows"
     allocates = True
 
-    def out(self, x, size: Optional[int] = None):
+    def out(self, x: Array, size: Optional[int] = None) -> Array:
         if self.comm.Get_size() == 1:
             return x
         a, b = block_range(x.shape[0], self.comm.Get_size(), self.comm.Get_rank())
         return backend_of(x).xp.empty((b - a,) + tuple(x.shape[1:]), dtype=x.dtype)
 
-    def nbytes(self, x, out) -> int:
+    def nbytes(self, x: Array, out: Array) -> int:
         return int(x.nbytes)
 
-    def _run(self, x, out, blocking: bool):
+    def _run(self, x: Array, out: Array, blocking: bool) -> Any:
         counts = [math.prod(shape) for _, shape in blocks(x.shape, (1, self.comm.Get_size()),
                                                           self.dst)]
         if blocking:
@@ -217,7 +218,7 @@ class GatherCols(_Gather):
 
     src = "cols"
 
-    def out(self, x, size: Optional[int] = None):
+    def out(self, x: Array, size: Optional[int] = None) -> Array:
         if self.comm.Get_size() == 1:
             return x
         return backend_of(x).xp.empty((x.shape[0], size), dtype=x.dtype)
@@ -228,7 +229,7 @@ class SplitCols(Mapping):
 
     src, dst = "replicated", "cols"
 
-    def out(self, x, size: Optional[int] = None):
+    def out(self, x: Array, size: Optional[int] = None) -> Array:
         a, b = block_range(x.shape[1], self.comm.Get_size(), self.comm.Get_rank())
         return x[:, a:b]
 
@@ -241,7 +242,7 @@ MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCol
 _BY_LAYOUTS = {(m.src, m.dst): m for m in MAPPINGS}
 
 
-def mapping_class(src: str, dst: str) -> Optional[type]:
+def mapping_class(src: str, dst: str) -> Optional[type[Mapping]]:
     """The operator class from layout ``src`` to ``dst``; None when an array keeps its blocks
     (``src == dst``, other than replicated: no operator). ValueError for a pair that no
     operator maps."""

@@ -98,7 +98,7 @@ class Mesh:
 
     def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, dp: int = 1, tp: TPSpec = None):
         size = comm.Get_size()
-        error, shape = None, None
+        error, shape = None, (1, size)
         try:
             dp = check_int("dp", dp, 1)
             shape = tp_shape(tp, size, dp)
@@ -132,13 +132,13 @@ class Mesh:
         return f"{self.dp}x({self.tp.label})"
 
     def __repr__(self) -> str:
-        return f"Mesh({self.label}, rank={self.rank}, dp_rank={self.dp_rank}, " \
-               f"tp_coords={self.tp.coords})"
+        return (f"Mesh({self.label}, rank={self.rank}, dp_rank={self.dp_rank}, "
+                f"tp_coords={self.tp.coords})")
 
     def _warn_if_spanning_nodes(self) -> None:
         """Rank 0 warns (once per process) when some TP group has ranks on several nodes.
         Collective: a node split and two small Allreduces."""
-        global _warned
+        global _warned  # noqa: PLW0603 - the warning is given once per process
         leader = node_leader(self.comm)
         both = np.array([leader, -leader], dtype=np.int64)
         self.tp.comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
@@ -158,9 +158,9 @@ class Mesh:
         if self.dp_comm != MPI.COMM_NULL:
             self.dp_comm.Free()
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.free()
 

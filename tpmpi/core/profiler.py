@@ -12,8 +12,8 @@ benchmark attaches a timed one (:meth:`tpmpi.layers.ParallelLinear.attach_profil
 synchronises the device stream at each region boundary so that GPU work is charged to the
 region that launched it.
 
-For overlap measurements (:mod:`tpmpi.studies.overlap`) a profiler can run instrumented layers with only
-one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
+For overlap measurements (:mod:`tpmpi.studies.overlap`) a profiler can run instrumented layers with
+only one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
 GEMMs (results are then meaningless; only the time counts).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import contextlib
 import time
 from typing import Callable, ContextManager, Iterator, Optional
 
+from .backend import Backend
 from .colltable import bus_factor
 
 PHASES = ("gemm", "comm")
@@ -43,7 +44,7 @@ class Profiler:
         self.reset()
 
     @classmethod
-    def for_backend(cls, backend) -> "Profiler":
+    def for_backend(cls, backend: Backend) -> Profiler:
         """A timed profiler that synchronises ``backend``'s stream (on a GPU) at each region
         boundary."""
         return cls(backend.synchronize if backend.is_gpu else None)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .arrays import Array, DTypeLike
 from .backend import Backend
 
 STAGING_CHUNK_BYTES = 8 * 2**20
@@ -52,7 +53,7 @@ class Staging:
     until :meth:`reset_stats`.
     """
 
-    def __init__(self, backend: Backend, *, chunk_bytes: int = STAGING_CHUNK_BYTES):
+    def __init__(self, backend: Backend, *, chunk_bytes: int = STAGING_CHUNK_BYTES) -> None:
         self.backend = backend
         self.staged = backend.is_gpu and not backend.gpu_aware
         self.chunk_bytes = int(chunk_bytes)
@@ -71,7 +72,7 @@ class Staging:
         return not self.staged
 
     # ---------------------------------------------------------------- host slots
-    def _slot(self, key: tuple, shape: tuple, dtype) -> np.ndarray:
+    def _slot(self, key: tuple, shape: tuple, dtype: DTypeLike) -> np.ndarray:
         """The pinned slot ``key`` viewed as ``shape``/``dtype`` (grown when too small), after
         the copies still using it have completed."""
         self._drain(key)
@@ -90,7 +91,7 @@ class Staging:
                 self.backend.wait_copy(fence)
             self.stats["staging_s"] += time.perf_counter() - t0
 
-    def _copy(self, key: tuple, to_host: bool, src, dst) -> None:
+    def _copy(self, key: tuple, to_host: bool, src: Array, dst: Array) -> None:
         if src.size == 0:
             return
         t0 = time.perf_counter()
@@ -114,26 +115,28 @@ class Staging:
             turn = turns.get(p.kind, 0)
             turns[p.kind] = turn + 1
             keys.append([(p.kind, j, turn % 2) for j in range(len(p.host))])
-        hosts: list[Optional[list]] = [None] * len(pieces)
+        hosts: list[Optional[list[np.ndarray]]] = [None] * len(pieces)
 
-        def stage_in(i: int) -> None:
+        def stage_in(i: int) -> list[np.ndarray]:
             p = pieces[i]
-            hosts[i] = [self._slot(key, tuple(shape), dt)
-                        for key, (shape, dt) in zip(keys[i], p.host)]
+            bufs = hosts[i] = [self._slot(key, tuple(shape), dt)
+                               for key, (shape, dt) in zip(keys[i], p.host)]
             for dev, j, index in p.d2h:
-                self._copy(keys[i][j], True, dev, hosts[i][j][index])
+                self._copy(keys[i][j], True, dev, bufs[j][index])
+            return bufs
 
         self.backend.synchronize()  # device producers done before the first copy starts
         for i, p in enumerate(pieces):
-            if hosts[i] is None:
-                stage_in(i)
+            bufs = hosts[i]
+            if bufs is None:
+                bufs = stage_in(i)
             for key in keys[i]:
                 self._drain(key)  # this piece's device->host copies are complete
             if i + 1 < len(pieces) and not pieces[i + 1].depends:
                 stage_in(i + 1)  # prefetch: overlaps the MPI call below
-            p.call(hosts[i])
+            p.call(bufs)
             for j, index, dev in p.h2d:
-                self._copy(keys[i][j], False, hosts[i][j][index], dev)
+                self._copy(keys[i][j], False, bufs[j][index], dev)
             if p.then is not None or (i + 1 < len(pieces) and pieces[i + 1].depends):
                 for key in keys[i]:
                     self._drain(key)

@@ -8,7 +8,8 @@ quantisation"): a K panel of 1000 costs about the same as one of 1024, a chunk o
 almost as much as 256. The tile2d scheme therefore takes its requested K-panel width through
 :func:`round_size`, which rounds it to a multiple of :data:`TILE` (128 on a GPU, 64 on a CPU);
 only the last panel of a dimension may be shorter. (The column layer's pipelined M chunks use
-whole OpenBLAS register blocks instead, see :func:`tpmpi.layers.column.chunk_bounds`.) The options still bound memory: a rounded size never exceeds the request by more than
+whole OpenBLAS register blocks instead, see :func:`tpmpi.layers.column.chunk_bounds`.) The
+options still bound memory: a rounded size never exceeds the request by more than
 ``multiple - 1`` rows/columns, and :func:`panel_workspace_bytes` gives what a panel loop holds.
 """
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.arrays import Array
 from ..core.backend import backend_of
 from ..core.gemm import HALF
 
@@ -32,63 +33,65 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _C = 0.044715
 _np_erf = np.frompyfunc(math.erf, 1, 1)
 
+Activation = Callable[[Array], Array]
 
-def erf(x):
+
+def erf(x: Array) -> Array:
     """Element-wise error function, exact to double precision (see the module docstring)."""
     backend = backend_of(x)
     if backend.is_gpu:
         from cupyx.scipy.special import erf as cupy_erf
 
         return cupy_erf(x)
-    return _np_erf(x).astype(x.dtype)
+    return np.asarray(_np_erf(x)).astype(x.dtype)
 
 
-def gelu(x):
+def gelu(x: Array) -> Array:
     """GELU, tanh approximation."""
     xp = backend_of(x).xp
     return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + _C * x * x * x)))
 
 
-def gelu_grad(x):
+def gelu_grad(x: Array) -> Array:
     """Derivative of :func:`gelu`."""
     xp = backend_of(x).xp
     t = xp.tanh(_SQRT_2_OVER_PI * (x + _C * x * x * x))
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _C * x * x)
 
 
-def gelu_erf(x):
+def gelu_erf(x: Array) -> Array:
     """Exact GELU ``x Phi(x)``."""
     return 0.5 * x * (1 + erf(x * _INV_SQRT_2))
 
 
-def gelu_erf_grad(x):
+def gelu_erf_grad(x: Array) -> Array:
     """Derivative of :func:`gelu_erf`: ``Phi(x) + x phi(x)``."""
     xp = backend_of(x).xp
     return 0.5 * (1 + erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
 
 
-def relu(x):
+def relu(x: Array) -> Array:
     """``max(x, 0)``."""
     return backend_of(x).xp.maximum(x, 0)
 
 
-def relu_grad(x):
+def relu_grad(x: Array) -> Array:
     """Derivative of :func:`relu` (0 at 0)."""
     return (x > 0).astype(x.dtype)
 
 
-def in_float32(fn: Callable) -> Callable:
+def in_float32(fn: Activation) -> Activation:
     """``fn`` evaluated in float32 for float16/bfloat16 input, the result rounded once to the
     input's dtype; other dtypes pass through."""
     @functools.wraps(fn)
-    def wrapped(x):
+    def wrapped(x: Array) -> Array:
         if x.dtype.name in HALF:
             return fn(x.astype(np.float32)).astype(x.dtype)
         return fn(x)
     return wrapped
 
 
-ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+ACTIVATIONS: dict[str, tuple[Activation, Activation]] = {
     name: (in_float32(f), in_float32(df)) for name, (f, df) in {
         "gelu": (gelu, gelu_grad),
         "gelu_erf": (gelu_erf, gelu_erf_grad),
@@ -96,7 +99,7 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     }.items()}
 
 
-def get_activation(name: str) -> tuple[Callable, Callable]:
+def get_activation(name: str) -> tuple[Activation, Activation]:
     """``(f, df)`` for ``name``; ValueError listing the choices otherwise."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r}: expected one of {', '.join(ACTIVATIONS)}")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import weakref
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
 from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
 from ..core.args import check_int, check_plain_array, dtype_label
+from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, get_backend
-from ..core.comm import Staging
+from ..core.comm import Request, Staging
 from ..core.dtypes import dtype_name, resolve_dtype
 from ..core.gemm import matmul
 from ..core.grid import ProcessGrid, default_grid
@@ -24,7 +25,7 @@ from ..core.partition import block_sizes
 from ..core.profiler import Profiler
 
 
-def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
+def check_dense(W: Any, b: Any, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
     """ValueError unless ``W`` is a (k, n) array and ``b`` None or an (n,) array (plain
     arrays, not subclasses); ``names`` are the arguments' names in the message."""
     for name, a, want in ((names[0], W, (k, n)), (names[1], b, (n,))):
@@ -40,8 +41,9 @@ def check_dense(W, b, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> No
             raise ValueError(f"{name}.shape={tuple(shape)}: expected {want}")
 
 
+_Layer = TypeVar("_Layer", bound="ParallelLinear")
 REPLICATED = "{name} must be replicated: the same on every rank [check_replicated=True]"
-_LAYERS: "weakref.WeakKeyDictionary[ProcessGrid, int]" = weakref.WeakKeyDictionary()
+_LAYERS: weakref.WeakKeyDictionary[ProcessGrid, int] = weakref.WeakKeyDictionary()
 
 
 def _next_layer_id(grid: ProcessGrid) -> int:
@@ -60,10 +62,10 @@ class Checksum(int):
         return f"checksum {int(self):08x}"
 
 
-def array_checksum(backend: Backend, a) -> Checksum:
+def array_checksum(backend: Backend, a: Array) -> Checksum:
     """:class:`Checksum` of ``a`` (a device array is copied to the host)."""
     host = np.ascontiguousarray(backend.to_host(a))
-    return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8)))
+    return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8).data))
 
 
 class ParallelLinear:
@@ -94,10 +96,10 @@ class ParallelLinear:
     """
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
-                 bias: bool = True, dtype="float32", seed: int = 0,
-                 backend: "str | Backend" = "auto", overlap: bool = True,
-                 check_finite: bool = False, check_replicated: bool = False, _dense=None,
-                 **options: Any):
+                 bias: bool = True, dtype: DTypeLike = "float32", seed: int = 0,
+                 backend: str | Backend = "auto", overlap: bool = True,
+                 check_finite: bool = False, check_replicated: bool = False,
+                 _dense: Optional[tuple[Any, Any]] = None, **options: Any) -> None:
         if grid is not None and not isinstance(grid, ProcessGrid):
             raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected "
                              "a tpmpi.ProcessGrid")
@@ -143,10 +145,11 @@ class ParallelLinear:
         xp = self.backend.xp
         self.grad_weight = xp.zeros_like(self.weight)
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
-        self._x = None
+        self._x: Optional[Array] = None  # the input saved by forward for backward
         self._rows: Optional[int] = None  # global rows of the last forward input
 
-    def _place_parameters(self, bias: bool, dense) -> tuple[Any, Any]:
+    def _place_parameters(self, bias: bool, dense: Optional[tuple[Any, Any]]
+                          ) -> tuple[Array, Optional[Array]]:
         """This rank's blocks of W (:attr:`shard`) and b (:attr:`bias_slice`, or None): from the
         layout-invariant initialiser (``self.seed``), or sliced from the global ``dense`` pair
         ``(W, b)``. No communication."""
@@ -175,10 +178,9 @@ class ParallelLinear:
         """Stop timing (collectives and bytes are still counted)."""
         self.profiler = Profiler(timed=False)
 
-    def _check_options(self, **options: Any) -> None:
-        """Validate subclass options locally (raise ValueError); default: none accepted."""
-        if options:
-            raise ValueError(f"unexpected options {sorted(options)}")
+    def _check_options(self) -> None:
+        """Validate the subclass's options (its keywords) locally: ValueError for a bad value,
+        TypeError for an unknown option. This base accepts none."""
 
     @classmethod
     def layouts_for(cls, **options: Any) -> LinearLayouts:  # pragma: no cover - abstract
@@ -199,7 +201,8 @@ class ParallelLinear:
         return between(self.layouts.y_local, self.layouts.y, self.comm, self.staging)
 
     @classmethod
-    def from_dense(cls, W, b=None, grid: Optional[ProcessGrid] = None, **options: Any):
+    def from_dense(cls: type[_Layer], W: Any, b: Any = None, grid: Optional[ProcessGrid] = None,
+                   **options: Any) -> _Layer:
         """A layer holding this rank's slices of the global ``W`` (K, N) and ``b`` (N,), which
         every rank passes whole. ``dtype`` defaults to ``W``'s. Collective."""
         shape = getattr(W, "shape", None)  # a bad W is reported collectively by __init__
@@ -207,14 +210,20 @@ class ParallelLinear:
         options.setdefault("dtype", dtype_name(getattr(W, "dtype", "float32")))
         return cls(k, n, grid=grid, bias=b is not None, _dense=(W, b), **options)
 
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
-    def forward(self, x):  # pragma: no cover - abstract
+    def forward(self, x: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, dy):  # pragma: no cover - abstract
+    def backward(self, dy: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def _saved_input(self) -> Array:
+        """The input that forward saved (backward's agreement has checked that there is one)."""
+        assert self._x is not None
+        return self._x
 
     def zero_grad(self) -> None:
         """Reset accumulated gradients to zero."""
@@ -242,17 +251,18 @@ class ParallelLinear:
 
     def parameter_layouts(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """``name -> (global shape, layout)`` of each parameter of :meth:`parameters`."""
-        out = {"weight": ((self.in_features, self.out_features), self.layouts.weight)}
+        out: dict[str, tuple[tuple[int, ...], str]] = {
+            "weight": ((self.in_features, self.out_features), self.layouts.weight)}
         if self.bias is not None:
             out["bias"] = ((self.out_features,), self.layouts.bias)
         return out
 
-    def gather_weight(self):
+    def gather_weight(self) -> Array:
         """The global W (K, N) on every rank. Collective (tests/debugging only)."""
         return agreed_gather(self.weight, self.grid, self.layouts.weight,
                              (self.in_features, self.out_features), self._call("gather_weight"))
 
-    def gather_bias(self):
+    def gather_bias(self) -> Optional[Array]:
         """The global b (N,) on every rank, or None. Collective (unless there is no bias)."""
         if self.bias is None:
             return None
@@ -282,7 +292,7 @@ class ParallelLinear:
 
     # ---- the backward collective, overlapped with the weight-gradient GEMM
     def _collective_during(self, op: str, nbytes: int, blocking: Callable[[], Any],
-                           nonblocking: Callable[[], MPI.Request],
+                           nonblocking: Callable[[], Request],
                            work: Callable[[], None]) -> None:
         """Run the local ``work`` (the dW/db GEMMs) and collective ``op`` of ``nbytes`` over
         ``self.comm``. With ``self.overlap`` (and P > 1, no host staging) ``nonblocking()`` is
@@ -290,6 +300,7 @@ class ParallelLinear:
         Profiler: ``work`` is gemm time; comm time is the wait (overlapped) or the whole call."""
         nranks, prof = self.comm.Get_size(), self.profiler
         overlap = self.overlap and nranks > 1 and not self.staging.staged
+        request: Request = MPI.REQUEST_NULL
         if overlap:
             self.backend.synchronize()
             request = nonblocking() if prof.runs("comm") else MPI.REQUEST_NULL
@@ -313,7 +324,7 @@ class ParallelLinear:
                     blocking()
 
     # ---- the layers' communication operators (tpmpi.core.mappings)
-    def _apply(self, mapping: Optional[Mapping], x, size: Optional[int] = None):
+    def _apply(self, mapping: Optional[Mapping], x: Array, size: Optional[int] = None) -> Array:
         """``mapping`` applied to ``x`` (blocking; ``x`` itself when ``mapping`` is None),
         charged to the profiler; skipped while it runs GEMMs only (the result is then
         allocated but not filled). ``size``: see :meth:`tpmpi.core.mappings.Mapping.out`."""
@@ -326,7 +337,8 @@ class ParallelLinear:
                     mapping.forward(x, out)
         return out
 
-    def _map_during(self, mapping: Mapping, x, out, work: Callable[[], None]) -> None:
+    def _map_during(self, mapping: Mapping, x: Array, out: Array, work: Callable[[], None]
+                    ) -> None:
         """Run the local ``work`` while ``mapping`` fills ``out`` from ``x`` (see
         :meth:`_collective_during`; only ``work`` when the mapping communicates nothing)."""
         if mapping.op is None:
@@ -338,7 +350,7 @@ class ParallelLinear:
                                 work)
 
     # ---- input validation shared by forward/backward of all layers
-    def _agree_input(self, name: str, a, want_cols: int, *, backward: bool = False,
+    def _agree_input(self, name: str, a: Array, want_cols: int, *, backward: bool = False,
                      split_rows: bool = False) -> int:
         """Collectively check that ``a`` is a 2D array of this backend and dtype with
         ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
@@ -359,6 +371,7 @@ class ParallelLinear:
 
         self._agree_call(local_checks, name, a, backward,
                          **({} if split_rows else {f"{name}.shape[0]": rows}))
+        assert rows is not None  # else local_checks raised on this rank and the agreement
         if split_rows:
             rows = self._agree_row_blocks(name, rows, backward)
         if not backward:
@@ -383,7 +396,7 @@ class ParallelLinear:
                              f"{self._rows} rows in all (the forward input's)")
         return total
 
-    def _agree_call(self, local_checks: Callable[[], None], name: str, a, backward: bool,
+    def _agree_call(self, local_checks: Callable[[], None], name: str, a: Array, backward: bool,
                     **values: Any) -> None:
         """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
         :func:`tpmpi.core.agreement.agree_checks`) plus the call (layer and operation), an earlier
@@ -403,7 +416,7 @@ class ParallelLinear:
             values[name] = Same(array_checksum(self.backend, a), REPLICATED.format(name=name))
         agree_checks(self.comm, checks, call=call, **values)
 
-    def _check_array(self, name: str, a, *, backward: bool = False) -> None:
+    def _check_array(self, name: str, a: Any, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
         of this layer's backend and dtype (and finite, with ``check_finite``). Raises
         ValueError."""
@@ -426,7 +439,7 @@ class ParallelLinear:
                                  "[check_finite=True]")
 
     # ---- phase switches for overlap measurements (see Profiler.only)
-    def _matmul(self, a, b, out=None):
+    def _matmul(self, a: Array, b: Array, out: Optional[Array] = None) -> Array:
         """``a @ b`` (into ``out``; 2-byte floats on NumPy via float32, see
         :func:`tpmpi.core.gemm.matmul`); skipped while the profiler runs communication only (then
         zeros of the product's shape, in ``out`` when given, are returned)."""

@@ -22,14 +22,15 @@ sequence_parallel (Megatron's flag): ``x`` arrives in layout "rows" (rank ``p`` 
            (Iallgather in flight during the ``dY_p W_p^T`` GEMM, so the gathered X is not kept
            between forward and backward) and reduce-scatters ``dX`` to row blocks instead of
            all-reducing it (in flight during the dW GEMM).
-In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols (gather_output)``
-and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
+In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols
+(gather_output)`` and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..core.args import check_int
+from ..core.arrays import Array
 from ..core.comm import wait_all
 from ..core.gemm import column_sums
 from ..core.layout import LinearLayouts
@@ -60,13 +61,13 @@ class ColumnParallelLinear(ParallelLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = True,
-                 chunks: int = 1, sequence_parallel: bool = False, **kwargs: Any):
+                 chunks: int = 1, sequence_parallel: bool = False, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, gather_output=bool(gather_output),
                          chunks=chunks, sequence_parallel=bool(sequence_parallel), **kwargs)
         self.gather_output = bool(gather_output)
         self.chunks = int(chunks)
         self.sequence_parallel = bool(sequence_parallel)
-        self._ybuf = None  # reused local product when it is only a send buffer
+        self._ybuf: Optional[Array] = None  # reused local product when only a send buffer
 
     @classmethod
     def layouts_for(cls, gather_output: bool = True, sequence_parallel: bool = False,
@@ -82,7 +83,7 @@ class ColumnParallelLinear(ParallelLinear):
                        sequence_parallel: bool = False) -> None:
         check_int("chunks", chunks, 1)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
         m = self._agree_input("x", x, self.in_features, split_rows=self.layouts.x == "rows")
@@ -113,12 +114,13 @@ class ColumnParallelLinear(ParallelLinear):
                 y_local += self.bias
         return self._apply(self.y_map, y_local, self.out_features)
 
-    def _forward_chunked(self, x, y_local, rows: list[tuple[int, int]]):
+    def _forward_chunked(self, x: Array, y_local: Array, rows: list[tuple[int, int]]) -> Array:
         """Level-2 pipeline: GEMM of row chunk i, then its Ialltoallw into rows of the (M, N)
         output, in flight during the GEMM of chunk i + 1; one Waitall at the end."""
         xp, prof, nranks = self.backend.xp, self.profiler, self.comm.Get_size()
         y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
         requests, gather = [], self.y_map
+        assert gather is not None  # gather_output: y_local "cols" -> y replicated
         for a, b in rows:
             with prof.gemm():
                 self._matmul(x[a:b], self.weight, out=y_local[a:b])
@@ -131,16 +133,17 @@ class ColumnParallelLinear(ParallelLinear):
             wait_all(requests)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """``dy`` in the output's layout -> ``dx`` (M, K) replicated [Iallreduce overlapped with
         the dW GEMM, or a blocking Allreduce when ``overlap=False``], or with
         ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self._width(self.layouts.y, self.out_features), backward=True)
-        x_map, y_map = self.x_map, self.y_map
+        x_map, y_map, x_saved = self.x_map, self.y_map, self._saved_input
+        assert x_map is not None  # x "replicated" or "rows" -> x_local replicated
         # own columns: a strided view (one copy on a GPU, for both products)
         dy_p = self.backend.operand(y_map.adjoint.out(dy)) if y_map else dy
-        x = x_map.out(self._x, self._rows)  # the gathered rows (sequence_parallel)
+        x = x_map.out(x_saved, self._rows)  # the gathered rows (sequence_parallel)
         dx = None
 
         def input_grad() -> None:
@@ -152,7 +155,7 @@ class ColumnParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += column_sums(dy_p)
 
-        self._map_during(x_map, self._x, x, input_grad)
+        self._map_during(x_map, x_saved, x, input_grad)
         reduce = x_map.adjoint
         dx_out = reduce.out(dx)
         self._map_during(reduce, dx, dx_out, weight_grads)

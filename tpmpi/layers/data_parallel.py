@@ -29,7 +29,8 @@ from mpi4py import MPI
 
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
 from ..core.args import check_int
-from ..core.comm import Staging, allreduce, iallreduce
+from ..core.arrays import Array
+from ..core.comm import Request, Staging, allreduce, iallreduce
 from ..core.dtypes import dtype_name
 from ..core.mesh import Mesh
 from ..core.profiler import Profiler
@@ -47,7 +48,7 @@ def _call(op: str) -> Same:
 class _Bucket:
     """A flat gradient buffer and the ``(layer, attribute, view)`` gradients it holds."""
 
-    def __init__(self, xp: Any, entries: list[tuple[Any, str, Any]]):
+    def __init__(self, xp: Any, entries: list[tuple[Any, str, Any]]) -> None:
         self.buffer = xp.empty(sum(g.size for _, _, g in entries), dtype=entries[0][2].dtype)
         self.entries, offset = [], 0
         for layer, name, grad in entries:
@@ -57,7 +58,7 @@ class _Bucket:
             self.entries.append((layer, name, view))
             offset += grad.size
         self.layers = {id(layer) for layer, _, _ in entries}
-        self.request: "Optional[MPI.Request]" = None
+        self.request: Optional[Request] = None
 
 
 class DataParallel:
@@ -74,7 +75,7 @@ class DataParallel:
     size) and the time blocked in them (``comm_s``)."""
 
     def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = BUCKET_BYTES,
-                 overlap: bool = True):
+                 overlap: bool = True) -> None:
         try:
             layers, not_module = [layer for _, layer in named_layers(module)], None
         except ValueError as exc:  # reported by every rank together
@@ -109,7 +110,8 @@ class DataParallel:
         self._active = False
         self._ready: set = set()
         self._started = 0
-        self._out = None  # (shape, dtype) of the last forward output, to check dy against
+        # (shape, dtype) of the last forward output, to check dy against
+        self._out: Optional[tuple[tuple[int, ...], Any]] = None
         if hasattr(module, "grad_ready"):
             module.grad_ready.append(self._layer_ready)
 
@@ -152,10 +154,10 @@ class DataParallel:
 
     # ------------------------------------------------------------------ passes
 
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """``module(x)``; an error on any replica is raised on every rank of the mesh."""
         error, y = None, None
         try:
@@ -163,10 +165,11 @@ class DataParallel:
         except ValueError as exc:
             error = str(exc)
         agree(self.mesh.comm, error, call=_call("forward"))
+        assert y is not None  # else agree raised
         self._out = (tuple(y.shape), y.dtype)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """``module.backward(dy)`` with the DP gradient averaging (see the class docstring);
         returns dx. ``dy`` must match the last forward output (checked over the mesh)."""
         def local_checks() -> None:
@@ -232,8 +235,8 @@ class DataParallel:
 
     def allreduce_gradients(self) -> None:
         """Average the current gradients over the replicas now (every bucket, blocking on
-        the same path as backward): the communication-only run of :func:`tpmpi.studies.overlap.measure_dp_overlap`.
-        Collective over ``mesh.dp_comm``."""
+        the same path as backward): the communication-only run of
+        :func:`tpmpi.studies.overlap.measure_dp_overlap`. Collective over ``mesh.dp_comm``."""
         self._started = 0
         self._finish()
 

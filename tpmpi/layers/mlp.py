@@ -34,6 +34,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
+from ..core.arrays import Array, DTypeLike
+from ..core.backend import Backend
 from ..core.dtypes import dtype_name
 from ..core.grid import ProcessGrid, default_grid
 from ..core.layout import Layouts
@@ -46,7 +48,7 @@ from .tile2d import TileParallelLinear
 
 MODES = ("megatron", "book", "sequence", "tile2d")
 
-SubLayer = tuple[type, dict]  # (class, layout options) of fc1 or fc2
+SubLayer = tuple[type[ParallelLinear], dict[str, Any]]  # (class, layout options) of fc1 or fc2
 
 
 class ParallelMLP(Composite):
@@ -62,8 +64,9 @@ class ParallelMLP(Composite):
 
     def __init__(self, d_model: int, d_hidden: int, *, grid: Optional[ProcessGrid] = None,
                  activation: str = "gelu", mode: str = "megatron", bias: bool = True,
-                 dtype="float32", seed: int = 0, backend="auto", overlap: bool = True,
-                 check_finite: bool = False, check_replicated: bool = False, _dense=None):
+                 dtype: DTypeLike = "float32", seed: int = 0, backend: str | Backend = "auto",
+                 overlap: bool = True, check_finite: bool = False, check_replicated: bool = False,
+                 _dense: Optional[tuple[tuple[Any, Any], tuple[Any, Any]]] = None) -> None:
         grid = grid if grid is not None else default_grid()
 
         def local_checks() -> None:
@@ -83,8 +86,9 @@ class ParallelMLP(Composite):
         self.grid, self.mode, self.activation = grid, mode, activation
         self.layouts = self.layouts_for(mode)
         self._act, self._act_grad = get_activation(activation)
-        common = dict(grid=grid, bias=bias, dtype=dtype, backend=backend, overlap=overlap,
-                      check_finite=check_finite, check_replicated=check_replicated)
+        common: dict[str, Any] = dict(grid=grid, bias=bias, dtype=dtype, backend=backend,
+                                      overlap=overlap, check_finite=check_finite,
+                                      check_replicated=check_replicated)
         dense1, dense2 = _dense if _dense is not None else (None, None)
         one = dict(seed=seed, _dense=dense1, **common)
         two = dict(seed=seed + 1, _dense=dense2, **common)
@@ -94,7 +98,7 @@ class ParallelMLP(Composite):
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
         self.seed, self.overlap = seed, bool(overlap)
         self.grad_ready: list[Callable[[ParallelLinear], None]] = []
-        self._pre = None
+        self._pre: Optional[Array] = None  # fc1's output, saved for the activation's gradient
 
     @staticmethod
     def sublayers(mode: str) -> tuple[SubLayer, SubLayer]:
@@ -125,7 +129,8 @@ class ParallelMLP(Composite):
                     check_replicated=self.fc1.check_replicated)
 
     @classmethod
-    def from_dense(cls, W1, b1, W2, b2, grid: Optional[ProcessGrid] = None, **options: Any):
+    def from_dense(cls, W1: Any, b1: Any, W2: Any, b2: Any, grid: Optional[ProcessGrid] = None,
+                   **options: Any) -> ParallelMLP:
         """An MLP holding this rank's slices of the global ``W1`` (d_model, d_hidden), ``b1``
         (d_hidden,), ``W2`` (d_hidden, d_model), ``b2`` (d_model,), passed whole on every rank
         (biases both or neither None). ``dtype`` defaults to ``W1``'s. Collective."""
@@ -135,14 +140,14 @@ class ParallelMLP(Composite):
         return cls(d_model, d_hidden, grid=grid, bias=b1 is not None,
                    _dense=((W1, b1), (W2, b2)), **options)
 
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
     def children(self) -> list[tuple[str, ParallelLinear]]:
         """The sub-layers in forward order: ``[("fc1", fc1), ("fc2", fc2)]``."""
         return [("fc1", self.fc1), ("fc2", self.fc2)]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layouts` (replicated, the
         rank's rows, or its tile)."""
         pre = self.fc1.forward(x)
@@ -150,7 +155,7 @@ class ParallelMLP(Composite):
         self._pre = pre
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """``dy`` -> ``dx`` (M, d_model), both in :attr:`layouts`; accumulates the gradients of
         all four parameters, calling the :attr:`grad_ready` callbacks with fc2, then fc1, as
         soon as each one's gradients are final."""

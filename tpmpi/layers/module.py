@@ -9,13 +9,13 @@ and the MLP find sub-layers this way only.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 
 class Module(Protocol):
     """What checkpoints, benchmarks and DataParallel need of a layer or a composite."""
 
-    def children(self) -> list[tuple[str, "Module"]]:
+    def children(self) -> Sequence[tuple[str, Module]]:
         """``(name, sub-module)`` in forward order; ``[]`` for a leaf layer."""
 
     def parameters(self) -> list[tuple[str, Any, Any]]:
@@ -28,7 +28,7 @@ class Module(Protocol):
 class Composite:
     """A module made of named sub-modules: subclasses implement :meth:`children`."""
 
-    def children(self) -> list[tuple[str, Module]]:  # pragma: no cover - abstract
+    def children(self) -> Sequence[tuple[str, Module]]:  # pragma: no cover - abstract
         """``(name, sub-module)`` in forward order."""
         raise NotImplementedError
 

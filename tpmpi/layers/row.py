@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.arrays import Array
 from ..core.gemm import column_sums
 from ..core.layout import PARTIAL, LinearLayouts
 from .base import ParallelLinear
@@ -55,7 +56,7 @@ class RowParallelLinear(ParallelLinear):
                        sequence_parallel: bool = False) -> None:
         pass
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
         (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
         self._agree_input("x", x, self._width(self.layouts.x, self.in_features))
@@ -71,15 +72,17 @@ class RowParallelLinear(ParallelLinear):
         self._x = x_p
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """``dy`` (M, N) replicated [or (M_p, N) rows: Alltoallw] -> ``dx`` (M, K_p) [no
         collective] with ``input_is_parallel``, else (M, K) replicated [Ialltoallw overlapped
         with the dW GEMM, blocking when ``overlap=False``; none on one rank]; accumulates
         ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True,
                           split_rows=self.layouts.y == "rows")
-        dy = self._apply(self.y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
-        prof, x_p = self.profiler, self._x
+        y_map = self.y_map
+        assert y_map is not None  # y_local partial -> y replicated or "rows"
+        dy = self._apply(y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
+        prof, x_p = self.profiler, self._saved_input
         with prof.gemm():
             dx_p = self._matmul(dy, self.weight.T)
 
@@ -92,7 +95,9 @@ class RowParallelLinear(ParallelLinear):
             with prof.gemm():
                 weight_grads()
             return dx_p
-        gather = self.x_map.adjoint  # dX columns follow W's row split
+        x_map = self.x_map
+        assert x_map is not None  # x replicated -> x_local "cols" (not input_is_parallel)
+        gather = x_map.adjoint  # dX columns follow W's row split
         dx = gather.out(dx_p, self.in_features)
         self._map_during(gather, dx_p, dx, weight_grads)
         return dx

@@ -49,9 +49,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core.args import check_int
-from ..core.comm import allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, wait_all
+from ..core.arrays import Array
+from ..core.comm import Request, allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, \
+    wait_all
 from ..core.gemm import column_sums
 from ..core.layout import LinearLayouts, blocks, local_shape
+from ..core.grid import ProcessGrid
 from ..core.partition import block_partition
 from .base import ParallelLinear
 
@@ -77,8 +80,8 @@ class TileParallelLinear(ParallelLinear):
     ``grad_weight`` (k_r, n_c) and ``grad_bias`` (n_c,). ``panel``: None (gather form) or the
     K panel width of the level-2 broadcast loop (positive int, same on every rank)."""
 
-    def __init__(self, in_features: int, out_features: int, *, grid, panel: Optional[int] = None,
-                 **kwargs: Any):
+    def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid],
+                 panel: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, grid=grid, panel=panel, **kwargs)
         self.panel = panel
         pr, pc = self.grid.shape
@@ -86,7 +89,8 @@ class TileParallelLinear(ParallelLinear):
         self._k_rows = block_partition(self.in_features, pr)  # W's K blocks, by grid row
         self._segments = k_segments(self.in_features, panel, self._k_cols, self._k_rows) \
             if panel is not None else []
-        self._panels = None  # gather form: (X row panel, W column panel) cached for backward
+        # gather form: (X row panel, W column panel) cached for backward
+        self._panels: Optional[tuple[Array, Array]] = None
         self._m = 0
 
     @classmethod
@@ -100,7 +104,7 @@ class TileParallelLinear(ParallelLinear):
         check_int("panel", panel, 1, allow_none=True)
 
     # ---------------------------------------------------------------- validation
-    def _agree_tile(self, x) -> None:
+    def _agree_tile(self, x: Array) -> None:
         """Collectively check that ``x`` is this rank's tile of a global (M, in_features) X,
         M being the rows held by grid column 0: one agreement (call, array, dtype, columns),
         then one Allgather of the row counts, judged alike on every rank."""
@@ -130,10 +134,10 @@ class TileParallelLinear(ParallelLinear):
             raise ValueError("; ".join(errors))
         self._m = m
 
-    def _agree_dy(self, dy) -> None:
+    def _agree_dy(self, dy: Array) -> None:
         def local_checks() -> None:
             self._check_array("dy", dy, backward=True)
-            want = (self._x.shape[0], self.weight.shape[1])
+            want = (self._saved_input.shape[0], self.weight.shape[1])
             if tuple(dy.shape) != want:
                 raise ValueError(f"dy.shape={tuple(dy.shape)}: expected {want}, tile "
                                  f"{self.grid.coords} of the global ({self._m}, "
@@ -142,7 +146,7 @@ class TileParallelLinear(ParallelLinear):
         self._agree_call(local_checks, "dy", dy, True)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """``x`` tile (m_r, k^c) -> ``y`` tile (m_r, n_c). Gather form: two Allgathers; panel
         form: double-buffered Ibcasts on ``row_comm`` / ``col_comm``."""
         self._agree_tile(x)
@@ -163,7 +167,7 @@ class TileParallelLinear(ParallelLinear):
             y += self.bias
         return y
 
-    def _gather_panels(self, x):
+    def _gather_panels(self, x: Array) -> tuple[Array, Array]:
         """X row panel (m_r, K) over ``row_comm`` and W column panel (K, n_c) over
         ``col_comm``, each an Alltoallw into place (skipped on a size-1 communicator)."""
         xp, m_r, n_c = self.backend.xp, x.shape[0], self.weight.shape[1]
@@ -182,9 +186,9 @@ class TileParallelLinear(ParallelLinear):
                 self._collective(allgather_blocks, local, panel, blocks(shape, (1, size), layout),
                                  comm, self.staging)
             out.append(panel)
-        return tuple(out)
+        return out[0], out[1]
 
-    def _broadcast_segments(self, x) -> Iterator[tuple[Segment, Any, Any]]:
+    def _broadcast_segments(self, x: Array) -> Iterator[tuple[Segment, Array, Array]]:
         """Yield ``(segment, Xs (m_r, w), Ws (w, n_c))`` for every K segment; the Ibcasts of
         segment t+1 are posted before those of segment t are waited for (two buffer slots)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
@@ -196,12 +200,12 @@ class TileParallelLinear(ParallelLinear):
         row, col = grid.coords
         pr, pc = grid.shape
 
-        def start(t: int):
+        def start(t: int) -> tuple[list[Request], Array, Array]:
             a, b, j, i = segs[t]
             xflat, wflat = slots[t % 2]
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
-            requests = []
+            requests: list[Request] = []
             if pc == 1:  # this rank owns all of K: its X columns, no broadcast
                 xs = self.backend.operand(x[:, a:b])
             else:
@@ -216,25 +220,23 @@ class TileParallelLinear(ParallelLinear):
                 prof.count("bcast", ws.nbytes, pr)
             return requests, xs, ws
 
-        pending = start(0) if segs else None
+        posted = [start(0)] if segs else []
         for t, seg in enumerate(segs):
-            upcoming = start(t + 1) if t + 1 < len(segs) else None
+            if t + 1 < len(segs):
+                posted.append(start(t + 1))
+            requests, xs, ws = posted.pop(0)
             with prof.comm("bcast", 0, 1):  # waiting only, bytes counted at start()
-                wait_all(pending[0])
-            yield seg, pending[1], pending[2]
-            pending = upcoming
+                wait_all(requests)
+            yield seg, xs, ws
 
     # ---------------------------------------------------------------- backward
-    def backward(self, dy):
+    def backward(self, dy: Array) -> Array:
         """``dy`` tile (m_r, n_c) -> ``dx`` tile (m_r, k^c); accumulates ``grad_weight`` and
         ``grad_bias``. Gather form: two Ireduce_scatters on the cached panels; panel form:
         Ibcasts and Ireduces per K segment; bias: Allreduce over ``col_comm``."""
         self._agree_dy(dy)
         dy = self.backend.xp.ascontiguousarray(dy)
-        if self.panel is None:
-            dx = self._backward_gather(dy)
-        else:
-            dx = self._backward_panels(dy)
+        dx = self._backward_gather(dy) if self.panel is None else self._backward_panels(dy)
         if self.grad_bias is not None:
             db = column_sums(dy)
             with self.profiler.comm("allreduce", db.nbytes, self.grid.shape[0]):
@@ -242,14 +244,15 @@ class TileParallelLinear(ParallelLinear):
             self.grad_bias += db
         return dx
 
-    def _backward_gather(self, dy):
+    def _backward_gather(self, dy: Array) -> Array:
         """dX and dW from the cached panels; a grid dimension of size 1 has nothing to reduce:
         its product is the result (no collective, no copy)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
+        assert self._panels is not None  # cached by forward (backward's agreement checked it ran)
         xpanel, wpanel = self._panels
         m_r, n_c = dy.shape
         pr, pc = grid.shape
-        dx_request = MPI.REQUEST_NULL
+        dx_request: Request = MPI.REQUEST_NULL
         if pc == 1:
             with prof.gemm():
                 dx = self._matmul(dy, wpanel.T)
@@ -259,7 +262,7 @@ class TileParallelLinear(ParallelLinear):
                 for a, b in self._k_cols:
                     self._matmul(dy, wpanel[a:b].T,
                                  out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
-            dx = xp.empty(self._x.shape, dtype=self.dtype)
+            dx = xp.empty(self._saved_input.shape, dtype=self.dtype)
             dx_request = self._collective(ireduce_scatter, packed, dx,
                                           [m_r * (b - a) for a, b in self._k_cols],
                                           grid.row_comm, self.staging)
@@ -279,11 +282,12 @@ class TileParallelLinear(ParallelLinear):
             dx_request.Wait()
         return dx
 
-    def _backward_panels(self, dy):
+    def _backward_panels(self, dy: Array) -> Array:
         """Per K segment: the dX and dW pieces, each reduced to its owner (kept as it is on a
         grid dimension of size 1)."""
         xp, prof, grid = self.backend.xp, self.profiler, self.grid
-        dx = xp.empty(self._x.shape, dtype=self.dtype)
+        x = self._saved_input
+        dx = xp.empty(x.shape, dtype=self.dtype)
         inflight: list = []
 
         def finish() -> None:
@@ -296,7 +300,7 @@ class TileParallelLinear(ParallelLinear):
                     self.grad_weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]] += rw
             inflight.clear()
 
-        for seg, xs, ws in self._broadcast_segments(self._x):
+        for seg, xs, ws in self._broadcast_segments(x):
             _, _, j, i = seg
             with prof.gemm():
                 pdx = self._matmul(dy, ws.T)  # (m_r, w), summed over grid columns
@@ -309,7 +313,8 @@ class TileParallelLinear(ParallelLinear):
         finish()
         return dx
 
-    def _reduce_to_owner(self, part, owner: int, comm: MPI.Comm, requests: list):
+    def _reduce_to_owner(self, part: Array, owner: int, comm: MPI.Comm,
+                         requests: list[Request]) -> Optional[Array]:
         """The sum of ``part`` over ``comm`` on rank ``owner`` (Ireduce appended to
         ``requests``): a new buffer there, None elsewhere; ``part`` itself on one rank."""
         size = comm.Get_size()

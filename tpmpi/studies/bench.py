@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -32,19 +32,19 @@ from ..core.comm import polite_barrier
 from ..core.dtypes import tolerance
 from ..core.grid import ProcessGrid
 from ..core.mesh import Mesh
-from ..layers.data_parallel import BUCKET_BYTES
+from ..layers.data_parallel import BUCKET_BYTES, DataParallel
 from .costmodel import Calibration, load_calibration, predict
 from .overlap import measure_dp_overlap, measure_overlap
 from .problem import Problem, options_label
 from .progress import Progress, announce, case_units
 from .record import RunRecord
 from .schemes.base import Case
-from .schemes.hybrid import build_case
+from .schemes.hybrid import DataParallelCase, build_case
 from .stats import flags, load_per_cpu, short, summary
 from .timing import time_calls
 
 
-def _max_over_ranks(comm: MPI.Comm, values) -> np.ndarray:
+def _max_over_ranks(comm: MPI.Comm, values: Sequence[float]) -> np.ndarray:
     arr = np.array(values, dtype=np.float64)
     comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.MAX)
     return arr
@@ -59,7 +59,7 @@ def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = Tr
     return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
-def serial_baseline(case: Case, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int,
+def serial_baseline(case: Case, grid: ProcessGrid | Mesh, backend: Backend, *, warmup: int,
                     iters: int, threads: Optional[int] = None) -> dict:
     """``{median, min, max}`` seconds of the case's serial product on rank 0 using ``threads``
     BLAS threads (default: those of all ranks of its node), the single-process reference for
@@ -131,7 +131,7 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     return Progress([t for _, t in units], rank0, unit="step").step
 
 
-def _first_steps(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
+def _first_steps(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                  warmup: int, bucket_bytes: int, progress: Callable[[str], None]
                  ) -> tuple[Case, int]:
     """The case built with timed profilers, its first step (this rank's allocation peak
@@ -151,30 +151,37 @@ def _first_steps(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend
     return case, mem["peak"]
 
 
-def _stagings(case: Case, mesh: Optional[Mesh]) -> list:
-    """The staging buffers of the case's layers (and of its DataParallel, with a mesh)."""
+def _data_parallel(case: Case) -> Optional[DataParallel]:
+    """The DataParallel of a case on a mesh, else None."""
+    return case.dp if isinstance(case, DataParallelCase) else None
+
+
+def _stagings(case: Case) -> list:
+    """The staging buffers of the case's layers (and of its DataParallel, on a mesh)."""
+    dp = _data_parallel(case)
     return [layer.staging for layer in getattr(case, "layers", ())] + (
-        [case.dp.staging] if mesh else [])
+        [dp.staging] if dp else [])
 
 
-def _reset_counters(case: Case, mesh: Optional[Mesh]) -> None:
+def _reset_counters(case: Case) -> None:
     """Zero the profilers' and staging buffers' totals (the timed steps count from here)."""
-    for prof in list(case.profilers) + ([case.dp.profiler] if mesh else []):
+    dp = _data_parallel(case)
+    for prof in list(case.profilers) + ([dp.profiler] if dp else []):
         prof.reset()
-    for staging in _stagings(case, mesh):
+    for staging in _stagings(case):
         staging.reset_stats()
 
 
-def _traffic(case: Case, mesh: Optional[Mesh], iters: int, mem_peak: int, comm: MPI.Comm
-             ) -> dict:
+def _traffic(case: Case, iters: int, mem_peak: int, comm: MPI.Comm) -> dict:
     """Per-iteration traffic of the timed steps (counted since the counters were reset) and
     the allocation peak, each the maximum over ranks: TP ``comm_bytes`` and ``bus_bytes``,
     ``dp_comm_s`` and ``dp_bytes``, staged ``d2h_bytes``, ``h2d_bytes`` and ``staging_s``,
     ``mem_peak_bytes``; and ``collectives``, the TP calls per step. Collective."""
     n = max(iters, 1)
     totals = [p.totals() for p in case.profilers]
-    dp_prof = case.dp.profiler if mesh else None
-    stagings = _stagings(case, mesh)
+    dp = _data_parallel(case)
+    dp_prof = dp.profiler if dp else None
+    stagings = _stagings(case)
     values = {"comm_bytes": sum(t["bytes"] for t in totals) / n,
               "bus_bytes": sum(t["bus_bytes"] for t in totals) / n,
               "dp_comm_s": dp_prof.comm_s / n if dp_prof else 0.0,
@@ -191,16 +198,17 @@ def _traffic(case: Case, mesh: Optional[Mesh], iters: int, mem_peak: int, comm: 
     return out
 
 
-def _overlap_phases(case: Case, mesh: Optional[Mesh], iters: int) -> dict:
+def _overlap_phases(case: Case, iters: int) -> dict:
     """The OSU overlap measurement of each phase: forward, backward (with backward) and the
     DP gradient Allreduce under backward (with more than one replica). Collective."""
-    tp_case = case.inner if mesh else case  # TP overlap without the DP Allreduce
+    on_mesh = case if isinstance(case, DataParallelCase) else None
+    tp_case = on_mesh.inner if on_mesh else case  # TP overlap without the DP Allreduce
     phases = {"forward": measure_overlap(case.layers, tp_case.forward, warmup=1, iters=iters)}
     if case.problem.backward:
         phases["backward"] = measure_overlap(case.layers, tp_case.backward, warmup=1,
                                              iters=iters)
-        if mesh and mesh.dp > 1:
-            phases["dp"] = measure_dp_overlap(case.dp, case.inner.dy, iters=iters)
+        if on_mesh and on_mesh.mesh.dp > 1:
+            phases["dp"] = measure_dp_overlap(on_mesh.dp, on_mesh.inner.dy, iters=iters)
     return {phase: t.as_dict() for phase, t in phases.items()}
 
 
@@ -214,7 +222,7 @@ def _time_fields(samples: np.ndarray, backward: bool, base: Optional[dict]) -> d
     and communication rows) and the baseline summary: ``time_s`` (summary of forward +
     backward), the medians ``fwd_s``, ``bwd_s``, ``gemm_s``, ``comm_s``, and ``spread``."""
     fwd, bwd, gemm, comm = samples
-    spread = {"fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
+    spread: dict[str, Any] = {"fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
               "gemm_s": summary(gemm), "comm_s": summary(comm), "baseline_s": base}
     timed = samples.shape[1] > 0
     return {"time_s": summary(fwd + bwd) or {"median": float("nan"), "min": None, "max": None},
@@ -237,18 +245,18 @@ def _rate_fields(times: dict, flops: float, traffic: dict, base: Optional[dict],
             "baseline_s": base["median"] if base else None,
             "baseline_threads": baseline_threads if base else None, "speedup": speedup,
             "efficiency": speedup * baseline_threads / (ranks * (threads or 1))
-            if speedup is not None else None}
+            if speedup is not None and baseline_threads is not None else None}
 
 
-def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, warmup: int = 2,
-             iters: int = 10, verify: bool = True, baseline: "bool | dict" = False,
+def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, warmup: int = 2,
+             iters: int = 10, verify: bool = True, baseline: bool | dict = False,
              baseline_threads: Optional[int] = None,
              calibration: Optional[Calibration] = None, overlap: bool = False,
              progress: Optional[Callable[[str], None]] = None,
              bucket_bytes: int = BUCKET_BYTES) -> RunRecord:
     """Build, time and (optionally) verify ``problem`` on ``grid``, or on a :class:`Mesh` of
-    ``dp`` replicas of a TP grid (:class:`tpmpi.studies.schemes.hybrid.DataParallelCase`: each replica
-    takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
+    ``dp`` replicas of a TP grid (:class:`tpmpi.studies.schemes.hybrid.DataParallelCase`: each
+    replica takes M/dp rows, gradients averaged in DataParallel buckets of ``bucket_bytes``; fields
     ``mesh``, ``dp_bytes`` and ``dp_comm_s``, the DP traffic and mean time blocked in it per
     iteration, and with ``overlap`` phase ``dp``, the DP Allreduce hidden under backward;
     ``grid`` is then the TP grid and ``comm_s`` its collectives); with ``baseline``, also
@@ -269,13 +277,13 @@ def run_case(problem: Problem, grid: "ProcessGrid | Mesh", backend: Backend, *, 
     case, mem_peak = _first_steps(problem, mesh or grid, backend, warmup=warmup,
                                   bucket_bytes=bucket_bytes, progress=progress)
     problem = case.problem  # with the options in effect (e.g. a rounded panel)
-    _reset_counters(case, mesh)
+    _reset_counters(case)
     samples = _timed_steps(case, comm, backend, iters, progress)
     load.append(load_per_cpu() or 0.0)
-    traffic = _traffic(case, mesh, iters, mem_peak, comm)
+    traffic = _traffic(case, iters, mem_peak, comm)
     phases = None
     if overlap:
-        phases = _overlap_phases(case, mesh, iters)
+        phases = _overlap_phases(case, iters)
         progress("overlap")
     err = case.verify() if verify else None
     progress("verify")
@@ -323,11 +331,11 @@ def _ms(s: Optional[dict]) -> Optional[str]:
     return f"{s['median'] * 1e3:.3f} ({short(s['min'] * 1e3)}-{short(s['max'] * 1e3)})"
 
 
-def _num(fmt: str, value) -> Optional[str]:
+def _num(fmt: str, value: Any) -> Optional[str]:
     return None if value is None else fmt.format(value)
 
 
-def table_row(rec: dict) -> dict:
+def table_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     """The printed columns of a record: name -> text (None prints as "-")."""
     spread = rec.get("spread") or {}
     dp = (rec.get("mesh") or {}).get("dp", 1)
@@ -349,7 +357,7 @@ def table_row(rec: dict) -> dict:
             "flags": ",".join(rec.get("flags") or ()) or None}
 
 
-def table_caption(records: Sequence[dict]) -> str:
+def table_caption(records: Sequence[Mapping[str, Any]]) -> str:
     """The line above a table saying which statistic its columns show."""
     iters = ",".join(sorted({str(r["iters"]) for r in records})) or "?"
     return (f"# time/gemm/comm_ms per step: median (min-max) over {iters} timed iterations, each "
@@ -358,7 +366,7 @@ def table_caption(records: Sequence[dict]) -> str:
             "flags: docs/statistics.md")
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width text table of records under :func:`table_caption`."""
     rows = [list(table_row(r).values()) for r in records]
     heads = list(table_row(records[0])) if records else []

@@ -9,12 +9,13 @@ summed over ranks.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
 from ..core import colltable
+from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, blas_info
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
 from .record import CollectiveRecord, mpi_library, utc_timestamp
@@ -34,7 +35,7 @@ def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
     return out
 
 
-def time_collective(op: str, count: int, dtype, comm: MPI.Comm, backend: Backend, *,
+def time_collective(op: str, count: int, dtype: DTypeLike, comm: MPI.Comm, backend: Backend, *,
                     warmup: int = 2, iters: int = 10, check: bool = True) -> CollectiveRecord:
     """One row of the collective benchmark: ``op`` with S = ``count`` elements (rounded down to
     a multiple of P where the op splits S). The record on every rank. Collective."""
@@ -54,7 +55,7 @@ def time_collective(op: str, count: int, dtype, comm: MPI.Comm, backend: Backend
         wrong=body.wrong(comm) if check else None)
 
 
-def format_row(rec: dict, header: bool = False) -> str:
+def format_row(rec: Mapping[str, Any], header: bool = False) -> str:
     """nccl-tests-like line: size (B), count, type, time (us), algbw, busbw (GB/s), #wrong."""
     widths = (12, 12, 8, 10, 8, 8, 7)
     if header:
@@ -68,7 +69,7 @@ def format_row(rec: dict, header: bool = False) -> str:
     return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
 
-def _uniform(xp, shape: tuple, dtype):
+def _uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
     """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
     rate, depend on the data: constant operands would flatter it)."""
     return (xp.random.random(shape) * 2 - 1).astype(dtype)
@@ -169,8 +170,8 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
     """Fit alpha/beta per collective and communicator size (sub-communicators of the first P
     ranks of ``comm`` for each P in ``ranks``, default 2, 4, ... and the full size) over
     ``sizes`` (bytes), and GEMM rates per dtype and shape class. On a GPU backend the rates
-    (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and the
-    pinned copy bandwidth are measured by one rank per device, all devices at once (the model
+    (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and
+    the pinned copy bandwidth are measured by one rank per device, all devices at once (the model
     scales them by the ranks sharing a device). Collective; the result on every rank."""
     world = comm.Get_size()
     say = progress or (lambda what: None)

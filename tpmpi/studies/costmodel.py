@@ -13,8 +13,8 @@ below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rat
 :data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`, :data:`DEFAULT_STAGING`) apply. A dtype the
 calibration lacks takes the same backend's float32 rates (never another backend's).
 
-GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and the pinned
-host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
+GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and the
+pinned host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
 product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
 staged (:func:`tpmpi.core.colltable.staged_bytes` down and up, MPI on host buffers in between)
 through the staging pipeline of pieces of :data:`tpmpi.core.staging.STAGING_CHUNK_BYTES`:
@@ -178,7 +178,7 @@ class Calibration:
                 "rates": self.rates, "staging": self.staging}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Calibration":
+    def from_json(cls, data: dict) -> Calibration:
         rates = json.loads(json.dumps(DEFAULT_RATES))
         rates.update(data.get("rates", {}))
         return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,
@@ -291,7 +291,8 @@ class _Tally:
         return t
 
 
-def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
+def _column(t: _Tally, m: int, k: int, n: int, p: int, backward: bool,
+            chunks: Optional[int]) -> float:
     np_ = largest_block(n, p)
     c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
     mc = largest_block(m, c)
@@ -310,7 +311,7 @@ def _column(t: _Tally, m, k, n, p, backward, chunks) -> float:
     return (m * k + k * np_ + m * n + (m * np_ if c == 1 else 2 * mc * np_)) * t.b
 
 
-def _row(t: _Tally, m, k, n, p, backward) -> float:
+def _row(t: _Tally, m: int, k: int, n: int, p: int, backward: bool) -> float:
     kp = largest_block(k, p)
     t.gemm(m, kp, n)
     t.coll("allreduce", p, m * n)
@@ -322,7 +323,8 @@ def _row(t: _Tally, m, k, n, p, backward) -> float:
     return (m * k + kp * n + m * n) * t.b
 
 
-def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
+def _mlp_tile2d(t: _Tally, m: int, k: int, n: int, h: int, pr: int, pc: int, backward: bool
+                ) -> float:
     """The tile2d FFN: two tile2d layers on the pr x pc grid; gradients are final for fc2,
     then fc1."""
     mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
@@ -333,7 +335,8 @@ def _mlp_tile2d(t: _Tally, m, k, n, h, pr, pc, backward) -> float:
     return mem
 
 
-def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
+def _mlp(t: _Tally, m: int, k: int, n: int, h: int, p: int, backward: bool, mode: str,
+         overlap: bool = True) -> float:
     """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
     for fc2, then fc1."""
     hp, np_ = largest_block(h, p), largest_block(n, p)
@@ -381,7 +384,7 @@ def _mlp(t: _Tally, m, k, n, h, p, backward, mode, overlap=True) -> float:
     return w + act * t.b
 
 
-def _tile2d_backward(t: _Tally, m, k, n, pr, pc) -> float:
+def _tile2d_backward(t: _Tally, m: int, k: int, n: int, pr: int, pc: int) -> float:
     """tile2d backward (forward panels cached): the dX and dW GEMMs and their reduce-scatters;
     returns the panel workspace."""
     mr, nc = largest_block(m, pr), largest_block(n, pc)
@@ -392,8 +395,10 @@ def _tile2d_backward(t: _Tally, m, k, n, pr, pc) -> float:
     return 2 * (mr + nc) * k * t.b
 
 
-def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
-    mr, nc, kr, kc = largest_block(m, pr), largest_block(n, pc), largest_block(k, pr), largest_block(k, pc)
+def _tile2d(t: _Tally, m: int, k: int, n: int, pr: int, pc: int, backward: bool,
+            panel: Optional[int]) -> float:
+    mr, nc = largest_block(m, pr), largest_block(n, pc)
+    kr, kc = largest_block(k, pr), largest_block(k, pc)
     own = (mr * kc + kr * nc + mr * nc) * t.b
     if panel:
         kb = max(1, min(int(panel), max(k, 1)))
@@ -407,7 +412,7 @@ def _tile2d(t: _Tally, m, k, n, pr, pc, backward, panel) -> float:
         t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
                            + sent_bytes("bcast", pr, kb * nc * t.b))
         t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped
-        panels = panel_workspace_bytes(mr, nc, kb, t.b)
+        panels: float = panel_workspace_bytes(mr, nc, kb, t.b)
     else:
         t.coll("allgather", pc, mr * k)
         t.coll("allgather", pr, k * nc)
@@ -424,7 +429,7 @@ MODELLED = ("column", "row", "mlp", "tile2d")
 
 def square_grid(p: int) -> tuple[int, int]:
     """The most nearly square ``(pr, pc)`` with ``pr <= pc`` and ``pr * pc == p``."""
-    pr = max(r for r in range(1, int(math.isqrt(p)) + 1) if p % r == 0)
+    pr = max(r for r in range(1, math.isqrt(p) + 1) if p % r == 0)
     return pr, p // pr
 
 
@@ -539,8 +544,9 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
     for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
                        backward=backward, options=tuple(sorted(opts.items())))
-        preds.append(predict(prob, ranks, grid, calibration, backend, dp=dp,
-                             bucket_bytes=bucket_bytes))
+        pred = predict(prob, ranks, grid, calibration, backend, dp=dp, bucket_bytes=bucket_bytes)
+        assert pred is not None, f"the model knows every candidate scheme ({scheme})"
+        preds.append(pred)
     return sorted(preds, key=lambda pr: pr.time_s)
 
 
@@ -568,7 +574,7 @@ def _parts(p: Prediction) -> dict[str, float]:
 def _versus(first: Prediction, other: Prediction) -> str:
     """``other`` against ``first``: its time and the component it loses most on."""
     diff = {name: v - _parts(first)[name] for name, v in _parts(other).items()}
-    worst = max(diff, key=diff.get)
+    worst = max(diff, key=lambda name: diff[name])
     lost = (other.time_s - first.time_s) * 1e3
     return (f"{other.label} ({other.time_s * 1e3:.3f} ms) loses {lost:.3f} ms, most on {worst} "
             f"(+{diff[worst] * 1e3:.3f} ms)")

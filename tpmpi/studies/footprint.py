@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from ..core.layout import LinearLayouts, block_bounds
 from ..core.mappings import mapping_class
-from ..layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
+from ..layers import ColumnParallelLinear, ParallelLinear, ParallelMLP, RowParallelLinear, \
+    TileParallelLinear
 
 Array = tuple[tuple[int, ...], str]  # (global shape, layout)
 
-SCHEME_LAYERS = {"column": ColumnParallelLinear, "row": RowParallelLinear,
-                 "tile2d": TileParallelLinear, "mlp": ParallelMLP}
+SCHEME_LAYERS: dict[str, type[Union[ParallelLinear, ParallelMLP]]] = {
+    "column": ColumnParallelLinear, "row": RowParallelLinear, "tile2d": TileParallelLinear,
+    "mlp": ParallelMLP}
 """The layer class each scheme of the CLI runs."""
 
 
@@ -43,13 +45,14 @@ def linear_arrays(lay: LinearLayouts, m: int, k: int, n: int, backward: bool
                   ) -> tuple[list[Array], list[Array]]:
     """(forward, backward) arrays of a (k, n) linear layer on an (m, k) input, besides its x
     (forward) and dy (backward)."""
-    fwd = [((m, k), lay.x_local)] if _allocates(lay.x, lay.x_local) else []
+    fwd: list[Array] = [((m, k), lay.x_local)] if _allocates(lay.x, lay.x_local) else []
     fwd += [((k, n), lay.weight), ((n,), lay.bias), ((m, n), lay.y_local)]
     if _allocates(lay.y_local, lay.y):
         fwd.append(((m, n), lay.y))
     if not backward:
         return fwd, []
-    bwd = [((m, n), lay.y_local)] if _allocates(lay.y_local, lay.y, adjoint=True) else []
+    bwd: list[Array] = ([((m, n), lay.y_local)] if _allocates(lay.y_local, lay.y, adjoint=True)
+                        else [])
     if _allocates(lay.x, lay.x_local):  # x gathered again (not kept from forward)
         bwd.append(((m, k), lay.x_local))
     bwd.append(((m, k), lay.x_local))  # the GEMM's dx (partial sums for a replicated x)
@@ -65,7 +68,7 @@ def _arrays(p: Any) -> Optional[list[Array]]:
     if cls is None:
         return None
     m, k, n, opts = p.m, p.k, p.n, p.opts
-    if cls is not ParallelMLP:
+    if issubclass(cls, ParallelLinear):
         lay = cls.layouts_for(**opts)
         fwd, bwd = linear_arrays(lay, m, k, n, p.backward)
         return [((m, k), lay.x)] + fwd + ([((m, n), lay.y)] + bwd if p.backward else [])
@@ -80,8 +83,8 @@ def _arrays(p: Any) -> Optional[list[Array]]:
 
 
 def bytes_per_rank(p: Any, grid_shape: tuple[int, int]) -> Optional[int]:
-    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.studies.problem.Problem`) holds on the
-    rank with the largest blocks (grid coordinates (0, 0): block partitions give the first
+    """Lower bound of the bytes a run of ``p`` (a :class:`tpmpi.studies.problem.Problem`) holds on
+    the rank with the largest blocks (grid coordinates (0, 0): block partitions give the first
     parts the remainder); None for an unknown scheme."""
     arrays = _arrays(p)
     if arrays is None:

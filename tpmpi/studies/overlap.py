@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from ..core.agreement import agree_checks
 from ..core.args import check_int
+from ..core.arrays import Array
 from ..layers.data_parallel import DataParallel
 from .timing import time_calls
 
@@ -57,12 +58,12 @@ class OverlapTimes:
 def median_time(call: Callable[[], Any], comm: MPI.Comm, sync: Optional[Callable[[], None]],
                 warmup: int, iters: int) -> float:
     """Median over ``iters`` samples (after ``warmup`` calls) of the slowest rank's time of
-    ``call()`` (:func:`tpmpi.studies.timing.time_calls`: each started by a Barrier, ended by ``sync``,
-    a device sync or None). Collective over ``comm``."""
+    ``call()`` (:func:`tpmpi.studies.timing.time_calls`: each started by a Barrier, ended by
+    ``sync``, a device sync or None). Collective over ``comm``."""
     return float(np.median(time_calls([call], comm, sync=sync, warmup=warmup, iters=iters)))
 
 
-def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, warmup: int = 1,
+def measure_overlap(layers: Any | Sequence[Any], call: Callable[[], Any], *, warmup: int = 1,
                     iters: int = 5) -> OverlapTimes:
     """Time ``call()`` (one call of the layer(s), e.g. ``lambda: layer(x)`` or ``lambda:
     layer.backward(dy)``; pass ``[mlp.fc1, mlp.fc2]`` for a composite) as is, with every
@@ -92,7 +93,7 @@ def measure_overlap(layers: "Any | Sequence[Any]", call: Callable[[], Any], *, w
     return OverlapTimes(overall, *times)
 
 
-def measure_dp_overlap(dp: DataParallel, dy, *, warmup: int = 1, iters: int = 5
+def measure_dp_overlap(dp: DataParallel, dy: Array, *, warmup: int = 1, iters: int = 5
                        ) -> OverlapTimes:
     """How much of the DP gradient Allreduce the backward pass hides (OSU convention,
     :func:`overlap_percent`): ``overall`` = ``dp.backward(dy)``, ``compute`` =

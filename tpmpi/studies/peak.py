@@ -1,7 +1,7 @@
 """The device's measured GEMM peak, and a run record's local GEMM throughput as a fraction of it.
 
-``python -m tpmpi.studies.peak --backend cupy --dtype float16 --n 8192 [--records runs.jsonl]`` times
-one big square GEMM alone on one process (cuBLAS on a GPU, the BLAS on a CPU) and prints its
+``python -m tpmpi.studies.peak --backend cupy --dtype float16 --n 8192 [--records runs.jsonl]``
+times one big square GEMM alone on one process (cuBLAS on a GPU, the BLAS on a CPU) and prints its
 GFLOP/s as one JSON line; with ``--records`` it also prints, for each record of that dtype and
 backend, the fraction of that peak that the record's local GEMMs reached.
 """
@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from ..core.arrays import DTypeLike
 from ..core.backend import BACKENDS, Backend, blas_info, get_backend
 from ..core.dtypes import SUPPORTED
 from ..core.init import init_weight
@@ -19,8 +20,8 @@ from .record import write_record
 from .timing import time_calls
 
 
-def gemm_peak(backend: Backend, n: int = 8192, dtype="float32", *, warmup: int = 2,
-              iters: int = 5) -> float:
+def gemm_peak(backend: Backend, n: int = 8192, dtype: DTypeLike = "float32", *,
+              warmup: int = 2, iters: int = 5) -> float:
     """Best GFLOP/s of ``n x n @ n x n`` over ``iters`` timed products (after ``warmup``),
     each bracketed by stream syncs (:func:`tpmpi.studies.timing.time_calls` on this process)."""
     a = init_weight((n, n), 1, dtype, backend=backend, bound=1.0)

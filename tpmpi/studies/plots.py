@@ -14,9 +14,15 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .stats import short
+
+if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import Formatter
 
 COLORS = [f"C{i}" for i in range(10)]  # matplotlib's default cycle (tab10)
 MARKERS = ("o", "s", "D", "^", "v", "<", ">", "p", "X", "h")
@@ -27,7 +33,7 @@ PARTS = (("local GEMM", "C0"), ("communication (blocked)", "C1"),
          ("other (Python, copies)", "C7"))  # the stacked shares of breakdown.png
 
 
-def plt():
+def plt() -> ModuleType:
     """matplotlib.pyplot on the Agg backend; ValueError naming the extra when missing."""
     try:
         import matplotlib
@@ -48,13 +54,13 @@ def styles(labels: Sequence[str]) -> dict:
     return out
 
 
-def spans_decades(values: Sequence[float]) -> bool:
+def spans_decades(values: Sequence[Optional[float]]) -> bool:
     """Whether the positive ``values`` span a factor of :data:`DECADE` or more."""
     pos = [v for v in values if v is not None and v > 0]
     return bool(pos) and max(pos) / min(pos) >= DECADE
 
 
-def value_scale(ax, values: Sequence[float], axis: str = "y") -> str:
+def value_scale(ax: Axes, values: Sequence[Optional[float]], axis: str = "y") -> str:
     """Set ``axis`` of ``ax`` to "log" when ``values`` span decades, else "linear"; returns
     the scale."""
     scale = "log" if spans_decades(values) else "linear"
@@ -66,12 +72,12 @@ def value_scale(ax, values: Sequence[float], axis: str = "y") -> str:
     return scale
 
 
-def _plain_log():
+def _plain_log() -> Formatter:
     """matplotlib's LogFormatter choice of labelled ticks, printed as plain numbers."""
     from matplotlib.ticker import LogFormatter
 
     class PlainLog(LogFormatter):
-        def __call__(self, x, pos=None):
+        def __call__(self, x: float, pos: Optional[int] = None) -> str:
             return f"{x:g}" if super().__call__(x, pos) else ""
 
     return PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5))
@@ -87,8 +93,9 @@ def legend_cols(width_in: float, labels: Sequence[str]) -> int:
     return max(1, min(len(labels), int((width_in - 0.3) // _entry_in(labels))))
 
 
-def facets(pyplot, n: int, *, width: float = PANEL_IN[0], height: float = PANEL_IN[1],
-           legend_labels: Sequence[str] = (), max_cols: int = MAX_COLS):
+def facets(pyplot: ModuleType, n: int, *, width: float = PANEL_IN[0],
+           height: float = PANEL_IN[1], legend_labels: Sequence[str] = (),
+           max_cols: int = MAX_COLS) -> tuple[Figure, list[Axes]]:
     """A figure with ``n`` panels (a row of up to 3, else a near-square grid of up to
     ``max_cols`` columns), constrained layout, with room below the panels for a legend of
     ``legend_labels`` (at least two columns of entries wide); returns (fig, axes)."""
@@ -105,7 +112,7 @@ def facets(pyplot, n: int, *, width: float = PANEL_IN[0], height: float = PANEL_
     return fig, flat[:n]
 
 
-def legend(fig, handles_by_label: dict, sort: bool = True) -> None:
+def legend(fig: Figure, handles_by_label: dict[str, Any], sort: bool = True) -> None:
     """One figure legend below the panels (inside the figure), in as many columns as fit;
     entries in natural order (``sort``) or as given."""
     if handles_by_label:
@@ -114,19 +121,19 @@ def legend(fig, handles_by_label: dict, sort: bool = True) -> None:
                    ncols=legend_cols(fig.get_figwidth(), labels), fontsize="small")
 
 
-def suptitle(fig, text: str) -> None:
+def suptitle(fig: Figure, text: str) -> None:
     """A figure title wrapped to the figure's width."""
     fig.suptitle(textwrap.fill(text, max(30, int(fig.get_figwidth() * 12))), fontsize="medium")
 
 
-def save(pyplot, fig, out: str, name: str, files: list) -> None:
+def save(pyplot: ModuleType, fig: Figure, out: str, name: str, files: list[str]) -> None:
     """Write ``name`` into ``out`` and close the figure."""
     fig.savefig(os.path.join(out, name), dpi=110)
     pyplot.close(fig)
     files.append(name)
 
 
-def _rank_axis(ax, ranks: Sequence[int]) -> None:
+def _rank_axis(ax: Axes, ranks: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(ranks))
     ax.set_xticklabels([str(p) for p in ranks])
@@ -135,7 +142,8 @@ def _rank_axis(ax, ranks: Sequence[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def scaling(pyplot, panels: dict, out: str, files: list, note: str = "") -> None:
+def scaling(pyplot: ModuleType, panels: dict, out: str, files: list[str], note: str = ""
+            ) -> None:
     """time_vs_ranks.png and efficiency.png. ``panels`` = {panel title: {series label:
     [(P, median s, min s, max s, scaling efficiency)]}} in display order, points sorted by P;
     ``note`` (what all series share) goes into the titles."""
@@ -186,7 +194,8 @@ def scaling(pyplot, panels: dict, out: str, files: list, note: str = "") -> None
     save(pyplot, fig2, out, "efficiency.png", files)
 
 
-def breakdown(pyplot, panels: dict, out: str, files: list, note: str = "") -> None:
+def breakdown(pyplot: ModuleType, panels: dict, out: str, files: list[str], note: str = ""
+              ) -> None:
     """breakdown.png: per record, the local-GEMM, blocked-communication and other shares of its
     median step time (stacked to 100 %), the median in ms above each bar. ``panels`` =
     {panel title: [(bar label, time s, gemm s, comm s)]} in display order."""
@@ -223,11 +232,11 @@ def breakdown(pyplot, panels: dict, out: str, files: list, note: str = "") -> No
     save(pyplot, fig, out, "breakdown.png", files)
 
 
-def predicted(pyplot, points: dict, out: str, files: list) -> None:
+def predicted(pyplot: ModuleType, points: dict, out: str, files: list[str]) -> None:
     """predicted_vs_measured.png; ``points`` = {series label: [(measured s, predicted s)]}."""
     style = styles(list(points))
     fig, (ax,) = facets(pyplot, 1, width=5.0, height=4.4, legend_labels=list(points))
-    handles = {}
+    handles: dict[str, Any] = {}
     vals = [v * 1e3 for pts in points.values() for pair in pts for v in pair if v > 0]
     for label, pts in sorted(points.items()):
         color, marker = style[label]
@@ -245,7 +254,7 @@ def predicted(pyplot, points: dict, out: str, files: list) -> None:
     save(pyplot, fig, out, "predicted_vs_measured.png", files)
 
 
-def busbw(pyplot, panels: dict, out: str, files: list) -> None:
+def busbw(pyplot: ModuleType, panels: dict, out: str, files: list[str]) -> None:
     """busbw.png: one panel per collective; ``panels`` = {collective: {series label:
     [(size B, busbw GB/s)]}}."""
     labels = sorted({s for series in panels.values() for s in series})
@@ -271,7 +280,7 @@ def busbw(pyplot, panels: dict, out: str, files: list) -> None:
     save(pyplot, fig, out, "busbw.png", files)
 
 
-def _bytes_axis(ax, sizes: Sequence[int]) -> None:
+def _bytes_axis(ax: Axes, sizes: Sequence[int]) -> None:
     """Log2 x axis with ticks at powers of 16 bytes labelled B, KiB, MiB, GiB."""
     ax.set_xscale("log", base=2)
     lo, hi = min(sizes), max(sizes)
@@ -281,7 +290,7 @@ def _bytes_axis(ax, sizes: Sequence[int]) -> None:
         ax.set_xticklabels([_bytes(t) for t in ticks], fontsize="small")
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:g} {unit}"

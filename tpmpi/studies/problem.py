@@ -1,7 +1,7 @@
 """The workload the benchmarks run and the cost model prices: a :class:`Problem` is plain data
 (sizes, dtype, pass, scheme options) with no layers, grids or MPI behind it, so that the model
-(:mod:`tpmpi.studies.costmodel`) and the runnable schemes (:mod:`tpmpi.studies.schemes`) share one description
-and neither depends on the other."""
+(:mod:`tpmpi.studies.costmodel`) and the runnable schemes (:mod:`tpmpi.studies.schemes`) share one
+description and neither depends on the other."""
 from __future__ import annotations
 
 import dataclasses

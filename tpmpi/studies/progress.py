@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from .costmodel import Calibration, predict
+from .problem import Problem
 
 LONG_S = 5.0  # work estimated above this many seconds announces itself and shows progress
 
 
-def step_s(problem, ranks: int, grid: Sequence[int], calibration: Calibration, backend: str,
-           oversubscription: float = 1.0) -> float:
+def step_s(problem: Problem, ranks: int, grid: Sequence[int], calibration: Calibration,
+           backend: str, oversubscription: float = 1.0) -> float:
     """Predicted seconds of one timed step (0 for a scheme the model does not know)."""
     pred = predict(problem, ranks, grid, calibration, backend, oversubscription)
     return pred.time_s if pred else 0.0
 
 
-def case_units(problem, ranks: int, grid: Sequence[int], calibration: Calibration,
+def case_units(problem: Problem, ranks: int, grid: Sequence[int], calibration: Calibration,
                backend: str, *, warmup: int, iters: int, baseline: bool, overlap: bool = False,
                oversubscription: float = 1.0) -> list[tuple[str, float]]:
     """The units of work of :func:`tpmpi.studies.bench.run_case` in the order it reports them, with
@@ -43,14 +44,14 @@ def case_units(problem, ranks: int, grid: Sequence[int], calibration: Calibratio
     return units
 
 
-def case_s(*args, **kwargs) -> float:
+def case_s(*args: Any, **kwargs: Any) -> float:
     """Predicted seconds of :func:`tpmpi.studies.bench.run_case` (the sum of :func:`case_units`)."""
     return sum(t for _, t in case_units(*args, **kwargs))
 
 
 def duration(seconds: float) -> str:
     """``42 s``, ``3 min 20 s``, ``1 h 05 min``."""
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
     if s < 3600:

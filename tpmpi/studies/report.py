@@ -75,7 +75,7 @@ def _labels(keys: Iterable[tuple]) -> tuple[dict, str]:
     passes = {"fwd+bwd" if k[3] else "forward" for k in keys}
     labels = {}
     for key in keys:
-        scheme, opts, dtype, bwd, two_d, kind, m, k, n, h = key
+        scheme, opts, dtype, bwd, two_d, _kind, _m, _k, _n, h = key
         parts = [scheme + (" 2D" if two_d else ""), opts, dtype if len(dtypes) > 1 else "",
                  ("fwd+bwd" if bwd else "forward") if len(passes) > 1 else "",
                  f"h={h}" if h else ""]
@@ -236,7 +236,7 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
                           for c in columns])
 
 
-def _fmt(v, f: str) -> str:
+def _fmt(v: object, f: str) -> str:
     return "–" if v is None else f.format(v)
 
 
@@ -248,16 +248,16 @@ def _range(row: dict, t: str) -> str:
 
 def _md_schemes(schemes: Sequence[dict]) -> list[str]:
     """report.md's measured table (one row per scheme record)."""
-    lines = ["Times per step in ms: **median (min–max)** over the timed iterations, each "
-             "iteration the slowest rank's. speedup = serial baseline / time; eff/core = "
-             "speedup × baseline threads / (P × threads per rank), both against the serial "
-             "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
-             "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
-             "efficiency.png. Flags: docs/statistics.md. Also in report.csv.", "",
-             "| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
-             "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-             "---|"]
+    lines = [("Times per step in ms: **median (min–max)** over the timed iterations, each "
+              "iteration the slowest rank's. speedup = serial baseline / time; eff/core = "
+              "speedup × baseline threads / (P × threads per rank), both against the serial "
+              "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
+              "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
+              "efficiency.png. Flags: docs/statistics.md. Also in report.csv."), "",
+             ("| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
+              "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |"),
+             ("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+              "---|")]
     for row in table_rows(schemes):
         lines.append(
             f"| {row['layout']}" + (f" h={row['hidden']}" if row["hidden"] else "")
@@ -277,8 +277,8 @@ def _md_collectives(colls: Sequence[dict]) -> list[str]:
     for r in colls:
         best[(r["collective"], r["ranks"], r["dtype"])] = max(
             best[(r["collective"], r["ranks"], r["dtype"])], r.get("busbw_gbs") or 0.0)
-    lines = ["Collectives: time is the mean of back-to-back calls (nccl-tests convention), "
-             "per size in collectives.csv.", "",
+    lines = [("Collectives: time is the mean of back-to-back calls (nccl-tests convention), "
+              "per size in collectives.csv."), "",
              "| collective | P | dtype | peak busbw GB/s | #wrong |",
              "|---|---:|---|---:|---:|"]
     for (op, p, dtype), bw in sorted(best.items()):
@@ -291,10 +291,10 @@ def _md_collectives(colls: Sequence[dict]) -> list[str]:
 def _md_accuracy(acc: dict) -> list[str]:
     """report.md's cost-model accuracy section (:func:`accuracy`)."""
     lines = ["## Cost model accuracy", "",
-             f"median \\|predicted − measured\\| / measured: {acc['median_rel_err']:.1%} "
-             f"over {acc['records']} records (max {acc['max_rel_err']:.1%}); predicted "
-             f"fastest layout = measured fastest in {acc['ranked_first']} of "
-             f"{acc['problems']} problems.", ""]
+             (f"median \\|predicted − measured\\| / measured: {acc['median_rel_err']:.1%} "
+              f"over {acc['records']} records (max {acc['max_rel_err']:.1%}); predicted "
+              f"fastest layout = measured fastest in {acc['ranked_first']} of "
+              f"{acc['problems']} problems."), ""]
     for p in acc["picks"]:
         lines.append(f"- {p['problem']}: measured fastest `{p['measured_fastest']}`, "
                      f"predicted `{p['predicted_fastest']}` ({p['loss']:.2f}x)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -94,7 +94,7 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
     grids like scheme tile2d)."""
     dims = dict(dims, **({dim: list(sizes)} if sizes else {}))
     names = ("m", "k", "n", "hidden")
-    out = []
+    out: list[Config] = []
     for p in sorted(ranks, reverse=True):
         for *shape, scheme, dtype in itertools.product(*(dims[d] for d in names), schemes,
                                                       dtypes):
@@ -130,8 +130,8 @@ def estimate(cfgs: Sequence[Config], backend: str, calibration: Optional[Calibra
     return out
 
 
-def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: "bool | dict",
-                **timing) -> RunRecord:
+def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: bool | dict,
+                **timing: Any) -> RunRecord:
     """The record of one configuration on the communicator ``sub`` of its ranks: a
     :class:`~tpmpi.Mesh` of ``cfg.dp`` replicas, or a grid (BLAS threads as the caller
     configured them). Collective over ``sub``."""
@@ -144,7 +144,7 @@ def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: "bool
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
               warmup: int, iters: int, baseline: bool, calibration: Optional[Calibration],
-              on_record: Callable[[dict], None], measure_overlap: bool = False,
+              on_record: Callable[[Mapping[str, Any]], None], measure_overlap: bool = False,
               bucket_bytes: int = BUCKET_BYTES) -> None:
     """Run every configuration on the first ``ranks`` ranks of ``world``; ``on_record`` is
     called on rank 0 with each record. With ``baseline``, one serial baseline per distinct
@@ -187,7 +187,7 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
 
 def collective_sweep(world: MPI.Comm, ops: Iterable[str], sizes: Sequence[int],
                      ranks: Sequence[int], dtype: str, backend: Backend, *, warmup: int,
-                     iters: int, on_record: Callable[[dict], None],
+                     iters: int, on_record: Callable[[Mapping[str, Any]], None],
                      out: Callable[[str], None]) -> None:
     """nccl-tests-style table (``out`` on rank 0) and records for each op, P and size in bytes.
     Collective over ``world``."""

@@ -1,8 +1,8 @@
 """The timing loop of every benchmark (:func:`time_calls`): the one statistic policy
 (docs/statistics.md). Every sample starts after a stream sync and a Barrier, ends with a stream
 sync, and is the slowest rank's time; callers summarise the samples with
-:func:`tpmpi.studies.stats.summary` (median, min, max) or take the best. Per-layer accounting of GEMM
-and communication time is :class:`tpmpi.core.profiler.Profiler`.
+:func:`tpmpi.studies.stats.summary` (median, min, max) or take the best. Per-layer accounting of
+GEMM and communication time is :class:`tpmpi.core.profiler.Profiler`.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ both alike. ``ratio`` = bare time / tpmpi time (of the medians; ``ratio_*_best``
 rounds, the steadier figure on a loaded machine: ``--best``): 1.0 is as fast as the bare
 products; at P > 1 on a shared device it shows what communication and staging add to the
 same arithmetic. ``pred_*`` is the cost model's prediction for the run
-(:func:`tpmpi.studies.costmodel.predict` with ``--calibration``), ``err_*`` its relative error against
-the measured median.
+(:func:`tpmpi.studies.costmodel.predict` with ``--calibration``), ``err_*`` its relative error
+against the measured median.
 
 Each case prints one line on rank 0 and appends one JSON record to ``--json``;
 ``python -m tpmpi.studies.vsbare --table FILE.jsonl ...`` prints the side-by-side markdown table of
@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
+from ..core.arrays import Array
 from ..core.backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
     get_backend
 from ..core.comm import polite_barrier
@@ -40,13 +41,15 @@ from .bench import oversubscription
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .problem import Problem
 from .record import mpi_library, write_record
-from .schemes import KNOWN as SCHEMES, bare_products, build
+from .report import load as load_records
+from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
 from .timing import time_calls
 
 PHASES = ("fwd", "fwdbwd")
 
 
-def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[bool], None]]:
+def _torch_step(arrays: tuple[Array, Array, Array, Array], backend: Backend
+                ) -> Optional[Callable[[bool], None]]:
     """The bare products in torch on the same arrays (DLPack, no copy; through float32 for a
     dtype DLPack cannot carry), tried once; None without torch or when the try fails (the
     reason printed)."""
@@ -55,7 +58,7 @@ def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[b
     except ImportError:
         return None
 
-    def tensor(a):
+    def tensor(a: Array) -> Any:
         try:
             return torch.from_dlpack(a)
         except (BufferError, RuntimeError, TypeError):
@@ -63,7 +66,8 @@ def _torch_step(arrays: Sequence[Any], backend: Backend) -> Optional[Callable[[b
 
     try:
         sync = torch.cuda.synchronize if backend.is_gpu else (lambda: None)
-        step = bare_products(torch.matmul, *map(tensor, arrays), sync)
+        x, w, b, dy = (tensor(a) for a in arrays)
+        step = bare_products(torch.matmul, x, w, b, dy, sync)
         step(True)
     except Exception as exc:  # noqa: BLE001 - torch is an optional comparison
         print(f"torch comparison skipped: {type(exc).__name__}: {exc}", flush=True)
@@ -77,7 +81,7 @@ inflate (meaningful for one rank with one BLAS thread on a CPU: MPI's busy polli
 other threads count too)."""
 
 
-def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
+def _bare_steps(case: LayerCase, backend: Backend, with_torch: bool) -> dict:
     """``{"bare": step(backward)}`` of the case's bare products on one process, and
     ``"torch"``'s on the same arrays for a linear scheme with torch installed."""
     if case.problem.scheme == "mlp":
@@ -90,7 +94,7 @@ def _bare_steps(case, backend: Backend, with_torch: bool) -> dict:
     return steps
 
 
-def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool,
+def time_case(case: LayerCase, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool,
               clock: str = "wall") -> dict:
     """Seconds of each of ``iters`` rounds (after ``warmup``) per measurement: ``fwd`` and
     ``fwdbwd`` of the layers (slowest rank), ``bare_fwd``, ``bare_fwdbwd`` and (with torch)
@@ -115,7 +119,7 @@ def time_case(case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool
         polite_barrier(comm)
         for name, step in steps.items():
             for phase, backward in zip(PHASES, (False, True)):
-                times[f"{name}_{phase}"] = seconds(lambda: step(backward))
+                times[f"{name}_{phase}"] = seconds(partial(step, backward))
         polite_barrier(comm)
         if i >= warmup:
             for name, t in times.items():
@@ -137,22 +141,23 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
                       hidden=(hidden or k) if scheme == "mlp" else None, dtype=dtype,
                       backward=True)
     case = build(problem, grid, backend)
-    rec = {"scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
-           "n": problem.n, "hidden": problem.hidden, "dtype": dtype, "backend": backend.name,
-           "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters,
-           "clock": clock}
+    rec: dict[str, Any] = {
+        "scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
+        "n": problem.n, "hidden": problem.hidden, "dtype": dtype, "backend": backend.name,
+        "gpu_aware": case.backend.gpu_aware, "warmup": warmup, "iters": iters, "clock": clock}
     for name, times in time_case(case, comm, warmup=warmup, iters=iters,
                                  with_torch=with_torch, clock=clock).items():
         rec[f"{name}_s"], rec[f"{name}_best_s"] = statistics.median(times), min(times)
-    conditions = {"oversubscription": oversubscription(grid.comm, configured_blas_threads(),
-                                                       case.backend),
-                  "staged": case.backend.is_gpu and not case.backend.gpu_aware}
+    conditions: dict[str, Any] = {
+        "oversubscription": oversubscription(grid.comm, configured_blas_threads(), case.backend),
+        "staged": case.backend.is_gpu and not case.backend.gpu_aware}
     rec.update(conditions)
     for phase, backward in zip(PHASES, (False, True)):
         rec[f"ratio_{phase}"] = rec[f"bare_{phase}_s"] / rec[f"{phase}_s"]
         rec[f"ratio_{phase}_best"] = rec[f"bare_{phase}_best_s"] / rec[f"{phase}_best_s"]
         pred = predict(dataclasses.replace(problem, backward=backward), p, grid.shape,
                        calibration or Calibration(), backend.name, **conditions)
+        assert pred is not None, f"the cost model knows scheme {scheme!r}"
         rec[f"pred_{phase}_s"] = pred.time_s
         rec[f"err_{phase}"] = pred.time_s / rec[f"{phase}_s"] - 1
     rec["mpi_library"] = mpi_library()
@@ -238,9 +243,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
-        records = [json.loads(line) for path in args.table for line in open(path)
-                   if line.strip()]
-        print(format_table(records, args.best))
+        print(format_table(load_records(args.table), args.best))
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)
@@ -281,7 +284,7 @@ def run() -> None:
 
     try:
         code = main()
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)

@@ -3,40 +3,43 @@ around one layer object), the deterministic inputs, the serial bare products and
 verification helpers."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from mpi4py import MPI
 
+from ...core.arrays import Array
 from ...core.backend import Backend
 from ...core.grid import ProcessGrid
 from ...core.init import init_weight
 from ...core.layout import local_slices
 from ...core.profiler import Profiler
+from ...layers.base import ParallelLinear
 from ...layers.module import named_layers
 from ..problem import Problem
 
 
 X_SEED, DY_SEED = 1001, 1002  # seeds of the deterministic X and dY
 
-Block = tuple  # (rows slice, cols slice)
+Block = tuple[slice, ...]  # (rows slice, cols slice)
 WHOLE: Block = (slice(None), slice(None))
 
 
-def inputs(p: Problem, n_out: int, backend=None, x_block: Block = WHOLE,
-           dy_block: Block = WHOLE) -> tuple:
+def inputs(p: Problem, n_out: int, backend: Optional[Backend] = None, x_block: Block = WHOLE,
+           dy_block: Block = WHOLE) -> tuple[Array, Array]:
     """Blocks of the problem's deterministic X (m, k) and dY (m, n_out), uniform(-1, 1) from the
     layout-invariant initialiser (any rank can generate any block alone); every data-parallel
     replica has its own."""
     shift = 2 * p.replica
-    return (init_weight((p.m, p.k), X_SEED + shift, p.dtype, *x_block, backend=backend,
+    (xr, xc), (dyr, dyc) = x_block, dy_block
+    return (init_weight((p.m, p.k), X_SEED + shift, p.dtype, xr, xc, backend=backend,
                         bound=1.0),
-            init_weight((p.m, n_out), DY_SEED + shift, p.dtype, *dy_block, backend=backend,
+            init_weight((p.m, n_out), DY_SEED + shift, p.dtype, dyr, dyc, backend=backend,
                         bound=1.0))
 
 
-def bare_products(matmul: Callable, x, w, b, dy, sync: Callable[[], None]
-                  ) -> Callable[[bool], None]:
+def bare_products(matmul: Callable[[Any, Any], Any], x: Any, w: Any, b: Any, dy: Any,
+                  sync: Callable[[], None]) -> Callable[[bool], None]:
     """``step(backward)``: ``x @ w + b`` and, with ``backward``, ``dy @ w.T``, ``x.T @ dy`` and
     ``dy.sum(0)``, then ``sync()``; for any array library with this syntax (NumPy, CuPy,
     torch) and its ``matmul``."""
@@ -49,13 +52,21 @@ def bare_products(matmul: Callable, x, w, b, dy, sync: Callable[[], None]
 
 
 class Case:
-    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers`` and
-    ``comm``, and implement the methods below."""
+    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers``,
+    ``comm``, ``backend`` (the layers') and ``layers`` (the ParallelLinear objects, for
+    overlap measurements and staging counters), and implement the methods below."""
 
     problem: Problem
     flops: float = 0.0
     profilers: Sequence[Profiler] = ()
     comm: MPI.Comm
+    backend: Backend
+    layers: list[ParallelLinear]
+
+    def attach_profilers(self) -> list[Profiler]:
+        """Time the GEMM and communication regions of the case's layers from now on (the
+        benchmark's split of compute and communication). Returns the layers' profilers."""
+        raise NotImplementedError
 
     def forward(self) -> None:
         """One forward pass on the case's input."""
@@ -74,7 +85,7 @@ class Case:
         return lambda backward=None: step(self.problem.backward if backward is None
                                           else backward)
 
-    def full_arrays(self, backend: Backend) -> tuple:
+    def full_arrays(self, backend: Backend) -> tuple[Array, Array, Array, Array]:
         """The global X (m, k), W (k, n), b (n,) and dY (m, n) of a one-layer problem."""
         p = self.problem
         x, dy = inputs(p, p.n, backend)
@@ -92,8 +103,8 @@ class LayerCase(Case):
     initialiser, each rank generating only its block of the layer's declared layouts of x and
     y (``layer.layouts``)."""
 
-    def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer,
-                 *, n_out: int, flops: float):
+    def __init__(self, problem: Problem, grid: ProcessGrid, backend: Backend, layer: Any,
+                 *, n_out: int, flops: float) -> None:
         p = self.problem = problem
         self.comm, self.grid, self.backend, self.layer = grid.comm, grid, backend, layer
         self.x, self.dy = inputs(p, n_out, backend,
@@ -140,12 +151,18 @@ def collective_rel_err(comm: MPI.Comm, pairs: Sequence[tuple]) -> float:
     return float(max(errs, default=0.0))
 
 
-def host64(backend: Backend, a) -> np.ndarray:
-    """``a`` as a float64 NumPy array (None stays None)."""
-    return None if a is None else backend.to_host(a).astype(np.float64)
+def host64(backend: Backend, a: Array) -> np.ndarray:
+    """``a`` as a float64 NumPy array."""
+    return backend.to_host(a).astype(np.float64)
 
 
-def shard_pairs(layer, grads: dict) -> list[tuple]:
+def bias64(backend: Backend, b: Optional[Array]) -> Union[np.ndarray, float]:
+    """A bias as a float64 NumPy array, or 0.0 for none (``x @ w + bias64(...)`` is the
+    reference product either way)."""
+    return 0.0 if b is None else host64(backend, b)
+
+
+def shard_pairs(layer: ParallelLinear, grads: dict) -> list[tuple]:
     """(local gradient, reference) pairs of a layer whose global reference gradients are
     ``grads["weight"]`` (K, N) and ``grads["bias"]`` (N,): each sliced to the rank's shard."""
     pairs = [(layer.grad_weight, grads["weight"][layer.shard])]

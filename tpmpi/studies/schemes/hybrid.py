@@ -13,6 +13,7 @@ from ...core.comm import allreduce
 from ...core.grid import ProcessGrid
 from ...core.mesh import Mesh
 from ...core.partition import block_range, largest_block
+from ...core.profiler import Profiler
 from ...layers.data_parallel import BUCKET_BYTES, DataParallel
 from ..problem import Problem
 from .base import Case, collective_rel_err, host64
@@ -26,7 +27,7 @@ class DataParallelCase(Case):
     DP traffic."""
 
     def __init__(self, problem: Problem, mesh: Mesh, backend: Backend, *,
-                 bucket_bytes: int = BUCKET_BYTES):
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
         a, b = block_range(problem.m, mesh.dp, mesh.dp_rank)
         self.inner = build(dataclasses.replace(problem, m=b - a, replica=mesh.dp_rank),
                            mesh.tp, backend)
@@ -39,7 +40,7 @@ class DataParallelCase(Case):
         self.backend = self.inner.backend  # with the TP grid's GPU-aware decision
         self.flops = mesh.comm.allreduce(self.inner.flops if mesh.tp.rank == 0 else 0.0)
 
-    def attach_profilers(self) -> list:
+    def attach_profilers(self) -> list[Profiler]:
         """Time the TP layers' regions and the DP gradient communication from now on (the
         benchmark's); returns the layers' profilers."""
         self.dp.attach_profiler()
@@ -79,7 +80,7 @@ def largest_replica(problem: Problem, dp: int) -> Problem:
     return dataclasses.replace(problem, m=largest_block(problem.m, dp))
 
 
-def build_case(problem: Problem, where: "ProcessGrid | Mesh", backend: Backend, *,
+def build_case(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                bucket_bytes: int = BUCKET_BYTES) -> Case:
     """The case of ``problem`` on a grid (:func:`tpmpi.studies.schemes.build`) or on a mesh (a
     :class:`DataParallelCase`)."""

@@ -12,7 +12,7 @@ from ...core.layout import scatter
 from ...layers import ParallelMLP
 from ...layers.activations import get_activation
 from ..problem import Problem
-from .base import LayerCase, collective_rel_err, host64, inputs, shard_pairs
+from .base import LayerCase, bias64, collective_rel_err, host64, inputs, shard_pairs
 
 
 class MLPCase(LayerCase):
@@ -58,11 +58,11 @@ class MLPCase(LayerCase):
         self.fresh_step()
         act, act_grad = get_activation(mlp.activation)
         w1, w2 = host64(be, mlp.fc1.gather_weight()), host64(be, mlp.fc2.gather_weight())
-        b1, b2 = host64(be, mlp.fc1.gather_bias()), host64(be, mlp.fc2.gather_bias())
+        b1, b2 = bias64(be, mlp.fc1.gather_bias()), bias64(be, mlp.fc2.gather_bias())
         x, dy = (a.astype("float64") for a in inputs(self.problem, self.problem.k))
-        pre = x @ w1 + (b1 if b1 is not None else 0)
+        pre = x @ w1 + b1
         a = act(pre)
-        y_ref = a @ w2 + (b2 if b2 is not None else 0)
+        y_ref = a @ w2 + b2
         dpre = (dy @ w2.T) * act_grad(pre)
         pairs = [(self.y, scatter(y_ref, self.grid, mlp.layouts.y)),
                  (self.dx, scatter(dpre @ w1.T, self.grid, mlp.layouts.x))]

@@ -7,13 +7,13 @@ from typing import Callable
 from ...core.backend import Backend
 from ...core.grid import ProcessGrid
 from ..problem import Problem
-from .base import Case
+from .base import LayerCase
 from .column import ColumnCase
 from .mlp import MLPCase
 from .row import RowCase
 from .tile2d import TileCase
 
-SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], Case]
+SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], LayerCase]
 REGISTRY: dict[str, SchemeBuilder] = {"column": ColumnCase, "row": RowCase, "mlp": MLPCase,
                                       "tile2d": TileCase}
 KNOWN = tuple(REGISTRY)
@@ -24,8 +24,9 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build(problem: Problem, grid: ProcessGrid, backend: Backend) -> Case:
-    """The :class:`Case` of ``problem``; ValueError for an unknown scheme."""
+def build(problem: Problem, grid: ProcessGrid, backend: Backend) -> LayerCase:
+    """The :class:`~tpmpi.studies.schemes.base.LayerCase` of ``problem``; ValueError for an
+    unknown scheme."""
     if problem.scheme not in REGISTRY:
         raise ValueError(f"scheme={problem.scheme!r} is unknown; available: "
                          f"{', '.join(available())}")

@@ -5,7 +5,7 @@ from ...core.backend import Backend
 from ...core.grid import ProcessGrid
 from ...layers import RowParallelLinear
 from ..problem import Problem
-from .base import LayerCase, collective_rel_err, host64, shard_pairs
+from .base import LayerCase, bias64, collective_rel_err, host64, shard_pairs
 
 
 class RowCase(LayerCase):
@@ -20,9 +20,9 @@ class RowCase(LayerCase):
     def verify(self) -> float:
         layer, be = self.layer, self.backend
         self.fresh_step()
-        w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
+        w, b = host64(be, layer.gather_weight()), bias64(be, layer.gather_bias())
         x, dy = host64(be, self.x), host64(be, self.dy)
-        y_ref = x @ w + (b if b is not None else 0)
+        y_ref = x @ w + b
         grads = {"weight": x.T @ dy, "bias": dy.sum(axis=0)}
         pairs = [(self.y, y_ref), (self.dx, dy @ w.T)] + shard_pairs(layer, grads)
         return collective_rel_err(self.comm, pairs)

@@ -12,7 +12,7 @@ from ...core.layout import gather, local_slices
 from ...core.tiling import multiple_for, round_size
 from ...layers import TileParallelLinear
 from ..problem import Problem
-from .base import LayerCase, collective_rel_err, host64, inputs, shard_pairs
+from .base import LayerCase, bias64, collective_rel_err, host64, inputs, shard_pairs
 
 
 class TileCase(LayerCase):
@@ -30,10 +30,10 @@ class TileCase(LayerCase):
     def verify(self) -> float:
         p, layer, be = self.problem, self.layer, self.backend
         self.fresh_step()
-        w, b = host64(be, layer.gather_weight()), host64(be, layer.gather_bias())
+        w, b = host64(be, layer.gather_weight()), bias64(be, layer.gather_bias())
         x, dy = (host64(be, a) for a in inputs(p, p.n))
         y = gather(self.y, self.grid, "tiles", (p.m, p.n))
-        y_ref = x @ w + (b if b is not None else 0)
+        y_ref = x @ w + b
         dx_ref = (dy @ w.T)[local_slices((p.m, p.k), self.grid, "tiles")]
         pairs = [(y, y_ref), (self.dx, dx_ref)]
         pairs += shard_pairs(layer, {"weight": x.T @ dy, "bias": dy.sum(axis=0)})
