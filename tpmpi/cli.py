@@ -477,10 +477,11 @@ def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequenc
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
-                   dps=args.dp, options={"panel": [v or None for v in args.panel or [0]],
-                            "chunks": [v or None for v in args.chunks or [0]],
-                            "mode": args.mode or [None], "activation": args.activation or [None],
-                            "overlap": [None] if args.overlap else [False]})
+                   dps=args.dp, options={
+                       "panel": [v or None for v in args.panel or [0]],
+                       "chunks": [v or None for v in args.chunks or [0]],
+                       "mode": args.mode or [None], "activation": args.activation or [None],
+                       "overlap": [None] if args.overlap else [False]})
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
