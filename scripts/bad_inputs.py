@@ -230,6 +230,8 @@ def _matrix_dy(c: Context):
 
 case("backward: np.asmatrix(dy) on one rank (Iallreduce would be in flight)",
      "dy is a numpy.matrix: expected a plain numpy.ndarray", 2)(_matrix_dy)
+
+
 # ---- call order
 def _swapped(c: Context):
     a, b = Col(5, 6, grid=c.grid, seed=1), Col(5, 6, grid=c.grid, seed=2)

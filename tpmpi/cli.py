@@ -240,10 +240,19 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``python -m tpmpi`` parser: one subcommand per job kind (docs/cli.md)."""
     parser = _Parser(prog="python -m tpmpi", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"tpmpi {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_run, _add_bench, _add_calibrate, _add_plan, _add_report):
+        add(sub)
+    sub.add_parser("info", help="MPI library, backend, GPU-awareness, BLAS threads")
+    return parser
+
+
+def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``run``: the problem flags, --check, --json, --baseline."""
     run = sub.add_parser("run", help="one timed, verified run; prints a table",
                          description="Time one scheme on all the job's ranks, verify it "
                                      "against a serial float64 reference, print a table.")
@@ -254,11 +263,19 @@ def make_parser() -> argparse.ArgumentParser:
                      help="append the JSON-lines record to FILE (default: no file)")
     run.add_argument("--baseline", action="store_true",
                      help="also time one process using all the node's BLAS threads (speedup)")
+
+
+def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``bench``: sweeps and the collective benchmark."""
     _add_bench_flags(sub.add_parser(
         "bench", help="scaling sweeps and collective benchmarks",
         description="Sweeps: every combination of the problem flags (each takes a comma list), "
                     "sizes -b/-e/-f of --dim, and --ranks; one JSON line per configuration. "
                     "With --collective: nccl-tests-style collective benchmark."))
+
+
+def _add_calibrate(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``calibrate``: message sizes, dtypes, backend and threads to fit."""
     cal = sub.add_parser("calibrate", help="fit the cost model's alpha/beta/gamma",
                          description="Time the collectives over message sizes and "
                                      "communicator sizes 2, 4, ..., P and local GEMMs; write "
@@ -282,6 +299,10 @@ def make_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=_positive, default=None, metavar="T",
                      help="BLAS threads per rank (default: cores / ranks sharing them; env "
                           "TPMPI_THREADS)")
+
+
+def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``plan``: one product's sizes, the ranks, dtype and calibration."""
     plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)",
                           description="Rank the layouts of one product (or, with --hidden, "
                                       "the FFN modes) on every dp x tp mesh of P ranks by the "
@@ -303,14 +324,16 @@ def make_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibration", metavar="FILE", default=None,
                       help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
                            "model's defaults)")
+
+
+def _add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``report``: the record files and the output directory."""
     report = sub.add_parser("report", help="PNG plots, report.md and report.csv from JSON-lines "
                                            "records")
     report.add_argument("files", nargs="+", metavar="FILE.jsonl",
                         help="records written by run/bench --json")
     report.add_argument("--out", required=True, metavar="DIR",
                         help="directory for the PNGs, report.md and report.csv")
-    sub.add_parser("info", help="MPI library, backend, GPU-awareness, BLAS threads")
-    return parser
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -477,10 +500,11 @@ def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequenc
         raise UsageError("--dim hidden needs --hidden or -b/-e")
     cfgs = configs(args.sweep, schemes=args.scheme, dims=dims, dim=args.dim, sizes=sizes,
                    ranks=ranks, grids=args.grid, dtypes=args.dtype, backward=args.backward,
-                   dps=args.dp, options={"panel": [v or None for v in args.panel or [0]],
-                            "chunks": [v or None for v in args.chunks or [0]],
-                            "mode": args.mode or [None], "activation": args.activation or [None],
-                            "overlap": [None] if args.overlap else [False]})
+                   dps=args.dp, options={
+                       "panel": [v or None for v in args.panel or [0]],
+                       "chunks": [v or None for v in args.chunks or [0]],
+                       "mode": args.mode or [None], "activation": args.activation or [None],
+                       "overlap": [None] if args.overlap else [False]})
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")

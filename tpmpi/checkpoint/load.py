@@ -165,7 +165,7 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         entry = entries[p.name]
         if not any(q is p for q, _ in casts):
             read_param(p, os.path.join(path, entry["file"]), entry["header_bytes"],
-                  np.dtype(entry["dtype"]), p.local)
+                       np.dtype(entry["dtype"]), p.local)
     for p, cast in casts:
         p.local[...] = backend_of(p.local).asarray(cast)
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
+
 class Same:
     """A value for :func:`agree` with its own ending of the mismatch message, e.g.
     ``Same(call, "every rank must call the same layers in the same order")``."""
@@ -147,12 +148,6 @@ def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
     agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
 
 
-MAX_MESSAGE_BYTES: int = 2**30
-"""Largest payload of one MPI call; bigger collectives are split (env TPMPI_MAX_MESSAGE_BYTES
-overrides). Every rank must use the same value: :func:`agree_checks` agrees on it."""
-
-
-
 def agree_on_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:
     """Run ``task()`` on rank 0 (other ranks pass anything, e.g. None) and broadcast its result,
     or raise its error on every rank (any exception: nothing escapes on rank 0 alone).
@@ -168,6 +163,12 @@ def agree_on_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:
     if error:
         raise ValueError(error)
     return result
+
+
+MAX_MESSAGE_BYTES: int = 2**30
+"""Largest payload of one MPI call; bigger collectives are split (env TPMPI_MAX_MESSAGE_BYTES
+overrides). Every rank must use the same value: :func:`agree_checks` agrees on it."""
+
 
 def max_message_bytes() -> int:
     """The chunk limit in bytes in force now: env ``TPMPI_MAX_MESSAGE_BYTES`` (a positive

@@ -222,8 +222,9 @@ def _time_fields(samples: np.ndarray, backward: bool, base: Optional[dict]) -> d
     and communication rows) and the baseline summary: ``time_s`` (summary of forward +
     backward), the medians ``fwd_s``, ``bwd_s``, ``gemm_s``, ``comm_s``, and ``spread``."""
     fwd, bwd, gemm, comm = samples
-    spread: dict[str, Any] = {"fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
-              "gemm_s": summary(gemm), "comm_s": summary(comm), "baseline_s": base}
+    spread: dict[str, Any] = {
+        "fwd_s": summary(fwd), "bwd_s": summary(bwd) if backward else None,
+        "gemm_s": summary(gemm), "comm_s": summary(comm), "baseline_s": base}
     timed = samples.shape[1] > 0
     return {"time_s": summary(fwd + bwd) or {"median": float("nan"), "min": None, "max": None},
             "fwd_s": spread["fwd_s"]["median"] if timed else None,
