@@ -18,8 +18,8 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-import tpmpi  # noqa: E402
-import tpmpi.checkpoint.save as ck  # noqa: E402
+import tpmpi
+import tpmpi.checkpoint.save as ck
 
 N_COLS = 64
 

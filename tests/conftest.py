@@ -6,6 +6,11 @@
 * A failure on any rank aborts the whole MPI job at once (no rank is left in a collective);
   pytest-timeout's thread method (setup.cfg) ends real deadlocks inside blocking MPI calls.
 * Only rank 0 prints pytest's report.
+* Fixtures: ``world`` (a sub-communicator of P = 1-4 ranks; the test runs on its members only,
+  ``@pytest.mark.world_sizes(...)`` restricts P), ``grid`` (1 x P over it), ``grids`` (every
+  grid shape of P, one at a time), ``shared_tmp`` (one directory for all its ranks), ``xb``.
+  Shared inputs and references: ``problems.py``; stand-in devices: ``fake_device.py`` (a GPU
+  backend without GPU-aware MPI) and ``fake_cupy.py`` (a NumPy-made CuPy).
 * Backends: the ``xb`` fixture runs a test once per backend ("numpy"; "cupy", marked ``gpu``,
   skipped when CuPy or a device is missing); ``TPMPI_TEST_BACKEND=cupy`` restricts it to that
   backend and fails instead of skipping. Layers built with ``backend="auto"`` stay on NumPy
@@ -13,13 +18,20 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import pathlib
 import sys
 
 import numpy as np
 import pytest
 
 _CONFIG: list = []
+WORLD_SIZES = (1, 2, 3, 4)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+"""The repository."""
+
 
 def _comm():
     from mpi4py import MPI
@@ -41,10 +53,12 @@ def pytest_configure(config):
     from tpmpi.core.backend import configure_blas_threads
 
     configure_blas_threads(_comm())  # collective: every rank configures pytest together
+    config.addinivalue_line("markers", "world_sizes(*sizes): run the world fixture's test at "
+                            "these world sizes only (the others are skipped on every rank)")
     if _with_mpi(config):
         comm = _comm()
         if comm.Get_size() > 1 and comm.Get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole session)
 
 
 @pytest.hookimpl(trylast=True)
@@ -60,7 +74,8 @@ def pytest_runtest_logreport(report):
 
 
 class World:
-    """A sub-communicator of ``size`` ranks of COMM_WORLD (``comm`` is None on the others)."""
+    """The first ``size`` ranks of COMM_WORLD as one communicator: ``comm`` on those ranks,
+    None on the others (``member``). Collective over COMM_WORLD (a Split)."""
 
     def __init__(self, size: int):
         from mpi4py import MPI
@@ -77,22 +92,73 @@ class World:
     def free(self) -> None:
         if self.comm is not None:
             self.comm.Free()
+            self.comm = None
 
 
-@pytest.fixture(params=[1, 2, 3, 4], ids=lambda n: f"P{n}")
+def _world_sizes(request) -> tuple:
+    marker = request.node.get_closest_marker("world_sizes")
+    return marker.args if marker else WORLD_SIZES
+
+
+@pytest.fixture(params=WORLD_SIZES, ids=lambda n: f"P{n}")
 def world(request):
-    """World sizes 1-4 inside one ``mpiexec -n 4`` run. Skips sizes above COMM_WORLD's size;
-    non-members of the sub-communicator skip the test body (``if not world.member: return``
-    is not needed: the fixture yields None for them and the test should return at once)."""
+    """A :class:`World` of P = 1, 2, 3 and 4 ranks (one test per P) in one ``mpiexec -n 4`` run.
+
+    * P above COMM_WORLD's size, or not among a ``@pytest.mark.world_sizes(...)`` marker's
+      sizes: the test is skipped on every rank (no MPI call).
+    * Otherwise COMM_WORLD is split: the first P ranks (rank 0 always among them, so its report
+      counts every run) run the test with ``world.comm``. The other ranks skip it at once and
+      wait at a Barrier of COMM_WORLD, which the members reach after the test, having freed
+      ``world.comm``. A test body therefore runs on members only and needs no membership check;
+      it must not call collectives over COMM_WORLD.
+    """
     from mpi4py import MPI
 
     size = request.param
     if size > MPI.COMM_WORLD.Get_size():
         pytest.skip(f"needs {size} ranks, COMM_WORLD has {MPI.COMM_WORLD.Get_size()}")
+    sizes = _world_sizes(request)
+    if size not in sizes:
+        pytest.skip(f"runs at world sizes {', '.join(map(str, sizes))}")
     w = World(size)
-    yield w
-    w.free()
-    MPI.COMM_WORLD.Barrier()
+    try:
+        if not w.member:
+            pytest.skip(f"this rank is outside the world of {size}")
+        yield w
+    finally:
+        w.free()
+        MPI.COMM_WORLD.Barrier()
+
+
+@pytest.fixture
+def grid(world):
+    """A 1D :class:`tpmpi.ProcessGrid` (1 x P) over ``world.comm``, freed after the test."""
+    from tpmpi.core.grid import ProcessGrid
+
+    with ProcessGrid(world.comm) as g:
+        yield g
+
+
+@pytest.fixture
+def grids(world):
+    """``grids(shapes=None)`` iterates over a :class:`tpmpi.ProcessGrid` over ``world.comm`` for
+    each shape (default: every factorisation pr x pc of P, 1xP first), each built when the loop
+    reaches it and freed before the next."""
+    from tpmpi.core.grid import ProcessGrid, factorisations
+
+    def each(shapes=None):
+        for shape in factorisations(world.size) if shapes is None else shapes:
+            with ProcessGrid(world.comm, shape=shape) as g:
+                yield g
+    return each
+
+
+@pytest.fixture
+def shared_tmp(world, tmp_path_factory) -> pathlib.Path:
+    """A new directory made by rank 0 of the world, the same path on every rank (collective:
+    a bcast over ``world.comm``)."""
+    path = tmp_path_factory.mktemp("shared") if world.comm.Get_rank() == 0 else None
+    return world.comm.bcast(path)
 
 
 def _backend_params() -> list:
@@ -139,6 +205,23 @@ def assert_input_errors(comm, layer, X, dY) -> None:
     all_ranks_raise(comm, lambda: layer(X.tolist()), "expected a numpy array")
 
 
+def load_script(name: str):
+    """The module of the repository's ``scripts/<name>.py`` (the scripts are no package),
+    loaded on first use and registered as ``name``."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def read_records(path) -> list:
+    """The JSON objects of a JSON-lines file (blank lines skipped)."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def rel_err(a, ref) -> float:
     """max|a - ref| / max|ref| (0 for empty arrays), computed in float64 on the host."""
     a = np.asarray(a, dtype=np.float64)
@@ -170,6 +253,24 @@ class RecordingComm:
             out = attr(*args, **kwargs)
             return RecordingComm(out, self._log) if isinstance(out, MPI.Comm) else out
         return call
+
+
+def record_mpi_calls(layer, log: list) -> None:
+    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too) and of its
+    grid's three communicators through :class:`RecordingComm` into ``log``. Undo with
+    :func:`stop_recording` before the grid is freed."""
+    for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
+        if hasattr(sub, "comm"):
+            sub.comm = RecordingComm(sub.comm, log)
+    grid = layer.grid
+    grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
+                                               (grid.comm, grid.row_comm, grid.col_comm))
+
+
+def stop_recording(grid) -> None:
+    """Give ``grid`` back the communicators :func:`record_mpi_calls` wrapped."""
+    grid.comm, grid.row_comm, grid.col_comm = (c._comm for c in
+                                               (grid.comm, grid.row_comm, grid.col_comm))
 
 
 def message_bytes(name: str, args: tuple, kwargs: dict):

@@ -52,7 +52,7 @@ class FakeCupy(types.ModuleType):
                 pass
 
         self.cuda = types.SimpleNamespace(
-            runtime=runtime, Device=Device, get_current_stream=lambda: Stream(),
+            runtime=runtime, Device=Device, get_current_stream=Stream,
             memory_hook=types.SimpleNamespace(MemoryHook=MemoryHook))
 
     def __getattr__(self, name: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Optional
 
 from tpmpi.studies.costmodel import square_grid
 
@@ -17,8 +18,9 @@ OPS = ("allgather", "allreduce", "reduce_scatter", "bcast")
 
 
 def record(scheme: str, ranks: int, m: int, k: int = 4096, n: int = 4096, *,
-           options: dict = None, dtype: str = "float32", hidden: int = None,
-           grid: str = None, rng: random.Random = None, kind: str = "strong",
+           options: Optional[dict] = None, dtype: str = "float32",
+           hidden: Optional[int] = None, grid: Optional[str] = None,
+           rng: Optional[random.Random] = None, kind: str = "strong",
            backward: bool = False) -> dict:
     """One scheme record with the fields report reads (DESIGN.md names)."""
     rng = rng or random.Random(0)

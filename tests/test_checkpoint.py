@@ -41,22 +41,16 @@ def npy(path, name):
         return os.path.join(path, json.load(f)["parameters"][name]["file"])
 
 
-def shared_dir(comm, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ckpt")) if comm.Get_rank() == 0 else None
-    return comm.bcast(path)
-
-
 def dense(k, n, seed, dtype="float64"):
+    """W (k, n) and b (n,) of a layer."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((k, n)).astype(dtype), rng.standard_normal(n).astype(dtype)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("k,n", [(5, 7), (0, 3)])  # (0, 3): empty shards at P=4
-def test_roundtrip_any_grid(world, tmp_path_factory, k, n):
-    if not world.member:
-        return
-    path = shared_dir(world.comm, tmp_path_factory)
+def test_roundtrip_any_grid(world, shared_tmp, k, n):
+    path = str(shared_tmp)
     W, b = dense(k, n, seed=k * 10 + n)
     shapes = factorisations(world.size)
     for i, save_shape in enumerate(shapes):  # load on the next grid shape (itself for P=1)
@@ -76,13 +70,10 @@ def test_roundtrip_any_grid(world, tmp_path_factory, k, n):
 
 
 @pytest.mark.mpi
-def test_composite_dtype_cast_and_options(world, tmp_path_factory):
-    if not world.member:
-        return
-    path = shared_dir(world.comm, tmp_path_factory)
+def test_composite_dtype_cast_and_options(world, grid, shared_tmp):
+    path = str(shared_tmp)
     W1, b1 = dense(4, 6, 1)
     W2, _ = dense(6, 5, 2)
-    grid = tpmpi.ProcessGrid(world.comm)
     tpmpi.save_checkpoint(path, Composite(W1, b1, W2, grid))
     assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
     assert sorted(os.listdir(os.path.join(path, "v000001"))) == [
@@ -99,16 +90,12 @@ def test_composite_dtype_cast_and_options(world, tmp_path_factory):
     layer = tpmpi.load_checkpoint(single, grid=grid, dtype="float32", gather_output=False)
     assert layer.dtype == np.float32 and not layer.gather_output
     assert np.array_equal(layer.gather_weight(), W1.astype(np.float32))
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
-    if not world.member:
-        return
+def test_damage_is_reported_on_every_rank(world, grid, shared_tmp):
     comm, rank = world.comm, world.comm.Get_rank()
-    path = shared_dir(comm, tmp_path_factory)
-    grid = tpmpi.ProcessGrid(comm)
+    path = str(shared_tmp)
     W, b = dense(6, 5, 3)
     layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
     Col = tpmpi.ColumnParallelLinear
@@ -151,16 +138,12 @@ def test_damage_is_reported_on_every_rank(world, tmp_path_factory):
                     "do not match the layer's")
     other = Col(6, 4, grid=grid)
     all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(path, into=other), "do not match")
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypatch):
+def test_failed_save_keeps_previous_checkpoint(world, grid, shared_tmp, monkeypatch):
     """A crash after the data files are written (before the commit) keeps the old checkpoint."""
-    if not world.member:
-        return
-    path = shared_dir(world.comm, tmp_path_factory)
-    grid = tpmpi.ProcessGrid(world.comm)
+    path = str(shared_tmp)
     W, b = dense(3, 4, 5)
     tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid))
     import tpmpi.checkpoint.save as ck
@@ -178,18 +161,15 @@ def test_failed_save_keeps_previous_checkpoint(world, tmp_path_factory, monkeypa
     assert np.array_equal(layer.gather_weight(), W)
     if world.comm.Get_rank() == 0:  # the failed version is gone, the lock released
         assert sorted(os.listdir(path)) == ["manifest.json", "v000001"]
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_every_layer_class_reshards_across_world_sizes(world, tmp_path_factory):
+def test_every_layer_class_reshards_across_world_sizes(world, shared_tmp):
     """Row, tile2d and MLP layers saved on P ranks load on P-1 ranks (another grid shape)."""
-    if not world.member:
-        return
     from mpi4py import MPI
 
     comm = world.comm
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(7, 5, seed=3)
     W2, b2 = dense(5, 7, seed=4)
     makers = {
@@ -220,30 +200,26 @@ def test_every_layer_class_reshards_across_world_sizes(world, tmp_path_factory):
 
 
 @pytest.mark.mpi
-def test_bfloat16_checkpoint_is_a_standard_npy_and_loads(world, tmp_path_factory):
+def test_bfloat16_checkpoint_is_a_standard_npy_and_loads(grid, shared_tmp):
     """bfloat16 parameters are stored as their bit pattern ('<u2'), which numpy.load reads;
     .view(ml_dtypes.bfloat16) gives the values back, and load_checkpoint restores them."""
-    if not world.member:
-        return
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    comm = world.comm
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(5, 7, seed=11, dtype="float32")
     Wb, bb = W.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
-    with tpmpi.ProcessGrid(comm) as grid:
-        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(Wb, bb, grid=grid))
-        raw = np.load(npy(path, "weight"))
-        assert raw.dtype == np.dtype("<u2")
-        assert np.array_equal(raw.view(ml_dtypes.bfloat16).astype(np.float32),
-                              Wb.astype(np.float32))
-        with open(os.path.join(path, "manifest.json")) as f:
-            entry = json.load(f)["parameters"]["weight"]
-        assert (entry["dtype"], entry["npy_dtype"]) == ("bfloat16", "<u2")
-        layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
-        assert layer.dtype.name == "bfloat16"
-        assert np.array_equal(layer.gather_weight().astype(np.float32), Wb.astype(np.float32))
-        wide = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid, dtype="float32")
-        assert np.array_equal(wide.gather_bias(), bb.astype(np.float32))
+    tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(Wb, bb, grid=grid))
+    raw = np.load(npy(path, "weight"))
+    assert raw.dtype == np.dtype("<u2")
+    assert np.array_equal(raw.view(ml_dtypes.bfloat16).astype(np.float32),
+                          Wb.astype(np.float32))
+    with open(os.path.join(path, "manifest.json")) as f:
+        entry = json.load(f)["parameters"]["weight"]
+    assert (entry["dtype"], entry["npy_dtype"]) == ("bfloat16", "<u2")
+    layer = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid)
+    assert layer.dtype.name == "bfloat16"
+    assert np.array_equal(layer.gather_weight().astype(np.float32), Wb.astype(np.float32))
+    wide = tpmpi.ColumnParallelLinear.load_checkpoint(path, grid=grid, dtype="float32")
+    assert np.array_equal(wide.gather_bias(), bb.astype(np.float32))
 
 
 def write_format1(path, W, b, bf16=False):
@@ -280,14 +256,12 @@ def write_format1(path, W, b, bf16=False):
 
 
 @pytest.mark.mpi
-def test_format_1_checkpoints_load_and_are_replaced_whole(world, tmp_path_factory):
+def test_format_1_checkpoints_load_and_are_replaced_whole(world, shared_tmp):
     """A checkpoint written by the previous format (bfloat16 as '|V2' too) still loads; saving
     over it commits the new format and removes the old files."""
-    if not world.member:
-        return
     ml_dtypes = pytest.importorskip("ml_dtypes")
     comm, rank = world.comm, world.comm.Get_rank()
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(4, 6, seed=12, dtype="float32")
     for bf16 in (False, True):
         Wd, bd = (W.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)) if bf16 else (W, b)
@@ -311,87 +285,79 @@ def test_format_1_checkpoints_load_and_are_replaced_whole(world, tmp_path_factor
 
 
 @pytest.mark.mpi
-def test_saves_keep_one_version_and_clean_what_crashes_left(world, tmp_path_factory):
+def test_saves_keep_one_version_and_clean_what_crashes_left(world, grid, shared_tmp):
     """Each save commits a new version directory and removes the previous one; leftovers of a
     crashed save (an uncommitted version directory, *.tmp-* files, a dead holder's lock) are
     removed by the next save; files that are not the checkpoint's are left alone."""
-    if not world.member:
-        return
     comm, rank = world.comm, world.comm.Get_rank()
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(3, 5, seed=13)
-    with tpmpi.ProcessGrid(comm) as grid:
-        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
-        tpmpi.save_checkpoint(path, layer)
-        tpmpi.save_checkpoint(path, layer)
-        if rank == 0:
-            assert sorted(os.listdir(path)) == ["manifest.json", "v000002"]
-            os.mkdir(os.path.join(path, "v000003"))  # a crash after creating the next version
-            with open(os.path.join(path, "v000003", "weight.npy"), "wb") as f:
-                f.write(b"partial")
-            open(os.path.join(path, ".manifest.json.tmp-dead"), "w").close()
-            open(os.path.join(path, "notes.txt"), "w").close()  # the user's
-            with open(os.path.join(path, ".lock"), "w") as f:  # a dead process's lock
-                json.dump({"pid": 2**22 + 12345, "host": os.uname().nodename, "since": "-"}, f)
-        comm.Barrier()
-        assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), W)
-        tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid))
-        if rank == 0:
-            assert sorted(os.listdir(path)) == ["manifest.json", "notes.txt", "v000003"]
-        assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), 2 * W)
+    layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+    tpmpi.save_checkpoint(path, layer)
+    tpmpi.save_checkpoint(path, layer)
+    if rank == 0:
+        assert sorted(os.listdir(path)) == ["manifest.json", "v000002"]
+        os.mkdir(os.path.join(path, "v000003"))  # a crash after creating the next version
+        with open(os.path.join(path, "v000003", "weight.npy"), "wb") as f:
+            f.write(b"partial")
+        open(os.path.join(path, ".manifest.json.tmp-dead"), "w").close()
+        open(os.path.join(path, "notes.txt"), "w").close()  # the user's
+        with open(os.path.join(path, ".lock"), "w") as f:  # a dead process's lock
+            json.dump({"pid": 2**22 + 12345, "host": os.uname().nodename, "since": "-"}, f)
+    comm.Barrier()
+    assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), W)
+    tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(2 * W, b, grid=grid))
+    if rank == 0:
+        assert sorted(os.listdir(path)) == ["manifest.json", "notes.txt", "v000003"]
+    assert np.array_equal(tpmpi.load_checkpoint(path, grid=grid).gather_weight(), 2 * W)
 
 
 @pytest.mark.mpi
-def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, tmp_path_factory,
+def test_a_live_lock_refuses_the_save_and_an_old_one_is_taken_over(world, grid, shared_tmp,
                                                                   monkeypatch):
-    if not world.member:
-        return
     import tpmpi.checkpoint.lock as ck
 
     comm, rank = world.comm, world.comm.Get_rank()
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(3, 5, seed=14)
     lock = os.path.join(path, ".lock")
-    with tpmpi.ProcessGrid(comm) as grid:
-        layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
-        tpmpi.save_checkpoint(path, layer)
-        if rank == 0:  # held by a live process of another host: nothing says it is stale
-            with open(lock, "w") as f:
-                json.dump({"pid": os.getpid(), "host": "elsewhere", "since": "t0"}, f)
-        comm.Barrier()
-        all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(path, layer),
-                        r"is being saved by another job \(pid \d+ on elsewhere since t0\); "
-                        r"concurrent saves to one path are refused: wait for it, or remove "
-                        r".*\.lock if no save is running")
-        if rank == 0:
-            assert os.path.exists(lock)  # not ours to remove
-        monkeypatch.setattr(ck, "LOCK_STALE_S", 0.0)  # its heartbeat is now too old
-        tpmpi.save_checkpoint(path, layer)
-        if rank == 0:
-            assert not os.path.exists(lock)
+    layer = tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid)
+    tpmpi.save_checkpoint(path, layer)
+    if rank == 0:  # held by a live process of another host: nothing says it is stale
+        with open(lock, "w") as f:
+            json.dump({"pid": os.getpid(), "host": "elsewhere", "since": "t0"}, f)
+    comm.Barrier()
+    all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(path, layer),
+                    r"is being saved by another job \(pid \d+ on elsewhere since t0\); "
+                    r"concurrent saves to one path are refused: wait for it, or remove "
+                    r".*\.lock if no save is running")
+    if rank == 0:
+        assert os.path.exists(lock)  # not ours to remove
+    monkeypatch.setattr(ck, "LOCK_STALE_S", 0.0)  # its heartbeat is now too old
+    tpmpi.save_checkpoint(path, layer)
+    if rank == 0:
+        assert not os.path.exists(lock)
 
 
 @pytest.mark.mpi
-def test_load_arguments_are_agreed(world, tmp_path_factory):
+@pytest.mark.world_sizes(2, 3, 4)
+def test_load_arguments_are_agreed(world, grid, shared_tmp):
     """One rank's different path/cls/verify/into/options is reported on every rank instead
     of mixing checkpoints or crashing MPI (tested in full by scripts/bad_inputs.py)."""
-    if not world.member or world.size == 1:
-        return
     comm, rank = world.comm, world.comm.Get_rank()
-    path = shared_dir(comm, tmp_path_factory)
+    path = str(shared_tmp)
     W, b = dense(3, 5, seed=15)
-    with tpmpi.ProcessGrid(comm) as grid:
-        tpmpi.save_checkpoint(os.path.join(path, "a"), tpmpi.ColumnParallelLinear.from_dense(
-            W, b, grid=grid))
-        tpmpi.save_checkpoint(os.path.join(path, "b"), tpmpi.ColumnParallelLinear.from_dense(
-            2 * W, b, grid=grid))
-        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
-            os.path.join(path, "b" if rank == 1 else "a"), grid=grid), "path differs")
-        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
-            os.path.join(path, "a"), grid=grid, verify=rank != 1), "verify differs")
-        twin = tpmpi.ColumnParallelLinear(3, 5, grid=grid)
-        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
-            os.path.join(path, "a"), grid=grid, into=twin if rank == 1 else None),
-            "into differs")
-        layer = tpmpi.load_checkpoint(os.path.join(path, "a"), grid=grid)  # still in step
-        assert np.array_equal(layer.gather_weight(), W)
+    tpmpi.save_checkpoint(os.path.join(path, "a"), tpmpi.ColumnParallelLinear.from_dense(
+        W, b, grid=grid))
+    tpmpi.save_checkpoint(os.path.join(path, "b"), tpmpi.ColumnParallelLinear.from_dense(
+        2 * W, b, grid=grid))
+    all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+        os.path.join(path, "b" if rank == 1 else "a"), grid=grid), "path differs")
+    all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+        os.path.join(path, "a"), grid=grid, verify=rank != 1), "verify differs")
+    twin = tpmpi.ColumnParallelLinear(3, 5, grid=grid)
+    all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+        os.path.join(path, "a"), grid=grid, into=twin if rank == 1 else None),
+        "into differs")
+    layer = tpmpi.load_checkpoint(os.path.join(path, "a"), grid=grid)  # still in step
+    assert np.array_equal(layer.gather_weight(), W)

@@ -11,7 +11,6 @@ The 128 MiB variant of the kill test runs with TPMPI_SLOW_TESTS=1.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,41 +22,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "checkpoint_driver.py")
 sys.path.insert(0, HERE)
 from checkpoint_driver import dense  # noqa: E402
-
-RANKS = 2
-
-
-def _serial_only():
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() > 1:
-        pytest.skip("serial test: it launches its own MPI jobs")
-
-
-def launcher() -> list:
-    """``mpiexec -n 2`` of the MPI library mpi4py loaded (Open MPI: oversubscribed)."""
-    from mpi4py import MPI
-
-    if "Open MPI" in MPI.Get_library_version():
-        exe = shutil.which("mpiexec.openmpi") or shutil.which("mpiexec")
-        return [exe, "--oversubscribe", "-n", str(RANKS)]
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return [local if os.path.exists(local) else shutil.which("mpiexec"), "-n", str(RANKS)]
-
-
-def job_env() -> dict:
-    """This environment less what this process's own MPI initialisation put there (a child
-    launcher would take itself for part of this job), for a job of NumPy ranks."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OMPI_", "PMIX_", "PMI_", "HYDRA_", "MPIR_", "OPAL_", "ORTE_"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               TPMPI_BACKEND="numpy", TPMPI_THREADS="1")
-    return env
+from jobs import RANKS, job_env, launcher, serial_only  # noqa: E402
 
 
 def job(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(launcher() + [sys.executable, DRIVER, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=job_env())
+                          capture_output=True, text=True, timeout=timeout, env=job_env(),
+                          check=False)
 
 
 def wait_for_holder(path: str, timeout: float = 30) -> None:
@@ -135,7 +106,7 @@ def kill_every_step(tmp_path, kib: int) -> list:
 
 
 def test_kill_a_rank_at_every_step_of_a_save(tmp_path):
-    _serial_only()
+    serial_only()
     kill_every_step(tmp_path, kib=16)
 
 
@@ -144,13 +115,13 @@ def test_kill_a_rank_at_every_step_of_a_save(tmp_path):
 @pytest.mark.skipif(not os.environ.get("TPMPI_SLOW_TESTS"),
                     reason="set TPMPI_SLOW_TESTS=1 (a 128 MiB layer saved 16 times)")
 def test_kill_a_rank_at_every_step_of_a_128_mib_save(tmp_path):
-    _serial_only()
+    serial_only()
     kill_every_step(tmp_path, kib=128 * 1024)
 
 
 def test_concurrent_saves_never_mix(tmp_path):
     """Two jobs of 2 ranks save 8 times each to one path at once."""
-    _serial_only()
+    serial_only()
     path, repeat, kib = str(tmp_path / "ckpt"), 8, 1024
     jobs = [subprocess.Popen(launcher() + [sys.executable, DRIVER, path, seed, "--kib", str(kib),
                                            "--repeat", str(repeat)],

@@ -1,8 +1,11 @@
-"""The CLI in-process on sub-communicators: records, --check, usage errors on every rank."""
+"""The CLI in-process on sub-communicators: run's record and --check, bench's sweeps and
+collective mode, calibrate, plan, info, usage errors (exit 2) and runtime errors (exit 3) on
+every rank."""
 import json
 
 import pytest
 
+from conftest import read_records
 from tpmpi.cli import main
 
 CONTRACT = {"scheme", "ranks", "grid", "m", "k", "n", "hidden", "dtype", "backend", "gpu_aware",
@@ -12,20 +15,16 @@ CONTRACT = {"scheme", "ranks", "grid", "m", "k", "n", "hidden", "dtype", "backen
 
 
 @pytest.mark.mpi
-def test_run_writes_contract_record(world, tmp_path_factory):
-    if not world.member:
-        return
+def test_run_writes_contract_record(world, shared_tmp):
     comm = world.comm
-    path = comm.bcast(str(tmp_path_factory.mktemp("cli") / "r.jsonl") if comm.Get_rank() == 0
-                      else None)
+    path = str(shared_tmp / "r.jsonl")
     argv = ["run", "--m", "7", "--k", "5", "--n", "6", "--dtype", "float64", "--backward",
             "--iters", "2", "--warmup", "1", "--check", "--json", path, "--baseline"]
     assert main(argv, comm) == 0
     comm.Barrier()
     if comm.Get_rank() == 0:
-        (line,) = open(path).read().splitlines()
-        rec = json.loads(line)
-        assert CONTRACT <= rec.keys()
+        (rec,) = read_records(path)
+        assert rec.keys() >= CONTRACT
         assert rec["ranks"] == world.size and rec["grid"] == f"1x{world.size}"
         assert rec["max_rel_err"] <= 1e-10 and rec["gflops"] > 0
         assert set(rec["time_s"]) == {"median", "min", "max"}
@@ -40,16 +39,13 @@ def test_run_writes_contract_record(world, tmp_path_factory):
                                   ["run", "--dtype", "int8"], ["run", "--scheme", "diag"],
                                   ["bogus"], ["run", "--iters", "0"]])
 def test_usage_errors_exit_2_on_every_rank(world, argv, capsys):
-    if not world.member:
-        return
     codes = world.comm.allgather(main(argv, world.comm))
     assert codes == [2] * world.size
 
 
 @pytest.mark.mpi
+@pytest.mark.world_sizes(2, 3, 4)
 def test_inconsistent_flags_across_ranks_exit_2(world):
-    if not world.member or world.size == 1:
-        return
     rank = world.comm.Get_rank()
     argv = ["run", "--m", str(4 + rank), "--k", "3", "--n", "3", "--iters", "1"]
     assert world.comm.allgather(main(argv, world.comm)) == [2] * world.size
@@ -57,8 +53,6 @@ def test_inconsistent_flags_across_ranks_exit_2(world):
 
 @pytest.mark.mpi
 def test_info(world, capsys):
-    if not world.member:
-        return
     assert main(["info"], world.comm) == 0
 
 
@@ -84,18 +78,16 @@ def _one_line_everywhere(comm, capsys, code, argv, match):
 
 
 @pytest.mark.mpi
-def test_runtime_errors_exit_3_on_every_rank(world, monkeypatch, capsys, tmp_path_factory):
+def test_runtime_errors_exit_3_on_every_rank(world, monkeypatch, capsys, shared_tmp):
     """An error of the work itself (tpmpi raises it on every rank together) is not a usage
     error: exit 3, one line."""
-    if not world.member:
-        return
     _replace_work(monkeypatch, ValueError("the verification failed on every rank\nsecond line"))
     small = ["--m", "4", "--k", "4", "--n", "4", "--iters", "1"]
     for argv in (["run"] + small, ["bench"] + small + ["--no-baseline"]):
         _one_line_everywhere(world.comm, capsys, 3, argv,
                              "tpmpi: error: the verification failed on every rank")
     comm = world.comm
-    folder = comm.bcast(str(tmp_path_factory.mktemp("rep")) if comm.Get_rank() == 0 else None)
+    folder = str(shared_tmp)
     if comm.Get_rank() == 0:
         with open(f"{folder}/bad.jsonl", "w") as f:
             f.write("not json\n")
@@ -119,9 +111,84 @@ def test_setup_errors_are_usage_errors_before_the_work(world, monkeypatch, capsy
                                                        match):
     """What the flags (or environment settings) ask for and this job cannot do exits 2 before
     any work, even when the library finds it (a ValueError in the set-up)."""
-    if not world.member:
-        return
     _replace_work(monkeypatch, AssertionError("the work started before the set-up was checked"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     _one_line_everywhere(world.comm, capsys, 2, argv, match)
+
+
+# --------------------------------------------------------------------------- bench, calibrate, plan
+
+
+@pytest.mark.mpi
+def test_bench_strong_sweep_records(world, shared_tmp):
+    path = str(shared_tmp / "s.jsonl")
+    ranks = ",".join(str(p) for p in sorted({1, world.size}))
+    code = main(["bench", "--m", "8", "--k", "16", "--n", "12", "--iters", "2", "--warmup", "1",
+                 "--ranks", ranks, "--json", path], comm=world.comm)
+    assert code == 0
+    if world.comm.Get_rank() == 0:
+        recs = read_records(path)
+        assert sorted(r["ranks"] for r in recs) == sorted({1, world.size})
+        for r in recs:
+            assert r["max_rel_err"] <= r["tolerance"]
+            assert r["predicted_s"] > 0 and r["baseline_s"] > 0 and r["efficiency"] > 0
+            assert r["sweep"] == {"kind": "strong", "dim": "m"}
+    world.comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_bench_collective_mode_verifies(world, shared_tmp, capsys):
+    path = str(shared_tmp / "c.jsonl")
+    code = main(["bench", "--collective", "allgather,allreduce,reduce_scatter,bcast",
+                 "-b", "8", "-e", "4K", "-f", "8", "--iters", "2", "--json", path],
+                comm=world.comm)
+    assert code == 0
+    if world.comm.Get_rank() == 0:
+        recs = read_records(path)
+        assert len(recs) == 4 * 4  # 8, 64, 512, 4096 bytes
+        assert all(r["wrong"] == 0 and r["ranks"] == world.size for r in recs)
+        out = capsys.readouterr().out
+        assert "algbw" in out and "busbw" in out and "#wrong" in out
+    world.comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv", [
+    ["bench", "--ranks", "99"],
+    ["bench", "--sweep", "sizes"],
+    ["bench", "--collective", "allgather"],
+    ["bench", "--scheme", "bogus"],
+    ["bench", "--grid", "7x7", "--ranks", "1"],
+    ["bench", "-b", "8"],
+])
+def test_bench_usage_errors_exit_2_everywhere(world, argv):
+    codes = world.comm.allgather(main(argv, comm=world.comm))
+    assert codes == [2] * world.size
+
+
+@pytest.mark.mpi
+def test_calibrate_writes_fits(world, shared_tmp):
+    path = str(shared_tmp / "c.json")
+    assert main(["calibrate", "--json", path, "-b", "64", "-e", "4K", "--iters", "2",
+                 "--dtype", "float32"], comm=world.comm) == 0
+    if world.comm.Get_rank() == 0:
+        with open(path) as fh:
+            data = json.load(fh)
+        assert data["machine"]["ranks"] == world.size and "blas" in data["machine"]
+        assert set(data["rates"]["numpy:float32"]) == {"thin", "small", "medium", "large"}
+        if world.size > 1:
+            assert str(world.size) in data["alpha"]["allgather"]
+            assert data["beta"]["allreduce"][str(world.size)] >= 0
+    world.comm.Barrier()
+
+
+def test_plan_prints_ranked_layouts(capsys):
+    from mpi4py import MPI
+
+    assert main(["plan", "--m", "64", "--k", "256", "--n", "256", "--ranks", "4"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank():
+        return  # printed on rank 0
+    assert out.splitlines()[0].split()[:2] == ["order", "layout"]
+    assert "tile2d 2x2" in out and "column 1x4" in out

@@ -2,15 +2,12 @@
 errors that name the flag, plan's calibration warning, the MLP hidden size in table and
 record, and the checkpoint script's one-line error."""
 import argparse
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
+from conftest import load_script, read_records
 from tpmpi.cli import main, make_parser
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _subparsers():
@@ -99,51 +96,33 @@ def test_plan_warns_about_a_calibration_of_another_size(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
-def _shared_path(comm, tmp_path_factory, name: str) -> str:
-    """A path in rank 0's temporary directory, the same string on every rank of ``comm``."""
-    return comm.bcast(str(tmp_path_factory.mktemp("p") / name) if comm.Get_rank() == 0
-                      else None)
-
-
 @pytest.mark.mpi
-def test_mlp_hidden_in_table_and_record(world, tmp_path_factory, capsys):
-    if not world.member:
-        return
+def test_mlp_hidden_in_table_and_record(world, shared_tmp, capsys):
     comm = world.comm
-    path = _shared_path(comm, tmp_path_factory, "r.jsonl")
+    path = str(shared_tmp / "r.jsonl")
     argv = ["run", "--scheme", "mlp", "--m", "5", "--k", "3", "--n", "3", "--iters", "1",
             "--warmup", "0", "--json", path]
     assert main(argv, comm) == 0
     if comm.Get_rank() == 0:
         out = capsys.readouterr().out
         assert "hidden=12" in out
-        assert json.loads(open(path).read())["hidden"] == 12
+        assert read_records(path)[0]["hidden"] == 12
     comm.Barrier()
 
 
-def _roundtrip_script():
-    spec = importlib.util.spec_from_file_location(
-        "checkpoint_roundtrip", ROOT / "scripts" / "checkpoint_roundtrip.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.mpi
-def test_checkpoint_script_wrong_layer_is_one_line(world, tmp_path_factory, capsys):
-    if not world.member:
-        return
+def test_checkpoint_script_wrong_layer_is_one_line(world, shared_tmp, capsys):
     comm = world.comm
-    path = _shared_path(comm, tmp_path_factory, "ck")
-    script = _roundtrip_script()
+    path = str(shared_tmp / "ck")
+    script = load_script("checkpoint_roundtrip")
     assert script.main(["save", path, "--layer", "tile2d"], comm) == 0
     capsys.readouterr()
     assert script.main(["load", path, "--layer", "column"], comm) == 2
     err = capsys.readouterr().err
     if comm.Get_rank() == 0:
         assert err.splitlines() == [
-            f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
-            "TileParallelLinear, not a ColumnParallelLinear"]
+            (f"checkpoint_roundtrip.py: error: load --layer column: checkpoint {path!r} holds a "
+             "TileParallelLinear, not a ColumnParallelLinear")]
     else:
         assert err == ""
     assert script.main(["load", path, "--layer", "tile2d"], comm) == 0

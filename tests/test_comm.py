@@ -1,4 +1,4 @@
-"""tpmpi.core.comm: the message-size limit (parsed, agreed, and true for every MPI call a layer makes),
+"""tpmpi.core.comm: the message-size limit (agreed, and true for every MPI call a layer makes),
 chunked collectives bit-identical to unsplit ones, float16/bfloat16 reductions summed in float32
 and rounded once, and the Open MPI 4.1 ``Ialltoallw`` workaround."""
 import os
@@ -8,20 +8,15 @@ import pytest
 from mpi4py import MPI
 
 import tpmpi
-from conftest import RecordingComm, all_ranks_raise, message_bytes, rel_err
+from conftest import all_ranks_raise, message_bytes, record_mpi_calls, rel_err, stop_recording
+from problems import HALFS, float32_sum
 from tpmpi.core import agreement
 from tpmpi.core import comm as tcomm
-from tpmpi.core.grid import factorisations
 from tpmpi.core.dtypes import tolerance
+from tpmpi.core.grid import factorisations
 from tpmpi.core.layout import LAYOUTS
 from tpmpi.core.partition import block_sizes
 
-try:
-    import ml_dtypes  # noqa: F401
-    HALFS = ["float16", "bfloat16"]
-except ImportError:
-    HALFS = ["float16", pytest.param("bfloat16", marks=pytest.mark.skip(
-        reason="bfloat16 needs the ml_dtypes package (not installed)"))]
 DTYPES = ["float64", "float32", *HALFS]
 
 
@@ -29,20 +24,6 @@ def test_chunks_cover_range_within_limit():
     assert tcomm.chunks(10, 8, limit=24) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
     assert tcomm.chunks(0, 8, limit=24) == [slice(0, 0)]
     assert tcomm.chunks(3, 100, limit=24) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-
-
-@pytest.mark.parametrize("value,want", [("64", 64), (" 4096 ", 4096), ("", 2**30)])
-def test_limit_from_environment(monkeypatch, value, want):
-    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
-    assert agreement.max_message_bytes() == want
-
-
-@pytest.mark.parametrize("value", ["0", "-8", "abc", "1e6", "2**20", "64.0"])
-def test_bad_limit_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
-    with pytest.raises(ValueError, match=r"TPMPI_MAX_MESSAGE_BYTES=.*expected a positive "
-                                         r"integer"):
-        agreement.max_message_bytes()
 
 
 def test_gather_pieces_split_rows_then_columns():
@@ -96,19 +77,16 @@ def _every_collective(comm, A, dtype):
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("limit", [16, 24, 200])
-def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
-    if not world.member:
-        return
+def test_chunked_collectives_identical(world, grid, grids, monkeypatch, limit, dtype):
     rng = np.random.default_rng(0)
     A = rng.standard_normal((7, 5)).astype(dtype)
     C = (rng.standard_normal((6, 5)) * (world.comm.Get_rank() + 1)).astype(dtype)
     whole = _every_collective(world.comm, C, dtype)
     monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", limit)
-    for shape in factorisations(world.size):
-        with tpmpi.ProcessGrid(world.comm, shape=shape) as grid:
-            for layout in LAYOUTS:
-                got = tpmpi.gather(tpmpi.scatter(A, grid, layout), grid, layout, A.shape)
-                assert np.array_equal(got.view(np.uint8), A.view(np.uint8))
+    for g in grids():
+        for layout in LAYOUTS:
+            got = tpmpi.gather(tpmpi.scatter(A, g, layout), g, layout, A.shape)
+            assert np.array_equal(got.view(np.uint8), A.view(np.uint8))
     split = _every_collective(world.comm, C, dtype)
     for name, want in whole.items():
         if want is None:
@@ -118,17 +96,14 @@ def test_chunked_collectives_identical(world, monkeypatch, limit, dtype):
         else:  # MPI's reduction: its summation order may depend on the message size
             assert rel_err(split[name], want) <= tolerance(dtype, world.size), name
     X, W, bias, dY = (rng.standard_normal(s).astype(dtype) for s in [(5, 4), (4, 9), (9,), (5, 9)])
-    with tpmpi.ProcessGrid(world.comm) as grid:
-        layer = tpmpi.ColumnParallelLinear.from_dense(W, bias, grid=grid)
-        y, dx = layer(X), layer.backward(dY)
-        monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 2**30)
-        assert np.array_equal(layer(X), y) and np.array_equal(layer.backward(dY), dx)
+    layer = tpmpi.ColumnParallelLinear.from_dense(W, bias, grid=grid)
+    y, dx = layer(X), layer.backward(dY)
+    monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 2**30)
+    assert np.array_equal(layer(X), y) and np.array_equal(layer.backward(dY), dx)
 
 
 @pytest.mark.mpi
 def test_iallgather_chunked(world, monkeypatch):
-    if not world.member:
-        return
     monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 16 * world.size)
     comm, p = world.comm, world.size
     parts = tpmpi.block_partition(6, p)
@@ -145,28 +120,18 @@ def test_iallgather_chunked(world, monkeypatch):
 # --------------------------------------------------------------------------- half precision
 
 
-def _float32_sum(contributions, dtype):
-    """What tpmpi must return: the float32 sum in rank order, rounded once to ``dtype``."""
-    acc = contributions[0].astype(np.float32)
-    for c in contributions[1:]:
-        acc += c
-    return acc.astype(dtype)
-
-
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", HALFS)
 def test_half_sums_are_float32_sums_rounded_once(world, dtype):
     """Rank 0 holds 1, the others 2**-9 (bfloat16) / 2**-12 (float16): a sum rounded at every
     step stays at 1; the float32 sum rounded once moves to the next representable value."""
-    if not world.member:
-        return
     comm, rank, size = world.comm, world.comm.Get_rank(), world.size
     tiny = 2.0**-9 if dtype == "bfloat16" else 2.0**-12
     rng = np.random.default_rng(7)
     noise = [rng.standard_normal(13).astype(dtype) for _ in range(size)]
     contributions = [np.concatenate([np.full(3, 1.0 if q == 0 else tiny), noise[q]]).astype(dtype)
                      for q in range(size)]
-    want = _float32_sum(contributions, dtype)
+    want = float32_sum(contributions, dtype)
     if size == 4:
         assert want[0] > 1.0  # the case that tells the two roundings apart
     mine = contributions[rank]
@@ -192,24 +157,20 @@ def test_half_sums_are_float32_sums_rounded_once(world, dtype):
 
 
 @pytest.mark.mpi
-def test_limit_must_agree(world, monkeypatch):
-    if not world.member or world.size == 1:
-        return
-    rank = world.comm.Get_rank()
-    with tpmpi.ProcessGrid(world.comm) as grid:
-        layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
-        monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 64 + rank)
-        all_ranks_raise(world.comm, lambda: layer(np.zeros((2, 3), np.float32)),
-                        "TPMPI_MAX_MESSAGE_BYTES differs across ranks")
+@pytest.mark.world_sizes(2, 3, 4)
+def test_limit_must_agree(world, grid, monkeypatch):
+    layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
+    monkeypatch.setattr(agreement, "MAX_MESSAGE_BYTES", 64 + world.comm.Get_rank())
+    all_ranks_raise(world.comm, lambda: layer(np.zeros((2, 3), np.float32)),
+                    "TPMPI_MAX_MESSAGE_BYTES differs across ranks")
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("scheme", ["column", "row", "tile2d"])
+@pytest.mark.world_sizes(2, 3, 4)
 def test_bad_limit_on_one_rank_raises_everywhere(world, monkeypatch, scheme):
     """A value that does not parse on the last rank only: the same error on every rank, no
     hang (for tile2d too, which never agreed the limit before)."""
-    if not world.member or world.size == 1:
-        return
     rank, size = world.comm.Get_rank(), world.size
     with tpmpi.ProcessGrid(world.comm, shape=factorisations(size)[-1]) as grid:
         cls = {"column": tpmpi.ColumnParallelLinear, "row": tpmpi.RowParallelLinear,
@@ -240,37 +201,23 @@ def _layers(scheme, grid, dtype):
     return tpmpi.TileParallelLinear(7, 6, grid=grid, panel=panel, dtype=dtype), "tiles", 6
 
 
-def _record(layer, log):
-    """Route every MPI call of ``layer`` (and its sub-layers and grid) through a recorder."""
-    for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
-        if hasattr(sub, "comm"):
-            sub.comm = RecordingComm(sub.comm, log)
-    grid = layer.grid
-    grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
-                                               (grid.comm, grid.row_comm, grid.col_comm))
-
-
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float64", *HALFS])
 @pytest.mark.parametrize("scheme", ["column", "row", "mlp-megatron", "mlp-book", "tile2d",
                                     "tile2d-panel"])
-def test_no_mpi_call_exceeds_the_limit(world, monkeypatch, scheme, dtype):
+def test_no_mpi_call_exceeds_the_limit(world, grids, monkeypatch, scheme, dtype):
     """Every MPI call of forward and backward, on every grid, sends and receives at most
     TPMPI_MAX_MESSAGE_BYTES (256 here), agreement's control Allreduce (op MAX) aside."""
-    if not world.member:
-        return
     limit = 256
     monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", str(limit))
-    shapes = factorisations(world.size) if scheme.startswith("tile2d") else [(1, world.size)]
     traffic = 0
-    for shape in shapes:
-        grid = tpmpi.ProcessGrid(world.comm, shape=shape)
+    for grid in grids(None if scheme.startswith("tile2d") else [(1, world.size)]):
         layer, layout, n_out = _layers(scheme, grid, dtype)
         rng = np.random.default_rng(3)
         X = rng.standard_normal((24, 7)).astype(dtype)
         dY = rng.standard_normal((24, n_out)).astype(dtype)
         log = []
-        _record(layer, log)
+        record_mpi_calls(layer, log)
         y = layer(tpmpi.scatter(X, grid, layout))
         layer.backward(tpmpi.scatter(dY, grid, layout))
         data = [(name, message_bytes(name, args, kwargs)) for name, args, kwargs in log
@@ -280,9 +227,7 @@ def test_no_mpi_call_exceeds_the_limit(world, monkeypatch, scheme, dtype):
         assert not over, over[:5]
         traffic += sum(max(b) for _, b in data)
         assert y is not None
-        grid.comm, grid.row_comm, grid.col_comm = (c._comm for c in
-                                                   (grid.comm, grid.row_comm, grid.col_comm))
-        grid.free()
+        stop_recording(grid)
     if world.size > 1:  # the recorder saw real traffic, more than a few calls could carry
         assert traffic > 2 * limit, traffic
 
@@ -291,25 +236,22 @@ def test_no_mpi_call_exceeds_the_limit(world, monkeypatch, scheme, dtype):
 
 
 @pytest.mark.mpi
-def test_iallgather_on_a_cartesian_grid(world):
+def test_iallgather_on_a_cartesian_grid(grid):
     """Regression (Open MPI 4.1 segfault in ompi_coll_base_retain_datatypes_w): the
     non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed P < 4."""
-    if not world.member:
-        return
-    with tpmpi.ProcessGrid(world.comm) as grid:
-        comm = grid.comm
-        parts = tpmpi.block_partition(5, world.size)
-        lo, hi = parts[grid.rank]
-        A = np.arange(24.0).reshape(4, 6)[:, :5].copy()
-        for _ in range(2):
-            out = np.zeros_like(A)
-            tcomm.iallgather_blocks(np.ascontiguousarray(A[:, lo:hi]), out,
-                                    [((0, a), (4, b - a)) for a, b in parts], comm).Wait()
-            assert np.array_equal(out, A)
-        if world.size > 1:
-            plain = tcomm._plain(comm)
-            assert plain is tcomm._plain(comm)  # created once, kept on the communicator
-            assert plain.Get_topology() == MPI.UNDEFINED and plain.Get_size() == world.size
+    comm = grid.comm
+    parts = tpmpi.block_partition(5, grid.size)
+    lo, hi = parts[grid.rank]
+    A = np.arange(24.0).reshape(4, 6)[:, :5].copy()
+    for _ in range(2):
+        out = np.zeros_like(A)
+        tcomm.iallgather_blocks(np.ascontiguousarray(A[:, lo:hi]), out,
+                                [((0, a), (4, b - a)) for a, b in parts], comm).Wait()
+        assert np.array_equal(out, A)
+    if grid.size > 1:
+        plain = tcomm._plain(comm)
+        assert plain is tcomm._plain(comm)  # created once, kept on the communicator
+        assert plain.Get_topology() == MPI.UNDEFINED and plain.Get_size() == grid.size
 
 
 @pytest.mark.mpi
@@ -340,10 +282,9 @@ def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
 
 
 @pytest.mark.mpi
+@pytest.mark.world_sizes(2, 3, 4)
 def test_reductions_refuse_strided_buffers(world):
     """Regression: the chunked reductions reshape to 1D; a strided view must not be copied."""
-    if not world.member or world.size == 1:
-        return
     for dtype in ("float64", "float16"):
         a = np.ones((4, 6), dtype)[:, ::2]
         with pytest.raises(ValueError, match="C-contiguous"):

@@ -1,15 +1,14 @@
 """tpmpi.DataParallel on every mesh of 1-4 ranks: forward, dX and every gradient (TP shards
 averaged over the DP replicas) against the serial float64 reference, uneven data and shards,
-DP=1, bucketing, when the Allreduces start, errors, the overlap measurement."""
+DP=1, bucketing, when the Allreduces start, errors (the overlap measurement: test_overlap.py)."""
 import numpy as np
 import pytest
 
 import tpmpi
 import tpmpi.layers.data_parallel as tdp
 from conftest import all_ranks_raise, rel_err
-from test_mlp import problem, reference
+from problems import linear_problem, mlp_problem, mlp_reference
 from tpmpi.core.mesh import mesh_shapes
-from tpmpi.studies.overlap import measure_dp_overlap
 from tpmpi.core.partition import block_partition
 
 # (M, d_model, d_hidden): even, uneven, M < dp (an empty replica), d_hidden < T
@@ -19,7 +18,7 @@ SHAPES = [(8, 4, 8), (7, 3, 5), (1, 4, 6), (5, 2, 3)]
 def dp_reference(X, W1, b1, W2, b2, dY, dp, replica):
     """The replica's rows of Y and dX, and the four gradients averaged over the replicas."""
     parts = block_partition(X.shape[0], dp)
-    refs = [reference(X[a:b], W1, b1, W2, b2, dY[a:b], "gelu") for a, b in parts]
+    refs = [mlp_reference(X[a:b], W1, b1, W2, b2, dY[a:b]) for a, b in parts]
     mine = refs[replica]
     mean = [sum(r[i] for r in refs) / dp for i in range(2, 6)]
     return (mine[0], mine[1], *mean), slice(*parts[replica])
@@ -30,9 +29,7 @@ def dp_reference(X, W1, b1, W2, b2, dY, dp, replica):
 @pytest.mark.parametrize("m,d,h", SHAPES)
 @pytest.mark.parametrize("bucket_bytes,overlap", [(25 * 2**20, True), (1, True), (1, False)])
 def test_mlp_on_every_mesh_matches_serial(world, mode, m, d, h, bucket_bytes, overlap):
-    if not world.member:
-        return
-    X, W1, b1, W2, b2, dY = problem(m, d, h, "float64", seed=4)
+    X, W1, b1, W2, b2, dY = mlp_problem(m, d, h, "float64", seed=4)
     for dp, shape in mesh_shapes(world.size):
         if mode != "tile2d" and shape[0] > 1:
             continue  # the 1D modes ignore the grid's shape (tests/test_sequence.py)
@@ -62,11 +59,8 @@ def test_mlp_on_every_mesh_matches_serial(world, mode, m, d, h, bucket_bytes, ov
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", ["column", "row", "tile2d"])
 def test_single_layers(world, kind):
-    if not world.member:
-        return
-    rng = np.random.default_rng(6)
     m, k, n = 7, 5, 3
-    X, W, b, dY = (rng.standard_normal(s) for s in [(m, k), (k, n), (n,), (m, n)])
+    X, W, b, dY = linear_problem(m, k, n, seed=6)
     for dp, shape in mesh_shapes(world.size):
         if kind != "tile2d" and shape[0] > 1:
             continue
@@ -88,9 +82,7 @@ def test_single_layers(world, kind):
 @pytest.mark.mpi
 def test_dp1_is_the_module_alone(world):
     """DP=1: bitwise the module's own gradients, no DP collective."""
-    if not world.member:
-        return
-    X, W1, b1, W2, b2, dY = problem(6, 3, 7, "float32")
+    X, W1, b1, W2, b2, dY = mlp_problem(6, 3, 7, "float32")
     with tpmpi.Mesh(world.comm) as mesh:
         plain = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp)
         wrapped = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp)
@@ -126,10 +118,9 @@ def test_buckets_are_views_in_backward_order():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.world_sizes(2, 4)
 def test_fc2_gradients_travel_during_fc1_backward(world, monkeypatch, overlap):
     """With overlap, fc2's buckets start after fc2's backward and before fc1's; fc1's after."""
-    if not world.member or world.size % 2:
-        return
     events = []
     real = tdp.iallreduce
     monkeypatch.setattr(tdp, "iallreduce",
@@ -156,8 +147,6 @@ def test_fc2_gradients_travel_during_fc1_backward(world, monkeypatch, overlap):
 
 @pytest.mark.mpi
 def test_errors_on_every_rank(world):
-    if not world.member:
-        return
     comm, rank, size = world.comm, world.comm.Get_rank(), world.size
     dp = size if size > 1 else 1
     with tpmpi.Mesh(comm, dp=dp) as mesh:
@@ -189,18 +178,3 @@ def test_errors_on_every_rank(world):
         dy = np.ones((2 + (rank == size - 1), 3))
         all_ranks_raise(comm, lambda: model.backward(dy),
                         r"dy.shape=\(3, 3\) dtype=float64: expected \(2, 3\) float64")
-
-
-@pytest.mark.mpi
-def test_overlap_measurement(world):
-    if not world.member or world.size % 2:
-        return
-    with tpmpi.Mesh(world.comm, dp=2) as mesh:
-        mlp = tpmpi.ParallelMLP(32, 64, grid=mesh.tp)
-        model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1024)
-        x = np.ones((16, 32), dtype=np.float32)
-        y = model(x)
-        times = measure_dp_overlap(model, np.ones_like(y), iters=3)
-        assert times.overall_s > 0 and times.compute_s > 0 and times.comm_s > 0
-        assert 0.0 <= times.overlap_pct <= 100.0
-        assert model.profiler.calls == {}  # reset after the measurement

@@ -2,14 +2,13 @@
 tables) against real records, CLI flags against the parser, links that resolve."""
 import argparse
 import json
-import pathlib
 import re
 
 import pytest
 
+from conftest import ROOT
 from tpmpi.cli import main, make_parser
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 ROW = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_.]*)`\s*\|(.*)$")
 

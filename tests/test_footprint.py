@@ -7,7 +7,8 @@ from tpmpi.studies.problem import Problem
 M, K, N, H = 8, 6, 10, 10
 
 
-def problem(scheme, backward, **options):
+def fixed_size(scheme, backward, **options):
+    """The Problem of ``scheme`` at the sizes the cases below count by hand."""
     n = K if scheme == "mlp" else N
     return Problem(scheme=scheme, m=M, k=K, n=n, hidden=H if scheme == "mlp" else None,
                    backward=backward, options=tuple(sorted(options.items())))
@@ -39,12 +40,12 @@ CASES = [
 @pytest.mark.parametrize("scheme,options,grid,forward,backward", CASES,
                          ids=[f"{c[0]}{c[1]}" for c in CASES])
 def test_arrays_of_the_step(scheme, options, grid, forward, backward):
-    assert bytes_per_rank(problem(scheme, False, **options), grid) == 4 * forward
-    assert bytes_per_rank(problem(scheme, True, **options), grid) == 4 * (forward + backward)
+    assert bytes_per_rank(fixed_size(scheme, False, **options), grid) == 4 * forward
+    assert bytes_per_rank(fixed_size(scheme, True, **options), grid) == 4 * (forward + backward)
 
 
 def test_dtype_and_unknown_scheme():
-    p = problem("column", False)
+    p = fixed_size("column", False)
     assert bytes_per_rank(Problem(**{**p.__dict__, "dtype": "bfloat16"}), (1, 1)) * 2 == \
         bytes_per_rank(p, (1, 1))
     assert bytes_per_rank(Problem(scheme="diag"), (1, 1)) is None

@@ -24,7 +24,9 @@ def gpu_calibration() -> Calibration:
     cal = Calibration(alpha={op: {"2": 5e-6} for op in ("allgather", "allreduce")},
                       beta={op: {"2": 2e-10} for op in ("allgather", "allreduce")},
                       staging={"d2h": 10e9, "h2d": 10e9})
-    flat = lambda rate: {"thin": 2e12, "small": rate, "medium": rate, "large": rate}  # noqa
+    def flat(rate):
+        return {"thin": 2e12, "small": rate, "medium": rate, "large": rate}
+
     cal.rates.update({"cupy:float32": flat(50e12), "cupy:float16": flat(600e12),
                       "cupy:bfloat16": flat(600e12)})
     return cal
@@ -87,8 +89,6 @@ def test_calibration_file_keeps_the_staging_bandwidth(tmp_path):
 def test_calibrate_on_a_gpu_measures_one_rank_per_device(world, monkeypatch):
     """All ranks on one (fake) device: only the first measures GEMM rates (every supported
     dtype) and copy bandwidth; every rank gets the same calibration."""
-    if not world.member:
-        return
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "0")
     shapes = {"thin": (4, 64, 64), "small": (16, 16, 16), "medium": (32, 32, 32),
@@ -115,17 +115,13 @@ def test_calibrate_on_a_gpu_measures_one_rank_per_device(world, monkeypatch):
 
 
 @pytest.mark.mpi
-def test_run_records_on_a_gpu_predict_staged_shared_runs(world, monkeypatch):
+def test_run_records_on_a_gpu_predict_staged_shared_runs(world, grid, monkeypatch):
     """A record of the CuPy path (fake device shared by every rank, no GPU-aware MPI): its
     prediction charges the ranks sharing the device and the staged collectives."""
-    if not world.member:
-        return
     from tpmpi.studies.bench import run_case
-    from tpmpi.core.grid import ProcessGrid
 
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "0")
-    grid = ProcessGrid(world.comm)
     backend = get_backend("cupy", world.comm)
     prob = Problem(scheme="column", m=64, k=32, n=48, backward=True)
     cal = gpu_calibration()
@@ -136,4 +132,3 @@ def test_run_records_on_a_gpu_predict_staged_shared_runs(world, monkeypatch):
                    oversubscription=world.size, staged=True)
     assert rec["predicted_s"] == pytest.approx(want.time_s)
     assert rec["comm_s"] >= 0 and rec["gemm_s"] > 0  # the profiler the benchmark attaches
-    grid.free()

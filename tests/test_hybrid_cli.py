@@ -1,31 +1,20 @@
 """run/bench/plan with --dp and --sequence-parallel: records carry the mesh and the DP traffic,
 every scheme verifies on a mesh (DP averaging included), usage errors exit 2 everywhere."""
-import json
-
 import pytest
 
+from conftest import read_records
 from tpmpi.cli import main
 from tpmpi.core.mesh import mesh_shapes
 from tpmpi.studies.sweep import configs
-
-
-def shared_path(comm, factory, name):
-    return comm.bcast(str(factory.mktemp("hybrid") / name) if comm.Get_rank() == 0 else None)
-
-
-def records(path):
-    return [json.loads(line) for line in open(path).read().splitlines()]
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("scheme,extra", [
     ("mlp", ["--sequence-parallel"]), ("mlp", ["--mode", "book"]), ("mlp", ["--mode", "tile2d"]),
     ("column", []), ("row", ["--no-overlap"]), ("tile2d", [])])
-def test_run_on_every_mesh_verifies(world, tmp_path_factory, scheme, extra):
-    if not world.member:
-        return
+def test_run_on_every_mesh_verifies(world, shared_tmp, scheme, extra):
     comm, size = world.comm, world.size
-    path = shared_path(comm, tmp_path_factory, "r.jsonl")
+    path = str(shared_tmp / "r.jsonl")
     meshes = [(dp, g) for dp, g in mesh_shapes(size)
               if scheme == "tile2d" or "tile2d" in extra or g[0] == 1]
     for dp, (pr, pc) in meshes:
@@ -36,7 +25,7 @@ def test_run_on_every_mesh_verifies(world, tmp_path_factory, scheme, extra):
         assert main(argv, comm) == 0, argv
     comm.Barrier()
     if comm.Get_rank() == 0:
-        recs = records(path)
+        recs = read_records(path)
         assert [(r["mesh"]["dp"], r["grid"]) for r in recs] == \
             [(dp, f"{pr}x{pc}") for dp, (pr, pc) in meshes]
         for rec, (dp, _) in zip(recs, meshes):
@@ -49,10 +38,9 @@ def test_run_on_every_mesh_verifies(world, tmp_path_factory, scheme, extra):
 
 
 @pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
 def test_verification_catches_a_wrong_dp_average(world, monkeypatch):
     """The DP check of DataParallelCase.verify is not vacuous: skipping the average fails."""
-    if not world.member or world.size % 2:
-        return
     from tpmpi.core.backend import get_backend
     from tpmpi.layers.data_parallel import DataParallel
     from tpmpi.core.mesh import Mesh
@@ -71,11 +59,10 @@ def test_verification_catches_a_wrong_dp_average(world, monkeypatch):
 
 
 @pytest.mark.mpi
-def test_bench_sweeps_dp_and_sp(world, tmp_path_factory):
-    if not world.member or world.size < 2:
-        return
+@pytest.mark.world_sizes(2, 3, 4)
+def test_bench_sweeps_dp_and_sp(world, shared_tmp):
     comm, size = world.comm, world.size
-    path = shared_path(comm, tmp_path_factory, "b.jsonl")
+    path = str(shared_tmp / "b.jsonl")
     argv = ["bench", "--scheme", "mlp", "--mode", "megatron,sequence", "--m", "8", "--k", "4",
             "--n", "4", "--hidden", "8", "--backward", "--iters", "1", "--warmup", "0",
             "--dp", f"1,{size}", "--ranks", str(size), "--no-baseline", "--json", path]
@@ -83,10 +70,10 @@ def test_bench_sweeps_dp_and_sp(world, tmp_path_factory):
     comm.Barrier()
     if comm.Get_rank() == 0:
         got = sorted((r["mesh"]["dp"], r["options"].get("mode", "megatron"), r["grid"])
-                     for r in records(path))
+                     for r in read_records(path))
         assert got == sorted([(1, "megatron", f"1x{size}"), (1, "sequence", f"1x{size}"),
                               (size, "megatron", "1x1"), (size, "sequence", "1x1")])
-        assert all(r["max_rel_err"] <= 1e-4 for r in records(path))
+        assert all(r["max_rel_err"] <= 1e-4 for r in read_records(path))
 
 
 def test_configs_place_dp_replicas_and_tile2d_ffn_grids():
@@ -107,15 +94,11 @@ def test_configs_place_dp_replicas_and_tile2d_ffn_grids():
     ["run", "--dp", "0"],
     ["bench", "--scheme", "mlp,row", "--sequence-parallel", "--no-baseline"]])
 def test_usage_errors(world, argv):
-    if not world.member:
-        return
     assert world.comm.allgather(main(argv, world.comm)) == [2] * world.size
 
 
 @pytest.mark.mpi
 def test_bad_mesh_exits_2_naming_the_valid_meshes(world, capsys):
-    if not world.member:
-        return
     code = main(["run", "--dp", str(world.size + 1), "--m", "4", "--k", "4", "--n", "4"],
                 world.comm)
     assert code == 2

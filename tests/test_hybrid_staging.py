@@ -1,15 +1,15 @@
 """Sequence parallelism and DataParallel on the host-staging path (a GPU without GPU-aware MPI),
-run on a CPU with tests/test_backends.py's FakeDevice: same results, the staged branch taken."""
+run on a CPU with tests/fake_device.py's FakeDevice: same results, the staged branch taken."""
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 import tpmpi
 from conftest import rel_err
-from test_backends import FakeDevice
-from test_mlp import problem, reference
+from fake_device import FakeDevice
+from problems import mlp_problem, mlp_reference
 from tpmpi.core.mappings import MAPPINGS
-from tpmpi.core.comm import Staging
+from tpmpi.core.staging import Staging
 
 
 @pytest.mark.mpi
@@ -17,8 +17,6 @@ from tpmpi.core.comm import Staging
 def test_mappings_start_falls_back_to_blocking_staged(world, cls):
     """Under staging ``start`` runs the blocking form through the pinned buffers and returns
     a completed request; the result equals the direct path's (to the last bits for sums)."""
-    if not world.member:
-        return
     comm, rank = world.comm, world.comm.Get_rank()
     dev = FakeDevice()
     x = np.random.default_rng(rank).standard_normal((5, 6))
@@ -43,9 +41,7 @@ def test_mappings_start_falls_back_to_blocking_staged(world, cls):
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["sequence", "megatron"])
 def test_sequence_mlp_and_data_parallel_through_staging(world, mode):
-    if not world.member:
-        return
-    X, W1, b1, W2, b2, dY = problem(7, 3, 5, "float64", seed=8)
+    X, W1, b1, W2, b2, dY = mlp_problem(7, 3, 5, "float64", seed=8)
     dp = 2 if world.size % 2 == 0 else 1
     with tpmpi.Mesh(world.comm, dp=dp) as mesh:
         dev = FakeDevice()
@@ -53,7 +49,7 @@ def test_sequence_mlp_and_data_parallel_through_staging(world, mode):
         model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1)
         assert model.staging.staged
         a, b = tpmpi.block_partition(7, dp)[mesh.dp_rank]
-        refs = [reference(X[p:q], W1, b1, W2, b2, dY[p:q], "gelu")
+        refs = [mlp_reference(X[p:q], W1, b1, W2, b2, dY[p:q])
                 for p, q in tpmpi.block_partition(7, dp)]
         Y, dX = refs[mesh.dp_rank][:2]
         lay = mlp.layouts.x  # = y's

@@ -4,15 +4,13 @@ studies <- cli), the core's own arrows one way, a cost model that knows no bench
 module importing the package itself, and imports at the top of every studies module (no
 registration by a bottom import)."""
 import ast
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import module_map  # noqa: E402
+from conftest import ROOT, load_script
 
-PACKAGE = Path(__file__).resolve().parent.parent / "tpmpi"
+module_map = load_script("module_map")
+PACKAGE = ROOT / "tpmpi"
 GRAPH = module_map.import_graph(PACKAGE)
 MODULES = module_map.modules(PACKAGE)
 # what runs and reports benchmarks

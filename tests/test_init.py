@@ -10,8 +10,10 @@ from tpmpi.core.partition import block_partition
 @given(st.integers(0, 40), st.integers(0, 40), st.data())
 def test_any_block_equals_slice_of_whole(rows, cols, data):
     whole = init_weight((rows, cols), seed=11, dtype="float64")
-    r0 = data.draw(st.integers(0, rows)); r1 = data.draw(st.integers(r0, rows))
-    c0 = data.draw(st.integers(0, cols)); c1 = data.draw(st.integers(c0, cols))
+    r0 = data.draw(st.integers(0, rows))
+    r1 = data.draw(st.integers(r0, rows))
+    c0 = data.draw(st.integers(0, cols))
+    c1 = data.draw(st.integers(c0, cols))
     block = init_weight((rows, cols), 11, "float64", rows=slice(r0, r1), cols=slice(c0, c1))
     assert block.shape == (r1 - r0, c1 - c0)
     assert np.array_equal(block, whole[r0:r1, c0:c1])

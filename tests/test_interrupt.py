@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_checkpoint_crash import _serial_only, job_env, launcher
+from jobs import job_env, launcher, serial_only
 
 ARGV = ["-m", "tpmpi", "run", "--m", "192", "--k", "192", "--n", "192", "--backward",
         "--warmup", "0", "--iters", "1000000"]
@@ -49,7 +49,7 @@ def _ranks(pid: int) -> list:
 @pytest.mark.parametrize("sig,rank", [(signal.SIGINT, 1), (signal.SIGTERM, 0)],
                          ids=["SIGINT-rank1", "SIGTERM-rank0"])
 def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
-    _serial_only()
+    serial_only()
     job = subprocess.Popen(launcher() + [sys.executable] + ARGV, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=job_env(),
                            start_new_session=True)
@@ -63,7 +63,7 @@ def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
         assert job.poll() is None, job.communicate()
         start = time.monotonic()
         os.kill(pids[rank], sig)
-        out, err = job.communicate(timeout=30)
+        _, err = job.communicate(timeout=30)
         elapsed = time.monotonic() - start
     finally:
         if job.poll() is None:

@@ -1,6 +1,12 @@
+"""tpmpi.core.layout: the blocks of each layout on every grid, scatter/gather round trips at world
+sizes 1-4, and the layouts layers declare."""
+from functools import partial
+
 import numpy as np
 import pytest
 
+import tpmpi
+from conftest import all_ranks_raise
 from tpmpi.core.layout import LAYOUTS, PARTIAL, Layouts, LinearLayouts, block_bounds, blocks
 from tpmpi.core.grid import factorisations
 
@@ -44,15 +50,29 @@ def test_blocks_list_every_rank_in_grid_order():
     assert blocks((2, 5), (1, 2), "cols") == [((0, 0), (2, 3)), ((0, 3), (2, 2))]
 
 
+@pytest.mark.mpi
+def test_scatter_gather_roundtrip_all_layouts(world, grids):
+    A = np.arange(7 * 5, dtype=np.float64).reshape(7, 5)
+    v = np.arange(5, dtype=np.float32)
+    for grid in grids():
+        for layout in LAYOUTS:
+            local = tpmpi.scatter(A, grid, layout)
+            assert local.flags.c_contiguous
+            assert np.array_equal(tpmpi.gather(local, grid, layout, A.shape), A)
+            if layout != "rows":
+                assert np.array_equal(tpmpi.gather(tpmpi.scatter(v, grid, layout), grid, layout,
+                                                   v.shape), v)
+        all_ranks_raise(world.comm, partial(tpmpi.gather, A, grid, "cols",
+                                            (7, 5 * world.size + 1)), "a_local.shape=")
+
+
 def test_partial_sizes_like_replicated_but_is_no_storage_layout():
     assert block_bounds((4, 3), (2, 2), (1, 1), PARTIAL) == ((0, 4), (0, 3))
     from mpi4py import MPI
 
-    import tpmpi
-
-    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
-        with pytest.raises(ValueError, match="layout='partial': expected one of replicated"):
-            tpmpi.scatter(np.zeros((2, 2)), grid, PARTIAL)
+    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid, \
+            pytest.raises(ValueError, match="layout='partial': expected one of replicated"):
+        tpmpi.scatter(np.zeros((2, 2)), grid, PARTIAL)
 
 
 @pytest.mark.parametrize("cls,options,want", [
@@ -72,8 +92,6 @@ def test_layers_declare_their_layouts(cls, options, want):
     the layer built with them."""
     from mpi4py import MPI
 
-    import tpmpi
-
     klass = getattr(tpmpi, cls)
     assert klass.layouts_for(**options) == LinearLayouts(*want)
     with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
@@ -87,8 +105,6 @@ def test_layers_declare_their_layouts(cls, options, want):
                                      ("sequence", "rows"), ("tile2d", "tiles")])
 def test_mlp_layouts_are_its_childrens(mode, io):
     """x is fc1's input layout, y fc2's output layout."""
-    import tpmpi
-
     assert tpmpi.ParallelMLP.layouts_for(mode) == Layouts(io, io)
     (c1, o1), (c2, o2) = tpmpi.ParallelMLP.sublayers(mode)
     assert c1.layouts_for(**o1).y == c2.layouts_for(**o2).x  # fc1's output is fc2's input

@@ -8,7 +8,6 @@ from tpmpi.studies import progress
 from tpmpi.cli import main
 from tpmpi.studies.costmodel import Calibration
 from tpmpi.studies.schemes import Problem
-from tpmpi.studies.sweep import Config, estimate
 
 
 def test_duration():
@@ -64,30 +63,17 @@ def test_units_follow_run_case_order():
     assert short < sum(t for _, t in units)
 
 
-def test_sweep_estimate_counts_each_baseline_once():
-    cfgs = [Config(Problem(m=64, k=64, n=64), p, (1, p)) for p in (2, 1)]
-    kw = dict(warmup=1, iters=2, overlap=False, world=2)
-    with_base = estimate(cfgs, "numpy", None, baseline=True, **kw)
-    without = estimate(cfgs, "numpy", None, baseline=False, **kw)
-    assert with_base[0] > without[0] and with_base[1] == pytest.approx(without[1])
-
-
 @pytest.mark.mpi
-def test_run_case_reports_every_unit(world):
-    if not world.member:
-        return
+def test_run_case_reports_every_unit(grid):
     from tpmpi.core.backend import get_backend
     from tpmpi.studies.bench import run_case
-    from tpmpi.core.grid import ProcessGrid
 
-    grid = ProcessGrid(world.comm, blas_threads=None)
     seen = []
     prob = Problem(m=6, k=5, n=4, backward=True)
     run_case(prob, grid, get_backend("numpy"), warmup=2, iters=3, baseline=True,
              overlap=True, progress=seen.append)
     units = progress.case_units(prob, grid.size, grid.shape, Calibration(), "numpy",
                                 warmup=2, iters=3, baseline=True, overlap=True)
-    grid.free()
     assert len(seen) == len(units)
     assert [s.split()[0] for s in seen] == [u.split()[0] for u, _ in units]
 

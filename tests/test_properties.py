@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from mpi4py import MPI
 
 import tpmpi
-from conftest import rel_err
+from conftest import World, rel_err
+from problems import LINEAR_TOL, linear_problem
 from tpmpi.core.grid import factorisations
 
 WORLD = MPI.COMM_WORLD
-TOL = {"float32": 2e-5, "float64": 1e-12}
 COLLECTIVE = settings(max_examples=20, derandomize=True, database=None, deadline=None,
                       phases=[Phase.explicit, Phase.generate],
                       suppress_health_check=list(HealthCheck))
@@ -31,24 +31,22 @@ def problems(draw):
 
 def on_subworld(size: int, fn) -> float:
     """``fn(comm)`` on the first ``size`` ranks (0.0 elsewhere); the max over COMM_WORLD."""
-    sub = WORLD.Split(0 if WORLD.Get_rank() < size else MPI.UNDEFINED, WORLD.Get_rank())
+    sub = World(size)
     value = 0.0
-    if sub != MPI.COMM_NULL:
+    if sub.member:
         try:
-            value = fn(sub)
+            value = fn(sub.comm)
         finally:
-            sub.Free()
+            sub.free()
     return WORLD.allreduce(value, op=MPI.MAX)
 
 
 def column_error(p: dict, comm) -> float:
     """Worst relative error / tolerance over y, dx, grad_weight, grad_bias, gathered W."""
-    rng = np.random.default_rng(p["seed"])
-    m, k, n, dtype = p["m"], p["k"], p["n"], p["dtype"]
-    X, W, b, dY = (rng.standard_normal(s) for s in [(m, k), (k, n), (n,), (m, n)])
-    X, W, b, dY = (a.astype(dtype) for a in (X, W, b, dY))
+    dtype = p["dtype"]
+    X, W, b, dY = linear_problem(p["m"], p["k"], p["n"], dtype, p["seed"])
     R = {name: a.astype(np.float64) for name, a in dict(X=X, W=W, b=b, dY=dY).items()}
-    with tpmpi.ProcessGrid(comm, shape=p["grid"], blas_threads=None) as grid:
+    with tpmpi.ProcessGrid(comm, shape=p["grid"]) as grid:
         layer = tpmpi.ColumnParallelLinear.from_dense(W, b if p["bias"] else None, grid=grid,
                                                       gather_output=p["gather_output"])
         cols = layer.shard[1]
@@ -62,7 +60,7 @@ def column_error(p: dict, comm) -> float:
         if p["bias"]:
             errs.append(rel_err(layer.grad_bias, R["dY"].sum(0)[cols]))
         ok_types = y.dtype == np.dtype(dtype) and layer.grad_weight.dtype == np.dtype(dtype)
-    return max(errs) / TOL[dtype] + (0.0 if ok_types else 1e9)
+    return max(errs) / LINEAR_TOL[dtype] + (0.0 if ok_types else 1e9)
 
 
 def _edge(size, grid, m, k, n):
@@ -110,7 +108,7 @@ def scheme_error(p: dict, comm) -> float:
 
     problem = Problem(scheme=p["scheme"], m=p["m"], k=p["k"], n=p["n"], hidden=p["hidden"],
                       dtype=p["dtype"], backward=True, options=p["options"])
-    with tpmpi.ProcessGrid(comm, shape=p["grid"], blas_threads=None) as grid:
+    with tpmpi.ProcessGrid(comm, shape=p["grid"]) as grid:
         return build(problem, grid, get_backend("numpy")).verify() / tolerance(
             p["dtype"], problem.longest_sum)
 

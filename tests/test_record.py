@@ -8,7 +8,8 @@ import json
 import pytest
 from mpi4py import MPI
 
-from tpmpi.studies.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, write_record
+from tpmpi.studies.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, \
+    write_record
 
 
 def collective(**change) -> CollectiveRecord:
@@ -39,7 +40,7 @@ def test_a_record_reads_like_its_json_object():
 
 def test_unset_bench_only_fields_are_left_out():
     names = [f.name for f in dataclasses.fields(RunRecord)]
-    rec = RunRecord(**{name: None for name in names[:names.index("flags")]})
+    rec = RunRecord(**dict.fromkeys(names[:names.index("flags")]))
     assert "sweep" not in rec and "sweep" not in dict(rec)
     with pytest.raises(KeyError):
         rec["sweep"]

@@ -41,7 +41,8 @@ def test_report_writes_pngs_and_markdown(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in RECORDS + COLL) + "\n")
     md = report([str(path)], str(tmp_path / "out"))
-    text = open(md).read()
+    with open(md) as fh:
+        text = fh.read()
     for name in ("time_vs_ranks.png", "efficiency.png", "breakdown.png",
                  "predicted_vs_measured.png", "busbw.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
@@ -230,7 +231,8 @@ def test_csv_and_markdown_carry_spread_and_flags(tmp_path):
     recs = synthetic.laptop(2)
     recs[0]["flags"] = ["noisy", "oversubscribed"]
     recs[0]["speedup"], recs[0]["efficiency"] = 1.9, 0.95
-    md = open(report([_write(tmp_path, recs)], str(tmp_path / "out"))).read()
+    with open(report([_write(tmp_path, recs)], str(tmp_path / "out"))) as fh:
+        md = fh.read()
     assert "**median (min–max)**" in md and "| eff/core | scaling eff |" in md
     assert "noisy, oversubscribed" in md and "report.csv" in md
     with open(tmp_path / "out" / "report.csv") as fh:

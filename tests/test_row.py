@@ -4,20 +4,18 @@ import pytest
 
 import tpmpi
 from conftest import all_ranks_raise, assert_input_errors, rel_err
-from test_column import SHAPES, problem, tol
+from problems import LINEAR_SHAPES, LINEAR_TOL, linear_problem
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", LINEAR_SHAPES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("input_is_parallel", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_forward_backward_match_serial(world, m, k, n, dtype, input_is_parallel, bias, overlap):
-    if not world.member:
-        return
-    X, W, b, dY = problem(m, k, n, dtype)
-    grid = tpmpi.ProcessGrid(world.comm)
+def test_forward_backward_match_serial(world, grid, m, k, n, dtype, input_is_parallel, bias,
+                                       overlap):
+    X, W, b, dY = linear_problem(m, k, n, dtype)
     layer = tpmpi.RowParallelLinear.from_dense(W, b if bias else None, grid=grid,
                                                input_is_parallel=input_is_parallel,
                                                overlap=overlap)
@@ -27,20 +25,20 @@ def test_forward_backward_match_serial(world, m, k, n, dtype, input_is_parallel,
     x = np.ascontiguousarray(X[:, rows]) if input_is_parallel else X
     y = layer(x)
     assert y.dtype == np.dtype(dtype) and y.shape == (m, n) and y.flags.c_contiguous
-    assert rel_err(y, X64 @ W64 + (b64 if bias else 0)) <= tol(dtype)
+    assert rel_err(y, X64 @ W64 + (b64 if bias else 0)) <= LINEAR_TOL[dtype]
     for _ in range(2):  # gradients accumulate
         dx = layer.backward(dY)
         dX64 = dY64 @ W64.T
         if input_is_parallel:
             assert dx.shape == (m, rows.stop - rows.start)
-            assert rel_err(dx, dX64[:, rows]) <= tol(dtype)
+            assert rel_err(dx, dX64[:, rows]) <= LINEAR_TOL[dtype]
         else:
             assert dx.shape == (m, k) and dx.flags.c_contiguous
-            assert rel_err(dx, dX64) <= tol(dtype)
-    assert rel_err(layer.grad_weight, 2 * (X64.T @ dY64)[rows]) <= tol(dtype)
+            assert rel_err(dx, dX64) <= LINEAR_TOL[dtype]
+    assert rel_err(layer.grad_weight, 2 * (X64.T @ dY64)[rows]) <= LINEAR_TOL[dtype]
     if bias:
         assert layer.grad_bias.shape == (n,)
-        assert rel_err(layer.grad_bias, 2 * dY64.sum(0)) <= tol(dtype)
+        assert rel_err(layer.grad_bias, 2 * dY64.sum(0)) <= LINEAR_TOL[dtype]
         assert len({g.tobytes() for g in world.comm.allgather(layer.grad_bias)}) == 1
     else:
         assert layer.bias is None and layer.grad_bias is None
@@ -49,29 +47,21 @@ def test_forward_backward_match_serial(world, m, k, n, dtype, input_is_parallel,
         assert np.array_equal(layer.gather_bias(), b)
     layer.zero_grad()
     assert not layer.grad_weight.any()
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_init_is_layout_invariant(world):
-    if not world.member:
-        return
-    grid = tpmpi.ProcessGrid(world.comm)
+def test_init_is_layout_invariant(grid):
     layer = tpmpi.RowParallelLinear(11, 6, grid=grid, seed=42, dtype="float64")
     assert np.array_equal(layer.gather_weight(), tpmpi.init_weight((11, 6), 42, "float64"))
     assert np.array_equal(layer.bias, tpmpi.init_weight((6,), 42, "float64", stream=1,
                                                         bound=1 / np.sqrt(11)))
     assert np.array_equal(layer.weight, tpmpi.init_weight((11, 6), 42, "float64",
                                                           rows=layer.shard[0]))
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_ranks_beyond_rows_hold_empty_shards(world):
-    if not world.member:
-        return
-    grid = tpmpi.ProcessGrid(world.comm)
-    X, W, b, dY = problem(3, 2, 4, "float64", seed=3)
+def test_ranks_beyond_rows_hold_empty_shards(grid):
+    X, W, b, dY = linear_problem(3, 2, 4, "float64", seed=3)
     for input_is_parallel in (False, True):
         layer = tpmpi.RowParallelLinear.from_dense(W, b, grid=grid,
                                                    input_is_parallel=input_is_parallel)
@@ -81,18 +71,14 @@ def test_ranks_beyond_rows_hold_empty_shards(world):
         assert rel_err(layer(x), X @ W + b) <= 1e-12
         dx = layer.backward(dY)
         assert rel_err(dx, (dY @ W.T)[:, rows] if input_is_parallel else dY @ W.T) <= 1e-12
-    grid.free()
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("input_is_parallel", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_collectives_per_pass(world, input_is_parallel, overlap):
+def test_collectives_per_pass(grid, input_is_parallel, overlap):
     """Forward: one Allreduce; backward: one Allgather of dX, or none with parallel input."""
-    if not world.member:
-        return
-    grid = tpmpi.ProcessGrid(world.comm)
-    X, W, b, dY = problem(4, 5, 3, "float64")
+    X, W, b, dY = linear_problem(4, 5, 3, "float64")
     layer = tpmpi.RowParallelLinear.from_dense(W, b, grid=grid, overlap=overlap,
                                                input_is_parallel=input_is_parallel)
     layer(np.ascontiguousarray(X[:, layer.shard[0]]) if input_is_parallel else X)
@@ -104,16 +90,12 @@ def test_collectives_per_pass(world, input_is_parallel, overlap):
     want = {} if input_is_parallel or p == 1 else {"allgather": 1}
     assert layer.profiler.calls == want
     assert layer.profiler.bytes == (4 * 5 * 8 if want else 0)
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_errors_are_raised_on_every_rank(world):
-    if not world.member:
-        return
+def test_errors_are_raised_on_every_rank(world, grid):
     comm, rank = world.comm, world.comm.Get_rank()
-    grid = tpmpi.ProcessGrid(comm)
-    X, W, b, dY = problem(4, 5, 6, "float32")
+    X, W, b, dY = linear_problem(4, 5, 6, "float32")
     layer = tpmpi.RowParallelLinear.from_dense(W, b, grid=grid)
     assert_input_errors(comm, layer, X, dY)
     layer(X)
@@ -128,4 +110,3 @@ def test_errors_are_raised_on_every_rank(world):
                         "overlap differs across ranks")
         all_ranks_raise(comm, lambda: tpmpi.RowParallelLinear(
             5, 6, grid=grid, input_is_parallel=rank == 1), "input_is_parallel differs")
-    grid.free()

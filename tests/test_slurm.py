@@ -1,17 +1,19 @@
 """The SLURM templates with a fake ``sbatch`` / ``srun`` on PATH: the argument vectors they
-would run, results/ created, usage errors, and bench flags that tpmpi's own parser accepts."""
+would run, results/ created, usage errors, and bench flags that tpmpi's own parser accepts;
+slurm/hybrid.sbatch: the mesh it derives from the allocation (TP = ranks per node, DP = nodes),
+block distribution, commands that the parsers of train_mlp.py and tpmpi accept, and the
+refusal of a TP size that does not divide the ranks."""
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from conftest import ROOT, load_script
 from tpmpi.cli import make_parser
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAKE = f"""#!{sys.executable}
 import json, os, sys
 with open(os.environ["FAKE_LOG"], "a") as fh:
@@ -43,7 +45,8 @@ def cluster(tmp_path):
         if log.exists():
             log.unlink()
         proc = subprocess.run(["bash", str(repo / "slurm" / script), *args], cwd=cwd,
-                              env=base, capture_output=True, text=True, timeout=60)
+                              env=base, capture_output=True, text=True, timeout=60,
+                              check=False)
         calls = [json.loads(line) for line in log.read_text().splitlines()] \
             if log.exists() else []
         return proc, calls
@@ -123,3 +126,50 @@ def test_gpu_template_and_overrides(cluster):
     assert args.calibration == "calib.json" and args.grid == ["auto", "2x4"] and args.backward
     assert "--json" in argv and argv[argv.index("--json") + 1].endswith(
         "results/tpmpi-gpu-70-2.jsonl")
+
+
+# --------------------------------------------------------------------------- hybrid.sbatch
+
+
+HYBRID_JOB = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4",
+              "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "2",
+              "SLURM_JOB_NAME": "tpmpi-hybrid"}
+
+
+def run_hybrid(cluster, **env):
+    return cluster("hybrid.sbatch", cwd=cluster.repo, **dict(HYBRID_JOB, **env))
+
+
+def train_args(call):
+    i = call.index("scripts/train_mlp.py")
+    return load_script("train_mlp").build_parser().parse_args(call[i + 1:])
+
+
+def test_hybrid_tp_inside_nodes_dp_across(cluster):
+    proc, calls = run_hybrid(cluster)
+    assert proc.returncode == 0, proc.stderr
+    assert "dp 2 x tp 4" in proc.stdout
+    assert len(calls) == 3 and all("--distribution=block:block" in c for c in calls)
+    assert calls[0][-4:] == ["python", "-m", "tpmpi", "info"]
+    train = train_args(calls[1])
+    assert (train.dp, train.tp, train.sequence_parallel, train.measure_overlap) == \
+        (2, "4", False, True)
+    argv, args = _bench_argv(calls[2])
+    assert args.dp == [1, 2] and args.mode == ["megatron", "sequence"]
+    assert (args.k, args.n, args.hidden) == ([2048], [2048], [8192]) and args.backward
+    assert argv[argv.index("--json") + 1].endswith("results/tpmpi-hybrid-7.jsonl")
+
+
+def test_hybrid_sequence_parallel_and_smaller_tp(cluster):
+    proc, calls = run_hybrid(cluster, TP="2", SP="1")
+    assert proc.returncode == 0, proc.stderr
+    train = train_args(calls[1])
+    assert (train.dp, train.tp, train.sequence_parallel) == (4, "2", True)
+    assert _bench_argv(calls[2])[1].dp == [1, 4]
+
+
+@pytest.mark.parametrize("tp", ["3", "16"])
+def test_hybrid_tp_must_divide_the_ranks(cluster, tp):
+    proc, calls = run_hybrid(cluster, TP=tp)
+    assert proc.returncode == 2 and f"TP={tp} does not divide the 8 ranks" in proc.stderr
+    assert calls == []  # refused before any srun

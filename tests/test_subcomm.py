@@ -17,8 +17,8 @@ from mpi4py import MPI
 import fake_cupy
 import tpmpi
 from conftest import all_ranks_raise, rel_err
+from problems import mlp_reference
 from tpmpi.core import backend as backend_mod
-from tpmpi.layers.activations import get_activation
 
 # Groups of COMM_WORLD ranks in one global order; each rank builds a layer on each group it is
 # in, in this order, so the orders differ per rank (rank 0: {0}, {0,1}, all; rank 1: {0,1},
@@ -58,11 +58,9 @@ def check_layer(kind: str, comm: MPI.Comm, backend: str = "cupy", seed: int = 0)
         grid = tpmpi.ProcessGrid(comm)
         layer = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=grid, backend=backend,
                                              activation="relu")
-        act, act_grad = get_activation("relu")
-        pre = X @ W1 + b1
-        dpre = (dY @ W2.T) * act_grad(pre)
-        want = {"y": act(pre) @ W2 + b2, "dx": dpre @ W1.T}
-        grads = [(layer.fc1, X.T @ dpre, dpre.sum(0)), (layer.fc2, act(pre).T @ dY, dY.sum(0))]
+        Y, dX, dW1, db1, dW2, db2 = mlp_reference(X, W1, b1, W2, b2, dY, "relu")
+        want = {"y": Y, "dx": dX}
+        grads = [(layer.fc1, dW1, db1), (layer.fc2, dW2, db2)]
         be = layer.fc1.backend
     else:
         p = comm.Get_size()
@@ -98,7 +96,7 @@ def test_layers_on_nested_and_overlapping_subcomms(kind, monkeypatch):
     comms = [world.Split(0 if rank in g else MPI.UNDEFINED, rank) for g, _ in groups]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # ranks sharing a (fake) GPU
-        for (g, layer_kind), comm in zip(groups, comms):
+        for (_, layer_kind), comm in zip(groups, comms):
             if comm != MPI.COMM_NULL:
                 check_layer(layer_kind, comm)
                 comm.Free()
@@ -158,47 +156,36 @@ def test_gpu_aware_decided_and_cached_per_communicator(monkeypatch):
     ("foo", "TPMPI_BACKEND='foo': expected numpy or cupy"),
     ("cupy", "backend='cupy': CuPy is not installed or no CUDA device is visible"),
 ])
-def test_backend_env_differing_on_one_rank_raises_everywhere(world, monkeypatch, env, match):
-    if not world.member:
-        return
+def test_backend_env_differing_on_one_rank_raises_everywhere(world, grid, monkeypatch, env, match):
     if env == "cupy" and backend_mod.cupy_usable():
         pytest.skip("a GPU is present: TPMPI_BACKEND=cupy is valid here")
     comm = world.comm
     if comm.Get_rank() == comm.Get_size() - 1:
         monkeypatch.setenv("TPMPI_BACKEND", env)
-    grid = tpmpi.ProcessGrid(comm)
     msg = all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(4, 4, grid=grid), match)
     assert msg.endswith(f"(rank {comm.Get_size() - 1})") or comm.Get_size() == 1
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_backend_choices_differing_raise_everywhere(world, monkeypatch):
+@pytest.mark.world_sizes(2, 3, 4)
+def test_backend_choices_differing_raise_everywhere(world, grid, monkeypatch):
     """One rank resolves "auto" to CuPy (a fake GPU there), the others to NumPy."""
-    if not world.member or world.size == 1:
-        return
     comm = world.comm
     if comm.Get_rank() == 0:
         fake_cupy.install(monkeypatch)
         monkeypatch.setenv("TPMPI_BACKEND", "cupy")
-    grid = tpmpi.ProcessGrid(comm)
     all_ranks_raise(comm, lambda: tpmpi.RowParallelLinear(4, 4, grid=grid),
                     "backend differs across ranks: 'cupy' on rank 0 and 'numpy' on ranks? 1")
-    grid.free()
 
 
 @pytest.mark.mpi
-def test_bad_gpu_aware_env_on_one_rank_raises_everywhere(world, monkeypatch):
-    if not world.member:
-        return
+def test_bad_gpu_aware_env_on_one_rank_raises_everywhere(world, grid, monkeypatch):
     comm = world.comm
     fake_cupy.install(monkeypatch)
     if comm.Get_rank() == 0:
         monkeypatch.setenv("TPMPI_GPU_AWARE", "yes")
-    grid = tpmpi.ProcessGrid(comm)
     all_ranks_raise(comm, lambda: tpmpi.ColumnParallelLinear(4, 4, grid=grid, backend="cupy"),
                     "TPMPI_GPU_AWARE='yes': expected 0 or 1")
-    grid.free()
 
 
 # --------------------------------------------------------------------------- binding (serial)
@@ -248,13 +235,11 @@ def test_cupy_backend_is_created_once_per_process_without_mpi(monkeypatch):
 
 
 @pytest.mark.mpi
-def test_ranks_sharing_a_device_are_counted_and_warned_once(world, monkeypatch):
-    if not world.member or world.size == 1:
-        return
+@pytest.mark.world_sizes(2, 3, 4)
+def test_ranks_sharing_a_device_are_counted_and_warned_once(world, grid, monkeypatch):
     fake_cupy.install(monkeypatch, devices=1)
     monkeypatch.setattr(backend_mod, "_SHARING_WARNED", [])
     comm = world.comm
-    grid = tpmpi.ProcessGrid(comm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layers = [tpmpi.ColumnParallelLinear(4, 4, grid=grid, backend="cupy") for _ in range(2)]
@@ -265,4 +250,3 @@ def test_ranks_sharing_a_device_are_counted_and_warned_once(world, monkeypatch):
     assert facts.ranks_per_device == world.size
     assert backend_mod.device_facts(grid.comm, layers[0].backend).ranks_per_device == world.size
     other.Free()
-    grid.free()

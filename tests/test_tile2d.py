@@ -1,45 +1,33 @@
-"""TileParallelLinear (2D SUMMA, gather and panel forms) and 2D ProcessGrid at world sizes 1-4,
-against a serial float64 reference; every grid shape of each world size."""
+"""TileParallelLinear (2D SUMMA, gather and panel forms) at world sizes 1-4 against a serial
+float64 reference, on every grid shape of each world size."""
+from functools import partial
+
 import numpy as np
 import pytest
 
 import tpmpi
 from conftest import all_ranks_raise, rel_err
-from tpmpi.core.grid import factorisations
-from tpmpi.layers.tile2d import k_segments
+from problems import linear_problem
 from tpmpi.core.partition import block_partition
+from tpmpi.layers.tile2d import k_segments
 
 # even, uneven, empty tiles (m or n smaller than the grid), K = 0, M = 0
 SHAPES = [(8, 6, 4), (7, 5, 3), (1, 2, 3), (5, 0, 3), (0, 4, 5), (3, 7, 1)]
 PANELS = [None, 1, 2, 3, 100]
 
 
-def problem(m, k, n, dtype="float64", seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dtype) for s in [(m, k), (k, n), (n,), (m, n)]]
-
-
 def tiles(a, grid):
     return tpmpi.scatter(a, grid, "tiles")
-
-
-def grids(world):
-    for shape in factorisations(world.size):
-        grid = tpmpi.ProcessGrid(world.comm, shape=shape)
-        yield grid
-        grid.free()
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("panel", PANELS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_backward_match_serial(world, m, k, n, panel, bias):
-    if not world.member:
-        return
-    X, W, b, dY = problem(m, k, n)
+def test_forward_backward_match_serial(grids, m, k, n, panel, bias):
+    X, W, b, dY = linear_problem(m, k, n)
     Y = X @ W + (b if bias else 0)
-    for grid in grids(world):
+    for grid in grids():
         layer = tpmpi.TileParallelLinear.from_dense(W, b if bias else None, grid=grid,
                                                     panel=panel)
         y = layer(tiles(X, grid))
@@ -56,9 +44,7 @@ def test_forward_backward_match_serial(world, m, k, n, panel, bias):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("panels", [(None, None), (2, 1), (None, 3), (100, None)])
-def test_two_chained_layers_float32(world, panels):
-    if not world.member:
-        return
+def test_two_chained_layers_float32(grids, panels):
     rng = np.random.default_rng(1)
     X, W1, W2, dY = (rng.standard_normal(s).astype(np.float32)
                      for s in [(9, 6), (6, 7), (7, 5), (9, 5)])
@@ -67,7 +53,7 @@ def test_two_chained_layers_float32(world, panels):
     H = X64 @ W164 + b1
     Y = H @ W264 + b2
     dH = dY64 @ W264.T
-    for grid in grids(world):
+    for grid in grids():
         l1 = tpmpi.TileParallelLinear.from_dense(W1, b1, grid=grid, panel=panels[0])
         l2 = tpmpi.TileParallelLinear.from_dense(W2, b2, grid=grid, panel=panels[1])
         y = l2(l1(tiles(X, grid)))  # no redistribution between the layers
@@ -81,10 +67,8 @@ def test_two_chained_layers_float32(world, panels):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("panel", [None, 4])
-def test_init_is_layout_invariant_and_bytes(world, panel):
-    if not world.member:
-        return
-    for grid in grids(world):
+def test_init_is_layout_invariant_and_bytes(grids, panel):
+    for grid in grids():
         layer = tpmpi.TileParallelLinear(6, 11, grid=grid, seed=42, dtype="float64", panel=panel)
         assert np.array_equal(layer.gather_weight(), tpmpi.init_weight((6, 11), 42, "float64"))
         x = tiles(np.ones((5, 6)), grid)
@@ -106,74 +90,36 @@ def test_k_segments_split_at_panel_and_owner_boundaries():
     assert k_segments(4, 100, [(0, 4)], [(0, 4)]) == [(0, 4, 0, 0)]
 
 
-@pytest.mark.mpi
-def test_errors_are_raised_on_every_rank(world):
-    if not world.member:
-        return
-    comm, rank = world.comm, world.comm.Get_rank()
-    X, W, b, dY = problem(5, 4, 6)
-    for grid in grids(world):
-        for bad in (0, -2, 1.5, True, "4"):
-            all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid, panel=bad),
-                            rf"panel={bad!r}: expected None or a positive integer")
-        if comm.Get_size() > 1:
-            all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid,
-                                                                   panel=1 + rank),
-                            "panel differs across ranks")
-        layer = tpmpi.TileParallelLinear.from_dense(W, b, grid=grid, panel=2)
-        x = tiles(X, grid)
-        all_ranks_raise(comm, lambda: layer.backward(tiles(dY, grid)),
-                        r"backward\(\) called before forward")
-        all_ranks_raise(comm, lambda: layer(x.astype(np.float32)),
-                        "x.dtype=float32: expected float64")
-        all_ranks_raise(comm, lambda: layer(x.tolist()), "expected a numpy array")
-        if grid.shape[1] > 1:  # the global X is not a tile
-            all_ranks_raise(comm, lambda: layer(X), r"x.shape=\(\d+, 4\): expected .* tile")
-        if grid.size > 1:  # the last rank (never an empty tile here) passes a row too few
-            short = x[:-1] if rank == grid.size - 1 else x
-            all_ranks_raise(comm, lambda: layer(short),
-                            rf"x.shape=.*expected .* in layout 'tiles' on grid "
-                            rf"{grid.label} \(rank {grid.size - 1}\)")
-        y = layer(x)
-        all_ranks_raise(comm, lambda: layer.backward(np.zeros((y.shape[0], y.shape[1] + 1))),
-                        r"dy.shape=.*expected")
+def assert_errors_on(grid, comm, X, W, b, dY) -> None:
+    """The panel and input errors of a tile layer on ``grid``, each raised on every rank."""
+    rank = comm.Get_rank()
+    for bad in (0, -2, 1.5, True, "4"):
+        all_ranks_raise(comm, partial(tpmpi.TileParallelLinear, 4, 6, grid=grid, panel=bad),
+                        rf"panel={bad!r}: expected None or a positive integer")
+    if comm.Get_size() > 1:
+        all_ranks_raise(comm, lambda: tpmpi.TileParallelLinear(4, 6, grid=grid, panel=1 + rank),
+                        "panel differs across ranks")
+    layer = tpmpi.TileParallelLinear.from_dense(W, b, grid=grid, panel=2)
+    x = tiles(X, grid)
+    all_ranks_raise(comm, lambda: layer.backward(tiles(dY, grid)),
+                    r"backward\(\) called before forward")
+    all_ranks_raise(comm, lambda: layer(x.astype(np.float32)),
+                    "x.dtype=float32: expected float64")
+    all_ranks_raise(comm, lambda: layer(x.tolist()), "expected a numpy array")
+    if grid.shape[1] > 1:  # the global X is not a tile
+        all_ranks_raise(comm, lambda: layer(X), r"x.shape=\(\d+, 4\): expected .* tile")
+    if grid.size > 1:  # the last rank (never an empty tile here) passes a row too few
+        short = x[:-1] if rank == grid.size - 1 else x
+        all_ranks_raise(comm, lambda: layer(short),
+                        rf"x.shape=.*expected .* in layout 'tiles' on grid "
+                        rf"{grid.label} \(rank {grid.size - 1}\)")
+    y = layer(x)
+    all_ranks_raise(comm, lambda: layer.backward(np.zeros((y.shape[0], y.shape[1] + 1))),
+                    r"dy.shape=.*expected")
 
 
 @pytest.mark.mpi
-def test_every_factorisation_gives_row_major_grid(world):
-    if not world.member:
-        return
-    comm, size = world.comm, world.size
-    for pr, pc in factorisations(size):
-        for node_aware in (False, True):
-            with tpmpi.ProcessGrid(comm, shape=f"{pr}x{pc}", node_aware=node_aware) as grid:
-                r, c = divmod(comm.Get_rank(), pc)  # one node: node order == plain order
-                assert grid.rank == comm.Get_rank() and grid.coords == (r, c)
-                assert grid.row_comm.Get_size() == pc and grid.row_comm.Get_rank() == c
-                assert grid.col_comm.Get_size() == pr and grid.col_comm.Get_rank() == r
-                assert grid.row_comm.allgather(grid.rank) == [r * pc + j for j in range(pc)]
-                assert grid.col_comm.allgather(grid.rank) == [i * pc + c for i in range(pr)]
-    valid = ", ".join(f"{r}x{c}" for r, c in factorisations(size))
-    for bad in [(size + 1, 1), (2, 2 * size), (0, size), "3"]:
-        all_ranks_raise(comm, lambda: tpmpi.ProcessGrid(comm, shape=bad),
-                        "expected RxC" if bad == "3" else f"valid shapes: {valid}$")
-
-
-@pytest.mark.mpi
-def test_measure_overlap_on_panel_layer(world):
-    if not world.member:
-        return
-    from tpmpi.studies.overlap import measure_overlap
-
-    for grid in grids(world):
-        layer = tpmpi.TileParallelLinear(16, 12, grid=grid, panel=4, dtype="float64")
-        x = tiles(np.ones((10, 16)), grid)
-        times = measure_overlap(layer, lambda: layer(x), iters=2)
-        assert min(times.overall_s, times.compute_s, times.comm_s) >= 0
-        assert 0 <= times.overlap_pct <= 100
-        assert set(times.as_dict()) == {"overall_s", "compute_s", "comm_only_s", "overlap_pct",
-                                        "saved_s"}
-        assert rel_err(layer(x), tiles(np.ones((10, 16)) @ layer.gather_weight()
-                                       + layer.gather_bias(), grid)) <= 1e-12
-        all_ranks_raise(grid.comm, lambda: measure_overlap(layer, lambda: None, iters=0),
-                        "iters=0: expected a positive integer")
+def test_errors_are_raised_on_every_rank(world, grids):
+    X, W, b, dY = linear_problem(5, 4, 6)
+    for grid in grids():
+        assert_errors_on(grid, world.comm, X, W, b, dY)

@@ -1,17 +1,11 @@
 """scripts/train_mlp.py at a tiny size: the parallel loss curve matches the serial reference on
 every dp x tp mesh (sequence parallelism on and off, 2D tile grids), per-rank bytes, errors."""
-import importlib.util
-import pathlib
-
 import pytest
 
-from conftest import all_ranks_raise, rel_err
+from conftest import all_ranks_raise, load_script, rel_err
 from tpmpi.core.mesh import mesh_shapes
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_mlp.py"
-_spec = importlib.util.spec_from_file_location("train_mlp", _PATH)
-train_mlp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_mlp)
+train_mlp = load_script("train_mlp")
 
 TINY = ["--samples", "12", "--d-model", "3", "--d-hidden", "5", "--steps", "8", "--quiet"]
 
@@ -36,8 +30,6 @@ def test_serial_run_and_budget_numbers_in_the_epilog():
     ["--dtype", "float32", "--activation", "relu"],
 ])
 def test_parallel_curve_matches_serial(world, extra):
-    if not world.member:
-        return
     out = train_mlp.main(TINY + extra, world.comm)
     assert len(out["losses"]) == 9 and out["agree"]
     if world.comm.Get_rank() == 0:
@@ -50,8 +42,6 @@ def test_parallel_curve_matches_serial(world, extra):
 
 @pytest.mark.mpi
 def test_budget_refusal_names_the_smallest_p(world):
-    if not world.member:
-        return
     # d=3, h=5, float64 adam: 32 bytes/param; rank 0 holds 38, 24, 17, 17 params at P=1..4
     argv = TINY + ["--dtype", "float64", "--max-rank-bytes", str(17 * 32)]
     if world.size >= 3:
@@ -70,8 +60,6 @@ def test_budget_refusal_names_the_smallest_p(world):
 def test_every_mesh_trains_like_serial(world, sp):
     """Every dp x tp of the world size, 1D (with and without --sequence-parallel) and 2D
     (tile2d FFN): the curve matches; the activations per rank shrink by T with SP."""
-    if not world.member:
-        return
     comm, size = world.comm, world.size
     specs = [(dp, str(pc), False) for dp, (pr, pc) in mesh_shapes(size) if pr == 1]
     if not sp:  # "RxC", 1xC included, is a 2D grid: the tile2d FFN
@@ -97,8 +85,6 @@ def test_every_mesh_trains_like_serial(world, sp):
 
 @pytest.mark.mpi
 def test_mesh_and_mode_errors(world):
-    if not world.member:
-        return
     comm, size = world.comm, world.size
     all_ranks_raise(comm, lambda: train_mlp.main(TINY + ["--dp", str(size + 1)], comm),
                     f"mesh dp={size + 1}: dp must divide the {size} ranks; valid meshes: dp=1")
@@ -113,9 +99,8 @@ def test_mesh_and_mode_errors(world):
 
 
 @pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
 def test_overlap_measurement_is_printed(world, capsys):
-    if not world.member or world.size % 2:
-        return
     argv = ["--samples", "16", "--d-model", "8", "--d-hidden", "16", "--steps", "2", "--dp", "2",
             "--measure-overlap"]
     out = train_mlp.main(argv, world.comm)

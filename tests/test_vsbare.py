@@ -9,24 +9,22 @@ import warnings
 import pytest
 
 import fake_cupy
+from conftest import read_records
 from tpmpi.studies import vsbare
 
 SMALL = ["--m", "40", "--k", "24", "--n", "16", "--warmup", "0", "--iters", "2"]
 
 
-def _run(world, tmp_path, extra):
-    path = world.comm.bcast(str(tmp_path / "vs.jsonl"), root=0)
+def _run(world, shared_tmp, extra):
+    path = str(shared_tmp / "vs.jsonl")
     assert vsbare.main(SMALL + ["--json", path] + extra, comm=world.comm) == 0
     world.comm.Barrier()
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
+    return read_records(path)
 
 
 @pytest.mark.mpi
-def test_every_scheme_against_its_bare_products(world, tmp_path, capsys):
-    if not world.member:
-        return
-    records = _run(world, tmp_path, ["--backend", "numpy", "--dtypes", "float32,float64"])
+def test_every_scheme_against_its_bare_products(world, shared_tmp, capsys):
+    records = _run(world, shared_tmp, ["--backend", "numpy", "--dtypes", "float32,float64"])
     assert [(r["scheme"], r["dtype"]) for r in records] == [
         (s, d) for d in ("float32", "float64") for s in vsbare.SCHEMES]
     for r in records:
@@ -47,14 +45,12 @@ def test_every_scheme_against_its_bare_products(world, tmp_path, capsys):
 
 
 @pytest.mark.mpi
-def test_gpu_code_path_with_staging(world, tmp_path, monkeypatch):
+def test_gpu_code_path_with_staging(world, shared_tmp, monkeypatch):
     """backend "cupy" on the fake CuPy (every rank on one device, no GPU-aware MPI): staged
     collectives and the ranks sharing the device go into the prediction."""
-    if not world.member:
-        return
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "0")
-    records = _run(world, tmp_path, ["--backend", "cupy", "--dtypes", "float32,float16",
+    records = _run(world, shared_tmp, ["--backend", "cupy", "--dtypes", "float32,float16",
                                      "--schemes", "column,tile2d", "--clock", "cpu"])
     assert len(records) == 4
     for r in records:

@@ -1,0 +1,47 @@
+"""tpmpi.layers.activations: exact erf, each activation's derivative against a central
+difference, GELU's values, and half-precision inputs evaluated in float32 and rounded once."""
+import math
+
+import numpy as np
+import pytest
+
+from problems import HALFS
+from tpmpi.layers.activations import ACTIVATIONS, erf, get_activation
+def test_erf_is_exact():
+    x = np.linspace(-6, 6, 1001)
+    assert np.array_equal(erf(x), np.array([math.erf(v) for v in x]))
+    assert erf(x.astype(np.float32)).dtype == np.float32
+    assert erf(np.empty((0, 3))).shape == (0, 3)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_derivatives(name):
+    f, df = get_activation(name)
+    x = np.linspace(-4, 4, 801) + 1e-3  # avoid relu's kink at 0
+    eps = 1e-6
+    numeric = (f(x + eps) - f(x - eps)) / (2 * eps)
+    assert np.abs(df(x) - numeric).max() < 1e-7
+    x32 = x.astype(np.float32)
+    assert f(x32).dtype == np.float32 and df(x32).dtype == np.float32
+
+
+def test_gelu_values():
+    x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
+    exact = x * 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))
+    assert np.allclose(get_activation("gelu_erf")[0](x), exact, rtol=0, atol=1e-15)
+    assert np.abs(get_activation("gelu")[0](x) - exact).max() < 1e-3  # tanh approximation
+    assert np.array_equal(get_activation("relu")[0](x), np.maximum(x, 0))
+    with pytest.raises(ValueError, match="activation='swish': expected one of gelu"):
+        get_activation("swish")
+
+
+@pytest.mark.parametrize("dtype", HALFS)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_keep_half_dtypes(dtype, name):
+    f, df = ACTIVATIONS[name]
+    x = np.linspace(-3, 3, 41).astype(dtype)
+    for fn in (f, df):
+        y = fn(x)
+        assert y.dtype == np.dtype(dtype)
+        assert np.array_equal(y.view(np.uint16),
+                              fn(x.astype(np.float32)).astype(dtype).view(np.uint16))

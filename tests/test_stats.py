@@ -1,0 +1,47 @@
+"""tpmpi.studies.stats: the median (min-max) summary, the spread, the flags a record raises and
+their thresholds, the load per CPU, and short numbers for tables."""
+import pytest
+
+from problems import clean_record
+from tpmpi.studies import stats
+
+
+def test_summary_and_spread():
+    s = stats.summary([3.0, 1.0, 2.0, 10.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0}
+    assert stats.spread(s) == pytest.approx(9 / 2.5)
+    assert stats.summary([]) is None and stats.spread(None) is None
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"efficiency": 1.2}, "superlinear"),
+    ({"time_s": {"median": 1.0, "min": 0.95, "max": 1.2}}, "noisy"),
+    ({"spread": {"baseline_s": {"median": 1.0, "min": 0.9, "max": 1.11}}}, "noisy-baseline"),
+    ({"load_per_cpu": 1.6}, "oversubscribed"),
+    ({"oversubscription": 2.0}, "oversubscribed"),
+])
+def test_each_flag(change, flag):
+    assert stats.flags(clean_record()) == []
+    assert stats.flags(clean_record(**change)) == [flag]
+
+
+def test_flags_at_the_thresholds_stay_clear():
+    edge = clean_record(efficiency=stats.SUPERLINEAR, load_per_cpu=1.0,
+                time_s={"median": 1.0, "min": 1.0, "max": 1.0 + 0.99 * stats.NOISY})
+    assert stats.flags(edge) == []
+
+
+def test_load_per_cpu(monkeypatch):
+    monkeypatch.setattr(stats.os, "getloadavg", lambda: (6.0, 1.0, 1.0))
+    monkeypatch.setattr(stats.os, "cpu_count", lambda: 4)
+    assert stats.load_per_cpu() == 1.5
+
+    def missing():
+        raise OSError("no load average")
+    monkeypatch.setattr(stats.os, "getloadavg", missing)
+    assert stats.load_per_cpu() is None
+
+
+def test_short_numbers_have_no_exponent():
+    assert [stats.short(v) for v in (1440.4, 285.13, 0.011834, 3.0)] == \
+        ["1440", "285", "0.0118", "3"]
