@@ -12,9 +12,10 @@ Progress (rank 0, stderr): the cost model's estimate of the whole sweep when it 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -142,6 +143,18 @@ def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: bool 
     return rec
 
 
+@contextlib.contextmanager
+def first_ranks(world: MPI.Comm, p: int) -> Iterator[MPI.Comm]:
+    """A communicator of the first ``p`` ranks of ``world`` (``COMM_NULL`` on the others),
+    freed on leaving the block, an error included. Collective over ``world`` (``Split``)."""
+    sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
+    try:
+        yield sub
+    finally:
+        if sub != MPI.COMM_NULL:
+            sub.Free()
+
+
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
               warmup: int, iters: int, baseline: bool, calibration: Optional[Calibration],
               on_record: Callable[[Mapping[str, Any]], None], measure_overlap: bool = False,
@@ -162,27 +175,26 @@ def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, thre
     announce(f"bench: {len(cfgs)} configurations", sum(seconds), rank == 0)
     step = Progress(seconds, rank == 0).step
     for p, group in itertools.groupby(cfgs, key=lambda c: c.ranks):
-        sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
-        for cfg in group:
-            error = None
-            if sub != MPI.COMM_NULL:
-                key = dataclasses.replace(cfg.problem, options=())
-                try:
-                    rec = _run_config(sub, cfg, backend, baseline=bases.get(key, baseline),
-                                      **timing)
-                    if baseline:
-                        bases[key] = rec["spread"]["baseline_s"]
-                    if rank == 0:
-                        on_record(rec)
-                except ValueError as exc:
-                    error = str(exc)
-            polite_barrier(world)
-            agree(world, error)
-            if rank == 0:
-                step(f"{cfg.problem.scheme} P={p} " + (f"dp={cfg.dp} " if cfg.dp > 1 else "")
-                     + f"{cfg.grid[0]}x{cfg.grid[1]} m={cfg.problem.m}")
-        if sub != MPI.COMM_NULL:
-            sub.Free()
+        with first_ranks(world, p) as sub:
+            for cfg in group:
+                error = None
+                if sub != MPI.COMM_NULL:
+                    key = dataclasses.replace(cfg.problem, options=())
+                    try:
+                        rec = _run_config(sub, cfg, backend,
+                                          baseline=bases.get(key, baseline), **timing)
+                        if baseline:
+                            bases[key] = rec["spread"]["baseline_s"]
+                        if rank == 0:
+                            on_record(rec)
+                    except ValueError as exc:
+                        error = str(exc)
+                polite_barrier(world)
+                agree(world, error)
+                if rank == 0:
+                    step(f"{cfg.problem.scheme} P={p} "
+                         + (f"dp={cfg.dp} " if cfg.dp > 1 else "")
+                         + f"{cfg.grid[0]}x{cfg.grid[1]} m={cfg.problem.m}")
 
 
 def collective_sweep(world: MPI.Comm, ops: Iterable[str], sizes: Sequence[int],
@@ -193,22 +205,22 @@ def collective_sweep(world: MPI.Comm, ops: Iterable[str], sizes: Sequence[int],
     Collective over ``world``."""
     rank, item = world.Get_rank(), np.dtype(dtype).itemsize
     for p in sorted(ranks):
-        sub = world.Split(0 if rank < p else MPI.UNDEFINED, rank)
-        for op in ops:
-            if rank == 0:
-                out(f"# tpmpi {op}: {p} ranks, dtype {dtype}, warmup {warmup}, iters {iters}")
-                out(format_row({}, header=True))
-            busbw = []
-            if sub != MPI.COMM_NULL:
-                for size in sizes:
-                    rec = time_collective(op, max(size // item, 1), dtype, sub, backend,
-                                          warmup=warmup, iters=iters)
-                    busbw.append(rec["busbw_gbs"] or 0.0)
-                    if rank == 0:
-                        out(format_row(rec))
-                        on_record(rec)
-            if rank == 0:
-                out(f"# Avg bus bandwidth    : {sum(busbw) / max(len(busbw), 1):.3f} GB/s\n")
-            polite_barrier(world)
-        if sub != MPI.COMM_NULL:
-            sub.Free()
+        with first_ranks(world, p) as sub:
+            for op in ops:
+                if rank == 0:
+                    out(f"# tpmpi {op}: {p} ranks, dtype {dtype}, warmup {warmup}, "
+                        f"iters {iters}")
+                    out(format_row({}, header=True))
+                busbw = []
+                if sub != MPI.COMM_NULL:
+                    for size in sizes:
+                        rec = time_collective(op, max(size // item, 1), dtype, sub, backend,
+                                              warmup=warmup, iters=iters)
+                        busbw.append(rec["busbw_gbs"] or 0.0)
+                        if rank == 0:
+                            out(format_row(rec))
+                            on_record(rec)
+                if rank == 0:
+                    out(f"# Avg bus bandwidth    : {sum(busbw) / max(len(busbw), 1):.3f} "
+                        "GB/s\n")
+                polite_barrier(world)
