@@ -114,3 +114,26 @@ def test_imports_stand_at_the_top(name):
             assert not seen_code, f"{path.name}:{node.lineno}: import below the module's code"
         elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
             seen_code = True
+
+
+def test_the_core_docstring_lists_its_dependency_levels():
+    """Each core module sits one level above the highest core module it imports, as
+    tpmpi/core/__init__.py says."""
+    import re
+
+    import tpmpi.core
+
+    core = {m: [d for d in GRAPH[m] if _within(d, "tpmpi.core") and d != "tpmpi.core"]
+            for m in GRAPH if m.startswith("tpmpi.core.")}
+    level: dict = {}
+
+    def depth(m: str) -> int:
+        if m not in level:
+            level[m] = 1 + max((depth(d) for d in core[m]), default=0)
+        return level[m]
+
+    documented = {f"tpmpi.core.{name}": int(n)
+                  for n, names in re.findall(r"^(\d)\. (.*)$", tpmpi.core.__doc__, re.M)
+                  for name in re.findall(r"``(\w+)``", names)}
+    assert documented == {m: depth(m) for m in core}
+

@@ -3,12 +3,14 @@
 per-layer profiling and weight initialisation. Nothing here imports the layers, the
 checkpoints or the studies.
 
-Dependency levels (a module imports only modules of earlier levels):
+Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
+checks this list against the source):
 
-1. ``args``, ``agreement``, ``colltable``, ``dtypes``, ``gemm`` (no tpmpi imports)
-2. ``backend``, ``partition``, ``tiling``, ``profiler``
-3. ``staging``, ``grid``, ``init``
-4. ``comm``, ``mesh``
-5. ``layout``
-6. ``mappings``
+1. ``agreement``, ``arrays``, ``colltable`` (no tpmpi imports)
+2. ``args``, ``dtypes``, ``gemm``
+3. ``backend``, ``partition``, ``tiling``
+4. ``grid``, ``init``, ``profiler``, ``staging``
+5. ``comm``, ``mesh``
+6. ``layout``
+7. ``mappings``
 """
