@@ -137,7 +137,7 @@ done
 for p in 1 2; do
     step "suite-P$p" 90 env TPMPI_TEST_BACKEND=cupy $mpiexec -n "$p" "$py" -m mpi4py -m pytest \
         --with-mpi -q tests/test_backends.py tests/test_subcomm.py tests/test_hot_path.py \
-        tests/test_vsbare.py tests/test_gpu_model.py
+        tests/test_staging.py tests/test_vsbare.py tests/test_gpu_model.py
 done
 for dtype in float32 float16 bfloat16; do
     step "peak-$dtype" 45 "$py" -m tpmpi.studies.peak --backend cupy --dtype "$dtype" --n "$size" \
