@@ -149,3 +149,17 @@ def test_readme_points_to_the_docs():
     for page in ("docs/record-schema.md", "docs/cli.md", "docs/cluster.md",
                  "docs/statistics.md", "docs/layouts.md"):
         assert f"]({page}" in text, page
+
+
+def test_readme_package_layout_names_every_module():
+    """README's "Layout of the package" names every module of each subpackage, and no module
+    that does not exist."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout of the package"):text.index("## Documentation")]
+    package = ROOT / "tpmpi"
+    for sub in ("core", "layers", "checkpoint", "studies"):
+        bullet = re.search(rf"^\* \*\*`tpmpi/{sub}/`\*\*(.*?)(?=^\* |\Z)", section, re.M | re.S)
+        assert bullet, sub
+        named = set(re.findall(r"`(\w+)\.py`", bullet.group(1)))
+        on_disk = {p.stem for p in (package / sub).glob("*.py") if p.stem != "__init__"}
+        assert named == on_disk, (sub, sorted(named ^ on_disk))
