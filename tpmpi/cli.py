@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from mpi4py import MPI
 

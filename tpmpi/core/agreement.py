@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from mpi4py import MPI

@@ -29,7 +29,8 @@ import dataclasses
 import os
 import tracemalloc
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI

@@ -29,7 +29,7 @@ also needs a CuPy that supports it (>= 14), checked at layer construction
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

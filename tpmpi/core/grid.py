@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence, Union, cast
+from collections.abc import Sequence
+from typing import Union, cast
 
 from mpi4py import MPI
 

@@ -12,7 +12,8 @@ for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -17,7 +17,8 @@ partial sums (a declaration only; arrays are stored, gathered and saved in the f
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .agreement import CALL_ORDER, Same, Text, agree_checks
 from .args import check_plain_array, dtype_label

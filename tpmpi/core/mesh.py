@@ -17,7 +17,8 @@ warning.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 from mpi4py import MPI

@@ -8,7 +8,7 @@ ranks in tpmpi goes through these functions (layouts map them onto the axes of a
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 from .args import check_int
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, ContextManager, Iterator, Optional
+from collections.abc import Iterator
+from typing import Callable, Optional
 
 from .backend import Backend
 from .colltable import bus_factor
@@ -60,11 +61,11 @@ class Profiler:
             self.sync()
         return time.perf_counter()
 
-    def gemm(self) -> ContextManager[None]:
+    def gemm(self) -> contextlib.AbstractContextManager[None]:
         """Charge the block to local computation."""
         return self._timed_gemm() if self.timed else _UNTIMED
 
-    def comm(self, op: str, nbytes: int, nranks: int) -> ContextManager[None]:
+    def comm(self, op: str, nbytes: int, nranks: int) -> contextlib.AbstractContextManager[None]:
         """Charge the block to collective ``op`` of ``nbytes`` over ``nranks``."""
         if not self.timed:
             self.count(op, nbytes, nranks)

@@ -9,7 +9,8 @@ and the MLP find sub-layers this way only.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 
 class Module(Protocol):

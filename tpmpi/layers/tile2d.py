@@ -43,7 +43,8 @@ collective runs); :meth:`TileParallelLinear.comm_bytes` evaluates these formulas
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI

@@ -54,8 +54,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 

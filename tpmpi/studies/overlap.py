@@ -10,8 +10,9 @@ collectives (``t_comm``: ``Profiler.only("comm")`` skips the GEMMs);
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from mpi4py import MPI

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..core.arrays import DTypeLike
 from ..core.backend import BACKENDS, Backend, blas_info, get_backend

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from .stats import short
 

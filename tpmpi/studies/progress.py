@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, Optional, TextIO
 
 from .costmodel import Calibration, predict
 from .problem import Problem

@@ -11,8 +11,8 @@ import dataclasses
 import datetime
 import functools
 import json
-from collections.abc import Mapping
-from typing import Any, ClassVar, Iterator, Optional, TextIO
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Optional, TextIO
 
 from mpi4py import MPI
 

@@ -14,7 +14,8 @@ import json
 import os
 import statistics
 from collections import defaultdict
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 from . import plots
 from .costmodel import layout_label

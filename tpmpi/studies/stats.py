@@ -14,8 +14,8 @@ reach a paper unexplained:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -7,7 +7,8 @@ GEMM and communication time is :class:`tpmpi.core.profiler.Profiler`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from mpi4py import MPI

@@ -26,8 +26,9 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 

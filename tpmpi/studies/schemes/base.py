@@ -3,7 +3,8 @@ around one layer object), the deterministic inputs, the serial bare products and
 verification helpers."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from mpi4py import MPI
