@@ -291,3 +291,17 @@ def test_reductions_refuse_strided_buffers(world):
             tcomm.allreduce(a, world.comm)
         with pytest.raises(ValueError, match="C-contiguous"):
             tcomm.iallreduce(a, world.comm)
+
+
+@pytest.mark.mpi
+def test_first_ranks_frees_its_communicator_after_an_error(world):
+    """The communicator of the first P ranks (a sweep's or a calibration's rank count) is freed
+    even when the block raises (a sweep's error leaked one communicator per P before)."""
+    from mpi4py import MPI
+
+    held = []
+    with pytest.raises(RuntimeError, match="inside"), tcomm.first_ranks(world.comm, 1) as sub:
+        held.append(sub)
+        assert (sub != MPI.COMM_NULL) == (world.comm.Get_rank() == 0)
+        raise RuntimeError("inside")
+    assert held[0] == MPI.COMM_NULL  # freed (mpi4py resets a freed handle) or never made

@@ -37,7 +37,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -61,11 +63,21 @@ __all__ = ["polite_barrier", "Staging", "chunks", "Requests", "Chain", "Request"
 def polite_barrier(comm: MPI.Comm, interval: float = 1e-3) -> None:
     """Barrier that sleeps between polls (``Ibarrier`` + ``Test``), so that waiting ranks leave
     the cores to the ranks that work (MPI's blocking calls busy-poll)."""
-    import time
-
     request = comm.Ibarrier()
     while not request.Test():
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def first_ranks(world: MPI.Comm, p: int) -> Iterator[MPI.Comm]:
+    """A communicator of the first ``p`` ranks of ``world`` (``COMM_NULL`` on the others),
+    freed on leaving the block, an error included. Collective over ``world`` (``Split``)."""
+    sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
+    try:
+        yield sub
+    finally:
+        if sub != MPI.COMM_NULL:
+            sub.Free()
 
 
 # --------------------------------------------------------------------------- message size

@@ -18,6 +18,7 @@ from mpi4py import MPI
 from ..core import colltable
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, blas_info
+from ..core.comm import first_ranks
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
 from .record import CollectiveRecord, mpi_library, utc_timestamp
 from .timing import time_calls
@@ -125,16 +126,16 @@ def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
     alpha: dict = {}
     beta: dict = {}
     for p in ranks:
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-        if sub != MPI.COMM_NULL:
-            for op in ops:
-                progress(f"{op} P={p}")
-                recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
-                                        iters=iters, check=False) for s in sizes]
-                a, b = fit_alpha_beta(op, p, [r.size for r in recs], [r.time_s for r in recs])
-                alpha.setdefault(op, {})[str(p)] = a
-                beta.setdefault(op, {})[str(p)] = b
-            sub.Free()
+        with first_ranks(comm, p) as sub:
+            if sub != MPI.COMM_NULL:
+                for op in ops:
+                    progress(f"{op} P={p}")
+                    recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                                            iters=iters, check=False) for s in sizes]
+                    a, b = fit_alpha_beta(op, p, [r.size for r in recs],
+                                          [r.time_s for r in recs])
+                    alpha.setdefault(op, {})[str(p)] = a
+                    beta.setdefault(op, {})[str(p)] = b
         comm.Barrier()
     return comm.bcast((alpha, beta), root=0)
 

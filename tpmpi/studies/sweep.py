@@ -12,10 +12,9 @@ Progress (rank 0, stderr): the cost model's estimate of the whole sweep when it 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -23,7 +22,7 @@ from mpi4py import MPI
 
 from ..core.agreement import agree
 from ..core.backend import Backend
-from ..core.comm import polite_barrier
+from ..core.comm import first_ranks, polite_barrier
 from ..core.grid import ProcessGrid, parse_shape
 from ..core.mesh import Mesh
 from ..layers.data_parallel import BUCKET_BYTES
@@ -142,18 +141,6 @@ def _run_config(sub: MPI.Comm, cfg: Config, backend: Backend, *, baseline: bool 
         rec = run_case(cfg.problem, grid, backend, baseline=baseline, **timing)
     rec.sweep = dict(zip(("kind", "dim"), cfg.sweep))
     return rec
-
-
-@contextlib.contextmanager
-def first_ranks(world: MPI.Comm, p: int) -> Iterator[MPI.Comm]:
-    """A communicator of the first ``p`` ranks of ``world`` (``COMM_NULL`` on the others),
-    freed on leaving the block, an error included. Collective over ``world`` (``Split``)."""
-    sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
-    try:
-        yield sub
-    finally:
-        if sub != MPI.COMM_NULL:
-            sub.Free()
 
 
 def run_sweep(world: MPI.Comm, cfgs: Sequence[Config], backend: Backend, *, threads: int,
