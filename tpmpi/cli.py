@@ -128,6 +128,17 @@ _positive = _integer(1, "a positive integer (digits only, e.g. 1024)")
 _non_negative = _integer(0, "an integer >= 0 (digits only, e.g. 1024)")
 
 
+# flags that several subcommands take, declared once
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "--threads": dict(type=_positive, default=None, metavar="T",
+                      help="BLAS threads per rank (default: cores / ranks sharing them; env "
+                           "TPMPI_THREADS)"),
+    "--bucket-bytes": dict(type=_positive, default=BUCKET_BYTES, metavar="B",
+                           help="data parallelism: gradient bucket size in bytes (default: "
+                                "25 MiB)"),
+}
+
+
 def _size(text: str) -> int:
     """An argparse type for sizes with K/M/G suffixes (:func:`tpmpi.studies.sweep.parse_size`)."""
     try:
@@ -198,8 +209,7 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                    **typed(_positive, 1, None, "D"))
     p.add_argument("--sequence-parallel", action="store_true",
                    help="mlp: Megatron sequence parallelism (= --mode sequence)")
-    p.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
-                   help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
+    p.add_argument("--bucket-bytes", **SHARED_FLAGS["--bucket-bytes"])
     p.add_argument("--activation", help="mlp activation (default: gelu, the tanh approximation)",
                    **typed(str, None, tuple(ACTIVATIONS)))
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
@@ -207,9 +217,7 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--measure-overlap", action="store_true",
                    help="also time forward/backward as is, GEMMs only and collectives only: "
                         "record field 'overlap' (OSU overlap %%, seconds saved)")
-    p.add_argument("--threads", type=_positive, default=None, metavar="T",
-                   help="BLAS threads per rank (default: cores / ranks sharing them; env "
-                        "TPMPI_THREADS)")
+    p.add_argument("--threads", **SHARED_FLAGS["--threads"])
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="cost-model calibration for predicted_s (default: env "
                         "TPMPI_CALIBRATION, else the model's defaults)")
@@ -297,9 +305,7 @@ def _add_calibrate(sub: argparse._SubParsersAction[_Parser]) -> None:
                      help="calls timed per message size")
     cal.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="array library whose GEMM rates and buffers are measured")
-    cal.add_argument("--threads", type=_positive, default=None, metavar="T",
-                     help="BLAS threads per rank (default: cores / ranks sharing them; env "
-                          "TPMPI_THREADS)")
+    cal.add_argument("--threads", **SHARED_FLAGS["--threads"])
 
 
 def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -316,8 +322,7 @@ def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
                            "single-GEMM layouts (default: single-GEMM layouts)")
     plan.add_argument("--ranks", type=_positive, required=True,
                       help="number of ranks P (every dp x tp factorisation is ranked)")
-    plan.add_argument("--bucket-bytes", type=_positive, default=BUCKET_BYTES, metavar="B",
-                      help="data parallelism: gradient bucket size in bytes (default: 25 MiB)")
+    plan.add_argument("--bucket-bytes", **SHARED_FLAGS["--bucket-bytes"])
     plan.add_argument("--dtype", choices=SUPPORTED, default="float32", help="element type")
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="whose GEMM rates to use")
