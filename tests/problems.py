@@ -1,5 +1,6 @@
 """Inputs and float64 references shared by the test modules.
 
+* :func:`draw`: standard normal arrays of given shapes from one seed.
 * :func:`linear_problem`: ``X (m, k), W (k, n), b (n,), dY (m, n)`` of one linear layer;
   :data:`LINEAR_SHAPES` (even, uneven, M = 0, K = 0, N = 1) and :data:`LINEAR_TOL`.
 * :func:`mlp_problem` and :func:`mlp_reference`: the FFN sub-layer's inputs and its serial
@@ -30,19 +31,21 @@ MLP_TOL = {"float64": 1e-12, "float32": 5e-5}
 """The same for the FFN sub-layer (two products and an activation)."""
 
 
-def linear_problem(m: int, k: int, n: int, dtype="float64", seed: int = 0) -> list:
-    """``[X (m, k), W (k, n), b (n,), dY (m, n)]``: standard normal values drawn in that order
-    from ``seed``, then cast to ``dtype``."""
+def draw(shapes: list, dtype, seed: int) -> list:
+    """Standard normal arrays of ``shapes``, drawn in order from ``seed``, cast to ``dtype``."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dtype) for s in [(m, k), (k, n), (n,), (m, n)]]
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def linear_problem(m: int, k: int, n: int, dtype="float64", seed: int = 0) -> list:
+    """``[X (m, k), W (k, n), b (n,), dY (m, n)]``, drawn in that order (:func:`draw`)."""
+    return draw([(m, k), (k, n), (n,), (m, n)], dtype, seed)
 
 
 def mlp_problem(m: int, d: int, h: int, dtype="float64", seed: int = 0) -> list:
     """``[X (m, d), W1 (d, h), b1 (h,), W2 (h, d), b2 (d,), dY (m, d)]`` of the FFN
-    sub-layer, drawn like :func:`linear_problem`."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dtype)
-            for s in [(m, d), (d, h), (h,), (h, d), (d,), (m, d)]]
+    sub-layer, drawn in that order (:func:`draw`)."""
+    return draw([(m, d), (d, h), (h,), (h, d), (d,), (m, d)], dtype, seed)
 
 
 def mlp_reference(X, W1, b1, W2, b2, dY, activation: str = "gelu") -> tuple:

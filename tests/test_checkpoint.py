@@ -9,6 +9,7 @@ import pytest
 
 import tpmpi
 from conftest import all_ranks_raise
+from problems import draw
 from tpmpi.core.grid import factorisations
 from tpmpi.layers.base import ParallelLinear
 from tpmpi.core.layout import LinearLayouts
@@ -43,8 +44,7 @@ def npy(path, name):
 
 def dense(k, n, seed, dtype="float64"):
     """W (k, n) and b (n,) of a layer."""
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((k, n)).astype(dtype), rng.standard_normal(n).astype(dtype)
+    return tuple(draw([(k, n), (n,)], dtype, seed))
 
 
 @pytest.mark.mpi

@@ -4,13 +4,12 @@ dtypes through xp.matmul, and column sums accumulated in float32."""
 import numpy as np
 import pytest
 
-from problems import HALFS
+from problems import HALFS, draw
 from tpmpi.core import gemm
 
 
 def _operands(m, k, n, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    return tuple(draw([(m, k), (k, n)], dtype, seed))
 
 
 @pytest.mark.parametrize("dtype", HALFS)
