@@ -6,7 +6,7 @@ checkpoints or the studies.
 Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
 checks this list against the source):
 
-1. ``agreement``, ``arrays``, ``colltable`` (no tpmpi imports)
+1. ``agreement``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
 2. ``args``, ``dtypes``, ``gemm``
 3. ``backend``, ``partition``, ``tiling``
 4. ``grid``, ``init``, ``profiler``, ``staging``
