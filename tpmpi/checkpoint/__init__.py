@@ -24,7 +24,7 @@ save already running on that path is refused with a clear error on every rank; a
 holder died, i.e. a dead pid on this host or a heartbeat older than :data:`LOCK_STALE_S`, is
 taken over), removes what earlier crashed saves left (version directories the manifest does not
 name, ``*.tmp-*``) and creates the next version directory. Every rank writes its blocks there
-(rank 0 the .npy headers; ``Write_all`` through a file view; a replicated block by its lowest
+(rank 0 the .npy headers; ``Write_at_all`` through a file view; a replicated block by its lowest
 holder), ``Sync``; the checksums are computed from the files as written. Rank 0 then writes the
 manifest under a temporary name, fsyncs it and the version directory, and **switches
 ``manifest.json`` with one ``os.replace``**: the whole commit. Only after that are the previous
@@ -40,7 +40,7 @@ combined with one Allreduce; load recomputes it the same way.
 Load (collective): every argument is agreed first (path, class, into=, verify, options); rank 0
 reads the manifest, validates its schema and every file (present, header matching, exact size)
 and broadcasts the verdict, so every rank raises the same error. Each rank then reads only its
-block (``Read_all`` through a file view), on any world size and grid shape; a dtype cast that
+block (``Read_at_all`` through a file view), on any world size and grid shape; a dtype cast that
 would overflow (e.g. to float16) is refused on every rank. Do not load a path while another
 job saves to it: the save removes the previous version once it has committed.
 

@@ -62,7 +62,7 @@ def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGr
     options (``dtype`` casts; a cast that overflows raises). ``into``: read into an existing
     layer or composite instead (its grid is used; ``grid``, if given, must be it). ``verify``
     recomputes the checksums. Collective: every argument agreed, the manifest checked on rank
-    0 and broadcast, each rank ``Read_all``s its block; errors are raised on every rank."""
+    0 and broadcast, each rank ``Read_at_all``s its block; errors are raised on every rank."""
     if grid is not None and not isinstance(grid, ProcessGrid):
         raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected a "
                          "tpmpi.ProcessGrid")

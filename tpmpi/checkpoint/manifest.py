@@ -51,6 +51,45 @@ def _field(where: str, entry: Any, key: str, kind: Union[type, tuple[type, ...]]
     return value
 
 
+def _check_entry(at: str, entry: Any, version: int) -> None:
+    """ValueError naming the first field of a file entry (a parameter's or a state array's)
+    that a load could not use."""
+    filename = _field(at, entry, "file", str, "a file name inside the checkpoint")
+    if os.path.isabs(filename) or ".." in filename.split("/"):
+        raise ValueError(f"{at}: field 'file' is {filename!r}: expected a file name inside "
+                         "the checkpoint")
+    shape = _field(at, entry, "shape", list, "a list of non-negative integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"{at}: field 'shape' is {shape!r}: expected a list of "
+                         "non-negative integers")
+    dtype = _field(at, entry, "dtype", str, f"one of {', '.join(SUPPORTED)}")
+    if dtype not in SUPPORTED:
+        raise ValueError(f"{at}: field 'dtype' is {dtype!r}: expected one of "
+                         f"{', '.join(SUPPORTED)}")
+    if version >= 2:
+        _field(at, entry, "npy_dtype", str, "a .npy dtype string")
+    layout = _field(at, entry, "layout", str, f"one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{at}: field 'layout' is {layout!r}: expected one of "
+                         f"{', '.join(LAYOUTS)}")
+    _field(at, entry, "header_bytes", int, "an integer")
+    crc = _field(at, entry, "checksum", dict, "an object with 'value' and 'chunk_bytes'")
+    _field(at + ", checksum", crc, "value", int, "an integer")
+    chunk = crc.get("chunk_bytes", CHUNK_BYTES)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"{at}, checksum: field 'chunk_bytes' is {chunk!r}: expected a "
+                         "positive integer")
+
+
+def entries_of(manifest: dict) -> dict:
+    """Every file entry of a checked manifest by the name of its Param: the parameters
+    (``fc1.weight``) and the state arrays (``state/<group>/<parameter>``)."""
+    return {**manifest["parameters"],
+            **{f"state/{group}/{name}": entry
+               for group, arrays in manifest.get("state", {}).items()
+               for name, entry in arrays.items()}}
+
+
 def check_manifest(path: str, manifest: Any) -> dict:
     """``manifest`` after checking its schema (types of every field used by load); ValueError
     naming the first bad field, its value and what was expected. Local."""
@@ -71,32 +110,21 @@ def check_manifest(path: str, manifest: Any) -> dict:
         raise ValueError(f"{where}: field 'parameters' is {{}}: expected a non-empty object of "
                          "parameters")
     for name, entry in entries.items():
-        at = f"{where}, parameter {name!r}"
-        filename = _field(at, entry, "file", str, "a file name inside the checkpoint")
-        if os.path.isabs(filename) or ".." in filename.split("/"):
-            raise ValueError(f"{at}: field 'file' is {filename!r}: expected a file name inside "
-                             "the checkpoint")
-        shape = _field(at, entry, "shape", list, "a list of non-negative integers")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-            raise ValueError(f"{at}: field 'shape' is {shape!r}: expected a list of "
-                             "non-negative integers")
-        dtype = _field(at, entry, "dtype", str, f"one of {', '.join(SUPPORTED)}")
-        if dtype not in SUPPORTED:
-            raise ValueError(f"{at}: field 'dtype' is {dtype!r}: expected one of "
-                             f"{', '.join(SUPPORTED)}")
-        if version >= 2:
-            _field(at, entry, "npy_dtype", str, "a .npy dtype string")
-        layout = _field(at, entry, "layout", str, f"one of {', '.join(LAYOUTS)}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"{at}: field 'layout' is {layout!r}: expected one of "
-                             f"{', '.join(LAYOUTS)}")
-        _field(at, entry, "header_bytes", int, "an integer")
-        crc = _field(at, entry, "checksum", dict, "an object with 'value' and 'chunk_bytes'")
-        _field(at + ", checksum", crc, "value", int, "an integer")
-        chunk = crc.get("chunk_bytes", CHUNK_BYTES)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"{at}, checksum: field 'chunk_bytes' is {chunk!r}: expected a "
-                             "positive integer")
+        _check_entry(f"{where}, parameter {name!r}", entry, version)
+    state = _field(where, manifest, "state", dict, "an object {group: {parameter: entry}}") \
+        if "state" in manifest else {}
+    for group, arrays in state.items():
+        at = f"{where}, state {group!r}"
+        if not isinstance(arrays, dict):
+            raise ValueError(f"{at} is {arrays!r}: expected an object {{parameter: entry}}")
+        for name, entry in arrays.items():
+            _check_entry(f"{at}, parameter {name!r}", entry, version)
+            if entry["shape"] != entries.get(name, {}).get("shape"):
+                raise ValueError(f"{at}, parameter {name!r}: field 'shape' is "
+                                 f"{entry['shape']!r}: expected the shape of a parameter "
+                                 f"{name!r}")
+    if manifest.get("meta") is not None:
+        _field(where, manifest, "meta", dict, "an object or null")
     return manifest
 
 
@@ -113,7 +141,7 @@ def read_manifest(path: str) -> dict:
     present, a .npy header matching the manifest's shape, dtype and header size, and exactly
     the expected size. Local; ValueError naming the problem."""
     manifest = check_manifest(path, load_json(path))
-    for name, entry in manifest["parameters"].items():
+    for name, entry in entries_of(manifest).items():
         resolve_dtype(entry["dtype"], argument=f"parameter {name} dtype")  # e.g. ml_dtypes
         filename = os.path.join(path, entry["file"])
         if not os.path.isfile(filename):

@@ -17,8 +17,9 @@ warning.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -31,6 +32,7 @@ from .grid import ProcessGrid, factorisations, parse_shape
 TPSpec = Union[int, str, Sequence[int], None]
 
 _warned = False  # the node-spanning warning is given once per process
+_MESHES: weakref.WeakValueDictionary[int, Mesh] = weakref.WeakValueDictionary()
 
 
 def mesh_shapes(size: int) -> list[tuple[int, tuple[int, int]]]:
@@ -71,6 +73,13 @@ def tp_shape(tp: TPSpec, size: int, dp: int) -> tuple[int, int]:
             raise ValueError(f"tp={tp!r}: expected T or (pr, pc)")
         return check_int("tp[0]", tp[0], 1), check_int("tp[1]", tp[1], 1)
     return 1, check_int("tp", tp, 1)
+
+
+def mesh_of(grid: object) -> Optional[Mesh]:
+    """The live :class:`Mesh` whose TP grid ``grid`` is (``mesh.tp``), else None: checkpoints
+    of a module built on ``mesh.tp`` are saved once for the whole mesh. Local."""
+    mesh = _MESHES.get(id(grid))
+    return mesh if mesh is not None and mesh.tp is grid else None
 
 
 def node_leader(comm: MPI.Comm) -> int:
@@ -120,6 +129,7 @@ class Mesh:
         self.tp = ProcessGrid(tp_comm, shape)
         tp_comm.Free()
         self.dp_comm: MPI.Comm = comm.Split(tp_index, self.dp_rank)
+        _MESHES[id(self.tp)] = self
         self._warn_if_spanning_nodes()
 
     @property
