@@ -8,11 +8,14 @@
  *                    64-bit names), "fsync" (fsync, fdatasync), "truncate" (ftruncate);
  *                    default "write"
  *   FAILWRITE_NTH    the first matching call that fails, 1-based (default 1); every later one
- *                    fails too (a full disk stays full)
+ *                    fails too (a full disk stays full); counted anew when FAILWRITE_PATH changes
  *   FAILWRITE_ERRNO  the errno set (default 28, ENOSPC; 5 is EIO)
+ *   FAILWRITE_LOG    a file to which each failed call appends one line (call, file, rank, errno)
  *
  * The process only learns its rank from the launcher's environment, so the launcher itself
- * and processes outside the job never fail. Each failed call prints one line on stderr.
+ * and processes outside the job never fail. Each failed call prints one line on stderr (and to
+ * FAILWRITE_LOG): whether a fault fired tells which rank did the I/O (a collective write's
+ * aggregator writes the other ranks' blocks).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -25,7 +28,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-static long seen;
+static long seen;             /* matching calls so far, for FAILWRITE_PATH == counted_for */
+static char counted_for[4096];
 
 static const char *my_rank(void) {
     const char *names[] = {"PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"};
@@ -53,12 +57,23 @@ static int must_fail(const char *family, int fd) {
     if (n < 0) return 0;
     target[n] = '\0';
     if (fnmatch(pattern, target, 0) != 0) return 0;
+    if (strncmp(counted_for, pattern, sizeof counted_for) != 0) {
+        snprintf(counted_for, sizeof counted_for, "%s", pattern);
+        seen = 0;
+    }
     const char *nth = getenv("FAILWRITE_NTH");
     if (__atomic_add_fetch(&seen, 1, __ATOMIC_SEQ_CST) < (nth ? atol(nth) : 1)) return 0;
     const char *code = getenv("FAILWRITE_ERRNO");
     int err = code ? atoi(code) : ENOSPC;
+    const char *who = my_rank() ? my_rank() : "?";
     fprintf(stderr, "failwrite: %s(%s) on rank %s fails with errno %d (%s)\n", family, target,
-            my_rank() ? my_rank() : "?", err, strerror(err));
+            who, err, strerror(err));
+    const char *log = getenv("FAILWRITE_LOG");
+    FILE *out = log && *log ? fopen(log, "a") : NULL;
+    if (out) {
+        fprintf(out, "%s %s %s %d\n", family, target, who, err);
+        fclose(out);
+    }
     errno = err;
     return 1;
 }

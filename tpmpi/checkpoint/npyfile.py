@@ -164,13 +164,29 @@ def _read_back(fh: MPI.File, host: np.ndarray, count: int, dtype: np.dtype) -> N
     _read_block(fh, back, count, dtype)
     if count and not np.array_equal(back.reshape(-1).view(np.uint8),
                                     host.reshape(-1).view(np.uint8)):
-        raise OSError(errno.EIO, "this rank's block read back differs from what it wrote")
+        raise OSError(errno.EIO, "this rank's block read back differs from what it wrote, "
+                                 "without an error from the MPI library (a full or failing "
+                                 "file system?)")
+
+
+def fsync_path(path: str) -> None:
+    """``fsync`` a file or directory by name. Each rank of a save fsyncs the files it wrote
+    with POSIX calls rather than ``MPI_File_sync``: under Open MPI, once an aggregator's write
+    has failed, OMPIO's Sync fails on that rank alone, for every later file of the process,
+    while the others wait in its barrier (the checkpoint format needs a POSIX file system
+    anyway: the rename commit, the O_EXCL lock)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_param(p: Param, filename: str) -> int:
     """Write ``p`` as a .npy file: the header by rank 0, the blocks by ``Write_at_all`` through
-    file views, ``Sync``, then every rank reads its block back and compares (rank 0 its header
-    too). Every MPI-IO call's error and byte count is checked and agreed
+    file views; every rank reads its block back and compares (rank 0 its header too: a process
+    sees its own writes through its handle, MPI's sequential consistency), then fsyncs the file
+    (:func:`fsync_path`). Every MPI-IO call's error and byte count is checked and agreed
     (:class:`AgreedFile`): a failure on any rank raises the same ValueError on every rank,
     naming the file and the reason. Returns the header length. Collective over
     ``p.grid.comm``."""
@@ -186,8 +202,8 @@ def write_param(p: Param, filename: str) -> int:
         count = f.step("setting the file view of", lambda fh: _set_view(
             fh, p, len(header), dtype, transfer=p.is_writer()))
         f.step("writing", lambda fh: _write_block(fh, host, count, dtype))
-        f.step("syncing", lambda fh: fh.Sync())
         f.step("reading back", lambda fh: _read_back(fh, host, count, dtype))
+        f.step("syncing", lambda _: fsync_path(filename))
     return len(header)
 
 

@@ -23,7 +23,7 @@ from ..core.mesh import Mesh
 from ..layers.base import array_checksum
 from .lock import SaveLock
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest, entries_of, load_json
-from .npyfile import CHECKSUM, CHUNK_BYTES, checksum, file_dtype, io_reason, write_param
+from .npyfile import CHECKSUM, CHUNK_BYTES, checksum, file_dtype, fsync_path, io_reason, write_param
 from .params import Param, identities, layers_of, parameters, state_params, unwrap
 
 VERSION_DIR = re.compile(r"v\d{6}$")
@@ -36,14 +36,6 @@ kill-at-every-step test ends a rank there)."""
 def _step(name: str) -> None:
     if STEP_HOOK is not None:
         STEP_HOOK(name)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ours(name: str) -> bool:
@@ -134,7 +126,7 @@ class _Save:
                 f.flush()
                 os.fsync(f.fileno())
             doing = f"syncing the directory {folder}"
-            _fsync_dir(folder)
+            fsync_path(folder)
             _step("manifest-written")
             doing = f"renaming {tmp} to {MANIFEST}"
             os.replace(tmp, os.path.join(self.path, MANIFEST))  # the commit
@@ -144,7 +136,7 @@ class _Save:
         self.switched = True
         _step("switched")
         try:
-            _fsync_dir(self.path)
+            fsync_path(self.path)
         except OSError as exc:
             self.release()
             return (f"{self.version} is committed, but syncing the directory {self.path} failed "
@@ -285,7 +277,11 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], module: Any, *,
         _agree_replicas(mesh, params)
     groups = sorted({p.name.split("/")[1] for p in extra})
     save = _Save(path, groups) if scope.Get_rank() == 0 else None
-    version, previous = agree_on_root(scope, save.prepare if save else None)
+    try:
+        version, previous = agree_on_root(scope, save.prepare if save else None)
+    except ValueError as exc:
+        raise ValueError(f"save_checkpoint({path!r}) failed: {exc}; {path!r} is unchanged"
+                         ) from None
     _step("prepared")
     entries: dict = {}
     try:
@@ -293,8 +289,9 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], module: Any, *,
         if mesh is None or mesh.dp_rank == 0:  # the writers
             try:
                 entries = {p.name: _write(p, path, version) for p in params}
-            except ValueError as exc:  # raised on every writer (AgreedFile)
-                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - agreed below (I/O errors: AgreedFile's)
+                error = str(exc) if isinstance(exc, ValueError) else \
+                    f"{type(exc).__name__}: {exc}"
         agree(scope, error)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "tpmpi_version": __version__,
