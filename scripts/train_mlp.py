@@ -37,6 +37,7 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.layers.activations import ACTIVATIONS, get_activation
+from tpmpi.core.args import int_flag
 from tpmpi.core.agreement import agree_checks
 from tpmpi.studies.overlap import measure_dp_overlap
 from tpmpi.core.dtypes import SUPPORTED, tolerance
@@ -79,14 +80,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p = _Parser(prog="train_mlp.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.rank = rank
-    p.add_argument("--samples", type=int, default=256, help="rows M of the data set (256)")
-    p.add_argument("--d-model", type=int, default=64, help="input/output width (64)")
-    p.add_argument("--d-hidden", type=int, default=256, help="hidden width (256)")
-    p.add_argument("--steps", type=int, default=100, help="full-batch steps (100)")
-    p.add_argument("--print-every", type=int, default=10, help="loss print interval (10)")
+    p.add_argument("--samples", type=int_flag(), default=256, help="rows M of the data set (256)")
+    p.add_argument("--d-model", type=int_flag(), default=64, help="input/output width (64)")
+    p.add_argument("--d-hidden", type=int_flag(), default=256, help="hidden width (256)")
+    p.add_argument("--steps", type=int_flag(), default=100, help="full-batch steps (100)")
+    p.add_argument("--print-every", type=int_flag(), default=10, help="loss print interval (10)")
     p.add_argument("--optimizer", choices=sorted(STATE_PER_PARAM), default="adam")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (3e-3)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas D (1)")
+    p.add_argument("--dp", type=int_flag(), default=1, help="data-parallel replicas D (1)")
     p.add_argument("--tp", default=None,
                    help="TP group: T ranks (1D FFN) or RxC (2D tile FFN); default P/D, 1D")
     p.add_argument("--sequence-parallel", action="store_true",
@@ -94,7 +95,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="FFN mode (default megatron; sequence with --sequence-parallel, tile2d "
                         "with --tp RxC)")
-    p.add_argument("--bucket-bytes", type=int, default=25 * 2**20,
+    p.add_argument("--bucket-bytes", type=int_flag(), default=25 * 2**20,
                    help="DP gradient bucket size in bytes (25 MiB)")
     p.add_argument("--measure-overlap", action="store_true",
                    help="after training, measure the share of the DP Allreduce hidden under "
@@ -102,8 +103,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu")
     p.add_argument("--dtype", choices=SUPPORTED[:3], default="float32")
     p.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-rank-bytes", type=int, default=None,
+    p.add_argument("--seed", type=int_flag(), default=0)
+    p.add_argument("--max-rank-bytes", type=int_flag(), default=None,
                    help="refuse to build the model if one rank's weights + gradients + "
                         "optimizer state would exceed this many bytes (default: no limit)")
     p.add_argument("--save", metavar="DIR", default=None,
@@ -120,7 +121,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
 def resolve(args, nranks: int) -> tuple[str, tuple[int, int]]:
     """``(mode, TP grid)`` of the arguments on ``nranks`` ranks; ValueError naming the flag."""
     two_d = args.tp is not None and "x" in str(args.tp).lower()
-    shape = tp_shape(args.tp if args.tp is None or two_d else int(args.tp), nranks, args.dp)
+    shape = tp_shape(args.tp, nranks, args.dp)
     mode = args.mode or ("tile2d" if two_d else "sequence" if args.sequence_parallel
                          else "megatron")
     if args.sequence_parallel and mode != "sequence":

@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
-from .args import check_int
+from .args import check_int, parse_int
 from .backend import node_comm
 from .grid import ProcessGrid, factorisations, parse_shape
 
@@ -61,13 +61,11 @@ def tp_shape(tp: TPSpec, size: int, dp: int) -> tuple[int, int]:
                              f"{describe_shapes(size)}")
         return 1, size // dp
     if isinstance(tp, str):
-        text = tp.strip()
-        if text.isdigit():
-            return 1, int(text)
         try:
-            return parse_shape(text)
+            return parse_shape(tp) if "x" in tp.lower() else (1, parse_int("tp", tp, 1))
         except ValueError:
-            raise ValueError(f"tp={tp!r}: expected T or RxC, e.g. 2 or 2x2") from None
+            raise ValueError(f"tp={tp!r}: expected T or RxC (digits 0-9), e.g. 2 or 2x2"
+                             ) from None
     if isinstance(tp, (list, tuple)):
         if len(tp) != 2:
             raise ValueError(f"tp={tp!r}: expected T or (pr, pc)")

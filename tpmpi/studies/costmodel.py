@@ -55,11 +55,12 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from ..core.colltable import bw_factor, lat_factor, sent_bytes, staged_bytes
+from ..core.args import DIGITS, check_field, is_number
+from ..core.colltable import OPS, bw_factor, lat_factor, sent_bytes, staged_bytes
 from ..core.dtypes import resolve_dtype
 from ..core.grid import factorisations
 from ..core.partition import largest_block
@@ -178,24 +179,66 @@ class Calibration:
                 "rates": self.rates, "staging": self.staging}
 
     @classmethod
-    def from_json(cls, data: dict) -> Calibration:
+    def from_json(cls, data: Any, where: str = "calibration") -> Calibration:
+        """The calibration a ``calibrate`` file holds, checked field by field: ``machine`` (an
+        object), ``alpha`` and ``beta`` (``{collective: {P: seconds, or seconds per byte,
+        >= 0}}`` for collectives of :data:`tpmpi.core.colltable.OPS` and positive integers P),
+        ``rates`` (``{"backend:dtype": {shape class: positive rate}}``) and, optionally,
+        ``staging`` (``{"d2h"|"h2d": positive bytes/s}``). ValueError ``"<where>: field
+        'alpha.allgather.2' is ...: expected ..."`` for the first bad one (``{}``, which lacks
+        ``machine``, is no calibration)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} holds a JSON {type(data).__name__}: expected an object "
+                             "with machine, alpha, beta and rates (python -m tpmpi calibrate)")
+        check_field(where, data, "machine", dict, "an object (where calibrate ran)")
+        tables = {}
+        for key, what in (("alpha", "seconds >= 0"), ("beta", "seconds/byte >= 0"),
+                          ("rates", "a positive rate (flop/s; thin: bytes/s)")):
+            tables[key] = check_field(where, data, key, dict, f"an object {{name: {{key: "
+                                      f"{what}}}}}")
+            for name, values in tables[key].items():
+                label = f"{key}.{name}"
+                if (name.count(":") != 1) if key == "rates" else (name not in OPS):
+                    raise ValueError(f"{where}: field {label!r}: expected "
+                                     + ("'backend:dtype'" if key == "rates" else
+                                        f"a collective, one of {', '.join(OPS)}"))
+                check_field(where, tables[key], name, dict, f"an object {{key: {what}}}",
+                            label=label)
+                for sub, value in values.items():
+                    ok = sub in CLASS_SHAPES if key == "rates" else \
+                        bool(DIGITS.fullmatch(sub)) and int(sub) > 0
+                    if not ok or not is_number(value) or value < 0 or \
+                            (key == "rates" and value == 0):
+                        keys = f"one of {', '.join(CLASS_SHAPES)}" if key == "rates" else \
+                            "ranks P (a positive integer)"
+                        raise ValueError(f"{where}: field {label + '.' + sub!r} is {value!r}: "
+                                         f"expected {keys} mapped to {what}")
+        staging = data.get("staging", {})
+        if not isinstance(staging, dict) or set(staging) - set(DEFAULT_STAGING) or not all(
+                is_number(v) and v > 0 for v in staging.values()):
+            raise ValueError(f"{where}: field 'staging' is {staging!r}: expected an object of "
+                             "d2h and h2d, positive bandwidths (bytes/s)")
         rates = json.loads(json.dumps(DEFAULT_RATES))
-        rates.update(data.get("rates", {}))
-        return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,
-                   machine=data.get("machine", {}),
-                   staging={**DEFAULT_STAGING, **data.get("staging", {})})
+        rates.update(tables["rates"])
+        return cls(alpha=tables["alpha"], beta=tables["beta"], rates=rates,
+                   machine=data["machine"], staging={**DEFAULT_STAGING, **staging})
 
 
 def load_calibration(path: Optional[str] = None) -> Calibration:
-    """The calibration in ``path``, else in env ``TPMPI_CALIBRATION``, else the defaults."""
+    """The calibration in ``path``, else in env ``TPMPI_CALIBRATION``, else the defaults.
+    ValueError naming the file and the problem (unreadable, not JSON with its line, or the
+    first bad field: :meth:`Calibration.from_json`)."""
     path = path or os.environ.get("TPMPI_CALIBRATION")
     if not path:
         return Calibration()
     try:
         with open(path) as fh:
-            return Calibration.from_json(json.load(fh))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"calibration {path!r}: {exc}") from None
+            data = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"calibration {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # json's own message names the line and column
+        raise ValueError(f"calibration {path!r}: not JSON ({exc})") from None
+    return Calibration.from_json(data, f"calibration {path!r}")
 
 
 def fit_alpha_beta(op: str, p: int, sizes: Sequence[float], times: Sequence[float]

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..core.args import DIGITS
 from .stats import short
+
+DIGIT_RUNS = re.compile(r"[0-9]+")
 
 if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a figure is drawn
     from matplotlib.axes import Axes
@@ -300,7 +304,7 @@ def _bytes(n: float) -> str:
 
 
 def _natural(label: str) -> list:
-    """Sort key putting "P=8" before "P=16"."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in
-            "".join(c if c.isdigit() else f" {c} " for c in label).split()]
+    """Sort key putting "P=8" before "P=16" (runs of ASCII digits compare as numbers)."""
+    return [(0, int(t), "") if DIGITS.fullmatch(t) else (1, 0, t) for t in
+            DIGIT_RUNS.sub(lambda m: f" {m[0]} ", label).split()]
 

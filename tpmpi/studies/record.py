@@ -103,6 +103,7 @@ class RunRecord(_Record):
     load_per_cpu: float
     oversubscription: float
     blas: dict
+    calibration: Optional[dict] = None  # calibration_facts of the model behind predicted_s
     flags: list = dataclasses.field(default_factory=list)  # tpmpi.studies.stats.flags of the record
     mpi_library: str = dataclasses.field(default_factory=mpi_library)
     version: str = __version__
@@ -131,6 +132,20 @@ class CollectiveRecord(_Record):
     mpi_library: str = dataclasses.field(default_factory=mpi_library)
     version: str = __version__
     timestamp: str = dataclasses.field(default_factory=utc_timestamp)
+
+
+def calibration_facts(cal: Any) -> dict:
+    """What a record says about the :class:`~tpmpi.studies.costmodel.Calibration` behind its
+    ``predicted_s``: ``source`` ("defaults", or "calibrate" for a file it wrote), the ``ranks``
+    of the calibrate job, the communicator sizes its collectives were ``fitted`` at, and the
+    machine it measured (``mpi_library``, ``backend``, ``blas`` library and kernel)."""
+    machine = cal.machine if isinstance(cal.machine, dict) else {}
+    blas = machine.get("blas")
+    blas = blas if isinstance(blas, dict) else {}
+    return {"source": machine.get("source", "file"), "ranks": machine.get("ranks"),
+            "fitted": sorted({int(p) for table in cal.alpha.values() for p in table}),
+            "mpi_library": machine.get("mpi_library"), "backend": machine.get("backend"),
+            "blas": {k: blas.get(k) for k in ("library", "kernel")}}
 
 
 def write_record(rec: Mapping, fh: Optional[TextIO]) -> None:
