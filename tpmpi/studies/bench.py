@@ -345,8 +345,9 @@ def table_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"scheme": rec["scheme"], "ranks": rec["ranks"],
             "grid": rec["grid"] if dp == 1 else f"{dp}x({rec['grid']})", "m": rec["m"],
             "k": rec["k"], "n": rec["n"],
-            "options": options_label(rec["options"])
-            + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",
+            "options": ",".join(filter(None, (  # the MLP's default mode has no label
+                options_label(rec["options"]),
+                f"hidden={rec['hidden']}" if rec.get("hidden") is not None else ""))) or "-",
             "dtype": rec["dtype"], "backend": rec["backend"],
             "threads": rec["threads_per_rank"], "time_ms": _ms(rec["time_s"]),
             "gemm_ms": _ms(spread.get("gemm_s")), "comm_ms": _ms(spread.get("comm_s")),
