@@ -6,9 +6,9 @@ checkpoints or the studies.
 Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
 checks this list against the source):
 
-1. ``agreement``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
-2. ``args``, ``dtypes``, ``gemm``
-3. ``backend``, ``partition``, ``tiling``
+1. ``args``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
+2. ``agreement``, ``dtypes``, ``gemm``, ``partition``, ``tiling``
+3. ``backend``
 4. ``grid``, ``init``, ``profiler``, ``staging``
 5. ``comm``, ``mesh``
 6. ``layout``

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union, overload
 
-from .arrays import DTypeLike
+from numpy.typing import DTypeLike
 
 
 def _expected(minimum: int) -> str:

@@ -59,8 +59,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.args import DIGITS, check_field, is_number
-from ..core.colltable import OPS, bw_factor, lat_factor, sent_bytes, staged_bytes
+from ..core.colltable import bw_factor, lat_factor, sent_bytes, staged_bytes
 from ..core.dtypes import resolve_dtype
 from ..core.grid import factorisations
 from ..core.partition import largest_block
@@ -68,6 +67,7 @@ from ..core.staging import STAGING_CHUNK_BYTES
 from ..core.tiling import panel_workspace_bytes
 from ..layers.column import chunk_bounds
 from ..layers.data_parallel import BUCKET_BYTES
+from .calfile import check_calibration
 from .problem import Problem, options_label
 
 CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
@@ -180,48 +180,15 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "calibration") -> Calibration:
-        """The calibration a ``calibrate`` file holds, checked field by field: ``machine`` (an
-        object), ``alpha`` and ``beta`` (``{collective: {P: seconds, or seconds per byte,
-        >= 0}}`` for collectives of :data:`tpmpi.core.colltable.OPS` and positive integers P),
-        ``rates`` (``{"backend:dtype": {shape class: positive rate}}``) and, optionally,
-        ``staging`` (``{"d2h"|"h2d": positive bytes/s}``). ValueError ``"<where>: field
-        'alpha.allgather.2' is ...: expected ..."`` for the first bad one (``{}``, which lacks
-        ``machine``, is no calibration)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where} holds a JSON {type(data).__name__}: expected an object "
-                             "with machine, alpha, beta and rates (python -m tpmpi calibrate)")
-        check_field(where, data, "machine", dict, "an object (where calibrate ran)")
-        tables = {}
-        for key, what in (("alpha", "seconds >= 0"), ("beta", "seconds/byte >= 0"),
-                          ("rates", "a positive rate (flop/s; thin: bytes/s)")):
-            tables[key] = check_field(where, data, key, dict, f"an object {{name: {{key: "
-                                      f"{what}}}}}")
-            for name, values in tables[key].items():
-                label = f"{key}.{name}"
-                if (name.count(":") != 1) if key == "rates" else (name not in OPS):
-                    raise ValueError(f"{where}: field {label!r}: expected "
-                                     + ("'backend:dtype'" if key == "rates" else
-                                        f"a collective, one of {', '.join(OPS)}"))
-                check_field(where, tables[key], name, dict, f"an object {{key: {what}}}",
-                            label=label)
-                for sub, value in values.items():
-                    ok = sub in CLASS_SHAPES if key == "rates" else \
-                        bool(DIGITS.fullmatch(sub)) and int(sub) > 0
-                    if not ok or not is_number(value) or value < 0 or \
-                            (key == "rates" and value == 0):
-                        keys = f"one of {', '.join(CLASS_SHAPES)}" if key == "rates" else \
-                            "ranks P (a positive integer)"
-                        raise ValueError(f"{where}: field {label + '.' + sub!r} is {value!r}: "
-                                         f"expected {keys} mapped to {what}")
-        staging = data.get("staging", {})
-        if not isinstance(staging, dict) or set(staging) - set(DEFAULT_STAGING) or not all(
-                is_number(v) and v > 0 for v in staging.values()):
-            raise ValueError(f"{where}: field 'staging' is {staging!r}: expected an object of "
-                             "d2h and h2d, positive bandwidths (bytes/s)")
+        """The calibration a ``calibrate`` file holds, checked field by field first
+        (:func:`tpmpi.studies.calfile.check_calibration`: ValueError ``"<where>: field
+        'alpha.allgather.2' is ...: expected ..."``)."""
+        check_calibration(data, where, classes=tuple(CLASS_SHAPES),
+                          staging=tuple(DEFAULT_STAGING))
         rates = json.loads(json.dumps(DEFAULT_RATES))
-        rates.update(tables["rates"])
-        return cls(alpha=tables["alpha"], beta=tables["beta"], rates=rates,
-                   machine=data["machine"], staging={**DEFAULT_STAGING, **staging})
+        rates.update(data["rates"])
+        return cls(alpha=data["alpha"], beta=data["beta"], rates=rates, machine=data["machine"],
+                   staging={**DEFAULT_STAGING, **data.get("staging", {})})
 
 
 def load_calibration(path: Optional[str] = None) -> Calibration:
