@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, ClassVar, Optional, TextIO
 
 from mpi4py import MPI
@@ -148,6 +148,19 @@ def calibration_facts(cal: Any) -> dict:
             "fitted": sorted({int(p) for table in cal.alpha.values() for p in table}),
             "mpi_library": machine.get("mpi_library"), "backend": machine.get("backend"),
             "blas": {k: blas.get(k) for k in ("library", "kernel")}}
+
+
+def read_lines(paths: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """``("file:line", object)`` of every JSON line of the files, blank lines skipped;
+    ValueError naming the file and the line of one that is not JSON."""
+    for path in paths:
+        with open(path) as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{i}", json.loads(line)
+                    except ValueError as exc:
+                        raise ValueError(f"{path}:{i}: not JSON ({exc})") from None
 
 
 def write_record(rec: Mapping, fh: Optional[TextIO]) -> None:

@@ -10,7 +10,6 @@ efficiency, time breakdown, predicted vs measured. Collective records (``bench
 from __future__ import annotations
 
 import csv
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -20,7 +19,7 @@ from typing import Optional
 from . import plots
 from .costmodel import layout_label
 from .problem import options_label
-from .record import check_record
+from .record import check_record, read_lines
 from .stats import PREDICTION_NOTE, SUPERLINEAR, prediction_mark, short
 
 DIMS = ("m", "k", "n", "hidden")
@@ -31,16 +30,9 @@ def load(paths: Iterable[str]) -> list[dict]:
     (:func:`tpmpi.studies.record.check_record`); ValueError naming the file, the line and the
     field otherwise, so that no record is dropped or misdrawn silently."""
     out = []
-    for path in paths:
-        with open(path) as fh:
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as exc:
-                        raise ValueError(f"{path}:{i}: not JSON ({exc})") from None
-                    check_record(rec, f"{path}:{i}")
-                    out.append(rec)
+    for where, rec in read_lines(paths):
+        check_record(rec, where)
+        out.append(rec)
     return out
 
 

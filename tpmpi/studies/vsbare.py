@@ -41,8 +41,7 @@ from ..core.grid import ProcessGrid
 from .bench import oversubscription
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .problem import Problem
-from .record import mpi_library, write_record
-from .report import load as load_records
+from .record import mpi_library, read_lines, write_record
 from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
 from .timing import time_calls
 
@@ -244,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
-        print(format_table(load_records(args.table), args.best))
+        print(format_table([rec for _, rec in read_lines(args.table)], args.best))
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)
