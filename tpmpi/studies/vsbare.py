@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
+from ..core.args import int_flag
 from ..core.arrays import Array
 from ..core.backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
     get_backend
@@ -224,11 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtypes", default=None,
                     help="default float32,float16,bfloat16 on a GPU, float32,float64 on a CPU")
     for dim in ("m", "k", "n"):
-        ap.add_argument(f"--{dim}", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=None, help="mlp hidden size (default k)")
+        ap.add_argument(f"--{dim}", type=int_flag(), default=2048)
+    ap.add_argument("--hidden", type=int_flag(), default=None, help="mlp hidden size (default k)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int_flag(), default=1)
+    ap.add_argument("--iters", type=int_flag(), default=5)
     ap.add_argument("--calibration", metavar="FILE", default=None)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
