@@ -69,21 +69,13 @@ def _no_fault() -> None:
     os.environ.pop("FAILWRITE_PATH", None)
 
 
-def listing(path: str) -> list:
-    """Everything under ``path``, relative, sorted."""
-    out = []
-    for root, dirs, files in os.walk(path):
-        rel = os.path.relpath(root, path)
-        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
-    return sorted(out)
-
-
 def main(path: str) -> int:
     import numpy as np
     from mpi4py import MPI
 
     sys.path.insert(0, os.path.dirname(HERE))
     import tpmpi
+    from jobs import listing
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
