@@ -111,107 +111,138 @@ def _drop(mask: Optional[Mask], site: str, layer: int, shape: tuple):
     return 1.0 if m is None else m
 
 
+class _Dims:
+    """The sizes of one call."""
+
+    def __init__(self, cfg, B, T):
+        self.B, self.T, self.nh = B, T, cfg.n_head
+        self.nkv = cfg.n_kv_head if cfg.n_kv_head is not None else cfg.n_head
+        self.d, self.hd, self.V = cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.vocab_size
+        self.group, self.scale = self.nh // self.nkv, 1.0 / math.sqrt(self.hd)
+
+
+def _attention(qkv, z: _Dims, m_att):
+    """Causal attention of the fused projection qkv (B, T, (nh + 2 nkv) hd)."""
+    B, T, nh, nkv, hd = z.B, z.T, z.nh, z.nkv, z.hd
+    q = qkv[..., :nh * hd].reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
+    k = qkv[..., nh * hd:(nh + nkv) * hd].reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+    v = qkv[..., (nh + nkv) * hd:].reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+    kr, vr = np.repeat(k, z.group, axis=1), np.repeat(v, z.group, axis=1)
+    s = np.where(np.triu(np.ones((T, T), dtype=bool), 1), -np.inf,
+                 q @ kr.transpose(0, 1, 3, 2) * z.scale)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    prob = e / e.sum(-1, keepdims=True)
+    y = ((prob * m_att) @ vr).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
+    return y, (q, kr, vr, prob, m_att)
+
+
+def _attention_back(dy, z: _Dims, saved):
+    """d(qkv) from dy (B, T, nh hd); dK, dV summed over the query heads of each kv head."""
+    B, T, nh, nkv, hd = z.B, z.T, z.nh, z.nkv, z.hd
+    q, kr, vr, prob, m_att = saved
+    dy = dy.reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
+    dvr = (prob * m_att).transpose(0, 1, 3, 2) @ dy
+    dprob = (dy @ vr.transpose(0, 1, 3, 2)) * m_att
+    ds = prob * (dprob - (dprob * prob).sum(-1, keepdims=True))
+    dq = ds @ kr * z.scale
+    dk = (ds.transpose(0, 1, 3, 2) @ q * z.scale).reshape(B, nkv, z.group, T, hd).sum(2)
+    dv = dvr.reshape(B, nkv, z.group, T, hd).sum(2)
+    return np.concatenate([a.transpose(0, 2, 1, 3).reshape(B, T, -1) for a in (dq, dk, dv)],
+                          axis=-1)
+
+
+def _block(x, sd, p: str, i: int, z: _Dims, mask):
+    """One transformer block: the new residual stream and what its backward needs."""
+    shape = (z.B, z.T, z.d)
+    h1, ln1 = _ln(x, sd[f"{p}.ln_1.weight"], sd.get(f"{p}.ln_1.bias"))
+    y, att = _attention(_linear(h1, sd, f"{p}.attn.c_attn"), z,
+                        _drop(mask, "attention", i, (z.B, z.nh, z.T, z.T)))
+    m_ao = _drop(mask, "attention_output", i, shape)
+    x = x + _linear(y, sd, f"{p}.attn.c_proj") * m_ao
+    h2, ln2 = _ln(x, sd[f"{p}.ln_2.weight"], sd.get(f"{p}.ln_2.bias"))
+    f = _linear(h2, sd, f"{p}.mlp.c_fc")
+    g = _gelu(f)
+    m_mo = _drop(mask, "mlp_output", i, shape)
+    x = x + _linear(g, sd, f"{p}.mlp.c_proj") * m_mo
+    return x, (h1, ln1, att, y, m_ao, h2, ln2, f, g, m_mo)
+
+
+def _block_back(dx, sd, p: str, z: _Dims, saved, grads):
+    """dx of the block's input from dx of its output; parameter gradients into ``grads``."""
+    h1, ln1, att, y, m_ao, h2, ln2, f, g, m_mo = saved
+    dg = _linear_back(dx * m_mo, g, sd, f"{p}.mlp.c_proj", grads)
+    dh2 = _linear_back(dg * _gelu_grad(f), h2, sd, f"{p}.mlp.c_fc", grads)
+    dx = dx + _ln_back_into(dh2, sd, f"{p}.ln_2", ln2, grads)
+    dy = _linear_back(dx * m_ao, y, sd, f"{p}.attn.c_proj", grads)
+    dh1 = _linear_back(_attention_back(dy, z, att), h1, sd, f"{p}.attn.c_attn", grads)
+    return dx + _ln_back_into(dh1, sd, f"{p}.ln_1", ln1, grads)
+
+
+def _ln_back_into(dy, sd, name: str, saved, grads):
+    dx, grads[f"{name}.weight"], db = _ln_back(dy, sd[f"{name}.weight"], saved)
+    if f"{name}.bias" in sd:
+        grads[f"{name}.bias"] = db
+    return dx
+
+
+def _cross_entropy(logits, targets, z: _Dims, ignore_index: int, smoothing: float):
+    """Mean loss over the non-ignored targets and d(loss)/d(logits)."""
+    n = z.B * z.T
+    zz, t = logits.reshape(n, z.V), targets.reshape(-1)
+    valid = t != ignore_index
+    assert np.all((t[valid] >= 0) & (t[valid] < z.V)), "target outside the vocabulary"
+    count = int(valid.sum())
+    zmax = zz.max(-1, keepdims=True)
+    lse = (zmax + np.log(np.exp(zz - zmax).sum(-1, keepdims=True)))[:, 0]
+    zt = np.where(valid, zz[np.arange(n), np.where(valid, t, 0)], 0.0)
+    per_token = (1 - smoothing) * (lse - zt) + smoothing * (lse - zz.mean(-1))
+    loss = float(per_token[valid].sum() / count) if count else float("nan")
+    dz = np.exp(zz - lse[:, None]) - smoothing / z.V
+    dz[np.arange(n)[valid], t[valid]] -= 1 - smoothing
+    dz *= valid[:, None] / max(count, 1)
+    return loss, dz.reshape(logits.shape)
+
+
+def _check_state_dict(sd: dict, cfg) -> dict:
+    want = _shapes_of(cfg)
+    assert set(sd) == set(want), sorted(set(sd) ^ set(want))
+    for key, shape in want.items():
+        assert sd[key].shape == shape, (key, sd[key].shape, shape)
+    assert np.array_equal(sd["lm_head.weight"], sd["transformer.wte.weight"]), "untied lm_head"
+    return {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
+
+
 def forward_backward(sd: dict, cfg, idx, targets, *, mask: Optional[Mask] = None,
                      ignore_index: int = -100, label_smoothing: float = 0.0,
                      backward: bool = True) -> tuple:
     """``(loss, logits (B, T, V), grads)`` of the model ``sd`` on token ids ``idx`` (B, T)
     and ``targets`` (B, T); ``grads`` maps every state-dict key to its gradient (``wte`` and
     ``lm_head`` both to the one total), None without ``backward``."""
-    want = _shapes_of(cfg)
-    assert set(sd) == set(want), sorted(set(sd) ^ set(want))
-    for key, shape in want.items():
-        assert sd[key].shape == shape, (key, sd[key].shape, shape)
-    assert np.array_equal(sd["lm_head.weight"], sd["transformer.wte.weight"]), "untied lm_head"
-    sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
-    idx, targets = np.asarray(idx), np.asarray(targets)
-    B, T = idx.shape
-    nh = cfg.n_head
-    nkv = cfg.n_kv_head if cfg.n_kv_head is not None else nh
-    d, hd, V, group = cfg.n_embd, cfg.n_embd // nh, cfg.vocab_size, nh // nkv
-    scale = 1.0 / math.sqrt(hd)
-    causal = np.triu(np.ones((T, T), dtype=bool), 1)
+    sd = _check_state_dict(sd, cfg)
+    idx = np.asarray(idx)
+    z = _Dims(cfg, *idx.shape)
     wte, wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-
-    m_emb = _drop(mask, "embedding", 0, (B, T, d))
-    x = (wte[idx] + wpe[:T]) * m_emb
+    m_emb = _drop(mask, "embedding", 0, (z.B, z.T, z.d))
+    x = (wte[idx] + wpe[:z.T]) * m_emb
     saved = []
     for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}"
-        h1, ln1 = _ln(x, sd[f"{p}.ln_1.weight"], sd.get(f"{p}.ln_1.bias"))
-        qkv = _linear(h1, sd, f"{p}.attn.c_attn")
-        q = qkv[..., :nh * hd].reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
-        k = qkv[..., nh * hd:(nh + nkv) * hd].reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        v = qkv[..., (nh + nkv) * hd:].reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        s = np.where(causal, -np.inf, q @ kr.transpose(0, 1, 3, 2) * scale)
-        e = np.exp(s - s.max(-1, keepdims=True))
-        prob = e / e.sum(-1, keepdims=True)
-        m_att = _drop(mask, "attention", i, (B, nh, T, T))
-        y = ((prob * m_att) @ vr).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
-        m_ao = _drop(mask, "attention_output", i, (B, T, d))
-        x = x + _linear(y, sd, f"{p}.attn.c_proj") * m_ao
-        h2, ln2 = _ln(x, sd[f"{p}.ln_2.weight"], sd.get(f"{p}.ln_2.bias"))
-        f = _linear(h2, sd, f"{p}.mlp.c_fc")
-        g = _gelu(f)
-        m_mo = _drop(mask, "mlp_output", i, (B, T, d))
-        x = x + _linear(g, sd, f"{p}.mlp.c_proj") * m_mo
-        saved.append((h1, ln1, q, kr, vr, prob, m_att, y, m_ao, h2, ln2, f, g, m_mo))
+        x, block = _block(x, sd, f"transformer.h.{i}", i, z, mask)
+        saved.append(block)
     xf, lnf = _ln(x, sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
     logits = xf @ wte.T
-
-    z = logits.reshape(B * T, V)
-    t = targets.reshape(-1)
-    valid = t != ignore_index
-    assert np.all((t[valid] >= 0) & (t[valid] < V)), "target outside the vocabulary"
-    count = int(valid.sum())
-    zmax = z.max(-1, keepdims=True)
-    lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[:, 0]
-    zt = np.where(valid, z[np.arange(B * T), np.where(valid, t, 0)], 0.0)
-    per_token = (1 - label_smoothing) * (lse - zt) + label_smoothing * (lse - z.mean(-1))
-    loss = float(per_token[valid].sum() / count) if count else float("nan")
+    loss, dz = _cross_entropy(logits, np.asarray(targets), z, ignore_index, label_smoothing)
     if not backward:
         return loss, logits, None
 
     grads: dict = {}
-    dz = np.exp(z - lse[:, None]) - label_smoothing / V
-    dz[np.arange(B * T)[valid], t[valid]] -= 1 - label_smoothing
-    dz *= valid[:, None] / max(count, 1)
-    dz = dz.reshape(B, T, V)
-    dwte = dz.reshape(-1, V).T @ xf.reshape(-1, d)
-    dx, grads["transformer.ln_f.weight"], dbf = _ln_back(dz @ wte, sd["transformer.ln_f.weight"],
-                                                        lnf)
-    if cfg.bias:
-        grads["transformer.ln_f.bias"] = dbf
+    dwte = dz.reshape(-1, z.V).T @ xf.reshape(-1, z.d)
+    dx = _ln_back_into(dz @ wte, sd, "transformer.ln_f", lnf, grads)
     for i in reversed(range(cfg.n_layer)):
-        p = f"transformer.h.{i}"
-        h1, ln1, q, kr, vr, prob, m_att, y, m_ao, h2, ln2, f, g, m_mo = saved[i]
-        dg = _linear_back(dx * m_mo, g, sd, f"{p}.mlp.c_proj", grads)
-        dh2 = _linear_back(dg * _gelu_grad(f), h2, sd, f"{p}.mlp.c_fc", grads)
-        dln, grads[f"{p}.ln_2.weight"], db = _ln_back(dh2, sd[f"{p}.ln_2.weight"], ln2)
-        if cfg.bias:
-            grads[f"{p}.ln_2.bias"] = db
-        dx = dx + dln
-        dy = _linear_back(dx * m_ao, y, sd, f"{p}.attn.c_proj", grads)
-        dy = dy.reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
-        pd = prob * m_att
-        dvr = pd.transpose(0, 1, 3, 2) @ dy
-        dprob = (dy @ vr.transpose(0, 1, 3, 2)) * m_att
-        ds = prob * (dprob - (dprob * prob).sum(-1, keepdims=True))
-        dq = ds @ kr * scale
-        dkr = ds.transpose(0, 1, 3, 2) @ q * scale
-        dk = dkr.reshape(B, nkv, group, T, hd).sum(2)
-        dv = dvr.reshape(B, nkv, group, T, hd).sum(2)
-        dqkv = np.concatenate([a.transpose(0, 2, 1, 3).reshape(B, T, -1) for a in (dq, dk, dv)],
-                              axis=-1)
-        dh1 = _linear_back(dqkv, h1, sd, f"{p}.attn.c_attn", grads)
-        dln, grads[f"{p}.ln_1.weight"], db = _ln_back(dh1, sd[f"{p}.ln_1.weight"], ln1)
-        if cfg.bias:
-            grads[f"{p}.ln_1.bias"] = db
-        dx = dx + dln
+        dx = _block_back(dx, sd, f"transformer.h.{i}", z, saved[i], grads)
     demb = dx * m_emb
     dwpe = np.zeros_like(wpe)
-    dwpe[:T] = demb.sum(0)
-    np.add.at(dwte, idx.reshape(-1), demb.reshape(-1, d))
+    dwpe[:z.T] = demb.sum(0)
+    np.add.at(dwte, idx.reshape(-1), demb.reshape(-1, z.d))
     grads["transformer.wte.weight"] = grads["lm_head.weight"] = dwte
     grads["transformer.wpe.weight"] = dwpe
     return loss, logits, grads

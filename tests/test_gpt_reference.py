@@ -74,7 +74,7 @@ def test_the_reference_checks_its_inputs():
     cfg = config(4, 2, True)
     sd = ref.random_state_dict(cfg)
     idx, targets = problem(cfg)
-    with pytest.raises(AssertionError, match="ln_f.bias"):
+    with pytest.raises(AssertionError, match=r"ln_f\.bias"):
         ref.forward_backward({k: v for k, v in sd.items() if k != "transformer.ln_f.bias"},
                              cfg, idx, targets)
     untied = dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1})
