@@ -69,25 +69,25 @@ def _shapes_of(cfg) -> dict:
                   cfg.bias)
 
 
-def _ln(x, w, b):
+def layer_norm(x, w, b):
     mu = x.mean(-1, keepdims=True)
     rstd = 1.0 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + EPS)
     xhat = (x - mu) * rstd
     return xhat * w + (0.0 if b is None else b), (xhat, rstd)
 
 
-def _ln_back(dy, w, saved):
+def layer_norm_backward(dy, w, saved):
     xhat, rstd = saved
     g = dy * w
     dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
     return dx, (dy * xhat).reshape(-1, dy.shape[-1]).sum(0), dy.reshape(-1, dy.shape[-1]).sum(0)
 
 
-def _gelu(x):
+def gelu(x):
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
-def _gelu_grad(x):
+def gelu_grad(x):
     return 0.5 * (1.0 + erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
@@ -111,7 +111,7 @@ def _drop(mask: Optional[Mask], site: str, layer: int, shape: tuple):
     return 1.0 if m is None else m
 
 
-class _Dims:
+class Dims:
     """The sizes of one call."""
 
     def __init__(self, cfg, B, T):
@@ -121,7 +121,7 @@ class _Dims:
         self.group, self.scale = self.nh // self.nkv, 1.0 / math.sqrt(self.hd)
 
 
-def _attention(qkv, z: _Dims, m_att):
+def attention(qkv, z: Dims, m_att):
     """Causal attention of the fused projection qkv (B, T, (nh + 2 nkv) hd)."""
     B, T, nh, nkv, hd = z.B, z.T, z.nh, z.nkv, z.hd
     q = qkv[..., :nh * hd].reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
@@ -136,7 +136,7 @@ def _attention(qkv, z: _Dims, m_att):
     return y, (q, kr, vr, prob, m_att)
 
 
-def _attention_back(dy, z: _Dims, saved):
+def attention_backward(dy, z: Dims, saved):
     """d(qkv) from dy (B, T, nh hd); dK, dV summed over the query heads of each kv head."""
     B, T, nh, nkv, hd = z.B, z.T, z.nh, z.nkv, z.hd
     q, kr, vr, prob, m_att = saved
@@ -151,41 +151,41 @@ def _attention_back(dy, z: _Dims, saved):
                           axis=-1)
 
 
-def _block(x, sd, p: str, i: int, z: _Dims, mask):
+def _block(x, sd, p: str, i: int, z: Dims, mask):
     """One transformer block: the new residual stream and what its backward needs."""
     shape = (z.B, z.T, z.d)
-    h1, ln1 = _ln(x, sd[f"{p}.ln_1.weight"], sd.get(f"{p}.ln_1.bias"))
-    y, att = _attention(_linear(h1, sd, f"{p}.attn.c_attn"), z,
+    h1, ln1 = layer_norm(x, sd[f"{p}.ln_1.weight"], sd.get(f"{p}.ln_1.bias"))
+    y, att = attention(_linear(h1, sd, f"{p}.attn.c_attn"), z,
                         _drop(mask, "attention", i, (z.B, z.nh, z.T, z.T)))
     m_ao = _drop(mask, "attention_output", i, shape)
     x = x + _linear(y, sd, f"{p}.attn.c_proj") * m_ao
-    h2, ln2 = _ln(x, sd[f"{p}.ln_2.weight"], sd.get(f"{p}.ln_2.bias"))
+    h2, ln2 = layer_norm(x, sd[f"{p}.ln_2.weight"], sd.get(f"{p}.ln_2.bias"))
     f = _linear(h2, sd, f"{p}.mlp.c_fc")
-    g = _gelu(f)
+    g = gelu(f)
     m_mo = _drop(mask, "mlp_output", i, shape)
     x = x + _linear(g, sd, f"{p}.mlp.c_proj") * m_mo
     return x, (h1, ln1, att, y, m_ao, h2, ln2, f, g, m_mo)
 
 
-def _block_back(dx, sd, p: str, z: _Dims, saved, grads):
+def _block_back(dx, sd, p: str, z: Dims, saved, grads):
     """dx of the block's input from dx of its output; parameter gradients into ``grads``."""
     h1, ln1, att, y, m_ao, h2, ln2, f, g, m_mo = saved
     dg = _linear_back(dx * m_mo, g, sd, f"{p}.mlp.c_proj", grads)
-    dh2 = _linear_back(dg * _gelu_grad(f), h2, sd, f"{p}.mlp.c_fc", grads)
-    dx = dx + _ln_back_into(dh2, sd, f"{p}.ln_2", ln2, grads)
+    dh2 = _linear_back(dg * gelu_grad(f), h2, sd, f"{p}.mlp.c_fc", grads)
+    dx = dx + _ln_grads(dh2, sd, f"{p}.ln_2", ln2, grads)
     dy = _linear_back(dx * m_ao, y, sd, f"{p}.attn.c_proj", grads)
-    dh1 = _linear_back(_attention_back(dy, z, att), h1, sd, f"{p}.attn.c_attn", grads)
-    return dx + _ln_back_into(dh1, sd, f"{p}.ln_1", ln1, grads)
+    dh1 = _linear_back(attention_backward(dy, z, att), h1, sd, f"{p}.attn.c_attn", grads)
+    return dx + _ln_grads(dh1, sd, f"{p}.ln_1", ln1, grads)
 
 
-def _ln_back_into(dy, sd, name: str, saved, grads):
-    dx, grads[f"{name}.weight"], db = _ln_back(dy, sd[f"{name}.weight"], saved)
+def _ln_grads(dy, sd, name: str, saved, grads):
+    dx, grads[f"{name}.weight"], db = layer_norm_backward(dy, sd[f"{name}.weight"], saved)
     if f"{name}.bias" in sd:
         grads[f"{name}.bias"] = db
     return dx
 
 
-def _cross_entropy(logits, targets, z: _Dims, ignore_index: int, smoothing: float):
+def cross_entropy(logits, targets, z: Dims, ignore_index: int, smoothing: float):
     """Mean loss over the non-ignored targets and d(loss)/d(logits)."""
     n = z.B * z.T
     zz, t = logits.reshape(n, z.V), targets.reshape(-1)
@@ -220,7 +220,7 @@ def forward_backward(sd: dict, cfg, idx, targets, *, mask: Optional[Mask] = None
     ``lm_head`` both to the one total), None without ``backward``."""
     sd = _check_state_dict(sd, cfg)
     idx = np.asarray(idx)
-    z = _Dims(cfg, *idx.shape)
+    z = Dims(cfg, *idx.shape)
     wte, wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
     m_emb = _drop(mask, "embedding", 0, (z.B, z.T, z.d))
     x = (wte[idx] + wpe[:z.T]) * m_emb
@@ -228,15 +228,15 @@ def forward_backward(sd: dict, cfg, idx, targets, *, mask: Optional[Mask] = None
     for i in range(cfg.n_layer):
         x, block = _block(x, sd, f"transformer.h.{i}", i, z, mask)
         saved.append(block)
-    xf, lnf = _ln(x, sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
+    xf, lnf = layer_norm(x, sd["transformer.ln_f.weight"], sd.get("transformer.ln_f.bias"))
     logits = xf @ wte.T
-    loss, dz = _cross_entropy(logits, np.asarray(targets), z, ignore_index, label_smoothing)
+    loss, dz = cross_entropy(logits, np.asarray(targets), z, ignore_index, label_smoothing)
     if not backward:
         return loss, logits, None
 
     grads: dict = {}
     dwte = dz.reshape(-1, z.V).T @ xf.reshape(-1, z.d)
-    dx = _ln_back_into(dz @ wte, sd, "transformer.ln_f", lnf, grads)
+    dx = _ln_grads(dz @ wte, sd, "transformer.ln_f", lnf, grads)
     for i in reversed(range(cfg.n_layer)):
         dx = _block_back(dx, sd, f"transformer.h.{i}", z, saved[i], grads)
     demb = dx * m_emb

@@ -24,7 +24,7 @@ import enum
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -120,3 +120,19 @@ def keep_scale(keep: Array, p: float, dtype: DTypeLike) -> Array:
     rounded to half precision)."""
     p = check_probability(p, "p")
     return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+def attention_keep(p: float, *, seed: int, call: int, layer: int, n_head: int, seq: int,
+                   q_head0: int = 0, sample0: int = 0,
+                   backend: Union[str, Backend, None] = None) -> Callable[[int, int, int], Array]:
+    """The keep-mask source of the attention probabilities of a rank whose first query head is
+    global head ``q_head0`` and whose first sample is global sample ``sample0``: ``keep(head,
+    b0, b1)`` returns the ``(b1 - b0, seq, seq)`` mask of its local query head ``head`` for its
+    samples ``b0 .. b1 - 1`` (site :attr:`Site.ATTENTION`, sample shape ``(n_head, seq, seq)``),
+    what :func:`tpmpi.layers.attention_core.causal_attention` asks for, one head at a time."""
+    def keep(head: int, b0: int, b1: int) -> Array:
+        h = q_head0 + head
+        return keep_mask(p, seed=seed, call=call, layer=layer, site=Site.ATTENTION,
+                         sample_shape=(n_head, seq, seq), samples=(sample0 + b0, sample0 + b1),
+                         block=[(h, h + 1)], backend=backend)[:, 0]
+    return keep
