@@ -146,3 +146,29 @@ def test_on_the_backend(xb):
     want_loss, want_grad = reference(logits, targets, 0.1)
     assert abs(loss - want_loss) <= 1e-14 * want_loss
     assert rel_err(xb.to_host(grad), want_grad) <= 1e-14
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_over_mpi_one_allreduce_each(world, smoothing):
+    """The layer's recipe with real collectives: each rank holds its vocabulary block only; an
+    Allreduce(MAX) of (N,) and one Allreduce(SUM) of (2 or 3, N), then a local finish."""
+    from mpi4py import MPI
+
+    comm = world.comm
+    V = 7
+    logits, targets = problem(10, V)
+    v0, v1 = vocab_block(V, comm.Get_size(), comm.Get_rank())
+    block = np.ascontiguousarray(logits[:, v0:v1])
+    row_max = local_max(block)
+    comm.Allreduce(MPI.IN_PLACE, row_max, op=MPI.MAX)
+    rows = local_sums(block, v0, targets, row_max, label_smoothing=smoothing)
+    comm.Allreduce(MPI.IN_PLACE, rows, op=MPI.SUM)
+    sums = Sums.from_rows(rows)
+    loss, count = finish_loss(sums, targets, V, label_smoothing=smoothing)
+    grad = logits_grad(block, v0, targets, row_max, sums, V, scale=1 / count,
+                       label_smoothing=smoothing)
+    want_loss, want_grad = reference(logits, targets, smoothing)
+    assert len(set(comm.allgather(loss))) == 1
+    assert abs(loss - want_loss) <= 1e-14 * want_loss
+    assert rel_err(np.concatenate(comm.allgather(grad), axis=1), want_grad) <= 1e-14

@@ -71,13 +71,25 @@ def test_any_block_equals_the_slice_of_the_whole(sample_shape, n_samples, data):
     assert np.array_equal(block, full[index])
 
 
-def test_the_mask_is_the_documented_draw():
-    """Element e of sample s: draw s*prod(sample_shape)+e of key (seed, DROPOUT_STREAM) in the
-    counter range (call, layer, site); kept when its top 53 bits / 2**53 >= p."""
-    m = keep_mask(0.5, seed=9, call=1, layer=2, site=3, sample_shape=(4, 3), samples=(2, 3))
+@pytest.mark.parametrize("samples", [(2, 3), (1, 2)])
+def test_the_mask_is_the_documented_draw(samples):
+    """Element e of sample s has index i = s*prod(sample_shape)+e: kept when 32-bit half i % 2
+    (low first) of draw i // 2 of key (seed, DROPOUT_STREAM) in the counter range (call, layer,
+    site), divided by 2**32, is >= p (rounded up to a multiple of 2**-32)."""
+    p = 0.3
+    s0, s1 = samples
+    m = keep_mask(p, seed=9, call=1, layer=2, site=3, sample_shape=(5, 3), samples=samples)
     key = np.array([9, DROPOUT_STREAM], dtype=np.uint64)
-    raw = philox_draws(key, 2 * 12, 12, base=(1 << 192) + (2 << 128) + (3 << 64))
-    assert np.array_equal(m.reshape(-1), (raw >> np.uint64(11)) / 2.0**53 >= 0.5)
+    raw = philox_draws(key, 0, 8 * s1, base=(1 << 192) + (2 << 128) + (3 << 64))
+    words = [(int(r) >> shift) & 0xFFFFFFFF for r in raw for shift in (0, 32)]
+    want = [w >= np.ceil(p * 2**32) for w in words[15 * s0:15 * s1]]
+    assert m.reshape(-1).tolist() == want
+
+
+def test_extreme_rates():
+    tiny = 2.0**-40  # below the 2**-32 resolution: keeps all but words equal to 0
+    assert whole(Site.ATTENTION, (16, 16), 2, p=tiny).mean() > 0.999
+    assert not whole(Site.ATTENTION, (4, 4), 2, p=1 - 2.0**-40).any()
 
 
 def test_keep_rate_and_coordinates():

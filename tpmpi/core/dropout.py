@@ -1,10 +1,12 @@
 """Layout-invariant dropout masks (counter-based, like :mod:`tpmpi.core.init`).
 
 The mask of one dropout site in one forward call is a function of global coordinates only:
-element ``e`` (C order within one sample's ``sample_shape``) of global sample ``s`` is kept when
-the draw ``s * prod(sample_shape) + e`` of the Philox4x64 stream keyed by ``(seed,
-DROPOUT_STREAM)``, in the counter range of ``(call, layer, site)``, read as a uniform number in
-``[0, 1)`` (its top 53 bits), is at least ``p``. Any block of a mask -- a rank's heads, a token
+element ``e`` (C order within one sample's ``sample_shape``) of global sample ``s`` has the
+index ``i = s * prod(sample_shape) + e``; it is kept when the 32-bit word ``i % 2`` (0: the low
+half) of the raw 64-bit draw ``i // 2`` of the Philox4x64 stream keyed by ``(seed,
+DROPOUT_STREAM)``, in the counter range of ``(call, layer, site)``, is at least ``ceil(p *
+2**32)`` -- a uniform number in ``[0, 1)`` compared with ``p`` to 2**-32 (two elements a draw
+halve the generator's cost, the larger part of a mask's). Any block of a mask -- a rank's heads, a token
 shard under sequence parallelism, a data-parallel replica's samples -- is therefore generated
 alone and is bit-identical to the same block of the serial run's whole mask, and a backward pass
 regenerates the forward's mask with no saved state.
@@ -100,17 +102,18 @@ def keep_mask(p: float, *, seed: int, call: int, layer: int, site: int,
     if s1 * math.prod(sample_shape) > 4 * _WORD:
         raise ValueError(f"samples={samples!r}, sample_shape={sample_shape}: expected fewer "
                          "than 2**66 elements up to the last sample")
-    out = np.ones([stop - start for start, stop in spans], dtype=bool)
-    if p > 0.0:
+    threshold = math.ceil(p * 2.0**32)
+    out = np.full([stop - start for start, stop in spans], threshold < 2**32, dtype=bool)
+    if 0 < threshold < 2**32:
         seed_, call_, layer_, site_ = key_words
         key = np.array([seed_, DROPOUT_STREAM], dtype=np.uint64)
         base = (call_ * _WORD + layer_) * _WORD ** 2 + site_ * _WORD
-        # keep where u >= p for u = top 53 bits / 2**53, i.e. where those bits >= ceil(p 2**53)
-        threshold = np.uint64(math.ceil(p * 2.0**53))
         flat = out.reshape(-1)
         for offset, first, count in block_runs((s1,) + sample_shape, spans):
-            raw = philox_draws(key, first, count, base)
-            flat[offset:offset + count] = (raw >> np.uint64(11)) >= threshold
+            d0 = first // 2
+            raw = philox_draws(key, d0, (first + count + 1) // 2 - d0, base)
+            words = raw.astype("<u8", copy=False).view("<u4")[first % 2:first % 2 + count]
+            np.greater_equal(words, np.uint32(threshold), out=flat[offset:offset + count])
     return get_backend(backend or "numpy").asarray(out)
 
 

@@ -33,7 +33,7 @@ from .functional import accumulation_dtype
 
 WORKSPACE_BYTES = 32 * 2**20
 """Bound on the score-sized temporaries (a few ``(samples, T, T)`` arrays) of one step."""
-_TEMPORARIES = 4  # score-sized arrays alive at once in the backward (scores, probs, dP, mask)
+_TEMPORARIES = 4  # score-sized arrays alive at once in the backward (probs, dP, mask, product)
 
 KeepSource = Callable[[int, int, int], Array]
 """``keep(head, b0, b1)``: the boolean keep mask ``(b1 - b0, T, T)`` of local query head
@@ -42,12 +42,14 @@ KeepSource = Callable[[int, int, int], Array]
 
 @dataclasses.dataclass
 class AttentionSaved:
-    """What :func:`causal_attention_backward` needs: the inputs, the rows' log-sum-exp
-    ``(B, Hq, T)`` in the compute type, the head map and the dropout source."""
+    """What :func:`causal_attention_backward` needs: the inputs, the output (held anyway as
+    the output projection's input), the rows' log-sum-exp ``(B, Hq, T)`` in the compute type,
+    the head map and the dropout source."""
 
     q: Array
     k: Array
     v: Array
+    y: Array
     lse: Array
     kv_of_q: tuple[int, ...]
     p: float
@@ -94,27 +96,35 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
     xp = backend_of(q).xp
     B, T, Hq, hd = q.shape
     acc = accumulation_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(hd) if hd else 1.0
     bias = _causal_bias(xp, T, acc)
     y = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((B, Hq, T), dtype=acc)
     for h, j in enumerate(heads):
         for b0, b1 in _sample_blocks(B, T, acc.itemsize):
-            qh = q[b0:b1, :, h].astype(acc)
-            s = xp.matmul(qh, k[b0:b1, :, j].astype(acc).transpose(0, 2, 1))
-            s *= scale
+            # the scale on q (T x hd) and the normalisation on y (T x hd) spare two passes
+            # over the (T x T) scores
+            s = xp.matmul(_scaled(q[b0:b1, :, h], acc), k[b0:b1, :, j].astype(acc)
+                          .transpose(0, 2, 1))
             s += bias
             m = s.max(axis=-1, keepdims=True)
             s -= m
             xp.exp(s, out=s)
             total = s.sum(axis=-1, keepdims=True)
-            s /= total
             lse[b0:b1, h] = (m + xp.log(total))[..., 0]
             if p > 0.0:
                 assert keep is not None
                 s *= keep_scale(keep(h, b0, b1), p, acc)
-            y[b0:b1, :, h] = xp.matmul(s, v[b0:b1, :, j].astype(acc))
-    return y, AttentionSaved(q, k, v, lse, heads, p, keep)
+            yh = xp.matmul(s, v[b0:b1, :, j].astype(acc))
+            yh /= total
+            y[b0:b1, :, h] = yh
+    return y, AttentionSaved(q, k, v, y, lse, heads, p, keep)
+
+
+def _scaled(a: Array, acc: Any) -> Array:
+    """``a / sqrt(hd)`` as a new array of the compute type."""
+    out = a.astype(acc)
+    out *= 1.0 / math.sqrt(a.shape[-1]) if a.shape[-1] else 1.0
+    return out
 
 
 def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, Array, Array]:
@@ -134,12 +144,13 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
     dv = xp.zeros(v.shape, dtype=acc)
     for h, j in enumerate(saved.kv_of_q):
         for b0, b1 in _sample_blocks(B, T, acc.itemsize):
-            qh = q[b0:b1, :, h].astype(acc)
+            qs = _scaled(q[b0:b1, :, h], acc)
             kh = k[b0:b1, :, j].astype(acc)
             vh = v[b0:b1, :, j].astype(acc)
             dyh = dy[b0:b1, :, h].astype(acc)
-            prob = xp.matmul(qh, kh.transpose(0, 2, 1))
-            prob *= scale
+            # rowsum(dP * P) = rowsum(dy * y): a (T x hd) product instead of a (T x T) one
+            rowdot = (dyh * saved.y[b0:b1, :, h].astype(acc)).sum(axis=-1, keepdims=True)
+            prob = xp.matmul(qs, kh.transpose(0, 2, 1))
             prob += bias
             prob -= saved.lse[b0:b1, h][..., None]
             xp.exp(prob, out=prob)
@@ -151,10 +162,11 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
                 dprob *= ks
             else:
                 dv[b0:b1, :, j] += xp.matmul(prob.transpose(0, 2, 1), dyh)
-            # dS = P * (dP - rowsum(dP * P)), written into dprob
-            dprob -= (dprob * prob).sum(axis=-1, keepdims=True)
+            # dS = P * (dP - rowsum(dP * P)) in dprob; d(scores) = dS / sqrt(hd)
+            dprob -= rowdot
             dprob *= prob
-            dprob *= scale
-            dq[b0:b1, :, h] = xp.matmul(dprob, kh)
-            dk[b0:b1, :, j] += xp.matmul(dprob.transpose(0, 2, 1), qh)
+            dqh = xp.matmul(dprob, kh)
+            dqh *= scale
+            dq[b0:b1, :, h] = dqh
+            dk[b0:b1, :, j] += xp.matmul(dprob.transpose(0, 2, 1), qs)
     return dq, dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
