@@ -6,10 +6,10 @@ index ``i = s * prod(sample_shape) + e``; it is kept when the 32-bit word ``i % 
 half) of the raw 64-bit draw ``i // 2`` of the Philox4x64 stream keyed by ``(seed,
 DROPOUT_STREAM)``, in the counter range of ``(call, layer, site)``, is at least ``ceil(p *
 2**32)`` -- a uniform number in ``[0, 1)`` compared with ``p`` to 2**-32 (two elements a draw
-halve the generator's cost, the larger part of a mask's). Any block of a mask -- a rank's heads, a token
-shard under sequence parallelism, a data-parallel replica's samples -- is therefore generated
-alone and is bit-identical to the same block of the serial run's whole mask, and a backward pass
-regenerates the forward's mask with no saved state.
+halve the generator's cost, the larger part of a mask's). Any block of a mask -- a rank's
+heads, a token shard under sequence parallelism, a data-parallel replica's samples -- is
+therefore generated alone and is bit-identical to the same block of the serial run's whole
+mask, and a backward pass regenerates the forward's mask with no saved state.
 
 Coordinates: ``call`` counts the forward calls that apply dropout (training steps), ``layer`` is
 the transformer block (0 for the embedding), ``site`` one of :class:`Site`; the sample shapes

@@ -94,7 +94,7 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
     if p > 0.0 and keep is None:
         raise ValueError(f"p={p}: dropout needs a keep-mask source (keep=None)")
     xp = backend_of(q).xp
-    B, T, Hq, hd = q.shape
+    B, T, Hq, _ = q.shape
     acc = accumulation_dtype(q.dtype)
     bias = _causal_bias(xp, T, acc)
     y = xp.empty(q.shape, dtype=q.dtype)
