@@ -6,8 +6,12 @@ of ``(seed, stream, i*C + j)`` alone: NumPy's Philox4x64 counter-based generator
 of counter ``e // 4``. Any block is therefore generated alone, bit-identical to the same slice
 of the whole matrix, whatever the grid, and without materialising the rest.
 Values are ``uniform(-bound, bound)`` from the top 53 bits, computed in float64 and rounded
-once to ``dtype`` (row by row, so temporaries stay small); the default bound is ``1/sqrt(R)``
-for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
+once to ``dtype`` (in runs of at most 2**20 elements, so temporaries stay small); the default
+bound is ``1/sqrt(R)`` for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
+
+The machinery -- any draw of a keyed stream (:func:`philox_draws`) and any block of a C-ordered
+array as contiguous runs of draws (:func:`block_runs`) -- also makes the dropout masks
+(:mod:`tpmpi.core.dropout`).
 """
 from __future__ import annotations
 
