@@ -17,7 +17,9 @@ Local work on the device (one documented curve, nothing fitted per workload):
   flops of the tiles the GPU actually runs: the output is cut into ``gemm_tile`` tiles (the
   last ones padded: tile quantization) that run in waves of one tile per SM (the last wave
   partly idle: wave quantization), the two effects NVIDIA's Matrix Multiplication Background
-  guide describes; of the two orientations of the tile, the cheaper;
+  guide describes; of the two orientations of the tile, the cheaper. A product with fewer
+  tiles than SMs has its K dimension split over the idle SMs (cuBLAS's split-K kernels, at
+  most one slice per 256 of K), so that a few-token product is bound by its operands' bytes;
 * element-wise work streams its bytes at ``hbm x e_hbm`` (or its flops at the float32 peak,
   whichever is slower).
 
@@ -37,6 +39,8 @@ from typing import Any, Union
 from .nccl import ARCHS
 
 GIB = 2**30
+SPLIT_K_DEPTH = 256
+"""The shallowest K slice a split-K product gives one SM."""
 PRESET_DIR = "presets"
 REQUIRED = ("gpus_per_node", "device.sms", "device.peak_tflops", "device.gemm_efficiency",
             "device.gemm_tile", "device.hbm_gbps", "device.hbm_efficiency", "device.memory_gib",
@@ -67,12 +71,14 @@ class Device:
         return self.peak[dtype]
 
     def _quantized_flops(self, m: int, k: int, n: int, batch: int) -> float:
-        """Flops of the tiles run, padded to whole tiles and whole waves of ``sms`` tiles."""
+        """Flops of the tiles run, padded to whole tiles and whole waves of ``sms`` tiles (K
+        split over the SMs a small product leaves idle)."""
         best = math.inf
         for tm, tn in (self.tile, self.tile[::-1]):
             tiles = batch * math.ceil(m / tm) * math.ceil(n / tn)
-            waves = math.ceil(tiles / self.sms)
-            best = min(best, 2.0 * waves * self.sms * tm * tn * k)
+            split = max(1, min(self.sms // tiles, math.ceil(k / SPLIT_K_DEPTH)))
+            waves = math.ceil(tiles * split / self.sms)
+            best = min(best, 2.0 * waves * self.sms * tm * tn * math.ceil(k / split))
         return best
 
     def product_s(self, m: int, k: int, n: int, batch: int, dtype: str, itemsize: int) -> float:
