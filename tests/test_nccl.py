@@ -48,7 +48,7 @@ def test_two_nodes_of_four_hdr_nics_ring_near_the_published_86_to_91():
     """nccl-tests #100/#175: 2 nodes x 4 HDR NICs, 86-91 GB/s bus bandwidth against 100
     theoretical; the model: 4 x 24 GB/s = 96 (the ring is NIC-bound)."""
     f = Fabric(ranks=16, nodes=2, arch="ampere", nvlink_busbw=230 * GB, nic_bw=4 * 24 * GB)
-    ring = [c for c in _all(f, 8e9) if c.algorithm == "ring" and c.protocol == "Simple"][0]
+    ring = next(c for c in _all(f, 8e9) if c.algorithm == "ring" and c.protocol == "Simple")
     busbw = 8e9 / ring.seconds * 2 * 15 / 16
     assert 86 * GB * 0.9 < busbw < 91 * GB * 1.1
 
@@ -86,7 +86,7 @@ def test_small_messages_take_low_latency_protocols_and_trees_at_scale():
 def test_tree_latency_is_logarithmic_in_nodes():
     """NCCL: tree all-reduce latency base + 2 ((ppn - 1) intra + log2(nodes) inter)."""
     f = Fabric(ranks=64, nodes=8, arch="ampere", nvlink_busbw=230 * GB, nic_bw=192 * GB)
-    tiny = [c for c in _all(f, 64) if (c.algorithm, c.protocol) == ("tree", "LL")][0]
+    tiny = next(c for c in _all(f, 64) if (c.algorithm, c.protocol) == ("tree", "LL"))
     algbw = min(0.92 * min(230 * GB, 96 * GB) / 3.8, 20.4 * GB)
     latency = (6.8 + 2 * (7 * 0.6 + math.log2(8) * 5.0)) * 1e-6
     assert tiny.seconds == pytest.approx(latency + 64 / algbw, rel=1e-6)
