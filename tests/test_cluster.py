@@ -118,3 +118,22 @@ def test_quantization_never_beats_the_unpadded_flops():
         ideal = 2.0 * m * k * n / (989e12 * 0.803)
         assert dev.product_s(m, k, n, 3, "bfloat16", 2) >= 3 * ideal * (1 - 1e-12)
         assert math.isfinite(dev.product_s(m, k, n, 3, "bfloat16", 2))
+
+
+@pytest.mark.parametrize("name", ["dgx-2h", "dgx-a100", "dgx-a100-40gb", "dgx-h100"])
+def test_docs_planning_lists_every_number_with_its_source(name):
+    """docs/planning.md shows each preset's fields, values and sources as the file has them."""
+    page = (ROOT / "docs" / "planning.md").read_text()
+    section = page.split(f"### `{name}`", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    data = json.loads((PRESETS / f"{name}.json").read_text())
+    for field, source in data["sources"].items():
+        value = data
+        for part in field.split("."):
+            value = value[part]
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            shown = "x".join(map(str, value))
+        else:
+            shown = str(value)
+        assert f"| `{field}` | {shown} | {source} |" in section, field
