@@ -104,7 +104,9 @@ def _terms(p: StepPrediction) -> dict[str, float]:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
+    """Milliseconds, three decimals below 10 ms (small problems), one above."""
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if abs(ms) < 10 else f"{ms:.1f}"
 
 
 def format_cluster_plan(preds: Sequence[StepPrediction], top: Optional[int] = None) -> str:
@@ -146,7 +148,7 @@ def explain_step(p: StepPrediction) -> str:
     """One configuration's prediction term by term (see the module docstring)."""
     c, s = p.config, p.shape
     out = [(f"{p.cluster}: GPT layers={s.n_layer} hidden={s.n_embd} heads={s.n_head} "
-           f"seq={s.seq} vocab={s.vocab} ({s.params / 1e9:.2f}B parameters), {p.label}, "
+           f"seq={s.seq} vocab={s.vocab} ({s.params / 1e9:.3g}B parameters), {p.label}, "
            f"{p.gpus} GPUs, micro-batch {c.micro_batch} x {p.micro_batches} x dp {c.dp} = "
            f"global batch {c.global_batch}, {c.dtype}")]
     if p.refused:
@@ -171,7 +173,7 @@ def explain_step(p: StepPrediction) -> str:
     out.append(f"  optimizer ({c.optimizer}): {_ms(p.optimizer_s)} ms")
     out.append(f"  iteration {_ms(p.iteration_s)} ms = " + " + ".join(
         f"{k} {_ms(v)}" for k, v in _terms(p).items()))
-    out.append(f"  {p.flops / 1e15:.2f} PFLOP per iteration (Narayanan et al. 2021, "
+    out.append(f"  {p.flops / 1e15:.3g} PFLOP per iteration (Narayanan et al. 2021, "
                f"recomputation counted): {p.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU "
                f"{p.mfu:.1%}")
     out.append(f"  memory per GPU {p.mem_per_gpu_bytes / 2**30:.2f} GiB = " + " + ".join(
