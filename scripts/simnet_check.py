@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Optional
 
+from tpmpi.core.args import int_flag
 from tpmpi.studies.cluster import Cluster, load_cluster
 
 Flow = tuple[str, str]
@@ -171,7 +172,7 @@ def check(cluster: Cluster, nodes: int, nbytes: float) -> list[tuple[str, float,
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cluster", default="dgx-a100")
-    parser.add_argument("--nodes", type=int, default=32)
+    parser.add_argument("--nodes", type=int_flag(1), default=32)
     parser.add_argument("--mib", type=float, default=1024.0,
                         help="all-reduce size per group (MiB)")
     args = parser.parse_args(argv)

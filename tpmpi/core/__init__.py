@@ -7,10 +7,10 @@ the studies.
 Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
 checks this list against the source):
 
-1. ``agreement``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
-2. ``args``, ``dtypes``, ``gemm``
-3. ``backend``, ``partition``, ``tiling``
-4. ``grid``, ``heads``, ``init``, ``profiler``, ``staging``
+1. ``args``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
+2. ``agreement``, ``dtypes``, ``gemm``, ``partition``, ``tiling``
+3. ``backend``, ``heads``
+4. ``grid``, ``init``, ``profiler``, ``staging``
 5. ``comm``, ``dropout``, ``mesh``
 6. ``layout``
 7. ``mappings``

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
-from ..core.args import check_int
+from ..core.args import check_int, parse_int
 from .cluster import load_cluster
 from .gptblock import GPTShape
 from .machine import Target
@@ -36,7 +36,7 @@ def parse_model(spec: str) -> GPTShape:
             raise ValueError(f"model={spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                              f"{', '.join(MODEL_KEYS)}")
         try:
-            number = int(text)
+            number = parse_int(key, text)
         except ValueError:
             raise ValueError(f"model={spec!r}: {key}={text!r}: expected an integer") from None
         values[MODEL_KEYS[key]] = bool(number) if key in FLAGS else number
@@ -53,7 +53,7 @@ def parse_sizes(name: str, spec: str) -> list[int]:
     for item in filter(None, (part.strip() for part in str(spec).split(","))):
         low, sep, high = item.partition("-")
         try:
-            first, last = int(low), int(high if sep else low)
+            first, last = parse_int(name, low), parse_int(name, high if sep else low)
         except ValueError:
             raise ValueError(f"{name}={spec!r}: {item!r} is not N or N-M") from None
         if first < 1 or last < first:
