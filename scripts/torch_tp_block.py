@@ -492,16 +492,23 @@ def main(argv: Optional[list] = None, world: Optional[World] = None) -> dict:
     return rec
 
 
-if __name__ == "__main__":
-    this = discover()
+def cli(argv: Optional[list] = None) -> int:
+    """The command line: 0 when done, 1 when ``--check`` fails, 2 for bad arguments (the
+    message once, from rank 0)."""
+    world = discover()
     try:
-        result = main(world=this)
+        result = main(argv, world)
     except ValueError as exc:  # bad arguments: raised on every rank alike
-        if this.rank == 0:
+        if world.rank == 0:
             print(f"torch_tp_block.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     if result["check_ok"] is False:
-        if this.rank == 0:
+        if world.rank == 0:
             print(f"torch_tp_block.py: check failed: {result['check_worst']} exceeds "
                   f"{TOLERANCE[result['dtype']]:g}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
