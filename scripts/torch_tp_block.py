@@ -9,15 +9,16 @@ comparison that tpmpi's own TP block is timed against.
 
 The block is ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`` with nanoGPT's module names (fused
 ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``), biases, LayerNorm eps 1e-5,
-causal softmax attention (``scaled_dot_product_attention``, nanoGPT's own call) and the exact
-(erf) GELU; no dropout. At TP size P (``--tp``, the launched world size) the plan is
-torchtitan's pre-refactor Llama plan: ``ColwiseParallel`` on ``c_attn`` and ``c_fc`` (replicated
-input, output sharded by columns, kept local), ``RowwiseParallel`` on both ``c_proj`` (output
-all-reduced), so each rank runs ``heads / P`` attention heads with no communication inside
-attention: one all-reduce after each ``c_proj`` in forward and one of dX at each column input
-in backward. A contiguous column shard of nanoGPT's blocked ``[Q | K | V]`` rows would hand
-rank 0 only queries, so ``c_attn`` is stored with its rows grouped per rank (``qkv_rows``) and
-the state dict is kept, and compared, in nanoGPT's layout.
+causal softmax attention (``scaled_dot_product_attention``, nanoGPT's own call, or with
+``--attention explicit`` nanoGPT's path without it) and the exact (erf) GELU; no dropout. At
+TP size P (``--tp``, the launched world size) the plan is torchtitan's pre-refactor Llama plan:
+``ColwiseParallel`` on ``c_attn`` and ``c_fc`` (replicated input, output sharded by columns,
+kept local), ``RowwiseParallel`` on both ``c_proj`` (output all-reduced), so each rank runs
+``heads / P`` attention heads with no communication inside attention: one all-reduce after
+each ``c_proj`` in forward and one of dX at each column input in backward. A contiguous
+column shard of nanoGPT's blocked ``[Q | K | V]`` rows would hand rank 0 only queries, so
+``c_attn`` is stored with its rows grouped per rank (``qkv_rows``) and the state dict is kept,
+and compared, in nanoGPT's layout.
 
 A step is forward + backward of one block on a replicated input x (B, T, d) with a fixed
 upstream gradient: every parameter gradient and dX. Timing: ``--warmup`` steps, then ``--iters``
@@ -44,6 +45,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import resource
 import socket
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512, help="sequence length T (default 512)")
     p.add_argument("--batch", type=int, default=4, help="batch size B (default 4)")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    p.add_argument("--attention", choices=sorted(ATTENTION), default="sdpa",
+                   help="sdpa: scaled_dot_product_attention (default); explicit: the scores of "
+                        "every local head formed at once (nanoGPT without flash)")
     p.add_argument("--tp", type=int, default=None,
                    help="TP size: the launched world size (default); 1 runs plain torch")
     p.add_argument("--threads", type=int, default=None,
@@ -149,13 +154,31 @@ def validate(args: argparse.Namespace, world: World) -> None:
         args.gemm_threads = args.threads * world.local_size
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """nanoGPT's path without flash attention: q, k, v (B, h, T, hd) -> (B, h, T, hd), the
+    (B, h, T, T) scores of every head formed at once, masked, softmaxed."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` (a flash kernel on CPU), nanoGPT's default."""
+    return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+ATTENTION = {"sdpa": fused_attention, "explicit": explicit_attention}
+
+
 class Attention(nn.Module):
     """Causal self-attention over the heads whose rows ``c_attn`` holds locally: ``c_attn``'s
     output (B, T, 3 h hd) is ``[Q | K | V]`` of those h heads (all of them at TP 1)."""
 
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, core: str = "sdpa") -> None:
         super().__init__()
         self.head_dim = d // heads
+        self.core = ATTENTION[core]
         self.c_attn = nn.Linear(d, 3 * d)
         self.c_proj = nn.Linear(d, d)
 
@@ -163,8 +186,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # -1 heads: under TP the local output holds heads / P of them
         q, k, v = self.c_attn(x).view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.c_proj(self.core(q, k, v).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -183,10 +205,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """nanoGPT's ``Block`` without dropout: (B, T, d) -> (B, T, d)."""
 
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, core: str = "sdpa") -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(d, eps=1e-5)
-        self.attn = Attention(d, heads)
+        self.attn = Attention(d, heads, core)
         self.ln_2 = nn.LayerNorm(d, eps=1e-5)
         self.mlp = MLP(d)
 
@@ -225,7 +247,7 @@ def _permuted(state: dict, rows: torch.Tensor) -> dict:
 def make_block(args: argparse.Namespace, state: dict, dtype: torch.dtype) -> nn.Module:
     """The block holding ``state`` (nanoGPT layout) in ``dtype``, tensor-parallel over the
     default process group when ``args.tp`` > 1 (rows of c_attn grouped per rank first)."""
-    block = Block(args.d_model, args.heads).to(dtype)
+    block = Block(args.d_model, args.heads, args.attention).to(dtype)
     if args.tp > 1:
         state = _permuted(state, qkv_rows(args.d_model, args.heads, args.tp))
     block.load_state_dict(state)
@@ -440,7 +462,7 @@ def record(args: argparse.Namespace, world: World, times: list, rates: Optional[
         "scheme": "torch_block", "impl": "dtensor" if args.tp > 1 else "torch",
         "ranks": world.size, "tp": args.tp, "launcher": world.launcher,
         "threads_per_rank": args.threads, "d_model": args.d_model, "heads": args.heads,
-        "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+        "seq": args.seq, "batch": args.batch, "dtype": args.dtype, "attention": args.attention,
         "warmup": args.warmup, "iters": args.iters,
         "time_s": None if not times else {"median": median, "min": min(times),
                                           "max": max(times)},

@@ -38,9 +38,11 @@ def test_qkv_rows_group_each_ranks_heads():
     assert sorted(rows.tolist()) == list(range(144))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
-def test_tp1_matches_both_references(dtype, tol):
-    rec = run_single(SMALL + ["--dtype", dtype, "--check"])
+def test_tp1_matches_both_references(dtype, tol, attention):
+    rec = run_single(SMALL + ["--dtype", dtype, "--check", "--attention", attention])
+    assert rec["attention"] == attention
     assert rec["check_ok"] and rec["impl"] == "torch" and rec["launcher"] == "single"
     assert rec["references_rel_err"] <= 1e-12  # torch float64 and NumPy agree with each other
     assert rec["max_rel_err"] <= tol and rec["max_rel_err_reference"] <= tol
@@ -172,8 +174,8 @@ def test_a_fault_on_one_rank_ends_the_job():
 def test_tp2_under_torchrun_float32():
     serial_only()
     proc = job([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                SCRIPT, *SMALL_TP2, "--check", "--threads", "1"])
+                SCRIPT, *SMALL_TP2, "--check", "--threads", "1", "--attention", "explicit"])
     rec = record_of(proc)
-    assert (rec["impl"], rec["tp"], rec["launcher"], rec["dtype"]) == (
-        "dtensor", 2, "torchrun", "float32")
+    assert (rec["impl"], rec["tp"], rec["launcher"], rec["dtype"], rec["attention"]) == (
+        "dtensor", 2, "torchrun", "float32", "explicit")
     assert rec["check_ok"] and rec["max_rel_err"] <= 1e-5
