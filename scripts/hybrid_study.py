@@ -18,7 +18,8 @@ import argparse
 
 from mpi4py import MPI
 
-from tpmpi.core.backend import configure_blas_threads, get_backend
+from tpmpi.core.backend import get_backend
+from tpmpi.core.threads import configure_blas_threads
 from tpmpi.studies.bench import run_case
 from tpmpi.studies.costmodel import explain, layout_label, load_calibration, plan
 from tpmpi.layers.data_parallel import BUCKET_BYTES

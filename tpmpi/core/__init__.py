@@ -1,16 +1,34 @@
 """The parallel core: process grids and meshes, block partitions and layouts, the collectives
-(with their agreement, host staging and cost facts), array backends, dtypes, local GEMMs,
-per-layer profiling and weight initialisation. Nothing here imports the layers, the
-checkpoints or the studies.
+(with their agreement, datatypes, host staging and cost facts), array backends, devices and
+their topology, dtypes, local GEMMs, per-layer profiling, weight initialisation, and how an MPI
+program of tpmpi starts and ends on every rank (``launch``). Nothing here imports the layers,
+the checkpoints or the studies.
+
+One concern a module:
+
+* arrays -- ``arrays`` (the annotation types), ``arraylib`` (the NumPy and CuPy backends),
+  ``backend`` (which backend a process and a communicator use), ``dtypes``, ``gemm``,
+  ``init``, ``tiling``;
+* devices and ranks -- ``gpubind`` (a process's GPU, no MPI), ``devices`` (what a
+  communicator's ranks decide together: GPU-aware MPI, ranks per device), ``topology`` (node
+  communicators, node leaders, device grouping), ``threads`` (BLAS threads per rank);
+* communication -- ``agreement`` (errors on every rank), ``comm`` (the collectives, one
+  dispatch), ``datatypes`` (MPI datatypes and gather plans), ``staging`` (host staging of device
+  buffers), ``cache`` (the one LRU and the one per-communicator cache), ``colltable``,
+  ``mappings``, ``schedule``, ``profiler``;
+* placement -- ``grid``, ``mesh``, ``partition``, ``layout``, ``args``;
+* processes -- ``launch`` (exit codes, agreed arguments, signals, abort).
 
 Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
 checks this list against the source):
 
-1. ``agreement``, ``arrays``, ``colltable``, ``schedule`` (no tpmpi imports)
-2. ``args``, ``dtypes``, ``gemm``
-3. ``backend``, ``partition``, ``tiling``
-4. ``grid``, ``init``, ``profiler``, ``staging``
-5. ``comm``, ``mesh``
-6. ``layout``
-7. ``mappings``
+1. ``agreement``, ``arrays``, ``cache``, ``colltable``, ``gpubind``, ``schedule``, ``topology``
+   (no tpmpi imports)
+2. ``args``, ``arraylib``, ``dtypes``, ``launch``
+3. ``datatypes``, ``devices``, ``gemm``, ``partition``, ``threads``, ``tiling``
+4. ``backend``, ``grid``
+5. ``init``, ``mesh``, ``profiler``, ``staging``
+6. ``comm``
+7. ``layout``
+8. ``mappings``
 """

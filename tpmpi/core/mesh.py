@@ -25,8 +25,8 @@ from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
 from .args import check_int
-from .backend import node_comm
 from .grid import ProcessGrid, factorisations, parse_shape
+from .topology import node_leader
 
 TPSpec = Union[int, str, Sequence[int], None]
 
@@ -71,15 +71,6 @@ def tp_shape(tp: TPSpec, size: int, dp: int) -> tuple[int, int]:
             raise ValueError(f"tp={tp!r}: expected T or (pr, pc)")
         return check_int("tp[0]", tp[0], 1), check_int("tp[1]", tp[1], 1)
     return 1, check_int("tp", tp, 1)
-
-
-def node_leader(comm: MPI.Comm) -> int:
-    """The lowest rank of ``comm`` on this rank's node (shared-memory split). Collective."""
-    local = node_comm(comm)
-    try:
-        return local.allreduce(comm.Get_rank(), op=MPI.MIN)
-    finally:
-        local.Free()
 
 
 class Mesh:
