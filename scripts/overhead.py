@@ -15,14 +15,15 @@ with ``--profile``, rank 0's cProfile of the forward loop.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
 
 import tpmpi
+from tpmpi.core import launch
 from tpmpi.core.comm import alltoallw_args
+from tpmpi.core.launch import Parser, parse_args
 from tpmpi.core.partition import largest_block
 from tpmpi.studies.timing import time_calls
 
@@ -37,7 +38,7 @@ def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="overhead.py", description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
@@ -45,8 +46,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--profile", action="store_true", help="cProfile the forward loop (rank 0)")
-    args = ap.parse_args()
     comm = MPI.COMM_WORLD
+    args = parse_args(ap, None, comm)
     threads = tpmpi.configure_blas_threads(comm)
     grid = tpmpi.ProcessGrid(comm)
     layer = tpmpi.ColumnParallelLinear(args.k, args.n, grid=grid, dtype=args.dtype)
@@ -102,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main, "overhead.py")

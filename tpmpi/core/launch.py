@@ -127,8 +127,9 @@ def exit_code(work: Callable[[], Optional[int]], comm: MPI.Comm, prog: str) -> i
     except SystemExit as exc:
         return int(exc.code or 0)
     except ValueError as exc:
-        if comm.Get_rank() == 0:
-            sys.stderr.write(f"{prog}: error: {str(exc).splitlines()[0]}\n")
+        if comm.Get_rank() == 0:  # a parser named ``prog`` already names it: not twice
+            text = str(exc).splitlines()[0].removeprefix(f"{prog}: ")
+            sys.stderr.write(f"{prog}: error: {text}\n")
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_RUNTIME
 
 

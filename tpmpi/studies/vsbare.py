@@ -48,6 +48,7 @@ from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
 from .timing import time_calls
 
 PHASES = ("fwd", "fwdbwd")
+PROG = "python -m tpmpi.studies.vsbare"
 
 
 def _torch_step(arrays: tuple[Array, Array, Array, Array], backend: Backend
@@ -216,7 +217,7 @@ def format_table(records: Sequence[dict], best: bool = False) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     """The command line of the module docstring."""
-    ap = Parser(prog="python -m tpmpi.studies.vsbare", description=__doc__.splitlines()[0])
+    ap = Parser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
                     help="print the markdown table of these records and exit (no MPI job)")
     ap.add_argument("--best", action="store_true",
@@ -286,7 +287,7 @@ def run() -> NoReturn:
     """Entry point under mpiexec (:func:`tpmpi.core.launch.run`): usage errors exit 2 with one
     line; an interruption or an unexpected exception aborts the whole job (no rank is left
     waiting in a collective)."""
-    launch_run(main, "vsbare")
+    launch_run(main, PROG)
 
 
 if __name__ == "__main__":
