@@ -1,16 +1,15 @@
 """The distributed parameters of a layer or composite, as a checkpoint sees them: name, this
-rank's block, global shape, layout and grid (:class:`Param`), collected through the layers'
-``children()`` protocol."""
+rank's block, global shape, layout and grid (:class:`Param`), collected from its leaf layers
+(``(name, layer)`` pairs, :func:`tpmpi.layers.named_layers`); no layer class is imported here."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.agreement import Text
 from ..core.grid import ProcessGrid
 from ..core.layout import block_bounds
-from ..layers.base import ParallelLinear
-from ..layers.module import named_layers
 
 
 @dataclass
@@ -33,29 +32,19 @@ class Param:
                                     self.layout) == mine for q in range(self.grid.rank))
 
 
-def layers_of(obj: Any) -> list[tuple[str, ParallelLinear]]:
-    """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
-    ValueError unless every one is a ParallelLinear."""
-    found = named_layers(obj)
-    for name, layer in found:
-        if not isinstance(layer, ParallelLinear):
-            raise ValueError(f"{name or type(obj).__name__} is a {type(layer).__name__}: "
-                             "expected a ParallelLinear (or a composite of them)")
-    return found
-
-
-def identities(obj: Any) -> Text:
-    """The identities of the layers of ``obj`` (``"layer #0 (...)"``, ``"fc1=layer #0 (...),
-    fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
-    by load into=)."""
+def identities(leaves: Sequence[tuple[str, Any]]) -> Text:
+    """The identities of the leaf layers ``leaves`` (``"layer #0 (...)"``, ``"fc1=layer #0
+    (...), fc2=..."``): the same on every rank only for the same layer objects (agreed by save
+    and by load into=)."""
     return Text(", ".join(f"{prefix}={layer.identity}" if prefix else layer.identity
-                          for prefix, layer in layers_of(obj)))
+                          for prefix, layer in leaves))
 
 
-def parameters(obj: Any) -> list[Param]:
-    """Every distributed parameter of a layer or composite, named ``weight``, ``fc1.bias``..."""
+def params_of(leaves: Sequence[tuple[str, Any]]) -> list[Param]:
+    """Every distributed parameter of the leaf layers ``leaves``, named ``weight``,
+    ``fc1.bias``... (from each layer's ``parameters()`` and ``parameter_layouts()``)."""
     out = []
-    for prefix, layer in layers_of(obj):
+    for prefix, layer in leaves:
         local = {name: p for name, p, _ in layer.parameters()}
         for name, (shape, layout) in layer.parameter_layouts().items():
             out.append(Param(f"{prefix}.{name}" if prefix else name, local[name], shape, layout,

@@ -17,7 +17,8 @@ from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks, agree_
 from .lock import SaveLock
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest, load_json
 from .npyfile import CHECKSUM, CHUNK_BYTES, checksum, file_dtype, write_param
-from .params import identities, layers_of, parameters
+from .load import layers_of
+from .params import identities, params_of
 
 VERSION_DIR = re.compile(r"v\d{6}$")
 
@@ -135,7 +136,8 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], layer: Any) -> None:
     one ``.npy`` per parameter plus ``manifest.json``, committed as a whole by one rename (see
     the module docstring); a concurrent save to the same path is refused. Collective over the
     layer's grid (argument agreement, MPI-IO ``Write_all``, checksum Allreduces, broadcasts)."""
-    params = parameters(layer)
+    leaves = layers_of(layer)
+    params = params_of(leaves)
     comm = params[0].grid.comm
     try:
         path = os.path.abspath(os.fspath(path))
@@ -149,7 +151,7 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], layer: Any) -> None:
             raise ValueError("the layers of a composite must share one grid to be saved")
 
     agree_checks(comm, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER), path=path,
-                 layer=Same(identities(layer), "every rank must save the same layer object"),
+                 layer=Same(identities(leaves), "every rank must save the same layer object"),
                  parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params])
     _step("agreed")
     assert isinstance(path, str)  # else local_checks raised on every rank
@@ -182,7 +184,7 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], layer: Any) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "tpmpi_version": __version__,
         "class": type(layer).__name__,
         "config": layer.config() if hasattr(layer, "config") else None,
-        "layers": {prefix: type(sub).__name__ for prefix, sub in layers_of(layer)},
+        "layers": {prefix: type(sub).__name__ for prefix, sub in leaves},
         "grid": list(params[0].grid.shape), "world_size": comm.Get_size(),
         "parameters": entries}
     agree_on_root(comm, (lambda: save.commit(manifest)) if save else None)

@@ -3,13 +3,15 @@ layout-invariant initialiser or from dense matrices, gradients, gather_weight.""
 from __future__ import annotations
 
 import math
+import os
 import weakref
 import zlib
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 from mpi4py import MPI
 
+from ..checkpoint.read import read_checkpoint
 from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
 from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
@@ -23,6 +25,7 @@ from ..core.layout import LinearLayouts, agreed_gather, local_shape, local_slice
 from ..core.mappings import Mapping, between
 from ..core.partition import block_sizes
 from ..core.profiler import Profiler
+from .module import named_layers
 
 
 def check_dense(W: Any, b: Any, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -209,6 +212,16 @@ class ParallelLinear:
         k, n = shape if shape is not None and len(shape) == 2 else (0, 0)
         options.setdefault("dtype", dtype_name(getattr(W, "dtype", "float32")))
         return cls(k, n, grid=grid, bias=b is not None, _dense=(W, b), **options)
+
+    @classmethod
+    def load_checkpoint(cls: type[_Layer], path: Union[str, os.PathLike[str]],
+                        grid: Optional[ProcessGrid] = None, **options: Any) -> _Layer:
+        """A layer of this class (on ``ParallelLinear`` itself: of the saved class) from the
+        checkpoint directory ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD;
+        any size and shape); ``options`` override saved constructor options (``dtype`` casts).
+        Collective: :func:`tpmpi.checkpoint.read.read_checkpoint`."""
+        return read_checkpoint(path, grid, roots=(ParallelLinear,), leaves=named_layers, cls=cls,
+                               options=options)
 
     def __call__(self, x: Array) -> Array:
         return self.forward(x)

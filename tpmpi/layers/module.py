@@ -9,8 +9,14 @@ and the MLP find sub-layers this way only.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol, TypeVar, Union
+
+from ..checkpoint.read import read_checkpoint
+from ..core.grid import ProcessGrid
+
+_Composite = TypeVar("_Composite", bound="Composite")
 
 
 class Module(Protocol):
@@ -43,6 +49,16 @@ class Composite:
         """Reset the accumulated gradients of every child."""
         for _, child in self.children():
             child.zero_grad()
+
+    @classmethod
+    def load_checkpoint(cls: type[_Composite], path: Union[str, os.PathLike[str]],
+                        grid: Optional[ProcessGrid] = None, **options: Any) -> _Composite:
+        """A composite of this class (on ``Composite`` itself: of the saved class) from the
+        checkpoint directory ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD;
+        any size and shape); ``options`` override saved constructor options (``dtype`` casts).
+        Collective: :func:`tpmpi.checkpoint.read.read_checkpoint`."""
+        return read_checkpoint(path, grid, roots=(Composite,), leaves=named_layers, cls=cls,
+                               options=options)
 
 
 def named_layers(module: Any) -> list[tuple[str, Any]]:
