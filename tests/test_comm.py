@@ -215,8 +215,8 @@ def test_no_mpi_call_exceeds_the_limit(world, grids, monkeypatch, scheme, dtype)
 
 @pytest.mark.mpi
 def test_iallgather_on_a_cartesian_grid(grid):
-    """Regression (Open MPI 4.1 segfault in ompi_coll_base_retain_datatypes_w): the
-    non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed P < 4."""
+    """The non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed
+    P < 4 (Open MPI 4.1 segfaults in ompi_coll_base_retain_datatypes_w on such a call)."""
     comm = grid.comm
     parts = tpmpi.block_partition(5, grid.size)
     lo, hi = parts[grid.rank]
@@ -262,7 +262,8 @@ def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
 @pytest.mark.mpi
 @pytest.mark.world_sizes(2, 3, 4)
 def test_reductions_refuse_strided_buffers(world):
-    """Regression: the chunked reductions reshape to 1D; a strided view must not be copied."""
+    """The chunked reductions reshape to 1D: a strided view, which would be copied (and the
+    in-place result lost), is refused."""
     for dtype in ("float64", "float16"):
         a = np.ones((4, 6), dtype)[:, ::2]
         with pytest.raises(ValueError, match="C-contiguous"):
@@ -274,7 +275,7 @@ def test_reductions_refuse_strided_buffers(world):
 @pytest.mark.mpi
 def test_first_ranks_frees_its_communicator_after_an_error(world):
     """The communicator of the first P ranks (a sweep's or a calibration's rank count) is freed
-    even when the block raises (a sweep's error leaked one communicator per P before)."""
+    even when the block raises (a failing sweep must not leak one communicator per P)."""
     from mpi4py import MPI
 
     held = []

@@ -1,10 +1,10 @@
-"""Layers on any sub-communicators, in any order per rank, never hang (issue 10 item 1).
+"""Layers on any sub-communicators, in any order per rank, never hang.
 
 The backend is created by the first layer each rank builds (never beforehand), on CuPy where a
 GPU exists and on a NumPy-made stand-in of CuPy (tests/fake_cupy.py) everywhere, which runs the
-real CuPy code path: GPU binding, per-communicator GPU-aware decision, host staging. Before the
-fix, rank 1 entered the GPU binding's collective alone on its first 2-rank layer and the job
-hung (pytest-timeout ends it).
+real CuPy code path: GPU binding, per-communicator GPU-aware decision, host staging. The orders
+differ per rank, so a collective that one rank entered alone (e.g. inside the GPU binding on its
+first 2-rank layer) would hang the job (pytest-timeout ends it).
 """
 from __future__ import annotations
 
