@@ -35,7 +35,7 @@ def test_half_precision_moves_as_two_byte_words():
 
 
 def test_subarray_types_are_cached_and_freed_on_eviction(monkeypatch):
-    monkeypatch.setattr(datatypes._TYPES, "size", 2)
+    monkeypatch.setattr(datatypes, "_TYPES", datatypes.LRU(2, datatypes._TYPES._evict))
     first = datatypes.subarray_type("float32", (4, 6), (0, 2), (4, 2))
     assert datatypes.subarray_type("float32", (4, 6), (0, 2), (4, 2)) is first
     assert first.Get_size() == 4 * 2 * 4 and first.Get_extent() == (0, 4 * 6 * 4)

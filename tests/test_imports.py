@@ -108,21 +108,20 @@ def test_the_cost_model_knows_no_benchmark_package():
 
 
 def test_load_checkpoint_is_declared_by_the_layer_classes():
-    """A classmethod written in ParallelLinear's and Composite's own source (what a reader and
-    mypy see), inherited by every layer and composite; its behaviour: test_checkpoint.py."""
+    """A classmethod written in the layers' source (what a reader and mypy see: the base
+    class both kinds of module derive from), inherited by every layer and composite; its
+    behaviour: test_checkpoint.py."""
     import inspect
 
     import tpmpi
     from tpmpi.layers import base, module
 
-    for owner, classes in ((base.ParallelLinear, (tpmpi.ColumnParallelLinear,
-                                                   tpmpi.RowParallelLinear,
-                                                   tpmpi.TileParallelLinear)),
-                           (module.Composite, (tpmpi.ParallelMLP,))):
-        declared = vars(owner)["load_checkpoint"]
-        assert isinstance(declared, classmethod)
-        assert inspect.getsourcefile(owner.load_checkpoint) == inspect.getsourcefile(owner)
-        assert all(cls.load_checkpoint.__func__ is declared.__func__ for cls in classes)
+    declared = vars(module.Checkpointable)["load_checkpoint"]
+    assert isinstance(declared, classmethod)
+    assert inspect.getsourcefile(declared.__func__) == inspect.getsourcefile(module)
+    for cls in (base.ParallelLinear, module.Composite, tpmpi.ColumnParallelLinear,
+                tpmpi.RowParallelLinear, tpmpi.TileParallelLinear, tpmpi.ParallelMLP):
+        assert cls.load_checkpoint.__func__ is declared.__func__
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) == "studies"))

@@ -31,7 +31,7 @@ class LRU(Generic[V]):
             self._items.move_to_end(key)
             return value
         value = self._items[key] = make()
-        if len(self._items) > self.size:
+        while len(self._items) > self.size:
             old = self._items.popitem(last=False)[1]
             if self._evict is not None:
                 self._evict(old)

@@ -3,15 +3,13 @@ layout-invariant initialiser or from dense matrices, gradients, gather_weight.""
 from __future__ import annotations
 
 import math
-import os
 import weakref
 import zlib
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
-from ..checkpoint.read import read_checkpoint
 from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
 from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
@@ -25,7 +23,7 @@ from ..core.layout import LinearLayouts, agreed_gather, local_shape, local_slice
 from ..core.mappings import Mapping, between
 from ..core.partition import block_sizes
 from ..core.profiler import Profiler
-from .module import named_layers
+from .module import Checkpointable
 
 
 def check_dense(W: Any, b: Any, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -71,7 +69,7 @@ def array_checksum(backend: Backend, a: Array) -> Checksum:
     return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8).data))
 
 
-class ParallelLinear:
+class ParallelLinear(Checkpointable):
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
     Subclasses declare their layouts in ``layouts_for(**options)`` (a
@@ -79,6 +77,8 @@ class ParallelLinear:
     output operators :attr:`x_map` / :attr:`y_map` follow from it) and implement ``forward``
     / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
+    ``ParallelLinear.load_checkpoint(path, grid)`` (:class:`~tpmpi.layers.module.Checkpointable`)
+    loads a saved layer of any subclass; a subclass loads its own kind.
 
     ``overlap`` (default True): backward runs its dX collective non-blocking while the dW GEMM
     computes (Megatron's trick); False runs it blocking after the GEMM, so a benchmark can
@@ -212,16 +212,6 @@ class ParallelLinear:
         k, n = shape if shape is not None and len(shape) == 2 else (0, 0)
         options.setdefault("dtype", dtype_name(getattr(W, "dtype", "float32")))
         return cls(k, n, grid=grid, bias=b is not None, _dense=(W, b), **options)
-
-    @classmethod
-    def load_checkpoint(cls: type[_Layer], path: Union[str, os.PathLike[str]],
-                        grid: Optional[ProcessGrid] = None, **options: Any) -> _Layer:
-        """A layer of this class (on ``ParallelLinear`` itself: of the saved class) from the
-        checkpoint directory ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD;
-        any size and shape); ``options`` override saved constructor options (``dtype`` casts).
-        Collective: :func:`tpmpi.checkpoint.read.read_checkpoint`."""
-        return read_checkpoint(path, grid, roots=(ParallelLinear,), leaves=named_layers, cls=cls,
-                               options=options)
 
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
