@@ -39,9 +39,10 @@ def test_device_grouping():
 def test_device_leaders_are_the_first_rank_on_each_device(world, device):
     keys = topology.device_keys(world.comm, device)
     assert keys == [(MPI.Get_processor_name(), device)] * world.size
-    leaders = topology.device_leaders(world.comm, device)
-    leads = leaders != MPI.COMM_NULL
-    assert leads == (device is None or world.comm.Get_rank() == 0)
-    if leads:
-        assert leaders.Get_size() == (world.size if device is None else 1)
-        leaders.Free()
+    with topology.device_leaders(world.comm, device) as leaders:
+        held = leaders
+        leads = leaders != MPI.COMM_NULL
+        assert leads == (device is None or world.comm.Get_rank() == 0)
+        if leads:
+            assert leaders.Get_size() == (world.size if device is None else 1)
+    assert held == MPI.COMM_NULL  # freed, or never made

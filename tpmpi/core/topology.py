@@ -1,5 +1,6 @@
-"""Where the ranks are: the ranks of a node (:func:`node_comm`, a context manager that frees
-its communicator), a node's leader, and the ranks that share a physical device.
+"""Where the ranks are: the ranks of a node (:func:`node_comm`), a node's leader, and the
+ranks that share a physical device (:func:`device_leaders`); the communicators are context
+managers that free themselves.
 """
 from __future__ import annotations
 
@@ -51,9 +52,15 @@ def ranks_per_device(keys: Sequence[DeviceKey]) -> int:
     return max(per_device.values(), default=1)
 
 
-def device_leaders(comm: MPI.Comm, device: Optional[str]) -> MPI.Comm:
+@contextlib.contextmanager
+def device_leaders(comm: MPI.Comm, device: Optional[str]) -> Iterator[MPI.Comm]:
     """The ranks of ``comm`` that lead their device (:func:`leads_its_device`) as a new
-    communicator, COMM_NULL on the others; the caller frees it. Collective (an allgather and a
-    Split)."""
+    communicator (COMM_NULL on the others), freed on leaving the block, an error included.
+    Collective (an allgather and a Split)."""
     lead = leads_its_device(device_keys(comm, device), comm.Get_rank())
-    return comm.Split(0 if lead else MPI.UNDEFINED, comm.Get_rank())
+    leaders = comm.Split(0 if lead else MPI.UNDEFINED, comm.Get_rank())
+    try:
+        yield leaders
+    finally:
+        if leaders != MPI.COMM_NULL:
+            leaders.Free()

@@ -137,23 +137,22 @@ def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
     """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
     classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
     by the first rank on each device, all devices at once. Collective; on every rank."""
-    leaders = device_leaders(comm, backend.device_key())
     rates, staging = {}, None
-    if leaders != MPI.COMM_NULL:  # rank 0 always is one
-        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
-        for dtype in dtypes:
-            try:
-                backend.check_dtype(dtype)
-            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
-                progress(f"gemm {dtype}: skipped ({exc})")
-                continue
-            progress(f"gemm {dtype}")
-            rates[f"{backend.name}:{dtype}"] = {
-                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
-        if backend.is_gpu:
-            progress("pinned host<->device copies")
-            staging = staging_bandwidth(backend, leaders)
-        leaders.Free()
+    with device_leaders(comm, backend.device_key()) as leaders:
+        if leaders != MPI.COMM_NULL:  # rank 0 always is one
+            shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+            for dtype in dtypes:
+                try:
+                    backend.check_dtype(dtype)
+                except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                    progress(f"gemm {dtype}: skipped ({exc})")
+                    continue
+                progress(f"gemm {dtype}")
+                rates[f"{backend.name}:{dtype}"] = {cls: gemm_rate(shape, dtype, backend, leaders)
+                                                    for cls, shape in shapes.items()}
+            if backend.is_gpu:
+                progress("pinned host<->device copies")
+                staging = staging_bandwidth(backend, leaders)
     return comm.bcast((rates, staging), root=0)
 
 
