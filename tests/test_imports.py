@@ -1,6 +1,6 @@
 """The import graph of tpmpi (scripts/module_map.py, from the source; function-level imports
-count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint,
-studies <- cli; the layer-agnostic reading of checkpoints below the layers, whose
+count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint <-
+models, studies <- cli; the layer-agnostic reading of checkpoints below the layers, whose
 ``load_checkpoint`` classmethods call it), the core's own arrows one way, a cost model that
 knows no benchmark module, no module importing the package itself, and imports at the top of
 every studies module (no registration by a bottom import)."""
@@ -21,8 +21,9 @@ BENCHMARK_SIDE = {"tpmpi.studies.schemes", "tpmpi.studies.bench", "tpmpi.studies
                   "tpmpi.cli"}
 # the subpackages each part may import (besides itself and tpmpi._version)
 MAY_IMPORT = {"core": set(), "layers": {"core"}, "checkpoint": {"core", "layers"},
-              "studies": {"core", "layers"},
-              "cli": {"core", "layers", "checkpoint", "studies"}, "__main__": {"cli"}}
+              "models": {"core", "layers", "checkpoint"}, "studies": {"core", "layers"},
+              "cli": {"core", "layers", "checkpoint", "models", "studies"},
+              "__main__": {"cli"}}
 # the checkpoint module the layers may import besides: the reading behind Layer.load_checkpoint,
 # which knows no layer class (test_the_reading_below_the_layers_knows_no_layer)
 BELOW_LAYERS = "tpmpi.checkpoint.read"

@@ -1,14 +1,15 @@
 """The parallel core: process grids and meshes, block partitions and layouts, the collectives
 (with their agreement, datatypes, host staging and cost facts), array backends, devices and
-their topology, dtypes, local GEMMs, per-layer profiling, weight initialisation, and how an MPI
-program of tpmpi starts and ends on every rank (``launch``). Nothing here imports the layers,
-the checkpoints or the studies.
+their topology, dtypes, local GEMMs, per-layer profiling, weight initialisation and dropout
+masks (both counter-based), the attention heads each rank holds, and how an MPI program of
+tpmpi starts and ends on every rank (``launch``). Nothing here imports the layers, the
+checkpoints, the models or the studies.
 
 One concern a module:
 
 * arrays -- ``arrays`` (the annotation types), ``arraylib`` (the NumPy and CuPy backends),
   ``backend`` (which backend a process and a communicator use), ``dtypes``, ``gemm``,
-  ``init``, ``tiling``;
+  ``init``, ``dropout``, ``heads``, ``tiling``;
 * devices and ranks -- ``gpubind`` (a process's GPU, no MPI), ``devices`` (what a
   communicator's ranks decide together: GPU-aware MPI, ranks per device), ``topology`` (node
   communicators, node leaders, device grouping), ``threads`` (BLAS threads per rank);
@@ -26,9 +27,9 @@ checks this list against the source):
    (no tpmpi imports)
 2. ``args``, ``arraylib``, ``dtypes``, ``launch``
 3. ``datatypes``, ``devices``, ``gemm``, ``partition``, ``threads``, ``tiling``
-4. ``backend``, ``grid``
+4. ``backend``, ``grid``, ``heads``
 5. ``init``, ``mesh``, ``profiler``, ``staging``
-6. ``comm``
+6. ``comm``, ``dropout``
 7. ``layout``
 8. ``mappings``
 """
