@@ -28,7 +28,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 import tpmpi
 from tpmpi import cli
-from tpmpi.core import agreement
+from tpmpi.core import agreement, launch
 
 Col, Row = tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear
 
@@ -655,4 +655,4 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch.run(main, "bad_inputs.py")

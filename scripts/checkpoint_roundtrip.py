@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,9 +16,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
+from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+import tpmpi
+from tpmpi.core import launch
 
+PROG = "checkpoint_roundtrip.py"
 K, N, SEED = 37, 23, 2024
 LAYERS = {"column": "ColumnParallelLinear", "tile2d": "TileParallelLinear"}
 
@@ -30,16 +33,22 @@ def dense() -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((K, N)), rng.standard_normal(N)
 
 
-def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
+def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
     """Exit code: 0 equal, 1 a shard differs, 2 a usage or checkpoint error (one line on rank
-    0). ``comm`` defaults to COMM_WORLD."""
-    ap = argparse.ArgumentParser(prog="checkpoint_roundtrip.py",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["save", "load", "verify"])
-    ap.add_argument("path")
+    0; :func:`tpmpi.core.launch.exit_code`). ``comm`` defaults to COMM_WORLD."""
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    return launch.exit_code(lambda: roundtrip(argv, comm), comm, PROG)
+
+
+def roundtrip(argv: Optional[Sequence[str]], comm: MPI.Comm) -> int:
+    """The work of :func:`main`; a checkpoint the library refuses is a usage error (the
+    library raises it on every rank)."""
+    ap = launch.Parser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["save", "load", "verify"], help="what to do")
+    ap.add_argument("path", help="the checkpoint directory")
     ap.add_argument("--grid", default=None, help="RxC (default 1xP)")
-    ap.add_argument("--layer", choices=sorted(LAYERS), default="column")
-    args = ap.parse_args(argv)
+    ap.add_argument("--layer", choices=sorted(LAYERS), default="column", help="layer class")
+    args = launch.parse_args(ap, argv, comm)
     W, b = dense()
     if args.action == "verify":
         with open(os.path.join(args.path, "manifest.json")) as f:
@@ -48,16 +57,12 @@ def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
                                           for k, e in manifest["parameters"].items()}
         same = np.array_equal(np.load(files["weight"]), W) and \
             np.array_equal(np.load(files["bias"]), b)
-        print(f"numpy.load: weight {W.shape} and bias {b.shape} equal to the saved arrays: "
-              f"{same} (saved from grid {saved[0]}x{saved[1]})")
+        if comm.Get_rank() == 0:
+            print(f"numpy.load: weight {W.shape} and bias {b.shape} equal to the saved arrays: "
+                  f"{same} (saved from grid {saved[0]}x{saved[1]})")
         return 0 if same else 1
-    from mpi4py import MPI
-
-    import tpmpi
-
-    comm = comm if comm is not None else MPI.COMM_WORLD
     grid = None
-    try:  # the library raises the same ValueError on every rank: one line, exit 2
+    try:
         grid = tpmpi.ProcessGrid(comm, shape=args.grid)
         cls = getattr(tpmpi, LAYERS[args.layer])
         if args.action == "save":
@@ -66,11 +71,9 @@ def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
         else:
             layer = cls.load_checkpoint(args.path, grid=grid)
     except ValueError as exc:
-        if comm.Get_rank() == 0:
-            print(f"{ap.prog}: error: {args.action} --layer {args.layer}: {exc}", file=sys.stderr)
         if grid is not None:
             grid.free()
-        return 2
+        raise launch.UsageError(f"{args.action} --layer {args.layer}: {exc}") from None
     ok = np.array_equal(layer.weight, W[layer.shard]) and np.array_equal(layer.bias,
                                                                          b[layer.bias_slice])
     rows, cols = layer.shard
@@ -85,4 +88,4 @@ def main(argv: Optional[Sequence[str]] = None, comm=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch.run(main, PROG)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Acceptance run of tpmpi on a GPU machine (issue 10), inside 8 minutes on one H200.
+# Acceptance run of tpmpi on a GPU machine, inside 8 minutes on one H200.
 #
 #   scripts/gpu_check.sh [OUTDIR]        (default OUTDIR: gpu-check; everything is written there)
 #
@@ -109,7 +109,7 @@ step info 60 $mpiexec -n 1 "$py" -m tpmpi info
 
 # ---- correctness on CuPy
 step subcomm 90 env TPMPI_TEST_BACKEND=cupy $mpiexec -n 4 "$py" -m mpi4py -m pytest --with-mpi \
-    -q tests/test_subcomm.py
+    -q tests/test_subcomm.py tests/test_gpubind.py
 step suite-P4 240 env TPMPI_TEST_BACKEND=cupy $mpiexec -n 4 "$py" -m mpi4py -m pytest \
     --with-mpi -q
 
@@ -136,7 +136,8 @@ for p in $ranks; do
 done
 for p in 1 2; do
     step "suite-P$p" 90 env TPMPI_TEST_BACKEND=cupy $mpiexec -n "$p" "$py" -m mpi4py -m pytest \
-        --with-mpi -q tests/test_backends.py tests/test_subcomm.py tests/test_hot_path.py \
+        --with-mpi -q tests/test_backends.py tests/test_arraylib.py tests/test_devices.py \
+        tests/test_gpubind.py tests/test_subcomm.py tests/test_hot_path.py \
         tests/test_staging.py tests/test_vsbare.py tests/test_gpu_model.py
 done
 for dtype in float32 float16 bfloat16; do

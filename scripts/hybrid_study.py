@@ -14,12 +14,13 @@ oversubscribed machine are noisy: rerun on a quiet one (and with a ``calibrate``
 """
 from __future__ import annotations
 
-import argparse
-
 from mpi4py import MPI
 
 from tpmpi.core.args import int_flag
-from tpmpi.core.backend import configure_blas_threads, get_backend
+from tpmpi.core import launch
+from tpmpi.core.launch import Parser, parse_args, usage
+from tpmpi.core.backend import get_backend
+from tpmpi.core.threads import configure_blas_threads
 from tpmpi.studies.bench import run_case
 from tpmpi.studies.costmodel import explain, layout_label, load_calibration, plan
 from tpmpi.layers.data_parallel import BUCKET_BYTES
@@ -40,7 +41,7 @@ def layouts(ranks: int) -> list[tuple[int, tuple[int, int], str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="hybrid_study.py", description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int_flag(), default=2048, help="rows (tokens) of the whole batch")
     ap.add_argument("--k", type=int_flag(), default=256, help="d_model")
     ap.add_argument("--hidden", type=int_flag(), default=1024, help="d_hidden")
@@ -52,12 +53,13 @@ def main() -> None:
     ap.add_argument("--measure-overlap", action="store_true",
                     help="also the OSU overlap of the DP Allreduce with backward")
     ap.add_argument("--json", default=None, help="append the records (JSON lines)")
-    args = ap.parse_args()
     comm = MPI.COMM_WORLD
+    args = parse_args(ap, None, comm)
     rank, ranks = comm.Get_rank(), comm.Get_size()
-    backend = get_backend("auto", comm)
-    configure_blas_threads(comm)
-    cal = load_calibration(args.calibration)
+    with usage():
+        backend = get_backend("auto", comm)
+        configure_blas_threads(comm)
+        cal = load_calibration(args.calibration)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"FFN m={args.m} d_model={args.k} hidden={args.hidden} {args.dtype}, forward + "
         f"backward, {ranks} ranks, DP buckets of {args.bucket_bytes:,} bytes; times in ms "
@@ -101,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main, "hybrid_study.py")

@@ -15,7 +15,6 @@ with ``--profile``, rank 0's cProfile of the forward loop.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import numpy as np
@@ -23,7 +22,9 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.core.args import int_flag
+from tpmpi.core import launch
 from tpmpi.core.comm import alltoallw_args
+from tpmpi.core.launch import Parser, parse_args
 from tpmpi.core.partition import largest_block
 from tpmpi.studies.timing import time_calls
 
@@ -38,7 +39,7 @@ def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="overhead.py", description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int_flag(), default=8)
     ap.add_argument("--k", type=int_flag(), default=4096)
     ap.add_argument("--n", type=int_flag(), default=4096)
@@ -46,8 +47,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int_flag(), default=20)
     ap.add_argument("--repeats", type=int_flag(), default=100)
     ap.add_argument("--profile", action="store_true", help="cProfile the forward loop (rank 0)")
-    args = ap.parse_args()
     comm = MPI.COMM_WORLD
+    args = parse_args(ap, None, comm)
     threads = tpmpi.configure_blas_threads(comm)
     grid = tpmpi.ProcessGrid(comm)
     layer = tpmpi.ColumnParallelLinear(args.k, args.n, grid=grid, dtype=args.dtype)
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main, "overhead.py")

@@ -11,8 +11,10 @@ layout, when plan's choice was measured. Exit 0 always (a report, not a test).
 """
 from __future__ import annotations
 
-import argparse
+from mpi4py import MPI
 
+from tpmpi.core import launch
+from tpmpi.core.launch import Parser, parse_args
 from tpmpi.studies.costmodel import load_calibration, plan, predict
 from tpmpi.layers.data_parallel import BUCKET_BYTES
 from tpmpi.studies.problem import Problem
@@ -20,14 +22,14 @@ from tpmpi.studies.report import accuracy, layout, load, problem_key
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="plan_accuracy.py", description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--noise", type=float, default=0.05,
                     help="a pick within this fraction of the measured fastest time counts as "
                          "fastest too (layouts closer than run-to-run noise tie; default 0.05)")
     ap.add_argument("--calibration", default=None,
                     help="recompute predictions with this calibration (default: as recorded)")
-    args = ap.parse_args()
+    args = parse_args(ap, None, MPI.COMM_WORLD)
     cal = load_calibration(args.calibration)
     recs = [r for r in load(args.files) if "scheme" in r and "time_s" in r]
     if args.calibration:
@@ -82,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main, "plan_accuracy.py")

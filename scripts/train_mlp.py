@@ -37,8 +37,10 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.layers.activations import ACTIVATIONS, get_activation
+from tpmpi.core import launch
 from tpmpi.core.args import int_flag
 from tpmpi.core.agreement import agree_checks
+from tpmpi.core.launch import Parser, parse_args, usage
 from tpmpi.studies.overlap import measure_dp_overlap
 from tpmpi.core.dtypes import SUPPORTED, tolerance
 from tpmpi.core.grid import factorisations
@@ -62,24 +64,10 @@ checkpoint and resume (on another mesh, too):
 STATE_PER_PARAM = {"adam": 2, "sgd": 0}  # optimizer-state arrays per parameter
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors raise ValueError (the same on every rank); help prints on rank 0 only."""
-
-    rank = 0
-
-    def error(self, message: str):
-        raise ValueError(message)
-
-    def _print_message(self, message, file=None):
-        if self.rank == 0:
-            super()._print_message(message, file)
-
-
-def build_parser(rank: int = 0) -> argparse.ArgumentParser:
-    """The command-line options (help printed by ``rank`` 0 only)."""
-    p = _Parser(prog="train_mlp.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.rank = rank
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (errors raise :class:`tpmpi.core.launch.UsageError`)."""
+    p = Parser(prog="train_mlp.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int_flag(), default=256, help="rows M of the data set (256)")
     p.add_argument("--d-model", type=int_flag(), default=64, help="input/output width (64)")
     p.add_argument("--d-hidden", type=int_flag(), default=256, help="hidden width (256)")
@@ -325,12 +313,11 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     budget raise the same ValueError on every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     rank, nranks = comm.Get_rank(), comm.Get_size()
-    parser = build_parser(rank)
-    args, mode, shape = None, None, None
+    args = parse_args(build_parser(), argv, comm)
+    mode, shape = None, None
 
     def local_checks() -> None:
-        nonlocal args, mode, shape
-        args = parser.parse_args(argv)
+        nonlocal mode, shape
         for name in ("samples", "d_model", "d_hidden", "steps", "print_every", "dp",
                      "bucket_bytes"):
             if getattr(args, name) < 1:
@@ -339,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         mode, shape = resolve(args, nranks)
         check_budget(args, shape, mode)
 
-    agree_checks(comm, local_checks, argv=list(argv) if argv is not None else sys.argv[1:])
+    agree_checks(comm, local_checks)
     say = (lambda *a: None) if args.quiet or rank else print
     tpmpi.configure_blas_threads(comm)
     mesh = tpmpi.Mesh(comm, dp=args.dp, tp=shape)
@@ -435,19 +422,12 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
 
 
 def cli() -> int:
-    """Entry point: exit 2 with a one-line message (rank 0) on usage/budget errors, 1 if the
-    curves disagree."""
-    comm = MPI.COMM_WORLD
-    try:
-        result = main(sys.argv[1:], comm)
-    except ValueError as exc:
-        if comm.Get_rank() == 0:
-            print(f"train_mlp.py: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    """The command line's work: exit 2 with a one-line message (rank 0) on usage/budget
+    errors, 1 if the curves disagree."""
+    with usage():
+        result = main(sys.argv[1:], MPI.COMM_WORLD)
     return 0 if result["agree"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    launch.run(cli, "train_mlp.py")

@@ -50,7 +50,7 @@ def pytest_configure(config):
     os.environ.setdefault("TPMPI_THREADS", "1")
     os.environ.setdefault("TPMPI_BACKEND", "numpy")
     _CONFIG.append(config)
-    from tpmpi.core.backend import configure_blas_threads
+    from tpmpi.core.threads import configure_blas_threads
 
     configure_blas_threads(_comm())  # collective: every rank configures pytest together
     config.addinivalue_line("markers", "world_sizes(*sizes): run the world fixture's test at "

@@ -112,8 +112,8 @@ def test_cli_help_and_version_print_once_and_checks_run_before_the_work(world, s
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    monkeypatch.setattr(cli, "run_case", no_work)
-    monkeypatch.setattr(cli, "run_sweep", no_work)
+    monkeypatch.setattr(cli.commands, "run_case", no_work)
+    monkeypatch.setattr(cli.commands, "run_sweep", no_work)
     missing = str(shared_tmp / "missing" / "r.jsonl")
     for argv in (["run", "--m", "8", "--json", missing],
                  ["bench", "--m", "8", "--json", missing],

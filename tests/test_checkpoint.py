@@ -70,6 +70,28 @@ def test_roundtrip_any_grid(world, shared_tmp, k, n):
 
 
 @pytest.mark.mpi
+def test_a_class_loads_its_own_kind(world, grid, shared_tmp):
+    """``Layer.load_checkpoint``: a base class loads the saved subclass of its own kind (leaf
+    layers under ParallelLinear, composites under Composite), a concrete class exactly its
+    own; the other kind is refused on every rank."""
+    path, mlp_path = str(shared_tmp / "col"), str(shared_tmp / "mlp")
+    W, b = dense(4, 6, 5)
+    tpmpi.save_checkpoint(path, tpmpi.ColumnParallelLinear.from_dense(W, b, grid=grid))
+    tpmpi.save_checkpoint(mlp_path, tpmpi.ParallelMLP(4, 8, grid=grid, seed=3))
+    layer = ParallelLinear.load_checkpoint(path, grid=grid)
+    assert type(layer) is tpmpi.ColumnParallelLinear
+    assert np.array_equal(layer.gather_weight(), W)
+    mlp = tpmpi.layers.Composite.load_checkpoint(mlp_path, grid=grid)
+    assert type(mlp) is tpmpi.ParallelMLP and mlp.fc1.grid is grid
+    assert np.array_equal(mlp.fc2.gather_weight(),
+                          tpmpi.ParallelMLP(4, 8, grid=grid, seed=3).fc2.gather_weight())
+    all_ranks_raise(world.comm, lambda: ParallelLinear.load_checkpoint(mlp_path, grid=grid),
+                    "checkpoint class 'ParallelMLP' is not a ParallelLinear")
+    all_ranks_raise(world.comm, lambda: tpmpi.ParallelMLP.load_checkpoint(path, grid=grid),
+                    "holds a ColumnParallelLinear, not a ParallelMLP")
+
+
+@pytest.mark.mpi
 def test_composite_dtype_cast_and_options(world, grid, shared_tmp):
     path = str(shared_tmp)
     W1, b1 = dense(4, 6, 1)

@@ -58,13 +58,13 @@ def test_info(world, capsys):
 
 def _replace_work(monkeypatch, error: Exception) -> None:
     """The CLI's work (run_case, run_sweep) raises ``error`` instead."""
-    from tpmpi import cli
+    from tpmpi.cli import commands
 
     def work(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "run_case", work)
-    monkeypatch.setattr(cli, "run_sweep", work)
+    monkeypatch.setattr(commands, "run_case", work)
+    monkeypatch.setattr(commands, "run_sweep", work)
 
 
 def _one_line_everywhere(comm, capsys, code, argv, match):

@@ -1,6 +1,7 @@
 """tpmpi.core.comm: the message-size limit (agreed, and true for every MPI call a layer makes),
 chunked collectives bit-identical to unsplit ones, float16/bfloat16 reductions summed in float32
-and rounded once, and the Open MPI 4.1 ``Ialltoallw`` workaround."""
+and rounded once, and the Open MPI 4.1 ``Ialltoallw`` workaround (datatypes and gather plans:
+test_datatypes.py)."""
 import os
 
 import numpy as np
@@ -24,29 +25,6 @@ def test_chunks_cover_range_within_limit():
     assert tcomm.chunks(10, 8, limit=24) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
     assert tcomm.chunks(0, 8, limit=24) == [slice(0, 0)]
     assert tcomm.chunks(3, 100, limit=24) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-
-
-def test_gather_pieces_split_rows_then_columns():
-    # 2 ranks, float64: a call carries at most limit // (2 * 8) elements
-    assert tcomm._gather_pieces((5, 4), 8, 2, 2 * 8 * 20) == [((0, 5), None)]
-    assert tcomm._gather_pieces((5, 4), 8, 2, 2 * 8 * 8) == [((0, 2), None), ((2, 4), None),
-                                                            ((4, 5), None)]
-    assert tcomm._gather_pieces((2, 5), 8, 2, 2 * 8 * 2) == [
-        ((0, 1), (0, 2)), ((0, 1), (2, 4)), ((0, 1), (4, 5)),
-        ((1, 2), (0, 2)), ((1, 2), (2, 4)), ((1, 2), (4, 5))]
-    assert tcomm._gather_pieces((3,), 2, 4, 16) == [((0, 2), None), ((2, 3), None)]
-    assert tcomm._gather_pieces((0, 7), 4, 3, 8) == [((0, 0), None)]
-
-
-def test_half_precision_moves_as_two_byte_words():
-    assert tcomm.mpi_type("float16") == MPI.UINT16_T
-    assert tcomm.mpi_type("float32") == MPI.FLOAT and tcomm.mpi_type("float64") == MPI.DOUBLE
-    assert tcomm.mpi_type("float32").is_predefined  # not a Dup the caller would have to free
-    assert tcomm.reduction_dtype("float16") == np.float32
-    assert tcomm.reduction_dtype("float64") == np.float64
-    if "bfloat16" in HALFS:
-        assert tcomm.mpi_type("bfloat16") == MPI.UINT16_T
-        assert tcomm.reduction_dtype("bfloat16") == np.float32
 
 
 # --------------------------------------------------------------------------- chunked collectives
@@ -237,8 +215,8 @@ def test_no_mpi_call_exceeds_the_limit(world, grids, monkeypatch, scheme, dtype)
 
 @pytest.mark.mpi
 def test_iallgather_on_a_cartesian_grid(grid):
-    """Regression (Open MPI 4.1 segfault in ompi_coll_base_retain_datatypes_w): the
-    non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed P < 4."""
+    """The non-blocking gather on a 1xP Cartesian communicator, whose 4 neighbours exceed
+    P < 4 (Open MPI 4.1 segfaults in ompi_coll_base_retain_datatypes_w on such a call)."""
     comm = grid.comm
     parts = tpmpi.block_partition(5, grid.size)
     lo, hi = parts[grid.rank]
@@ -249,8 +227,8 @@ def test_iallgather_on_a_cartesian_grid(grid):
                                 [((0, a), (4, b - a)) for a, b in parts], comm).Wait()
         assert np.array_equal(out, A)
     if grid.size > 1:
-        plain = tcomm._plain(comm)
-        assert plain is tcomm._plain(comm)  # created once, kept on the communicator
+        plain = tcomm._split_without_topology(comm)
+        assert plain is tcomm._split_without_topology(comm)  # made once, kept on the comm
         assert plain.Get_topology() == MPI.UNDEFINED and plain.Get_size() == grid.size
 
 
@@ -284,7 +262,8 @@ def test_messages_beyond_2_31_elements_and_bytes(monkeypatch, limit):
 @pytest.mark.mpi
 @pytest.mark.world_sizes(2, 3, 4)
 def test_reductions_refuse_strided_buffers(world):
-    """Regression: the chunked reductions reshape to 1D; a strided view must not be copied."""
+    """The chunked reductions reshape to 1D: a strided view, which would be copied (and the
+    in-place result lost), is refused."""
     for dtype in ("float64", "float16"):
         a = np.ones((4, 6), dtype)[:, ::2]
         with pytest.raises(ValueError, match="C-contiguous"):
@@ -296,7 +275,7 @@ def test_reductions_refuse_strided_buffers(world):
 @pytest.mark.mpi
 def test_first_ranks_frees_its_communicator_after_an_error(world):
     """The communicator of the first P ranks (a sweep's or a calibration's rank count) is freed
-    even when the block raises (a sweep's error leaked one communicator per P before)."""
+    even when the block raises (a failing sweep must not leak one communicator per P)."""
     from mpi4py import MPI
 
     held = []

@@ -200,9 +200,9 @@ def test_plan_ranks_every_factorisation_and_explains():
 
 
 # ------------------------------------------------------------------ pinned predictions
-# Predictions of a synthetic calibration, recorded from the model before the issue-14 refactor
-# (operation table, pure model): a change of any formula, overlap rule, staging or DP bucket
-# shows up here. Regenerate only for an intended change of the model, and say so.
+# Predictions of a synthetic calibration, recorded from the model: a change of any formula,
+# overlap rule, staging or DP bucket shows up here. Regenerate only for an intended change of
+# the model, and say so.
 
 
 def _synthetic() -> Calibration:

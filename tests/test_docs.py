@@ -157,7 +157,7 @@ def test_readme_package_layout_names_every_module():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Layout of the package"):text.index("## Documentation")]
     package = ROOT / "tpmpi"
-    for sub in ("core", "layers", "models", "checkpoint", "studies"):
+    for sub in ("core", "layers", "models", "checkpoint", "studies", "cli"):
         bullet = re.search(rf"^\* \*\*`tpmpi/{sub}/`\*\*(.*?)(?=^\* |\Z)", section, re.M | re.S)
         assert bullet, sub
         named = set(re.findall(r"`(\w+)\.py`", bullet.group(1)))

@@ -126,7 +126,7 @@ def test_grids_meshes_and_layers_leave_blas_alone(world):
             tpmpi.ColumnParallelLinear(4, 4, grid=grid)
             assert blas_threads() == 2
             assert tpmpi.configure_blas_threads(comm, 1) == 1 and blas_threads() == 1
-            assert tpmpi.core.backend.configured_blas_threads() == 1
+            assert tpmpi.core.threads.configured_blas_threads() == 1
         with pytest.warns(DeprecationWarning, match=r"tpmpi.configure_blas_threads"):
             tpmpi.ProcessGrid(comm, blas_threads=2).free()
         assert blas_threads() == 2

@@ -1,4 +1,4 @@
-"""What a layer call costs beyond its products (issue 10 items 4 and 5).
+"""What a layer call costs beyond its products.
 
 * On one rank every layer is its local products: no MPI call, no stream sync, no host copy or
   pinned buffer (counted on a device backend without GPU-aware MPI, where a needless

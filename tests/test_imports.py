@@ -1,8 +1,9 @@
 """The import graph of tpmpi (scripts/module_map.py, from the source; function-level imports
 count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint <-
-models, studies <- cli), the core's own arrows one way, a cost model that knows no benchmark
-module, no module importing the package itself, and imports at the top of every studies module (no
-registration by a bottom import)."""
+models, studies <- cli; the layer-agnostic reading of checkpoints below the layers, whose
+``load_checkpoint`` classmethods call it), the core's own arrows one way, a cost model that
+knows no benchmark module, no module importing the package itself, and imports at the top of
+every studies module (no registration by a bottom import)."""
 import ast
 
 import pytest
@@ -23,6 +24,9 @@ MAY_IMPORT = {"core": set(), "layers": {"core"}, "checkpoint": {"core", "layers"
               "models": {"core", "layers", "checkpoint"}, "studies": {"core", "layers"},
               "cli": {"core", "layers", "checkpoint", "models", "studies"},
               "__main__": {"cli"}}
+# the checkpoint module the layers may import besides: the reading behind Layer.load_checkpoint,
+# which knows no layer class (test_the_reading_below_the_layers_knows_no_layer)
+BELOW_LAYERS = "tpmpi.checkpoint.read"
 
 
 def _top(name: str) -> str:
@@ -77,11 +81,17 @@ def test_every_module_has_a_part():
 def test_subpackages_point_one_way(name):
     """core <- layers <- checkpoint; core, layers <- studies; everything <- cli."""
     allowed = MAY_IMPORT[_top(name)] | {_top(name), "_version"}
-    assert {m for m in GRAPH[name] if _top(m) not in allowed} == set()
+    below = {BELOW_LAYERS} if _top(name) == "layers" else set()
+    assert {m for m in GRAPH[name] if _top(m) not in allowed and m not in below} == set()
+
+
+def test_the_reading_below_the_layers_knows_no_layer():
+    assert [m for m in _reaches(BELOW_LAYERS) if _within(m, "tpmpi.layers")] == []
 
 
 @pytest.mark.parametrize("low,high", [
-    ("tpmpi.layers.base", "tpmpi.checkpoint"), ("tpmpi.layers.mlp", "tpmpi.checkpoint"),
+    ("tpmpi.layers.base", "tpmpi.checkpoint.load"), ("tpmpi.layers.base", "tpmpi.checkpoint.save"),
+    ("tpmpi.layers.mlp", "tpmpi.checkpoint.load"), ("tpmpi.checkpoint.read", "tpmpi.layers"),
     ("tpmpi.core.backend", "tpmpi.core.comm"), ("tpmpi.core.staging", "tpmpi.core.comm"),
     ("tpmpi.core.agreement", "tpmpi.core.backend"), ("tpmpi.core.partition", "tpmpi.core.layout"),
     ("tpmpi.core.grid", "tpmpi.layers"), ("tpmpi.layers", "tpmpi.studies"),
@@ -98,12 +108,21 @@ def test_the_cost_model_knows_no_benchmark_package():
     assert not {m for m in reached for side in BENCHMARK_SIDE if _within(m, side)}
 
 
-def test_checkpoint_attaches_load_checkpoint_to_every_module_class():
-    import tpmpi
+def test_load_checkpoint_is_declared_by_the_layer_classes():
+    """A classmethod written in the layers' source (what a reader and mypy see: the base
+    class both kinds of module derive from), inherited by every layer and composite; its
+    behaviour: test_checkpoint.py."""
+    import inspect
 
-    for cls in (tpmpi.ColumnParallelLinear, tpmpi.RowParallelLinear, tpmpi.TileParallelLinear,
-                tpmpi.ParallelMLP):
-        assert callable(cls.load_checkpoint)
+    import tpmpi
+    from tpmpi.layers import base, module
+
+    declared = vars(module.Checkpointable)["load_checkpoint"]
+    assert isinstance(declared, classmethod)
+    assert inspect.getsourcefile(declared.__func__) == inspect.getsourcefile(module)
+    for cls in (base.ParallelLinear, module.Composite, tpmpi.ColumnParallelLinear,
+                tpmpi.RowParallelLinear, tpmpi.TileParallelLinear, tpmpi.ParallelMLP):
+        assert cls.load_checkpoint.__func__ is declared.__func__
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) == "studies"))

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM end a running ``python -m tpmpi run`` job promptly with one line (serial
 tests that launch their own 2-rank job and signal ONE rank of it, as a SLURM time limit or
-an impatient user would; tpmpi used to leave the other rank spinning in a collective)."""
+an impatient user would; the other rank must not be left spinning in a collective)."""
 import os
 import re
 import signal

@@ -1,10 +1,10 @@
-"""Layers on any sub-communicators, in any order per rank, never hang (issue 10 item 1).
+"""Layers on any sub-communicators, in any order per rank, never hang.
 
 The backend is created by the first layer each rank builds (never beforehand), on CuPy where a
 GPU exists and on a NumPy-made stand-in of CuPy (tests/fake_cupy.py) everywhere, which runs the
-real CuPy code path: GPU binding, per-communicator GPU-aware decision, host staging. Before the
-fix, rank 1 entered the GPU binding's collective alone on its first 2-rank layer and the job
-hung (pytest-timeout ends it).
+real CuPy code path: GPU binding, per-communicator GPU-aware decision, host staging. The orders
+differ per rank, so a collective that one rank entered alone (e.g. inside the GPU binding on its
+first 2-rank layer) would hang the job (pytest-timeout ends it).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import tpmpi
 from conftest import all_ranks_raise, rel_err
 from problems import mlp_reference
 from tpmpi.core import backend as backend_mod
+from tpmpi.core import devices, gpubind
 
 # Groups of COMM_WORLD ranks in one global order; each rank builds a layer on each group it is
 # in, in this order, so the orders differ per rank (rank 0: {0}, {0,1}, all; rank 1: {0,1},
@@ -30,7 +31,7 @@ GROUPS = [((0,), "column"), ((3,), "row"), ((0, 1), "row"), ((1, 2, 3), "mlp"),
 
 def _scenario_backends() -> list:
     params = ["fake-staged", "fake-direct"]
-    real = backend_mod.cupy_usable()
+    real = gpubind.cupy_usable()
     return params + [pytest.param("cupy", marks=pytest.mark.gpu) if real else
                      pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skip(
                          reason="CuPy or a CUDA device is missing")])]
@@ -101,7 +102,7 @@ def test_layers_on_nested_and_overlapping_subcomms(kind, monkeypatch):
                 check_layer(layer_kind, comm)
                 comm.Free()
     if fake is not None:  # bound once per process, to the node-local rank's device
-        local = backend_mod.local_rank()
+        local = gpubind.local_rank()
         assert fake.counts["use"] == 1
         assert fake.current == (local[1] % 2 if local else 0)
     world.Barrier()
@@ -118,11 +119,11 @@ def test_gpu_aware_decided_and_cached_per_communicator(monkeypatch):
         pytest.skip("needs 3 ranks")
     fake_cupy.install(monkeypatch)
     monkeypatch.setenv("TPMPI_GPU_AWARE", "")
-    monkeypatch.setattr(backend_mod, "_library_cuda_support", lambda: rank != 2)
-    monkeypatch.setattr(backend_mod, "_device_allreduce_ok", lambda comm, be: True)
+    monkeypatch.setattr(devices, "_library_cuda_support", lambda: rank != 2)
+    monkeypatch.setattr(devices, "_device_allreduce_ok", lambda comm, be: True)
     probes = []
-    real_probe = backend_mod.probe_gpu_aware
-    monkeypatch.setattr(backend_mod, "probe_gpu_aware",
+    real_probe = devices.probe_gpu_aware
+    monkeypatch.setattr(devices, "probe_gpu_aware",
                         lambda comm, be: probes.append(comm.Get_size()) or real_probe(comm, be))
     a = world.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
     b = world.Split(0 if rank in (1, 2) else MPI.UNDEFINED, rank)
@@ -157,7 +158,7 @@ def test_gpu_aware_decided_and_cached_per_communicator(monkeypatch):
     ("cupy", "backend='cupy': CuPy is not installed or no CUDA device is visible"),
 ])
 def test_backend_env_differing_on_one_rank_raises_everywhere(world, grid, monkeypatch, env, match):
-    if env == "cupy" and backend_mod.cupy_usable():
+    if env == "cupy" and gpubind.cupy_usable():
         pytest.skip("a GPU is present: TPMPI_BACKEND=cupy is valid here")
     comm = world.comm
     if comm.Get_rank() == comm.Get_size() - 1:
@@ -188,42 +189,6 @@ def test_bad_gpu_aware_env_on_one_rank_raises_everywhere(world, grid, monkeypatc
                     "TPMPI_GPU_AWARE='yes': expected 0 or 1")
 
 
-# --------------------------------------------------------------------------- binding (serial)
-
-
-@pytest.mark.parametrize("env,devices,want", [
-    ({"OMPI_COMM_WORLD_LOCAL_RANK": "3", "SLURM_LOCALID": "0"}, 2, 1),  # launcher before Slurm
-    ({"MPI_LOCALRANKID": "2"}, 4, 2),          # MPICH Hydra / Intel MPI
-    ({"PMI_LOCAL_RANK": "5"}, 4, 1),
-    ({"MV2_COMM_WORLD_LOCAL_RANK": "1"}, 1, 0),  # srun --gpus-per-task=1: one visible device
-    ({"PALS_LOCAL_RANKID": "3"}, 2, 1),        # HPE Cray PALS
-    ({"SLURM_LOCALID": "6"}, 4, 2),
-])
-def test_bind_gpu_reads_the_launchers_local_rank(monkeypatch, env, devices, want):
-    for var in backend_mod.LOCAL_RANK_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    fake = fake_cupy.install(monkeypatch, devices=devices)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning
-        assert backend_mod.bind_gpu() == want
-    assert fake.current == want
-
-
-def test_bind_gpu_without_launcher_variable_takes_device_0_with_a_warning(monkeypatch):
-    for var in backend_mod.LOCAL_RANK_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
-    fake = fake_cupy.install(monkeypatch, devices=4)
-    with pytest.warns(RuntimeWarning, match="using GPU 0 of the 4 visible"):
-        assert backend_mod.bind_gpu() == 0
-    assert fake.current == 0
-    fake_cupy.install(monkeypatch, devices=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one visible device: nothing to warn about
-        assert backend_mod.bind_gpu() == 0
-
-
 def test_cupy_backend_is_created_once_per_process_without_mpi(monkeypatch):
     fake = fake_cupy.install(monkeypatch)
     first = backend_mod.get_backend("cupy")
@@ -238,15 +203,15 @@ def test_cupy_backend_is_created_once_per_process_without_mpi(monkeypatch):
 @pytest.mark.world_sizes(2, 3, 4)
 def test_ranks_sharing_a_device_are_counted_and_warned_once(world, grid, monkeypatch):
     fake_cupy.install(monkeypatch, devices=1)
-    monkeypatch.setattr(backend_mod, "_SHARING_WARNED", [])
+    monkeypatch.setattr(devices, "_SHARING_WARNED", [])
     comm = world.comm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layers = [tpmpi.ColumnParallelLinear(4, 4, grid=grid, backend="cupy") for _ in range(2)]
         other = comm.Dup()  # a new communicator decides afresh, but warns no more
-        facts = backend_mod.device_facts(other, layers[0].backend)
+        facts = devices.device_facts(other, layers[0].backend)
     shared = [w for w in caught if "share 1 GPU(s)" in str(w.message)]
     assert len(shared) == (1 if comm.Get_rank() == 0 else 0)
     assert facts.ranks_per_device == world.size
-    assert backend_mod.device_facts(grid.comm, layers[0].backend).ranks_per_device == world.size
+    assert devices.device_facts(grid.comm, layers[0].backend).ranks_per_device == world.size
     other.Free()

@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+from mpi4py import MPI
 
 import fake_cupy
 from conftest import read_records
@@ -89,7 +90,7 @@ def test_table_reads_the_files_and_closes_them(tmp_path, capsys):
     paths[1].write_text(json.dumps(recs[1]) + "\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        assert vsbare.main(["--table"] + [str(p) for p in paths]) == 0
+        assert vsbare.main(["--table"] + [str(p) for p in paths], MPI.COMM_SELF) == 0
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert capsys.readouterr().out == vsbare.format_table(recs) + "\n"

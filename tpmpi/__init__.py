@@ -2,12 +2,13 @@
 from . import models
 from ._version import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .core.backend import Backend, configure_blas_threads, get_backend
+from .core.backend import Backend, get_backend
 from .core.grid import ProcessGrid
 from .core.init import init_weight
 from .core.layout import gather, scatter
 from .core.mesh import Mesh
 from .core.partition import block_partition
+from .core.threads import configure_blas_threads
 from .layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, TileParallelLinear
 from .layers.data_parallel import DataParallel
 

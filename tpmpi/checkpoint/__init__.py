@@ -61,10 +61,14 @@ block (``Read_at_all`` through a file view), on any world size and grid shape; a
 would overflow (e.g. to float16) is refused on every rank. Do not load a path while another
 job saves to it: the save removes the previous version once it has committed.
 
-Modules: :mod:`~tpmpi.checkpoint.params` (a layer's distributed parameters),
+Modules: :mod:`~tpmpi.checkpoint.params` (a layer's distributed parameters and the state arrays
+that follow them),
 :mod:`~tpmpi.checkpoint.npyfile` (parallel .npy I/O and the checksum),
 :mod:`~tpmpi.checkpoint.manifest` (the commit point's schema), :mod:`~tpmpi.checkpoint.lock`
-(the save lock), :mod:`~tpmpi.checkpoint.save` and :mod:`~tpmpi.checkpoint.load`.
+(the save lock), :mod:`~tpmpi.checkpoint.save`, :mod:`~tpmpi.checkpoint.read` (the reading,
+which knows no layer class: it sits below the layers, whose ``load_checkpoint`` classmethods
+call it) and :mod:`~tpmpi.checkpoint.load` (``tpmpi.load_checkpoint``: any layer, composite
+or DataParallel).
 """
 from .load import load_checkpoint
 from .save import save_checkpoint

@@ -26,7 +26,8 @@ from numpy.lib import format as npy
 from ..core.agreement import agree
 from ..core.arrays import DTypeLike
 from ..core.backend import backend_of
-from ..core.comm import _subarray, allreduce, mpi_type
+from ..core.comm import allreduce
+from ..core.datatypes import mpi_type, subarray_type
 from .params import Param
 
 CHUNK_BYTES = 1 << 20
@@ -61,7 +62,7 @@ def _set_view(fh: MPI.File, p: Param, header_bytes: int, dtype: np.dtype,
     bounds = p.bounds()
     starts, sizes = [a for a, _ in bounds], [b - a for a, b in bounds]
     count = math.prod(sizes) if transfer else 0
-    filetype = _subarray(dtype, tuple(p.shape), tuple(starts), tuple(sizes)) \
+    filetype = subarray_type(dtype, tuple(p.shape), tuple(starts), tuple(sizes)) \
         if count and p.shape else mpi_type(dtype)
     fh.Set_view(header_bytes, mpi_type(dtype), filetype)
     return count

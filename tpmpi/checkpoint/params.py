@@ -1,22 +1,19 @@
 """The distributed parameters of a layer or composite, as a checkpoint sees them: name, this
-rank's block, global shape, layout and grid (:class:`Param`), collected through the layers'
-``children()`` protocol; the arrays of an optimizer's state that follow a parameter's layout
-(:func:`state_params`); and the mesh a module is replicated over (:func:`unwrap`)."""
+rank's block, global shape, layout and grid (:class:`Param`), collected from its leaf layers
+(``(name, layer)`` pairs, :func:`tpmpi.layers.named_layers`), and the arrays of an optimizer's
+state that follow a parameter's layout (:func:`state_params`); no layer class is imported
+here."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..core.agreement import Text
 from ..core.dtypes import SUPPORTED, dtype_name
 from ..core.grid import ProcessGrid
 from ..core.layout import block_bounds
-from ..core.mesh import Mesh, mesh_of
-from ..layers.base import ParallelLinear
-from ..layers.data_parallel import DataParallel
-from ..layers.module import named_layers
 
 STATE_GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 """Names of state groups (``"adam.m"``): they become a directory of the checkpoint."""
@@ -42,46 +39,24 @@ class Param:
                                     self.layout) == mine for q in range(self.grid.rank))
 
 
-def layers_of(obj: Any) -> list[tuple[str, ParallelLinear]]:
-    """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
-    ValueError unless every one is a ParallelLinear."""
-    found = named_layers(obj)
-    for name, layer in found:
-        if not isinstance(layer, ParallelLinear):
-            raise ValueError(f"{name or type(obj).__name__} is a {type(layer).__name__}: "
-                             "expected a ParallelLinear (or a composite of them)")
-    return found
-
-
-def identities(obj: Any) -> Text:
-    """The identities of the layers of ``obj`` (``"layer #0 (...)"``, ``"fc1=layer #0 (...),
-    fc2=..."``): the same on every rank only for the same layer objects (agreed by save and
-    by load into=)."""
+def identities(leaves: Sequence[tuple[str, Any]]) -> Text:
+    """The identities of the leaf layers ``leaves`` (``"layer #0 (...)"``, ``"fc1=layer #0
+    (...), fc2=..."``): the same on every rank only for the same layer objects (agreed by save
+    and by load into=)."""
     return Text(", ".join(f"{prefix}={layer.identity}" if prefix else layer.identity
-                          for prefix, layer in layers_of(obj)))
+                          for prefix, layer in leaves))
 
 
-def parameters(obj: Any) -> list[Param]:
-    """Every distributed parameter of a layer or composite, named ``weight``, ``fc1.bias``..."""
+def params_of(leaves: Sequence[tuple[str, Any]]) -> list[Param]:
+    """Every distributed parameter of the leaf layers ``leaves``, named ``weight``,
+    ``fc1.bias``... (from each layer's ``parameters()`` and ``parameter_layouts()``)."""
     out = []
-    for prefix, layer in layers_of(obj):
+    for prefix, layer in leaves:
         local = {name: p for name, p, _ in layer.parameters()}
         for name, (shape, layout) in layer.parameter_layouts().items():
             out.append(Param(f"{prefix}.{name}" if prefix else name, local[name], shape, layout,
                              layer.grid))
     return out
-
-
-def unwrap(module: Any) -> tuple[Any, Optional[Mesh]]:
-    """``(the module, the mesh it is replicated over or None)``: a :class:`~tpmpi.DataParallel`
-    gives its module and mesh; a module built on a mesh's TP grid (``mesh.tp``) that mesh."""
-    if isinstance(module, DataParallel):
-        return module.module, module.mesh
-    try:
-        layers = named_layers(module)
-    except ValueError:
-        return module, None  # not a module: the caller's checks say so on every rank
-    return module, mesh_of(layers[0][1].grid)
 
 
 def state_params(params: list[Param], state: Any) -> list[Param]:

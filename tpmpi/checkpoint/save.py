@@ -22,9 +22,10 @@ from ..core.backend import backend_of
 from ..core.mesh import Mesh
 from ..layers.base import array_checksum
 from .lock import SaveLock
+from .load import layers_of, unwrap
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest, entries_of, load_json
 from .npyfile import CHECKSUM, CHUNK_BYTES, checksum, file_dtype, fsync_path, io_reason, write_param
-from .params import Param, identities, layers_of, parameters, state_params, unwrap
+from .params import Param, identities, params_of, state_params
 
 VERSION_DIR = re.compile(r"v\d{6}$")
 
@@ -249,7 +250,8 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], module: Any, *,
     failing file system) raises the same ValueError on every rank, naming the file and the
     reason, and leaves the previous checkpoint committed and loadable."""
     module, mesh = unwrap(module)
-    params = parameters(module)
+    leaves = layers_of(module)
+    params = params_of(leaves)
     scope = mesh.comm if mesh is not None else params[0].grid.comm
     try:
         path = os.path.abspath(os.fspath(path))
@@ -266,7 +268,7 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], module: Any, *,
             raise ValueError(problem)
 
     agree_checks(scope, local_checks, call=Same(Text("save_checkpoint()"), CALL_ORDER),
-                 path=path, layer=Same(identities(module), "every rank must save the same "
+                 path=path, layer=Same(identities(leaves), "every rank must save the same "
                                                            "layer object"),
                  parameters=[(p.name, p.shape, str(p.local.dtype)) for p in params],
                  state=[(p.name, str(p.local.dtype)) for p in extra], meta=meta_text)
@@ -297,7 +299,7 @@ def save_checkpoint(path: Union[str, os.PathLike[str]], module: Any, *,
             "format": FORMAT, "format_version": FORMAT_VERSION, "tpmpi_version": __version__,
             "class": type(module).__name__,
             "config": module.config() if hasattr(module, "config") else None,
-            "layers": {prefix: type(sub).__name__ for prefix, sub in layers_of(module)},
+            "layers": {prefix: type(sub).__name__ for prefix, sub in leaves},
             "grid": list(params[0].grid.shape), "world_size": params[0].grid.size,
             "dp": mesh.dp if mesh is not None else 1, **_sections(entries, groups),
             "meta": json.loads(meta_text) if meta_text else None}

@@ -46,6 +46,9 @@ ACCUMULATION: dict[str, str] = {"float64": "float64", "float32": "float32",
 DEFAULT_K = 1024
 """K of the default problem (``run`` with no flags), used when a caller gives none."""
 SUPPORTED = tuple(UNIT_ROUNDOFF)
+HALF = ("float16", "bfloat16")
+"""The 2-byte floats: multiplied and summed in float32, rounded once (:mod:`tpmpi.core.gemm`,
+:mod:`tpmpi.core.comm`)."""
 
 
 def dtype_name(dtype: DTypeLike) -> str:

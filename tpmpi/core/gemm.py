@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .arrays import Array
+from .dtypes import HALF
 
-HALF = ("float16", "bfloat16")
 WORKSPACE_BYTES = 32 * 2**20
 """float32 workspace of one half-precision NumPy product (converted panels and result block)."""
 _MIN_PANEL = 256  # columns of a B panel: keeps the float32 GEMMs efficient

@@ -12,9 +12,10 @@ from typing import Union, cast
 
 from mpi4py import MPI
 
-from . import backend as _backend
 from .agreement import Text, agree
 from .args import check_int, parse_int
+from .threads import configure_blas_threads
+from .topology import node_leader
 
 
 def factorisations(size: int) -> list[tuple[int, int]]:
@@ -95,12 +96,10 @@ class ProcessGrid:
               blas_threads=Text("given" if blas_threads is not None else "not given"))
         self.shape: tuple[int, int] = dims
         base = comm
-        if node_aware:
-            local = _backend.node_comm(comm)
-            leader = local.allreduce(comm.Get_rank(), op=MPI.MIN)
+        if node_aware:  # nodes in the order of their lowest rank, ranks in order within
+            key = node_leader(comm) * size + comm.Get_rank()
             # an Intracomm's Split is one (mpi4py's stubs declare Comm.Split's Comm)
-            base = cast(MPI.Intracomm, comm.Split(0, key=leader * size + local.Get_rank()))
-            local.Free()
+            base = cast(MPI.Intracomm, comm.Split(0, key=key))
         self.comm: MPI.Cartcomm = base.Create_cart(list(dims), periods=[False, False],
                                                    reorder=False)
         if base is not comm:
@@ -115,7 +114,7 @@ class ProcessGrid:
             warnings.warn("ProcessGrid(blas_threads=...) is deprecated: a grid leaves BLAS "
                           "alone; call tpmpi.configure_blas_threads(comm, threads)",
                           DeprecationWarning, stacklevel=2)
-            _backend.configure_blas_threads(
+            configure_blas_threads(
                 self.comm, None if isinstance(blas_threads, str) and blas_threads == "auto"
                 else blas_threads)  # type: ignore[arg-type]  # any other value: ValueError there
 

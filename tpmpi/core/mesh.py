@@ -26,8 +26,8 @@ from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
 from .args import check_int, parse_int
-from .backend import node_comm
 from .grid import ProcessGrid, factorisations, parse_shape
+from .topology import node_leader
 
 TPSpec = Union[int, str, Sequence[int], None]
 
@@ -78,15 +78,6 @@ def mesh_of(grid: object) -> Optional[Mesh]:
     of a module built on ``mesh.tp`` are saved once for the whole mesh. Local."""
     mesh = _MESHES.get(id(grid))
     return mesh if mesh is not None and mesh.tp is grid else None
-
-
-def node_leader(comm: MPI.Comm) -> int:
-    """The lowest rank of ``comm`` on this rank's node (shared-memory split). Collective."""
-    local = node_comm(comm)
-    try:
-        return local.allreduce(comm.Get_rank(), op=MPI.MIN)
-    finally:
-        local.Free()
 
 
 class Mesh:

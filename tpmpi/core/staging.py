@@ -1,7 +1,8 @@
 """Host staging of device buffers for MPI libraries that cannot read device memory.
 
-A collective that must go through the host is cut into :class:`Piece` s (the chunks of
-:mod:`tpmpi.core.comm`). :meth:`Staging.pipeline` runs them in order with two pinned host slots per
+A collective that must go through the host is cut into :class:`Piece` s, one MPI call each
+(the chunks of :mod:`tpmpi.core.comm`; the same pieces run without copies when MPI may read the
+buffers). :meth:`Staging.pipeline` runs them in order with two pinned host slots per
 buffer role (double buffering): the device->host copy of piece i+1 is started before the MPI
 call of piece i, and the host->device copy of piece i runs while piece i+1 is exchanged, using
 the backend's asynchronous copies (:meth:`tpmpi.core.backend.Backend.copy_to_host_async`; on the
@@ -29,17 +30,28 @@ copy bandwidth, small enough that a copy hides behind the MPI call of the previo
 
 
 @dataclasses.dataclass
-class Piece:
-    """One staged step: copy ``d2h`` entries (device view, host buffer index, host index) into
-    the pinned host buffers ``host`` ((shape, dtype) each), run ``call(host arrays)`` (MPI),
-    copy ``h2d`` entries (host buffer index, host index, device view) back, then run ``then``
-    (device work on what came back, e.g. a sum). Pieces of one ``kind`` share host slots.
-    ``depends``: its d2h reads what the previous piece brought back (no prefetch)."""
+class Buffer:
+    """An array one MPI call of a :class:`Piece` uses: ``home`` (a backend array), of which
+    the call reads the part ``home[down]`` (None: nothing) and writes the parts ``home[i]`` for
+    ``i`` in ``up``."""
 
-    host: Sequence[tuple[tuple, Any]]
-    call: Callable[[list], None]
-    d2h: Sequence[tuple[Any, int, Any]] = ()
-    h2d: Sequence[tuple[int, Any, Any]] = ()
+    home: Array
+    down: Any = None
+    up: Sequence[Any] = ()
+
+
+@dataclasses.dataclass
+class Piece:
+    """One MPI call of a collective cut into pieces: ``call(arrays, blocking)`` runs it on
+    arrays shaped like the ``buffers`` (their homes when MPI may use them; else pinned host
+    slots, the ``down`` parts copied there before and the ``up`` parts copied back after) and
+    returns its request when not ``blocking``. ``then`` (device work on what came back, e.g. a
+    sum) runs once the call and its copies back have completed. Pieces of one ``kind`` share
+    host slots; ``depends``: its ``down`` parts are what the previous piece wrote (no
+    prefetch)."""
+
+    buffers: Sequence[Buffer]
+    call: Callable[[list, bool], Any]
     kind: str = ""
     depends: bool = False
     then: Optional[Callable[[], None]] = None
@@ -115,15 +127,15 @@ class Staging:
         for p in pieces:  # two slots per kind and buffer role, used alternately
             turn = turns.get(p.kind, 0)
             turns[p.kind] = turn + 1
-            keys.append([(p.kind, j, turn % 2) for j in range(len(p.host))])
+            keys.append([(p.kind, j, turn % 2) for j in range(len(p.buffers))])
         hosts: list[Optional[list[np.ndarray]]] = [None] * len(pieces)
 
         def stage_in(i: int) -> list[np.ndarray]:
-            p = pieces[i]
-            bufs = hosts[i] = [self._slot(key, tuple(shape), dt)
-                               for key, (shape, dt) in zip(keys[i], p.host)]
-            for dev, j, index in p.d2h:
-                self._copy(keys[i][j], True, dev, bufs[j][index])
+            bufs = hosts[i] = [self._slot(key, tuple(b.home.shape), b.home.dtype)
+                               for key, b in zip(keys[i], pieces[i].buffers)]
+            for key, b, host in zip(keys[i], pieces[i].buffers, bufs):
+                if b.down is not None:
+                    self._copy(key, True, b.home[b.down], host[b.down])
             return bufs
 
         self.backend.synchronize()  # device producers done before the first copy starts
@@ -135,9 +147,10 @@ class Staging:
                 self._drain(key)  # this piece's device->host copies are complete
             if i + 1 < len(pieces) and not pieces[i + 1].depends:
                 stage_in(i + 1)  # prefetch: overlaps the MPI call below
-            p.call(bufs)
-            for j, index, dev in p.h2d:
-                self._copy(keys[i][j], False, bufs[j][index], dev)
+            p.call(bufs, True)
+            for key, b, host in zip(keys[i], p.buffers, bufs):
+                for index in b.up:
+                    self._copy(key, False, host[index], b.home[index])
             if p.then is not None or (i + 1 < len(pieces) and pieces[i + 1].depends):
                 for key in keys[i]:
                     self._drain(key)

@@ -23,6 +23,7 @@ from ..core.layout import LinearLayouts, agreed_gather, local_shape, local_slice
 from ..core.mappings import Mapping, between
 from ..core.partition import block_sizes
 from ..core.profiler import Profiler
+from .module import Checkpointable
 
 
 def check_dense(W: Any, b: Any, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -68,7 +69,7 @@ def array_checksum(backend: Backend, a: Array) -> Checksum:
     return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8).data))
 
 
-class ParallelLinear:
+class ParallelLinear(Checkpointable):
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
     Subclasses declare their layouts in ``layouts_for(**options)`` (a
@@ -76,6 +77,8 @@ class ParallelLinear:
     output operators :attr:`x_map` / :attr:`y_map` follow from it) and implement ``forward``
     / ``backward``. Construction is collective: every rank must pass the same
     arguments (checked; a difference raises the same ValueError everywhere).
+    ``ParallelLinear.load_checkpoint(path, grid)`` (:class:`~tpmpi.layers.module.Checkpointable`)
+    loads a saved layer of any subclass; a subclass loads its own kind.
 
     ``overlap`` (default True): backward runs its dX collective non-blocking while the dW GEMM
     computes (Megatron's trick); False runs it blocking after the GEMM, so a benchmark can

@@ -5,12 +5,19 @@ A *module* is either a leaf layer (a :class:`~tpmpi.layers.base.ParallelLinear`:
 ``children()`` names its sub-modules in forward order. A composite's ``parameters()`` and
 ``zero_grad()`` follow from its children, and :func:`named_layers` lists the leaf layers with
 dotted names (``"fc1"``, ``"fc2"``). Checkpoints, the benchmarks, :class:`~tpmpi.DataParallel`
-and the MLP find sub-layers this way only.
+and the MLP find sub-layers this way only. Both kinds load themselves from a checkpoint
+(:class:`Checkpointable`, through the layer-agnostic :mod:`tpmpi.checkpoint.read`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol, TypeVar, Union
+
+from ..checkpoint.read import read_checkpoint
+from ..core.grid import ProcessGrid
+
+_Module = TypeVar("_Module", bound="Checkpointable")
 
 
 class Module(Protocol):
@@ -26,7 +33,23 @@ class Module(Protocol):
         """Reset the accumulated gradients."""
 
 
-class Composite:
+class Checkpointable:
+    """What leaf layers (:class:`~tpmpi.layers.base.ParallelLinear`) and composites
+    (:class:`Composite`) share: :meth:`load_checkpoint`, for them and every subclass."""
+
+    @classmethod
+    def load_checkpoint(cls: type[_Module], path: Union[str, os.PathLike[str]],
+                        grid: Optional[ProcessGrid] = None, **options: Any) -> _Module:
+        """An object of this class from the checkpoint directory ``path``, re-sharded onto
+        ``grid`` (default: 1D over COMM_WORLD; any size and shape); ``options`` override saved
+        constructor options (``dtype`` casts). On ``ParallelLinear`` or ``Composite`` itself:
+        the saved class of that kind. Collective (:func:`tpmpi.checkpoint.read.read_checkpoint`)."""
+        kind = next(k for k in cls.__mro__ if Checkpointable in k.__bases__)
+        return read_checkpoint(path, grid, roots=(kind,), leaves=named_layers, cls=cls,
+                               options=options)
+
+
+class Composite(Checkpointable):
     """A module made of named sub-modules: subclasses implement :meth:`children`."""
 
     def children(self) -> Sequence[tuple[str, Module]]:  # pragma: no cover - abstract

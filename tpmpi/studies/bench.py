@@ -28,11 +28,14 @@ from mpi4py import MPI
 
 from threadpoolctl import threadpool_limits
 
-from ..core.backend import Backend, blas_info, configured_blas_threads, device_facts, node_comm
+from ..core.backend import Backend
 from ..core.comm import polite_barrier
+from ..core.devices import device_facts
 from ..core.dtypes import tolerance
 from ..core.grid import ProcessGrid
 from ..core.mesh import Mesh
+from ..core.threads import blas_info, configured_blas_threads
+from ..core.topology import node_comm
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
 from .costmodel import Calibration, load_calibration, predict
 from .overlap import measure_dp_overlap, measure_overlap
@@ -42,6 +45,7 @@ from .record import RunRecord, calibration_facts
 from .schemes.base import Case
 from .schemes.hybrid import DataParallelCase, build_case
 from .stats import PREDICTION_NOTE, flags, load_per_cpu, prediction_mark, short, summary
+from .table import columns
 from .timing import time_calls
 
 
@@ -54,9 +58,8 @@ def _max_over_ranks(comm: MPI.Comm, values: Sequence[float]) -> np.ndarray:
 def node_threads(comm: MPI.Comm, threads_per_rank: Optional[int], cap: bool = True) -> int:
     """BLAS threads of all ranks of this node together; with ``cap``, at most this rank's CPU
     mask (the threads a single process gets in the serial baseline). Collective."""
-    node = node_comm(comm)
-    total = (threads_per_rank or 1) * node.Get_size()
-    node.Free()
+    with node_comm(comm) as node:
+        total = (threads_per_rank or 1) * node.Get_size()
     return min(total, len(os.sched_getaffinity(0))) if cap else total
 
 
@@ -373,10 +376,6 @@ def table_caption(records: Sequence[Mapping[str, Any]]) -> str:
 
 def format_table(records: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width text table of records under :func:`table_caption`."""
-    rows = [list(table_row(r).values()) for r in records]
-    heads = list(table_row(records[0])) if records else []
-    rows = [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
-    lines = [table_caption(records), "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    heads = [list(table_row(records[0]))] if records else [[]]
+    return "\n".join([table_caption(records)] + columns(heads + [list(table_row(r).values())
+                                                                 for r in records]))

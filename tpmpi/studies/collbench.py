@@ -17,10 +17,13 @@ from mpi4py import MPI
 
 from ..core import colltable
 from ..core.arrays import Array, DTypeLike
-from ..core.backend import Backend, blas_info
+from ..core.backend import Backend
 from ..core.comm import first_ranks
+from ..core.threads import blas_info
+from ..core.topology import device_leaders
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
 from .record import CollectiveRecord, mpi_library, utc_timestamp
+from .table import line
 from .timing import time_calls
 
 COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
@@ -61,14 +64,12 @@ def format_row(rec: Mapping[str, Any], header: bool = False) -> str:
     """nccl-tests-like line: size (B), count, type, time (us), algbw, busbw (GB/s), #wrong."""
     widths = (12, 12, 8, 10, 8, 8, 7)
     if header:
-        return "  ".join(h.rjust(w) for h, w in zip(COLUMNS, widths)) + \
-            "\n" + "  ".join(u.rjust(w) for u, w in
-                             zip(("(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", ""), widths))
-    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-    cells = (str(rec["size"]), str(rec["count"]), rec["dtype"], f"{rec['time_s'] * 1e6:.2f}",
-             fmt(rec["algbw_gbs"], "{:.3f}"), fmt(rec["busbw_gbs"], "{:.3f}"),
-             fmt(rec["wrong"], "{}"))
-    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+        return "\n".join(line(row, widths) for row in
+                         (COLUMNS, ("(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", "")))
+    fmt = lambda v, f: None if v is None else f.format(v)  # noqa: E731
+    return line((rec["size"], rec["count"], rec["dtype"], f"{rec['time_s'] * 1e6:.2f}",
+                 fmt(rec["algbw_gbs"], "{:.3f}"), fmt(rec["busbw_gbs"], "{:.3f}"), rec["wrong"]),
+                widths)
 
 
 def _uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
@@ -108,15 +109,6 @@ def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**2
             for way, copy in copies.items()}
 
 
-def device_leaders(comm: MPI.Comm, backend: Backend) -> MPI.Comm:
-    """The ranks of ``comm`` that are the first on their device (every rank for a host
-    backend), as a new communicator (COMM_NULL on the others). Collective."""
-    key = (MPI.Get_processor_name(), backend.device_key()) if backend.is_gpu else comm.Get_rank()
-    keys = comm.allgather(key)
-    first = keys.index(key) == comm.Get_rank()
-    return comm.Split(0 if first else MPI.UNDEFINED, comm.Get_rank())
-
-
 def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
                      sizes: Sequence[int], ranks: Sequence[int], iters: int,
                      progress: Callable[[str], None]) -> tuple[dict, dict]:
@@ -145,23 +137,22 @@ def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
     """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
     classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
     by the first rank on each device, all devices at once. Collective; on every rank."""
-    leaders = device_leaders(comm, backend)
     rates, staging = {}, None
-    if leaders != MPI.COMM_NULL:  # rank 0 always is one
-        shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
-        for dtype in dtypes:
-            try:
-                backend.check_dtype(dtype)
-            except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
-                progress(f"gemm {dtype}: skipped ({exc})")
-                continue
-            progress(f"gemm {dtype}")
-            rates[f"{backend.name}:{dtype}"] = {
-                cls: gemm_rate(shape, dtype, backend, leaders) for cls, shape in shapes.items()}
-        if backend.is_gpu:
-            progress("pinned host<->device copies")
-            staging = staging_bandwidth(backend, leaders)
-        leaders.Free()
+    with device_leaders(comm, backend.device_key()) as leaders:
+        if leaders != MPI.COMM_NULL:  # rank 0 always is one
+            shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
+            for dtype in dtypes:
+                try:
+                    backend.check_dtype(dtype)
+                except ValueError as exc:  # e.g. bfloat16 on an old CuPy: the model falls back
+                    progress(f"gemm {dtype}: skipped ({exc})")
+                    continue
+                progress(f"gemm {dtype}")
+                rates[f"{backend.name}:{dtype}"] = {cls: gemm_rate(shape, dtype, backend, leaders)
+                                                    for cls, shape in shapes.items()}
+            if backend.is_gpu:
+                progress("pinned host<->device copies")
+                staging = staging_bandwidth(backend, leaders)
     return comm.bcast((rates, staging), root=0)
 
 

@@ -15,8 +15,9 @@ from typing import Optional
 
 from ..core.args import int_flag
 from ..core.arrays import DTypeLike
-from ..core.backend import BACKENDS, Backend, blas_info, get_backend
+from ..core.backend import BACKENDS, Backend, get_backend
 from ..core.dtypes import SUPPORTED
+from ..core.threads import blas_info
 from ..core.init import init_weight
 from .record import write_record
 from .timing import time_calls

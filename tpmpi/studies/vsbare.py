@@ -24,21 +24,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from mpi4py import MPI
 
 from ..core.args import int_flag
 from ..core.arrays import Array
-from ..core.backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
-    get_backend
+from ..core.backend import BACKENDS, Backend, get_backend
 from ..core.comm import polite_barrier
 from ..core.dtypes import SUPPORTED
 from ..core.grid import ProcessGrid
+from ..core.launch import Parser, UsageError, parse_args, usage
+from ..core.launch import run as launch_run
+from ..core.threads import configure_blas_threads, configured_blas_threads
 from .bench import oversubscription
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .problem import Problem
@@ -47,6 +48,7 @@ from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
 from .timing import time_calls
 
 PHASES = ("fwd", "fwdbwd")
+PROG = "python -m tpmpi.studies.vsbare"
 
 
 def _torch_step(arrays: tuple[Array, Array, Array, Array], backend: Backend
@@ -215,8 +217,7 @@ def format_table(records: Sequence[dict], best: bool = False) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     """The command line of the module docstring."""
-    ap = argparse.ArgumentParser(prog="python -m tpmpi.studies.vsbare",
-                                 description=__doc__.splitlines()[0])
+    ap = Parser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs="+", metavar="FILE.jsonl",
                     help="print the markdown table of these records and exit (no MPI job)")
     ap.add_argument("--best", action="store_true",
@@ -240,22 +241,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> int:
-    """Command line (see the module docstring)."""
-    ap = _parser()
-    args = ap.parse_args(argv)
-    if args.table:
-        print(format_table([rec for _, rec in read_lines(args.table)], args.best))
-        return 0
+    """Command line (see the module docstring). Usage errors raise
+    :class:`~tpmpi.core.launch.UsageError` on every rank; a case's error is recorded and the
+    next case runs."""
     comm = comm if comm is not None else MPI.COMM_WORLD
-    backend = get_backend(args.backend, comm)
-    configure_blas_threads(comm)
-    dtypes = (args.dtypes.split(",") if args.dtypes else
-              ["float32", "float16", "bfloat16"] if backend.is_gpu else ["float32", "float64"])
-    bad = [v for v in dtypes if v not in SUPPORTED] + \
-        [v for v in args.schemes.split(",") if v not in SCHEMES]
-    if bad:
-        ap.error(f"unknown scheme or dtype {bad[0]!r}")
-    calibration = load_calibration(args.calibration)
+    args = parse_args(_parser(), argv, comm)
+    if args.table:
+        if comm.Get_rank() == 0:
+            print(format_table([rec for _, rec in read_lines(args.table)], args.best))
+        return 0
+    with usage():
+        backend = get_backend(args.backend, comm)
+        configure_blas_threads(comm)
+        dtypes = (args.dtypes.split(",") if args.dtypes else
+                  ["float32", "float16", "bfloat16"] if backend.is_gpu else
+                  ["float32", "float64"])
+        bad = [v for v in dtypes if v not in SUPPORTED] + \
+            [v for v in args.schemes.split(",") if v not in SCHEMES]
+        if bad:
+            raise UsageError(f"unknown scheme or dtype {bad[0]!r}")
+        calibration = load_calibration(args.calibration)
     records = []
     for dtype in dtypes:
         for scheme in args.schemes.split(","):
@@ -278,19 +283,11 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     return 0
 
 
-def run() -> None:
-    """Entry point under mpiexec: an unexpected exception aborts the whole job (no rank is left
-    waiting in a collective); a case's ValueError is recorded and the next case runs."""
-    import traceback
-
-    try:
-        code = main()
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
-        raise
-    raise SystemExit(code)
+def run() -> NoReturn:
+    """Entry point under mpiexec (:func:`tpmpi.core.launch.run`): usage errors exit 2 with one
+    line; an interruption or an unexpected exception aborts the whole job (no rank is left
+    waiting in a collective)."""
+    launch_run(main, PROG)
 
 
 if __name__ == "__main__":
