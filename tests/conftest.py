@@ -306,12 +306,18 @@ def message_bytes(name: str, args: tuple, kwargs: dict):
     return None
 
 
-def profiled_calls(layers) -> dict:
-    """Collectives counted by the layers' profilers since their last reset, summed by op;
-    resets them."""
-    total = {}
-    for layer in layers:
-        for op, count in layer.profiler.calls.items():
-            total[op] = total.get(op, 0) + count
-        layer.profiler.reset()
-    return total
+def counting(module):
+    """An untimed Profiler attached to every operator and local work of ``module`` (a layer,
+    a composite or a DataParallel): it counts the collectives from now on."""
+    from tpmpi.core.profiler import Profiler
+    from tpmpi.layers.module import attach_tap
+
+    return attach_tap(module, Profiler(timed=False))
+
+
+def profiled_calls(profiler) -> dict:
+    """Collectives ``profiler`` (see :func:`counting`) counted since its last reset, by op;
+    resets it."""
+    calls = dict(profiler.calls)
+    profiler.reset()
+    return calls

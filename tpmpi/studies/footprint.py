@@ -36,8 +36,6 @@ SCHEME_LAYERS: dict[str, type[Union[ParallelLinear, ParallelMLP]]] = {
 def _allocates(src: str, dst: str, adjoint: bool = False) -> bool:
     """Whether the operator from layout ``src`` to ``dst`` (or its adjoint) makes a new array."""
     cls = mapping_class(src, dst)
-    if cls is None:
-        return False
     return (cls.adjoint_class if adjoint else cls).allocates
 
 
