@@ -256,12 +256,14 @@ class RecordingComm:
 
 
 def record_mpi_calls(layer, log: list) -> None:
-    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too) and of its
-    grid's three communicators through :class:`RecordingComm` into ``log``. Undo with
-    :func:`stop_recording` before the grid is freed."""
+    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too), of its
+    operators and of its grid's three communicators through :class:`RecordingComm` into
+    ``log``. Undo with :func:`stop_recording` before the grid is freed."""
     for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
         if hasattr(sub, "comm"):
             sub.comm = RecordingComm(sub.comm, log)
+    for op in layer.operators().values():
+        op.comm = RecordingComm(op.comm, log)
     grid = layer.grid
     grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
                                                (grid.comm, grid.row_comm, grid.col_comm))

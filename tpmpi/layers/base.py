@@ -226,6 +226,13 @@ class ParallelLinear:
         collective: one chunk (a subclass may pipeline)."""
         return [(0, m)]
 
+    @classmethod
+    def workspace_elements(cls, m: int, k: int, n: int, grid: tuple[int, int],
+                           **options: Any) -> int:
+        """Elements a layer with ``options`` holds beyond the arrays its layouts declare, on the
+        rank with the largest blocks (see :mod:`tpmpi.studies.footprint`): none here."""
+        return 0
+
     def schedule(self, m: int, *, backward: bool = True) -> Schedule:
         """:meth:`schedule_for` this layer (its sizes, dtype, options, grid and staging) on a
         global input of ``m`` rows."""

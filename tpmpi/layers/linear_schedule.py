@@ -17,6 +17,7 @@ the largest blocks (grid coordinates (0, 0)).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -46,16 +47,17 @@ def nbytes(shape: Sequence[int], dtype: str) -> int:
     return math.prod(int(d) for d in shape) * resolve_dtype(dtype).itemsize
 
 
-def overlapped(coll: Optional[Collective], work: list[Step], overlap: bool) -> list[Step]:
-    """``coll`` during the named ``work`` steps (listed before them) with ``overlap``, else
-    after them, blocking; ``work`` alone without a collective."""
-    if coll is None:
-        return work
+def overlapped(colls: Sequence[Optional[Collective]], work: list[Step], overlap: bool
+               ) -> list[Step]:
+    """The collectives ``colls`` (None: none), in the order they start, during the ``work``
+    steps (listed before them, each overlapping the later ones and the work) with
+    ``overlap``, else after them, blocking, in that order; ``work`` alone without one."""
+    found = [c for c in colls if c is not None]
     if not overlap:
-        return work + [coll]
-    names = tuple(s.name for s in work if not isinstance(s, GradsReady))
-    return [Collective(coll.name, coll.op, coll.group, coll.size, coll.nbytes, coll.dtype,
-                       names)] + work
+        return work + list(found)
+    names = [s.name for s in work if not isinstance(s, GradsReady)]
+    return [dataclasses.replace(c, during=tuple(d.name for d in found[i + 1:]) + tuple(names))
+            for i, c in enumerate(found)] + work
 
 
 def linear_schedule(lay: LinearLayouts, names: Sequence[str], m: int, k: int, n: int,
@@ -97,11 +99,11 @@ def linear_schedule(lay: LinearLayouts, names: Sequence[str], m: int, k: int, n:
     if not backward:
         return sched
     bwd: list[Step] = [s for s in [coll(y_op.adjoint_class, dy_name, (m, n))] if s]
-    bwd += overlapped(coll(x_op, x_name, (m, k)), [Product("dX", m, nw, kx, dtype)], overlap)
+    bwd += overlapped([coll(x_op, x_name, (m, k))], [Product("dX", m, nw, kx, dtype)], overlap)
     grads: list[Step] = [Product("dW", kx, m, nw, dtype)]
     if bias:
         grads.append(Pointwise("db", (m + 1) * nw * item, dtype))
-    bwd += overlapped(coll(x_op.adjoint_class, dx_name, (m, k)), grads, overlap)
+    bwd += overlapped([coll(x_op.adjoint_class, dx_name, (m, k))], grads, overlap)
     if bias:
         bwd.append(GradsReady(("bias",), nw * item, dtype))
     bwd.append(GradsReady(("weight",), nbytes(kw, dtype), dtype))

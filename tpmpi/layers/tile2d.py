@@ -57,6 +57,7 @@ from ..core.grid import ProcessGrid
 from ..core.layout import LinearLayouts, blocks, local_shape
 from ..core.mappings import AllReduce, GatherRows, Pending
 from ..core.partition import block_partition, largest_block
+from ..core.tiling import panel_workspace_bytes
 from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule, Step
 from ..core.summa import BroadcastPiece, GatherPanel, ReduceScatterPanel, ReduceToOwner
 from .base import ParallelLinear
@@ -280,6 +281,20 @@ class TileParallelLinear(ParallelLinear):
 
     # ---------------------------------------------------------------- schedule
     @classmethod
+    def workspace_elements(cls, m: int, k: int, n: int, grid: tuple[int, int],
+                           panel: Optional[int] = None, **_: Any) -> int:
+        """The gather form's panels, cached from forward to backward ((m_r + n_c) K, a size-1
+        grid dimension's panel being the tile itself), or the panel form's two buffer slots
+        (:func:`tpmpi.core.tiling.panel_workspace_bytes` in elements)."""
+        pr, pc = grid
+        m_r, n_c = largest_block(m, pr), largest_block(n, pc)
+        if panel is None:
+            return (m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0)
+        width = max((b - a for a, b, _, _ in k_segments(k, panel, block_partition(k, pc),
+                                                        block_partition(k, pr))), default=0)
+        return panel_workspace_bytes(m_r, n_c, width, 1)
+
+    @classmethod
     def schedule_for(cls, m: int, k: int, n: int, parts: Union[int, tuple[int, int]], *,
                      dtype: str = "float32", backward: bool = False, bias: bool = True,
                      overlap: bool = True, staged: bool = False, panel: Optional[int] = None,
@@ -305,8 +320,8 @@ class TileParallelLinear(ParallelLinear):
                 work: list[Step] = [Product("dW", k, m_r, n_c, dtype)]
                 work += [s for s in [GatherRows.adjoint_class.step(
                     "reduce_dw", (k, n_c), dtype, "col", pr)] if s]
-                bwd += overlapped(GatherPanel.adjoint_class.step(
-                    "reduce_dx", (m_r, k), dtype, "row", pc), work, overlap and not staged)
+                bwd += overlapped([GatherPanel.adjoint_class.step(
+                    "reduce_dx", (m_r, k), dtype, "row", pc)], work, overlap and not staged)
         else:
             segments = k_segments(k, panel, block_partition(k, pc), block_partition(k, pr))
             fwd += cls._segment_steps(segments, m_r, n_c, (pr, pc), dtype, staged, False)
@@ -341,28 +356,24 @@ class TileParallelLinear(ParallelLinear):
             return [Product(f"y[{t}]", m_r, w, n_c, dtype),
                     Pointwise(f"add[{t}]", 3 * m_r * n_c * item, dtype)]
 
-        def bcasts(t: int) -> list[Collective]:
+        def bcasts(t: int) -> list[Optional[Collective]]:
             w = segments[t][1] - segments[t][0]
-            steps = [BroadcastPiece.step(f"bcast_x[{t}]", (m_r, w), dtype, "row", pc),
-                     BroadcastPiece.step(f"bcast_w[{t}]", (w, n_c), dtype, "col", pr)]
-            return [s for s in steps if s]
+            return [BroadcastPiece.step(f"bcast_x[{t}]", (m_r, w), dtype, "row", pc),
+                    BroadcastPiece.step(f"bcast_w[{t}]", (w, n_c), dtype, "col", pr)]
 
-        def reduces(t: int) -> list[Collective]:
+        def reduces(t: int) -> list[Optional[Collective]]:
             w = segments[t][1] - segments[t][0]
-            steps = [ReduceToOwner.step(f"reduce_dx_piece[{t}]", (m_r, w), dtype, "row", pc),
-                     ReduceToOwner.step(f"reduce_dw_piece[{t}]", (w, n_c), dtype, "col", pr)]
-            return [s for s in steps if s]
+            return [ReduceToOwner.step(f"reduce_dx_piece[{t}]", (m_r, w), dtype, "row", pc),
+                    ReduceToOwner.step(f"reduce_dw_piece[{t}]", (w, n_c), dtype, "col", pr)]
 
         if segments:
-            out += bcasts(0)
+            out += overlapped(bcasts(0), [], False)
         for t in range(len(segments)):
-            steps = work(t)
-            for coll in bcasts(t + 1) if t + 1 < len(segments) else []:
-                steps = overlapped(coll, steps, not staged)
+            steps = overlapped(bcasts(t + 1) if t + 1 < len(segments) else [], work(t),
+                               not staged)
             if backward and t > 0:  # the previous segment's reductions, waited after these
-                for coll in reduces(t - 1):
-                    steps = overlapped(coll, steps, not staged)
+                steps = overlapped(reduces(t - 1), steps, not staged)
             out += steps
         if backward and segments:
-            out += reduces(len(segments) - 1)
+            out += overlapped(reduces(len(segments) - 1), [], False)
         return out
