@@ -36,7 +36,7 @@ def matmul(xp: Any, a: Array, b: Array, out: Optional[Array] = None) -> Array:
     """``a @ b`` (M, K) x (K, N) -> (M, N) of ``a``'s dtype, into ``out`` when given. NumPy
     2-byte floats: float32 products rounded once (see the module docstring); otherwise
     ``xp.matmul``."""
-    if xp is not np or a.dtype.name not in HALF:
+    if xp is not np or a.dtype.itemsize != 2 or a.dtype.name not in HALF:  # name: slow
         return xp.matmul(a, b, out=out)
     m, k = a.shape
     n = b.shape[1]
