@@ -53,8 +53,9 @@ adjoint is built with it (``op.adjoint``, whose adjoint is ``op``). Calling it
 ``op.during(x, work, size)`` starts the non-blocking collective, runs the local ``work`` and
 waits (with ``overlap=False``, under host staging or on one rank: ``work`` first, then the
 blocking collective); ``op.start(x, size)`` returns a :class:`Pending` whose ``wait()``
-completes it. If ``work`` raises, the collective the other ranks are in is completed first and
-the failure is kept in ``op.pending`` (the layer's next operation raises on every rank). Every
+completes it (the operators the layers run non-blocking have it). If ``work`` raises, the
+collective the other ranks are in is completed first and the failure is kept in
+``op.pending`` (the layer's next operation raises on every rank). Every
 collective reports to ``op.tap`` (:mod:`tpmpi.core.tap`; the null tap by default) and first
 completes the layer's pending argument agreement (``op.pending``,
 :class:`~tpmpi.core.agreement.Settle`). ``size`` is the global length of the gathered axis
@@ -153,24 +154,33 @@ class Operator:
         return Collective(name, cls.op, group, int(size), nbytes, dtype, during)
 
     def out(self, x: Array, size: Any = None) -> Any:
-        """The result array of applying this operator to ``x`` (allocated, not yet filled, for
-        the operators that communicate into a new array). ``size``: the 1D operators' length
-        of the gathered axis; the SUMMA operators' panel shape or root."""
-        return x
+        """The result array of applying this operator to ``x``: for the operators that
+        communicate into a new array (``allocates``) that array, not yet filled (:meth:`_new`),
+        except on one rank, where it is ``x`` itself; else ``x`` (or a view of it). ``size``:
+        the 1D operators' length of the gathered axis; the SUMMA operators' panel shape or
+        root."""
+        return self._new(x, size) if self.allocates and self.size > 1 else x
+
+    def _new(self, x: Array, size: Any) -> Any:  # pragma: no cover - abstract
+        """A new result array for ``x`` (the allocating operators)."""
+        raise NotImplementedError
 
     def __call__(self, x: Array, size: Any = None) -> Any:
         """The operator applied to ``x``, blocking (no communication here)."""
         return self.out(x, size)
 
     def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Any:
-        """``work()``, then the operator applied to ``x`` (no communication here)."""
+        """The operator applied to ``x`` while ``work()`` runs (from :meth:`start`; the
+        operators the layers overlap state their own)."""
         out = self.out(x, size)
-        work()
+        self._complete(self.start(x, size, out), work)
         return out
 
     def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
         """Apply the operator into ``out`` (default :meth:`out`) once the returned
         :class:`Pending` is waited for (no communication here: already done)."""
+        if self.op is not None:
+            raise TypeError(f"{type(self).__name__} has no start(): call it or use during()")
         return DONE
 
     # ---- the one overlap logic of every operator (and of DataParallel's buckets)
@@ -191,11 +201,9 @@ class Operator:
         self.tap.count(self.op or "", nbytes, self.size)
         return Pending(self, nbytes, request=request)
 
-    def _during(self, nbytes: int, work: Callable[[], Any], launch: Callable[[], Request],
-                blocking: Callable[[], Any]) -> None:
-        """``work()`` with the collective in flight (see :meth:`_start`); if it raises, the
-        collective is completed (the other ranks are in it) and the failure kept."""
-        pending = self._start(nbytes, launch, blocking)
+    def _complete(self, pending: Pending, work: Callable[[], Any]) -> None:
+        """``work()``, then ``pending`` waited for; if the work raises, the collective is
+        completed first (the other ranks are in it) and the failure kept."""
         try:
             work()
         except BaseException as exc:
@@ -235,8 +243,8 @@ class AllReduce(Operator):
             return allreduce(x, self.comm, self.staging)
 
     def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
-        self._during(x.nbytes, work, lambda: iallreduce(x, self.comm),
-                     lambda: allreduce(x, self.comm, self.staging))
+        self._complete(self._start(x.nbytes, lambda: iallreduce(x, self.comm),
+                                   lambda: allreduce(x, self.comm, self.staging)), work)
         return x
 
     def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
@@ -275,21 +283,18 @@ class _Gather(Operator):
 
     def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
         out = self.out(x, size)
-        if out is x:
-            work()
-            return out
         parts = self.blocks(out)
-        self._during(out.nbytes, work, lambda: iallgather_blocks(x, out, parts, self.comm),
-                     lambda: allgather_blocks(x, out, parts, self.comm, self.staging))
+        self._complete(DONE if out is x else self._start(
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging)), work)
         return out
 
     def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
         out = self.out(x, size) if out is None else out
-        if out is x:
-            return DONE
         parts = self.blocks(out)
-        return self._start(out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
-                           lambda: allgather_blocks(x, out, parts, self.comm, self.staging))
+        return DONE if out is x else self._start(
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging))
 
 
 class GatherRows(_Gather):
@@ -297,9 +302,7 @@ class GatherRows(_Gather):
 
     src = "rows"
 
-    def out(self, x: Array, size: Any = None) -> Array:
-        if self.size == 1:
-            return x
+    def _new(self, x: Array, size: Any) -> Array:
         return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
 
 
@@ -309,9 +312,7 @@ class GatherCols(_Gather):
 
     src = "cols"
 
-    def out(self, x: Array, size: Any = None) -> Array:
-        if self.size == 1:
-            return x
+    def _new(self, x: Array, size: Any) -> Array:
         return backend_of(x).xp.empty((x.shape[0], size), dtype=x.dtype)
 
 
@@ -324,40 +325,28 @@ class ReduceScatterRows(Operator):
     src, dst = PARTIAL, "rows"
     allocates = True
 
-    def out(self, x: Array, size: Any = None) -> Array:
-        if self.size == 1:
-            return x
+    def _new(self, x: Array, size: Any) -> Array:
         a, b = block_range(x.shape[0], self.size, self.rank)
         return backend_of(x).xp.empty((b - a,) + tuple(x.shape[1:]), dtype=x.dtype)
 
-    def counts(self, x: Array) -> list[int]:
+    def counts(self, x: Array, size: Any = None) -> list[int]:
         """Elements of every rank's row block of ``x``."""
         return [math.prod(shape) for _, shape in blocks(x.shape, (1, self.size), self.dst)]
 
     def __call__(self, x: Array, size: Any = None) -> Array:
         out = self.out(x, size)
-        if out is not x:
+        if self.size > 1:
             with self._blocked(x.nbytes):
-                reduce_scatter(x, out, self.counts(x), self.comm, self.staging)
+                reduce_scatter(x, out, self.counts(x, size), self.comm, self.staging)
         return out
 
     def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
         out = self.out(x, size)
-        if out is x:
-            work()
-            return out
-        counts = self.counts(x)
-        self._during(x.nbytes, work, lambda: ireduce_scatter(x, out, counts, self.comm),
-                     lambda: reduce_scatter(x, out, counts, self.comm, self.staging))
+        counts = self.counts(x, size)
+        self._complete(DONE if self.size == 1 else self._start(
+            x.nbytes, lambda: ireduce_scatter(x, out, counts, self.comm),
+            lambda: reduce_scatter(x, out, counts, self.comm, self.staging)), work)
         return out
-
-    def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
-        out = self.out(x, size) if out is None else out
-        if out is x:
-            return DONE
-        counts = self.counts(x)
-        return self._start(x.nbytes, lambda: ireduce_scatter(x, out, counts, self.comm),
-                           lambda: reduce_scatter(x, out, counts, self.comm, self.staging))
 
 
 class SplitCols(Operator):

@@ -34,13 +34,13 @@ dot-product tests.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .arrays import Array
 from .backend import backend_of
-from .comm import ibcast, ireduce, ireduce_scatter, reduce_scatter
+from .comm import ibcast, ireduce
 from .layout import PARTIAL
-from .mappings import DONE, GatherCols, Operator, Pending
+from .mappings import DONE, GatherCols, Operator, Pending, ReduceScatterRows
 from .partition import block_partition, block_range
 
 
@@ -50,14 +50,14 @@ class GatherPanel(GatherCols):
     ``allgather_blocks`` / ``iallgather_blocks`` (``Alltoallw`` into place). ``size`` is K."""
 
 
-class ReduceScatterPanel(Operator):
+class ReduceScatterPanel(ReduceScatterRows):
     """Per-rank partial (rows, K) panels, packed (:meth:`pack`) -> this rank's (rows, k) K block
     of their sum: ``reduce_scatter`` / ``ireduce_scatter`` (``Reduce_scatter`` /
-    ``Ireduce_scatter``). ``shape`` is the panel's (rows, K)."""
+    ``Ireduce_scatter``) of the packed panel, whose K blocks are one after another as the row
+    blocks of :class:`~tpmpi.core.mappings.ReduceScatterRows` are. ``size`` is the panel's
+    (rows, K)."""
 
-    op = "reduce_scatter"
-    src, dst = PARTIAL, "cols"
-    allocates = True
+    dst = "cols"
 
     def pack(self, shape: tuple[int, int], xp: Any, dtype: Any) -> tuple[Array, list[Array]]:
         """A packed panel of ``shape`` (rows, K) and the (rows, k_j) view of every rank's K block
@@ -67,44 +67,16 @@ class ReduceScatterPanel(Operator):
         return packed, [packed[rows * a: rows * b].reshape(rows, b - a)
                         for a, b in block_partition(k, self.size)]
 
-    def out(self, x: Array, shape: Any = None) -> Array:
-        assert shape is not None  # the panel's (rows, K)
-        rows, k = shape
+    def out(self, x: Array, size: Any = None) -> Array:
+        rows, k = size
         if self.size == 1:
             return x.reshape(rows, k)
         a, b = block_range(k, self.size, self.rank)
         return backend_of(x).xp.empty((rows, b - a), dtype=x.dtype)
 
-    def counts(self, shape: tuple[int, int]) -> list[int]:
-        """Elements of every rank's K block of a (rows, K) panel."""
-        return [shape[0] * (b - a) for a, b in block_partition(shape[1], self.size)]
-
-    def __call__(self, x: Array, shape: Any = None) -> Array:
-        out = self.out(x, shape)
-        if self.size > 1:
-            assert shape is not None
-            with self._blocked(x.nbytes):
-                reduce_scatter(x, out, self.counts(shape), self.comm, self.staging)
-        return out
-
-    def during(self, x: Array, work: Callable[[], Any], shape: Any = None) -> Array:
-        out = self.out(x, shape)
-        if self.size == 1:
-            work()
-            return out
-        assert shape is not None
-        counts = self.counts(shape)
-        self._during(x.nbytes, work, lambda: ireduce_scatter(x, out, counts, self.comm),
-                     lambda: reduce_scatter(x, out, counts, self.comm, self.staging))
-        return out
-
-    def start(self, x: Array, shape: Any = None, out: Optional[Array] = None) -> Pending:
-        out = self.out(x, shape) if out is None else out
-        if self.size == 1:
-            return DONE
-        counts = self.counts(shape)
-        return self._start(x.nbytes, lambda: ireduce_scatter(x, out, counts, self.comm),
-                           lambda: reduce_scatter(x, out, counts, self.comm, self.staging))
+    def counts(self, x: Array, size: Any = None) -> list[int]:
+        """Elements of every rank's K block of a (rows, K) panel ``size``."""
+        return [size[0] * (b - a) for a, b in block_partition(size[1], self.size)]
 
 
 class BroadcastPiece(Operator):
@@ -115,30 +87,17 @@ class BroadcastPiece(Operator):
     op = "bcast"
     src, dst = "owned", "replicated"
 
-    def out(self, x: Array, root: Any = None) -> Array:
-        return x
-
     def __call__(self, x: Array, root: Any = None) -> Array:
         if self.size > 1:
             with self._blocked(x.nbytes):
                 ibcast(x, int(root or 0), self.comm, self.staging).Wait()
         return x
 
-    def during(self, x: Array, work: Callable[[], Any], root: Any = None) -> Array:
-        if self.size == 1:
-            work()
-            return x
-        owner = int(root or 0)
-        self._during(x.nbytes, work, lambda: ibcast(x, owner, self.comm, self.staging),
-                     lambda: ibcast(x, owner, self.comm, self.staging).Wait())
-        return x
-
     def start(self, x: Array, root: Any = None, out: Optional[Array] = None) -> Pending:
-        if self.size == 1:
-            return DONE
         owner = int(root or 0)
-        return self._start(x.nbytes, lambda: ibcast(x, owner, self.comm, self.staging),
-                           lambda: ibcast(x, owner, self.comm, self.staging).Wait())
+        return DONE if self.size == 1 else self._start(
+            x.nbytes, lambda: ibcast(x, owner, self.comm, self.staging),
+            lambda: ibcast(x, owner, self.comm, self.staging).Wait())
 
 
 class ReduceToOwner(Operator):
@@ -150,10 +109,8 @@ class ReduceToOwner(Operator):
     src, dst = PARTIAL, "owned"
     allocates = True
 
-    def out(self, x: Array, root: Any = None) -> Any:
-        if self.size == 1:
-            return x
-        return backend_of(x).xp.empty_like(x) if self.rank == root else None
+    def _new(self, x: Array, size: Any) -> Any:
+        return backend_of(x).xp.empty_like(x) if self.rank == size else None
 
     def __call__(self, x: Array, root: Any = None) -> Any:
         out = self.out(x, root)
@@ -162,22 +119,11 @@ class ReduceToOwner(Operator):
                 ireduce(x, out, int(root or 0), self.comm, self.staging).Wait()
         return out
 
-    def during(self, x: Array, work: Callable[[], Any], root: Any = None) -> Any:
-        out = self.out(x, root)
-        if self.size == 1:
-            work()
-            return out
-        owner = int(root or 0)
-        self._during(x.nbytes, work, lambda: ireduce(x, out, owner, self.comm, self.staging),
-                     lambda: ireduce(x, out, owner, self.comm, self.staging).Wait())
-        return out
-
     def start(self, x: Array, root: Any = None, out: Optional[Array] = None) -> Pending:
-        if self.size == 1:
-            return DONE
         owner = int(root or 0)
-        return self._start(x.nbytes, lambda: ireduce(x, out, owner, self.comm, self.staging),
-                           lambda: ireduce(x, out, owner, self.comm, self.staging).Wait())
+        return DONE if self.size == 1 else self._start(
+            x.nbytes, lambda: ireduce(x, out, owner, self.comm, self.staging),
+            lambda: ireduce(x, out, owner, self.comm, self.staging).Wait())
 
 
 GatherPanel.adjoint_class, ReduceScatterPanel.adjoint_class = ReduceScatterPanel, GatherPanel
