@@ -244,3 +244,37 @@ def test_layers_hold_their_operators_by_name(cls, options, ops):
         ops_ = layer.operators()
         assert ops_[dy_name] is ops_[y_name].adjoint and ops_[dx_name] is ops_[x_name].adjoint
         assert all(op.pending is layer._pending for op in ops_.values())
+
+
+@pytest.mark.parametrize("chain", [
+    ("ColumnParallelLinear.forward", "self.gather_y(", "GatherCols.__call__",
+     "allgather_blocks(", "allgather_blocks", "comm.Alltoallw("),
+    ("RowParallelLinear.backward", "self.gather_dx.during(", "GatherCols.during",
+     "iallgather_blocks(", "iallgather_blocks", ".Ialltoallw("),
+    ("TileParallelLinear.forward", "self.gather_x(", "GatherPanel.__call__",
+     "allgather_blocks(", "allgather_blocks", "comm.Alltoallw("),
+    ("DataParallel._start", "self.allreduce_grads.start(", "AllReduce.start", "iallreduce(",
+     "iallreduce", "comm.Iallreduce("),
+    ("ColumnParallelLinear.backward", "self.reduce_dx.during(", "AllReduce.during",
+     "iallreduce(", "iallreduce", "comm.Iallreduce("),
+], ids=lambda c: c[0])
+def test_from_a_layer_to_the_mpi_call_in_three_hops(chain):
+    """The layer's line calls its operator by name (hop 1), the operator's method calls one
+    comm.py function (hop 2), which makes the MPI call (hop 3)."""
+    import inspect
+
+    import tpmpi.core.comm as comm_module
+    import tpmpi.core.summa as summa_module
+    from tpmpi.layers import data_parallel
+
+    layer_fn, call, op_fn, comm_call, comm_fn, mpi_call = chain
+    owners = {"DataParallel": data_parallel.DataParallel, "GatherPanel": summa_module.GatherPanel,
+              "GatherCols": GatherCols, "AllReduce": AllReduce}
+
+    def resolve(dotted):
+        cls, name = dotted.split(".")
+        return getattr(owners.get(cls) or getattr(tpmpi, cls), name)
+
+    assert call in inspect.getsource(resolve(layer_fn))
+    assert comm_call in inspect.getsource(resolve(op_fn))
+    assert mpi_call in inspect.getsource(getattr(comm_module, comm_fn))

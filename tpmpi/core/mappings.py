@@ -202,8 +202,13 @@ class Operator:
         return Pending(self, nbytes, request=request)
 
     def _complete(self, pending: Pending, work: Callable[[], Any]) -> None:
-        """``work()``, then ``pending`` waited for; if the work raises, the collective is
-        completed first (the other ranks are in it) and the failure kept."""
+        """``work()``, then ``pending`` waited for; if the work raises while a collective is in
+        flight, the collective is completed first (the other ranks are in it) and the failure
+        kept. (With nothing in flight the work may complete the pending agreement, whose error
+        every rank raises alike: nothing to keep.)"""
+        if pending is DONE:
+            work()
+            return
         try:
             work()
         except BaseException as exc:
