@@ -1,7 +1,7 @@
 """The studies: what runs, times, models and reports the layers -- benchmark problems and cases
 (``problem``, ``schemes``), the one timing loop (``timing``), benchmarks (``bench``,
 ``collbench``, ``peak``, ``overlap``, ``vsbare``), sweeps (``sweep``), memory and cost models
-(``footprint``, ``costmodel``), records and statistics (``record``, ``stats``), reports and
-plots (``report``, ``plots``) and the progress bar (``progress``). Studies import the core and
-the layers; neither imports a study.
+(``footprint``, ``pricing``, ``costmodel``), records and statistics (``record``, ``stats``),
+reports and plots (``report``, ``plots``) and the progress bar (``progress``). Studies import
+the core and the layers; neither imports a study.
 """
