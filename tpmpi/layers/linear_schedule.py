@@ -80,25 +80,24 @@ def linear_schedule(lay: LinearLayouts, names: Sequence[str], m: int, k: int, n:
     def bias_add(name: str, shape: Sequence[int]) -> list[Step]:
         return [Pointwise(name, 2 * nbytes(shape, dtype), dtype)] if bias else []
 
+    def present(*steps: Optional[Step]) -> list[Step]:
+        return [step for step in steps if step is not None]
+
     after = lay.y_local == PARTIAL  # a replicated bias is added once, after the reduction
-    fwd: list[Step] = [s for s in [coll(x_op, x_name, (m, k))] if s]
-    if len(chunks) > 1:
-        for i, (a, b) in enumerate(chunks):
-            fwd += [Product(f"y[{i}]", b - a, kx, nw, dtype)] + bias_add(f"bias[{i}]",
-                                                                         (b - a, nw))
-            later = tuple(f"y[{j}]" for j in range(i + 1, len(chunks)))
-            fwd += [s for s in [coll(y_op, y_name, (b - a, n), later)] if s]
-    else:
-        fwd += [Product("y", m, kx, nw, dtype)] + ([] if after else bias_add("bias", (m, nw)))
-        fwd += [s for s in [coll(y_op, y_name, (m, n))] if s]
-        if after:
-            fwd += bias_add("bias", block_shape((m, n), grid, lay.y))
+    fwd = present(coll(x_op, x_name, (m, k)))
+    for i, (a, b) in enumerate(chunks):  # each chunk's gather in flight during the later ones
+        tag = f"[{i}]" if len(chunks) > 1 else ""
+        fwd.append(Product(f"y{tag}", b - a, kx, nw, dtype))
+        fwd += [] if after else bias_add(f"bias{tag}", (b - a, nw))
+        later = tuple(f"y[{j}]" for j in range(i + 1, len(chunks)))
+        fwd += present(coll(y_op, y_name, (b - a, n), later))
+    fwd += bias_add("bias", block_shape((m, n), grid, lay.y)) if after else []
     saved = block_shape((m, k), grid, lay.x if x_op.allocates else lay.x_local)
     sched = Schedule(tuple(fwd), (), nbytes(kw, dtype) + (nw * item if bias else 0),
                      nbytes(saved, dtype))
     if not backward:
         return sched
-    bwd: list[Step] = [s for s in [coll(y_op.adjoint_class, dy_name, (m, n))] if s]
+    bwd = present(coll(y_op.adjoint_class, dy_name, (m, n)))
     bwd += overlapped([coll(x_op, x_name, (m, k))], [Product("dX", m, nw, kx, dtype)], overlap)
     grads: list[Step] = [Product("dW", kx, m, nw, dtype)]
     if bias:
