@@ -314,7 +314,7 @@ class TileParallelLinear(ParallelLinear):
             steps = [GatherPanel.step("gather_x", (m_r, k), dtype, "row", pc),
                      GatherRows.step("gather_w", (k, n_c), dtype, "col", pr)]
             fwd += [s for s in steps if s] + [Product("y", m_r, k, n_c, dtype)]
-            saved = (m_r * k_c + (m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0)) * item
+            saved = (m_r * k_c + cls.workspace_elements(m, k, n, (pr, pc))) * item  # panels
             if backward:
                 bwd.append(Product("dX", m_r, n_c, k, dtype))
                 work: list[Step] = [Product("dW", k, m_r, n_c, dtype)]
