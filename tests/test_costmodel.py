@@ -192,6 +192,14 @@ def test_no_overlap_exposes_the_backward_collective_as_the_layers_run_it(scheme,
     dx = CAL.collective(hidden_op, 2, 512 * 256 * 4)
     assert off.compute_s == on.compute_s
     assert off.time_s - on.time_s == pytest.approx(dx, rel=1e-9)
+    hidden = kw["hidden"]
+    planned = {overlap: {p.label.replace(" overlap=False", ""): p.time_s
+                         for p in plan(512, 256, 256, 2, hidden=hidden, backward=True,
+                                       calibration=CAL, overlap=overlap)}
+               for overlap in (True, False)}
+    label = f"{scheme} 1x2"
+    assert planned[False][label] == pytest.approx(off.time_s)
+    assert planned[True][label] == pytest.approx(on.time_s)
 
 
 def test_a_new_composite_is_priced_without_touching_the_model():

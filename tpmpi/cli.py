@@ -327,6 +327,9 @@ def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="whose GEMM rates to use")
     plan.add_argument("--backward", action="store_true", help="predict forward + backward")
+    plan.add_argument("--no-overlap", dest="overlap", action="store_false",
+                      help="backward collectives blocking after the dW GEMM (default: "
+                           "overlapped)")
     plan.add_argument("--calibration", metavar="FILE", default=None,
                       help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
                            "model's defaults)")
@@ -589,7 +592,7 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
         cal = load_calibration(args.calibration)
         preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
                      backward=args.backward, backend=args.backend, calibration=cal,
-                     bucket_bytes=args.bucket_bytes)
+                     bucket_bytes=args.bucket_bytes, overlap=args.overlap)
     warning = calibration_warning(cal, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")

@@ -392,12 +392,15 @@ def candidates(m: int, k: int, n: int, ranks: int, hidden: Optional[int] = None
 
 def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
          dtype: str = "float32", backward: bool = False, backend: str = "numpy",
-         calibration: Optional[Calibration] = None,
-         bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
+         calibration: Optional[Calibration] = None, bucket_bytes: int = BUCKET_BYTES,
+         overlap: bool = True) -> list[Prediction]:
     """All candidate layouts (every dp x TP factorisation of ``ranks``, see
-    :func:`candidates`) ranked by predicted time (fastest first)."""
+    :func:`candidates`) ranked by predicted time (fastest first); ``overlap=False``: the
+    layers' backward collectives (and DP buckets) blocking after the work they would
+    overlap."""
     preds = []
     for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
+        opts = opts if overlap else {**opts, "overlap": False}
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
                        backward=backward, options=tuple(sorted(opts.items())))
         pred = predict(prob, ranks, grid, calibration, backend, dp=dp, bucket_bytes=bucket_bytes)
