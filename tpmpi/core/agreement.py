@@ -112,11 +112,11 @@ class Agreement:
     """A started :func:`start_agree`: :meth:`wait` completes its Allreduce and raises the agreed
     ValueError on every rank when any rank reported an error or a differing value."""
 
-    __slots__ = ("comm", "error", "fields", "both", "request")
+    __slots__ = ("comm", "error", "values", "both", "request")
 
-    def __init__(self, comm: MPI.Comm, error: Optional[str], fields: list,
+    def __init__(self, comm: MPI.Comm, error: Optional[str], values: dict,
                  both: Optional[np.ndarray], request: Optional[MPI.Request]) -> None:
-        self.comm, self.error, self.fields = comm, error, fields
+        self.comm, self.error, self.values = comm, error, values
         self.both, self.request = both, request
 
     def wait(self) -> None:
@@ -129,7 +129,9 @@ class Agreement:
         assert both is not None  # set with the request
         if both[0] == 0 and both[1] == -both[2]:
             return
-        raise ValueError(_mismatch(self.comm.allgather((self.error, self.fields))))
+        fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
+                  for key, v in self.values.items()]
+        raise ValueError(_mismatch(self.comm.allgather((self.error, fields))))
 
 
 def start_agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> Agreement:
@@ -143,14 +145,12 @@ def start_agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> A
     if comm.Get_size() == 1:
         if error:
             raise ValueError(error)
-        return Agreement(comm, None, [], None, None)
-    fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
-              for key, v in values.items()]
-    text = repr([(k, t) for k, t, _ in fields]).encode()
+        return Agreement(comm, None, {}, None, None)
+    text = repr([(key, repr(normalise(v))) for key, v in values.items()]).encode()
     code = zlib.crc32(text) << 30 | zlib.adler32(text) >> 2  # 62 bits, the same on every rank
     both = np.array([1 if error else 0, code, -code], dtype=np.int64)
     request = comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    return Agreement(comm, error, fields, both, request)
+    return Agreement(comm, error, values, both, request)
 
 
 def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:

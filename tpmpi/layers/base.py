@@ -140,6 +140,9 @@ class ParallelLinear:
                      backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
                      check_replicated=bool(check_replicated), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
+        # "layer #i (Class KxN)": the same on every rank for the same layer
+        self.identity = (f"layer #{self.layer_id} ({type(self).__name__} "
+                         f"{self.in_features}x{self.out_features})")
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
         self.check_finite = bool(check_finite)
@@ -311,11 +314,6 @@ class ParallelLinear:
                              self._call("gather_bias"))
 
     # ---- call-order agreement
-    @property
-    def identity(self) -> str:
-        """``"layer #i (Class KxN)"``: the same on every rank for the same layer."""
-        return (f"layer #{self.layer_id} ({type(self).__name__} "
-                f"{self.in_features}x{self.out_features})")
 
     def _call(self, op: str) -> Same:
         """The ``call`` value agreed with operation ``op`` (counted on every rank); an agreement

@@ -109,7 +109,8 @@ class ColumnParallelLinear(ParallelLinear):
         self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
         x = self.gather_x(x, m)  # Allgather (Alltoallw) of the row blocks, or x itself
         y_local = self._product_buffer(m)
-        rows = self.row_chunks(m, self.grid.shape, staged=self.staging.staged, **self.options)
+        rows = self.row_chunks(m, self.grid.shape, staged=self.staging.staged,
+                               **self.options) if self.chunks > 1 else []
         if len(rows) > 1:
             return self._forward_chunked(x, y_local, rows)
         self.local.product(x, self.weight, out=y_local, bias=self.bias)
