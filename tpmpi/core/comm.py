@@ -168,7 +168,7 @@ def reduction_dtype(dtype: DTypeLike) -> np.dtype:
 def _words(a: Array) -> Array:
     """``a`` as MPI sees it: a uint16 view for the 2-byte floats (mpi4py cannot export
     bfloat16, and the words match :func:`mpi_type`), ``a`` itself otherwise."""
-    return a.view(np.uint16) if a.dtype.name in HALF else a
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.name in HALF else a
 
 
 _TYPE_CACHE: OrderedDict[tuple, MPI.Datatype] = OrderedDict()
