@@ -10,7 +10,8 @@ each is timed alone, back-to-back, as the best of ``--repeats`` interleaved bloc
 under 50 us. Two more robust variants are printed: with the GEMM time measured inside the same
 forward calls (a profiler attached to the layer), and forward minus a hand-written loop doing
 the same GEMM, bias add and Alltoallw (it suffers the same rank skew, so the difference is what
-tpmpi adds). Also the bare Allgather of the same bytes and,
+tpmpi adds; its median over paired samples, each taken under the same load, is the steadiest
+figure). Also the bare Allgather of the same bytes and,
 with ``--profile``, rank 0's cProfile of the forward loop.
 """
 from __future__ import annotations
@@ -30,12 +31,16 @@ from tpmpi.studies.timing import time_calls
 
 
 def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
-             repeats: int) -> dict[str, float]:
+             repeats: int) -> tuple[dict[str, float], float]:
     """Per function: the best over ``repeats`` samples of the mean time of ``iters``
     back-to-back calls, each sample the slowest rank's (:func:`tpmpi.studies.timing.time_calls`; the
-    functions' samples interleaved, so that load from other processes hits them alike)."""
+    functions' samples interleaved, so that load from other processes hits them alike); and
+    the median over the samples of forward - raw within each (the steadiest figure on a loaded
+    machine: both see the same load)."""
     samples = time_calls(list(fns.values()), comm, iters=repeats, warmup=3, repeat=iters)
-    return {name: float(row.min()) for name, row in zip(fns, samples)}
+    rows = dict(zip(fns, samples))
+    return ({name: float(row.min()) for name, row in rows.items()},
+            float(np.median(rows["forward"] - rows["raw"])))
 
 
 def main() -> None:
@@ -65,7 +70,7 @@ def main() -> None:
     widest = largest_block(args.n, comm.Get_size())  # rank 0's block of the N columns
     ag_send = np.empty(args.m * widest, dtype=args.dtype)
     ag_recv = np.empty(ag_send.size * comm.Get_size(), dtype=args.dtype)
-    timings = per_call({"forward": lambda: layer(x), "gemm": gemm,
+    timings, paired = per_call({"forward": lambda: layer(x), "gemm": gemm,
                         "alltoallw": lambda: comm.Alltoallw(send, recv),
                         "raw": lambda: (gemm(), comm.Alltoallw(send, recv)),
                         "allgather": lambda: comm.Allgather(ag_send, ag_recv)},
@@ -99,7 +104,8 @@ def main() -> None:
               f"({'under' if overhead < 50e-6 else 'OVER'} the 50 us target)")
         print(f"  same, GEMM timed inside the forward calls: {inside * 1e6:.1f} us")
         print(f"  forward - raw (hand-written GEMM + bias + the same Alltoallw, no tpmpi): "
-              f"{(timings['forward'] - timings['raw']) * 1e6:.1f} us")
+              f"{(timings['forward'] - timings['raw']) * 1e6:.1f} us; median of the paired "
+              f"samples: {paired * 1e6:.1f} us")
     grid.free()
 
 
