@@ -44,7 +44,9 @@ from tpmpi.core.launch import Parser, parse_args, usage
 from tpmpi.studies.overlap import measure_dp_overlap
 from tpmpi.core.dtypes import SUPPORTED, tolerance
 from tpmpi.core.grid import factorisations
+from tpmpi.core.profiler import Profiler
 from tpmpi.layers.mlp import MODES
+from tpmpi.layers.module import attach_tap
 from tpmpi.core.mesh import tp_shape
 from tpmpi.core.partition import block_partition, block_sizes
 
@@ -335,9 +337,9 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                             activation=args.activation, dtype=args.dtype, seed=args.seed,
                             backend=args.backend)
     model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=args.bucket_bytes)
-    model.attach_profiler()  # the DP communication time reported at the end
     backend, lay = mlp.fc1.backend, mlp.layouts.x  # = y's
     names = [name for name, _, _ in model.parameters()]
+    dp_prof = attach_tap(model, Profiler.for_backend(backend))  # the DP communication time
     params = [(p, g) for _, p, g in model.parameters()]
     opt = Optimizer(args.optimizer, args.lr, params)
     start = _resume(args, model, opt, names) if args.resume else 0
@@ -389,8 +391,8 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         say(f"saved model, {args.optimizer} state and step {start + args.steps} to {args.save}")
     worst = comm.bcast(max(diffs) if diffs else None, root=0)
     agree = worst <= tolerance(args.dtype)
-    dp_comm_s = comm.allreduce(model.profiler.comm_s, op=MPI.MAX)
-    dp_bytes = model.profiler.bytes
+    dp_comm_s = comm.allreduce(dp_prof.comm_s, op=MPI.MAX)
+    dp_bytes = dp_prof.bytes
     mine = {"weights": sum(p.nbytes for p, _ in params),
             "gradients": sum(g.nbytes for _, g in params),
             "optimizer": sum(a.nbytes for state in opt.state for a in state),

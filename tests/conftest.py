@@ -256,12 +256,14 @@ class RecordingComm:
 
 
 def record_mpi_calls(layer, log: list) -> None:
-    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too) and of its
-    grid's three communicators through :class:`RecordingComm` into ``log``. Undo with
-    :func:`stop_recording` before the grid is freed."""
+    """Route every MPI call of ``layer`` (a layer or an MLP: its sub-layers too), of its
+    operators and of its grid's three communicators through :class:`RecordingComm` into
+    ``log``. Undo with :func:`stop_recording` before the grid is freed."""
     for sub in [layer, getattr(layer, "fc1", None), getattr(layer, "fc2", None)]:
         if hasattr(sub, "comm"):
             sub.comm = RecordingComm(sub.comm, log)
+    for op in layer.operators().values():
+        op.comm = RecordingComm(op.comm, log)
     grid = layer.grid
     grid.comm, grid.row_comm, grid.col_comm = (RecordingComm(c, log) for c in
                                                (grid.comm, grid.row_comm, grid.col_comm))
@@ -306,12 +308,18 @@ def message_bytes(name: str, args: tuple, kwargs: dict):
     return None
 
 
-def profiled_calls(layers) -> dict:
-    """Collectives counted by the layers' profilers since their last reset, summed by op;
-    resets them."""
-    total = {}
-    for layer in layers:
-        for op, count in layer.profiler.calls.items():
-            total[op] = total.get(op, 0) + count
-        layer.profiler.reset()
-    return total
+def counting(module):
+    """An untimed Profiler attached to every operator and local work of ``module`` (a layer,
+    a composite or a DataParallel): it counts the collectives from now on."""
+    from tpmpi.core.profiler import Profiler
+    from tpmpi.layers.module import attach_tap
+
+    return attach_tap(module, Profiler(timed=False))
+
+
+def profiled_calls(profiler) -> dict:
+    """Collectives ``profiler`` (see :func:`counting`) counted since its last reset, by op;
+    resets it."""
+    calls = dict(profiler.calls)
+    profiler.reset()
+    return calls

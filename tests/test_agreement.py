@@ -106,3 +106,33 @@ def test_bad_limit_names_the_variable(monkeypatch, value):
     with pytest.raises(ValueError, match=r"TPMPI_MAX_MESSAGE_BYTES=.*expected a positive "
                                          r"integer"):
         agreement.max_message_bytes()
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 3, 4)
+def test_a_started_agreement_decides_when_settled(world):
+    """start_checks: a rank whose checks fail raises at once (after starting its part); the
+    others go on with local work and raise the same error when the agreement is settled; a
+    Settle completes what it holds once, and holding another settles the first."""
+    comm, rank = world.comm, world.comm.Get_rank()
+
+    def checks():
+        if rank == 1:
+            raise ValueError("x.shape=(2,): expected a 2D array")
+
+    slot = agreement.Settle()
+    if rank == 1:
+        with pytest.raises(ValueError) as info:
+            agreement.start_checks(comm, checks, n=3)
+    else:
+        slot.hold(agreement.start_checks(comm, checks, n=3))
+        assert slot.agreement is not None  # in flight: local work may run here
+        with pytest.raises(ValueError) as info:
+            slot.settle()
+        assert slot.agreement is None
+    assert len(set(comm.allgather(str(info.value)))) == 1
+    slot.hold(agreement.start_agree(comm, None, n=4))
+    slot.hold(agreement.start_agree(comm, None, n=5 + (rank == 0)))  # the first is settled
+    with pytest.raises(ValueError, match="n differs across ranks: 6 on rank 0"):
+        slot.settle()
+    slot.settle()  # nothing held: nothing happens

@@ -1,10 +1,13 @@
-"""tpmpi.studies.collbench: the nccl-tests size sweep, one benchmark row per collective at world
-sizes 1-4 (its record: bytes, count, bandwidths, the #wrong check) and the table's lines."""
+"""tpmpi.studies.collbench: the nccl-tests size sweep, the benchmark bodies (the layers'
+operators) and their results at world sizes 1-4, in float and half precision, one benchmark
+row per collective (its record: bytes, count, bandwidths, the #wrong check) and the table's
+lines."""
+import numpy as np
 import pytest
 
 from tpmpi.core.backend import get_backend
 from tpmpi.core.colltable import OPS, TABLE, bus_factor
-from tpmpi.studies.collbench import COLUMNS, format_row, sizes_sweep, time_collective
+from tpmpi.studies.collbench import COLUMNS, body, format_row, sizes_sweep, time_collective
 
 
 def test_sizes_sweep():
@@ -42,3 +45,29 @@ def test_table_rows_line_up_with_the_header():
                       "algbw_gbs": 2.7306, "busbw_gbs": None, "wrong": 0})
     assert row.split() == ["4096", "1024", "float32", "1.50", "2.731", "-", "0"]
     assert len(row) == len(head)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("count", [0, 1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_bodies_give_the_expected_result(world, op, count, dtype):
+    run = body(op, count, dtype, world.comm, np)
+    p = world.size
+    if op == "allgather" and count >= 64 * p:  # 8 rows of column blocks
+        assert run.count == (count - count % p) // 8 * 8
+    else:
+        assert run.count == (count - count % p if TABLE[op].splits else count)
+    assert run.wrong(world.comm) == 0
+    for _ in range(2):  # repeated calls (as timed) leave a fresh call right
+        run.call()
+    assert run.wrong(world.comm) == 0
+    if op == "allreduce" and run.count:
+        assert run.out[0][0] == sum((q + 1) % 32 for q in range(p))
+
+
+def test_an_unknown_collective_is_named():
+    from mpi4py import MPI
+
+    with pytest.raises(ValueError, match="collective='gather': expected one of allgather"):
+        body("gather", 8, "float32", MPI.COMM_SELF, np)

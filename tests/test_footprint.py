@@ -23,8 +23,11 @@ CASES = [
     # row, 1x4: x 8x6 (its column block is a view), W 2x10, b 10, y 8x10 (summed in place) |
     # dy 8x10, dX block 8x2, gathered dX 8x6, dW 2x10, db 10
     ("row", {}, (1, 4), 48 + 20 + 10 + 80, 80 + 16 + 48 + 20 + 10),
-    # tile2d, 2x2: x 4x3, W 3x5, b 5, y 4x5 | dy 4x5, dx 4x3, dW 3x5, db 5
-    ("tile2d", {}, (2, 2), 12 + 15 + 5 + 20, 20 + 12 + 15 + 5),
+    # tile2d, 2x2: x 4x3, W 3x5, b 5, y 4x5, the X row panel 4x6 and W column panel 6x5 (kept
+    # for backward) | dy 4x5, dx 4x3, dW 3x5, db 5
+    ("tile2d", {}, (2, 2), 12 + 15 + 5 + 20 + 24 + 30, 20 + 12 + 15 + 5),
+    # the panel form (K panel 2): two slots of an X piece 4x2 and a W piece 2x5 instead
+    ("tile2d", {"panel": 2}, (2, 2), 12 + 15 + 5 + 20 + 2 * (8 + 10), 20 + 12 + 15 + 5),
     # mlp megatron, 1x4: x 8x6, W1 6x3, b1 3, h 8x3, act(h) 8x3, W2 3x6, b2 6, y 8x6 | dy 8x6,
     # dh 8x3, dW2 3x6, db2 6, d(pre-activation) 8x3, dX 8x6, dW1 6x3, db1 3
     ("mlp", {}, (1, 4), 48 + 18 + 3 + 24 + 24 + 18 + 6 + 48,

@@ -20,6 +20,9 @@ from conftest import record_mpi_calls, rel_err
 from fake_device import FakeDevice
 from problems import mlp_reference
 from tpmpi.core.backend import get_backend
+from tpmpi.core.profiler import Profiler
+from tpmpi.core.tap import NULL_TAP
+from tpmpi.layers.module import attach_tap
 
 NOT_COLLECTIVE = ("Get_", "Is_", "Free", "py2f")
 
@@ -122,10 +125,10 @@ def _sync_sites(dev: FakeDevice) -> collections.Counter:
 
 
 # Where a layer may synchronise the stream: the collectives and host-staging modules (before
-# MPI reads or writes a buffer) and the layers' non-blocking collectives (right before one is
-# posted).
+# MPI reads or writes a buffer) and the operators' non-blocking collectives (right before one
+# is posted).
 MPI_MODULES = ("comm.py:", "staging.py:")
-MPI_SITES = {"base.py:_collective_during", "column.py:_forward_chunked"}
+MPI_SITES = {"mappings.py:_start"}
 
 
 @pytest.mark.mpi
@@ -153,12 +156,11 @@ def test_syncs_only_where_mpi_needs_them(world, kind, gpu_aware):
         layer(x), layer.backward(dY)
         return sum(sites.values())
 
-    profs = [sub.attach_profiler() for sub in subs]
+    prof = attach_tap(layer, Profiler.for_backend(subs[0].backend))
     with_profiler = step()
-    collectives = sum(sum(p.calls.values()) for p in profs)
-    assert sites["profiler.py:_now"] > 0 and all(p.gemm_s > 0 for p in profs)
-    for sub in subs:
-        sub.detach_profiler()
+    collectives = sum(prof.calls.values())
+    assert sites["profiler.py:_now"] > 0 and prof.gemm_s > 0
+    attach_tap(layer, NULL_TAP)
     without = step()
     assert {site for site in sites if not site.startswith(MPI_MODULES)} <= MPI_SITES, sites
     assert without < with_profiler and (without > 0) == (collectives > 0)

@@ -2,10 +2,9 @@
 run on a CPU with tests/fake_device.py's FakeDevice: same results, the staged branch taken."""
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import tpmpi
-from conftest import rel_err
+from conftest import counting, rel_err
 from fake_device import FakeDevice
 from problems import mlp_problem, mlp_reference
 from tpmpi.core.mappings import MAPPINGS
@@ -14,9 +13,10 @@ from tpmpi.core.staging import Staging
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("cls", MAPPINGS, ids=lambda c: c.__name__)
-def test_mappings_start_falls_back_to_blocking_staged(world, cls):
-    """Under staging ``start`` runs the blocking form through the pinned buffers and returns
-    a completed request; the result equals the direct path's (to the last bits for sums)."""
+def test_operators_run_blocking_after_the_work_when_staged(world, cls):
+    """Under staging ``during`` runs its work first, then the blocking form through the
+    pinned buffers (nothing is staged before the work); the result equals the direct,
+    non-blocking path's (to the last bits for sums)."""
     comm, rank = world.comm, world.comm.Get_rank()
     dev = FakeDevice()
     x = np.random.default_rng(rank).standard_normal((5, 6))
@@ -29,9 +29,10 @@ def test_mappings_start_falls_back_to_blocking_staged(world, cls):
         x = np.ascontiguousarray(x[:, a:b])
     staged, direct = cls(comm, Staging(dev)), cls(comm)
     xs, xd = x.copy(), x.copy()
-    out_s, out_d = staged.out(xs, size), direct.out(xd, size)
-    assert staged.start(xs, out_s) == MPI.REQUEST_NULL  # completed: ran blocking, staged
-    direct.start(xd, out_d).Wait()
+    seen = []
+    out_s = staged.during(xs, lambda: seen.append(dict(dev.counts)), size)
+    assert seen == [{}]  # the work ran before anything was staged
+    out_d = direct.during(xd, lambda: None, size)
     # blocking and non-blocking reductions may add in another order (Open MPI at 3 ranks)
     assert np.allclose(out_s, out_d, rtol=1e-14, atol=1e-14)
     if cls.op is not None and world.size > 1:
@@ -47,6 +48,7 @@ def test_sequence_mlp_and_data_parallel_through_staging(world, mode):
         dev = FakeDevice()
         mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp, mode=mode, backend=dev)
         model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1)
+        count = counting(model)
         assert model.staging.staged
         a, b = tpmpi.block_partition(7, dp)[mesh.dp_rank]
         refs = [mlp_reference(X[p:q], W1, b1, W2, b2, dY[p:q])
@@ -64,4 +66,4 @@ def test_sequence_mlp_and_data_parallel_through_staging(world, mode):
         if world.size > 1:
             assert dev.counts["to_host"] > 0 and dev.counts["from_host"] > 0
         if dp > 1:  # blocking DP Allreduces through the staging buffers, all counted
-            assert model.profiler.calls == {"allreduce": len(model.buckets)}
+            assert count.calls == {"allreduce": len(model.buckets)}

@@ -1,5 +1,6 @@
 """tpmpi.studies.overlap: the OSU overlap formula and its edges, what measure_overlap times (the
-call as is, GEMMs only, collectives only) on stand-in layers with known times, on chunked
+call as is, GEMMs only, collectives only) on a stand-in layer with known times, isolate's
+inert twins swapped in from outside and back, on chunked
 column and panel tile2d layers at world sizes 1-4, its argument agreement, and the DP gradient
 Allreduce's overlap (measure_dp_overlap)."""
 import time
@@ -11,10 +12,11 @@ from mpi4py import MPI
 import tpmpi
 from conftest import all_ranks_raise, rel_err
 from tpmpi.core.backend import get_backend
-from tpmpi.core.profiler import Profiler
+from tpmpi.core.gemm import LocalWork
+from tpmpi.core.mappings import Operator
 from tpmpi.layers.column import CHUNK_ROWS
-from tpmpi.studies.overlap import OverlapTimes, measure_dp_overlap, measure_overlap, \
-    overlap_percent
+from tpmpi.studies.overlap import PHASES, InertOperator, InertWork, OverlapTimes, isolate, \
+    measure_dp_overlap, measure_overlap, overlap_percent
 
 
 @pytest.mark.parametrize("overall,compute,comm,expected", [
@@ -39,36 +41,87 @@ def test_saved_time_and_record_fields():
     assert OverlapTimes(0.0, 0.0, -1.0).overlap_pct == 0.0
 
 
+class SleepingOperator(Operator):
+    """An operator on COMM_SELF whose collective takes ``comm_s`` (a sleep), all of it after
+    its work, or only what the work has not covered when ``hidden`` (perfect overlap)."""
+
+    op = "allgather"
+    src = dst = "replicated"
+
+    def __init__(self, comm_s: float, hidden: bool, **kwargs) -> None:
+        super().__init__(MPI.COMM_SELF, **kwargs)
+        self.comm_s, self.hidden = comm_s, hidden
+
+    def during(self, x, work, size=None):
+        t0 = time.perf_counter()
+        work()
+        took = time.perf_counter() - t0 if self.hidden else 0.0
+        time.sleep(max(0.0, self.comm_s - took))
+        return x
+
+
+SleepingOperator.adjoint_class = SleepingOperator
+
+
 class Sleeper:
-    """A stand-in layer on COMM_SELF: a call sleeps ``gemm_s`` if its profiler lets the GEMMs
-    run and ``comm_s`` if it lets the collectives run, one after the other, or at once when
-    ``hidden`` (perfect overlap); it counts one collective per call."""
+    """A stand-in layer on COMM_SELF: its local work sleeps ``gemm_s`` during its operator's
+    collective of ``comm_s``; ``isolate`` swaps either for an inert twin."""
 
     def __init__(self, gemm_s: float, comm_s: float, hidden: bool):
-        self.profiler = Profiler(timed=False)
         self.comm, self.backend = MPI.COMM_SELF, get_backend("numpy")
-        self.gemm_s, self.comm_s, self.hidden = gemm_s, comm_s, hidden
+        self.local = LocalWork(np)
+        self.gather = SleepingOperator(comm_s, hidden, _adjoint=None)
+        self.gemm_s = gemm_s
+
+    def children(self):
+        return []
+
+    def operators(self):
+        return {"gather": self.gather}
 
     def __call__(self) -> None:
-        gemm = self.gemm_s if self.profiler.runs("gemm") else 0.0
-        comm = self.comm_s if self.profiler.runs("comm") else 0.0
-        self.profiler.count("allgather", 8, 2)
-        time.sleep(max(gemm, comm) if self.hidden else gemm + comm)
+        x = np.zeros(1)
+        self.gather.during(x, lambda: self.local.pointwise(
+            lambda a: time.sleep(self.gemm_s) or a, x))
 
 
 @pytest.mark.parametrize("hidden", [True, False], ids=["hidden", "exposed"])
 def test_measure_overlap_times_each_phase_alone(hidden):
     """0.03 s of GEMMs and 0.015 s of communication: hidden gives about 100 %, exposed about
     0 % (sleeps: the margins absorb a loaded machine's wake-up delays)."""
-    layers = [Sleeper(0.03, 0.015, hidden), Sleeper(0.0, 0.0, hidden)]
-    times = measure_overlap(layers, layers[0], warmup=0, iters=3)
+    layer = Sleeper(0.03, 0.015, hidden)
+    gather, local = layer.gather, layer.local
+    times = measure_overlap(layer, layer, warmup=0, iters=3)
     assert times.compute_s == pytest.approx(0.03, abs=0.012)
     assert times.comm_s == pytest.approx(0.015, abs=0.012)
     assert times.overall_s == pytest.approx(0.03 if hidden else 0.045, abs=0.012)
     assert (times.overlap_pct > 60) if hidden else (times.overlap_pct < 40)
-    for layer in layers:  # totals reset, both phases back on
-        assert layer.profiler.calls == {} and layer.profiler.runs("gemm")
-        assert layer.profiler.runs("comm")
+    assert layer.gather is gather and layer.local is local  # the twins are gone
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_isolate_swaps_twins_in_from_outside_and_back(phase):
+    """Inside the block the layers' operators (phase "gemm") or local work (phase "comm") are
+    inert twins, on every sub-layer; outside, and after an error, the originals."""
+    with tpmpi.ProcessGrid(MPI.COMM_SELF) as grid:
+        mlp = tpmpi.ParallelMLP(4, 6, grid=grid, dtype="float64")
+        before = mlp.operators()
+        locals_ = [mlp.local, mlp.fc1.local, mlp.fc2.local]
+        with isolate(mlp, phase):
+            ops_inert = all(isinstance(op, InertOperator) for op in mlp.operators().values())
+            work_inert = all(isinstance(w, InertWork)
+                             for w in (mlp.local, mlp.fc1.local, mlp.fc2.local))
+            y = mlp(np.ones((3, 4)))
+        assert (ops_inert, work_inert) == ((True, False) if phase == "gemm" else (False, True))
+        if phase == "comm":  # no products: zeros through every layer but the biases
+            assert np.array_equal(y, np.broadcast_to(mlp.fc2.bias, y.shape))
+        with pytest.raises(RuntimeError), isolate(mlp, phase):
+            raise RuntimeError("the measurement failed")
+        assert mlp.operators() == before
+        assert [mlp.local, mlp.fc1.local, mlp.fc2.local] == locals_
+        with pytest.raises(ValueError, match="phase='x': expected one of gemm, comm"), \
+                isolate(mlp, "x"):
+            pass
 
 
 @pytest.mark.mpi
@@ -126,6 +179,5 @@ def test_dp_overlap_measurement(world):
         times = measure_dp_overlap(model, np.ones_like(y), iters=3)
         assert times.overall_s > 0 and times.compute_s > 0 and times.comm_s > 0
         assert 0.0 <= times.overlap_pct <= 100.0
-        assert model.profiler.calls == {}  # reset after the measurement
         all_ranks_raise(world.comm, lambda: measure_dp_overlap(model, np.ones_like(y), iters=0),
                         "iters=0: expected a positive integer")

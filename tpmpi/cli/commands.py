@@ -141,7 +141,7 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
     with usage():  # plan computes from the flags (and the calibration file) alone
         preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
                      backward=args.backward, backend=args.backend, calibration=cal,
-                     bucket_bytes=args.bucket_bytes)
+                     bucket_bytes=args.bucket_bytes, overlap=args.overlap)
     warning = calibration_warning(cal, args.backend, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")

@@ -227,6 +227,9 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="whose GEMM rates to use")
     plan.add_argument("--backward", action="store_true", help="predict forward + backward")
+    plan.add_argument("--no-overlap", dest="overlap", action="store_false",
+                      help="backward collectives blocking after the dW GEMM (default: "
+                           "overlapped)")
     plan.add_argument("--calibration", metavar="FILE", default=None,
                       help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
                            "model's defaults)")

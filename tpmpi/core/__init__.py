@@ -1,9 +1,10 @@
 """The parallel core: process grids and meshes, block partitions and layouts, the collectives
-(with their agreement, datatypes, host staging and cost facts), array backends, devices and
-their topology, dtypes, local GEMMs, per-layer profiling, weight initialisation and dropout
-masks (both counter-based), the attention heads each rank holds, and how an MPI program of
-tpmpi starts and ends on every rank (``launch``). Nothing here imports the layers, the
-checkpoints, the models or the studies.
+(with their agreement, datatypes, host staging and cost facts), the communication operators the
+layers hold by name (1D and SUMMA), array backends, devices and their topology, dtypes, local
+GEMMs, the taps that operators and local work report to (and the profiler tap), schedules as
+data, weight initialisation and dropout masks (both counter-based), the attention heads each
+rank holds, and how an MPI program of tpmpi starts and ends on every rank (``launch``). Nothing
+here imports the layers, the checkpoints, the models or the studies.
 
 One concern a module:
 
@@ -16,15 +17,17 @@ One concern a module:
 * communication -- ``agreement`` (errors on every rank), ``comm`` (the collectives, one
   dispatch), ``datatypes`` (MPI datatypes and gather plans), ``staging`` (host staging of device
   buffers), ``cache`` (the one LRU and the one per-communicator cache), ``colltable``,
-  ``mappings``, ``schedule``, ``profiler``;
+  ``mappings`` (the operators layers hold by name), ``summa`` (the tile scheme's operators),
+  ``schedule`` (products and collectives as data), ``tap`` (where operators and local work
+  report), ``profiler`` (the tap that accounts time and bytes);
 * placement -- ``grid``, ``mesh``, ``partition``, ``layout``, ``args``;
 * processes -- ``launch`` (exit codes, agreed arguments, signals, abort).
 
 Dependency levels (a module imports only modules of earlier levels; tests/test_imports.py
 checks this list against the source):
 
-1. ``args``, ``arrays``, ``cache``, ``colltable``, ``schedule``, ``topology`` (no tpmpi
-   imports)
+1. ``args``, ``arrays``, ``cache``, ``colltable``, ``schedule``, ``tap``, ``topology`` (no
+   tpmpi imports)
 2. ``agreement``, ``arraylib``, ``dtypes``, ``gpubind``, ``partition``, ``tiling``
 3. ``datatypes``, ``devices``, ``gemm``, ``heads``, ``launch``, ``threads``
 4. ``backend``, ``grid``
@@ -32,4 +35,5 @@ checks this list against the source):
 6. ``comm``, ``dropout``
 7. ``layout``
 8. ``mappings``
+9. ``summa``
 """

@@ -2,7 +2,9 @@
 whether any rank saw a bad argument or a differing value, and all raise the same ValueError.
 
 * :func:`agree` -- the primitive: one small Allreduce decides whether any rank reports an error
-  or a differing value; only then are the details gathered (one allgather).
+  or a differing value; only then are the details gathered (one allgather). It is an
+  ``Iallreduce`` (:func:`start_agree`), so that a layer can run its local product while the
+  ranks agree and pay their skew once (:class:`Settle`).
 * :func:`agree_checks` -- run a rank's local checks (functions named ``check_*`` in tpmpi
   raise on the rank that calls them), then :func:`agree` on their outcome, on the given values
   and on the one setting that changes how collectives are cut, ``TPMPI_MAX_MESSAGE_BYTES``
@@ -108,37 +110,69 @@ def _mismatch(infos: list) -> str:
     return found[0] if found else "the ranks are in different calls"
 
 
-def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
-    """Raise the same ValueError on every rank of ``comm`` if any rank reports ``error`` or any
-    keyword value differs between ranks (compared after :func:`normalise`; a :class:`Same`
-    value ends the message with its own words). Collective: one Allreduce of 3 int64 whatever
-    the values, so any two agreements match each other (a rank in another tpmpi call is
-    reported, not left hanging); an allgather of the details only on failure. A ``call`` value
-    (which operation this is) is reported before the others.
-    """
+class Agreement:
+    """A started :func:`start_agree`: :meth:`wait` completes its Allreduce and raises the agreed
+    ValueError on every rank when any rank reported an error or a differing value."""
+
+    __slots__ = ("comm", "error", "values", "both", "request")
+
+    def __init__(self, comm: MPI.Comm, error: Optional[str], values: dict,
+                 both: Optional[np.ndarray], request: Optional[MPI.Request]) -> None:
+        self.comm, self.error, self.values = comm, error, values
+        self.both, self.request = both, request
+
+    def wait(self) -> None:
+        """Complete the agreement (collective: the allgather of the details on failure only)."""
+        if self.request is None:
+            return
+        self.request.Wait()
+        self.request = None
+        both = self.both
+        assert both is not None  # set with the request
+        if both[0] == 0 and both[1] == -both[2]:
+            return
+        fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
+                  for key, v in self.values.items()]
+        raise ValueError(_mismatch(self.comm.allgather((self.error, fields))))
+
+
+def start_agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> Agreement:
+    """Start :func:`agree`: the Iallreduce is in flight when this returns, and
+    :meth:`Agreement.wait` decides. Local work may run in between (the ranks' skew is then paid
+    once, at the wait), but no collective on ``comm``: a rank that reported ``error`` only
+    waits and raises. Collective."""
     if comm == MPI.COMM_NULL:
         raise ValueError("the communicator is MPI.COMM_NULL (freed, e.g. by grid.free(), or "
                          "this rank is outside it): expected a live communicator")
     if comm.Get_size() == 1:
         if error:
             raise ValueError(error)
-        return
-    fields = [(key, repr(normalise(v)), v.must if isinstance(v, Same) else SAME_VALUE)
-              for key, v in values.items()]
-    text = repr([(k, t) for k, t, _ in fields]).encode()
+        return Agreement(comm, None, {}, None, None)
+    text = repr([(key, repr(normalise(v))) for key, v in values.items()]).encode()
     code = zlib.crc32(text) << 30 | zlib.adler32(text) >> 2  # 62 bits, the same on every rank
     both = np.array([1 if error else 0, code, -code], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    if both[0] == 0 and both[1] == -both[2]:
-        return
-    raise ValueError(_mismatch(comm.allgather((error, fields))))
+    request = comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    return Agreement(comm, error, values, both, request)
 
 
-def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> None:
-    """Run ``local_checks`` on every rank, then :func:`agree` on its outcome, on ``values`` and
-    on ``TPMPI_MAX_MESSAGE_BYTES`` (parsed here, so a bad value on one rank is an error on
+def agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> None:
+    """Raise the same ValueError on every rank of ``comm`` if any rank reports ``error`` or any
+    keyword value differs between ranks (compared after :func:`normalise`; a :class:`Same`
+    value ends the message with its own words). Collective: one Iallreduce of 3 int64 whatever
+    the values, completed at once, so any two agreements match each other (a rank in another
+    tpmpi call is reported, not left hanging; every agreement is non-blocking, as blocking and
+    non-blocking collectives never match); an allgather of the details only on failure. A
+    ``call`` value (which operation this is) is reported before the others.
+    """
+    start_agree(comm, error, **values).wait()
+
+
+def start_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> Agreement:
+    """Run ``local_checks`` on every rank, then :func:`start_agree` on its outcome, on ``values``
+    and on ``TPMPI_MAX_MESSAGE_BYTES`` (parsed here, so a bad value on one rank is an error on
     every rank). Collective. Any exception of ``local_checks`` becomes the agreed ValueError
-    (others than ValueError/TypeError prefixed by their type), so no rank leaves while others
+    (others than ValueError/TypeError prefixed by their type); a rank whose checks failed waits
+    for the agreement here and raises, so no rank goes on with a bad argument while the others
     wait."""
     error, limit = None, None
     try:
@@ -148,7 +182,42 @@ def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
         error = str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. AttributeError from a non-array argument
         error = f"{type(exc).__name__}: {exc}"
-    agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
+    agreement = start_agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
+    if error:
+        agreement.wait()
+    return agreement
+
+
+def agree_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any) -> None:
+    """:func:`start_checks`, completed at once: the same ValueError on every rank, or none."""
+    start_checks(comm, local_checks, **values).wait()
+
+
+class Settle:
+    """What a layer's operations share with its operators and local work
+    (:class:`tpmpi.layers.base.ParallelLinear`): the agreement of the operation in progress,
+    held until its first collective or the end of its first local product, whichever comes
+    first (:meth:`settle` completes it), and ``failed``, a failure on this rank between an
+    operation's collectives (which still completed them), for the next operation to report on
+    every rank."""
+
+    __slots__ = ("agreement", "failed")
+
+    def __init__(self) -> None:
+        self.agreement: Optional[Agreement] = None
+        self.failed: Optional[str] = None
+
+    def hold(self, agreement: Agreement) -> None:
+        """Keep ``agreement`` open (an earlier one is completed first)."""
+        self.settle()
+        self.agreement = agreement
+
+    def settle(self) -> None:
+        """Complete the held agreement, if any: the agreed ValueError on every rank."""
+        agreement = self.agreement
+        if agreement is not None:
+            self.agreement = None
+            agreement.wait()
 
 
 def agree_on_root(comm: MPI.Comm, task: Optional[Callable[[], Any]]) -> Any:

@@ -385,16 +385,6 @@ def _dispatch(a: Array, staging: Optional[Staging], blocking: bool,
     return chain
 
 
-def _allreduce_chunks(flat: Array, comm: MPI.Comm, blocking: bool) -> list:
-    """``Allreduce`` (``Iallreduce``) in place per flat chunk."""
-    if not blocking:
-        return [comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
-                for part in chunks(flat.size, flat.itemsize)]
-    for part in chunks(flat.size, flat.itemsize):
-        comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
-    return []
-
-
 def allreduce(a: Array, comm: MPI.Comm, staging: Optional[Staging] = None) -> Array:
     """In-place sum of C-contiguous ``a`` over ``comm``. Returns ``a``. float32/float64 on host
     or GPU-aware buffers: ``Allreduce`` per flat chunk; float16/bfloat16 and staged device
@@ -403,8 +393,13 @@ def allreduce(a: Array, comm: MPI.Comm, staging: Optional[Staging] = None) -> Ar
     if comm.Get_size() == 1:
         return a
     flat = _flat(a)
-    _dispatch(a, staging, True, partial(_allreduce_chunks, flat, comm),
-              partial(_exchange_pieces, flat, comm))
+
+    def native(_: bool) -> list:
+        for part in chunks(flat.size, flat.itemsize):
+            comm.Allreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
+        return []
+
+    _dispatch(a, staging, True, native, partial(_exchange_pieces, flat, comm))
     return a
 
 
@@ -415,7 +410,9 @@ def iallreduce(a: Array, comm: MPI.Comm) -> Request:
     if comm.Get_size() == 1:
         return MPI.REQUEST_NULL
     flat = _flat(a)
-    return _dispatch(a, None, False, partial(_allreduce_chunks, flat, comm),
+    return _dispatch(a, None, False,
+                     lambda _: [comm.Iallreduce(MPI.IN_PLACE, flat[part], op=MPI.SUM)
+                                for part in chunks(flat.size, flat.itemsize)],
                      partial(_exchange_pieces, flat, comm))
 
 

@@ -49,7 +49,7 @@ def reduction_dtype(dtype: DTypeLike) -> np.dtype:
 def as_words(a: Array) -> Array:
     """``a`` as MPI sees it: a uint16 view for the 2-byte floats (mpi4py cannot export
     bfloat16, and the words match :func:`mpi_type`), ``a`` itself otherwise."""
-    return a.view(np.uint16) if a.dtype.name in HALF else a
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.name in HALF else a  # name: slow
 
 
 def _new_subarray(dtype: DTypeLike, global_shape: Sequence[int], starts: Sequence[int],

@@ -10,15 +10,22 @@ half-precision GEMM (cuBLAS accumulates in float32), and every other dtype goes 
 ``xp.matmul``.
 
 :func:`column_sums` (the bias gradient) accumulates 2-byte floats in float32 on every backend.
+
+:class:`LocalWork` is how a module runs them: each product (bias add included), column sum and
+element-wise function is a region of the module's tap (:mod:`tpmpi.core.tap`), and the end of
+a product completes the agreement of the operation in progress (:class:`tpmpi.core.agreement.
+Settle`), so that the ranks agree on their arguments while the first product runs.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .agreement import Settle
 from .arrays import Array
 from .dtypes import HALF
+from .tap import NULL_TAP, Tap
 
 WORKSPACE_BYTES = 32 * 2**20
 """float32 workspace of one half-precision NumPy product (converted panels and result block)."""
@@ -29,7 +36,7 @@ def matmul(xp: Any, a: Array, b: Array, out: Optional[Array] = None) -> Array:
     """``a @ b`` (M, K) x (K, N) -> (M, N) of ``a``'s dtype, into ``out`` when given. NumPy
     2-byte floats: float32 products rounded once (see the module docstring); otherwise
     ``xp.matmul``."""
-    if xp is not np or a.dtype.name not in HALF:
+    if xp is not np or a.dtype.itemsize != 2 or a.dtype.name not in HALF:  # name: slow
         return xp.matmul(a, b, out=out)
     m, k = a.shape
     n = b.shape[1]
@@ -65,3 +72,36 @@ def column_sums(a: Array) -> Array:
     if a.dtype.name in HALF:
         return a.sum(axis=0, dtype=np.float32).astype(a.dtype)
     return a.sum(axis=0)
+
+
+class LocalWork:
+    """A module's local computation on array namespace ``xp`` (see the module docstring):
+    ``tap`` is the null tap until a measurement attaches one; ``pending`` is the module's
+    :class:`~tpmpi.core.agreement.Settle`. No communication."""
+
+    def __init__(self, xp: Any, pending: Optional[Settle] = None) -> None:
+        self.xp = xp
+        self.tap: Tap = NULL_TAP
+        self.pending = pending if pending is not None else Settle()
+
+    def product(self, a: Array, b: Array, out: Optional[Array] = None,
+                bias: Optional[Array] = None) -> Array:
+        """``a @ b (+ bias)``, (M, K) x (K, N) -> (M, N), into ``out`` when given
+        (:func:`matmul`); then the pending agreement is completed."""
+        with self.tap.product():
+            out = matmul(self.xp, a, b, out=out)
+            if bias is not None:
+                out += bias
+        self.pending.settle()
+        return out
+
+    def column_sums(self, a: Array) -> Array:
+        """:func:`column_sums` of ``a`` (a bias gradient)."""
+        with self.tap.product():
+            return column_sums(a)
+
+    def pointwise(self, fn: Callable[..., Array], x: Array, *args: Array) -> Array:
+        """``fn(x, *args)``, element-wise work of the shape of ``x`` (an activation or its
+        gradient)."""
+        with self.tap.product():
+            return fn(x, *args)

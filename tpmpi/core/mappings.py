@@ -1,7 +1,8 @@
-"""Paired communication operators of tensor and sequence parallelism (Megatron's
-``mappings.py``, PyTorch DTensor's redistributions), each with its adjoint.
+"""Communication operators of tensor and sequence parallelism (Megatron's ``mappings.py``,
+PyTorch DTensor's redistributions), each with its adjoint, held by the layers under names that
+say what they do (``self.gather_y``, ``self.reduce_dx``).
 
-A parallel linear layer is ``input mapping -> local GEMM -> output mapping``; its backward
+A parallel linear layer is ``input operator -> local GEMM -> output operator``; its backward
 applies the adjoints in reverse order. Two kinds of distributed array meet here:
 
 * *replicated*: the same array on every rank of the group, one logical value (its inner product
@@ -25,11 +26,14 @@ GatherCols             column blocks -> replicated      SplitCols               
 (cols -> replicated)
 SplitCols              replicated -> own column block   GatherCols                  --
 (replicated -> cols)   (a view, no communication)
+Keep                   blocks stay as they are          Keep                        --
+(a layout -> itself)
 =====================  ===============================  ==========================  =========
 
 Each operator is thus named by the pair of layouts (:mod:`tpmpi.core.layout`; ``partial`` is
-:data:`tpmpi.core.layout.PARTIAL`) it maps between: :func:`between` picks it, which is how a layer's
-declared layouts (:class:`tpmpi.core.layout.LinearLayouts`) become its communication.
+:data:`tpmpi.core.layout.PARTIAL`) it maps between: :func:`between` builds it, which is how a
+layer's declared layouts (:class:`tpmpi.core.layout.LinearLayouts`) become its communication.
+The SUMMA operators of the tile scheme are in :mod:`tpmpi.core.summa`.
 
 Blocks follow the block partition of :mod:`tpmpi.core.partition` in rank order (uneven and empty
 blocks allowed). The layers compose them (``ColumnParallelLinear``: Copy or GatherRows in,
@@ -42,139 +46,260 @@ parallel, AllReduce or ReduceScatterRows out), and so the FFN modes of
 * sequence: GatherRows -> fc1 -> act -> fc2 -> ReduceScatterRows (Megatron's sequence
   parallelism: activations outside the GEMMs stay split by rows).
 
-Every operator has a blocking :meth:`Mapping.forward` and a non-blocking :meth:`Mapping.start`
-(which, under host staging of device buffers, runs the blocking form and returns a completed
-request, so callers have one code path). ``out(x, size)`` allocates (or, for the operators that
-communicate nothing or work in place, returns) the result array, so callers own it before the
-collective starts. tests/test_mappings.py checks every pair with dot-product tests.
+Executing. An operator is built once (by the layer's constructor) on a communicator, with its
+host-staging path (:class:`~tpmpi.core.staging.Staging`) and its ``overlap`` setting; its
+adjoint is built with it (``op.adjoint``, whose adjoint is ``op``). Calling it
+(``op(x, size)``) allocates the result and runs the blocking collective (one comm.py call);
+``op.during(x, work, size)`` starts the non-blocking collective, runs the local ``work`` and
+waits (with ``overlap=False``, under host staging or on one rank: ``work`` first, then the
+blocking collective); ``op.start(x, size)`` returns a :class:`Pending` whose ``wait()``
+completes it (the operators the layers run non-blocking have it). If ``work`` raises, the
+collective the other ranks are in is completed first and the failure is kept in
+``op.pending`` (the layer's next operation raises on every rank). Every
+collective reports to ``op.tap`` (:mod:`tpmpi.core.tap`; the null tap by default) and first
+completes the layer's pending argument agreement (``op.pending``,
+:class:`~tpmpi.core.agreement.Settle`). ``size`` is the global length of the gathered axis
+(GatherRows: rows, GatherCols: columns). Operator classes also state their schedule step
+(:meth:`Operator.step`: the collective and its nccl-tests size ``S`` for an array shape), which
+is how a layer lists its schedule without being built. tests/test_mappings.py checks every
+pair with dot-product tests.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional
+from collections.abc import Sequence
+from typing import Any, Callable, ClassVar, Optional
 
 from mpi4py import MPI
 
-from .backend import backend_of
+from .agreement import Settle
 from .arrays import Array
+from .backend import backend_of
 from .comm import Request, Staging, allgather_blocks, allreduce, iallgather_blocks, iallreduce, \
     ireduce_scatter, reduce_scatter
-from .layout import PARTIAL, blocks
+from .dtypes import resolve_dtype
+from .layout import PARTIAL, Block, blocks
 from .partition import block_range
+from .schedule import Collective
+from .tap import NULL_TAP, Tap
 
 
-class Mapping:
+class Pending:
+    """A collective started by :meth:`Operator.start`: :meth:`wait` completes it -- waits for
+    the request, or, when the operator does not overlap, runs the blocking collective now."""
+
+    __slots__ = ("operator", "nbytes", "request", "blocking")
+
+    def __init__(self, operator: Optional[Operator], nbytes: int = 0,
+                 request: Optional[Request] = None,
+                 blocking: Optional[Callable[[], Any]] = None) -> None:
+        self.operator, self.nbytes = operator, nbytes
+        self.request, self.blocking = request, blocking
+
+    def wait(self) -> None:
+        """Complete the collective (once; later calls return at once)."""
+        op = self.operator
+        if op is None:
+            return
+        self.operator = None
+        if self.blocking is not None:
+            with op.tap.blocked(op.op or "", self.nbytes, op.size):
+                self.blocking()
+        elif self.request is not None:
+            with op.tap.wait(op.op or ""):
+                self.request.Wait()
+
+
+DONE = Pending(None)
+"""A completed :class:`Pending` (an operator with nothing to communicate)."""
+
+
+class Operator:
     """A communication operator over ``comm`` (see the module docstring) from layout ``src``
-    to layout ``dst``. ``op`` names the collective of :meth:`forward` (None: no
-    communication), as the profiler and the cost model count it; ``allocates``: the result is
-    a new array (else ``x`` itself or a view of it)."""
+    to layout ``dst``. ``op`` names its collective (a :data:`tpmpi.core.colltable.TABLE` row;
+    None: no communication); ``allocates``: the result is a new array (else ``x`` itself or a
+    view of it). ``overlap``: :meth:`during` and :meth:`start` run the collective non-blocking
+    (when there is no host staging and more than one rank). ``pending``: the agreement every
+    collective completes first (the layer's). ``tap``: where it reports (bytes, blocked time,
+    waits)."""
 
     op: ClassVar[Optional[str]] = None
     src: ClassVar[str]
     dst: ClassVar[str]
     allocates: ClassVar[bool] = False
-    adjoint_class: ClassVar[type[Mapping]]
+    adjoint_class: ClassVar[type[Operator]]
 
-    def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None) -> None:
-        self.comm = comm
-        self.staging = staging
+    def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None, *,
+                 overlap: bool = True, pending: Optional[Settle] = None,
+                 _adjoint: Optional[Operator] = None) -> None:
+        self.comm, self.staging, self.overlap = comm, staging, bool(overlap)
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.pending = pending if pending is not None else Settle()
+        self.tap: Tap = NULL_TAP
+        self.adjoint: Operator = _adjoint if _adjoint is not None else self.adjoint_class(
+            comm, staging, overlap=overlap, pending=self.pending, _adjoint=self)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(P={self.comm.Get_size()})"
+        return f"{type(self).__name__}(P={self.size})"
 
-    @property
-    def adjoint(self) -> Mapping:
-        """The adjoint operator (the backward of this one) on the same communicator."""
-        return self.adjoint_class(self.comm, self.staging)
+    @classmethod
+    def step(cls, name: str, shape: Sequence[int], dtype: str, group: str, size: int,
+             during: tuple[str, ...] = ()) -> Optional[Collective]:
+        """This operator's schedule step on ``size`` ranks of ``group`` for the array of global
+        ``shape`` (the gathered, reduced or broadcast one: nccl-tests ``S`` is its bytes), or
+        None when nothing is communicated (no collective, or one rank). No communication."""
+        if cls.op is None or size <= 1:
+            return None
+        nbytes = math.prod(int(d) for d in shape) * resolve_dtype(dtype).itemsize
+        return Collective(name, cls.op, group, int(size), nbytes, dtype, during)
 
-    def out(self, x: Array, size: Optional[int] = None) -> Array:
-        """The result array of applying this operator to ``x`` (allocated, not yet filled, for
-        the operators that communicate into a new array). ``size`` is the global length of the
-        gathered axis (GatherRows: rows, GatherCols: columns)."""
-        return x
+    def out(self, x: Array, size: Any = None) -> Any:
+        """The result array of applying this operator to ``x``: for the operators that
+        communicate into a new array (``allocates``) that array, not yet filled (:meth:`_new`),
+        except on one rank, where it is ``x`` itself; else ``x`` (or a view of it). ``size``:
+        the 1D operators' length of the gathered axis; the SUMMA operators' panel shape or
+        root."""
+        return self._new(x, size) if self.allocates and self.size > 1 else x
 
-    def nbytes(self, x: Array, out: Array) -> int:
-        """The nccl-tests size ``S`` of the collective (0 when there is none)."""
-        return 0
+    def _new(self, x: Array, size: Any) -> Any:  # pragma: no cover - abstract
+        """A new result array for ``x`` (the allocating operators)."""
+        raise NotImplementedError
 
-    def forward(self, x: Array, out: Array) -> Array:
-        """Apply the operator, blocking; returns ``out``. Collective when ``op`` is set."""
+    def __call__(self, x: Array, size: Any = None) -> Any:
+        """The operator applied to ``x``, blocking (no communication here)."""
+        return self.out(x, size)
+
+    def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Any:
+        """The operator applied to ``x`` while ``work()`` runs (from :meth:`start`; the
+        operators the layers overlap state their own)."""
+        out = self.out(x, size)
+        self._complete(self.start(x, size, out), work)
         return out
 
-    def start(self, x: Array, out: Array) -> Request:
-        """Non-blocking :meth:`forward`: ``out`` is final after ``Wait()`` on the returned
-        request; ``x`` and ``out`` must stay untouched until then."""
-        self.forward(x, out)
-        return MPI.REQUEST_NULL
+    def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
+        """Apply the operator into ``out`` (default :meth:`out`) once the returned
+        :class:`Pending` is waited for (no communication here: already done)."""
+        if self.op is not None:
+            raise TypeError(f"{type(self).__name__} has no start(): call it or use during()")
+        return DONE
 
-    def _direct(self) -> bool:
-        """Whether MPI may use the arrays themselves (stream synchronised first)."""
-        return self.staging is None or self.staging.direct()
+    # ---- the one overlap logic of every operator (and of DataParallel's buckets)
+    def _overlaps(self) -> bool:
+        staging = self.staging
+        return self.overlap and self.size > 1 and not (staging is not None and staging.staged)
+
+    def _start(self, nbytes: int, launch: Callable[[], Request], blocking: Callable[[], Any]
+               ) -> Pending:
+        """``launch()`` now (the stream synchronised first) when overlapping, else a
+        :class:`Pending` that runs ``blocking()`` when waited for."""
+        self.pending.settle()
+        if not self._overlaps():
+            return Pending(self, nbytes, blocking=blocking)
+        if self.staging is not None:
+            self.staging.backend.synchronize()
+        request = launch()
+        self.tap.count(self.op or "", nbytes, self.size)
+        return Pending(self, nbytes, request=request)
+
+    def _complete(self, pending: Pending, work: Callable[[], Any]) -> None:
+        """``work()``, then ``pending`` waited for; if the work raises while a collective is in
+        flight, the collective is completed first (the other ranks are in it) and the failure
+        kept. (With nothing in flight the work may complete the pending agreement, whose error
+        every rank raises alike: nothing to keep.)"""
+        if pending is DONE:
+            work()
+            return
+        try:
+            work()
+        except BaseException as exc:
+            self.pending.failed = f"{type(exc).__name__}: {exc}"
+            pending.wait()
+            raise
+        pending.wait()
+
+    def _blocked(self, nbytes: int) -> Any:
+        """The region of a blocking collective of ``nbytes`` (the pending agreement first)."""
+        self.pending.settle()
+        return self.tap.blocked(self.op or "", nbytes, self.size)
 
 
-class Copy(Mapping):
+class Copy(Operator):
     """Identity on data: a replicated array becomes each rank's input (Megatron's ``f``)."""
 
     src, dst = "replicated", "replicated"
 
 
-class AllReduce(Mapping):
-    """In-place sum of per-rank partial sums into a replicated array (Megatron's ``g``)."""
+class Keep(Operator):
+    """An array keeps its blocks (a layout to itself): the identity, its own adjoint."""
+
+    src = dst = "same"
+
+
+class AllReduce(Operator):
+    """In-place sum of per-rank partial sums into a replicated array (Megatron's ``g``):
+    ``allreduce`` / ``iallreduce`` (``Allreduce`` / ``Iallreduce``; the exchange of slices for
+    2-byte floats)."""
 
     op = "allreduce"
     src, dst = PARTIAL, "replicated"
 
-    def nbytes(self, x: Array, out: Array) -> int:
-        return int(x.nbytes)
+    def __call__(self, x: Array, size: Any = None) -> Array:
+        with self._blocked(x.nbytes):
+            return allreduce(x, self.comm, self.staging)
 
-    def forward(self, x: Array, out: Array) -> Array:
-        allreduce(out, self.comm, self.staging)
-        return out
+    def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
+        self._complete(self._start(x.nbytes, lambda: iallreduce(x, self.comm),
+                                   lambda: allreduce(x, self.comm, self.staging)), work)
+        return x
 
-    def start(self, x: Array, out: Array) -> Request:
-        if self._direct():
-            return iallreduce(out, self.comm)
-        return super().start(x, out)
-
-
-class _Collective(Mapping):
-    """An operator whose result is a new array filled by one collective (``_run``), skipped
-    when there is nothing to move (one rank: the result is ``x`` itself)."""
-
-    def _run(self, x: Array, out: Array, blocking: bool) -> Any:  # pragma: no cover - abstract
-        """Start (``blocking=False``: returns the request) or run the collective."""
-        raise NotImplementedError
-
-    def forward(self, x: Array, out: Array) -> Array:
-        if out is not x:
-            self._run(x, out, True)
-        return out
-
-    def start(self, x: Array, out: Array) -> Request:
-        if out is not x and self._direct():
-            return self._run(x, out, False)
-        return super().start(x, out)
+    def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
+        return self._start(x.nbytes, lambda: iallreduce(x, self.comm),
+                           lambda: allreduce(x, self.comm, self.staging))
 
 
-class _Gather(_Collective):
-    """An Allgather of blocks straight into their places of the result (``Alltoallw`` with
-    subarray types, :func:`tpmpi.core.comm.allgather_blocks`) of the blocks of layout ``src``."""
+class _Gather(Operator):
+    """An Allgather of the blocks of layout ``src`` straight into their places of the result:
+    ``allgather_blocks`` / ``iallgather_blocks`` (``Alltoallw`` / ``Ialltoallw`` with subarray
+    receive types). One rank: the result is ``x`` itself."""
 
     op = "allgather"
     dst = "replicated"
     allocates = True
 
-    def blocks(self, out: Array) -> list[tuple[tuple, tuple]]:
-        """``(starts, shape)`` of every rank's block of ``out`` in layout ``src``."""
-        return blocks(out.shape, (1, self.comm.Get_size()), self.src)
+    def __init__(self, comm: MPI.Comm, staging: Optional[Staging] = None, **kwargs: Any) -> None:
+        super().__init__(comm, staging, **kwargs)
+        self._blocks: tuple[tuple[int, ...], list[Block]] = ((), [])
 
-    def nbytes(self, x: Array, out: Array) -> int:
-        return int(out.nbytes)
+    def blocks(self, out: Array) -> list[Block]:
+        """``(starts, shape)`` of every rank's block of ``out`` in layout ``src`` (kept for the
+        last shape: a repeated call computes nothing)."""
+        shape, found = self._blocks
+        if shape != out.shape:
+            found = blocks(out.shape, (1, self.size), self.src)
+            self._blocks = (tuple(out.shape), found)
+        return found
 
-    def _run(self, x: Array, out: Array, blocking: bool) -> Any:
-        if blocking:
-            return allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
-        return iallgather_blocks(x, out, self.blocks(out), self.comm)
+    def __call__(self, x: Array, size: Any = None) -> Array:
+        out = self.out(x, size)
+        if out is not x:
+            with self._blocked(out.nbytes):
+                allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
+        return out
+
+    def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
+        out = self.out(x, size)
+        parts = self.blocks(out)
+        self._complete(DONE if out is x else self._start(
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging)), work)
+        return out
+
+    def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
+        out = self.out(x, size) if out is None else out
+        parts = self.blocks(out)
+        return DONE if out is x else self._start(
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging))
 
 
 class GatherRows(_Gather):
@@ -182,34 +307,8 @@ class GatherRows(_Gather):
 
     src = "rows"
 
-    def out(self, x: Array, size: Optional[int] = None) -> Array:
-        if self.comm.Get_size() == 1:
-            return x
+    def _new(self, x: Array, size: Any) -> Array:
         return backend_of(x).xp.empty((size,) + tuple(x.shape[1:]), dtype=x.dtype)
-
-
-class ReduceScatterRows(_Collective):
-    """Sum of per-rank (M, ...) partials, each rank keeping its row block (layout "rows")."""
-
-    op = "reduce_scatter"
-    src, dst = PARTIAL, "rows"
-    allocates = True
-
-    def out(self, x: Array, size: Optional[int] = None) -> Array:
-        if self.comm.Get_size() == 1:
-            return x
-        a, b = block_range(x.shape[0], self.comm.Get_size(), self.comm.Get_rank())
-        return backend_of(x).xp.empty((b - a,) + tuple(x.shape[1:]), dtype=x.dtype)
-
-    def nbytes(self, x: Array, out: Array) -> int:
-        return int(x.nbytes)
-
-    def _run(self, x: Array, out: Array, blocking: bool) -> Any:
-        counts = [math.prod(shape) for _, shape in blocks(x.shape, (1, self.comm.Get_size()),
-                                                          self.dst)]
-        if blocking:
-            return reduce_scatter(x, out, counts, self.comm, self.staging)
-        return ireduce_scatter(x, out, counts, self.comm)
 
 
 class GatherCols(_Gather):
@@ -218,45 +317,76 @@ class GatherCols(_Gather):
 
     src = "cols"
 
-    def out(self, x: Array, size: Optional[int] = None) -> Array:
-        if self.comm.Get_size() == 1:
-            return x
+    def _new(self, x: Array, size: Any) -> Array:
         return backend_of(x).xp.empty((x.shape[0], size), dtype=x.dtype)
 
 
-class SplitCols(Mapping):
+class ReduceScatterRows(Operator):
+    """Sum of per-rank (M, ...) partials, each rank keeping its row block (layout "rows"):
+    ``reduce_scatter`` / ``ireduce_scatter`` (``Reduce_scatter`` / ``Ireduce_scatter``; the
+    exchange of slices for 2-byte floats)."""
+
+    op = "reduce_scatter"
+    src, dst = PARTIAL, "rows"
+    allocates = True
+
+    def _new(self, x: Array, size: Any) -> Array:
+        a, b = block_range(x.shape[0], self.size, self.rank)
+        return backend_of(x).xp.empty((b - a,) + tuple(x.shape[1:]), dtype=x.dtype)
+
+    def counts(self, x: Array, size: Any = None) -> list[int]:
+        """Elements of every rank's row block of ``x``."""
+        return [math.prod(shape) for _, shape in blocks(x.shape, (1, self.size), self.dst)]
+
+    def __call__(self, x: Array, size: Any = None) -> Array:
+        out = self.out(x, size)
+        if self.size > 1:
+            with self._blocked(x.nbytes):
+                reduce_scatter(x, out, self.counts(x, size), self.comm, self.staging)
+        return out
+
+    def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
+        out = self.out(x, size)
+        counts = self.counts(x, size)
+        self._complete(DONE if self.size == 1 else self._start(
+            x.nbytes, lambda: ireduce_scatter(x, out, counts, self.comm),
+            lambda: reduce_scatter(x, out, counts, self.comm, self.staging)), work)
+        return out
+
+
+class SplitCols(Operator):
     """This rank's column block of a replicated array: a strided view, no communication."""
 
     src, dst = "replicated", "cols"
 
-    def out(self, x: Array, size: Optional[int] = None) -> Array:
-        a, b = block_range(x.shape[1], self.comm.Get_size(), self.comm.Get_rank())
+    def out(self, x: Array, size: Any = None) -> Array:
+        a, b = block_range(x.shape[1], self.size, self.rank)
         return x[:, a:b]
 
 
 Copy.adjoint_class, AllReduce.adjoint_class = AllReduce, Copy
 GatherRows.adjoint_class, ReduceScatterRows.adjoint_class = ReduceScatterRows, GatherRows
 GatherCols.adjoint_class, SplitCols.adjoint_class = SplitCols, GatherCols
+Keep.adjoint_class = Keep
 
-MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCols)
-_BY_LAYOUTS = {(m.src, m.dst): m for m in MAPPINGS}
+MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCols, Keep)
+_BY_LAYOUTS = {(m.src, m.dst): m for m in MAPPINGS if m is not Keep}
 
 
-def mapping_class(src: str, dst: str) -> Optional[type[Mapping]]:
-    """The operator class from layout ``src`` to ``dst``; None when an array keeps its blocks
-    (``src == dst``, other than replicated: no operator). ValueError for a pair that no
-    operator maps."""
+def mapping_class(src: str, dst: str) -> type[Operator]:
+    """The operator class from layout ``src`` to ``dst``: :class:`Keep` when an array keeps its
+    blocks (``src == dst``, other than replicated). ValueError for a pair that no operator
+    maps."""
     if src == dst and src != "replicated":
-        return None
+        return Keep
     try:
         return _BY_LAYOUTS[src, dst]
     except KeyError:
         raise ValueError(f"no operator maps layout {src!r} to {dst!r}") from None
 
 
-def between(src: str, dst: str, comm: MPI.Comm, staging: Optional[Staging] = None
-            ) -> Optional[Mapping]:
+def between(src: str, dst: str, comm: MPI.Comm, staging: Optional[Staging] = None, *,
+            overlap: bool = True, pending: Optional[Settle] = None) -> Operator:
     """The operator taking an array from layout ``src`` to ``dst`` on ``comm`` (see
-    :func:`mapping_class`), or None."""
-    cls = mapping_class(src, dst)
-    return None if cls is None else cls(comm, staging)
+    :func:`mapping_class`), with its adjoint."""
+    return mapping_class(src, dst)(comm, staging, overlap=overlap, pending=pending)

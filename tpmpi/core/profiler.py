@@ -1,20 +1,12 @@
-"""Per-layer accounting of local GEMM time, communication time and collective bytes
-(:class:`Profiler`).
+"""Accounting of local product time, communication time and collective bytes: the
+:class:`Profiler`, a tap (:mod:`tpmpi.core.tap`) that a measurement attaches to a module's
+operators and local work from outside (:func:`tpmpi.layers.module.attach_tap`); the layers hold
+no profiler of their own.
 
-Layers wrap each local product in ``prof.gemm()`` and each collective in
-``prof.comm(op, nbytes, nranks)``; the benchmark reads and resets the totals. ``nbytes`` is the
-nccl-tests size ``S`` of the operation (the full gathered/reduced array), so
-``busbw = S * factor(op, P) / t``.
-
-Timing is off the hot path unless asked for: a layer's own profiler is untimed (``timed=False``:
-it counts collectives and bytes, reads no clock and never synchronises the stream); the
-benchmark attaches a timed one (:meth:`tpmpi.layers.ParallelLinear.attach_profiler`), which
-synchronises the device stream at each region boundary so that GPU work is charged to the
-region that launched it.
-
-For overlap measurements (:mod:`tpmpi.studies.overlap`) a profiler can run instrumented layers with
-only one phase: ``with prof.only("gemm"):`` skips their collectives, ``prof.only("comm")`` their
-GEMMs (results are then meaningless; only the time counts).
+``nbytes`` is the nccl-tests size ``S`` of each collective (the full gathered/reduced array), so
+``busbw = S * factor(op, P) / t``. A timed profiler synchronises the device stream at each region
+boundary so that GPU work is charged to the region that launched it; an untimed one
+(``timed=False``) only counts collectives and bytes: it reads no clock and never synchronises.
 """
 from __future__ import annotations
 
@@ -25,23 +17,19 @@ from typing import Callable, Optional
 
 from .backend import Backend
 from .colltable import bus_factor
-
-PHASES = ("gemm", "comm")
-
-
-_UNTIMED = contextlib.nullcontext()
+from .tap import NOTHING, Tap
 
 
-class Profiler:
-    """Accumulates ``gemm_s``, ``comm_s``, ``bytes`` (sum of S) and ``bus_bytes`` (sum of
-    S x bus factor). ``sync`` (the backend's stream sync) runs before each clock read so that
-    device work is charged to the region that launched it. With ``timed=False`` the regions
-    only count collectives and bytes (``gemm_s`` and ``comm_s`` stay 0, ``sync`` never runs)."""
+class Profiler(Tap):
+    """Accumulates ``gemm_s`` (local products), ``comm_s`` (blocked in or waiting for
+    collectives), ``bytes`` (sum of S), ``bus_bytes`` (sum of S x bus factor) and ``calls``
+    per collective, counting only collectives over more than one rank. ``sync`` (the backend's
+    stream sync) runs before each clock read. With ``timed=False`` the regions only count
+    (``gemm_s`` and ``comm_s`` stay 0, ``sync`` never runs)."""
 
     def __init__(self, sync: Optional[Callable[[], None]] = None, *, timed: bool = True):
         self.sync = sync
         self.timed = timed
-        self.phases: frozenset = frozenset(PHASES)
         self.reset()
 
     @classmethod
@@ -61,52 +49,37 @@ class Profiler:
             self.sync()
         return time.perf_counter()
 
-    def gemm(self) -> contextlib.AbstractContextManager[None]:
+    def product(self) -> contextlib.AbstractContextManager[None]:
         """Charge the block to local computation."""
-        return self._timed_gemm() if self.timed else _UNTIMED
+        return self._timed_product() if self.timed else NOTHING
 
-    def comm(self, op: str, nbytes: int, nranks: int) -> contextlib.AbstractContextManager[None]:
-        """Charge the block to collective ``op`` of ``nbytes`` over ``nranks``."""
-        if not self.timed:
-            self.count(op, nbytes, nranks)
-            return _UNTIMED
-        return self._timed_comm(op, nbytes, nranks)
+    def blocked(self, op: str, nbytes: int, p: int) -> contextlib.AbstractContextManager[None]:
+        """Charge the block to blocking collective ``op`` of ``nbytes`` over ``p`` ranks."""
+        self.count(op, nbytes, p)
+        return self._timed_comm() if self.timed else NOTHING
+
+    def wait(self, op: str) -> contextlib.AbstractContextManager[None]:
+        """Charge the block to waiting for collective ``op`` (counted when it started)."""
+        return self._timed_comm() if self.timed else NOTHING
 
     @contextlib.contextmanager
-    def _timed_gemm(self) -> Iterator[None]:
+    def _timed_product(self) -> Iterator[None]:
         t0 = self._now()
         yield
         self.gemm_s += self._now() - t0
 
     @contextlib.contextmanager
-    def _timed_comm(self, op: str, nbytes: int, nranks: int) -> Iterator[None]:
+    def _timed_comm(self) -> Iterator[None]:
         t0 = self._now()
         yield
         self.comm_s += self._now() - t0
-        self.count(op, nbytes, nranks)
 
-    def count(self, op: str, nbytes: int, nranks: int) -> None:
-        """Record a collective's bytes without timing it (e.g. one overlapped with a GEMM)."""
-        if nranks > 1:
+    def count(self, op: str, nbytes: int, p: int) -> None:
+        """Record a collective's bytes (one started non-blocking, or a blocking one)."""
+        if p > 1:
             self.bytes += nbytes
-            self.bus_bytes += nbytes * bus_factor(op, nranks)
+            self.bus_bytes += nbytes * bus_factor(op, p)
             self.calls[op] = self.calls.get(op, 0) + 1
-
-    def runs(self, phase: str) -> bool:
-        """Whether layers should run their ``"gemm"`` or ``"comm"`` work now."""
-        return phase in self.phases
-
-    @contextlib.contextmanager
-    def only(self, phase: str) -> Iterator[None]:
-        """Run only ``phase`` (``"gemm"`` or ``"comm"``) of the instrumented layers inside the
-        block (timing runs for :func:`tpmpi.studies.overlap.measure_overlap`)."""
-        if phase not in PHASES:
-            raise ValueError(f"phase={phase!r}: expected one of {', '.join(PHASES)}")
-        saved, self.phases = self.phases, frozenset([phase])
-        try:
-            yield
-        finally:
-            self.phases = saved
 
     def totals(self) -> dict:
         """A snapshot of the totals."""

@@ -71,10 +71,11 @@ class Collective:
 @dataclasses.dataclass(frozen=True)
 class GradsReady:
     """Gradients of ``nbytes`` per rank (``names``, in the order data parallelism buckets them)
-    are final at this point of backward."""
+    of ``dtype`` are final at this point of backward."""
 
     names: tuple[str, ...]
     nbytes: int
+    dtype: str = "float32"
 
 
 Step = Union[Product, Pointwise, Collective, GradsReady]

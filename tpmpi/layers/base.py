@@ -1,28 +1,29 @@
 """What every parallel linear layer shares: argument agreement, parameter placement from the
-layout-invariant initialiser or from dense matrices, gradients, gather_weight."""
+layout-invariant initialiser or from dense matrices, gradients, gather_weight, its operators
+(held by name, built from the declared layouts) and its schedule."""
 from __future__ import annotations
 
 import math
 import weakref
 import zlib
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import numpy as np
-from mpi4py import MPI
 
-from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
+from ..core.agreement import CALL_ORDER, Same, Settle, Text, agree_checks, start_checks
 from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, get_backend
-from ..core.comm import Request, Staging
+from ..core.comm import Staging
 from ..core.dtypes import dtype_name, resolve_dtype
-from ..core.gemm import matmul
+from ..core.gemm import LocalWork
 from ..core.grid import ProcessGrid, default_grid
 from ..core.init import init_weight
 from ..core.layout import LinearLayouts, agreed_gather, local_shape, local_slices
-from ..core.mappings import Mapping, between
+from ..core.mappings import Operator, between
 from ..core.partition import block_sizes
-from ..core.profiler import Profiler
+from ..core.schedule import Schedule
+from .linear_schedule import grid_shape, linear_schedule
 from .module import Checkpointable
 
 
@@ -73,10 +74,15 @@ class ParallelLinear(Checkpointable):
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
     Subclasses declare their layouts in ``layouts_for(**options)`` (a
-    :class:`~tpmpi.core.layout.LinearLayouts` from their flags: ``self.layouts``; the input and
-    output operators :attr:`x_map` / :attr:`y_map` follow from it) and implement ``forward``
-    / ``backward``. Construction is collective: every rank must pass the same
-    arguments (checked; a difference raises the same ValueError everywhere).
+    :class:`~tpmpi.core.layout.LinearLayouts` from their flags: ``self.layouts``), build their
+    communication operators from them once (:meth:`_operator`: ``x -> x_local`` and ``y_local
+    -> y`` and the adjoints, held under names that say what they do and listed by
+    :meth:`operators`), and implement ``forward`` / ``backward`` as GEMM, named operator,
+    GEMM, with the local work of ``self.local`` (:class:`~tpmpi.core.gemm.LocalWork`).
+    ``STEP_NAMES`` names the four operators (x, y, dy, dx) in the schedule that
+    :meth:`schedule_for` lists without building the layer. Construction is collective: every
+    rank must pass the same arguments (checked; a difference raises the same ValueError
+    everywhere).
     ``ParallelLinear.load_checkpoint(path, grid)`` (:class:`~tpmpi.layers.module.Checkpointable`)
     loads a saved layer of any subclass; a subclass loads its own kind.
 
@@ -96,7 +102,14 @@ class ParallelLinear(Checkpointable):
     every rank is in, so swapped layers or forward on one rank and backward on another raise
     the same error everywhere. If a rank fails between a backward's collectives (it still
     completes them), the layer remembers it and its next operation raises on every rank.
+    The agreement is started before an operation's first local product and completed right
+    after it, or before the operation's first collective when that comes first
+    (:class:`~tpmpi.core.agreement.Settle`): the ranks wait for each other once per
+    operation, not twice, and a bad argument on any rank still raises the same ValueError on
+    every rank before any data collective.
     """
+
+    STEP_NAMES: ClassVar[tuple[str, str, str, str]] = ("x", "y", "dy", "dx")
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype: DTypeLike = "float32", seed: int = 0,
@@ -110,7 +123,9 @@ class ParallelLinear(Checkpointable):
         self.comm = self.grid.comm
         self.layer_id = _next_layer_id(self.grid)
         self._ops = 0  # operations so far (the call counter agreed with each one)
-        self._failed: Optional[str] = None  # a local failure inside an operation's collectives
+        # the operation's agreement until its first product or collective, and a local
+        # failure inside an operation's collectives (shared with the operators)
+        self._pending = Settle()
 
         def local_checks() -> None:
             if _dense is not None:
@@ -128,6 +143,9 @@ class ParallelLinear(Checkpointable):
                      backend=str(backend), overlap=bool(overlap), check_finite=bool(check_finite),
                      check_replicated=bool(check_replicated), **options)
         self.in_features, self.out_features = int(in_features), int(out_features)
+        # "layer #i (Class KxN)": the same on every rank for the same layer
+        self.identity = (f"layer #{self.layer_id} ({type(self).__name__} "
+                         f"{self.in_features}x{self.out_features})")
         self.dtype = resolve_dtype(dtype)
         self.seed = seed
         self.check_finite = bool(check_finite)
@@ -138,7 +156,7 @@ class ParallelLinear(Checkpointable):
         self.backend = get_backend(backend, self.comm)
         self.backend.check_dtype(self.dtype)  # same outcome on every rank: args agreed
         self.staging = Staging(self.backend)
-        self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
+        self.local = LocalWork(self.backend.xp, self._pending)
         w_rows, w_cols = local_slices((self.in_features, self.out_features), self.grid,
                                       self.layouts.weight)
         (b_cols,) = local_slices((self.out_features,), self.grid, self.layouts.bias)
@@ -169,18 +187,6 @@ class ParallelLinear(Checkpointable):
         return weight, (xp.ascontiguousarray(xp.asarray(b[cols], dtype=self.dtype))
                         if b is not None else None)
 
-    def attach_profiler(self, profiler: Optional[Profiler] = None) -> Profiler:
-        """Time this layer's GEMM and communication regions from now on (``profiler``, default a
-        new timed :class:`~tpmpi.core.profiler.Profiler` that synchronises this backend's stream at
-        each region boundary) and return the profiler. Without one, layers read no clock and
-        synchronise the stream only where MPI needs it."""
-        self.profiler = profiler if profiler is not None else Profiler.for_backend(self.backend)
-        return self.profiler
-
-    def detach_profiler(self) -> None:
-        """Stop timing (collectives and bytes are still counted)."""
-        self.profiler = Profiler(timed=False)
-
     def _check_options(self) -> None:
         """Validate the subclass's options (its keywords) locally: ValueError for a bad value,
         TypeError for an unknown option. This base accepts none."""
@@ -192,16 +198,54 @@ class ParallelLinear(Checkpointable):
         communication."""
         raise NotImplementedError
 
-    @property
-    def x_map(self) -> Optional[Mapping]:
-        """The input's operator on the layer's communicator, ``x`` -> ``x_local``
-        (:func:`tpmpi.core.mappings.between`; None when x keeps its blocks)."""
-        return between(self.layouts.x, self.layouts.x_local, self.comm, self.staging)
+    def _operator(self, src: str, dst: str, overlap: Optional[bool] = None) -> Operator:
+        """The operator from layout ``src`` to ``dst`` on the layer's communicator, with its
+        adjoint (:func:`tpmpi.core.mappings.between`), staging and pending agreement; overlapped
+        as ``overlap`` (default the layer's)."""
+        return between(src, dst, self.comm, self.staging,
+                       overlap=self.overlap if overlap is None else overlap,
+                       pending=self._pending)
 
-    @property
-    def y_map(self) -> Optional[Mapping]:
-        """The output's operator, ``y_local`` -> ``y`` (None when the local product is y)."""
-        return between(self.layouts.y_local, self.layouts.y, self.comm, self.staging)
+    def operators(self) -> dict[str, Operator]:
+        """The layer's communication operators by attribute name, in the order built."""
+        return {name: op for name, op in vars(self).items() if isinstance(op, Operator)}
+
+    @classmethod
+    def schedule_for(cls, m: int, k: int, n: int, parts: Union[int, tuple[int, int]], *,
+                     dtype: str = "float32", backward: bool = False, bias: bool = True,
+                     overlap: bool = True, staged: bool = False, **options: Any) -> Schedule:
+        """The steps of one forward (and with ``backward`` one backward) of a (k, n) layer
+        with ``options`` on an (m, k) input over ``parts`` ranks (or a ``(pr, pc)`` grid), on
+        the rank holding the largest blocks: derived from :meth:`layouts_for` and the operator
+        classes (:func:`tpmpi.layers.linear_schedule.linear_schedule`); ``staged``: collectives
+        through host staging (nothing overlaps). No layer built, no communication."""
+        return linear_schedule(cls.layouts_for(**options), cls.STEP_NAMES, m, k, n,
+                               grid_shape(parts), dtype=dtype, backward=backward, bias=bias,
+                               overlap=overlap and not staged,
+                               chunks=cls.row_chunks(m, grid_shape(parts), staged=staged,
+                                                     **options))
+
+    @classmethod
+    def row_chunks(cls, m: int, grid: tuple[int, int], *, staged: bool = False,
+                   **options: Any) -> list[tuple[int, int]]:
+        """Row chunks of the forward's local product, each followed by its own output
+        collective: one chunk (a subclass may pipeline)."""
+        return [(0, m)]
+
+    @classmethod
+    def workspace_elements(cls, m: int, k: int, n: int, grid: tuple[int, int],
+                           **options: Any) -> int:
+        """Elements a layer with ``options`` holds beyond the arrays its layouts declare, on the
+        rank with the largest blocks (see :mod:`tpmpi.studies.footprint`): none here."""
+        return 0
+
+    def schedule(self, m: int, *, backward: bool = True) -> Schedule:
+        """:meth:`schedule_for` this layer (its sizes, dtype, options, grid and staging) on a
+        global input of ``m`` rows."""
+        return self.schedule_for(m, self.in_features, self.out_features, self.grid.shape,
+                                 dtype=self.dtype.name, backward=backward,
+                                 bias=self.bias is not None, overlap=self.overlap,
+                                 staged=self.staging.staged, **self.options)
 
     @classmethod
     def from_dense(cls: type[_Layer], W: Any, b: Any = None, grid: Optional[ProcessGrid] = None,
@@ -273,14 +317,11 @@ class ParallelLinear(Checkpointable):
                              self._call("gather_bias"))
 
     # ---- call-order agreement
-    @property
-    def identity(self) -> str:
-        """``"layer #i (Class KxN)"``: the same on every rank for the same layer."""
-        return (f"layer #{self.layer_id} ({type(self).__name__} "
-                f"{self.in_features}x{self.out_features})")
 
     def _call(self, op: str) -> Same:
-        """The ``call`` value agreed with operation ``op`` (counted on every rank)."""
+        """The ``call`` value agreed with operation ``op`` (counted on every rank); an agreement
+        still held from an earlier operation is completed first."""
+        self._pending.settle()
         self._ops += 1
         return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
 
@@ -293,65 +334,6 @@ class ParallelLinear(Checkpointable):
         layout (x's, or y's for dy) is replicated."""
         return (self.layouts.x if name == "x" else self.layouts.y) == "replicated"
 
-    # ---- the backward collective, overlapped with the weight-gradient GEMM
-    def _collective_during(self, op: str, nbytes: int, blocking: Callable[[], Any],
-                           nonblocking: Callable[[], Request],
-                           work: Callable[[], None]) -> None:
-        """Run the local ``work`` (the dW/db GEMMs) and collective ``op`` of ``nbytes`` over
-        ``self.comm``. With ``self.overlap`` (and P > 1, no host staging) ``nonblocking()`` is
-        started first and waited for after ``work``; otherwise ``blocking()`` runs after it.
-        Profiler: ``work`` is gemm time; comm time is the wait (overlapped) or the whole call."""
-        nranks, prof = self.comm.Get_size(), self.profiler
-        overlap = self.overlap and nranks > 1 and not self.staging.staged
-        request: Request = MPI.REQUEST_NULL
-        if overlap:
-            self.backend.synchronize()
-            request = nonblocking() if prof.runs("comm") else MPI.REQUEST_NULL
-            prof.count(op, nbytes, nranks)
-        try:
-            with prof.gemm():
-                work()
-        except BaseException as exc:  # finish the collective the other ranks are in
-            self._failed = f"{type(exc).__name__}: {exc}"
-            if overlap:
-                request.Wait()
-            elif prof.runs("comm"):
-                blocking()
-            raise
-        if overlap:
-            with prof.comm(op, 0, 1):  # time spent waiting, bytes counted above
-                request.Wait()
-        else:
-            with prof.comm(op, nbytes, nranks):
-                if prof.runs("comm"):
-                    blocking()
-
-    # ---- the layers' communication operators (tpmpi.core.mappings)
-    def _apply(self, mapping: Optional[Mapping], x: Array, size: Optional[int] = None) -> Array:
-        """``mapping`` applied to ``x`` (blocking; ``x`` itself when ``mapping`` is None),
-        charged to the profiler; skipped while it runs GEMMs only (the result is then
-        allocated but not filled). ``size``: see :meth:`tpmpi.core.mappings.Mapping.out`."""
-        if mapping is None:
-            return x
-        out = mapping.out(x, size)
-        if mapping.op is not None:
-            with self.profiler.comm(mapping.op, mapping.nbytes(x, out), self.comm.Get_size()):
-                if self.profiler.runs("comm"):
-                    mapping.forward(x, out)
-        return out
-
-    def _map_during(self, mapping: Mapping, x: Array, out: Array, work: Callable[[], None]
-                    ) -> None:
-        """Run the local ``work`` while ``mapping`` fills ``out`` from ``x`` (see
-        :meth:`_collective_during`; only ``work`` when the mapping communicates nothing)."""
-        if mapping.op is None:
-            with self.profiler.gemm():
-                work()
-            return
-        self._collective_during(mapping.op, mapping.nbytes(x, out),
-                                lambda: mapping.forward(x, out), lambda: mapping.start(x, out),
-                                work)
-
     # ---- input validation shared by forward/backward of all layers
     def _agree_input(self, name: str, a: Array, want_cols: int, *, backward: bool = False,
                      split_rows: bool = False) -> int:
@@ -359,8 +341,9 @@ class ParallelLinear(Checkpointable):
         ``want_cols`` columns and the same number of rows on every rank (for ``backward``,
         the forward input's), or with ``split_rows`` this rank's block of the rows (layout
         "rows", see :meth:`_agree_row_blocks`). Returns the global row count M and, in forward,
-        keeps it for backward. One small Allreduce (:meth:`_agree_call`; with ``split_rows``
-        then an Allgather of the row counts)."""
+        keeps it for backward. One small Iallreduce (:meth:`_agree_call`), completed by the
+        operation's first product or collective; with ``split_rows`` completed here, then an
+        Allgather of the row counts."""
         shape = getattr(a, "shape", None)
         rows = shape[0] if shape else None
 
@@ -376,6 +359,7 @@ class ParallelLinear(Checkpointable):
                          **({} if split_rows else {f"{name}.shape[0]": rows}))
         assert rows is not None  # else local_checks raised on this rank and the agreement
         if split_rows:
+            self._pending.settle()
             rows = self._agree_row_blocks(name, rows, backward)
         if not backward:
             self._rows = rows
@@ -401,11 +385,12 @@ class ParallelLinear(Checkpointable):
 
     def _agree_call(self, local_checks: Callable[[], None], name: str, a: Array, backward: bool,
                     **values: Any) -> None:
-        """The agreement of one forward/backward: ``local_checks`` and ``values`` (see
-        :func:`tpmpi.core.agreement.agree_checks`) plus the call (layer and operation), an earlier
-        local failure and, with ``check_replicated``, the checksum of a replicated input. One
-        Allreduce."""
-        failed, self._failed = self._failed, None
+        """Start the agreement of one forward/backward (held in ``self._pending`` until the
+        operation's first product or collective): ``local_checks`` and ``values`` (see
+        :func:`tpmpi.core.agreement.start_checks`) plus the call (layer and operation), an
+        earlier local failure and, with ``check_replicated``, the checksum of a replicated
+        input. One Iallreduce; a rank whose checks failed raises here, after it."""
+        failed, self._pending.failed = self._pending.failed, None
 
         def checks() -> None:
             if failed:
@@ -417,7 +402,7 @@ class ParallelLinear(Checkpointable):
         call = self._call("backward" if backward else "forward")
         if self.check_replicated and self._replicated(name) and self.backend.owns(a):
             values[name] = Same(array_checksum(self.backend, a), REPLICATED.format(name=name))
-        agree_checks(self.comm, checks, call=call, **values)
+        self._pending.hold(start_checks(self.comm, checks, call=call, **values))
 
     def _check_array(self, name: str, a: Any, *, backward: bool = False) -> None:
         """Local part of the input checks: forward() ran (for ``backward``), ``a`` is a 2D array
@@ -440,21 +425,3 @@ class ParallelLinear(Checkpointable):
             if bad:
                 raise ValueError(f"{name} has {bad} non-finite value(s) (NaN/Inf) "
                                  "[check_finite=True]")
-
-    # ---- phase switches for overlap measurements (see Profiler.only)
-    def _matmul(self, a: Array, b: Array, out: Optional[Array] = None) -> Array:
-        """``a @ b`` (into ``out``; 2-byte floats on NumPy via float32, see
-        :func:`tpmpi.core.gemm.matmul`); skipped while the profiler runs communication only (then
-        zeros of the product's shape, in ``out`` when given, are returned)."""
-        xp = self.backend.xp
-        if self.profiler.runs("gemm"):
-            return matmul(xp, a, b, out=out)
-        if out is None:
-            return xp.zeros((a.shape[0], b.shape[1]), dtype=self.dtype)
-        out.fill(0)  # defined values for whatever follows (e.g. an activation)
-        return out
-
-    def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` (a collective); skipped while the profiler runs GEMMs only, returning a
-        completed request."""
-        return fn(*args) if self.profiler.runs("comm") else MPI.REQUEST_NULL

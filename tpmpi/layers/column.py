@@ -22,8 +22,9 @@ sequence_parallel (Megatron's flag): ``x`` arrives in layout "rows" (rank ``p`` 
            (Iallgather in flight during the ``dY_p W_p^T`` GEMM, so the gathered X is not kept
            between forward and backward) and reduce-scatters ``dX`` to row blocks instead of
            all-reducing it (in flight during the dW GEMM).
-In terms of :mod:`tpmpi.core.mappings`: ``x -> Copy | GatherRows -> GEMM -> GatherCols
-(gather_output)`` and backward the adjoints (``SplitCols``; ``AllReduce | ReduceScatterRows``).
+In terms of :mod:`tpmpi.core.mappings`: ``x -> gather_x (Copy | GatherRows) -> GEMM ->
+gather_y (GatherCols with gather_output, else Keep)`` and backward the adjoints, ``split_dy``
+(SplitCols | Keep) and ``reduce_dx`` (AllReduce | ReduceScatterRows).
 """
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ from typing import Any, Optional
 
 from ..core.args import check_int
 from ..core.arrays import Array
-from ..core.comm import wait_all
-from ..core.gemm import column_sums
 from ..core.layout import LinearLayouts
 from .base import ParallelLinear
 
@@ -60,6 +59,8 @@ class ColumnParallelLinear(ParallelLinear):
     ``sequence_parallel``: ``x`` and ``dx`` in layout "rows" (M_p, K) instead.
     """
 
+    STEP_NAMES = ("gather_x", "gather_y", "split_dy", "reduce_dx")
+
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = True,
                  chunks: int = 1, sequence_parallel: bool = False, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, gather_output=bool(gather_output),
@@ -67,6 +68,14 @@ class ColumnParallelLinear(ParallelLinear):
         self.gather_output = bool(gather_output)
         self.chunks = int(chunks)
         self.sequence_parallel = bool(sequence_parallel)
+        lay = self.layouts
+        # GatherRows of x's row blocks (sequence_parallel), else Copy: x is whole already
+        self.gather_x = self._operator(lay.x, lay.x_local)
+        # GatherCols of the output's column blocks (gather_output), else Keep; non-blocking
+        # chunks of it pipeline the forward whatever ``overlap`` says of backward
+        self.gather_y = self._operator(lay.y_local, lay.y, overlap=True)
+        self.split_dy = self.gather_y.adjoint  # own columns of dy (SplitCols), or Keep
+        self.reduce_dx = self.gather_x.adjoint  # AllReduce, or ReduceScatterRows
         self._ybuf: Optional[Array] = None  # reused local product when only a send buffer
 
     @classmethod
@@ -79,6 +88,16 @@ class ColumnParallelLinear(ParallelLinear):
                              y="replicated" if gather_output else "cols", weight="cols",
                              bias="cols", x_local="replicated", y_local="cols")
 
+    @classmethod
+    def row_chunks(cls, m: int, grid: tuple[int, int], *, staged: bool = False,
+                   gather_output: bool = True, chunks: int = 1, **_: Any
+                   ) -> list[tuple[int, int]]:
+        """:func:`chunk_bounds` of the forward when its gather is pipelined (``gather_output``,
+        more than one rank, no host staging), else one chunk."""
+        if gather_output and grid[0] * grid[1] > 1 and not staged:
+            return chunk_bounds(m, chunks)
+        return [(0, m)]
+
     def _check_options(self, gather_output: bool = True, chunks: int = 1,
                        sequence_parallel: bool = False) -> None:
         check_int("chunks", chunks, 1)
@@ -86,51 +105,37 @@ class ColumnParallelLinear(ParallelLinear):
     def forward(self, x: Array) -> Array:
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
-        m = self._agree_input("x", x, self.in_features, split_rows=self.layouts.x == "rows")
+        m = self._agree_input("x", x, self.in_features, split_rows=self.sequence_parallel)
         self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
-        x = self._apply(self.x_map, x, m)
-        xp, prof = self.backend.xp, self.profiler
-        n_p = self.weight.shape[1]
-        nranks = self.comm.Get_size()
-        if nranks == 1:  # the local product is the whole output: no gather, no copy
-            y = xp.empty((m, n_p), dtype=self.dtype)
-            with prof.gemm():
-                self._matmul(x, self.weight, out=y)
-                if self.bias is not None:
-                    y += self.bias
-            return y
-        if self.gather_output:
-            if self._ybuf is None or self._ybuf.shape != (m, n_p):
-                self._ybuf = xp.empty((m, n_p), dtype=self.dtype)
-            y_local = self._ybuf
-        else:
-            y_local = xp.empty((m, n_p), dtype=self.dtype)
-        rows = chunk_bounds(m, self.chunks)
-        if self.gather_output and len(rows) > 1 and nranks > 1 and not self.staging.staged:
+        x = self.gather_x(x, m)  # Allgather (Alltoallw) of the row blocks, or x itself
+        y_local = self._product_buffer(m)
+        rows = self.row_chunks(m, self.grid.shape, staged=self.staging.staged,
+                               **self.options) if self.chunks > 1 else []
+        if len(rows) > 1:
             return self._forward_chunked(x, y_local, rows)
-        with prof.gemm():
-            self._matmul(x, self.weight, out=y_local)
-            if self.bias is not None:
-                y_local += self.bias
-        return self._apply(self.y_map, y_local, self.out_features)
+        self.local.product(x, self.weight, out=y_local, bias=self.bias)
+        return self.gather_y(y_local, self.out_features)  # Allgather (Alltoallw), or y_local
+
+    def _product_buffer(self, m: int) -> Array:
+        """The local product's (m, N_p) array: reused across calls when it is only the send
+        buffer of the output gather, new when it is the output itself."""
+        shape, xp = (m, self.weight.shape[1]), self.backend.xp
+        if not self.gather_y.allocates or self.comm.Get_size() == 1:
+            return xp.empty(shape, dtype=self.dtype)
+        if self._ybuf is None or self._ybuf.shape != shape:
+            self._ybuf = xp.empty(shape, dtype=self.dtype)
+        return self._ybuf
 
     def _forward_chunked(self, x: Array, y_local: Array, rows: list[tuple[int, int]]) -> Array:
         """Level-2 pipeline: GEMM of row chunk i, then its Ialltoallw into rows of the (M, N)
-        output, in flight during the GEMM of chunk i + 1; one Waitall at the end."""
-        xp, prof, nranks = self.backend.xp, self.profiler, self.comm.Get_size()
-        y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
-        requests, gather = [], self.y_map
-        assert gather is not None  # gather_output: y_local "cols" -> y replicated
+        output, in flight during the GEMM of chunk i + 1; all waited for at the end."""
+        y = self.gather_y.out(y_local, self.out_features)
+        pending = []
         for a, b in rows:
-            with prof.gemm():
-                self._matmul(x[a:b], self.weight, out=y_local[a:b])
-                if self.bias is not None:
-                    y_local[a:b] += self.bias
-            self.backend.synchronize()
-            requests.append(self._collective(gather.start, y_local[a:b], y[a:b]))
-            prof.count("allgather", y[a:b].nbytes, nranks)
-        with prof.comm("allgather", 0, 1):  # waiting only, bytes counted above
-            wait_all(requests)
+            self.local.product(x[a:b], self.weight, out=y_local[a:b], bias=self.bias)
+            pending.append(self.gather_y.start(y_local[a:b], out=y[a:b]))  # Ialltoallw
+        for chunk in pending:
+            chunk.wait()
         return y
 
     def backward(self, dy: Array) -> Array:
@@ -139,24 +144,19 @@ class ColumnParallelLinear(ParallelLinear):
         ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self._width(self.layouts.y, self.out_features), backward=True)
-        x_map, y_map, x_saved = self.x_map, self.y_map, self._saved_input
-        assert x_map is not None  # x "replicated" or "rows" -> x_local replicated
         # own columns: a strided view (one copy on a GPU, for both products)
-        dy_p = self.backend.operand(y_map.adjoint.out(dy)) if y_map else dy
-        x = x_map.out(x_saved, self._rows)  # the gathered rows (sequence_parallel)
-        dx = None
+        dy_p = self.backend.operand(self.split_dy(dy))
+        dx = self.backend.xp.empty((dy_p.shape[0], self.in_features), dtype=self.dtype)
 
         def input_grad() -> None:
-            nonlocal dx
-            dx = self._matmul(dy_p, self.weight.T)  # partial sums over the ranks
+            self.local.product(dy_p, self.weight.T, out=dx)  # partial sums over the ranks
+
+        # x's rows gathered again (Ialltoallw, sequence_parallel) during the dX GEMM
+        x = self.gather_x.during(self._saved_input, input_grad, self._rows)
 
         def weight_grads() -> None:
-            self.grad_weight += self._matmul(x.T, dy_p)
+            self.grad_weight += self.local.product(x.T, dy_p)
             if self.grad_bias is not None:
-                self.grad_bias += column_sums(dy_p)
+                self.grad_bias += self.local.column_sums(dy_p)
 
-        self._map_during(x_map, x_saved, x, input_grad)
-        reduce = x_map.adjoint
-        dx_out = reduce.out(dx)
-        self._map_during(reduce, dx, dx_out, weight_grads)
-        return dx_out
+        return self.reduce_dx.during(dx, weight_grads)  # Iallreduce (or Ireduce_scatter) of dX

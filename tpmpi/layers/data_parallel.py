@@ -10,8 +10,10 @@ buckets, started in the same order.
 
 Overlap: a module with ``grad_ready`` callbacks (:class:`~tpmpi.ParallelMLP`) reports each
 sub-layer as soon as its gradients are final; the ``Iallreduce`` of every bucket complete by
-then is started at once, so fc2's gradients travel while fc1's backward GEMMs run. When
-backward returns, the outstanding requests are waited for and the sums scaled by ``1/dp``.
+then is started at once (``self.allreduce_grads.start``, the operator's own overlap logic,
+:class:`tpmpi.core.mappings.AllReduce`), so fc2's gradients travel while fc1's backward GEMMs
+run. When backward returns (or raises), the started buckets are waited for, and on success the
+sums scaled by ``1/dp``.
 Whether MPI moves the data while the GEMMs run depends on its progress engine (without an
 asynchronous progress thread, only during MPI calls -- here fc1's own collectives);
 :func:`tpmpi.studies.overlap.measure_dp_overlap` measures what is hidden (OSU convention).
@@ -20,6 +22,9 @@ blocking after backward.
 
 Errors: forward and backward agree over the whole mesh (one small Allreduce each), so a bad
 input on one replica raises the same ValueError on every rank before any DP collective.
+
+:meth:`DataParallel.schedule_for` adds the buckets' Allreduces to a module's schedule, each
+started at the gradient readiness (:class:`tpmpi.core.schedule.GradsReady`) that completes it.
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ from mpi4py import MPI
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
 from ..core.args import check_int
 from ..core.arrays import Array
-from ..core.comm import Request, Staging, allreduce, iallreduce
+from ..core.comm import Staging
 from ..core.dtypes import dtype_name
+from ..core.mappings import AllReduce, Operator, Pending
 from ..core.mesh import Mesh
-from ..core.profiler import Profiler
+from ..core.schedule import Collective, GradsReady, Schedule, Step
 from .module import named_layers
 
 BUCKET_BYTES = 25 * 2**20
@@ -58,7 +64,7 @@ class _Bucket:
             self.entries.append((layer, name, view))
             offset += grad.size
         self.layers = {id(layer) for layer, _, _ in entries}
-        self.request: Optional[Request] = None
+        self.pending: Optional[Pending] = None
 
 
 class DataParallel:
@@ -71,8 +77,10 @@ class DataParallel:
 
     ``bucket_bytes``: smallest bucket (positive int, default 25 MiB as PyTorch DDP);
     ``overlap``: start each bucket's Iallreduce during backward (True) or all-reduce the
-    buckets blocking after it (False). ``profiler`` counts the DP Allreduces (bytes = nccl-tests
-    size) and the time blocked in them (``comm_s``)."""
+    buckets blocking after it (False). ``allreduce_grads`` is the buckets' operator (an
+    :class:`~tpmpi.core.mappings.AllReduce` over ``mesh.dp_comm``): a tap attached to it
+    (:func:`tpmpi.layers.module.attach_tap`) counts the DP Allreduces and the time blocked in
+    them."""
 
     def __init__(self, module: Any, mesh: Mesh, *, bucket_bytes: int = BUCKET_BYTES,
                  overlap: bool = True) -> None:
@@ -101,7 +109,7 @@ class DataParallel:
         self.dp, self.dp_comm = mesh.dp, mesh.dp_comm
         self.backend = layers[0].backend
         self.staging = Staging(self.backend)
-        self.profiler = Profiler(timed=False)  # counts only: see attach_profiler()
+        self.allreduce_grads = AllReduce(self.dp_comm, self.staging, overlap=self.overlap)
         grads = [(layer, name, getattr(layer, name)) for layer in reversed(layers)
                  for name in ("grad_bias", "grad_weight") if getattr(layer, name) is not None]
         self._agree_gradients(grads)
@@ -145,12 +153,9 @@ class DataParallel:
             buckets.append(_Bucket(self.backend.xp, group))
         return buckets
 
-    def attach_profiler(self) -> Profiler:
-        """Time the gradient communication from now on (a timed
-        :class:`~tpmpi.core.profiler.Profiler` that synchronises the GPU stream at each region, as
-        :meth:`tpmpi.layers.ParallelLinear.attach_profiler`); untimed until then."""
-        self.profiler = Profiler.for_backend(self.backend)
-        return self.profiler
+    def operators(self) -> dict[str, Operator]:
+        """The gradient averaging's operator (the module's own: ``module.operators()``)."""
+        return {"allreduce_grads": self.allreduce_grads}
 
     # ------------------------------------------------------------------ passes
 
@@ -188,17 +193,22 @@ class DataParallel:
         try:
             dx = self.module.backward(dy)
             self._layer_ready(*self.layers)  # a module without grad_ready callbacks
+        except BaseException:  # complete what the other ranks are in, keep nothing pending
+            for bucket in self.buckets[:self._started]:
+                self._wait(bucket)
+            raise
         finally:
             self._active = False
         self._finish()
         return dx
 
     def _layer_ready(self, *layers: Any) -> None:
-        """``layers``' gradients are final: start every bucket complete by now, in order."""
+        """``layers``' gradients are final: start every bucket complete by now, in order
+        (without overlap its Allreduce runs blocking when waited for, after backward)."""
         if not self._active:
             return
         self._ready.update(id(layer) for layer in layers)
-        while (self.overlap and self._started < len(self.buckets)
+        while (self._started < len(self.buckets)
                and self.buckets[self._started].layers <= self._ready):
             self._start(self.buckets[self._started])
             self._started += 1
@@ -208,16 +218,13 @@ class DataParallel:
             if getattr(layer, name) is not view:
                 raise RuntimeError(f"{type(layer).__name__}.{name} was replaced: DataParallel "
                                    "needs the layers to update their gradients in place")
-        if self.dp == 1:
-            return
-        buf, prof = bucket.buffer, self.profiler
-        if self.overlap and not self.staging.staged:
-            self.backend.synchronize()
-            bucket.request = iallreduce(buf, self.dp_comm)
-            prof.count("allreduce", buf.nbytes, self.dp)
-        else:
-            with prof.comm("allreduce", buf.nbytes, self.dp):
-                allreduce(buf, self.dp_comm, self.staging)
+        if self.dp > 1:
+            bucket.pending = self.allreduce_grads.start(bucket.buffer)  # Iallreduce, dp_comm
+
+    def _wait(self, bucket: _Bucket) -> None:
+        if bucket.pending is not None:
+            bucket.pending.wait()
+            bucket.pending = None
 
     def _finish(self) -> None:
         """Start what is left, wait for every bucket, scale the sums to means."""
@@ -227,10 +234,7 @@ class DataParallel:
         if self.dp == 1:
             return
         for bucket in self.buckets:
-            if bucket.request is not None:
-                with self.profiler.comm("allreduce", 0, 1):  # waiting; bytes counted at start
-                    bucket.request.Wait()
-                bucket.request = None
+            self._wait(bucket)
             bucket.buffer *= 1.0 / self.dp
 
     def allreduce_gradients(self) -> None:
@@ -248,3 +252,36 @@ class DataParallel:
     def parameters(self) -> list[tuple[str, Any, Any]]:
         """The module's ``(name, parameter, gradient)``; gradients are the bucket views."""
         return self.module.parameters()
+
+    # ------------------------------------------------------------------ schedule
+    @classmethod
+    def schedule_for(cls, schedule: Schedule, dp: int, *, bucket_bytes: int = BUCKET_BYTES,
+                     overlap: bool = True, staged: bool = False) -> Schedule:
+        """``schedule`` (a module's, one replica's) with the gradient Allreduces over ``dp``
+        replicas (group "dp") in its backward: the gradients of its
+        :class:`~tpmpi.core.schedule.GradsReady` steps in order, cut into buckets as
+        :class:`DataParallel` cuts them; each bucket's Allreduce starts at the readiness that
+        completes it, during the rest of backward, one bucket after another, or with
+        ``overlap=False`` (or ``staged``) all of them blocking after backward. Unchanged for
+        ``dp=1`` or a forward-only schedule. No communication."""
+        ready = [(i, s) for i, s in enumerate(schedule.backward) if isinstance(s, GradsReady)]
+        if dp <= 1 or not ready:
+            return schedule
+        buckets: list[list] = []  # [bytes, dtype, index of the readiness that completes it]
+        for i, step in ready:
+            if not buckets or step.dtype != buckets[-1][1] or buckets[-1][0] >= bucket_bytes:
+                buckets.append([0, step.dtype, i])
+            buckets[-1][0] += step.nbytes
+            buckets[-1][2] = i
+        bwd: list[Step] = list(schedule.backward)
+        if not overlap or staged:  # blocking after backward, in bucket order
+            bwd += [Collective(f"allreduce_grads[{b}]", "allreduce", "dp", int(dp), size, dtype)
+                    for b, (size, dtype, _) in enumerate(buckets)]
+        for b, (size, dtype, i) in reversed(list(enumerate(buckets)) if overlap and not staged
+                                            else []):
+            rest = tuple(s.name for s in schedule.backward[i + 1:]
+                         if not isinstance(s, GradsReady))
+            bwd.insert(i + 1, Collective(f"allreduce_grads[{b}]", "allreduce", "dp", int(dp),
+                                         size, dtype, rest))
+        return Schedule(schedule.forward, tuple(bwd), schedule.param_bytes,
+                        schedule.saved_bytes)

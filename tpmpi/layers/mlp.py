@@ -27,21 +27,26 @@ mode "tile2d" (x, y in layout "tiles" of a 2D grid): two :class:`TileParallelLin
 
 ``grad_ready`` holds callbacks run with each sub-layer as soon as its gradients are final
 during backward (fc2 first): :class:`tpmpi.DataParallel` starts averaging them there, under
-fc1's backward GEMMs.
+fc1's backward GEMMs. :meth:`ParallelMLP.schedule_for` chains fc1's schedule, the activation
+and fc2's schedule (backward in reverse): the MLP's prediction needs nothing of its own.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Union
 
 from ..core.agreement import CALL_ORDER, Same, Text, agree_checks
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend
-from ..core.dtypes import dtype_name
+from ..core.dtypes import dtype_name, resolve_dtype
+from ..core.gemm import LocalWork
 from ..core.grid import ProcessGrid, default_grid
 from ..core.layout import Layouts
+from ..core.schedule import Pointwise, Schedule, chain
 from .activations import get_activation
 from .base import ParallelLinear, check_dense
 from .column import ColumnParallelLinear
+from .linear_schedule import block_shape, grid_shape
 from .module import Composite
 from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
@@ -85,7 +90,8 @@ class ParallelMLP(Composite):
                      activation=activation, mode=mode)
         self.grid, self.mode, self.activation = grid, mode, activation
         self.layouts = self.layouts_for(mode)
-        self._act, self._act_grad = get_activation(activation)
+        self._act, act_grad = get_activation(activation)
+        self._act_backward: Callable[[Array, Array], Array] = lambda dh, pre: dh * act_grad(pre)
         common: dict[str, Any] = dict(grid=grid, bias=bias, dtype=dtype, backend=backend,
                                       overlap=overlap, check_finite=check_finite,
                                       check_replicated=check_replicated)
@@ -97,6 +103,7 @@ class ParallelMLP(Composite):
         self.fc2: ParallelLinear = cls2(d_hidden, d_model, **opts2, **two)
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
         self.seed, self.overlap = seed, bool(overlap)
+        self.local = LocalWork(self.fc1.backend.xp)  # the activation and its gradient
         self.grad_ready: list[Callable[[ParallelLinear], None]] = []
         self._pre: Optional[Array] = None  # fc1's output, saved for the activation's gradient
 
@@ -151,7 +158,7 @@ class ParallelMLP(Composite):
         """``x`` (M, d_model) -> ``y`` (M, d_model), both in :attr:`layouts` (replicated, the
         rank's rows, or its tile)."""
         pre = self.fc1.forward(x)
-        y = self.fc2.forward(self._act(pre) if self._computes() else pre)
+        y = self.fc2.forward(self.local.pointwise(self._act, pre))
         self._pre = pre
         return y
 
@@ -162,12 +169,37 @@ class ParallelMLP(Composite):
         dh = self.fc2.backward(dy)
         for ready in self.grad_ready:
             ready(self.fc2)
-        dx = self.fc1.backward(dh * self._act_grad(self._pre) if self._computes() else dh)
+        assert self._pre is not None  # fc2's agreement checked that forward ran
+        dx = self.fc1.backward(self.local.pointwise(self._act_backward, dh, self._pre))
         for ready in self.grad_ready:
             ready(self.fc1)
         return dx
 
-    def _computes(self) -> bool:
-        """False while an overlap measurement runs the collectives alone (then the activation
-        is skipped like the GEMMs; see :func:`tpmpi.studies.overlap.measure_overlap`)."""
-        return self.fc1.profiler.runs("gemm")
+    @classmethod
+    def schedule_for(cls, m: int, k: int, n: int, parts: Union[int, tuple[int, int]], *,
+                     mode: str = "megatron", hidden: Optional[int] = None,
+                     dtype: str = "float32", backward: bool = False, bias: bool = True,
+                     overlap: bool = True, staged: bool = False, **_: Any) -> Schedule:
+        """fc1's schedule (d_model ``k`` -> ``hidden``, default 4k), the activation on fc1's
+        output block, fc2's (``hidden`` -> ``n``, which is d_model), forwards in order and
+        backwards reversed (:func:`tpmpi.core.schedule.chain`), steps named ``fc1.*``,
+        ``act``, ``fc2.*``. No layer built, no communication."""
+        h = hidden if hidden is not None else 4 * k
+        (cls1, opts1), (cls2, opts2) = cls.sublayers(mode)
+        common: dict[str, Any] = dict(dtype=dtype, backward=backward, bias=bias,
+                                      overlap=overlap, staged=staged)
+        fc1 = cls1.schedule_for(m, k, h, parts, **common, **opts1).prefixed("fc1")
+        fc2 = cls2.schedule_for(m, h, n, parts, **common, **opts2).prefixed("fc2")
+        pre = math.prod(block_shape((m, h), grid_shape(parts), cls1.layouts_for(**opts1).y)) \
+            * resolve_dtype(dtype).itemsize
+        act = Schedule((Pointwise("act", 2 * pre, dtype),),
+                       (Pointwise("act_grad", 3 * pre, dtype),) if backward else (), 0, pre)
+        return chain([fc1, act, fc2])
+
+    def schedule(self, m: int, *, backward: bool = True) -> Schedule:
+        """:meth:`schedule_for` this MLP (its sizes, mode, dtype, grid and staging) on a global
+        input of ``m`` rows."""
+        return self.schedule_for(m, self.d_model, self.d_model, self.grid.shape, mode=self.mode,
+                                 hidden=self.d_hidden, dtype=self.fc1.dtype.name,
+                                 backward=backward, bias=self.fc1.bias is not None,
+                                 overlap=self.overlap, staged=self.fc1.staging.staged)

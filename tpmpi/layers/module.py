@@ -2,22 +2,27 @@
 
 A *module* is either a leaf layer (a :class:`~tpmpi.layers.base.ParallelLinear`: its
 ``children()`` is empty) or a :class:`Composite` (e.g. :class:`~tpmpi.ParallelMLP`) whose
-``children()`` names its sub-modules in forward order. A composite's ``parameters()`` and
-``zero_grad()`` follow from its children, and :func:`named_layers` lists the leaf layers with
-dotted names (``"fc1"``, ``"fc2"``). Checkpoints, the benchmarks, :class:`~tpmpi.DataParallel`
-and the MLP find sub-layers this way only. Both kinds load themselves from a checkpoint
-(:class:`Checkpointable`, through the layer-agnostic :mod:`tpmpi.checkpoint.read`).
+``children()`` names its sub-modules in forward order. A composite's ``parameters()``,
+``zero_grad()`` and ``operators()`` follow from its children, and :func:`named_layers` lists the
+leaf layers with dotted names (``"fc1"``, ``"fc2"``). Checkpoints, the benchmarks,
+:class:`~tpmpi.DataParallel` and the MLP find sub-layers this way only; a measurement attaches
+its tap to every operator and local work of a module with :func:`attach_tap`. Both kinds load
+themselves from a checkpoint (:class:`Checkpointable`, through the layer-agnostic
+:mod:`tpmpi.checkpoint.read`).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Protocol, TypeVar, Union
 
 from ..checkpoint.read import read_checkpoint
 from ..core.grid import ProcessGrid
+from ..core.mappings import Operator
+from ..core.tap import Tap
 
 _Module = TypeVar("_Module", bound="Checkpointable")
+T = TypeVar("T", bound=Tap)
 
 
 class Module(Protocol):
@@ -31,6 +36,9 @@ class Module(Protocol):
 
     def zero_grad(self) -> None:
         """Reset the accumulated gradients."""
+
+    def operators(self) -> dict[str, Operator]:
+        """The communication operators by (dotted) attribute name."""
 
 
 class Checkpointable:
@@ -66,6 +74,32 @@ class Composite(Checkpointable):
         """Reset the accumulated gradients of every child."""
         for _, child in self.children():
             child.zero_grad()
+
+    def operators(self) -> dict[str, Operator]:
+        """The operators of every child, named ``child.attribute`` (e.g. ``fc2.reduce_y``)."""
+        return {f"{name}.{attr}": op for name, child in self.children()
+                for attr, op in child.operators().items()}
+
+
+def modules(module: Any) -> Iterator[Any]:
+    """``module`` and every sub-module below it (depth first, in forward order). Local."""
+    yield module
+    for _, child in getattr(module, "children", list)():
+        yield from modules(child)
+
+
+def attach_tap(module: Any, tap: T) -> T:
+    """From now on every operator of ``module`` (:meth:`Module.operators`) and the local work
+    (``.local``) of it and of its sub-modules report to ``tap`` (e.g. a
+    :class:`tpmpi.core.profiler.Profiler`; :data:`tpmpi.core.tap.NULL_TAP` detaches). Returns
+    ``tap``. Local."""
+    for op in module.operators().values():
+        op.tap = tap
+    for sub in modules(module):
+        local = getattr(sub, "local", None)
+        if local is not None:
+            local.tap = tap
+    return tap
 
 
 def named_layers(module: Any) -> list[tuple[str, Any]]:

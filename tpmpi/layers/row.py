@@ -15,16 +15,15 @@ sequence_parallel (Megatron's flag): the partial products are reduce-scattered i
            all-reduced, so ``y`` (and ``dy``) are in layout "rows" (rank ``p`` holds block ``p``
            of the M rows); backward first all-gathers ``dy``, after which ``db`` and ``dW_p``
            are those of the whole dY, as without the flag.
-In terms of :mod:`tpmpi.core.mappings`: ``x -> SplitCols (unless input_is_parallel) -> GEMM ->
-AllReduce | ReduceScatterRows -> + b``, backward the adjoints (``Copy | GatherRows``;
-``GatherCols``).
+In terms of :mod:`tpmpi.core.mappings`: ``x -> split_x (SplitCols, or Keep with
+input_is_parallel) -> GEMM -> reduce_y (AllReduce | ReduceScatterRows) -> + b``, backward the
+adjoints, ``gather_dy`` (Copy | GatherRows) and ``gather_dx`` (GatherCols | Keep).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ..core.arrays import Array
-from ..core.gemm import column_sums
 from ..core.layout import PARTIAL, LinearLayouts
 from .base import ParallelLinear
 
@@ -35,12 +34,19 @@ class RowParallelLinear(ParallelLinear):
     ``x``'s layout, accumulating ``grad_weight`` (K_p, N) and ``grad_bias`` (N,) (the full
     bias gradient, identical on every rank)."""
 
+    STEP_NAMES = ("split_x", "reduce_y", "gather_dy", "gather_dx")
+
     def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = False,
                  sequence_parallel: bool = False, **kwargs: Any):
         super().__init__(in_features, out_features, input_is_parallel=bool(input_is_parallel),
                          sequence_parallel=bool(sequence_parallel), **kwargs)
         self.input_is_parallel = bool(input_is_parallel)
         self.sequence_parallel = bool(sequence_parallel)
+        lay = self.layouts
+        self.split_x = self._operator(lay.x, lay.x_local)  # SplitCols (a view), or Keep
+        self.reduce_y = self._operator(lay.y_local, lay.y)  # AllReduce, or ReduceScatterRows
+        self.gather_dy = self.reduce_y.adjoint  # Copy, or GatherRows (sequence_parallel)
+        self.gather_dx = self.split_x.adjoint  # GatherCols, or Keep (input_is_parallel)
 
     @classmethod
     def layouts_for(cls, input_is_parallel: bool = False, sequence_parallel: bool = False,
@@ -60,13 +66,10 @@ class RowParallelLinear(ParallelLinear):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
         (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
         self._agree_input("x", x, self._width(self.layouts.x, self.in_features))
-        xp, prof = self.backend.xp, self.profiler
         # own columns: a strided view (one copy on a GPU, kept for the dW product)
-        x_p = self.backend.operand(self._apply(self.x_map, x))
-        y = xp.empty((x.shape[0], self.out_features), dtype=self.dtype)
-        with prof.gemm():
-            self._matmul(x_p, self.weight, out=y)
-        y = self._apply(self.y_map, y)
+        x_p = self.backend.operand(self.split_x(x))
+        y = self.local.product(x_p, self.weight)  # partial sums over the ranks
+        y = self.reduce_y(y)  # Allreduce in place, or Reduce_scatter into this rank's rows
         if self.bias is not None:
             y += self.bias
         self._x = x_p
@@ -79,25 +82,14 @@ class RowParallelLinear(ParallelLinear):
         ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True,
                           split_rows=self.layouts.y == "rows")
-        y_map = self.y_map
-        assert y_map is not None  # y_local partial -> y replicated or "rows"
-        dy = self._apply(y_map.adjoint, dy, self._rows)  # all rows (sequence_parallel)
-        prof, x_p = self.profiler, self._saved_input
-        with prof.gemm():
-            dx_p = self._matmul(dy, self.weight.T)
+        dy = self.gather_dy(dy, self._rows)  # Allgather (Alltoallw) of dY's rows, or dy itself
+        x_p = self._saved_input
+        dx_p = self.local.product(dy, self.weight.T)
 
         def weight_grads() -> None:
-            self.grad_weight += self._matmul(x_p.T, dy)
+            self.grad_weight += self.local.product(x_p.T, dy)
             if self.grad_bias is not None:
-                self.grad_bias += column_sums(dy)
+                self.grad_bias += self.local.column_sums(dy)
 
-        if self.input_is_parallel or self.comm.Get_size() == 1:  # P=1: dX_p is all of dX
-            with prof.gemm():
-                weight_grads()
-            return dx_p
-        x_map = self.x_map
-        assert x_map is not None  # x replicated -> x_local "cols" (not input_is_parallel)
-        gather = x_map.adjoint  # dX columns follow W's row split
-        dx = gather.out(dx_p, self.in_features)
-        self._map_during(gather, dx_p, dx, weight_grads)
-        return dx
+        # dX's column blocks follow W's row split: Ialltoallw of them during the dW GEMM
+        return self.gather_dx.during(dx_p, weight_grads, self.in_features)

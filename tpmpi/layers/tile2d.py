@@ -34,30 +34,34 @@ A grid dimension of size 1 exchanges nothing: its gathers, broadcasts and reduct
 skipped, not run on a one-rank communicator (no MPI call, no host staging, no packing); on a
 1 x 1 grid the layer is the local GEMMs alone (dX = dY @ W^T written once, dW added once).
 
-Bytes per rank (b = itemsize), the nccl-tests size S each rank takes part in:
-gather form forward ``(m_r*K + K*n_c) b`` (Allgather), backward ``(m_r*K + K*n_c + n_c) b``
-(two Reduce_scatters, one Allreduce); panel form forward ``(m_r + n_c) K b`` (Bcast), backward
-``2 (m_r + n_c) K b + n_c b`` (Bcast, Reduce, Allreduce). Received per rank in the gather
-forward: ``(m_r (K - k^c) + (K - k_r) n_c) b``. Terms on a size-1 communicator are 0 (no
-collective runs); :meth:`TileParallelLinear.comm_bytes` evaluates these formulas.
+In terms of operators (:mod:`tpmpi.core.summa`): ``gather_x`` (GatherPanel over ``row_comm``)
+and ``gather_w`` (GatherRows over ``col_comm``) with their adjoints ``reduce_dx``
+(ReduceScatterPanel) and ``reduce_dw`` (ReduceScatterRows); ``bcast_x`` / ``bcast_w``
+(BroadcastPiece) with their adjoints ``reduce_dx_piece`` / ``reduce_dw_piece``
+(ReduceToOwner); ``allreduce_db`` (AllReduce over ``col_comm``).
+:meth:`TileParallelLinear.schedule_for` lists their nccl-tests sizes S per rank: gather form
+forward ``(m_r*K + K*n_c) b`` (Allgather), backward ``(m_r*K + K*n_c + n_c) b`` (two
+Reduce_scatters, one Allreduce); panel form forward ``(m_r + n_c) K b`` (Bcast), backward
+``2 (m_r + n_c) K b + n_c b`` (Bcast, Reduce, Allreduce); nothing on a size-1 communicator.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
-from mpi4py import MPI
 
 from ..core.args import check_int
 from ..core.arrays import Array
-from ..core.comm import Request, allgather_blocks, allreduce, ibcast, ireduce, ireduce_scatter, \
-    wait_all
-from ..core.gemm import column_sums
-from ..core.layout import LinearLayouts, blocks, local_shape
 from ..core.grid import ProcessGrid
-from ..core.partition import block_partition
+from ..core.layout import LinearLayouts, blocks, local_shape
+from ..core.mappings import AllReduce, GatherRows, Pending
+from ..core.partition import block_partition, largest_block
+from ..core.tiling import panel_workspace_bytes
+from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule, Step
+from ..core.summa import BroadcastPiece, GatherPanel, ReduceScatterPanel, ReduceToOwner
 from .base import ParallelLinear
+from .linear_schedule import grid_shape, nbytes, overlapped
 
 Segment = tuple[int, int, int, int]  # (k0, k1, owning grid column, owning grid row)
 
@@ -93,11 +97,24 @@ class TileParallelLinear(ParallelLinear):
         # gather form: (X row panel, W column panel) cached for backward
         self._panels: Optional[tuple[Array, Array]] = None
         self._m = 0
+        row, col, pending = self.grid.row_comm, self.grid.col_comm, self._pending
+        self.gather_x = GatherPanel(row, self.staging, overlap=self.overlap, pending=pending)
+        # W's K blocks are row blocks
+        self.gather_w = GatherRows(col, self.staging, pending=pending)
+        reduce_dx = self.gather_x.adjoint
+        assert isinstance(reduce_dx, ReduceScatterPanel)  # GatherPanel's adjoint
+        self.reduce_dx, self.reduce_dw = reduce_dx, self.gather_w.adjoint
+        # the panel form's pipeline is non-blocking whatever ``overlap`` says
+        self.bcast_x = BroadcastPiece(row, self.staging, pending=pending)
+        self.bcast_w = BroadcastPiece(col, self.staging, pending=pending)
+        self.reduce_dx_piece, self.reduce_dw_piece = self.bcast_x.adjoint, self.bcast_w.adjoint
+        self.allreduce_db = AllReduce(col, self.staging, pending=pending)
 
     @classmethod
     def layouts_for(cls, **_: Any) -> LinearLayouts:
         """Everything in tiles (x, y, W, b): chainable layer to layer. The panels the local
-        GEMM reads are gathered or broadcast inside the layer (SUMMA), not by a mapping."""
+        GEMM reads are gathered or broadcast by the SUMMA operators of :mod:`tpmpi.core.summa`
+        on the grid's row and column communicators."""
         return LinearLayouts(x="tiles", y="tiles", weight="tiles", bias="tiles",
                              x_local="tiles", y_local="tiles")
 
@@ -120,6 +137,7 @@ class TileParallelLinear(ParallelLinear):
                                  f"layout 'tiles' on grid {grid.label}")
 
         self._agree_call(local_checks, "x", x, False)
+        self._pending.settle()  # the Allgather below follows the agreement
         every = np.array([x.shape[0]], dtype=np.int64)
         if grid.size > 1:  # one rank: nothing to gather
             every = np.empty(grid.size, dtype=np.int64)
@@ -155,79 +173,52 @@ class TileParallelLinear(ParallelLinear):
         x = xp.ascontiguousarray(x)
         self._x = x
         if self.panel is None:
-            xpanel, wpanel = self._gather_panels(x)
+            xpanel = self.gather_x(x, self.in_features)  # Allgather (Alltoallw), row_comm
+            wpanel = self.gather_w(self.weight, self.in_features)  # the same, col_comm
             self._panels = (xpanel, wpanel)
-            with self.profiler.gemm():
-                y = self._matmul(xpanel, wpanel)
-        else:
-            y = xp.zeros((x.shape[0], self.weight.shape[1]), dtype=self.dtype)
-            for _, xs, ws in self._broadcast_segments(x):
-                with self.profiler.gemm():
-                    y += self._matmul(xs, ws)
+            return self.local.product(xpanel, wpanel, bias=self.bias)
+        y = xp.zeros((x.shape[0], self.weight.shape[1]), dtype=self.dtype)
+        for _, xs, ws in self._broadcast_segments(x):
+            y += self.local.product(xs, ws)
         if self.bias is not None:
             y += self.bias
         return y
 
-    def _gather_panels(self, x: Array) -> tuple[Array, Array]:
-        """X row panel (m_r, K) over ``row_comm`` and W column panel (K, n_c) over
-        ``col_comm``, each an Alltoallw into place (skipped on a size-1 communicator)."""
-        xp, m_r, n_c = self.backend.xp, x.shape[0], self.weight.shape[1]
-        k = self.in_features
-        out = []
-        # the X row panel's K blocks are "cols" over row_comm, the W column panel's "rows"
-        # over col_comm
-        for local, comm, shape, layout in ((x, self.grid.row_comm, (m_r, k), "cols"),
-                                           (self.weight, self.grid.col_comm, (k, n_c), "rows")):
-            size = comm.Get_size()
-            if size == 1:
-                out.append(local)
-                continue
-            panel = xp.empty(shape, dtype=self.dtype)
-            with self.profiler.comm("allgather", panel.nbytes, size):
-                self._collective(allgather_blocks, local, panel, blocks(shape, (1, size), layout),
-                                 comm, self.staging)
-            out.append(panel)
-        return out[0], out[1]
-
     def _broadcast_segments(self, x: Array) -> Iterator[tuple[Segment, Array, Array]]:
         """Yield ``(segment, Xs (m_r, w), Ws (w, n_c))`` for every K segment; the Ibcasts of
         segment t+1 are posted before those of segment t are waited for (two buffer slots)."""
-        xp, prof, grid = self.backend.xp, self.profiler, self.grid
+        xp, grid = self.backend.xp, self.grid
         m_r, n_c = x.shape[0], self.weight.shape[1]
         segs = self._segments
         width = max((b - a for a, b, _, _ in segs), default=0)
         slots = [(xp.empty(m_r * width, dtype=self.dtype), xp.empty(width * n_c, dtype=self.dtype))
                  for _ in range(2)]
         row, col = grid.coords
-        pr, pc = grid.shape
 
-        def start(t: int) -> tuple[list[Request], Array, Array]:
+        def start(t: int) -> tuple[list[Pending], Array, Array]:
             a, b, j, i = segs[t]
             xflat, wflat = slots[t % 2]
             xs = xflat[: m_r * (b - a)].reshape(m_r, b - a)
             ws = wflat[: (b - a) * n_c].reshape(b - a, n_c)
-            requests: list[Request] = []
-            if pc == 1:  # this rank owns all of K: its X columns, no broadcast
+            pending: list[Pending] = []
+            if grid.shape[1] == 1:  # this rank owns all of K: its X columns, no broadcast
                 xs = self.backend.operand(x[:, a:b])
             else:
                 if col == j:  # X columns are strided: the owner packs them into the slot
                     xs[...] = x[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]]
-                requests.append(self._collective(ibcast, xs, j, grid.row_comm, self.staging))
-                prof.count("bcast", xs.nbytes, pc)
+                pending.append(self.bcast_x.start(xs, j))  # Ibcast over row_comm
             if row == i:  # W rows are contiguous: the owner broadcasts its own rows, no copy
                 ws = self.weight[a - self._k_rows[i][0]: b - self._k_rows[i][0]]
-            if pr > 1:
-                requests.append(self._collective(ibcast, ws, i, grid.col_comm, self.staging))
-                prof.count("bcast", ws.nbytes, pr)
-            return requests, xs, ws
+            pending.append(self.bcast_w.start(ws, i))  # Ibcast over col_comm
+            return pending, xs, ws
 
         posted = [start(0)] if segs else []
         for t, seg in enumerate(segs):
             if t + 1 < len(segs):
                 posted.append(start(t + 1))
-            requests, xs, ws = posted.pop(0)
-            with prof.comm("bcast", 0, 1):  # waiting only, bytes counted at start()
-                wait_all(requests)
+            pending, xs, ws = posted.pop(0)
+            for piece in pending:
+                piece.wait()
             yield seg, xs, ws
 
     # ---------------------------------------------------------------- backward
@@ -239,61 +230,36 @@ class TileParallelLinear(ParallelLinear):
         dy = self.backend.xp.ascontiguousarray(dy)
         dx = self._backward_gather(dy) if self.panel is None else self._backward_panels(dy)
         if self.grad_bias is not None:
-            db = column_sums(dy)
-            with self.profiler.comm("allreduce", db.nbytes, self.grid.shape[0]):
-                self._collective(allreduce, db, self.grid.col_comm, self.staging)
-            self.grad_bias += db
+            self.grad_bias += self.allreduce_db(self.local.column_sums(dy))  # Allreduce, col
         return dx
 
     def _backward_gather(self, dy: Array) -> Array:
         """dX and dW from the cached panels; a grid dimension of size 1 has nothing to reduce:
         its product is the result (no collective, no copy)."""
-        xp, prof, grid = self.backend.xp, self.profiler, self.grid
         assert self._panels is not None  # cached by forward (backward's agreement checked it ran)
         xpanel, wpanel = self._panels
-        m_r, n_c = dy.shape
-        pr, pc = grid.shape
-        dx_request: Request = MPI.REQUEST_NULL
-        if pc == 1:
-            with prof.gemm():
-                dx = self._matmul(dy, wpanel.T)
-        else:
-            packed = xp.empty(m_r * self.in_features, dtype=self.dtype)  # K blocks packed
-            with prof.gemm():
-                for a, b in self._k_cols:
-                    self._matmul(dy, wpanel[a:b].T,
-                                 out=packed[m_r * a: m_r * b].reshape(m_r, b - a))
-            dx = xp.empty(self._saved_input.shape, dtype=self.dtype)
-            dx_request = self._collective(ireduce_scatter, packed, dx,
-                                          [m_r * (b - a) for a, b in self._k_cols],
-                                          grid.row_comm, self.staging)
-            prof.count("reduce_scatter", packed.nbytes, pc)
-        with prof.gemm():
-            partial = self._matmul(xpanel.T, dy)  # (K, n_c): row blocks contiguous
-        if pr == 1:
-            gw = partial
-        else:
-            gw = xp.empty(self.weight.shape, dtype=self.dtype)
-            with prof.comm("reduce_scatter", partial.nbytes, pr):
-                self._collective(ireduce_scatter, partial, gw,
-                                 [(b - a) * n_c for a, b in self._k_rows], grid.col_comm,
-                                 self.staging).Wait()
-        self.grad_weight += gw
-        with prof.comm("reduce_scatter", 0, 1):  # waiting only, bytes counted above
-            dx_request.Wait()
-        return dx
+        shape = (dy.shape[0], self.in_features)
+        packed, views = self.reduce_dx.pack(shape, self.backend.xp, self.dtype)
+        for view, (a, b) in zip(views, self._k_cols):  # dY @ Wpanel^T, K block by K block
+            self.local.product(dy, wpanel[a:b].T, out=view)
+
+        def weight_grads() -> None:
+            partial = self.local.product(xpanel.T, dy)  # (K, n_c): row blocks contiguous
+            self.grad_weight += self.reduce_dw(partial)  # Reduce_scatter over col_comm
+
+        return self.reduce_dx.during(packed, weight_grads, shape)  # Ireduce_scatter, row_comm
 
     def _backward_panels(self, dy: Array) -> Array:
         """Per K segment: the dX and dW pieces, each reduced to its owner (kept as it is on a
-        grid dimension of size 1)."""
-        xp, prof, grid = self.backend.xp, self.profiler, self.grid
+        grid dimension of size 1), in flight during the next segment's products."""
         x = self._saved_input
-        dx = xp.empty(x.shape, dtype=self.dtype)
+        dx = self.backend.xp.empty(x.shape, dtype=self.dtype)
         inflight: list = []
 
         def finish() -> None:
-            with prof.comm("reduce", 0, 1):  # waiting only, bytes counted when posted
-                wait_all([req for reqs, *_ in inflight for req in reqs])
+            for pending, _, _, _, _ in inflight:
+                for piece in pending:
+                    piece.wait()
             for _, (a, b, j, i), rx, rw, _ in inflight:
                 if rx is not None:
                     dx[:, a - self._k_cols[j][0]: b - self._k_cols[j][0]] = rx
@@ -303,39 +269,111 @@ class TileParallelLinear(ParallelLinear):
 
         for seg, xs, ws in self._broadcast_segments(x):
             _, _, j, i = seg
-            with prof.gemm():
-                pdx = self._matmul(dy, ws.T)  # (m_r, w), summed over grid columns
-                pdw = self._matmul(xs.T, dy)  # (w, n_c), summed over grid rows
-            requests: list = []
-            rx = self._reduce_to_owner(pdx, j, grid.row_comm, requests)
-            rw = self._reduce_to_owner(pdw, i, grid.col_comm, requests)
+            pdx = self.local.product(dy, ws.T)  # (m_r, w), summed over grid columns
+            pdw = self.local.product(xs.T, dy)  # (w, n_c), summed over grid rows
+            rx, rw = self.reduce_dx_piece.out(pdx, j), self.reduce_dw_piece.out(pdw, i)
+            pending = [self.reduce_dx_piece.start(pdx, j, out=rx),  # Ireduce, row_comm
+                       self.reduce_dw_piece.start(pdw, i, out=rw)]  # Ireduce, col_comm
             finish()  # the previous segment's reductions
-            inflight.append((requests, seg, rx, rw, (pdx, pdw)))  # keep send buffers alive
+            inflight.append((pending, seg, rx, rw, (pdx, pdw)))  # keep send buffers alive
         finish()
         return dx
 
-    def _reduce_to_owner(self, part: Array, owner: int, comm: MPI.Comm,
-                         requests: list[Request]) -> Optional[Array]:
-        """The sum of ``part`` over ``comm`` on rank ``owner`` (Ireduce appended to
-        ``requests``): a new buffer there, None elsewhere; ``part`` itself on one rank."""
-        size = comm.Get_size()
-        if size == 1:
-            return part
-        out = self.backend.xp.empty_like(part) if comm.Get_rank() == owner else None
-        requests.append(self._collective(ireduce, part, out, owner, comm, self.staging))
-        self.profiler.count("reduce", part.nbytes, size)
-        return out
+    # ---------------------------------------------------------------- schedule
+    @classmethod
+    def workspace_elements(cls, m: int, k: int, n: int, grid: tuple[int, int],
+                           panel: Optional[int] = None, **_: Any) -> int:
+        """The gather form's panels, cached from forward to backward ((m_r + n_c) K, a size-1
+        grid dimension's panel being the tile itself), or the panel form's two buffer slots
+        (:func:`tpmpi.core.tiling.panel_workspace_bytes` in elements)."""
+        pr, pc = grid
+        m_r, n_c = largest_block(m, pr), largest_block(n, pc)
+        if panel is None:
+            return (m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0)
+        width = max((b - a for a, b, _, _ in k_segments(k, panel, block_partition(k, pc),
+                                                        block_partition(k, pr))), default=0)
+        return panel_workspace_bytes(m_r, n_c, width, 1)
 
-    # ---------------------------------------------------------------- accounting
-    def comm_bytes(self, m: int, *, backward: bool = False) -> int:
-        """Bytes this rank's collectives carry (sum of the nccl-tests sizes S) for one forward
-        (or backward) with a global X of ``m`` rows; see the module docstring."""
-        pr, pc = self.grid.shape
-        m_r = local_shape((m, self.in_features), self.grid, "tiles")[0]
-        n_c = self.weight.shape[1]
-        k, item = self.in_features, self.dtype.itemsize
-        moved = (m_r * k if pc > 1 else 0) + (k * n_c if pr > 1 else 0)
-        if backward and self.panel is not None:
-            moved *= 2  # broadcasts again, then reductions of the same sizes
-        bias = n_c if backward and self.bias is not None and pr > 1 else 0
-        return item * (moved + bias)
+    @classmethod
+    def schedule_for(cls, m: int, k: int, n: int, parts: Union[int, tuple[int, int]], *,
+                     dtype: str = "float32", backward: bool = False, bias: bool = True,
+                     overlap: bool = True, staged: bool = False, panel: Optional[int] = None,
+                     **_: Any) -> Schedule:
+        """The steps of one forward (and backward) on the ``(pr, pc)`` grid ``parts`` for an
+        (m, k) input, on the rank holding the largest tiles: the gather form's panel gathers
+        and reduce-scatters, or the panel form's K segments (:func:`k_segments`), each
+        segment's broadcasts in flight during the previous segment's products and its
+        reductions during the next segment's (not under host staging). No communication."""
+        pr, pc = grid_shape(parts)
+        m_r, n_c = largest_block(m, pr), largest_block(n, pc)
+        k_r, k_c = largest_block(k, pr), largest_block(k, pc)
+        item = nbytes((1,), dtype)
+        fwd: list[Step] = []
+        bwd: list[Step] = []
+        if panel is None:
+            steps = [GatherPanel.step("gather_x", (m_r, k), dtype, "row", pc),
+                     GatherRows.step("gather_w", (k, n_c), dtype, "col", pr)]
+            fwd += [s for s in steps if s] + [Product("y", m_r, k, n_c, dtype)]
+            saved = (m_r * k_c + cls.workspace_elements(m, k, n, (pr, pc))) * item  # panels
+            if backward:
+                bwd.append(Product("dX", m_r, n_c, k, dtype))
+                work: list[Step] = [Product("dW", k, m_r, n_c, dtype)]
+                work += [s for s in [GatherRows.adjoint_class.step(
+                    "reduce_dw", (k, n_c), dtype, "col", pr)] if s]
+                bwd += overlapped([GatherPanel.adjoint_class.step(
+                    "reduce_dx", (m_r, k), dtype, "row", pc)], work, overlap and not staged)
+        else:
+            segments = k_segments(k, panel, block_partition(k, pc), block_partition(k, pr))
+            fwd += cls._segment_steps(segments, m_r, n_c, (pr, pc), dtype, staged, False)
+            saved = m_r * k_c * item
+            if backward:
+                bwd += cls._segment_steps(segments, m_r, n_c, (pr, pc), dtype, staged, True)
+        if bias:
+            fwd.append(Pointwise("bias", 2 * m_r * n_c * item, dtype))
+        if backward and bias:
+            bwd.append(Pointwise("db", (m_r + 1) * n_c * item, dtype))
+            bwd += [s for s in [AllReduce.step("allreduce_db", (n_c,), dtype, "col", pr)] if s]
+            bwd.append(GradsReady(("bias",), n_c * item, dtype))
+        if backward:
+            bwd.append(GradsReady(("weight",), k_r * n_c * item, dtype))
+        return Schedule(tuple(fwd), tuple(bwd), (k_r * n_c + (n_c if bias else 0)) * item,
+                        saved)
+
+    @staticmethod
+    def _segment_steps(segments: list[Segment], m_r: int, n_c: int, grid: tuple[int, int],
+                       dtype: str, staged: bool, backward: bool) -> list[Step]:
+        """The panel form's loop over K segments: forward ``y[t]`` (added into y), backward
+        ``dX[t]`` and ``dW[t]`` with their reductions to the owners."""
+        pr, pc = grid
+        out: list[Step] = []
+        item = nbytes((1,), dtype)
+
+        def work(t: int) -> list[Step]:
+            w = segments[t][1] - segments[t][0]
+            if backward:
+                return [Product(f"dX[{t}]", m_r, n_c, w, dtype),
+                        Product(f"dW[{t}]", w, m_r, n_c, dtype)]
+            return [Product(f"y[{t}]", m_r, w, n_c, dtype),
+                    Pointwise(f"add[{t}]", 3 * m_r * n_c * item, dtype)]
+
+        def bcasts(t: int) -> list[Optional[Collective]]:
+            w = segments[t][1] - segments[t][0]
+            return [BroadcastPiece.step(f"bcast_x[{t}]", (m_r, w), dtype, "row", pc),
+                    BroadcastPiece.step(f"bcast_w[{t}]", (w, n_c), dtype, "col", pr)]
+
+        def reduces(t: int) -> list[Optional[Collective]]:
+            w = segments[t][1] - segments[t][0]
+            return [ReduceToOwner.step(f"reduce_dx_piece[{t}]", (m_r, w), dtype, "row", pc),
+                    ReduceToOwner.step(f"reduce_dw_piece[{t}]", (w, n_c), dtype, "col", pr)]
+
+        if segments:
+            out += overlapped(bcasts(0), [], False)
+        for t in range(len(segments)):
+            steps = overlapped(bcasts(t + 1) if t + 1 < len(segments) else [], work(t),
+                               not staged)
+            if backward and t > 0:  # the previous segment's reductions, waited after these
+                steps = overlapped(reduces(t - 1), steps, not staged)
+            out += steps
+        if backward and segments:
+            out += overlapped(reduces(len(segments) - 1), [], False)
+        return out

@@ -4,7 +4,8 @@ docs/record-schema.md).
 Timing (:func:`tpmpi.studies.timing.time_calls`, docs/statistics.md): ``warmup`` untimed steps, then
 ``iters`` steps each started by a stream sync and a Barrier and ended by a stream sync; an
 iteration's time is the maximum over ranks. The time spent in local products and blocked in
-collectives is snapshotted from the layers' profilers around every iteration (max over ranks
+collectives is snapshotted from the profiler attached to the case's operators and local work
+(:meth:`tpmpi.studies.schemes.base.Case.attach_profiler`) around every iteration (max over ranks
 per iteration), so ``gemm_s`` / ``comm_s`` are medians over the iterations like ``time_s``;
 ``spread`` holds their ``{median, min, max}``. ``algbw = S / comm_s`` and
 ``busbw = S * factor / comm_s`` with ``S`` the nccl-tests size of each collective and its
@@ -34,6 +35,7 @@ from ..core.devices import device_facts
 from ..core.dtypes import tolerance
 from ..core.grid import ProcessGrid
 from ..core.mesh import Mesh
+from ..core.profiler import Profiler
 from ..core.threads import blas_info, configured_blas_threads
 from ..core.topology import node_comm
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
@@ -90,9 +92,9 @@ def default_calibration() -> Calibration:
 
 
 def _profiled(case: Case) -> tuple[float, float]:
-    """Seconds in local products and in collectives so far, summed over the case's layers."""
-    totals = [p.totals() for p in case.profilers]
-    return sum(t["gemm_s"] for t in totals), sum(t["comm_s"] for t in totals)
+    """Seconds in local products and in collectives so far (the case's profiler)."""
+    assert case.profiler is not None  # attached by _first_steps
+    return case.profiler.gemm_s, case.profiler.comm_s
 
 
 def _timed_steps(case: Case, comm: MPI.Comm, backend: Backend, iters: int,
@@ -142,7 +144,7 @@ def _first_steps(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, 
     measured meanwhile) and ``warmup`` untimed steps: ``(case, peak bytes)``."""
     with backend.memory_peak() as mem:
         case = build_case(problem, where, backend, bucket_bytes=bucket_bytes)
-        case.attach_profilers()
+        case.attach_profiler()
         case.forward()
         if case.problem.backward:
             case.backward()
@@ -167,11 +169,17 @@ def _stagings(case: Case) -> list:
         [dp.staging] if dp else [])
 
 
+def _profilers(case: Case) -> tuple[Profiler, Optional[Profiler]]:
+    """The case's TP profiler and, on a mesh, its DP one (attached by :func:`_first_steps`)."""
+    assert case.profiler is not None
+    return case.profiler, case.dp_profiler if isinstance(case, DataParallelCase) else None
+
+
 def _reset_counters(case: Case) -> None:
     """Zero the profilers' and staging buffers' totals (the timed steps count from here)."""
-    dp = _data_parallel(case)
-    for prof in list(case.profilers) + ([dp.profiler] if dp else []):
-        prof.reset()
+    for prof in _profilers(case):
+        if prof is not None:
+            prof.reset()
     for staging in _stagings(case):
         staging.reset_stats()
 
@@ -182,23 +190,16 @@ def _traffic(case: Case, iters: int, mem_peak: int, comm: MPI.Comm) -> dict:
     ``dp_comm_s`` and ``dp_bytes``, staged ``d2h_bytes``, ``h2d_bytes`` and ``staging_s``,
     ``mem_peak_bytes``; and ``collectives``, the TP calls per step. Collective."""
     n = max(iters, 1)
-    totals = [p.totals() for p in case.profilers]
-    dp = _data_parallel(case)
-    dp_prof = dp.profiler if dp else None
+    tp_prof, dp_prof = _profilers(case)
     stagings = _stagings(case)
-    values = {"comm_bytes": sum(t["bytes"] for t in totals) / n,
-              "bus_bytes": sum(t["bus_bytes"] for t in totals) / n,
+    values = {"comm_bytes": tp_prof.bytes / n, "bus_bytes": tp_prof.bus_bytes / n,
               "dp_comm_s": dp_prof.comm_s / n if dp_prof else 0.0,
               "dp_bytes": dp_prof.bytes / n if dp_prof else 0.0,
               **{key: sum(st.stats[key] for st in stagings) / n
                  for key in ("d2h_bytes", "h2d_bytes", "staging_s")},
               "mem_peak_bytes": mem_peak}
     out = dict(zip(values, _max_over_ranks(comm, list(values.values())).tolist()))
-    calls: dict[str, int] = {}
-    for t in totals:
-        for op, c in t["calls"].items():
-            calls[op] = calls.get(op, 0) + c
-    out["collectives"] = {op: c // n for op, c in calls.items()}
+    out["collectives"] = {op: c // n for op, c in tp_prof.calls.items()}
     return out
 
 
@@ -207,9 +208,9 @@ def _overlap_phases(case: Case, iters: int) -> dict:
     DP gradient Allreduce under backward (with more than one replica). Collective."""
     on_mesh = case if isinstance(case, DataParallelCase) else None
     tp_case = on_mesh.inner if on_mesh else case  # TP overlap without the DP Allreduce
-    phases = {"forward": measure_overlap(case.layers, tp_case.forward, warmup=1, iters=iters)}
+    phases = {"forward": measure_overlap(case.module, tp_case.forward, warmup=1, iters=iters)}
     if case.problem.backward:
-        phases["backward"] = measure_overlap(case.layers, tp_case.backward, warmup=1,
+        phases["backward"] = measure_overlap(case.module, tp_case.backward, warmup=1,
                                              iters=iters)
         if on_mesh and on_mesh.mesh.dp > 1:
             phases["dp"] = measure_dp_overlap(on_mesh.dp, on_mesh.inner.dy, iters=iters)

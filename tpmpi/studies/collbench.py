@@ -1,13 +1,23 @@
 """Collective micro-benchmarks (nccl-tests conventions) and the cost-model calibration.
 
-``size`` is the nccl-tests ``S`` in bytes (:mod:`tpmpi.core.colltable`, which also holds each
-collective's benchmark body), ``count`` its elements. ``time`` is the mean over ``iters``
+Each collective is timed as the layers run it (nccl-tests times the call its users make): by
+the operator that runs it (:func:`body`) -- the ``Alltoallw`` gather of column blocks into
+place (:class:`~tpmpi.core.mappings.GatherCols`), :class:`~tpmpi.core.mappings.AllReduce`,
+:class:`~tpmpi.core.mappings.ReduceScatterRows`, the SUMMA broadcast and reduce-to-owner
+(:mod:`tpmpi.core.summa`) -- so that float16 and bfloat16 reductions take the exchange of
+slices, as in the layers; the calibration fits those apart
+(:func:`tpmpi.studies.costmodel.calibration_key`).
+
+``size`` is the nccl-tests ``S`` in bytes (:mod:`tpmpi.core.colltable`), ``count`` its
+elements. ``time`` is the mean over ``iters``
 back-to-back calls, max over ranks (one sample of :func:`tpmpi.studies.timing.time_calls`);
 ``algbw = S / time``, ``busbw = algbw * factor`` (:func:`tpmpi.core.colltable.bus_factor`).
 ``#wrong`` counts elements that differ from the expected pattern after one checked call,
 summed over ranks.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -19,9 +29,13 @@ from ..core import colltable
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend
 from ..core.comm import first_ranks
+from ..core.mappings import AllReduce, GatherCols, ReduceScatterRows
+from ..core.partition import block_partition, block_range
+from ..core.summa import BroadcastPiece, ReduceToOwner
 from ..core.threads import blas_info
 from ..core.topology import device_leaders
-from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, Calibration, fit_alpha_beta, gemm_work
+from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, REDUCTIONS, Calibration, \
+    calibration_key, fit_alpha_beta, gemm_work
 from .record import CollectiveRecord, mpi_library, utc_timestamp
 from .table import line
 from .timing import time_calls
@@ -40,24 +54,97 @@ def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
     return out
 
 
+@dataclasses.dataclass
+class Body:
+    """One collective at one size, ready to call: ``count`` elements (S), the operator ``call``
+    (which keeps its result in ``out[0]``), the result expected of one call on fresh inputs
+    (``reset`` restores them: in-place operators overwrite them; None where a rank gets no
+    result)."""
+
+    count: int
+    call: Callable[[], Any]
+    out: list
+    expect: Any
+    reset: Callable[[], None]
+
+    def wrong(self, comm: MPI.Comm) -> int:
+        """Elements differing from the expected result after one fresh call, summed over the
+        ranks of ``comm``. Collective."""
+        self.reset()
+        self.call()
+        got = self.out[0]
+        bad = int(got is not None) if self.expect is None else int((got != self.expect).sum())
+        return comm.allreduce(bad)
+
+
+def pattern(xp: Any, count: int, rank: int, dtype: Any) -> Any:
+    """Rank ``rank``'s benchmark input: small integers, exact in every float dtype,
+    ``((rank + 1) * (i % 13 + 1)) % 32``."""
+    i = xp.arange(count, dtype=np.int64)
+    return (((rank + 1) * (i % 13 + 1)) % 32).astype(dtype)
+
+
+def body(op: str, count: int, dtype: DTypeLike, comm: MPI.Comm, xp: Any) -> Body:
+    """The benchmark body of ``op`` over ``comm`` with S = ``count`` elements of ``dtype``
+    (rounded down to a multiple of P where the op splits S) in arrays of ``xp``, run by its
+    operator as the layers run it: allgather gathers the column blocks of a (rows, count/rows)
+    array into place (8 rows, the latency end's M, once a block holds 8 of them), the others
+    work on a flat array (bcast from rank 0, reduce onto rank 0)."""
+    row = colltable.TABLE.get(op)
+    if row is None:
+        raise ValueError(f"collective={op!r}: expected one of {', '.join(colltable.OPS)}")
+    p, r, dt = comm.Get_size(), comm.Get_rank(), np.dtype(dtype)
+    count -= count % p if row.splits else 0
+    total = xp.asarray(sum(pattern(np, count, q, np.float64) for q in range(p)), dtype=dt)
+    out: list = [None]
+    mine = pattern(xp, count, r, dt)
+    if op == "allgather":
+        rows = 8 if count >= 64 * p else 1
+        cols = count // rows
+        count = rows * cols
+        parts = [pattern(xp, rows * (b - a), q, dt).reshape(rows, b - a)
+                 for q, (a, b) in enumerate(block_partition(cols, p))]
+        gather = GatherCols(comm)
+        return Body(count, lambda: out.__setitem__(0, gather(parts[r], cols)), out,
+                    xp.concatenate(parts, axis=1) if cols else xp.empty((rows, 0), dtype=dt),
+                    lambda: None)
+    if op == "reduce_scatter":
+        scatter = ReduceScatterRows(comm)
+        a, b = block_range(count, p, r)
+        return Body(count, lambda: out.__setitem__(0, scatter(mine)), out, total[a:b],
+                    lambda: None)
+    if op in ("allreduce", "bcast"):
+        buf = xp.empty(count, dtype=dt)
+        fresh = mine if op == "allreduce" or r == 0 else xp.zeros(count, dtype=dt)
+        run = AllReduce(comm) if op == "allreduce" else BroadcastPiece(comm)
+        out[0] = buf
+        return Body(count, lambda: run(buf, 0), out,
+                    total if op == "allreduce" else pattern(xp, count, 0, dt),
+                    lambda: buf.__setitem__(Ellipsis, fresh))
+    reduce = ReduceToOwner(comm)  # the last row: reduce
+    return Body(count, lambda: out.__setitem__(0, reduce(mine, 0)), out,
+                total if r == 0 else None, lambda: None)
+
+
 def time_collective(op: str, count: int, dtype: DTypeLike, comm: MPI.Comm, backend: Backend, *,
                     warmup: int = 2, iters: int = 10, check: bool = True) -> CollectiveRecord:
     """One row of the collective benchmark: ``op`` with S = ``count`` elements (rounded down to
-    a multiple of P where the op splits S). The record on every rank. Collective."""
+    a multiple of P where the op splits S), run by its operator (:func:`body`). The record on
+    every rank. Collective."""
     xp = backend.xp if (not backend.is_gpu or backend.gpu_aware) else np
-    body = colltable.body(op, count, dtype, comm, xp)
-    (elapsed,), = time_calls([body.call], comm, sync=backend.synchronize, warmup=warmup,
+    run = body(op, count, dtype, comm, xp)
+    (elapsed,), = time_calls([run.call], comm, sync=backend.synchronize, warmup=warmup,
                              repeat=max(iters, 1))
     p = comm.Get_size()
-    nbytes = body.count * np.dtype(dtype).itemsize
+    nbytes = run.count * np.dtype(dtype).itemsize
     algbw = nbytes / elapsed / 1e9 if elapsed > 0 else None
     return CollectiveRecord(
-        collective=op, ranks=p, size=nbytes, count=body.count, dtype=np.dtype(dtype).name,
+        collective=op, ranks=p, size=nbytes, count=run.count, dtype=np.dtype(dtype).name,
         backend=backend.name, gpu_aware=backend.gpu_aware,
         buffers="device" if xp is not np and backend.is_gpu else "host", warmup=warmup,
         iters=iters, time_s=float(elapsed), algbw_gbs=algbw,
         busbw_gbs=algbw * colltable.bus_factor(op, p) if algbw else None,
-        wrong=body.wrong(comm) if check else None)
+        wrong=run.wrong(comm) if check else None)
 
 
 def format_row(rec: Mapping[str, Any], header: bool = False) -> str:
@@ -112,22 +199,26 @@ def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**2
 def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
                      sizes: Sequence[int], ranks: Sequence[int], iters: int,
                      progress: Callable[[str], None]) -> tuple[dict, dict]:
-    """``(alpha, beta)`` tables ``{op: {str(P): value}}`` fitted on the first P ranks of
-    ``comm`` for each P of ``ranks`` over messages of ``sizes`` bytes (float32). Collective;
-    the tables on every rank."""
+    """``(alpha, beta)`` tables ``{key: {str(P): value}}`` fitted on the first P ranks of
+    ``comm`` for each P of ``ranks`` over messages of ``sizes`` bytes: every op in float32,
+    and the reductions again in float16 (the exchange of slices of 2-byte floats, under
+    :func:`tpmpi.studies.costmodel.calibration_key`). Collective; the tables on every rank."""
     alpha: dict = {}
     beta: dict = {}
+    runs = [(op, "float32") for op in ops] + [(op, "float16") for op in ops if op in REDUCTIONS]
     for p in ranks:
         with first_ranks(comm, p) as sub:
             if sub != MPI.COMM_NULL:
-                for op in ops:
-                    progress(f"{op} P={p}")
-                    recs = [time_collective(op, max(s // 4, p), "float32", sub, backend,
+                for op, dtype in runs:
+                    key = calibration_key(op, dtype)
+                    progress(f"{key} P={p}")
+                    item = np.dtype(dtype).itemsize
+                    recs = [time_collective(op, max(s // item, p), dtype, sub, backend,
                                             iters=iters, check=False) for s in sizes]
                     a, b = fit_alpha_beta(op, p, [r.size for r in recs],
                                           [r.time_s for r in recs])
-                    alpha.setdefault(op, {})[str(p)] = a
-                    beta.setdefault(op, {})[str(p)] = b
+                    alpha.setdefault(key, {})[str(p)] = a
+                    beta.setdefault(key, {})[str(p)] = b
         comm.Barrier()
     return comm.bcast((alpha, beta), root=0)
 

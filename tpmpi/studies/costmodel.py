@@ -1,51 +1,43 @@
-"""Alpha-beta-gamma cost model: per-scheme predictions, calibration file, layout planning.
+"""Alpha-beta-gamma cost model of this machine: the calibration file, the machine it describes,
+predictions and layout planning.
 
-Collectives (``S`` = nccl-tests size in bytes: the full gathered / reduced array) cost
-``T = lat(op, P) * alpha + bw(op, P) * S * beta``, with the ring formulas of algorithms.md §4.1
-that the operation table :mod:`tpmpi.core.colltable` lists next to the collective's other facts.
+A prediction prices the schedule a layer lists for a problem (``schedule_for`` of the scheme's
+layer class, :data:`tpmpi.studies.footprint.SCHEME_LAYERS`; :meth:`tpmpi.DataParallel.
+schedule_for` adds the gradient buckets) with :func:`tpmpi.studies.pricing.price`: there is no
+formula per scheme here, so the model describes what the layers run (their operators, their
+overlap setting, their chunks and panels) and a new layer or composite is priced as soon as it
+lists its schedule. This module supplies the machine (:class:`CalibratedMachine`):
 
-``alpha`` (s) and ``beta`` (s/byte) are fitted per collective and communicator size by
-:mod:`tpmpi.studies.collbench`; a size without a fit uses the nearest fitted size's values (the
-formula carries the P dependence). Local GEMMs take ``2 m k n / rate`` with ``rate`` (flop/s,
-"gamma") per backend:dtype and shape class (:func:`gemm_class`); "thin" GEMMs (a dimension
-below 64, e.g. few tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with
-``rate`` in bytes/s. Without a calibration file the documented defaults (:data:`DEFAULT_ALPHA`,
-:data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`, :data:`DEFAULT_STAGING`) apply. A dtype the
-calibration lacks takes the same backend's float32 rates (never another backend's).
+* collectives (``S`` = nccl-tests size in bytes: the full gathered / reduced array) cost
+  ``T = lat(op, P) * alpha + bw(op, P) * S * beta``, with the ring formulas of algorithms.md
+  §4.1 that the operation table :mod:`tpmpi.core.colltable` lists next to the collective's
+  other facts. ``alpha`` (s) and ``beta`` (s/byte) are fitted per collective and communicator
+  size by :mod:`tpmpi.studies.collbench`, timing the operators the layers run (the
+  ``Alltoallw`` gather into place, MPI's reductions, and for 2-byte floats the exchange of
+  slices, fitted apart under :func:`calibration_key`); a size without a fit uses the nearest
+  fitted size's values (the formula carries the P dependence);
+* local products take ``2 m k n / rate`` with ``rate`` (flop/s, "gamma") per backend:dtype
+  and shape class (:func:`gemm_class`); "thin" products (a dimension below 64, e.g. few
+  tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with ``rate`` in bytes/s,
+  the rate element-wise work streams its bytes at. Without a calibration file the documented
+  defaults (:data:`DEFAULT_ALPHA`, :data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`,
+  :data:`DEFAULT_STAGING`) apply. A dtype the calibration lacks takes the same backend's
+  float32 rates (never another backend's);
+* GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and
+  the pinned host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so
+  each local product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a
+  collective is staged (:func:`tpmpi.core.colltable.staged_bytes` down and up, MPI on host
+  buffers in between) through the staging pipeline of pieces of
+  :data:`tpmpi.core.staging.STAGING_CHUNK_BYTES`: ``T = max(D, M, U) + (D + M + U - max) / n``
+  for copy-down time D, MPI time M and copy-up time U over n pieces; nothing overlaps then (the
+  layers run their collectives blocking), which the schedule states.
 
-GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and the
-pinned host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so each local
-product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a collective is
-staged (:func:`tpmpi.core.colltable.staged_bytes` down and up, MPI on host buffers in between)
-through the staging pipeline of pieces of :data:`tpmpi.core.staging.STAGING_CHUNK_BYTES`:
-``T = max(D, M, U) + (D + M + U - max) / n`` for copy-down time D, MPI time M and copy-up
-time U over n pieces.
-
-Per-scheme costs (algorithms.md §4.3; ``b`` = bytes per element, backward adds the dX and dW
-GEMMs and the collectives listed):
-
-* column: GEMM (M, K, N/P) + AG(M N b); ``chunks`` c pipelines c row blocks (the gather of
-  block i overlaps the GEMM of block i+1). Backward: AR(M K b) of dX overlapped with the dW GEMM.
-* row: GEMM (M, K/P, N) + AR(M N b); backward AG(M K b) of dX.
-* mlp (megatron): column GEMM (M, K, H/P), row GEMM (M, H/P, N) + AR(M N b); backward
-  AR(M K b) of dX overlapped with fc1's dW GEMM. ``mode="book"``: two column GEMMs with an AG
-  after each (M H b, M N b) and two ARs backward (each overlapped with its dW GEMM).
-  ``mode="sequence"``: AG(M K b) of the input rows before fc1 and RS(M N b) after fc2 (the AR's
-  two halves); backward AG(M N b) of dY, the re-gather AG(M K b) of X overlapped with fc1's dX
-  GEMM and RS(M K b) of dX overlapped with its dW GEMM; the block's input and output take
-  M/P rows per rank. ``mode="tile2d"``: two tile2d layers (below) on the grid.
-* data parallelism (``dp`` replicas of a TP group of P/dp ranks): every TP cost above with the
-  replica's M/dp rows; backward adds the Allreduce over the ``dp`` replicas of each rank's
-  gradient bytes, in buckets as :class:`tpmpi.DataParallel` forms them (``bucket_bytes``):
-  a bucket starts when its last layer's gradients are final and the buckets run one after
-  another, so a bucket of fc2's gradients hides behind fc1's backward; what runs past the end
-  of backward is exposed (all of it with ``overlap=False``). This assumes the MPI library
-  progresses the Iallreduce while the GEMMs run; without an asynchronous progress thread it
-  moves mostly during the other MPI calls, which ``--measure-overlap`` shows.
-* tile2d on pr x pc, gather form: AG_row(M/pr K b) + AG_col(K N/pc b) + GEMM (M/pr, K, N/pc);
-  backward (forward panels cached) RS_row(M/pr K b) + RS_col(K N/pc b). ``panel`` kb: K/kb
-  steps of Bcast_row(M/pr kb b) + Bcast_col(kb N/pc b), double-buffered, overlapped with the
-  step GEMMs; panel memory 2 (M/pr + N/pc) kb instead of (M/pr + N/pc) K.
+Data parallelism (``dp`` replicas of a TP group of P/dp ranks): the replica's schedule with M/dp
+rows plus the Allreduce of each bucket of gradients, started when its gradients are final and
+run one after another; what runs past the end of backward is exposed (all of it with
+``overlap=False``). This assumes the MPI library progresses the Iallreduce while the GEMMs
+run; without an asynchronous progress thread it moves mostly during the other MPI calls,
+which ``--measure-overlap`` shows.
 """
 from __future__ import annotations
 
@@ -59,15 +51,17 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.colltable import bw_factor, lat_factor, sent_bytes, staged_bytes
+from ..core.colltable import bw_factor, lat_factor, staged_bytes
+from ..core.comm import HALF
 from ..core.dtypes import resolve_dtype
 from ..core.grid import factorisations
 from ..core.partition import largest_block
+from ..core.schedule import Collective, Pointwise, Product, Schedule
 from ..core.staging import STAGING_CHUNK_BYTES
-from ..core.tiling import panel_workspace_bytes
-from ..layers.column import chunk_bounds
-from ..layers.data_parallel import BUCKET_BYTES
+from ..layers.data_parallel import BUCKET_BYTES, DataParallel
 from .calfile import check_calibration
+from .footprint import SCHEME_LAYERS, bytes_per_rank
+from .pricing import price
 from .problem import Problem, options_label
 
 CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
@@ -131,12 +125,15 @@ class Calibration:
         near = min(sizes[max(0, i - 1):i + 1], key=lambda q: abs(q - p))
         return float(table[op][str(near)])
 
-    def collective(self, op: str, p: int, nbytes: float) -> float:
-        """Predicted seconds of ``op`` with nccl-tests size ``nbytes`` over ``p`` ranks."""
+    def collective(self, op: str, p: int, nbytes: float, key: Optional[str] = None) -> float:
+        """Predicted seconds of ``op`` with nccl-tests size ``nbytes`` over ``p`` ranks, with the
+        alpha and beta fitted under ``key`` (default ``op``; :func:`calibration_key`), else
+        under ``op``."""
         if p <= 1:
             return 0.0
-        a = self._nearest(self.alpha, op, p, DEFAULT_ALPHA)
-        b = self._nearest(self.beta, op, p, DEFAULT_BETA)
+        key = key if key is not None and key in self.alpha and key in self.beta else op
+        a = self._nearest(self.alpha, key, p, DEFAULT_ALPHA)
+        b = self._nearest(self.beta, key, p, DEFAULT_BETA)
         return lat_factor(op, p) * a + bw_factor(op, p) * nbytes * b
 
     def _rates(self, dtype: str, backend: str) -> dict:
@@ -159,7 +156,8 @@ class Calibration:
         """Seconds to stream ``nbytes`` through memory (the "thin" GEMM rate, bytes/s)."""
         return nbytes / self._rates(dtype, backend)["thin"]
 
-    def staged_collective(self, op: str, p: int, nbytes: float, sharing: float = 1.0) -> float:
+    def staged_collective(self, op: str, p: int, nbytes: float, sharing: float = 1.0,
+                          key: Optional[str] = None) -> float:
         """Predicted seconds of ``op`` staged through host memory: copies down and up
         (:func:`tpmpi.core.colltable.staged_bytes`, at the calibrated pinned bandwidth divided by
         the ``sharing`` ranks of one device) and MPI on host buffers, pipelined over pieces of
@@ -169,7 +167,7 @@ class Calibration:
         down, up = staged_bytes(op, p, nbytes)
         d = down * sharing / self.staging.get("d2h", DEFAULT_STAGING["d2h"])
         u = up * sharing / self.staging.get("h2d", DEFAULT_STAGING["h2d"])
-        m = self.collective(op, p, nbytes)
+        m = self.collective(op, p, nbytes, key)
         pieces = max(1.0, math.ceil(max(down, up) / STAGING_CHUNK_BYTES))
         top = max(d, m, u)
         return top + (d + m + u - top) / pieces
@@ -264,177 +262,50 @@ def layout_label(scheme: str, grid: Sequence, dp: int = 1,
         + (f" {opts}" if opts else "")
 
 
-class _Tally:
-    """Accumulates GEMMs, collectives and overlap for one prediction; collectives are staged
-    through the host when ``staged`` (``sharing`` ranks per device share its copy link)."""
+REDUCTIONS = ("allreduce", "reduce_scatter", "reduce")
+"""The collectives that :mod:`tpmpi.core.comm` runs as an exchange of slices for 2-byte floats
+(``Alltoallv`` + ``Allgatherv`` / ``Gatherv``) instead of MPI's own reduction."""
 
-    def __init__(self, cal: Calibration, dtype: str, backend: str, staged: bool = False,
-                 sharing: float = 1.0):
-        self.cal, self.dtype, self.backend = cal, dtype, backend
-        self.staged, self.sharing = staged, sharing
-        self.b = resolve_dtype(dtype).itemsize
-        self.compute = self.comm = self.sent = 0.0
-        self.ready: list[tuple[list[float], float, float]] = []
 
-    def grads_final(self, *elements: float) -> None:
-        """A layer's gradients (element counts, bias then weight) are final now: recorded
-        with the compute and communication time so far, for the DP model."""
-        self.ready.append(([e * self.b for e in elements], self.compute, self.comm))
+def calibration_key(op: str, dtype: str) -> str:
+    """The name ``op``'s alpha and beta are fitted under for ``dtype``: ``"allreduce.exchange"``
+    (and so on for :data:`REDUCTIONS`) for float16 and bfloat16, which take another path, else
+    ``op``."""
+    return f"{op}.exchange" if op in REDUCTIONS and dtype in HALF else op
 
-    def gemm(self, m: int, k: int, n: int) -> float:
-        t = self.cal.gemm(m, k, n, self.dtype, self.backend)
-        self.compute += t
-        return t
 
-    def ctime(self, op: str, p: int, nbytes: float) -> float:
-        """Seconds of one collective of ``nbytes`` (nccl-tests S), staged or not."""
+@dataclasses.dataclass(frozen=True)
+class CalibratedMachine:
+    """This machine as ``calibration`` describes it, for ``backend``: the machine protocol of
+    :func:`tpmpi.studies.pricing.price`. ``staged``: collectives go through host memory (a GPU
+    without GPU-aware MPI); ``oversubscription`` (BLAS threads of a node's ranks per core, or
+    ranks per GPU, when above 1) slows every local product, every element-wise step and, on a
+    GPU, every staging copy by that factor: the rates are calibrated with the cores, or one
+    rank per device, to themselves."""
+
+    calibration: Calibration
+    backend: str = "numpy"
+    staged: bool = False
+    oversubscription: float = 1.0
+
+    @property
+    def _slowdown(self) -> float:
+        return max(1.0, float(self.oversubscription))
+
+    def product_s(self, step: Product) -> float:
+        return step.batch * self.calibration.gemm(step.m, step.k, step.n, step.dtype,
+                                                  self.backend) * self._slowdown
+
+    def pointwise_s(self, step: Pointwise) -> float:
+        return self.calibration.memory_time(step.nbytes, step.dtype, self.backend) \
+            * self._slowdown
+
+    def collective_s(self, step: Collective) -> float:
+        key = calibration_key(step.op, step.dtype)
         if self.staged:
-            return self.cal.staged_collective(op, p, nbytes, self.sharing)
-        return self.cal.collective(op, p, nbytes)
-
-    def coll(self, op: str, p: int, elements: float, hidden_behind: float = 0.0) -> float:
-        """Collective of ``elements`` (nccl-tests S in elements); ``hidden_behind`` seconds of
-        concurrent local work hide that much of it."""
-        t = self.ctime(op, p, elements * self.b)
-        self.sent += sent_bytes(op, p, elements * self.b)
-        self.comm += max(0.0, t - hidden_behind)
-        return t
-
-
-def _column(t: _Tally, m: int, k: int, n: int, p: int, backward: bool,
-            chunks: Optional[int]) -> float:
-    np_ = largest_block(n, p)
-    c = len(chunk_bounds(m, int(chunks or 1)))  # the layer's chunking (whole BLAS blocks)
-    mc = largest_block(m, c)
-    g = t.cal.gemm(mc, k, np_, t.dtype, t.backend)
-    a = t.ctime("allgather", p, mc * n * t.b)
-    t.compute += c * g
-    t.sent += c * sent_bytes("allgather", p, mc * n * t.b)
-    # pipeline: first GEMM, then c-1 stages of max(gemm, gather), then the last gather
-    exposed = (c - 1) * max(0.0, a - g) + a if c > 1 else a
-    t.comm += exposed
-    if backward:
-        t.gemm(m, np_, k)
-        dw = t.gemm(k, m, np_)
-        t.coll("allreduce", p, m * k, hidden_behind=dw)
-        t.grads_final(np_, k * np_)
-    return (m * k + k * np_ + m * n + (m * np_ if c == 1 else 2 * mc * np_)) * t.b
-
-
-def _row(t: _Tally, m: int, k: int, n: int, p: int, backward: bool) -> float:
-    kp = largest_block(k, p)
-    t.gemm(m, kp, n)
-    t.coll("allreduce", p, m * n)
-    if backward:
-        t.gemm(m, n, kp)
-        t.gemm(kp, m, n)
-        t.coll("allgather", p, m * k)
-        t.grads_final(n, kp * n)
-    return (m * k + kp * n + m * n) * t.b
-
-
-def _mlp_tile2d(t: _Tally, m: int, k: int, n: int, h: int, pr: int, pc: int, backward: bool
-                ) -> float:
-    """The tile2d FFN: two tile2d layers on the pr x pc grid; gradients are final for fc2,
-    then fc1."""
-    mem = _tile2d(t, m, k, h, pr, pc, False, None) + _tile2d(t, m, h, n, pr, pc, False, None)
-    if backward:
-        for kk, nn in ((h, n), (k, h)):  # fc2, then fc1
-            mem = max(mem, _tile2d_backward(t, m, kk, nn, pr, pc))
-            t.grads_final(largest_block(nn, pc), largest_block(kk, pr) * largest_block(nn, pc))
-    return mem
-
-
-def _mlp(t: _Tally, m: int, k: int, n: int, h: int, p: int, backward: bool, mode: str,
-         overlap: bool = True) -> float:
-    """The FFN in a 1D ``mode`` (megatron, book, sequence) on ``p`` ranks; gradients are final
-    for fc2, then fc1."""
-    hp, np_ = largest_block(h, p), largest_block(n, p)
-    mr = largest_block(m, p)  # rows per rank of the block's input and output (sequence)
-
-    def during(op: str, elements: float, gemm: tuple) -> None:
-        """``op`` overlapped with a GEMM (when ``overlap``)."""
-        g = t.gemm(*gemm)
-        t.coll(op, p, elements, hidden_behind=g if overlap else 0.0)
-
-    if mode == "sequence":
-        t.coll("allgather", p, m * k)
-    t.gemm(m, k, hp)
-    if mode == "book":
-        t.coll("allgather", p, m * h)
-        t.gemm(m, h, np_)
-        t.coll("allgather", p, m * n)
-    else:
-        t.gemm(m, hp, n)
-        t.coll("reduce_scatter" if mode == "sequence" else "allreduce", p, m * n)
-    if backward:
-        if mode == "book":  # fc2 column-parallel: dH partial sums all-reduced during dW
-            t.gemm(m, np_, h)
-            during("allreduce", m * h, (h, m, np_))
-            t.grads_final(np_, h * np_)
-        else:  # fc2 row-parallel: local once dY is whole
-            if mode == "sequence":
-                t.coll("allgather", p, m * n)
-            t.gemm(m, n, hp)
-            t.gemm(hp, m, n)
-            t.grads_final(n, hp * n)
-        if mode == "sequence":  # X's rows gathered again during fc1's dX GEMM
-            during("allgather", m * k, (m, hp, k))
-        else:
-            t.gemm(m, hp, k)
-        during("reduce_scatter" if mode == "sequence" else "allreduce", m * k, (k, m, hp))
-        t.grads_final(hp, k * hp)
-    w = (k * hp + (h * np_ if mode == "book" else hp * n)) * t.b
-    if mode == "book":
-        act = m * k + m * h + m * n
-    elif mode == "sequence":
-        act = mr * k + 2 * m * hp + mr * n
-    else:
-        act = m * k + 2 * m * hp + m * n
-    return w + act * t.b
-
-
-def _tile2d_backward(t: _Tally, m: int, k: int, n: int, pr: int, pc: int) -> float:
-    """tile2d backward (forward panels cached): the dX and dW GEMMs and their reduce-scatters;
-    returns the panel workspace."""
-    mr, nc = largest_block(m, pr), largest_block(n, pc)
-    t.gemm(mr, nc, k)
-    t.gemm(k, mr, nc)
-    t.coll("reduce_scatter", pc, mr * k)
-    t.coll("reduce_scatter", pr, k * nc)
-    return 2 * (mr + nc) * k * t.b
-
-
-def _tile2d(t: _Tally, m: int, k: int, n: int, pr: int, pc: int, backward: bool,
-            panel: Optional[int]) -> float:
-    mr, nc = largest_block(m, pr), largest_block(n, pc)
-    kr, kc = largest_block(k, pr), largest_block(k, pc)
-    own = (mr * kc + kr * nc + mr * nc) * t.b
-    if panel:
-        kb = max(1, min(int(panel), max(k, 1)))
-        steps = -(-k // kb)
-        g = t.cal.gemm(mr, kb, nc, t.dtype, t.backend)
-        bc = t.ctime("bcast", pc, mr * kb * t.b) + t.ctime("bcast", pr, kb * nc * t.b)
-        # each panel after the first adds its (mr, nc) product into Y: one more read and
-        # write of Y and of the temporary, at the memory rate ("thin" class)
-        t.compute += steps * g + (steps - 1) * t.cal.memory_time(3 * mr * nc * t.b, t.dtype,
-                                                                   t.backend)
-        t.sent += steps * (sent_bytes("bcast", pc, mr * kb * t.b)
-                           + sent_bytes("bcast", pr, kb * nc * t.b))
-        t.comm += bc + (steps - 1) * max(0.0, bc - g)  # first panel exposed, rest overlapped
-        panels: float = panel_workspace_bytes(mr, nc, kb, t.b)
-    else:
-        t.coll("allgather", pc, mr * k)
-        t.coll("allgather", pr, k * nc)
-        t.gemm(mr, k, nc)
-        panels = (mr + nc) * k * t.b
-    if backward:
-        panels = max(panels, _tile2d_backward(t, m, k, n, pr, pc))
-        t.grads_final(nc, kr * nc)
-    return own + panels
-
-
-MODELLED = ("column", "row", "mlp", "tile2d")
+            return self.calibration.staged_collective(step.op, step.size, step.nbytes,
+                                                      self._slowdown, key)
+        return self.calibration.collective(step.op, step.size, step.nbytes, key)
 
 
 def square_grid(p: int) -> tuple[int, int]:
@@ -443,74 +314,59 @@ def square_grid(p: int) -> tuple[int, int]:
     return pr, p // pr
 
 
-def _dp_allreduce(t: _Tally, dp: int, bucket_bytes: int, overlap: bool,
-                  slowdown: float) -> tuple[float, float]:
-    """``(exposed, total)`` seconds of the DP gradient Allreduce over ``dp`` replicas: the
-    gradients recorded by :meth:`_Tally.grads_final` in buckets of at least ``bucket_bytes``
-    (as :class:`tpmpi.DataParallel` forms them), each started when its gradients are final
-    (after backward without ``overlap``), one after another. ``slowdown`` scales the recorded
-    compute times (oversubscription)."""
-    end = t.compute * slowdown + t.comm
-    buckets: list[list[float]] = []  # [bytes, time its gradients are final]
-    for sizes, compute, comm in t.ready:
-        for size in sizes:
-            if not buckets or buckets[-1][0] >= bucket_bytes:
-                buckets.append([0.0, 0.0])
-            buckets[-1][0] += size
-            buckets[-1][1] = compute * slowdown + comm
-    clock = total = 0.0
-    for size, ready in buckets:
-        took = t.ctime("allreduce", dp, size)
-        clock = max(clock, ready if overlap else end) + took
-        total += took
-        t.sent += sent_bytes("allreduce", dp, size)
-    return max(0.0, clock - end), total
+def default_grid(problem: Problem, p: int) -> tuple[int, int]:
+    """The TP grid a problem runs on by default: the most square grid for tile2d and the tile2d
+    FFN, else 1 x ``p``."""
+    two_d = problem.scheme == "tile2d" or (problem.scheme == "mlp"
+                                           and problem.opts.get("mode") == "tile2d")
+    return square_grid(p) if two_d else (1, p)
+
+
+def schedule_of(problem: Problem, grid: Sequence[int], *, dp: int = 1,
+                bucket_bytes: int = BUCKET_BYTES, staged: bool = False) -> Optional[Schedule]:
+    """The schedule of one rank of ``problem`` (its scheme's layer class, sizes, dtype, pass
+    and options) on the TP ``grid``, ``dp`` replicas each taking M/dp rows (with the DP
+    gradient buckets); None for a scheme without a layer class. No communication."""
+    cls = SCHEME_LAYERS.get(problem.scheme)
+    if cls is None:
+        return None
+    opts = dict(problem.options)
+    overlap = opts.pop("overlap", True) is not False
+    pr, pc = (int(g) for g in grid)
+    sched = cls.schedule_for(largest_block(problem.m, dp), problem.k, problem.n, (pr, pc),
+                             dtype=problem.dtype, backward=problem.backward, overlap=overlap,
+                             staged=staged, hidden=problem.hidden, **opts)
+    return DataParallel.schedule_for(sched, dp, bucket_bytes=bucket_bytes, overlap=overlap,
+                                     staged=staged)
 
 
 def predict(problem: Problem, ranks: int, grid: Optional[Sequence[int]] = None,
             calibration: Optional[Calibration] = None, backend: str = "numpy",
             oversubscription: float = 1.0, staged: bool = False, *, dp: int = 1,
             bucket_bytes: int = BUCKET_BYTES) -> Optional[Prediction]:
-    """Predicted time of ``problem`` (its scheme, m, k, n, hidden, dtype, backward, options)
-    on ``ranks`` ranks: ``dp`` data-parallel replicas (each taking M/dp rows;
-    :func:`_dp_allreduce` in backward) of a TP group arranged as ``grid``
-    (default 1 x ranks/dp, or the most square grid for tile2d and the tile2d FFN).
-    ``oversubscription`` (BLAS threads of a node's ranks per core, or ranks per GPU, when above
-    1) slows every local product by that factor, and on a GPU every staging copy: the rates
-    are calibrated with the cores, or one rank per device, to themselves. ``staged``:
-    collectives go through host memory (a GPU without GPU-aware MPI). None for a scheme the
-    model does not know."""
-    cal = calibration or Calibration()
+    """Predicted time of ``problem`` on ``ranks`` ranks: ``dp`` data-parallel replicas (each
+    taking M/dp rows, gradients averaged in buckets of ``bucket_bytes``) of a TP group arranged
+    as ``grid`` (default :func:`default_grid`): its schedule (:func:`schedule_of`) priced on
+    :class:`CalibratedMachine` (``calibration``, ``backend``, ``staged``,
+    ``oversubscription``). ``mem_bytes`` is :func:`tpmpi.studies.footprint.bytes_per_rank` of
+    a replica. None for a scheme the model does not know."""
     dp = int(dp)
     p = int(ranks) // dp
-    scheme, opts = problem.scheme, dict(problem.options)
-    if scheme not in MODELLED:
+    pr, pc = (int(g) for g in grid) if grid is not None else default_grid(problem, p)
+    grid = (pr, pc)
+    sched = schedule_of(problem, grid, dp=dp, bucket_bytes=bucket_bytes, staged=staged)
+    if sched is None:
         return None
-    mode = opts.get("mode", "megatron")
-    if grid is None:
-        two_d = scheme == "tile2d" or (scheme == "mlp" and mode == "tile2d")
-        grid = square_grid(p) if two_d else (1, p)
-    pr, pc = (int(g) for g in grid)
-    slowdown = max(1.0, float(oversubscription))
-    t = _Tally(cal, problem.dtype, backend, staged, slowdown)
-    m, k, n, bwd = largest_block(problem.m, dp), problem.k, problem.n, problem.backward
-    overlap = opts.get("overlap", True) is not False
-    if scheme == "column":
-        mem = _column(t, m, k, n, p, bwd, opts.get("chunks"))
-    elif scheme == "row":
-        mem = _row(t, m, k, n, p, bwd)
-    elif scheme == "mlp" and mode == "tile2d":
-        mem = _mlp_tile2d(t, m, k, n, problem.d_hidden, pr, pc, bwd)
-    elif scheme == "mlp":
-        mem = _mlp(t, m, k, n, problem.d_hidden, p, bwd, mode, overlap)
-    else:
-        mem = _tile2d(t, m, k, n, pr, pc, bwd, opts.get("panel"))
-    dp_exposed, dp_total = _dp_allreduce(t, dp, bucket_bytes, overlap, slowdown) \
-        if bwd and dp > 1 else (0.0, 0.0)
-    compute, comm = t.compute * slowdown, t.comm + dp_exposed
-    return Prediction(scheme=scheme, grid=(pr, pc), options=opts, compute_s=compute,
-                      comm_s=comm, time_s=compute + comm, bytes_per_rank=t.sent,
-                      mem_bytes=mem, dp=dp, dp_comm_s=dp_exposed, dp_allreduce_s=dp_total)
+    machine = CalibratedMachine(calibration or Calibration(), backend, staged,
+                                oversubscription)
+    cost = price(sched, machine, backward=problem.backward)
+    replica = dataclasses.replace(problem, m=largest_block(problem.m, dp))
+    mem = bytes_per_rank(replica, grid)
+    return Prediction(scheme=problem.scheme, grid=grid, options=dict(problem.options),
+                      compute_s=cost.compute_s, comm_s=cost.comm_s, time_s=cost.time_s,
+                      bytes_per_rank=cost.sent_bytes, mem_bytes=float(mem or 0), dp=dp,
+                      dp_comm_s=cost.exposed_s.get("dp", 0.0),
+                      dp_allreduce_s=cost.collective_s.get("dp", 0.0))
 
 
 def candidates(m: int, k: int, n: int, ranks: int, hidden: Optional[int] = None
@@ -546,12 +402,15 @@ def candidates(m: int, k: int, n: int, ranks: int, hidden: Optional[int] = None
 
 def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
          dtype: str = "float32", backward: bool = False, backend: str = "numpy",
-         calibration: Optional[Calibration] = None,
-         bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
+         calibration: Optional[Calibration] = None, bucket_bytes: int = BUCKET_BYTES,
+         overlap: bool = True) -> list[Prediction]:
     """All candidate layouts (every dp x TP factorisation of ``ranks``, see
-    :func:`candidates`) ranked by predicted time (fastest first)."""
+    :func:`candidates`) ranked by predicted time (fastest first); ``overlap=False``: the
+    layers' backward collectives (and DP buckets) blocking after the work they would
+    overlap."""
     preds = []
     for scheme, grid, opts, dp in candidates(m, k, n, ranks, hidden):
+        opts = opts if overlap else {**opts, "overlap": False}
         prob = Problem(scheme=scheme, m=m, k=k, n=n, hidden=hidden, dtype=dtype,
                        backward=backward, options=tuple(sorted(opts.items())))
         pred = predict(prob, ranks, grid, calibration, backend, dp=dp, bucket_bytes=bucket_bytes)

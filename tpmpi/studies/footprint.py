@@ -10,7 +10,9 @@ holds x; x gathered for the GEMM when its input operator allocates
 allocates; with backward dy (and dy gathered), x gathered again, the GEMM's dx, dx when the
 adjoint of the input operator allocates, and the gradients of W and b. A composite
 (:class:`~tpmpi.ParallelMLP`) chains its children through the activation (one more array
-forward, its gradient backward), each child's x being the previous one's activation.
+forward, its gradient backward), each child's x being the previous one's activation. A layer
+class adds what its layouts do not show (:meth:`tpmpi.layers.base.ParallelLinear.
+workspace_elements`: the tile scheme's panels).
 """
 from __future__ import annotations
 
@@ -36,8 +38,6 @@ SCHEME_LAYERS: dict[str, type[Union[ParallelLinear, ParallelMLP]]] = {
 def _allocates(src: str, dst: str, adjoint: bool = False) -> bool:
     """Whether the operator from layout ``src`` to ``dst`` (or its adjoint) makes a new array."""
     cls = mapping_class(src, dst)
-    if cls is None:
-        return False
     return (cls.adjoint_class if adjoint else cls).allocates
 
 
@@ -59,6 +59,16 @@ def linear_arrays(lay: LinearLayouts, m: int, k: int, n: int, backward: bool
     if _allocates(lay.x, lay.x_local, adjoint=True):
         bwd.append(((m, k), lay.x))
     return fwd, bwd + [((k, n), lay.weight), ((n,), lay.bias)]
+
+
+def _workspace(p: Any, grid_shape: tuple[int, int]) -> int:
+    """Elements of the workspaces of the layers of problem ``p`` (a known scheme)."""
+    cls, opts = SCHEME_LAYERS[p.scheme], p.opts
+    if issubclass(cls, ParallelLinear):
+        return cls.workspace_elements(p.m, p.k, p.n, grid_shape, **opts)
+    (cls1, opts1), (cls2, opts2) = ParallelMLP.sublayers(opts.get("mode", "megatron"))
+    return (cls1.workspace_elements(p.m, p.k, p.d_hidden, grid_shape, **opts1)
+            + cls2.workspace_elements(p.m, p.d_hidden, p.k, grid_shape, **opts2))
 
 
 def _arrays(p: Any) -> Optional[list[Array]]:
@@ -90,7 +100,7 @@ def bytes_per_rank(p: Any, grid_shape: tuple[int, int]) -> Optional[int]:
     if arrays is None:
         return None
     item = 2 if p.dtype == "bfloat16" else np.dtype(p.dtype).itemsize  # no ml_dtypes needed
-    total = 0
+    total = _workspace(p, grid_shape) * item
     for shape, layout in arrays:
         bounds = block_bounds(shape, grid_shape, (0, 0), layout)
         total += math.prod(b - a for a, b in bounds) * item

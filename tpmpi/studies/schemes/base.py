@@ -16,7 +16,7 @@ from ...core.init import init_weight
 from ...core.layout import local_slices
 from ...core.profiler import Profiler
 from ...layers.base import ParallelLinear
-from ...layers.module import named_layers
+from ...layers.module import attach_tap, named_layers
 from ..problem import Problem
 
 
@@ -53,21 +53,26 @@ def bare_products(matmul: Callable[[Any, Any], Any], x: Any, w: Any, b: Any, dy:
 
 
 class Case:
-    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``profilers``,
-    ``comm``, ``backend`` (the layers') and ``layers`` (the ParallelLinear objects, for
-    overlap measurements and staging counters), and implement the methods below."""
+    """A built problem. Subclasses set ``problem``, ``flops`` (one forward), ``module`` (the
+    layer or composite the case runs), ``comm``, ``backend`` (the layers') and ``layers`` (the
+    ParallelLinear objects, for staging counters), and implement the methods below;
+    ``profiler`` is the tap the benchmark attached (:meth:`attach_profiler`), None before."""
 
     problem: Problem
     flops: float = 0.0
-    profilers: Sequence[Profiler] = ()
+    module: Any
+    profiler: Optional[Profiler] = None
     comm: MPI.Comm
     backend: Backend
     layers: list[ParallelLinear]
 
-    def attach_profilers(self) -> list[Profiler]:
-        """Time the GEMM and communication regions of the case's layers from now on (the
-        benchmark's split of compute and communication). Returns the layers' profilers."""
-        raise NotImplementedError
+    def attach_profiler(self) -> Profiler:
+        """Time the local products and the communication of the case's module from now on
+        (the benchmark's split of compute and communication: a timed
+        :class:`~tpmpi.core.profiler.Profiler` attached to its operators and local work,
+        :func:`tpmpi.layers.module.attach_tap`). Returns it."""
+        profiler = self.profiler = attach_tap(self.module, Profiler.for_backend(self.backend))
+        return profiler
 
     def forward(self) -> None:
         """One forward pass on the case's input."""
@@ -108,20 +113,14 @@ class LayerCase(Case):
                  *, n_out: int, flops: float) -> None:
         p = self.problem = problem
         self.comm, self.grid, self.backend, self.layer = grid.comm, grid, backend, layer
+        self.module = layer
         self.x, self.dy = inputs(p, n_out, backend,
                                  local_slices((p.m, p.k), grid, layer.layouts.x),
                                  local_slices((p.m, n_out), grid, layer.layouts.y))
         self.flops = flops
-        # the ParallelLinear objects (for overlap measurements)
+        # the ParallelLinear objects (for their staging counters)
         self.layers = [leaf for _, leaf in named_layers(layer)]
         self.backend = self.layers[0].backend  # with the grid's GPU-aware decision
-        self.profilers = [sub.profiler for sub in self.layers]
-
-    def attach_profilers(self) -> list[Profiler]:
-        """Time the GEMM and communication regions of every layer from now on (the benchmark's
-        split of compute and communication; layers alone are untimed). Returns the profilers."""
-        self.profilers = [sub.attach_profiler() for sub in self.layers]
-        return self.profilers
 
     def forward(self) -> None:
         self.y = self.layer(self.x)

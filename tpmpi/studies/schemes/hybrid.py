@@ -4,7 +4,7 @@ and :class:`~tpmpi.DataParallel` averaging the gradients over the replicas in ba
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from mpi4py import MPI
 
@@ -15,6 +15,7 @@ from ...core.mesh import Mesh
 from ...core.partition import block_range, largest_block
 from ...core.profiler import Profiler
 from ...layers.data_parallel import BUCKET_BYTES, DataParallel
+from ...layers.module import attach_tap
 from ..problem import Problem
 from .base import Case, collective_rel_err, host64
 from .registry import build
@@ -23,8 +24,8 @@ from .registry import build
 class DataParallelCase(Case):
     """The replica's case (``inner``, built on ``mesh.tp`` with its rows) driven through
     :class:`~tpmpi.DataParallel` (``dp``). ``problem`` is the global problem, ``flops`` the sum
-    over the replicas, ``profilers`` / ``layers`` the TP layers'; ``dp.profiler`` counts the
-    DP traffic."""
+    over the replicas, ``module`` / ``layers`` the TP ones; ``dp_profiler`` counts the DP
+    traffic (attached with ``profiler``, which counts the TP traffic)."""
 
     def __init__(self, problem: Problem, mesh: Mesh, backend: Backend, *,
                  bucket_bytes: int = BUCKET_BYTES) -> None:
@@ -36,16 +37,17 @@ class DataParallelCase(Case):
         overlap = self.problem.opts.get("overlap", True) is not False
         self.dp = DataParallel(self.inner.layer, mesh, bucket_bytes=bucket_bytes,
                                overlap=overlap)
-        self.layers, self.profilers = self.inner.layers, self.inner.profilers
+        self.module, self.layers = self.inner.module, self.inner.layers
+        self.dp_profiler: Optional[Profiler] = None
         self.backend = self.inner.backend  # with the TP grid's GPU-aware decision
         self.flops = mesh.comm.allreduce(self.inner.flops if mesh.tp.rank == 0 else 0.0)
 
-    def attach_profilers(self) -> list[Profiler]:
-        """Time the TP layers' regions and the DP gradient communication from now on (the
-        benchmark's); returns the layers' profilers."""
-        self.dp.attach_profiler()
-        self.profilers = self.inner.attach_profilers()
-        return self.profilers
+    def attach_profiler(self) -> Profiler:
+        """Time the TP module's regions (returned) and, apart, the DP gradient communication
+        (``dp_profiler``) from now on (the benchmark's)."""
+        self.dp_profiler = attach_tap(self.dp, Profiler.for_backend(self.backend))
+        self.profiler = self.inner.attach_profiler()
+        return self.profiler
 
     def forward(self) -> None:
         self.inner.y = self.dp(self.inner.x)

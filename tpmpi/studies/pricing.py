@@ -1,0 +1,103 @@
+"""The price of a schedule (:mod:`tpmpi.core.schedule`) on a machine: one function,
+:func:`price`, for every layer and composite, on this machine (the calibrated
+:class:`tpmpi.studies.costmodel.CalibratedMachine`) or on any other that implements the three
+methods of :class:`Machine` (e.g. a preset of a named GPU cluster).
+
+The steps run on one timeline (forward, then backward):
+
+* a :class:`~tpmpi.core.schedule.Product` or :class:`~tpmpi.core.schedule.Pointwise` advances
+  the clock by its time;
+* a blocking :class:`~tpmpi.core.schedule.Collective` (empty ``during``) starts when the clock
+  reaches it and its group's earlier collectives are done, and the clock waits for its end;
+* a collective with ``during`` starts the same way but the clock goes on through the steps it
+  overlaps; it is waited for right after the last of them (``during`` lists them in schedule
+  order), so only what runs past them is exposed;
+* collectives of one group (communicator) run one after another, as one MPI communicator
+  progresses them; those of different groups (a tile grid's rows and columns, data and tensor
+  parallelism) at once;
+* :class:`~tpmpi.core.schedule.GradsReady` costs nothing (data parallelism's collectives are
+  placed after it: :meth:`tpmpi.DataParallel.schedule_for`).
+
+A collective's time is exposed in the group it belongs to, so the tensor-parallel and the
+data-parallel parts of the communication come apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from ..core.colltable import sent_bytes
+from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule
+
+
+class Machine(Protocol):
+    """Seconds of each kind of step on one rank of a machine."""
+
+    def product_s(self, step: Product) -> float:
+        """Seconds of a local product."""
+
+    def pointwise_s(self, step: Pointwise) -> float:
+        """Seconds of element-wise work."""
+
+    def collective_s(self, step: Collective) -> float:
+        """Seconds of a collective (started to completed, nothing overlapping it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Breakdown:
+    """One rank's price of a schedule: ``time_s`` end to end, ``compute_s`` in products and
+    element-wise work, and per group ``exposed_s`` (what the timeline waited for its
+    collectives) and ``collective_s`` (their whole time, hidden or not); ``sent_bytes``: bytes
+    the rank sends."""
+
+    time_s: float
+    compute_s: float
+    exposed_s: dict[str, float]
+    collective_s: dict[str, float]
+    sent_bytes: float
+
+    @property
+    def comm_s(self) -> float:
+        """Exposed communication, all groups."""
+        return self.time_s - self.compute_s
+
+
+def price(schedule: Schedule, machine: Machine, *, backward: bool = True) -> Breakdown:
+    """The :class:`Breakdown` of ``schedule``'s forward (and with ``backward`` its backward)
+    on ``machine`` (see the module docstring). Pure: no MPI, nothing measured."""
+    clock = compute = sent = 0.0
+    free: dict[str, float] = {}  # when each group's last collective ends
+    waits: dict[str, list[tuple[float, str]]] = {}  # step name -> (end, group) to wait for
+    exposed: dict[str, float] = {}
+    busy: dict[str, float] = {}
+
+    def wait_for(end: float, group: str) -> None:
+        nonlocal clock
+        if end > clock:
+            exposed[group] = exposed.get(group, 0.0) + end - clock
+            clock = end
+
+    for step in schedule.steps(backward):
+        if isinstance(step, GradsReady):
+            continue
+        if isinstance(step, Collective):
+            took = machine.collective_s(step) if step.size > 1 else 0.0
+            busy[step.group] = busy.get(step.group, 0.0) + took
+            sent += sent_bytes(step.op, step.size, step.nbytes)
+            end = max(clock, free.get(step.group, 0.0)) + took
+            free[step.group] = end
+            if step.during:
+                waits.setdefault(step.during[-1], []).append((end, step.group))
+            else:
+                wait_for(end, step.group)
+        else:
+            took = (machine.product_s(step) if isinstance(step, Product)
+                    else machine.pointwise_s(step))
+            clock += took
+            compute += took
+        for end, group in waits.pop(step.name, []):
+            wait_for(end, group)
+    for pending in waits.values():  # overlapped steps not in this pass: waited at its end
+        for end, group in pending:
+            wait_for(end, group)
+    return Breakdown(clock, compute, exposed, busy, sent)
