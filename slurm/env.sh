@@ -89,7 +89,7 @@ case "$LAUNCHER" in
     mpiexec)
         case "$TPMPI_MPI" in *"Open MPI"*) : "${MPIEXEC:=mpirun}" ;; *) : "${MPIEXEC:=mpiexec}" ;; esac
         # An mpiexec of another MPI than mpi4py's starts singletons or fails in MPI_Init.
-        tpmpi_family=$("$MPIEXEC" --version 2>&1 | grep -ciE 'open-?mpi|openrte' || true)
+        tpmpi_family=$("$MPIEXEC" --version 2>&1 | grep -ciE 'open[- ]?mpi|openrte' || true)
         case "$TPMPI_MPI" in *"Open MPI"*) tpmpi_want=yes ;; *) tpmpi_want=no ;; esac
         if [ "$([ "$tpmpi_family" -gt 0 ] && echo yes || echo no)" != "$tpmpi_want" ]; then
             tpmpi_die "MPIEXEC=$MPIEXEC ($(command -v "$MPIEXEC" || echo 'not found')) is not" \
