@@ -87,7 +87,10 @@ fi
 case "$LAUNCHER" in
     srun) TPMPI_LAUNCH="srun --mpi=$MPI_PLUGIN" ;;
     mpiexec)
-        case "$TPMPI_MPI" in *"Open MPI"*) : "${MPIEXEC:=mpirun}" ;; *) : "${MPIEXEC:=mpiexec}" ;; esac
+        case "$TPMPI_MPI" in
+            *"Open MPI"*) : "${MPIEXEC:=mpirun}" ;;
+            *) : "${MPIEXEC:=mpiexec}" ;;
+        esac
         # An mpiexec of another MPI than mpi4py's starts singletons or fails in MPI_Init.
         tpmpi_family=$("$MPIEXEC" --version 2>&1 | grep -ciE 'open[- ]?mpi|openrte' || true)
         case "$TPMPI_MPI" in *"Open MPI"*) tpmpi_want=yes ;; *) tpmpi_want=no ;; esac
@@ -123,14 +126,16 @@ OUT_JSON="$RESULTS/$TPMPI_JOB-$JOB_TAG.jsonl"
 : "${DTYPE:=float32}" "${ITERS:=20}" "${WARMUP:=3}"
 
 # tpmpi_launch CMD...: CMD on all SLURM_NTASKS ranks. srun gets the plugin, the task's CPUs
-# (srun does not inherit --cpus-per-task since Slurm 22.05) and core binding; Open MPI's mpirun
-# the same CPUs per rank (its default binds a rank to one core); MPICH's mpiexec (Hydra) leaves
-# the ranks on the node's CPUs, which tpmpi divides among them.
+# (srun does not inherit --cpus-per-task since Slurm 22.05), core binding, and ends every task
+# when one fails (a rank that dies in MPI_Init leaves the others spinning there). Open MPI's
+# mpirun gets the same CPUs per rank (its default binds a rank to one core); MPICH's mpiexec
+# (Hydra) leaves the ranks on the node's CPUs, which tpmpi divides among them. Both end every
+# rank when one fails.
 tpmpi_launch() {
     # shellcheck disable=SC2086  # SRUN_EXTRA and MPIEXEC_EXTRA are lists of options
     case "$LAUNCHER:$TPMPI_MPI" in
         srun:*) srun --mpi="$MPI_PLUGIN" --cpus-per-task="$TPMPI_THREADS" --cpu-bind=cores \
-                    ${SRUN_EXTRA:-} "$@" ;;
+                    --kill-on-bad-exit=1 ${SRUN_EXTRA:-} "$@" ;;
         mpiexec:*"Open MPI"*) "$MPIEXEC" -n "$SLURM_NTASKS" --map-by "slot:PE=$TPMPI_THREADS" \
                     --bind-to core ${MPIEXEC_EXTRA:-} "$@" ;;
         mpiexec:*) "$MPIEXEC" -n "$SLURM_NTASKS" ${MPIEXEC_EXTRA:-} "$@" ;;

@@ -37,7 +37,7 @@ kill_pidfile() {
 }
 
 stop() {
-    [ -f "$CONF" ] || { echo "$me: no cluster in $S"; return 0; }
+    [ -d "$S" ] || { echo "$me: no cluster in $S"; return 0; }
     export SLURM_CONF=$CONF
     if [ -s "$S/run/slurmctld.pid" ] && kill -0 "$(cat "$S/run/slurmctld.pid")" 2>/dev/null; then
         local jobs
@@ -74,6 +74,7 @@ start() {
     rm -rf "$S"
     mkdir -p "$S"/etc "$S"/state "$S"/run "$S"/log "$S"/munge
     chmod 755 "$S"
+    trap 'echo "$me: start failed: stopping what it started" >&2; stop >&2' EXIT
 
     # munge: a key of our own, its socket in $S, the daemon as the munge user.
     id munge > /dev/null 2>&1 || die "no 'munge' user: apt-get install -y munge"
@@ -131,8 +132,8 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 SchedulerType=sched/backfill
 ReturnToService=2
-# scancel / time limit: SIGTERM, then SIGKILL after KillWait seconds.
-KillWait=10
+# scancel / time limit: SIGTERM, then SIGKILL after KillWait seconds (Slurm's default).
+KillWait=30
 MinJobAge=600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -163,6 +164,7 @@ CONF
         tail -n 20 "$S"/log/*.log >&2
         die "the $nodes node(s) did not become idle in 60 s (logs above, in $S/log)"
     fi
+    trap - EXIT
     sinfo
     echo "$me: running; for sbatch, srun, squeue, scancel: export SLURM_CONF=$CONF"
 }

@@ -177,9 +177,10 @@ def test_cpu_template_runs_info_then_bench(cluster):
     proc, calls = cluster("cpu_scaling.sbatch", cwd=cluster.repo,
                           SLURM_JOB_NAME="tpmpi-cpu-strong", **JOB)
     assert proc.returncode == 0, proc.stderr
-    srun = ["srun", f"--mpi={PLUGIN}", "--cpus-per-task=4", "--cpu-bind=cores"]
-    assert [c[:4] for c in calls] == [srun, srun]
-    assert calls[0][4:] == ["python", "-m", "tpmpi", "info"]
+    srun = ["srun", f"--mpi={PLUGIN}", "--cpus-per-task=4", "--cpu-bind=cores",
+            "--kill-on-bad-exit=1"]
+    assert [c[:5] for c in calls] == [srun, srun]
+    assert calls[0][5:] == ["python", "-m", "tpmpi", "info"]
     argv, args = _bench_argv(calls[1])
     out = f"{cluster.repo}/results/tpmpi-cpu-strong-70-2.jsonl"
     assert argv == ["bench", "--sweep", "strong", "--ranks", "8", "--scheme", "column,row,tile2d",
@@ -198,8 +199,8 @@ def test_gpu_template_and_overrides(cluster):
                           BENCH_ARGS="--grid auto,2x4 --backward", **dict(JOB, SWEEP="weak"))
     assert proc.returncode == 0, proc.stderr
     bench = calls[1]
-    assert bench[:6] == ["srun", "--mpi=cray_shasta", "--cpus-per-task=4", "--cpu-bind=cores",
-                         "--gpus-per-task=1", "--gpu-bind=closest"]
+    assert bench[:7] == ["srun", "--mpi=cray_shasta", "--cpus-per-task=4", "--cpu-bind=cores",
+                         "--kill-on-bad-exit=1", "--gpus-per-task=1", "--gpu-bind=closest"]
     argv, args = _bench_argv(bench)
     assert args.sweep == "weak" and args.m == [4096] and args.backend == "cupy"
     assert args.calibration == "calib.json" and args.grid == ["auto", "2x4"] and args.backward
