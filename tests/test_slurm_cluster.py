@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,42 @@ def _tasks_left(marker: str) -> list:
     return left
 
 
+# PyPI's MPICH (5.0.2) now and then fails in MPI_Init with this UCX message, under any
+# launcher (pmodels/mpich#7417): such a job is submitted again, once, with a warning.
+MPICH_INIT_FLAKE = "UCX  ERROR failed to unpack address"
+
+
+def _wait(ids: dict, stops: dict) -> None:
+    """Wait for the jobs of ``ids`` (15 min at most), cancelling each scancel stop case once
+    its first record is written and noting when each stop case left the queue."""
+    every = [j for key in ids for j in ids[key]]
+    deadline = time.monotonic() + 900
+    while True:
+        left = _running(every)
+        for key, stop in stops.items():
+            job = ids[key][0] if ids[key] else None
+            records = stop["root"] / "results" / f"tpmpi-stop-{job}.jsonl"
+            if job in left and key[2] is None and "cancelled" not in stop \
+                    and records.exists() and records.read_text().count("\n") >= 1:
+                subprocess.run(["scancel", job], check=True)
+                stop["cancelled"] = time.monotonic()
+            if job and job not in left and "ended" not in stop:
+                stop["ended"] = time.monotonic()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+        pytest.fail(f"jobs {sorted(left)} still queued or running after 15 min")
+
+
+def _flaked(root: Path, job_ids: list) -> bool:
+    """Whether a log of these jobs shows the MPICH wheel's MPI_Init flake."""
+    return any(MPICH_INIT_FLAKE in log.read_text(errors="replace")
+               for job in job_ids for pattern in (f"*-{job}.out", f"*-{job}-*.out")
+               for log in (root / "results").glob(pattern))
+
+
 @pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
     """Every case for this cluster's size submitted at once (one job root per mode), the
@@ -217,44 +254,38 @@ def submitted(tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm-jobs")
     modes = {m: mode for m, mode in MODES.items() if not mode.needs or shutil.which(mode.needs)}
     roots = {m: _job_root(base, m) for m in modes}
-    ids, procs, stops = {}, {}, {}
+    cases = {}  # key: (job root, argv, submitting environment)
     for template, m in _cases():
         if template.cluster == NODES and m in modes:
-            key = (template.name, m)
-            ids[key], procs[key] = _submit(roots[m], template.argv,
-                                           {"VENV": venv, **modes[m].env, **template.env})
+            cases[(template.name, m)] = (roots[m], template.argv,
+                                         {"VENV": venv, **modes[m].env, **template.env})
     if NODES == 1:
         roots["refusals"] = _job_root(base, "refusals")
         for r in REFUSALS:
-            key = ("refusal", r.name)
-            ids[key], procs[key] = _submit(roots["refusals"], r.argv,
-                                           {"VENV": venv, **SMALL, **r.env})
+            cases[("refusal", r.name)] = (roots["refusals"], r.argv,
+                                          {"VENV": venv, **SMALL, **r.env})
     for stop in STOPS:
         if stop.mode in modes and (stop.time is None) == (NODES == 1):
-            key = ("stop", stop.mode, stop.time)
             argv = ("sbatch", "--job-name=tpmpi-stop") + \
                 (() if stop.time is None else (f"--time={stop.time}",)) + \
                 ("slurm/cpu_scaling.sbatch",)
-            ids[key], procs[key] = _submit(roots[stop.mode], argv,
-                                           {"VENV": venv, **modes[stop.mode].env, **LONG})
-            stops[key] = {"root": roots[stop.mode]}
-    every = [j for key in ids for j in ids[key]]
-    deadline = time.monotonic() + 900
-    while _running(every) and time.monotonic() < deadline:
-        for key, stop in stops.items():
-            job = ids[key][0] if ids[key] else None
-            records = stop["root"] / "results" / f"tpmpi-stop-{job}.jsonl"
-            if job and key[2] is None and "cancelled" not in stop and records.exists() \
-                    and records.read_text().count("\n") >= 1:
-                subprocess.run(["scancel", job], check=True)
-                stop["cancelled"] = time.monotonic()
-            if job and "ended" not in stop and job not in _running([job]):
-                stop["ended"] = time.monotonic()
-        time.sleep(0.5)
-    left = _running(every)
-    if left:
-        subprocess.run(["scancel", *left], check=False)
-        pytest.fail(f"jobs {sorted(left)} still queued or running after 15 min")
+            cases[("stop", stop.mode, stop.time)] = (roots[stop.mode], argv,
+                                                      {"VENV": venv, **modes[stop.mode].env,
+                                                       **LONG})
+    ids, procs, stops = {}, {}, {}
+    todo = list(cases)
+    for attempt in (1, 2):
+        if not todo:
+            break
+        for key in todo:
+            ids[key], procs[key] = _submit(*cases[key])
+            if key[0] == "stop":
+                stops[key] = {"root": cases[key][0]}
+        _wait({key: ids[key] for key in todo}, {key: stops[key] for key in todo if key in stops})
+        todo = [key for key in todo if _flaked(cases[key][0], ids[key])]
+        if todo and attempt == 1:
+            warnings.warn(f"submitted again after MPICH's MPI_Init flake ({MPICH_INIT_FLAKE}, "
+                          f"pmodels/mpich#7417): {todo}", stacklevel=1)
     return {"roots": roots, "ids": ids, "procs": procs, "stops": stops}
 
 
