@@ -207,9 +207,11 @@ def _tasks_left(marker: str) -> list:
     return left
 
 
-# PyPI's MPICH (5.0.2) now and then fails in MPI_Init with this UCX message, under any
-# launcher (pmodels/mpich#7417): such a job is submitted again, once, with a warning.
-MPICH_INIT_FLAKE = "UCX  ERROR failed to unpack address"
+# PyPI's MPICH (5.0.2) now and then fails in MPI_Init, exchanging UCX addresses ("UCX  ERROR
+# failed to unpack address, invalid bandwidth 0.00", or "no active messages transport ...
+# Destination is unreachable"), under any launcher (pmodels/mpich#7417): such a job is
+# submitted again, once, with a warning.
+MPICH_INIT_FLAKE = "MPIDI_UCX_comm_addr_exchange"
 
 
 def _wait(ids: dict, stops: dict) -> None:
