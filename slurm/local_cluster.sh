@@ -134,6 +134,11 @@ SchedulerType=sched/backfill
 ReturnToService=2
 # scancel / time limit: SIGTERM, then SIGKILL after KillWait seconds (Slurm's default).
 KillWait=30
+# Job ids that no earlier start of this script handed out (100 per second since the epoch,
+# modulo a week): MPICH names its shared memory after the job and step ids and reopens a
+# segment that a killed step left in /dev/shm, so a reused id fails in MPI_Init ("UCX ERROR
+# failed to unpack address").
+FirstJobId=$(( $(date +%s) % 604800 * 100 + 1 ))
 MinJobAge=600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
