@@ -91,11 +91,12 @@ case "$LAUNCHER" in
             *"Open MPI"*) : "${MPIEXEC:=mpirun}" ;;
             *) : "${MPIEXEC:=mpiexec}" ;;
         esac
+        command -v "$MPIEXEC" > /dev/null || tpmpi_die "MPIEXEC=$MPIEXEC: not found"
         # An mpiexec of another MPI than mpi4py's starts singletons or fails in MPI_Init.
         tpmpi_family=$("$MPIEXEC" --version 2>&1 | grep -ciE 'open[- ]?mpi|openrte' || true)
         case "$TPMPI_MPI" in *"Open MPI"*) tpmpi_want=yes ;; *) tpmpi_want=no ;; esac
         if [ "$([ "$tpmpi_family" -gt 0 ] && echo yes || echo no)" != "$tpmpi_want" ]; then
-            tpmpi_die "MPIEXEC=$MPIEXEC ($(command -v "$MPIEXEC" || echo 'not found')) is not" \
+            tpmpi_die "MPIEXEC=$MPIEXEC ($(command -v "$MPIEXEC")) is not" \
                 "the launcher of the MPI that mpi4py loads ($TPMPI_MPI): set MPIEXEC=<its" \
                 "mpiexec/mpirun>"
         fi
@@ -159,7 +160,7 @@ echo "$TPMPI_JOB: ${SLURM_JOB_NUM_NODES:-?} nodes, ${SLURM_NTASKS:-?} tasks, $TP
      "threads/task, $TPMPI_LAUNCH, $TPMPI_MPI"
 
 # tpmpi_bench [extra bench flags]: info, then the sweep on all SLURM_NTASKS ranks (weak: M grows
-# with P; strong: fixed), one record per scheme appended to OUT_JSON as it finishes.
+# with P; strong: fixed), each configuration's record appended to OUT_JSON as it finishes.
 tpmpi_bench() {
     echo "$TPMPI_JOB: sweep $SWEEP, schemes $SCHEMES, M K N = $M $K $N, $DTYPE, $ITERS iters" \
          "-> $OUT_JSON"

@@ -237,6 +237,10 @@ def test_mpiexec_of_another_mpi_is_refused(cluster):
     assert proc.returncode == 2 and calls == [[other, "--version"]]
     assert f"error: MPIEXEC={other} (" in proc.stderr
     assert "is not the launcher of the MPI that mpi4py loads" in proc.stderr
+    proc, calls = cluster("cpu_scaling.sbatch", cwd=cluster.repo, LAUNCHER="mpiexec",
+                          MPIEXEC="/no/mpiexec", **JOB)
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip() == "tpmpi: error: MPIEXEC=/no/mpiexec: not found"
 
 
 @pytest.mark.parametrize("export, says", [
