@@ -2,6 +2,7 @@
 sees (checked to be the same on every rank) and the time to fail (max over ranks).
 
     mpiexec -n 4 python scripts/bad_inputs.py        # markdown table on rank 0
+    mpiexec -n 4 python scripts/bad_inputs.py calibration report   # the cases naming a word
 
 Cases marked "on one rank" misbehave on the last rank only: the others must not hang.
 tests/test_bad_inputs.py runs the same cases at world sizes 1-4 and checks each message
@@ -10,6 +11,7 @@ against the case's expected pattern.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -315,6 +317,20 @@ case("TPMPI_THREADS='two' on one rank", r"TPMPI_THREADS='two': expected .*\(rank
                                 lambda: tpmpi.configure_blas_threads(c.comm)))
 
 
+case("TPMPI_THREADS='²' on one rank (str.isdigit accepts it, int() does not)",
+     r"TPMPI_THREADS='²': expected a positive integer \(digits 0-9\) \(ranks? [\d,]+\)", 2)(
+    lambda c: lambda: _with_env("TPMPI_THREADS", "²" if c.odd else None,
+                                lambda: tpmpi.configure_blas_threads(c.comm)))
+case("TPMPI_MAX_MESSAGE_BYTES='1²' on one rank",
+     r"TPMPI_MAX_MESSAGE_BYTES='1²': expected a positive integer \(digits 0-9\) \(ranks? "
+     r"[\d,]+\)", 2)(
+    lambda c: lambda: _with_env("TPMPI_MAX_MESSAGE_BYTES", "1²" if c.odd else None,
+                                lambda: c.layer(c.X)))
+case("Mesh(tp='²') on one rank", r"tp='²': expected T or RxC \(digits 0-9\), e.g. 2 or 2x2 "
+     r"\(ranks? [\d,]+\)", 2)(
+    lambda c: lambda: tpmpi.Mesh(c.comm, tp="²" if c.odd else None))
+
+
 def _with_limit(limit: int, fn):
     old, agreement.MAX_MESSAGE_BYTES = agreement.MAX_MESSAGE_BYTES, limit
     try:
@@ -362,6 +378,59 @@ def _locked(c: Context):
 
 case("save_checkpoint: another save holds the path's lock",
      "is being saved by another job .*concurrent saves to one path are refused")(_locked)
+
+
+def _lock_dir(c: Context):
+    path = c.path("lockdir")
+    if c.rank == 0:  # a stale .lock that is a directory (not something tpmpi makes)
+        os.makedirs(os.path.join(path, ".lock"), exist_ok=True)
+    c.comm.Barrier()
+    return lambda: tpmpi.save_checkpoint(path, c.layer)
+
+
+case("save_checkpoint: a stale .lock that is a directory",
+     r"lockdir/.lock is a directory, not a tpmpi save lock \(a regular file\): tpmpi does not "
+     r"remove what it did not create")(_lock_dir)
+
+
+def _full_disk(c: Context):
+    """The last rank's data write fails with ENOSPC: its collective MPI-IO call completes and
+    then raises, as MPICH's does (tests/test_checkpoint_faults.py fails the real pwrite under
+    MPICH and Open MPI)."""
+    from tpmpi.checkpoint import npyfile
+
+    path = c.checkpoint()
+    real = npyfile._write_block
+
+    def full(fh, host, count, dtype):
+        real(fh, host, count, dtype)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def call():
+        npyfile._write_block = full if c.rank == c.last else real
+        try:
+            tpmpi.save_checkpoint(path, c.layer)
+        finally:
+            npyfile._write_block = real
+    return call
+
+
+case("save_checkpoint: a data write fails (ENOSPC) on one rank",
+     r"save_checkpoint\('.*ckpt'\) failed: writing .*/v000002/weight.npy: No space left on "
+     r"device( \(rank \d\))?; '.*ckpt' still holds v000001, unchanged")(_full_disk)
+
+
+def _drifted(c: Context):
+    mesh = tpmpi.Mesh(c.comm, dp=c.size)
+    mlp = tpmpi.ParallelMLP(5, 8, grid=mesh.tp, seed=1 if c.odd else 0)
+    return lambda: tpmpi.save_checkpoint(c.path("drifted"), tpmpi.DataParallel(mlp, mesh))
+
+
+case("save_checkpoint: DP replicas whose parameters differ (one replica another seed)",
+     r"the data-parallel replicas hold different values of fc1.weight .* save_checkpoint "
+     r"writes replica 0's copy", 2)(_drifted)
+case("load_checkpoint: state= without into=", "state= needs into=")(
+    lambda c: c.load(state={"adam.m": {}}))
 case("load_checkpoint: path differs across ranks", "path differs across ranks", 2)(
     lambda c: c.load(path=c.checkpoint() + ("-other" if c.odd else "")))
 case("load_checkpoint: class differs across ranks", "cls differs across ranks", 2)(
@@ -428,17 +497,49 @@ case("load_checkpoint: a cast to float16 that overflows",
 # ---- command line (exit code 2 on every rank; the line rank 0 prints)
 
 
-def _cli(c: Context, argv: list) -> Callable[[], object]:
+def _cli(c: Context, argv: list, code: int = 2) -> Callable[[], object]:
+    """The CLI's one line (rank 0's stderr) as a ValueError, when every rank exits ``code``
+    (2: usage error, 3: an error of the work itself)."""
     def call():
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = cli.main(argv, c.comm)
-        codes = c.comm.allgather(code)
+            done = cli.main(argv, c.comm)
+        codes = c.comm.allgather(done)
         line = c.comm.bcast(err.getvalue().strip(), root=0)
-        if codes != [2] * c.size:
+        if codes != [code] * c.size:
             raise RuntimeError(f"exit codes {codes}: {line}")
         raise ValueError(line)
     return call
+
+
+def _file(c: Context, name: str, text: str) -> str:
+    """A file written by rank 0 in the shared scratch directory."""
+    path = c.path(name)
+    if c.rank == 0:
+        with open(path, "w") as f:
+            f.write(text)
+    c.comm.Barrier()
+    return path
+
+
+def _calibration(c: Context, name: str, edit: Callable[[dict], object]) -> str:
+    """A calibration file of the model's defaults after ``edit``."""
+    from tpmpi.studies.costmodel import Calibration
+
+    data = Calibration().to_json()
+    data["machine"] = {"source": "calibrate", "ranks": 2}
+    data = edit(data) or data
+    return _file(c, name, json.dumps(data))
+
+
+def _record(c: Context, name: str, edit: Callable[[dict], object]) -> str:
+    """A JSON-lines file of one plausible run record after ``edit``."""
+    rec = {"scheme": "column", "ranks": 2, "grid": "1x2", "m": 8, "k": 4, "n": 6,
+           "dtype": "float32", "iters": 5, "time_s": {"median": 1e-3, "min": 9e-4,
+                                                       "max": 2e-3},
+           "gemm_s": 5e-4, "comm_s": 3e-4, "mem_peak_bytes": 1 << 20, "flags": []}
+    edit(rec)
+    return _file(c, name, json.dumps(rec) + "\n")
 
 
 case("CLI: run --help on one rank only", "--help/--version differs across ranks", 2)(
@@ -453,6 +554,36 @@ case("CLI: TPMPI_CALIBRATION names a missing file on one rank",
      r"TPMPI_CALIBRATION: calibration '.*nope.json': .*No such file.*\(rank \d\)", 2)(
     lambda c: lambda: _with_env("TPMPI_CALIBRATION", c.path("nope.json") if c.odd else None,
                                 _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4"])))
+case("CLI: TPMPI_CALIBRATION holds [] on one rank",
+     r"TPMPI_CALIBRATION: calibration '.*list.json' holds a JSON list: expected an object with "
+     r"machine, alpha, beta and rates .*\(rank \d\)", 2)(
+    lambda c: (lambda path: lambda: _with_env(
+        "TPMPI_CALIBRATION", path if c.odd else None,
+        _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4"])))(_file(c, "list.json", "[]")))
+case("CLI: a calibration with a non-numeric field",
+     r"--calibration: calibration '.*word.json': field 'alpha.allgather.2' is '0.1x': expected")(
+    lambda c: _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4", "--calibration",
+                       _calibration(c, "word.json",
+                                    lambda d: d.update(alpha={"allgather": {"2": "0.1x"}}))]))
+case("CLI: plan --calibration {}", r"calibration '.*empty.json': field 'machine' is missing")(
+    lambda c: _cli(c, ["plan", "--m", "8", "--k", "8", "--n", "8", "--ranks", "2",
+                       "--calibration", _file(c, "empty.json", "{}")]))
+case("CLI: report of a record with a zero median (exit 3)",
+     r"zero.jsonl:1: field 'time_s.median' is 0: expected a positive number")(
+    lambda c: _cli(c, ["report", _record(c, "zero.jsonl", lambda r: r["time_s"].update(
+        median=0)), "--out", c.path("report")], code=3))
+case("CLI: report of a record with flags as a string (exit 3)",
+     r"flags.jsonl:1: field 'flags' is 'noisy': expected a list of flag names")(
+    lambda c: _cli(c, ["report", _record(c, "flags.jsonl", lambda r: r.update(flags="noisy")),
+                       "--out", c.path("report")], code=3))
+case("CLI: report of a record without scheme (exit 3)",
+     r"noscheme.jsonl:1: neither 'scheme' nor 'collective'")(
+    lambda c: _cli(c, ["report", _record(c, "noscheme.jsonl", lambda r: r.pop("scheme")),
+                       "--out", c.path("report")], code=3))
+case("CLI: report of a record with ranks 0 (exit 3)",
+     r"ranks0.jsonl:1: field 'ranks' is 0: expected a positive integer")(
+    lambda c: _cli(c, ["report", _record(c, "ranks0.jsonl", lambda r: r.update(ranks=0)),
+                       "--out", c.path("report")], code=3))
 case("CLI: run --json into a missing directory", "--json .*: directory .* does not exist")(
     lambda c: _cli(c, ["run", "--m", "4", "--json", c.path("missing/r.jsonl")]))
 
@@ -498,9 +629,13 @@ def applicable(size: int) -> list[Case]:
     return [item for item in CASES if size >= item.min_ranks]
 
 
-def main() -> int:
+def main(argv: Optional[list] = None) -> int:
+    """``bad_inputs.py [WORDS]``: every case, or those whose label contains one of WORDS."""
+    words = sys.argv[1:] if argv is None else argv
     comm = MPI.COMM_WORLD
     tmpdir = comm.bcast(tempfile.mkdtemp(prefix="tpmpi-bad-") if comm.Get_rank() == 0 else None)
+    if words:
+        CASES[:] = [item for item in CASES if any(w in item.label for w in words)]
     try:
         results = run_all(comm, tmpdir)
     finally:

@@ -18,6 +18,7 @@ import argparse
 
 from mpi4py import MPI
 
+from tpmpi.core.args import int_flag
 from tpmpi.core.backend import configure_blas_threads, get_backend
 from tpmpi.studies.bench import run_case
 from tpmpi.studies.costmodel import explain, layout_label, load_calibration, plan
@@ -40,13 +41,13 @@ def layouts(ranks: int) -> list[tuple[int, tuple[int, int], str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, default=2048, help="rows (tokens) of the whole batch")
-    ap.add_argument("--k", type=int, default=256, help="d_model")
-    ap.add_argument("--hidden", type=int, default=1024, help="d_hidden")
+    ap.add_argument("--m", type=int_flag(), default=2048, help="rows (tokens) of the whole batch")
+    ap.add_argument("--k", type=int_flag(), default=256, help="d_model")
+    ap.add_argument("--hidden", type=int_flag(), default=1024, help="d_hidden")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--bucket-bytes", type=int, default=BUCKET_BYTES)
+    ap.add_argument("--iters", type=int_flag(), default=10)
+    ap.add_argument("--warmup", type=int_flag(), default=2)
+    ap.add_argument("--bucket-bytes", type=int_flag(), default=BUCKET_BYTES)
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--measure-overlap", action="store_true",
                     help="also the OSU overlap of the DP Allreduce with backward")

@@ -22,6 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
+from tpmpi.core.args import int_flag
 from tpmpi.core.comm import alltoallw_args
 from tpmpi.core.partition import largest_block
 from tpmpi.studies.timing import time_calls
@@ -38,12 +39,12 @@ def per_call(fns: dict[str, Callable[[], object]], comm: MPI.Comm, iters: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, default=8)
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--m", type=int_flag(), default=8)
+    ap.add_argument("--k", type=int_flag(), default=4096)
+    ap.add_argument("--n", type=int_flag(), default=4096)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--iters", type=int_flag(), default=20)
+    ap.add_argument("--repeats", type=int_flag(), default=100)
     ap.add_argument("--profile", action="store_true", help="cProfile the forward loop (rank 0)")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD

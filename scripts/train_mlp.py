@@ -16,6 +16,12 @@ grid rows.
 Rank 0 also trains the same model serially in float64 NumPy on all rows (not counted in the
 budget) and prints both loss curves side by side, then the per-rank bytes of weights,
 gradients, optimizer state and activations and the time blocked in DP communication.
+
+Checkpoints: ``--save DIR`` writes the model, the optimizer's state (Adam's moments, sharded
+like the parameters) and the step reached (:func:`tpmpi.save_checkpoint` with ``state=`` and
+``meta=``; every rank calls it, replica 0 writes); ``--resume DIR`` loads them into the model
+built for this run, on any dp x tp mesh (re-sharded), and continues the loss curve from that
+step (the serial reference replays the steps it missed).
 ``main(argv, comm)`` is importable (tests call it on sub-communicators) and returns the curves.
 """
 from __future__ import annotations
@@ -31,6 +37,7 @@ from mpi4py import MPI
 
 import tpmpi
 from tpmpi.layers.activations import ACTIVATIONS, get_activation
+from tpmpi.core.args import int_flag
 from tpmpi.core.agreement import agree_checks
 from tpmpi.studies.overlap import measure_dp_overlap
 from tpmpi.core.dtypes import SUPPORTED, tolerance
@@ -47,6 +54,9 @@ memory budget example (default model, float32, Adam: 16 bytes per parameter and 
 hybrid meshes (4 ranks):
   mpiexec -n 4 python scripts/train_mlp.py --dp 2 --tp 2 --sequence-parallel
   mpiexec -n 4 python scripts/train_mlp.py --dp 1 --tp 2x2            # tile2d FFN on 2x2
+checkpoint and resume (on another mesh, too):
+  mpiexec -n 4 python scripts/train_mlp.py --dp 2 --tp 2 --steps 50 --save ckpt
+  mpiexec -n 2 python scripts/train_mlp.py --dp 1 --tp 2 --steps 50 --resume ckpt
 """
 
 STATE_PER_PARAM = {"adam": 2, "sgd": 0}  # optimizer-state arrays per parameter
@@ -70,14 +80,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p = _Parser(prog="train_mlp.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.rank = rank
-    p.add_argument("--samples", type=int, default=256, help="rows M of the data set (256)")
-    p.add_argument("--d-model", type=int, default=64, help="input/output width (64)")
-    p.add_argument("--d-hidden", type=int, default=256, help="hidden width (256)")
-    p.add_argument("--steps", type=int, default=100, help="full-batch steps (100)")
-    p.add_argument("--print-every", type=int, default=10, help="loss print interval (10)")
+    p.add_argument("--samples", type=int_flag(), default=256, help="rows M of the data set (256)")
+    p.add_argument("--d-model", type=int_flag(), default=64, help="input/output width (64)")
+    p.add_argument("--d-hidden", type=int_flag(), default=256, help="hidden width (256)")
+    p.add_argument("--steps", type=int_flag(), default=100, help="full-batch steps (100)")
+    p.add_argument("--print-every", type=int_flag(), default=10, help="loss print interval (10)")
     p.add_argument("--optimizer", choices=sorted(STATE_PER_PARAM), default="adam")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (3e-3)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas D (1)")
+    p.add_argument("--dp", type=int_flag(), default=1, help="data-parallel replicas D (1)")
     p.add_argument("--tp", default=None,
                    help="TP group: T ranks (1D FFN) or RxC (2D tile FFN); default P/D, 1D")
     p.add_argument("--sequence-parallel", action="store_true",
@@ -85,7 +95,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="FFN mode (default megatron; sequence with --sequence-parallel, tile2d "
                         "with --tp RxC)")
-    p.add_argument("--bucket-bytes", type=int, default=25 * 2**20,
+    p.add_argument("--bucket-bytes", type=int_flag(), default=25 * 2**20,
                    help="DP gradient bucket size in bytes (25 MiB)")
     p.add_argument("--measure-overlap", action="store_true",
                    help="after training, measure the share of the DP Allreduce hidden under "
@@ -93,10 +103,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu")
     p.add_argument("--dtype", choices=SUPPORTED[:3], default="float32")
     p.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-rank-bytes", type=int, default=None,
+    p.add_argument("--seed", type=int_flag(), default=0)
+    p.add_argument("--max-rank-bytes", type=int_flag(), default=None,
                    help="refuse to build the model if one rank's weights + gradients + "
                         "optimizer state would exceed this many bytes (default: no limit)")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help="after training, save model + optimizer state + step to DIR")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="start from the checkpoint in DIR (any mesh); --steps more steps")
     p.add_argument("--quiet", action="store_true", help="print nothing (tests)")
     return p
 
@@ -107,7 +121,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
 def resolve(args, nranks: int) -> tuple[str, tuple[int, int]]:
     """``(mode, TP grid)`` of the arguments on ``nranks`` ranks; ValueError naming the flag."""
     two_d = args.tp is not None and "x" in str(args.tp).lower()
-    shape = tp_shape(args.tp if args.tp is None or two_d else int(args.tp), nranks, args.dp)
+    shape = tp_shape(args.tp, nranks, args.dp)
     mode = args.mode or ("tile2d" if two_d else "sequence" if args.sequence_parallel
                          else "megatron")
     if args.sequence_parallel and mode != "sequence":
@@ -187,6 +201,14 @@ class Optimizer:
         self.params = list(params)
         self.state = [[p * 0 for _ in range(STATE_PER_PARAM[kind])] for p, _ in self.params]
 
+    def state_arrays(self, names: Sequence[str]) -> dict:
+        """``{"adam.m": {name: m}, "adam.v": {name: v}}`` of the parameters ``names`` (in the
+        order of ``params``), as :func:`tpmpi.save_checkpoint` and ``load_checkpoint`` take the
+        state (sharded like the parameters); ``{}`` for SGD."""
+        groups = [f"{self.kind}.{g}" for g in ("m", "v")[:STATE_PER_PARAM[self.kind]]]
+        return {g: dict(zip(names, (arrays[i] for arrays in self.state)))
+                for i, g in enumerate(groups)}
+
     def step(self) -> None:
         self.t += 1
         b1, b2 = self.betas
@@ -235,6 +257,59 @@ class SerialMLP:
 # ---------------------------------------------------------------- main
 
 
+def _print_bytes(say, args, per_rank: dict, n_params: int, need: int) -> None:
+    """Rank 0's table of bytes per rank (``per_rank``: kind -> list over ranks)."""
+    serial = n_params * np.dtype(args.dtype).itemsize
+    say(f"bytes per rank (serial weights {serial:,}; activations = this rank's block of the FFN "
+        f"input + output; step peak = most bytes allocated during the first forward + "
+        f"backward); weights + gradients + {args.optimizer} state, max over ranks: {need:,}"
+        + (f" <= budget {args.max_rank_bytes:,}" if args.max_rank_bytes else ""))
+    say(f"{'rank':>5} {'weights':>10} {'gradients':>10} {args.optimizer + ' state':>11} "
+        f"{'activations':>12} {'step peak':>10}")
+    for i in range(len(per_rank["weights"])):
+        say(f"{i:5d} " + " ".join(f"{per_rank[k][i]:{w},d}" for k, w in (
+            ("weights", 10), ("gradients", 10), ("optimizer", 11), ("activations", 12),
+            ("step_peak", 10))))
+
+
+def _reference(args, X: np.ndarray, T: np.ndarray, start: int) -> tuple[SerialMLP, Optimizer]:
+    """The serial float64 model and its optimizer, after ``start`` steps (a resumed run's
+    reference replays the steps it missed)."""
+    ref = SerialMLP(args)
+    opt = Optimizer(args.optimizer, args.lr, zip(ref.p, ref.g))
+    for _ in range(start):
+        ref.step(X, T)
+        opt.step()
+    return ref, opt
+
+
+RESUMED = ("samples", "d_model", "d_hidden", "activation", "seed", "optimizer")
+"""Flags a resumed run must share with the run that saved (the data, the model, the state)."""
+
+
+def _saved(args, step: int, t: int) -> dict:
+    """The ``meta`` of a checkpoint after ``step`` steps (``t`` optimizer updates)."""
+    return {"train_mlp": {"step": step, "t": t, **{k: getattr(args, k) for k in RESUMED}}}
+
+
+def _resume(args, model, opt: Optimizer, names: list) -> int:
+    """Load ``--resume`` into ``model`` and ``opt`` (collective); the step it had reached.
+    ValueError naming the flag whose value differs from the saving run's."""
+    meta: dict = {}
+    tpmpi.load_checkpoint(args.resume, into=model, state=opt.state_arrays(names) or None,
+                          meta=meta)
+    saved = meta.get("train_mlp")
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {args.resume}: not a train_mlp.py checkpoint (its meta has "
+                         "no 'train_mlp')")
+    for key in RESUMED:
+        if saved.get(key) != getattr(args, key):
+            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: the checkpoint "
+                             f"{args.resume} was saved with {saved.get(key)}")
+    opt.t = saved["t"]
+    return saved["step"]
+
+
 def _owned_sum(a, layout: str, tp_rank: int) -> float:
     """This rank's share of the global sum of ``a``: all of it for a distributed layout; for a
     replicated one, only TP rank 0 counts it."""
@@ -275,17 +350,20 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=args.bucket_bytes)
     model.attach_profiler()  # the DP communication time reported at the end
     backend, lay = mlp.fc1.backend, mlp.layouts.x  # = y's
+    names = [name for name, _, _ in model.parameters()]
     params = [(p, g) for _, p, g in model.parameters()]
     opt = Optimizer(args.optimizer, args.lr, params)
+    start = _resume(args, model, opt, names) if args.resume else 0
     X, T = make_data(args)
     rows = slice(*block_partition(args.samples, args.dp)[mesh.dp_rank])  # this replica's data
     x, t = (backend.asarray(tpmpi.scatter(a[rows], grid, lay), dtype=args.dtype) for a in (X, T))
-    ref = SerialMLP(args) if rank == 0 else None
-    ref_opt = Optimizer(args.optimizer, args.lr, zip(ref.p, ref.g)) if ref else None
+    ref, ref_opt = _reference(args, X, T, start) if rank == 0 else (None, None)
     n_params = sum(rank_param_counts(args, 1))
     # dL/dy of the global mean squared error; x dp because DataParallel averages the replicas
     scale = 2.0 * args.dp / (args.samples * args.d_model)
 
+    if args.resume:
+        say(f"resumed from {args.resume} at step {start}")
     say(f"train_mlp: P={nranks} as mesh dp x tp = {mesh.label}, mode {mode}, activation "
         f"{args.activation}, {args.dtype} on {backend.name}, {args.optimizer} lr={args.lr}; "
         f"data {args.samples} x {args.d_model} (rows per replica "
@@ -295,12 +373,13 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         f"{'loss (serial float64)':>22} {'rel diff':>9}")
     losses, reference, diffs = [], [], []
     peak, io_bytes = 0, 0
-    start = MPI.Wtime()
-    for step in range(args.steps + 1):  # the allocation peak is measured in the first step
-        with backend.memory_peak() if step == 0 else contextlib.nullcontext({"peak": 0}) as mem:
+    began = MPI.Wtime()
+    for step in range(start, start + args.steps + 1):  # the peak: measured in the first step
+        first = step == start
+        with backend.memory_peak() if first else contextlib.nullcontext({"peak": 0}) as mem:
             y = model(x)
             r = y - t
-            if step < args.steps:
+            if step < start + args.steps:
                 model.zero_grad()
                 model.backward(r * scale)
         peak, io_bytes = max(peak, mem["peak"]), max(io_bytes, x.nbytes + y.nbytes)
@@ -309,14 +388,18 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         if ref is not None:
             reference.append(ref.step(X, T))
             diffs.append(abs(losses[-1] - reference[-1]) / abs(reference[-1]))
-            if step % args.print_every == 0 or step == args.steps:
+            if step % args.print_every == 0 or step == start + args.steps:
                 say(f"{step:5d} {losses[-1]:26.8e} {reference[-1]:22.8e} {diffs[-1]:9.1e}")
-        if step == args.steps:
+        if step == start + args.steps:
             break
         opt.step()
         if ref_opt is not None:
             ref_opt.step()
-    elapsed = comm.allreduce(MPI.Wtime() - start, op=MPI.MAX)
+    elapsed = comm.allreduce(MPI.Wtime() - began, op=MPI.MAX)
+    if args.save:
+        tpmpi.save_checkpoint(args.save, model, state=opt.state_arrays(names) or None,
+                              meta=_saved(args, start + args.steps, opt.t))
+        say(f"saved model, {args.optimizer} state and step {start + args.steps} to {args.save}")
     worst = comm.bcast(max(diffs) if diffs else None, root=0)
     agree = worst <= tolerance(args.dtype)
     dp_comm_s = comm.allreduce(model.profiler.comm_s, op=MPI.MAX)
@@ -331,18 +414,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         f"{args.dtype}): {'agree' if agree else 'DISAGREE'}; {args.steps} steps in "
         f"{elapsed:.2f} s (serial reference on rank 0 included)")
     if rank == 0:
-        serial = n_params * np.dtype(args.dtype).itemsize
-        say(f"bytes per rank (serial weights {serial:,}; activations = this rank's block of "
-            f"the FFN input + output; step peak = most bytes allocated during the first "
-            f"forward + backward); weights + gradients + {args.optimizer} state, max over "
-            f"ranks: {rank_need(args, shape, mode):,}"
-            + (f" <= budget {args.max_rank_bytes:,}" if args.max_rank_bytes else ""))
-        say(f"{'rank':>5} {'weights':>10} {'gradients':>10} {args.optimizer + ' state':>11} "
-            f"{'activations':>12} {'step peak':>10}")
-        for i in range(nranks):
-            say(f"{i:5d} " + " ".join(f"{per_rank[k][i]:{w},d}" for k, w in (
-                ("weights", 10), ("gradients", 10), ("optimizer", 11), ("activations", 12),
-                ("step_peak", 10))))
+        _print_bytes(say, args, per_rank, n_params, rank_need(args, shape, mode))
     if args.dp > 1:
         say(f"DP gradient averaging over {args.dp} replicas: {dp_bytes / args.steps:,.0f} bytes "
             f"per step in {len(model.buckets)} bucket(s) (Allreduce size on rank 0); time "

@@ -42,3 +42,12 @@ def job_env() -> dict:
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                TPMPI_BACKEND="numpy", TPMPI_THREADS="1")
     return env
+
+
+def listing(path: str) -> list:
+    """Everything under ``path``, relative, sorted (a checkpoint directory's contents)."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        rel = os.path.relpath(root, path)
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+    return sorted(out)

@@ -100,7 +100,7 @@ def test_limit_from_environment(monkeypatch, value, want):
     assert agreement.max_message_bytes() == want
 
 
-@pytest.mark.parametrize("value", ["0", "-8", "abc", "1e6", "2**20", "64.0"])
+@pytest.mark.parametrize("value", ["0", "-8", "abc", "1e6", "2**20", "64.0", "1²", "١٢", "1_0"])
 def test_bad_limit_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("TPMPI_MAX_MESSAGE_BYTES", value)
     with pytest.raises(ValueError, match=r"TPMPI_MAX_MESSAGE_BYTES=.*expected a positive "

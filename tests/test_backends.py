@@ -109,7 +109,7 @@ def test_bad_thread_count_raises_on_every_rank(world, monkeypatch):
     else:
         monkeypatch.delenv("TPMPI_THREADS", raising=False)
     all_ranks_raise(comm, lambda: tpmpi.configure_blas_threads(comm),
-                    r"TPMPI_THREADS='two': expected a positive integer" +
+                    r"TPMPI_THREADS='two': expected a positive integer \(digits 0-9\)" +
                     (r" \(rank 0\)" if world.size > 1 else "$"))
 
 

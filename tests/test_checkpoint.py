@@ -361,3 +361,78 @@ def test_load_arguments_are_agreed(world, grid, shared_tmp):
         "into differs")
     layer = tpmpi.load_checkpoint(os.path.join(path, "a"), grid=grid)  # still in step
     assert np.array_equal(layer.gather_weight(), W)
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
+def test_every_rank_of_a_mesh_saves_and_loads_with_optimizer_state(world, shared_tmp):
+    """dp=2 x tp=P/2: every rank calls save_checkpoint (on the DataParallel or on the module),
+    again and again: replica 0 writes, nobody is refused; the parameters and the state arrays
+    (m = 2 W, v = W**2 per shard) load re-sharded onto the 1D grid of all P ranks and into a
+    DataParallel on the mesh."""
+    comm, path = world.comm, str(shared_tmp / "ckpt")
+    W1, b1 = dense(3, 5, seed=1)
+    W2, b2 = dense(5, 3, seed=2)
+    mesh = tpmpi.Mesh(comm, dp=2)
+    mlp = tpmpi.ParallelMLP.from_dense(W1, b1, W2, b2, grid=mesh.tp)
+    model = tpmpi.DataParallel(mlp, mesh)
+
+    def state_of(module):
+        params = {name: p for name, p, _ in module.parameters()}
+        return {"adam.m": {n: 2 * p for n, p in params.items()},
+                "adam.v": {n: p ** 2 for n, p in params.items()}}
+
+    for target in (model, mlp, model):
+        tpmpi.save_checkpoint(path, target, state=state_of(mlp), meta={"step": 7})
+    if comm.Get_rank() == 0:
+        assert sorted(os.listdir(path)) == ["manifest.json", "v000003"]
+        assert np.array_equal(np.load(npy(path, "fc2.weight")), W2)
+    comm.Barrier()
+    with tpmpi.ProcessGrid(comm) as grid:
+        fresh = tpmpi.ParallelMLP(3, 5, grid=grid, seed=9, dtype="float64")
+        state = {g: {n: np.zeros_like(p) for n, p, _ in fresh.parameters()}
+                 for g in ("adam.m", "adam.v")}
+        meta = {}
+        tpmpi.load_checkpoint(path, into=fresh, state=state, meta=meta)
+        assert meta == {"step": 7}
+        for name, p, _ in fresh.parameters():
+            assert np.array_equal(state["adam.m"][name], 2 * p)
+            assert np.array_equal(state["adam.v"][name], p ** 2)
+        assert np.array_equal(fresh.fc1.gather_weight(), W1)
+        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+            path, into=fresh, state={"sgd.m": {"fc1.weight": fresh.fc1.weight}}),
+            r"holds no state 'sgd.m' of fc1.weight \(its state: adam.m \(fc1.weight, ")
+        all_ranks_raise(comm, lambda: tpmpi.load_checkpoint(
+            path, into=fresh, state={"adam.m": {"fc1.weight": np.zeros(2)}}),
+            r"state\['adam.m'\]\['fc1.weight'\] is a ndarray of shape \(2,\) and dtype float64: "
+            r"expected a ndarray of the parameter's local shape")
+    twin = tpmpi.DataParallel(tpmpi.ParallelMLP(3, 5, grid=mesh.tp, seed=9, dtype="float64"),
+                               mesh)
+    tpmpi.load_checkpoint(path, into=twin)
+    assert np.array_equal(twin.module.fc2.gather_weight(), W2)
+    mesh.free()
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
+def test_replicas_that_differ_are_not_saved(world, shared_tmp):
+    comm = world.comm
+    mesh = tpmpi.Mesh(comm, dp=2)
+    mlp = tpmpi.ParallelMLP(3, 5, grid=mesh.tp, seed=mesh.dp_rank)  # another seed per replica
+    all_ranks_raise(comm, lambda: tpmpi.save_checkpoint(str(shared_tmp), mlp),
+                    r"the data-parallel replicas hold different values of fc1.weight \(replica"
+                    r"\(s\) [01] differ from replica [01]\): save_checkpoint writes replica 0's")
+    mesh.free()
+
+
+@pytest.mark.mpi
+def test_a_lock_that_is_a_directory_is_named(world, grid, shared_tmp):
+    path = str(shared_tmp / "ckpt")
+    if world.comm.Get_rank() == 0:
+        os.makedirs(os.path.join(path, ".lock", "inside"))
+    world.comm.Barrier()
+    layer = tpmpi.ColumnParallelLinear(3, 4, grid=grid)
+    all_ranks_raise(world.comm, lambda: tpmpi.save_checkpoint(path, layer),
+                    rf"checkpoint '{path}': {path}/.lock is a directory, not a tpmpi save lock "
+                    r"\(a regular file\): tpmpi does not remove what it did not create; remove "
+                    r"it yourself if no save to this path is running")

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "checkpoint_driver.py")
 sys.path.insert(0, HERE)
 from checkpoint_driver import dense  # noqa: E402
-from jobs import RANKS, job_env, launcher, serial_only  # noqa: E402
+from jobs import RANKS, job_env, launcher, listing, serial_only  # noqa: E402
 
 
 def job(*args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -43,15 +43,6 @@ def wait_for_holder(path: str, timeout: float = 30) -> None:
         except (OSError, ValueError, KeyError):
             return
         time.sleep(0.1)
-
-
-def listing(path: str) -> list:
-    """Everything under ``path``, relative, sorted."""
-    out = []
-    for root, dirs, files in os.walk(path):
-        rel = os.path.relpath(root, path)
-        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
-    return sorted(out)
 
 
 def saved_seed(path: str, kib: int, candidates) -> int:

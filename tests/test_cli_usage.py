@@ -3,6 +3,7 @@ errors that name the flag, plan's calibration warning, the MLP hidden size in ta
 record, and the checkpoint script's one-line error."""
 import argparse
 import json
+import re
 
 import pytest
 
@@ -80,20 +81,36 @@ def test_usage_errors_name_the_flag_in_one_line(capsys, argv, says):
         assert "parse_size" not in err
 
 
-def test_plan_warns_about_a_calibration_of_another_size(tmp_path, capsys):
+def test_plan_says_what_its_calibration_does_not_cover(tmp_path, capsys):
+    """The README's calibrate -n 2 then plan --ranks 4 is silent (the nearest fit is the model);
+    plan notes the defaults, warns about another backend or a calibration without collectives;
+    a calibration file that is no calibration ({}, []) is a usage error naming the field."""
     from mpi4py import MPI
 
     cal = tmp_path / "c.json"  # one path per rank: each rank plans alone (COMM_SELF)
-    cal.write_text(json.dumps({"machine": {"source": "calibrate", "ranks": 2},
-                               "alpha": {"allgather": {"2": 1e-5}},
-                               "beta": {"allgather": {"2": 1e-9}}}))
-    base = ["plan", "--m", "64", "--k", "64", "--n", "64", "--calibration", str(cal)]
-    assert main(base + ["--ranks", "4"], MPI.COMM_SELF) == 0
-    err = capsys.readouterr().err
-    assert "warning: calibration" in err and "measured on 2 ranks" in err
-    assert "not 4" in err and "P = 2 are used" in err
-    assert main(base + ["--ranks", "2"], MPI.COMM_SELF) == 0
-    assert "warning" not in capsys.readouterr().err
+    fitted = {"machine": {"source": "calibrate", "ranks": 2, "backend": "numpy"},
+              "alpha": {"allgather": {"2": 1e-5}}, "beta": {"allgather": {"2": 1e-9}},
+              "rates": {"numpy:float32": {"thin": 1e10, "small": 5e10, "medium": 1e11,
+                                          "large": 1e11}}}
+    base = ["plan", "--m", "64", "--k", "64", "--n", "64", "--ranks", "4"]
+    other = ("warning: calibration .* measured the numpy backend: the cupy GEMM rates are the "
+             "model's defaults")
+    cases = [(fitted, [], ""), (fitted, ["--backend", "cupy"], other),
+             ({**fitted, "alpha": {}, "beta": {}, "machine": {"source": "calibrate",
+                                                             "ranks": 1}}, [],
+              r"fitted no collective \(calibrate ran on 1 rank\(s\)\)")]
+    for data, extra, says in cases:
+        cal.write_text(json.dumps(data))
+        assert main(base + ["--calibration", str(cal)] + extra, MPI.COMM_SELF) == 0
+        err = capsys.readouterr().err
+        assert re.search(says, err) if says else err == "", (extra, err)
+    assert main(base, MPI.COMM_SELF) == 0
+    assert "note: predictions use the cost model's defaults" in capsys.readouterr().err
+    for data, says in (({}, "field 'machine' is missing"), ([], "holds a JSON list")):
+        cal.write_text(json.dumps(data))
+        assert main(base + ["--calibration", str(cal)], MPI.COMM_SELF) == 2
+        assert re.search(rf"--calibration: calibration '.*c.json'.*{says}",
+                         capsys.readouterr().err)
 
 
 @pytest.mark.mpi
@@ -105,7 +122,7 @@ def test_mlp_hidden_in_table_and_record(world, shared_tmp, capsys):
     assert main(argv, comm) == 0
     if comm.Get_rank() == 0:
         out = capsys.readouterr().out
-        assert "hidden=12" in out
+        assert "hidden=12" in out and ",hidden" not in out  # no empty options label first
         assert read_records(path)[0]["hidden"] == 12
     comm.Barrier()
 

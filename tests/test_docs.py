@@ -157,9 +157,41 @@ def test_readme_package_layout_names_every_module():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Layout of the package"):text.index("## Documentation")]
     package = ROOT / "tpmpi"
-    for sub in ("core", "layers", "checkpoint", "studies"):
+    for sub in ("core", "layers", "models", "checkpoint", "studies"):
         bullet = re.search(rf"^\* \*\*`tpmpi/{sub}/`\*\*(.*?)(?=^\* |\Z)", section, re.M | re.S)
         assert bullet, sub
         named = set(re.findall(r"`(\w+)\.py`", bullet.group(1)))
         on_disk = {p.stem for p in (package / sub).glob("*.py") if p.stem != "__init__"}
         assert named == on_disk, (sub, sorted(named ^ on_disk))
+
+
+def _keywords(cls) -> set:
+    """The constructor keywords a user can pass to ``cls``: its own and, through ``**kwargs``,
+    those of the ParallelLinear base; private ones (``_dense``) left out."""
+    import inspect
+
+    from tpmpi.layers.base import ParallelLinear
+
+    names = set()
+    for klass in (cls, ParallelLinear) if issubclass(cls, ParallelLinear) else (cls,):
+        for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and not p.name.startswith("_"):
+                names.add(p.name)
+    return names
+
+
+@pytest.mark.parametrize("name", ["ColumnParallelLinear", "RowParallelLinear", "ParallelMLP",
+                                  "TileParallelLinear"])
+def test_api_doc_lists_every_constructor_keyword_of_every_public_layer(name):
+    """docs/api.md shows each layer's whole signature and explains every keyword in its table
+    (check_finite, check_replicated, overlap, sequence_parallel were missing once)."""
+    import tpmpi
+
+    text = (DOCS / "api.md").read_text()
+    call = re.search(rf"tpmpi\.{name}\((.*?)\)\n", text, re.S)
+    assert call, name
+    documented = {re.sub(r"=.*", "", arg.strip()) for arg in call.group(1).split(",")} - {"*"}
+    assert documented == _keywords(getattr(tpmpi, name)), name
+    table = {m.group(1) for m in re.finditer(r"^\| `([a-z_]+)` \|", text, re.M)}
+    assert _keywords(getattr(tpmpi, name)) - {"in_features", "out_features", "d_model",
+                                              "d_hidden"} <= table, name

@@ -16,7 +16,7 @@ def test_factorisations_and_shape_strings():
     assert factorisations(6) == [(1, 6), (2, 3), (3, 2), (6, 1)]
     assert factorisations(7) == [(1, 7), (7, 1)]
     assert parse_shape("2x3") == (2, 3) and parse_shape("4X1") == (4, 1)
-    for bad in ("2by3", "2x", "x2", "2x3x1", ""):
+    for bad in ("2by3", "2x", "x2", "2x3x1", "", "²x2", "١x2", "1_0x1"):
         with pytest.raises(ValueError, match=rf"grid={bad!r}: expected RxC, e.g. 2x2"):
             parse_shape(bad)
 

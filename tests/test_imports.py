@@ -1,7 +1,7 @@
 """The import graph of tpmpi (scripts/module_map.py, from the source; function-level imports
-count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint,
-studies <- cli), the core's own arrows one way, a cost model that knows no benchmark module, no
-module importing the package itself, and imports at the top of every studies module (no
+count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint <-
+models, studies <- cli), the core's own arrows one way, a cost model that knows no benchmark
+module, no module importing the package itself, and imports at the top of every studies module (no
 registration by a bottom import)."""
 import ast
 
@@ -20,8 +20,9 @@ BENCHMARK_SIDE = {"tpmpi.studies.schemes", "tpmpi.studies.bench", "tpmpi.studies
                   "tpmpi.cli"}
 # the subpackages each part may import (besides itself and tpmpi._version)
 MAY_IMPORT = {"core": set(), "layers": {"core"}, "checkpoint": {"core", "layers"},
-              "studies": {"core", "layers"},
-              "cli": {"core", "layers", "checkpoint", "studies"}, "__main__": {"cli"}}
+              "models": {"core", "layers", "checkpoint"}, "studies": {"core", "layers"},
+              "cli": {"core", "layers", "checkpoint", "models", "studies"},
+              "__main__": {"cli"}}
 
 
 def _top(name: str) -> str:

@@ -56,3 +56,33 @@ def test_bad_arguments(kwargs, match):
     args = {"shape": (4, 4), "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
         init_weight(**args)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=4), st.integers(1, 7), st.data())
+def test_block_runs_cover_the_block_in_order(shape, chunk, data):
+    """The runs of block_runs, laid end to end, are the block's flat indices in C order."""
+    from tpmpi.core.init import block_runs
+
+    block = []
+    for n in shape:
+        a = data.draw(st.integers(0, n))
+        block.append((a, data.draw(st.integers(a, n))))
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    want = index[tuple(slice(a, b) for a, b in block)].reshape(-1)
+    got, offset = [], 0
+    for off, first, count in block_runs(shape, block, chunk):
+        assert off == offset and 0 < count <= chunk
+        got.extend(range(first, first + count))
+        offset += count
+    assert got == list(want)
+
+
+def test_draws_skip_to_any_index_of_any_counter_range():
+    from tpmpi.core.init import philox_draws
+
+    key = np.array([3, 4], dtype=np.uint64)
+    base = 5 << 128
+    run = philox_draws(key, 0, 23, base)
+    assert all(np.array_equal(philox_draws(key, a, 23 - a, base), run[a:]) for a in range(23))
+    assert not np.array_equal(run, philox_draws(key, 0, 23))

@@ -72,3 +72,20 @@ def test_one_writer_one_json_line_per_record():
     write_record(collective(), None)  # ranks without a file write nothing
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first == dict(collective(timestamp=first["timestamp"])) and second == {"error": "x"}
+
+
+def test_calibration_facts_say_where_the_model_comes_from():
+    from tpmpi.studies.costmodel import Calibration
+    from tpmpi.studies.record import calibration_facts
+
+    assert calibration_facts(Calibration()) == {
+        "source": "defaults", "ranks": None, "fitted": [], "mpi_library": None, "backend": None,
+        "blas": {"library": None, "kernel": None}}
+    cal = Calibration(alpha={"allgather": {"2": 1e-6, "4": 2e-6}, "bcast": {"8": 1e-6}},
+                      machine={"source": "calibrate", "ranks": 8, "backend": "numpy",
+                               "mpi_library": "MPICH", "blas": {"library": "openblas",
+                                                                "kernel": "Haswell",
+                                                                "threads": 1}})
+    assert calibration_facts(cal) == {
+        "source": "calibrate", "ranks": 8, "fitted": [2, 4, 8], "mpi_library": "MPICH",
+        "backend": "numpy", "blas": {"library": "openblas", "kernel": "Haswell"}}

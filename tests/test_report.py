@@ -1,5 +1,6 @@
 """report: plots and report.md from records; cost-model accuracy (serial)."""
 import json
+import re
 
 import pytest
 
@@ -138,7 +139,9 @@ SETS = {"one": lambda: synthetic.laptop(1)[:1], "laptop2": lambda: synthetic.lap
 @pytest.mark.parametrize("name", list(SETS))
 def test_legends_and_labels_stay_inside_the_figure(tmp_path_factory, name):
     figures = rendered(name, tmp_path_factory)
-    assert {"time_vs_ranks.png", "efficiency.png", "breakdown.png"} <= set(figures)
+    # a lone record has no scaling efficiency, hence no efficiency.png
+    assert {"time_vs_ranks.png", "breakdown.png"} | (
+        set() if name == "one" else {"efficiency.png"}) <= set(figures)
     for fname, fig in figures.items():
         renderer = fig.canvas.get_renderer()
         assert fig.legends, fname
@@ -247,3 +250,84 @@ def test_csv_and_markdown_carry_spread_and_flags(tmp_path):
     with open(tmp_path / "out" / "collectives.csv") as fh:
         colls = list(csv.DictReader(fh))
     assert len(colls) == len(recs) - len(schemes) and colls[0]["collective"] == "allgather"
+
+
+# ------------------------------------------------ records checked field by field
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda r: r["time_s"].update(median=0), (r"field 'time_s.median' is 0: expected a positive "
+                                             r"number \(seconds\)")),
+    (lambda r: r["time_s"].update(median="1.2"), "field 'time_s.median' is '1.2'"),
+    (lambda r: r["time_s"].update(median=-1e-3), "field 'time_s.median' is -0.001"),
+    (lambda r: r.update(ranks=0), "field 'ranks' is 0: expected a positive integer"),
+    (lambda r: r.update(flags="noisy"), ("field 'flags' is 'noisy': expected a list of flag "
+                                        "names")),
+    (lambda r: r.update(grid="2by2"), "field 'grid' is '2by2': expected a grid RxC"),
+    (lambda r: r.pop("scheme"), ("neither 'scheme' nor 'collective': expected a record of "
+                                "run/bench --json or bench --collective --json")),
+    (lambda r: r.update(gemm_s=None), "field 'gemm_s' is None: expected seconds >= 0"),
+    (lambda r: r.update(predicted_s=float("nan")), "field 'predicted_s' is nan"),
+    (lambda r: r["sweep"].update(kind="diagonal"), ("field 'sweep.kind' is 'diagonal': expected "
+                                                   "strong, weak or sizes")),
+])
+def test_every_bad_record_is_named_with_its_file_line_and_field(tmp_path, edit, says):
+    """report used to drop a zero median or a record without scheme, spell a string flags
+    letter by letter, and crash on a string or negative median or ranks 0."""
+    recs = synthetic.laptop(2)[:3]
+    edit(recs[1])
+    path = _write(tmp_path, recs)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2: {says}"):
+        report([path], str(tmp_path / "out"))
+
+
+def test_a_collective_record_is_checked_too(tmp_path):
+    colls = synthetic.collectives([2], sizes=[8, 64])
+    colls[1]["time_s"] = "fast"
+    path = _write(tmp_path, colls)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}:2: field 'time_s' is 'fast'"):
+        report([path], str(tmp_path / "out"))
+
+
+def test_flags_are_drawn_in_every_figure(tmp_path, figures):
+    recs = synthetic.laptop(4)
+    schemes = [r for r in recs if "scheme" in r]
+    schemes[1]["flags"] = ["noisy", "oversubscribed"]
+    schemes[2]["flags"] = ["pred-defaults"]
+    report([_write(tmp_path, recs)], str(tmp_path / "out"))
+    for name in ("time_vs_ranks.png", "efficiency.png", "breakdown.png",
+                 "predicted_vs_measured.png"):
+        fig = figures[name]
+        notes = [t.get_text() for t in fig.texts]
+        letters = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert any("N noisy" in n and "O oversubscribed" in n for n in notes), (name, notes)
+        assert "NO" in letters, (name, letters)
+    notes = [t.get_text() for t in figures["predicted_vs_measured.png"].texts]
+    assert any("D pred-defaults" in n for n in notes)
+
+
+def test_a_lone_run_record_is_not_a_scaling_series(tmp_path, figures):
+    """A record of `run` (no sweep) is a panel of kind "run" without scaling efficiency."""
+    one = synthetic.laptop(1)[0]
+    del one["sweep"]
+    md = report([_write(tmp_path, [one])], str(tmp_path / "out"))
+    assert "efficiency.png" not in figures
+    assert figures["time_vs_ranks.png"].axes[0].get_title().startswith("run: m=")
+    assert table_rows([one])[0]["scaling_eff"] is None
+    with open(md) as fh:
+        assert "![efficiency.png]" not in fh.read()
+
+
+def test_uncalibrated_predictions_are_marked_in_tables_and_figure(tmp_path, figures):
+    recs = [r for r in synthetic.laptop(2) if "scheme" in r][:4]
+    for r in recs[:3]:
+        r["calibration"] = {"source": "defaults", "fitted": []}
+        r["flags"] = ["pred-defaults"]
+    md = report([_write(tmp_path, recs)], str(tmp_path / "out"))
+    with open(md) as fh:
+        text = fh.read()
+    assert "pred_ms: * the cost model's defaults (uncalibrated" in text
+    rows = [line for line in text.splitlines() if line.startswith("| column")]
+    assert rows and all(re.search(r"\| [0-9.]+\* \|", line) for line in rows[:3])
+    title = figures["predicted_vs_measured.png"].axes[0].get_title()
+    assert "3 of 4 from the model's defaults (hollow: uncalibrated" in title

@@ -25,6 +25,30 @@ def test_each_flag(change, flag):
     assert stats.flags(clean_record(**change)) == [flag]
 
 
+HERE = {"source": "calibrate", "ranks": 4, "fitted": [2, 4], "mpi_library": "MPICH 5",
+        "backend": "numpy", "blas": {"library": "openblas", "kernel": "Haswell"}}
+
+
+@pytest.mark.parametrize("calibration, grid, dp, flag, mark", [
+    (HERE, "1x2", 1, None, ""),
+    (HERE, "2x2", 2, None, ""),  # the row and column communicators (2) and the replicas (2)
+    ({"source": "defaults", "fitted": []}, "1x2", 1, "pred-defaults", "*"),
+    ({**HERE, "mpi_library": "Open MPI v4.1"}, "1x2", 1, "pred-other-machine", "~"),
+    ({**HERE, "blas": {"library": "openblas", "kernel": "Zen"}}, "1x2", 1,
+     "pred-other-machine", "~"),
+    ({**HERE, "fitted": [2]}, "1x4", 1, "pred-other-ranks", "~"),
+    ({**HERE, "fitted": [4]}, "1x4", 2, "pred-other-ranks", "~"),  # the DP Allreduce over 2
+])
+def test_prediction_flags_compare_the_calibration_with_the_record(calibration, grid, dp,
+                                                                   flag, mark):
+    rec = clean_record(calibration=calibration, grid=grid, mesh={"dp": dp},
+                       mpi_library="MPICH 5", blas={"library": "openblas", "kernel": "Haswell"})
+    assert stats.flags(rec) == ([flag] if flag else [])
+    assert stats.prediction_mark(rec) == mark
+    assert stats.flags(dict(rec, predicted_s=None)) == []  # nothing predicted, nothing to mark
+    assert stats.flags(clean_record()) == []  # a record from before the calibration field
+
+
 def test_flags_at_the_thresholds_stay_clear():
     edge = clean_record(efficiency=stats.SUPERLINEAR, load_per_cpu=1.0,
                 time_s={"median": 1.0, "min": 1.0, "max": 1.0 + 0.99 * stats.NOISY})

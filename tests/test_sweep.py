@@ -15,7 +15,7 @@ from tpmpi.studies.sweep import Config, collective_sweep, configs, default_ranks
 def test_parse_size():
     assert parse_size("64") == 64 and parse_size("4K") == 4096 and parse_size("1M") == 1 << 20
     assert parse_size(" 2g ") == 2 << 30 and parse_size("1.5K") == 1536
-    for bad in ("abc", "4KB", ""):
+    for bad in ("abc", "4KB", "", "²", "1_0", "inf", "nan", "1e3", "1.3", "0.1K"):
         with pytest.raises(ValueError, match=r"size '.*': expected an integer with optional "
                                              r"K/M/G"):
             parse_size(bad)

@@ -109,3 +109,35 @@ def test_overlap_measurement_is_printed(world, capsys):
         text = capsys.readouterr().out
         assert "hidden" in text and "time blocked in DP communication" in text
         assert "agree" in text and " rank    weights  gradients  adam state" in text
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
+def test_save_and_resume_continue_the_loss_curve_on_any_mesh(world, shared_tmp):
+    """16 steps in one go = 8 steps --save, then 8 steps --resume: on the same mesh bitwise,
+    on another mesh (smaller, other dp x tp) to rounding; the serial reference too."""
+    from mpi4py import MPI
+
+    comm, size = world.comm, world.size
+    ckpt = str(shared_tmp / "ckpt")
+    base = ["--samples", "12", "--d-model", "3", "--d-hidden", "5", "--dtype", "float64",
+            "--quiet"]
+    mesh = ["--dp", "2", "--tp", str(size // 2)]
+    whole = train_mlp.main(base + mesh + ["--steps", "16"], comm)
+    first = train_mlp.main(base + mesh + ["--steps", "8", "--save", ckpt], comm)
+    again = train_mlp.main(base + mesh + ["--steps", "8", "--resume", ckpt], comm)
+    assert first["losses"] == whole["losses"][:9] and again["losses"] == whole["losses"][8:]
+    if comm.Get_rank() == 0:
+        assert again["reference"] == whole["reference"][8:]
+    sub = comm.Split(0 if comm.Get_rank() < size - 1 else MPI.UNDEFINED, comm.Get_rank())
+    if sub != MPI.COMM_NULL:  # P - 1 ranks, dp 1, tp P - 1
+        other = train_mlp.main(base + ["--steps", "8", "--resume", ckpt], sub)
+        assert rel_err(other["losses"], whole["losses"][8:]) <= 1e-12
+        sub.Free()
+    comm.Barrier()
+    all_ranks_raise(comm, lambda: train_mlp.main(base + ["--steps", "1", "--resume", ckpt,
+                                                         "--activation", "relu"], comm),
+                    f"--activation=relu: the checkpoint {ckpt} was saved with gelu")
+    all_ranks_raise(comm, lambda: train_mlp.main(base + ["--steps", "1", "--resume", ckpt,
+                                                         "--optimizer", "sgd"], comm),
+                    "--optimizer=sgd: the checkpoint .* was saved with adam")

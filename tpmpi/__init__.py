@@ -1,4 +1,5 @@
 """tpmpi: tensor parallelism for matrix products over MPI, on NumPy or CuPy."""
+from . import models
 from ._version import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .core.backend import Backend, configure_blas_threads, get_backend
@@ -13,4 +14,4 @@ from .layers.data_parallel import DataParallel
 __all__ = ["Backend", "ColumnParallelLinear", "DataParallel", "Mesh", "ParallelMLP",
            "ProcessGrid", "RowParallelLinear", "TileParallelLinear", "block_partition",
            "configure_blas_threads", "gather", "get_backend", "init_weight", "load_checkpoint",
-           "save_checkpoint", "scatter", "__version__"]
+           "models", "save_checkpoint", "scatter", "__version__"]

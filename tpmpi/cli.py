@@ -41,6 +41,7 @@ from .core.backend import BACKENDS, Backend, blas_info, configure_blas_threads, 
     node_comm
 from .core.colltable import OPS
 from .core.dtypes import SUPPORTED, resolve_dtype
+from .core.args import int_flag
 from .core.grid import ProcessGrid, parse_shape
 from .core.mesh import Mesh
 from .layers.activations import ACTIVATIONS
@@ -50,7 +51,7 @@ from .studies import footprint
 from .studies.bench import case_progress, format_table, run_case
 from .studies.collbench import calibrate, sizes_sweep
 from .studies.costmodel import Calibration, explain, format_plan, load_calibration, plan
-from .studies.record import mpi_library, write_record
+from .studies.record import calibration_facts, mpi_library, write_record
 from .studies.schemes import KNOWN, Problem, available
 from .studies.schemes.hybrid import largest_replica
 from .studies.stats import short
@@ -111,21 +112,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _integer(minimum: int, want: str) -> Callable[[str], int]:
-    """An argparse type for integers >= ``minimum``; the message says what was expected."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {want}")
-        return value
-    return parse
-
-
-_positive = _integer(1, "a positive integer (digits only, e.g. 1024)")
-_non_negative = _integer(0, "an integer >= 0 (digits only, e.g. 1024)")
+_positive = int_flag(1, "a positive integer (digits only, e.g. 1024)")
+_non_negative = int_flag(0, "an integer >= 0 (digits only, e.g. 1024)")
 
 
 # flags that several subcommands take, declared once
@@ -572,25 +560,34 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
     return 0
 
 
-def calibration_warning(cal: Calibration, ranks: int, source: Optional[str]) -> Optional[str]:
-    """A warning when the calibration's collectives were not fitted at ``ranks`` ranks."""
-    fitted = sorted({int(p) for table in cal.alpha.values() for p in table})
-    if ranks < 2 or not fitted or ranks in fitted:
-        return None
-    near = min(fitted, key=lambda q: (abs(q - ranks), q))
-    return (f"tpmpi: warning: calibration {source or '(TPMPI_CALIBRATION)'} was measured on "
-            f"{cal.machine.get('ranks', max(fitted))} ranks (collectives fitted at P = "
-            f"{', '.join(map(str, fitted))}), not {ranks}: the collective costs of P = {near} "
-            f"are used; run calibrate with {ranks} ranks for this size")
+def calibration_warning(cal: Calibration, backend: str, ranks: int, source: Optional[str]
+                        ) -> Optional[str]:
+    """What plan says on stderr about its calibration: a note when it uses the model's defaults;
+    a warning when the calibration measured another backend than ``--backend`` (its GEMM
+    rates would be the defaults) or fitted no collective while ``ranks`` > 1. Communicator
+    sizes without a fit are no mismatch: the nearest fitted size's alpha and beta are used with
+    the ring formulas' P factors, which is the model (docs/cli.md, plan)."""
+    facts = calibration_facts(cal)
+    name = source or "(TPMPI_CALIBRATION)"
+    if facts["source"] == "defaults":
+        return ("tpmpi: note: predictions use the cost model's defaults (uncalibrated); run "
+                "calibrate on the machine you plan for")
+    if facts["backend"] not in (None, backend):
+        return (f"tpmpi: warning: calibration {name} measured the {facts['backend']} backend: "
+                f"the {backend} GEMM rates are the model's defaults")
+    if ranks > 1 and not facts["fitted"]:
+        return (f"tpmpi: warning: calibration {name} fitted no collective (calibrate ran on "
+                f"{facts['ranks']} rank(s)): the collectives use the model's defaults")
+    return None
 
 
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    cal = agree_calibration(args.calibration, comm)
     with usage():  # plan computes from the flags (and the calibration file) alone
-        cal = load_calibration(args.calibration)
         preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
                      backward=args.backward, backend=args.backend, calibration=cal,
                      bucket_bytes=args.bucket_bytes)
-    warning = calibration_warning(cal, args.ranks, args.calibration)
+    warning = calibration_warning(cal, args.backend, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")
     _out(comm)(format_plan(preds))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -14,11 +15,12 @@ from mpi4py import MPI
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks, agree_on_root
 from ..core.backend import backend_of
 from ..core.grid import ProcessGrid, default_grid
+from ..core.mesh import mesh_of
 from ..layers.base import ParallelLinear
 from ..layers.module import Composite
-from .manifest import read_manifest
+from .manifest import entries_of, read_manifest
 from .npyfile import CHUNK_BYTES, checksum, read_param
-from .params import Param, identities, layers_of, parameters
+from .params import Param, identities, layers_of, parameters, state_params, unwrap
 
 
 def _layer_class(name: str) -> type:
@@ -56,13 +58,43 @@ def _target(grid: Optional[ProcessGrid], into: Any) -> ProcessGrid:
 
 def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGrid] = None, *,
                     cls: Optional[type] = None, into: Any = None, verify: bool = True,
-                    **options: Any) -> Any:
+                    state: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                    meta: Optional[dict] = None, **options: Any) -> Any:
     """The layer saved in ``path``, re-sharded onto ``grid`` (default: 1D over COMM_WORLD; any
     size and shape). ``cls`` requires the saved class; ``options`` override saved constructor
     options (``dtype`` casts; a cast that overflows raises). ``into``: read into an existing
-    layer or composite instead (its grid is used; ``grid``, if given, must be it). ``verify``
-    recomputes the checksums. Collective: every argument agreed, the manifest checked on rank
-    0 and broadcast, each rank ``Read_all``s its block; errors are raised on every rank."""
+    layer, composite or :class:`~tpmpi.DataParallel` instead (its grid is used; ``grid``, if
+    given, must be it). ``verify`` recomputes the checksums of the files read.
+
+    ``state`` (with ``into``): ``{group: {parameter name: local array}}`` filled in place from
+    the saved state (:func:`tpmpi.save_checkpoint` ``state=``), each array of its parameter's
+    local shape on this grid; ``meta``: a dict updated in place with the saved ``meta``.
+
+    Collective: every argument agreed, the manifest checked on rank 0 and broadcast, each rank
+    ``Read_at_all``s its block; errors are raised on every rank. Under a mesh (a DataParallel,
+    or a grid that is ``mesh.tp``) every rank of the mesh calls it, each replica reads its
+    blocks, and the outcome is agreed over the whole mesh."""
+    if into is not None:
+        into, mesh = unwrap(into)
+    else:
+        mesh = mesh_of(grid)
+    if mesh is None:
+        return _load(path, grid, cls=cls, into=into, verify=verify, state=state, meta=meta,
+                     options=options)
+    result, error = None, None
+    try:
+        result = _load(path, grid, cls=cls, into=into, verify=verify, state=state, meta=meta,
+                       options=options)
+    except ValueError as exc:  # raised on every rank of this replica
+        error = str(exc)
+    agree(mesh.comm, error, call=Same(Text("load_checkpoint() over a mesh"), CALL_ORDER),
+          path=str(path))
+    return result
+
+
+def _load(path: Any, grid: Optional[ProcessGrid], *, cls: Any, into: Any, verify: Any,
+          state: Any, meta: Any, options: dict) -> Any:
+    """:func:`load_checkpoint` over one grid. Collective over it."""
     if grid is not None and not isinstance(grid, ProcessGrid):
         raise ValueError(f"grid is a {type(grid).__module__}.{type(grid).__name__}: expected a "
                          "tpmpi.ProcessGrid")
@@ -73,36 +105,60 @@ def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGr
     comm = target.comm
     path = _agree_load(comm, path, cls=cls, into=into, into_error=into_error,
                        other_grid=into is not None and grid is not None and target is not grid,
-                       verify=verify, options=options)
+                       verify=verify, options=options, state=state, meta=meta)
     manifest = agree_on_root(comm, lambda: read_manifest(path))
     want = type(into) if into is not None else cls
     if want not in (None, ParallelLinear, Composite) and manifest["class"] != want.__name__:
         raise ValueError(f"checkpoint {path!r} holds a {manifest['class']}, not a "
                          f"{want.__name__}")
-    entries = manifest["parameters"]
-    if verify:
-        _verify(comm, path, entries)
     if into is None:
         if manifest["config"] is None:
             raise ValueError(f"checkpoint {path!r}: {manifest['class']} has no saved config; "
                              "construct it and pass into=")
         into = _layer_class(manifest["class"])(grid=target, **{**manifest["config"], **options})
     params = parameters(into)
-
-    def shapes_match() -> None:
-        have = {p.name: p.shape for p in params}
-        saved = {name: tuple(e["shape"]) for name, e in entries.items()}
-        if have != saved:
-            raise ValueError(f"checkpoint {path!r}: parameter shapes {saved} do not match the "
-                             f"layer's {have}")
-
-    agree_checks(comm, shapes_match)
+    params += _agree_state(comm, path, manifest, params, state)
+    entries = entries_of(manifest)
+    if verify:
+        _verify(comm, path, [entries[p.name] for p in params])
     _read_all(path, params, entries)
+    if meta is not None:
+        meta.update(manifest.get("meta") or {})
     return into
 
 
+def _agree_state(comm: MPI.Comm, path: str, manifest: dict, params: list[Param], state: Any
+                 ) -> list[Param]:
+    """The arrays of ``state`` as Params to read, after agreeing that the layer's parameter
+    shapes are the saved ones and that the checkpoint holds every state array asked for.
+    Collective: the same ValueError on every rank otherwise."""
+    saved = manifest.get("state") or {}
+    try:
+        extra, problem = (state_params(params, state) if state is not None else []), None
+    except ValueError as exc:
+        extra, problem = [], str(exc)
+
+    def local_checks() -> None:
+        have = {p.name: p.shape for p in params}
+        shapes = {name: tuple(e["shape"]) for name, e in manifest["parameters"].items()}
+        if have != shapes:
+            raise ValueError(f"checkpoint {path!r}: parameter shapes {shapes} do not match the "
+                             f"layer's {have}")
+        if problem:
+            raise ValueError(problem)
+        for p in extra:
+            _, group, name = p.name.split("/", 2)
+            if name not in saved.get(group, {}):
+                held = ", ".join(f"{g} ({', '.join(a)})" for g, a in saved.items()) or "none"
+                raise ValueError(f"checkpoint {path!r} holds no state {group!r} of {name} "
+                                 f"(its state: {held})")
+
+    agree_checks(comm, local_checks, state=[p.name for p in extra])
+    return extra
+
+
 def _agree_load(comm: MPI.Comm, path: Any, *, cls: Any, into: Any, into_error: Optional[str],
-                other_grid: bool, verify: Any, options: dict) -> str:
+                other_grid: bool, verify: Any, options: dict, state: Any, meta: Any) -> str:
     """The absolute ``path`` after agreeing every argument of :func:`load_checkpoint` (the same
     ValueError on every rank for a bad or differing one). Collective."""
     def local_checks() -> None:
@@ -120,6 +176,11 @@ def _agree_load(comm: MPI.Comm, path: Any, *, cls: Any, into: Any, into_error: O
         if into is not None and options:
             raise ValueError(f"options {sorted(options)} are not used with into= (the layer is "
                              "already built): drop them")
+        if state is not None and into is None:
+            raise ValueError("state= needs into= (the state arrays are shaped like the shards "
+                             "of a layer you built)")
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(f"meta is a {type(meta).__name__}: expected a dict to update")
 
     where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
     agree_checks(comm, local_checks, call=Same(Text("load_checkpoint()"), CALL_ORDER), path=where,
@@ -131,10 +192,10 @@ def _agree_load(comm: MPI.Comm, path: Any, *, cls: Any, into: Any, into_error: O
     return where
 
 
-def _verify(comm: MPI.Intracomm, path: str, entries: dict) -> None:
-    """Recompute the checksum of every parameter file of the manifest ``entries``; the same
+def _verify(comm: MPI.Intracomm, path: str, entries: list[dict]) -> None:
+    """Recompute the checksum of the file of every manifest entry of ``entries``; the same
     ValueError on every rank for a corrupted one. Collective."""
-    for entry in entries.values():
+    for entry in entries:
         nbytes = math.prod(entry["shape"]) * np.dtype(entry["dtype"]).itemsize
         got = checksum(comm, os.path.join(path, entry["file"]), entry["header_bytes"], nbytes,
                        entry["checksum"].get("chunk_bytes", CHUNK_BYTES))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Optional
@@ -68,6 +69,22 @@ class SaveLock:
             return
         os.remove(aside)
 
+    def _is_a_lock(self) -> bool:
+        """True if ``.lock`` is a regular file, False if it is gone; ValueError naming the path
+        for anything else (tpmpi never makes anything else there, so it can neither judge nor
+        take over a directory or a link)."""
+        try:
+            info = os.lstat(self.file)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(info.st_mode):
+            return True
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else \
+            "a symbolic link" if stat.S_ISLNK(info.st_mode) else "a special file"
+        raise ValueError(f"checkpoint {self.path!r}: {self.file} is {kind}, not a tpmpi save "
+                         "lock (a regular file): tpmpi does not remove what it did not create; "
+                         "remove it yourself if no save to this path is running")
+
     def acquire(self) -> None:
         """Take the lock or raise ValueError naming its holder."""
         me = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -76,6 +93,8 @@ class SaveLock:
             try:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                if not self._is_a_lock():
+                    continue  # gone meanwhile: try again
                 holder = _read_holder(self.file)
                 if self._is_stale(holder):
                     self._break(holder)
@@ -86,10 +105,14 @@ class SaveLock:
                     f"checkpoint {self.path!r} is being saved by another job ({who}); "
                     f"concurrent saves to one path are refused: wait for it, or remove "
                     f"{self.file} if no save is running") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                os.remove(self.file)  # a lock nobody could read would block every later save
+                raise OSError(exc.errno, exc.strerror, self.file) from None
             self._beat = threading.Thread(target=self._heartbeat, daemon=True,
                                           name="tpmpi-checkpoint-lock")
             self._beat.start()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from numpy.lib import format as npy
 
 from .._version import __version__
+from ..core.args import check_field
 from ..core.dtypes import SUPPORTED, resolve_dtype
 from ..core.layout import LAYOUTS
 from .npyfile import CHUNK_BYTES
@@ -39,16 +40,43 @@ def load_json(path: str) -> dict:
         raise ValueError(f"unreadable checkpoint manifest {where!r}: {exc}") from None
 
 
-def _field(where: str, entry: Any, key: str, kind: Union[type, tuple[type, ...]], what: str
-           ) -> Any:
-    """``entry[key]`` if ``entry`` is a dict holding a ``kind``, else a ValueError naming the
-    field, its value and ``what`` was expected."""
-    if not isinstance(entry, dict) or key not in entry:
-        raise ValueError(f"{where}: field {key!r} is missing: expected {what}")
-    value = entry[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"{where}: field {key!r} is {value!r}: expected {what}")
-    return value
+def _check_entry(at: str, entry: Any, version: int) -> None:
+    """ValueError naming the first field of a file entry (a parameter's or a state array's)
+    that a load could not use."""
+    filename = check_field(at, entry, "file", str, "a file name inside the checkpoint")
+    if os.path.isabs(filename) or ".." in filename.split("/"):
+        raise ValueError(f"{at}: field 'file' is {filename!r}: expected a file name inside "
+                         "the checkpoint")
+    shape = check_field(at, entry, "shape", list, "a list of non-negative integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"{at}: field 'shape' is {shape!r}: expected a list of "
+                         "non-negative integers")
+    dtype = check_field(at, entry, "dtype", str, f"one of {', '.join(SUPPORTED)}")
+    if dtype not in SUPPORTED:
+        raise ValueError(f"{at}: field 'dtype' is {dtype!r}: expected one of "
+                         f"{', '.join(SUPPORTED)}")
+    if version >= 2:
+        check_field(at, entry, "npy_dtype", str, "a .npy dtype string")
+    layout = check_field(at, entry, "layout", str, f"one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{at}: field 'layout' is {layout!r}: expected one of "
+                         f"{', '.join(LAYOUTS)}")
+    check_field(at, entry, "header_bytes", int, "an integer")
+    crc = check_field(at, entry, "checksum", dict, "an object with 'value' and 'chunk_bytes'")
+    check_field(at + ", checksum", crc, "value", int, "an integer")
+    chunk = crc.get("chunk_bytes", CHUNK_BYTES)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"{at}, checksum: field 'chunk_bytes' is {chunk!r}: expected a "
+                         "positive integer")
+
+
+def entries_of(manifest: dict) -> dict:
+    """Every file entry of a checked manifest by the name of its Param: the parameters
+    (``fc1.weight``) and the state arrays (``state/<group>/<parameter>``)."""
+    return {**manifest["parameters"],
+            **{f"state/{group}/{name}": entry
+               for group, arrays in manifest.get("state", {}).items()
+               for name, entry in arrays.items()}}
 
 
 def check_manifest(path: str, manifest: Any) -> dict:
@@ -58,45 +86,34 @@ def check_manifest(path: str, manifest: Any) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{where} is not a tpmpi checkpoint manifest (no \"format\": "
                          f"\"{FORMAT}\")")
-    version = _field(where, manifest, "format_version", int, "an integer")
+    version = check_field(where, manifest, "format_version", int, "an integer")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{where}: format_version {version} is not one this tpmpi "
                          f"({__version__}) reads ({', '.join(map(str, READABLE_VERSIONS))}); "
                          "upgrade tpmpi")
-    _field(where, manifest, "class", str, "a class name")
+    check_field(where, manifest, "class", str, "a class name")
     if manifest.get("config") is not None:
-        _field(where, manifest, "config", dict, "an object of constructor options or null")
-    entries = _field(where, manifest, "parameters", dict, "a non-empty object of parameters")
+        check_field(where, manifest, "config", dict, "an object of constructor options or null")
+    entries = check_field(where, manifest, "parameters", dict, "a non-empty object of parameters")
     if not entries:
         raise ValueError(f"{where}: field 'parameters' is {{}}: expected a non-empty object of "
                          "parameters")
     for name, entry in entries.items():
-        at = f"{where}, parameter {name!r}"
-        filename = _field(at, entry, "file", str, "a file name inside the checkpoint")
-        if os.path.isabs(filename) or ".." in filename.split("/"):
-            raise ValueError(f"{at}: field 'file' is {filename!r}: expected a file name inside "
-                             "the checkpoint")
-        shape = _field(at, entry, "shape", list, "a list of non-negative integers")
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-            raise ValueError(f"{at}: field 'shape' is {shape!r}: expected a list of "
-                             "non-negative integers")
-        dtype = _field(at, entry, "dtype", str, f"one of {', '.join(SUPPORTED)}")
-        if dtype not in SUPPORTED:
-            raise ValueError(f"{at}: field 'dtype' is {dtype!r}: expected one of "
-                             f"{', '.join(SUPPORTED)}")
-        if version >= 2:
-            _field(at, entry, "npy_dtype", str, "a .npy dtype string")
-        layout = _field(at, entry, "layout", str, f"one of {', '.join(LAYOUTS)}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"{at}: field 'layout' is {layout!r}: expected one of "
-                             f"{', '.join(LAYOUTS)}")
-        _field(at, entry, "header_bytes", int, "an integer")
-        crc = _field(at, entry, "checksum", dict, "an object with 'value' and 'chunk_bytes'")
-        _field(at + ", checksum", crc, "value", int, "an integer")
-        chunk = crc.get("chunk_bytes", CHUNK_BYTES)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"{at}, checksum: field 'chunk_bytes' is {chunk!r}: expected a "
-                             "positive integer")
+        _check_entry(f"{where}, parameter {name!r}", entry, version)
+    state = check_field(where, manifest, "state", dict, "an object {group: {parameter: entry}}") \
+        if "state" in manifest else {}
+    for group, arrays in state.items():
+        at = f"{where}, state {group!r}"
+        if not isinstance(arrays, dict):
+            raise ValueError(f"{at} is {arrays!r}: expected an object {{parameter: entry}}")
+        for name, entry in arrays.items():
+            _check_entry(f"{at}, parameter {name!r}", entry, version)
+            if entry["shape"] != entries.get(name, {}).get("shape"):
+                raise ValueError(f"{at}, parameter {name!r}: field 'shape' is "
+                                 f"{entry['shape']!r}: expected the shape of a parameter "
+                                 f"{name!r}")
+    if manifest.get("meta") is not None:
+        check_field(where, manifest, "meta", dict, "an object or null")
     return manifest
 
 
@@ -113,7 +130,7 @@ def read_manifest(path: str) -> dict:
     present, a .npy header matching the manifest's shape, dtype and header size, and exactly
     the expected size. Local; ValueError naming the problem."""
     manifest = check_manifest(path, load_json(path))
-    for name, entry in manifest["parameters"].items():
+    for name, entry in entries_of(manifest).items():
         resolve_dtype(entry["dtype"], argument=f"parameter {name} dtype")  # e.g. ml_dtypes
         filename = os.path.join(path, entry["file"])
         if not os.path.isfile(filename):

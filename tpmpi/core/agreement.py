@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
+from .args import parse_int
+
 
 class Same:
     """A value for :func:`agree` with its own ending of the mismatch message, e.g.
@@ -176,13 +178,5 @@ def max_message_bytes() -> int:
     decimal integer), else :data:`MAX_MESSAGE_BYTES`. ValueError naming the variable."""
     env = os.environ.get("TPMPI_MAX_MESSAGE_BYTES")
     if env is None or not env.strip():
-        limit = MAX_MESSAGE_BYTES
-    elif env.strip().isdigit():
-        limit = int(env.strip())
-    else:
-        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={env!r}: expected a positive integer "
-                         "(bytes per MPI call)")
-    if int(limit) < 1:
-        raise ValueError(f"TPMPI_MAX_MESSAGE_BYTES={limit!r}: expected a positive integer "
-                         "(bytes per MPI call)")
-    return int(limit)
+        return int(MAX_MESSAGE_BYTES)
+    return parse_int("TPMPI_MAX_MESSAGE_BYTES", env, 1)

@@ -1,11 +1,51 @@
 """Local argument checks shared by the public entry points (the collective agreement on their
-outcome is :func:`tpmpi.core.agreement.agree_checks`)."""
+outcome is :func:`tpmpi.core.agreement.agree_checks`), and :func:`parse_int`, the one reader of
+every integer that comes from a string (flags, environment variables, mesh and grid shapes)."""
 from __future__ import annotations
 
+import argparse
+import math
 import numbers
-from typing import Any, Literal, Optional, overload
+import re
+from collections.abc import Callable
+from typing import Any, Literal, Optional, Union, overload
 
-from .arrays import DTypeLike
+from numpy.typing import DTypeLike
+
+
+def _expected(minimum: int) -> str:
+    return {0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+
+
+DIGITS = re.compile(r"[0-9]+")
+"""What :func:`parse_int` reads: ASCII digits only. ``str.isdigit`` also accepts superscripts
+(``"²"``, which ``int()`` then refuses with a message naming nothing) and ``int()`` accepts other
+scripts' digits (``"١٢"``) and underscores (``"1_000"``): numbers nobody typed as such."""
+
+
+def parse_int(name: str, text: Any, minimum: int = 0) -> int:
+    """The integer written in ``text``: ASCII digits, blanks around them ignored, at least
+    ``minimum``; otherwise a ValueError naming ``name`` (the flag, variable or argument), the
+    text and what was expected, e.g. ``TPMPI_THREADS='²': expected a positive integer (digits
+    0-9)``."""
+    digits = text.strip() if isinstance(text, str) else ""
+    if DIGITS.fullmatch(digits) and int(digits) >= minimum:
+        return int(digits)
+    raise ValueError(f"{name}={text!r}: expected {_expected(minimum)} (digits 0-9)")
+
+
+def int_flag(minimum: int = 0, want: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse ``type=`` reading a flag's value with :func:`parse_int`; argparse puts the
+    flag before the message (``argument --m: '²': expected a non-negative integer (digits
+    0-9)``; ``want`` replaces what follows "expected")."""
+    def integer(text: str) -> int:
+        try:
+            return parse_int("", text, minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected {want or _expected(minimum) + ' (digits 0-9)'}") from None
+    return integer
 
 
 @overload
@@ -23,10 +63,33 @@ def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool = Fal
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        want = {0: "a non-negative integer", 1: "a positive integer"}.get(
-            minimum, f"an integer >= {minimum}")
-        raise ValueError(f"{name}={value!r}: expected {'None or ' if allow_none else ''}{want}")
+        raise ValueError(f"{name}={value!r}: expected {'None or ' if allow_none else ''}"
+                         f"{_expected(minimum)}")
     return int(value)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what a JSON field holding a measurement may be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def check_field(where: str, obj: Any, key: str, kind: Union[type, tuple[type, ...]], what: str,
+                test: Optional[Callable[[Any], bool]] = None, label: Optional[str] = None
+                ) -> Any:
+    """``obj[key]`` when ``obj`` is a dict holding a ``kind`` (a bool is no int or float here)
+    that passes ``test``; otherwise a ValueError ``"<where>: field '<label>' is <value>:
+    expected <what>"`` (``is missing`` when absent; ``label`` defaults to ``key``, e.g. a dotted
+    path ``alpha.allgather.2``): the one check behind every JSON file tpmpi reads (checkpoint
+    manifests, calibration files, result records)."""
+    field = f"{where}: field {label or key!r}"
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{field} is missing: expected {what}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+            kind if isinstance(kind, tuple) else (kind,))) or (test and not test(value)):
+        raise ValueError(f"{field} is {value!r}: expected {what}")
+    return value
 
 
 def dtype_label(dtype: DTypeLike) -> str:

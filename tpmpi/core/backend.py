@@ -36,7 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
-from .args import check_int
+from .args import check_int, parse_int
 from .arrays import Array, DTypeLike
 
 BACKENDS = ("auto", "numpy", "cupy")
@@ -364,9 +364,10 @@ def local_rank() -> Optional[tuple[str, int]]:
     """``(variable, value)`` of the first of :data:`LOCAL_RANK_VARIABLES` set to an integer, or
     None when no launcher variable gives the node-local rank."""
     for var in LOCAL_RANK_VARIABLES:
-        value = os.environ.get(var, "").strip()
-        if value.isdigit():
-            return var, int(value)
+        try:
+            return var, parse_int(var, os.environ.get(var, ""))
+        except ValueError:
+            continue  # unset, or not a rank
     return None
 
 
@@ -541,7 +542,7 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
     try:
         if threads is None and os.environ.get("TPMPI_THREADS"):
             env = os.environ["TPMPI_THREADS"]
-            threads = check_int("TPMPI_THREADS", int(env) if env.strip().isdigit() else env, 1)
+            threads = parse_int("TPMPI_THREADS", env, 1)
         threads = check_int("threads", threads, 1, allow_none=True)
     except ValueError as exc:
         error = str(exc)

@@ -14,6 +14,7 @@ from mpi4py import MPI
 
 from . import backend as _backend
 from .agreement import Text, agree
+from .args import check_int, parse_int
 
 
 def factorisations(size: int) -> list[tuple[int, int]]:
@@ -26,7 +27,8 @@ def _grid_shape(shape: Union[Sequence[int], str, None], size: int) -> tuple[int,
     TypeError) unless it is two positive integers whose product is ``size``."""
     if isinstance(shape, str):
         shape = parse_shape(shape)
-    dims = (1, size) if shape is None else tuple(int(s) for s in shape)
+    dims = (1, size) if shape is None else tuple(check_int(f"shape[{i}]", s)
+                                                  for i, s in enumerate(shape))
     if len(dims) != 2 or min(dims) < 1 or dims[0] * dims[1] != size:
         valid = ", ".join(f"{r}x{c}" for r, c in factorisations(size))
         raise ValueError(f"grid shape={dims}: pr*pc must equal the {size} ranks; "
@@ -35,9 +37,10 @@ def _grid_shape(shape: Union[Sequence[int], str, None], size: int) -> tuple[int,
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    """``'2x3'`` -> ``(2, 3)``."""
+    """``'2x3'`` -> ``(2, 3)`` (:func:`tpmpi.core.args.parse_int` reads each side); ValueError
+    naming the text otherwise."""
     try:
-        pr, pc = (int(v) for v in text.lower().split("x"))
+        pr, pc = (parse_int("grid", v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"grid={text!r}: expected RxC, e.g. 2x2") from None
     return pr, pc

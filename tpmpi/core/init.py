@@ -6,13 +6,18 @@ of ``(seed, stream, i*C + j)`` alone: NumPy's Philox4x64 counter-based generator
 of counter ``e // 4``. Any block is therefore generated alone, bit-identical to the same slice
 of the whole matrix, whatever the grid, and without materialising the rest.
 Values are ``uniform(-bound, bound)`` from the top 53 bits, computed in float64 and rounded
-once to ``dtype`` (row by row, so temporaries stay small); the default bound is ``1/sqrt(R)``
-for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
+once to ``dtype`` (in runs of at most 2**20 elements, so temporaries stay small); the default
+bound is ``1/sqrt(R)`` for a matrix (fan-in, as in ``torch.nn.Linear``) and 1 for a vector.
+
+The machinery -- any draw of a keyed stream (:func:`philox_draws`) and any block of a C-ordered
+array as contiguous runs of draws (:func:`block_runs`) -- also makes the dropout masks
+(:mod:`tpmpi.core.dropout`).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import numpy as np
@@ -29,6 +34,37 @@ def _norm(s: slice, n: int, name: str) -> tuple[int, int]:
     if step != 1:
         raise ValueError(f"{name}={s!r}: expected a contiguous slice (step 1)")
     return start, max(start, stop)
+
+
+def philox_draws(key: np.ndarray, first: int, count: int, base: int = 0) -> np.ndarray:
+    """Raw 64-bit draws ``first .. first + count - 1`` of the Philox4x64 stream keyed by ``key``
+    (two uint64 words): draw ``e`` is lane ``e % 4`` of counter ``base + e // 4``. ``base`` (an
+    integer below 2**256) lets a caller give each stream of one key its own counter range."""
+    gen = np.random.Philox(counter=base + first // 4, key=key)
+    return gen.random_raw(first % 4 + count)[first % 4:]
+
+
+def block_runs(shape: Sequence[int], block: Sequence[tuple[int, int]],
+               chunk: int = 1 << 20) -> Iterator[tuple[int, int, int]]:
+    """The block ``[start_i, stop_i)`` per axis of a C-ordered array of ``shape`` as contiguous
+    runs ``(offset in the block's flat array, flat index in the whole array, length)``, each at
+    most ``chunk`` long, in order: the trailing axes the block covers whole join one run with the
+    partial axis before them, and the leading axes are iterated."""
+    sizes = [stop - start for start, stop in block]
+    if not shape or 0 in sizes:
+        return
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    j = len(shape) - 1  # the partial axis whose range ends each run
+    while j > 0 and sizes[j] == shape[j]:
+        j -= 1
+    length = sizes[j] * strides[j]
+    offset = 0
+    for lead in itertools.product(*(range(start, stop) for start, stop in block[:j])):
+        first = sum(i * s for i, s in zip(lead, strides)) + block[j][0] * strides[j]
+        for piece in range(0, length, chunk):
+            count = min(chunk, length - piece)
+            yield offset + piece, first + piece, count
+        offset += length
 
 
 def _uniform(raw: np.ndarray, bound: float) -> np.ndarray:
@@ -58,20 +94,8 @@ def init_weight(shape: Sequence[int], seed: int, dtype: DTypeLike = "float32",
         bound = 1.0 / math.sqrt(max(1, nrows)) if len(shape) == 2 else 1.0
     out = np.empty((r1 - r0, c1 - c0), dtype=dt)
     key = np.array([seed, stream], dtype=np.uint64)
-
-    def draws(first: int, count: int) -> np.ndarray:
-        gen = np.random.Philox(counter=first // 4, key=key)
-        return gen.random_raw(first % 4 + count)[first % 4:]
-
-    if out.size:
-        if c0 == 0 and c1 == ncols:  # whole rows: contiguous runs of draws, ~2**20 at a time
-            flat = out.reshape(-1)
-            step = max(ncols, (1 << 20) // max(ncols, 1) * ncols)
-            for start in range(0, flat.size, step):
-                count = min(step, flat.size - start)
-                flat[start:start + count] = _uniform(draws(r0 * ncols + start, count), bound)
-        else:
-            for i in range(r0, r1):
-                out[i - r0] = _uniform(draws(i * ncols + c0, c1 - c0), bound)
+    flat = out.reshape(-1)
+    for offset, first, count in block_runs((nrows, ncols), [(r0, r1), (c0, c1)]):
+        flat[offset:offset + count] = _uniform(philox_draws(key, first, count), bound)
     block = out if len(shape) == 2 else out[0]
     return get_backend(backend or "numpy").asarray(block)

@@ -17,20 +17,22 @@ warning.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from mpi4py import MPI
 
 from .agreement import CALL_ORDER, Same, Text, agree
-from .args import check_int
+from .args import check_int, parse_int
 from .backend import node_comm
 from .grid import ProcessGrid, factorisations, parse_shape
 
 TPSpec = Union[int, str, Sequence[int], None]
 
 _warned = False  # the node-spanning warning is given once per process
+_MESHES: weakref.WeakValueDictionary[int, Mesh] = weakref.WeakValueDictionary()
 
 
 def mesh_shapes(size: int) -> list[tuple[int, tuple[int, int]]]:
@@ -59,18 +61,23 @@ def tp_shape(tp: TPSpec, size: int, dp: int) -> tuple[int, int]:
                              f"{describe_shapes(size)}")
         return 1, size // dp
     if isinstance(tp, str):
-        text = tp.strip()
-        if text.isdigit():
-            return 1, int(text)
         try:
-            return parse_shape(text)
+            return parse_shape(tp) if "x" in tp.lower() else (1, parse_int("tp", tp, 1))
         except ValueError:
-            raise ValueError(f"tp={tp!r}: expected T or RxC, e.g. 2 or 2x2") from None
+            raise ValueError(f"tp={tp!r}: expected T or RxC (digits 0-9), e.g. 2 or 2x2"
+                             ) from None
     if isinstance(tp, (list, tuple)):
         if len(tp) != 2:
             raise ValueError(f"tp={tp!r}: expected T or (pr, pc)")
         return check_int("tp[0]", tp[0], 1), check_int("tp[1]", tp[1], 1)
     return 1, check_int("tp", tp, 1)
+
+
+def mesh_of(grid: object) -> Optional[Mesh]:
+    """The live :class:`Mesh` whose TP grid ``grid`` is (``mesh.tp``), else None: checkpoints
+    of a module built on ``mesh.tp`` are saved once for the whole mesh. Local."""
+    mesh = _MESHES.get(id(grid))
+    return mesh if mesh is not None and mesh.tp is grid else None
 
 
 def node_leader(comm: MPI.Comm) -> int:
@@ -120,6 +127,7 @@ class Mesh:
         self.tp = ProcessGrid(tp_comm, shape)
         tp_comm.Free()
         self.dp_comm: MPI.Comm = comm.Split(tp_index, self.dp_rank)
+        _MESHES[id(self.tp)] = self
         self._warn_if_spanning_nodes()
 
     @property

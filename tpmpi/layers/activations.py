@@ -4,10 +4,10 @@
   ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2, Megatron's ``openai_gelu``);
   pure array arithmetic, fast on every backend.
 * ``"gelu_erf"``: the exact ``x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))`` (PyTorch's default
-  GELU). ``erf`` is exact to double precision: CuPy uses ``cupyx.scipy.special.erf``; NumPy
-  (which has no vectorised erf, and SciPy is not a dependency) applies the C library's
-  ``math.erf`` element by element through ``np.frompyfunc`` -- correct, but about 0.1 us per
-  element, so prefer ``"gelu"`` for large activations on the CPU.
+  GELU and nanoGPT's). ``erf`` is vectorised: ``scipy.special.erf`` on NumPy arrays,
+  ``cupyx.scipy.special.erf`` on CuPy arrays, never a Python call per element (``math.erf``
+  through ``np.frompyfunc`` took 655 ms on 4M float32 elements on a 2-core machine, SciPy's
+  ufunc 75 ms; within 2 ulp of ``math.erf``).
 * ``"relu"``: ``max(x, 0)``, derivative 0 at 0.
 
 Each entry of :data:`ACTIVATIONS` is ``(f, df)``; both take the pre-activation array and return
@@ -22,6 +22,7 @@ import math
 from typing import Callable
 
 import numpy as np
+from scipy.special import erf as scipy_erf
 
 from ..core.arrays import Array
 from ..core.backend import backend_of
@@ -31,19 +32,17 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _C = 0.044715
-_np_erf = np.frompyfunc(math.erf, 1, 1)
 
 Activation = Callable[[Array], Array]
 
 
 def erf(x: Array) -> Array:
-    """Element-wise error function, exact to double precision (see the module docstring)."""
-    backend = backend_of(x)
-    if backend.is_gpu:
+    """Element-wise error function in ``x``'s dtype (see the module docstring)."""
+    if backend_of(x).is_gpu:
         from cupyx.scipy.special import erf as cupy_erf
 
         return cupy_erf(x)
-    return np.asarray(_np_erf(x)).astype(x.dtype)
+    return scipy_erf(x)
 
 
 def gelu(x: Array) -> Array:

@@ -2,6 +2,8 @@
 (``problem``, ``schemes``), the one timing loop (``timing``), benchmarks (``bench``,
 ``collbench``, ``peak``, ``overlap``, ``vsbare``), sweeps (``sweep``), memory and cost models
 (``footprint``, ``costmodel``), records and statistics (``record``, ``stats``), reports and
-plots (``report``, ``plots``) and the progress bar (``progress``). Studies import the core and
+plots (``report``, ``plots``), the progress bar (``progress``), and planning on named clusters
+(``cluster`` presets, ``nccl``, ``machine``, ``gptblock``, ``trainstep``, ``clusterplan``,
+``validation``). Studies import the core and
 the layers; neither imports a study.
 """

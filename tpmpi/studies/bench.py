@@ -38,10 +38,10 @@ from .costmodel import Calibration, load_calibration, predict
 from .overlap import measure_dp_overlap, measure_overlap
 from .problem import Problem, options_label
 from .progress import Progress, announce, case_units
-from .record import RunRecord
+from .record import RunRecord, calibration_facts
 from .schemes.base import Case
 from .schemes.hybrid import DataParallelCase, build_case
-from .stats import flags, load_per_cpu, short, summary
+from .stats import PREDICTION_NOTE, flags, load_per_cpu, prediction_mark, short, summary
 from .timing import time_calls
 
 
@@ -299,7 +299,8 @@ def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, wa
         load.append(load_per_cpu() or 0.0)
         progress("baseline")
     oversub = oversubscription(comm, threads, backend)
-    pred = predict(problem, ranks, grid.shape, calibration or default_calibration(),
+    calibration = calibration or default_calibration()
+    pred = predict(problem, ranks, grid.shape, calibration,
                    backend.name, oversubscription=oversub, dp=dp, bucket_bytes=bucket_bytes,
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
@@ -321,7 +322,7 @@ def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, wa
         **_rate_fields(times, case.flops * (3 if problem.backward else 1), traffic, base,
                        baseline_threads, ranks, threads),
         load_per_cpu=float(load_max), oversubscription=float(oversub_max),
-        blas=blas_info(backend))
+        blas=blas_info(backend), calibration=calibration_facts(calibration))
     rec.flags = flags(rec)
     return rec
 
@@ -344,8 +345,9 @@ def table_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"scheme": rec["scheme"], "ranks": rec["ranks"],
             "grid": rec["grid"] if dp == 1 else f"{dp}x({rec['grid']})", "m": rec["m"],
             "k": rec["k"], "n": rec["n"],
-            "options": options_label(rec["options"])
-            + (f",hidden={rec['hidden']}" if rec.get("hidden") is not None else "") or "-",
+            "options": ",".join(filter(None, (  # the MLP's default mode has no label
+                options_label(rec["options"]),
+                f"hidden={rec['hidden']}" if rec.get("hidden") is not None else ""))) or "-",
             "dtype": rec["dtype"], "backend": rec["backend"],
             "threads": rec["threads_per_rank"], "time_ms": _ms(rec["time_s"]),
             "gemm_ms": _ms(spread.get("gemm_s")), "comm_ms": _ms(spread.get("comm_s")),
@@ -353,7 +355,8 @@ def table_row(rec: Mapping[str, Any]) -> dict[str, Any]:
             "algbw": _num("{:.2f}", rec["algbw_gbs"]), "busbw": _num("{:.2f}", rec["busbw_gbs"]),
             "mem_MiB": f"{rec['mem_peak_bytes'] / 2**20:.1f}",
             "rel_err": _num("{:.2e}", rec["max_rel_err"]),
-            "pred_ms": _num("{:.3f}", rec.get("predicted_s") and rec["predicted_s"] * 1e3),
+            "pred_ms": f"{rec['predicted_s'] * 1e3:.3f}{prediction_mark(rec)}"
+            if rec.get("predicted_s") else None,
             "speedup": _num("{:.2f}", rec.get("speedup")),
             "eff/core": _num("{:.2f}", rec.get("efficiency")),
             "flags": ",".join(rec.get("flags") or ()) or None}
@@ -365,7 +368,7 @@ def table_caption(records: Sequence[Mapping[str, Any]]) -> str:
     return (f"# time/gemm/comm_ms per step: median (min-max) over {iters} timed iterations, each "
             "the slowest rank's; GFLOP/s, algbw, busbw (GB/s) from the medians; speedup = "
             "serial baseline / time, eff/core = speedup x baseline threads / (ranks x threads); "
-            "flags: docs/statistics.md")
+            f"{PREDICTION_NOTE}; flags: docs/statistics.md")
 
 
 def format_table(records: Sequence[Mapping[str, Any]]) -> str:

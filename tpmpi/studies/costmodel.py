@@ -55,7 +55,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -67,6 +67,7 @@ from ..core.staging import STAGING_CHUNK_BYTES
 from ..core.tiling import panel_workspace_bytes
 from ..layers.column import chunk_bounds
 from ..layers.data_parallel import BUCKET_BYTES
+from .calfile import check_calibration
 from .problem import Problem, options_label
 
 CLASS_SHAPES = {"thin": (16, 2048, 2048), "small": (256, 256, 256),
@@ -178,24 +179,33 @@ class Calibration:
                 "rates": self.rates, "staging": self.staging}
 
     @classmethod
-    def from_json(cls, data: dict) -> Calibration:
+    def from_json(cls, data: Any, where: str = "calibration") -> Calibration:
+        """The calibration a ``calibrate`` file holds, checked field by field first
+        (:func:`tpmpi.studies.calfile.check_calibration`: ValueError ``"<where>: field
+        'alpha.allgather.2' is ...: expected ..."``)."""
+        check_calibration(data, where, classes=tuple(CLASS_SHAPES),
+                          staging=tuple(DEFAULT_STAGING))
         rates = json.loads(json.dumps(DEFAULT_RATES))
-        rates.update(data.get("rates", {}))
-        return cls(alpha=data.get("alpha", {}), beta=data.get("beta", {}), rates=rates,
-                   machine=data.get("machine", {}),
+        rates.update(data["rates"])
+        return cls(alpha=data["alpha"], beta=data["beta"], rates=rates, machine=data["machine"],
                    staging={**DEFAULT_STAGING, **data.get("staging", {})})
 
 
 def load_calibration(path: Optional[str] = None) -> Calibration:
-    """The calibration in ``path``, else in env ``TPMPI_CALIBRATION``, else the defaults."""
+    """The calibration in ``path``, else in env ``TPMPI_CALIBRATION``, else the defaults.
+    ValueError naming the file and the problem (unreadable, not JSON with its line, or the
+    first bad field: :meth:`Calibration.from_json`)."""
     path = path or os.environ.get("TPMPI_CALIBRATION")
     if not path:
         return Calibration()
     try:
         with open(path) as fh:
-            return Calibration.from_json(json.load(fh))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"calibration {path!r}: {exc}") from None
+            data = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"calibration {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # json's own message names the line and column
+        raise ValueError(f"calibration {path!r}: not JSON ({exc})") from None
+    return Calibration.from_json(data, f"calibration {path!r}")
 
 
 def fit_alpha_beta(op: str, p: int, sizes: Sequence[float], times: Sequence[float]

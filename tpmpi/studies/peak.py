@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from ..core.args import int_flag
 from ..core.arrays import DTypeLike
 from ..core.backend import BACKENDS, Backend, blas_info, get_backend
 from ..core.dtypes import SUPPORTED
@@ -51,8 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--dtype", choices=SUPPORTED, default="float32")
-    parser.add_argument("--n", type=int, default=8192)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--n", type=int_flag(), default=8192)
+    parser.add_argument("--iters", type=int_flag(), default=5)
     parser.add_argument("--records", metavar="FILE", help="JSON-lines run records to rate")
     args = parser.parse_args(argv)
     backend = get_backend(args.backend)

@@ -4,6 +4,9 @@
 * Every series has its own (colour, marker) pair, the same in every panel and figure.
 * A value axis is logarithmic when its values span a decade or more, linear otherwise.
 * Spread: time points carry min-max error bars (the record's ``time_s``).
+* Flags: a flagged point (docs/statistics.md) carries its flags' letters in red
+  (:data:`FLAG_LETTERS`), and the figure says what the letters mean; the predictions of the
+  cost model's defaults are hollow in ``predicted_vs_measured.png``.
 
 Figures: ``time_vs_ranks.png``, ``efficiency.png`` (scaling efficiency, see
 docs/statistics.md), ``breakdown.png`` (shares of the step time, so small problems stay
@@ -13,12 +16,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..core.args import DIGITS
 from .stats import short
+
+DIGIT_RUNS = re.compile(r"[0-9]+")
 
 if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a figure is drawn
     from matplotlib.axes import Axes
@@ -32,6 +39,12 @@ MAX_COLS = 3
 DECADE = 10.0  # max/min ratio from which an axis is logarithmic
 PARTS = (("local GEMM", "C0"), ("communication (blocked)", "C1"),
          ("other (Python, copies)", "C7"))  # the stacked shares of breakdown.png
+FLAG_LETTERS = {"superlinear": "S", "superlinear-scaling": "E", "noisy": "N",
+                "noisy-baseline": "B", "oversubscribed": "O", "pred-defaults": "D",
+                "pred-other-machine": "M", "pred-other-ranks": "R"}
+"""The letters a flagged point carries (flags of tpmpi.studies.stats and report)."""
+MEASUREMENT = tuple(f for f in FLAG_LETTERS if not f.startswith("pred-"))
+FLAG_COLOR = "#c00000"
 
 
 def plt() -> ModuleType:
@@ -127,6 +140,25 @@ def suptitle(fig: Figure, text: str) -> None:
     fig.suptitle(textwrap.fill(text, max(30, int(fig.get_figwidth() * 12))), fontsize="medium")
 
 
+def mark_flags(ax: Axes, x: float, y: float, flags: Sequence[str], shown: set,
+               keep: Sequence[str] = MEASUREMENT) -> None:
+    """Write the letters of ``flags`` (those in ``keep``) next to the point ``(x, y)`` in red
+    and remember them in ``shown`` for :func:`flags_note`."""
+    letters = "".join(FLAG_LETTERS[f] for f in keep if f in flags)
+    if letters:
+        ax.annotate(letters, (x, y), xytext=(4, 4), textcoords="offset points",
+                    color=FLAG_COLOR, fontsize=7, fontweight="bold")
+        shown.update(f for f in keep if f in flags)
+
+
+def flags_note(fig: Figure, shown: set) -> None:
+    """A red line at the figure's top left saying what the flag letters on it mean."""
+    if shown:
+        text = ", ".join(f"{FLAG_LETTERS[f]} {f}" for f in FLAG_LETTERS if f in shown)
+        fig.text(0.005, 0.995, f"flagged (docs/statistics.md): {text}", color=FLAG_COLOR,
+                 fontsize=7, ha="left", va="top")
+
+
 def save(pyplot: ModuleType, fig: Figure, out: str, name: str, files: list[str]) -> None:
     """Write ``name`` into ``out`` and close the figure."""
     fig.savefig(os.path.join(out, name), dpi=110)
@@ -146,60 +178,84 @@ def _rank_axis(ax: Axes, ranks: Sequence[int]) -> None:
 def scaling(pyplot: ModuleType, panels: dict, out: str, files: list[str], note: str = ""
             ) -> None:
     """time_vs_ranks.png and efficiency.png. ``panels`` = {panel title: {series label:
-    [(P, median s, min s, max s, scaling efficiency)]}} in display order, points sorted by P;
-    ``note`` (what all series share) goes into the titles."""
+    [(P, median s, min s, max s, scaling efficiency or None, flags)]}} in display order, points
+    sorted by P; ``note`` (what all series share) goes into the titles. efficiency.png shows
+    the series of several P only (a lone point has no scaling efficiency), and is not written
+    when there is none."""
     labels = sorted({s for series in panels.values() for s in series})
     style = styles(labels)
     ranks = sorted({pt[0] for series in panels.values() for pts in series.values()
                     for pt in pts})
-    figs = {name: facets(pyplot, len(panels), legend_labels=labels)
-            for name in ("time", "eff")}
+    scaled = {title: {label: pts for label, pts in series.items() if pts[0][4] is not None}
+              for title, series in panels.items()}
+    scaled = {title: series for title, series in scaled.items() if series}
+    fig, axes = facets(pyplot, len(panels), legend_labels=labels)
     handles: dict = {}
-    handles2: dict = {}
-    for i, (title, series) in enumerate(panels.items()):
-        ax, ax2 = figs["time"][1][i], figs["eff"][1][i]
+    shown: set = set()
+    for ax, (title, series) in zip(axes, panels.items()):
         values = []
         for label, pts in sorted(series.items()):
             color, marker = style[label]
             ps = [p for p, *_ in pts]
-            med = [t * 1e3 for _, t, _, _, _ in pts]
-            err = [[(t - lo) * 1e3 for _, t, lo, _, _ in pts],
-                   [(hi - t) * 1e3 for _, t, _, hi, _ in pts]]
+            med = [t * 1e3 for _, t, *_ in pts]
+            err = [[(t - lo) * 1e3 for _, t, lo, *_ in pts],
+                   [(hi - t) * 1e3 for _, t, _, hi, *_ in pts]]
             handles[label] = ax.errorbar(ps, med, yerr=err, color=color, marker=marker,
                                          ms=5, capsize=2, lw=1.2)
+            for (p, *_, flags), y in zip(pts, med):
+                mark_flags(ax, p, y, flags, shown)
             ideal = [med[0] * ps[0] / p for p in ps] if "weak" not in title else \
                 [med[0]] * len(ps)
             ax.plot(ps, ideal, ls="--", color=color, alpha=0.5, lw=0.9)
-            handles2[label], = ax2.plot(ps, [e for *_, e in pts], color=color, marker=marker,
-                                        ms=5, lw=1.2)
-            values += med + [lo * 1e3 for _, _, lo, _, _ in pts] + ideal
-        for a in (ax, ax2):
-            _rank_axis(a, ranks)
-            a.set_title(title, fontsize="medium")
+            values += med + [lo * 1e3 for _, _, lo, *_ in pts] + ideal
+        _rank_axis(ax, ranks)
+        ax.set_title(title, fontsize="medium")
         value_scale(ax, values)
         ax.set_ylabel("time per step (ms)")
-        ax2.axhline(1.0, color="k", lw=0.8, ls=":")
-        top = max([e for pts in series.values() for *_, e in pts] + [1.0])
-        ax2.set_ylim(0, max(1.2, top * 1.08))
-        ax2.set_ylabel("scaling efficiency")
-    fig, _ = figs["time"]
     note = f" ({note})" if note else ""
     suptitle(fig, f"Time per step vs ranks{note}: median, bars min-max; dashed: ideal from "
              "the smallest P")
+    flags_note(fig, shown)
     legend(fig, handles)
     save(pyplot, fig, out, "time_vs_ranks.png", files)
-    fig2, _ = figs["eff"]
-    suptitle(fig2, f"Scaling efficiency{note} vs the series' smallest P0: strong "
+    if scaled:
+        _efficiency(pyplot, scaled, style, ranks, note, out, files)
+
+
+def _efficiency(pyplot: ModuleType, panels: dict, style: dict, ranks: list, note: str,
+                out: str, files: list[str]) -> None:
+    """efficiency.png of the series of several P (``panels`` as :func:`scaling`'s)."""
+    labels = sorted({s for series in panels.values() for s in series})
+    fig, axes = facets(pyplot, len(panels), legend_labels=labels)
+    handles: dict = {}
+    shown: set = set()
+    for ax, (title, series) in zip(axes, panels.items()):
+        for label, pts in sorted(series.items()):
+            color, marker = style[label]
+            effs = [e for *_, e, _ in pts]
+            handles[label], = ax.plot([p for p, *_ in pts], effs, color=color, marker=marker,
+                                      ms=5, lw=1.2)
+            for (p, *_, flags), e in zip(pts, effs):
+                mark_flags(ax, p, e, flags, shown)
+        _rank_axis(ax, ranks)
+        ax.set_title(title, fontsize="medium")
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        top = max([e for pts in series.values() for *_, e, _ in pts] + [1.0])
+        ax.set_ylim(0, max(1.2, top * 1.08))
+        ax.set_ylabel("scaling efficiency")
+    suptitle(fig, f"Scaling efficiency{note} vs the series' smallest P0: strong "
              "T(P0)·P0 / (P·T(P)), weak T(P0) / T(P)")
-    legend(fig2, handles2)
-    save(pyplot, fig2, out, "efficiency.png", files)
+    flags_note(fig, shown)
+    legend(fig, handles)
+    save(pyplot, fig, out, "efficiency.png", files)
 
 
 def breakdown(pyplot: ModuleType, panels: dict, out: str, files: list[str], note: str = ""
               ) -> None:
     """breakdown.png: per record, the local-GEMM, blocked-communication and other shares of its
-    median step time (stacked to 100 %), the median in ms above each bar. ``panels`` =
-    {panel title: [(bar label, time s, gemm s, comm s)]} in display order."""
+    median step time (stacked to 100 %), the median in ms above each bar (and its flags'
+    letters). ``panels`` = {panel title: [(bar label, time s, gemm s, comm s, flags)]} in
+    display order."""
     most = max(len(bars) for bars in panels.values())
     fig, axes = facets(pyplot, len(panels), width=max(PANEL_IN[0], 0.22 * most + 1.2),
                        height=PANEL_IN[1] + 0.2 + 0.055 * max(len(b[0]) for bars in
@@ -207,20 +263,22 @@ def breakdown(pyplot: ModuleType, panels: dict, out: str, files: list[str], note
                        legend_labels=[name for name, _ in PARTS],
                        max_cols=MAX_COLS if most <= 12 else 1)
     handles = {}
+    shown: set = set()
     for ax, (title, bars) in zip(axes, panels.items()):
         x = list(range(len(bars)))
         bottom = [0.0] * len(bars)
         shares = []
-        for _, t, g, c in bars:
+        for _, t, g, c, _ in bars:
             whole = max(t, g + c, 1e-30)
             shares.append((100 * g / whole, 100 * c / whole, 100 * max(0.0, t - g - c) / whole))
         for j, (name, color) in enumerate(PARTS):
             vals = [s[j] for s in shares]
             handles[name] = ax.bar(x, vals, bottom=bottom, color=color, width=0.8)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        for xi, (_, t, _, _) in zip(x, bars):
+        for xi, (_, t, _, _, flags) in zip(x, bars):
             ax.text(xi, 101, short(t * 1e3), ha="center", va="bottom", fontsize=6,
                     rotation=90)
+            mark_flags(ax, xi, 0, flags, shown)
         ax.set_xticks(x)
         ax.set_xticklabels([b[0] for b in bars], rotation=90, fontsize=6)
         ax.set_ylim(0, 122)
@@ -229,28 +287,45 @@ def breakdown(pyplot: ModuleType, panels: dict, out: str, files: list[str], note
         ax.set_title(title, fontsize="medium")
     suptitle(fig, "Where the step time goes" + (f" ({note})" if note else "")
              + ": shares of the median step; median ms above each bar")
+    flags_note(fig, shown)
     legend(fig, handles, sort=False)
     save(pyplot, fig, out, "breakdown.png", files)
 
 
 def predicted(pyplot: ModuleType, points: dict, out: str, files: list[str]) -> None:
-    """predicted_vs_measured.png; ``points`` = {series label: [(measured s, predicted s)]}."""
+    """predicted_vs_measured.png; ``points`` = {series label: [(measured s, predicted s,
+    flags)]}. A prediction from the model's defaults (flag ``pred-defaults``) is hollow, every
+    flagged point carries its letters, and the title counts the uncalibrated ones."""
     style = styles(list(points))
     fig, (ax,) = facets(pyplot, 1, width=5.0, height=4.4, legend_labels=list(points))
     handles: dict[str, Any] = {}
-    vals = [v * 1e3 for pts in points.values() for pair in pts for v in pair if v > 0]
+    shown: set = set()
+    vals = [v * 1e3 for pts in points.values() for m, p, _ in pts for v in (m, p) if v > 0]
     for label, pts in sorted(points.items()):
         color, marker = style[label]
-        handles[label] = ax.scatter([m * 1e3 for m, _ in pts], [p * 1e3 for _, p in pts],
-                                    color=color, marker=marker, s=22)
+        for hollow in (False, True):
+            some = [(m, p) for m, p, flags in pts if ("pred-defaults" in flags) == hollow]
+            if some:
+                handles[label] = ax.scatter(
+                    [m * 1e3 for m, _ in some], [p * 1e3 for _, p in some], marker=marker,
+                    s=22, **({"facecolors": "none", "edgecolors": color} if hollow else
+                             {"color": color}))
+        for m, p, flags in pts:
+            mark_flags(ax, m * 1e3, p * 1e3, flags, shown, keep=tuple(FLAG_LETTERS))
     lo, hi = min(vals) / 1.5, max(vals) * 1.5
     handles["predicted = measured"], = ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     for axis in ("x", "y"):
         value_scale(ax, vals, axis)
     ax.set_xlabel("measured time per step, median (ms)")
     ax.set_ylabel("predicted time (ms)")
-    ax.set_title("Cost model: predicted vs measured", fontsize="medium")
+    total = sum(len(pts) for pts in points.values())
+    defaults = sum("pred-defaults" in f for pts in points.values() for *_, f in pts)
+    ax.set_title("Cost model: predicted vs measured" + (
+        f"\n{defaults} of {total} from the model's defaults (hollow: uncalibrated, run "
+        "calibrate)" if defaults else ""), fontsize="medium",
+        color=FLAG_COLOR if defaults else "black")
     ax.grid(True, which="major", alpha=0.3)
+    flags_note(fig, shown)
     legend(fig, handles)
     save(pyplot, fig, out, "predicted_vs_measured.png", files)
 
@@ -300,7 +375,7 @@ def _bytes(n: float) -> str:
 
 
 def _natural(label: str) -> list:
-    """Sort key putting "P=8" before "P=16"."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in
-            "".join(c if c.isdigit() else f" {c} " for c in label).split()]
+    """Sort key putting "P=8" before "P=16" (runs of ASCII digits compare as numbers)."""
+    return [(0, int(t), "") if DIGITS.fullmatch(t) else (1, 0, t) for t in
+            DIGIT_RUNS.sub(lambda m: f" {m[0]} ", label).split()]
 

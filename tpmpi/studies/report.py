@@ -10,7 +10,6 @@ efficiency, time breakdown, predicted vs measured. Collective records (``bench
 from __future__ import annotations
 
 import csv
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -20,22 +19,20 @@ from typing import Optional
 from . import plots
 from .costmodel import layout_label
 from .problem import options_label
-from .stats import SUPERLINEAR, short
+from .record import check_record, read_lines
+from .stats import PREDICTION_NOTE, SUPERLINEAR, prediction_mark, short
 
 DIMS = ("m", "k", "n", "hidden")
 
 
 def load(paths: Iterable[str]) -> list[dict]:
-    """Every record of the JSON-lines files (blank lines skipped)."""
+    """Every record of the JSON-lines files (blank lines skipped), each checked field by field
+    (:func:`tpmpi.studies.record.check_record`); ValueError naming the file, the line and the
+    field otherwise, so that no record is dropped or misdrawn silently."""
     out = []
-    for path in paths:
-        with open(path) as fh:
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError as exc:
-                        raise ValueError(f"{path}:{i}: not JSON ({exc})") from None
+    for where, rec in read_lines(paths):
+        check_record(rec, where)
+        out.append(rec)
     return out
 
 
@@ -64,8 +61,10 @@ def series_key(rec: dict) -> tuple:
     if sweep.get("kind") == "weak":
         dims[sweep["dim"]] = dims[sweep["dim"]] // rec["ranks"]
     two_d = not str(rec["grid"]).startswith("1x")
+    # records of run (no sweep) are a series of their own kind: strong scaling only when they
+    # hold several P
     return (rec["scheme"], _opts(rec), rec["dtype"], bool(rec.get("backward")), two_d,
-            sweep.get("kind", "strong")) + tuple(dims.values())
+            sweep.get("kind", "run")) + tuple(dims.values())
 
 
 def _labels(keys: Iterable[tuple]) -> tuple[dict, str]:
@@ -108,9 +107,12 @@ def series(records: Sequence[dict]) -> dict:
 
 def scaling_efficiency(records: Sequence[dict]) -> dict:
     """{id(record): scaling efficiency} against the fastest record at the smallest P0 of its
-    series: strong T(P0)·P0 / (P·T(P)), weak T(P0) / T(P)."""
+    series: strong (and runs without a sweep) T(P0)·P0 / (P·T(P)), weak T(P0) / T(P). A series
+    of one P has none (1.00 by definition would read as perfect scaling)."""
     out = {}
     for key, pts in series(records).items():
+        if len(pts) < 2:
+            continue
         p0, t0, _ = pts[0]
         for r in records:
             if series_key(r) == key:
@@ -153,27 +155,28 @@ def accuracy(records: Sequence[dict]) -> dict:
 
 
 def _scaling_panels(ser: dict, eff: dict) -> tuple[dict, str]:
-    """({panel title: {series label: [(P, median, min, max, scaling efficiency)]}}, the parts
-    common to every series); panels ordered by sweep kind and size."""
+    """({panel title: {series label: [(P, median, min, max, scaling efficiency or None,
+    flags)]}}, the parts common to every series); panels ordered by sweep kind and size."""
     labels, common = _labels(ser)
     panels: dict = {}
     for key in sorted(ser, key=_panel_key):
         panels.setdefault(_panel_title(key), {})[labels[key]] = [
-            (p, t, r["time_s"].get("min", t), r["time_s"].get("max", t), eff[id(r)])
-            for p, t, r in ser[key]]
+            (p, t, r["time_s"].get("min", t), r["time_s"].get("max", t), eff.get(id(r)),
+             report_flags(r, eff.get(id(r)))) for p, t, r in ser[key]]
     return panels, common
 
 
-def _breakdown_panels(records: Sequence[dict]) -> dict:
-    """{panel title: [(bar label, time, gemm, comm)]}, panels ordered by sweep kind and size,
-    bars by series label then P."""
+def _breakdown_panels(records: Sequence[dict], eff: dict) -> dict:
+    """{panel title: [(bar label, time, gemm, comm, flags)]}, panels ordered by sweep kind and
+    size, bars by series label then P."""
     labels, _ = _labels({series_key(r) for r in records})
     panels: dict = {}
     for r in sorted(records, key=lambda r: (_panel_key(series_key(r)),
                                             labels[series_key(r)], r["ranks"])):
         key = series_key(r)
         panels.setdefault(_panel_title(key), []).append(
-            (f"{labels[key]} P={r['ranks']}", r["time_s"]["median"], r["gemm_s"], r["comm_s"]))
+            (f"{labels[key]} P={r['ranks']}", r["time_s"]["median"], r["gemm_s"], r["comm_s"],
+             report_flags(r, eff.get(id(r)))))
     return panels
 
 
@@ -217,7 +220,8 @@ def table_rows(schemes: Sequence[dict]) -> list[dict]:
         for t in TIMED:
             for stat in ("median", "min", "max"):
                 row[f"{t}_ms_{stat}"] = _ms(timed[t], stat)
-        row.update(pred_ms=_ms(r, "predicted_s"), gflops=r.get("gflops"),
+        row.update(pred_ms=_ms(r, "predicted_s"), pred_mark=prediction_mark(r),
+                   gflops=r.get("gflops"),
                    busbw_gbs=r.get("busbw_gbs"), speedup=r.get("speedup"),
                    eff_core=r.get("efficiency"), scaling_eff=eff.get(id(r)),
                    mem_mib=r["mem_peak_bytes"] / 2**20, max_rel_err=r.get("max_rel_err"),
@@ -254,7 +258,9 @@ def _md_schemes(schemes: Sequence[dict]) -> list[str]:
               "speedup × baseline threads / (P × threads per rank), both against the serial "
               "single-process baseline of the same job; scaling eff = T(P0)·P0 / (P·T(P)) "
               "(weak: T(P0) / T(P)) against the smallest P0 of the series, as in "
-              "efficiency.png. Flags: docs/statistics.md. Also in report.csv."), "",
+              f"efficiency.png; none for a series of one P. {PREDICTION_NOTE}. Flags: "
+              "docs/statistics.md; in the figures, each flagged point carries its flags' "
+              "letters. Also in report.csv."), "",
              ("| layout | P | m | k | n | dtype | time ms | GEMM ms | comm ms | pred ms | "
               "GFLOP/s | busbw GB/s | speedup | eff/core | scaling eff | mem MiB | flags |"),
              ("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -264,7 +270,8 @@ def _md_schemes(schemes: Sequence[dict]) -> list[str]:
             f"| {row['layout']}" + (f" h={row['hidden']}" if row["hidden"] else "")
             + f" | {row['ranks']} | {row['m']} | {row['k']} | {row['n']} | {row['dtype']} "
             + "".join(f"| {_range(row, t)} " for t in TIMED)
-            + f"| {_fmt(row['pred_ms'], '{:.3f}')} | {_fmt(row['gflops'], '{:.1f}')} "
+            + f"| {_fmt(row['pred_ms'], '{:.3f}')}{row['pred_mark']} "
+            f"| {_fmt(row['gflops'], '{:.1f}')} "
             f"| {_fmt(row['busbw_gbs'], '{:.2f}')} | {_fmt(row['speedup'], '{:.2f}')} "
             f"| {_fmt(row['eff_core'], '{:.2f}')} | {_fmt(row['scaling_eff'], '{:.2f}')} "
             f"| {row['mem_mib']:.1f} | {', '.join(row['flags']) or '–'} |")
@@ -321,7 +328,7 @@ def report(paths: Sequence[str], out: str) -> str:
     for the records in ``paths`` into ``out``; returns the report.md path. ValueError when
     there is nothing to plot or matplotlib is missing."""
     records = load(paths)
-    schemes = [r for r in records if "scheme" in r and r.get("time_s", {}).get("median")]
+    schemes = [r for r in records if "scheme" in r]
     colls = [r for r in records if "collective" in r]
     if not schemes and not colls:
         raise ValueError(f"no records in {', '.join(paths)}")
@@ -329,13 +336,15 @@ def report(paths: Sequence[str], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     files: list[str] = []
     if schemes:
-        panels, common = _scaling_panels(series(schemes), scaling_efficiency(schemes))
+        eff = scaling_efficiency(schemes)
+        panels, common = _scaling_panels(series(schemes), eff)
         plots.scaling(pyplot, panels, out, files, note=common)
-        plots.breakdown(pyplot, _breakdown_panels(schemes), out, files, note=common)
+        plots.breakdown(pyplot, _breakdown_panels(schemes, eff), out, files, note=common)
         with_pred: dict = defaultdict(list)
         for r in schemes:
             if r.get("predicted_s"):
-                with_pred[r["scheme"]].append((r["time_s"]["median"], r["predicted_s"]))
+                with_pred[r["scheme"]].append((r["time_s"]["median"], r["predicted_s"],
+                                               report_flags(r, eff.get(id(r)))))
         if with_pred:
             plots.predicted(pyplot, dict(with_pred), out, files)
         write_csv(os.path.join(out, "report.csv"), table_rows(schemes), CSV_COLUMNS)

@@ -9,7 +9,13 @@ reach a paper unexplained:
 * ``noisy``: spread of the step time above :data:`NOISY`;
 * ``noisy-baseline``: spread of the serial baseline above :data:`NOISY`;
 * ``oversubscribed``: a node's 1-minute load average above its CPU count during the run, or the
-  job's ranks x BLAS threads above the CPUs they may use.
+  job's ranks x BLAS threads above the CPUs they may use;
+* ``pred-defaults``: ``predicted_s`` comes from the cost model's documented defaults (no
+  calibration: typically several times off);
+* ``pred-other-machine``: the calibration was measured with another MPI library, backend or
+  BLAS kernel than the record's;
+* ``pred-other-ranks``: a communicator of the record (the TP grid's rows and columns, the DP
+  replicas) has a size the calibration fitted no collective at (the nearest fit is used).
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ import numpy as np
 
 SUPERLINEAR = 1.15  # efficiency above this is suspicious (cache effects, a slow baseline...)
 NOISY = 0.10        # a spread above 10 % of the median is flagged
-FLAGS = ("superlinear", "noisy", "noisy-baseline", "oversubscribed")
+FLAGS = ("superlinear", "noisy", "noisy-baseline", "oversubscribed", "pred-defaults",
+         "pred-other-machine", "pred-other-ranks")
+PREDICTION_FLAGS = FLAGS[4:]
+"""The flags about ``predicted_s`` rather than the measurement (tables mark ``pred_ms``)."""
 
 
 def summary(samples: Sequence[float]) -> Optional[dict]:
@@ -53,10 +62,40 @@ def load_per_cpu() -> Optional[float]:
         return None
 
 
+def _prediction(rec: Mapping) -> dict[str, bool]:
+    """Which of :data:`PREDICTION_FLAGS` apply: the record's ``calibration`` against its own
+    facts (none for a record without ``predicted_s`` or from before the field existed)."""
+    cal = rec.get("calibration")
+    if not rec.get("predicted_s") or not isinstance(cal, Mapping):
+        return dict.fromkeys(PREDICTION_FLAGS, False)
+    measured = cal.get("source") != "defaults"
+    blas = rec.get("blas") or {}
+    other_machine = measured and (
+        cal.get("mpi_library") not in (None, rec.get("mpi_library"))
+        or cal.get("backend") not in (None, rec.get("backend"))
+        or any((cal.get("blas") or {}).get(k) not in (None, blas.get(k))
+               for k in ("library", "kernel")))
+    pr, pc = (int(v) for v in str(rec.get("grid", "1x1")).split("x"))
+    sizes = {pr, pc, (rec.get("mesh") or {}).get("dp", 1)} - {1}
+    return {"pred-defaults": not measured, "pred-other-machine": bool(other_machine),
+            "pred-other-ranks": measured and bool(sizes - set(cal.get("fitted") or ()))}
+
+
+def prediction_mark(rec: Mapping) -> str:
+    """The mark after a table's ``pred_ms``: ``*`` from the model's defaults, ``~`` calibrated
+    on another machine or at other communicator sizes, else nothing."""
+    which = _prediction(rec)
+    return "*" if which["pred-defaults"] else "~" if any(which.values()) else ""
+
+
+PREDICTION_NOTE = ("pred_ms: * the cost model's defaults (uncalibrated: run calibrate), ~ "
+                   "calibrated on another machine or number of ranks (flags pred-*)")
+
+
 def flags(rec: Mapping) -> list[str]:
     """The names of :data:`FLAGS` that apply to the record ``rec`` (see the module doc), in
     that order."""
-    applies = {
+    applies = {**_prediction(rec),
         "superlinear": (rec.get("efficiency") or 0.0) > SUPERLINEAR,
         "noisy": (spread(rec.get("time_s")) or 0.0) > NOISY,
         "noisy-baseline": (spread((rec.get("spread") or {}).get("baseline_s")) or 0.0) > NOISY,

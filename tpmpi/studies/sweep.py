@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Optional
 
@@ -53,15 +54,20 @@ class Config:
     dp: int = 1
 
 
+SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMG]?)")
+
+
 def parse_size(text: str) -> int:
-    """``'64'``, ``'4K'``, ``'128M'``, ``'1G'`` (binary multiples, as nccl-tests) -> int."""
-    text = text.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    try:
-        value = int(float(text[:-1] if mult > 1 else text) * mult)
-    except ValueError:
-        raise ValueError(f"size {text!r}: expected an integer with optional K/M/G") from None
-    return value
+    """``'64'``, ``'4K'``, ``'1.5K'``, ``'128M'``, ``'1G'`` (binary multiples, as nccl-tests) ->
+    int; ASCII digits only (as :func:`tpmpi.core.args.parse_int`), a whole number of bytes.
+    ValueError naming the text otherwise."""
+    found = SIZE.fullmatch(text.strip().upper())
+    value = float(found[1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "": 1}[found[2]] \
+        if found else 0.5
+    if not value.is_integer():
+        raise ValueError(f"size {text.strip().upper()!r}: expected an integer with optional "
+                         "K/M/G (digits 0-9; a whole number of bytes)")
+    return int(value)
 
 
 def default_ranks(kind: str, world: int) -> list[int]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
+from ..core.args import int_flag
 from ..core.arrays import Array
 from ..core.backend import BACKENDS, Backend, configure_blas_threads, configured_blas_threads, \
     get_backend
@@ -41,8 +42,7 @@ from ..core.grid import ProcessGrid
 from .bench import oversubscription
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .problem import Problem
-from .record import mpi_library, write_record
-from .report import load as load_records
+from .record import mpi_library, read_lines, write_record
 from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
 from .timing import time_calls
 
@@ -225,11 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtypes", default=None,
                     help="default float32,float16,bfloat16 on a GPU, float32,float64 on a CPU")
     for dim in ("m", "k", "n"):
-        ap.add_argument(f"--{dim}", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=None, help="mlp hidden size (default k)")
+        ap.add_argument(f"--{dim}", type=int_flag(), default=2048)
+    ap.add_argument("--hidden", type=int_flag(), default=None, help="mlp hidden size (default k)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int_flag(), default=1)
+    ap.add_argument("--iters", type=int_flag(), default=5)
     ap.add_argument("--calibration", metavar="FILE", default=None)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -244,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     ap = _parser()
     args = ap.parse_args(argv)
     if args.table:
-        print(format_table(load_records(args.table), args.best))
+        print(format_table([rec for _, rec in read_lines(args.table)], args.best))
         return 0
     comm = comm if comm is not None else MPI.COMM_WORLD
     backend = get_backend(args.backend, comm)

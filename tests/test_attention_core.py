@@ -1,0 +1,184 @@
+"""tpmpi.layers.attention_core against the independent float64 reference: every rank's heads of
+every head partition (MHA, GQA with n_kv_head 1 and between, uneven heads, ranks with no head)
+give the reference's output for those heads, and their dQ, dK, dV -- dK/dV summed over the
+ranks that share a kv head -- assemble the reference's d(qkv); dropout masks from the
+layout-invariant source; every dtype within tolerance; the score workspace stays bounded."""
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import gpt_reference as ref
+from conftest import rel_err
+from problems import HALFS
+from tpmpi.core.dropout import Site, attention_keep, keep_mask
+from tpmpi.core.dtypes import tolerance
+from tpmpi.core.heads import head_partition
+from tpmpi.layers import attention_core
+from tpmpi.layers.attention_core import causal_attention, causal_attention_backward
+
+KEY = dict(seed=3, call=1, layer=2)
+
+
+def split(qkv, n_q, n_kv, hd):
+    """q (B, T, n_q, hd), k, v (B, T, n_kv, hd) of a local fused product [Q | K | V]."""
+    B, T, _ = qkv.shape
+    q = qkv[..., :n_q * hd].reshape(B, T, n_q, hd)
+    k = qkv[..., n_q * hd:(n_q + n_kv) * hd].reshape(B, T, n_kv, hd)
+    v = qkv[..., (n_q + n_kv) * hd:].reshape(B, T, n_kv, hd)
+    return q, k, v
+
+
+def reference(qkv, dy, n_head, n_kv_head, hd, p):
+    B, T, _ = qkv.shape
+    cfg = SimpleNamespace(n_head=n_head, n_kv_head=n_kv_head, n_embd=n_head * hd, vocab_size=1)
+    z = ref.Dims(cfg, B, T)
+    mask = 1.0 if p == 0 else keep_mask(p, **KEY, site=Site.ATTENTION,
+                                        sample_shape=(n_head, T, T), samples=(0, B)) / (1 - p)
+    y, saved = ref.attention(qkv, z, mask)
+    return y, ref.attention_backward(dy, z, saved)
+
+
+def run_rank(qkv, dy, part, rank, hd, p, dtype):
+    """The kernel on ``rank``'s heads: (y of its heads, d(local fused qkv)) as float64."""
+    s = part.shard(rank)
+    B, T, _ = qkv.shape
+    local = qkv[..., part.qkv_index(rank, hd)].astype(dtype)
+    q, k, v = split(local, s.n_q, s.n_kv, hd)
+    keep = attention_keep(p, **KEY, n_head=part.n_head, seq=T, q_head0=s.q_heads[0])
+    y, saved = causal_attention(q, k, v, s.kv_of_q, p=p, keep=keep if p else None)
+    dyl = dy[..., part.proj_cols(rank, hd)].reshape(B, T, s.n_q, hd).astype(dtype)
+    dq, dk, dv = causal_attention_backward(dyl, saved)
+    assert y.dtype == dq.dtype == dk.dtype == dv.dtype == np.dtype(dtype)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    dlocal = np.concatenate([a.reshape(B, T, -1).astype(np.float64) for a in (dq, dk, dv)], -1)
+    return y.reshape(B, T, -1).astype(np.float64), dlocal
+
+
+def check_partition(n_head, n_kv, tp, *, B=2, T=5, hd=3, p=0.0, dtype="float64", tol=1e-12):
+    rng = np.random.default_rng(n_head * 100 + n_kv * 10 + tp)
+    qkv = rng.standard_normal((B, T, (n_head + 2 * n_kv) * hd)).astype(dtype).astype(np.float64)
+    dy = rng.standard_normal((B, T, n_head * hd)).astype(dtype).astype(np.float64)
+    want_y, want_dqkv = reference(qkv, dy, n_head, n_kv, hd, p)
+    part = head_partition(n_head, n_kv, tp)
+    y = np.zeros_like(want_y)
+    dqkv = np.zeros_like(want_dqkv)
+    for r in range(tp):
+        y_r, d_r = run_rank(qkv, dy, part, r, hd, p, dtype)
+        y[..., part.proj_cols(r, hd)] = y_r
+        # Q rows belong to one rank; K/V rows of a shared kv head are summed over its ranks
+        dqkv[..., part.qkv_index(r, hd)] += d_r
+    assert rel_err(y, want_y) <= tol
+    assert rel_err(dqkv, want_dqkv) <= tol
+
+
+@pytest.mark.parametrize("n_head,n_kv", [(4, 4), (4, 2), (4, 1), (6, 3), (3, 3), (8, 2), (1, 1)])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_every_rank_of_every_partition_float64(n_head, n_kv, tp, p):
+    check_partition(n_head, n_kv, tp, p=p)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (1, 9)])
+def test_edge_shapes(B, T):
+    check_partition(4, 2, 3, B=B, T=T, p=0.2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", *HALFS])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_low_precision_within_tolerance(dtype, p):
+    T, hd = 16, 8
+    check_partition(4, 2, 2, B=2, T=T, hd=hd, p=p, dtype=dtype, tol=tolerance(dtype, max(T, hd)))
+
+
+def test_a_rank_with_no_heads():
+    q = np.zeros((2, 4, 0, 3))
+    k = np.zeros((2, 4, 0, 3))
+    y, saved = causal_attention(q, k, k, ())
+    dq, dk, dv = causal_attention_backward(np.zeros_like(y), saved)
+    assert y.shape == dq.shape == (2, 4, 0, 3) and dk.shape == dv.shape == (2, 4, 0, 3)
+
+
+def test_the_first_position_attends_only_to_itself():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 3, 1, 2)) for _ in range(3))
+    y, _ = causal_attention(q, k, v, (0,))
+    assert np.allclose(y[0, 0, 0], v[0, 0, 0], rtol=0, atol=1e-15)
+
+
+def test_sample_blocks_give_the_same_result(monkeypatch):
+    rng = np.random.default_rng(1)
+    B, T = 5, 6
+    q, k, v, dy = (rng.standard_normal((B, T, 2, 4)) for _ in range(4))
+    keep = attention_keep(0.3, **KEY, n_head=2, seq=T)
+    y, saved = causal_attention(q, k, v, (0, 1), p=0.3, keep=keep)
+    grads = causal_attention_backward(dy, saved)
+    monkeypatch.setattr(attention_core, "WORKSPACE_BYTES", 1)  # one sample at a time
+    y1, saved1 = causal_attention(q, k, v, (0, 1), p=0.3, keep=keep)
+    assert np.array_equal(y, y1)
+    for a, b in zip(grads, causal_attention_backward(dy, saved1)):
+        assert np.array_equal(a, b)
+
+
+def test_scores_are_never_formed_for_all_heads_at_once(monkeypatch):
+    """Peak memory of forward + backward over 32 heads stays within a few of one head's score
+    matrices, far below the (B, H, T, T) array of all heads."""
+    B, T, H, hd = 2, 256, 32, 8
+    rng = np.random.default_rng(2)
+    q, k, v, dy = (rng.standard_normal((B, T, H, hd)).astype(np.float32) for _ in range(4))
+    one_head = B * T * T * 4
+    tracemalloc.start()
+    try:
+        _, saved = causal_attention(q, k, v, range(H))
+        causal_attention_backward(dy, saved)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * one_head <= H * one_head / 4, (peak, one_head)
+    monkeypatch.setattr(attention_core, "WORKSPACE_BYTES", one_head)  # one sample per block
+    tracemalloc.start()
+    try:
+        causal_attention_backward(dy, causal_attention(q, k, v, range(H))[1])
+        smaller = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert smaller < peak
+
+
+@pytest.mark.parametrize("args,match", [
+    (((2, 3, 2, 4), (2, 3, 1, 4), (2, 3, 1, 5), (0, 0)), r"k, v of one shape"),
+    (((2, 3, 2, 4), (2, 4, 1, 4), (2, 4, 1, 4), (0, 0)), r"k.shape=\(2, 4, 1, 4\)"),
+    (((2, 3, 2, 4), (2, 3, 1, 4), (2, 3, 1, 4), (0, 1)), r"kv_of_q=\(0, 1\): expected 2 kv"),
+    (((2, 3, 2, 4), (2, 3, 1, 4), (2, 3, 1, 4), (0,)), r"kv_of_q=\(0,\)"),
+    (((2, 3, 4), (2, 3, 4), (2, 3, 4), ()), r"q \(B, T, Hq, hd\)")])
+def test_bad_shapes(args, match):
+    q, k, v, heads = args
+    with pytest.raises(ValueError, match=match):
+        causal_attention(np.zeros(q), np.zeros(k), np.zeros(v), heads)
+
+
+def test_bad_dropout_and_dy():
+    q = np.zeros((1, 2, 1, 2))
+    with pytest.raises(ValueError, match=r"p=0\.5: dropout needs a keep-mask source"):
+        causal_attention(q, q, q, (0,), p=0.5)
+    with pytest.raises(ValueError, match=r"p=1\.0"):
+        causal_attention(q, q, q, (0,), p=1.0, keep=lambda h, a, b: None)
+    with pytest.raises(ValueError, match="dtypes float64, float32"):
+        causal_attention(q, q.astype(np.float32), q, (0,))
+    _, saved = causal_attention(q, q, q, (0,))
+    with pytest.raises(ValueError, match=r"dy.shape=\(1, 2, 1, 3\): expected \(1, 2, 1, 2\)"):
+        causal_attention_backward(np.zeros((1, 2, 1, 3)), saved)
+
+
+def test_on_the_backend(xb):
+    rng = np.random.default_rng(5)
+    q, k, v, dy = (rng.standard_normal((2, 4, 2, 3)) for _ in range(4))
+    keep = attention_keep(0.2, **KEY, n_head=2, seq=4, backend=xb)
+    y, saved = causal_attention(*(xb.asarray(a) for a in (q, k, v)), (0, 1), p=0.2, keep=keep)
+    grads = causal_attention_backward(xb.asarray(dy), saved)
+    y0, saved0 = causal_attention(q, k, v, (0, 1), p=0.2,
+                                  keep=attention_keep(0.2, **KEY, n_head=2, seq=4))
+    assert rel_err(xb.to_host(y), y0) < 1e-13
+    for a, b in zip(grads, causal_attention_backward(dy, saved0)):
+        assert rel_err(xb.to_host(a), b) < 1e-13
