@@ -126,8 +126,6 @@ class Refusal:
     says: str
 
 
-# a `python` on PATH that is the system's, without mpi4py or tpmpi
-BARE = Path(sys.base_prefix) / "bin" / "python3"
 REFUSALS = [
     Refusal("no-venv", ("sbatch", "slurm/cpu_scaling.sbatch"), {"VENV": "/no/venv"},
             "tpmpi-cpu: error: VENV=/no/venv: no /no/venv/bin/activate"),
@@ -167,11 +165,11 @@ def _submit(root: Path, argv: tuple, env: dict) -> tuple[list, subprocess.Comple
             "LANG": "C.UTF-8", "SLURM_CONF": os.environ["SLURM_CONF"],
             "SBATCH_TIMELIMIT": "5"}  # minutes: a job that hangs cannot hold the run for long
     base.update({k: v for k, v in env.items() if k != "BARE"})
-    if env.get("BARE"):  # the system's python3 as `python`, nothing else
+    if env.get("BARE"):  # a `python` on PATH without site-packages: no mpi4py, no tpmpi
         bare = root / "bare-bin"
         bare.mkdir(exist_ok=True)
-        (bare / "python").unlink(missing_ok=True)
-        (bare / "python").symlink_to(BARE)
+        (bare / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+        (bare / "python").chmod(0o755)
         base["PATH"] = f"{bare}:{base['PATH']}"
     argv = ("bash", *argv) if argv[0].endswith(".sh") else argv
     proc = subprocess.run(argv, cwd=root, env=base, capture_output=True, text=True,
