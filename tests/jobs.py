@@ -33,10 +33,12 @@ def launcher() -> list:
 
 
 def job_env() -> dict:
-    """This environment less what this process's own MPI initialisation put there (a child
-    launcher would take itself for part of this job), for a job of NumPy ranks."""
+    """This environment less what this process's own MPI initialisation or a SLURM job around
+    it put there (a child launcher would take itself for part of that job), for a job of NumPy
+    ranks."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OMPI_", "PMIX_", "PMI_", "HYDRA_", "MPIR_", "OPAL_", "ORTE_"))}
+           if not k.startswith(("OMPI_", "PMIX_", "PMI_", "HYDRA_", "MPIR_", "OPAL_", "ORTE_",
+                                "SLURM_"))}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                TPMPI_BACKEND="numpy", TPMPI_THREADS="1")
     return env

@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM end a running ``python -m tpmpi run`` job promptly with one line (serial
-tests that launch their own 2-rank job and signal ONE rank of it, as a SLURM time limit or
-an impatient user would; the other rank must not be left spinning in a collective)."""
+tests that launch their own 2-rank job and signal ONE rank of it, as an impatient user would;
+the other rank must not be left spinning in a collective), and a signal that a SLURM job sends
+to every task (scancel, a time limit) leaves rank 0 alone to print it."""
 import os
 import re
 import signal
@@ -74,3 +75,37 @@ def test_a_signal_to_one_rank_ends_the_job_with_one_line(sig, rank):
     assert "Traceback" not in err, err
     assert job.returncode != 0
     assert elapsed < 5, elapsed
+
+
+WATCHED = """
+import os, signal, sys, time
+from tpmpi.core.launch import watch_signals
+
+class Comm:  # the rank given on the command line; Abort reports instead of ending a job
+    def Get_rank(self):
+        return int(sys.argv[1])
+
+    def Abort(self, code):
+        print(f"Abort({code})", flush=True)
+        os._exit(code)
+
+watch_signals(Comm(), "tpmpi", delay=0.05)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+"""
+
+
+@pytest.mark.parametrize("rank, in_slurm, says", [
+    (0, False, True), (1, False, True),   # mpiexec: whichever rank got the signal says so
+    (0, True, True), (1, True, False),    # a SLURM job: every task got it, rank 0 says so
+], ids=["rank0", "rank1", "slurm-rank0", "slurm-rank1-quiet"])
+def test_who_reports_a_sigterm(rank, in_slurm, says):
+    serial_only()
+    env = job_env()
+    if in_slurm:
+        env["SLURM_JOB_ID"] = "42"
+    proc = subprocess.run([sys.executable, "-c", WATCHED, str(rank)], env=env, timeout=60,
+                          capture_output=True, text=True, check=False)
+    line = f"tpmpi: interrupted by SIGTERM (rank {rank}): aborting the MPI job"
+    assert proc.stdout == "Abort(143)\n" and proc.returncode == 143, proc
+    assert [x for x in proc.stderr.splitlines() if x] == ([line] if says else []), proc.stderr

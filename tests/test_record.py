@@ -8,8 +8,8 @@ import json
 import pytest
 from mpi4py import MPI
 
-from tpmpi.studies.record import CollectiveRecord, RunRecord, mpi_library, utc_timestamp, \
-    write_record
+from tpmpi.studies.record import CollectiveRecord, RunRecord, first_line, mpi_library, \
+    utc_timestamp, write_record
 
 
 def collective(**change) -> CollectiveRecord:
@@ -21,12 +21,29 @@ def collective(**change) -> CollectiveRecord:
 
 def test_provenance_is_filled_in():
     rec = collective()
-    assert rec["mpi_library"] == mpi_library() == \
-        MPI.Get_library_version().strip().splitlines()[0].strip()
+    assert rec["mpi_library"] == mpi_library()
+    assert mpi_library() and "\x00" not in mpi_library() and "\n" not in mpi_library()
+    assert MPI.Get_library_version().lstrip().startswith(mpi_library())
     stamp = datetime.datetime.fromisoformat(rec["timestamp"])
     assert stamp.utcoffset() == datetime.timedelta(0)
     assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds() < 60
     assert datetime.datetime.fromisoformat(utc_timestamp()).tzinfo is not None
+
+
+OPEN_MPI_41 = ("Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, "
+               "May 26, 2022")
+MPICH_5 = "MPICH Version:      5.0.2\nMPICH Release date: Thu Oct  9 10:11:54 AM CDT 2025"
+
+
+@pytest.mark.parametrize("version, line", [
+    (OPEN_MPI_41 + "\x00", OPEN_MPI_41),           # Debian's Open MPI: the C terminator
+    (OPEN_MPI_41 + "\x00\x00garbage", OPEN_MPI_41),  # nothing after the first NUL counts
+    (MPICH_5 + "\n", "MPICH Version:      5.0.2"),
+    ("  \n Intel(R) MPI Library 2021.10\n", "Intel(R) MPI Library 2021.10"),
+    ("\x00", ""), ("", ""),
+])
+def test_first_line_of_a_library_version(version, line):
+    assert first_line(version) == line
 
 
 def test_a_record_reads_like_its_json_object():

@@ -134,10 +134,12 @@ def exit_code(work: Callable[[], Optional[int]], comm: MPI.Comm, prog: str) -> i
 
 
 def _abort(comm: MPI.Comm, line: str, code: int) -> NoReturn:
-    """Print ``line`` (on a line of its own, after a progress bar too) and end the whole MPI
-    job (this rank exits even if MPI_Abort returns)."""
-    sys.stderr.write("\n" + line + "\n")
-    sys.stderr.flush()
+    """Print ``line`` (on a line of its own, after a progress bar too; nothing when empty) and
+    end the whole MPI job (this rank exits even if MPI_Abort returns)."""
+    if line:
+        sys.stderr.write("\n" + line + "\n")
+        sys.stderr.flush()
+        time.sleep(0.2)  # the launcher's I/O forwarding reads the line before the abort ends it
     try:
         comm.Abort(code)
     finally:
@@ -152,20 +154,23 @@ def watch_signals(comm: MPI.Comm, prog: str, delay: float = 2.0) -> None:
     Launchers forward a Ctrl-C or ``scancel`` to every rank, and Open MPI's abort SIGTERMs the
     other ranks (SIGKILL 1 s later), so that one rank alone prints: rank 0 acts at once on
     SIGINT and after ``delay`` seconds on SIGTERM, the other ranks after ``1.5 * delay``; a
-    rank that the abort of another ends meanwhile prints nothing."""
+    rank that the abort of another ends meanwhile prints nothing. Inside a SLURM job every
+    task gets the signal together (scancel, a time limit, srun's Ctrl-C), and under ``srun``
+    the abort of rank 0 does not end the others: there they abort without a line."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)  # the watcher acts; no KeyboardInterrupt
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     rank = comm.Get_rank()
+    quiet = rank != 0 and "SLURM_JOB_ID" in os.environ
 
     def watch() -> None:
         number = os.read(read_fd, 1)[0]
         time.sleep(1.5 * delay if rank else 0.0 if number == signal.SIGINT else delay)
         name = signal.Signals(number).name
-        _abort(comm, f"{prog}: interrupted by {name} (rank {rank}): aborting the MPI job",
-               128 + number)
+        _abort(comm, "" if quiet else
+               f"{prog}: interrupted by {name} (rank {rank}): aborting the MPI job", 128 + number)
 
     threading.Thread(target=watch, daemon=True, name="tpmpi-signals").start()
 

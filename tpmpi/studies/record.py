@@ -21,10 +21,18 @@ from ..core.args import check_field, is_number
 from ..core.grid import parse_shape
 
 
+def first_line(version: str) -> str:
+    """The first line of an MPI library version string, read as C reads it: up to the first
+    NUL (Open MPI 4.1's string carries its terminator, and JSON would keep it as ``\\u0000``),
+    without surrounding white space."""
+    lines = version.split("\x00", 1)[0].strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 @functools.lru_cache(maxsize=1)
 def mpi_library() -> str:
-    """First line of ``MPI_Get_library_version``."""
-    return MPI.Get_library_version().strip().splitlines()[0].strip()
+    """First line of ``MPI_Get_library_version``, as :func:`first_line` cleans it."""
+    return first_line(MPI.Get_library_version())
 
 
 def utc_timestamp() -> str:
