@@ -181,6 +181,21 @@ def test_calibrate_writes_fits(world, shared_tmp):
             assert str(world.size) in data["alpha"]["allgather"]
             assert data["beta"]["allreduce"][str(world.size)] >= 0
     world.comm.Barrier()
+    # what calibrate writes, the cost model reads (every fitted name, the exchange paths too)
+    assert main(["plan", "--m", "64", "--k", "256", "--n", "256", "--ranks", "4",
+                 "--calibration", path], comm=world.comm) == 0
+
+
+def test_every_fitted_name_passes_the_calibration_check():
+    from tpmpi.studies.costmodel import CLASS_SHAPES, DEFAULT_STAGING, fitted_names
+
+    from tpmpi.studies.calfile import check_calibration
+    names = fitted_names()
+    assert "allreduce.exchange" in names and "allgather" in names
+    data = {"machine": {}, "alpha": {n: {"2": 1e-6} for n in names},
+            "beta": {n: {"2": 1e-9} for n in names}, "rates": {}}
+    check_calibration(data, "c.json", classes=tuple(CLASS_SHAPES),
+                      staging=tuple(DEFAULT_STAGING), collectives=names)
 
 
 def test_plan_prints_ranked_layouts(capsys):

@@ -13,9 +13,10 @@ TABLES = (("alpha", "seconds >= 0"), ("beta", "seconds/byte >= 0"),
 """The nested tables of a calibration and what each of their values is."""
 
 
-def _name_ok(table: str, name: str) -> bool:
-    """A key of the outer level: a collective (alpha, beta) or ``backend:dtype`` (rates)."""
-    return name.count(":") == 1 if table == "rates" else name in OPS
+def _name_ok(table: str, name: str, collectives: Sequence[str]) -> bool:
+    """A key of the outer level: one of ``collectives`` (alpha, beta) or ``backend:dtype``
+    (rates)."""
+    return name.count(":") == 1 if table == "rates" else name in collectives
 
 
 def _entry_ok(table: str, key: str, value: Any, classes: Sequence[str]) -> bool:
@@ -27,13 +28,14 @@ def _entry_ok(table: str, key: str, value: Any, classes: Sequence[str]) -> bool:
 
 
 def check_calibration(data: Any, where: str, *, classes: Sequence[str],
-                      staging: Sequence[str]) -> None:
+                      staging: Sequence[str], collectives: Sequence[str] = OPS) -> None:
     """ValueError ``"<where>: field 'alpha.allgather.2' is '0.1x': expected ..."`` for the first
     field of ``data`` the cost model could not use: ``machine`` (an object), ``alpha`` and
-    ``beta`` (``{collective: {P: seconds, or seconds per byte, >= 0}}`` for the collectives of
-    :data:`tpmpi.core.colltable.OPS` and positive integers P), ``rates`` (``{"backend:dtype":
-    {one of classes: positive rate}}``) and, optionally, ``staging`` (``{one of staging:
-    positive bytes/s}``). ``{}``, which lacks ``machine``, is no calibration. Local."""
+    ``beta`` (``{collective: {P: seconds, or seconds per byte, >= 0}}`` for the names in
+    ``collectives`` -- default :data:`tpmpi.core.colltable.OPS` -- and positive integers P),
+    ``rates`` (``{"backend:dtype": {one of classes: positive rate}}``) and, optionally,
+    ``staging`` (``{one of staging: positive bytes/s}``). ``{}``, which lacks ``machine``, is
+    no calibration. Local."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} holds a JSON {type(data).__name__}: expected an object with "
                          "machine, alpha, beta and rates (python -m tpmpi calibrate)")
@@ -42,10 +44,10 @@ def check_calibration(data: Any, where: str, *, classes: Sequence[str],
         outer = check_field(where, data, table, dict, f"an object {{name: {{key: {what}}}}}")
         for name in outer:
             label = f"{table}.{name}"
-            if not _name_ok(table, name):
+            if not _name_ok(table, name, collectives):
                 raise ValueError(f"{where}: field {label!r}: expected " + (
                     "'backend:dtype'" if table == "rates" else
-                    f"a collective, one of {', '.join(OPS)}"))
+                    f"a collective, one of {', '.join(collectives)}"))
             inner = check_field(where, outer, name, dict, f"an object {{key: {what}}}",
                                 label=label)
             for key, value in inner.items():

@@ -51,7 +51,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.colltable import bw_factor, lat_factor, staged_bytes
+from ..core.colltable import OPS, bw_factor, lat_factor, staged_bytes
 from ..core.comm import HALF
 from ..core.dtypes import resolve_dtype
 from ..core.grid import factorisations
@@ -182,7 +182,7 @@ class Calibration:
         (:func:`tpmpi.studies.calfile.check_calibration`: ValueError ``"<where>: field
         'alpha.allgather.2' is ...: expected ..."``)."""
         check_calibration(data, where, classes=tuple(CLASS_SHAPES),
-                          staging=tuple(DEFAULT_STAGING))
+                          staging=tuple(DEFAULT_STAGING), collectives=fitted_names())
         rates = json.loads(json.dumps(DEFAULT_RATES))
         rates.update(data["rates"])
         return cls(alpha=data["alpha"], beta=data["beta"], rates=rates, machine=data["machine"],
@@ -272,6 +272,12 @@ def calibration_key(op: str, dtype: str) -> str:
     (and so on for :data:`REDUCTIONS`) for float16 and bfloat16, which take another path, else
     ``op``."""
     return f"{op}.exchange" if op in REDUCTIONS and dtype in HALF else op
+
+
+def fitted_names() -> tuple[str, ...]:
+    """Every name a calibration fits alpha and beta under: the collectives of
+    :data:`tpmpi.core.colltable.OPS` and the exchange paths of :data:`REDUCTIONS`."""
+    return tuple(OPS) + tuple(calibration_key(op, "float16") for op in REDUCTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
