@@ -236,7 +236,7 @@ def test_module_protocol_and_schedule(grid):
     assert ops_by_kind["reduce_scatter"] == 4 * cfg.n_layer + 2
     assert any(c.name.endswith("sum_kv") for c in colls)  # one kv head on 4 ranks
     assert any(isinstance(s, GradsReady) for s in sched.backward)
-    assert [s.name for s in sched.forward if isinstance(s, Product)][0] == \
+    assert next(s.name for s in sched.forward if isinstance(s, Product)) == \
         "transformer.h.0.attn.c_attn"
     plain = GPT.schedule_for(cfg, batch=2, seq=8, tp=1, backward=False)
     assert not any(isinstance(s, Collective) for s in plain.steps())

@@ -8,8 +8,8 @@ import pytest
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.core.mappings import MAPPINGS, AllReduce, AllReduceMax, Copy, GatherCols, GatherRows, Keep, \
-    Operator, ReduceScatterRows, SplitCols, StopGradient, between, mapping_class
+from tpmpi.core.mappings import MAPPINGS, AllReduce, AllReduceMax, Copy, GatherCols, GatherRows, \
+    Keep, Operator, ReduceScatterRows, SplitCols, StopGradient, between, mapping_class
 from tpmpi.core.partition import block_partition
 from tpmpi.core.schedule import Collective
 from tpmpi.core.summa import SUMMA, BroadcastPiece, GatherPanel, ReduceScatterPanel, \

@@ -32,7 +32,7 @@ The gathered input (sequence parallel) is kept for backward rather than gathered
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
@@ -48,7 +48,7 @@ from ..core.mappings import AllReduce, Operator, between, mapping_class
 from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule, Step
 from .attention_core import KeepSource, causal_attention, causal_attention_backward
 from .embedding import token_layout
-from .leaf import ParameterLeaf, Placement
+from .leaf import Bounds, ParameterLeaf, Placement
 from .linear_schedule import nbytes
 from .module import Composite
 
@@ -132,12 +132,18 @@ class ParallelAttention(Composite):
                 s = self.heads.qkv_rows(r, hd)[which]
                 return s.start - start, s.stop - start
 
+            def weight_at(r: int, c: Callable[[int], tuple[int, int]] = cols_of) -> Bounds:
+                return ((0, d), c(r))
+
+            def bias_at(r: int, c: Callable[[int], tuple[int, int]] = cols_of) -> Bounds:
+                return (c(r),)
+
             part = "qkv"[which]
             pieces.append((f"weight.{part}", "weight", slice(at, at + width),
-                           Placement((d, n), lambda r, c=cols_of: ((0, d), c(r)))))
+                           Placement((d, n), weight_at)))
             if bias:
                 pieces.append((f"bias.{part}", "bias", slice(at, at + width),
-                               Placement((n,), lambda r, c=cols_of: (c(r),))))
+                               Placement((n,), bias_at)))
             at += width
         return ParameterLeaf(self.grid, self.backend,
                              f"ParallelAttention.c_attn {d}x{total}", weight, b, {}, pieces)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..core.arrays import Array
+from ..core.dtypes import resolve_dtype
 from ..core.gemm import LocalWork
 from ..core.mappings import AllReduce, AllReduceMax, GatherCols, between, mapping_class
 from ..core.schedule import Collective, Pointwise, Product, Schedule, Step
@@ -109,7 +110,7 @@ class VocabParallelLoss:
         (``backward``) the logits' gradient, dX (its reduction during dW) and dW, on the rank
         with the largest vocabulary block. No communication."""
         gather = mapping_class(token_layout(sequence_parallel), "replicated")
-        acc = accumulation_dtype(dtype).name
+        acc = accumulation_dtype(resolve_dtype(dtype)).name
         v = -(-vocab_size // tp)
         rows = 3 if label_smoothing > 0 else 2
         logits = tokens * v

@@ -34,6 +34,7 @@ from mpi4py import MPI
 
 from ..checkpoint.params import params_of
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
+from ..core.args import check_int
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, backend_of, get_backend
 from ..core.dropout import Site
@@ -101,7 +102,7 @@ class GPT(Composite):
                 raise ValueError(f"sequence_parallel={sequence_parallel!r}: expected True or "
                                  "False")
             resolve_dtype(dtype)
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+            if check_int("seed", seed, 0) >= 2**62:
                 raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**62)")
             found.append(_config(cfg))
             if _dense is not None:
@@ -127,7 +128,8 @@ class GPT(Composite):
         self._forward: Optional[tuple[Any, ...]] = None
 
     def _build(self, sd: Optional[Mapping[str, Any]]) -> None:
-        cfg, common = self.cfg, dict(grid=self.grid, backend=self.backend, dtype=self.dtype)
+        cfg = self.cfg
+        common: dict[str, Any] = dict(grid=self.grid, backend=self.backend, dtype=self.dtype)
         sp = self.sequence_parallel
         self.wte = VocabParallelEmbedding(
             cfg.vocab_size, cfg.n_embd, sequence_parallel=sp, seed=self.seed, stream=0,
