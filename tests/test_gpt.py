@@ -14,12 +14,10 @@ from mpi4py import MPI
 import gpt_reference as ref
 import tpmpi
 from conftest import all_ranks_raise, rel_err
-from tpmpi.core.dropout import Site, keep_mask
+from test_gpt_assembly import serial_masks as assembly_masks
 from tpmpi.core.schedule import Collective, GradsReady, Product
 from tpmpi.models import GPT, GPTConfig
 
-SITES = {"embedding": Site.EMBEDDING, "attention": Site.ATTENTION,
-         "attention_output": Site.ATTENTION_OUTPUT, "mlp_output": Site.MLP_OUTPUT}
 SEED = 11
 # name: (n_head, n_kv_head, vocab, bias); at P = 1..4 these cover kv heads below, equal to and
 # above TP, n_head not divisible by and smaller than TP, vocab not divisible by TP
@@ -44,14 +42,8 @@ def batch(cfg, B=2, T=6, seed=6, ignored=True):
 
 
 def serial_masks(p, call=0):
-    if p == 0:
-        return None
-
-    def mask(site, layer, shape):
-        keep = keep_mask(p, seed=SEED, call=call, layer=layer, site=SITES[site],
-                         sample_shape=shape[1:], samples=(0, shape[0]))
-        return keep / (1 - p)
-    return mask
+    """The serial run's dropout masks of forward call ``call`` (the model's seed)."""
+    return assembly_masks(p, seed=SEED, call=call)
 
 
 def worst(got: dict, want: dict) -> float:

@@ -24,6 +24,7 @@ from ..core.arrays import Array
 from ..core.backend import Backend
 from ..core.grid import ProcessGrid
 from ..core.mappings import AllReduce, Operator
+from .module import LeafModule
 
 Bounds = tuple[tuple[int, int], ...]
 _LEAVES: weakref.WeakKeyDictionary[ProcessGrid, int] = weakref.WeakKeyDictionary()
@@ -50,7 +51,7 @@ columns ``[slice]`` (the last axis) of ``attribute`` ("weight" or "bias") are th
 the global array ``placement``."""
 
 
-class ParameterLeaf:
+class ParameterLeaf(LeafModule):
     """``weight`` (and ``bias`` or None): this rank's blocks, C-contiguous, with gradients of the
     same shapes; ``pieces`` says where they lie (default: ``weight`` and ``bias`` whole at
     their ``placements``). ``kind`` names the leaf in its :attr:`identity` (``"layer #3
@@ -75,23 +76,6 @@ class ParameterLeaf:
         self._pieces = pieces if pieces is not None else [
             (name, name, slice(None), placements[name]) for name in ("weight", "bias")
             if getattr(self, name) is not None]
-
-    def children(self) -> list:
-        """No sub-modules (a leaf of :mod:`tpmpi.layers.module`)."""
-        return []
-
-    def parameters(self) -> list[tuple[str, Any, Any]]:
-        """``(name, local parameter, local gradient)``: weight, then bias when there is one."""
-        out = [("weight", self.weight, self.grad_weight)]
-        if self.bias is not None:
-            out.append(("bias", self.bias, self.grad_bias))
-        return out
-
-    def zero_grad(self) -> None:
-        """Reset the accumulated gradients to zero."""
-        self.grad_weight[...] = 0
-        if self.grad_bias is not None:
-            self.grad_bias[...] = 0
 
     def accumulate(self, dweight: Array, dbias: Optional[Array]) -> None:
         """Add one backward's gradients: to ``grad_weight`` / ``grad_bias``, or to the partial
