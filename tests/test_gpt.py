@@ -52,8 +52,8 @@ def worst(got: dict, want: dict) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
-@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p03"])
+@pytest.mark.parametrize("sp,p", [(False, 0.0), (False, 0.3), (True, 0.3)],
+                         ids=["nosp-p0", "nosp-p03", "sp-p03"])
 def test_matches_the_serial_reference(grid, name, sp, p):
     cfg = make_config(*CONFIGS[name], p=p)
     sd = ref.random_state_dict(cfg, seed=5)
@@ -70,6 +70,10 @@ def test_matches_the_serial_reference(grid, name, sp, p):
     assert grads["lm_head.weight"] is grads["transformer.wte.weight"]
     if p == 0:  # logits() has no dropout: the reference's are those of the same forward
         assert rel_err(model.logits(idx), want_logits.reshape(2, 6, -1)) <= TOL
+    else:  # nor do they change what backward() would use (the second backward accumulates)
+        model.logits(idx)
+        model.backward()
+        assert worst(model.grad_state_dict(), {k: 2 * v for k, v in want.items()}) <= TOL
     # no rank ever holds the full (tokens, vocab) logits of its loss
     z = model.lm_head._saved[1]
     assert z.shape[1] == model.wte.stop - model.wte.start

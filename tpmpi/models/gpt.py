@@ -215,15 +215,16 @@ class GPT(Composite):
         agree(self._scope(), error, call=Same(Text(f"GPT.{what}()"), CALL_ORDER))
         return int(idx.shape[0]), int(idx.shape[1])
 
-    def _run(self, idx: Array, drop: DropoutCall) -> Array:
-        """The model up to ln_f: ``(rows held, d)``."""
+    def _run(self, idx: Array, drop: DropoutCall) -> tuple[Array, Optional[Array]]:
+        """The model up to ln_f: ``(rows held, d)``, and the embedding's dropout mask."""
         batch, seq = idx.shape
         x = self.wte.forward(self.backend.asarray(idx).reshape(-1))
         x = self.wpe.forward(x, seq, drop.rows[0])
-        x = dropout(x, drop.hidden(Site.EMBEDDING, 0, self.backend), drop.p)
+        keep = drop.hidden(Site.EMBEDDING, 0, self.backend)
+        x = dropout(x, keep, drop.p)
         for block in self.h:
             x = block.forward(x, batch, drop)
-        return self.ln_f.forward(x)
+        return self.ln_f.forward(x), keep
 
     def _drop(self, batch: int, seq: int, p: float) -> DropoutCall:
         n = batch * seq
@@ -243,9 +244,9 @@ class GPT(Composite):
         batch, seq = self._agree_batch("forward", idx, targets)
         drop = self._drop(batch, seq, self.cfg.dropout)
         self.calls += 1
-        xf = self._run(idx, drop)
+        xf, keep = self._run(idx, drop)
         loss = self.lm_head.forward(xf, self.backend.asarray(targets).reshape(-1))
-        self._forward = (drop,)
+        self._forward = (drop.p, keep)
         return loss
 
     def backward(self) -> None:
@@ -261,13 +262,13 @@ class GPT(Composite):
 
     def _backward(self) -> None:
         assert self._forward is not None
-        (drop,) = self._forward
+        p, keep = self._forward
         if self.partial_grads is not None:
             self.partial_grads.start()
         dx = self.ln_f.backward(self.lm_head.backward())
         for block in reversed(self.h):
             dx = block.backward(dx)
-        dx = dropout(dx, drop.hidden(Site.EMBEDDING, 0, self.backend), drop.p)
+        dx = dropout(dx, keep, p)
         self.wpe.backward(dx)
         self.wte.backward(dx)
         if self.partial_grads is not None:
@@ -281,7 +282,7 @@ class GPT(Composite):
         kept = [(m, {k: v for k, v in vars(m).items() if k in _SAVED}) for m in modules(self)]
         kept.append((self.lm_head, dict(vars(self.lm_head))))
         try:
-            xf = self._run(idx, self._drop(batch, seq, 0.0))
+            xf, _ = self._run(idx, self._drop(batch, seq, 0.0))
             out = self.lm_head.logits(xf, batch * seq)
         finally:
             for m, saved in kept:
