@@ -94,6 +94,9 @@ def test_meshes_average_the_global_batch(world, dp):
     with tpmpi.Mesh(world.comm, dp=dp) as mesh:
         model = GPT.from_state_dict(sd, cfg, mesh=mesh, sequence_parallel=mesh.tp.size > 1,
                                     dtype="float64", seed=SEED)
+        if dp > 1:  # small buckets: started block by block during backward (without SP)
+            model.data_parallel = tpmpi.DataParallel(model, mesh, bucket_bytes=256)
+            assert len(model.data_parallel.buckets) > 3
         r = mesh.dp_rank
         loss = model(idx[2 * r:2 * r + 2], targets[2 * r:2 * r + 2])
         model.backward()

@@ -11,7 +11,8 @@ tied to the LM head of :class:`~tpmpi.layers.vocab_loss.VocabParallelLoss`), ``t
 gathers and reduce-scatters), the loss's two small Allreduces and the reduction of the head's
 dx; under sequence parallelism one Allreduce of the LayerNorm and position-embedding gradient
 shares after backward; under a mesh the DP average of every gradient
-(:class:`~tpmpi.DataParallel`, buckets started once backward is done).
+(:class:`~tpmpi.DataParallel`: without sequence parallelism each bucket's Iallreduce starts as
+soon as its blocks' backward is done, during the earlier blocks' backward).
 
 Dropout (``cfg.dropout``) uses the forward-call counter :attr:`GPT.calls` (advanced by every
 ``model(idx, targets)``, not by :meth:`GPT.logits`) and the model's ``seed``: the masks of the
@@ -27,7 +28,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -122,6 +123,10 @@ class GPT(Composite):
         self.backend = get_backend(backend, self.comm)
         self.backend.check_dtype(self.dtype)
         self.calls = 0
+        # callbacks run with leaves whose gradients are final during backward (DataParallel
+        # starts averaging their buckets there); not under sequence parallelism, where the
+        # LayerNorm shares are summed at the very end
+        self.grad_ready: list[Callable[..., None]] = []
         self._build(_dense)
         self.data_parallel = DataParallel(self, mesh) if mesh is not None and mesh.dp > 1 \
             else None
@@ -266,13 +271,22 @@ class GPT(Composite):
         if self.partial_grads is not None:
             self.partial_grads.start()
         dx = self.ln_f.backward(self.lm_head.backward())
+        self._ready(self.ln_f)
         for block in reversed(self.h):
             dx = block.backward(dx)
+            self._ready(*(leaf for _, leaf in named_layers(block)))
         dx = dropout(dx, keep, p)
         self.wpe.backward(dx)
         self.wte.backward(dx)
         if self.partial_grads is not None:
             self.partial_grads.finish()
+
+    def _ready(self, *leaves: Any) -> None:
+        """Report ``leaves``' gradients final (:attr:`grad_ready`), unless sequence parallelism
+        still has to sum shares of them."""
+        if not self.sequence_parallel:
+            for ready in self.grad_ready:
+                ready(*leaves)
 
     def logits(self, idx: Any) -> Array:
         """``(B, T, vocab_size)`` logits of ``idx`` on every rank of the TP group, without
