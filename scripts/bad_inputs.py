@@ -588,6 +588,51 @@ case("CLI: run --json into a missing directory", "--json .*: directory .* does n
     lambda c: _cli(c, ["run", "--m", "4", "--json", c.path("missing/r.jsonl")]))
 
 
+# ---- the GPT (tpmpi.models): one rank's bad input must fail every rank before a collective
+GPT_CFG = dict(vocab_size=13, block_size=8, n_layer=1, n_head=4, n_embd=8, n_kv_head=2)
+
+
+def _gpt(c: Context):
+    """A small GPT on the context's grid and a batch of token ids and targets."""
+    model = tpmpi.models.GPT(tpmpi.models.GPTConfig(**GPT_CFG), grid=c.grid)
+    idx = np.arange(12, dtype=np.int64).reshape(2, 6) % 13
+    return model, idx, (idx + 1) % 13
+
+
+def _gpt_call(c: Context, change: Callable[[np.ndarray, np.ndarray], tuple]):
+    model, idx, targets = _gpt(c)
+    if c.odd or c.size == 1:
+        idx, targets = change(idx.copy(), targets.copy())
+    return lambda: model(idx, targets)
+
+
+def _set(a: np.ndarray, value: int) -> np.ndarray:
+    a[0, 0] = value
+    return a
+
+
+case("GPT: n_kv_head does not divide n_head", "n_kv_head=3: expected a divisor of n_head=4")(
+    lambda c: lambda: tpmpi.models.GPTConfig(13, 8, 1, 4, 8, n_kv_head=3))
+case("GPT: n_embd not a multiple of n_head", "n_embd=10: expected a multiple of n_head=4")(
+    lambda c: lambda: tpmpi.models.GPTConfig(13, 8, 1, 4, 10))
+case("GPT: T above block_size on one rank", r"idx.shape=\(2, 9\): expected .*block_size=8")(
+    lambda c: _gpt_call(c, lambda i, t: (np.zeros((2, 9), np.int64),
+                                         np.zeros((2, 9), np.int64))))
+case("GPT: a token id outside the vocabulary on one rank", r"idx contains 13: expected token ids")(
+    lambda c: _gpt_call(c, lambda i, t: (_set(i, 13), t)))
+case("GPT: targets of another shape on one rank", r"targets.shape=\(2, 5\): expected \(2, 6\)")(
+    lambda c: _gpt_call(c, lambda i, t: (i, t[:, :5])))
+case("GPT: idx differs across the TP group", "idx differs across the ranks of the TP group", 2)(
+    lambda c: _gpt_call(c, lambda i, t: (_set(i, 5), t)))
+case("GPT: a state dict without a key on one rank", r"sd is missing 'transformer.ln_f.bias'")(
+    lambda c: (lambda sd: lambda: tpmpi.models.GPT.from_state_dict(
+        sd, tpmpi.models.GPTConfig(**GPT_CFG), grid=c.grid))(
+        {k: v for k, v in _gpt(c)[0].state_dict().items()
+         if not (k == "transformer.ln_f.bias" and (c.odd or c.size == 1))}))
+case("GPT: backward before forward", r"backward\(\) called before forward")(
+    lambda c: _gpt(c)[0].backward)
+
+
 @dataclass
 class Result:
     label: str

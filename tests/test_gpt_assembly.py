@@ -29,13 +29,13 @@ def config(n_head, n_kv_head, vocab, bias, layers=2, hd=2):
                            n_embd=n_head * hd, n_kv_head=n_kv_head, bias=bias)
 
 
-def serial_masks(p):
+def serial_masks(p, *, seed=SEED, call=CALL):
     """The reference's dropout: the whole masks of the global batch from the same source."""
     if p == 0:
         return None
 
     def mask(site, layer, shape):
-        keep = keep_mask(p, seed=SEED, call=CALL, layer=layer, site=SITES[site],
+        keep = keep_mask(p, seed=seed, call=call, layer=layer, site=SITES[site],
                          sample_shape=shape[1:], samples=(0, shape[0]))
         return keep / (1 - p)
     return mask

@@ -8,8 +8,8 @@ import pytest
 from mpi4py import MPI
 
 import tpmpi
-from tpmpi.core.mappings import MAPPINGS, AllReduce, Copy, GatherCols, GatherRows, Keep, \
-    Operator, ReduceScatterRows, SplitCols, between, mapping_class
+from tpmpi.core.mappings import MAPPINGS, AllReduce, AllReduceMax, Copy, GatherCols, GatherRows, \
+    Keep, Operator, ReduceScatterRows, SplitCols, StopGradient, between, mapping_class
 from tpmpi.core.partition import block_partition
 from tpmpi.core.schedule import Collective
 from tpmpi.core.summa import SUMMA, BroadcastPiece, GatherPanel, ReduceScatterPanel, \
@@ -278,3 +278,45 @@ def test_from_a_layer_to_the_mpi_call_in_three_hops(chain):
     assert call in inspect.getsource(resolve(layer_fn))
     assert comm_call in inspect.getsource(resolve(op_fn))
     assert mpi_call in inspect.getsource(getattr(comm_module, comm_fn))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", [(2, 5), (0, 3)])
+def test_allreduce_max_and_its_stop_gradient(world, shape):
+    """The loss's row maxima: the element-wise maximum over the ranks, the same everywhere; its
+    adjoint is the zero map (the loss does not depend on the shift), and they are a pair."""
+    comm, rank, p = world.comm, world.comm.Get_rank(), world.size
+    op = AllReduceMax(comm)
+    assert type(op.adjoint) is StopGradient and op.adjoint.adjoint is op
+    pieces = [np.random.default_rng(40 + q).standard_normal(shape) for q in range(p)]
+    got = op(pieces[rank].copy())
+    assert np.array_equal(got, np.max(pieces, axis=0))
+    zeros = op.adjoint(pieces[rank])
+    assert zeros.shape == shape and not zeros.any()
+    assert AllReduceMax.step("max", (shape[0],), "float32", "tp", p) == (
+        None if p == 1 else Collective("max", "allreduce", "tp", p, 4 * shape[0], "float32"))
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(3, 4)
+@pytest.mark.parametrize("mode", MODES)
+def test_allreduce_on_the_ranks_sharing_a_kv_head(world, mode):
+    """The attention's kv-head gradient sum: an AllReduce on a sub-communicator (ranks {0, 1}
+    and the rest) sums exactly over its members, and the dot-product test holds there."""
+    comm, rank = world.comm, world.comm.Get_rank()
+    sub = comm.Split(0 if rank < 2 else 1, rank)
+    try:
+        fwd = AllReduce(sub)
+        members = sub.Get_size()
+        shape = (3, 4)
+        x = piece("full", shape, 50 + 2 * (rank >= 2), sub.Get_rank(), members)
+        y = piece("replicated", shape, 60 + (rank >= 2), sub.Get_rank(), members)
+        fx = apply(fwd, x.copy(), shape, mode)
+        want = sum(piece("full", shape, 50 + 2 * (rank >= 2), q, members)
+                   for q in range(members))
+        assert np.allclose(fx, want, rtol=1e-14)
+        aty = apply(fwd.adjoint, y.copy(), shape, mode)
+        lhs, rhs = dot(sub, "replicated", fx, y, 0), dot(sub, "full", x, aty, 0)
+        assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+    finally:
+        sub.Free()

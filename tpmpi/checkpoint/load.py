@@ -14,18 +14,21 @@ from ..core.grid import ProcessGrid
 from ..core.mesh import Mesh, mesh_of
 from ..layers.base import ParallelLinear
 from ..layers.data_parallel import DataParallel
+from ..layers.leaf import ParameterLeaf
 from ..layers.module import Composite, named_layers
 from .read import read_checkpoint
 
 
-def layers_of(obj: Any) -> list[tuple[str, ParallelLinear]]:
+def layers_of(obj: Any) -> list[tuple[str, Any]]:
     """The named leaf layers of a layer or composite (:func:`tpmpi.layers.named_layers`);
-    ValueError unless every one is a ParallelLinear."""
+    ValueError unless every one is a ParallelLinear or a
+    :class:`~tpmpi.layers.leaf.ParameterLeaf`."""
     found = named_layers(obj)
     for name, layer in found:
-        if not isinstance(layer, ParallelLinear):
+        if not isinstance(layer, (ParallelLinear, ParameterLeaf)):
             raise ValueError(f"{name or type(obj).__name__} is a {type(layer).__name__}: "
-                             "expected a ParallelLinear (or a composite of them)")
+                             "expected a ParallelLinear or ParameterLeaf (or a composite of "
+                             "them)")
     return found
 
 

@@ -16,6 +16,10 @@ from ..core.args import check_field
 from ..core.dtypes import SUPPORTED, resolve_dtype
 from ..core.layout import LAYOUTS
 from .npyfile import CHUNK_BYTES
+from .params import BLOCKS
+
+SAVED_LAYOUTS = LAYOUTS + (BLOCKS,)
+"""The layouts a manifest may name: the block layouts and the layer-placed blocks."""
 
 MANIFEST = "manifest.json"
 
@@ -57,10 +61,10 @@ def _check_entry(at: str, entry: Any, version: int) -> None:
                          f"{', '.join(SUPPORTED)}")
     if version >= 2:
         check_field(at, entry, "npy_dtype", str, "a .npy dtype string")
-    layout = check_field(at, entry, "layout", str, f"one of {', '.join(LAYOUTS)}")
-    if layout not in LAYOUTS:
+    layout = check_field(at, entry, "layout", str, f"one of {', '.join(SAVED_LAYOUTS)}")
+    if layout not in SAVED_LAYOUTS:
         raise ValueError(f"{at}: field 'layout' is {layout!r}: expected one of "
-                         f"{', '.join(LAYOUTS)}")
+                         f"{', '.join(SAVED_LAYOUTS)}")
     check_field(at, entry, "header_bytes", int, "an integer")
     crc = check_field(at, entry, "checksum", dict, "an object with 'value' and 'chunk_bytes'")
     check_field(at + ", checksum", crc, "value", int, "an integer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..core.agreement import Text
 from ..core.dtypes import SUPPORTED, dtype_name
@@ -19,24 +19,38 @@ STATE_GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 """Names of state groups (``"adam.m"``): they become a directory of the checkpoint."""
 
 
+Bounds = tuple[tuple[int, int], ...]
+BLOCKS = "blocks"
+"""The layout of a parameter whose blocks its layer places itself (``block_of``): e.g. the
+attention's weights split by whole heads, which no block partition describes."""
+
+
 @dataclass
 class Param:
-    """One distributed parameter: ``local`` is this rank's block of the global ``shape``."""
+    """One distributed parameter: ``local`` is this rank's block of the global ``shape``, in
+    ``layout`` on ``grid``, or (layout :data:`BLOCKS`) at ``block_of(rank)``."""
 
     name: str
     local: Any
     shape: tuple[int, ...]
     layout: str
     grid: ProcessGrid
+    block_of: Optional[Callable[[int], Bounds]] = None
 
-    def bounds(self) -> tuple[tuple[int, int], ...]:
-        return block_bounds(self.shape, self.grid.shape, self.grid.coords, self.layout)
+    def bounds_at(self, rank: int) -> Bounds:
+        """``(start, stop)`` per axis of the block rank ``rank`` of the grid holds."""
+        if self.block_of is not None:
+            return self.block_of(rank)
+        return block_bounds(self.shape, self.grid.shape, divmod(rank, self.grid.shape[1]),
+                            self.layout)
+
+    def bounds(self) -> Bounds:
+        return self.bounds_at(self.grid.rank)
 
     def is_writer(self) -> bool:
         """True on the lowest rank holding this rank's block (replicated blocks written once)."""
-        mine, comm = self.bounds(), self.grid.comm
-        return not any(block_bounds(self.shape, self.grid.shape, tuple(comm.Get_coords(q)),
-                                    self.layout) == mine for q in range(self.grid.rank))
+        mine = self.bounds()
+        return not any(self.bounds_at(q) == mine for q in range(self.grid.rank))
 
 
 def identities(leaves: Sequence[tuple[str, Any]]) -> Text:
@@ -47,15 +61,24 @@ def identities(leaves: Sequence[tuple[str, Any]]) -> Text:
                           for prefix, layer in leaves))
 
 
-def params_of(leaves: Sequence[tuple[str, Any]]) -> list[Param]:
+def params_of(leaves: Sequence[tuple[str, Any]], grads: bool = False) -> list[Param]:
     """Every distributed parameter of the leaf layers ``leaves``, named ``weight``,
-    ``fc1.bias``... (from each layer's ``parameters()`` and ``parameter_layouts()``)."""
+    ``fc1.bias``... (from each layer's ``parameters()`` and ``parameter_layouts()``, or from
+    the ``parameter_blocks(grads)`` of a layer that places its blocks itself); with ``grads``
+    the local gradients instead of the values, in the same places."""
     out = []
     for prefix, layer in leaves:
-        local = {name: p for name, p, _ in layer.parameters()}
+        def named(name: str, prefix: str = prefix) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        placed = getattr(layer, "parameter_blocks", None)
+        if placed is not None:
+            out += [Param(named(name), local, shape, BLOCKS, layer.grid, block_of)
+                    for name, local, shape, block_of in placed(grads)]
+            continue
+        local = {name: g if grads else p for name, p, g in layer.parameters()}
         for name, (shape, layout) in layer.parameter_layouts().items():
-            out.append(Param(f"{prefix}.{name}" if prefix else name, local[name], shape, layout,
-                             layer.grid))
+            out.append(Param(named(name), local[name], shape, layout, layer.grid))
     return out
 
 
@@ -87,5 +110,6 @@ def state_params(params: list[Param], state: Any) -> list[Param]:
                     f"{tuple(getattr(a, 'shape', ()))} and dtype {getattr(a, 'dtype', None)}: "
                     f"expected a {type(p.local).__name__} of the parameter's local shape "
                     f"{tuple(p.local.shape)} and one of {', '.join(SUPPORTED)}")
-            out.append(Param(f"state/{group}/{name}", a, p.shape, p.layout, p.grid))
+            out.append(Param(f"state/{group}/{name}", a, p.shape, p.layout, p.grid,
+                             p.block_of))
     return out

@@ -28,7 +28,16 @@ SplitCols              replicated -> own column block   GatherCols              
 (replicated -> cols)   (a view, no communication)
 Keep                   blocks stay as they are          Keep                        --
 (a layout -> itself)
+AllReduceMax           element-wise maximum of per-rank StopGradient                allreduce
+(partial -> replicated) arrays -> replicated
+StopGradient           zeros: what the maximum is used  AllReduceMax                --
+(replicated -> partial) for is invariant to it
 =====================  ===============================  ==========================  =========
+
+The maximum (the vocabulary-parallel loss's row maxima, a shift the loss does not depend on)
+is no linear map: its "adjoint" is :class:`StopGradient`, the zero map, which is what its
+derivative contributes to the loss's gradient; a sum over a sub-communicator (the ranks that
+share a kv head) is an :class:`AllReduce` built on that communicator.
 
 Each operator is thus named by the pair of layouts (:mod:`tpmpi.core.layout`; ``partial`` is
 :data:`tpmpi.core.layout.PARTIAL`) it maps between: :func:`between` builds it, which is how a
@@ -257,6 +266,36 @@ class AllReduce(Operator):
                            lambda: allreduce(x, self.comm, self.staging))
 
 
+class AllReduceMax(Operator):
+    """In-place element-wise maximum of per-rank arrays (``Allreduce`` with ``MPI.MAX``), e.g.
+    the row maxima of the vocabulary-parallel logits. Host arrays of float32 or float64 (the
+    loss's statistics; the caller computes them in that type), C-contiguous; a device array
+    goes through the host when MPI is not GPU-aware."""
+
+    op = "allreduce"
+    src, dst = PARTIAL, "replicated"
+
+    def __call__(self, x: Array, size: Any = None) -> Array:
+        with self._blocked(x.nbytes):
+            if self.size > 1:
+                direct = self.staging is None or self.staging.direct()  # stream synchronised
+                host = x if direct else backend_of(x).to_host(x)
+                self.comm.Allreduce(MPI.IN_PLACE, host.reshape(-1), op=MPI.MAX)
+                if host is not x:
+                    x[...] = backend_of(x).asarray(host)
+        return x
+
+
+class StopGradient(Operator):
+    """The zero map (a new array of zeros like ``x``): the derivative through a quantity that
+    the result does not depend on, such as the loss's shift by the row maximum."""
+
+    src, dst = "replicated", PARTIAL
+
+    def out(self, x: Array, size: Any = None) -> Array:
+        return backend_of(x).xp.zeros_like(x)
+
+
 class _Gather(Operator):
     """An Allgather of the blocks of layout ``src`` straight into their places of the result:
     ``allgather_blocks`` / ``iallgather_blocks`` (``Alltoallw`` / ``Ialltoallw`` with subarray
@@ -368,8 +407,11 @@ Copy.adjoint_class, AllReduce.adjoint_class = AllReduce, Copy
 GatherRows.adjoint_class, ReduceScatterRows.adjoint_class = ReduceScatterRows, GatherRows
 GatherCols.adjoint_class, SplitCols.adjoint_class = SplitCols, GatherCols
 Keep.adjoint_class = Keep
+AllReduceMax.adjoint_class, StopGradient.adjoint_class = StopGradient, AllReduceMax
 
 MAPPINGS = (Copy, AllReduce, GatherRows, ReduceScatterRows, GatherCols, SplitCols, Keep)
+"""The linear operators that :func:`between` picks by layouts (AllReduceMax and StopGradient
+are built by name)."""
 _BY_LAYOUTS = {(m.src, m.dst): m for m in MAPPINGS if m is not Keep}
 
 

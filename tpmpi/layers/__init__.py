@@ -21,12 +21,17 @@ Determinism and reproducibility
   The error bound grows like ``K * eps * max|X| max|W|`` whatever the grid, which is what the
   tolerance formula covers.
 """
+from .attention import ParallelAttention
 from .base import ParallelLinear
+from .block import TransformerBlock
 from .column import ColumnParallelLinear
+from .embedding import VocabParallelEmbedding
 from .mlp import ParallelMLP
 from .module import Composite, Module, named_layers
 from .row import RowParallelLinear
 from .tile2d import TileParallelLinear
+from .vocab_loss import VocabParallelLoss
 
-__all__ = ["ParallelLinear", "ColumnParallelLinear", "Composite", "Module", "ParallelMLP",
-           "RowParallelLinear", "TileParallelLinear", "named_layers"]
+__all__ = ["ParallelLinear", "ColumnParallelLinear", "Composite", "Module", "ParallelAttention",
+           "ParallelMLP", "RowParallelLinear", "TileParallelLinear", "TransformerBlock",
+           "VocabParallelEmbedding", "VocabParallelLoss", "named_layers"]

@@ -24,7 +24,7 @@ from ..core.mappings import Operator, between
 from ..core.partition import block_sizes
 from ..core.schedule import Schedule
 from .linear_schedule import grid_shape, linear_schedule
-from .module import Checkpointable
+from .module import Checkpointable, LeafModule
 
 
 def check_dense(W: Any, b: Any, k: int, n: int, names: tuple[str, str] = ("W", "b")) -> None:
@@ -70,7 +70,7 @@ def array_checksum(backend: Backend, a: Array) -> Checksum:
     return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8).data))
 
 
-class ParallelLinear(Checkpointable):
+class ParallelLinear(LeafModule, Checkpointable):
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
     Subclasses declare their layouts in ``layouts_for(**options)`` (a
@@ -271,23 +271,6 @@ class ParallelLinear(Checkpointable):
         """The input that forward saved (backward's agreement has checked that there is one)."""
         assert self._x is not None
         return self._x
-
-    def zero_grad(self) -> None:
-        """Reset accumulated gradients to zero."""
-        self.grad_weight[...] = 0
-        if self.grad_bias is not None:
-            self.grad_bias[...] = 0
-
-    def children(self) -> list:
-        """No sub-modules: a layer is a leaf of the module protocol (:mod:`tpmpi.layers.module`)."""
-        return []
-
-    def parameters(self) -> list[tuple[str, Any, Any]]:
-        """``(name, local parameter, local gradient)`` for each parameter."""
-        out = [("weight", self.weight, self.grad_weight)]
-        if self.bias is not None:
-            out.append(("bias", self.bias, self.grad_bias))
-        return out
 
     def config(self) -> dict[str, Any]:
         """Constructor keywords that rebuild this layer (less ``grid`` and ``backend``)."""

@@ -28,7 +28,7 @@ started at the gradient readiness (:class:`tpmpi.core.schedule.GradsReady`) that
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from mpi4py import MPI
 
@@ -42,6 +42,7 @@ from ..core.mesh import Mesh
 from ..core.schedule import Collective, GradsReady, Schedule, Step
 from .module import named_layers
 
+_R = TypeVar("_R")
 BUCKET_BYTES = 25 * 2**20
 """Default smallest bucket (PyTorch DDP's ``bucket_cap_mb=25``)."""
 
@@ -189,9 +190,17 @@ class DataParallel:
                                  "forward output's)")
 
         agree_checks(self.mesh.comm, local_checks, call=_call("backward"))
+        return self.averaged(lambda: self.module.backward(dy))
+
+    def averaged(self, backward: Callable[[], _R]) -> _R:
+        """``backward()`` (the module's backward pass, whatever its arguments) with the DP
+        gradient averaging: the buckets started as the module reports its layers ready (or all
+        after it), then waited for and scaled to means. Returns what ``backward`` returns. A
+        model whose backward takes no ``dy`` (:class:`tpmpi.models.GPT`, whose loss ends it)
+        calls this after agreeing on its own arguments. Collective over ``mesh.dp_comm``."""
         self._active, self._ready, self._started = True, set(), 0
         try:
-            dx = self.module.backward(dy)
+            result = backward()
             self._layer_ready(*self.layers)  # a module without grad_ready callbacks
         except BaseException:  # complete what the other ranks are in, keep nothing pending
             for bucket in self.buckets[:self._started]:
@@ -200,7 +209,7 @@ class DataParallel:
         finally:
             self._active = False
         self._finish()
-        return dx
+        return result
 
     def _layer_ready(self, *layers: Any) -> None:
         """``layers``' gradients are final: start every bucket complete by now, in order

@@ -41,6 +41,35 @@ class Module(Protocol):
         """The communication operators by (dotted) attribute name."""
 
 
+class LeafModule:
+    """What every leaf of the protocol shares (:class:`~tpmpi.layers.base.ParallelLinear`,
+    :class:`~tpmpi.layers.leaf.ParameterLeaf`): a ``weight`` and an optional ``bias`` with
+    their gradients ``grad_weight`` / ``grad_bias`` (the attributes DataParallel buckets), no
+    sub-modules."""
+
+    weight: Any
+    bias: Any
+    grad_weight: Any
+    grad_bias: Any
+
+    def children(self) -> list:
+        """No sub-modules: a leaf of the module protocol."""
+        return []
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """``(name, local parameter, local gradient)``: weight, then bias when there is one."""
+        out = [("weight", self.weight, self.grad_weight)]
+        if self.bias is not None:
+            out.append(("bias", self.bias, self.grad_bias))
+        return out
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients to zero."""
+        self.grad_weight[...] = 0
+        if self.grad_bias is not None:
+            self.grad_bias[...] = 0
+
+
 class Checkpointable:
     """What leaf layers (:class:`~tpmpi.layers.base.ParallelLinear`) and composites
     (:class:`Composite`) share: :meth:`load_checkpoint`, for them and every subclass."""

@@ -1,0 +1,68 @@
+"""tpmpi.TransformerBlock at world sizes 1-4 against the serial block of tests/gpt_reference.py
+with dropout at every site (the serial masks): the output, dx and every parameter gradient,
+with and without sequence parallelism (the LayerNorm gradient shares summed over the group by
+PartialGrads); its schedule has the per-block collectives of the design."""
+import numpy as np
+import pytest
+
+import gpt_reference as ref
+from conftest import rel_err
+from tpmpi.core.backend import get_backend
+from tpmpi.core.dropout import Site, keep_mask
+from tpmpi.core.partition import block_range
+from tpmpi.core.schedule import Collective
+from tpmpi.layers.block import DropoutCall, TransformerBlock
+from tpmpi.layers.leaf import PartialGrads
+from tpmpi.models import GPTConfig
+
+SITES = {"attention": Site.ATTENTION, "attention_output": Site.ATTENTION_OUTPUT,
+         "mlp_output": Site.MLP_OUTPUT}
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
+def test_matches_the_serial_block(grid, sp):
+    cfg = GPTConfig(5, 8, 2, 4, 8, n_kv_head=2)
+    sd = ref.random_state_dict(cfg, seed=7)
+    B, T, d, p, layer = 2, 5, 8, 0.2, 1
+    prefix = f"transformer.h.{layer}"
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal((B, T, d)), rng.standard_normal((B, T, d))
+
+    def mask(site, i, shape):
+        return keep_mask(p, seed=9, call=2, layer=i, site=SITES[site], sample_shape=shape[1:],
+                         samples=(0, shape[0])) / (1 - p)
+
+    z = ref.Dims(cfg, B, T)
+    want, saved = ref._block(x, sd, prefix, layer, z, mask)
+    grads: dict = {}
+    dx_want = ref._block_back(dout, sd, prefix, z, saved, grads)
+    dense = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+    block = TransformerBlock(d, 4, 2, layer=layer, grid=grid, backend=get_backend("numpy"),
+                             dtype="float64", sequence_parallel=sp, dense=dense)
+    shares = PartialGrads(block.layer_norms(), grid.comm, None) if sp else None
+    a, b = block_range(B * T, grid.size, grid.comm.Get_rank()) if sp else (0, B * T)
+    drop = DropoutCall(p, 9, 2, T, 0, (a, b), d)
+    y = block.forward(x.reshape(B * T, d)[a:b].copy(), B, drop)
+    assert rel_err(y, want.reshape(B * T, d)[a:b]) <= 1e-12
+    if shares:
+        shares.start()
+    dx = block.backward(dout.reshape(B * T, d)[a:b].copy())
+    if shares:
+        shares.finish()
+    assert rel_err(dx, dx_want.reshape(B * T, d)[a:b]) <= 1e-12
+    for name in ("ln_1", "ln_2"):
+        ln = getattr(block, name)
+        assert rel_err(ln.grad_weight, grads[f"{prefix}.{name}.weight"]) <= 1e-12
+        assert rel_err(ln.grad_bias, grads[f"{prefix}.{name}.bias"]) <= 1e-12
+    fc = block.mlp.fc1
+    assert rel_err(fc.grad_weight, grads[f"{prefix}.mlp.c_fc.weight"].T[:, fc.shard[1]]) <= 1e-12
+    assert rel_err(block.mlp.fc2.grad_bias, grads[f"{prefix}.mlp.c_proj.bias"]) <= 1e-12
+
+
+def test_schedule_has_the_designs_collectives_per_block():
+    plain = TransformerBlock.schedule_for(2, 16, 64, 8, 4, backward=True)
+    ops = [s.op for s in plain.steps() if isinstance(s, Collective)]
+    assert ops == ["allreduce"] * 4
+    sp = TransformerBlock.schedule_for(2, 16, 64, 8, 4, sequence_parallel=True, backward=True)
+    ops = [s.op for s in sp.steps() if isinstance(s, Collective)]
+    assert ops.count("reduce_scatter") == 4 and ops.count("allgather") == 5  # MLP re-gather
