@@ -1,8 +1,9 @@
 """Machines that price a schedule's steps for one placement of a job on a cluster.
 
-A machine answers three questions about the steps of :mod:`tpmpi.core.schedule` (the protocol
-the cost model prices against): ``product_s(Product)``, ``pointwise_s(Pointwise)`` and
-``collective_s(Collective)``, in seconds. Two kinds:
+A machine answers three questions about the steps of :mod:`tpmpi.core.schedule`, in seconds:
+``product_s(Product)``, ``pointwise_s(Pointwise)`` and ``collective_s(Collective)`` -- the
+:class:`tpmpi.studies.pricing.Machine` protocol of the one pricer,
+:func:`tpmpi.studies.pricing.price`. Two kinds:
 
 * :class:`ClusterMachine`: a GPU cluster preset (:mod:`tpmpi.studies.cluster`) and a
   :class:`Placement`. Ranks are numbered ``dp_index * tp + tp_index`` (the mesh's order) and
@@ -12,33 +13,24 @@ the cost model prices against): ``product_s(Product)``, ``pointwise_s(Pointwise)
 * :class:`CalibratedCluster`: a cluster described by a ``calibrate`` file
   (:class:`tpmpi.studies.costmodel.Calibration`: GEMM rates per shape class, alpha/beta per
   collective and communicator size), so a user's own CPU cluster is one calibration away. Its
-  machine prices products and element-wise work at the calibrated rates and a collective with
-  the alpha/beta fitted at the nearest communicator size (a calibration run across nodes thus
-  carries the network; one run inside a node does not know it).
+  machine is the cost model's own :class:`tpmpi.studies.costmodel.CalibratedMachine` (the one
+  ``plan`` prices single layers with): products and element-wise work at the calibrated rates,
+  a collective with the alpha/beta fitted at the nearest communicator size (a calibration run
+  across nodes thus carries the network; one run inside a node does not know it).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Optional, Protocol, Union
+from typing import Optional, Union
 
 from ..core.args import check_int
 from ..core.dtypes import resolve_dtype
 from ..core.schedule import Collective, Pointwise, Product
 from .cluster import Cluster
-from .costmodel import CLASS_SHAPES, Calibration, load_calibration
+from .costmodel import CLASS_SHAPES, CalibratedMachine, Calibration, load_calibration
 from .nccl import Choice, Fabric, collective
-
-
-class Machine(Protocol):
-    """What prices a schedule: seconds of each kind of step."""
-
-    def product_s(self, step: Product) -> float: ...
-
-    def pointwise_s(self, step: Pointwise) -> float: ...
-
-    def collective_s(self, step: Collective) -> float: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,24 +125,6 @@ class CalibratedDevice:
     def peak_flops(self, dtype: str) -> float:
         n = CLASS_SHAPES["large"][0]
         return 2.0 * n**3 / self.calibration.gemm(n, n, n, dtype, self.backend)
-
-
-class CalibratedMachine:
-    """Prices steps with a :class:`~tpmpi.studies.costmodel.Calibration` (see the module
-    docstring); the same for every placement."""
-
-    def __init__(self, calibration: Calibration, backend: str = "numpy"):
-        self.calibration, self.backend = calibration, backend
-
-    def product_s(self, step: Product) -> float:
-        return step.batch * self.calibration.gemm(step.m, step.k, step.n, step.dtype,
-                                                  self.backend)
-
-    def pointwise_s(self, step: Pointwise) -> float:
-        return self.calibration.memory_time(step.nbytes, step.dtype, self.backend)
-
-    def collective_s(self, step: Collective) -> float:
-        return self.calibration.collective(step.op, step.size, step.nbytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,7 @@ def _predict(run: Mapping[str, Any], data: Mapping[str, Any]) -> StepPrediction:
     config = StepConfig(tp=run["tp"], dp=run["dp"], micro_batch=run["micro_batch"],
                         global_batch=run["global_batch"], recompute=conf["recompute"],
                         dtype=conf["dtype"], overlap=conf["overlap"],
-                        dp_overlap=run.get("dp_overlap", True), optimizer=conf["optimizer"])
+                        ddp=run.get("ddp", "overlap"), optimizer=conf["optimizer"])
     pred = predict_step(load_cluster(run["cluster"]), shape, config)
     if pred.refused:
         raise ValueError(f"published run {run['model']} tp={run['tp']} dp={run['dp']}: "
