@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from tpmpi.core.schedule import Collective, GradsReady, Pointwise, Product, Schedule
+from tpmpi.core.schedule import GradsReady, Pointwise, Product, Schedule
 from tpmpi.studies.cluster import load_cluster
 from tpmpi.studies.gptblock import GPTShape
 from tpmpi.studies.pricing import price
