@@ -411,8 +411,8 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
     parts = gpt_parts(shape, config.micro_batch, config.tp, config.sequence_parallel,
                       config.dtype)
     if not config.overlap:
-        parts = GPTParts(*(_blocking(p) for p in (parts.embedding, parts.block, parts.head)),
-                         parts.n_layer)
+        parts = GPTParts(_blocking(parts.embedding), _blocking(parts.block),
+                         _blocking(parts.head), parts.n_layer)
 
     def cost(steps: Sequence[Step], backward: bool = False) -> Breakdown:
         return price(Schedule((), tuple(steps)) if backward else Schedule(tuple(steps)),
