@@ -10,6 +10,10 @@ presets alone: nothing in the model is fitted to these numbers.
 A weak-scaling efficiency is the per-GPU FLOP/s of the run over that of its baseline (the 1.2B
 model on one GPU), FLOPs by :func:`tpmpi.studies.trainstep.model_flops` for both; a baseline
 compared with itself (100 % by definition) is shown but not scored.
+
+:func:`against_runs` does the same for a CPU cluster preset (a ``calibrate`` file,
+:func:`tpmpi.studies.machine.calibrated_cluster`) and the runs of ``python -m tpmpi run
+--json``: each run's layer schedule priced on the preset's machine next to its measured median.
 """
 from __future__ import annotations
 
@@ -19,8 +23,13 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any, Optional
 
+from ..layers.data_parallel import BUCKET_BYTES
 from .cluster import load_cluster
+from .costmodel import layout_label, schedule_of
 from .gptblock import GPTShape
+from .machine import Placement, Target, machine_for
+from .pricing import price
+from .problem import Problem
 from .trainstep import StepConfig, StepPrediction, predict_step
 
 DATA = "megatron.json"
@@ -113,4 +122,56 @@ def markdown(checks: Sequence[Check]) -> str:
     lines.append("")
     lines.append(f"Mean absolute error {mean:.1%}, largest {worst:.1%} "
                  f"({sum(c.scored for c in checks)} scored points).")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheck:
+    """One measured run (``label``: scheme, grid, sizes, pass) next to the preset's
+    prediction, in seconds."""
+
+    label: str
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1.0
+
+
+def against_runs(target: Target, records: Sequence[Mapping[str, Any]]) -> list[RunCheck]:
+    """Each ``run`` record (scheme, sizes, grid, mesh, dtype, pass, options, ``time_s``) next to
+    its layer's schedule (:func:`tpmpi.studies.costmodel.schedule_of`) priced on ``target``'s
+    machine for the run's placement."""
+    checks = []
+    for r in records:
+        problem = Problem(scheme=r["scheme"], m=r["m"], k=r["k"], n=r["n"], hidden=r["hidden"],
+                          dtype=r["dtype"], backward=bool(r.get("backward")),
+                          options=tuple(sorted((r.get("options") or {}).items())))
+        grid = tuple(int(g) for g in r["grid"].split("x"))
+        mesh = r.get("mesh") or {}
+        dp = int(mesh.get("dp", 1))
+        sched = schedule_of(problem, grid, dp=dp,
+                            bucket_bytes=mesh.get("bucket_bytes") or BUCKET_BYTES)
+        if sched is None:
+            continue
+        machine = machine_for(target, Placement(grid[0] * grid[1], dp, target.gpus_per_node))
+        predicted = price(sched, machine, backward=problem.backward).time_s
+        label = layout_label(problem.scheme, grid, dp, problem.opts) + \
+            f" {problem.m}x{problem.k}x{problem.n}" + \
+            (f" hidden={problem.hidden}" if problem.hidden else "") + \
+            (" fwd+bwd" if problem.backward else " fwd")
+        checks.append(RunCheck(label, float(r["time_s"]["median"]), predicted))
+    return checks
+
+
+def runs_markdown(checks: Sequence[RunCheck]) -> str:
+    """The table of :func:`against_runs`: run, measured and predicted ms, error; the mean and
+    largest absolute error."""
+    lines = ["| run | measured (ms) | predicted (ms) | error |", "|---|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.measured * 1e3:.2f} | {c.predicted * 1e3:.2f} | "
+              f"{c.error:+.1%} |" for c in checks]
+    errors = [abs(c.error) for c in checks]
+    lines += ["", (f"Mean absolute error {sum(errors) / len(errors):.1%}, largest "
+                  f"{max(errors):.1%} ({len(errors)} runs).")]
     return "\n".join(lines)
