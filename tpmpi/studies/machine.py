@@ -78,14 +78,20 @@ class Placement:
 
 
 class ClusterMachine:
-    """A GPU cluster preset priced for one :class:`Placement`."""
+    """A GPU cluster preset priced for one :class:`Placement`. The seconds of a step depend on
+    its shape, not its name: they are kept per shape (a model repeats its blocks' steps)."""
 
     def __init__(self, cluster: Cluster, placement: Placement):
         self.cluster, self.placement = cluster, placement
+        self._seconds: dict[tuple, float] = {}
 
     def product_s(self, step: Product) -> float:
-        return self.cluster.device.product_s(step.m, step.k, step.n, step.batch, step.dtype,
-                                             resolve_dtype(step.dtype).itemsize)
+        key = ("product", step.m, step.k, step.n, step.batch, step.dtype)
+        if key not in self._seconds:
+            self._seconds[key] = self.cluster.device.product_s(
+                step.m, step.k, step.n, step.batch, step.dtype,
+                resolve_dtype(step.dtype).itemsize)
+        return self._seconds[key]
 
     def pointwise_s(self, step: Pointwise) -> float:
         return self.cluster.device.pointwise_s(step.nbytes, step.flops)
@@ -100,9 +106,12 @@ class ClusterMachine:
                       nic_bw=share, nvls_algbw=c.nvls_algbw)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (a machine lives for one configuration)
+    def _choice(self, op: str, group: str, size: int, nbytes: int) -> Choice:
+        return collective(op, self.fabric(group, size), nbytes)
+
     def choice(self, step: Collective) -> Choice:
         """NCCL's algorithm, protocol and time for ``step``."""
-        return collective(step.op, self.fabric(step.group, step.size), step.nbytes)
+        return self._choice(step.op, step.group, step.size, step.nbytes)
 
     def collective_s(self, step: Collective) -> float:
         return self.choice(step).seconds

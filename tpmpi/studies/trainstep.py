@@ -399,7 +399,8 @@ def _collective_rows(phases: Iterable[tuple[Breakdown, int]],
 
 def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPrediction:
     """The predicted iteration of ``shape`` under ``config`` on ``target`` (a cluster preset or
-    a calibrated cluster); ``refused`` says why a configuration cannot run."""
+    a calibrated cluster); ``refused`` says why a configuration cannot run (then only its
+    memory is predicted)."""
     pred = StepPrediction(cluster=target.name, shape=shape, config=config)
     micro = config.micro_batches
     if micro is None:
@@ -410,6 +411,12 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
     machine = machine_for(target, Placement(config.tp, config.dp, target.gpus_per_node))
     parts = gpt_parts(shape, config.micro_batch, config.tp, config.sequence_parallel,
                       config.dtype)
+    pred.memory = _memory(parts, shape, config)
+    capacity = target.device.memory_bytes
+    if pred.mem_per_gpu_bytes > capacity:  # not priced: a refused configuration has no time
+        pred.refused = (f"needs {pred.mem_per_gpu_bytes / 2**30:.1f} GiB per GPU, the "
+                        f"{target.device.name} has {capacity / 2**30:.1f} GiB")
+        return pred
     if not config.overlap:
         parts = GPTParts(_blocking(parts.embedding), _blocking(parts.block),
                          _blocking(parts.head), parts.n_layer)
@@ -448,7 +455,6 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
     pred.flops = model_flops(shape, config.global_batch, config.recompute)
     pred.tflops_per_gpu = pred.flops / pred.iteration_s / pred.gpus / 1e12
     pred.mfu = pred.tflops_per_gpu * 1e12 / peak
-    pred.memory = _memory(parts, shape, config)
     phases = [(fwd, n * micro), (bwd, n * micro), (recompute, n * micro), (head_f, micro),
               (head_b, micro), (emb_f, micro), (emb_b, micro), (opt, 1)]
     pred.collectives = _collective_rows(phases, machine)
@@ -457,8 +463,4 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
             "name": "dp.grads", "op": "allreduce", "group": "dp", "size": config.dp,
             "bytes": params, "seconds": pred.dp_allreduce_s, "exposed_s": pred.dp_exposed_s,
             "count": 1, "ddp": config.ddp})
-    capacity = target.device.memory_bytes
-    if pred.mem_per_gpu_bytes > capacity:
-        pred.refused = (f"needs {pred.mem_per_gpu_bytes / 2**30:.1f} GiB per GPU, the "
-                        f"{target.device.name} has {capacity / 2**30:.1f} GiB")
     return pred
