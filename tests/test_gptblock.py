@@ -34,7 +34,7 @@ def test_saved_bytes_are_korthikanti_s(tp, sp):
 def test_the_attention_core_is_what_selective_recompute_reruns():
     block = gpt_parts(GPTShape(1, 1024, 16, 2048, 1000), 2, 2, False, "bfloat16").block
     assert [step.name for step in recomputed(block, "selective")] == [
-        "attn.core.scores", "attn.core.softmax", "attn.core.dropout", "attn.core.context"]
+        "attn.scores", "attn.softmax", "attn.dropout", "attn.context"]
     assert recomputed(block, "full") == block.forward and recomputed(block, "none") == ()
 
 

@@ -4,7 +4,8 @@
 optional grouped-query heads of :class:`tpmpi.models.GPTConfig`). :func:`schedule_for` lists
 what one rank of a TP group runs for it, in :mod:`tpmpi.core.schedule` steps only: the token and
 position embedding, the ``n_layer`` blocks (block ``i``'s steps named ``transformer.h.<i>.``,
-its attention core's ``transformer.h.<i>.attn.core.``), the final LayerNorm with the LM head and
+its attention core's ``attn.scores``, ``attn.softmax``, ``attn.dropout``, ``attn.context``
+within it, as ``tpmpi.ParallelAttention`` names them), the final LayerNorm with the LM head and
 the cross-entropy.
 
 PROVISIONAL: :func:`schedule_for` has the exact signature of ``tpmpi.models.GPT.schedule_for``
@@ -153,16 +154,16 @@ def _parts(cfg: GPTConfig, batch: int, seq: int, tp: int, sequence_parallel: boo
     fc, fc_back = linear("mlp.c_fc", h, f, (h + bias) * f * e, True)
     out, out_back = linear("mlp.c_proj", f, h, (f + bias) * h * e, False)
     core = Schedule(
-        (Product("attn.core.scores", s, hd, s, dtype, heads),
-         pw("attn.core.softmax", 2 * scores * e),
-         *given(drop, pw("attn.core.dropout", scores * (2 * e + 1))),
-         Product("attn.core.context", s, s, hd, dtype, heads)),
-        (Product("attn.core.context.dP", s, hd, s, dtype, heads),
-         Product("attn.core.context.dV", s, s, hd, dtype, heads),
-         *given(drop, pw("attn.core.dropout.backward", scores * (2 * e + 1))),
-         pw("attn.core.softmax.backward", 3 * scores * e),
-         Product("attn.core.scores.dQ", s, s, hd, dtype, heads),
-         Product("attn.core.scores.dK", hd, s, s, dtype, heads)),
+        (Product("attn.scores", s, hd, s, dtype, heads),
+         pw("attn.softmax", 2 * scores * e),
+         *given(drop, pw("attn.dropout", scores * (2 * e + 1))),
+         Product("attn.context", s, s, hd, dtype, heads)),
+        (Product("attn.context.dP", s, hd, s, dtype, heads),
+         Product("attn.context.dV", s, s, hd, dtype, heads),
+         *given(drop, pw("attn.dropout.backward", scores * (2 * e + 1))),
+         pw("attn.softmax.backward", 3 * scores * e),
+         Product("attn.scores.dQ", s, s, hd, dtype, heads),
+         Product("attn.scores.dK", hd, s, s, dtype, heads)),
         0, scores * (e + drop * (1 + e)))      # probabilities, mask, dropped probabilities
     residual = mr * h * (3 * e + drop)          # bias + dropout + residual add (+ mask)
     ln = (h + bias * h) * e                     # one LayerNorm's weight and bias

@@ -24,8 +24,8 @@ the gradient norm.
 
 Activation recomputation (Korthikanti et al. 2022): "none" keeps every block's saved bytes;
 "selective" drops the attention core's (probabilities, dropout mask and output: ``5 a s^2 b``
-bytes in half precision) and recomputes the core (the block's forward steps under
-``attn.core.``) before the block's backward; "full" keeps only each block's input and reruns
+bytes in half precision) and recomputes the core (the block's forward steps :data:`CORE`)
+before the block's backward; "full" keeps only each block's input and reruns
 the whole block forward (its collectives included) before its backward, holding one block's
 activations at a time.
 
@@ -70,9 +70,9 @@ until the model's classmethod replaces it here)."""
 
 RECOMPUTE = ("none", "selective", "full")
 DDP = ("overlap", "blocking", "megatron-local")
-CORE = "attn.core."
-"""The prefix, inside a block, of the attention core's steps (what selective recomputation
-redoes)."""
+CORE = ("attn.scores", "attn.softmax", "attn.dropout", "attn.context")
+"""The attention core's forward steps inside a block (what selective recomputation redoes), as
+``tpmpi.ParallelAttention.schedule_for`` names them."""
 HALF = ("float16", "bfloat16")
 OPTIMIZERS: dict[str, dict[str, tuple[int, int]]] = {
     "adam": {"half": (30, 12), "float32": (32, 8), "float64": (64, 16)},
@@ -312,7 +312,7 @@ def recomputed(block: Schedule, recompute: str) -> tuple[Step, ...]:
     if recompute == "full":
         return block.forward
     if recompute == "selective":
-        return tuple(s for s in block.forward if _name(s).startswith(CORE))
+        return tuple(s for s in block.forward if _name(s) in CORE)
     return ()
 
 
