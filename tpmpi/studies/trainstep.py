@@ -93,12 +93,15 @@ and writes weight and moments (12), the master weights are copied back to half (
 bytes; state: master weight, master gradient and moments (16). The clip itself (another 8 when
 the norm exceeds the threshold) is not counted.
 """
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """How the model is run: ``tp`` x ``dp`` ranks, micro-batch ``micro_batch`` and global batch
     ``global_batch`` (sequences), sequence parallelism, recomputation, dtype, whether TP
-    collectives overlap the products the layers overlap them with (``overlap``) and the DP
-    all-reduce overlaps backward (``dp_overlap``), DP bucket size."""
+    collectives overlap the products the layers overlap them with (``overlap``), how data
+    parallelism all-reduces the gradients (``ddp``, one of :data:`DDP`), DP bucket size,
+    optimizer (:data:`OPTIMIZERS`)."""
 
     tp: int
     dp: int
