@@ -31,6 +31,7 @@ from ..core.schedule import Collective, Pointwise, Product
 from .cluster import Cluster
 from .costmodel import CLASS_SHAPES, CalibratedMachine, Calibration, load_calibration
 from .nccl import Choice, Fabric, collective
+from .pricing import Machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +171,9 @@ def calibrated_cluster(path: str, *, ranks_per_node: Optional[int] = None,
 Target = Union[Cluster, CalibratedCluster]
 
 
-def machine_for(target: Target, placement: Placement) -> Union[ClusterMachine,
-                                                               CalibratedMachine]:
-    """The machine pricing ``placement`` on ``target``."""
+def machine_for(target: Target, placement: Placement) -> Machine:
+    """The machine pricing ``placement`` on ``target`` (either kind implements the pricer's
+    :class:`~tpmpi.studies.pricing.Machine` protocol, which mypy checks here)."""
     if isinstance(target, CalibratedCluster):
         return CalibratedMachine(target.device.calibration, target.device.backend)
     return ClusterMachine(target, placement)
