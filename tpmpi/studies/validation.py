@@ -29,7 +29,7 @@ from .costmodel import layout_label, schedule_of
 from .gptblock import GPTShape
 from .machine import Placement, Target, machine_for
 from .pricing import price
-from .problem import Problem
+from .problem import RecordedRun
 from .trainstep import StepConfig, StepPrediction, predict_step
 
 DATA = "megatron.json"
@@ -145,14 +145,9 @@ def against_runs(target: Target, records: Sequence[Mapping[str, Any]]) -> list[R
     machine for the run's placement."""
     checks = []
     for r in records:
-        problem = Problem(scheme=r["scheme"], m=r["m"], k=r["k"], n=r["n"], hidden=r["hidden"],
-                          dtype=r["dtype"], backward=bool(r.get("backward")),
-                          options=tuple(sorted((r.get("options") or {}).items())))
-        grid = tuple(int(g) for g in r["grid"].split("x"))
-        mesh = r.get("mesh") or {}
-        dp = int(mesh.get("dp", 1))
-        sched = schedule_of(problem, grid, dp=dp,
-                            bucket_bytes=mesh.get("bucket_bytes") or BUCKET_BYTES)
+        run = RecordedRun.of(r)
+        problem, grid, dp = run.problem, run.grid, run.dp
+        sched = schedule_of(problem, grid, dp=dp, bucket_bytes=run.bucket_bytes or BUCKET_BYTES)
         if sched is None:
             continue
         machine = machine_for(target, Placement(grid[0] * grid[1], dp, target.gpus_per_node))
