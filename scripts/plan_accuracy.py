@@ -17,7 +17,7 @@ from tpmpi.core import launch
 from tpmpi.core.launch import Parser, parse_args
 from tpmpi.studies.costmodel import load_calibration, plan, predict
 from tpmpi.layers.data_parallel import BUCKET_BYTES
-from tpmpi.studies.problem import Problem
+from tpmpi.studies.problem import RecordedRun
 from tpmpi.studies.report import accuracy, layout, load, problem_key
 
 
@@ -34,13 +34,9 @@ def main() -> None:
     recs = [r for r in load(args.files) if "scheme" in r and "time_s" in r]
     if args.calibration:
         for r in recs:
-            prob = Problem(scheme=r["scheme"], m=r["m"], k=r["k"], n=r["n"], hidden=r["hidden"],
-                           dtype=r["dtype"], backward=bool(r.get("backward")),
-                           options=tuple(sorted((r.get("options") or {}).items())))
-            grid = tuple(int(g) for g in r["grid"].split("x"))
-            mesh = r.get("mesh") or {}
-            pred = predict(prob, r["ranks"], grid, cal, r["backend"], dp=mesh.get("dp", 1),
-                           bucket_bytes=mesh.get("bucket_bytes") or BUCKET_BYTES)
+            run = RecordedRun.of(r)
+            pred = predict(run.problem, r["ranks"], run.grid, cal, r["backend"], dp=run.dp,
+                           bucket_bytes=run.bucket_bytes or BUCKET_BYTES)
             r["predicted_s"] = pred.time_s if pred else None
     recs = [r for r in recs if r.get("predicted_s")]
     acc = accuracy(recs)

@@ -2,6 +2,7 @@
 collective mode, calibrate, plan, info, usage errors (exit 2) and runtime errors (exit 3) on
 every rank."""
 import json
+import re
 
 import pytest
 
@@ -207,3 +208,77 @@ def test_plan_prints_ranked_layouts(capsys):
         return  # printed on rank 0
     assert out.splitlines()[0].split()[:2] == ["order", "layout"]
     assert "tile2d 2x2" in out and "column 1x4" in out
+
+
+GPT = ["plan", "--cluster", "dgx-a100", "--model",
+       "layers=42,hidden=4096,heads=32,seq=1024,vocab=51200", "--micro-batch", "8",
+       "--global-batch", "512", "--recompute", "selective"]
+
+
+def test_plan_cluster_ranks_configurations_and_explains_the_first(tmp_path, capsys):
+    """The issue's ranking over --tp 1,2,4,8 --dp 1-64 at 64 GPUs: the table, why the first
+    wins and the runner-up, the refused ones with their reason, the first term by term, and one
+    JSON record per configuration with the contract fields."""
+    from mpi4py import MPI
+
+    path = tmp_path / "plan.jsonl"
+    argv = GPT + ["--tp", "1,2,4,8", "--dp", "1-64", "--gpus", "64", "--json", str(path)]
+    assert main(argv, MPI.COMM_SELF) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["order", "config", "gpus"]
+    assert re.search(r"why tp=\d dp=\d+ recompute=selective first: .* runner-up tp=\d dp=\d+ ",
+                     out)
+    assert "refused, e.g. tp=1 dp=64 recompute=selective: needs" in out
+    assert "DP gradient all-reduce" in out and "memory per GPU" in out
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == 4 and [r["order"] for r in recs] == [1, 2, 3, 4]
+    for key in ("layer_fwd_s", "layer_bwd_s", "iteration_s", "tflops_per_gpu", "mfu",
+                "mem_per_gpu_bytes"):
+        assert key in recs[0] and recs[0][key] > 0
+    assert all(r["tp"] * r["dp"] == 64 for r in recs)
+    assert recs[-1]["refused"].startswith("needs ")
+
+
+def test_plan_cluster_one_configuration_and_a_refusal(capsys):
+    """One tp x dp prints its breakdown alone; when nothing fits, the reason and exit 1."""
+    from mpi4py import MPI
+
+    assert main(GPT + ["--tp", "8", "--dp", "8"], MPI.COMM_SELF) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dgx-a100: GPT layers=42") and "order" not in out
+    assert main(GPT + ["--tp", "1", "--dp", "1", "--global-batch", "8"], MPI.COMM_SELF) == 1
+    assert "refused: needs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--tp", "8"], r"plan --cluster: --dp required"),
+    (["--tp", "8", "--dp", "2", "--m", "4"], r"--m belongs to the other form of plan"),
+    (["--tp", "0-2", "--dp", "1"], r"tp='0-2': '0-2': expected 1 <= N <= M"),
+    (["--tp", "8", "--dp", "1", "--cluster", "dgx-9"], r"--cluster: cluster='dgx-9': expected"),
+    (["--tp", "8", "--dp", "1", "--dtype", "bfloat16", "--cluster", "dgx-2h"],
+     r"dtype='bfloat16': the V100-SXM3-32GB has no bfloat16 rate"),
+])
+def test_plan_cluster_usage_errors_name_the_flag(extra, says, capsys):
+    from mpi4py import MPI
+
+    assert main(GPT + extra, MPI.COMM_SELF) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_cluster_takes_a_calibration_file(tmp_path, capsys):
+    """A calibrate file is a CPU cluster: the plan runs on its rates (float32 by default)."""
+    from mpi4py import MPI
+
+    cal = tmp_path / "calib.json"
+    cal.write_text(json.dumps({
+        "machine": {"source": "calibrate", "ranks": 4, "backend": "numpy"},
+        "alpha": {"allreduce": {"2": 1e-5}}, "beta": {"allreduce": {"2": 1e-9}},
+        "rates": {"numpy:float32": {"thin": 1e10, "small": 5e10, "medium": 1e11,
+                                    "large": 1e11}}}))
+    argv = ["plan", "--cluster", str(cal), "--model",
+            "layers=2,hidden=64,heads=4,seq=32,vocab=100", "--micro-batch", "2",
+            "--global-batch", "8", "--tp", "1,2,4", "--dp", "1-4", "--gpus", "4"]
+    assert main(argv, MPI.COMM_SELF) == 0
+    out = capsys.readouterr().out
+    assert f"calibrated:{cal}: GPT layers=2" in out and "float32" in out

@@ -7,9 +7,8 @@ import pytest
 
 from tpmpi.core.schedule import Collective, Pointwise, Product
 from tpmpi.studies.cluster import load_cluster
-from tpmpi.studies.costmodel import Calibration
-from tpmpi.studies.machine import (CalibratedMachine, ClusterMachine, Placement,
-                                   calibrated_cluster, machine_for)
+from tpmpi.studies.costmodel import CalibratedMachine, Calibration
+from tpmpi.studies.machine import ClusterMachine, Placement, calibrated_cluster, machine_for
 
 
 @pytest.mark.parametrize(("tp", "dp", "group", "size", "span"), [

@@ -33,3 +33,17 @@ def test_longest_sum():
     assert Problem(m=9000, k=5, n=7).longest_sum == 5  # forward: K only
     assert Problem(m=9000, k=5, n=7, backward=True).longest_sum == 9000  # dW sums over M
     assert Problem(m=3, k=5, n=70, backward=True).longest_sum == 70  # dX sums over N
+
+
+def test_a_record_names_the_run_it_measured():
+    from tpmpi.studies.problem import Problem, RecordedRun
+
+    rec = {"scheme": "mlp", "m": 8, "k": 4, "n": 4, "hidden": 16, "dtype": "float32",
+           "backward": True, "options": {"mode": "book"}, "grid": "1x2",
+           "mesh": {"dp": 2, "bucket_bytes": 64}}
+    run = RecordedRun.of(rec)
+    assert run == RecordedRun(Problem("mlp", 8, 4, 4, 16, "float32", True, (("mode", "book"),)),
+                              (1, 2), 2, 64)
+    plain = RecordedRun.of({**rec, "mesh": None, "options": None, "backward": None})
+    assert (plain.dp, plain.bucket_bytes, plain.problem.options, plain.problem.backward) == \
+        (1, None, (), False)

@@ -1,13 +1,20 @@
-"""tpmpi/studies/trainstep.py: the pricing loop (overlap, gradients' readiness) and the DP
-buckets against hand computations with a stand-in machine; FLOPs against Narayanan et al.'s
-formulas and the README's own TFLOP/s column; recomputation, gradient accumulation, memory
-and its refusal; the record's contract fields."""
+"""tpmpi/studies/trainstep.py: the composition (the GPT's one schedule taken apart and put back
+together: without recomputation it is the builder's schedule step for step, recomputation
+inserts the block's forward before its backward, blocks that differ are refused), the data
+parallelism it adds (buckets as DataParallel cuts them, Megatron's local DDP) priced by the one
+pricer against hand computations; FLOPs against Narayanan et al.'s formulas and the README's
+own TFLOP/s column; recomputation, gradient accumulation, memory and its refusal; the record's
+contract fields."""
+import dataclasses
+
 import pytest
 
-from tpmpi.core.schedule import Collective, GradsReady, Pointwise, Product
+from tpmpi.core.schedule import GradsReady, Pointwise, Product, Schedule
 from tpmpi.studies.cluster import load_cluster
 from tpmpi.studies.gptblock import GPTShape
-from tpmpi.studies.trainstep import StepConfig, _dp_allreduce, model_flops, predict_step, price
+from tpmpi.studies.pricing import price
+from tpmpi.studies.trainstep import (GPT_SCHEDULE, StepConfig, gpt_parts, micro_batch_schedule,
+                                     model_flops, predict_step, split_gpt, with_data_parallel)
 
 
 class Stand:
@@ -24,34 +31,69 @@ class Stand:
         return step.nbytes / 10
 
 
-STEPS = [Product("a", 2, 1, 1, "float32"),
-         Collective("c", "allreduce", "tp", 2, 30, "float32", during=("b",)),
-         Product("b", 1, 1, 1, "float32"), GradsReady(("w",), 10),
-         Pointwise("d", 4, "float32")]
+@pytest.mark.parametrize(("tp", "sp", "heads"), [(1, False, 4), (2, True, 4), (8, False, 3),
+                                                 (4, True, 2)])
+def test_the_composition_is_the_builder_s_schedule(tp, sp, heads):
+    """Without recomputation the composed micro-batch is GPT_SCHEDULE's schedule step for step
+    (uneven and zero-size shards included): the composition describes nothing of the block."""
+    shape = GPTShape(3, 32 * heads, heads, 16, 100)
+    built = GPT_SCHEDULE(shape.config(), batch=2, seq=16, tp=tp, sequence_parallel=sp,
+                         dtype="bfloat16")
+    composed = micro_batch_schedule(gpt_parts(shape, 2, tp, sp, "bfloat16"))
+    assert composed == built
+    assert composed.saved_bytes == built.saved_bytes and composed.param_bytes == built.param_bytes
 
 
-def test_an_overlapped_collective_exposes_what_exceeds_its_steps():
-    """a (2 s), then c (3 s) under b (1 s): 2 s exposed after b; gradients ready at 5 s."""
-    p = price(STEPS, Stand())
-    assert (p.seconds, p.product_s, p.pointwise_s, p.collective_s) == (9, 3, 4, 2)
-    assert p.ready == [(5, 10)] and p.flops == 2 * (2 + 1)
-    assert p.collectives == [(STEPS[1], 3, 2)]
+def test_recomputation_reruns_the_block_s_forward_before_its_backward():
+    parts = gpt_parts(GPTShape(2, 64, 4, 16, 100), 1, 2, False, "float32")
+    full = micro_batch_schedule(parts, "full")
+    names = [getattr(s, "name", None) for s in full.backward]
+    first = names.index("transformer.h.1.recompute.ln_1")
+    assert names[first:first + len(parts.block.forward)] == [
+        f"transformer.h.1.recompute.{s.name}" for s in parts.block.forward]
+    assert names[first + len(parts.block.forward)] == "transformer.h.1." + \
+        parts.block.backward[0].name
+    sel = [n for n in (getattr(s, "name", "") for s in micro_batch_schedule(parts, "selective")
+                       .backward) if ".recompute." in n]
+    assert sel == [f"transformer.h.{i}.recompute.attn.{what}" for i in (1, 0)
+                   for what in ("scores", "softmax", "dropout", "context")]
 
 
-def test_without_overlap_every_collective_blocks():
-    p = price(STEPS, Stand(), overlap=False)
-    assert (p.seconds, p.collective_s, p.ready) == (10, 3, [(6, 10)])
+def test_blocks_that_differ_are_refused():
+    shape = GPTShape(2, 64, 4, 16, 100)
+    whole = GPT_SCHEDULE(shape.config(), batch=1, seq=16, tp=2)
+    fwd = list(whole.forward)
+    i = next(i for i, s in enumerate(fwd) if s.name == "transformer.h.1.ln_1")
+    fwd[i] = dataclasses.replace(fwd[i], nbytes=fwd[i].nbytes + 1)
+    with pytest.raises(ValueError, match=r"block 1 does not run block 0's steps"):
+        split_gpt(dataclasses.replace(whole, forward=tuple(fwd)), 2, 0)
+    with pytest.raises(ValueError, match=r"forward runs blocks \[0, 1\], expected 0 .. 2"):
+        split_gpt(whole, 3, 0)
+
+
+BWD = Schedule((), (Product("a", 2, 1, 1, "float32"), GradsReady(("w1",), 10),
+                    Product("b", 1, 1, 1, "float32"), GradsReady(("w2",), 10),
+                    Pointwise("c", 4, "float32"), GradsReady(("w3",), 30)))
 
 
 def test_dp_buckets_start_when_full_and_run_one_after_another():
-    """Buckets of >= 20 bytes: (ready 2 s, 20 B) and (ready 5 s, 30 B), 2 s and 3 s each:
-    done at 4 s and 8 s against a backward ending at 6 s: 2 s exposed of 5."""
-    ready = [(1, 10), (2, 10), (5, 30)]
+    """Buckets of >= 20 bytes: w1+w2 ready at 3 s (2 s), w3 at 7 s (3 s): the first hides under
+    c, the second runs past the end of backward (7 s) to 10 s: 3 s exposed of 5."""
     config = StepConfig(1, 4, 1, 4, bucket_bytes=20)
-    assert _dp_allreduce(ready, 6, Stand(), config) == (5, 2)
-    config = StepConfig(1, 4, 1, 4, dp_overlap=False)
-    assert _dp_allreduce(ready, 6, Stand(), config) == (5, 5)  # one all-reduce after backward
-    assert _dp_allreduce(ready, 6, Stand(), StepConfig(1, 1, 1, 1)) == (0, 0)
+    last = price(with_data_parallel(BWD, config), Stand())
+    assert (last.time_s, last.exposed_s["dp"], last.collective_s["dp"]) == (10, 3, 5)
+    blocking = price(with_data_parallel(BWD, dataclasses.replace(config, ddp="blocking")),
+                     Stand())
+    assert (blocking.time_s, blocking.exposed_s["dp"]) == (12, 5)
+    assert with_data_parallel(BWD, StepConfig(1, 1, 1, 1)) == BWD
+
+
+def test_megatron_s_local_ddp_copies_all_reduces_once_and_scales():
+    """Flatten (2 x 50 B), one all-reduce of 50 B (5 s), scale and copy back (2 x 50 B each)."""
+    config = StepConfig(1, 4, 1, 4, ddp="megatron-local", dtype="float32")
+    local = price(with_data_parallel(BWD, config), Stand())
+    assert (local.time_s, local.exposed_s["dp"]) == (7 + 300 + 5, 5)
+    assert [c.step.nbytes for c in local.collectives] == [50]
 
 
 @pytest.mark.parametrize(("layers", "hidden", "heads"), [(24, 1920, 15), (42, 4096, 32)])
@@ -109,7 +151,7 @@ def test_gradient_accumulation_repeats_micro_batches_and_reduces_once():
 
 
 def test_overlap_hides_collectives_and_the_dp_all_reduce():
-    hidden, blocking = _predict(), _predict(overlap=False, dp_overlap=False)
+    hidden, blocking = _predict(), _predict(overlap=False, ddp="blocking")
     assert hidden.layer["backward"]["collectives_s"] < blocking.layer["backward"]["collectives_s"]
     assert hidden.dp_exposed_s < hidden.dp_allreduce_s
     assert blocking.dp_exposed_s == pytest.approx(blocking.dp_allreduce_s)
@@ -144,6 +186,7 @@ def test_the_record_has_the_contract_fields():
     ({"optimizer": "apex-fp16", "dtype": "float32"},
      r"optimizer='apex-fp16': expected one of adam for dtype float32"),
     ({"dtype": "int8"}, r"dtype='int8': expected one of"),
+    ({"ddp": "torch"}, r"ddp='torch': expected one of overlap, blocking, megatron-local"),
     ({"tp": 0}, r"tp=0: expected a positive integer"),
 ])
 def test_bad_configurations_are_named(kwargs, message):

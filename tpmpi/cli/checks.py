@@ -16,7 +16,9 @@ from ..core.agreement import agree_checks
 from ..core.backend import Backend
 from ..core.dtypes import resolve_dtype
 from ..core.launch import UsageError, agree_usage, usage
+from ..studies.clusterplan import load_target
 from ..studies.costmodel import Calibration, load_calibration
+from ..studies.machine import Target
 from ..studies.schemes import Problem, available
 from ..studies.sweep import SCHEME_OPTIONS, configs
 
@@ -140,3 +142,43 @@ def agree_calibration(path: Optional[str], comm: MPI.Comm) -> Calibration:
     agree_usage(comm, error)
     assert calibration is not None  # else agree raised
     return calibration
+
+
+LAYER_PLAN = {"m": "--m", "k": "--k", "n": "--n", "ranks": "--ranks"}
+"""The flags plan needs without --cluster."""
+CLUSTER_PLAN = {"model": "--model", "micro_batch": "--micro-batch",
+                "global_batch": "--global-batch", "tp": "--tp", "dp": "--dp"}
+"""The flags plan needs with --cluster."""
+LAYER_ONLY = {**LAYER_PLAN, "hidden": "--hidden", "calibration": "--calibration",
+              "backward": "--backward"}
+CLUSTER_ONLY = {**CLUSTER_PLAN, "gpus": "--gpus", "sequence_parallel": "--sequence-parallel",
+                "json": "--json"}
+
+
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """plan's two forms: one product's layouts (``--m --k --n --ranks``) or, with ``--cluster``,
+    a GPT training step (``--model --micro-batch --global-batch --tp --dp``); a flag of the
+    other form, or a missing one, is a ValueError naming it."""
+    cluster = args.cluster is not None
+    needed, foreign = (CLUSTER_PLAN, LAYER_ONLY) if cluster else (LAYER_PLAN, CLUSTER_ONLY)
+    form = "plan --cluster" if cluster else "plan without --cluster"
+    for attr, flag in foreign.items():
+        if getattr(args, attr) not in (None, False):
+            raise ValueError(f"{form}: {flag} belongs to the other form of plan "
+                             f"({'without' if cluster else 'with'} --cluster)")
+    missing = [flag for attr, flag in needed.items() if getattr(args, attr) is None]
+    if missing:
+        raise ValueError(f"{form}: {', '.join(missing)} required")
+
+
+def agree_target(name: str, comm: MPI.Comm) -> Target:
+    """:func:`~tpmpi.studies.clusterplan.load_target` of ``--cluster`` on every rank; a preset
+    one rank cannot read fails on every rank, naming the flag. Collective."""
+    error, target = None, None
+    try:
+        target = load_target(name)
+    except ValueError as exc:
+        error = f"--cluster: {exc}"
+    agree_usage(comm, error)
+    assert target is not None  # else agree raised
+    return target

@@ -21,12 +21,15 @@ from ..core.mesh import Mesh
 from ..core.threads import blas_info, configure_blas_threads
 from ..core.topology import node_comm
 from ..studies.bench import case_progress, format_table, run_case
+from ..studies.clusterplan import (default_dtype, explain_step, format_cluster_plan,
+                                   parse_model, parse_sizes, plan_cluster, plan_records)
 from ..studies.collbench import calibrate, sizes_sweep
 from ..studies.costmodel import explain, format_plan, plan
 from ..studies.record import mpi_library, write_record
 from ..studies.schemes.hybrid import largest_replica
 from ..studies.sweep import collective_sweep, default_ranks, run_sweep
-from .checks import agree_calibration, agree_problems, bench_configs, problem_from_args
+from .checks import (agree_calibration, agree_output_file, agree_problems, agree_target,
+                     bench_configs, check_plan_flags, problem_from_args)
 from .fit import agree_fits
 from .printing import calibration_warning, print_facts, print_run, rank0_printer, \
     record_appender
@@ -137,9 +140,14 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    with usage():
+        check_plan_flags(args)
+    if args.cluster is not None:
+        return _plan_cluster(args, comm)
     cal = agree_calibration(args.calibration, comm)
     with usage():  # plan computes from the flags (and the calibration file) alone
-        preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
+        preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden,
+                     dtype=args.dtype or "float32",
                      backward=args.backward, backend=args.backend, calibration=cal,
                      bucket_bytes=args.bucket_bytes, overlap=args.overlap)
     warning = calibration_warning(cal, args.backend, args.ranks, args.calibration)
@@ -148,6 +156,32 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
     rank0_printer(comm)(format_plan(preds))
     rank0_printer(comm)(explain(preds))
     return 0
+
+
+def _plan_cluster(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    """plan --cluster: the ranking of every tp x dp asked for (when more than one) and the
+    first one term by term; exit 1 when no configuration fits."""
+    with usage():
+        shape = parse_model(args.model)
+        tp, dp = parse_sizes("tp", args.tp), parse_sizes("dp", args.dp)
+    target = agree_target(args.cluster, comm)
+    agree_output_file(args.json, comm)
+    with usage():
+        preds = plan_cluster(target, shape, micro_batch=args.micro_batch,
+                             global_batch=args.global_batch, tp=tp, dp=dp, gpus=args.gpus,
+                             sequence_parallel=args.sequence_parallel, recompute=args.recompute,
+                             dtype=args.dtype or default_dtype(target), overlap=args.overlap,
+                             ddp=args.ddp, bucket_bytes=args.bucket_bytes,
+                             optimizer=args.optimizer)
+    out = rank0_printer(comm)
+    if len(preds) > 1:
+        out(format_cluster_plan(preds, args.top))
+    out(explain_step(preds[0]))
+    if args.json and comm.Get_rank() == 0:
+        with open(args.json, "w") as fh:
+            for rec in plan_records(preds):
+                fh.write(json.dumps(rec) + "\n")
+    return EXIT_CHECK if all(p.refused for p in preds) else 0
 
 
 def cmd_report(args: argparse.Namespace, comm: MPI.Comm) -> int:

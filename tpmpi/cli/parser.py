@@ -209,21 +209,28 @@ def _add_calibrate(sub: argparse._SubParsersAction[Parser]) -> None:
 
 
 def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
-    """``plan``: one product's sizes, the ranks, dtype and calibration."""
+    """``plan``: one product's sizes, the ranks, dtype and calibration; or, with --cluster, a
+    GPT training step on a cluster preset."""
     plan = sub.add_parser("plan", help="layouts ranked by predicted time (no MPI job needed)",
                           description="Rank the layouts of one product (or, with --hidden, "
                                       "the FFN modes) on every dp x tp mesh of P ranks by the "
                                       "cost model's predicted time, and say why the first "
-                                      "wins.")
+                                      "wins. With --cluster: predict a GPT training step on a "
+                                      "cluster preset, term by term, and rank tp x dp "
+                                      "configurations.")
     for dim, what in (("m", "rows of X (tokens)"), ("k", "in features"), ("n", "out features")):
-        plan.add_argument(f"--{dim}", type=_positive, required=True, help=what)
+        plan.add_argument(f"--{dim}", type=_positive, default=None,
+                          help=f"{what} (no default: required without --cluster)")
     plan.add_argument("--hidden", type=_positive, default=None,
                       help="rank FFN layouts (mlp modes) with this hidden size instead of "
                            "single-GEMM layouts (default: single-GEMM layouts)")
-    plan.add_argument("--ranks", type=_positive, required=True,
-                      help="number of ranks P (every dp x tp factorisation is ranked)")
+    plan.add_argument("--ranks", type=_positive, default=None,
+                      help="number of ranks P, every dp x tp factorisation ranked (no "
+                           "default: required without --cluster)")
     plan.add_argument("--bucket-bytes", **SHARED_FLAGS["--bucket-bytes"])
-    plan.add_argument("--dtype", choices=SUPPORTED, default="float32", help="element type")
+    plan.add_argument("--dtype", choices=SUPPORTED, default=None,
+                      help="element type (default: float32; with --cluster bfloat16 on a GPU "
+                           "preset, float32 on a calibration file)")
     plan.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                       help="whose GEMM rates to use")
     plan.add_argument("--backward", action="store_true", help="predict forward + backward")
@@ -233,6 +240,41 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
     plan.add_argument("--calibration", metavar="FILE", default=None,
                       help="a calibrate file (default: env TPMPI_CALIBRATION, else the "
                            "model's defaults)")
+    gpt = plan.add_argument_group("a GPT training step on a cluster (--cluster)")
+    gpt.add_argument("--cluster", metavar="NAME", default=None,
+                     help="a preset (dgx-2h, dgx-a100, dgx-a100-40gb, dgx-h100), a preset "
+                          ".json file of your own or a calibrate file (a CPU cluster); default: "
+                          "plan one product's layouts")
+    gpt.add_argument("--model", metavar="SPEC", default=None,
+                     help="layers=L,hidden=H,heads=A,seq=S,vocab=V[,kv_heads=K][,dropout=0|1]"
+                          "[,bias=0|1] (no default: required with --cluster)")
+    gpt.add_argument("--micro-batch", type=_positive, default=None, metavar="b",
+                     help="sequences per micro-batch (no default: required with --cluster)")
+    gpt.add_argument("--global-batch", type=_positive, default=None, metavar="B",
+                     help="sequences per iteration (no default: required with --cluster)")
+    gpt.add_argument("--tp", default=None, metavar="T",
+                     help="tensor-parallel sizes: 8, 1,2,4,8 or 1-8 (no default: required "
+                          "with --cluster)")
+    gpt.add_argument("--dp", default=None, metavar="D",
+                     help="data-parallel sizes: 16, 1,2,4 or 1-128 (no default: required "
+                          "with --cluster)")
+    gpt.add_argument("--gpus", type=_positive, default=None,
+                     help="rank only the tp x dp that make this many GPUs (default: all)")
+    gpt.add_argument("--sequence-parallel", action="store_true",
+                     help="sequence parallelism (Korthikanti et al. 2022)")
+    gpt.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                     help="activation recomputation")
+    gpt.add_argument("--ddp", choices=("overlap", "blocking", "megatron-local"),
+                     default="overlap",
+                     help="how the DP gradient all-reduce runs: buckets overlapped with "
+                          "backward, the same after backward, or Megatron-LM's local DDP")
+    gpt.add_argument("--optimizer", choices=("adam", "apex-fp16"), default="adam",
+                     help="optimizer step modelled")
+    gpt.add_argument("--top", type=_positive, default=20,
+                     help="rows of the ranking printed")
+    gpt.add_argument("--json", metavar="FILE", default=None,
+                     help="write one JSON object per line and configuration, in ranking order "
+                          "(default: no file)")
 
 
 def _add_report(sub: argparse._SubParsersAction[Parser]) -> None:

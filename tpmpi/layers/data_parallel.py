@@ -286,10 +286,13 @@ class DataParallel:
         if not overlap or staged:  # blocking after backward, in bucket order
             bwd += [Collective(f"allreduce_grads[{b}]", "allreduce", "dp", int(dp), size, dtype)
                     for b, (size, dtype, _) in enumerate(buckets)]
+        work = [s.name for s in schedule.backward if not isinstance(s, GradsReady)]
+        done = [0]  # done[j]: the steps of work among backward[:j] (one pass, not per bucket)
+        for s in schedule.backward:
+            done.append(done[-1] + (not isinstance(s, GradsReady)))
         for b, (size, dtype, i) in reversed(list(enumerate(buckets)) if overlap and not staged
                                             else []):
-            rest = tuple(s.name for s in schedule.backward[i + 1:]
-                         if not isinstance(s, GradsReady))
+            rest = tuple(work[done[i + 1]:])
             bwd.insert(i + 1, Collective(f"allreduce_grads[{b}]", "allreduce", "dp", int(dp),
                                          size, dtype, rest))
         return Schedule(schedule.forward, tuple(bwd), schedule.param_bytes,

@@ -9,17 +9,20 @@ refused ones with the reason (memory, a global batch that does not split into mi
 (products, element-wise work, exposed collectives), every collective with NCCL's algorithm and
 the tier it runs on, the DP all-reduce and how much of it backward hides, the optimizer, the
 iteration, FLOP/s and memory. :func:`parse_model` and :func:`parse_sizes` read the CLI's
-``--model layers=L,hidden=H,heads=A,seq=S,vocab=V`` and ``--tp 1,2,4,8`` / ``--dp 1-128``.
+``--model layers=L,hidden=H,heads=A,seq=S,vocab=V`` and ``--tp 1,2,4,8`` / ``--dp 1-128``;
+:func:`load_target` its ``--cluster`` (a preset, a preset file or a calibration file).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..core.args import check_int, parse_int
-from .cluster import load_cluster
+from .cluster import Cluster, load_cluster, preset_names
 from .gptblock import GPTShape
-from .machine import Target
+from .machine import Target, calibrated_cluster
 from .trainstep import StepConfig, StepPrediction, predict_step
 
 MODEL_KEYS = {"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "seq": "seq",
@@ -64,6 +67,28 @@ def parse_sizes(name: str, spec: str) -> list[int]:
     return sorted(sizes)
 
 
+def load_target(name: str) -> Target:
+    """The cluster ``name`` names: a preset (:func:`tpmpi.studies.cluster.preset_names`), a
+    preset file of your own, or a ``calibrate`` file (a CPU cluster of the ranks it ran on:
+    :func:`tpmpi.studies.machine.calibrated_cluster`). ValueError naming the problem."""
+    if name not in preset_names() and name.endswith(".json") and Path(name).is_file():
+        try:
+            data = json.loads(Path(name).read_text())
+        except (OSError, ValueError):
+            data = None  # load_cluster names the problem
+        if isinstance(data, dict) and "alpha" in data and "rates" in data:
+            return calibrated_cluster(name)
+    return load_cluster(name)
+
+
+def default_dtype(target: Target) -> str:
+    """The dtype a plan on ``target`` takes by default: bfloat16 on a GPU that has it, else
+    float16; float32 on a calibrated (CPU) cluster."""
+    if not isinstance(target, Cluster):
+        return "float32"
+    return "bfloat16" if "bfloat16" in target.device.peak else "float16"
+
+
 def plan_cluster(cluster: Union[str, Target], shape: GPTShape, *, micro_batch: int,
                  global_batch: int, tp: Iterable[int], dp: Iterable[int],
                  sequence_parallel: bool = False, recompute: str = "none",
@@ -72,7 +97,7 @@ def plan_cluster(cluster: Union[str, Target], shape: GPTShape, *, micro_batch: i
     """Every ``tp`` x ``dp`` configuration of ``shape`` on ``cluster`` (a preset name, a preset
     file, or a :class:`~tpmpi.studies.machine.Target`), only those of ``gpus`` GPUs when given:
     the feasible ones by iteration time, then the refused ones. ``options``: the other fields
-    of :class:`~tpmpi.studies.trainstep.StepConfig` (``overlap``, ``dp_overlap``,
+    of :class:`~tpmpi.studies.trainstep.StepConfig` (``overlap``, ``ddp``,
     ``bucket_bytes``, ``optimizer``)."""
     target = load_cluster(cluster) if isinstance(cluster, str) else cluster
     if gpus is not None:

@@ -1,24 +1,27 @@
-"""A GPT model's shape, and -- PROVISIONAL -- the schedules of its parts under tensor parallelism.
+"""A GPT model's shape, and -- PROVISIONAL -- the schedule of the GPT under tensor parallelism.
 
 :class:`GPTShape` is the model the planner is asked about (nanoGPT's GPT-2 architecture with the
-optional grouped-query heads of ``tpmpi.models.GPTConfig``). :func:`_gpt_schedules` lists what
-one rank of a TP group runs for it, in :mod:`tpmpi.core.schedule` steps only: the token and
-position embedding, one transformer block, the block's attention core (what selective
-recomputation redoes) and the final LayerNorm with the LM head and the cross-entropy.
+optional grouped-query heads of :class:`tpmpi.models.GPTConfig`). :func:`schedule_for` lists
+what one rank of a TP group runs for it, in :mod:`tpmpi.core.schedule` steps only: the token and
+position embedding, the ``n_layer`` blocks (block ``i``'s steps named ``transformer.h.<i>.``,
+its attention core's ``attn.scores``, ``attn.softmax``, ``attn.dropout``, ``attn.context``
+within it, as ``tpmpi.ParallelAttention`` names them), the final LayerNorm with the LM head and
+the cross-entropy.
 
-PROVISIONAL: the parallel attention, embedding and loss layers and ``tpmpi.models.GPT`` list
-their own schedules (``schedule_for``) once they exist; ``_gpt_schedules`` is then replaced by
-them and deleted, so that the training-step model (:mod:`tpmpi.studies.trainstep`) prices the
-schedule the layers run and nothing describes the block a second time. Until then it follows
-the layers' documented design: Megatron's column/row split (one all-reduce of the block's
-output after attention and after the FFN forward, one of the input gradient after each column
-GEMM backward, overlapped with that GEMM's weight gradient), vocabulary-parallel embedding and
-cross-entropy, and with sequence parallelism all-gather / reduce-scatter in their place
-(Korthikanti et al. 2022). Element-wise work is one pass per operation (LayerNorm, bias add,
-scale-mask-softmax, dropout, bias-GELU, bias-dropout-residual), each reading its inputs and
-writing its output; dropout masks are one byte per element. The cross-entropy runs in float32
-whatever the dtype (convert, max, subtract, exp, sum, divide; backward: scale and subtract the
-one-hot, convert back), keeping the float32 probabilities of the rank's vocabulary shard.
+PROVISIONAL: :func:`schedule_for` has the exact signature of ``tpmpi.models.GPT.schedule_for``
+(a classmethod that builds nothing and needs no MPI); when the model exists, the training-step
+model (:mod:`tpmpi.studies.trainstep`, :data:`tpmpi.studies.trainstep.GPT_SCHEDULE`) takes the
+model's instead and this builder is deleted, so that nothing describes the block a second time.
+Until then it follows the layers' documented design: Megatron's column/row split (one
+all-reduce of the block's output after attention and after the FFN forward, one of the input
+gradient after each column GEMM backward, overlapped with that GEMM's weight gradient),
+vocabulary-parallel embedding and cross-entropy, and with sequence parallelism all-gather /
+reduce-scatter in their place (Korthikanti et al. 2022). Element-wise work is one pass per
+operation (LayerNorm, bias add, scale-mask-softmax, dropout, bias-GELU, bias-dropout-residual),
+each reading its inputs and writing its output; dropout masks are one byte per element. The
+cross-entropy runs in float32 whatever the dtype (convert, max, subtract, exp, sum, divide;
+backward: scale and subtract the one-hot, convert back), keeping the float32 probabilities of
+the rank's vocabulary shard.
 """
 from __future__ import annotations
 
@@ -28,7 +31,12 @@ from typing import Optional
 from ..core.args import check_int
 from ..core.dtypes import resolve_dtype
 from ..core.partition import largest_block
-from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule, Step
+from ..core.schedule import Collective, GradsReady, Pointwise, Product, Schedule, Step, chain
+from ..models.config import GPTConfig
+
+DROPOUT = 0.1
+"""The dropout probability of :meth:`GPTShape.config` when ``dropout`` is set (its value does
+not change the schedule: only whether the dropout layers run)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,12 @@ class GPTShape:
         if kv is not None and self.n_head % kv:
             raise ValueError(f"n_kv_head={kv}: expected a divisor of n_head={self.n_head}")
 
+    def config(self) -> GPTConfig:
+        """The model's :class:`~tpmpi.models.GPTConfig` (``block_size`` = ``seq``)."""
+        return GPTConfig(self.vocab, self.seq, self.n_layer, self.n_head, self.n_embd,
+                         n_kv_head=self.n_kv_head, dropout=DROPOUT if self.dropout else 0.0,
+                         bias=self.bias)
+
     @property
     def kv_heads(self) -> int:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
@@ -81,32 +95,36 @@ class GPTShape:
             + h + int(self.bias) * h
 
 
-@dataclasses.dataclass(frozen=True)
-class GPTSchedules:
-    """One rank's schedules of a GPT's parts (``core``: the steps of ``block`` that selective
-    recomputation redoes, with the bytes it would otherwise keep); ``layer_input_bytes``: what
-    full recomputation keeps of a block (its input)."""
+def schedule_for(cfg: GPTConfig, *, batch: int, seq: int, tp: int,
+                 sequence_parallel: bool = False, dtype: str = "float32",
+                 backward: bool = True) -> Schedule:
+    """PROVISIONAL (see the module docstring): the schedule of one forward (and with
+    ``backward`` one backward) of the GPT ``cfg`` on ``batch`` sequences of ``seq`` tokens, on
+    the rank holding the largest shards of a TP group of ``tp`` ranks, in ``dtype``: the
+    signature of ``tpmpi.models.GPT.schedule_for``, which replaces it. No communication."""
+    check_int("batch", batch, 1)
+    check_int("seq", seq, 1)
+    check_int("tp", tp, 1)
+    if seq > cfg.block_size:
+        raise ValueError(f"seq={seq}: expected at most block_size={cfg.block_size}")
+    embedding, block, head = _parts(cfg, batch, seq, tp, sequence_parallel, dtype)
+    whole = chain([embedding, *(block.prefixed(f"transformer.h.{i}")
+                                for i in range(cfg.n_layer)), head])
+    return whole if backward else dataclasses.replace(whole, backward=())
 
-    embedding: Schedule
-    block: Schedule
-    core: Schedule
-    head: Schedule
-    layer_input_bytes: int
 
-
-def _gpt_schedules(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel: bool,
-                   dtype: str) -> GPTSchedules:
-    """PROVISIONAL (see the module docstring): the schedules of ``shape``'s parts on the rank
-    holding the largest shards of a TP group of ``tp`` ranks, for ``micro_batch`` sequences in
-    ``dtype``; the layers' own ``schedule_for`` replaces this function."""
-    e, b, s, h, t, sp = resolve_dtype(dtype).itemsize, micro_batch, shape.seq, shape.n_embd, \
-        tp, sequence_parallel
+def _parts(cfg: GPTConfig, batch: int, seq: int, tp: int, sequence_parallel: bool,
+           dtype: str) -> tuple[Schedule, Schedule, Schedule]:
+    """The schedules of the embedding, one block (names relative to the block) and the head
+    with the loss."""
+    e, b, s, h, t, sp = resolve_dtype(dtype).itemsize, batch, seq, cfg.n_embd, tp, \
+        sequence_parallel
     m = b * s                                   # tokens of the micro-batch
     mr = largest_block(m, t) if sp else m       # rows of the block's input and output
-    hd, heads = shape.head_dim, b * largest_block(shape.n_head, t)  # attention products
-    nq, nkv = largest_block(shape.n_head, t) * hd, largest_block(shape.kv_heads, t) * hd
-    nqkv, f, v = nq + 2 * nkv, largest_block(4 * h, t), largest_block(shape.vocab, t)
-    drop, bias, scores = int(shape.dropout), int(shape.bias), heads * s * s
+    hd, heads = cfg.head_size, b * largest_block(cfg.n_head, t)  # attention products
+    nq, nkv = largest_block(cfg.n_head, t) * hd, largest_block(cfg.n_kv_head, t) * hd
+    nqkv, f, v = nq + 2 * nkv, largest_block(4 * h, t), largest_block(cfg.vocab_size, t)
+    drop, bias, scores = int(cfg.dropout > 0), int(cfg.bias), heads * s * s
     reduce_op, x_bytes = ("reduce_scatter" if sp else "allreduce"), m * h * e
 
     def coll(name: str, op: str, during: tuple[str, ...] = ()) -> Collective:
@@ -128,7 +146,7 @@ def _gpt_schedules(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel
                      Product(f"{name}.dW", k, m, n, dtype))
         back = given(column and sp, coll(f"{name}.gather_x_again", "allgather", (dx.name,))) \
             + [dx] + given(column, coll(f"{name}.reduce_dx", reduce_op, (dw.name,))) \
-            + [dw, GradsReady((f"{name}.weight", f"{name}.bias"), grads)]
+            + [dw, GradsReady((f"{name}.weight", f"{name}.bias"), grads, dtype)]
         return [y], back
 
     qkv, qkv_back = linear("attn.c_attn", h, nqkv, (h + bias) * nqkv * e, True)
@@ -136,7 +154,8 @@ def _gpt_schedules(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel
     fc, fc_back = linear("mlp.c_fc", h, f, (h + bias) * f * e, True)
     out, out_back = linear("mlp.c_proj", f, h, (f + bias) * h * e, False)
     core = Schedule(
-        (Product("attn.scores", s, hd, s, dtype, heads), pw("attn.softmax", 2 * scores * e),
+        (Product("attn.scores", s, hd, s, dtype, heads),
+         pw("attn.softmax", 2 * scores * e),
          *given(drop, pw("attn.dropout", scores * (2 * e + 1))),
          Product("attn.context", s, s, hd, dtype, heads)),
         (Product("attn.context.dP", s, hd, s, dtype, heads),
@@ -158,26 +177,30 @@ def _gpt_schedules(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel
     backward = [pw("mlp.residual.backward", residual),
                 *given(sp, coll("mlp.gather_dy", "allgather")), *out_back,
                 pw("mlp.gelu.backward", (3 + bias) * m * f * e), *fc_back,
-                pw("ln_2.backward", 6 * mr * h * e), GradsReady(("ln_2.weight", "ln_2.bias"), ln),
+                pw("ln_2.backward", 6 * mr * h * e),
+                GradsReady(("ln_2.weight", "ln_2.bias"), ln, dtype),
                 pw("attn.residual.backward", residual),
                 *given(sp, coll("attn.gather_dy", "allgather")), *proj_back,
                 pw("attn.merge_heads.backward", 2 * m * nq * e), *core.backward,
                 *given(bias, pw("attn.c_attn.bias.backward", m * nqkv * e)), *qkv_back,
-                pw("ln_1.backward", 6 * mr * h * e), GradsReady(("ln_1.weight", "ln_1.bias"), ln)]
+                pw("ln_1.backward", 6 * mr * h * e),
+                GradsReady(("ln_1.weight", "ln_1.bias"), ln, dtype)]
     saved = (2 * mr * h * e + 2 * (mr if sp else m) * h * e  # LayerNorm, c_attn, c_fc inputs
              + m * (nq + 2 * nkv) * e + m * nq * e  # q, k, v and c_proj's input
              + 2 * drop * mr * h                # residual dropout masks
              + 2 * m * f * e) + core.saved_bytes  # GELU input and output
     params = sum(g.nbytes for g in backward if isinstance(g, GradsReady))
     embedding = Schedule(
-        (pw("embed.wte", 2 * m * h * e), coll("embed.reduce_x", reduce_op),
-         pw("embed.wpe_dropout", mr * h * (3 * e + drop))),
-        (pw("embed.wpe_dropout.backward", mr * h * (2 * e + drop)),
-         pw("embed.wte.backward", 3 * m * h * e),
-         GradsReady(("transformer.wte.weight", "transformer.wpe.weight"), (v + s) * h * e)),
+        (pw("transformer.wte", 2 * m * h * e), coll("transformer.wte.reduce_x", reduce_op),
+         pw("transformer.wpe_dropout", mr * h * (3 * e + drop))),
+        (pw("transformer.wpe_dropout.backward", mr * h * (2 * e + drop)),
+         pw("transformer.wte.backward", 3 * m * h * e),
+         GradsReady(("transformer.wte.weight", "transformer.wpe.weight"), (v + s) * h * e,
+                    dtype)),
         (v + s) * h * e, drop * mr * h)
     head = Schedule(
-        (pw("ln_f", 2 * mr * h * e), *given(sp, coll("lm_head.gather_x", "allgather")),
+        (pw("transformer.ln_f", 2 * mr * h * e),
+         *given(sp, coll("lm_head.gather_x", "allgather")),
          Product("lm_head", m, h, v, dtype),
          pw("loss.softmax", m * v * (e + 36)),  # float32: convert, max, -, exp, sum, /
          *(Collective(f"loss.reduce_{what}", "allreduce", "tp", t, m * 4, "float32")
@@ -185,8 +208,7 @@ def _gpt_schedules(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel
         (pw("loss.dlogits", m * v * (12 + e)),  # x dloss, - one-hot, convert back
          Product("lm_head.dX", m, v, h, dtype), Product("lm_head.dW", h, m, v, dtype),
          coll("lm_head.reduce_dx", reduce_op, ("lm_head.dW",)),
-         pw("ln_f.backward", 3 * mr * h * e),
-         GradsReady(("transformer.ln_f.weight", "transformer.ln_f.bias"), ln)),
+         pw("transformer.ln_f.backward", 3 * mr * h * e),
+         GradsReady(("transformer.ln_f.weight", "transformer.ln_f.bias"), ln, dtype)),
         ln, mr * h * e + m * v * 4)
-    return GPTSchedules(embedding, Schedule(tuple(forward), tuple(backward), params, saved),
-                        core, head, mr * h * e)
+    return embedding, Schedule(tuple(forward), tuple(backward), params, saved), head

@@ -1,8 +1,9 @@
 """Machines that price a schedule's steps for one placement of a job on a cluster.
 
-A machine answers three questions about the steps of :mod:`tpmpi.core.schedule` (the protocol
-the cost model prices against): ``product_s(Product)``, ``pointwise_s(Pointwise)`` and
-``collective_s(Collective)``, in seconds. Two kinds:
+A machine answers three questions about the steps of :mod:`tpmpi.core.schedule`, in seconds:
+``product_s(Product)``, ``pointwise_s(Pointwise)`` and ``collective_s(Collective)`` -- the
+:class:`tpmpi.studies.pricing.Machine` protocol of the one pricer,
+:func:`tpmpi.studies.pricing.price`. Two kinds:
 
 * :class:`ClusterMachine`: a GPU cluster preset (:mod:`tpmpi.studies.cluster`) and a
   :class:`Placement`. Ranks are numbered ``dp_index * tp + tp_index`` (the mesh's order) and
@@ -12,33 +13,25 @@ the cost model prices against): ``product_s(Product)``, ``pointwise_s(Pointwise)
 * :class:`CalibratedCluster`: a cluster described by a ``calibrate`` file
   (:class:`tpmpi.studies.costmodel.Calibration`: GEMM rates per shape class, alpha/beta per
   collective and communicator size), so a user's own CPU cluster is one calibration away. Its
-  machine prices products and element-wise work at the calibrated rates and a collective with
-  the alpha/beta fitted at the nearest communicator size (a calibration run across nodes thus
-  carries the network; one run inside a node does not know it).
+  machine is the cost model's own :class:`tpmpi.studies.costmodel.CalibratedMachine` (the one
+  ``plan`` prices single layers with): products and element-wise work at the calibrated rates,
+  a collective with the alpha/beta fitted at the nearest communicator size (a calibration run
+  across nodes thus carries the network; one run inside a node does not know it).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Optional, Protocol, Union
+from typing import Optional, Union
 
 from ..core.args import check_int
 from ..core.dtypes import resolve_dtype
 from ..core.schedule import Collective, Pointwise, Product
 from .cluster import Cluster
-from .costmodel import CLASS_SHAPES, Calibration, load_calibration
+from .costmodel import CLASS_SHAPES, CalibratedMachine, Calibration, load_calibration
 from .nccl import Choice, Fabric, collective
-
-
-class Machine(Protocol):
-    """What prices a schedule: seconds of each kind of step."""
-
-    def product_s(self, step: Product) -> float: ...
-
-    def pointwise_s(self, step: Pointwise) -> float: ...
-
-    def collective_s(self, step: Collective) -> float: ...
+from .pricing import Machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +79,20 @@ class Placement:
 
 
 class ClusterMachine:
-    """A GPU cluster preset priced for one :class:`Placement`."""
+    """A GPU cluster preset priced for one :class:`Placement`. The seconds of a step depend on
+    its shape, not its name: they are kept per shape (a model repeats its blocks' steps)."""
 
     def __init__(self, cluster: Cluster, placement: Placement):
         self.cluster, self.placement = cluster, placement
+        self._seconds: dict[tuple, float] = {}
 
     def product_s(self, step: Product) -> float:
-        return self.cluster.device.product_s(step.m, step.k, step.n, step.batch, step.dtype,
-                                             resolve_dtype(step.dtype).itemsize)
+        key = ("product", step.m, step.k, step.n, step.batch, step.dtype)
+        if key not in self._seconds:
+            self._seconds[key] = self.cluster.device.product_s(
+                step.m, step.k, step.n, step.batch, step.dtype,
+                resolve_dtype(step.dtype).itemsize)
+        return self._seconds[key]
 
     def pointwise_s(self, step: Pointwise) -> float:
         return self.cluster.device.pointwise_s(step.nbytes, step.flops)
@@ -108,9 +107,12 @@ class ClusterMachine:
                       nic_bw=share, nvls_algbw=c.nvls_algbw)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (a machine lives for one configuration)
+    def _choice(self, op: str, group: str, size: int, nbytes: int) -> Choice:
+        return collective(op, self.fabric(group, size), nbytes)
+
     def choice(self, step: Collective) -> Choice:
         """NCCL's algorithm, protocol and time for ``step``."""
-        return collective(step.op, self.fabric(step.group, step.size), step.nbytes)
+        return self._choice(step.op, step.group, step.size, step.nbytes)
 
     def collective_s(self, step: Collective) -> float:
         return self.choice(step).seconds
@@ -133,24 +135,6 @@ class CalibratedDevice:
     def peak_flops(self, dtype: str) -> float:
         n = CLASS_SHAPES["large"][0]
         return 2.0 * n**3 / self.calibration.gemm(n, n, n, dtype, self.backend)
-
-
-class CalibratedMachine:
-    """Prices steps with a :class:`~tpmpi.studies.costmodel.Calibration` (see the module
-    docstring); the same for every placement."""
-
-    def __init__(self, calibration: Calibration, backend: str = "numpy"):
-        self.calibration, self.backend = calibration, backend
-
-    def product_s(self, step: Product) -> float:
-        return step.batch * self.calibration.gemm(step.m, step.k, step.n, step.dtype,
-                                                  self.backend)
-
-    def pointwise_s(self, step: Pointwise) -> float:
-        return self.calibration.memory_time(step.nbytes, step.dtype, self.backend)
-
-    def collective_s(self, step: Collective) -> float:
-        return self.calibration.collective(step.op, step.size, step.nbytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +171,9 @@ def calibrated_cluster(path: str, *, ranks_per_node: Optional[int] = None,
 Target = Union[Cluster, CalibratedCluster]
 
 
-def machine_for(target: Target, placement: Placement) -> Union[ClusterMachine,
-                                                               CalibratedMachine]:
-    """The machine pricing ``placement`` on ``target``."""
+def machine_for(target: Target, placement: Placement) -> Machine:
+    """The machine pricing ``placement`` on ``target`` (either kind implements the pricer's
+    :class:`~tpmpi.studies.pricing.Machine` protocol, which mypy checks here)."""
     if isinstance(target, CalibratedCluster):
         return CalibratedMachine(target.device.calibration, target.device.backend)
     return ClusterMachine(target, placement)

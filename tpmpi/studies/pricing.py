@@ -19,7 +19,9 @@ The steps run on one timeline (forward, then backward):
   placed after it: :meth:`tpmpi.DataParallel.schedule_for`).
 
 A collective's time is exposed in the group it belongs to, so the tensor-parallel and the
-data-parallel parts of the communication come apart.
+data-parallel parts of the communication come apart; the :class:`Breakdown` also keeps each
+collective's own time and exposure (:class:`CollectiveCost`) and the products' share of the
+compute, which the training-step model (:mod:`tpmpi.studies.trainstep`) reports.
 """
 from __future__ import annotations
 
@@ -44,17 +46,30 @@ class Machine(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class CollectiveCost:
+    """One collective of a priced schedule: its ``seconds`` (started to completed) and the part
+    of them the timeline waited for (``exposed_s``)."""
+
+    step: Collective
+    seconds: float
+    exposed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Breakdown:
     """One rank's price of a schedule: ``time_s`` end to end, ``compute_s`` in products and
-    element-wise work, and per group ``exposed_s`` (what the timeline waited for its
-    collectives) and ``collective_s`` (their whole time, hidden or not); ``sent_bytes``: bytes
-    the rank sends."""
+    element-wise work (``product_s`` of it in products), and per group ``exposed_s`` (what the
+    timeline waited for its collectives) and ``collective_s`` (their whole time, hidden or
+    not); ``sent_bytes``: bytes the rank sends; ``collectives``: each collective's cost, in
+    schedule order."""
 
     time_s: float
     compute_s: float
     exposed_s: dict[str, float]
     collective_s: dict[str, float]
     sent_bytes: float
+    product_s: float = dataclasses.field(default=0.0, compare=False)
+    collectives: tuple[CollectiveCost, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def comm_s(self) -> float:
@@ -65,16 +80,19 @@ class Breakdown:
 def price(schedule: Schedule, machine: Machine, *, backward: bool = True) -> Breakdown:
     """The :class:`Breakdown` of ``schedule``'s forward (and with ``backward`` its backward)
     on ``machine`` (see the module docstring). Pure: no MPI, nothing measured."""
-    clock = compute = sent = 0.0
+    clock = compute = products = sent = 0.0
     free: dict[str, float] = {}  # when each group's last collective ends
-    waits: dict[str, list[tuple[float, str]]] = {}  # step name -> (end, group) to wait for
+    waits: dict[str, list[tuple[float, int]]] = {}  # step name -> (end, cost index) to wait for
     exposed: dict[str, float] = {}
     busy: dict[str, float] = {}
+    costs: list[list] = []  # [collective, seconds, exposed seconds]
 
-    def wait_for(end: float, group: str) -> None:
+    def wait_for(end: float, index: int) -> None:
         nonlocal clock
         if end > clock:
+            group = costs[index][0].group
             exposed[group] = exposed.get(group, 0.0) + end - clock
+            costs[index][2] += end - clock
             clock = end
 
     for step in schedule.steps(backward):
@@ -86,18 +104,23 @@ def price(schedule: Schedule, machine: Machine, *, backward: bool = True) -> Bre
             sent += sent_bytes(step.op, step.size, step.nbytes)
             end = max(clock, free.get(step.group, 0.0)) + took
             free[step.group] = end
+            costs.append([step, took, 0.0])
             if step.during:
-                waits.setdefault(step.during[-1], []).append((end, step.group))
+                waits.setdefault(step.during[-1], []).append((end, len(costs) - 1))
             else:
-                wait_for(end, step.group)
+                wait_for(end, len(costs) - 1)
         else:
-            took = (machine.product_s(step) if isinstance(step, Product)
-                    else machine.pointwise_s(step))
+            if isinstance(step, Product):
+                took = machine.product_s(step)
+                products += took
+            else:
+                took = machine.pointwise_s(step)
             clock += took
             compute += took
-        for end, group in waits.pop(step.name, []):
-            wait_for(end, group)
+        for end, index in waits.pop(step.name, []):
+            wait_for(end, index)
     for pending in waits.values():  # overlapped steps not in this pass: waited at its end
-        for end, group in pending:
-            wait_for(end, group)
-    return Breakdown(clock, compute, exposed, busy, sent)
+        for end, index in pending:
+            wait_for(end, index)
+    return Breakdown(clock, compute, exposed, busy, sent, products,
+                     tuple(CollectiveCost(*c) for c in costs))

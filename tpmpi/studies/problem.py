@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 
 def options_label(options: Mapping) -> str:
@@ -47,3 +47,25 @@ class Problem:
         if self.backward:
             dims += [self.m, self.n]
         return max(dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRun:
+    """What a ``run`` / ``bench`` record measured: the ``problem``, the TP ``grid``, ``dp``
+    replicas and the DP ``bucket_bytes`` (None: the default)."""
+
+    problem: Problem
+    grid: tuple[int, int]
+    dp: int = 1
+    bucket_bytes: Optional[int] = None
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> RecordedRun:
+        """The run of ``record`` (its scheme, sizes, dtype, pass, options, grid and mesh)."""
+        problem = Problem(scheme=record["scheme"], m=record["m"], k=record["k"], n=record["n"],
+                          hidden=record["hidden"], dtype=record["dtype"],
+                          backward=bool(record.get("backward")),
+                          options=tuple(sorted((record.get("options") or {}).items())))
+        rows, cols = (int(g) for g in record["grid"].split("x"))
+        mesh = record.get("mesh") or {}
+        return cls(problem, (rows, cols), int(mesh.get("dp", 1)), mesh.get("bucket_bytes"))

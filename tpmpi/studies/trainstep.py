@@ -1,22 +1,33 @@
 """A training step of a GPT on a cluster: the layers' schedules composed into an iteration.
 
 One iteration of global batch ``B`` on ``dp`` replicas of a TP group of ``tp`` ranks runs
-``B / (b dp)`` micro-batches of ``b`` sequences (gradient accumulation), each: the embedding,
-``n_layer`` blocks forward, the LM head and loss forward and backward, the blocks backward in
-reverse order (each preceded by its recomputation), the embedding backward. The DP gradient
-all-reduce runs once per iteration, during the last micro-batch's backward: gradients are
-gathered into buckets of ``bucket_bytes`` in the order they become final (the schedules'
-``GradsReady`` points, as :class:`tpmpi.DataParallel` forms them); each bucket is all-reduced
-over the ``dp`` replicas as soon as it is full, one after another; what runs past the end of
-backward is exposed (all of it, as one all-reduce of every gradient, with ``dp_overlap=False``:
-Megatron-LM's "local" DDP). Then the optimizer: Adam, element-wise over the rank's parameter
-shards (:data:`OPTIMIZERS`: bytes per parameter), after a TP all-reduce of the gradient norm.
+``B / (b dp)`` micro-batches of ``b`` sequences (gradient accumulation), each the GPT's
+schedule (:data:`GPT_SCHEDULE`, the model's own ``schedule_for``: embedding, ``n_layer``
+blocks, LM head and loss forward, then backward in reverse order) with, under recomputation,
+each block's backward preceded by its recomputed steps (:func:`micro_batch_schedule`). The DP
+gradient all-reduce runs once per iteration, in the last micro-batch's backward, as the data
+parallelism of ``ddp`` runs it (:data:`DDP`):
+
+* ``"overlap"``: :meth:`tpmpi.DataParallel.schedule_for`'s buckets of ``bucket_bytes``, each
+  all-reduced over the replicas as soon as its gradients are final (the schedule's
+  ``GradsReady``), one after another, during the rest of backward (PyTorch DDP's scheme);
+* ``"blocking"``: the same buckets all-reduced after backward;
+* ``"megatron-local"``: Megatron-LM's own DDP of 2019-2020 (``--DDP-impl local``, the default;
+  megatron/model/distributed.py): after backward every gradient is flattened into one buffer
+  (a copy), all-reduced at once, scaled by ``1/dp`` and copied back into the gradients.
+
+Every step is priced by the one pricer, :func:`tpmpi.studies.pricing.price`, on the machine of
+the target (:func:`tpmpi.studies.machine.machine_for`); what the DP all-reduce adds to the last
+micro-batch's backward is its exposed time. Then the optimizer: Adam, element-wise over the
+rank's parameter shards (:data:`OPTIMIZERS`: bytes per parameter), after a TP all-reduce of
+the gradient norm.
 
 Activation recomputation (Korthikanti et al. 2022): "none" keeps every block's saved bytes;
 "selective" drops the attention core's (probabilities, dropout mask and output: ``5 a s^2 b``
-bytes in half precision) and recomputes the core before the block's backward; "full" keeps only
-each block's input and reruns the whole block forward (its collectives included) before its
-backward, holding one block's activations at a time.
+bytes in half precision) and recomputes the core (the block's forward steps :data:`CORE`)
+before the block's backward; "full" keeps only each block's input and reruns
+the whole block forward (its collectives included) before its backward, holding one block's
+activations at a time.
 
 FLOPs follow Narayanan et al. 2021: the products of the model, forward and backward (3x the
 forward), with the recomputed forward counted (their ``96 B s l h^2 (1 + s/6h + V/16lh)`` with
@@ -29,25 +40,39 @@ weights for half precision, Adam's two moments: :data:`OPTIMIZERS`), activations
 above plus the embedding's and the loss's (float32 probabilities of the rank's vocabulary
 shard), and one DP bucket. A configuration whose total exceeds the device's memory is refused.
 
-The schedules come from :func:`tpmpi.studies.gptblock._gpt_schedules` (provisional: the
-layers' own ``schedule_for`` replaces it), priced step by step by :func:`price` against any
-machine of :mod:`tpmpi.studies.machine`.
+The block's schedule is described once, by :data:`GPT_SCHEDULE`; :func:`split_gpt` takes it
+apart by step name (block ``i``: ``transformer.h.<i>.``) and checks that every block lists the
+same steps, and :func:`micro_batch_schedule` puts it back together (without recomputation it is
+the builder's schedule, step for step: the tests check it).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Sequence
-from typing import Optional, Union
+from typing import Optional
 
 from ..core.args import check_int
 from ..core.dtypes import resolve_dtype
-from ..core.schedule import Collective, GradsReady, Pointwise, Product, Step
-from ..layers.data_parallel import BUCKET_BYTES
-from .gptblock import GPTSchedules, GPTShape, _gpt_schedules
-from .machine import ClusterMachine, Machine, Placement, Target, machine_for
+from ..core.partition import largest_block
+from ..core.schedule import Collective, GradsReady, Pointwise, Schedule, Step, chain
+from ..layers.data_parallel import BUCKET_BYTES, DataParallel
+from . import gptblock
+from .gptblock import GPTShape
+from .machine import ClusterMachine, Placement, Target, machine_for
+from .pricing import Breakdown, Machine, price
+
+GPT_SCHEDULE = gptblock.schedule_for
+"""The one description of the GPT's schedule, with the signature of
+``tpmpi.models.GPT.schedule_for`` (PROVISIONAL: the builder of :mod:`tpmpi.studies.gptblock`
+until the model's classmethod replaces it here)."""
 
 RECOMPUTE = ("none", "selective", "full")
+DDP = ("overlap", "blocking", "megatron-local")
+CORE = ("attn.scores", "attn.softmax", "attn.dropout", "attn.context")
+"""The attention core's forward steps inside a block (what selective recomputation redoes), as
+``tpmpi.ParallelAttention.schedule_for`` names them."""
 HALF = ("float16", "bfloat16")
 OPTIMIZERS: dict[str, dict[str, tuple[int, int]]] = {
     "adam": {"half": (30, 12), "float32": (32, 8), "float64": (64, 16)},
@@ -68,66 +93,15 @@ and writes weight and moments (12), the master weights are copied back to half (
 bytes; state: master weight, master gradient and moments (16). The clip itself (another 8 when
 the norm exceeds the threshold) is not counted.
 """
-@dataclasses.dataclass
-class Priced:
-    """One schedule phase priced: ``seconds`` in all, split into ``product_s``, ``pointwise_s``
-    and exposed ``collective_s``; ``collectives``: (step, seconds, exposed seconds) of each;
-    ``ready``: (seconds from the phase's start, bytes) of each ``GradsReady``."""
-
-    seconds: float = 0.0
-    product_s: float = 0.0
-    pointwise_s: float = 0.0
-    collective_s: float = 0.0
-    collectives: list[tuple[Collective, float, float]] = dataclasses.field(default_factory=list)
-    ready: list[tuple[float, int]] = dataclasses.field(default_factory=list)
-    flops: int = 0
-
-
-def price(steps: Iterable[Step], machine: Machine, overlap: bool = True) -> Priced:
-    """Price ``steps`` run in order on one rank: products, element-wise work and collectives
-    take the machine's time; a collective with ``during`` steps runs under them and only what
-    exceeds their time is exposed, added when the last of them ends (``overlap=False``: every
-    collective blocks). Gradients are ready at the time their ``GradsReady`` is reached."""
-    steps = list(steps)
-    took = {}
-    for step in steps:
-        if isinstance(step, Product):
-            took[step.name] = machine.product_s(step)
-        elif isinstance(step, Pointwise):
-            took[step.name] = machine.pointwise_s(step)
-    out = Priced()
-    pending: dict[str, float] = {}  # last overlapped step -> exposed seconds added after it
-    clock = 0.0
-    for step in steps:
-        if isinstance(step, Collective):
-            t = machine.collective_s(step)
-            hidden = sum(took.get(d, 0.0) for d in step.during) if overlap else 0.0
-            exposed = max(0.0, t - hidden)
-            out.collectives.append((step, t, exposed))
-            out.collective_s += exposed
-            if overlap and step.during and step.during[-1] in took:
-                pending[step.during[-1]] = pending.get(step.during[-1], 0.0) + exposed
-            else:
-                clock += exposed
-        elif isinstance(step, GradsReady):
-            out.ready.append((clock, step.nbytes))
-        else:
-            clock += took[step.name] + pending.pop(step.name, 0.0)
-            if isinstance(step, Product):
-                out.product_s += took[step.name]
-                out.flops += step.flops
-            else:
-                out.pointwise_s += took[step.name]
-    out.seconds = clock + sum(pending.values())
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """How the model is run: ``tp`` x ``dp`` ranks, micro-batch ``micro_batch`` and global batch
     ``global_batch`` (sequences), sequence parallelism, recomputation, dtype, whether TP
-    collectives overlap the products the layers overlap them with (``overlap``) and the DP
-    all-reduce overlaps backward (``dp_overlap``), DP bucket size."""
+    collectives overlap the products the layers overlap them with (``overlap``), how data
+    parallelism all-reduces the gradients (``ddp``, one of :data:`DDP`), DP bucket size,
+    optimizer (:data:`OPTIMIZERS`)."""
 
     tp: int
     dp: int
@@ -137,7 +111,7 @@ class StepConfig:
     recompute: str = "none"
     dtype: str = "bfloat16"
     overlap: bool = True
-    dp_overlap: bool = True
+    ddp: str = "overlap"
     bucket_bytes: int = BUCKET_BYTES
     optimizer: str = "adam"
 
@@ -147,6 +121,8 @@ class StepConfig:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}: expected one of "
                              f"{', '.join(RECOMPUTE)}")
+        if self.ddp not in DDP:
+            raise ValueError(f"ddp={self.ddp!r}: expected one of {', '.join(DDP)}")
         resolve_dtype(self.dtype)
         kinds = OPTIMIZERS.get(self.optimizer)
         if kinds is None or self.dtype_kind not in kinds:
@@ -245,57 +221,177 @@ def model_flops(shape: GPTShape, sequences: int, recompute: str) -> float:
     return 3.0 * (shape.n_layer * layer + logits) + shape.n_layer * extra
 
 
-def _dp_allreduce(ready: Sequence[tuple[float, int]], end: float, machine: Machine,
-                  config: StepConfig) -> tuple[float, float]:
-    """``(total, exposed)`` seconds of the DP gradient all-reduce: buckets of the gradients
-    ``ready`` ((time, bytes), in backward order) started when full, one after another, against
-    a backward that ends at ``end`` (see the module docstring)."""
-    if config.dp == 1 or not ready:
-        return 0.0, 0.0
+@dataclasses.dataclass(frozen=True)
+class GPTParts:
+    """A GPT's schedule taken apart (:func:`split_gpt`): the ``embedding``'s steps (forward
+    before the first block, backward after the last), one ``block`` (step names relative to
+    the block) that each of the ``n_layer`` blocks runs, and the ``head`` (final LayerNorm, LM
+    head and loss: forward after the last block, backward before the first). Each part holds
+    the parameter bytes of its gradients; the block its saved bytes, the embedding the rest."""
 
-    def allreduce(nbytes: int) -> float:
-        return machine.collective_s(Collective("dp.grads", "allreduce", "dp", config.dp,
-                                               nbytes, config.dtype))
-    if not config.dp_overlap:
-        total = allreduce(sum(n for _, n in ready))
-        return total, total
-    buckets: list[list[float]] = []
-    for when, nbytes in ready:
-        if not buckets or buckets[-1][1] >= config.bucket_bytes:
-            buckets.append([0.0, 0.0])
-        buckets[-1] = [when, buckets[-1][1] + nbytes]
-    clock = total = 0.0
-    for when, size in buckets:
-        took = allreduce(int(size))
-        clock = max(clock, when) + took
-        total += took
-    return total, max(0.0, clock - end)
+    embedding: Schedule
+    block: Schedule
+    head: Schedule
+    n_layer: int
 
 
-def _memory(s: GPTSchedules, shape: GPTShape, config: StepConfig, params: int) -> dict:
+BLOCKS = "transformer.h."
+
+
+def _name(step: Step) -> str:
+    return step.names[0] if isinstance(step, GradsReady) else step.name
+
+
+def _relative(step: Step, prefix: str) -> Step:
+    """``step`` with ``prefix`` taken off its names (the inverse of ``Schedule.prefixed``)."""
+    cut = len(prefix)
+    if isinstance(step, GradsReady):
+        return dataclasses.replace(step, names=tuple(n[cut:] for n in step.names))
+    if isinstance(step, Collective):
+        return dataclasses.replace(step, name=step.name[cut:],
+                                   during=tuple(d[cut:] for d in step.during))
+    return dataclasses.replace(step, name=step.name[cut:])
+
+
+def _grads(steps: Iterable[Step]) -> int:
+    return sum(s.nbytes for s in steps if isinstance(s, GradsReady))
+
+
+def split_gpt(schedule: Schedule, n_layer: int, block_saved_bytes: int) -> GPTParts:
+    """The parts of a GPT's ``schedule`` (:data:`GPT_SCHEDULE`) of ``n_layer`` blocks, block
+    ``i`` being the steps named ``transformer.h.<i>.``; ``block_saved_bytes``: what one block
+    keeps for backward. ValueError when the blocks do not list the same steps or other steps
+    come between them."""
+    def cut(steps: Sequence[Step], where: str) -> tuple[list[Step], list[list[Step]], list[Step]]:
+        before: list[Step] = []
+        blocks: dict[int, list[Step]] = {}
+        after: list[Step] = []
+        for step in steps:
+            name = _name(step)
+            if not name.startswith(BLOCKS):
+                (after if blocks else before).append(step)
+                continue
+            index = name[len(BLOCKS):].split(".", 1)[0]
+            if after:
+                raise ValueError(f"GPT schedule: {where} step {_name(after[0])!r} comes "
+                                 f"between blocks")
+            blocks.setdefault(int(index), []).append(
+                _relative(step, f"{BLOCKS}{index}."))
+        order = list(blocks) if where == "forward" else list(reversed(blocks))
+        if order != list(range(n_layer)):
+            raise ValueError(f"GPT schedule: {where} runs blocks {order}, expected "
+                             f"0 .. {n_layer - 1} in order")
+        return before, [blocks[i] for i in range(n_layer)], after
+
+    emb_f, blocks_f, head_f = cut(schedule.forward, "forward")
+    head_b, blocks_b, emb_b = cut(schedule.backward, "backward") if schedule.backward else \
+        ([], [[] for _ in range(n_layer)], [])
+    for i in range(1, n_layer):
+        if blocks_f[i] != blocks_f[0] or blocks_b[i] != blocks_b[0]:
+            raise ValueError(f"GPT schedule: block {i} does not run block 0's steps")
+    block = Schedule(tuple(blocks_f[0]), tuple(blocks_b[0]), _grads(blocks_b[0]),
+                     block_saved_bytes)
+    rest = schedule.saved_bytes - n_layer * block_saved_bytes
+    return GPTParts(Schedule(tuple(emb_f), tuple(emb_b), _grads(emb_b), rest), block,
+                    Schedule(tuple(head_f), tuple(head_b), _grads(head_b), 0), n_layer)
+
+
+@functools.lru_cache(maxsize=64)
+def gpt_parts(shape: GPTShape, micro_batch: int, tp: int, sequence_parallel: bool,
+              dtype: str) -> GPTParts:
+    """The parts (:func:`split_gpt`) of :data:`GPT_SCHEDULE` for ``shape`` on ``micro_batch``
+    sequences over ``tp`` ranks; a block's saved bytes are what one more block adds."""
+    def schedule(layers: int) -> Schedule:
+        return GPT_SCHEDULE(dataclasses.replace(shape, n_layer=layers).config(),
+                            batch=micro_batch, seq=shape.seq, tp=tp,
+                            sequence_parallel=sequence_parallel, dtype=dtype)
+    whole = schedule(shape.n_layer)
+    block_saved = schedule(shape.n_layer + 1).saved_bytes - whole.saved_bytes
+    return split_gpt(whole, shape.n_layer, block_saved)
+
+
+def recomputed(block: Schedule, recompute: str) -> tuple[Step, ...]:
+    """The block's forward steps that ``recompute`` reruns before the block's backward."""
+    if recompute == "full":
+        return block.forward
+    if recompute == "selective":
+        return tuple(s for s in block.forward if _name(s) in CORE)
+    return ()
+
+
+def micro_batch_schedule(parts: GPTParts, recompute: str = "none") -> Schedule:
+    """One micro-batch's forward and backward: the parts in order, each block's backward
+    preceded by its recomputed steps (named ``transformer.h.<i>.recompute.``). With
+    ``recompute="none"`` this is the GPT's schedule the parts came from."""
+    redo = Schedule(recomputed(parts.block, recompute)).prefixed("recompute").forward
+    block = dataclasses.replace(parts.block, backward=redo + parts.block.backward)
+    return chain([parts.embedding,
+                  *(block.prefixed(f"{BLOCKS.rstrip('.')}.{i}") for i in range(parts.n_layer)),
+                  parts.head])
+
+
+def _blocking(schedule: Schedule) -> Schedule:
+    """``schedule`` with every collective waited for where it starts (nothing overlapped)."""
+    def block(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return tuple(dataclasses.replace(s, during=()) if isinstance(s, Collective) else s
+                     for s in steps)
+    return dataclasses.replace(schedule, forward=block(schedule.forward),
+                               backward=block(schedule.backward))
+
+
+def with_data_parallel(schedule: Schedule, config: StepConfig) -> Schedule:
+    """``schedule`` (one micro-batch) with the gradient all-reduce over the ``config.dp``
+    replicas in its backward, as ``config.ddp`` runs it (see the module docstring)."""
+    if config.dp == 1 or not schedule.backward:
+        return schedule
+    if config.ddp != "megatron-local":
+        return DataParallel.schedule_for(schedule, config.dp, bucket_bytes=config.bucket_bytes,
+                                         overlap=config.ddp == "overlap")
+    grads, dtype = _grads(schedule.backward), config.dtype
+    local = (Pointwise("ddp.flatten", 2 * grads, dtype),
+             Collective("ddp.allreduce", "allreduce", "dp", config.dp, grads, dtype),
+             Pointwise("ddp.scale", 2 * grads, dtype),
+             Pointwise("ddp.copy_back", 2 * grads, dtype))
+    return dataclasses.replace(schedule, backward=schedule.backward + local)
+
+
+def _core_saved_bytes(shape: GPTShape, config: StepConfig) -> int:
+    """What the attention core keeps per block (Korthikanti et al. 2022: the probabilities,
+    and with dropout its mask and the dropped probabilities): what selective recomputation
+    drops."""
+    e = resolve_dtype(config.dtype).itemsize
+    scores = config.micro_batch * largest_block(shape.n_head, config.tp) * shape.seq ** 2
+    return scores * (e + int(shape.dropout) * (1 + e))
+
+
+def _memory(parts: GPTParts, shape: GPTShape, config: StepConfig) -> dict:
     """Bytes per GPU by kind (see the module docstring)."""
     e = resolve_dtype(config.dtype).itemsize
-    block, core, n = s.block.saved_bytes, s.core.saved_bytes, shape.n_layer
-    activations = {"none": n * block, "selective": n * (block - core),
-                   "full": n * s.layer_input_bytes + block}[config.recompute]
+    params = parts.embedding.param_bytes + parts.n_layer * parts.block.param_bytes \
+        + parts.head.param_bytes
+    block, n = parts.block.saved_bytes, parts.n_layer
+    rows = largest_block(config.micro_batch * shape.seq, config.tp) \
+        if config.sequence_parallel else config.micro_batch * shape.seq
+    activations = {"none": n * block, "selective": n * (block - _core_saved_bytes(shape, config)),
+                   "full": n * rows * shape.n_embd * e + block}[config.recompute]
     return {"parameters": params, "gradients": params,
             "optimizer": params // e * config.optimizer_bytes[1],
-            "activations": activations + s.embedding.saved_bytes,
-            "loss": s.head.saved_bytes,
+            "activations": activations + parts.embedding.saved_bytes,
             "dp_bucket": min(config.bucket_bytes, params) if config.dp > 1 else 0}
 
 
-def _collective_rows(phases: Iterable[tuple[Priced, int]],
-                     machine: Union[Machine, ClusterMachine]) -> list[dict]:
+def _collective_rows(phases: Iterable[tuple[Breakdown, int]],
+                     machine: Machine) -> list[dict]:
     """Each collective of the iteration: name, op, group, size, bytes, seconds, exposed
     seconds, times per iteration (and NCCL's algorithm, protocol and tier on a cluster)."""
     rows: dict[str, dict] = {}
     for priced, count in phases:
-        for step, t, exposed in priced.collectives:
+        for cost in priced.collectives:
+            step = cost.step
             row = rows.setdefault(step.name, {
                 "name": step.name, "op": step.op, "group": step.group, "size": step.size,
-                "bytes": step.nbytes, "seconds": t, "exposed_s": 0.0, "count": 0})
-            row["exposed_s"] += exposed * count
+                "bytes": step.nbytes, "seconds": cost.seconds, "exposed_s": 0.0, "count": 0})
+            row["exposed_s"] += cost.exposed_s * count
             row["count"] += count
             if isinstance(machine, ClusterMachine) and step.size > 1:
                 choice = machine.choice(step)
@@ -306,7 +402,8 @@ def _collective_rows(phases: Iterable[tuple[Priced, int]],
 
 def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPrediction:
     """The predicted iteration of ``shape`` under ``config`` on ``target`` (a cluster preset or
-    a calibrated cluster); ``refused`` says why a configuration cannot run."""
+    a calibrated cluster); ``refused`` says why a configuration cannot run (then only its
+    memory is predicted)."""
     pred = StepPrediction(cluster=target.name, shape=shape, config=config)
     micro = config.micro_batches
     if micro is None:
@@ -314,48 +411,53 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
                         f"micro_batch x dp = {config.micro_batch * config.dp}")
         return pred
     peak = target.device.peak_flops(config.dtype)
-    placement = Placement(config.tp, config.dp, target.gpus_per_node)
-    machine = machine_for(target, placement)
-    s = _gpt_schedules(shape, config.micro_batch, config.tp, config.sequence_parallel,
-                       config.dtype)
-    ov = config.overlap
-    fwd, bwd = price(s.block.forward, machine, ov), price(s.block.backward, machine, ov)
-    recompute = {"none": Priced(), "selective": price(s.core.forward, machine, ov),
-                 "full": fwd}[config.recompute]
-    head_f, head_b = price(s.head.forward, machine, ov), price(s.head.backward, machine, ov)
-    emb_f, emb_b = price(s.embedding.forward, machine, ov), price(s.embedding.backward,
-                                                                   machine, ov)
+    machine = machine_for(target, Placement(config.tp, config.dp, target.gpus_per_node))
+    parts = gpt_parts(shape, config.micro_batch, config.tp, config.sequence_parallel,
+                      config.dtype)
+    pred.memory = _memory(parts, shape, config)
+    capacity = target.device.memory_bytes
+    if pred.mem_per_gpu_bytes > capacity:  # not priced: a refused configuration has no time
+        pred.refused = (f"needs {pred.mem_per_gpu_bytes / 2**30:.1f} GiB per GPU, the "
+                        f"{target.device.name} has {capacity / 2**30:.1f} GiB")
+        return pred
+    if not config.overlap:
+        parts = GPTParts(_blocking(parts.embedding), _blocking(parts.block),
+                         _blocking(parts.head), parts.n_layer)
+
+    def cost(steps: Sequence[Step], backward: bool = False) -> Breakdown:
+        return price(Schedule((), tuple(steps)) if backward else Schedule(tuple(steps)),
+                     machine, backward=backward)
+    fwd, bwd = cost(parts.block.forward), cost(parts.block.backward, True)
+    recompute = cost(recomputed(parts.block, config.recompute))
+    head_f, head_b = cost(parts.head.forward), cost(parts.head.backward, True)
+    emb_f, emb_b = cost(parts.embedding.forward), cost(parts.embedding.backward, True)
+    one = micro_batch_schedule(parts, config.recompute)
+    plain = price(one, machine)
+    last = price(with_data_parallel(one, config), machine)
     n = shape.n_layer
-    layer_bwd = recompute.seconds + bwd.seconds
-    # the last micro-batch's backward: head, then blocks n-1 .. 0, then the embedding
-    ready = list(head_b.ready)
-    start = head_b.seconds
-    for _ in range(n):
-        ready += [(start + recompute.seconds + t, b) for t, b in bwd.ready]
-        start += layer_bwd
-    ready += [(start + t, b) for t, b in emb_b.ready]
-    backward_end = start + emb_b.seconds
-    params = s.embedding.param_bytes + n * s.block.param_bytes + s.head.param_bytes
     pred.micro_batches = micro
-    pred.layer_fwd_s, pred.layer_bwd_s, pred.layer_recompute_s = fwd.seconds, bwd.seconds, \
-        recompute.seconds
+    pred.layer_fwd_s, pred.layer_bwd_s, pred.layer_recompute_s = fwd.time_s, bwd.time_s, \
+        recompute.time_s
     pred.layer = {
-        phase: {"seconds": p.seconds, "products_s": p.product_s, "pointwise_s": p.pointwise_s,
-                "collectives_s": p.collective_s}
+        phase: {"seconds": p.time_s, "products_s": p.product_s,
+                "pointwise_s": p.compute_s - p.product_s, "collectives_s": p.comm_s}
         for phase, p in (("forward", fwd), ("backward", bwd), ("recompute", recompute))}
-    pred.embedding_loss_s = emb_f.seconds + emb_b.seconds + head_f.seconds + head_b.seconds
-    pred.micro_batch_s = n * (fwd.seconds + layer_bwd) + pred.embedding_loss_s
-    pred.dp_allreduce_s, pred.dp_exposed_s = _dp_allreduce(ready, backward_end, machine, config)
+    pred.embedding_loss_s = emb_f.time_s + emb_b.time_s + head_f.time_s + head_b.time_s
+    pred.micro_batch_s = plain.time_s
+    pred.dp_allreduce_s = last.collective_s.get("dp", 0.0)
+    pred.dp_exposed_s = last.time_s - plain.time_s
     e = resolve_dtype(config.dtype).itemsize
-    optimizer = (Pointwise("optimizer.adam", params // e * config.optimizer_bytes[0], "float32"),
-                 Collective("optimizer.grad_norm", "allreduce", "tp", config.tp, 4, "float32"))
-    opt = price(optimizer, machine)
-    pred.optimizer_s = opt.seconds
-    pred.iteration_s = micro * pred.micro_batch_s + pred.dp_exposed_s + pred.optimizer_s
+    params = _grads(one.backward)
+    optimizer = Schedule((Pointwise("optimizer.adam", params // e * config.optimizer_bytes[0],
+                                    "float32"),
+                          Collective("optimizer.grad_norm", "allreduce", "tp", config.tp, 4,
+                                     "float32")))
+    opt = price(optimizer, machine, backward=False)
+    pred.optimizer_s = opt.time_s
+    pred.iteration_s = (micro - 1) * pred.micro_batch_s + last.time_s + pred.optimizer_s
     pred.flops = model_flops(shape, config.global_batch, config.recompute)
     pred.tflops_per_gpu = pred.flops / pred.iteration_s / pred.gpus / 1e12
     pred.mfu = pred.tflops_per_gpu * 1e12 / peak
-    pred.memory = _memory(s, shape, config, params)
     phases = [(fwd, n * micro), (bwd, n * micro), (recompute, n * micro), (head_f, micro),
               (head_b, micro), (emb_f, micro), (emb_b, micro), (opt, 1)]
     pred.collectives = _collective_rows(phases, machine)
@@ -363,10 +465,5 @@ def predict_step(target: Target, shape: GPTShape, config: StepConfig) -> StepPre
         pred.collectives.append({
             "name": "dp.grads", "op": "allreduce", "group": "dp", "size": config.dp,
             "bytes": params, "seconds": pred.dp_allreduce_s, "exposed_s": pred.dp_exposed_s,
-            "count": 1})
-    capacity = target.device.memory_bytes
-    if pred.mem_per_gpu_bytes > capacity:
-        pred.refused = (f"needs {pred.mem_per_gpu_bytes / 2**30:.1f} GiB per GPU, the "
-                        f"{target.device.name} has {capacity / 2**30:.1f} GiB")
+            "count": 1, "ddp": config.ddp})
     return pred
-

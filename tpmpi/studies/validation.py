@@ -10,6 +10,10 @@ presets alone: nothing in the model is fitted to these numbers.
 A weak-scaling efficiency is the per-GPU FLOP/s of the run over that of its baseline (the 1.2B
 model on one GPU), FLOPs by :func:`tpmpi.studies.trainstep.model_flops` for both; a baseline
 compared with itself (100 % by definition) is shown but not scored.
+
+:func:`against_runs` does the same for a CPU cluster preset (a ``calibrate`` file,
+:func:`tpmpi.studies.machine.calibrated_cluster`) and the runs of ``python -m tpmpi run
+--json``: each run's layer schedule priced on the preset's machine next to its measured median.
 """
 from __future__ import annotations
 
@@ -19,8 +23,13 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any, Optional
 
+from ..layers.data_parallel import BUCKET_BYTES
 from .cluster import load_cluster
+from .costmodel import layout_label, schedule_of
 from .gptblock import GPTShape
+from .machine import Placement, Target, machine_for
+from .pricing import price
+from .problem import RecordedRun
 from .trainstep import StepConfig, StepPrediction, predict_step
 
 DATA = "megatron.json"
@@ -60,7 +69,7 @@ def _predict(run: Mapping[str, Any], data: Mapping[str, Any]) -> StepPrediction:
     config = StepConfig(tp=run["tp"], dp=run["dp"], micro_batch=run["micro_batch"],
                         global_batch=run["global_batch"], recompute=conf["recompute"],
                         dtype=conf["dtype"], overlap=conf["overlap"],
-                        dp_overlap=run.get("dp_overlap", True), optimizer=conf["optimizer"])
+                        ddp=run.get("ddp", "overlap"), optimizer=conf["optimizer"])
     pred = predict_step(load_cluster(run["cluster"]), shape, config)
     if pred.refused:
         raise ValueError(f"published run {run['model']} tp={run['tp']} dp={run['dp']}: "
@@ -113,4 +122,51 @@ def markdown(checks: Sequence[Check]) -> str:
     lines.append("")
     lines.append(f"Mean absolute error {mean:.1%}, largest {worst:.1%} "
                  f"({sum(c.scored for c in checks)} scored points).")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheck:
+    """One measured run (``label``: scheme, grid, sizes, pass) next to the preset's
+    prediction, in seconds."""
+
+    label: str
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1.0
+
+
+def against_runs(target: Target, records: Sequence[Mapping[str, Any]]) -> list[RunCheck]:
+    """Each ``run`` record (scheme, sizes, grid, mesh, dtype, pass, options, ``time_s``) next to
+    its layer's schedule (:func:`tpmpi.studies.costmodel.schedule_of`) priced on ``target``'s
+    machine for the run's placement."""
+    checks = []
+    for r in records:
+        run = RecordedRun.of(r)
+        problem, grid, dp = run.problem, run.grid, run.dp
+        sched = schedule_of(problem, grid, dp=dp, bucket_bytes=run.bucket_bytes or BUCKET_BYTES)
+        if sched is None:
+            continue
+        machine = machine_for(target, Placement(grid[0] * grid[1], dp, target.gpus_per_node))
+        predicted = price(sched, machine, backward=problem.backward).time_s
+        label = layout_label(problem.scheme, grid, dp, problem.opts) + \
+            f" {problem.m}x{problem.k}x{problem.n}" + \
+            (f" hidden={problem.hidden}" if problem.hidden else "") + \
+            (" fwd+bwd" if problem.backward else " fwd")
+        checks.append(RunCheck(label, float(r["time_s"]["median"]), predicted))
+    return checks
+
+
+def runs_markdown(checks: Sequence[RunCheck]) -> str:
+    """The table of :func:`against_runs`: run, measured and predicted ms, error; the mean and
+    largest absolute error."""
+    lines = ["| run | measured (ms) | predicted (ms) | error |", "|---|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.measured * 1e3:.2f} | {c.predicted * 1e3:.2f} | "
+              f"{c.error:+.1%} |" for c in checks]
+    errors = [abs(c.error) for c in checks]
+    lines += ["", (f"Mean absolute error {sum(errors) / len(errors):.1%}, largest "
+                  f"{max(errors):.1%} ({len(errors)} runs).")]
     return "\n".join(lines)
