@@ -106,7 +106,8 @@ class ColumnParallelLinear(ParallelLinear):
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
         m = self._agree_input("x", x, self.in_features, split_rows=self.sequence_parallel)
-        self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
+        # with sequence_parallel this rank's rows only: backward gathers them again
+        x = self._x = self._enter(x, keep=True)
         x = self.gather_x(x, m)  # Allgather (Alltoallw) of the row blocks, or x itself
         y_local = self._product_buffer(m)
         rows = self.row_chunks(m, self.grid.shape, staged=self.staging.staged,
@@ -144,6 +145,7 @@ class ColumnParallelLinear(ParallelLinear):
         ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self._width(self.layouts.y, self.out_features), backward=True)
+        dy = self._enter(dy)
         # own columns: a strided view (one copy on a GPU, for both products)
         dy_p = self.backend.operand(self.split_dy(dy))
         dx = self.backend.xp.empty((dy_p.shape[0], self.in_features), dtype=self.dtype)

@@ -170,8 +170,7 @@ class TileParallelLinear(ParallelLinear):
         form: double-buffered Ibcasts on ``row_comm`` / ``col_comm``."""
         self._agree_tile(x)
         xp = self.backend.xp
-        x = xp.ascontiguousarray(x)
-        self._x = x
+        x = self._x = self._enter(x, keep=True)
         if self.panel is None:
             xpanel = self.gather_x(x, self.in_features)  # Allgather (Alltoallw), row_comm
             wpanel = self.gather_w(self.weight, self.in_features)  # the same, col_comm
@@ -227,7 +226,7 @@ class TileParallelLinear(ParallelLinear):
         ``grad_bias``. Gather form: two Ireduce_scatters on the cached panels; panel form:
         Ibcasts and Ireduces per K segment; bias: Allreduce over ``col_comm``."""
         self._agree_dy(dy)
-        dy = self.backend.xp.ascontiguousarray(dy)
+        dy = self._enter(dy)
         dx = self._backward_gather(dy) if self.panel is None else self._backward_panels(dy)
         if self.grad_bias is not None:
             self.grad_bias += self.allreduce_db(self.local.column_sums(dy))  # Allreduce, col
