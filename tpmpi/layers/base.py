@@ -15,7 +15,7 @@ from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, get_backend
 from ..core.comm import Staging
-from ..core.dtypes import dtype_name, resolve_dtype
+from ..core.dtypes import HALF, dtype_name, resolve_dtype
 from ..core.gemm import LocalWork
 from ..core.grid import ProcessGrid, default_grid
 from ..core.init import init_weight
@@ -172,6 +172,9 @@ class ParallelLinear(Checkpointable):
         self.identity = (f"layer #{self.layer_id} ({type(self).__name__} "
                          f"{self.in_features}x{self.out_features})")
         self.dtype = resolve_dtype(dtype)
+        # partial sums that ranks add up are float32 for 2-byte floats: each rank's partial
+        # may exceed float16's range where the sum (the serial product) does not
+        self.partial_dtype = resolve_dtype("float32") if self.dtype.name in HALF else self.dtype
         self.seed = seed
         self.check_finite = bool(check_finite)
         self.check_replicated = bool(check_replicated)
@@ -299,6 +302,16 @@ class ParallelLinear(Checkpointable):
             self._kept = enter_array(self.backend.xp, a, self._kept, keep=True)
             return self._kept
         return enter_array(self.backend.xp, a)
+
+    def _partial(self, shape: tuple[int, ...]) -> Array:
+        """A new array for partial sums that the ranks add up: :attr:`partial_dtype` (float32
+        for 2-byte floats, else the layer's dtype)."""
+        return self.backend.xp.empty(shape, dtype=self.partial_dtype)
+
+    def _rounded(self, a: Array) -> Array:
+        """``a`` (reduced partial sums) in the layer's dtype: rounded once (itself when it
+        has the dtype already)."""
+        return a if a.dtype == self.dtype else a.astype(self.dtype)
 
     @property
     def _saved_input(self) -> Array:

@@ -148,7 +148,7 @@ class ColumnParallelLinear(ParallelLinear):
         dy = self._enter(dy)
         # own columns: a strided view (one copy on a GPU, for both products)
         dy_p = self.backend.operand(self.split_dy(dy))
-        dx = self.backend.xp.empty((dy_p.shape[0], self.in_features), dtype=self.dtype)
+        dx = self._partial((dy_p.shape[0], self.in_features))  # float32 for 2-byte floats
 
         def input_grad() -> None:
             self.local.product(dy_p, self.weight.T, out=dx)  # partial sums over the ranks
@@ -161,4 +161,5 @@ class ColumnParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += self.local.column_sums(dy_p)
 
-        return self.reduce_dx.during(dx, weight_grads)  # Iallreduce (or Ireduce_scatter) of dX
+        # Iallreduce (or Ireduce_scatter) of dX, then its one rounding
+        return self._rounded(self.reduce_dx.during(dx, weight_grads))

@@ -68,11 +68,13 @@ class RowParallelLinear(ParallelLinear):
         self._agree_input("x", x, self._width(self.layouts.x, self.in_features))
         # own columns (a strided view of a replicated x), kept for the dW product
         x_p = self._x = self._enter(self.split_x(x), keep=True)
-        y = self.local.product(x_p, self.weight)  # partial sums over the ranks
+        # partial sums over the ranks (float32 for 2-byte floats, rounded once at the end)
+        y = self.local.product(x_p, self.weight,
+                               out=self._partial((x_p.shape[0], self.weight.shape[1])))
         y = self.reduce_y(y)  # Allreduce in place, or Reduce_scatter into this rank's rows
         if self.bias is not None:
             y += self.bias
-        return y
+        return self._rounded(y)
 
     def backward(self, dy: Array) -> Array:
         """``dy`` (M, N) replicated [or (M_p, N) rows: Alltoallw] -> ``dx`` (M, K_p) [no
