@@ -11,13 +11,32 @@ from tpmpi.studies.problem import Problem
 
 def test_table_shows_spread_statistic_and_flags():
     rec = clean_record(flags=["noisy", "oversubscribed"], hidden=16, scheme="mlp")
-    caption, head, row = format_table([rec]).splitlines()
+    caption, head, row = format_table([rec], width=0).splitlines()
     assert "median (min-max) over 10 timed iterations" in caption
     cols = head.split()
     assert cols[-3:] == ["speedup", "eff/core", "flags"] and "eff" not in cols
     assert "1.000 (0.98-1.05)" in row and "0.600 (0.5-0.7)" in row
     assert "0.300 (0.2-0.4)" in row
     assert row.endswith("noisy,oversubscribed") and "hidden=16" in row
+
+
+def test_table_fits_120_columns_by_default():
+    """Columns in blocks of at most 120 characters, each repeating scheme, ranks and grid; the
+    caption wrapped too; every cell of the one-line form is there."""
+    flags = ["superlinear", "noisy", "noisy-baseline", "oversubscribed", "pred-defaults"]
+    recs = [clean_record(flags=flags, hidden=4096, scheme="mlp", m=2048, k=1024, n=1024),
+            clean_record(ranks=4, grid="2x2")]
+    lines = format_table(recs).splitlines()
+    assert max(map(len, lines)) <= 120
+    heads = [line.split() for line in lines if line.startswith("scheme")]
+    assert len(heads) > 1 and all(h[:3] == ["scheme", "ranks", "grid"] for h in heads)
+    whole = format_table(recs, width=0).splitlines()
+    assert len(whole[-1]) > 120
+    assert sum(len(h) - 3 for h in heads) + 3 == len(whole[1].split())
+    cells = " ".join(lines)
+    assert all(cell in cells for cell in whole[-1].split())
+    assert " ".join(line.lstrip("# ") for line in lines if line.startswith("#")) == \
+        whole[0].lstrip("# ")
 
 
 @pytest.mark.mpi
