@@ -138,11 +138,34 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     return Progress([t for _, t in units], rank0, unit="step").step
 
 
+_WARMED: set = set()
+"""The kinds of case (scheme, options, dtype, backend, pass) this process has run."""
+
+
+def _warm_process(problem: Problem, where: ProcessGrid | Mesh, backend: Backend,
+                  bucket_bytes: int) -> None:
+    """Build and step a tiny case of ``problem``'s kind (8 x 8 x 8), once per process and kind
+    unless some rank of ``where`` has not yet: what a process allocates once (modules imported
+    on first use, e.g. ml_dtypes' bfloat16 loops, 6 MB; caches) is not charged to the first
+    configuration's ``mem_peak_bytes``. Collective (an Allreduce deciding, then the steps)."""
+    kind = (problem.scheme, problem.options, problem.dtype, backend.name, problem.backward)
+    if not where.comm.allreduce(kind not in _WARMED, op=MPI.LOR):
+        return
+    tiny = build_case(dataclasses.replace(problem, m=8, k=8, n=8, hidden=None), where, backend,
+                      bucket_bytes=bucket_bytes)
+    tiny.forward()
+    if problem.backward:
+        tiny.backward()
+    _WARMED.add(kind)
+
+
 def _first_steps(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                  warmup: int, bucket_bytes: int, progress: Callable[[str], None]
                  ) -> tuple[Case, int]:
     """The case built with timed profilers, its first step (this rank's allocation peak
-    measured meanwhile) and ``warmup`` untimed steps: ``(case, peak bytes)``."""
+    measured meanwhile, after :func:`_warm_process`) and ``warmup`` untimed steps: ``(case,
+    peak bytes)``."""
+    _warm_process(problem, where, backend, bucket_bytes)
     with backend.memory_peak() as mem:
         case = build_case(problem, where, backend, bucket_bytes=bucket_bytes)
         case.attach_profiler()
