@@ -13,7 +13,7 @@ from mpi4py import MPI
 from ..studies.bench import format_table
 from ..studies.costmodel import Calibration
 from ..studies.record import calibration_facts, write_record
-from ..studies.stats import short
+from ..studies.stats import overlap_implausible, short
 from ..studies.table import columns
 
 
@@ -82,7 +82,9 @@ def print_run(rec: Mapping[str, Any], ok: bool) -> None:
         print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
               f"{times['compute_s'] * 1e3:.3f} ms, communication only "
               f"{times['comm_only_s'] * 1e3:.3f} ms -> overlap {times['overlap_pct']:.1f}%, "
-              f"saved {times['saved_s'] * 1e3:.3f} ms")
+              f"saved {times['saved_s'] * 1e3:.3f} ms"
+              + (" (implausible: the whole call ran faster than its local work alone; "
+                 "flag overlap-implausible)" if overlap_implausible(times) else ""))
 
 
 def print_facts(facts: Mapping[str, Any]) -> None:
