@@ -222,7 +222,7 @@ def test_a_fault_on_one_replica_raises_on_every_rank(world, overlap):
 @pytest.mark.timeout(60)
 @pytest.mark.world_sizes(4)
 def test_a_replicated_dy_differing_inside_one_tp_group_raises_everywhere(world):
-    mesh, mlp, model, odd = _faulty_replica(world, check_replicated=True)
+    mesh, _, model, odd = _faulty_replica(world, check_replicated=True)
     y = model(np.ones((3, 4)))
     all_ranks_raise(world.comm, lambda: model.backward(np.ones_like(y) + odd),
                     r"dy differs across ranks: checksum .* dy must be replicated")
@@ -248,7 +248,7 @@ def test_a_reassigned_gradient_on_one_rank_raises_everywhere(world):
 def test_backward_twice_on_one_rank_while_the_others_go_on(world):
     """The agreements over the mesh come first in every DataParallel call, so a rank in
     backward and ranks in the next forward meet in the same agreement."""
-    mesh, mlp, model, odd = _faulty_replica(world)
+    mesh, _, model, odd = _faulty_replica(world)
     x = np.ones((3, 4))
     all_ranks_raise(world.comm, lambda: model.backward(np.ones((3, 4))) if odd else model(x),
                     rf"call differs across ranks: DataParallel forward on ranks? [\d,]+ and "
