@@ -764,7 +764,7 @@ def _half_partials(c: Context):
     """Every rank's partial sum of X W beyond float16's range (the second half of K cancels
     the first), the sum within it: the serial float16 product is finite."""
     u = np.random.default_rng(5).uniform(0.5, 1.0, (4, 6))
-    W = np.concatenate([1000 * u, -900 * u]).astype(np.float16)
+    W = np.concatenate([2000 * u, -1800 * u]).astype(np.float16)
     X = (40 * np.tile(np.random.default_rng(6).uniform(0.5, 1.0, (3, 4)), 2)).astype(np.float16)
     layer = Row.from_dense(W, None, grid=c.grid)
     want = X.astype(np.float64) @ W.astype(np.float64)

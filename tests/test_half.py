@@ -36,7 +36,7 @@ def cancelling(m, k, n, seed=0):
     and ``X^T dY`` is small."""
     rng = np.random.default_rng(seed)
     u = np.tile(rng.uniform(0.5, 1.0, (k // 2, n // 2)), (2, 2))
-    w = 1000 * u * np.outer(np.repeat([1.0, -0.9], k // 2), np.repeat([1.0, -0.9], n // 2))
+    w = 2000 * u * np.outer(np.repeat([1.0, -0.9], k // 2), np.repeat([1.0, -0.9], n // 2))
     x = 40 * np.tile(rng.uniform(0.5, 1.0, (m, k // 2)), (1, 2))
     dy = 40 * np.tile(rng.uniform(0.5, 1.0, (m, n // 2)), (1, 2))
     return x.astype(np.float16), w.astype(np.float16), dy.astype(np.float16)

@@ -70,8 +70,8 @@ class InertWork(LocalWork):
         self.pending.settle()
         return out
 
-    def column_sums(self, a: Array) -> Array:
-        return self.xp.zeros(a.shape[1:], dtype=a.dtype)
+    def column_sums(self, a: Array, dtype: Any = None) -> Array:
+        return self.xp.zeros(a.shape[1:], dtype=a.dtype if dtype is None else dtype)
 
     def pointwise(self, fn: Callable[..., Array], x: Array, *args: Array) -> Array:
         return x
