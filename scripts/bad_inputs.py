@@ -612,28 +612,24 @@ case("DataParallel: NaN in dy on one replica (check_finite=True)",
      r"in the TP group of DP replica 1: dy has 1 non-finite value", 2)(_dp_nan)
 
 
-def _dp_replicated(c: Context):
-    model = _dp_model(c, check_replicated=True)
-    dy = np.ones_like(model(c.X)) + c.odd
-    return lambda: model.backward(dy)
+def _dp_fault(fault: str) -> Callable[[Context], Callable[[], object]]:
+    """A DataParallel backward with ``fault`` on the last rank: "replicated" (check_replicated,
+    dy differs there) or "reassigned" (its fc1.grad_weight replaced by a new array)."""
+    def make(c: Context):
+        model = _dp_model(c, check_replicated=fault == "replicated")
+        dy = np.ones_like(model(c.X)) + (c.odd if fault == "replicated" else 0)
+        if fault == "reassigned" and c.odd:
+            model.module.fc1.grad_weight = np.zeros_like(model.module.fc1.grad_weight)
+        return lambda: model.backward(dy)
+    return make
 
 
 case("DataParallel: replicated dy differs inside one TP group (check_replicated=True)",
      r"in the TP group of DP replica 1: dy differs across ranks: .*dy must be replicated", 4)(
-    _dp_replicated)
-
-
-def _dp_reassigned(c: Context):
-    model = _dp_model(c)
-    if c.odd:
-        model.module.fc1.grad_weight = np.zeros_like(model.module.fc1.grad_weight)
-    dy = np.ones_like(model(c.X))
-    return lambda: model.backward(dy)
-
-
+    _dp_fault("replicated"))
 case("DataParallel: .grad_weight re-assigned on one rank",
      r"ColumnParallelLinear.grad_weight was re-assigned: DataParallel averages", 2)(
-    _dp_reassigned)
+    _dp_fault("reassigned"))
 
 
 def _dp_backward_twice(c: Context):
