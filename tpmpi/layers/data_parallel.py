@@ -222,13 +222,17 @@ class DataParallel:
     def _outcome(self, run: Any, op: str) -> Any:
         """``run()``, then an agreement over the mesh on its outcome: a ValueError (which the
         module's TP group raised together) on any replica is the same ValueError on every rank
-        of the mesh. Any other exception is a fault of this rank alone, whose TP peers may be
-        in a collective it will never join: it propagates at once (uncaught, it ends the job,
-        :mod:`tpmpi.core.launch`)."""
+        of the mesh. Any other exception, or a ValueError of a layer's local work between its
+        collectives (kept in its :class:`~tpmpi.core.agreement.Settle`), is a fault of this
+        rank alone, whose TP peers may be in a collective it will never join: it propagates at
+        once (uncaught, it ends the job, :mod:`tpmpi.core.launch`)."""
         error, out = None, None
         try:
             out = run()
         except ValueError as exc:  # ranks in its message count in the TP group
+            if any(getattr(getattr(layer, "_pending", None), "failed", None)
+                   for layer in self.layers):
+                raise  # this rank alone failed between a layer's collectives (Settle.failed)
             error = f"in the TP group of DP replica {self.mesh.dp_rank}: {exc}"
         agree(self.mesh.comm, error, call=_call(f"{op} outcome"))
         return out
