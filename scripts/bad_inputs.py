@@ -5,6 +5,8 @@ sees (checked to be the same on every rank) and the time to fail (max over ranks
     mpiexec -n 4 python scripts/bad_inputs.py calibration report   # the cases naming a word
 
 Cases marked "on one rank" misbehave on the last rank only: the others must not hang.
+Cases whose expected outcome is the correct result (an input layout, a refilled buffer, float16
+partial sums) print "OK: ..." with what was checked against the float64 reference.
 tests/test_bad_inputs.py runs the same cases at world sizes 1-4 and checks each message
 against the case's expected pattern.
 """
@@ -422,11 +424,12 @@ case("save_checkpoint: a data write fails (ENOSPC) on one rank",
 
 def _drifted(c: Context):
     mesh = tpmpi.Mesh(c.comm, dp=c.size)
-    mlp = tpmpi.ParallelMLP(5, 8, grid=mesh.tp, seed=1 if c.odd else 0)
-    return lambda: tpmpi.save_checkpoint(c.path("drifted"), tpmpi.DataParallel(mlp, mesh))
+    model = tpmpi.DataParallel(tpmpi.ParallelMLP(5, 8, grid=mesh.tp), mesh)
+    model.module.fc1.weight[...] += c.odd  # one replica updated apart from the others
+    return lambda: tpmpi.save_checkpoint(c.path("drifted"), model)
 
 
-case("save_checkpoint: DP replicas whose parameters differ (one replica another seed)",
+case("save_checkpoint: DP replicas whose parameters drifted apart (one replica updated)",
      r"the data-parallel replicas hold different values of fc1.weight .* save_checkpoint "
      r"writes replica 0's copy", 2)(_drifted)
 case("load_checkpoint: state= without into=", "state= needs into=")(
@@ -633,13 +636,236 @@ case("GPT: backward before forward", r"backward\(\) called before forward")(
     lambda c: _gpt(c)[0].backward)
 
 
+# ---- hybrid dp x tp: a fault on one replica (mesh dp=2, TP the rest; dp=P on odd P)
+def _mesh(c: Context) -> tpmpi.Mesh:
+    """dp=2 replicas of P/2 TP ranks (P odd: P replicas of one rank)."""
+    return tpmpi.Mesh(c.comm, dp=2 if c.size % 2 == 0 else c.size)
+
+
+def _dp_model(c: Context, **options) -> tpmpi.DataParallel:
+    """A DataParallel MLP on :func:`_mesh` after one step."""
+    mesh = _mesh(c)
+    model = tpmpi.DataParallel(tpmpi.ParallelMLP(5, 8, grid=mesh.tp, **options), mesh,
+                               bucket_bytes=1)
+    model.backward(np.ones_like(model(c.X)))
+    return model
+
+
+def _dp_nan(c: Context):
+    model = _dp_model(c, check_finite=True)
+    dy = np.ones_like(model(c.X))
+    dy[0, 0] = np.nan if c.odd else 1.0
+    return lambda: model.backward(dy)
+
+
+case("DataParallel: NaN in dy on one replica (check_finite=True)",
+     r"in the TP group of DP replica \d: dy has 1 non-finite value", 2)(_dp_nan)
+
+
+def _dp_fault(fault: str) -> Callable[[Context], Callable[[], object]]:
+    """A DataParallel backward with ``fault`` on the last rank: "replicated" (check_replicated,
+    dy differs there) or "reassigned" (its fc1.grad_weight replaced by a new array)."""
+    def make(c: Context):
+        model = _dp_model(c, check_replicated=fault == "replicated")
+        dy = np.ones_like(model(c.X)) + (c.odd if fault == "replicated" else 0)
+        if fault == "reassigned" and c.odd:
+            model.module.fc1.grad_weight = np.zeros_like(model.module.fc1.grad_weight)
+        return lambda: model.backward(dy)
+    return make
+
+
+case("DataParallel: replicated dy differs inside one TP group (check_replicated=True)",
+     r"in the TP group of DP replica 1: dy differs across ranks: .*dy must be replicated", 4)(
+    _dp_fault("replicated"))
+case("DataParallel: .grad_weight re-assigned on one rank",
+     r"ColumnParallelLinear.grad_weight was re-assigned: DataParallel averages", 2)(
+    _dp_fault("reassigned"))
+
+
+def _dp_backward_twice(c: Context):
+    model = _dp_model(c)
+    dy = np.ones_like(model(c.X))
+    model.backward(dy)
+    return lambda: model.backward(dy) if c.odd else model(c.X)
+
+
+case("DataParallel: backward twice on one rank while the others go on to forward",
+     r"call differs across ranks: DataParallel forward on ranks? [\d,]+ and DataParallel "
+     r"backward on rank \d", 2)(_dp_backward_twice)
+
+
+def _dp_seeds(c: Context):
+    mesh = _mesh(c)
+    mlp = tpmpi.ParallelMLP(5, 8, grid=mesh.tp, seed=mesh.dp_rank)
+    return lambda: tpmpi.DataParallel(mlp, mesh)
+
+
+case("DataParallel: replicas built with different seeds",
+     r"the replicas' parameters differ from DP rank 0's \(fc1.weight differs on DP rank\(s\) "
+     r"1[\d, ]*; .*build them with the same seed", 2)(_dp_seeds)
+
+
+def _dp_dense(c: Context):
+    mesh = _mesh(c)
+    mlp = tpmpi.ParallelMLP.from_dense(np.ones((5, 8), np.float32), None,
+                                       np.ones((8, 5), np.float32) + np.float32(c.odd), None,
+                                       grid=mesh.tp)
+    return lambda: tpmpi.DataParallel(mlp, mesh)
+
+
+case("DataParallel: from_dense with W2 differing on one replica",
+     r"the replicas' parameters differ from DP rank 0's \(fc2.weight differs on DP rank", 2)(
+    _dp_dense)
+
+
+# ---- input layouts and buffers: the correct result (checked against float64 on every rank)
+def _close(got, want, what: str, tol: float = 1e-5) -> str:
+    """"OK: ..." when ``got`` matches ``want`` (float64) on this rank; AssertionError else."""
+    err = float(np.abs(np.asarray(got, np.float64) - want).max(initial=0.0)) / max(
+        1.0, float(np.abs(want).max(initial=0.0)))
+    if not err <= tol:
+        raise AssertionError(f"{what}: wrong result, relative error {err:.2e}")
+    return f"{what} match the float64 reference"
+
+
+def _sequence_mlp(c: Context, mesh=None):
+    """A sequence-parallel MLP (on ``mesh``'s TP grid, DataParallel, when given), its rows
+    X (8, 5) and dY, and the float64 reference of y, dx and dW1 of this rank's rows."""
+    rng = np.random.default_rng(3)
+    X, dY = (rng.standard_normal((8, 5)) for _ in range(2))
+    W1, W2 = rng.standard_normal((5, 8)), rng.standard_normal((8, 5))
+    grid = mesh.tp if mesh is not None else c.grid
+    mlp = tpmpi.ParallelMLP.from_dense(W1, None, W2, None, grid=grid, mode="sequence",
+                                       dtype="float64", activation="relu")
+    dp, replica = (mesh.dp, mesh.dp_rank) if mesh is not None else (1, 0)
+    rows = [slice(r * 8 // dp, (r + 1) * 8 // dp) for r in range(dp)]
+    h = [np.maximum(X[r] @ W1, 0) for r in rows]
+    dh = [(dY[r] @ W2.T) * (h[i] > 0) for i, r in enumerate(rows)]
+    dW1 = sum(X[r].T @ dh[i] for i, r in enumerate(rows)) / dp
+    mine = rows[replica]
+    ref = [tpmpi.scatter(a, grid, "rows") for a in (h[replica] @ W2, dh[replica] @ W1.T)]
+    x, dy = (tpmpi.scatter(a[mine], grid, "rows") for a in (X, dY))
+    model = tpmpi.DataParallel(mlp, mesh) if mesh is not None else mlp
+    return model, mlp, x, dy, ref, dW1
+
+
+def _fortran_sequence(c: Context, dp: bool):
+    model, mlp, x, dy, (y_ref, dx_ref), dW1 = _sequence_mlp(c, _mesh(c) if dp else None)
+
+    def call():
+        y = model(np.asfortranarray(x))
+        dx = model.backward(np.asfortranarray(dy))
+        return "; ".join([_close(y, y_ref, "y"), _close(dx, dx_ref, "dx"),
+                          _close(mlp.fc1.grad_weight, dW1[mlp.fc1.shard], "dW1")])
+    return call
+
+
+case("sequence MLP: Fortran-ordered x and dy", "^OK: y match .* dW1 match")(
+    lambda c: _fortran_sequence(c, False))
+case("DataParallel of a sequence MLP: Fortran-ordered x and dy", "^OK: y match .* dW1 match",
+     2)(lambda c: _fortran_sequence(c, True))
+
+
+def _strided_rows(c: Context):
+    model, _, x, _, (y_ref, _), _ = _sequence_mlp(c)
+    big = np.zeros((2 * x.shape[0], x.shape[1]))
+    big[::2] = x
+    return lambda: _close(model(big[::2] if c.odd else x), y_ref, "y")
+
+
+case("sequence MLP: a strided (non-contiguous) row block on one rank", "^OK: y match", 2)(
+    _strided_rows)
+
+
+def _fortran_column_sp(c: Context):
+    X = np.random.default_rng(4).standard_normal((7, 5))
+    layer = Col.from_dense(c.W.astype(np.float64), None, grid=c.grid, sequence_parallel=True)
+    x = tpmpi.scatter(X, c.grid, "rows")
+    return lambda: _close(layer(np.asfortranarray(x)), X @ c.W.astype(np.float64), "y")
+
+
+case("ColumnParallelLinear(sequence_parallel=True): Fortran-ordered x", "^OK: y match")(
+    _fortran_column_sp)
+
+
+def _refilled(c: Context):
+    X, dY = c.X.astype(np.float64), c.dY.astype(np.float64)
+    layer = Col.from_dense(c.W.astype(np.float64), None, grid=c.grid)
+    buffer = X.copy()
+
+    def call():
+        layer(buffer)
+        buffer[...] = 1e3  # a data loader's next batch, written into the same buffer
+        layer.backward(dY)
+        return _close(layer.grad_weight, (X.T @ dY)[layer.shard], "dW (the forward input's)")
+    return call
+
+
+case("input buffer refilled between forward and backward (a data loader's)",
+     r"^OK: dW \(the forward input's\) match")(_refilled)
+
+
+def _half_partials(c: Context):
+    """Every rank's partial sum of X W beyond float16's range (the second half of K cancels
+    the first), the sum within it: the serial float16 product is finite."""
+    u = np.random.default_rng(5).uniform(0.5, 1.0, (4, 6))
+    W = np.concatenate([2000 * u, -1800 * u]).astype(np.float16)
+    X = (40 * np.tile(np.random.default_rng(6).uniform(0.5, 1.0, (3, 4)), 2)).astype(np.float16)
+    layer = Row.from_dense(W, None, grid=c.grid)
+    want = X.astype(np.float64) @ W.astype(np.float64)
+    return lambda: _close(layer(X), want, "y (finite)", tol=2e-3)
+
+
+case("float16 row-parallel: partial sums beyond 65504, the sum within", r"^OK: y \(finite\)")(
+    _half_partials)
+# ---- studies
+case("TPMPI_THREADS differs across ranks",
+     r"TPMPI_THREADS differs across ranks: 1 on ranks? [\d,]+ and 2 on rank \d; every rank "
+     r"must run the same BLAS threads", 2)(
+    lambda c: lambda: _with_env("TPMPI_THREADS", "2" if c.odd else "1",
+                                lambda: tpmpi.configure_blas_threads(c.comm)))
+case("CLI: run --json to a file that fills up during the run (/dev/full; exit 3)",
+     r"--json /dev/full: No space left on device: the records from then on are printed on "
+     r"stdout")(
+    lambda c: _cli(c, ["run", "--m", "4", "--k", "4", "--n", "4", "--iters", "1", "--json",
+                       "/dev/full"], code=3))
+case("CLI: bench --collective -f nan", r"-f nan: need 1 <= b <= e and a finite f > 1")(
+    lambda c: _cli(c, ["bench", "--collective", "allreduce", "-b", "8", "-e", "64", "-f",
+                       "nan"]))
+case("CLI: report of a record with a string median (exit 3)",
+     r"str.jsonl:1: field 'time_s.median' is '1ms': expected a positive number")(
+    lambda c: _cli(c, ["report", _record(c, "str.jsonl", lambda r: r["time_s"].update(
+        median="1ms")), "--out", c.path("report")], code=3))
+case("CLI: report of a record with a negative median (exit 3)",
+     r"neg.jsonl:1: field 'time_s.median' is -0.001: expected a positive number")(
+    lambda c: _cli(c, ["report", _record(c, "neg.jsonl", lambda r: r["time_s"].update(
+        median=-1e-3)), "--out", c.path("report")], code=3))
+
+
+def _table_width(c: Context):
+    def call():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            cli.main(["run", "--scheme", "mlp", "--m", "8", "--k", "8", "--n", "8", "--iters",
+                      "1"], c.comm)
+        widest = c.comm.bcast(max(map(len, out.getvalue().splitlines()), default=0), root=0)
+        if widest > 120:
+            raise AssertionError(f"run's table is {widest} columns wide")
+        return f"run's table is {widest} columns wide"
+    return call
+
+
+case("CLI: run's table fits 120 columns", r"^OK: run's table is \d+ columns wide")(
+    _table_width)
+
+
 @dataclass
 class Result:
     label: str
     message: Optional[str]  # "Type: text" as rank 0 saw it; None if nothing was raised
     seconds: float  # max over ranks
     same_everywhere: bool
-    value_error: bool  # a ValueError (or subclass) on every rank
+    as_expected: bool  # a ValueError on every rank, or a result case's "OK: ..." on every rank
 
 
 def run_case(c: Context, item: Case) -> Result:
@@ -649,8 +875,9 @@ def run_case(c: Context, item: Case) -> Result:
     start = time.perf_counter()
     ok = False
     try:
-        fn()
-        message = None
+        out = fn()
+        ok = isinstance(out, str)  # a result case's "what matched"
+        message = f"OK: {out}" if ok else None
     except Exception as exc:  # noqa: BLE001 - we report whatever the user would see
         message = f"{type(exc).__name__}: {exc}"
         ok = isinstance(exc, ValueError)
@@ -689,13 +916,13 @@ def main(argv: Optional[list] = None) -> int:
             shutil.rmtree(tmpdir, ignore_errors=True)
     if comm.Get_rank() == 0:
         print(f"{comm.Get_size()} ranks\n")
-        print("| input | message (every rank) | time to fail (s) |")
+        print("| input | message or result (every rank) | time (s) |")
         print("|---|---|---|")
         for r in results:
             msg = (r.message or "NOT RAISED").replace("|", "\\|")
             flag = "" if r.same_everywhere else " **(differs across ranks)**"
             print(f"| {r.label} | {msg}{flag} | {r.seconds:.3f} |")
-    ok = all(r.message and r.same_everywhere and r.value_error for r in results)
+    ok = all(r.message and r.same_everywhere and r.as_expected for r in results)
     return 0 if ok else 1
 
 

@@ -14,9 +14,10 @@ def test_sizes_sweep():
     assert sizes_sweep(8, 64, 2) == [8, 16, 32, 64]
     assert sizes_sweep(8, 100, 4) == [8, 32]
     assert sizes_sweep(5, 5, 2) == [5]
-    for begin, end, factor in ((64, 8, 2), (0, 8, 2), (8, 64, 1)):
+    for begin, end, factor in ((64, 8, 2), (0, 8, 2), (8, 64, 1), (8, 64, float("nan")),
+                               (8, 64, float("inf"))):
         with pytest.raises(ValueError, match=rf"sizes -b {begin} -e {end} -f {factor}: need "
-                                             r"1 <= b <= e and f > 1"):
+                                             r"1 <= b <= e and a finite f > 1"):
             sizes_sweep(begin, end, factor)
 
 

@@ -181,3 +181,96 @@ def test_errors_on_every_rank(world):
         dy = np.ones((2 + (rank == size - 1), 3))
         all_ranks_raise(comm, lambda: model.backward(dy),
                         r"dy.shape=\(3, 3\) dtype=float64: expected \(2, 3\) float64")
+
+
+def _faulty_replica(world, **options):
+    """A dp=2 mesh (TP = the rest), an MLP wrapped in DataParallel after one forward and
+    backward, and whether this rank is the last (the one that misbehaves)."""
+    mesh = tpmpi.Mesh(world.comm, dp=2)
+    mlp = tpmpi.ParallelMLP(4, 6, grid=mesh.tp, dtype="float64", **options)
+    model = tpmpi.DataParallel(mlp, mesh, bucket_bytes=1)
+    y = model(np.ones((3, 4)))
+    model.backward(np.ones_like(y))
+    return mesh, mlp, model, world.comm.Get_rank() == world.size - 1
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.world_sizes(2, 4)
+def test_a_fault_on_one_replica_raises_on_every_rank(world, overlap):
+    """NaN in dy on one rank (check_finite): its TP group raises inside the module's backward
+    while the other replica has started its bucket Iallreduces; every rank of the mesh ends
+    with the same ValueError, and the model works again afterwards."""
+    mesh, mlp, model, odd = _faulty_replica(world, check_finite=True)
+    model.overlap = model.allreduce_grads.overlap = overlap
+    x = np.ones((3, 4))
+    y = model(x)
+    dy = np.ones_like(y)
+    dy[0, 0] = np.nan if odd else 1.0
+    all_ranks_raise(world.comm, lambda: model.backward(dy),
+                    rf"in the TP group of DP replica 1: dy has 1 non-finite value\(s\) .*"
+                    rf"\(ranks? {world.size // 2 if world.size > 2 else 1}.*\)")
+    model.zero_grad()
+    model(x)
+    model.backward(np.ones_like(y))  # in step again
+    assert len({g.tobytes() for g in mesh.dp_comm.allgather(mlp.fc1.grad_weight)}) == 1
+    mesh.free()
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.world_sizes(2, 4)
+@pytest.mark.parametrize("fault", ["replicated dy differs", "gradient re-assigned"])
+def test_a_fault_on_one_rank_raises_everywhere(world, fault):
+    """A replicated dy that differs inside one TP group (check_replicated; a TP group of 2
+    needs 4 ranks), a grad_weight re-assigned on one rank: the same error on every rank."""
+    if fault == "replicated dy differs" and world.size < 4:
+        pytest.skip("needs two replicas of two TP ranks")
+    mesh, mlp, model, odd = _faulty_replica(world, check_replicated=fault != "gradient "
+                                                                         "re-assigned")
+    dy = np.ones_like(model(np.ones((3, 4))))
+    if fault == "replicated dy differs":
+        dy += odd
+        match = r"dy differs across ranks: checksum .* dy must be replicated"
+    else:
+        if odd:
+            mlp.fc1.grad_weight = np.zeros_like(mlp.fc1.grad_weight)
+        match = r"ColumnParallelLinear.grad_weight was re-assigned: DataParallel averages"
+    all_ranks_raise(world.comm, lambda: model.backward(dy), match)
+    mesh.free()
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.world_sizes(2, 4)
+def test_backward_twice_on_one_rank_while_the_others_go_on(world):
+    """The agreements over the mesh come first in every DataParallel call, so a rank in
+    backward and ranks in the next forward meet in the same agreement."""
+    mesh, _, model, odd = _faulty_replica(world)
+    x = np.ones((3, 4))
+    all_ranks_raise(world.comm, lambda: model.backward(np.ones((3, 4))) if odd else model(x),
+                    rf"call differs across ranks: DataParallel forward on ranks? [\d,]+ and "
+                    rf"DataParallel backward on rank {world.size - 1};")
+    mesh.free()
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
+def test_replicas_built_differently_are_refused_at_wrap_time(world):
+    comm, odd = world.comm, world.comm.Get_rank() == world.size - 1
+    mesh = tpmpi.Mesh(comm, dp=2)
+    seeded = tpmpi.ParallelMLP(3, 5, grid=mesh.tp, seed=mesh.dp_rank)
+    all_ranks_raise(comm, lambda: tpmpi.DataParallel(seeded, mesh),
+                    r"DataParallel: the replicas' parameters differ from DP rank 0's \(fc1.weight"
+                    r" differs on DP rank\(s\) 1; .*build them with the same seed")
+    W1, W2 = np.ones((3, 5)), np.ones((5, 3))
+    W2 += 1e-7 * odd
+    dense = tpmpi.ParallelMLP.from_dense(W1, None, W2, None, grid=mesh.tp)
+    msg = all_ranks_raise(comm, lambda: tpmpi.DataParallel(dense, mesh),
+                          r"the replicas' parameters differ from DP rank 0's \(fc2.weight "
+                          r"differs on DP rank\(s\) 1\)")
+    assert "fc1" not in msg
+    same = tpmpi.ParallelMLP(3, 5, grid=mesh.tp, seed=3)
+    tpmpi.DataParallel(same, mesh)
+    mesh.free()

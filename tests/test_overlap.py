@@ -38,6 +38,8 @@ def test_saved_time_and_record_fields():
     assert half.as_dict() == {"overall_s": 1.25, "compute_s": 1.0, "comm_only_s": 0.5,
                               "overlap_pct": pytest.approx(50.0), "saved_s": pytest.approx(0.25)}
     assert OverlapTimes(2.0, 1.0, 0.5).saved_s == 0.0  # slower than serial: nothing saved
+    # faster than the local work alone (noise): at most the communication's time is saved
+    assert OverlapTimes(1.0, 7.5, 0.9).saved_s == 0.9
     assert OverlapTimes(0.0, 0.0, -1.0).overlap_pct == 0.0
 
 

@@ -19,6 +19,9 @@ def test_summary_and_spread():
     ({"spread": {"baseline_s": {"median": 1.0, "min": 0.9, "max": 1.11}}}, "noisy-baseline"),
     ({"load_per_cpu": 1.6}, "oversubscribed"),
     ({"oversubscription": 2.0}, "oversubscribed"),
+    ({"ranks": 1, "grid": "1x1", "speedup": 4.05, "efficiency": 1.0}, "slow-baseline"),
+    ({"overlap": {"forward": {"overall_s": 1.0, "compute_s": 1.2, "comm_only_s": 0.15,
+                              "overlap_pct": 100.0, "saved_s": 0.15}}}, "overlap-implausible"),
 ])
 def test_each_flag(change, flag):
     assert stats.flags(clean_record()) == []
@@ -51,7 +54,10 @@ def test_prediction_flags_compare_the_calibration_with_the_record(calibration, g
 
 def test_flags_at_the_thresholds_stay_clear():
     edge = clean_record(efficiency=stats.SUPERLINEAR, load_per_cpu=1.0,
-                time_s={"median": 1.0, "min": 1.0, "max": 1.0 + 0.99 * stats.NOISY})
+                time_s={"median": 1.0, "min": 1.0, "max": 1.0 + 0.99 * stats.NOISY},
+                ranks=1, grid="1x1", speedup=1 + stats.NOISY,
+                overlap={"forward": {"overall_s": 1.0, "compute_s": 1.0 + 0.99 * stats.NOISY,
+                                     "comm_only_s": 1.0}})
     assert stats.flags(edge) == []
 
 

@@ -40,3 +40,22 @@ def test_threads_share_the_node_cores(world, monkeypatch):
         assert configure_blas_threads(world.comm, 3) == 3
         assert blas_info()["threads"] == 3
         configure_blas_threads(world.comm, 1)
+
+
+@pytest.mark.mpi
+@pytest.mark.world_sizes(2, 4)
+def test_a_thread_count_that_differs_across_ranks_is_refused(world, monkeypatch):
+    """A record states one threads_per_rank and its efficiency divides by it: TPMPI_THREADS
+    (or threads=) set differently on one rank is the same ValueError everywhere."""
+    from threadpoolctl import threadpool_limits
+
+    comm, odd = world.comm, world.comm.Get_rank() == world.size - 1
+    monkeypatch.setenv("TPMPI_THREADS", "2" if odd else "1")
+    with threadpool_limits(limits=1):
+        all_ranks_raise(comm, lambda: configure_blas_threads(comm),
+                        rf"TPMPI_THREADS differs across ranks: 1 on ranks? [\d,]+ and 2 on "
+                        rf"rank {world.size - 1}; every rank must run the same BLAS threads")
+        monkeypatch.delenv("TPMPI_THREADS")
+        all_ranks_raise(comm, lambda: configure_blas_threads(comm, 1 + odd),
+                        r"threads differs across ranks: 1 on ranks? [\d,]+ and 2 on rank")
+        assert configure_blas_threads(comm, 1) == 1

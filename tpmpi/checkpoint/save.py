@@ -18,9 +18,8 @@ from typing import Any, Callable, Optional, Union
 
 from .._version import __version__
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks, agree_on_root
-from ..core.backend import backend_of
 from ..core.mesh import Mesh
-from ..layers.base import array_checksum
+from ..layers.data_parallel import replica_differences
 from .lock import SaveLock
 from .load import layers_of, unwrap
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest, entries_of, load_json
@@ -188,19 +187,15 @@ def _write(p: Param, path: str, version: str) -> dict:
 def _agree_replicas(mesh: Mesh, params: list[Param]) -> None:
     """The same ValueError on every rank of ``mesh`` unless every data-parallel replica holds
     the same values (bitwise: crc32 of each local block) as replica 0, whose copy is written.
-    Collective (an allgather over the DP communicator, an agreement over the mesh)."""
-    mine = [array_checksum(backend_of(p.local), p.local) for p in params]
-    every, error = mesh.dp_comm.allgather(mine), None
-    differ = [(p.name, [r for r, crcs in enumerate(every) if crcs[i] != mine[i]])
-              for i, p in enumerate(params)]
-    differ = [(name, ranks) for name, ranks in differ if ranks]
+    Collective (:func:`tpmpi.layers.data_parallel.replica_differences`, an agreement over the
+    mesh)."""
+    differ, error = replica_differences(mesh, [(p.name, p.local) for p in params]), None
     if differ:
         name, ranks = differ[0]
         error = (f"the data-parallel replicas hold different values of {name} (replica(s) "
-                 f"{', '.join(map(str, ranks))} differ from replica {mesh.dp_rank}): "
-                 "save_checkpoint writes replica 0's copy for every replica, so they must be "
-                 "identical (the same seeds, gradients averaged by DataParallel, the same "
-                 "updates)")
+                 f"{', '.join(map(str, ranks))} differ from replica 0): save_checkpoint writes "
+                 "replica 0's copy for every replica, so they must be identical (the same "
+                 "seeds, gradients averaged by DataParallel, the same updates)")
     agree(mesh.comm, error, call=Same(Text("save_checkpoint(): replica check"), CALL_ORDER))
 
 

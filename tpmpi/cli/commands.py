@@ -25,14 +25,13 @@ from ..studies.clusterplan import (default_dtype, explain_step, format_cluster_p
                                    parse_model, parse_sizes, plan_cluster, plan_records)
 from ..studies.collbench import calibrate, sizes_sweep
 from ..studies.costmodel import explain, format_plan, plan
-from ..studies.record import mpi_library, write_record
+from ..studies.record import mpi_library
 from ..studies.schemes.hybrid import largest_replica
 from ..studies.sweep import collective_sweep, default_ranks, run_sweep
 from .checks import (agree_calibration, agree_output_file, agree_problems, agree_target,
                      bench_configs, check_plan_flags, problem_from_args)
 from .fit import agree_fits
-from .printing import calibration_warning, print_facts, print_run, rank0_printer, \
-    record_appender
+from .printing import RecordFile, calibration_warning, print_facts, print_run, rank0_printer
 
 
 def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
@@ -55,10 +54,10 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     ok = rec["max_rel_err"] is not None and rec["max_rel_err"] <= rec["tolerance"]
     if comm.Get_rank() == 0:
         print_run(rec, ok)
-        if args.json:
-            with open(args.json, "a") as fh:
-                write_record(rec, fh)
+    save = RecordFile(args.json, comm)
+    save(rec)
     grid.free()
+    save.close()
     return 0 if ok or not args.check else EXIT_CHECK
 
 
@@ -98,10 +97,12 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
             raise UsageError("--collective needs a size sweep: -b BYTES -e BYTES [-f F]")
         if args.collective and len(args.dtype) > 1:
             raise UsageError("--collective takes one --dtype")
+    save = RecordFile(args.json, comm)
     if args.collective:
         collective_sweep(comm, args.collective, sizes, ranks, args.dtype[0], backend,
-                         warmup=args.warmup, iters=args.iters,
-                         on_record=record_appender(args.json, comm), out=rank0_printer(comm))
+                         warmup=args.warmup, iters=args.iters, on_record=save,
+                         out=rank0_printer(comm))
+        save.close()
         return 0
     with usage():
         cfgs = bench_configs(args, ranks, sizes)
@@ -110,7 +111,6 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         calibration = agree_calibration(args.calibration, comm)
         threads = configure_blas_threads(comm, args.threads)
     records: list[Mapping[str, Any]] = []
-    save = record_appender(args.json, comm)
 
     def on_record(rec: Mapping[str, Any]) -> None:
         records.append(rec)
@@ -120,6 +120,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
               on_record=on_record, measure_overlap=args.measure_overlap,
               bucket_bytes=args.bucket_bytes)
     rank0_printer(comm)(format_table(records))
+    save.close()
     return 0
 
 

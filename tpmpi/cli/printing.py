@@ -2,6 +2,9 @@
 summary of a run, the facts of ``info`` and plan's calibration warning."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -10,7 +13,7 @@ from mpi4py import MPI
 from ..studies.bench import format_table
 from ..studies.costmodel import Calibration
 from ..studies.record import calibration_facts, write_record
-from ..studies.stats import short
+from ..studies.stats import overlap_implausible, short
 from ..studies.table import columns
 
 
@@ -20,13 +23,41 @@ def rank0_printer(comm: MPI.Comm) -> Callable[[str], None]:
         (lambda line: None)
 
 
-def record_appender(path: Optional[str], comm: MPI.Comm) -> Callable[[Mapping[str, Any]], None]:
-    """Append records to ``path`` as JSON lines (rank 0; the file opened per record)."""
-    def append(rec: Mapping[str, Any]) -> None:
-        if path:
-            with open(path, "a") as fh:
-                write_record(rec, fh)
-    return append if comm.Get_rank() == 0 else (lambda rec: None)
+class RecordFile:
+    """Appends records to ``path`` (``--json``; None: nowhere) as JSON lines on rank 0, the file
+    opened per record. A write that fails (disk or quota full, the file made unwritable during
+    the run) loses no figures and ends no rank alone: the line it cut short is taken back (a
+    regular file is truncated to its size before the record), that record and the later ones
+    are printed on stdout as JSON lines instead, the work goes on, and :meth:`close` raises the
+    failure on every rank (exit 3, a runtime error)."""
+
+    def __init__(self, path: Optional[str], comm: MPI.Comm) -> None:
+        self.path, self.comm = path, comm
+        self.error: Optional[str] = None
+
+    def __call__(self, rec: Mapping[str, Any]) -> None:
+        if not self.path or self.comm.Get_rank() != 0:
+            return
+        if self.error is None:
+            size = os.path.getsize(self.path) if os.path.isfile(self.path) else None
+            try:
+                with open(self.path, "a") as fh:
+                    write_record(rec, fh)
+                return
+            except OSError as exc:
+                self.error = f"--json {self.path}: {exc.strerror or exc}"
+                if size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.path, size)
+        write_record(rec, sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        """Raise the failed write, if any, on every rank (ValueError). Collective (a bcast)."""
+        error = self.comm.bcast(self.error, root=0)
+        if error:
+            raise ValueError(f"{error}: the records from then on are printed on stdout "
+                             "instead (JSON lines)")
 
 
 def print_run(rec: Mapping[str, Any], ok: bool) -> None:
@@ -51,7 +82,9 @@ def print_run(rec: Mapping[str, Any], ok: bool) -> None:
         print(f"overlap {phase}: overall {times['overall_s'] * 1e3:.3f} ms, compute only "
               f"{times['compute_s'] * 1e3:.3f} ms, communication only "
               f"{times['comm_only_s'] * 1e3:.3f} ms -> overlap {times['overlap_pct']:.1f}%, "
-              f"saved {times['saved_s'] * 1e3:.3f} ms")
+              f"saved {times['saved_s'] * 1e3:.3f} ms"
+              + (" (implausible: the whole call ran faster than its local work alone; "
+                 "flag overlap-implausible)" if overlap_implausible(times) else ""))
 
 
 def print_facts(facts: Mapping[str, Any]) -> None:

@@ -35,7 +35,11 @@ _MIN_PANEL = 256  # columns of a B panel: keeps the float32 GEMMs efficient
 def matmul(xp: Any, a: Array, b: Array, out: Optional[Array] = None) -> Array:
     """``a @ b`` (M, K) x (K, N) -> (M, N) of ``a``'s dtype, into ``out`` when given. NumPy
     2-byte floats: float32 products rounded once (see the module docstring); otherwise
-    ``xp.matmul``."""
+    ``xp.matmul``. A float32 ``out`` for 2-byte float operands keeps the float32 products
+    unrounded (partial sums that are reduced before their one rounding); CuPy refuses an
+    ``out`` of another dtype, so it multiplies float32 copies of the operands."""
+    if out is not None and out.dtype != a.dtype and xp is not np:
+        return xp.matmul(a.astype(out.dtype), b.astype(out.dtype), out=out)
     if xp is not np or a.dtype.itemsize != 2 or a.dtype.name not in HALF:  # name: slow
         return xp.matmul(a, b, out=out)
     m, k = a.shape
@@ -66,11 +70,12 @@ def matmul(xp: Any, a: Array, b: Array, out: Optional[Array] = None) -> Array:
     return out
 
 
-def column_sums(a: Array) -> Array:
+def column_sums(a: Array, dtype: Any = None) -> Array:
     """Sums over axis 0 of a 2D array (NumPy or CuPy), accumulated in float32 for 2-byte
-    floats and returned in ``a``'s dtype."""
+    floats and returned in ``dtype`` (default ``a``'s: rounded once)."""
     if a.dtype.name in HALF:
-        return a.sum(axis=0, dtype=np.float32).astype(a.dtype)
+        return a.sum(axis=0, dtype=np.float32).astype(a.dtype if dtype is None else dtype,
+                                                      copy=False)
     return a.sum(axis=0)
 
 
@@ -95,10 +100,10 @@ class LocalWork:
         self.pending.settle()
         return out
 
-    def column_sums(self, a: Array) -> Array:
-        """:func:`column_sums` of ``a`` (a bias gradient)."""
+    def column_sums(self, a: Array, dtype: Any = None) -> Array:
+        """:func:`column_sums` of ``a`` (a bias gradient), in ``dtype`` (default ``a``'s)."""
         with self.tap.product():
-            return column_sums(a)
+            return column_sums(a, dtype)
 
     def pointwise(self, fn: Callable[..., Array], x: Array, *args: Array) -> Array:
         """``fn(x, *args)``, element-wise work of the shape of ``x`` (an activation or its

@@ -24,11 +24,14 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
     ``threads`` (or env ``TPMPI_THREADS``) wins; otherwise the CPUs in this rank's affinity mask
     are divided by the number of ranks on the node whose masks overlap it (a shared-memory
     split), so ``srun --cpus-per-task=c`` gives ``c`` threads and ``mpiexec -n 4`` on 2 cores
-    gives 1. Collective over ``comm``. Returns the thread count applied.
+    gives 1. Every rank runs the same count (a record states one, and its efficiency divides
+    by it): a ``threads`` or ``TPMPI_THREADS`` that differs across ranks is the same ValueError
+    on every rank, and the automatic count is the smallest any rank's CPUs give. Collective over
+    ``comm``. Returns the thread count applied.
     """
     from threadpoolctl import threadpool_limits
 
-    error = None
+    error, source = None, "threads" if threads is not None else "TPMPI_THREADS"
     try:
         if threads is None and os.environ.get("TPMPI_THREADS"):
             env = os.environ["TPMPI_THREADS"]
@@ -36,14 +39,17 @@ def configure_blas_threads(comm: MPI.Comm, threads: Optional[int] = None) -> int
         threads = check_int("threads", threads, 1, allow_none=True)
     except ValueError as exc:
         error = str(exc)
-    agree(comm, error, call=Same(Text("configure_blas_threads()"), CALL_ORDER))
+    # one thread count for every rank: records state one, and efficiency divides by it
+    agree(comm, error, call=Same(Text("configure_blas_threads()"), CALL_ORDER),
+          **{source: Same(threads, "every rank must run the same BLAS threads (records and "
+                                   "efficiencies state one count)")})
     mine = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         frozenset(range(os.cpu_count() or 1))
     with node_comm(comm) as local:
         masks = local.allgather(mine)
-    if threads is None:
+    if threads is None:  # the fewest any rank's CPUs allow, on every rank
         sharing = sum(1 for m in masks if m & mine)
-        threads = max(1, len(mine) // max(1, sharing))
+        threads = comm.allreduce(max(1, len(mine) // max(1, sharing)), op=MPI.MIN)
     threadpool_limits(limits=threads)
     _THREADS[:] = [threads]
     return threads

@@ -15,7 +15,7 @@ from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, get_backend
 from ..core.comm import Staging
-from ..core.dtypes import dtype_name, resolve_dtype
+from ..core.dtypes import HALF, dtype_name, resolve_dtype
 from ..core.gemm import LocalWork
 from ..core.grid import ProcessGrid, default_grid
 from ..core.init import init_weight
@@ -70,6 +70,25 @@ def array_checksum(backend: Backend, a: Array) -> Checksum:
     return Checksum(zlib.crc32(host.reshape(-1).view(np.uint8).data))
 
 
+def enter_array(xp: Any, a: Array, reuse: Optional[Array] = None, *, keep: bool = False
+                ) -> Array:
+    """How an input array (checked already) enters a layer: C-ordered and contiguous, ``a``
+    itself when it is so, else a C-ordered copy (MPI sends an array's bytes: a Fortran-ordered
+    block would travel as the wrong values, a strided view fail on its rank alone). With
+    ``keep`` (an input that backward reads again) a copy the layer owns, written into ``reuse``
+    when that has ``a``'s shape and dtype (the copy the layer made last time): the caller may
+    refill its array between forward and backward (a data loader's reused buffer). NumPy and
+    CuPy arrays have no version counter to detect that with (PyTorch raises on it), and any
+    checksum reads the array as a copy does, so the layer keeps its own. Local (no
+    communication); one copy of ``a`` at most."""
+    if not keep:
+        return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+    if reuse is None or reuse.shape != a.shape or reuse.dtype != a.dtype:
+        reuse = xp.empty(a.shape, dtype=a.dtype)
+    reuse[...] = a
+    return reuse
+
+
 class ParallelLinear(LeafModule, Checkpointable):
     """``Y = X @ W + b`` with ``W`` (in_features, out_features) distributed over ``grid``.
 
@@ -107,9 +126,15 @@ class ParallelLinear(LeafModule, Checkpointable):
     (:class:`~tpmpi.core.agreement.Settle`): the ranks wait for each other once per
     operation, not twice, and a bad argument on any rank still raises the same ValueError on
     every rank before any data collective.
+
+    Inputs enter through :meth:`_enter` (:func:`enter_array`): C-ordered, and the input that
+    backward reads again copied into an array the layer owns unless ``copy_input`` is False --
+    which a module sets on a sub-layer whose input it made itself and never changes (fc2 of
+    :class:`~tpmpi.ParallelMLP`).
     """
 
     STEP_NAMES: ClassVar[tuple[str, str, str, str]] = ("x", "y", "dy", "dx")
+    copy_input: bool = True
 
     def __init__(self, in_features: int, out_features: int, *, grid: Optional[ProcessGrid] = None,
                  bias: bool = True, dtype: DTypeLike = "float32", seed: int = 0,
@@ -147,6 +172,9 @@ class ParallelLinear(LeafModule, Checkpointable):
         self.identity = (f"layer #{self.layer_id} ({type(self).__name__} "
                          f"{self.in_features}x{self.out_features})")
         self.dtype = resolve_dtype(dtype)
+        # partial sums that ranks add up are float32 for 2-byte floats: each rank's partial
+        # may exceed float16's range where the sum (the serial product) does not
+        self.partial_dtype = resolve_dtype("float32") if self.dtype.name in HALF else self.dtype
         self.seed = seed
         self.check_finite = bool(check_finite)
         self.check_replicated = bool(check_replicated)
@@ -167,6 +195,7 @@ class ParallelLinear(LeafModule, Checkpointable):
         self.grad_weight = xp.zeros_like(self.weight)
         self.grad_bias = xp.zeros_like(self.bias) if self.bias is not None else None
         self._x: Optional[Array] = None  # the input saved by forward for backward
+        self._kept: Optional[Array] = None  # the layer's copy of it, reused by the next forward
         self._rows: Optional[int] = None  # global rows of the last forward input
 
     def _place_parameters(self, bias: bool, dense: Optional[tuple[Any, Any]]
@@ -265,6 +294,24 @@ class ParallelLinear(LeafModule, Checkpointable):
 
     def backward(self, dy: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _enter(self, a: Array, *, keep: bool = False) -> Array:
+        """:func:`enter_array` of input ``a``; with ``keep`` (backward reads it) into the
+        layer's own copy unless :attr:`copy_input` is False. Local."""
+        if keep and self.copy_input:
+            self._kept = enter_array(self.backend.xp, a, self._kept, keep=True)
+            return self._kept
+        return enter_array(self.backend.xp, a)
+
+    def _partial(self, shape: tuple[int, ...]) -> Array:
+        """A new array for partial sums that the ranks add up: :attr:`partial_dtype` (float32
+        for 2-byte floats, else the layer's dtype)."""
+        return self.backend.xp.empty(shape, dtype=self.partial_dtype)
+
+    def _rounded(self, a: Array) -> Array:
+        """``a`` (reduced partial sums) in the layer's dtype: rounded once (itself when it
+        has the dtype already)."""
+        return a if a.dtype == self.dtype else a.astype(self.dtype)
 
     @property
     def _saved_input(self) -> Array:

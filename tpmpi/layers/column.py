@@ -106,7 +106,8 @@ class ColumnParallelLinear(ParallelLinear):
         """``x`` (M, K) replicated [or (M_p, K) rows: Alltoallw] -> ``y`` (M, N) replicated
         [Alltoallw], or (M, N_p)."""
         m = self._agree_input("x", x, self.in_features, split_rows=self.sequence_parallel)
-        self._x = x  # with sequence_parallel this rank's rows only: backward gathers them again
+        # with sequence_parallel this rank's rows only: backward gathers them again
+        x = self._x = self._enter(x, keep=True)
         x = self.gather_x(x, m)  # Allgather (Alltoallw) of the row blocks, or x itself
         y_local = self._product_buffer(m)
         rows = self.row_chunks(m, self.grid.shape, staged=self.staging.staged,
@@ -144,9 +145,10 @@ class ColumnParallelLinear(ParallelLinear):
         ``sequence_parallel`` (M_p, K) rows [Iallgather of x during the dX GEMM, then
         Ireduce_scatter during the dW GEMM]; accumulates ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self._width(self.layouts.y, self.out_features), backward=True)
+        dy = self._enter(dy)
         # own columns: a strided view (one copy on a GPU, for both products)
         dy_p = self.backend.operand(self.split_dy(dy))
-        dx = self.backend.xp.empty((dy_p.shape[0], self.in_features), dtype=self.dtype)
+        dx = self._partial((dy_p.shape[0], self.in_features))  # float32 for 2-byte floats
 
         def input_grad() -> None:
             self.local.product(dy_p, self.weight.T, out=dx)  # partial sums over the ranks
@@ -159,4 +161,5 @@ class ColumnParallelLinear(ParallelLinear):
             if self.grad_bias is not None:
                 self.grad_bias += self.local.column_sums(dy_p)
 
-        return self.reduce_dx.during(dx, weight_grads)  # Iallreduce (or Ireduce_scatter) of dX
+        # Iallreduce (or Ireduce_scatter) of dX, then its one rounding
+        return self._rounded(self.reduce_dx.during(dx, weight_grads))

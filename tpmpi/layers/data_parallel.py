@@ -20,8 +20,17 @@ asynchronous progress thread, only during MPI calls -- here fc1's own collective
 Without GPU-aware MPI (host staging) or with ``overlap=False`` the buckets are all-reduced
 blocking after backward.
 
-Errors: forward and backward agree over the whole mesh (one small Allreduce each), so a bad
-input on one replica raises the same ValueError on every rank before any DP collective.
+Errors: every DP collective follows an agreement over the whole mesh, so that a fault on one
+replica (a bad input, a NaN with ``check_finite``, a replicated input that differs inside one
+TP group) is the same ValueError on every rank of every replica, never a replica left waiting in
+a DP Allreduce. Forward and backward each start with an agreement over the mesh (which
+operation every rank is in, and backward's ``dy``) before the module's TP collectives, and end
+with one on the module's outcome (an error that one TP group agreed on); backward's comes
+before the buckets are waited for: on failure every rank first completes the bucket Iallreduces
+that any replica started (their count is exchanged over the mesh), then all raise. The
+gradients are then undefined (``zero_grad`` before the next step). Construction checks that
+the replicas hold the same parameters (:func:`replica_differences`: crc32 of every local block,
+one Allreduce over the DP group), as PyTorch DDP makes them so by broadcasting rank 0's.
 
 :meth:`DataParallel.schedule_for` adds the buckets' Allreduces to a module's schedule, each
 started at the gradient readiness (:class:`tpmpi.core.schedule.GradsReady`) that completes it.
@@ -32,14 +41,18 @@ from typing import Any, Callable, Optional, TypeVar
 
 from mpi4py import MPI
 
+import numpy as np
+
 from ..core.agreement import CALL_ORDER, Same, Text, agree, agree_checks
 from ..core.args import check_int
 from ..core.arrays import Array
+from ..core.backend import backend_of
 from ..core.comm import Staging
 from ..core.dtypes import dtype_name
 from ..core.mappings import AllReduce, Operator, Pending
 from ..core.mesh import Mesh
 from ..core.schedule import Collective, GradsReady, Schedule, Step
+from .base import array_checksum
 from .module import named_layers
 
 _R = TypeVar("_R")
@@ -50,6 +63,24 @@ BUCKET_BYTES = 25 * 2**20
 def _call(op: str) -> Same:
     """The ``call`` value of a DataParallel agreement (which operation every rank is in)."""
     return Same(Text(f"DataParallel {op}"), CALL_ORDER)
+
+
+def replica_differences(mesh: Mesh, named: list[tuple[str, Array]]) -> list[tuple[str, list[int]]]:
+    """``(name, DP ranks whose copy differs from DP rank 0's)`` for every array of ``named``
+    (``(name, local block)``, the same list on every replica) whose copies are not bitwise
+    equal across the replicas (crc32 of each block). Collective over ``mesh.dp_comm``: one
+    Allreduce of two int64 per array (max of the checksum and of its negation), and an
+    allgather of the checksums only when some differ."""
+    if mesh.dp == 1 or not named:
+        return []
+    mine = np.array([int(array_checksum(backend_of(a), a)) for _, a in named], dtype=np.int64)
+    both = np.concatenate([mine, -mine])
+    mesh.dp_comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    if np.array_equal(both[:mine.size], -both[mine.size:]):
+        return []
+    every = mesh.dp_comm.allgather(mine)
+    return [(name, [r for r, crcs in enumerate(every) if crcs[i] != every[0][i]])
+            for i, (name, _) in enumerate(named) if len({int(c[i]) for c in every}) > 1]
 
 
 class _Bucket:
@@ -114,6 +145,7 @@ class DataParallel:
         grads = [(layer, name, getattr(layer, name)) for layer in reversed(layers)
                  for name in ("grad_bias", "grad_weight") if getattr(layer, name) is not None]
         self._agree_gradients(grads)
+        self._agree_parameters()
         self.buckets = self._bucket(grads)
         self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
         self._active = False
@@ -138,6 +170,21 @@ class DataParallel:
                      f"ranks {ranks} differ from DP rank 0's); every replica must build the "
                      "same module")
         agree(self.mesh.comm, error, call=_call("gradient layout"))
+
+    def _agree_parameters(self) -> None:
+        """The same ValueError on every rank of the mesh unless every replica holds the same
+        parameter values (:func:`replica_differences`). Collective (one Allreduce over the DP
+        communicator, an agreement over the mesh)."""
+        differ = replica_differences(self.mesh, [(name, p) for name, p, _ in
+                                                 self.module.parameters()])
+        error = None
+        if differ:
+            error = "; ".join(f"{name} differs on DP rank(s) {', '.join(map(str, ranks))}"
+                              for name, ranks in differ)
+            error = (f"DataParallel: the replicas' parameters differ from DP rank 0's ({error}): "
+                     "every replica must start from the same values (build them with the same "
+                     "seed, or from_dense of the same matrices)")
+        agree(self.mesh.comm, error, call=_call("parameter check"))
 
     def _bucket(self, grads: list) -> list[_Bucket]:
         """``grads`` ((layer, attribute, gradient) in backward order) cut into buckets of at
@@ -164,16 +211,32 @@ class DataParallel:
         return self.forward(x)
 
     def forward(self, x: Array) -> Array:
-        """``module(x)``; an error on any replica is raised on every rank of the mesh."""
-        error, y = None, None
-        try:
-            y = self.module.forward(x)
-        except ValueError as exc:
-            error = str(exc)
-        agree(self.mesh.comm, error, call=_call("forward"))
-        assert y is not None  # else agree raised
+        """``module(x)``; an error on any replica is raised on every rank of the mesh. Two
+        agreements over the mesh: which operation every rank is in (before the module's TP
+        collectives, so that a rank in another DataParallel call is reported, not left
+        waiting on another communicator), then the module's outcome."""
+        agree(self.mesh.comm, call=_call("forward"))
+        y = self._outcome(lambda: self.module.forward(x), "forward")
         self._out = (tuple(y.shape), y.dtype)
         return y
+
+    def _outcome(self, run: Any, op: str) -> Any:
+        """``run()``, then an agreement over the mesh on its outcome: a ValueError (which the
+        module's TP group raised together) on any replica is the same ValueError on every rank
+        of the mesh. Any other exception, or a ValueError of a layer's local work between its
+        collectives (kept in its :class:`~tpmpi.core.agreement.Settle`), is a fault of this
+        rank alone, whose TP peers may be in a collective it will never join: it propagates at
+        once (uncaught, it ends the job, :mod:`tpmpi.core.launch`)."""
+        error, out = None, None
+        try:
+            out = run()
+        except ValueError as exc:  # ranks in its message count in the TP group
+            if any(getattr(getattr(layer, "_pending", None), "failed", None)
+                   for layer in self.layers):
+                raise  # this rank alone failed between a layer's collectives (Settle.failed)
+            error = f"in the TP group of DP replica {self.mesh.dp_rank}: {exc}"
+        agree(self.mesh.comm, error, call=_call(f"{op} outcome"))
+        return out
 
     def backward(self, dy: Array) -> Array:
         """``module.backward(dy)`` with the DP gradient averaging (see the class docstring);
@@ -188,6 +251,7 @@ class DataParallel:
                 raise ValueError(f"dy.shape={tuple(dy.shape)} dtype={dtype_name(dy.dtype)}: "
                                  f"expected {self._out[0]} {dtype_name(self._out[1])} (the "
                                  "forward output's)")
+            self._check_views()
 
         agree_checks(self.mesh.comm, local_checks, call=_call("backward"))
         return self.averaged(lambda: self.module.backward(dy))
@@ -197,19 +261,41 @@ class DataParallel:
         gradient averaging: the buckets started as the module reports its layers ready (or all
         after it), then waited for and scaled to means. Returns what ``backward`` returns. A
         model whose backward takes no ``dy`` (:class:`tpmpi.models.GPT`, whose loss ends it)
-        calls this after agreeing on its own arguments. Collective over ``mesh.dp_comm``."""
+        calls this after agreeing on its own arguments. Collective over the mesh (the outcome
+        is agreed on ``mesh.comm`` before the buckets are waited for)."""
         self._active, self._ready, self._started = True, set(), 0
-        try:
+
+        def run() -> _R:
             result = backward()
             self._layer_ready(*self.layers)  # a module without grad_ready callbacks
-        except BaseException:  # complete what the other ranks are in, keep nothing pending
+            return result
+
+        try:
+            result = self._outcome(run, "backward")
+        except ValueError:  # every rank: complete the buckets any replica started, then raise
+            self._active = False
+            self._complete_started()
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt: keep nothing pending here
+            self._active = False
             for bucket in self.buckets[:self._started]:
                 self._wait(bucket)
             raise
-        finally:
-            self._active = False
+        self._active = False
         self._finish()
         return result
+
+    def _complete_started(self) -> None:
+        """After an agreed failure: start the buckets that another replica started and this one
+        did not (their count, the most over the mesh, is exchanged on ``mesh.comm``, not on the
+        DP communicator the buckets are in flight on), then wait for every started one. The
+        sums are discarded with the step. Collective over the mesh."""
+        started = self.mesh.comm.allreduce(self._started, op=MPI.MAX)
+        for bucket in self.buckets[self._started:started]:
+            self._start(bucket)
+        for bucket in self.buckets[:started]:
+            self._wait(bucket)
+        self._started = len(self.buckets)
 
     def _layer_ready(self, *layers: Any) -> None:
         """``layers``' gradients are final: start every bucket complete by now, in order
@@ -222,11 +308,18 @@ class DataParallel:
             self._start(self.buckets[self._started])
             self._started += 1
 
+    def _check_views(self) -> None:
+        """ValueError (local) when a layer's gradient is no longer its bucket view (re-assigned
+        rather than updated in place): its averaging would not reach the layer."""
+        for bucket in self.buckets:
+            for layer, name, view in bucket.entries:
+                if getattr(layer, name) is not view:
+                    raise ValueError(f"{type(layer).__name__}.{name} was re-assigned: "
+                                     "DataParallel averages the gradient arrays it placed "
+                                     "(update them in place, e.g. grad[...] = 0, or call "
+                                     "zero_grad())")
+
     def _start(self, bucket: _Bucket) -> None:
-        for layer, name, view in bucket.entries:
-            if getattr(layer, name) is not view:
-                raise RuntimeError(f"{type(layer).__name__}.{name} was replaced: DataParallel "
-                                   "needs the layers to update their gradients in place")
         if self.dp > 1:
             bucket.pending = self.allreduce_grads.start(bucket.buffer)  # Iallreduce, dp_comm
 
@@ -249,7 +342,9 @@ class DataParallel:
     def allreduce_gradients(self) -> None:
         """Average the current gradients over the replicas now (every bucket, blocking on
         the same path as backward): the communication-only run of
-        :func:`tpmpi.studies.overlap.measure_dp_overlap`. Collective over ``mesh.dp_comm``."""
+        :func:`tpmpi.studies.overlap.measure_dp_overlap`. Collective over ``mesh.dp_comm`` (and
+        an agreement over the mesh first)."""
+        agree_checks(self.mesh.comm, self._check_views, call=_call("allreduce_gradients"))
         self._started = 0
         self._finish()
 

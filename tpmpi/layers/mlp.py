@@ -101,6 +101,7 @@ class ParallelMLP(Composite):
         (cls1, opts1), (cls2, opts2) = self.sublayers(mode)
         self.fc1: ParallelLinear = cls1(d_model, d_hidden, **opts1, **one)
         self.fc2: ParallelLinear = cls2(d_hidden, d_model, **opts2, **two)
+        self.fc2.copy_input = False  # its input is this module's activation, never refilled
         self.d_model, self.d_hidden = self.fc1.in_features, self.fc1.out_features
         self.seed, self.overlap = seed, bool(overlap)
         self.local = LocalWork(self.fc1.backend.xp)  # the activation and its gradient

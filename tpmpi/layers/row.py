@@ -66,14 +66,15 @@ class RowParallelLinear(ParallelLinear):
         """``x`` (M, K) replicated or (M, K_p) -> ``y`` (M, N) replicated [Allreduce], or
         (M_p, N) rows with ``sequence_parallel`` [Reduce_scatter]."""
         self._agree_input("x", x, self._width(self.layouts.x, self.in_features))
-        # own columns: a strided view (one copy on a GPU, kept for the dW product)
-        x_p = self.backend.operand(self.split_x(x))
-        y = self.local.product(x_p, self.weight)  # partial sums over the ranks
+        # own columns (a strided view of a replicated x), kept for the dW product
+        x_p = self._x = self._enter(self.split_x(x), keep=True)
+        # partial sums over the ranks (float32 for 2-byte floats, rounded once at the end)
+        y = self.local.product(x_p, self.weight,
+                               out=self._partial((x_p.shape[0], self.weight.shape[1])))
         y = self.reduce_y(y)  # Allreduce in place, or Reduce_scatter into this rank's rows
         if self.bias is not None:
             y += self.bias
-        self._x = x_p
-        return y
+        return self._rounded(y)
 
     def backward(self, dy: Array) -> Array:
         """``dy`` (M, N) replicated [or (M_p, N) rows: Alltoallw] -> ``dx`` (M, K_p) [no
@@ -82,6 +83,7 @@ class RowParallelLinear(ParallelLinear):
         ``grad_weight`` and ``grad_bias``."""
         self._agree_input("dy", dy, self.out_features, backward=True,
                           split_rows=self.layouts.y == "rows")
+        dy = self._enter(dy)
         dy = self.gather_dy(dy, self._rows)  # Allgather (Alltoallw) of dY's rows, or dy itself
         x_p = self._saved_input
         dx_p = self.local.product(dy, self.weight.T)

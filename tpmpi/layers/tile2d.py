@@ -170,19 +170,20 @@ class TileParallelLinear(ParallelLinear):
         form: double-buffered Ibcasts on ``row_comm`` / ``col_comm``."""
         self._agree_tile(x)
         xp = self.backend.xp
-        x = xp.ascontiguousarray(x)
-        self._x = x
+        x = self._x = self._enter(x, keep=True)
         if self.panel is None:
             xpanel = self.gather_x(x, self.in_features)  # Allgather (Alltoallw), row_comm
             wpanel = self.gather_w(self.weight, self.in_features)  # the same, col_comm
             self._panels = (xpanel, wpanel)
             return self.local.product(xpanel, wpanel, bias=self.bias)
-        y = xp.zeros((x.shape[0], self.weight.shape[1]), dtype=self.dtype)
+        # the segments' products summed in float32 for 2-byte floats, rounded once
+        y = xp.zeros((x.shape[0], self.weight.shape[1]), dtype=self.partial_dtype)
+        part = self._partial(y.shape)
         for _, xs, ws in self._broadcast_segments(x):
-            y += self.local.product(xs, ws)
+            y += self.local.product(xs, ws, out=part)
         if self.bias is not None:
             y += self.bias
-        return y
+        return self._rounded(y)
 
     def _broadcast_segments(self, x: Array) -> Iterator[tuple[Segment, Array, Array]]:
         """Yield ``(segment, Xs (m_r, w), Ws (w, n_c))`` for every K segment; the Ibcasts of
@@ -227,11 +228,12 @@ class TileParallelLinear(ParallelLinear):
         ``grad_bias``. Gather form: two Ireduce_scatters on the cached panels; panel form:
         Ibcasts and Ireduces per K segment; bias: Allreduce over ``col_comm``."""
         self._agree_dy(dy)
-        dy = self.backend.xp.ascontiguousarray(dy)
+        dy = self._enter(dy)
         dx = self._backward_gather(dy) if self.panel is None else self._backward_panels(dy)
         if self.grad_bias is not None:
-            self.grad_bias += self.allreduce_db(self.local.column_sums(dy))  # Allreduce, col
-        return dx
+            self.grad_bias += self.allreduce_db(  # Allreduce, col_comm
+                self.local.column_sums(dy, self.partial_dtype))
+        return self._rounded(dx)
 
     def _backward_gather(self, dy: Array) -> Array:
         """dX and dW from the cached panels; a grid dimension of size 1 has nothing to reduce:
@@ -239,12 +241,14 @@ class TileParallelLinear(ParallelLinear):
         assert self._panels is not None  # cached by forward (backward's agreement checked it ran)
         xpanel, wpanel = self._panels
         shape = (dy.shape[0], self.in_features)
-        packed, views = self.reduce_dx.pack(shape, self.backend.xp, self.dtype)
+        packed, views = self.reduce_dx.pack(shape, self.backend.xp, self.partial_dtype)
         for view, (a, b) in zip(views, self._k_cols):  # dY @ Wpanel^T, K block by K block
             self.local.product(dy, wpanel[a:b].T, out=view)
 
         def weight_grads() -> None:
-            partial = self.local.product(xpanel.T, dy)  # (K, n_c): row blocks contiguous
+            # (K, n_c): row blocks contiguous
+            partial = self.local.product(xpanel.T, dy, out=self._partial((xpanel.shape[1],
+                                                                          dy.shape[1])))
             self.grad_weight += self.reduce_dw(partial)  # Reduce_scatter over col_comm
 
         return self.reduce_dx.during(packed, weight_grads, shape)  # Ireduce_scatter, row_comm
@@ -269,8 +273,10 @@ class TileParallelLinear(ParallelLinear):
 
         for seg, xs, ws in self._broadcast_segments(x):
             _, _, j, i = seg
-            pdx = self.local.product(dy, ws.T)  # (m_r, w), summed over grid columns
-            pdw = self.local.product(xs.T, dy)  # (w, n_c), summed over grid rows
+            # (m_r, w) summed over grid columns, (w, n_c) over grid rows: float32 partials for
+            # 2-byte floats, rounded when placed
+            pdx = self.local.product(dy, ws.T, out=self._partial((dy.shape[0], ws.shape[0])))
+            pdw = self.local.product(xs.T, dy, out=self._partial((xs.shape[1], dy.shape[1])))
             rx, rw = self.reduce_dx_piece.out(pdx, j), self.reduce_dw_piece.out(pdw, i)
             pending = [self.reduce_dx_piece.start(pdx, j, out=rx),  # Ireduce, row_comm
                        self.reduce_dw_piece.start(pdw, i, out=rw)]  # Ireduce, col_comm

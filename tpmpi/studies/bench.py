@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
@@ -47,7 +48,7 @@ from .record import RunRecord, calibration_facts
 from .schemes.base import Case
 from .schemes.hybrid import DataParallelCase, build_case
 from .stats import PREDICTION_NOTE, flags, load_per_cpu, prediction_mark, short, summary
-from .table import columns
+from .table import wrapped
 from .timing import time_calls
 
 
@@ -137,11 +138,34 @@ def case_progress(problem: Problem, grid: ProcessGrid, backend: Backend,
     return Progress([t for _, t in units], rank0, unit="step").step
 
 
+_WARMED: set = set()
+"""The kinds of case (scheme, options, dtype, backend, pass) this process has run."""
+
+
+def _warm_process(problem: Problem, where: ProcessGrid | Mesh, backend: Backend,
+                  bucket_bytes: int) -> None:
+    """Build and step a tiny case of ``problem``'s kind (8 x 8 x 8), once per process and kind
+    unless some rank of ``where`` has not yet: what a process allocates once (modules imported
+    on first use, e.g. ml_dtypes' bfloat16 loops, 6 MB; caches) is not charged to the first
+    configuration's ``mem_peak_bytes``. Collective (an Allreduce deciding, then the steps)."""
+    kind = (problem.scheme, problem.options, problem.dtype, backend.name, problem.backward)
+    if not where.comm.allreduce(kind not in _WARMED, op=MPI.LOR):
+        return
+    tiny = build_case(dataclasses.replace(problem, m=8, k=8, n=8, hidden=None), where, backend,
+                      bucket_bytes=bucket_bytes)
+    tiny.forward()
+    if problem.backward:
+        tiny.backward()
+    _WARMED.add(kind)
+
+
 def _first_steps(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                  warmup: int, bucket_bytes: int, progress: Callable[[str], None]
                  ) -> tuple[Case, int]:
     """The case built with timed profilers, its first step (this rank's allocation peak
-    measured meanwhile) and ``warmup`` untimed steps: ``(case, peak bytes)``."""
+    measured meanwhile, after :func:`_warm_process`) and ``warmup`` untimed steps: ``(case,
+    peak bytes)``."""
+    _warm_process(problem, where, backend, bucket_bytes)
     with backend.memory_peak() as mem:
         case = build_case(problem, where, backend, bucket_bytes=bucket_bytes)
         case.attach_profiler()
@@ -366,17 +390,27 @@ def table_row(rec: Mapping[str, Any]) -> dict[str, Any]:
             "flags": ",".join(rec.get("flags") or ()) or None}
 
 
-def table_caption(records: Sequence[Mapping[str, Any]]) -> str:
-    """The line above a table saying which statistic its columns show."""
+TABLE_WIDTH = 120
+"""Widest line of the run and sweep tables by default (a terminal's or a README's width)."""
+
+
+def table_caption(records: Sequence[Mapping[str, Any]], width: int = TABLE_WIDTH) -> str:
+    """The lines above a table saying which statistic its columns show (``# `` lines of at
+    most ``width`` characters; 0: one line)."""
     iters = ",".join(sorted({str(r["iters"]) for r in records})) or "?"
-    return (f"# time/gemm/comm_ms per step: median (min-max) over {iters} timed iterations, each "
+    text = (f"time/gemm/comm_ms per step: median (min-max) over {iters} timed iterations, each "
             "the slowest rank's; GFLOP/s, algbw, busbw (GB/s) from the medians; speedup = "
             "serial baseline / time, eff/core = speedup x baseline threads / (ranks x threads); "
             f"{PREDICTION_NOTE}; flags: docs/statistics.md")
+    if not width:
+        return "# " + text
+    return "\n".join(textwrap.wrap(text, width, initial_indent="# ", subsequent_indent="# "))
 
 
-def format_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width text table of records under :func:`table_caption`."""
+def format_table(records: Sequence[Mapping[str, Any]], width: int = TABLE_WIDTH) -> str:
+    """A fixed-width text table of records under :func:`table_caption`, its columns in blocks
+    of at most ``width`` characters (each block repeating scheme, ranks and grid;
+    :func:`tpmpi.studies.table.wrapped`); ``width`` 0: one line per record."""
     heads = [list(table_row(records[0]))] if records else [[]]
-    return "\n".join([table_caption(records)] + columns(heads + [list(table_row(r).values())
-                                                                 for r in records]))
+    rows = heads + [list(table_row(r).values()) for r in records]
+    return "\n".join([table_caption(records, width)] + wrapped(rows, width, keep=3))

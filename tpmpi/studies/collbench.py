@@ -18,6 +18,7 @@ summed over ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -44,9 +45,12 @@ COLUMNS = ("size", "count", "type", "time", "algbw", "busbw", "#wrong")
 
 
 def sizes_sweep(begin: int, end: int, factor: float) -> list[int]:
-    """``begin, begin*f, ...`` up to ``end`` (nccl-tests ``-b/-e/-f``); ValueError if empty."""
-    if begin < 1 or end < begin or factor <= 1:
-        raise ValueError(f"sizes -b {begin} -e {end} -f {factor}: need 1 <= b <= e and f > 1")
+    """``begin, begin*f, ...`` up to ``end`` (nccl-tests ``-b/-e/-f``); ValueError unless
+    1 <= b <= e and f is a finite number > 1 (NaN compares false with everything: tested as
+    such, not as "not <= 1")."""
+    if not (1 <= begin <= end and math.isfinite(factor) and factor > 1):
+        raise ValueError(f"sizes -b {begin} -e {end} -f {factor}: need 1 <= b <= e and a finite "
+                         "f > 1")
     out, s = [], float(begin)
     while s <= end:
         out.append(int(s))

@@ -3,16 +3,18 @@ problem that cannot fit before allocating anything.
 
 The figure is a lower bound of a run's peak: every array the timed step allocates (transients
 included) at its layout's block size on the rank holding the largest blocks, in the problem's
-dtype; the verification (float64 copies of global arrays) and the serial baseline come on top,
-as do temporaries of the array library. A linear layer (:class:`~tpmpi.core.layout.LinearLayouts`)
+dtype; the verification (float64 copies of global arrays) and the serial baseline come on top, as
+do temporaries of the array library. A linear layer (:class:`~tpmpi.core.layout.LinearLayouts`)
 holds x; x gathered for the GEMM when its input operator allocates
-(:attr:`tpmpi.core.mappings.Mapping.allocates`); W, b; the GEMM's output; y when its output operator
-allocates; with backward dy (and dy gathered), x gathered again, the GEMM's dx, dx when the
-adjoint of the input operator allocates, and the gradients of W and b. A composite
-(:class:`~tpmpi.ParallelMLP`) chains its children through the activation (one more array
-forward, its gradient backward), each child's x being the previous one's activation. A layer
-class adds what its layouts do not show (:meth:`tpmpi.layers.base.ParallelLinear.
-workspace_elements`: the tile scheme's panels).
+(:attr:`tpmpi.core.mappings.Mapping.allocates`); the copy of its input it keeps for backward
+(:func:`tpmpi.layers.base.enter_array`: x's block, or the block the GEMM reads when that is a view
+of x; not fc2's in a composite, whose input is the composite's own activation); W, b; the GEMM's
+output; y when its output operator allocates; with backward dy (and dy gathered), x gathered again,
+the GEMM's dx, dx when the adjoint of the input operator allocates, and the gradients of W and b. A
+composite (:class:`~tpmpi.ParallelMLP`) chains its children through the activation (one more array
+forward, its gradient backward), each child's x being the previous one's activation. A layer class
+adds what its layouts do not show (:meth:`tpmpi.layers.base.ParallelLinear.workspace_elements`:
+the tile scheme's panels).
 """
 from __future__ import annotations
 
@@ -41,11 +43,13 @@ def _allocates(src: str, dst: str, adjoint: bool = False) -> bool:
     return (cls.adjoint_class if adjoint else cls).allocates
 
 
-def linear_arrays(lay: LinearLayouts, m: int, k: int, n: int, backward: bool
-                  ) -> tuple[list[Array], list[Array]]:
+def linear_arrays(lay: LinearLayouts, m: int, k: int, n: int, backward: bool,
+                  copy_input: bool = True) -> tuple[list[Array], list[Array]]:
     """(forward, backward) arrays of a (k, n) linear layer on an (m, k) input, besides its x
-    (forward) and dy (backward)."""
-    fwd: list[Array] = [((m, k), lay.x_local)] if _allocates(lay.x, lay.x_local) else []
+    (forward) and dy (backward); ``copy_input``: the layer keeps a copy of its input."""
+    gathers = _allocates(lay.x, lay.x_local)
+    fwd: list[Array] = [((m, k), lay.x if gathers else lay.x_local)] if copy_input else []
+    fwd += [((m, k), lay.x_local)] if gathers else []
     fwd += [((k, n), lay.weight), ((n,), lay.bias), ((m, n), lay.y_local)]
     if _allocates(lay.y_local, lay.y):
         fwd.append(((m, n), lay.y))
@@ -86,7 +90,7 @@ def _arrays(p: Any) -> Optional[list[Array]]:
     (cls1, opts1), (cls2, opts2) = ParallelMLP.sublayers(opts.get("mode", "megatron"))
     lay1, lay2 = cls1.layouts_for(**opts1), cls2.layouts_for(**opts2)
     fwd1, bwd1 = linear_arrays(lay1, m, k, h, p.backward)
-    fwd2, bwd2 = linear_arrays(lay2, m, h, k, p.backward)
+    fwd2, bwd2 = linear_arrays(lay2, m, h, k, p.backward, copy_input=False)
     act = [((m, h), lay1.y)]  # the activation's output forward (fc2's x), its gradient backward
     return ([((m, k), lay1.x)] + fwd1 + act + fwd2
             + ([((m, k), lay2.y)] + bwd2 + act + bwd1 if p.backward else []))

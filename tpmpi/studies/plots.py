@@ -40,8 +40,9 @@ DECADE = 10.0  # max/min ratio from which an axis is logarithmic
 PARTS = (("local GEMM", "C0"), ("communication (blocked)", "C1"),
          ("other (Python, copies)", "C7"))  # the stacked shares of breakdown.png
 FLAG_LETTERS = {"superlinear": "S", "superlinear-scaling": "E", "noisy": "N",
-                "noisy-baseline": "B", "oversubscribed": "O", "pred-defaults": "D",
-                "pred-other-machine": "M", "pred-other-ranks": "R"}
+                "noisy-baseline": "B", "oversubscribed": "O", "slow-baseline": "L",
+                "overlap-implausible": "V", "pred-defaults": "D", "pred-other-machine": "M",
+                "pred-other-ranks": "R"}
 """The letters a flagged point carries (flags of tpmpi.studies.stats and report)."""
 MEASUREMENT = tuple(f for f in FLAG_LETTERS if not f.startswith("pred-"))
 FLAG_COLOR = "#c00000"

@@ -10,6 +10,12 @@ reach a paper unexplained:
 * ``noisy-baseline``: spread of the serial baseline above :data:`NOISY`;
 * ``oversubscribed``: a node's 1-minute load average above its CPU count during the run, or the
   job's ranks x BLAS threads above the CPUs they may use;
+* ``slow-baseline``: on one rank (no TP, no DP: the parallel run *is* the serial product, with
+  no more threads than the baseline) a speedup above 1 + :data:`NOISY`: the baseline ran slower
+  than it can, so speedup and efficiency measure its trouble (threads competing for cores);
+* ``overlap-implausible``: ``--measure-overlap`` timed the whole call faster than its local
+  work alone by more than :data:`NOISY` of the communication: the time saved (capped at the
+  communication's) and the overlap % are noise;
 * ``pred-defaults``: ``predicted_s`` comes from the cost model's documented defaults (no
   calibration: typically several times off);
 * ``pred-other-machine``: the calibration was measured with another MPI library, backend or
@@ -27,9 +33,9 @@ import numpy as np
 
 SUPERLINEAR = 1.15  # efficiency above this is suspicious (cache effects, a slow baseline...)
 NOISY = 0.10        # a spread above 10 % of the median is flagged
-FLAGS = ("superlinear", "noisy", "noisy-baseline", "oversubscribed", "pred-defaults",
-         "pred-other-machine", "pred-other-ranks")
-PREDICTION_FLAGS = FLAGS[4:]
+FLAGS = ("superlinear", "noisy", "noisy-baseline", "oversubscribed", "slow-baseline",
+         "overlap-implausible", "pred-defaults", "pred-other-machine", "pred-other-ranks")
+PREDICTION_FLAGS = tuple(f for f in FLAGS if f.startswith("pred-"))
 """The flags about ``predicted_s`` rather than the measurement (tables mark ``pred_ms``)."""
 
 
@@ -92,6 +98,13 @@ PREDICTION_NOTE = ("pred_ms: * the cost model's defaults (uncalibrated: run cali
                    "calibrated on another machine or number of ranks (flags pred-*)")
 
 
+def overlap_implausible(times: Mapping) -> bool:
+    """True when an overlap measurement (``overall_s``, ``compute_s``, ``comm_only_s``) timed
+    the whole call faster than its local work alone by more than :data:`NOISY` of the
+    communication: overlap can hide the communication, never speed the computation up."""
+    return times["compute_s"] - times["overall_s"] > NOISY * times["comm_only_s"]
+
+
 def flags(rec: Mapping) -> list[str]:
     """The names of :data:`FLAGS` that apply to the record ``rec`` (see the module doc), in
     that order."""
@@ -101,5 +114,8 @@ def flags(rec: Mapping) -> list[str]:
         "noisy-baseline": (spread((rec.get("spread") or {}).get("baseline_s")) or 0.0) > NOISY,
         "oversubscribed": (rec.get("load_per_cpu") or 0.0) > 1.0
         or (rec.get("oversubscription") or 0.0) > 1.0,
+        "slow-baseline": rec.get("ranks") == 1 and (rec.get("speedup") or 0.0) > 1 + NOISY,
+        "overlap-implausible": any(overlap_implausible(t) for t in
+                                   (rec.get("overlap") or {}).values()),
     }
     return [name for name in FLAGS if applies[name]]

@@ -21,12 +21,41 @@ def line(cells: Sequence[Any], widths: Sequence[int], left: Container[int] = ())
                      for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
 
+def _sized(texts: Sequence[Sequence[str]], widths: Optional[Sequence[int]] = None) -> list[int]:
+    """Each column's width: its widest cell (at least ``widths``, when given)."""
+    count = max((len(r) for r in texts), default=0)
+    least = list(widths or []) + [0] * count
+    return [max([least[i]] + [len(r[i]) for r in texts if i < len(r)]) for i in range(count)]
+
+
 def columns(rows: Sequence[Sequence[Any]], left: Container[int] = (),
             widths: Optional[Sequence[int]] = None) -> list[str]:
     """The lines of ``rows`` (the first is usually the heads), each column as wide as its
     widest cell (at least ``widths``, when given)."""
     texts = [[cell(c) for c in row] for row in rows]
-    count = max((len(r) for r in texts), default=0)
-    least = list(widths or []) + [0] * count
-    sized = [max([least[i]] + [len(r[i]) for r in texts if i < len(r)]) for i in range(count)]
+    sized = _sized(texts, widths)
     return [line(r, sized, left) for r in texts]
+
+
+def wrapped(rows: Sequence[Sequence[Any]], width: int, keep: int = 0,
+            left: Container[int] = ()) -> list[str]:
+    """:func:`columns` of ``rows`` in blocks of columns, each at most ``width`` characters wide
+    (a column wider than that alone gets a block of its own), the first ``keep`` columns (the
+    labels) repeated at the start of every block, blocks one empty line apart: a wide table on
+    a terminal of ``width`` columns without wrapped lines. ``width`` 0: one block."""
+    texts = [[cell(c) for c in row] for row in rows]
+    sized = _sized(texts)
+    blocks: list[list[int]] = []
+    used = sum(sized[:keep]) + 2 * keep
+    for i in range(keep, len(sized)):
+        if not blocks or (width and used + sized[i] > width and len(blocks[-1]) > keep):
+            blocks.append(list(range(keep)))
+            used = sum(sized[:keep]) + 2 * keep
+        blocks[-1].append(i)
+        used += sized[i] + 2
+    out: list[str] = []
+    for b, block in enumerate(blocks):
+        out += [""] if b else []
+        out += [line([r[i] if i < len(r) else "" for i in block], [sized[i] for i in block],
+                     {j for j, i in enumerate(block) if i in left}) for r in texts]
+    return out
