@@ -70,8 +70,8 @@ def kernels_of(package: ModuleType) -> SimpleNamespace:
                            dropout=functional.dropout, attention=core.causal_attention,
                            attention_backward=core.causal_attention_backward,
                            keep_mask=dropout.keep_mask, attention_keep=dropout.attention_keep,
-                           gelu=gelu, gelu_grad=gelu_grad, path=str(Path(package.__file__)
-                                                                     .parent))
+                           gelu=gelu, gelu_grad=gelu_grad,
+                           path=str(Path(str(package.__file__)).parent))
 
 
 def block_products(N: int, d: int, qkv: int, proj: int, hidden: int
@@ -152,23 +152,28 @@ class Case:
                                                 self.dy.sum(axis=(0, 1))))}
 
     def gemms(self) -> dict[str, tuple[int, Callable[[], Any]]]:
-        return {f"gemm.{name}": (1, (lambda a, b: lambda: a @ b)(*self.mats[name]))
+        def product(a: np.ndarray, b: np.ndarray) -> Callable[[], Any]:
+            return lambda: a @ b
+        return {f"gemm.{name}": (1, product(*self.mats[name]))
                 for name, *_ in block_products(**self.dims)}
 
 
-def timed(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int
-          ) -> dict[str, list[float]]:
-    """Seconds of each call, ``repeats`` samples each, the calls interleaved per repeat."""
+def timed(calls: dict[Any, Callable[[], Any]], warmup: int, repeats: int
+          ) -> tuple[dict[Any, list[float]], dict[Any, list[float]]]:
+    """Wall-clock and CPU seconds (this process, all its threads) of each call, ``repeats``
+    samples each, the calls interleaved per repeat."""
     for call in calls.values():
         for _ in range(warmup):
             call()
-    out: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[Any, list[float]] = {name: [] for name in calls}
+    cpu: dict[Any, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             call()
-            out[name].append(time.perf_counter() - t0)
-    return out
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def model_flops(a: argparse.Namespace) -> float:
@@ -188,25 +193,26 @@ def run_case(a: argparse.Namespace, tp: int, threads: int, trees: dict[str, Simp
         per_tree = {tree: case.kernels(K) for tree, K in trees.items()}
         calls = {(tree, name): fn for tree, ks in per_tree.items() for name, (_, fn) in ks.items()}
         calls.update({("shared", name): fn for name, (_, fn) in shared.items()})
-        samples = timed(calls, a.warmup, a.repeats)  # type: ignore[arg-type]
+        samples, cpu = timed(calls, a.warmup, a.repeats)
     load = os.getloadavg()[0]
     counts = {("shared", n): c for n, (c, _) in shared.items()}
     counts.update({(t, n): c for t, ks in per_tree.items() for n, (c, _) in ks.items()})
-    for (tree, name), s in samples.items():  # type: ignore[misc]
+    for (tree, name), s in samples.items():
         emit({"case": label, "tree": tree, "kernel": name, "count": counts[tree, name],
               "best_ms": round(1e3 * min(s), 3), "median_ms": round(1e3 * statistics.median(s), 3),
-              "load": round(load, 2)})
-    gemm_s = sum(min(s) for (t, n), s in samples.items() if n.startswith("gemm."))
+              "cpu_best_ms": round(1e3 * min(cpu[tree, name]), 3), "load": round(load, 2)})
+
+    def total(tree: str, gemm: bool = False) -> float:
+        return sum(counts[key] * min(s) for key, s in samples.items()
+                   if key[0] == tree and key[1].startswith("gemm.") == gemm)
+    gemm_s, glue_s = total("shared", gemm=True), total("shared")
     gemm_flops = sum(2.0 * m * k * n for _, m, k, n in block_products(**case.dims))
-    glue_s = sum(counts[key] * min(s) for key, s in samples.items()
-                 if key[0] == "shared" and not key[1].startswith("gemm."))
     for tree in trees:
-        kernel_s = sum(counts[key] * min(s) for key, s in samples.items() if key[0] == tree)
-        step = gemm_s + glue_s + kernel_s
-        steps[tree] = step
+        kernel_s = total(tree)
+        step = steps[tree] = gemm_s + glue_s + kernel_s
         emit({"case": label, "tree": tree, "summary": True, "tp": tp, "threads": threads,
-              "gemm_s": round(gemm_s, 4), "kernels_s": round(kernel_s, 4),
-              "glue_s": round(glue_s, 4), "projected_step_s": round(step, 4),
+              "gemm_s": round(gemm_s, 6), "kernels_s": round(kernel_s, 6),
+              "glue_s": round(glue_s, 6), "projected_step_s": round(step, 6),
               "gemm_gflops": round(gemm_flops / gemm_s / 1e9, 1),
               "model_gflops": round(model_flops(a) / step / 1e9, 1),
               "mfu_vs_gemm": round(model_flops(a) / step / (gemm_flops * tp / gemm_s), 3),
@@ -253,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if tp > 1 and ceiling:
             for tree, step in by_tree.items():
                 emit({"compare": f"tp{tp}x{threads}", "tree": tree, "projected_step_s":
-                      round(step, 4), "ceiling_s": round(ceiling[tree], 4),
+                      round(step, 6), "ceiling_s": round(ceiling[tree], 6),
                       "efficiency": round(ceiling[tree] / step, 3), "torch_s": a.torch_s,
                       "vs_torch": round(a.torch_s / step, 3)})
     return 0
