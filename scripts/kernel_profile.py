@@ -19,8 +19,14 @@ c_proj, residual, ln_2, c_fc 4d, exact GELU, c_proj, residual, biases); a kernel
 how often a step runs it. Model FLOPs follow Narayanan et al. 2021 for one block: ``3 x (24 B T
 d^2 + 4 B T^2 d)`` (causal masking not discounted); ``mfu_vs_gemm`` is the model FLOP/s of the
 projected step over the GEMMs' own rate in the same case. One JSON line per kernel and per case
-summary goes to stdout (and is appended to ``--json FILE``); the last line compares the TP-P
+summary goes to stdout (and is appended to ``--json FILE``); the last lines compare each TP-P
 case with the ceiling (TP 1 with P x threads) and with ``--torch-s`` (PyTorch DTensor's step).
+
+On a shared machine the wall-clock figures carry the other users' load; each record also holds
+the CPU time of this process (``cpu_*``), which for one thread is what the wall clock of a
+quiet machine would read. The ``cpu_*`` comparison estimates the ceiling from TP 1 x 1: its
+GEMMs divided by the P cores (perfect BLAS scaling: a conservative ceiling) plus its
+element-wise work, which NumPy runs on one thread whatever the BLAS threads.
 """
 from __future__ import annotations
 
@@ -85,6 +91,20 @@ def block_products(N: int, d: int, qkv: int, proj: int, hidden: int
     return out
 
 
+def shard_dims(a: argparse.Namespace, tp: int) -> dict[str, int]:
+    """The product dimensions of rank 0 of TP size ``tp``: tokens ``N``, ``d``, its fused QKV
+    columns, its attention-projection inputs and its MLP hidden columns."""
+    shard = head_partition(a.heads, a.kv_heads or a.heads, tp).shard(0)
+    hd = a.d_model // a.heads
+    h0, h1 = block_partition(4 * a.d_model, tp)[0]
+    return dict(N=a.batch * a.seq, d=a.d_model, qkv=(shard.n_q + 2 * shard.n_kv) * hd,
+                proj=shard.n_q * hd, hidden=h1 - h0)
+
+
+def gemm_flops(a: argparse.Namespace, tp: int) -> float:
+    return sum(2.0 * m * k * n for _, m, k, n in block_products(**shard_dims(a, tp)))
+
+
 class Case:
     """Rank 0 of TP size ``tp``: its shard's inputs and the kernels' calls on them."""
 
@@ -94,9 +114,8 @@ class Case:
         part = head_partition(H, args.kv_heads or H, tp)
         shard = part.shard(0)
         self.kv_of_q, self.q_head0 = shard.kv_of_q, shard.q_heads[0]
-        h0, h1 = block_partition(4 * d, tp)[0]
-        self.dims = dict(N=B * T, d=d, qkv=(shard.n_q + 2 * shard.n_kv) * self.hd,
-                         proj=shard.n_q * self.hd, hidden=h1 - h0)
+        self.dims = shard_dims(args, tp)
+        hidden = self.dims["hidden"]
         rng = np.random.default_rng(0)
         dt = np.dtype(args.dtype)
 
@@ -106,9 +125,9 @@ class Case:
         self.w, self.b = 1 + 0.1 * normal(d), normal(d)
         self.q, self.dq = normal(B, T, shard.n_q, self.hd), normal(B, T, shard.n_q, self.hd)
         self.k, self.v = normal(B, T, shard.n_kv, self.hd), normal(B, T, shard.n_kv, self.hd)
-        self.f, self.df = normal(B, T, h1 - h0), normal(B, T, h1 - h0)
+        self.f, self.df = normal(B, T, hidden), normal(B, T, hidden)
         self.qkv_out = normal(B, T, self.dims["qkv"])
-        self.bias_qkv, self.bias_fc = normal(self.dims["qkv"]), normal(h1 - h0)
+        self.bias_qkv, self.bias_fc = normal(self.dims["qkv"]), normal(hidden)
         self.args = args
         self.mats = {name: (normal(m, k) if not name.endswith("dw") else normal(k, m).T,
                             normal(k, n)) for name, m, k, n in block_products(**self.dims)}
@@ -181,43 +200,84 @@ def model_flops(a: argparse.Namespace) -> float:
     return 3.0 * (24 * B * T * d * d + 4 * B * T * T * d)
 
 
+Split = dict[str, float]
+"""Seconds of a step's parts: ``gemm``, ``kernels`` (this tree's), ``glue``."""
+
+
 def run_case(a: argparse.Namespace, tp: int, threads: int, trees: dict[str, SimpleNamespace],
-             emit: Callable[[dict], None]) -> dict[str, float]:
+             emit: Callable[[dict], None]) -> dict[tuple[str, str], Split]:
     """Time one case; emits a record per kernel and tree and a summary per tree; returns the
-    projected step per tree."""
+    step's split per (tree, clock) with clock "wall" or "cpu"."""
     case = Case(a, tp)
     label = f"tp{tp}x{threads}"
-    steps: dict[str, float] = {}
     with threadpool_limits(threads):
         shared = {**case.glue(), **case.gemms()}
         per_tree = {tree: case.kernels(K) for tree, K in trees.items()}
         calls = {(tree, name): fn for tree, ks in per_tree.items() for name, (_, fn) in ks.items()}
         calls.update({("shared", name): fn for name, (_, fn) in shared.items()})
-        samples, cpu = timed(calls, a.warmup, a.repeats)
+        clocks = dict(zip(("wall", "cpu"), timed(calls, a.warmup, a.repeats)))
     load = os.getloadavg()[0]
     counts = {("shared", n): c for n, (c, _) in shared.items()}
     counts.update({(t, n): c for t, ks in per_tree.items() for n, (c, _) in ks.items()})
-    for (tree, name), s in samples.items():
+    for (tree, name), s in clocks["wall"].items():
         emit({"case": label, "tree": tree, "kernel": name, "count": counts[tree, name],
               "best_ms": round(1e3 * min(s), 3), "median_ms": round(1e3 * statistics.median(s), 3),
-              "cpu_best_ms": round(1e3 * min(cpu[tree, name]), 3), "load": round(load, 2)})
-
-    def total(tree: str, gemm: bool = False) -> float:
-        return sum(counts[key] * min(s) for key, s in samples.items()
-                   if key[0] == tree and key[1].startswith("gemm.") == gemm)
-    gemm_s, glue_s = total("shared", gemm=True), total("shared")
-    gemm_flops = sum(2.0 * m * k * n for _, m, k, n in block_products(**case.dims))
-    for tree in trees:
-        kernel_s = total(tree)
-        step = steps[tree] = gemm_s + glue_s + kernel_s
-        emit({"case": label, "tree": tree, "summary": True, "tp": tp, "threads": threads,
-              "gemm_s": round(gemm_s, 6), "kernels_s": round(kernel_s, 6),
-              "glue_s": round(glue_s, 6), "projected_step_s": round(step, 6),
-              "gemm_gflops": round(gemm_flops / gemm_s / 1e9, 1),
-              "model_gflops": round(model_flops(a) / step / 1e9, 1),
-              "mfu_vs_gemm": round(model_flops(a) / step / (gemm_flops * tp / gemm_s), 3),
+              "cpu_best_ms": round(1e3 * min(clocks["cpu"][tree, name]), 3),
               "load": round(load, 2)})
-    return steps
+
+    def total(clock: str, tree: str, gemm: bool = False) -> float:
+        return sum(counts[key] * min(s) for key, s in clocks[clock].items()
+                   if key[0] == tree and key[1].startswith("gemm.") == gemm)
+    flops = gemm_flops(a, tp)
+    out: dict[tuple[str, str], Split] = {}
+    for tree in trees:
+        for clock in clocks:
+            out[tree, clock] = {"gemm": total(clock, "shared", gemm=True),
+                                "kernels": total(clock, tree), "glue": total(clock, "shared")}
+        wall, cpu = out[tree, "wall"], out[tree, "cpu"]
+        step = sum(wall.values())
+        emit({"case": label, "tree": tree, "summary": True, "tp": tp, "threads": threads,
+              **{f"{k}_s": round(v, 6) for k, v in wall.items()},
+              "projected_step_s": round(step, 6),
+              **{f"cpu_{k}_s": round(v, 6) for k, v in cpu.items()},
+              "cpu_projected_step_s": round(sum(cpu.values()), 6),
+              "gemm_gflops": round(flops / wall["gemm"] / 1e9, 1),
+              "model_gflops": round(model_flops(a) / step / 1e9, 1),
+              "mfu_vs_gemm": round(model_flops(a) / step / (flops * tp / wall["gemm"]), 3),
+              "load": round(load, 2)})
+    return out
+
+
+def compare(a: argparse.Namespace, splits: dict[tuple[int, int], dict[tuple[str, str], Split]],
+            emit: Callable[[dict], None]) -> None:
+    """For each TP > 1 case: its projected step against the ceiling, TP 1 with as many BLAS
+    threads as the case has cores (measured when that case ran), and against ``--torch-s``;
+    with the TP 1 x 1 case and one thread a rank, the same from CPU times too (the figure a
+    loaded machine does not distort), the ceiling then estimated as TP 1 x 1's GEMMs divided by
+    the cores plus its single-threaded element-wise work."""
+    for (tp, threads), by in splits.items():
+        if tp == 1:
+            continue
+        for tree in sorted({t for t, _ in by}):
+            rec: dict[str, Any] = {"compare": f"tp{tp}x{threads}", "tree": tree,
+                                   "torch_s": a.torch_s}
+            step = sum(by[tree, "wall"].values())
+            ceiling = splits.get((1, tp * threads))
+            if ceiling:
+                top = sum(ceiling[tree, "wall"].values())
+                rec.update(projected_step_s=round(step, 6), ceiling_s=round(top, 6),
+                           efficiency=round(top / step, 3), vs_torch=round(a.torch_s / step, 3))
+            serial = splits.get((1, 1))
+            if serial and threads == 1:
+                one = serial[tree, "cpu"]
+                top = one["gemm"] / tp + one["kernels"] + one["glue"]
+                cpu_step = sum(by[tree, "cpu"].values())
+                rec.update(cpu_step_s=round(cpu_step, 6), cpu_ceiling_est_s=round(top, 6),
+                           cpu_efficiency=round(top / cpu_step, 3),
+                           cpu_vs_torch=round(a.torch_s / cpu_step, 3),
+                           cpu_mfu_vs_gemm=round(model_flops(a) / cpu_step / (
+                               tp * gemm_flops(a, 1) / one["gemm"]), 3))
+            emit(rec)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -250,18 +310,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 fh.write(line + "\n")
     emit({"config": {k: v for k, v in vars(a).items() if k != "json"},
           "trees": {t: K.path for t, K in trees.items()}, "cpus": os.cpu_count()})
-    steps = {}
+    splits = {}
     for spec in a.cases:
-        tp, threads = (int(s) for s in spec.split("x"))
-        steps[tp, threads] = run_case(a, tp, threads, trees, emit)
-    for (tp, threads), by_tree in steps.items():
-        ceiling = steps.get((1, tp * threads))
-        if tp > 1 and ceiling:
-            for tree, step in by_tree.items():
-                emit({"compare": f"tp{tp}x{threads}", "tree": tree, "projected_step_s":
-                      round(step, 6), "ceiling_s": round(ceiling[tree], 6),
-                      "efficiency": round(ceiling[tree] / step, 3), "torch_s": a.torch_s,
-                      "vs_torch": round(a.torch_s / step, 3)})
+        tp, threads = (int(x) for x in spec.split("x"))
+        splits[tp, threads] = run_case(a, tp, threads, trees, emit)
+    compare(a, splits, emit)
     return 0
 
 

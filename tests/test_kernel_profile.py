@@ -33,8 +33,12 @@ def test_every_kernel_and_gemm_per_case(capsys, tmp_path):
             < 1e-3
         assert summary["projected_step_s"] >= summary["gemm_s"] > 0
     assert not any(r["best_ms"] < 0 or r["median_ms"] < r["best_ms"] for r in kernels)
-    # TP 2 x 1 thread has no TP 1 x 2 threads ceiling in this run: no comparison line
-    assert not any("compare" in r for r in recs)
+    # no TP 1 x 2 threads case ran: the comparison is from CPU times only
+    compare = next(r for r in recs if r.get("compare") == "tp2x1")
+    assert "efficiency" not in compare and compare["cpu_efficiency"] > 0
+    serial = next(r for r in recs if r.get("summary") and r["case"] == "tp1x1")
+    want = serial["cpu_gemm_s"] / 2 + serial["cpu_kernels_s"] + serial["cpu_glue_s"]
+    assert abs(compare["cpu_ceiling_est_s"] - want) < 1e-5
 
 
 def test_baseline_tree_side_by_side_and_the_ceiling(capsys):
