@@ -175,11 +175,10 @@ def _keep_block(keep: KeepSource, group: _Group, chunk: tuple[slice, slice, slic
                            *stacked.shape[2:])
 
 
-def _scaled_heads_first(q: Array, acc: Any) -> Array:
-    """``q / sqrt(hd)`` as a new ``(B, Hq, T, hd)`` array of the compute type."""
-    xp = backend_of(q).xp
-    out = xp.empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), dtype=acc)
-    out[...] = q.swapaxes(1, 2)
+def _scaled(q: Array, acc: Any) -> Array:
+    """``q / sqrt(hd)`` as a new array of the compute type (one pass, ``q``'s layout)."""
+    out = backend_of(q).xp.empty(q.shape, dtype=acc)
+    out[...] = q
     out *= 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     return out
 
@@ -197,7 +196,7 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
     B, T, Hq, _ = q.shape
     acc = accumulation_dtype(q.dtype)
     bias = _causal_bias(xp, min(TILE, T), acc)
-    qs = _scaled_heads_first(q, acc).swapaxes(1, 2)
+    qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     y = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((B, Hq, T), dtype=acc)
@@ -241,7 +240,7 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
     acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(hd) if hd else 1.0
     bias = _causal_bias(xp, min(TILE, T), acc)
-    qs = _scaled_heads_first(q, acc).swapaxes(1, 2)
+    qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     dya = dy.astype(acc, copy=False)
     # rowsum(dP * P) = rowsum(dy * y): a (T x hd) product instead of a (T x T) one
