@@ -77,7 +77,7 @@ def test_gelu_values():
 def test_activations_keep_half_dtypes(dtype, name):
     f, df = ACTIVATIONS[name]
     x = np.linspace(-3, 3, 41).astype(dtype)
-    for fn in (f, df):
+    for fn in (f, df, normal_cdf):
         y = fn(x)
         assert y.dtype == np.dtype(dtype)
         assert np.array_equal(y.view(np.uint16),

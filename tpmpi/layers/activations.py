@@ -101,8 +101,8 @@ def _fast_erf(x: Array) -> bool:
     return isinstance(x, np.ndarray) and x.dtype == np.float32
 
 
-def normal_cdf(x: Array) -> Array:
-    """``Phi(x) = 0.5 (1 + erf(x / sqrt 2))`` in ``x``'s dtype (see the module docstring)."""
+def _normal_cdf(x: Array) -> Array:
+    """``Phi(x)`` of float32 or float64 ``x`` (:data:`normal_cdf` for every dtype)."""
     if _fast_erf(x):
         return _float32_chunks(x, lambda *_: None)
     return 0.5 * (1 + erf(x * _INV_SQRT_2))
@@ -138,7 +138,7 @@ def gelu_erf(x: Array) -> Array:
     """Exact GELU ``x Phi(x)``."""
     if _fast_erf(x):
         return _float32_chunks(x, _times_x)
-    return x * normal_cdf(x)
+    return x * _normal_cdf(x)
 
 
 def gelu_erf_grad(x: Array) -> Array:
@@ -146,7 +146,7 @@ def gelu_erf_grad(x: Array) -> Array:
     if _fast_erf(x):
         return _float32_chunks(x, _plus_x_pdf)
     xp = backend_of(x).xp
-    return normal_cdf(x) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return _normal_cdf(x) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
 
 
 def relu(x: Array) -> Array:
@@ -169,6 +169,9 @@ def in_float32(fn: Activation) -> Activation:
         return fn(x)
     return wrapped
 
+
+normal_cdf = in_float32(_normal_cdf)
+"""``Phi(x) = 0.5 (1 + erf(x / sqrt 2))`` in ``x``'s dtype (see the module docstring)."""
 
 ACTIVATIONS: dict[str, tuple[Activation, Activation]] = {
     name: (in_float32(f), in_float32(df)) for name, (f, df) in {
