@@ -13,10 +13,11 @@ exactly 0).
 
 Work: block-causal tiling. The queries are cut into tiles of :data:`TILE` rows; tile ``[i0,
 i1)`` meets only the keys ``[0, i1)`` -- the fully masked tiles right of the diagonal are never
-computed (at ``T = 4 TILE`` 62.5 % of the ``T x T`` scores, tending to one half) -- and only its
-diagonal ``(i1 - i0)`` square carries the mask. Every product is a batched BLAS GEMM over
-``(samples, heads)`` matrices: the query heads that share a kv head read it through a broadcast
-view (no copy), and the softmax runs in place on the tile (max, subtract, ``exp``, sum).
+computed: at ``T = 4 TILE`` 62.5 % of the ``T x T`` scores are, a share that tends to one half
+as ``T / TILE`` grows -- and only its diagonal ``(i1 - i0)`` square carries the mask. Every
+product is a batched BLAS GEMM over ``(samples, heads)`` matrices: the query heads that share
+a kv head read it through a broadcast view (no copy), and the softmax runs in place on the
+tile (max, subtract, ``exp``, sum).
 
 Memory: the tiles of scores are formed for a chunk of (sample, head) matrices at a time, bounded
 by :data:`WORKSPACE_BYTES` (at least one matrix), never for all heads at once. The forward keeps
