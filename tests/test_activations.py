@@ -6,7 +6,43 @@ import numpy as np
 import pytest
 
 from problems import HALFS
-from tpmpi.layers.activations import ACTIVATIONS, erf, get_activation
+from tpmpi.layers import activations
+from tpmpi.layers.activations import ACTIVATIONS, erf, get_activation, normal_cdf
+def exact_gelu_erf(x):
+    """(Phi, x Phi, Phi + x phi) in float64 from math.erf, element by element."""
+    phi = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    x64 = x.astype(np.float64)
+    return phi, x64 * phi, phi + x64 * np.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+
+
+def test_float32_gelu_erf_within_float32_rounding():
+    """The in-place float32 path (rational erf) errs by at most 4 float32 epsilons times
+    max(1, |x|) -- the rounding of Phi near 1 or 0.5, scaled by x -- over the range where erf
+    bends and beyond its clamp, and agrees with the float64 path to that bound."""
+    x = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 5.65685, -5.65686]]
+                       ).astype(np.float32)
+    bound = 4 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(x.astype(np.float64)))
+    f, df = get_activation("gelu_erf")
+    for fn, want in zip((normal_cdf, f, df), exact_gelu_erf(x)):
+        got = fn(x)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
+        assert np.all(np.abs(got - fn(x.astype(np.float64))) <= bound)
+
+
+def test_float32_chunks_are_independent(monkeypatch):
+    """Every shape (empty, strided, not a multiple of the chunk) gives the values of one
+    whole-array evaluation, bit for bit."""
+    x = np.random.default_rng(0).standard_normal((7, 13, 5)).astype(np.float32) * 3
+    f, df = get_activation("gelu_erf")
+    whole = [fn(x) for fn in (f, df, normal_cdf)]
+    monkeypatch.setattr(activations, "_CHUNK", 17)
+    for fn, want in zip((f, df, normal_cdf), whole):
+        assert np.array_equal(fn(x), want)
+        assert np.array_equal(fn(x[:, ::2]), want[:, ::2])
+        assert fn(np.empty((0, 4), np.float32)).shape == (0, 4)
+
+
 def test_erf_is_exact():
     x = np.linspace(-6, 6, 10001)
     exact = np.array([math.erf(v) for v in x])
@@ -41,7 +77,7 @@ def test_gelu_values():
 def test_activations_keep_half_dtypes(dtype, name):
     f, df = ACTIVATIONS[name]
     x = np.linspace(-3, 3, 41).astype(dtype)
-    for fn in (f, df):
+    for fn in (f, df, normal_cdf):
         y = fn(x)
         assert y.dtype == np.dtype(dtype)
         assert np.array_equal(y.view(np.uint16),

@@ -8,7 +8,7 @@ import pytest
 import gpt_reference as ref
 from conftest import rel_err
 from problems import HALFS
-from tpmpi.core.dropout import keep_mask
+from tpmpi.core.dropout import keep_mask, keep_scale
 from tpmpi.core.dtypes import tolerance
 from tpmpi.core.heads import vocab_block
 from tpmpi.layers.functional import (accumulation_dtype, dropout, embedding_block,
@@ -61,6 +61,8 @@ def test_dropout_is_inverted_and_rounded_once(dtype):
     assert y.dtype == np.dtype(dtype)
     assert rel_err(y, x.astype(np.float64) * keep / 0.7) <= tolerance(dtype, 1)
     assert np.all(y[~keep] == 0)
+    acc = accumulation_dtype(np.dtype(dtype))
+    assert np.array_equal(y, (x.astype(acc) * keep_scale(keep, 0.3, acc)).astype(dtype))
     assert dropout(x, keep, 0.0) is x and dropout(x, None, 0.3) is x
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from .arrays import Array, DTypeLike
-from .backend import Backend, get_backend
+from .backend import Backend, backend_of, get_backend
 from .init import block_runs, philox_draws
 
 DROPOUT_STREAM = 0x44524F504F555400
@@ -122,7 +122,7 @@ def keep_scale(keep: Array, p: float, dtype: DTypeLike) -> Array:
     ``dtype`` (the caller's compute type: float32 for 2-byte activations, so the scale is not
     rounded to half precision)."""
     p = check_probability(p, "p")
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
+    return backend_of(keep).xp.multiply(keep, 1.0 / (1.0 - p), dtype=dtype)
 
 
 def attention_keep(p: float, *, seed: int, call: int, layer: int, n_head: int, seq: int,

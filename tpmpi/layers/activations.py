@@ -4,10 +4,13 @@
   ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2, Megatron's ``openai_gelu``);
   pure array arithmetic, fast on every backend.
 * ``"gelu_erf"``: the exact ``x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))`` (PyTorch's default
-  GELU and nanoGPT's). ``erf`` is vectorised: ``scipy.special.erf`` on NumPy arrays,
-  ``cupyx.scipy.special.erf`` on CuPy arrays, never a Python call per element (``math.erf``
-  through ``np.frompyfunc`` took 655 ms on 4M float32 elements on a 2-core machine, SciPy's
-  ufunc 75 ms; within 2 ulp of ``math.erf``).
+  GELU and nanoGPT's). ``erf`` is vectorised, never a Python call per element: on float32
+  NumPy arrays the rational approximation of Eigen and XLA (``x P(x^2) / Q(x^2)``, the argument
+  clamped where erf is +-1 in float32; within 8 ulp of the exact erf) evaluated in place, a
+  cache-sized chunk at a time (:func:`normal_cdf`), about 3 ns an element where SciPy's ufunc
+  takes 14 ns (it computes each float32 element in double precision through a scalar routine);
+  ``scipy.special.erf`` for float64 (within 2 ulp of ``math.erf``) and
+  ``cupyx.scipy.special.erf`` on CuPy arrays (one fused kernel).
 * ``"relu"``: ``max(x, 0)``, derivative 0 at 0.
 
 Each entry of :data:`ACTIVATIONS` is ``(f, df)``; both take the pre-activation array and return
@@ -33,6 +36,19 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _C = 0.044715
 
+# Eigen's float32 erf(u) = u P(u^2) / Q(u^2) on |u| <= 4, lowest power last; folded here for
+# Phi(x) = 0.5 + 0.5 erf(x / sqrt 2) = 0.5 + x P'(x^2) / Q'(x^2) on |x| <= 4 sqrt 2
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+_PHI_P = tuple(np.float32(c * _INV_SQRT_2 / 2 / 2.0**(len(_ERF_P) - 1 - i))
+               for i, c in enumerate(_ERF_P))
+_PHI_Q = tuple(np.float32(c / 2.0**(len(_ERF_Q) - 1 - i)) for i, c in enumerate(_ERF_Q))
+_PHI_CLAMP = np.float32(4.0 * math.sqrt(2.0))
+_CHUNK = 1 << 15  # elements a pass: a chunk's four float32 temporaries stay in L2 (512 KiB)
+
 Activation = Callable[[Array], Array]
 
 
@@ -43,6 +59,53 @@ def erf(x: Array) -> Array:
 
         return cupy_erf(x)
     return scipy_erf(x)
+
+
+def _horner(x2: np.ndarray, coefs: tuple[np.float32, ...], out: np.ndarray) -> None:
+    np.multiply(x2, coefs[0], out=out)
+    out += coefs[1]
+    for c in coefs[2:]:
+        out *= x2
+        out += c
+
+
+def _phi_chunk(x: np.ndarray, out: np.ndarray, xc: np.ndarray, x2: np.ndarray,
+               q: np.ndarray) -> None:
+    """``out = Phi(x)`` for a float32 chunk, in place over the scratch ``xc, x2, q``."""
+    np.clip(x, -_PHI_CLAMP, _PHI_CLAMP, out=xc)
+    np.multiply(xc, xc, out=x2)
+    _horner(x2, _PHI_P, out)
+    out *= xc
+    _horner(x2, _PHI_Q, q)
+    out /= q
+    out += np.float32(0.5)
+
+
+def _float32_chunks(x: np.ndarray, finish: Callable[..., None]) -> np.ndarray:
+    """``Phi`` of each chunk of float32 ``x``, then ``finish(x, out, xc, x2, q)`` on it (the
+    scratch free to reuse): a new array of ``x``'s shape."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty_like(flat)
+    n = max(1, min(_CHUNK, flat.size))
+    scratch = np.empty((3, n), dtype=np.float32)
+    for i in range(0, flat.size, n):
+        xi, oi = flat[i:i + n], out[i:i + n]
+        work = [w[:xi.size] for w in scratch]
+        _phi_chunk(xi, oi, *work)
+        finish(xi, oi, *work)
+    return out.reshape(x.shape)
+
+
+def _fast_erf(x: Array) -> bool:
+    """Whether ``x`` takes the in-place float32 path (float32 NumPy arrays)."""
+    return isinstance(x, np.ndarray) and x.dtype == np.float32
+
+
+def _normal_cdf(x: Array) -> Array:
+    """``Phi(x)`` of float32 or float64 ``x`` (:data:`normal_cdf` for every dtype)."""
+    if _fast_erf(x):
+        return _float32_chunks(x, lambda *_: None)
+    return 0.5 * (1 + erf(x * _INV_SQRT_2))
 
 
 def gelu(x: Array) -> Array:
@@ -58,15 +121,32 @@ def gelu_grad(x: Array) -> Array:
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _C * x * x)
 
 
+def _times_x(x: np.ndarray, out: np.ndarray, *_: np.ndarray) -> None:
+    out *= x
+
+
+def _plus_x_pdf(x: np.ndarray, out: np.ndarray, t: np.ndarray, *_: np.ndarray) -> None:
+    np.multiply(x, x, out=t)
+    t *= np.float32(-0.5)
+    np.exp(t, out=t)
+    t *= x
+    t *= np.float32(_INV_SQRT_2PI)
+    out += t
+
+
 def gelu_erf(x: Array) -> Array:
     """Exact GELU ``x Phi(x)``."""
-    return 0.5 * x * (1 + erf(x * _INV_SQRT_2))
+    if _fast_erf(x):
+        return _float32_chunks(x, _times_x)
+    return x * _normal_cdf(x)
 
 
 def gelu_erf_grad(x: Array) -> Array:
     """Derivative of :func:`gelu_erf`: ``Phi(x) + x phi(x)``."""
+    if _fast_erf(x):
+        return _float32_chunks(x, _plus_x_pdf)
     xp = backend_of(x).xp
-    return 0.5 * (1 + erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return _normal_cdf(x) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
 
 
 def relu(x: Array) -> Array:
@@ -89,6 +169,9 @@ def in_float32(fn: Activation) -> Activation:
         return fn(x)
     return wrapped
 
+
+normal_cdf = in_float32(_normal_cdf)
+"""``Phi(x) = 0.5 (1 + erf(x / sqrt 2))`` in ``x``'s dtype (see the module docstring)."""
 
 ACTIVATIONS: dict[str, tuple[Activation, Activation]] = {
     name: (in_float32(f), in_float32(df)) for name, (f, df) in {

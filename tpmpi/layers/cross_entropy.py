@@ -98,7 +98,7 @@ def local_sums(logits: Array, start: int, targets: Array, row_max: Array, *,
     xp = backend_of(logits).xp
     acc = accumulation_dtype(logits.dtype)
     n, rows = logits.shape
-    shifted = logits.astype(acc) - row_max[:, None]
+    shifted = xp.subtract(logits, row_max[:, None], dtype=acc)
     out = xp.zeros((3 if smoothing > 0 else 2, n), dtype=acc)
     if smoothing > 0:
         out[2] = shifted.sum(axis=1)
@@ -138,7 +138,7 @@ def logits_grad(logits: Array, start: int, targets: Array, row_max: Array, sums:
     xp = backend_of(logits).xp
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[1]
-    grad = logits.astype(acc) - row_max[:, None]
+    grad = xp.subtract(logits, row_max[:, None], dtype=acc)
     xp.exp(grad, out=grad)
     grad /= sums.exp[:, None]
     if smoothing > 0:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.arrays import Array
 from ..core.backend import backend_of
-from ..core.dropout import keep_scale
+from ..core.dropout import check_probability
 from ..core.dtypes import ACCUMULATION
 
 LN_EPS = 1e-5
@@ -41,16 +41,28 @@ class LayerNormSaved:
     has_bias: bool
 
 
+def _row_means(a: Array) -> Array:
+    """``a.mean(axis=-1, keepdims=True)`` as a matrix-vector product (one read, BLAS-fast)."""
+    xp = backend_of(a).xp
+    d = a.shape[-1]
+    return (xp.matmul(a, xp.ones(d, dtype=a.dtype)) / d)[..., None]
+
+
+def _row_dots(a: Array, b: Array) -> Array:
+    """``(a * b).mean(axis=-1, keepdims=True)`` without the product's temporary."""
+    return (backend_of(a).xp.einsum("...d,...d->...", a, b) / a.shape[-1])[..., None]
+
+
 def layer_norm(x: Array, weight: Array, bias: Optional[Array] = None,
                eps: float = LN_EPS) -> tuple[Array, LayerNormSaved]:
     """LayerNorm over the last axis: ``x (..., d)`` -> ``y (..., d)`` of ``x``'s dtype, with
     ``weight`` and ``bias`` (``(d,)``, bias optional). Local: no communication."""
+    xp = backend_of(x).xp
     acc = accumulation_dtype(x.dtype)
     xa = x.astype(acc, copy=False)
-    mean = xa.mean(axis=-1, keepdims=True)
-    centred = xa - mean
-    rstd = 1.0 / backend_of(x).xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
-    y = centred
+    mean = _row_means(xa)
+    y = xp.subtract(xa, mean)
+    rstd = 1.0 / xp.sqrt(_row_dots(y, y) + eps)
     y *= rstd
     y *= weight.astype(acc, copy=False)
     if bias is not None:
@@ -63,20 +75,23 @@ def layer_norm_backward(dy: Array, saved: LayerNormSaved
     """``(dx (..., d), dweight (d,), dbias (d,) or None)`` from ``dy (..., d)``. The parameter
     gradients are sums over this rank's rows only: when the rows are sharded (sequence
     parallelism) the layer sums them over the group."""
+    xp = backend_of(dy).xp
     acc = accumulation_dtype(saved.x.dtype)
     d = saved.x.shape[-1]
-    xhat = saved.x.astype(acc) - saved.mean
+    xhat = xp.subtract(saved.x.astype(acc, copy=False), saved.mean)
     xhat *= saved.rstd
     dya = dy.astype(acc, copy=False)
-    g = dya * saved.weight.astype(acc, copy=False)
-    dx = g - g.mean(axis=-1, keepdims=True)
-    g *= xhat
-    dx -= xhat * g.mean(axis=-1, keepdims=True)
-    dx *= saved.rstd
-    dweight = (dya * xhat).reshape(-1, d).sum(axis=0)
+    dweight = xp.einsum("nd,nd->d", dya.reshape(-1, d), xhat.reshape(-1, d))
     dbias = dya.reshape(-1, d).sum(axis=0) if saved.has_bias else None
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy * weight, in place on g
+    g = dya * saved.weight.astype(acc, copy=False)
+    g_mean, gx_mean = _row_means(g), _row_dots(g, xhat)
+    g -= g_mean
+    xhat *= gx_mean
+    g -= xhat
+    g *= saved.rstd
     wdt = saved.weight.dtype
-    return (dx.astype(saved.x.dtype, copy=False), dweight.astype(wdt, copy=False),
+    return (g.astype(saved.x.dtype, copy=False), dweight.astype(wdt, copy=False),
             None if dbias is None else dbias.astype(wdt, copy=False))
 
 
@@ -86,8 +101,11 @@ def dropout(x: Array, keep: Optional[Array], p: float) -> Array:
     same call on the incoming gradient."""
     if keep is None or p == 0.0:
         return x
+    check_probability(p, "p")
     acc = accumulation_dtype(x.dtype)
-    return (x.astype(acc, copy=False) * keep_scale(keep, p, acc)).astype(x.dtype, copy=False)
+    y = backend_of(x).xp.multiply(x, keep, dtype=acc)
+    y *= acc.type(1.0 / (1.0 - p))  # the scale of keep_scale, rounded as there
+    return y.astype(x.dtype, copy=False)
 
 
 def _check_ids(ids: Array) -> None:
