@@ -70,3 +70,23 @@ def test_schedule_lists_the_kv_sum_where_a_kv_head_is_shared():
                      "gather_dy": "allgather", "reduce_dx": "reduce_scatter"}
     assert not [s for s in ParallelAttention.schedule_for(2, 16, 64, 8, 1).steps()
                 if isinstance(s, Collective)]
+
+
+def test_half_precision_partials_are_summed_in_float32(grid, xb):
+    """float16: each of two heads' share of c_proj is +-80000 (beyond float16's 65504) and
+    they cancel; summed in float32 and rounded once, y is the bias, as the serial float16
+    product (float32 accumulation) gives -- partials rounded to float16 first would be inf."""
+    d, nh = 4, 2
+    v_rows = slice(2 * d, 3 * d)  # [Q | K | V] rows, hd = 2
+    c_attn_b = np.zeros(3 * d)
+    c_attn_b[v_rows] = 200.0  # every value vector is 200: the attention output is 200
+    c_proj_w = np.zeros((d, d))
+    c_proj_w[:, :2], c_proj_w[:, 2:] = 200.0, -200.0  # head 0's columns, head 1's
+    dense = {"c_attn.weight": np.zeros((3 * d, d)), "c_attn.bias": c_attn_b,
+             "c_proj.weight": c_proj_w, "c_proj.bias": np.full(d, 0.5)}
+    layer = ParallelAttention(d, nh, grid=grid, backend=xb, dtype="float16", dense=dense)
+    x = xb.asarray(np.ones((6, d), np.float16))
+    y = xb.to_host(layer.forward(x, 2, 3))
+    assert y.dtype == np.float16 and np.array_equal(y, np.full((6, d), 0.5, np.float16))
+    dx = xb.to_host(layer.backward(xb.asarray(np.ones((6, d), np.float16))))
+    assert dx.dtype == np.float16 and np.isfinite(dx).all()

@@ -100,6 +100,15 @@ class LocalWork:
         self.pending.settle()
         return out
 
+    def partial(self, a: Array, b: Array) -> Array:
+        """``a @ b`` as a partial sum that the ranks add up: float32 for 2-byte floats (each
+        rank's partial may exceed float16's range where the sum does not; the caller rounds
+        once, after the reduction), else of ``a``'s dtype (:meth:`product`)."""
+        out = None
+        if a.dtype.itemsize == 2 and a.dtype.name in HALF:
+            out = self.xp.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+        return self.product(a, b, out=out)
+
     def column_sums(self, a: Array, dtype: Any = None) -> Array:
         """:func:`column_sums` of ``a`` (a bias gradient), in ``dtype`` (default ``a``'s)."""
         with self.tap.product():

@@ -197,7 +197,8 @@ class ParallelAttention(Composite):
         v = qkv[:, nq + nkv:].reshape(batch, seq, s.n_kv, hd)
         y, core = causal_attention(q, k, v, s.kv_of_q, p=p, keep=keep)
         y2 = y.reshape(n, nq)
-        out = self.reduce_y(self.local.product(y2, self.c_proj.weight), n)
+        out = self.reduce_y(self.local.partial(y2, self.c_proj.weight), n).astype(y2.dtype,
+                                                                                  copy=False)
         if self.c_proj.bias is not None:
             out += self.c_proj.bias
         self._saved = (h, y2, core, batch)
@@ -224,14 +225,14 @@ class ParallelAttention(Composite):
         parts = [(dq.reshape(n, nq), slice(0, nq)), (dk.reshape(n, nkv), slice(nq, nq + nkv)),
                  (dv.reshape(n, nkv), slice(nq + nkv, nq + 2 * nkv))]
         w = self.c_attn.weight
-        dx = self.local.product(parts[0][0], w[:, parts[0][1]].T)
+        dx = self.local.partial(parts[0][0], w[:, parts[0][1]].T)  # float32 for 2-byte floats
         for grad, cols in parts[1:]:
-            dx += self.local.product(grad, w[:, cols].T)
+            dx += self.local.partial(grad, w[:, cols].T)
 
         def weight_grads() -> None:
             self._qkv_grads(h, parts, nq)
 
-        return self.reduce_dx.during(dx, weight_grads)
+        return self.reduce_dx.during(dx, weight_grads).astype(h.dtype, copy=False)
 
     def _qkv_grads(self, h: Array, parts: list[tuple[Array, slice]], nq: int) -> None:
         """Accumulate c_attn's gradients: Q columns directly, K and V columns after their sum

@@ -89,12 +89,12 @@ class VocabParallelLoss:
         dz = logits_grad(z, emb.start, targets, row_max, sums, emb.vocab_size,
                          scale=scale / count if count else 0.0,
                          label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
-        dx = self.local.product(dz, emb.weight)  # partial sums over the vocabulary blocks
+        dx = self.local.partial(dz, emb.weight)  # partial sums over the vocabulary blocks
 
         def weight_grad() -> None:
             emb.grad_weight += self.local.product(dz.T, full)
 
-        return self.reduce_dx.during(dx, weight_grad)
+        return self.reduce_dx.during(dx, weight_grad).astype(full.dtype, copy=False)
 
     def logits(self, x: Array, tokens: int) -> Array:
         """The full ``(tokens, V)`` logits on every rank [Allgather of the vocabulary blocks; of

@@ -57,7 +57,8 @@ from ..layers.vocab_loss import VocabParallelLoss
 from .config import GPTConfig, state_dict_shapes
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-_SAVED = ("_x", "_rows", "_pre", "_saved", "_keep", "_p", "_ids")  # what a forward keeps
+_SAVED = ("_x", "_rows", "_pre", "_saved", "_keep", "_p", "_ids", "_kept")  # what a forward keeps
+# (``_kept``: a layer's own copy of its input, which the next forward would overwrite in place)
 
 
 def _config(cfg: Any) -> GPTConfig:
@@ -295,6 +296,9 @@ class GPT(Composite):
         batch, seq = self._agree_batch("logits", idx, None)
         kept = [(m, {k: v for k, v in vars(m).items() if k in _SAVED}) for m in modules(self)]
         kept.append((self.lm_head, dict(vars(self.lm_head))))
+        for m, _ in kept:
+            if "_kept" in vars(m):
+                m._kept = None  # this forward copies its inputs into new arrays
         try:
             xf, _ = self._run(idx, self._drop(batch, seq, 0.0))
             out = self.lm_head.logits(xf, batch * seq)
