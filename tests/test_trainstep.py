@@ -1,5 +1,5 @@
 """tpmpi/studies/trainstep.py: the composition (the GPT's one schedule taken apart and put back
-together: without recomputation it is the builder's schedule step for step, recomputation
+together: without recomputation it is the model's schedule step for step, recomputation
 inserts the block's forward before its backward, blocks that differ are refused), the data
 parallelism it adds (buckets as DataParallel cuts them, Megatron's local DDP) priced by the one
 pricer against hand computations; FLOPs against Narayanan et al.'s formulas and the README's
@@ -38,7 +38,7 @@ class Stand:
 
 @pytest.mark.parametrize(("tp", "sp", "heads"), [(1, False, 4), (2, True, 4), (8, False, 3),
                                                  (4, True, 2)])
-def test_the_composition_is_the_builder_s_schedule(tp, sp, heads):
+def test_the_composition_is_the_model_s_schedule(tp, sp, heads):
     """Without recomputation the composed micro-batch is GPT_SCHEDULE's schedule step for step
     (uneven and zero-size shards included): the composition describes nothing of the block."""
     shape = GPTShape(3, 32 * heads, heads, 16, 100)

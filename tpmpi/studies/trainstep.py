@@ -50,7 +50,7 @@ shard), and one DP bucket. A configuration whose total exceeds the device's memo
 The block's schedule is described once, by :data:`GPT_SCHEDULE`; :func:`split_gpt` takes it
 apart by step name (block ``i``: ``transformer.h.<i>.``) and checks that every block lists the
 same steps, and :func:`micro_batch_schedule` puts it back together (without recomputation it is
-the builder's schedule, step for step: the tests check it).
+the model's schedule, step for step: the tests check it).
 """
 from __future__ import annotations
 
