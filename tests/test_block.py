@@ -66,3 +66,22 @@ def test_schedule_has_the_designs_collectives_per_block():
     sp = TransformerBlock.schedule_for(2, 16, 64, 8, 4, sequence_parallel=True, backward=True)
     ops = [s.op for s in sp.steps() if isinstance(s, Collective)]
     assert ops.count("reduce_scatter") == 4 and ops.count("allgather") == 5  # MLP re-gather
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("sp", [False, True])
+def test_saved_bytes_are_korthikanti_s_but_for_the_attention_core(tp, sp):
+    """Half precision with dropout. Korthikanti et al. 2022 (Table 2): s b h (10 + 24/t)
+    + 5 a s^2 b / t per block, s b h 34/t + 5 a s^2 b / t with sequence parallelism. The tpmpi
+    block keeps the same s b h terms, except that its attention keeps the gathered input under
+    sequence parallelism (2 s b h (1 - 1/t) more; the MLP gathers its input again in backward),
+    and its attention core keeps no s^2 terms (no probabilities; the dropout mask is drawn
+    again from its seed) but the float32 log-sum-exp of every query row: 4 a s b / t."""
+    s, b, h, a = 1024, 4, 4096, 32
+    block = TransformerBlock.schedule_for(b, s, h, a, tp, sequence_parallel=sp, dropout=True,
+                                          dtype="float16", backward=True)
+    korthikanti = s * b * h * (34 / tp if sp else 10 + 24 / tp) + 5 * a * s * s * b / tp
+    gathered_input = 2 * s * b * h * (1 - 1 / tp) if sp else 0
+    core = 4 * a * s * b / tp
+    assert block.saved_bytes == pytest.approx(korthikanti - 5 * a * s * s * b / tp
+                                              + gathered_input + core)

@@ -7,7 +7,7 @@ import pytest
 
 from tpmpi.studies.clusterplan import (explain_step, format_cluster_plan, parse_model,
                                        parse_sizes, plan_cluster, plan_records)
-from tpmpi.studies.gptblock import GPTShape
+from tpmpi.studies.gptshape import GPTShape
 
 MODEL_8B = "layers=42,hidden=4096,heads=32,seq=1024,vocab=51200"
 

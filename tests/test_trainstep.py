@@ -1,20 +1,25 @@
 """tpmpi/studies/trainstep.py: the composition (the GPT's one schedule taken apart and put back
-together: without recomputation it is the builder's schedule step for step, recomputation
+together: without recomputation it is the model's schedule step for step, recomputation
 inserts the block's forward before its backward, blocks that differ are refused), the data
 parallelism it adds (buckets as DataParallel cuts them, Megatron's local DDP) priced by the one
 pricer against hand computations; FLOPs against Narayanan et al.'s formulas and the README's
 own TFLOP/s column; recomputation, gradient accumulation, memory and its refusal; the record's
-contract fields."""
+contract fields. The GPT's schedule as the planner reads it: the products' FLOPs against the
+model's, every overlapped step present, gradients ready = parameters, uneven and zero-size
+shards, the collectives of sequence parallelism, what selective recomputation drops."""
 import dataclasses
 
 import pytest
 
-from tpmpi.core.schedule import GradsReady, Pointwise, Product, Schedule
+from tpmpi.core.schedule import Collective, GradsReady, Pointwise, Product, Schedule
+from tpmpi.layers.attention import ParallelAttention
+from tpmpi.models import GPT
 from tpmpi.studies.cluster import load_cluster
-from tpmpi.studies.gptblock import GPTShape
+from tpmpi.studies.gptshape import GPTShape
 from tpmpi.studies.pricing import price
-from tpmpi.studies.trainstep import (GPT_SCHEDULE, StepConfig, gpt_parts, micro_batch_schedule,
-                                     model_flops, predict_step, split_gpt, with_data_parallel)
+from tpmpi.studies.trainstep import (GPT_SCHEDULE, StepConfig, core_saved_bytes, gpt_parts,
+                                     micro_batch_schedule, model_flops, predict_step, recomputed,
+                                     split_gpt, with_data_parallel)
 
 
 class Stand:
@@ -33,7 +38,7 @@ class Stand:
 
 @pytest.mark.parametrize(("tp", "sp", "heads"), [(1, False, 4), (2, True, 4), (8, False, 3),
                                                  (4, True, 2)])
-def test_the_composition_is_the_builder_s_schedule(tp, sp, heads):
+def test_the_composition_is_the_model_s_schedule(tp, sp, heads):
     """Without recomputation the composed micro-batch is GPT_SCHEDULE's schedule step for step
     (uneven and zero-size shards included): the composition describes nothing of the block."""
     shape = GPTShape(3, 32 * heads, heads, 16, 100)
@@ -48,7 +53,7 @@ def test_recomputation_reruns_the_block_s_forward_before_its_backward():
     parts = gpt_parts(GPTShape(2, 64, 4, 16, 100), 1, 2, False, "float32")
     full = micro_batch_schedule(parts, "full")
     names = [getattr(s, "name", None) for s in full.backward]
-    first = names.index("transformer.h.1.recompute.ln_1")
+    first = names.index("transformer.h.1.recompute.ln_1.forward")
     assert names[first:first + len(parts.block.forward)] == [
         f"transformer.h.1.recompute.{s.name}" for s in parts.block.forward]
     assert names[first + len(parts.block.forward)] == "transformer.h.1." + \
@@ -56,14 +61,91 @@ def test_recomputation_reruns_the_block_s_forward_before_its_backward():
     sel = [n for n in (getattr(s, "name", "") for s in micro_batch_schedule(parts, "selective")
                        .backward) if ".recompute." in n]
     assert sel == [f"transformer.h.{i}.recompute.attn.{what}" for i in (1, 0)
-                   for what in ("scores", "softmax", "dropout", "context")]
+                   for what in ("scores", "softmax")]
+
+
+def test_the_planner_s_schedule_is_the_model_s():
+    assert GPT.schedule_for == GPT_SCHEDULE
+    cfg = GPTShape(2, 64, 4, 16, 100).config()
+    both = GPT_SCHEDULE(cfg, batch=2, seq=16, tp=2)
+    fwd = GPT_SCHEDULE(cfg, batch=2, seq=16, tp=2, backward=False)
+    assert fwd.forward == both.forward and fwd.backward == () and both.backward
+
+
+def test_selective_recomputation_reruns_what_forms_the_log_sum_exp_and_drops_it():
+    """tpmpi's attention core keeps no probabilities: selective recomputation reruns the scores
+    product and the softmax (forming the per-row log-sum-exp) and saves that float32 row
+    statistic, what the attention keeps beyond its input, q, k, v and context (3 heads on 2
+    ranks: 2 on the largest shard; grouped-query heads)."""
+    block = gpt_parts(GPTShape(1, 96, 3, 64, 1000, n_kv_head=3), 2, 2, False, "bfloat16").block
+    assert [step.name for step in recomputed(block, "selective")] == ["attn.scores",
+                                                                      "attn.softmax"]
+    assert recomputed(block, "full") == block.forward and recomputed(block, "none") == ()
+    b, s, h, e = 2, 64, 96, 2
+    for heads, kv, tp, big_q, big_kv in [(3, 3, 2, 2, 2), (8, 2, 4, 2, 1), (4, 4, 8, 1, 1)]:
+        attn = ParallelAttention.schedule_for(b, s, h, heads, tp, n_kv_head=kv, dropout=True,
+                                              dtype="bfloat16", backward=True)
+        hd = h // heads
+        rest = b * s * h * e + b * s * (2 * big_q + 2 * big_kv) * hd * e
+        lse = core_saved_bytes(GPTShape(1, h, heads, s, 1000, n_kv_head=kv), b, tp)
+        assert lse == b * big_q * s * 4 == attn.saved_bytes - rest
+
+
+@pytest.mark.parametrize(("tp", "kv"), [(1, 2), (2, 2), (4, None), (8, 8)])
+def test_products_are_the_model_s_flops_and_the_recomputed_scores(tp, kv):
+    """Forward and backward of every block and of the LM head, on every rank of an even
+    split: the model's FLOPs without recomputation (grouped-query heads included) and the
+    scores product that the attention's backward forms again (2 B s^2 h per block)."""
+    shape = GPTShape(3, 512, 8, 256, 4096, n_kv_head=kv)
+    sch = GPT_SCHEDULE(shape.config(), batch=2, seq=shape.seq, tp=tp, dtype="float32")
+    flops = sum(step.flops for step in sch.steps() if isinstance(step, Product))
+    again = shape.n_layer * 2.0 * 2 * shape.seq ** 2 * shape.n_embd
+    assert flops * tp == pytest.approx(model_flops(shape, 2, "none") + again)
+    assert model_flops(shape, 2, "selective") == pytest.approx(model_flops(shape, 2, "none")
+                                                               + again)
+
+
+@pytest.mark.parametrize(("heads", "tp", "sp"), [(15, 4, False), (2, 4, True), (3, 8, False),
+                                                 (3, 8, True)])
+def test_uneven_and_zero_size_shards_build_consistent_schedules(heads, tp, sp):
+    """More ranks than heads, heads not a multiple of tp: the largest shard's schedule; every
+    overlapped step exists in its phase, every TP collective has the group's size, the
+    gradients ready add up to the parameters, in each part and in the whole."""
+    shape = GPTShape(2, 64 * heads, heads, 128, 1000)
+    whole = GPT_SCHEDULE(shape.config(), batch=1, seq=128, tp=tp, sequence_parallel=sp,
+                         dtype="bfloat16")
+    for phase in (whole.forward, whole.backward):
+        names = {step.name for step in phase if not isinstance(step, GradsReady)}
+        for step in phase:
+            if isinstance(step, Collective):
+                assert set(step.during) <= names and step.size == tp
+    ready = sum(step.nbytes for step in whole.backward if isinstance(step, GradsReady))
+    assert ready == whole.param_bytes > 0
+    parts = gpt_parts(shape, 1, tp, sp, "bfloat16")
+    assert parts.embedding.param_bytes + 2 * parts.block.param_bytes + \
+        parts.head.param_bytes == whole.param_bytes
+    assert all(step.m >= 0 for step in parts.block.steps() if isinstance(step, Product))
+    if sp:  # nothing is final before the shares are summed
+        tail = [getattr(step, "name", "") for step in whole.backward].index(
+            "partial_grads.sum_shares")
+        assert all(isinstance(step, GradsReady) for step in whole.backward[tail + 1:])
+
+
+def test_sequence_parallelism_replaces_all_reduces_with_gathers_and_reduce_scatters():
+    shape = GPTShape(1, 256, 4, 64, 500)
+    ops = {step.op for step in gpt_parts(shape, 2, 4, True, "float16").block.steps()
+           if isinstance(step, Collective)}
+    assert ops == {"allgather", "reduce_scatter"}
+    ops = {step.op for step in gpt_parts(shape, 2, 4, False, "float16").block.steps()
+           if isinstance(step, Collective)}
+    assert ops == {"allreduce"}
 
 
 def test_blocks_that_differ_are_refused():
     shape = GPTShape(2, 64, 4, 16, 100)
     whole = GPT_SCHEDULE(shape.config(), batch=1, seq=16, tp=2)
     fwd = list(whole.forward)
-    i = next(i for i, s in enumerate(fwd) if s.name == "transformer.h.1.ln_1")
+    i = next(i for i, s in enumerate(fwd) if s.name == "transformer.h.1.ln_1.forward")
     fwd[i] = dataclasses.replace(fwd[i], nbytes=fwd[i].nbytes + 1)
     with pytest.raises(ValueError, match=r"block 1 does not run block 0's steps"):
         split_gpt(dataclasses.replace(whole, forward=tuple(fwd)), 2, 0)
@@ -106,7 +188,7 @@ def test_flops_are_narayanan_s(layers, hidden, heads):
     assert model_flops(shape, b, "none") == pytest.approx(
         72 * b * s * n * h * h * (1 + s / (6 * h) + v / (12 * n * h)))
     assert model_flops(shape, b, "selective") == pytest.approx(
-        model_flops(shape, b, "none") + 4 * b * s * s * h * n)
+        model_flops(shape, b, "none") + 2 * b * s * s * h * n)  # the scores product again
 
 
 @pytest.mark.parametrize(("layers", "hidden", "heads", "gpus", "batch", "ms", "tflops"), [
@@ -177,7 +259,7 @@ def test_the_record_has_the_contract_fields():
                 "mem_per_gpu_bytes"):
         assert isinstance(rec[key], (int, float)) and rec[key] > 0
     assert rec["mfu"] == pytest.approx(rec["tflops_per_gpu"] / 312)
-    assert {c["name"] for c in rec["collectives"]} >= {"attn.reduce_y", "mlp.gather_x",
+    assert {c["name"] for c in rec["collectives"]} >= {"attn.reduce_y", "mlp.fc1.gather_x",
                                                        "dp.grads"}
 
 

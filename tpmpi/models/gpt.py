@@ -44,7 +44,7 @@ from ..core.grid import ProcessGrid, default_grid
 from ..core.mappings import Operator
 from ..core.mesh import Mesh, mesh_of
 from ..core.partition import block_range
-from ..core.schedule import Collective, Pointwise, Schedule, Step, chain
+from ..core.schedule import Collective, GradsReady, Pointwise, Schedule, Step, chain
 from ..layers.block import DropoutCall, LayerNorm, TransformerBlock
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..layers.data_parallel import DataParallel
@@ -370,7 +370,15 @@ class GPT(Composite):
         position add and dropout, every block (:meth:`TransformerBlock.schedule_for`, prefixed
         ``transformer.h.<i>``), ln_f, the head and loss
         (:meth:`VocabParallelLoss.schedule_for`, prefixed ``lm_head``), and under sequence
-        parallelism the Allreduce of the gradient shares. No MPI, nothing built."""
+        parallelism the Allreduce of the gradient shares. Gradients are ready (``GradsReady``,
+        where data parallelism may start on them) after each layer's backward (the model
+        reports a block's together as the block's backward ends), the tied ``wte`` and
+        ``wpe`` last; under sequence parallelism every one after the shares' Allreduce.
+        ValueError naming a bad argument. No MPI, nothing built."""
+        for name, value in (("batch", batch), ("seq", seq), ("tp", tp)):
+            check_int(name, value, 1)
+        if seq > cfg.block_size:
+            raise ValueError(f"seq={seq}: expected at most block_size={cfg.block_size}")
         m, d = batch * seq, cfg.n_embd
         rows = -(-m // tp) if sequence_parallel else m
         act = nbytes((rows, d), dtype)
@@ -388,19 +396,27 @@ class GPT(Composite):
             backward=backward).prefixed(f"transformer.h.{i}") for i in range(cfg.n_layer)]
         ln = nbytes((d * (1 + int(cfg.bias)),), dtype)
         ln_f = Schedule((Pointwise("transformer.ln_f", 2 * act, dtype),),
-                        (Pointwise("transformer.ln_f.backward", 6 * act, dtype),)
-                        if backward else (), ln, act)
+                        (Pointwise("transformer.ln_f.backward", 6 * act, dtype),
+                         GradsReady(("transformer.ln_f.weight", "transformer.ln_f.bias"), ln,
+                                    dtype)) if backward else (), ln, act)
         head = VocabParallelLoss.schedule_for(m, cfg.vocab_size, d, tp,
                                               sequence_parallel=sequence_parallel, dtype=dtype,
                                               backward=backward).prefixed("lm_head")
         whole = chain([emb.prefixed("transformer.wte"), pos.prefixed("transformer.wpe"),
                        *blocks, ln_f, head])
-        if not (backward and sequence_parallel and tp > 1):
+        if not backward:
             return whole
+        # the tied wte (the head's dW and the lookup's scatter-add) and wpe are final last
+        tables = (GradsReady(("transformer.wpe.weight",), pos.param_bytes, dtype),
+                  GradsReady(("transformer.wte.weight",), emb.param_bytes, dtype))
+        if not (sequence_parallel and tp > 1):
+            return dataclasses.replace(whole, backward=whole.backward + tables)
+        # under sequence parallelism no gradient is final before the shares are summed
         shares = (2 * cfg.n_layer + 1) * ln + nbytes((cfg.block_size, d), dtype)
         tail = Collective("partial_grads.sum_shares", "allreduce", "tp", tp, shares, dtype)
-        return Schedule(whole.forward, whole.backward + (tail,), whole.param_bytes,
-                        whole.saved_bytes)
+        ready = tuple(s for s in whole.backward if isinstance(s, GradsReady)) + tables
+        rest = tuple(s for s in whole.backward if not isinstance(s, GradsReady))
+        return dataclasses.replace(whole, backward=rest + (tail,) + ready)
 
 
 def check_tokens(name: str, a: Any, vocab_size: int, block_size: int, xp: Any, *,

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 from ..core.args import check_int, parse_int
 from .cluster import Cluster, load_cluster, preset_names
-from .gptblock import GPTShape
+from .gptshape import GPTShape
 from .machine import Target, calibrated_cluster
 from .trainstep import StepConfig, StepPrediction, predict_step
 

@@ -23,16 +23,23 @@ rank's parameter shards (:data:`OPTIMIZERS`: bytes per parameter), after a TP al
 the gradient norm.
 
 Activation recomputation (Korthikanti et al. 2022): "none" keeps every block's saved bytes;
-"selective" drops the attention core's (probabilities, dropout mask and output: ``5 a s^2 b``
-bytes in half precision) and recomputes the core (the block's forward steps :data:`CORE`)
-before the block's backward; "full" keeps only each block's input and reruns
+"full" keeps only each block's input and reruns
 the whole block forward (its collectives included) before its backward, holding one block's
-activations at a time.
+activations at a time. "selective" recomputes the attention core, and the core of tpmpi's
+attention already does so: it keeps no ``s x s`` probabilities (nor dropout mask: the mask is
+drawn again from its seed) but, per query row, the float32 log-sum-exp of the scores, and its
+backward forms the scores again (``attn.scores.recompute``). What Korthikanti et al.'s selective
+recomputation drops (the probabilities, dropout mask and dropped probabilities, ``5 a s^2 b / t``
+bytes per block in half precision) is never kept; what is left to drop is the log-sum-exp
+(``4 a s b / t`` bytes, :func:`core_saved_bytes`), recomputed before the block's backward by the
+scores product and the softmax pass (the block's forward steps :data:`CORE`).
 
 FLOPs follow Narayanan et al. 2021: the products of the model, forward and backward (3x the
 forward), with the recomputed forward counted (their ``96 B s l h^2 (1 + s/6h + V/16lh)`` with
-full recomputation; ``72 ... (1 + s/6h + V/12lh)`` without; selective adds the attention core
-``4 B s^2 h`` per layer). ``tflops_per_gpu`` is those FLOPs over the iteration time and the
+full recomputation; ``72 ... (1 + s/6h + V/12lh)`` without; selective adds the scores product,
+``2 B s^2 h`` per layer). The scores product that tpmpi's attention backward reruns is not in
+this count (it is in the time): the convention counts the model's FLOPs, not the
+implementation's. ``tflops_per_gpu`` is those FLOPs over the iteration time and the
 GPUs, ``mfu`` that over the device's dense peak in the dtype.
 
 Memory per GPU: parameters and gradients (the dtype), the optimizer's state (float32 master
@@ -43,7 +50,7 @@ shard), and one DP bucket. A configuration whose total exceeds the device's memo
 The block's schedule is described once, by :data:`GPT_SCHEDULE`; :func:`split_gpt` takes it
 apart by step name (block ``i``: ``transformer.h.<i>.``) and checks that every block lists the
 same steps, and :func:`micro_batch_schedule` puts it back together (without recomputation it is
-the builder's schedule, step for step: the tests check it).
+the model's schedule, step for step: the tests check it).
 """
 from __future__ import annotations
 
@@ -58,21 +65,21 @@ from ..core.dtypes import resolve_dtype
 from ..core.partition import largest_block
 from ..core.schedule import Collective, GradsReady, Pointwise, Schedule, Step, chain
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
-from . import gptblock
-from .gptblock import GPTShape
+from ..core.heads import head_partition
+from ..models.gpt import GPT
+from .gptshape import GPTShape
 from .machine import ClusterMachine, Placement, Target, machine_for
 from .pricing import Breakdown, Machine, price
 
-GPT_SCHEDULE = gptblock.schedule_for
-"""The one description of the GPT's schedule, with the signature of
-``tpmpi.models.GPT.schedule_for`` (PROVISIONAL: the builder of :mod:`tpmpi.studies.gptblock`
-until the model's classmethod replaces it here)."""
+GPT_SCHEDULE = GPT.schedule_for
+"""The one description of the GPT's schedule: the model's own (``tpmpi.models.GPT``)."""
 
 RECOMPUTE = ("none", "selective", "full")
 DDP = ("overlap", "blocking", "megatron-local")
-CORE = ("attn.scores", "attn.softmax", "attn.dropout", "attn.context")
-"""The attention core's forward steps inside a block (what selective recomputation redoes), as
-``tpmpi.ParallelAttention.schedule_for`` names them."""
+CORE = ("attn.scores", "attn.softmax")
+"""The attention core's forward steps that form the per-row log-sum-exp it keeps (what
+selective recomputation redoes), as ``tpmpi.ParallelAttention.schedule_for`` names them inside a
+block."""
 HALF = ("float16", "bfloat16")
 OPTIMIZERS: dict[str, dict[str, tuple[int, int]]] = {
     "adam": {"half": (30, 12), "float32": (32, 8), "float64": (64, 16)},
@@ -214,10 +221,10 @@ def model_flops(shape: GPTShape, sequences: int, recompute: str) -> float:
     the recomputed forward counted (see the module docstring)."""
     h, s, kv = shape.n_embd, shape.seq, shape.kv_heads * shape.head_dim
     tokens = sequences * s
-    attention = 4.0 * sequences * s * s * h
+    attention = 4.0 * sequences * s * s * h     # scores and context
     layer = 2.0 * tokens * (h * (h + 2 * kv) + h * h + 8 * h * h) + attention
     logits = 2.0 * tokens * h * shape.vocab
-    extra = {"none": 0.0, "selective": attention, "full": layer}[recompute]
+    extra = {"none": 0.0, "selective": attention / 2, "full": layer}[recompute]
     return 3.0 * (shape.n_layer * layer + logits) + shape.n_layer * extra
 
 
@@ -253,15 +260,19 @@ def _relative(step: Step, prefix: str) -> Step:
     return dataclasses.replace(step, name=step.name[cut:])
 
 
-def _grads(steps: Iterable[Step]) -> int:
-    return sum(s.nbytes for s in steps if isinstance(s, GradsReady))
+def _grads(steps: Iterable[Step], prefix: str = "") -> int:
+    """Bytes of the gradients ready in ``steps`` (only those named ``prefix...``)."""
+    return sum(s.nbytes for s in steps if isinstance(s, GradsReady)
+               and s.names[0].startswith(prefix))
 
 
 def split_gpt(schedule: Schedule, n_layer: int, block_saved_bytes: int) -> GPTParts:
     """The parts of a GPT's ``schedule`` (:data:`GPT_SCHEDULE`) of ``n_layer`` blocks, block
     ``i`` being the steps named ``transformer.h.<i>.``; ``block_saved_bytes``: what one block
-    keeps for backward. ValueError when the blocks do not list the same steps or other steps
-    come between them."""
+    keeps for backward. A block's gradients may be ready after every block's backward (under
+    sequence parallelism, once the shares are summed): those ``GradsReady`` stay where they are,
+    in the embedding's backward, and count to the block's parameter bytes. ValueError when the
+    blocks do not list the same steps or other steps come between them."""
     def cut(steps: Sequence[Step], where: str) -> tuple[list[Step], list[list[Step]], list[Step]]:
         before: list[Step] = []
         blocks: dict[int, list[Step]] = {}
@@ -272,6 +283,9 @@ def split_gpt(schedule: Schedule, n_layer: int, block_saved_bytes: int) -> GPTPa
                 (after if blocks else before).append(step)
                 continue
             index = name[len(BLOCKS):].split(".", 1)[0]
+            if after and isinstance(step, GradsReady):
+                after.append(step)
+                continue
             if after:
                 raise ValueError(f"GPT schedule: {where} step {_name(after[0])!r} comes "
                                  f"between blocks")
@@ -289,11 +303,14 @@ def split_gpt(schedule: Schedule, n_layer: int, block_saved_bytes: int) -> GPTPa
     for i in range(1, n_layer):
         if blocks_f[i] != blocks_f[0] or blocks_b[i] != blocks_b[0]:
             raise ValueError(f"GPT schedule: block {i} does not run block 0's steps")
-    block = Schedule(tuple(blocks_f[0]), tuple(blocks_b[0]), _grads(blocks_b[0]),
+    late = [_grads(emb_b, f"{BLOCKS}{i}.") for i in range(n_layer)]
+    if late.count(late[0]) != n_layer:
+        raise ValueError(f"GPT schedule: the blocks' late gradients differ: {late}")
+    block = Schedule(tuple(blocks_f[0]), tuple(blocks_b[0]), _grads(blocks_b[0]) + late[0],
                      block_saved_bytes)
     rest = schedule.saved_bytes - n_layer * block_saved_bytes
-    return GPTParts(Schedule(tuple(emb_f), tuple(emb_b), _grads(emb_b), rest), block,
-                    Schedule(tuple(head_f), tuple(head_b), _grads(head_b), 0), n_layer)
+    return GPTParts(Schedule(tuple(emb_f), tuple(emb_b), _grads(emb_b) - sum(late), rest),
+                    block, Schedule(tuple(head_f), tuple(head_b), _grads(head_b), 0), n_layer)
 
 
 @functools.lru_cache(maxsize=64)
@@ -355,13 +372,12 @@ def with_data_parallel(schedule: Schedule, config: StepConfig) -> Schedule:
     return dataclasses.replace(schedule, backward=schedule.backward + local)
 
 
-def _core_saved_bytes(shape: GPTShape, config: StepConfig) -> int:
-    """What the attention core keeps per block (Korthikanti et al. 2022: the probabilities,
-    and with dropout its mask and the dropped probabilities): what selective recomputation
-    drops."""
-    e = resolve_dtype(config.dtype).itemsize
-    scores = config.micro_batch * largest_block(shape.n_head, config.tp) * shape.seq ** 2
-    return scores * (e + int(shape.dropout) * (1 + e))
+def core_saved_bytes(shape: GPTShape, micro_batch: int, tp: int) -> int:
+    """What tpmpi's attention core keeps per block on the rank with the most query heads: the
+    float32 log-sum-exp of each query row of its heads (``micro_batch x heads x seq``), what
+    selective recomputation drops (see the module docstring)."""
+    heads = max(s.n_q for s in head_partition(shape.n_head, shape.kv_heads, tp).shards)
+    return micro_batch * heads * shape.seq * 4
 
 
 def _memory(parts: GPTParts, shape: GPTShape, config: StepConfig) -> dict:
@@ -372,7 +388,8 @@ def _memory(parts: GPTParts, shape: GPTShape, config: StepConfig) -> dict:
     block, n = parts.block.saved_bytes, parts.n_layer
     rows = largest_block(config.micro_batch * shape.seq, config.tp) \
         if config.sequence_parallel else config.micro_batch * shape.seq
-    activations = {"none": n * block, "selective": n * (block - _core_saved_bytes(shape, config)),
+    lse = core_saved_bytes(shape, config.micro_batch, config.tp)
+    activations = {"none": n * block, "selective": n * (block - lse),
                    "full": n * rows * shape.n_embd * e + block}[config.recompute]
     return {"parameters": params, "gradients": params,
             "optimizer": params // e * config.optimizer_bytes[1],

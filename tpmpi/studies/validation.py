@@ -26,7 +26,7 @@ from typing import Any, Optional
 from ..layers.data_parallel import BUCKET_BYTES
 from .cluster import load_cluster
 from .costmodel import layout_label, schedule_of
-from .gptblock import GPTShape
+from .gptshape import GPTShape
 from .machine import Placement, Target, machine_for
 from .pricing import price
 from .problem import RecordedRun

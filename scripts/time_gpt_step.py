@@ -1,0 +1,69 @@
+"""Time one TransformerBlock and one GPT training step (forward + backward) on the ranks of
+COMM_WORLD as one TP group, with :func:`tpmpi.studies.timing.time_calls`, and write the median
+and best seconds with the load they ran under (JSON, rank 0). The measurements the CPU preset of
+a ``calibrate`` file is checked against (docs/planning.md, "The CPU preset against this
+machine"). Run with one BLAS thread per rank: ``TPMPI_THREADS=1 mpiexec -n 4 python
+scripts/time_gpt_step.py --layers 2 --hidden 256 --heads 8 --seq 128 --batch 4 --json out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional
+from collections.abc import Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from tpmpi.core.backend import get_backend
+from tpmpi.core.grid import ProcessGrid
+from tpmpi.core.threads import configure_blas_threads
+from tpmpi.layers.block import DropoutCall, TransformerBlock
+from tpmpi.models import GPT, GPTConfig
+from tpmpi.studies.timing import time_calls
+
+
+def main(argv: Optional[Sequence[str]] = None, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
+    """Time the block and the GPT on ``comm`` as one TP group; the record (on every rank, the
+    file written by rank 0). Collective."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("layers", 2), ("hidden", 256), ("heads", 8), ("seq", 128),
+                          ("batch", 4), ("vocab", 4096), ("iters", 7), ("warmup", 2)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--json", required=True, help="file to append one JSON record to")
+    a = p.parse_args(argv)
+    configure_blas_threads(comm)
+    cfg = GPTConfig(a.vocab, a.seq, a.layers, a.heads, a.hidden, dropout=0.0)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, a.vocab, (a.batch, a.seq))
+    x = rng.standard_normal((a.batch * a.seq, a.hidden)).astype(np.float32)
+    with ProcessGrid(comm) as grid:
+        model = GPT(cfg, grid=grid, dtype="float32", backend="numpy")
+        block = TransformerBlock(a.hidden, a.heads, None, layer=0, grid=grid,
+                                 backend=get_backend("numpy"), dtype="float32")
+        drop = DropoutCall(0.0, 0, 0, a.seq, 0, (0, a.batch * a.seq), a.hidden)
+
+        def gpt_step() -> Any:
+            model.forward(idx, idx)
+            model.backward()
+
+        def block_step() -> Any:
+            y = block.forward(x.copy(), a.batch, drop)
+            return block.backward(np.ones_like(y))
+
+        load = os.getloadavg()[0]
+        times = time_calls([block_step, gpt_step], comm, iters=a.iters, warmup=a.warmup)
+        load_after = os.getloadavg()[0]
+    rec = {"tp": comm.Get_size(), **vars(a), "load": [load, load_after], "cpus": os.cpu_count()}
+    for row, what in zip(times, ("block", "gpt")):
+        rec[f"{what}_median_s"], rec[f"{what}_best_s"] = float(np.median(row)), float(row.min())
+    if comm.Get_rank() == 0:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec))
+    return rec
+
+
+if __name__ == "__main__":
+    main()
