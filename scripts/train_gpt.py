@@ -57,7 +57,6 @@ from tpmpi.core.args import int_flag
 from tpmpi.core.dtypes import SUPPORTED
 from tpmpi.core.launch import Parser, parse_args, usage
 from tpmpi.models import GPT, GPTConfig
-from tpmpi.studies.peak import gemm_peak
 from tpmpi.studies.record import write_record
 
 EPILOG = """\
@@ -97,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key/value heads (default n-head)")
     p.add_argument("--n-embd", type=int_flag(1), default=64, help="model width d (64)")
     p.add_argument("--block-size", type=int_flag(1), default=64, help="context T (64)")
-    p.add_argument("--batch", type=int_flag(1), default=16,
-                   help="global batch in sequences, a multiple of --dp (16)")
-    p.add_argument("--steps", type=int_flag(1), default=400, help="optimizer steps (400)")
+    p.add_argument("--batch", type=int_flag(1), default=32,
+                   help="global batch in sequences, a multiple of --dp (32)")
+    p.add_argument("--steps", type=int_flag(1), default=300, help="optimizer steps (300)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     p.add_argument("--warmup", type=int_flag(0), default=20, help="warmup steps (20)")
     p.add_argument("--decay-steps", type=int_flag(1), default=None,
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="characters generated at the end (240)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
     p.add_argument("--peak-size", type=int_flag(1), default=512,
-                   help="n of the n x n GEMM that measures the machine's rate at start (512)")
+                   help="n of the n x n GEMMs that measure the machine's rate at start (512)")
     p.add_argument("--check", action="store_true",
                    help="train the serial float64 model beside it (rank 0) and compare")
     p.add_argument("--json", metavar="FILE", default=None,
@@ -276,6 +275,24 @@ def model_flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
+def machine_rate(comm: MPI.Comm, model: GPT, n: int, reps: int = 4) -> float:
+    """GFLOP/s of the whole machine: every rank multiplies ``n x n`` matrices in the model's
+    dtype at the same time (its BLAS threads as configured), ``reps`` products after one
+    warmup, between barriers; the FLOPs of all ranks over the slowest rank's wall time (the
+    rate the ranks get together, not one rank's alone). Collective."""
+    backend = model.backend
+    a = tpmpi.init_weight((n, n), 1, model.dtype, backend=backend, bound=1.0)
+    out = backend.xp.matmul(a, a)
+    backend.synchronize()
+    comm.Barrier()
+    began = MPI.Wtime()
+    for _ in range(reps):
+        backend.xp.matmul(a, a, out=out)
+    backend.synchronize()
+    comm.Barrier()
+    return comm.Get_size() * reps * 2.0 * n ** 3 / (MPI.Wtime() - began) / 1e9
+
+
 def sample(model: GPT, text: Text, args: Any, comm: MPI.Comm) -> str:
     """``--sample-chars`` characters after a newline, each drawn at ``--temperature`` from the
     gathered logits of the last ``block_size`` characters with a generator seeded by
@@ -376,8 +393,7 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
 
     n_params = sum(v.size for k, v in model.state_dict().items() if k != "lm_head.weight")
     per_token = model_flops_per_token(cfg, n_params)
-    peak = comm.allreduce(gemm_peak(model.backend, args.peak_size, args.dtype, warmup=1,
-                                    iters=3))
+    peak = machine_rate(comm, model, args.peak_size)
     B = args.batch // args.dp
     rows = slice(mesh.dp_rank * B, (mesh.dp_rank + 1) * B)
     vals = val_batches(text, args)
