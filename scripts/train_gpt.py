@@ -41,6 +41,7 @@ sub-communicators) and returns the curves and the sample.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -157,6 +158,12 @@ class Text:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+
+@functools.lru_cache(maxsize=1)
+def corpus() -> Text:
+    """The corpus, read once per process."""
+    return Text()
 
 
 def windows(ids: np.ndarray, rows: int, seq: int, rng: np.random.Generator
@@ -363,14 +370,14 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
                 raise ValueError(f"--{name.replace('_', '-')}={value}: expected a "
                                  f"{'positive' if name in ('lr', 'temperature') else 'non-negative'}"
                                  " finite number")
-        GPTConfig(len(Text().chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
+        GPTConfig(len(corpus().chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
                   n_kv_head=args.n_kv_head, dropout=args.dropout)
 
     with usage():
         agree_checks(comm, local_checks)
     say = (lambda *a: None) if args.quiet or rank else print
     tpmpi.configure_blas_threads(comm)
-    text = Text()
+    text = corpus()
     cfg = GPTConfig(len(text.chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
                     n_kv_head=args.n_kv_head, dropout=args.dropout)
     mesh = tpmpi.Mesh(comm, dp=args.dp, tp=args.tp)
