@@ -52,11 +52,13 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
+from tpmpi.checkpoint.params import state_by_piece
 from tpmpi.core import launch
 from tpmpi.core.agreement import agree_checks
 from tpmpi.core.args import int_flag
 from tpmpi.core.dtypes import SUPPORTED
 from tpmpi.core.launch import Parser, parse_args, usage
+from tpmpi.layers.module import named_layers
 from tpmpi.models import GPT, GPTConfig
 from tpmpi.studies.record import write_record
 
@@ -213,16 +215,18 @@ class AdamW:
 
     def __init__(self, model: GPT, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8) -> None:
-        self.params = list(model.parameters())
+        self.model, self.params = model, list(model.parameters())
         self.weight_decay, self.betas, self.eps, self.t = weight_decay, betas, eps, 0
         self.m = [p * 0 for _, p, _ in self.params]
         self.v = [p * 0 for _, p, _ in self.params]
 
     def state_arrays(self) -> dict[str, dict[str, Any]]:
         """``{"adamw.m": {name: m}, "adamw.v": {name: v}}``, as :func:`tpmpi.save_checkpoint`
-        and ``load_checkpoint`` take the state (sharded like the parameters)."""
+        and ``load_checkpoint`` take the state (sharded like the parameters; the pieces of a
+        parameter saved in pieces are views of its moments)."""
         names = [n for n, _, _ in self.params]
-        return {"adamw.m": dict(zip(names, self.m)), "adamw.v": dict(zip(names, self.v))}
+        return state_by_piece(named_layers(self.model), {"adamw.m": dict(zip(names, self.m)),
+                                                        "adamw.v": dict(zip(names, self.v))})
 
     def step(self, lr: float, grad_scale: float) -> None:
         """One update with learning rate ``lr`` of the gradients times ``grad_scale``."""
@@ -355,10 +359,11 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     args = parse_args(build_parser(), argv, comm)
 
     def local_checks() -> None:
-        tp = args.tp if args.tp is not None else nranks // args.dp
-        if args.dp * tp != nranks:
-            raise ValueError(f"--dp {args.dp} x --tp {tp}: expected dp * tp = the {nranks} "
-                             "ranks")
+        if args.tp is None and nranks % args.dp:
+            raise ValueError(f"--dp={args.dp}: expected a divisor of the {nranks} ranks")
+        if args.tp is not None and args.dp * args.tp != nranks:
+            raise ValueError(f"--dp {args.dp} x --tp {args.tp}: expected dp * tp = the "
+                             f"{nranks} ranks")
         if args.batch % args.dp:
             raise ValueError(f"--batch={args.batch}: expected a multiple of --dp={args.dp} "
                              "(every replica takes batch / dp rows of the global batch)")

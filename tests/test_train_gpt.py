@@ -112,12 +112,13 @@ def test_bad_flags_are_usage_errors_on_every_rank(world):
     def code(extra):
         return launch.exit_code(lambda: train_gpt.main(TINY + extra, comm), comm, "train_gpt.py")
 
-    cases = [(["--dp", "3"], rf"--dp 3 x --tp {world.size // 3}: expected dp \* tp"),
+    cases = [(["--dp", "5"], f"--dp=5: expected a divisor of the {world.size} ranks"),
+             (["--tp", "5"], rf"--dp 1 x --tp 5: expected dp \* tp = the {world.size} ranks"),
              (["--n-embd", "6", "--n-head", "4"], "n_embd=6: expected a multiple of n_head=4"),
              (["--lr", "0"], "--lr=0.0: expected a positive finite number"),
              (["--dropout", "1.5"], "1.5"),
              (["--steps", "x"], "argument --steps")]
-    if world.size >= 2:
+    if world.size % 2 == 0:
         cases.append((["--dp", "2", "--batch", "3"], "--batch=3: expected a multiple of --dp=2"))
     for extra, match in cases:
         all_ranks_raise(comm, lambda: train_gpt.main(TINY + extra, comm), match)
