@@ -41,6 +41,7 @@ sub-communicators) and returns the curves and the sample.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -348,6 +349,182 @@ def _fmt(x: Optional[float]) -> str:
 # ---------------------------------------------------------------- main
 
 
+def check_flags(args: Any, nranks: int) -> None:
+    """ValueError naming the first flag that cannot work on ``nranks`` ranks. Local."""
+    if args.tp is None and nranks % args.dp:
+        raise ValueError(f"--dp={args.dp}: expected a divisor of the {nranks} ranks")
+    if args.tp is not None and args.dp * args.tp != nranks:
+        raise ValueError(f"--dp {args.dp} x --tp {args.tp}: expected dp * tp = the {nranks} "
+                         "ranks")
+    if args.batch % args.dp:
+        raise ValueError(f"--batch={args.batch}: expected a multiple of --dp={args.dp} (every "
+                         "replica takes batch / dp rows of the global batch)")
+    for name in ("lr", "temperature", "weight_decay", "grad_clip"):
+        value, positive = getattr(args, name), name in ("lr", "temperature")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"--{name.replace('_', '-')}={value}: expected a "
+                             f"{'positive' if positive else 'non-negative'} finite number")
+    GPTConfig(len(corpus().chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
+              n_kv_head=args.n_kv_head, dropout=args.dropout)
+
+
+class Run:
+    """One training run on ``comm``: the mesh, the model and its trainer, the serial reference
+    (rank 0 with --check), the data; :meth:`train` runs the steps, :meth:`finish` the end.
+    Collective."""
+
+    def __init__(self, args: Any, comm: MPI.Comm) -> None:
+        self.args, self.comm, self.rank = args, comm, comm.Get_rank()
+        self.say = (lambda *a: None) if args.quiet or self.rank else print
+        self.text = corpus()
+        self.cfg = GPTConfig(len(self.text.chars), args.block_size, args.n_layer, args.n_head,
+                             args.n_embd, n_kv_head=args.n_kv_head, dropout=args.dropout)
+        self.mesh = tpmpi.Mesh(comm, dp=args.dp, tp=args.tp)
+        self.model = GPT(self.cfg, mesh=self.mesh, sequence_parallel=args.sequence_parallel,
+                         dtype=args.dtype, seed=args.seed, backend=args.backend)
+        self.trainer = Trainer(self.model, args, 0)
+        saved: dict = {}
+        if args.resume:
+            with usage():  # a checkpoint that does not fit the flags is a usage error too
+                saved = _resume(args, self.model, self.trainer.opt)
+        self.start = saved.get("step", 0)
+        self.decay = args.decay_steps or saved.get("decay_steps") or self.start + args.steps
+        self.trainer.decay_steps = self.decay
+        self.serial: Optional[Trainer] = None
+        if args.check and self.rank == 0:
+            self.serial = Trainer(GPT(self.cfg, grid=tpmpi.ProcessGrid(MPI.COMM_SELF, (1, 1)),
+                                      dtype="float64", seed=args.seed, backend="numpy"),
+                                  args, self.decay)
+            for step in range(self.start):  # a resumed run's reference replays what it missed
+                self.serial.step(step, *train_batch(self.text, args, step))
+        self.n_params = sum(v.size for k, v in self.model.state_dict().items()
+                            if k != "lm_head.weight")
+        self.per_token = model_flops_per_token(self.cfg, self.n_params)
+        self.peak = machine_rate(comm, self.model, args.peak_size)
+        rows = args.batch // args.dp
+        self.rows = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
+        self.vals = val_batches(self.text, args)
+        self.layout = dict(dp=args.dp, tp=self.mesh.tp.size,
+                           sequence_parallel=args.sequence_parallel, dtype=args.dtype,
+                           seed=args.seed, dropout=args.dropout, params=self.n_params)
+        self.losses: list[float] = []
+        self.reference: list[float] = []
+        self.diffs: list[float] = []
+        self.val: Optional[float] = None
+        self.busy = self.total_busy = 0.0
+        self.done = self.total_done = 0
+
+    def validate(self) -> tuple[float, Optional[float]]:
+        """The validation loss (nats/char) over the fixed batches, each replica its rows, and
+        the reference's on rank 0 with --check. Collective."""
+        count = self.args.eval_batches * self.args.batch * self.args.block_size
+        mine = sum(self.trainer.nll_sum(x[self.rows], y[self.rows]) for x, y in self.vals)
+        ref = sum(self.serial.nll_sum(x, y) for x, y in self.vals) / count \
+            if self.serial else None
+        return self.mesh.dp_comm.allreduce(mine) / count, ref
+
+    def header(self) -> None:
+        args, cfg = self.args, self.cfg
+        if args.resume:
+            self.say(f"resumed from {args.resume} at step {self.start} (dropout call "
+                     f"{self.model.calls})")
+        sp = " with sequence parallelism" if args.sequence_parallel else ""
+        self.say(f"train_gpt: P={self.comm.Get_size()} as dp x tp = {args.dp} x "
+                 f"{self.mesh.tp.size}{sp}, {args.dtype} on {self.model.backend.name}; GPT "
+                 f"{cfg.n_layer} layers, "
+                 f"{cfg.n_head} heads, d={cfg.n_embd}, T={cfg.block_size}, vocab "
+                 f"{cfg.vocab_size} ({self.n_params:,} parameters), dropout {cfg.dropout}; "
+                 f"batch {args.batch} ({args.batch // args.dp} per replica), AdamW lr "
+                 f"{args.lr} (warmup {args.warmup}, cosine to step {self.decay}), clip "
+                 f"{args.grad_clip}")
+        self.say(f"text: pydoc_data.topics, {len(self.text.train):,} training / "
+                 f"{len(self.text.val):,} validation characters; unigram entropy "
+                 f"{self.text.entropy:.3f} nats/char (the loss of a model that ignores context); "
+                 f"machine GEMM rate {self.peak:.1f} GFLOP/s over {self.comm.Get_size()} ranks "
+                 f"({args.dtype}, n={args.peak_size})")
+        self.say(f"{'step':>5} {'train loss':>11} {'serial':>11} {'rel diff':>9} "
+                 f"{'val loss':>9} {'tokens/s':>9} {'MFU':>6} {'lr':>8} {'grad norm':>9}")
+
+    def train(self, out: Optional[Any]) -> None:
+        """The steps, each on the global batch of its step (this replica's rows); the log lines
+        and records every --log-every steps, at a validation and at the last step."""
+        args = self.args
+        for step in range(self.start, self.start + args.steps):
+            idx, targets = train_batch(self.text, args, step)
+            self.comm.Barrier()  # the step's time is this layout's, not rank 0's reference
+            began = time.perf_counter()
+            loss, norm = self.trainer.step(step, idx[self.rows], targets[self.rows])
+            self.busy += time.perf_counter() - began
+            self.done += 1
+            self.losses.append(self.mesh.dp_comm.allreduce(loss) / args.dp)
+            rec: dict = dict(kind="train_gpt", step=step, train_loss=self.losses[-1])
+            if self.serial is not None:
+                rec["serial_loss"] = self.serial.step(step, idx, targets)[0]
+                self.reference.append(rec["serial_loss"])
+                self.diffs.append(abs(self.losses[-1] - rec["serial_loss"])
+                                  / abs(rec["serial_loss"]))
+            self.val = None
+            if (step + 1) % args.eval_every == 0 or step == self.start + args.steps - 1:
+                self.val, val_ref = self.validate()
+                rec["val_loss"] = self.val
+                if val_ref is not None:
+                    rec["serial_val_loss"] = val_ref
+                    self.diffs.append(abs(self.val - val_ref) / abs(val_ref))
+            if step % args.log_every == 0 or "val_loss" in rec:
+                self.log(rec, step, norm, out)
+
+    def log(self, rec: dict, step: int, norm: float, out: Optional[Any]) -> None:
+        """Print one line and append one record: the throughput since the last one (the
+        slowest rank's step time, barriers excluded). Collective."""
+        busy = self.comm.allreduce(self.busy, op=MPI.MAX)
+        self.total_busy, self.total_done = self.total_busy + busy, self.total_done + self.done
+        tps = self.args.batch * self.args.block_size * self.done / busy
+        lr = learning_rate(self.args, step, self.decay)
+        rec.update(tokens_per_s=tps, mfu=tps * self.per_token / (self.peak * 1e9), lr=lr,
+                   grad_norm=norm, **self.layout)
+        diff = f"{self.diffs[-1]:.1e}" if "serial_loss" in rec else "-"
+        self.say(f"{step:5d} {rec['train_loss']:11.5f} {_fmt(rec.get('serial_loss')):>11} "
+                 f"{diff:>9} {_fmt(rec.get('val_loss')):>9} {tps:9.0f} {rec['mfu']:6.1%} "
+                 f"{lr:8.2e} {norm:9.3f}")
+        write_record(rec, out)
+        self.busy, self.done = 0.0, 0
+
+    def finish(self, out: Optional[Any]) -> dict:
+        """The summary, --check's verdict, --save, the sample and the last record."""
+        args = self.args
+        tokens_per_s = args.batch * args.block_size * self.total_done / self.total_busy
+        mfu = tokens_per_s * self.per_token / (self.peak * 1e9)
+        self.say(f"validation loss {_fmt(self.val)} nats/char against the unigram entropy "
+                 f"{self.text.entropy:.3f}; {tokens_per_s:,.0f} tokens/s, model FLOP "
+                 f"utilisation {mfu:.1%} of {self.peak:.1f} GFLOP/s")
+        worst = self.comm.bcast(max(self.diffs) if self.diffs else None, root=0)
+        tol = CHECK_TOL.get(args.dtype, 5e-2)
+        agree = worst is None or worst <= tol
+        if worst is not None:
+            self.say(f"--check: worst relative difference from the serial float64 run over "
+                     f"{len(self.reference)} training losses and the validation losses "
+                     f"{worst:.1e} (tolerance {tol:.0e} for {args.dtype}): "
+                     f"{'agree' if agree else 'DISAGREE'}")
+        end = self.start + args.steps
+        if args.save:
+            tpmpi.save_checkpoint(args.save, self.model, state=self.trainer.opt.state_arrays(),
+                                  meta={"train_gpt": {
+                                      "step": end, "calls": self.model.calls,
+                                      "t": self.trainer.opt.t, "decay_steps": self.decay,
+                                      **{k: getattr(args, k) for k in RESUMED}}})
+            self.say(f"saved model, AdamW state and step {end} to {args.save}")
+        generated = sample(self.model, self.text, args, self.comm)
+        self.say(f"sample (seed {args.seed}, temperature {args.temperature}):\n{generated}")
+        write_record(dict(kind="train_gpt", step=end, sample=generated, val_loss=self.val,
+                          unigram_entropy=self.text.entropy, tokens_per_s=tokens_per_s,
+                          mfu=mfu, gemm_gflops=self.peak, **self.layout), out)
+        self.mesh.free()
+        return {"steps": list(range(self.start, end)), "losses": self.losses,
+                "serial": self.reference if self.serial else None, "val_loss": self.val,
+                "max_rel_diff": worst, "agree": agree, "sample": generated,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "unigram_entropy": self.text.entropy}
+
+
 def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) -> dict:
     """Train; returns ``{"steps", "losses", "serial", "val_loss", "max_rel_diff", "agree",
     "sample", "tokens_per_s", "mfu", "unigram_entropy"}`` (``losses``: the global training loss
@@ -355,160 +532,17 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
     Collective over ``comm`` (default COMM_WORLD); bad arguments raise the same ValueError on
     every rank."""
     comm = comm if comm is not None else MPI.COMM_WORLD
-    rank, nranks = comm.Get_rank(), comm.Get_size()
     args = parse_args(build_parser(), argv, comm)
-
-    def local_checks() -> None:
-        if args.tp is None and nranks % args.dp:
-            raise ValueError(f"--dp={args.dp}: expected a divisor of the {nranks} ranks")
-        if args.tp is not None and args.dp * args.tp != nranks:
-            raise ValueError(f"--dp {args.dp} x --tp {args.tp}: expected dp * tp = the "
-                             f"{nranks} ranks")
-        if args.batch % args.dp:
-            raise ValueError(f"--batch={args.batch}: expected a multiple of --dp={args.dp} "
-                             "(every replica takes batch / dp rows of the global batch)")
-        for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None),
-                                ("grad_clip", 0.0, None), ("temperature", 0.0, None)):
-            value = getattr(args, name)
-            if not (math.isfinite(value) and value >= low) or (name in ("lr", "temperature")
-                                                               and value == 0):
-                raise ValueError(f"--{name.replace('_', '-')}={value}: expected a "
-                                 f"{'positive' if name in ('lr', 'temperature') else 'non-negative'}"
-                                 " finite number")
-        GPTConfig(len(corpus().chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
-                  n_kv_head=args.n_kv_head, dropout=args.dropout)
-
     with usage():
-        agree_checks(comm, local_checks)
-    say = (lambda *a: None) if args.quiet or rank else print
+        agree_checks(comm, lambda: check_flags(args, comm.Get_size()))
     tpmpi.configure_blas_threads(comm)
-    text = corpus()
-    cfg = GPTConfig(len(text.chars), args.block_size, args.n_layer, args.n_head, args.n_embd,
-                    n_kv_head=args.n_kv_head, dropout=args.dropout)
-    mesh = tpmpi.Mesh(comm, dp=args.dp, tp=args.tp)
-    model = GPT(cfg, mesh=mesh, sequence_parallel=args.sequence_parallel, dtype=args.dtype,
-                seed=args.seed, backend=args.backend)
-    trainer = Trainer(model, args, 0)
-    saved: dict = {}
-    if args.resume:
-        with usage():  # a checkpoint that does not fit the flags is a usage error too
-            saved = _resume(args, model, trainer.opt)
-    start = saved.get("step", 0)
-    decay = args.decay_steps or saved.get("decay_steps") or start + args.steps
-    trainer.decay_steps = decay
-    serial = None
-    if args.check and rank == 0:
-        serial = Trainer(GPT(cfg, grid=tpmpi.ProcessGrid(MPI.COMM_SELF, (1, 1)),
-                             dtype="float64", seed=args.seed, backend="numpy"), args, decay)
-        for step in range(start):  # a resumed run's reference replays the steps it missed
-            serial.step(step, *train_batch(text, args, step))
-
-    n_params = sum(v.size for k, v in model.state_dict().items() if k != "lm_head.weight")
-    per_token = model_flops_per_token(cfg, n_params)
-    peak = machine_rate(comm, model, args.peak_size)
-    B = args.batch // args.dp
-    rows = slice(mesh.dp_rank * B, (mesh.dp_rank + 1) * B)
-    vals = val_batches(text, args)
-    out = open(args.json, "a") if args.json and rank == 0 else None
-    layout = dict(dp=args.dp, tp=mesh.tp.size, sequence_parallel=args.sequence_parallel,
-                  dtype=args.dtype, seed=args.seed, dropout=args.dropout, params=n_params)
-
-    def validate() -> tuple[float, Optional[float]]:
-        mine = sum(trainer.nll_sum(x[rows], y[rows]) for x, y in vals)
-        count = args.eval_batches * args.batch * args.block_size
-        ref = sum(serial.nll_sum(x, y) for x, y in vals) / count if serial else None
-        return mesh.dp_comm.allreduce(mine) / count, ref
-
-    if args.resume:
-        say(f"resumed from {args.resume} at step {start} (dropout call {model.calls})")
-    say(f"train_gpt: P={nranks} as dp x tp = {args.dp} x {mesh.tp.size}"
-        f"{' with sequence parallelism' if args.sequence_parallel else ''}, {args.dtype} on "
-        f"{model.backend.name}; GPT {cfg.n_layer} layers, {cfg.n_head} heads, d={cfg.n_embd}, "
-        f"T={cfg.block_size}, vocab {cfg.vocab_size} ({n_params:,} parameters), dropout "
-        f"{cfg.dropout}; batch {args.batch} ({B} per replica), AdamW lr {args.lr} (warmup "
-        f"{args.warmup}, cosine to step {decay}), clip {args.grad_clip}")
-    say(f"text: pydoc_data.topics, {len(text.train):,} training / {len(text.val):,} validation "
-        f"characters; unigram entropy {text.entropy:.3f} nats/char (loss of a model that "
-        f"ignores context); machine GEMM rate {peak:.1f} GFLOP/s over {nranks} ranks "
-        f"({args.dtype}, n={args.peak_size})")
-    say(f"{'step':>5} {'train loss':>11} {'serial':>11} {'rel diff':>9} {'val loss':>9} "
-        f"{'tokens/s':>9} {'MFU':>6} {'lr':>8} {'grad norm':>9}")
-    losses: list[float] = []
-    reference: list[float] = []
-    diffs: list[float] = []
-    busy, done = 0.0, 0
-    total_busy, total_done = 0.0, 0
-    tokens = args.batch * args.block_size
-    tps = mfu = 0.0
-    val: Optional[float] = None
-    for step in range(start, start + args.steps):
-        idx, targets = train_batch(text, args, step)
-        comm.Barrier()  # the step's time is this layout's, not rank 0's reference
-        began = time.perf_counter()
-        loss, norm = trainer.step(step, idx[rows], targets[rows])
-        busy += time.perf_counter() - began
-        done += 1
-        losses.append(mesh.dp_comm.allreduce(loss) / args.dp)
-        ref_loss = serial.step(step, idx, targets)[0] if serial else None
-        if ref_loss is not None:
-            reference.append(ref_loss)
-            diffs.append(abs(losses[-1] - ref_loss) / abs(ref_loss))
-        last = step == start + args.steps - 1
-        val_ref = None
-        if (step + 1) % args.eval_every == 0 or last:
-            val, val_ref = validate()
-            if val_ref is not None:
-                diffs.append(abs(val - val_ref) / abs(val_ref))
-        else:
-            val = None
-        if step % args.log_every == 0 or last or val is not None:
-            busy = comm.allreduce(busy, op=MPI.MAX)
-            total_busy, total_done = total_busy + busy, total_done + done
-            tps = tokens * done / busy
-            mfu = tps * per_token / (peak * 1e9)
-            say(f"{step:5d} {losses[-1]:11.5f} {_fmt(ref_loss):>11} "
-                f"{(f'{diffs[-1]:.1e}' if ref_loss is not None else '-'):>9} "
-                f"{_fmt(val):>9} {tps:9.0f} {mfu:6.1%} "
-                f"{learning_rate(args, step, decay):8.2e} {norm:9.3f}")
-            rec = dict(kind="train_gpt", step=step, train_loss=losses[-1], tokens_per_s=tps,
-                       mfu=mfu, lr=learning_rate(args, step, decay), grad_norm=norm, **layout)
-            if val is not None:
-                rec["val_loss"] = val
-            if ref_loss is not None:
-                rec["serial_loss"] = ref_loss
-            if val_ref is not None:
-                rec["serial_val_loss"] = val_ref
-            write_record(rec, out)
-            busy, done = 0.0, 0
-    tokens_per_s = tokens * total_done / total_busy if total_busy else 0.0
-    final_mfu = tokens_per_s * per_token / (peak * 1e9)
-    say(f"validation loss {_fmt(val)} nats/char against the unigram entropy "
-        f"{text.entropy:.3f}; {tokens_per_s:,.0f} tokens/s, model FLOP utilisation "
-        f"{final_mfu:.1%} of {peak:.1f} GFLOP/s")
-    worst = comm.bcast(max(diffs) if diffs else None, root=0)
-    tol = CHECK_TOL.get(args.dtype, 5e-2)
-    agree = worst is None or worst <= tol
-    if worst is not None:
-        say(f"--check: worst relative difference from the serial float64 run over "
-            f"{len(reference)} training losses and the validation losses {worst:.1e} "
-            f"(tolerance {tol:.0e} for {args.dtype}): {'agree' if agree else 'DISAGREE'}")
-    if args.save:
-        tpmpi.save_checkpoint(args.save, model, state=trainer.opt.state_arrays(), meta={
-            "train_gpt": {"step": start + args.steps, "calls": model.calls, "t": trainer.opt.t,
-                          "decay_steps": decay, **{k: getattr(args, k) for k in RESUMED}}})
-        say(f"saved model, AdamW state and step {start + args.steps} to {args.save}")
-    generated = sample(model, text, args, comm)
-    say(f"sample (seed {args.seed}, temperature {args.temperature}):\n{generated}")
-    write_record(dict(kind="train_gpt", step=start + args.steps, sample=generated,
-                      val_loss=val, unigram_entropy=text.entropy, tokens_per_s=tokens_per_s,
-                      mfu=final_mfu, gemm_gflops=peak, **layout), out)
-    if out is not None:
-        out.close()
-    mesh.free()
-    return {"steps": list(range(start, start + args.steps)), "losses": losses,
-            "serial": reference if serial else None, "val_loss": val, "max_rel_diff": worst,
-            "agree": agree, "sample": generated, "tokens_per_s": tokens_per_s,
-            "mfu": final_mfu, "unigram_entropy": text.entropy}
+    run = Run(args, comm)
+    run.header()
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.json, "a")) if args.json and run.rank == 0 \
+            else None
+        run.train(out)
+        return run.finish(out)
 
 
 def cli() -> int:

@@ -355,7 +355,8 @@ def test_training_records_give_the_loss_curve(tmp_path):
     assert [r["label"] for r in runs] == ["dp 2 x tp 2+SP, float64, dropout 0.1 (run 1)",
                                           "dp 2 x tp 2+SP, float64, dropout 0.1 (run 2)"]
     assert [s for s, _ in runs[1]["train"]] == [5, 6, 7] and runs[1]["val"] == [(7, 3.5)]
-    md = open(report([str(path)], str(tmp_path / "out"))).read()
+    with open(report([str(path)], str(tmp_path / "out"))) as fh:
+        md = fh.read()
     assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
     assert "## Training" in md and "| 5-7 | 3.3000 | 3.5000 | 3.250 | 1,000 | 2.0% |" in md
     assert "def f():" in md and "![loss.png](loss.png)" in md

@@ -109,8 +109,8 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(world, shared_
 def test_bad_flags_are_usage_errors_on_every_rank(world):
     comm = world.comm
 
-    def code(extra):
-        return launch.exit_code(lambda: train_gpt.main(TINY + extra, comm), comm, "train_gpt.py")
+    def run(extra):
+        return lambda: train_gpt.main(TINY + extra, comm)
 
     cases = [(["--dp", "5"], f"--dp=5: expected a divisor of the {world.size} ranks"),
              (["--tp", "5"], rf"--dp 1 x --tp 5: expected dp \* tp = the {world.size} ranks"),
@@ -121,5 +121,5 @@ def test_bad_flags_are_usage_errors_on_every_rank(world):
     if world.size % 2 == 0:
         cases.append((["--dp", "2", "--batch", "3"], "--batch=3: expected a multiple of --dp=2"))
     for extra, match in cases:
-        all_ranks_raise(comm, lambda: train_gpt.main(TINY + extra, comm), match)
-        assert code(extra) == launch.EXIT_USAGE
+        all_ranks_raise(comm, run(extra), match)
+        assert launch.exit_code(run(extra), comm, "train_gpt.py") == launch.EXIT_USAGE
