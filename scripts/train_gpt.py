@@ -61,7 +61,7 @@ from tpmpi.core.dtypes import SUPPORTED
 from tpmpi.core.launch import Parser, parse_args, usage
 from tpmpi.layers.module import named_layers
 from tpmpi.models import GPT, GPTConfig
-from tpmpi.studies.record import write_record
+from tpmpi.studies.record import mpi_library, write_record
 
 EPILOG = """\
 examples (4 ranks):
@@ -404,7 +404,8 @@ class Run:
         rows = args.batch // args.dp
         self.rows = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
         self.vals = val_batches(self.text, args)
-        self.layout = dict(dp=args.dp, tp=self.mesh.tp.size,
+        self.layout = dict(ranks=comm.Get_size(), mpi_library=mpi_library(), dp=args.dp,
+                           tp=self.mesh.tp.size,
                            sequence_parallel=args.sequence_parallel, dtype=args.dtype,
                            seed=args.seed, dropout=args.dropout, params=self.n_params)
         self.losses: list[float] = []

@@ -337,7 +337,7 @@ def _training_records(layout: dict, steps: int, resumed_at: int = 0) -> list:
     recs = [dict(kind="train_gpt", step=s, train_loss=4.0 - 0.1 * s, serial_loss=4.0 - 0.1 * s,
                  tokens_per_s=1000.0, **layout) for s in range(resumed_at, steps)]
     recs[-1]["val_loss"] = 3.5
-    recs.append(dict(kind="train_gpt", step=steps, sample="def f():", val_loss=3.5,
+    recs.append(dict(kind="train_gpt", step=steps, sample="def f():", val_loss=3.5, ranks=4,
                      unigram_entropy=3.25, tokens_per_s=1000.0, mfu=0.02, **layout))
     return recs
 
@@ -358,7 +358,7 @@ def test_training_records_give_the_loss_curve(tmp_path):
     with open(report([str(path)], str(tmp_path / "out"))) as fh:
         md = fh.read()
     assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
-    assert "## Training" in md and "| 5-7 | 3.3000 | 3.5000 | 3.250 | 1,000 | 2.0% |" in md
+    assert "## Training" in md and "| 4 | 5-7 | 3.3000 | 3.5000 | 3.250 | 1,000 | 2.0% |" in md
     assert "def f():" in md and "![loss.png](loss.png)" in md
     path.write_text(json.dumps(dict(recs[0], train_loss="x")) + "\n")
     with pytest.raises(ValueError, match=r"gpt.jsonl:1: field 'train_loss' is 'x': expected a "

@@ -284,7 +284,7 @@ def test_a_launch_of_singletons_stops_before_the_bench(cluster):
 
 
 def test_the_templates_name_plain_job_logs_by_job_id():
-    for name in ("cpu_scaling", "gpu_scaling", "hybrid"):
+    for name in ("cpu_scaling", "gpu_scaling", "hybrid", "train_gpt"):
         text = (ROOT / "slurm" / f"{name}.sbatch").read_text()
         assert "#SBATCH --output=results/%x-%j.out" in text, name  # %a: 4294967294 off arrays
 
@@ -374,3 +374,48 @@ def test_hybrid_tp_must_divide_the_ranks(cluster, tp, says):
     proc, calls = run_hybrid(cluster, TP=tp)
     assert proc.returncode == 2 and proc.stderr.strip() == f"tpmpi-hybrid: error: {says}"
     assert calls == []  # refused before any srun
+
+
+# --------------------------------------------------------------------------- train_gpt.sbatch
+
+
+def run_train_gpt(cluster, **env):
+    job = dict(HYBRID_JOB, SLURM_JOB_NAME="tpmpi-train-gpt")
+    return cluster("train_gpt.sbatch", cwd=cluster.repo, **dict(job, **env))
+
+
+def gpt_args(call):
+    i = call.index("scripts/train_gpt.py")
+    return load_script("train_gpt").build_parser().parse_args(call[i + 1:])
+
+
+def test_train_gpt_tp_inside_nodes_dp_across(cluster):
+    proc, calls = run_train_gpt(cluster)
+    assert proc.returncode == 0, proc.stderr
+    assert "dp 2 x tp 4" in proc.stdout and "batch 32" in proc.stdout
+    assert len(calls) == 2 and all("--distribution=block:block" in c for c in calls)
+    args = gpt_args(calls[1])
+    assert (args.dp, args.tp, args.sequence_parallel, args.batch, args.steps) == \
+        (2, 4, False, 32, 300)
+    assert (args.check, args.save, args.resume) == (False, None, None)
+    assert args.json.endswith("results/tpmpi-train-gpt-7.jsonl")
+
+
+def test_train_gpt_parameters_reach_the_script(cluster):
+    proc, calls = run_train_gpt(cluster, TP="1", SP="1", DROPOUT="0.1", DTYPE="float64",
+                                STEPS="9", CHECK="1", SAVE="ck", TRAIN_ARGS="--log-every 3")
+    assert proc.returncode == 0, proc.stderr
+    args = gpt_args(calls[1])
+    assert (args.dp, args.tp, args.sequence_parallel, args.dropout, args.dtype) == \
+        (8, 1, True, 0.1, "float64")
+    assert (args.batch, args.steps, args.check, args.save, args.log_every) == \
+        (32, 9, True, "ck", 3)
+
+
+@pytest.mark.parametrize("env, says", [({"TP": "3"}, "TP=3 does not divide the 8 ranks"),
+                                       ({"TP": "1", "BATCH": "12"},
+                                        "BATCH=12 is not a multiple of DP=8")])
+def test_train_gpt_refuses_before_any_rank(cluster, env, says):
+    proc, calls = run_train_gpt(cluster, **env)
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip().startswith(f"tpmpi-train-gpt: error: {says}")

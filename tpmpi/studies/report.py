@@ -88,12 +88,12 @@ def training_runs(records: Sequence[dict]) -> list[dict]:
 def _md_training(runs: Sequence[dict]) -> list[str]:
     """report.md's training section: per run the last validation loss, tokens/s, sample."""
     lines = ["## Training (scripts/train_gpt.py)", "",
-             "| run | steps | last train loss | val loss | unigram entropy | tokens/s | MFU |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | ranks | steps | last train loss | val loss | unigram entropy | tokens/s "
+             "| MFU |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         last = run["last"] or {}
         steps = f"{run['train'][0][0]}-{run['train'][-1][0]}" if run["train"] else "-"
-        lines.append(f"| {run['label']} | {steps} | "
+        lines.append(f"| {run['label']} | {last.get('ranks', '–')} | {steps} | "
                      f"{_fmt(run['train'][-1][1] if run['train'] else None, '{:.4f}')} | "
                      f"{_fmt(last.get('val_loss'), '{:.4f}')} | "
                      f"{_fmt(last.get('unigram_entropy'), '{:.3f}')} | "
