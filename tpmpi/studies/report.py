@@ -88,8 +88,8 @@ def training_runs(records: Sequence[dict]) -> list[dict]:
 def _md_training(runs: Sequence[dict]) -> list[str]:
     """report.md's training section: per run the last validation loss, tokens/s, sample."""
     lines = ["## Training (scripts/train_gpt.py)", "",
-             "| run | ranks | steps | last train loss | val loss | unigram entropy | tokens/s "
-             "| MFU |", "|---|---|---|---|---|---|---|---|"]
+             ("| run | ranks | steps | last train loss | val loss | unigram entropy | tokens/s "
+              "| MFU |"), "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         last = run["last"] or {}
         steps = f"{run['train'][0][0]}-{run['train'][-1][0]}" if run["train"] else "-"
