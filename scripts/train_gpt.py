@@ -53,6 +53,7 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
+from tpmpi.checkpoint.load import resume_training
 from tpmpi.checkpoint.params import state_by_piece
 from tpmpi.core import launch
 from tpmpi.core.agreement import agree_checks
@@ -328,16 +329,8 @@ def _resume(args: Any, model: GPT, opt: AdamW) -> dict:
     """Load ``--resume`` into ``model`` and ``opt`` (collective); the saved progress
     ``{"step", "calls", "t", "decay_steps"}``. ValueError naming the flag whose value differs
     from the saving run's."""
-    meta: dict = {}
-    tpmpi.load_checkpoint(args.resume, into=model, state=opt.state_arrays(), meta=meta)
-    saved = meta.get("train_gpt")
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume {args.resume}: not a train_gpt.py checkpoint (its meta has "
-                         "no 'train_gpt')")
-    for key in RESUMED:
-        if saved.get(key) != getattr(args, key):
-            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: the checkpoint "
-                             f"{args.resume} was saved with {saved.get(key)}")
+    saved = resume_training(args.resume, model, state=opt.state_arrays(), program="train_gpt",
+                            flags={k: getattr(args, k) for k in RESUMED})
     opt.t, model.calls = saved["t"], saved["calls"]
     return saved
 
