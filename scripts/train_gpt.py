@@ -292,8 +292,9 @@ def machine_rate(comm: MPI.Comm, model: GPT, n: int, reps: int = 4, rounds: int 
     """GFLOP/s of the whole machine: every rank multiplies ``n x n`` matrices in the model's
     dtype at the same time (its BLAS threads as configured), ``reps`` products between
     barriers after one warmup; the FLOPs of all ranks over the wall time, the best of
-    ``rounds`` (the rate the ranks get together, not one rank's alone; the best, as a peak is
-    measured, so that a neighbour's burst does not inflate the MFU). Collective."""
+    ``rounds`` (the rate the ranks get together, not one rank's alone; the best, so that a
+    round slowed by other work on the machine does not inflate the MFU), rank 0's figure on
+    every rank. Collective."""
     backend = model.backend
     a = tpmpi.init_weight((n, n), 1, model.dtype, backend=backend, bound=1.0)
     out = backend.xp.matmul(a, a)
