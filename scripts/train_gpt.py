@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int_flag(1), default=64, help="context T (64)")
     p.add_argument("--batch", type=int_flag(1), default=32,
                    help="global batch in sequences, a multiple of --dp (32)")
-    p.add_argument("--steps", type=int_flag(1), default=500, help="optimizer steps (500)")
+    p.add_argument("--steps", type=int_flag(1), default=1000, help="optimizer steps (1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     p.add_argument("--warmup", type=int_flag(0), default=20, help="warmup steps (20)")
     p.add_argument("--decay-steps", type=int_flag(1), default=None,

@@ -389,7 +389,7 @@ def test_train_gpt_tp_inside_nodes_dp_across(cluster):
     assert len(calls) == 2 and all("--distribution=block:block" in c for c in calls)
     args = script_args(calls[1], "train_gpt")
     assert (args.dp, args.tp, args.sequence_parallel, args.batch, args.steps) == \
-        (2, 4, False, 32, 500)
+        (2, 4, False, 32, 1000)
     assert (args.check, args.save, args.resume) == (False, None, None)
     assert args.json.endswith("results/tpmpi-train-gpt-7.jsonl")
 
