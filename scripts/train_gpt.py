@@ -66,7 +66,7 @@ from tpmpi.studies.record import mpi_library, write_record
 
 EPILOG = """\
 examples (4 ranks):
-  mpiexec -n 4 python scripts/train_gpt.py                      # tp 4, about 2 minutes
+  mpiexec -n 4 python scripts/train_gpt.py                      # tp 4, 1-2 minutes
   mpiexec -n 4 python scripts/train_gpt.py --dp 2 --tp 2 --dropout 0.1 --dtype float64 \\
       --steps 20 --check                                        # agrees with serial float64
   mpiexec -n 4 python scripts/train_gpt.py --tp 4 --sequence-parallel --json gpt.jsonl
