@@ -36,6 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 import tpmpi
+from tpmpi.checkpoint.load import resume_training
 from tpmpi.layers.activations import ACTIVATIONS, get_activation
 from tpmpi.core import launch
 from tpmpi.core.args import int_flag
@@ -285,17 +286,8 @@ def _saved(args, step: int, t: int) -> dict:
 def _resume(args, model, opt: Optimizer, names: list) -> int:
     """Load ``--resume`` into ``model`` and ``opt`` (collective); the step it had reached.
     ValueError naming the flag whose value differs from the saving run's."""
-    meta: dict = {}
-    tpmpi.load_checkpoint(args.resume, into=model, state=opt.state_arrays(names) or None,
-                          meta=meta)
-    saved = meta.get("train_mlp")
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume {args.resume}: not a train_mlp.py checkpoint (its meta has "
-                         "no 'train_mlp')")
-    for key in RESUMED:
-        if saved.get(key) != getattr(args, key):
-            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: the checkpoint "
-                             f"{args.resume} was saved with {saved.get(key)}")
+    saved = resume_training(args.resume, model, state=opt.state_arrays(names) or None,
+                            program="train_mlp", flags={k: getattr(args, k) for k in RESUMED})
     opt.t = saved["t"]
     return saved["step"]
 

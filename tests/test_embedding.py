@@ -14,9 +14,10 @@ from tpmpi.layers.embedding import PositionEmbedding, VocabParallelEmbedding
 
 @pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
 @pytest.mark.parametrize("vocab", [3, 10])
-def test_lookup_and_gradients(grid, xb, sp, vocab):
+@pytest.mark.parametrize("B, T", [(3, 5), (1, 1)])  # (1, 1): ranks without a token under SP
+def test_lookup_and_gradients(grid, xb, sp, vocab, B, T):
     rng = np.random.default_rng(0)
-    B, T, d = 3, 5, 4
+    d = 4
     wte, wpe = rng.standard_normal((vocab, d)), rng.standard_normal((8, d))
     ids = rng.integers(0, vocab, B * T)
     dx = rng.standard_normal((B * T, d))

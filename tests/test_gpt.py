@@ -173,6 +173,21 @@ def test_checkpoint_saved_at_tp4_with_sp_loads_at_tp3_without(world, shared_tmp)
         assert abs(on_mesh(idx, targets) - loss4) <= TOL * abs(loss4)
 
 
+def test_checkpoint_loads_into_a_model_whose_ranks_hold_no_heads(world, shared_tmp):
+    """Two heads over up to four ranks: the ranks without a head hold empty (contiguous) pieces
+    of the fused QKV weight, the others strided views; the load reads them all together."""
+    cfg = make_config(2, 2, 13, True)
+    sd = ref.random_state_dict(cfg, seed=4)
+    one = tpmpi.ProcessGrid(MPI.COMM_SELF, (1, 1))
+    path = shared_tmp / "heads"
+    if world.comm.Get_rank() == 0:
+        tpmpi.save_checkpoint(path, GPT.from_state_dict(sd, cfg, grid=one, dtype="float64"))
+    world.comm.Barrier()
+    model = GPT(cfg, grid=tpmpi.ProcessGrid(world.comm, (1, world.size)), dtype="float64")
+    tpmpi.load_checkpoint(path, into=model)
+    assert worst(model.state_dict(), sd) == 0.0
+
+
 def test_errors_are_raised_on_every_rank(world, grid):
     comm = grid.comm
     cfg = make_config(4, 2, 13, True)

@@ -32,6 +32,24 @@ def test_protocol_and_pieces(grid):
     assert "leaf #" in leaf.identity
 
 
+def test_state_arrays_cut_like_the_pieces(grid):
+    """An optimizer's moments of the leaf's weight and bias, cut into the saved pieces as views
+    (the names a checkpoint's state= takes); checkpoint.params.state_by_piece keys a whole
+    model's state that way."""
+    from tpmpi.checkpoint.params import state_by_piece
+
+    leaf = make(grid)
+    m = {"weight": np.arange(6.0).reshape(2, 3) + 10, "bias": np.zeros(3)}
+    cut = leaf.blocks_of(m)
+    assert list(cut) == ["weight.left", "weight.right"]  # the bias is not saved in pieces
+    assert np.shares_memory(cut["weight.right"], m["weight"])
+    assert cut["weight.right"].tolist() == [[12.0], [15.0]]
+    state = state_by_piece([("blk.ln", leaf), ("other", object())],
+                           {"adam.m": {"blk.ln.weight": m["weight"], "other.weight": m["bias"]}})
+    assert list(state["adam.m"]) == ["other.weight", "blk.ln.weight.left", "blk.ln.weight.right"]
+    assert state["adam.m"]["other.weight"] is m["bias"]
+
+
 def test_partial_grads_sum_once_per_backward(grid):
     leaves = [make(grid), make(grid, bias=False)]
     shares = PartialGrads(leaves, grid.comm, None)

@@ -331,3 +331,36 @@ def test_uncalibrated_predictions_are_marked_in_tables_and_figure(tmp_path, figu
     assert rows and all(re.search(r"\| [0-9.]+\* \|", line) for line in rows[:3])
     title = figures["predicted_vs_measured.png"].axes[0].get_title()
     assert "3 of 4 from the model's defaults (hollow: uncalibrated" in title
+
+
+def _training_records(layout: dict, steps: int, resumed_at: int = 0) -> list:
+    recs = [dict(kind="train_gpt", step=s, train_loss=4.0 - 0.1 * s, serial_loss=4.0 - 0.1 * s,
+                 tokens_per_s=1000.0, **layout) for s in range(resumed_at, steps)]
+    recs[-1]["val_loss"] = 3.5
+    recs.append(dict(kind="train_gpt", step=steps, sample="def f():", val_loss=3.5, ranks=4,
+                     unigram_entropy=3.25, tokens_per_s=1000.0, mfu=0.02, **layout))
+    return recs
+
+
+def test_training_records_give_the_loss_curve(tmp_path):
+    """Two runs of train_gpt.py appended to one file (the second resumed at the same layout):
+    each is a series of loss.png, numbered, and a row of report.md with its sample."""
+    from tpmpi.studies.report import training_runs
+
+    layout = dict(dp=2, tp=2, sequence_parallel=True, dtype="float64", dropout=0.1)
+    recs = _training_records(layout, 5) + _training_records(layout, 8, resumed_at=5)
+    path = tmp_path / "gpt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    runs = training_runs(recs)
+    assert [r["label"] for r in runs] == ["dp 2 x tp 2+SP, float64, dropout 0.1 (run 1)",
+                                          "dp 2 x tp 2+SP, float64, dropout 0.1 (run 2)"]
+    assert [s for s, _ in runs[1]["train"]] == [5, 6, 7] and runs[1]["val"] == [(7, 3.5)]
+    with open(report([str(path)], str(tmp_path / "out"))) as fh:
+        md = fh.read()
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
+    assert "## Training" in md and "| 4 | 5-7 | 3.3000 | 3.5000 | 3.250 | 1,000 | 2.0% |" in md
+    assert "def f():" in md and "![loss.png](loss.png)" in md
+    path.write_text(json.dumps(dict(recs[0], train_loss="x")) + "\n")
+    with pytest.raises(ValueError, match=r"gpt.jsonl:1: field 'train_loss' is 'x': expected a "
+                                         "finite non-negative number"):
+        report([str(path)], str(tmp_path / "bad"))

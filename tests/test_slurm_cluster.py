@@ -101,6 +101,19 @@ class Template:
     record: type = RunRecord  # the record class whose fields every record has
 
 
+@dataclasses.dataclass
+class TrainRecord:
+    """The fields of every record of scripts/train_gpt.py --json."""
+    kind: str
+    step: int
+    ranks: int
+    mpi_library: str
+    dp: int
+    tp: int
+    tokens_per_s: float
+    OPTIONAL = ()
+
+
 SMALL = {"M": "256", "K": "256", "N": "256", "ITERS": "3", "WARMUP": "1"}
 TEMPLATES = [
     Template("cpu-weak", 1, ("slurm/submit_scaling.sh", "cpu", "weak", "1"), SMALL,
@@ -114,6 +127,13 @@ TEMPLATES = [
     Template("hybrid", 2, ("sbatch", "--nodes=2", "slurm/hybrid.sbatch"),
              {"M": "256", "K": "128", "ITERS": "3", "WARMUP": "1", "TRAIN_ARGS": "--steps 20"},
              (Job("tpmpi-hybrid-{id}", 2, 4, 4, ("= dp 2 x tp 2", "): agree;")),)),
+    # records of steps 0, 2 (validation), 4, 5 (validation, the last) and the sample's
+    Template("train-gpt", 2, ("sbatch", "--nodes=2", "slurm/train_gpt.sbatch"),
+             {"STEPS": "6", "CHECK": "1", "DTYPE": "float64", "DROPOUT": "0.1",
+              "TRAIN_ARGS": "--n-layer 1 --n-embd 16 --block-size 16 --log-every 2 "
+                            "--eval-every 3 --eval-batches 1 --sample-chars 20"},
+             (Job("tpmpi-train-gpt-{id}", 2, 4, 5, ("= dp 2 x tp 2", "float64): agree")),),
+             record=TrainRecord),
 ]
 
 

@@ -69,3 +69,24 @@ def load_checkpoint(path: Union[str, os.PathLike[str]], grid: Optional[ProcessGr
     return read_checkpoint(path, grid, roots=(ParallelLinear, Composite), leaves=layers_of,
                            cls=cls, into=into, verify=verify, options=options, state=state,
                            meta=meta, mesh=mesh)
+
+
+def resume_training(path: Union[str, os.PathLike[str]], into: Any, *,
+                    state: Optional[Mapping[str, Mapping[str, Any]]], program: str,
+                    flags: Mapping[str, Any]) -> dict:
+    """Load a training script's checkpoint into ``into`` and ``state``
+    (:func:`load_checkpoint`) and return what ``program`` saved in its ``meta[program]``;
+    ValueError naming the path when the checkpoint holds no such section, or naming the first
+    of ``flags`` (``{name: this run's value}``, the names as ``--flag`` with dashes) whose saved
+    value differs. Collective."""
+    meta: dict = {}
+    load_checkpoint(path, into=into, state=state, meta=meta)
+    saved = meta.get(program)
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {path}: not a {program}.py checkpoint (its meta has no "
+                         f"{program!r})")
+    for key, value in flags.items():
+        if saved.get(key) != value:
+            raise ValueError(f"--{key.replace('_', '-')}={value}: the checkpoint {path} was "
+                             f"saved with {saved.get(key)}")
+    return saved

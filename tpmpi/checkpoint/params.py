@@ -113,3 +113,24 @@ def state_params(params: list[Param], state: Any) -> list[Param]:
             out.append(Param(f"state/{group}/{name}", a, p.shape, p.layout, p.grid,
                              p.block_of))
     return out
+
+
+def state_by_piece(leaves: Sequence[tuple[str, Any]], state: Mapping[str, Mapping[str, Any]]
+                   ) -> dict[str, dict[str, Any]]:
+    """An optimizer's ``state`` keyed by the names of ``parameters()`` (``{"adamw.m":
+    {"transformer.h.0.attn.c_attn.weight": m, ...}}``) keyed by the checkpoint's names instead:
+    where a leaf of ``leaves`` saves a parameter in pieces (``blocks_of``, e.g. the fused QKV
+    weight's ``.q``, ``.k`` and ``.v`` column blocks), views of the state array's pieces;
+    other names pass as they are. Local."""
+    out = {}
+    for group, arrays in state.items():
+        mapped = dict(arrays)
+        for prefix, layer in leaves:
+            cut = getattr(layer, "blocks_of", None)
+            if cut is None:
+                continue
+            names = {attr: f"{prefix}.{attr}" if prefix else attr for attr in ("weight", "bias")}
+            mine = {attr: mapped.pop(name) for attr, name in names.items() if name in mapped}
+            mapped.update({f"{prefix}.{n}" if prefix else n: a for n, a in cut(mine).items()})
+        out[group] = mapped
+    return out

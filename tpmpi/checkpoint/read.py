@@ -229,12 +229,19 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
     """Read every parameter's block; casts are checked for overflow on every rank before any
     parameter is changed. Collective."""
     casts, problems = [], []
-    for p in params:
+    comm = params[0].grid.comm
+    # read_param is collective, so every rank must read a parameter in the same loop below:
+    # in place only where every rank can (a view, e.g. a piece of a fused weight, may be
+    # contiguous on a rank that holds none of it and not on the others)
+    inplace = np.array([isinstance(p.local, np.ndarray) and p.local.flags.c_contiguous
+                        and p.local.dtype == np.dtype(entries[p.name]["dtype"])
+                        for p in params], dtype=np.int8)
+    comm.Allreduce(MPI.IN_PLACE, inplace, op=MPI.MIN)
+    for p, direct in zip(params, inplace):
         entry = entries[p.name]
         dtype = np.dtype(entry["dtype"])
         filename = os.path.join(path, entry["file"])
-        if isinstance(p.local, np.ndarray) and p.local.dtype == dtype and \
-                p.local.flags.c_contiguous:
+        if direct:
             continue  # read in place below, after the agreement
         host = np.empty(p.local.shape, dtype)
         read_param(p, filename, entry["header_bytes"], dtype, host)
@@ -242,10 +249,10 @@ def _read_all(path: str, params: list[Param], entries: dict) -> None:
         problems.append(problem)
         casts.append((p, cast))
     errors = [f"checkpoint {path!r}: {msg}" for msg in problems if msg]
-    agree(params[0].grid.comm, errors[0] if errors else None)
-    for p in params:
+    agree(comm, errors[0] if errors else None)
+    for p, direct in zip(params, inplace):
         entry = entries[p.name]
-        if not any(q is p for q, _ in casts):
+        if direct:
             read_param(p, os.path.join(path, entry["file"]), entry["header_bytes"],
                        np.dtype(entry["dtype"]), p.local)
     for p, cast in casts:

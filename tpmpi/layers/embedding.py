@@ -142,7 +142,7 @@ class PositionEmbedding(ParameterLeaf):
         n = x.shape[0]
         self._rows = (first, n, seq)
         if first % seq == 0 and n % seq == 0:
-            whole = x.reshape(n // seq, seq, -1)
+            whole = x.reshape(n // seq, seq, x.shape[1])  # -1 is ambiguous when n is 0
             whole += self.weight[:seq]
         else:
             xp = self.backend.xp
@@ -154,7 +154,7 @@ class PositionEmbedding(ParameterLeaf):
         first, n, seq = self._rows
         lead = first % seq
         if lead == 0 and n % seq == 0:
-            share = dx.reshape(n // seq, seq, -1).sum(axis=0)
+            share = dx.reshape(n // seq, seq, dx.shape[1]).sum(axis=0)
         else:
             xp = self.backend.xp
             samples = -(-(lead + n) // seq)

@@ -106,6 +106,13 @@ class ParameterLeaf(LeafModule):
             out.append((name, local[..., cols], placement.shape, placement.bounds))
         return out
 
+    def blocks_of(self, arrays: dict[str, Array]) -> dict[str, Array]:
+        """``{piece name: view}`` of arrays shaped like ``weight`` / ``bias`` (keyed by those
+        names, e.g. an optimizer's moments), cut into the saved pieces as
+        :meth:`parameter_blocks` cuts the parameters."""
+        return {name: arrays[attr][..., cols] for name, attr, cols, _ in self._pieces
+                if attr in arrays}
+
 
 class PartialGrads:
     """The gradients of parameters replicated over a TP group whose every rank computes only a

@@ -10,7 +10,7 @@
 
 Figures: ``time_vs_ranks.png``, ``efficiency.png`` (scaling efficiency, see
 docs/statistics.md), ``breakdown.png`` (shares of the step time, so small problems stay
-visible), ``predicted_vs_measured.png``, ``busbw.png``.
+visible), ``predicted_vs_measured.png``, ``busbw.png``, ``loss.png`` (training runs).
 """
 from __future__ import annotations
 
@@ -329,6 +329,41 @@ def predicted(pyplot: ModuleType, points: dict, out: str, files: list[str]) -> N
     flags_note(fig, shown)
     legend(fig, handles)
     save(pyplot, fig, out, "predicted_vs_measured.png", files)
+
+
+def loss(pyplot: ModuleType, runs: Sequence[dict], out: str, files: list[str]) -> None:
+    """loss.png: per training run (:func:`tpmpi.studies.report.training_runs`) the training
+    loss (line), the validation loss (large markers, dashed) and, with ``--check``, the serial
+    float64 run's loss (black dots, drawn over the run's line); the unigram entropy of the text
+    as a grey line (a model that ignores context)."""
+    labels = [run["label"] for run in runs]
+    style = styles(labels)
+    entries = [f"{label}: {what}" for label in labels for what in ("train", "validation")]
+    fig, (ax,) = facets(pyplot, 1, width=6.4, height=4.2,
+                        legend_labels=entries + ["serial float64 (--check)"])
+    handles: dict[str, Any] = {}
+    for run in runs:
+        color, marker = style[run["label"]]
+        if run["train"]:
+            steps, values = zip(*run["train"])
+            handles[f"{run['label']}: train"], = ax.plot(steps, values, color=color, lw=1.2)
+        if run["val"]:
+            steps, values = zip(*run["val"])
+            handles[f"{run['label']}: validation"], = ax.plot(
+                steps, values, color=color, ls="--", marker=marker, ms=6)
+        if run["serial"]:
+            steps, values = zip(*run["serial"])
+            handles["serial float64 (--check)"], = ax.plot(steps, values, "k.", ms=3)
+    entropies = {run["last"]["unigram_entropy"] for run in runs
+                 if run["last"] and run["last"].get("unigram_entropy")}
+    for h in sorted(entropies):
+        handles["unigram entropy of the text"] = ax.axhline(h, color="0.5", lw=1, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_title("GPT training loss", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    legend(fig, handles, sort=False)
+    save(pyplot, fig, out, "loss.png", files)
 
 
 def busbw(pyplot: ModuleType, panels: dict, out: str, files: list[str]) -> None:

@@ -19,6 +19,7 @@ from typing import Optional
 from . import plots
 from .costmodel import layout_label
 from .problem import options_label
+from ..core.args import check_field, is_number
 from .record import check_record, read_lines
 from .stats import PREDICTION_NOTE, SUPERLINEAR, prediction_mark, short
 
@@ -31,9 +32,77 @@ def load(paths: Iterable[str]) -> list[dict]:
     field otherwise, so that no record is dropped or misdrawn silently."""
     out = []
     for where, rec in read_lines(paths):
-        check_record(rec, where)
+        if isinstance(rec, dict) and rec.get("kind") == TRAINING:
+            check_training(rec, where)
+        else:
+            check_record(rec, where)
         out.append(rec)
     return out
+
+
+TRAINING = "train_gpt"
+"""The ``kind`` of the records of ``scripts/train_gpt.py --json``."""
+
+
+def check_training(rec: dict, where: str) -> None:
+    """A training record: ``step`` a non-negative integer; the losses and ``tokens_per_s``,
+    where present, finite non-negative numbers; ``sample`` a string (the run's last record).
+    ValueError naming the file, the line and the field otherwise."""
+    check_field(where, rec, "step", int, "a non-negative integer", lambda v: v >= 0)
+    for key in ("train_loss", "val_loss", "serial_loss", "tokens_per_s"):
+        if rec.get(key) is not None:
+            check_field(where, rec, key, (int, float), "a finite non-negative number",
+                        lambda v: is_number(v) and v >= 0)
+    if "sample" in rec:
+        check_field(where, rec, "sample", str, "the generated text")
+
+
+def training_runs(records: Sequence[dict]) -> list[dict]:
+    """The runs of training records in file order, each ended by its record holding the
+    ``sample``: ``{"label", "steps", "train", "val", "serial", "last"}`` (``train``, ``val``,
+    ``serial``: ``[(step, loss)]``; ``last``: the closing record, or None for a run cut
+    short)."""
+    runs: list[dict] = []
+    current: Optional[dict] = None
+    for rec in records:
+        if current is None:
+            sp = "+SP" if rec.get("sequence_parallel") else ""
+            label = (f"dp {rec.get('dp', '?')} x tp {rec.get('tp', '?')}{sp}, "
+                     f"{rec.get('dtype', '?')}, dropout {rec.get('dropout', 0)}")
+            current = {"label": label, "train": [], "val": [], "serial": [], "last": None}
+            runs.append(current)
+        for key, field in (("train", "train_loss"), ("val", "val_loss"),
+                           ("serial", "serial_loss")):
+            if rec.get(field) is not None and "sample" not in rec:
+                current[key].append((rec["step"], rec[field]))
+        if "sample" in rec:
+            current["last"] = rec
+            current = None
+    labels = [r["label"] for r in runs]
+    for i, run in enumerate(runs):  # the same layout twice (e.g. a resumed run): numbered
+        if labels.count(run["label"]) > 1:
+            run["label"] += f" (run {labels[:i + 1].count(run['label'])})"
+    return runs
+
+
+def _md_training(runs: Sequence[dict]) -> list[str]:
+    """report.md's training section: per run the last validation loss, tokens/s, sample."""
+    lines = ["## Training (scripts/train_gpt.py)", "",
+             ("| run | ranks | steps | last train loss | val loss | unigram entropy | tokens/s "
+              "| MFU |"), "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        last = run["last"] or {}
+        steps = f"{run['train'][0][0]}-{run['train'][-1][0]}" if run["train"] else "-"
+        lines.append(f"| {run['label']} | {last.get('ranks', '–')} | {steps} | "
+                     f"{_fmt(run['train'][-1][1] if run['train'] else None, '{:.4f}')} | "
+                     f"{_fmt(last.get('val_loss'), '{:.4f}')} | "
+                     f"{_fmt(last.get('unigram_entropy'), '{:.3f}')} | "
+                     f"{_fmt(last.get('tokens_per_s'), '{:,.0f}')} | "
+                     f"{_fmt(last.get('mfu'), '{:.1%}')} |")
+    samples = [(run["label"], run["last"]["sample"]) for run in runs if run["last"]]
+    for label, text in samples[-1:]:
+        lines += ["", f"Sample of the last run ({label}):", "", "```", text, "```"]
+    return lines + [""]
 
 
 def _opts(rec: dict) -> str:
@@ -310,8 +379,9 @@ def _md_accuracy(acc: dict) -> list[str]:
 
 
 def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict],
-             files: Sequence[str]) -> str:
-    """report.md: the measured table, the collective summary, cost-model accuracy, plots."""
+             files: Sequence[str], runs: Sequence[dict] = ()) -> str:
+    """report.md: the measured table, the collective summary, cost-model accuracy, the
+    training runs (:func:`training_runs`), plots."""
     lines = ["# tpmpi report", ""]
     if schemes:
         lines += _md_schemes(schemes)
@@ -319,6 +389,8 @@ def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict]
         lines += _md_collectives(colls)
     if acc and acc["records"]:
         lines += _md_accuracy(acc)
+    if runs:
+        lines += _md_training(runs)
     lines += [f"![{f}]({f})" for f in files if f.endswith(".png")]
     return "\n".join(lines) + "\n"
 
@@ -330,7 +402,8 @@ def report(paths: Sequence[str], out: str) -> str:
     records = load(paths)
     schemes = [r for r in records if "scheme" in r]
     colls = [r for r in records if "collective" in r]
-    if not schemes and not colls:
+    runs = training_runs([r for r in records if r.get("kind") == TRAINING])
+    if not schemes and not colls and not runs:
         raise ValueError(f"no records in {', '.join(paths)}")
     pyplot = plots.plt()
     os.makedirs(out, exist_ok=True)
@@ -354,7 +427,10 @@ def report(paths: Sequence[str], out: str) -> str:
         write_csv(os.path.join(out, "collectives.csv"),
                   [dict(r, time_us=r["time_s"] * 1e6) for r in colls], COLL_COLUMNS)
         files.append("collectives.csv")
+    if runs:
+        plots.loss(pyplot, runs, out, files)
     path = os.path.join(out, "report.md")
     with open(path, "w") as fh:
-        fh.write(markdown(schemes, colls, accuracy(schemes) if schemes else None, files))
+        fh.write(markdown(schemes, colls, accuracy(schemes) if schemes else None, files,
+                          runs))
     return path
