@@ -17,12 +17,16 @@ from ..core.backend import Backend
 from ..core.dtypes import resolve_dtype
 from ..core.launch import UsageError, agree_usage, usage
 from ..studies.costmodel import Calibration, load_calibration
+from ..studies.problem import TRANSFORMER
 from ..studies.schemes import Problem, available
 from ..studies.sweep import SCHEME_OPTIONS, configs
+from ..studies.transformer import check_shape
 
 # the command-line flag of each scheme option (tpmpi.studies.sweep.SCHEME_OPTIONS)
 OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
-                "activation": "--activation", "overlap": "--no-overlap"}
+                "activation": "--activation", "overlap": "--no-overlap",
+                "sequence_parallel": "--sequence-parallel"}
+MODEL_FLAGS = ("heads", "kv_heads", "seq", "vocab", "layers")  # the transformer schemes' shape
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -31,7 +35,15 @@ def _given_options(args: argparse.Namespace) -> dict:
                if getattr(args, name) is not None}
     if not args.overlap:
         options["overlap"] = False
+    schemes = args.scheme if isinstance(args.scheme, list) else [args.scheme]
+    if args.sequence_parallel and set(schemes) & set(TRANSFORMER):
+        options["sequence_parallel"] = True
     return options
+
+
+def model_shape(args: argparse.Namespace) -> dict:
+    """The transformer schemes' shape flags: {heads, kv_heads, seq, vocab, layers}."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS}
 
 
 def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
@@ -48,16 +60,20 @@ def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
 
 
 def sequence_mode(args: argparse.Namespace) -> None:
-    """``--sequence-parallel`` as ``--mode sequence`` (a list for bench); UsageError when the
-    scheme or mode has none."""
+    """``--sequence-parallel`` as ``--mode sequence`` for mlp (a list for bench), as option
+    ``sequence_parallel`` of the transformer schemes; UsageError when the scheme or mode has
+    none."""
     if not args.sequence_parallel:
         return
     many = isinstance(args.scheme, list)
     schemes = args.scheme if many else [args.scheme]
     modes = (args.mode or []) if many else ([args.mode] if args.mode else [])
-    if any(s != "mlp" for s in schemes):
-        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) has a "
+    if any(s != "mlp" and s not in TRANSFORMER for s in schemes):
+        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) and the "
+                         f"transformer schemes {', '.join(TRANSFORMER)} have a "
                          "sequence-parallel mode")
+    if "mlp" not in schemes:
+        return
     if any(m != "sequence" for m in modes):
         raise UsageError(f"--sequence-parallel: is --mode sequence, not --mode {modes[0]}")
     args.mode = ["sequence"] if many else "sequence"
@@ -68,20 +84,26 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     sequence_mode(args)
     check_options(args, [args.scheme])
     options = _given_options(args)
-    return Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.n, hidden=args.hidden,
+    model = model_shape(args) if args.scheme in TRANSFORMER else {}
+    return Problem(scheme=args.scheme, m=args.m, k=args.k,
+                   n=args.k if args.scheme in TRANSFORMER else args.n, hidden=args.hidden,
                    dtype=args.dtype, backward=args.backward,
-                   options=tuple(sorted(options.items())))
+                   options=tuple(sorted(options.items())), **model)
 
 
-def agree_problems(problems: Sequence[Problem], backend: Backend, comm: MPI.Comm) -> None:
+def agree_problems(problems: Sequence[Problem], backend: Backend, comm: MPI.Comm,
+                   dps: Optional[Sequence[int]] = None) -> None:
     """UsageError on every rank for a problem the flags describe but this job cannot run: an
-    mlp whose --n differs from --k, a dtype the backend lacks (also agrees
-    ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
+    mlp whose --n differs from --k, a transformer whose --m is not whole sequences of --seq
+    (``dps``: each problem's replicas, which take whole sequences) or whose heads do not fit
+    --k, a dtype the backend lacks (also agrees ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
     def local_checks() -> None:
-        for p in problems:
+        for p, dp in zip(problems, dps or [1] * len(problems)):
             if p.scheme == "mlp" and p.n != p.k:
                 raise ValueError(f"--n {p.n}: scheme mlp maps d_model (--k {p.k}) to itself; "
                                  f"pass --n {p.k} (or leave --n and --k equal)")
+            if p.scheme in TRANSFORMER:
+                check_shape(p, dp)
             backend.check_dtype(resolve_dtype(p.dtype, argument="--dtype"))
 
     with usage():
@@ -107,7 +129,9 @@ def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequenc
                        "panel": [v or None for v in args.panel or [0]],
                        "chunks": [v or None for v in args.chunks or [0]],
                        "mode": args.mode or [None], "activation": args.activation or [None],
-                       "overlap": [None] if args.overlap else [False]})
+                       "overlap": [None] if args.overlap else [False],
+                       "sequence_parallel": [True if args.sequence_parallel else None]},
+                   model=model_shape(args))
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")

@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         grid = mesh if mesh is not None else tp
         replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
         backend = get_backend(args.backend, comm)
-        agree_problems([problem], backend, comm)
+        agree_problems([problem], backend, comm, [args.dp])
         agree_fits([(replica, tp.shape)], backend, comm)
         cal = agree_calibration(args.calibration, comm)
     timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
@@ -102,7 +102,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         return 0
     with usage():
         cfgs = bench_configs(args, ranks, sizes)
-        agree_problems([c.problem for c in cfgs], backend, comm)
+        agree_problems([c.problem for c in cfgs], backend, comm, [c.dp for c in cfgs])
         agree_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
         calibration = agree_calibration(args.calibration, comm)
         threads = configure_blas_threads(comm, args.threads)

@@ -16,9 +16,10 @@ from ...core.partition import block_range, largest_block
 from ...core.profiler import Profiler
 from ...layers.data_parallel import BUCKET_BYTES, DataParallel
 from ...layers.module import attach_tap
-from ..problem import Problem
+from ..problem import TRANSFORMER, Problem
 from .base import Case, collective_rel_err, host64
 from .registry import build
+from .transformer import TransformerCase
 
 
 class DataParallelCase(Case):
@@ -85,7 +86,9 @@ def largest_replica(problem: Problem, dp: int) -> Problem:
 def build_case(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                bucket_bytes: int = BUCKET_BYTES) -> Case:
     """The case of ``problem`` on a grid (:func:`tpmpi.studies.schemes.build`) or on a mesh (a
-    :class:`DataParallelCase`)."""
+    :class:`DataParallelCase`; a transformer scheme's case runs on the mesh itself)."""
+    if isinstance(where, Mesh) and problem.scheme in TRANSFORMER:
+        return TransformerCase(problem, where, backend)
     if isinstance(where, Mesh):
         return DataParallelCase(problem, where, backend, bucket_bytes=bucket_bytes)
     return build(problem, where, backend)
