@@ -75,7 +75,8 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                                                          if many else ""),
                    **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
     p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024, None, "M"))
-    p.add_argument("--k", help="in features (attention/block/gpt: the model width d)", **typed(_non_negative, 1024, None, "K"))
+    p.add_argument("--k", help="in features (attention/block/gpt: the model width d)",
+                   **typed(_non_negative, 1024, None, "K"))
     p.add_argument("--n", help="out features", **typed(_non_negative, 1024, None, "N"))
     p.add_argument("--hidden", help="MLP hidden size d_hidden (default: 4 times --k, e.g. "
                    "4096 for --k 1024)", **typed(_non_negative, None, None, "H"))

@@ -28,6 +28,8 @@ from ..models.config import GPTConfig
 from ..models.gpt import GPT
 from .problem import TRANSFORMER, Problem
 
+SPLIT_ORDER = ("products", "attention_core", "elementwise")
+"""The compute parts of a split, in the order reports list them (collectives follow)."""
 CORE_STEPS = ("scores", "context", "softmax")
 """Name parts of the attention core's steps (the score and context products, the softmax)."""
 
@@ -84,7 +86,7 @@ def check_shape(problem: Problem, dp: int = 1) -> None:
     if batch % dp:
         raise ValueError(f"--m {problem.m}: {batch} sequences of --seq {problem.seq} do not "
                          f"split into --dp {dp} replicas of whole sequences; expected a "
-                         f"multiple of {problem.seq * dp}")
+                         f"multiple of {problem.m // batch * dp}")
     config_of(problem)
 
 
@@ -92,7 +94,7 @@ def model_flops(problem: Problem) -> float:
     """Model FLOPs of one forward (the module docstring's ``F``); ``3 F`` is a training step."""
     cfg, b = config_of(problem), batch_of(problem)
     layers = cfg.n_layer if problem.scheme == "gpt" else 1
-    attention = 4.0 * b * problem.seq ** 2 * cfg.n_head * cfg.head_size * layers  # type: ignore
+    attention = 4.0 * b * cfg.block_size ** 2 * cfg.n_head * cfg.head_size * layers
     return 2.0 * problem.m * linear_params(cfg, problem.scheme) + attention
 
 

@@ -17,7 +17,7 @@ from ...core.profiler import Profiler
 from ...layers.data_parallel import BUCKET_BYTES, DataParallel
 from ...layers.module import attach_tap
 from ..problem import TRANSFORMER, Problem
-from .base import Case, collective_rel_err, host64
+from .base import Case, LayerCase, collective_rel_err, host64
 from .registry import build
 from .transformer import TransformerCase
 
@@ -31,8 +31,10 @@ class DataParallelCase(Case):
     def __init__(self, problem: Problem, mesh: Mesh, backend: Backend, *,
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         a, b = block_range(problem.m, mesh.dp, mesh.dp_rank)
-        self.inner = build(dataclasses.replace(problem, m=b - a, replica=mesh.dp_rank),
-                           mesh.tp, backend)
+        inner = build(dataclasses.replace(problem, m=b - a, replica=mesh.dp_rank), mesh.tp,
+                      backend)
+        assert isinstance(inner, LayerCase)  # the transformer cases run on the mesh
+        self.inner: LayerCase = inner
         self.problem = dataclasses.replace(self.inner.problem, m=problem.m, replica=0)
         self.mesh, self.comm = mesh, mesh.comm
         overlap = self.problem.opts.get("overlap", True) is not False

@@ -91,8 +91,9 @@ class TransformerCase(Case):
                  ) -> None:
         p = self.problem = problem
         self.mesh = where if isinstance(where, Mesh) else None
-        self.grid = self.mesh.tp if self.mesh is not None else where
-        assert isinstance(self.grid, ProcessGrid)
+        grid = self.mesh.tp if self.mesh is not None else where
+        assert isinstance(grid, ProcessGrid)
+        self.grid: ProcessGrid = grid
         self.comm = self.mesh.comm if self.mesh is not None else self.grid.comm
         self.cfg, self.batch = config_of(p), batch_of(p)
         dp, replica = (self.mesh.dp, self.mesh.dp_rank) if self.mesh is not None else (1, 0)
@@ -109,13 +110,14 @@ class TransformerCase(Case):
         self.flops = model_flops(p)
         self.backend = backend
         self.data_parallel: Optional[DataParallel] = None
+        self.module: Any = None
         self._build(backend)
         self.layers = [m for m in modules(self.module) if hasattr(m, "staging")]
 
     def _build(self, backend: Backend) -> None:
         p, cfg, grid = self.problem, self.cfg, self.grid
         if p.scheme == "gpt":
-            self.module = GPT.from_state_dict(self.sd, cfg, grid=grid, mesh=self.mesh,
+            self.module = GPT.from_state_dict(self.sd, cfg, grid=self.grid, mesh=self.mesh,
                                               sequence_parallel=self.sp, dtype=p.dtype,
                                               backend=backend)
             self.backend = self.module.backend
@@ -127,15 +129,15 @@ class TransformerCase(Case):
             return
         common: dict[str, Any] = dict(grid=grid, backend=backend, dtype=p.dtype,
                                       sequence_parallel=self.sp, dense=self.sd)
+        self.shares: Optional[PartialGrads] = None
         if p.scheme == "attention":
-            self.module: Any = ParallelAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head,
-                                                 **common)
+            self.module = ParallelAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, **common)
+            self.backend = self.module.backend
         else:
-            self.module = TransformerBlock(cfg.n_embd, cfg.n_head, cfg.n_kv_head, layer=0,
-                                           **common)
-        self.backend = self.module.attn.backend if p.scheme == "block" else self.module.backend
-        self.shares = PartialGrads(self.module.layer_norms(), grid.comm, None) \
-            if self.sp and p.scheme == "block" else None
+            block = TransformerBlock(cfg.n_embd, cfg.n_head, cfg.n_kv_head, layer=0, **common)
+            self.module, self.backend = block, block.attn.backend
+            if self.sp:  # the LayerNorms' gradient shares summed over the group
+                self.shares = PartialGrads(block.layer_norms(), grid.comm, None)
         if self.mesh is not None and self.mesh.dp > 1:
             self.data_parallel = DataParallel(self.module, self.mesh)
         first = self.sample0 * (p.seq or 1)
@@ -156,9 +158,8 @@ class TransformerCase(Case):
         if self.problem.scheme == "gpt":
             self.module.backward()
             return
-        run: Callable[[], Any] = lambda: self._module_backward()  # noqa: E731
-        self.dx = self.data_parallel.averaged(run) if self.data_parallel is not None \
-            else run()
+        self.dx = self.data_parallel.averaged(self._module_backward) \
+            if self.data_parallel is not None else self._module_backward()
 
     def _module_backward(self) -> Any:
         if self.shares is not None:
@@ -217,12 +218,12 @@ class TransformerCase(Case):
         fused: dict[str, tuple[list, list]] = {}
         for piece in params_of(named_layers(self.module), grads=True):
             if piece.name in ref:
-                block = tuple(slice(a, b) for a, b in piece.bounds_at(rank))
-                mine, want = fused.setdefault(
+                at = tuple(slice(a, b) for a, b in piece.bounds_at(rank))
+                held, want = fused.setdefault(
                     piece.name[:-2] if piece.name.endswith((".q", ".k", ".v")) else piece.name,
                     ([], []))
-                mine.append(host(piece.local).reshape(-1))
-                want.append(ref[piece.name][block].reshape(-1))
+                held.append(host(piece.local).reshape(-1))
+                want.append(ref[piece.name][at].reshape(-1))
         pairs += [(np.concatenate(a), np.concatenate(b)) for a, b in fused.values()]
         return collective_rel_err(self.comm, pairs)
 
