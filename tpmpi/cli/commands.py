@@ -22,11 +22,14 @@ from ..core.threads import blas_info, configure_blas_threads
 from ..core.topology import node_comm
 from ..studies.bench import case_progress, format_table, run_case
 from ..studies.collbench import calibrate, sizes_sweep
-from ..studies.costmodel import explain, format_plan, plan
+from ..studies.costmodel import explain, format_plan, plan, plan_transformer
+from ..studies.problem import Problem
+from ..studies.transformer import check_shape
 from ..studies.record import mpi_library, write_record
 from ..studies.schemes.hybrid import largest_replica
 from ..studies.sweep import collective_sweep, default_ranks, run_sweep
-from .checks import agree_calibration, agree_problems, bench_configs, problem_from_args
+from .checks import agree_calibration, agree_problems, bench_configs, model_shape, \
+    problem_from_args
 from .fit import agree_fits
 from .printing import calibration_warning, print_facts, print_run, rank0_printer, \
     record_appender
@@ -139,9 +142,22 @@ def cmd_calibrate(args: argparse.Namespace, comm: MPI.Comm) -> int:
 def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
     cal = agree_calibration(args.calibration, comm)
     with usage():  # plan computes from the flags (and the calibration file) alone
-        preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden, dtype=args.dtype,
-                     backward=args.backward, backend=args.backend, calibration=cal,
-                     bucket_bytes=args.bucket_bytes, overlap=args.overlap)
+        if args.scheme:
+            problem = Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.k,
+                              dtype=args.dtype, backward=args.backward,
+                              options=() if args.overlap else (("overlap", False),),
+                              **model_shape(args))
+            check_shape(problem)
+            preds = plan_transformer(problem, args.ranks, backend=args.backend,
+                                     calibration=cal, bucket_bytes=args.bucket_bytes)
+        elif args.n is None:
+            raise UsageError("plan: --n is required (single-GEMM and FFN layouts; not with "
+                             "--scheme attention|block|gpt)")
+        else:
+            preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden,
+                         dtype=args.dtype, backward=args.backward, backend=args.backend,
+                         calibration=cal, bucket_bytes=args.bucket_bytes,
+                         overlap=args.overlap)
     warning = calibration_warning(cal, args.backend, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")

@@ -433,6 +433,26 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
     return sorted(preds, key=lambda pr: pr.time_s)
 
 
+def plan_transformer(problem: Problem, ranks: int, *, backend: str = "numpy",
+                     calibration: Optional[Calibration] = None,
+                     bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
+    """The layouts of a transformer problem (scheme attention, block or gpt) ranked by
+    predicted time: every dp x tp mesh of ``ranks`` whose replicas take whole sequences, each
+    TP group of more than one rank with and without sequence parallelism."""
+    preds = []
+    batch = transformer.batch_of(problem)
+    for dp in (d for d in range(1, ranks + 1) if ranks % d == 0 and batch % d == 0):
+        tp = ranks // dp
+        for sp in (False, True) if tp > 1 else (False,):
+            opts = {**problem.opts, **({"sequence_parallel": True} if sp else {})}
+            prob = dataclasses.replace(problem, options=tuple(sorted(opts.items())))
+            pred = predict(prob, ranks, (1, tp), calibration, backend, dp=dp,
+                           bucket_bytes=bucket_bytes)
+            assert pred is not None  # every transformer scheme lists its schedule
+            preds.append(pred)
+    return sorted(preds, key=lambda pr: pr.time_s)
+
+
 def format_plan(preds: Sequence[Prediction]) -> str:
     """A ranked text table of predictions (ms, MiB): exposed TP and DP communication apart."""
     heads = ["order", "layout", "time_ms", "compute_ms", "tp_comm_ms", "dp_comm_ms",
