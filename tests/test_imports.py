@@ -1,6 +1,6 @@
 """The import graph of tpmpi (scripts/module_map.py, from the source; function-level imports
 count too): no cycle anywhere, the subpackages' arrows one way (core <- layers <- checkpoint <-
-models, studies <- cli; the layer-agnostic reading of checkpoints below the layers, whose
+models <- studies <- cli; the layer-agnostic reading of checkpoints below the layers, whose
 ``load_checkpoint`` classmethods call it), the core's own arrows one way, a cost model that
 knows no benchmark module, no module importing the package itself, and imports at the top of
 every studies module (no registration by a bottom import)."""
@@ -21,7 +21,8 @@ BENCHMARK_SIDE = {"tpmpi.studies.schemes", "tpmpi.studies.bench", "tpmpi.studies
                   "tpmpi.cli"}
 # the subpackages each part may import (besides itself and tpmpi._version)
 MAY_IMPORT = {"core": set(), "layers": {"core"}, "checkpoint": {"core", "layers"},
-              "models": {"core", "layers", "checkpoint"}, "studies": {"core", "layers"},
+              "models": {"core", "layers", "checkpoint"},
+              "studies": {"core", "layers", "checkpoint", "models"},
               "cli": {"core", "layers", "checkpoint", "models", "studies"},
               "__main__": {"cli"}}
 # the checkpoint module the layers may import besides: the reading behind Layer.load_checkpoint,
@@ -79,7 +80,8 @@ def test_every_module_has_a_part():
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _top(n) in MAY_IMPORT))
 def test_subpackages_point_one_way(name):
-    """core <- layers <- checkpoint; core, layers <- studies; everything <- cli."""
+    """core <- layers <- checkpoint <- models <- studies (the transformer schemes run the
+    model); everything <- cli."""
     allowed = MAY_IMPORT[_top(name)] | {_top(name), "_version"}
     below = {BELOW_LAYERS} if _top(name) == "layers" else set()
     assert {m for m in GRAPH[name] if _top(m) not in allowed and m not in below} == set()

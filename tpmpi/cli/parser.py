@@ -92,7 +92,7 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                                                          if many else ""),
                    **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
     p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024, None, "M"))
-    p.add_argument("--k", help="in features (attention/block/gpt: the model width d)",
+    p.add_argument("--k", help="in features (transformer: width d)",
                    **typed(_non_negative, 1024, None, "K"))
     p.add_argument("--n", help="out features", **typed(_non_negative, 1024, None, "N"))
     p.add_argument("--hidden", help="MLP hidden size d_hidden (default: 4 times --k, e.g. "
@@ -241,7 +241,7 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
                            "of a transformer's attention, block or whole GPT instead "
                            "(default: single-GEMM or FFN layouts)")
     for dim, what in (("m", "rows of X (tokens)"), ("k", "in features (transformer: d)"),
-                      ("n", "out features (required but for --scheme)")):
+                      ("n", "out features (default: none, required but with --scheme)")):
         plan.add_argument(f"--{dim}", type=_positive, required=dim != "n",
                           default=None, help=what)
     _add_model_flags(plan)
