@@ -68,7 +68,8 @@ def run_json(cmd: list[str], json_path: str, timeout: float) -> Optional[dict]:
     with the reason printed."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
+                             timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"  timed out after {timeout:.0f} s", flush=True)
         return None
@@ -124,7 +125,7 @@ def row(name: str, rec: Optional[dict], peak: float, pred: Optional[float],
             "split": rec.get("split"), "load": [before, load()]}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
@@ -138,7 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--no-torch", dest="torch", action="store_false")
     ap.add_argument("--json", metavar="FILE", help="append the JSON lines to FILE")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         before = load()
@@ -151,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rec = run_json(tpmpi_cmd(args, ranks, threads, out), out, args.timeout)
             rows.append(row(name, rec, peak, None, before))
         before, out = load(), os.path.join(tmp, "torch.jsonl")
-        has_torch = subprocess.run([sys.executable, "-c", "import torch"],
+        has_torch = subprocess.run([sys.executable, "-c", "import torch"], check=False,
                                    capture_output=True).returncode == 0
         if args.torch and has_torch:
             rec = run_json(torch_cmd(args, out), out, args.timeout)
@@ -174,6 +179,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(line + "\n")
+    show(rows, summary)
+    return 0
+
+
+def show(rows: list[dict], summary: dict) -> None:
+    """The side-by-side table of the rows and the summary's ratios."""
     print(f"{'config':32s} {'median s':>9s} {'min-max':>15s} {'pred s':>8s} {'GFLOP/s':>8s} "
           f"{'MFU':>6s} {'MiB/rank':>9s}  load")
     for r in rows:
@@ -190,7 +201,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ceiling ratio (TP 2 against TP 1 x 2 threads): {summary['ceiling_ratio']:.3f}")
     if "torch_over_tpmpi_tp2" in summary:
         print(f"torch DTensor TP 2 / tpmpi TP 2: {summary['torch_over_tpmpi_tp2']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

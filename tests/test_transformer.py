@@ -1,6 +1,8 @@
 """tpmpi/studies/transformer.py: the shape checks name the flag, model FLOPs follow Narayanan
 et al. 2021 (and torch_tp_block.py's count for one block), the schedule is the layers' own,
 the split sorts every step into one part and prices it on the machine."""
+from pathlib import Path
+
 import pytest
 
 from tpmpi.core.schedule import Collective, Pointwise, Product
@@ -77,7 +79,7 @@ def test_run_report_and_plan_take_the_transformer_schemes(tmp_path, capsys):
         assert main(["run", "--scheme", scheme, "--check"] + shape, MPI.COMM_SELF) == 0
     assert main(["run", "--scheme", "block", "--m", "10", "--seq", "6"], MPI.COMM_SELF) == 2
     assert "--m 10: expected a multiple of --seq 6" in capsys.readouterr().err
-    text = open(report([str(out)], str(tmp_path / "rep"))).read()
+    text = Path(report([str(out)], str(tmp_path / "rep"))).read_text()
     assert "## Transformer: where a step goes" in text and "d=8 H=2/2 T=6 B=2 L=2 V=5" in text
     capsys.readouterr()
     assert main(["plan", "--scheme", "block", "--m", "12", "--seq", "6", "--k", "8",
