@@ -6,10 +6,12 @@ thread per rank), tpmpi at TP 1 with 2 threads (the ceiling on 2 cores) and PyTo
     python scripts/block_bench.py                       # d=1024, 16 heads, T=512, B=4, float32
     flock /work/.mpi.lock python scripts/block_bench.py --iters 10 --json block.jsonl
 
-Each configuration runs as its own job (``mpiexec -n P``) one after another, each after the
-GEMM rate: the block's twelve product shapes at TP 1 (forward, dX and dW of c_attn, c_proj,
-c_fc and the MLP's c_proj; model FLOPs over the sum of each shape's best time) with all the
-threads the configurations use, NumPy, measured in this process. Printed, and appended to
+Each configuration runs as its own job (``mpiexec -n P``); ``--rounds`` rounds alternate them,
+so that load which comes and goes hits each alike, and a configuration's figure is the median
+of its rounds' medians (min and max over all its steps). First the GEMM rate: the block's
+twelve product shapes at TP 1 (forward, dX and dW of c_attn, c_proj, c_fc and the MLP's c_proj;
+model FLOPs over the sum of each shape's best time) with all the threads the configurations
+use, NumPy, measured in this process. Printed, and appended to
 ``--json`` as JSON lines: per configuration the median, min and max seconds of a step (the
 slowest rank's), ``predicted_s`` (tpmpi's cost model for the same block and TP size: for torch,
 what tpmpi's schedule predicts at its TP size), model GFLOP/s (Narayanan et al. 2021: forward
@@ -35,6 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCH = "torch DTensor TP 2 x 1 thread"
 
 
 def load() -> list[float]:
@@ -110,6 +113,20 @@ def predicted(args: argparse.Namespace, tp: int, threads: int) -> Optional[float
     return pred.time_s if pred else None
 
 
+def merged(recs: list[dict]) -> Optional[dict]:
+    """The rounds' records of one configuration as one: the median of their medians, the
+    least minimum and the largest maximum; the other fields the first round's."""
+    if not recs:
+        return None
+    medians = sorted(r["time_s"]["median"] for r in recs)
+    median = float(np.median(medians))
+    out = dict(recs[0], time_s={"median": median, "min": min(r["time_s"]["min"] for r in recs),
+                                "max": max(r["time_s"]["max"] for r in recs)},
+               rounds=len(recs))
+    out["gflops"] = recs[0]["gflops"] * recs[0]["time_s"]["median"] / median
+    return out
+
+
 def row(name: str, rec: Optional[dict], peak: float, pred: Optional[float],
         before: list[float], note: str = "") -> dict[str, Any]:
     """One configuration's JSON line."""
@@ -122,7 +139,9 @@ def row(name: str, rec: Optional[dict], peak: float, pred: Optional[float],
             "predicted_s": rec.get("predicted_s", pred), "gflops": gflops,
             "mfu": gflops / peak if gflops else None, "gemm_gflops": peak,
             "mem_peak_bytes": mem, "max_rel_err": rec.get("max_rel_err"),
-            "split": rec.get("split"), "load": [before, load()]}
+            "split": rec.get("split"), "rounds": rec.get("rounds"),
+            "own_gemm_gflops": rec.get("gemm_gflops") if name == TORCH else None,
+            "load": [before, load()]}
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -132,7 +151,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds, each running every configuration once, alternating")
     ap.add_argument("--calibration", metavar="FILE", default=None,
                     help="tpmpi's cost-model calibration for predicted_s")
     ap.add_argument("--mpiexec", default=os.environ.get("MPIEXEC", "mpiexec"))
@@ -150,20 +171,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         peak = gemm_rate(args.d_model, args.batch * args.seq, threads=2)
         print(f"GEMM rate at the block's shapes, 2 threads: {peak:.1f} GFLOP/s (load {before})",
               flush=True)
-        for name, ranks, threads in (("tpmpi TP 2 x 1 thread", 2, 1),
-                                     ("tpmpi TP 1 x 2 threads", 1, 2)):
-            before, out = load(), os.path.join(tmp, f"{ranks}.jsonl")
-            rec = run_json(tpmpi_cmd(args, ranks, threads, out), out, args.timeout)
-            rows.append(row(name, rec, peak, None, before))
-        before, out = load(), os.path.join(tmp, "torch.jsonl")
         has_torch = subprocess.run([sys.executable, "-c", "import torch"], check=False,
                                    capture_output=True).returncode == 0
+        configs = [("tpmpi TP 2 x 1 thread", lambda out: tpmpi_cmd(args, 2, 1, out)),
+                   ("tpmpi TP 1 x 2 threads", lambda out: tpmpi_cmd(args, 1, 2, out))]
         if args.torch and has_torch:
-            rec = run_json(torch_cmd(args, out), out, args.timeout)
-            rows.append(row("torch DTensor TP 2 x 1 thread", rec, peak, predicted(args, 2, 1),
-                            before))
-        else:
-            rows.append(row("torch DTensor TP 2 x 1 thread", None, peak, None, before,
+            configs.append((TORCH, lambda out: torch_cmd(args, out)))
+        runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+        first_load = load()
+        for i in range(args.rounds):  # the configurations alternate: load hits them alike
+            for name, cmd in configs:
+                out = os.path.join(tmp, f"{len(runs[name])}-{name[:5]}.jsonl")
+                rec = run_json(cmd(out), out, args.timeout)
+                if rec is not None:
+                    runs[name].append(rec)
+            print(f"round {i + 1}/{args.rounds} done (load {load()})", flush=True)
+        for name, _ in configs:
+            rows.append(row(name, merged(runs[name]), peak,
+                            predicted(args, 2, 1) if name == TORCH else None, first_load))
+        if not (args.torch and has_torch):
+            rows.append(row(TORCH, None, peak, None, first_load,
                             "torch is not installed (pip install torch, CPU)"
                             if args.torch else "--no-torch"))
     times = [r["time_s"]["median"] if "time_s" in r else None for r in rows]
