@@ -118,7 +118,9 @@ class LayerNorm(ParameterLeaf):
 class GPTMLP(ParallelMLP):
     """The block's FFN: :class:`~tpmpi.ParallelMLP` of width ``4 d`` with the exact GELU, in mode
     "megatron" (replicated rows) or "sequence" (token rows), its layers named as nanoGPT's:
-    ``c_fc`` (column-parallel) and ``c_proj`` (row-parallel, bias added once)."""
+    ``c_fc`` (column-parallel) and ``c_proj`` (row-parallel, bias added once). The forward
+    keeps ``Phi`` of the pre-activation (one more array of the hidden shard, ``(N, 4d / P)``)
+    so that the backward needs no second ``erf``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
