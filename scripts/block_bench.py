@@ -181,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         first_load = load()
         for i in range(args.rounds):  # the configurations alternate: load hits them alike
             for name, cmd in configs:
-                out = os.path.join(tmp, f"{len(runs[name])}-{name[:5]}.jsonl")
+                out = os.path.join(tmp, f"{len(runs[name])}-{configs.index((name, cmd))}.jsonl")
                 rec = run_json(cmd(out), out, args.timeout)
                 if rec is not None:
                     runs[name].append(rec)
