@@ -19,12 +19,16 @@ from ..core.launch import UsageError, agree_usage, usage
 from ..studies.clusterplan import load_target
 from ..studies.costmodel import Calibration, load_calibration
 from ..studies.machine import Target
+from ..studies.problem import TRANSFORMER
 from ..studies.schemes import Problem, available
 from ..studies.sweep import SCHEME_OPTIONS, configs
+from ..studies.transformer import check_shape
 
 # the command-line flag of each scheme option (tpmpi.studies.sweep.SCHEME_OPTIONS)
 OPTION_FLAGS = {"panel": "--panel", "chunks": "--chunks", "mode": "--mode",
-                "activation": "--activation", "overlap": "--no-overlap"}
+                "activation": "--activation", "overlap": "--no-overlap",
+                "sequence_parallel": "--sequence-parallel"}
+MODEL_FLAGS = ("heads", "kv_heads", "seq", "vocab", "layers")  # the transformer schemes' shape
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -33,7 +37,15 @@ def _given_options(args: argparse.Namespace) -> dict:
                if getattr(args, name) is not None}
     if not args.overlap:
         options["overlap"] = False
+    schemes = args.scheme if isinstance(args.scheme, list) else [args.scheme]
+    if args.sequence_parallel and set(schemes) & set(TRANSFORMER):
+        options["sequence_parallel"] = True
     return options
+
+
+def model_shape(args: argparse.Namespace) -> dict:
+    """The transformer schemes' shape flags: {heads, kv_heads, seq, vocab, layers}."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS}
 
 
 def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
@@ -50,16 +62,20 @@ def check_options(args: argparse.Namespace, schemes: Sequence[str]) -> None:
 
 
 def sequence_mode(args: argparse.Namespace) -> None:
-    """``--sequence-parallel`` as ``--mode sequence`` (a list for bench); UsageError when the
-    scheme or mode has none."""
+    """``--sequence-parallel`` as ``--mode sequence`` for mlp (a list for bench), as option
+    ``sequence_parallel`` of the transformer schemes; UsageError when the scheme or mode has
+    none."""
     if not args.sequence_parallel:
         return
     many = isinstance(args.scheme, list)
     schemes = args.scheme if many else [args.scheme]
     modes = (args.mode or []) if many else ([args.mode] if args.mode else [])
-    if any(s != "mlp" for s in schemes):
-        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) has a "
+    if any(s != "mlp" and s not in TRANSFORMER for s in schemes):
+        raise UsageError("--sequence-parallel: only --scheme mlp (the FFN) and the "
+                         f"transformer schemes {', '.join(TRANSFORMER)} have a "
                          "sequence-parallel mode")
+    if "mlp" not in schemes:
+        return
     if any(m != "sequence" for m in modes):
         raise UsageError(f"--sequence-parallel: is --mode sequence, not --mode {modes[0]}")
     args.mode = ["sequence"] if many else "sequence"
@@ -70,20 +86,26 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     sequence_mode(args)
     check_options(args, [args.scheme])
     options = _given_options(args)
-    return Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.n, hidden=args.hidden,
+    model = model_shape(args) if args.scheme in TRANSFORMER else {}
+    return Problem(scheme=args.scheme, m=args.m, k=args.k,
+                   n=args.k if args.scheme in TRANSFORMER else args.n, hidden=args.hidden,
                    dtype=args.dtype, backward=args.backward,
-                   options=tuple(sorted(options.items())))
+                   options=tuple(sorted(options.items())), **model)
 
 
-def agree_problems(problems: Sequence[Problem], backend: Backend, comm: MPI.Comm) -> None:
+def agree_problems(problems: Sequence[Problem], backend: Backend, comm: MPI.Comm,
+                   dps: Optional[Sequence[int]] = None) -> None:
     """UsageError on every rank for a problem the flags describe but this job cannot run: an
-    mlp whose --n differs from --k, a dtype the backend lacks (also agrees
-    ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
+    mlp whose --n differs from --k, a transformer whose --m is not whole sequences of --seq
+    (``dps``: each problem's replicas, which take whole sequences) or whose heads do not fit
+    --k, a dtype the backend lacks (also agrees ``TPMPI_MAX_MESSAGE_BYTES``). Collective."""
     def local_checks() -> None:
-        for p in problems:
+        for p, dp in zip(problems, dps or [1] * len(problems)):
             if p.scheme == "mlp" and p.n != p.k:
                 raise ValueError(f"--n {p.n}: scheme mlp maps d_model (--k {p.k}) to itself; "
                                  f"pass --n {p.k} (or leave --n and --k equal)")
+            if p.scheme in TRANSFORMER:
+                check_shape(p, dp)
             backend.check_dtype(resolve_dtype(p.dtype, argument="--dtype"))
 
     with usage():
@@ -109,7 +131,9 @@ def bench_configs(args: argparse.Namespace, ranks: Sequence[int], sizes: Sequenc
                        "panel": [v or None for v in args.panel or [0]],
                        "chunks": [v or None for v in args.chunks or [0]],
                        "mode": args.mode or [None], "activation": args.activation or [None],
-                       "overlap": [None] if args.overlap else [False]})
+                       "overlap": [None] if args.overlap else [False],
+                       "sequence_parallel": [True if args.sequence_parallel else None]},
+                   model=model_shape(args))
     if not cfgs:
         raise UsageError(f"no configuration: none of --grid {','.join(args.grid)} has "
                          f"{','.join(map(str, ranks))} ranks")
@@ -150,7 +174,7 @@ CLUSTER_PLAN = {"model": "--model", "micro_batch": "--micro-batch",
                 "global_batch": "--global-batch", "tp": "--tp", "dp": "--dp"}
 """The flags plan needs with --cluster."""
 LAYER_ONLY = {**LAYER_PLAN, "hidden": "--hidden", "calibration": "--calibration",
-              "backward": "--backward"}
+              "backward": "--backward", "scheme": "--scheme"}
 CLUSTER_ONLY = {**CLUSTER_PLAN, "gpus": "--gpus", "sequence_parallel": "--sequence-parallel",
                 "json": "--json"}
 
@@ -166,6 +190,11 @@ def check_plan_flags(args: argparse.Namespace) -> None:
         if getattr(args, attr) not in (None, False):
             raise ValueError(f"{form}: {flag} belongs to the other form of plan "
                              f"({'without' if cluster else 'with'} --cluster)")
+    if not cluster and args.scheme is not None:  # a transformer: d is --k, no --n
+        if args.n is not None:
+            raise ValueError(f"plan --scheme {args.scheme}: --n belongs to the single-GEMM and "
+                             "FFN layouts (the transformer's width is --k)")
+        needed = {a: f for a, f in needed.items() if a != "n"}
     missing = [flag for attr, flag in needed.items() if getattr(args, attr) is None]
     if missing:
         raise ValueError(f"{form}: {', '.join(missing)} required")

@@ -24,12 +24,14 @@ from ..studies.bench import case_progress, format_table, run_case
 from ..studies.clusterplan import (default_dtype, explain_step, format_cluster_plan,
                                    parse_model, parse_sizes, plan_cluster, plan_records)
 from ..studies.collbench import calibrate, sizes_sweep
-from ..studies.costmodel import explain, format_plan, plan
+from ..studies.costmodel import explain, format_plan, plan, plan_transformer
+from ..studies.problem import Problem
 from ..studies.record import mpi_library
 from ..studies.schemes.hybrid import largest_replica
 from ..studies.sweep import collective_sweep, default_ranks, run_sweep
+from ..studies.transformer import check_shape
 from .checks import (agree_calibration, agree_output_file, agree_problems, agree_target,
-                     bench_configs, check_plan_flags, problem_from_args)
+                     bench_configs, check_plan_flags, model_shape, problem_from_args)
 from .fit import agree_fits
 from .printing import RecordFile, calibration_warning, print_facts, print_run, rank0_printer
 
@@ -44,7 +46,7 @@ def cmd_run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         grid = mesh if mesh is not None else tp
         replica = largest_replica(problem, args.dp)  # what one replica's TP group holds and runs
         backend = get_backend(args.backend, comm)
-        agree_problems([problem], backend, comm)
+        agree_problems([problem], backend, comm, [args.dp])
         agree_fits([(replica, tp.shape)], backend, comm)
         cal = agree_calibration(args.calibration, comm)
     timing = {"warmup": args.warmup, "iters": args.iters, "baseline": args.baseline,
@@ -106,7 +108,7 @@ def cmd_bench(args: argparse.Namespace, comm: MPI.Comm) -> int:
         return 0
     with usage():
         cfgs = bench_configs(args, ranks, sizes)
-        agree_problems([c.problem for c in cfgs], backend, comm)
+        agree_problems([c.problem for c in cfgs], backend, comm, [c.dp for c in cfgs])
         agree_fits([(largest_replica(c.problem, c.dp), c.grid) for c in cfgs], backend, comm)
         calibration = agree_calibration(args.calibration, comm)
         threads = configure_blas_threads(comm, args.threads)
@@ -147,10 +149,19 @@ def cmd_plan(args: argparse.Namespace, comm: MPI.Comm) -> int:
         return _plan_cluster(args, comm)
     cal = agree_calibration(args.calibration, comm)
     with usage():  # plan computes from the flags (and the calibration file) alone
-        preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden,
-                     dtype=args.dtype or "float32",
-                     backward=args.backward, backend=args.backend, calibration=cal,
-                     bucket_bytes=args.bucket_bytes, overlap=args.overlap)
+        if args.scheme:
+            problem = Problem(scheme=args.scheme, m=args.m, k=args.k, n=args.k,
+                              dtype=args.dtype or "float32", backward=args.backward,
+                              options=() if args.overlap else (("overlap", False),),
+                              **model_shape(args))
+            check_shape(problem)
+            preds = plan_transformer(problem, args.ranks, backend=args.backend,
+                                     calibration=cal, bucket_bytes=args.bucket_bytes)
+        else:
+            preds = plan(args.m, args.k, args.n, args.ranks, hidden=args.hidden,
+                         dtype=args.dtype or "float32", backward=args.backward,
+                         backend=args.backend, calibration=cal,
+                         bucket_bytes=args.bucket_bytes, overlap=args.overlap)
     warning = calibration_warning(cal, args.backend, args.ranks, args.calibration)
     if warning and comm.Get_rank() == 0:
         sys.stderr.write(warning + "\n")

@@ -15,6 +15,7 @@ from ..core.launch import Parser
 from ..layers.activations import ACTIVATIONS
 from ..layers.data_parallel import BUCKET_BYTES
 from ..layers.mlp import MODES
+from ..studies.problem import TRANSFORMER
 from ..studies.schemes import KNOWN
 from ..studies.sweep import SWEEPS, parse_size
 
@@ -61,6 +62,22 @@ def _listed(conv: Callable[[str], Any], choices: Optional[Sequence[str]] = None
     return parse
 
 
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The transformer schemes' shape: heads, kv heads, sequence length, vocabulary, layers."""
+    p.add_argument("--heads", type=_positive, default=None, metavar="H",
+                   help="attention/block/gpt: query heads (default: --k / 64)")
+    p.add_argument("--kv-heads", type=_positive, default=None, metavar="HKV",
+                   help="attention/block/gpt: key/value heads, a divisor of --heads (default: "
+                        "--heads)")
+    p.add_argument("--seq", type=_positive, default=256, metavar="T",
+                   help="attention/block/gpt: tokens per sequence; --m (the tokens) must be a "
+                        "multiple (batch = m / seq)")
+    p.add_argument("--vocab", type=_positive, default=4096, metavar="V",
+                   help="gpt: vocabulary size")
+    p.add_argument("--layers", type=_positive, default=2, metavar="L",
+                   help="gpt: transformer blocks")
+
+
 def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     """The problem flags of ``run``; with ``many`` (``bench``), each takes a comma list."""
     def typed(conv: Callable[[str], Any], default: Any,
@@ -75,10 +92,12 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                                                          if many else ""),
                    **typed(str, "column", KNOWN + ("all",) if many else KNOWN))
     p.add_argument("--m", help="rows of X (tokens)", **typed(_non_negative, 1024, None, "M"))
-    p.add_argument("--k", help="in features", **typed(_non_negative, 1024, None, "K"))
+    p.add_argument("--k", help="in features (transformer: width d)",
+                   **typed(_non_negative, 1024, None, "K"))
     p.add_argument("--n", help="out features", **typed(_non_negative, 1024, None, "N"))
     p.add_argument("--hidden", help="MLP hidden size d_hidden (default: 4 times --k, e.g. "
                    "4096 for --k 1024)", **typed(_non_negative, None, None, "H"))
+    _add_model_flags(p)
     p.add_argument("--grid", help="process grid RxC" + (
                    "; 'auto' = 1xP, the squarest grid for tile2d" if many else
                    " (default: 1xP)"), **typed(str, "auto" if many else None, None, "RxC"))
@@ -108,7 +127,9 @@ def _add_problem_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
                    (" (comma list)" if many else "") + " (default: 1)",
                    **typed(_positive, 1, None, "D"))
     p.add_argument("--sequence-parallel", action="store_true",
-                   help="mlp: Megatron sequence parallelism (= --mode sequence)")
+                   help="mlp: Megatron sequence parallelism (= --mode sequence); "
+                        "attention/block/gpt: activations split by token rows (Korthikanti "
+                        "et al. 2022)")
     p.add_argument("--bucket-bytes", **SHARED_FLAGS["--bucket-bytes"])
     p.add_argument("--activation", help="mlp activation (default: gelu, the tanh approximation)",
                    **typed(str, None, tuple(ACTIVATIONS)))
@@ -218,9 +239,15 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
                                       "wins. With --cluster: predict a GPT training step on a "
                                       "cluster preset, term by term, and rank tp x dp "
                                       "configurations.")
-    for dim, what in (("m", "rows of X (tokens)"), ("k", "in features"), ("n", "out features")):
+    plan.add_argument("--scheme", choices=TRANSFORMER, default=None,
+                      help="rank the dp x tp meshes (with and without sequence parallelism) "
+                           "of a transformer's attention, block or whole GPT instead "
+                           "(default: single-GEMM or FFN layouts; not with --cluster)")
+    for dim, what in (("m", "rows of X (tokens)"), ("k", "in features (transformer: d)"),
+                      ("n", "out features (not with --scheme)")):
         plan.add_argument(f"--{dim}", type=_positive, default=None,
                           help=f"{what} (no default: required without --cluster)")
+    _add_model_flags(plan)
     plan.add_argument("--hidden", type=_positive, default=None,
                       help="rank FFN layouts (mlp modes) with this hidden size instead of "
                            "single-GEMM layouts (default: single-GEMM layouts)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 from ..core.arrays import Array
@@ -122,7 +123,7 @@ class PartialGrads:
     group with one Allreduce (``sum_shares``) and adds it to the gradients -- once per backward,
     so accumulated gradients are never summed twice. Collective in :meth:`finish`."""
 
-    def __init__(self, leaves: list[ParameterLeaf], comm: Any, staging: Any) -> None:
+    def __init__(self, leaves: Sequence[ParameterLeaf], comm: Any, staging: Any) -> None:
         self.leaves = leaves
         xp = leaves[0].backend.xp
         sizes = [leaf.grad_weight.size + (leaf.grad_bias.size if leaf.grad_bias is not None

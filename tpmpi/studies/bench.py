@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -40,9 +41,11 @@ from ..core.profiler import Profiler
 from ..core.threads import blas_info, configured_blas_threads
 from ..core.topology import node_comm
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
-from .costmodel import Calibration, load_calibration, predict
+from . import transformer
+from .costmodel import CLASS_SHAPES, CalibratedMachine, Calibration, load_calibration, predict, \
+    schedule_of
 from .overlap import measure_dp_overlap, measure_overlap
-from .problem import Problem, options_label
+from .problem import TRANSFORMER, Problem, options_label
 from .progress import Progress, announce, case_units
 from .record import RunRecord, calibration_facts
 from .schemes.base import Case
@@ -151,8 +154,13 @@ def _warm_process(problem: Problem, where: ProcessGrid | Mesh, backend: Backend,
     kind = (problem.scheme, problem.options, problem.dtype, backend.name, problem.backward)
     if not where.comm.allreduce(kind not in _WARMED, op=MPI.LOR):
         return
-    tiny = build_case(dataclasses.replace(problem, m=8, k=8, n=8, hidden=None), where, backend,
-                      bucket_bytes=bucket_bytes)
+    small = dataclasses.replace(problem, m=8, k=8, n=8, hidden=None)
+    if problem.scheme in TRANSFORMER:  # whole sequences on each replica, heads of width 2
+        heads = problem.heads or max(1, problem.k // 64)
+        dp = where.dp if isinstance(where, Mesh) else 1
+        small = dataclasses.replace(problem, m=dp * (problem.seq or 1), k=2 * heads,
+                                    n=2 * heads, hidden=None, layers=1)
+    tiny = build_case(small, where, backend, bucket_bytes=bucket_bytes)
     tiny.forward()
     if problem.backward:
         tiny.backward()
@@ -278,6 +286,30 @@ def _rate_fields(times: dict, flops: float, traffic: dict, base: Optional[dict],
             if speedup is not None and baseline_threads is not None else None}
 
 
+def _model_fields(problem: Problem, times: dict, gflops: Optional[float], ranks: int,
+                  grid: tuple[int, int], dp: int, calibration: Calibration, backend: str,
+                  oversubscription: float) -> dict:
+    """The transformer schemes' record fields: ``model``, ``split`` (the cost model's seconds
+    per part of the schedule and the measured products, collectives and the rest),
+    ``gemm_peak_gflops`` (the calibration's large-GEMM rate per rank x ranks) and ``mfu``;
+    empty for the other schemes."""
+    if not transformer.is_transformer(problem):
+        return {}
+    machine = CalibratedMachine(calibration, backend, oversubscription=oversubscription)
+    sched = schedule_of(problem, grid, dp=dp)
+    assert sched is not None  # every transformer scheme lists its schedule
+    median, gemm, comm = times["time_s"]["median"], times["gemm_s"], times["comm_s"]
+    size = CLASS_SHAPES["large"]
+    peak = 2.0 * math.prod(size) / calibration.gemm(*size, problem.dtype, backend) \
+        * ranks / 1e9
+    return {"model": transformer.model_fields(problem),
+            "split": {"predicted": transformer.split(sched, machine,
+                                                     backward=problem.backward),
+                      "measured": {"products": gemm, "collectives": comm,
+                                   "other": max(0.0, median - gemm - comm)}},
+            "gemm_peak_gflops": peak, "mfu": transformer.mfu(gflops, peak)}
+
+
 def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, warmup: int = 2,
              iters: int = 10, verify: bool = True, baseline: bool | dict = False,
              baseline_threads: Optional[int] = None,
@@ -333,6 +365,10 @@ def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, wa
                    staged=case.backend.is_gpu and not case.backend.gpu_aware)
     load_max, oversub_max = _max_over_ranks(comm, [max(load), oversub])
     times = _time_fields(samples, problem.backward, base)
+    rates = _rate_fields(times, case.flops * (3 if problem.backward else 1), traffic, base,
+                         baseline_threads, ranks, threads)
+    model = _model_fields(problem, times, rates["gflops"], ranks, grid.shape, dp, calibration,
+                          backend.name, oversub)
     rec = RunRecord(
         scheme=problem.scheme, ranks=ranks, grid=grid.label,
         mesh={"dp": dp, "tp": grid.label, "bucket_bytes": bucket_bytes if mesh else None},
@@ -347,10 +383,8 @@ def run_case(problem: Problem, grid: ProcessGrid | Mesh, backend: Backend, *, wa
         max_rel_err=err, tolerance=tolerance(problem.dtype, problem.longest_sum),
         predicted_s=pred.time_s if pred else None,
         predicted=dataclasses.asdict(pred) if pred else None, overlap=phases,
-        **_rate_fields(times, case.flops * (3 if problem.backward else 1), traffic, base,
-                       baseline_threads, ranks, threads),
-        load_per_cpu=float(load_max), oversubscription=float(oversub_max),
-        blas=blas_info(backend), calibration=calibration_facts(calibration))
+        **rates, load_per_cpu=float(load_max), oversubscription=float(oversub_max),
+        blas=blas_info(backend), calibration=calibration_facts(calibration), **model)
     rec.flags = flags(rec)
     return rec
 

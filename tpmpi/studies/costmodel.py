@@ -61,6 +61,7 @@ from ..core.staging import STAGING_CHUNK_BYTES
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
 from .calfile import check_calibration
 from .footprint import SCHEME_LAYERS, bytes_per_rank
+from . import transformer
 from .pricing import price
 from .problem import Problem, options_label
 
@@ -333,12 +334,17 @@ def schedule_of(problem: Problem, grid: Sequence[int], *, dp: int = 1,
     """The schedule of one rank of ``problem`` (its scheme's layer class, sizes, dtype, pass
     and options) on the TP ``grid``, ``dp`` replicas each taking M/dp rows (with the DP
     gradient buckets); None for a scheme without a layer class. No communication."""
-    cls = SCHEME_LAYERS.get(problem.scheme)
-    if cls is None:
-        return None
     opts = dict(problem.options)
     overlap = opts.pop("overlap", True) is not False
     pr, pc = (int(g) for g in grid)
+    if transformer.is_transformer(problem):  # dp replicas of whole sequences
+        replica = dataclasses.replace(problem, m=problem.m // dp)
+        return DataParallel.schedule_for(transformer.schedule(replica, pr * pc), dp,
+                                         bucket_bytes=bucket_bytes, overlap=overlap,
+                                         staged=staged)
+    cls = SCHEME_LAYERS.get(problem.scheme)
+    if cls is None:
+        return None
     sched = cls.schedule_for(largest_block(problem.m, dp), problem.k, problem.n, (pr, pc),
                              dtype=problem.dtype, backward=problem.backward, overlap=overlap,
                              staged=staged, hidden=problem.hidden, **opts)
@@ -368,6 +374,8 @@ def predict(problem: Problem, ranks: int, grid: Optional[Sequence[int]] = None,
     cost = price(sched, machine, backward=problem.backward)
     replica = dataclasses.replace(problem, m=largest_block(problem.m, dp))
     mem = bytes_per_rank(replica, grid)
+    if mem is None:  # a transformer: its parameters (and gradients) and what forward keeps
+        mem = sched.param_bytes * (2 if problem.backward else 1) + sched.saved_bytes
     return Prediction(scheme=problem.scheme, grid=grid, options=dict(problem.options),
                       compute_s=cost.compute_s, comm_s=cost.comm_s, time_s=cost.time_s,
                       bytes_per_rank=cost.sent_bytes, mem_bytes=float(mem or 0), dp=dp,
@@ -422,6 +430,26 @@ def plan(m: int, k: int, n: int, ranks: int, *, hidden: Optional[int] = None,
         pred = predict(prob, ranks, grid, calibration, backend, dp=dp, bucket_bytes=bucket_bytes)
         assert pred is not None, f"the model knows every candidate scheme ({scheme})"
         preds.append(pred)
+    return sorted(preds, key=lambda pr: pr.time_s)
+
+
+def plan_transformer(problem: Problem, ranks: int, *, backend: str = "numpy",
+                     calibration: Optional[Calibration] = None,
+                     bucket_bytes: int = BUCKET_BYTES) -> list[Prediction]:
+    """The layouts of a transformer problem (scheme attention, block or gpt) ranked by
+    predicted time: every dp x tp mesh of ``ranks`` whose replicas take whole sequences, each
+    TP group of more than one rank with and without sequence parallelism."""
+    preds = []
+    batch = transformer.batch_of(problem)
+    for dp in (d for d in range(1, ranks + 1) if ranks % d == 0 and batch % d == 0):
+        tp = ranks // dp
+        for sp in (False, True) if tp > 1 else (False,):
+            opts = {**problem.opts, **({"sequence_parallel": True} if sp else {})}
+            prob = dataclasses.replace(problem, options=tuple(sorted(opts.items())))
+            pred = predict(prob, ranks, (1, tp), calibration, backend, dp=dp,
+                           bucket_bytes=bucket_bytes)
+            assert pred is not None  # every transformer scheme lists its schedule
+            preds.append(pred)
     return sorted(preds, key=lambda pr: pr.time_s)
 
 

@@ -9,6 +9,10 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 
+TRANSFORMER = ("attention", "block", "gpt")
+"""The schemes of a transformer's parts: the attention sub-layer, one block, the whole GPT."""
+
+
 def options_label(options: Mapping) -> str:
     """Scheme options as plan, tables and reports print them: ``name=value`` pairs sorted by
     name, comma-separated ("" without any)."""
@@ -17,7 +21,12 @@ def options_label(options: Mapping) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One configuration: ``Y = X @ W`` with X (m, k), W (k, n); ``hidden`` for the MLP."""
+    """One configuration: ``Y = X @ W`` with X (m, k), W (k, n); ``hidden`` for the MLP.
+
+    The transformer schemes (:data:`TRANSFORMER`: "attention", "block", "gpt") read ``k`` as
+    the model width d, ``m`` as the tokens ``batch x seq`` of sequences of ``seq`` tokens,
+    ``heads`` / ``kv_heads`` query and key-value heads, ``vocab`` and ``layers`` (gpt) and
+    option ``sequence_parallel``; :mod:`tpmpi.studies.transformer` holds their shapes."""
 
     scheme: str = "column"
     m: int = 1024
@@ -28,6 +37,11 @@ class Problem:
     backward: bool = False
     options: tuple = ()  # sorted (name, value) pairs of scheme options (panel, chunks, ...)
     replica: int = 0  # data-parallel replica: each draws its own X and dY (seeds offset)
+    heads: Optional[int] = None  # transformer schemes: query heads
+    kv_heads: Optional[int] = None  # key/value heads (None: heads)
+    seq: Optional[int] = None  # tokens per sequence (m = batch x seq)
+    vocab: Optional[int] = None  # gpt: vocabulary size
+    layers: Optional[int] = None  # gpt: blocks
 
     @property
     def opts(self) -> dict:
@@ -44,6 +58,8 @@ class Problem:
         """Terms of the longest dot product behind the outputs (and, with ``backward``, the
         gradients): the ``k`` of :func:`tpmpi.core.dtypes.tolerance`."""
         dims = [self.k] + ([self.d_hidden] if self.scheme == "mlp" else [])
+        if self.scheme in TRANSFORMER:  # the FFN's 4 d, the context's T, the head's vocab
+            dims += [4 * self.k, self.seq or 0, self.vocab or 0]
         if self.backward:
             dims += [self.m, self.n]
         return max(dims)

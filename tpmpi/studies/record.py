@@ -114,6 +114,10 @@ class RunRecord(_Record):
     oversubscription: float
     blas: dict
     calibration: Optional[dict] = None  # calibration_facts of the model behind predicted_s
+    model: Optional[dict] = None  # transformer schemes: tpmpi.studies.transformer.model_fields
+    split: Optional[dict] = None  # transformer schemes: {predicted, measured} seconds by part
+    gemm_peak_gflops: Optional[float] = None  # the job's GEMM rate MFU is measured against
+    mfu: Optional[float] = None  # gflops / gemm_peak_gflops
     flags: list = dataclasses.field(default_factory=list)  # tpmpi.studies.stats.flags of the record
     mpi_library: str = dataclasses.field(default_factory=mpi_library)
     version: str = __version__
@@ -228,6 +232,9 @@ RUN_FIELDS: dict[str, tuple] = {
     "flags": (list, lambda v: all(isinstance(f, str) for f in v), "a list of flag names",
               False),
     "calibration": (dict, None, "an object or null", False),
+    "model": (dict, None, "an object or null", False),
+    "split": (dict, None, "an object or null", False),
+    **dict.fromkeys(("mfu", "gemm_peak_gflops"), _OPTIONAL_NUMBER),
 }
 COLLECTIVE_FIELDS: dict[str, tuple] = {
     "collective": (str, bool, "a collective name", True),

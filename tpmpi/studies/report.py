@@ -21,6 +21,7 @@ from .costmodel import layout_label
 from .problem import options_label
 from ..core.args import check_field, is_number
 from .record import check_record, read_lines
+from .transformer import SPLIT_ORDER, describe
 from .stats import PREDICTION_NOTE, SUPERLINEAR, prediction_mark, short
 
 DIMS = ("m", "k", "n", "hidden")
@@ -378,13 +379,45 @@ def _md_accuracy(acc: dict) -> list[str]:
     return lines + [""]
 
 
+def _md_transformer(records: Sequence[dict]) -> list[str]:
+    """report.md's transformer section: per record of a transformer scheme its model, model
+    GFLOP/s and MFU, and where a step goes: the cost model's parts of the schedule and the
+    measured products, collectives and the rest (ms)."""
+    rows = [r for r in records if r.get("model") and r.get("split")]
+    if not rows:
+        return []
+    parts = sorted({k for r in rows for k in r["split"]["predicted"]},
+                   key=lambda k: (k not in SPLIT_ORDER, SPLIT_ORDER.index(k)
+                                  if k in SPLIT_ORDER else 0, k))
+    head = (["layout", "model", "ranks", "time_ms", "pred_ms", "GFLOP/s", "MFU"]
+            + [f"pred {k}" for k in parts] + ["meas products", "meas collectives",
+                                               "meas other"])
+    lines = ["## Transformer: where a step goes", "",
+             ("Model FLOPs as Narayanan et al. 2021 (docs/cli.md, \"Transformer schemes\"); "
+              "MFU against `gemm_peak_gflops`. `pred` parts: the cost model's seconds of each "
+              "part of the layers' schedule (collectives whole, overlapped or not); `meas`: "
+              "the layers' local products, the time blocked in collectives, and the rest "
+              "(attention core, element-wise work, Python), medians in ms."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        pred, meas = r["split"]["predicted"], r["split"]["measured"]
+        cells = [layout(r), describe(r["model"]), str(r["ranks"]),
+                 _fmt(r["time_s"]["median"] * 1e3, "{:.4g}"),
+                 _fmt(r["predicted_s"] * 1e3 if r.get("predicted_s") else None, "{:.4g}"),
+                 _fmt(r.get("gflops"), "{:.4g}"), _fmt(r.get("mfu"), "{:.1%}")]
+        cells += [_fmt(pred[k] * 1e3 if k in pred else None, "{:.3g}") for k in parts]
+        cells += [_fmt(meas[k] * 1e3, "{:.3g}") for k in ("products", "collectives", "other")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(schemes: Sequence[dict], colls: Sequence[dict], acc: Optional[dict],
              files: Sequence[str], runs: Sequence[dict] = ()) -> str:
     """report.md: the measured table, the collective summary, cost-model accuracy, the
     training runs (:func:`training_runs`), plots."""
     lines = ["# tpmpi report", ""]
     if schemes:
-        lines += _md_schemes(schemes)
+        lines += _md_schemes(schemes) + _md_transformer(schemes)
     if colls:
         lines += _md_collectives(colls)
     if acc and acc["records"]:

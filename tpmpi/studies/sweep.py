@@ -30,7 +30,7 @@ from ..layers.data_parallel import BUCKET_BYTES
 from .bench import node_threads, oversubscription, run_case
 from .collbench import format_row, time_collective
 from .costmodel import Calibration, square_grid
-from .problem import Problem
+from .problem import TRANSFORMER, Problem
 from .progress import Progress, announce, case_s
 from .record import RunRecord
 from .schemes.hybrid import largest_replica
@@ -38,7 +38,8 @@ from .schemes.hybrid import largest_replica
 SWEEPS = ("strong", "weak", "sizes")
 # scheme options the sweep varies, and the schemes that take them (None = option unset)
 SCHEME_OPTIONS = {"panel": ("tile2d",), "chunks": ("column",), "mode": ("mlp",),
-                  "activation": ("mlp",), "overlap": ("column", "row", "mlp")}
+                  "activation": ("mlp",), "overlap": ("column", "row", "mlp"),
+                  "sequence_parallel": TRANSFORMER}
 GRID_2D = ("tile2d",)  # schemes that use a 2D grid; the others run on 1xP only
 
 
@@ -92,7 +93,7 @@ def grids_for(scheme: str, p: int, grids: Sequence[str]) -> list[tuple]:
 def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
             sizes: Sequence[int], ranks: Sequence[int], grids: Sequence[str],
             dtypes: Sequence[str], backward: bool, options: dict,
-            dps: Sequence[int] = (1,)) -> list[Config]:
+            dps: Sequence[int] = (1,), model: Optional[dict] = None) -> list[Config]:
     """The sweep's configurations, largest P first (a problem's serial baseline is measured at
     its first, largest run). ``dims`` = {m, k, n, hidden: [values]}; non-empty ``sizes``
     replace ``dims[dim]``; "weak" multiplies ``dim`` by P; ``options`` = {name: [values]}
@@ -111,7 +112,9 @@ def configs(kind: str, *, schemes: Sequence[str], dims: dict, dim: str,
             opt_names = [o for o in options if scheme in SCHEME_OPTIONS.get(o, ())]
             for values in itertools.product(*(options[o] for o in opt_names)):
                 opts = tuple(sorted((o, v) for o, v in zip(opt_names, values) if v is not None))
-                prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts, **d)
+                shape_of = dict(d, n=d["k"], **(model or {})) if scheme in TRANSFORMER else d
+                prob = Problem(scheme=scheme, dtype=dtype, backward=backward, options=opts,
+                               **shape_of)
                 kind2d = "tile2d" if dict(opts).get("mode") == "tile2d" else scheme
                 out.extend(Config(prob, p, g, (kind, dim), dp) for dp in sorted(set(dps))
                            if p % dp == 0 for g in grids_for(kind2d, p // dp, grids))

@@ -1,11 +1,14 @@
 """tpmpi's layers against the bare products they parallelise, and the cost model's prediction.
 
-``mpiexec -n P python -m tpmpi.studies.vsbare [--schemes column,row,mlp,tile2d] [--dtypes ...]
-[--m M --k K --n N] [--calibration FILE] [--json FILE]`` times every scheme x dtype on the P
+``mpiexec -n P python -m tpmpi.studies.vsbare [--schemes column,row,mlp,tile2d,block]
+[--dtypes ...] [--m M --k K --n N] [--heads H --seq T] [--calibration FILE] [--json FILE]``
+times every scheme x dtype on the P
 ranks, forward and forward+backward, as users run the layers (no profiler attached; median over
 ``--iters`` of the slowest rank), and the bare products of the same global sizes on one process
 and the same backend (the scheme's serial step: ``x @ w + b``, with backward ``dy @ w.T``,
-``x.T @ dy``, ``dy.sum(0)``; the FFN's two products and activation), timed on rank 0 while the
+``x.T @ dy``, ``dy.sum(0)``; the FFN's two products and activation; the block: nanoGPT's block
+forward and backward written in plain NumPy/CuPy, :mod:`tpmpi.studies.baregpt`, with ``--m``
+tokens in sequences of ``--seq``), timed on rank 0 while the
 others wait; where torch is installed, also ``torch.matmul`` on the same arrays (linear schemes).
 Layers and bare products alternate in every round, so that load which comes and goes hits
 both alike. ``ratio`` = bare time / tpmpi time (of the medians; ``ratio_*_best`` of the best
@@ -44,10 +47,12 @@ from .bench import oversubscription
 from .costmodel import Calibration, load_calibration, predict, square_grid
 from .problem import Problem
 from .record import mpi_library, read_lines, write_record
-from .schemes import KNOWN as SCHEMES, LayerCase, bare_products, build
+from .schemes import Case, bare_products, build
 from .timing import time_calls
 
 PHASES = ("fwd", "fwdbwd")
+LINEAR = ("column", "row", "tile2d", "mlp")  # the layers against their bare products
+SCHEMES = LINEAR + ("block",)  # and the transformer block against nanoGPT's in plain code
 PROG = "python -m tpmpi.studies.vsbare"
 
 
@@ -84,10 +89,11 @@ inflate (meaningful for one rank with one BLAS thread on a CPU: MPI's busy polli
 other threads count too)."""
 
 
-def _bare_steps(case: LayerCase, backend: Backend, with_torch: bool) -> dict:
-    """``{"bare": step(backward)}`` of the case's bare products on one process, and
-    ``"torch"``'s on the same arrays for a linear scheme with torch installed."""
-    if case.problem.scheme == "mlp":
+def _bare_steps(case: Case, backend: Backend, with_torch: bool) -> dict:
+    """``{"bare": step(backward)}`` of the case's bare products on one process (the block:
+    nanoGPT's block in plain array code, :mod:`tpmpi.studies.baregpt`), and ``"torch"``'s on
+    the same arrays for a linear scheme with torch installed."""
+    if case.problem.scheme not in LINEAR:
         return {"bare": case.serial(backend)}
     arrays = case.full_arrays(backend)  # one set for the backend's and torch's products
     steps = {"bare": bare_products(backend.xp.matmul, *arrays, backend.synchronize)}
@@ -97,7 +103,7 @@ def _bare_steps(case: LayerCase, backend: Backend, with_torch: bool) -> dict:
     return steps
 
 
-def time_case(case: LayerCase, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool,
+def time_case(case: Case, comm: MPI.Comm, *, warmup: int, iters: int, with_torch: bool,
               clock: str = "wall") -> dict:
     """Seconds of each of ``iters`` rounds (after ``warmup``) per measurement: ``fwd`` and
     ``fwdbwd`` of the layers (slowest rank), ``bare_fwd``, ``bare_fwdbwd`` and (with torch)
@@ -131,7 +137,8 @@ def time_case(case: LayerCase, comm: MPI.Comm, *, warmup: int, iters: int, with_
 
 
 def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int, k: int,
-            n: int, hidden: Optional[int] = None, warmup: int = 1, iters: int = 5,
+            n: int, hidden: Optional[int] = None, heads: Optional[int] = None,
+            seq: int = 512, warmup: int = 1, iters: int = 5,
             calibration: Optional[Calibration] = None, with_torch: bool = True,
             clock: str = "wall") -> dict:
     """One record: ``scheme`` in ``dtype`` on the ranks of ``comm`` (1 x P; tile2d on the most
@@ -140,9 +147,10 @@ def compare(scheme: str, dtype: str, comm: MPI.Comm, backend: Backend, *, m: int
     (bare / tpmpi) of the medians and ``ratio_*_best`` of the best times. Collective."""
     p = comm.Get_size()
     grid = ProcessGrid(comm, square_grid(p) if scheme == "tile2d" else None)
-    problem = Problem(scheme=scheme, m=m, k=k, n=k if scheme == "mlp" else n,
+    shape: dict[str, Any] = {"heads": heads, "seq": seq} if scheme == "block" else {}
+    problem = Problem(scheme=scheme, m=m, k=k, n=n if scheme in LINEAR[:3] else k,
                       hidden=(hidden or k) if scheme == "mlp" else None, dtype=dtype,
-                      backward=True)
+                      backward=True, **shape)
     case = build(problem, grid, backend)
     rec: dict[str, Any] = {
         "scheme": scheme, "ranks": p, "grid": grid.label, "m": problem.m, "k": problem.k,
@@ -222,12 +230,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="print the markdown table of these records and exit (no MPI job)")
     ap.add_argument("--best", action="store_true",
                     help="tables of the best times instead of the medians (a loaded machine)")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default=",".join(LINEAR),
+                    help=f"comma list of {', '.join(SCHEMES)} (default: {','.join(LINEAR)})")
     ap.add_argument("--dtypes", default=None,
                     help="default float32,float16,bfloat16 on a GPU, float32,float64 on a CPU")
     for dim in ("m", "k", "n"):
         ap.add_argument(f"--{dim}", type=int_flag(), default=2048)
     ap.add_argument("--hidden", type=int_flag(), default=None, help="mlp hidden size (default k)")
+    ap.add_argument("--heads", type=int_flag(), default=None,
+                    help="block: attention heads (default k / 64)")
+    ap.add_argument("--seq", type=int_flag(), default=512,
+                    help="block: tokens per sequence (--m must be a multiple)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto")
     ap.add_argument("--warmup", type=int_flag(), default=1)
     ap.add_argument("--iters", type=int_flag(), default=5)
@@ -266,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None, comm: Optional[MPI.Comm] = None) 
         for scheme in args.schemes.split(","):
             try:
                 rec = compare(scheme, dtype, comm, backend, m=args.m, k=args.k, n=args.n,
-                              hidden=args.hidden, warmup=args.warmup, iters=args.iters,
+                              hidden=args.hidden, heads=args.heads, seq=args.seq,
+                              warmup=args.warmup, iters=args.iters,
                               calibration=calibration, with_torch=args.torch,
                               clock=args.clock)
             except ValueError as exc:  # raised on every rank (tpmpi agrees on errors)

@@ -16,9 +16,10 @@ from ...core.partition import block_range, largest_block
 from ...core.profiler import Profiler
 from ...layers.data_parallel import BUCKET_BYTES, DataParallel
 from ...layers.module import attach_tap
-from ..problem import Problem
-from .base import Case, collective_rel_err, host64
+from ..problem import TRANSFORMER, Problem
+from .base import Case, LayerCase, collective_rel_err, host64
 from .registry import build
+from .transformer import TransformerCase
 
 
 class DataParallelCase(Case):
@@ -30,8 +31,10 @@ class DataParallelCase(Case):
     def __init__(self, problem: Problem, mesh: Mesh, backend: Backend, *,
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         a, b = block_range(problem.m, mesh.dp, mesh.dp_rank)
-        self.inner = build(dataclasses.replace(problem, m=b - a, replica=mesh.dp_rank),
-                           mesh.tp, backend)
+        inner = build(dataclasses.replace(problem, m=b - a, replica=mesh.dp_rank), mesh.tp,
+                      backend)
+        assert isinstance(inner, LayerCase)  # the transformer cases run on the mesh
+        self.inner: LayerCase = inner
         self.problem = dataclasses.replace(self.inner.problem, m=problem.m, replica=0)
         self.mesh, self.comm = mesh, mesh.comm
         overlap = self.problem.opts.get("overlap", True) is not False
@@ -85,7 +88,9 @@ def largest_replica(problem: Problem, dp: int) -> Problem:
 def build_case(problem: Problem, where: ProcessGrid | Mesh, backend: Backend, *,
                bucket_bytes: int = BUCKET_BYTES) -> Case:
     """The case of ``problem`` on a grid (:func:`tpmpi.studies.schemes.build`) or on a mesh (a
-    :class:`DataParallelCase`)."""
+    :class:`DataParallelCase`; a transformer scheme's case runs on the mesh itself)."""
+    if isinstance(where, Mesh) and problem.scheme in TRANSFORMER:
+        return TransformerCase(problem, where, backend)
     if isinstance(where, Mesh):
         return DataParallelCase(problem, where, backend, bucket_bytes=bucket_bytes)
     return build(problem, where, backend)

@@ -7,15 +7,17 @@ from typing import Callable
 from ...core.backend import Backend
 from ...core.grid import ProcessGrid
 from ..problem import Problem
-from .base import LayerCase
+from .base import Case
 from .column import ColumnCase
 from .mlp import MLPCase
 from .row import RowCase
 from .tile2d import TileCase
+from .transformer import TransformerCase
 
-SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], LayerCase]
+SchemeBuilder = Callable[[Problem, ProcessGrid, Backend], Case]
 REGISTRY: dict[str, SchemeBuilder] = {"column": ColumnCase, "row": RowCase, "mlp": MLPCase,
-                                      "tile2d": TileCase}
+                                      "tile2d": TileCase, "attention": TransformerCase,
+                                      "block": TransformerCase, "gpt": TransformerCase}
 KNOWN = tuple(REGISTRY)
 
 
@@ -24,8 +26,8 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build(problem: Problem, grid: ProcessGrid, backend: Backend) -> LayerCase:
-    """The :class:`~tpmpi.studies.schemes.base.LayerCase` of ``problem``; ValueError for an
+def build(problem: Problem, grid: ProcessGrid, backend: Backend) -> Case:
+    """The :class:`~tpmpi.studies.schemes.base.Case` of ``problem``; ValueError for an
     unknown scheme."""
     if problem.scheme not in REGISTRY:
         raise ValueError(f"scheme={problem.scheme!r} is unknown; available: "
