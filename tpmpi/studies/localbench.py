@@ -15,8 +15,10 @@ their own, all at once, so that they share the memory system as a run's ranks do
   at the bytes of its inputs and outputs; seconds per byte of the whole set, less one
   ``overhead_s`` per kernel.
 
-Every value is the best of :data:`REPS` rounds (each the slowest measuring rank's): the
-machine's rates, not the load other jobs put on it.
+Every value is the best of :data:`REPS` rounds (each the slowest measuring rank's), timed on a
+CPU by the CPU time the rank spent (``time.process_time``): what the work takes with a core to
+itself, which is the wall-clock time on a node of its own and stays so on a machine that other
+jobs share (their load would otherwise end up in the rates; a GPU is timed by the wall clock).
 
 NumPy's 2-byte floats multiply as float32 BLAS (:mod:`tpmpi.core.gemm`): calibrate measures no
 NumPy half-precision curves, and the model takes the float32 ones.
@@ -95,10 +97,11 @@ def measuring_ranks(comm: MPI.Comm, backend: Backend, cores: int) -> Iterator[MP
 
 def _best(call: Callable[[], Any], comm: MPI.Comm, backend: Backend, reps: int,
           repeat: int = 1, warmup: int = 1) -> float:
-    """The best of ``reps`` rounds, each the slowest rank's: the machine's own rate, not the
-    load other jobs put on it (a round lasts about a millisecond at least)."""
+    """The best of ``reps`` rounds, each the slowest rank's, in CPU time on a CPU (see the
+    module docstring), wall-clock time on a GPU."""
+    clock = time.perf_counter if backend.is_gpu else time.process_time
     return float(np.min(time_calls([call], comm, sync=backend.synchronize, warmup=warmup,
-                                   iters=reps, repeat=repeat)))
+                                   iters=reps, repeat=repeat, clock=clock)))
 
 
 def overhead_seconds(backend: Backend, dtype: str, comm: MPI.Comm, reps: int = REPS) -> float:
