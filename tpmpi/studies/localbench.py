@@ -35,6 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core.backend import Backend, backend_of
+from ..core.comm import first_ranks
 from ..core.gemm import LocalWork
 from ..core.topology import device_leaders, node_comm
 from ..layers.activations import get_activation
@@ -78,20 +79,15 @@ def node_facts(comm: MPI.Comm) -> dict:
 @contextlib.contextmanager
 def measuring_ranks(comm: MPI.Comm, backend: Backend, cores: int) -> Iterator[MPI.Comm]:
     """The ranks that measure local work (COMM_NULL on the others): on a GPU the first rank of
-    each device, on a CPU the first ``cores`` ranks of each node (a rank per core). The others
-    wait without polling until all are done. Collective."""
+    each device, all devices together; on a CPU the first ``cores`` ranks of each node (a rank
+    per core), each node on its own (nodes share no cores). The others wait without polling
+    until all are done. Collective."""
     if backend.is_gpu:
         with device_leaders(comm, backend.device_key()) as leaders:
             yield leaders
     else:
-        with node_comm(comm) as local:
-            lead = local.Get_rank() < cores
-        sub = comm.Split(0 if lead else MPI.UNDEFINED, comm.Get_rank())
-        try:
+        with node_comm(comm) as local, first_ranks(local, cores) as sub:
             yield sub
-        finally:
-            if sub != MPI.COMM_NULL:
-                sub.Free()
     wait_idle(comm)
 
 
