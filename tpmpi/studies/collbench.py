@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core import colltable
-from ..core.arrays import Array, DTypeLike
+from ..core.arrays import DTypeLike
 from ..core.backend import Backend
 from ..core.comm import first_ranks
 from ..core.dtypes import HALF
@@ -37,7 +37,7 @@ from ..core.summa import BroadcastPiece, ReduceToOwner
 from ..core.threads import blas_info
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, REDUCTIONS, Calibration, \
     calibration_key, fit_alpha_beta, gemm_work
-from .localbench import local_curves, measuring_ranks, node_facts, wait_idle
+from .localbench import local_curves, measuring_ranks, node_facts, uniform, wait_idle
 from .record import CollectiveRecord, mpi_library, utc_timestamp
 from .table import line
 from .timing import time_calls
@@ -164,12 +164,6 @@ def format_row(rec: Mapping[str, Any], header: bool = False) -> str:
                 widths)
 
 
-def _uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
-    """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
-    rate, depend on the data: constant operands would flatter it)."""
-    return (xp.random.random(shape) * 2 - 1).astype(dtype)
-
-
 def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
               reps: int = 3) -> float:
     """Rate of one local GEMM of ``shape`` (m, k, n) on random operands, run on every rank of
@@ -179,7 +173,7 @@ def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm
     Collective."""
     m, k, n = shape
     xp = backend.xp
-    a, b = _uniform(xp, (m, k), dtype), _uniform(xp, (k, n), dtype)
+    a, b = uniform(xp, (m, k), dtype), uniform(xp, (k, n), dtype)
     c = xp.empty((m, n), dtype=dtype)
     times = time_calls([lambda: xp.matmul(a, b, out=c)], comm, sync=backend.synchronize,
                        warmup=1, iters=reps)
@@ -192,7 +186,7 @@ def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**2
     ``{"d2h": ..., "h2d": ...}``, each from the best of ``reps`` copies of ``nbytes`` (each
     the slowest rank's). Collective."""
     count = nbytes // 4
-    device = _uniform(backend.xp, (count,), "float32")
+    device = uniform(backend.xp, (count,), "float32")
     host = backend.pinned_empty((count,), "float32")
     copies = {"d2h": lambda: backend.copy_to_host(device, host),
               "h2d": lambda: backend.copy_from_host(host, device)}

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
+from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, backend_of
 from ..core.comm import first_ranks
 from ..core.gemm import LocalWork
@@ -54,7 +55,9 @@ BATCH_FLOPS = 1e8
 MAX_BATCH = 1024
 
 
-def _uniform(xp: Any, shape: tuple, dtype: Any) -> Any:
+def uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
+    """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
+    rate, depend on the data: constant operands would flatter it)."""
     return (xp.random.random(shape) * 2 - 1).astype(dtype)
 
 
@@ -104,7 +107,7 @@ def overhead_seconds(backend: Backend, dtype: str, comm: MPI.Comm, reps: int = R
     """Seconds of one tiny (8 x 8) product through :class:`~tpmpi.core.gemm.LocalWork`.
     Collective over ``comm``."""
     xp, work = backend.xp, LocalWork(backend.xp)
-    a, b = _uniform(xp, (8, 8), dtype), _uniform(xp, (8, 8), dtype)
+    a, b = uniform(xp, (8, 8), dtype), uniform(xp, (8, 8), dtype)
     return _best(lambda: work.product(a, b), comm, backend, reps, repeat=200, warmup=20)
 
 
@@ -114,7 +117,7 @@ def product_seconds(backend: Backend, dtype: str, comm: MPI.Comm, m: int, k: int
     docstring). Collective over ``comm``."""
     xp = backend.xp
     batch = int(min(MAX_BATCH, max(1, BATCH_FLOPS // (2 * m * k * n))))
-    a, b = _uniform(xp, (batch, m, k), dtype), _uniform(xp, (batch, k, n), dtype)
+    a, b = uniform(xp, (batch, m, k), dtype), uniform(xp, (batch, k, n), dtype)
     c = xp.empty((batch, m, n), dtype=dtype)
     return _best(lambda: xp.matmul(a, b, out=c), comm, backend, reps) / batch
 
@@ -151,8 +154,8 @@ def kernel_seconds(backend: Backend, dtype: str, comm: MPI.Comm, size: int,
     gelu, gelu_grad = get_activation("gelu_erf")  # the GPT's (nanoGPT's exact GELU)
     item = np.dtype(dtype).itemsize
     rows = max(1, size // (WIDTH * item))
-    x, y, z = (_uniform(xp, (rows, WIDTH), dtype) for _ in range(3))
-    w, bias = _uniform(xp, (WIDTH,), dtype), _uniform(xp, (WIDTH,), dtype)
+    x, y, z = (uniform(xp, (rows, WIDTH), dtype) for _ in range(3))
+    w, bias = uniform(xp, (WIDTH,), dtype), uniform(xp, (WIDTH,), dtype)
     _, saved = layer_norm(x, w, bias)
 
     def kernels() -> None:
