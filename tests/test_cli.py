@@ -169,7 +169,11 @@ def test_bench_usage_errors_exit_2_everywhere(world, argv):
 
 
 @pytest.mark.mpi
-def test_calibrate_writes_fits(world, shared_tmp):
+def test_calibrate_writes_fits(world, shared_tmp, monkeypatch):
+    from tpmpi.studies import localbench
+
+    monkeypatch.setattr(localbench, "GRID_DIMS", {"cpu": (16, 64), "gpu": (16, 64)})
+    monkeypatch.setattr(localbench, "POINTWISE_SIZES", (4096, 65536))
     path = str(shared_tmp / "c.json")
     assert main(["calibrate", "--json", path, "-b", "64", "-e", "4K", "--iters", "2",
                  "--dtype", "float32"], comm=world.comm) == 0
@@ -178,6 +182,8 @@ def test_calibrate_writes_fits(world, shared_tmp):
             data = json.load(fh)
         assert data["machine"]["ranks"] == world.size and "blas" in data["machine"]
         assert set(data["rates"]["numpy:float32"]) == {"thin", "small", "medium", "large"}
+        assert data["local"]["numpy:float32"]["gemm"]["dims"] == [16, 64]
+        assert data["machine"]["ranks_per_node"] == world.size
         if world.size > 1:
             assert str(world.size) in data["alpha"]["allgather"]
             assert data["beta"]["allreduce"][str(world.size)] >= 0

@@ -83,19 +83,25 @@ def test_usage_errors_name_the_flag_in_one_line(capsys, argv, says):
 
 def test_plan_says_what_its_calibration_does_not_cover(tmp_path, capsys):
     """The README's calibrate -n 2 then plan --ranks 4 is silent (the nearest fit is the model);
-    plan notes the defaults, warns about another backend or a calibration without collectives;
-    a calibration file that is no calibration ({}, []) is a usage error naming the field."""
+    plan notes the defaults and a file without the curves of local work, warns about another
+    backend or a calibration without collectives; a calibration file that is no calibration
+    ({}, []) is a usage error naming the field."""
     from mpi4py import MPI
 
+    from tpmpi.studies.localcurves import LocalCurves
+
     cal = tmp_path / "c.json"  # one path per rank: each rank plans alone (COMM_SELF)
-    fitted = {"machine": {"source": "calibrate", "ranks": 2, "backend": "numpy"},
-              "alpha": {"allgather": {"2": 1e-5}}, "beta": {"allgather": {"2": 1e-9}},
-              "rates": {"numpy:float32": {"thin": 1e10, "small": 5e10, "medium": 1e11,
-                                          "large": 1e11}}}
+    curves = LocalCurves(1e-6, (16,), (((1e-7,),),), (1e4,), (1e-10,)).to_json()
+    old = {"machine": {"source": "calibrate", "ranks": 2, "backend": "numpy"},
+           "alpha": {"allgather": {"2": 1e-5}}, "beta": {"allgather": {"2": 1e-9}},
+           "rates": {"numpy:float32": {"thin": 1e10, "small": 5e10, "medium": 1e11,
+                                       "large": 1e11}}}
+    fitted = {**old, "local": {"numpy:float32": curves}}
     base = ["plan", "--m", "64", "--k", "64", "--n", "64", "--ranks", "4"]
     other = ("warning: calibration .* measured the numpy backend: the cupy GEMM rates are the "
              "model's defaults")
     cases = [(fitted, [], ""), (fitted, ["--backend", "cupy"], other),
+             (old, [], r"note: calibration .* has no curves of local work"),
              ({**fitted, "alpha": {}, "beta": {}, "machine": {"source": "calibrate",
                                                              "ranks": 1}}, [],
               r"fitted no collective \(calibrate ran on 1 rank\(s\)\)")]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import fake_cupy
-from tpmpi.studies import collbench
+from tpmpi.studies import collbench, localbench
 from tpmpi.core.backend import get_backend
 from tpmpi.core.colltable import staged_bytes
 from tpmpi.studies.costmodel import STAGING_CHUNK_BYTES, Calibration, load_calibration, predict
@@ -98,6 +98,13 @@ def test_calibrate_on_a_gpu_measures_one_rank_per_device(world, monkeypatch):
     shapes = {"thin": (4, 64, 64), "small": (16, 16, 16), "medium": (32, 32, 32),
               "large": (64, 64, 64)}
     monkeypatch.setattr(collbench, "GPU_CLASS_SHAPES", shapes)
+    monkeypatch.setattr(localbench, "GRID_DIMS", {"cpu": (16, 32), "gpu": (16, 32)})
+    monkeypatch.setattr(localbench, "POINTWISE_SIZES", (4096,))
+    curves = []  # the fake device's matmul is 2-D only in half precision: curves in float32
+    real_curves = collbench.local_curves
+    monkeypatch.setattr(collbench, "local_curves", lambda backend, dtype, comm:
+                        curves.append((dtype, comm.Get_size())) or
+                        real_curves(backend, "float32", comm))
     timed = []
     real_rate = collbench.gemm_rate
     monkeypatch.setattr(collbench, "gemm_rate", lambda shape, dtype, backend, comm:
@@ -109,11 +116,13 @@ def test_calibrate_on_a_gpu_measures_one_rank_per_device(world, monkeypatch):
     if world.comm.Get_rank() == 0:
         assert sorted({d for _, d, _ in timed}) == sorted(SUPPORTED)
         assert {s for s, _, _ in timed} == set(shapes.values()) and {p for *_, p in timed} == {1}
+        assert curves == [(dtype, 1) for dtype in SUPPORTED]
     else:
-        assert timed == []
+        assert timed == [] and curves == []
     for dtype in SUPPORTED:
         assert set(cal.rates[f"cupy:{dtype}"]) == set(shapes)
     assert set(cal.staging) == {"d2h", "h2d"} and min(cal.staging.values()) > 0
+    assert sorted(cal.local) == sorted(f"cupy:{dtype}" for dtype in SUPPORTED)
     same = world.comm.allgather(cal.to_json())
     assert all(c == same[0] for c in same)
 

@@ -25,6 +25,7 @@ from ..studies.clusterplan import (default_dtype, explain_step, format_cluster_p
                                    parse_model, parse_sizes, plan_cluster, plan_records)
 from ..studies.collbench import calibrate, sizes_sweep
 from ..studies.costmodel import explain, format_plan, plan, plan_transformer
+from ..studies.machine import CalibratedCluster
 from ..studies.problem import Problem
 from ..studies.record import mpi_library
 from ..studies.schemes.hybrid import largest_replica
@@ -178,6 +179,11 @@ def _plan_cluster(args: argparse.Namespace, comm: MPI.Comm) -> int:
         tp, dp = parse_sizes("tp", args.tp), parse_sizes("dp", args.dp)
     target = agree_target(args.cluster, comm)
     agree_output_file(args.json, comm)
+    if isinstance(target, CalibratedCluster) and comm.Get_rank() == 0:
+        note = calibration_warning(target.device.calibration, target.device.backend,
+                                   max(tp), args.cluster)
+        if note:
+            sys.stderr.write(note + "\n")
     with usage():
         preds = plan_cluster(target, shape, micro_batch=args.micro_batch,
                              global_batch=args.global_batch, tp=tp, dp=dp, gpus=args.gpus,

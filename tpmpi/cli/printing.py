@@ -95,7 +95,8 @@ def print_facts(facts: Mapping[str, Any]) -> None:
 
 def calibration_warning(cal: Calibration, backend: str, ranks: int, source: Optional[str]
                         ) -> Optional[str]:
-    """What plan says on stderr about its calibration: a note when it uses the model's defaults;
+    """What plan says on stderr about its calibration: a note when it uses the model's defaults
+    or a file without curves of local work (:attr:`Calibration.local`);
     a warning when the calibration measured another backend than ``--backend`` (its GEMM
     rates would be the defaults) or fitted no collective while ``ranks`` > 1. Communicator
     sizes without a fit are no mismatch: the nearest fitted size's alpha and beta are used with
@@ -111,4 +112,9 @@ def calibration_warning(cal: Calibration, backend: str, ranks: int, source: Opti
     if ranks > 1 and not facts["fitted"]:
         return (f"tpmpi: warning: calibration {name} fitted no collective (calibrate ran on "
                 f"{facts['ranks']} rank(s)): the collectives use the model's defaults")
+    if cal.curves("float32", backend) is None:
+        return (f"tpmpi: note: calibration {name} has no curves of local work (a file "
+                "from before calibrate measured the product grid, the element-wise kernels and "
+                "the per-step overhead): its shape-class GEMM rates price products and its "
+                "'thin' rate element-wise work; calibrate again for the curves")
     return None

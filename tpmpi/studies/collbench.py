@@ -27,16 +27,17 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core import colltable
-from ..core.arrays import Array, DTypeLike
+from ..core.arrays import DTypeLike
 from ..core.backend import Backend
 from ..core.comm import first_ranks
+from ..core.dtypes import HALF
 from ..core.mappings import AllReduce, GatherCols, ReduceScatterRows
 from ..core.partition import block_partition, block_range
 from ..core.summa import BroadcastPiece, ReduceToOwner
 from ..core.threads import blas_info
-from ..core.topology import device_leaders
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, REDUCTIONS, Calibration, \
     calibration_key, fit_alpha_beta, gemm_work
+from .localbench import local_curves, measuring_ranks, node_facts, uniform, wait_idle
 from .record import CollectiveRecord, mpi_library, utc_timestamp
 from .table import line
 from .timing import time_calls
@@ -163,12 +164,6 @@ def format_row(rec: Mapping[str, Any], header: bool = False) -> str:
                 widths)
 
 
-def _uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
-    """uniform(-1, 1) values of ``dtype`` made on the backend (a GPU's clocks, hence its GEMM
-    rate, depend on the data: constant operands would flatter it)."""
-    return (xp.random.random(shape) * 2 - 1).astype(dtype)
-
-
 def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm,
               reps: int = 3) -> float:
     """Rate of one local GEMM of ``shape`` (m, k, n) on random operands, run on every rank of
@@ -178,7 +173,7 @@ def gemm_rate(shape: Sequence[int], dtype: str, backend: Backend, comm: MPI.Comm
     Collective."""
     m, k, n = shape
     xp = backend.xp
-    a, b = _uniform(xp, (m, k), dtype), _uniform(xp, (k, n), dtype)
+    a, b = uniform(xp, (m, k), dtype), uniform(xp, (k, n), dtype)
     c = xp.empty((m, n), dtype=dtype)
     times = time_calls([lambda: xp.matmul(a, b, out=c)], comm, sync=backend.synchronize,
                        warmup=1, iters=reps)
@@ -191,7 +186,7 @@ def staging_bandwidth(backend: Backend, comm: MPI.Comm, nbytes: int = 256 * 2**2
     ``{"d2h": ..., "h2d": ...}``, each from the best of ``reps`` copies of ``nbytes`` (each
     the slowest rank's). Collective."""
     count = nbytes // 4
-    device = _uniform(backend.xp, (count,), "float32")
+    device = uniform(backend.xp, (count,), "float32")
     host = backend.pinned_empty((count,), "float32")
     copies = {"d2h": lambda: backend.copy_to_host(device, host),
               "h2d": lambda: backend.copy_from_host(host, device)}
@@ -223,17 +218,20 @@ def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
                                           [r.time_s for r in recs])
                     alpha.setdefault(key, {})[str(p)] = a
                     beta.setdefault(key, {})[str(p)] = b
-        comm.Barrier()
+        wait_idle(comm)
     return comm.bcast((alpha, beta), root=0)
 
 
-def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
-                  progress: Callable[[str], None]) -> tuple[dict, Optional[dict]]:
-    """``(rates, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the shape
-    classes of the backend, and on a GPU the pinned copy bandwidth (None on a CPU), measured
-    by the first rank on each device, all devices at once. Collective; on every rank."""
-    rates, staging = {}, None
-    with device_leaders(comm, backend.device_key()) as leaders:
+def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str], cores: int,
+                  progress: Callable[[str], None]) -> tuple[dict, dict, Optional[dict]]:
+    """``(rates, local, staging)``: GEMM rates ``{"backend:dtype": {class: rate}}`` at the
+    shape classes of the backend, the curves of local work ``{"backend:dtype":
+    LocalCurves}`` (:mod:`tpmpi.studies.localbench`; none for NumPy's 2-byte floats, which
+    multiply as float32), and on a GPU the pinned copy bandwidth (None on a CPU), measured by
+    the first rank on each device, or on a CPU the first ``cores`` ranks of each node, all at
+    once. Collective; on every rank."""
+    rates, local, staging = {}, {}, None
+    with measuring_ranks(comm, backend, cores) as leaders:
         if leaders != MPI.COMM_NULL:  # rank 0 always is one
             shapes = GPU_CLASS_SHAPES if backend.is_gpu else CLASS_SHAPES
             for dtype in dtypes:
@@ -245,10 +243,13 @@ def _device_rates(comm: MPI.Comm, backend: Backend, dtypes: Sequence[str],
                 progress(f"gemm {dtype}")
                 rates[f"{backend.name}:{dtype}"] = {cls: gemm_rate(shape, dtype, backend, leaders)
                                                     for cls, shape in shapes.items()}
+                if backend.is_gpu or dtype not in HALF:
+                    progress(f"local work {dtype}: products, element-wise kernels, overhead")
+                    local[f"{backend.name}:{dtype}"] = local_curves(backend, dtype, leaders)
             if backend.is_gpu:
                 progress("pinned host<->device copies")
                 staging = staging_bandwidth(backend, leaders)
-    return comm.bcast((rates, staging), root=0)
+    return comm.bcast((rates, local, staging), root=0)
 
 
 def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("float32",),
@@ -260,19 +261,25 @@ def calibrate(comm: MPI.Comm, backend: Backend, *, dtypes: Sequence[str] = ("flo
     ``sizes`` (bytes), and GEMM rates per dtype and shape class. On a GPU backend the rates
     (at :data:`tpmpi.studies.costmodel.GPU_CLASS_SHAPES`, for each dtype the device supports) and
     the pinned copy bandwidth are measured by one rank per device, all devices at once (the model
-    scales them by the ranks sharing a device). Collective; the result on every rank."""
+    scales them by the ranks sharing a device); on a CPU the first rank per core of each node
+    measures them, the rest waiting without polling, and the file records the node's cores and
+    ranks (``machine.cores_per_node``, ``machine.ranks_per_node``). The curves of local work
+    (:mod:`tpmpi.studies.localbench`) are measured the same way. Collective; the result on
+    every rank."""
     world = comm.Get_size()
     say = progress or (lambda what: None)
     sizes = list(sizes) or sizes_sweep(8, 1 << 22, 4)
     ranks = sorted(set(ranks) or ({2 ** i for i in range(1, world.bit_length())
                                    if 2 ** i <= world} | ({world} if world > 1 else set())))
+    nodes = node_facts(comm)
     cal = Calibration(machine={
-        "source": "calibrate", "ranks": world, "threads_per_rank": threads,
+        "source": "calibrate", "ranks": world, "threads_per_rank": threads, **nodes,
         "blas": blas_info(backend), "backend": backend.name,
         "mpi_library": mpi_library(), "timestamp": utc_timestamp(),
     })
     cal.alpha, cal.beta = _fit_collectives(comm, backend, ops, sizes, ranks, iters, say)
-    rates, staging = _device_rates(comm, backend, dtypes, say)
+    rates, cal.local, staging = _device_rates(comm, backend, dtypes, nodes["cores_per_node"],
+                                              say)
     cal.rates.update(rates)
     if staging:
         cal.staging = staging

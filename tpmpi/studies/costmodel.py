@@ -16,13 +16,21 @@ lists its schedule. This module supplies the machine (:class:`CalibratedMachine`
   ``Alltoallw`` gather into place, MPI's reductions, and for 2-byte floats the exchange of
   slices, fitted apart under :func:`calibration_key`); a size without a fit uses the nearest
   fitted size's values (the formula carries the P dependence);
-* local products take ``2 m k n / rate`` with ``rate`` (flop/s, "gamma") per backend:dtype
+  A fit made with more ranks on a node than it has cores (``machine.cores_per_node`` and
+  ``ranks_per_node`` of the file) timed ranks waiting for a core, not the collective: it is
+  used only when no fit at a size without oversubscription exists;
+* local work, when the calibration has measured curves for the backend:dtype (its ``local``
+  field, :class:`tpmpi.studies.localcurves.LocalCurves`): a product or an element-wise step
+  costs one per-step overhead plus the product grid's interpolated time, or its bytes at the
+  element-wise curve's seconds per byte at that size;
+* otherwise (a calibration from before the curves, or none) local products take
+  ``2 m k n / rate`` with ``rate`` (flop/s, "gamma") per backend:dtype
   and shape class (:func:`gemm_class`); "thin" products (a dimension below 64, e.g. few
   tokens) are memory-bound and take ``(m k + k n + m n) b / rate`` with ``rate`` in bytes/s,
   the rate element-wise work streams its bytes at. Without a calibration file the documented
   defaults (:data:`DEFAULT_ALPHA`, :data:`DEFAULT_BETA`, :data:`DEFAULT_RATES`,
   :data:`DEFAULT_STAGING`) apply. A dtype the calibration lacks takes the same backend's
-  float32 rates (never another backend's);
+  float32 rates and curves (never another backend's);
 * GPUs (:mod:`tpmpi.studies.collbench` calibrates CuPy per dtype on one rank per device, and
   the pinned host<->device copy bandwidth): ``sharing`` ranks on one device time-slice it, so
   each local product and each copy takes ``sharing`` times as long. Without GPU-aware MPI a
@@ -61,6 +69,7 @@ from ..core.staging import STAGING_CHUNK_BYTES
 from ..layers.data_parallel import BUCKET_BYTES, DataParallel
 from .calfile import check_calibration
 from .footprint import SCHEME_LAYERS, bytes_per_rank
+from .localcurves import LocalCurves, curves_from_json
 from . import transformer
 from .pricing import price
 from .problem import Problem, options_label
@@ -109,17 +118,28 @@ def gemm_work(m: int, k: int, n: int, itemsize: int) -> float:
 class Calibration:
     """Fitted parameters: ``alpha[op][P]`` (s), ``beta[op][P]`` (s/byte),
     ``rates["backend:dtype"][class]`` (flop/s; bytes/s for "thin"), ``staging["d2h"|"h2d"]``
-    (bytes/s of one device's pinned copies), and the facts of the machine they came from."""
+    (bytes/s of one device's pinned copies), ``local["backend:dtype"]`` (measured curves of
+    local work, :class:`~tpmpi.studies.localcurves.LocalCurves`; empty in an older file), and
+    the facts of the machine they came from."""
 
     alpha: dict = dataclasses.field(default_factory=dict)
     beta: dict = dataclasses.field(default_factory=dict)
     rates: dict = dataclasses.field(default_factory=lambda: json.loads(json.dumps(DEFAULT_RATES)))
     machine: dict = dataclasses.field(default_factory=lambda: {"source": "defaults"})
     staging: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_STAGING))
+    local: dict[str, LocalCurves] = dataclasses.field(default_factory=dict)
+
+    def oversubscribed_fit(self, p: int) -> bool:
+        """Whether the fits at ``p`` ranks ran more ranks on a node than it has cores."""
+        cores = self.machine.get("cores_per_node")
+        per_node = int(self.machine.get("ranks_per_node") or p)
+        return cores is not None and min(p, per_node) > int(cores)
 
     def _nearest(self, table: dict, op: str, p: int, default: float) -> float:
-        """``table[op]`` at the fitted size nearest ``p`` (keys are str(P), as in JSON)."""
+        """``table[op]`` at the fitted size nearest ``p`` (keys are str(P), as in JSON), among
+        the sizes fitted without oversubscription when there are any."""
         sizes = sorted(int(q) for q in table.get(op, {}))
+        sizes = [q for q in sizes if not self.oversubscribed_fit(q)] or sizes
         if not sizes:
             return default
         i = bisect.bisect_left(sizes, p)
@@ -145,6 +165,11 @@ class Calibration:
             if rates:
                 return rates
         return DEFAULT_RATES["numpy:float32"]
+
+    def curves(self, dtype: str, backend: str = "numpy") -> Optional[LocalCurves]:
+        """The measured local curves of ``backend:dtype``, else of ``backend:float32``, else
+        None (the shape-class rates apply)."""
+        return self.local.get(f"{backend}:{dtype}") or self.local.get(f"{backend}:float32")
 
     def gemm(self, m: int, k: int, n: int, dtype: str, backend: str = "numpy") -> float:
         """Predicted seconds of one local (m, k) @ (k, n) product."""
@@ -175,7 +200,8 @@ class Calibration:
 
     def to_json(self) -> dict:
         return {"machine": self.machine, "alpha": self.alpha, "beta": self.beta,
-                "rates": self.rates, "staging": self.staging}
+                "rates": self.rates, "staging": self.staging,
+                "local": {key: c.to_json() for key, c in self.local.items()}}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "calibration") -> Calibration:
@@ -187,7 +213,8 @@ class Calibration:
         rates = json.loads(json.dumps(DEFAULT_RATES))
         rates.update(data["rates"])
         return cls(alpha=data["alpha"], beta=data["beta"], rates=rates, machine=data["machine"],
-                   staging={**DEFAULT_STAGING, **data.get("staging", {})})
+                   staging={**DEFAULT_STAGING, **data.get("staging", {})},
+                   local=curves_from_json(data.get("local"), where))
 
 
 def load_calibration(path: Optional[str] = None) -> Calibration:
@@ -300,10 +327,16 @@ class CalibratedMachine:
         return max(1.0, float(self.oversubscription))
 
     def product_s(self, step: Product) -> float:
+        curves = self.calibration.curves(step.dtype, self.backend)
+        if curves is not None:
+            return curves.product_s(step.m, step.k, step.n, step.batch) * self._slowdown
         return step.batch * self.calibration.gemm(step.m, step.k, step.n, step.dtype,
                                                   self.backend) * self._slowdown
 
     def pointwise_s(self, step: Pointwise) -> float:
+        curves = self.calibration.curves(step.dtype, self.backend)
+        if curves is not None:
+            return curves.pointwise_s(step.nbytes) * self._slowdown
         return self.calibration.memory_time(step.nbytes, step.dtype, self.backend) \
             * self._slowdown
 

@@ -11,12 +11,17 @@ A machine answers three questions about the steps of :mod:`tpmpi.core.schedule`,
   (NVLink) and a DP group crosses nodes once ``dp * tp`` exceeds a node; a group that spans nodes
   is priced on the network with its share of each node's NICs (:mod:`tpmpi.studies.nccl`).
 * :class:`CalibratedCluster`: a cluster described by a ``calibrate`` file
-  (:class:`tpmpi.studies.costmodel.Calibration`: GEMM rates per shape class, alpha/beta per
-  collective and communicator size), so a user's own CPU cluster is one calibration away. Its
-  machine is the cost model's own :class:`tpmpi.studies.costmodel.CalibratedMachine` (the one
-  ``plan`` prices single layers with): products and element-wise work at the calibrated rates,
-  a collective with the alpha/beta fitted at the nearest communicator size (a calibration run
-  across nodes thus carries the network; one run inside a node does not know it).
+  (:class:`tpmpi.studies.costmodel.Calibration`: the measured curves of local work, alpha/beta
+  per collective and communicator size), so a user's own CPU cluster is one calibration away.
+  Its machine is the cost model's own :class:`tpmpi.studies.costmodel.CalibratedMachine` (the
+  one ``plan`` prices single layers with): products and element-wise work at the calibrated
+  curves (each step's overhead included), a collective with the alpha/beta fitted at the
+  nearest communicator size (a calibration run across nodes thus carries the network; one run
+  inside a node does not know it). A placement with more ranks on a node than the node has
+  cores (``cores_per_node`` of the calibration) runs each rank on its share of a core: local
+  work takes ``ranks / cores`` times as long, and the collectives keep the alpha and beta fitted
+  with a core per rank -- the time a rank waits for a descheduled peer is another rank's work
+  on that core, which the scaled local work already counts.
 """
 from __future__ import annotations
 
@@ -125,12 +130,14 @@ class ClusterMachine:
 @dataclasses.dataclass(frozen=True)
 class CalibratedDevice:
     """The one rank of a calibrated cluster: its ``memory_bytes`` and its measured GEMM rate of
-    the "large" shape class as its peak."""
+    the "large" shape class as its peak; ``cores``: the cores of its node (None: unknown, a
+    calibration from before they were recorded: one per rank)."""
 
     name: str
     memory_bytes: int
     calibration: Calibration
     backend: str = "numpy"
+    cores: Optional[int] = None
 
     def peak_flops(self, dtype: str) -> float:
         n = CLASS_SHAPES["large"][0]
@@ -156,15 +163,18 @@ def calibrated_cluster(path: str, *, ranks_per_node: Optional[int] = None,
                        memory_bytes: Optional[int] = None,
                        backend: str = "numpy") -> CalibratedCluster:
     """The CPU cluster preset of calibration file ``path``: ``ranks_per_node`` (default: the
-    ranks it was calibrated on) sharing ``memory_bytes`` of a node (default: this machine's
-    RAM) evenly."""
+    ranks per node it was calibrated with) sharing ``memory_bytes`` of a node (default: this
+    machine's RAM) evenly and its ``cores_per_node``."""
     cal = load_calibration(path)
-    per_node = int(ranks_per_node or cal.machine.get("ranks") or 1)
+    per_node = int(ranks_per_node or cal.machine.get("ranks_per_node")
+                   or cal.machine.get("ranks") or 1)
     if per_node < 1:
         raise ValueError(f"ranks_per_node={ranks_per_node!r}: expected an integer >= 1")
     node_memory = int(memory_bytes or physical_memory())
+    cores = cal.machine.get("cores_per_node")
     device = CalibratedDevice(name=f"rank of {path}", memory_bytes=node_memory // per_node,
-                              calibration=cal, backend=backend)
+                              calibration=cal, backend=backend,
+                              cores=int(cores) if cores else None)
     return CalibratedCluster(name=f"calibrated:{path}", gpus_per_node=per_node, device=device)
 
 
@@ -175,5 +185,8 @@ def machine_for(target: Target, placement: Placement) -> Machine:
     """The machine pricing ``placement`` on ``target`` (either kind implements the pricer's
     :class:`~tpmpi.studies.pricing.Machine` protocol, which mypy checks here)."""
     if isinstance(target, CalibratedCluster):
-        return CalibratedMachine(target.device.calibration, target.device.backend)
+        dev = target.device
+        on_node = min(placement.ranks, target.gpus_per_node)
+        return CalibratedMachine(dev.calibration, dev.backend,
+                                 oversubscription=on_node / dev.cores if dev.cores else 1.0)
     return ClusterMachine(target, placement)
