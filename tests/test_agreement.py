@@ -9,8 +9,8 @@ from mpi4py import MPI
 
 from conftest import all_ranks_raise
 from tpmpi.core import agreement
-from tpmpi.core.agreement import CALL_ORDER, SAME_VALUE, Same, Text, agree, agree_checks, \
-    normalise
+from tpmpi.core.agreement import CALL_ORDER, SAME_VALUE, Counted, Same, Text, agree, \
+    agree_checks, normalise
 
 
 def test_values_compare_by_meaning():
@@ -55,6 +55,24 @@ def test_equal_values_pass_and_errors_name_their_ranks(world):
         all_ranks_raise(comm, lambda: agree(comm, "a" if rank == 0 else "b"),
                         f"^a \\(rank 0\\); b \\(ranks {','.join(map(str, range(1, size)))}\\)$")
 
+
+
+def test_fingerprints_differ_where_the_values_do_and_the_cache_changes_nothing():
+    fp = agreement._fingerprint
+    first = fp({"n": 1, "call": Same(Counted(Text("layer f()"), 3), CALL_ORDER)})
+    cached = fp({"n": 1, "call": Same(Counted(Text("layer f()"), 3), CALL_ORDER)})
+    agreement._FINGERPRINTS.clear()
+    assert first == cached == fp({"n": 1, "call": Same(Counted(Text("layer f()"), 3),
+                                                        CALL_ORDER)})
+    # values equal in Python but not in meaning, seen by one rank after the other
+    codes = {fp({"n": v}) for v in (1, True, 1.0, "1", Text("1"), np.int64(1), None, 0)}
+    assert len(codes) == 7  # np.int64(1) is 1; 1, True, 1.0, "1", Text("1"), None, 0 differ
+    assert fp({"x": -0.0}) != fp({"x": 0.0}) and fp({"n": 2, "m": 3}) != fp({"m": 3, "n": 2})
+    # the count is part of the call: another operation of the same layer differs
+    calls = {fp({"call": Counted(Text(t), n)}) for t in ("a f()", "a g()") for n in (1, 2, 3)}
+    assert len(calls) == 6
+    assert repr(Counted(Text("layer #1 f()"), 7)) == "layer #1 f() [operation 7]"
+    assert all(0 <= c < 2**62 for c in codes | calls)
 
 @pytest.mark.mpi
 @pytest.mark.world_sizes(2, 3, 4)

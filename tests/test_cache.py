@@ -21,6 +21,9 @@ def test_lru_evicts_the_least_recently_used_into_its_callback():
     assert lru.get("c", lambda: make(3)) == 3
     assert evicted == [2] and made == [1, 2, 3] and len(lru) == 2
     assert lru.get("b", lambda: make(20)) == 20 and evicted == [2, 1]
+    # find: a hit is the most recent (c, not b, is evicted next); a miss makes nothing
+    assert lru.find("c") == 3 and lru.find("z") is None and made == [1, 2, 3, 20]
+    assert lru.get("d", lambda: make(4)) == 4 and evicted == [2, 1, 20]
 
 
 @pytest.mark.mpi

@@ -45,20 +45,37 @@ class Text(str):
         return str(self)
 
 
+class Counted:
+    """A :class:`Text` and a count, reported as ``"<text> [operation <count>]"`` (a layer's
+    call and how many it made). The text's fingerprint is computed once and the count folded
+    in, so an agreement per call hashes no new string."""
+
+    __slots__ = ("text", "count")
+
+    def __init__(self, text: str, count: int) -> None:
+        self.text, self.count = text, count
+
+    def __repr__(self) -> str:
+        return f"{self.text} [operation {self.count}]"
+
+
 SAME_VALUE = "every rank must pass the same value"
 CALL_ORDER = "every rank must make the same tpmpi calls in the same order (each is collective)"
 
 
 _PLAIN = (int, str, float, bool, type(None), Text)
+_EXACT = (int, str, type(None), Text)
+"""Types whose equality is equality of ``repr``: their fingerprints may be cached by value."""
 
 
 def normalise(value: Any) -> Any:
     """``value`` in the form :func:`agree` compares: NumPy scalars as Python numbers
     (``np.int64(3)`` equals ``3``), dtypes by name, lists and tuples as tuples, mappings with
     sorted keys."""
-    if type(value) in _PLAIN:
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, Same):
+    if kind is Same:
         return normalise(value.value)
     if isinstance(value, np.generic):
         return value.item()
@@ -114,12 +131,13 @@ class Agreement:
     """A started :func:`start_agree`: :meth:`wait` completes its Allreduce and raises the agreed
     ValueError on every rank when any rank reported an error or a differing value."""
 
-    __slots__ = ("comm", "error", "values", "both", "request")
+    __slots__ = ("comm", "error", "values", "both", "request", "limit")
 
     def __init__(self, comm: MPI.Comm, error: Optional[str], values: dict,
                  both: Optional[np.ndarray], request: Optional[MPI.Request]) -> None:
         self.comm, self.error, self.values = comm, error, values
         self.both, self.request = both, request
+        self.limit: Optional[int] = None  # the message limit agreed with (start_checks)
 
     def wait(self) -> None:
         """Complete the agreement (collective: the allgather of the details on failure only)."""
@@ -136,6 +154,39 @@ class Agreement:
         raise ValueError(_mismatch(self.comm.allgather((self.error, fields))))
 
 
+_FINGERPRINTS: dict[tuple, tuple[int, int]] = {}
+_FINGERPRINTS_MAX = 4096
+
+
+def _fingerprint(values: dict[str, Any]) -> int:
+    """62 bits of the normalised ``values``, the same on every rank for the same values:
+    CRC-32 and Adler-32 of their ``repr`` text, each :class:`Counted` value's count folded in
+    after. The text's sums are cached for values of the types in :data:`_EXACT` (whose equal
+    values have equal texts), so a repeated call costs a dict lookup."""
+    items, counts, cacheable = [], [], True
+    for key, value in values.items():
+        value = normalise(value)
+        kind = type(value)
+        if kind is Counted:
+            items.append((key, kind, value.text))
+            counts.append(value.count)
+        else:
+            items.append((key, kind, value))
+            cacheable = cacheable and kind in _EXACT
+    static = tuple(items)
+    sums = _FINGERPRINTS.get(static) if cacheable else None
+    if sums is None:
+        text = repr([(key, kind.__name__, repr(value)) for key, kind, value in static]).encode()
+        sums = zlib.crc32(text), zlib.adler32(text)
+        if cacheable and len(_FINGERPRINTS) < _FINGERPRINTS_MAX:
+            _FINGERPRINTS[static] = sums
+    crc, adler = sums
+    for count in counts:
+        word = int(count).to_bytes(8, "little", signed=True)
+        crc, adler = zlib.crc32(word, crc), zlib.adler32(word, adler)
+    return crc << 30 | adler >> 2
+
+
 def start_agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> Agreement:
     """Start :func:`agree`: the Iallreduce is in flight when this returns, and
     :meth:`Agreement.wait` decides. Local work may run in between (the ranks' skew is then paid
@@ -148,8 +199,7 @@ def start_agree(comm: MPI.Comm, error: Optional[str] = None, **values: Any) -> A
         if error:
             raise ValueError(error)
         return Agreement(comm, None, {}, None, None)
-    text = repr([(key, repr(normalise(v))) for key, v in values.items()]).encode()
-    code = zlib.crc32(text) << 30 | zlib.adler32(text) >> 2  # 62 bits, the same on every rank
+    code = _fingerprint(values)  # 62 bits, the same on every rank for the same values
     both = np.array([1 if error else 0, code, -code], dtype=np.int64)
     request = comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)
     return Agreement(comm, error, values, both, request)
@@ -182,9 +232,10 @@ def start_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
         error = str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. AttributeError from a non-array argument
         error = f"{type(exc).__name__}: {exc}"
-    agreement = start_agree(comm, error, **{**values, "TPMPI_MAX_MESSAGE_BYTES": limit})
+    agreement = start_agree(comm, error, **values, TPMPI_MAX_MESSAGE_BYTES=limit)
     if error:
         agreement.wait()
+    agreement.limit = limit
     return agreement
 
 
@@ -199,18 +250,21 @@ class Settle:
     held until its first collective or the end of its first local product, whichever comes
     first (:meth:`settle` completes it), and ``failed``, a failure on this rank between an
     operation's collectives (which still completed them), for the next operation to report on
-    every rank."""
+    every rank; ``limit``, the message limit the last agreement agreed on (None: none did), which
+    the operation's collectives are cut by."""
 
-    __slots__ = ("agreement", "failed")
+    __slots__ = ("agreement", "failed", "limit")
 
     def __init__(self) -> None:
         self.agreement: Optional[Agreement] = None
         self.failed: Optional[str] = None
+        self.limit: Optional[int] = None
 
     def hold(self, agreement: Agreement) -> None:
         """Keep ``agreement`` open (an earlier one is completed first)."""
         self.settle()
         self.agreement = agreement
+        self.limit = agreement.limit
 
     def settle(self) -> None:
         """Complete the held agreement, if any: the agreed ValueError on every rank."""

@@ -107,7 +107,10 @@ def dtype_label(dtype: DTypeLike) -> str:
 def check_plain_array(name: str, a: Any) -> None:
     """ValueError when ``a`` is an array subclass (``np.matrix``, a masked array, ...) whose
     semantics tpmpi would silently drop (the mask, matrix products)."""
-    base = next((k for k in type(a).__mro__[1:] if k.__name__ == "ndarray"), None)
+    mro = type(a).__mro__
+    if len(mro) == 2:  # a class of its own (np.ndarray itself): nothing to drop
+        return
+    base = next((k for k in mro[1:] if k.__name__ == "ndarray"), None)
     if base is None:
         return
     why = f"would ignore the mask; pass {name}.filled(value)" if hasattr(a, "mask") else \

@@ -90,6 +90,8 @@ def get_backend(name: str | Backend = "auto", comm: Optional[MPI.Comm] = None) -
 
 def backend_of(a: object) -> Backend:
     """The backend whose arrays ``a`` is (NumPy for anything that is not a CuPy array)."""
+    if type(a) is np.ndarray:  # the hot path: no name resolution
+        return process_backend("numpy")
     if type(a).__module__.split(".")[0] == "cupy":
         return get_backend("cupy")
     return get_backend("numpy")

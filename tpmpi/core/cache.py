@@ -24,11 +24,17 @@ class LRU(Generic[V]):
         self.size, self._evict = int(size), evict
         self._items: OrderedDict[Hashable, V] = OrderedDict()
 
-    def get(self, key: Hashable, make: Callable[[], V]) -> V:
-        """The value of ``key``, made by ``make()`` (and stored) at its first request."""
+    def find(self, key: Hashable) -> Optional[V]:
+        """The value of ``key`` (now the most recently used), or None when there is none."""
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
+        return value
+
+    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The value of ``key``, made by ``make()`` (and stored) at its first request."""
+        value = self.find(key)
+        if value is not None:
             return value
         value = self._items[key] = make()
         while len(self._items) > self.size:

@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import numpy as np
 
-from ..core.agreement import CALL_ORDER, Same, Settle, Text, agree_checks, start_checks
+from ..core.agreement import CALL_ORDER, Counted, Same, Settle, Text, agree_checks, start_checks
 from ..core.args import check_int, check_plain_array, dtype_label
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, get_backend
@@ -148,6 +148,7 @@ class ParallelLinear(LeafModule, Checkpointable):
         self.comm = self.grid.comm
         self.layer_id = _next_layer_id(self.grid)
         self._ops = 0  # operations so far (the call counter agreed with each one)
+        self._op_texts: dict[str, Text] = {}
         # the operation's agreement until its first product or collective, and a local
         # failure inside an operation's collectives (shared with the operators)
         self._pending = Settle()
@@ -353,7 +354,10 @@ class ParallelLinear(LeafModule, Checkpointable):
         still held from an earlier operation is completed first."""
         self._pending.settle()
         self._ops += 1
-        return Same(Text(f"{self.identity} {op}() [operation {self._ops}]"), CALL_ORDER)
+        text = self._op_texts.get(op)
+        if text is None:
+            text = self._op_texts[op] = Text(f"{self.identity} {op}()")
+        return Same(Counted(text, self._ops), CALL_ORDER)
 
     def _width(self, layout: str, n: int) -> int:
         """Columns this rank holds of an (M, n) array in ``layout``."""
