@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Where one rank's training step of a transformer block goes, measured inside the real step
+(not kernels timed alone): linear GEMMs, the attention core forward and backward, each kind of
+element-wise work, input copies, each collective's blocked time, and the rest (Python, residual
+adds, allocation), forward and backward apart.
+
+    mpiexec -n 2 python scripts/step_split.py                  # d=1024, 16 heads, T=512, B=4
+    flock /work/.mpi.lock mpiexec -n 2 python scripts/step_split.py --json split.jsonl
+
+Each region is timed exclusively (a region nested in another is charged to the inner one only):
+``gemm`` (:meth:`tpmpi.core.gemm.LocalWork.product`, bias add included), ``colsum`` (bias
+gradients), ``attn_core`` (:func:`~tpmpi.layers.attention_core.causal_attention` and its
+backward), ``layer_norm``, ``gelu`` (the block's MLP activation and its gradient), ``dropout``,
+``copy_input`` (:func:`tpmpi.layers.base.enter_array`), ``agree`` (the argument agreement's
+wait), and per collective ``comm.<op>`` (blocked in it, or waiting for a non-blocking one).
+``other`` is the step's wall time less all of these. The functions are wrapped by this script
+only (the layers run unchanged). Each rank times ``--iters`` steps after ``--warmup``; one JSON
+line per rank with the median over the steps of each region's seconds per step (and its share
+of the step), forward and backward apart, goes to stdout (rank order) and ``--json FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from tpmpi.core import agreement, gemm
+from tpmpi.core.backend import get_backend
+from tpmpi.core.grid import ProcessGrid
+from tpmpi.core.partition import block_range
+from tpmpi.core.tap import Tap
+from tpmpi.layers import attention, base, block
+from tpmpi.layers.module import attach_tap
+
+
+class Clock:
+    """Exclusive region timer: seconds per region name in the current phase."""
+
+    def __init__(self) -> None:
+        self.phase = "forward"
+        self.totals: dict[tuple[str, str], float] = defaultdict(float)
+        self._stack: list[list[Any]] = []  # [name, start, time of nested regions]
+
+    @contextlib.contextmanager
+    def region(self, name: str) -> Iterator[None]:
+        entry = [name, time.perf_counter(), 0.0]
+        self._stack.append(entry)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            spent = time.perf_counter() - entry[1]
+            self.totals[self.phase, name] += spent - entry[2]
+            if self._stack:
+                self._stack[-1][2] += spent
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.region(name):
+                return fn(*args, **kwargs)
+        return timed
+
+
+class SplitTap(Tap):
+    """The collectives' blocked and wait regions, charged to ``comm.<op>``."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def wait(self, op: str) -> Any:
+        return self.clock.region(f"comm.{op}")
+
+    def blocked(self, op: str, nbytes: int, p: int) -> Any:
+        return self.clock.region(f"comm.{op}")
+
+
+def instrument(clock: Clock) -> None:
+    """Wrap the block's local work (module attributes the layers look up at call time)."""
+    lw = gemm.LocalWork
+    lw.product = clock.wrap("gemm", lw.product)  # type: ignore[method-assign]
+    lw.column_sums = clock.wrap("colsum", lw.column_sums)  # type: ignore[method-assign]
+    attention.causal_attention = clock.wrap("attn_core", attention.causal_attention)
+    attention.causal_attention_backward = clock.wrap("attn_core",
+                                                     attention.causal_attention_backward)
+    block.layer_norm = clock.wrap("layer_norm", block.layer_norm)
+    block.layer_norm_backward = clock.wrap("layer_norm", block.layer_norm_backward)
+    block.dropout = clock.wrap("dropout", block.dropout)
+    mlp = block.GPTMLP
+    mlp._gelu = clock.wrap("gelu", mlp._gelu)  # type: ignore[method-assign]
+    mlp._gelu_backward = clock.wrap("gelu", mlp._gelu_backward)  # type: ignore[method-assign]
+    base.enter_array = clock.wrap("copy_input", base.enter_array)
+    settle = agreement.Settle.settle
+    agreement.Settle.settle = clock.wrap("agree", settle)  # type: ignore[method-assign]
+
+
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    ap.add_argument("--sequence-parallel", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--label", default="", help="a free-form label copied into the records")
+    ap.add_argument("--json", metavar="FILE", help="append the JSON lines to FILE")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = parse(argv)
+    comm = MPI.COMM_WORLD
+    grid = ProcessGrid(comm, (1, comm.Get_size()))
+    backend = get_backend("numpy", comm)
+    clock = Clock()
+    instrument(clock)
+    blk = block.TransformerBlock(a.d_model, a.heads, layer=0, grid=grid, backend=backend,
+                                 dtype="float32", sequence_parallel=a.sequence_parallel,
+                                 seed=5)
+    attach_tap(blk, SplitTap(clock))
+    n = a.batch * a.seq
+    rows = (0, n)
+    if a.sequence_parallel:
+        rows = block_range(n, comm.Get_size(), comm.Get_rank())
+    rng = np.random.default_rng(7)
+    x_all = rng.standard_normal((n, a.d_model), dtype=np.float32)
+    dy_all = rng.standard_normal((n, a.d_model), dtype=np.float32)
+    x, dy = x_all[rows[0]:rows[1]].copy(), dy_all[rows[0]:rows[1]].copy()
+    steps: list[dict[tuple[str, str], float]] = []
+    walls: list[tuple[float, float]] = []
+    with threadpool_limits(a.threads):
+        for i in range(a.warmup + a.iters):
+            drop = block.DropoutCall(a.dropout, 3, i, a.seq, 0, rows, a.d_model)
+            blk.zero_grad()
+            comm.Barrier()
+            clock.totals.clear()
+            clock.phase = "forward"
+            t0 = time.perf_counter()
+            blk.forward(x, a.batch, drop)
+            t1 = time.perf_counter()
+            clock.phase = "backward"
+            blk.backward(dy)
+            t2 = time.perf_counter()
+            if i >= a.warmup:
+                steps.append(dict(clock.totals))
+                walls.append((t1 - t0, t2 - t1))
+    record = summarise(a, comm, steps, walls)
+    for line in comm.gather(json.dumps(record), root=0) or []:
+        print(line, flush=True)
+        if a.json:
+            with open(a.json, "a") as fh:
+                fh.write(line + "\n")
+    return 0
+
+
+def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str, str], float]],
+              walls: list[tuple[float, float]]) -> dict[str, Any]:
+    """The rank's record: median seconds per step of each region and phase, ``other`` the
+    rest of the phase's wall time."""
+    out: dict[str, Any] = {"label": a.label, "rank": comm.Get_rank(), "tp": comm.Get_size(),
+                           "threads": a.threads, "d_model": a.d_model, "heads": a.heads,
+                           "seq": a.seq, "batch": a.batch, "iters": a.iters,
+                           "sequence_parallel": a.sequence_parallel, "dropout": a.dropout}
+    names = sorted({name for s in steps for _, name in s})
+    step_s = [f + b for f, b in walls]
+    out["step_s"] = round(statistics.median(step_s), 5)
+    out["step_min_s"] = round(min(step_s), 5)
+    for k, phase in enumerate(("forward", "backward")):
+        wall = [w[k] for w in walls]
+        regions = {name: [s.get((phase, name), 0.0) for s in steps] for name in names}
+        other = [w - sum(r[i] for r in regions.values()) for i, w in enumerate(wall)]
+        split = {name: round(statistics.median(v), 5) for name, v in regions.items()
+                 if max(v) > 0}
+        split["other"] = round(statistics.median(other), 5)
+        out[phase] = {"wall_s": round(statistics.median(wall), 5), "split_s": split}
+    total: dict[str, float] = defaultdict(float)
+    for phase in ("forward", "backward"):
+        for name, v in out[phase]["split_s"].items():
+            total[name] += v
+    out["split_s"] = {k: round(v, 5) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+    out["share"] = {k: round(v / out["step_s"], 3) for k, v in out["split_s"].items()}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
