@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import time
@@ -43,26 +44,34 @@ from tpmpi.layers import attention, base, block
 from tpmpi.layers.module import attach_tap
 
 
+def faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Clock:
-    """Exclusive region timer: seconds per region name in the current phase."""
+    """Exclusive region timer: seconds and page faults per region name in the current phase."""
 
     def __init__(self) -> None:
         self.phase = "forward"
         self.totals: dict[tuple[str, str], float] = defaultdict(float)
-        self._stack: list[list[Any]] = []  # [name, start, time of nested regions]
+        self.faults: dict[tuple[str, str], int] = defaultdict(int)
+        self._stack: list[list[Any]] = []  # [start, faults at start, nested time, nested faults]
 
     @contextlib.contextmanager
     def region(self, name: str) -> Iterator[None]:
-        entry = [name, time.perf_counter(), 0.0]
+        entry = [time.perf_counter(), faults(), 0.0, 0]
         self._stack.append(entry)
         try:
             yield
         finally:
             self._stack.pop()
-            spent = time.perf_counter() - entry[1]
+            spent, faulted = time.perf_counter() - entry[0], faults() - entry[1]
             self.totals[self.phase, name] += spent - entry[2]
+            self.faults[self.phase, name] += faulted - entry[3]
             if self._stack:
                 self._stack[-1][2] += spent
+                self._stack[-1][3] += faulted
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -140,23 +149,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     x, dy = x_all[rows[0]:rows[1]].copy(), dy_all[rows[0]:rows[1]].copy()
     steps: list[dict[tuple[str, str], float]] = []
     walls: list[tuple[float, float]] = []
+    flts: list[tuple[dict[tuple[str, str], int], int, int]] = []
     with threadpool_limits(a.threads):
         for i in range(a.warmup + a.iters):
             drop = block.DropoutCall(a.dropout, 3, i, a.seq, 0, rows, a.d_model)
             blk.zero_grad()
             comm.Barrier()
             clock.totals.clear()
+            clock.faults.clear()
             clock.phase = "forward"
-            t0 = time.perf_counter()
+            f0, t0 = faults(), time.perf_counter()
             blk.forward(x, a.batch, drop)
-            t1 = time.perf_counter()
+            f1, t1 = faults(), time.perf_counter()
             clock.phase = "backward"
             blk.backward(dy)
-            t2 = time.perf_counter()
+            f2, t2 = faults(), time.perf_counter()
             if i >= a.warmup:
                 steps.append(dict(clock.totals))
                 walls.append((t1 - t0, t2 - t1))
-    record = summarise(a, comm, steps, walls)
+                flts.append((dict(clock.faults), f1 - f0, f2 - f1))
+    record = summarise(a, comm, steps, walls, flts)
     for line in comm.gather(json.dumps(record), root=0) or []:
         print(line, flush=True)
         if a.json:
@@ -166,9 +178,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str, str], float]],
-              walls: list[tuple[float, float]]) -> dict[str, Any]:
+              walls: list[tuple[float, float]],
+              flts: list[tuple[dict[tuple[str, str], int], int, int]]) -> dict[str, Any]:
     """The rank's record: median seconds per step of each region and phase, ``other`` the
-    rest of the phase's wall time."""
+    rest of the phase's wall time; the last step's page faults per region and phase."""
     out: dict[str, Any] = {"label": a.label, "rank": comm.Get_rank(), "tp": comm.Get_size(),
                            "threads": a.threads, "d_model": a.d_model, "heads": a.heads,
                            "seq": a.seq, "batch": a.batch, "iters": a.iters,
@@ -184,7 +197,11 @@ def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str,
         split = {name: round(statistics.median(v), 5) for name, v in regions.items()
                  if max(v) > 0}
         split["other"] = round(statistics.median(other), 5)
-        out[phase] = {"wall_s": round(statistics.median(wall), 5), "split_s": split}
+        last, whole = flts[-1][0], flts[-1][1 + k]
+        pages = {name: last[phase, name] for name in names if last.get((phase, name))}
+        pages["other"] = whole - sum(pages.values())
+        out[phase] = {"wall_s": round(statistics.median(wall), 5), "split_s": split,
+                      "page_faults": pages}
     total: dict[str, float] = defaultdict(float)
     for phase in ("forward", "backward"):
         for name, v in out[phase]["split_s"].items():
