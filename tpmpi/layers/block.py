@@ -182,6 +182,9 @@ class TransformerBlock(Composite):
                           mode="sequence" if sequence_parallel else "megatron", bias=bias,
                           dtype=dtype, seed=seed + stream + 4, backend=backend,
                           _dense=mlp_dense)
+        # c_fc's input is ln_2's output, a new array each forward that nothing changes: kept
+        # for the backward as it is, not copied
+        self.mlp.fc1.copy_input = False
         self._keep: tuple[Optional[Array], Optional[Array]] = (None, None)
         self._p = 0.0
 
