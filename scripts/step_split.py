@@ -93,23 +93,28 @@ class SplitTap(Tap):
         return self.clock.region(f"comm.{op}")
 
 
-def instrument(clock: Clock) -> None:
-    """Wrap the block's local work (module attributes the layers look up at call time)."""
-    lw = gemm.LocalWork
-    lw.product = clock.wrap("gemm", lw.product)  # type: ignore[method-assign]
-    lw.column_sums = clock.wrap("colsum", lw.column_sums)  # type: ignore[method-assign]
-    attention.causal_attention = clock.wrap("attn_core", attention.causal_attention)
-    attention.causal_attention_backward = clock.wrap("attn_core",
-                                                     attention.causal_attention_backward)
-    block.layer_norm = clock.wrap("layer_norm", block.layer_norm)
-    block.layer_norm_backward = clock.wrap("layer_norm", block.layer_norm_backward)
-    block.dropout = clock.wrap("dropout", block.dropout)
-    mlp = block.GPTMLP
-    mlp._gelu = clock.wrap("gelu", mlp._gelu)  # type: ignore[method-assign]
-    mlp._gelu_backward = clock.wrap("gelu", mlp._gelu_backward)  # type: ignore[method-assign]
-    base.enter_array = clock.wrap("copy_input", base.enter_array)
-    settle = agreement.Settle.settle
-    agreement.Settle.settle = clock.wrap("agree", settle)  # type: ignore[method-assign]
+def instrument(clock: Clock) -> list[tuple[Any, str, Any]]:
+    """Wrap the block's local work (attributes the layers look up at call time); returns the
+    ``(owner, name, original)`` to put back (:func:`restore`)."""
+    wraps = [(gemm.LocalWork, "product", "gemm"), (gemm.LocalWork, "column_sums", "colsum"),
+             (attention, "causal_attention", "attn_core"),
+             (attention, "causal_attention_backward", "attn_core"),
+             (block, "layer_norm", "layer_norm"), (block, "layer_norm_backward", "layer_norm"),
+             (block, "dropout", "dropout"), (block.GPTMLP, "_gelu", "gelu"),
+             (block.GPTMLP, "_gelu_backward", "gelu"), (base, "enter_array", "copy_input"),
+             (agreement.Settle, "settle", "agree")]
+    originals = []
+    for owner, name, region in wraps:
+        original = getattr(owner, name)
+        originals.append((owner, name, original))
+        setattr(owner, name, clock.wrap(region, original))
+    return originals
+
+
+def restore(originals: list[tuple[Any, str, Any]]) -> None:
+    """Put back what :func:`instrument` wrapped."""
+    for owner, name, original in originals:
+        setattr(owner, name, original)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -131,10 +136,25 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse(argv)
     comm = MPI.COMM_WORLD
+    clock = Clock()
+    originals = instrument(clock)
+    try:
+        record = measure(a, comm, clock)
+    finally:
+        restore(originals)
+    for line in comm.gather(json.dumps(record), root=0) or []:
+        print(line, flush=True)
+        if a.json:
+            with open(a.json, "a") as fh:
+                fh.write(line + "\n")
+    return 0
+
+
+def measure(a: argparse.Namespace, comm: MPI.Comm, clock: Clock) -> dict[str, Any]:
+    """Build the block on ``comm`` (1D TP), run its steps under ``clock``; the rank's record.
+    Collective."""
     grid = ProcessGrid(comm, (1, comm.Get_size()))
     backend = get_backend("numpy", comm)
-    clock = Clock()
-    instrument(clock)
     blk = block.TransformerBlock(a.d_model, a.heads, layer=0, grid=grid, backend=backend,
                                  dtype="float32", sequence_parallel=a.sequence_parallel,
                                  seed=5)
@@ -168,13 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 steps.append(dict(clock.totals))
                 walls.append((t1 - t0, t2 - t1))
                 flts.append((dict(clock.faults), f1 - f0, f2 - f1))
-    record = summarise(a, comm, steps, walls, flts)
-    for line in comm.gather(json.dumps(record), root=0) or []:
-        print(line, flush=True)
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(line + "\n")
-    return 0
+    return summarise(a, comm, steps, walls, flts)
 
 
 def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str, str], float]],
