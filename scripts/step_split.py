@@ -119,10 +119,8 @@ def restore(originals: list[tuple[Any, str, Any]]) -> None:
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-model", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=4)
+    for flag, default in (("--d-model", 1024), ("--heads", 16), ("--seq", 512), ("--batch", 4)):
+        ap.add_argument(flag, type=int, default=default, help=f"the block's shape ({default})")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
