@@ -159,10 +159,10 @@ def _tiles(seq: int) -> Iterator[tuple[int, int]]:
         yield i0, min(seq, i0 + TILE)
 
 
-def _causal_bias(xp: Any, seq: int, dtype: Any) -> Array:
-    """``(T, T)``: 0 on and below the diagonal, ``-inf`` above (its leading squares are the
-    smaller tiles' masks)."""
-    return xp.triu(xp.full((seq, seq), -math.inf, dtype=dtype), 1)
+def _causal_mask(xp: Any, seq: int) -> Array:
+    """``(T, T)`` boolean: True above the diagonal, the future keys (its leading squares are
+    the smaller tiles' masks)."""
+    return xp.triu(xp.ones((seq, seq), dtype=bool), 1)
 
 
 def _keep_block(keep: KeepSource, group: _Group, chunk: tuple[slice, slice, slice]) -> Array:
@@ -205,7 +205,7 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
     xp = backend_of(q).xp
     B, T, Hq, hd = q.shape
     acc = accumulation_dtype(q.dtype)
-    bias = _causal_bias(xp, min(TILE, T), acc)
+    future = _causal_mask(xp, min(TILE, T))
     qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     y = xp.empty(q.shape, dtype=q.dtype)
@@ -223,7 +223,7 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
             for i0, i1 in _tiles(T):
                 s = xp.matmul(qc[..., i0:i1, :], kc[..., :i1, :].swapaxes(-1, -2),
                               out=scratch.take(0, qc.shape[:3] + (i1 - i0, i1)))
-                s[..., i0:i1] += bias[:i1 - i0, :i1 - i0]
+                xp.copyto(s[..., i0:i1], -math.inf, where=future[:i1 - i0, :i1 - i0])
                 m = s.max(axis=-1, keepdims=True)
                 s -= m
                 xp.exp(s, out=s)
@@ -253,7 +253,7 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved,
     B, T, _, hd = q.shape
     acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(hd) if hd else 1.0
-    bias = _causal_bias(xp, min(TILE, T), acc)
+    future = _causal_mask(xp, min(TILE, T))
     qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     dya = dy.astype(acc, copy=False)
@@ -289,7 +289,7 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved,
                 shape = qc.shape[:3] + (i1 - i0, i1)
                 prob = xp.matmul(qc[..., i0:i1, :], kc[..., :i1, :].swapaxes(-1, -2),
                                  out=scratch.take(0, shape))
-                prob[..., i0:i1] += bias[:i1 - i0, :i1 - i0]
+                xp.copyto(prob[..., i0:i1], -math.inf, where=future[:i1 - i0, :i1 - i0])
                 prob -= lc[..., i0:i1, None]
                 xp.exp(prob, out=prob)
                 kept = prob if mask is None else xp.multiply(prob, mask[..., i0:i1, :i1],
