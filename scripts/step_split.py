@@ -17,6 +17,8 @@ wait), and per collective ``comm.<op>`` (blocked in it, or waiting for a non-blo
 only (the layers run unchanged). Each rank times ``--iters`` steps after ``--warmup``; one JSON
 line per rank with the median over the steps of each region's seconds per step (and its share
 of the step), forward and backward apart, goes to stdout (rank order) and ``--json FILE``.
+``--overlap-probe`` instead times the row-parallel output's Allreduce blocking after its GEMM,
+in flight during it, and pipelined over row chunks (:func:`overlap_probe`).
 """
 from __future__ import annotations
 
@@ -127,6 +129,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--label", default="", help="a free-form label copied into the records")
+    ap.add_argument("--overlap-probe", action="store_true",
+                    help="instead: whether an Allreduce of the row layer's output hides under "
+                         "a GEMM of its size here (blocking after, non-blocking during, and in "
+                         "4 pipelined chunks), one JSON line")
     ap.add_argument("--json", metavar="FILE", help="append the JSON lines to FILE")
     return ap.parse_args(argv)
 
@@ -134,12 +140,15 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse(argv)
     comm = MPI.COMM_WORLD
-    clock = Clock()
-    originals = instrument(clock)
-    try:
-        record = measure(a, comm, clock)
-    finally:
-        restore(originals)
+    if a.overlap_probe:
+        record = overlap_probe(a, comm)
+    else:
+        clock = Clock()
+        originals = instrument(clock)
+        try:
+            record = measure(a, comm, clock)
+        finally:
+            restore(originals)
     for line in comm.gather(json.dumps(record), root=0) or []:
         print(line, flush=True)
         if a.json:
@@ -187,6 +196,51 @@ def measure(a: argparse.Namespace, comm: MPI.Comm, clock: Clock) -> dict[str, An
                 walls.append((t1 - t0, t2 - t1))
                 flts.append((dict(clock.faults), f1 - f0, f2 - f1))
     return summarise(a, comm, steps, walls, flts)
+
+
+def overlap_probe(a: argparse.Namespace, comm: MPI.Comm, chunks: int = 4) -> dict[str, Any]:
+    """Median seconds of the MLP's c_proj forward (``(N, 4d/P) x (4d/P, d)``) with its ``(N,
+    d)`` Allreduce three ways: blocking after the GEMM, one Iallreduce of the previous output
+    in flight during the GEMM, and the GEMM in ``chunks`` row chunks each followed by its
+    Iallreduce (waited for at the end). On a core that the GEMM keeps busy and an MPI without
+    a progress thread, the non-blocking forms can hide nothing. Collective."""
+    n, d, p = a.batch * a.seq, a.d_model, comm.Get_size()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, 4 * d // p), dtype=np.float32)
+    w = rng.standard_normal((4 * d // p, d), dtype=np.float32)
+    y = np.empty((n, d), dtype=np.float32)
+    cut = [i * n // chunks for i in range(chunks + 1)]
+
+    def blocking() -> None:
+        np.matmul(x, w, out=y)
+        comm.Allreduce(MPI.IN_PLACE, y)
+
+    def during() -> None:
+        request = comm.Iallreduce(MPI.IN_PLACE, y)
+        np.matmul(x, w)
+        request.Wait()
+
+    def pipelined() -> None:
+        requests = []
+        for i0, i1 in zip(cut, cut[1:]):
+            np.matmul(x[i0:i1], w, out=y[i0:i1])
+            requests.append(comm.Iallreduce(MPI.IN_PLACE, y[i0:i1]))
+        MPI.Request.Waitall(requests)
+
+    forms = {"blocking": blocking, "during": during, "pipelined": pipelined,
+             "gemm_only": lambda: np.matmul(x, w, out=y)}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    with threadpool_limits(a.threads):
+        for i in range(a.warmup + a.iters):
+            for name, form in forms.items():
+                comm.Barrier()
+                t0 = time.perf_counter()
+                form()
+                if i >= a.warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return {"label": a.label, "rank": comm.Get_rank(), "tp": p, "overlap_probe": True,
+            "shape": [n, 4 * d // p, d], "chunks": chunks,
+            **{f"{name}_s": round(statistics.median(v), 5) for name, v in times.items()}}
 
 
 def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str, str], float]],

@@ -44,3 +44,15 @@ def test_regions_add_up_to_the_step(capsys, tmp_path, sp):
             ops = {k for k in r["split_s"] if k.startswith("comm.")}
             assert ops == ({"comm.allgather", "comm.reduce_scatter"} if sp else
                            {"comm.allreduce"})
+
+
+def test_overlap_probe_times_the_three_forms(capsys):
+    comm = MPI.COMM_WORLD
+    assert split.main(["--overlap-probe", "--d-model", "12", "--seq", "5", "--batch", "3",
+                       "--warmup", "0", "--iters", "2"]) == 0
+    recs = comm.bcast([json.loads(line) for line in capsys.readouterr().out.splitlines()]
+                      if comm.Get_rank() == 0 else None)
+    assert [r["rank"] for r in recs] == list(range(comm.Get_size()))
+    for r in recs:
+        assert r["shape"] == [15, 48 // comm.Get_size(), 12]
+        assert all(r[f"{k}_s"] > 0 for k in ("blocking", "during", "pipelined", "gemm_only"))
