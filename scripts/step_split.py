@@ -240,7 +240,7 @@ def overlap_probe(a: argparse.Namespace, comm: MPI.Comm, chunks: int = 4) -> dic
                     times[name].append(time.perf_counter() - t0)
     return {"label": a.label, "rank": comm.Get_rank(), "tp": p, "overlap_probe": True,
             "shape": [n, 4 * d // p, d], "chunks": chunks,
-            **{f"{name}_s": round(statistics.median(v), 5) for name, v in times.items()}}
+            **{f"{name}_s": round(statistics.median(v), 7) for name, v in times.items()}}
 
 
 def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str, str], float]],
