@@ -18,7 +18,10 @@ what tpmpi's schedule predicts at its TP size), model GFLOP/s (Narayanan et al. 
 ``24 B T d^2 + 4 B T^2 d``, x 3 with backward), MFU against the measured GEMM rate, the peak
 memory per rank, and the load average before and after; then a summary line with the ceiling
 ratio ``t(TP 1 x 2 threads) / t(TP 2) x 2 / (P x threads)`` and the ratios to torch. The machine
-may be shared: compare the ratios measured side by side, and read the load.
+may be shared: compare the ratios measured side by side, and read the load. ``--baseline DIR``
+adds an older checkout's TP 2 (its own ``tpmpi/``, run with DIR as the working directory) to
+the same rounds, and the summary's ``baseline_over_tpmpi_tp2`` is the speedup measured side by
+side.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch DTensor TP 2 x 1 thread"
+BASELINE = "baseline tpmpi TP 2 x 1 thread"
 
 
 def load() -> list[float]:
@@ -66,12 +70,13 @@ def gemm_rate(d: int, tokens: int, threads: int, repeats: int = 3) -> float:
     return flops / seconds / 1e9
 
 
-def run_json(cmd: list[str], json_path: str, timeout: float) -> Optional[dict]:
-    """Run ``cmd`` (which appends one JSON line to ``json_path``); its last record, or None
-    with the reason printed."""
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+def run_json(cmd: list[str], json_path: str, timeout: float, cwd: Path = ROOT
+             ) -> Optional[dict]:
+    """Run ``cmd`` in ``cwd`` (which appends one JSON line to ``json_path``); its last record,
+    or None with the reason printed."""
+    print(f"$ (cd {cwd}) " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     try:
-        out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
+        out = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True,
                              timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"  timed out after {timeout:.0f} s", flush=True)
@@ -159,6 +164,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--mpiexec", default=os.environ.get("MPIEXEC", "mpiexec"))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="a checkout of an older tpmpi: its TP 2 runs in the same rounds (its "
+                         "own tpmpi/ imported from DIR), so the speedup is measured side by side")
     ap.add_argument("--json", metavar="FILE", help="append the JSON lines to FILE")
     return ap.parse_args(argv)
 
@@ -173,33 +181,40 @@ def main(argv: Optional[list[str]] = None) -> int:
               flush=True)
         has_torch = subprocess.run([sys.executable, "-c", "import torch"], check=False,
                                    capture_output=True).returncode == 0
-        configs = [("tpmpi TP 2 x 1 thread", lambda out: tpmpi_cmd(args, 2, 1, out)),
-                   ("tpmpi TP 1 x 2 threads", lambda out: tpmpi_cmd(args, 1, 2, out))]
+        configs = [("tpmpi TP 2 x 1 thread", lambda out: tpmpi_cmd(args, 2, 1, out), ROOT),
+                   ("tpmpi TP 1 x 2 threads", lambda out: tpmpi_cmd(args, 1, 2, out), ROOT)]
         if args.torch and has_torch:
-            configs.append((TORCH, lambda out: torch_cmd(args, out)))
-        runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+            configs.append((TORCH, lambda out: torch_cmd(args, out), ROOT))
+        if args.baseline:
+            configs.append((BASELINE, lambda out: tpmpi_cmd(args, 2, 1, out),
+                            Path(args.baseline).resolve()))
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
         first_load = load()
         for i in range(args.rounds):  # the configurations alternate: load hits them alike
-            for name, cmd in configs:
-                out = os.path.join(tmp, f"{len(runs[name])}-{configs.index((name, cmd))}.jsonl")
-                rec = run_json(cmd(out), out, args.timeout)
+            for k, (name, cmd, cwd) in enumerate(configs):
+                out = os.path.join(tmp, f"{len(runs[name])}-{k}.jsonl")
+                rec = run_json(cmd(out), out, args.timeout, cwd)
                 if rec is not None:
                     runs[name].append(rec)
             print(f"round {i + 1}/{args.rounds} done (load {load()})", flush=True)
-        for name, _ in configs:
+        for name, _, _ in configs:
             rows.append(row(name, merged(runs[name]), peak,
                             predicted(args, 2, 1) if name == TORCH else None, first_load))
         if not (args.torch and has_torch):
             rows.append(row(TORCH, None, peak, None, first_load,
                             "torch is not installed (pip install torch, CPU)"
                             if args.torch else "--no-torch"))
-    times = [r["time_s"]["median"] if "time_s" in r else None for r in rows]
+    times = {r["config"]: r["time_s"]["median"] for r in rows if "time_s" in r}
+    tp2 = times.get("tpmpi TP 2 x 1 thread")
     summary: dict[str, Any] = {"summary": True, "d_model": args.d_model, "heads": args.heads,
                                "seq": args.seq, "batch": args.batch, "gemm_gflops": peak}
-    if times[0] and times[1]:
-        summary["ceiling_ratio"] = times[1] / times[0] * 2 / (2 * 1)
-    if times[0] and times[2]:
-        summary["torch_over_tpmpi_tp2"] = times[2] / times[0]
+    if tp2 and times.get("tpmpi TP 1 x 2 threads"):
+        summary["ceiling_ratio"] = times["tpmpi TP 1 x 2 threads"] / tp2 * 2 / (2 * 1)
+    if tp2 and times.get(TORCH):
+        summary["torch_over_tpmpi_tp2"] = times[TORCH] / tp2
+    if tp2 and times.get(BASELINE):
+        summary["baseline"] = args.baseline
+        summary["baseline_over_tpmpi_tp2"] = times[BASELINE] / tp2
     for r in rows + [summary]:
         line = json.dumps(r)
         print(line, flush=True)
@@ -228,6 +243,8 @@ def show(rows: list[dict], summary: dict) -> None:
         print(f"ceiling ratio (TP 2 against TP 1 x 2 threads): {summary['ceiling_ratio']:.3f}")
     if "torch_over_tpmpi_tp2" in summary:
         print(f"torch DTensor TP 2 / tpmpi TP 2: {summary['torch_over_tpmpi_tp2']:.3f}")
+    if "baseline_over_tpmpi_tp2" in summary:
+        print(f"baseline TP 2 / tpmpi TP 2: {summary['baseline_over_tpmpi_tp2']:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import pytest
 
 from problems import HALFS
 from tpmpi.layers import activations
-from tpmpi.layers.activations import ACTIVATIONS, erf, get_activation, normal_cdf
+from tpmpi.layers.activations import (ACTIVATIONS, erf, gelu_erf_and_cdf, gelu_erf_backward,
+                                      get_activation, normal_cdf)
+
+
 def exact_gelu_erf(x):
     """(Phi, x Phi, Phi + x phi) in float64 from math.erf, element by element."""
     phi = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
@@ -41,6 +44,36 @@ def test_float32_chunks_are_independent(monkeypatch):
         assert np.array_equal(fn(x), want)
         assert np.array_equal(fn(x[:, ::2]), want[:, ::2])
         assert fn(np.empty((0, 4), np.float32)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_and_cdf_and_the_backward_from_the_cdf(dtype, monkeypatch):
+    """``gelu_erf_and_cdf`` is (x Phi, Phi) and ``gelu_erf_backward`` is dh (Phi + x phi)
+    against math.erf in float64, across chunk boundaries (a chunk of 17 elements: the last one
+    short), for a strided input, into given arrays (dh itself for the gradient), and into new
+    arrays where the given ones do not fit."""
+    monkeypatch.setattr(activations, "_CHUNK", 17)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((9, 11)) * 3).astype(dtype)
+    dh = rng.standard_normal((9, 11)).astype(dtype)
+    phi, gelu, grad = (a.reshape(x.shape) for a in exact_gelu_erf(x.reshape(-1)))
+    bound = 4 * np.finfo(dtype).eps * np.maximum(1.0, np.abs(x.astype(np.float64)))
+    out, cdf = np.empty_like(x), np.empty_like(x)
+    y, c = gelu_erf_and_cdf(x, out, cdf)
+    assert y is out and c is cdf and y.dtype == c.dtype == dtype
+    assert np.all(np.abs(c - phi) <= bound) and np.all(np.abs(y - gelu) <= bound)
+    d = dh.copy()
+    g = gelu_erf_backward(d, x, c, out=d)
+    assert g is d and g.dtype == dtype
+    assert np.all(np.abs(g - dh * grad) <= bound * (1 + np.abs(dh)))
+    wide = np.concatenate([x, x], axis=1)[:, ::2]  # strided, not C-contiguous
+    y2, c2 = gelu_erf_and_cdf(wide, np.empty((2, 2), dtype), np.empty((9, 11), np.float16))
+    assert y2.shape == c2.shape == wide.shape and np.array_equal(y2, gelu_erf_and_cdf(
+        np.ascontiguousarray(wide))[0])
+    g2 = gelu_erf_backward(dh, x, c)
+    assert g2 is not dh and np.array_equal(g2, g)
+    empty = np.empty((0, 3), dtype)
+    assert gelu_erf_and_cdf(empty)[0].shape == gelu_erf_backward(empty, empty, empty).shape
 
 
 def test_erf_is_exact():

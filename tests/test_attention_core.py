@@ -40,8 +40,10 @@ def reference(qkv, dy, n_head, n_kv_head, hd, p):
     return y, ref.attention_backward(dy, z, saved)
 
 
-def run_rank(qkv, dy, part, rank, hd, p, dtype):
-    """The kernel on ``rank``'s heads: (y of its heads, d(local fused qkv)) as float64."""
+def run_rank(qkv, dy, part, rank, hd, p, dtype, fused=False):
+    """The kernel on ``rank``'s heads: (y of its heads, d(local fused qkv)) as float64; with
+    ``fused`` the backward writes into the column blocks of one (B, T, (Hq + 2 Hkv) hd)
+    array (the layer's d(qkv)), prefilled with NaN."""
     s = part.shard(rank)
     B, T, _ = qkv.shape
     local = qkv[..., part.qkv_index(rank, hd)].astype(dtype)
@@ -49,14 +51,20 @@ def run_rank(qkv, dy, part, rank, hd, p, dtype):
     keep = attention_keep(p, **KEY, n_head=part.n_head, seq=T, q_head0=s.q_heads[0])
     y, saved = causal_attention(q, k, v, s.kv_of_q, p=p, keep=keep if p else None)
     dyl = dy[..., part.proj_cols(rank, hd)].reshape(B, T, s.n_q, hd).astype(dtype)
-    dq, dk, dv = causal_attention_backward(dyl, saved)
+    whole = np.full(local.shape, np.nan, dtype=dtype)
+    views = split(whole, s.n_q, s.n_kv, hd) if fused else None
+    dq, dk, dv = causal_attention_backward(dyl, saved, out=views)
     assert y.dtype == dq.dtype == dk.dtype == dv.dtype == np.dtype(dtype)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+    if fused:
+        assert all(got is view for got, view in zip((dq, dk, dv), views))
+        return y.reshape(B, T, -1).astype(np.float64), whole.astype(np.float64)
     dlocal = np.concatenate([a.reshape(B, T, -1).astype(np.float64) for a in (dq, dk, dv)], -1)
     return y.reshape(B, T, -1).astype(np.float64), dlocal
 
 
-def check_partition(n_head, n_kv, tp, *, B=2, T=5, hd=3, p=0.0, dtype="float64", tol=1e-12):
+def check_partition(n_head, n_kv, tp, *, B=2, T=5, hd=3, p=0.0, dtype="float64", tol=1e-12,
+                    fused=False):
     rng = np.random.default_rng(n_head * 100 + n_kv * 10 + tp)
     qkv = rng.standard_normal((B, T, (n_head + 2 * n_kv) * hd)).astype(dtype).astype(np.float64)
     dy = rng.standard_normal((B, T, n_head * hd)).astype(dtype).astype(np.float64)
@@ -65,7 +73,7 @@ def check_partition(n_head, n_kv, tp, *, B=2, T=5, hd=3, p=0.0, dtype="float64",
     y = np.zeros_like(want_y)
     dqkv = np.zeros_like(want_dqkv)
     for r in range(tp):
-        y_r, d_r = run_rank(qkv, dy, part, r, hd, p, dtype)
+        y_r, d_r = run_rank(qkv, dy, part, r, hd, p, dtype, fused)
         y[..., part.proj_cols(r, hd)] = y_r
         # Q rows belong to one rank; K/V rows of a shared kv head are summed over its ranks
         dqkv[..., part.qkv_index(r, hd)] += d_r
@@ -78,6 +86,18 @@ def check_partition(n_head, n_kv, tp, *, B=2, T=5, hd=3, p=0.0, dtype="float64",
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_every_rank_of_every_partition_float64(n_head, n_kv, tp, p):
     check_partition(n_head, n_kv, tp, p=p)
+
+
+@pytest.mark.parametrize("n_head,n_kv,tp", [(4, 4, 2), (8, 2, 3), (6, 3, 4), (4, 1, 1), (3, 3, 4)])
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backward_into_one_fused_array(monkeypatch, n_head, n_kv, tp, dtype, p):
+    """dQ, dK, dV written into the column blocks of one d(qkv) (ParallelAttention's): every
+    element written (the NaN fill gone), the values those of the reference; tiles that do not
+    divide T."""
+    monkeypatch.setattr(attention_core, "TILE", 2)
+    tol = 1e-12 if dtype == "float64" else tolerance(dtype, 8)
+    check_partition(n_head, n_kv, tp, B=3, T=7, p=p, dtype=dtype, tol=tol, fused=True)
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (1, 9)])

@@ -11,6 +11,7 @@ from problems import HALFS
 from tpmpi.core.dropout import keep_mask, keep_scale
 from tpmpi.core.dtypes import tolerance
 from tpmpi.core.heads import vocab_block
+from tpmpi.layers import functional
 from tpmpi.layers.functional import (accumulation_dtype, dropout, embedding_block,
                                      embedding_block_backward, layer_norm, layer_norm_backward)
 
@@ -44,6 +45,26 @@ def test_layer_norm_matches_the_reference(dtype, shape, bias):
         assert db.dtype == np.dtype(dtype) and rel_err(db, want_db) <= tol
     else:
         assert db is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", *HALFS])
+@pytest.mark.parametrize("block", [1, 20, 33, 10**6])
+def test_layer_norm_row_blocks_give_the_whole_array_result(monkeypatch, dtype, block):
+    """Rows taken a block at a time (one row, blocks of 1 or 2 rows of 16, a short last
+    block, one block for all) give the reference's output and gradients, with a strided
+    input."""
+    monkeypatch.setattr(functional, "_BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(4)
+    (x, w, b, dy), (x64, w64, b64, dy64) = rounded(
+        dtype, 1 + 2 * rng.standard_normal((3, 7, 32)), 1 + 0.3 * rng.standard_normal(16),
+        rng.standard_normal(16), rng.standard_normal((3, 7, 16)))
+    y, saved = layer_norm(x[..., ::2], w, b)
+    dx, dw, db = layer_norm_backward(dy, saved)
+    want_y, ln = ref.layer_norm(x64[..., ::2], w64, b64)
+    tol = tolerance(dtype, 21)
+    assert rel_err(y, want_y) <= tol
+    for got, want in zip((dx, dw, db), ref.layer_norm_backward(dy64, w64, ln)):
+        assert got.dtype == np.dtype(dtype) and rel_err(got, want) <= tol
 
 
 def test_layer_norm_of_a_constant_row_is_its_bias():

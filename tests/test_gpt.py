@@ -131,6 +131,23 @@ def test_dropout_advances_and_accumulates(grid):
     assert model.grad_norm() == 0.0
 
 
+def test_logits_of_the_same_shape_between_forward_and_backward(grid):
+    """logits() on the training batch's own shape, run between a forward and its backward,
+    writes none of the arrays that backward reads (the layers' input copies, the MLP's GELU
+    and Phi reused across steps): the gradients are the reference's."""
+    cfg = make_config(4, 2, 13, True)
+    sd = ref.random_state_dict(cfg, seed=4)
+    idx, targets = batch(cfg, T=4, seed=2)
+    _, _, want = ref.forward_backward(sd, cfg, idx, targets)
+    model = GPT.from_state_dict(sd, cfg, grid=grid, dtype="float64", seed=SEED)
+    for _ in range(2):  # the second forward writes into the first step's arrays
+        model.zero_grad()
+        model(idx, targets)
+        model.logits(idx[::-1])
+        model.backward()
+    assert worst(model.grad_state_dict(), want) <= TOL
+
+
 def test_state_dict_round_trips_and_init_is_layout_invariant(world, grid):
     cfg = make_config(6, 2, 11, True, layers=1)
     model = GPT(cfg, grid=grid, seed=3, dtype="float64")

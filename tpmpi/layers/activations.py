@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from scipy.special import erf as scipy_erf
@@ -81,19 +81,31 @@ def _phi_chunk(x: np.ndarray, out: np.ndarray, xc: np.ndarray, x2: np.ndarray,
     out += np.float32(0.5)
 
 
+def _float32_map(body: Callable[..., None], inputs: tuple[np.ndarray, ...],
+                 outputs: tuple[np.ndarray, ...]) -> None:
+    """``body(*input chunks, *output chunks, xc, x2, q)`` over cache-sized flat chunks of
+    same-shaped float32 arrays (``outputs`` C-contiguous), with three scratch chunks."""
+    flat_in = [np.ascontiguousarray(a).reshape(-1) for a in inputs]
+    flat_out = [o.reshape(-1) for o in outputs]
+    size = flat_in[0].size
+    n = max(1, min(_CHUNK, size))
+    scratch = np.empty((3, n), dtype=np.float32)
+    for i in range(0, size, n):
+        j = min(size, i + n)
+        body(*(a[i:j] for a in flat_in), *(o[i:j] for o in flat_out),
+             *(w[:j - i] for w in scratch))
+
+
 def _float32_chunks(x: np.ndarray, finish: Callable[..., None]) -> np.ndarray:
     """``Phi`` of each chunk of float32 ``x``, then ``finish(x, out, xc, x2, q)`` on it (the
     scratch free to reuse): a new array of ``x``'s shape."""
-    flat = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty_like(flat)
-    n = max(1, min(_CHUNK, flat.size))
-    scratch = np.empty((3, n), dtype=np.float32)
-    for i in range(0, flat.size, n):
-        xi, oi = flat[i:i + n], out[i:i + n]
-        work = [w[:xi.size] for w in scratch]
+    out = np.empty(x.shape, dtype=np.float32)
+
+    def body(xi: np.ndarray, oi: np.ndarray, *work: np.ndarray) -> None:
         _phi_chunk(xi, oi, *work)
         finish(xi, oi, *work)
-    return out.reshape(x.shape)
+    _float32_map(body, (x,), (out,))
+    return out
 
 
 def _fast_erf(x: Array) -> bool:
@@ -125,12 +137,17 @@ def _times_x(x: np.ndarray, out: np.ndarray, *_: np.ndarray) -> None:
     out *= x
 
 
-def _plus_x_pdf(x: np.ndarray, out: np.ndarray, t: np.ndarray, *_: np.ndarray) -> None:
+def _pdf_times_x(x: np.ndarray, t: np.ndarray) -> None:
+    """``t = x phi(x)`` for a float32 chunk."""
     np.multiply(x, x, out=t)
     t *= np.float32(-0.5)
     np.exp(t, out=t)
     t *= x
     t *= np.float32(_INV_SQRT_2PI)
+
+
+def _plus_x_pdf(x: np.ndarray, out: np.ndarray, t: np.ndarray, *_: np.ndarray) -> None:
+    _pdf_times_x(x, t)
     out += t
 
 
@@ -147,6 +164,59 @@ def gelu_erf_grad(x: Array) -> Array:
         return _float32_chunks(x, _plus_x_pdf)
     xp = backend_of(x).xp
     return _normal_cdf(x) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+
+
+def _fresh(out: Optional[Array], like: Array) -> Array:
+    """``out`` when it is a C-contiguous array of ``like``'s shape and dtype, else a new one."""
+    if out is not None and out.shape == like.shape and out.dtype == like.dtype \
+            and out.flags.c_contiguous:
+        return out
+    return backend_of(like).xp.empty(like.shape, dtype=like.dtype)
+
+
+def gelu_erf_and_cdf(x: Array, out: Optional[Array] = None, cdf: Optional[Array] = None
+                     ) -> tuple[Array, Array]:
+    """``(x Phi(x), Phi(x))`` of float32 or float64 ``x``: the exact GELU and the normal CDF
+    that :func:`gelu_erf_backward` reuses (one ``erf`` a step). Written into ``out`` and
+    ``cdf`` when they fit (C-contiguous, ``x``'s shape and dtype: a caller's reused
+    workspace), else new arrays. Float32 NumPy: one sweep over cache-sized chunks."""
+    out, cdf = _fresh(out, x), _fresh(cdf, x)
+    if _fast_erf(x):
+        def body(xi: np.ndarray, yi: np.ndarray, ci: np.ndarray, *work: np.ndarray) -> None:
+            _phi_chunk(xi, ci, *work)
+            np.multiply(xi, ci, out=yi)
+        _float32_map(body, (x,), (out, cdf))
+        return out, cdf
+    xp = backend_of(x).xp
+    xp.multiply(x, _INV_SQRT_2, out=cdf)
+    cdf[...] = erf(cdf)
+    cdf += 1.0
+    cdf *= 0.5
+    xp.multiply(x, cdf, out=out)
+    return out, cdf
+
+
+def gelu_erf_backward(dh: Array, x: Array, cdf: Array, out: Optional[Array] = None) -> Array:
+    """``dh (Phi(x) + x phi(x))``, the exact GELU's input gradient from the forward's
+    ``cdf = Phi(x)`` (:func:`gelu_erf_and_cdf`), into ``out`` when it fits (``dh`` itself
+    allowed), else a new array. Float32 NumPy: one sweep over cache-sized chunks."""
+    out = _fresh(out, x)
+    if _fast_erf(x) and dh.dtype == np.float32:
+        def body(xi: np.ndarray, ci: np.ndarray, di: np.ndarray, oi: np.ndarray,
+                 t: np.ndarray, *_: np.ndarray) -> None:
+            _pdf_times_x(xi, t)
+            t += ci
+            np.multiply(t, di, out=oi)
+        _float32_map(body, (x, cdf, dh), (out,))
+        return out
+    xp = backend_of(x).xp
+    g = x * x
+    g *= -0.5
+    xp.exp(g, out=g)
+    g *= _INV_SQRT_2PI
+    g *= x
+    g += cdf
+    return xp.multiply(g, dh, out=out)
 
 
 def relu(x: Array) -> Array:

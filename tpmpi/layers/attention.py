@@ -220,40 +220,44 @@ class ParallelAttention(Composite):
         dy2 = self.local.product(dy, proj.weight.T)
         proj.grad_weight += self.local.product(y2.T, dy)
         seq = n // batch
-        dq, dk, dv = causal_attention_backward(dy2.reshape(batch, seq, s.n_q, hd), core)
         nq, nkv = s.n_q * hd, s.n_kv * hd
-        parts = [(dq.reshape(n, nq), slice(0, nq)), (dk.reshape(n, nkv), slice(nq, nq + nkv)),
-                 (dv.reshape(n, nkv), slice(nq + nkv, nq + 2 * nkv))]
-        w = self.c_attn.weight
-        dx = self.local.partial(parts[0][0], w[:, parts[0][1]].T)  # float32 for 2-byte floats
-        for grad, cols in parts[1:]:
-            dx += self.local.partial(grad, w[:, cols].T)
+        # dQ, dK, dV written straight into the column blocks of one d(qkv): one dX product
+        dqkv = self.backend.xp.empty((n, nq + 2 * nkv), dtype=h.dtype)
+        causal_attention_backward(dy2.reshape(batch, seq, s.n_q, hd), core, out=(
+            dqkv[:, :nq].reshape(batch, seq, s.n_q, hd),
+            dqkv[:, nq:nq + nkv].reshape(batch, seq, s.n_kv, hd),
+            dqkv[:, nq + nkv:].reshape(batch, seq, s.n_kv, hd)))
+        # partial sums over the ranks (float32 for 2-byte floats)
+        dx = self.local.partial(dqkv, self.c_attn.weight.T)
 
         def weight_grads() -> None:
-            self._qkv_grads(h, parts, nq)
+            self._qkv_grads(h, dqkv, nq)
 
         return self.reduce_dx.during(dx, weight_grads).astype(h.dtype, copy=False)
 
-    def _qkv_grads(self, h: Array, parts: list[tuple[Array, slice]], nq: int) -> None:
-        """Accumulate c_attn's gradients: Q columns directly, K and V columns after their sum
-        over the ranks sharing the kv head (``sum_kv``, blocking, on its sub-communicator)."""
+    def _qkv_grads(self, h: Array, dqkv: Array, nq: int) -> None:
+        """Accumulate c_attn's gradients from ``d(qkv)`` (N, (Hq + 2 Hkv) hd): in one product
+        where no kv head is shared, else the Q columns directly and the K and V columns after
+        their sum over the ranks sharing the kv head (``sum_kv``, blocking, on its
+        sub-communicator)."""
         leaf, xp = self.c_attn, self.backend.xp
-        (dq, qcols), kv = parts[0], parts[1:]
-        leaf.grad_weight[:, qcols] += self.local.product(h.T, dq)
-        if leaf.grad_bias is not None:
-            leaf.grad_bias[qcols] += self.local.column_sums(dq)
-        width = sum(g.shape[1] for g, _ in kv)
-        rows = h.shape[1] + (1 if leaf.grad_bias is not None else 0)
-        fresh = xp.empty((rows, width), dtype=leaf.grad_weight.dtype)
-        at = 0
-        for grad, _ in kv:
-            self.local.product(h.T, grad, out=fresh[:h.shape[1], at:at + grad.shape[1]])
+        if self.sum_kv is None:
+            leaf.grad_weight += self.local.product(h.T, dqkv)
             if leaf.grad_bias is not None:
-                fresh[-1, at:at + grad.shape[1]] = self.local.column_sums(grad)
-            at += grad.shape[1]
-        if self.sum_kv is not None:
-            self.sum_kv(fresh)
-        leaf.grad_weight[:, nq:] += fresh[:h.shape[1]]
+                leaf.grad_bias += self.local.column_sums(dqkv)
+            return
+        dq, dkv = dqkv[:, :nq], dqkv[:, nq:]
+        leaf.grad_weight[:, :nq] += self.local.product(h.T, dq)
+        if leaf.grad_bias is not None:
+            leaf.grad_bias[:nq] += self.local.column_sums(dq)
+        d = h.shape[1]
+        fresh = xp.empty((d + (1 if leaf.grad_bias is not None else 0), dkv.shape[1]),
+                         dtype=leaf.grad_weight.dtype)
+        self.local.product(h.T, dkv, out=fresh[:d])
+        if leaf.grad_bias is not None:
+            fresh[-1] = self.local.column_sums(dkv)
+        self.sum_kv(fresh)
+        leaf.grad_weight[:, nq:] += fresh[:d]
         if leaf.grad_bias is not None:
             leaf.grad_bias[nq:] += fresh[-1]
 

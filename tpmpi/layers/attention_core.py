@@ -159,10 +159,10 @@ def _tiles(seq: int) -> Iterator[tuple[int, int]]:
         yield i0, min(seq, i0 + TILE)
 
 
-def _causal_bias(xp: Any, seq: int, dtype: Any) -> Array:
-    """``(T, T)``: 0 on and below the diagonal, ``-inf`` above (its leading squares are the
-    smaller tiles' masks)."""
-    return xp.triu(xp.full((seq, seq), -math.inf, dtype=dtype), 1)
+def _causal_mask(xp: Any, seq: int) -> Array:
+    """``(T, T)`` boolean: True above the diagonal, the future keys (its leading squares are
+    the smaller tiles' masks)."""
+    return xp.triu(xp.ones((seq, seq), dtype=bool), 1)
 
 
 def _keep_block(keep: KeepSource, group: _Group, chunk: tuple[slice, slice, slice]) -> Array:
@@ -184,6 +184,15 @@ def _scaled(q: Array, acc: Any) -> Array:
     return out
 
 
+def _add_heads(acc: Array, part: Array) -> None:
+    """``acc (b, runs, T', hd) += part (b, runs, size, T', hd)`` summed over the run's query
+    heads (no sum for one head a run: MHA)."""
+    if part.shape[2] == 1:
+        acc += part[:, :, 0]
+    else:
+        acc += part.sum(axis=2)
+
+
 def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p: float = 0.0,
                      keep: Optional[KeepSource] = None) -> tuple[Array, AttentionSaved]:
     """``y = softmax(q k^T / sqrt(hd) + causal) v`` per local query head, with dropout of rate
@@ -194,15 +203,16 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
     if p > 0.0 and keep is None:
         raise ValueError(f"p={p}: dropout needs a keep-mask source (keep=None)")
     xp = backend_of(q).xp
-    B, T, Hq, _ = q.shape
+    B, T, Hq, hd = q.shape
     acc = accumulation_dtype(q.dtype)
-    bias = _causal_bias(xp, min(TILE, T), acc)
+    future = _causal_mask(xp, min(TILE, T))
     qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     y = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((B, Hq, T), dtype=acc)
     n = _chunk_size(T, acc.itemsize, p > 0.0)
-    scratch = _Scratch(xp, acc, [min(n, B * Hq) * min(TILE, T) * T])
+    scratch = _Scratch(xp, acc, [min(n, B * Hq) * min(TILE, T) * T,
+                                 min(n, B * Hq) * min(TILE, T) * hd])
     for g in _groups(heads):
         qg, kg, vg, yg = g.queries(qs), g.keys(ka), g.keys(va), g.queries(y)
         lg = g.queries(lse.swapaxes(1, 2))
@@ -213,7 +223,7 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
             for i0, i1 in _tiles(T):
                 s = xp.matmul(qc[..., i0:i1, :], kc[..., :i1, :].swapaxes(-1, -2),
                               out=scratch.take(0, qc.shape[:3] + (i1 - i0, i1)))
-                s[..., i0:i1] += bias[:i1 - i0, :i1 - i0]
+                xp.copyto(s[..., i0:i1], -math.inf, where=future[:i1 - i0, :i1 - i0])
                 m = s.max(axis=-1, keepdims=True)
                 s -= m
                 xp.exp(s, out=s)
@@ -223,16 +233,19 @@ def causal_attention(q: Array, k: Array, v: Array, kv_of_q: Sequence[int], *, p:
                     # inverted dropout's 1 / (1 - p) on the (rows x 1) sums, not the tile
                     s *= mask[..., i0:i1, :i1]
                     total *= 1.0 - p
-                out = xp.matmul(s, vc[..., :i1, :])
-                out /= total
-                yc[..., i0:i1, :] = out
+                out = xp.matmul(s, vc[..., :i1, :], out=scratch.take(1, qc.shape[:3] +
+                                                                     (i1 - i0, hd)))
+                xp.divide(out, total, out=yc[..., i0:i1, :])  # rounded once to y's dtype
     return y, AttentionSaved(q, k, v, y, lse, heads, p, keep)
 
 
-def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, Array, Array]:
+def causal_attention_backward(dy: Array, saved: AttentionSaved,
+                              out: Optional[tuple[Array, Array, Array]] = None
+                              ) -> tuple[Array, Array, Array]:
     """``(dq (B, T, Hq, hd), dk, dv (B, T, Hkv, hd))`` from ``dy (B, T, Hq, hd)``; ``dk`` and
     ``dv`` summed over the local query heads sharing each kv head (the sum over ranks that share
-    a kv head is the layer's). Local: no communication."""
+    a kv head is the layer's). ``out``: three arrays of those shapes and ``q``'s dtype to write
+    them into (views of one fused array allowed), else new arrays. Local: no communication."""
     q, k, v = saved.q, saved.k, saved.v
     if dy.shape != q.shape:
         raise ValueError(f"dy.shape={dy.shape}: expected {q.shape}")
@@ -240,7 +253,7 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
     B, T, _, hd = q.shape
     acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(hd) if hd else 1.0
-    bias = _causal_bias(xp, min(TILE, T), acc)
+    future = _causal_mask(xp, min(TILE, T))
     qs = _scaled(q, acc)
     ka, va = k.astype(acc, copy=False), v.astype(acc, copy=False)
     dya = dy.astype(acc, copy=False)
@@ -249,35 +262,41 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
     dropout = saved.p > 0.0 and saved.keep is not None
     if dropout:  # dy / (1 - p) once: the kept probabilities' scale, in both products with dy
         dya = dya * (1.0 / (1.0 - saved.p))
-    dq = xp.empty(q.shape, dtype=q.dtype)
-    dk = xp.zeros(k.shape, dtype=acc)
-    dv = xp.zeros(v.shape, dtype=acc)
+    dq, dk, dv = out if out is not None else (xp.empty(q.shape, dtype=q.dtype),
+                                              xp.empty(k.shape, dtype=k.dtype),
+                                              xp.empty(v.shape, dtype=v.dtype))
+    # dK and dV accumulated head-major ((B, Hkv, T, hd), contiguous rows) in the compute type
+    dk_acc = xp.zeros((B, k.shape[2], T, hd), dtype=acc)
+    dv_acc = xp.zeros((B, k.shape[2], T, hd), dtype=acc)
     lse = saved.lse.swapaxes(1, 2)
     n = _chunk_size(T, acc.itemsize, dropout)
-    tile = min(n, B * q.shape[2]) * min(TILE, T) * T
-    scratch = _Scratch(xp, acc, [tile, tile, tile if dropout else 0])
+    rows = min(n, B * q.shape[2]) * min(TILE, T)
+    tile = rows * T
+    scratch = _Scratch(xp, acc, [tile, tile, tile if dropout else 0, rows * hd, T * hd * rows
+                                 // min(TILE, T) if T else 0])
     for g in _groups(saved.kv_of_q):
         qg, kg, vg, dyg, dqg = (g.queries(qs), g.keys(ka), g.keys(va), g.queries(dya),
                                 g.queries(dq))
         lg, rg = g.queries(lse), g.queries(rowdot)
-        dkg, dvg = g.keys(dk)[:, :, 0], g.keys(dv)[:, :, 0]
+        dkg = dk_acc[:, g.j0:g.j0 + g.runs]
+        dvg = dv_acc[:, g.j0:g.j0 + g.runs]
         for chunk in _chunks(B, g, n):
             b, r, s = chunk
             mask = _keep_block(saved.keep, g, chunk) if dropout else None  # type: ignore[arg-type]
-            kc, vc = kg[b, r], vg[b, r]
+            kc, vc, dkc, dvc = kg[b, r], vg[b, r], dkg[b, r], dvg[b, r]
             qc, dyc, dqc, lc, rc = (a[b, r, s] for a in (qg, dyg, dqg, lg, rg))
-            dk_acc = xp.zeros(qc.shape, dtype=acc)
-            dv_acc = xp.zeros(qc.shape, dtype=acc)
             for i0, i1 in _tiles(T):
                 shape = qc.shape[:3] + (i1 - i0, i1)
                 prob = xp.matmul(qc[..., i0:i1, :], kc[..., :i1, :].swapaxes(-1, -2),
                                  out=scratch.take(0, shape))
-                prob[..., i0:i1] += bias[:i1 - i0, :i1 - i0]
+                xp.copyto(prob[..., i0:i1], -math.inf, where=future[:i1 - i0, :i1 - i0])
                 prob -= lc[..., i0:i1, None]
                 xp.exp(prob, out=prob)
                 kept = prob if mask is None else xp.multiply(prob, mask[..., i0:i1, :i1],
                                                              out=scratch.take(2, shape))
-                dv_acc[..., :i1, :] += xp.matmul(kept.swapaxes(-1, -2), dyc[..., i0:i1, :])
+                part = scratch.take(4, qc.shape[:3] + (i1, hd))
+                _add_heads(dvc[..., :i1, :], xp.matmul(kept.swapaxes(-1, -2),
+                                                       dyc[..., i0:i1, :], out=part))
                 dprob = xp.matmul(dyc[..., i0:i1, :], vc[..., :i1, :].swapaxes(-1, -2),
                                   out=scratch.take(1, shape))
                 if mask is not None:
@@ -285,10 +304,11 @@ def causal_attention_backward(dy: Array, saved: AttentionSaved) -> tuple[Array, 
                 # dS = P * (dP - rowsum(dP * P)) in dprob; d(scores) = dS / sqrt(hd)
                 dprob -= rc[..., i0:i1, None]
                 dprob *= prob
-                dqt = xp.matmul(dprob, kc[..., :i1, :])
-                dqt *= scale
-                dqc[..., i0:i1, :] = dqt
-                dk_acc[..., :i1, :] += xp.matmul(dprob.swapaxes(-1, -2), qc[..., i0:i1, :])
-            dkg[b, r] += dk_acc.sum(axis=2)
-            dvg[b, r] += dv_acc.sum(axis=2)
-    return dq, dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+                dqt = xp.matmul(dprob, kc[..., :i1, :],
+                                out=scratch.take(3, qc.shape[:3] + (i1 - i0, hd)))
+                xp.multiply(dqt, scale, out=dqc[..., i0:i1, :])  # rounded once to dq's dtype
+                _add_heads(dkc[..., :i1, :], xp.matmul(dprob.swapaxes(-1, -2),
+                                                       qc[..., i0:i1, :], out=part))
+    dk[...] = dk_acc.swapaxes(1, 2)
+    dv[...] = dv_acc.swapaxes(1, 2)
+    return dq, dk, dv

@@ -24,24 +24,21 @@ output biases see the whole gathered dy and need no sum.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 from ..core.arrays import Array
-from ..core.backend import Backend, backend_of
+from ..core.backend import Backend
 from ..core.dtypes import HALF
 from ..core.dropout import Site, attention_keep, keep_mask
 from ..core.grid import ProcessGrid
 from ..core.schedule import GradsReady, Pointwise, Schedule, Step, chain
-from .activations import erf
+from .activations import gelu_erf_and_cdf, gelu_erf_backward
 from .attention import ParallelAttention
 from .functional import LayerNormSaved, dropout, layer_norm, layer_norm_backward
 from .leaf import ParameterLeaf, Placement
 from .linear_schedule import nbytes
 from .mlp import ParallelMLP
 from .module import Composite
-
-_INV_SQRT_2, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +117,16 @@ class GPTMLP(ParallelMLP):
     "megatron" (replicated rows) or "sequence" (token rows), its layers named as nanoGPT's:
     ``c_fc`` (column-parallel) and ``c_proj`` (row-parallel, bias added once). The forward
     keeps ``Phi`` of the pre-activation (one more array of the hidden shard, ``(N, 4d / P)``)
-    so that the backward needs no second ``erf``."""
+    so that the backward needs no second ``erf``; the activation and ``Phi`` are written into
+    the arrays of the previous step (``_kept``, the pair a forward writes and the next backward
+    reads), so a step touches no fresh pages for them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.fc1.dtype.name not in HALF:  # half types go through float32 (the parent's)
             self._act, self._act_backward = self._gelu, self._gelu_backward
         self._saved: Optional[Array] = None  # Phi(pre) of the last forward
+        self._kept: Optional[tuple[Array, Array]] = None  # (GELU(pre), Phi(pre)) reused
 
     def children(self) -> list[tuple[str, Any]]:
         """``[("c_fc", fc1), ("c_proj", fc2)]``."""
@@ -135,23 +135,16 @@ class GPTMLP(ParallelMLP):
     def _gelu(self, pre: Array) -> Array:
         """``pre Phi(pre)``, keeping ``Phi(pre)`` for the backward: the exact GELU's ``erf``
         (the costliest element-wise call of the block) runs once per step, not twice."""
-        cdf = erf(pre * _INV_SQRT_2)
-        cdf += 1.0
-        cdf *= 0.5
+        out, cdf = gelu_erf_and_cdf(pre, *(self._kept or (None, None)))
+        self._kept = (out, cdf)
         self._saved = cdf
-        return pre * cdf
+        return out
 
     def _gelu_backward(self, dh: Array, pre: Array) -> Array:
-        """``dh (Phi(pre) + pre phi(pre))`` from the forward's ``Phi``."""
+        """``dh (Phi(pre) + pre phi(pre))`` from the forward's ``Phi``, in place on ``dh`` (fc2's
+        fresh input gradient)."""
         assert self._saved is not None, "forward ran"
-        g = pre * pre
-        g *= -0.5
-        backend_of(pre).xp.exp(g, out=g)
-        g *= _INV_SQRT_2PI
-        g *= pre
-        g += self._saved
-        g *= dh
-        return g
+        return gelu_erf_backward(dh, pre, self._saved, out=dh)
 
 
 class TransformerBlock(Composite):
@@ -189,6 +182,9 @@ class TransformerBlock(Composite):
                           mode="sequence" if sequence_parallel else "megatron", bias=bias,
                           dtype=dtype, seed=seed + stream + 4, backend=backend,
                           _dense=mlp_dense)
+        # c_fc's input is ln_2's output, a new array each forward that nothing changes: kept
+        # for the backward as it is, not copied
+        self.mlp.fc1.copy_input = False
         self._keep: tuple[Optional[Array], Optional[Array]] = (None, None)
         self._p = 0.0
 
