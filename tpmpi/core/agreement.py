@@ -131,13 +131,12 @@ class Agreement:
     """A started :func:`start_agree`: :meth:`wait` completes its Allreduce and raises the agreed
     ValueError on every rank when any rank reported an error or a differing value."""
 
-    __slots__ = ("comm", "error", "values", "both", "request", "limit")
+    __slots__ = ("comm", "error", "values", "both", "request")
 
     def __init__(self, comm: MPI.Comm, error: Optional[str], values: dict,
                  both: Optional[np.ndarray], request: Optional[MPI.Request]) -> None:
         self.comm, self.error, self.values = comm, error, values
         self.both, self.request = both, request
-        self.limit: Optional[int] = None  # the message limit agreed with (start_checks)
 
     def wait(self) -> None:
         """Complete the agreement (collective: the allgather of the details on failure only)."""
@@ -235,7 +234,6 @@ def start_checks(comm: MPI.Comm, local_checks: Callable[[], None], **values: Any
     agreement = start_agree(comm, error, **values, TPMPI_MAX_MESSAGE_BYTES=limit)
     if error:
         agreement.wait()
-    agreement.limit = limit
     return agreement
 
 
@@ -250,21 +248,18 @@ class Settle:
     held until its first collective or the end of its first local product, whichever comes
     first (:meth:`settle` completes it), and ``failed``, a failure on this rank between an
     operation's collectives (which still completed them), for the next operation to report on
-    every rank; ``limit``, the message limit the last agreement agreed on (None: none did), which
-    the operation's collectives are cut by."""
+    every rank."""
 
-    __slots__ = ("agreement", "failed", "limit")
+    __slots__ = ("agreement", "failed")
 
     def __init__(self) -> None:
         self.agreement: Optional[Agreement] = None
         self.failed: Optional[str] = None
-        self.limit: Optional[int] = None
 
     def hold(self, agreement: Agreement) -> None:
         """Keep ``agreement`` open (an earlier one is completed first)."""
         self.settle()
         self.agreement = agreement
-        self.limit = agreement.limit
 
     def settle(self) -> None:
         """Complete the held agreement, if any: the agreed ValueError on every rank."""

@@ -184,13 +184,12 @@ def _alltoallw_rows(bufs: list, blocking: bool, blocks: Sequence[Block], rank: i
 
 
 def allgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MPI.Comm,
-                     staging: Optional[Staging] = None, limit: Optional[int] = None) -> Array:
+                     staging: Optional[Staging] = None) -> Array:
     """Every rank's C-contiguous block into its place of ``out`` (C-ordered, global shape) on
     every rank: ``Alltoallw`` with subarray receive types, one call when it fits the message
     limit. Staged device buffers go in double-buffered row chunks: this rank's rows down, the
     assembled rows back. Returns ``out``. Collective. Callers validate shapes with
     :func:`tpmpi.core.agreement.agree` first; here a mismatch is a programming error.
-    ``limit``: the message limit (default :func:`max_message_bytes`).
     """
     rank = comm.Get_rank()
     _check_gather_args(local, out, blocks, rank)
@@ -198,7 +197,7 @@ def allgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MP
         _own_block(local, out, blocks, rank)
         return out
     if staging is None or staging.direct():
-        for send, recv in alltoallw_args(local, out, blocks, rank, limit):
+        for send, recv in alltoallw_args(local, out, blocks, rank):
             comm.Alltoallw(send, recv)
         return out
     blocks = [(tuple(s), tuple(sh)) for s, sh in blocks]
@@ -214,8 +213,8 @@ def allgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MP
     return out
 
 
-def iallgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MPI.Comm,
-                      limit: Optional[int] = None) -> Request:
+def iallgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: MPI.Comm
+                      ) -> Request:
     """Non-blocking :func:`allgather_blocks` (``Ialltoallw`` per call) on host or GPU-aware
     buffers; ``local`` and ``out`` must stay alive and untouched until ``Wait()`` returns."""
     rank = comm.Get_rank()
@@ -225,7 +224,7 @@ def iallgather_blocks(local: Array, out: Array, blocks: Sequence[Block], comm: M
         return MPI.REQUEST_NULL
     plain = _split_without_topology(comm)
     return _group([plain.Ialltoallw(send, recv)
-                   for send, recv in alltoallw_args(local, out, blocks, rank, limit)])
+                   for send, recv in alltoallw_args(local, out, blocks, rank)])
 
 
 # --------------------------------------------------------------------------- reductions

@@ -322,26 +322,23 @@ class _Gather(Operator):
         out = self.out(x, size)
         if out is not x:
             with self._blocked(out.nbytes):
-                allgather_blocks(x, out, self.blocks(out), self.comm, self.staging,
-                                 self.pending.limit)
+                allgather_blocks(x, out, self.blocks(out), self.comm, self.staging)
         return out
 
     def during(self, x: Array, work: Callable[[], Any], size: Any = None) -> Array:
         out = self.out(x, size)
         parts = self.blocks(out)
         self._complete(DONE if out is x else self._start(
-            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm, self.pending.limit),
-            lambda: allgather_blocks(x, out, parts, self.comm, self.staging,
-                                     self.pending.limit)), work)
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging)), work)
         return out
 
     def start(self, x: Array, size: Any = None, out: Optional[Array] = None) -> Pending:
         out = self.out(x, size) if out is None else out
         parts = self.blocks(out)
         return DONE if out is x else self._start(
-            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm, self.pending.limit),
-            lambda: allgather_blocks(x, out, parts, self.comm, self.staging,
-                                     self.pending.limit))
+            out.nbytes, lambda: iallgather_blocks(x, out, parts, self.comm),
+            lambda: allgather_blocks(x, out, parts, self.comm, self.staging))
 
 
 class GatherRows(_Gather):

@@ -29,7 +29,7 @@ from mpi4py import MPI
 from ..core import colltable
 from ..core.arrays import DTypeLike
 from ..core.backend import Backend
-from ..core.comm import first_ranks
+from ..core.comm import first_ranks, polite_barrier
 from ..core.dtypes import HALF
 from ..core.mappings import AllReduce, GatherCols, ReduceScatterRows
 from ..core.partition import block_partition, block_range
@@ -37,7 +37,7 @@ from ..core.summa import BroadcastPiece, ReduceToOwner
 from ..core.threads import blas_info
 from .costmodel import CLASS_SHAPES, GPU_CLASS_SHAPES, REDUCTIONS, Calibration, \
     calibration_key, fit_alpha_beta, gemm_work
-from .localbench import local_curves, measuring_ranks, node_facts, uniform, wait_idle
+from .localbench import local_curves, measuring_ranks, node_facts, uniform
 from .record import CollectiveRecord, mpi_library, utc_timestamp
 from .table import line
 from .timing import time_calls
@@ -218,7 +218,7 @@ def _fit_collectives(comm: MPI.Comm, backend: Backend, ops: Sequence[str],
                                           [r.time_s for r in recs])
                     alpha.setdefault(key, {})[str(p)] = a
                     beta.setdefault(key, {})[str(p)] = b
-        wait_idle(comm)
+        polite_barrier(comm)
     return comm.bcast((alpha, beta), root=0)
 
 

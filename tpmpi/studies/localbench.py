@@ -36,7 +36,7 @@ from mpi4py import MPI
 
 from ..core.arrays import Array, DTypeLike
 from ..core.backend import Backend, backend_of
-from ..core.comm import first_ranks
+from ..core.comm import first_ranks, polite_barrier
 from ..core.gemm import LocalWork
 from ..core.topology import device_leaders, node_comm
 from ..layers.activations import get_activation
@@ -61,14 +61,6 @@ def uniform(xp: Any, shape: tuple, dtype: DTypeLike) -> Array:
     return (xp.random.random(shape) * 2 - 1).astype(dtype)
 
 
-def wait_idle(comm: MPI.Comm, pause: float = 1e-3) -> None:
-    """A Barrier over ``comm`` that sleeps while it waits: an idle rank of an oversubscribed
-    node leaves its core to the ranks still measuring (a blocking Barrier polls). Collective."""
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(pause)
-
-
 def node_facts(comm: MPI.Comm) -> dict:
     """``{"cores_per_node": ..., "ranks_per_node": ...}``: the fewest CPUs the ranks of a node
     may run on (the union of their affinity masks) and the most ranks on a node. Collective."""
@@ -84,14 +76,14 @@ def measuring_ranks(comm: MPI.Comm, backend: Backend, cores: int) -> Iterator[MP
     """The ranks that measure local work (COMM_NULL on the others): on a GPU the first rank of
     each device, all devices together; on a CPU the first ``cores`` ranks of each node (a rank
     per core), each node on its own (nodes share no cores). The others wait without polling
-    until all are done. Collective."""
+    until all are done (:func:`~tpmpi.core.comm.polite_barrier`). Collective."""
     if backend.is_gpu:
         with device_leaders(comm, backend.device_key()) as leaders:
             yield leaders
     else:
         with node_comm(comm) as local, first_ranks(local, cores) as sub:
             yield sub
-    wait_idle(comm)
+    polite_barrier(comm)
 
 
 def _best(call: Callable[[], Any], comm: MPI.Comm, backend: Backend, reps: int,
