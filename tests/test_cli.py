@@ -222,7 +222,7 @@ GPT = ["plan", "--cluster", "dgx-a100", "--model",
 
 
 def test_plan_cluster_ranks_configurations_and_explains_the_first(tmp_path, capsys):
-    """The issue's ranking over --tp 1,2,4,8 --dp 1-64 at 64 GPUs: the table, why the first
+    """The ranking over --tp 1,2,4,8 --dp 1-64 at 64 GPUs: the table, why the first
     wins and the runner-up, the refused ones with their reason, the first term by term, and one
     JSON record per configuration with the contract fields."""
     from mpi4py import MPI

@@ -1,5 +1,5 @@
 """tpmpi/studies/clusterplan.py: the CLI's model and size arguments, the ranking of TP x DP
-configurations (the issue's 64-GPU case names its choice and the runner-up), the
+configurations (the 64-GPU case names its choice and the runner-up), the
 term-by-term explanation of the 8.67B model at TP 8 on DGX A100, and the JSON records."""
 import json
 
