@@ -128,7 +128,7 @@ def main() -> None:
               f"P={comm.Get_size()}, {threads} BLAS thread(s)/rank, "
               f"{args.m * args.n * item / 1024:.0f} KiB gathered")
         for name, t in timings.items():
-            print(f"  {name:10s} {t * 1e6:10.1f} us")
+            print(f"  {name:16s} {t * 1e6:10.1f} us")
         print(f"  tpmpi overhead per call = forward - gemm - alltoallw = {overhead * 1e6:.1f} us "
               f"({'under' if overhead < 50e-6 else 'OVER'} the 50 us target)")
         print(f"  same, GEMM timed inside the forward calls: {inside * 1e6:.1f} us")
