@@ -27,7 +27,6 @@ import contextlib
 import json
 import resource
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -37,9 +36,10 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from tpmpi.core import agreement, gemm
+from tpmpi.core import agreement, gemm, launch
 from tpmpi.core.backend import get_backend
 from tpmpi.core.grid import ProcessGrid
+from tpmpi.core.launch import Parser, parse_args
 from tpmpi.core.partition import block_range
 from tpmpi.core.tap import Tap
 from tpmpi.layers import attention, base, block
@@ -119,8 +119,8 @@ def restore(originals: list[tuple[Any, str, Any]]) -> None:
         setattr(owner, name, original)
 
 
-def parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: Optional[list[str]], comm: MPI.Comm) -> argparse.Namespace:
+    ap = Parser(prog="step_split.py", description=__doc__.splitlines()[0])
     for flag, default in (("--d-model", 1024), ("--heads", 16), ("--seq", 512), ("--batch", 4)):
         ap.add_argument(flag, type=int, default=default, help=f"the block's shape ({default})")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
@@ -134,12 +134,12 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                          "a GEMM of its size here (blocking after, non-blocking during, and in "
                          "4 pipelined chunks), one JSON line")
     ap.add_argument("--json", metavar="FILE", help="append the JSON lines to FILE")
-    return ap.parse_args(argv)
+    return parse_args(ap, argv, comm)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    a = parse(argv)
     comm = MPI.COMM_WORLD
+    a = parse(argv, comm)
     if a.overlap_probe:
         record = overlap_probe(a, comm)
     else:
@@ -278,4 +278,4 @@ def summarise(a: argparse.Namespace, comm: MPI.Comm, steps: list[dict[tuple[str,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch.run(main, "step_split.py")

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from tpmpi.core import launch
 from tpmpi.core.backend import get_backend
 from tpmpi.core.grid import ProcessGrid
+from tpmpi.core.launch import Parser, parse_args
 from tpmpi.core.threads import configure_blas_threads
 from tpmpi.layers.block import DropoutCall, TransformerBlock
 from tpmpi.models import GPT, GPTConfig
@@ -51,13 +53,13 @@ def predictions(a: argparse.Namespace, tp: int) -> dict:
 def main(argv: Optional[Sequence[str]] = None, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
     """Time the block and the GPT on ``comm`` as one TP group; the record (on every rank, the
     file written by rank 0). Collective."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="time_gpt_step.py", description=__doc__.split("\n\n")[0])
     for name, default in (("layers", 2), ("hidden", 256), ("heads", 8), ("seq", 128),
                           ("batch", 4), ("vocab", 4096), ("iters", 7), ("warmup", 2)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--json", required=True, help="file to append one JSON record to")
     p.add_argument("--calibration", help="a calibrate file: add its CPU preset's predictions")
-    a = p.parse_args(argv)
+    a = parse_args(p, argv, comm)
     configure_blas_threads(comm)
     cfg = GPTConfig(a.vocab, a.seq, a.layers, a.heads, a.hidden, dropout=0.0)
     rng = np.random.default_rng(0)
@@ -95,5 +97,10 @@ def main(argv: Optional[Sequence[str]] = None, comm: MPI.Comm = MPI.COMM_WORLD) 
     return rec
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script's entry: :func:`main` on COMM_WORLD (its record goes to the file)."""
     main()
+
+
+if __name__ == "__main__":
+    launch.run(cli, "time_gpt_step.py")

@@ -20,7 +20,7 @@ SMALL = ["--d-model", "12", "--heads", "3", "--seq", "5", "--batch", "3", "--war
 def test_regions_add_up_to_the_step(capsys, tmp_path, sp):
     comm = MPI.COMM_WORLD
     originals = (gemm.LocalWork.product, attention.causal_attention, block.layer_norm)
-    out = tmp_path / "split.jsonl"
+    out = comm.bcast(tmp_path / "split.jsonl")  # one file: the ranks agree on --json
     assert split.main(SMALL + sp + ["--label", "t", "--json", str(out)]) == 0
     assert (gemm.LocalWork.product, attention.causal_attention, block.layer_norm) == originals
     recs = comm.bcast([json.loads(line) for line in capsys.readouterr().out.splitlines()]

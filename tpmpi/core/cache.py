@@ -31,17 +31,21 @@ class LRU(Generic[V]):
             self._items.move_to_end(key)
         return value
 
-    def get(self, key: Hashable, make: Callable[[], V]) -> V:
-        """The value of ``key``, made by ``make()`` (and stored) at its first request."""
-        value = self.find(key)
-        if value is not None:
-            return value
-        value = self._items[key] = make()
+    def put(self, key: Hashable, value: V) -> V:
+        """Store ``value`` under ``key`` (the most recently used), evicting the least recently
+        used beyond ``size``; returns ``value``."""
+        self._items[key] = value
+        self._items.move_to_end(key)
         while len(self._items) > self.size:
             old = self._items.popitem(last=False)[1]
             if self._evict is not None:
                 self._evict(old)
         return value
+
+    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The value of ``key``, made by ``make()`` (and stored) at its first request."""
+        value = self.find(key)
+        return value if value is not None else self.put(key, make())
 
     def __len__(self) -> int:
         return len(self._items)

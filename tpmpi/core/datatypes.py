@@ -180,7 +180,7 @@ def alltoallw_args(local: Array, out: Array, blocks: Sequence[Block], rank: int,
     spec = (out.dtype.str, out.shape, local.shape, key, rank, limit)
     plan = _PLANS.find(spec)
     if plan is None:
-        plan = _PLANS.get(spec, partial(_make_plan, local, out, key, rank, limit))
+        plan = _PLANS.put(spec, _make_plan(local, out, key, rank, limit))
     if len(plan) == 1:
         sc, sd, st, rc, rd, rt = plan[0][2]
         return [([as_words(local), sc, sd, st], [as_words(out), rc, rd, rt])]

@@ -137,18 +137,20 @@ def _times_x(x: np.ndarray, out: np.ndarray, *_: np.ndarray) -> None:
     out *= x
 
 
-def _pdf_times_x(x: np.ndarray, t: np.ndarray) -> None:
-    """``t = x phi(x)`` for a float32 chunk."""
-    np.multiply(x, x, out=t)
-    t *= np.float32(-0.5)
-    np.exp(t, out=t)
-    t *= x
-    t *= np.float32(_INV_SQRT_2PI)
+def _x_pdf(x: Array, out: Array) -> Array:
+    """``out = x phi(x)`` (``out`` an array of ``x``'s shape and dtype, e.g. a chunk's
+    scratch), in place; returns ``out``."""
+    xp = backend_of(x).xp
+    xp.multiply(x, x, out=out)
+    out *= -0.5
+    xp.exp(out, out=out)
+    out *= x
+    out *= _INV_SQRT_2PI
+    return out
 
 
 def _plus_x_pdf(x: np.ndarray, out: np.ndarray, t: np.ndarray, *_: np.ndarray) -> None:
-    _pdf_times_x(x, t)
-    out += t
+    out += _x_pdf(x, t)
 
 
 def gelu_erf(x: Array) -> Array:
@@ -162,8 +164,9 @@ def gelu_erf_grad(x: Array) -> Array:
     """Derivative of :func:`gelu_erf`: ``Phi(x) + x phi(x)``."""
     if _fast_erf(x):
         return _float32_chunks(x, _plus_x_pdf)
-    xp = backend_of(x).xp
-    return _normal_cdf(x) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    g = _x_pdf(x, backend_of(x).xp.empty_like(x))
+    g += _normal_cdf(x)
+    return g
 
 
 def _fresh(out: Optional[Array], like: Array) -> Array:
@@ -204,17 +207,13 @@ def gelu_erf_backward(dh: Array, x: Array, cdf: Array, out: Optional[Array] = No
     if _fast_erf(x) and dh.dtype == np.float32:
         def body(xi: np.ndarray, ci: np.ndarray, di: np.ndarray, oi: np.ndarray,
                  t: np.ndarray, *_: np.ndarray) -> None:
-            _pdf_times_x(xi, t)
+            _x_pdf(xi, t)
             t += ci
             np.multiply(t, di, out=oi)
         _float32_map(body, (x, cdf, dh), (out,))
         return out
     xp = backend_of(x).xp
-    g = x * x
-    g *= -0.5
-    xp.exp(g, out=g)
-    g *= _INV_SQRT_2PI
-    g *= x
+    g = _x_pdf(x, xp.empty_like(x))
     g += cdf
     return xp.multiply(g, dh, out=out)
 

@@ -125,8 +125,8 @@ class GPTMLP(ParallelMLP):
         super().__init__(*args, **kwargs)
         if self.fc1.dtype.name not in HALF:  # half types go through float32 (the parent's)
             self._act, self._act_backward = self._gelu, self._gelu_backward
-        self._saved: Optional[Array] = None  # Phi(pre) of the last forward
-        self._kept: Optional[tuple[Array, Array]] = None  # (GELU(pre), Phi(pre)) reused
+        # (GELU(pre), Phi(pre)) of the last forward: Phi for the backward, both arrays reused
+        self._kept: Optional[tuple[Array, Array]] = None
 
     def children(self) -> list[tuple[str, Any]]:
         """``[("c_fc", fc1), ("c_proj", fc2)]``."""
@@ -135,16 +135,14 @@ class GPTMLP(ParallelMLP):
     def _gelu(self, pre: Array) -> Array:
         """``pre Phi(pre)``, keeping ``Phi(pre)`` for the backward: the exact GELU's ``erf``
         (the costliest element-wise call of the block) runs once per step, not twice."""
-        out, cdf = gelu_erf_and_cdf(pre, *(self._kept or (None, None)))
-        self._kept = (out, cdf)
-        self._saved = cdf
-        return out
+        self._kept = gelu_erf_and_cdf(pre, *(self._kept or (None, None)))
+        return self._kept[0]
 
     def _gelu_backward(self, dh: Array, pre: Array) -> Array:
         """``dh (Phi(pre) + pre phi(pre))`` from the forward's ``Phi``, in place on ``dh`` (fc2's
         fresh input gradient)."""
-        assert self._saved is not None, "forward ran"
-        return gelu_erf_backward(dh, pre, self._saved, out=dh)
+        assert self._kept is not None, "forward ran"
+        return gelu_erf_backward(dh, pre, self._kept[1], out=dh)
 
 
 class TransformerBlock(Composite):

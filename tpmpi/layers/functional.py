@@ -48,8 +48,13 @@ stay in a core's L2 cache (512 KiB of float32), where the same passes over whole
 arrays each stream through memory."""
 
 
+def _block_rows(d: int) -> int:
+    """Rows of ``d`` features in one row block."""
+    return max(1, _BLOCK_ELEMENTS // max(1, d))
+
+
 def _row_blocks(rows: int, d: int) -> Iterator[tuple[int, int]]:
-    step = max(1, _BLOCK_ELEMENTS // max(1, d))
+    step = _block_rows(d)
     for i in range(0, rows, step):
         yield i, min(rows, i + step)
 
@@ -104,7 +109,7 @@ def layer_norm_backward(dy: Array, saved: LayerNormSaved
     dweight = xp.zeros(d, dtype=acc)
     dbias = xp.zeros(d, dtype=acc) if saved.has_bias else None
     ones = xp.ones(d, dtype=acc)
-    scratch = xp.empty((min(rows, max(1, _BLOCK_ELEMENTS // max(1, d))), d), dtype=acc)
+    scratch = xp.empty((min(rows, _block_rows(d)), d), dtype=acc)
     for i, j in _row_blocks(rows, d):
         dyb, g, xhat = dy2[i:j].astype(acc, copy=False), dx[i:j], scratch[:j - i]
         xp.subtract(x2[i:j].astype(acc, copy=False), mean[i:j], out=xhat)

@@ -22,6 +22,7 @@ measured as the time of a tiny product -- plus its work:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -55,16 +56,17 @@ class LocalCurves:
     pointwise_bytes: tuple[float, ...]
     pointwise_spb: tuple[float, ...]
 
-    @property
-    def _log_rates(self) -> np.ndarray:
+    @functools.cached_property
+    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The grid's sizes and the log of its rates (computed once: a schedule prices many
+        products)."""
         d = np.asarray(self.dims, dtype=np.float64)
         flops = 2.0 * d[:, None, None] * d[None, :, None] * d[None, None, :]
-        return np.log(flops / np.asarray(self.gemm_s, dtype=np.float64))
+        return d, np.log(flops / np.asarray(self.gemm_s, dtype=np.float64))
 
     def rate(self, m: int, k: int, n: int) -> float:
         """Interpolated flop/s of one ``(m, k) @ (k, n)`` product."""
-        dims = np.asarray(self.dims, dtype=np.float64)
-        logs = self._log_rates
+        dims, logs = self._grid
         (i, wi), (j, wj), (q, wq) = (_axis(dims, x) for x in (m, k, n))
         total = 0.0
         for di, fi in ((0, 1 - wi), (1, wi)):

@@ -130,14 +130,19 @@ class ClusterMachine:
 @dataclasses.dataclass(frozen=True)
 class CalibratedDevice:
     """The one rank of a calibrated cluster: its ``memory_bytes`` and its measured GEMM rate of
-    the "large" shape class as its peak; ``cores``: the cores of its node (None: unknown, a
-    calibration from before they were recorded: one per rank)."""
+    the "large" shape class as its peak."""
 
     name: str
     memory_bytes: int
     calibration: Calibration
     backend: str = "numpy"
-    cores: Optional[int] = None
+
+    @property
+    def cores(self) -> Optional[int]:
+        """The cores of its node as the calibration recorded them (None: unknown, a
+        calibration from before they were recorded: one per rank)."""
+        cores = self.calibration.machine.get("cores_per_node")
+        return int(cores) if cores else None
 
     def peak_flops(self, dtype: str) -> float:
         n = CLASS_SHAPES["large"][0]
@@ -171,10 +176,8 @@ def calibrated_cluster(path: str, *, ranks_per_node: Optional[int] = None,
     if per_node < 1:
         raise ValueError(f"ranks_per_node={ranks_per_node!r}: expected an integer >= 1")
     node_memory = int(memory_bytes or physical_memory())
-    cores = cal.machine.get("cores_per_node")
     device = CalibratedDevice(name=f"rank of {path}", memory_bytes=node_memory // per_node,
-                              calibration=cal, backend=backend,
-                              cores=int(cores) if cores else None)
+                              calibration=cal, backend=backend)
     return CalibratedCluster(name=f"calibrated:{path}", gpus_per_node=per_node, device=device)
 
 
