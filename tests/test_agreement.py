@@ -56,7 +56,6 @@ def test_equal_values_pass_and_errors_name_their_ranks(world):
                         f"^a \\(rank 0\\); b \\(ranks {','.join(map(str, range(1, size)))}\\)$")
 
 
-
 def test_fingerprints_differ_where_the_values_do_and_the_cache_changes_nothing():
     fp = agreement._fingerprint
     first = fp({"n": 1, "call": Same(Counted(Text("layer f()"), 3), CALL_ORDER)})
@@ -73,6 +72,7 @@ def test_fingerprints_differ_where_the_values_do_and_the_cache_changes_nothing()
     assert len(calls) == 6
     assert repr(Counted(Text("layer #1 f()"), 7)) == "layer #1 f() [operation 7]"
     assert all(0 <= c < 2**62 for c in codes | calls)
+
 
 @pytest.mark.mpi
 @pytest.mark.world_sizes(2, 3, 4)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from tpmpi.core.backend import get_backend
 from tpmpi.core.schedule import Pointwise, Product
@@ -26,8 +27,6 @@ def test_node_facts_count_the_node_s_cores_and_ranks(world):
 def test_a_rank_per_core_measures(world):
     backend = get_backend("numpy")
     with measuring_ranks(world.comm, backend, 1) as sub:
-        from mpi4py import MPI
-
         measures = sub != MPI.COMM_NULL
         if measures:
             assert sub.Get_size() == 1
